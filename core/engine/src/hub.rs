@@ -1,0 +1,183 @@
+//! The hub side of provisioning: linked hubs and the typed actions the provisioner asks a
+//! [`HubRegistry`] to carry out (create or update a device identity, set or reset its twin,
+//! migrate it between hubs, remove it).
+
+use serde::{Deserialize, Serialize};
+use zerotouch_proto::service::InitialTwin;
+use zerotouch_proto::DeviceId;
+
+/// A hub linked to the provisioning service (spec §7.6, `IotHubDefinitionDescription`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkedHub {
+    /// Host name, e.g. `hub1.azure-devices.net`.
+    pub name: String,
+    /// Allocation weight, 1–1000 (default 1).
+    #[serde(default = "default_weight")]
+    pub allocation_weight: u32,
+    /// Whether evenly-weighted / latency allocation may choose this hub (default true).
+    #[serde(default = "default_true")]
+    pub apply_allocation_policy: bool,
+    /// Azure region or site label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl LinkedHub {
+    /// A hub with weight 1 that takes part in allocation.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into(), allocation_weight: 1, apply_allocation_policy: true, location: None }
+    }
+
+    /// The same hub with another allocation weight (clamped to 1–1000).
+    pub fn with_weight(mut self, weight: u32) -> Self {
+        self.allocation_weight = weight.clamp(1, 1000);
+        self
+    }
+}
+
+/// Credentials the hub identity gets (spec §8.4).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum DeviceAuth {
+    /// `sas` with base64 primary and secondary keys (individual keys, derived group keys, or the
+    /// key delivered to a TPM).
+    #[serde(rename = "sas", rename_all = "camelCase")]
+    SymmetricKey {
+        /// Base64 primary key.
+        primary_key: String,
+        /// Base64 secondary key.
+        secondary_key: String,
+    },
+    /// `selfSigned` with upper-case hex SHA-1 thumbprints of the device certificates.
+    #[serde(rename = "selfSigned", rename_all = "camelCase")]
+    SelfSigned {
+        /// Primary thumbprint.
+        primary_thumbprint: String,
+        /// Secondary thumbprint (may repeat the primary).
+        secondary_thumbprint: String,
+    },
+    /// `certificateAuthority`: any certificate chaining to a verified CA.
+    #[serde(rename = "certificateAuthority")]
+    CertificateAuthority,
+}
+
+impl std::fmt::Debug for DeviceAuth {
+    /// Never prints keys.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceAuth::SymmetricKey { .. } => f.write_str("SymmetricKey { <redacted> }"),
+            DeviceAuth::SelfSigned { primary_thumbprint, secondary_thumbprint } => f
+                .debug_struct("SelfSigned")
+                .field("primary_thumbprint", primary_thumbprint)
+                .field("secondary_thumbprint", secondary_thumbprint)
+                .finish(),
+            DeviceAuth::CertificateAuthority => f.write_str("CertificateAuthority"),
+        }
+    }
+}
+
+/// The identity to create or update in a hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvisionedDevice {
+    /// Device id.
+    pub device_id: DeviceId,
+    /// Credentials.
+    pub auth: DeviceAuth,
+    /// `capabilities.iotEdge`.
+    pub iot_edge: bool,
+}
+
+/// What to do with the twin of a provisioned device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", content = "twin", rename_all = "camelCase")]
+pub enum TwinSetup {
+    /// Leave an existing twin as it is; a new device gets this initial twin.
+    KeepOrInitial(InitialTwin),
+    /// Replace tags and desired properties with this twin (reset to initial configuration).
+    Reset(InitialTwin),
+}
+
+/// One thing the provisioner asks the hub side to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "camelCase")]
+pub enum HubAction {
+    /// Create the identity on `hub`, or update its credentials and capabilities if it exists,
+    /// and set up its twin.
+    #[serde(rename_all = "camelCase")]
+    Provision {
+        /// Target hub host name.
+        hub: String,
+        /// The identity.
+        device: ProvisionedDevice,
+        /// Twin handling.
+        twin: TwinSetup,
+    },
+    /// Copy the twin (tags, desired, reported) of `from_device_id` on `from_hub` to a new
+    /// identity on `to_hub`, then delete the old identity.
+    #[serde(rename_all = "camelCase")]
+    Migrate {
+        /// Hub the device leaves.
+        from_hub: String,
+        /// Device id on the old hub.
+        from_device_id: DeviceId,
+        /// Hub the device moves to.
+        to_hub: String,
+        /// The identity on the new hub.
+        device: ProvisionedDevice,
+    },
+    /// Delete the identity from a hub (the device moved away and its data was reset).
+    #[serde(rename_all = "camelCase")]
+    Remove {
+        /// Hub host name.
+        hub: String,
+        /// Device id.
+        device_id: DeviceId,
+    },
+}
+
+/// A hub refused an action. `code` is a six-digit IoT Hub code (for example `401002`,
+/// `409001`); the message may be the hub's JSON as real DPS forwards it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("hub error {code}: {message}")]
+pub struct HubError {
+    /// Six-digit code.
+    pub code: u32,
+    /// Message.
+    pub message: String,
+}
+
+/// Carries out hub actions. The embedded hub implements it over the identity registry; a
+/// connector to remote hubs implements it over their service API.
+pub trait HubRegistry {
+    /// Applies one action. Called by the provisioner during the registration, so its result
+    /// decides between `assigned` and `failed`.
+    ///
+    /// # Errors
+    /// [`HubError`] when the hub refuses.
+    fn apply(&mut self, action: &HubAction) -> Result<(), HubError>;
+}
+
+/// A hub registry that records every action and accepts them all (for embedding without a hub,
+/// and for tests that assert which actions happened).
+#[derive(Debug, Default, Clone)]
+pub struct RecordingHub {
+    /// Every action applied, in order.
+    pub actions: Vec<HubAction>,
+}
+
+impl HubRegistry for RecordingHub {
+    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
+        self.actions.push(action.clone());
+        Ok(())
+    }
+}

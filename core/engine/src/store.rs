@@ -1,0 +1,282 @@
+//! Store traits for enrollments, enrollment groups, CA certificates, registration records and
+//! operations. Calls are synchronous: the engine is sans-I/O, and durable backends run them on
+//! their own threads. Every conditional write is an atomic compare-and-swap in the backend.
+
+use serde::{Deserialize, Serialize};
+use zerotouch_proto::device::RegistrationOperationStatus;
+use zerotouch_proto::service::{DeviceRegistrationState, EnrollmentGroup, IndividualEnrollment};
+use zerotouch_proto::{ETag, EnrollmentGroupId, OperationId, RegistrationId, Timestamp};
+
+use crate::error::StoreError;
+
+/// Condition a write must satisfy, checked atomically with the write.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Precondition {
+    /// Unconditional (create or replace).
+    #[default]
+    None,
+    /// Only if nothing is stored under the key (create).
+    MustNotExist,
+    /// Only if something is stored under the key.
+    MustExist,
+    /// Only if the stored etag equals this one (bare form, see [`ETag::bare`]).
+    Matches(String),
+}
+
+impl Precondition {
+    /// DPS service-API semantics of `If-Match`: absent = upsert, `*` = must exist, tag = match.
+    pub fn from_if_match(if_match: &zerotouch_proto::IfMatch) -> Self {
+        match if_match {
+            zerotouch_proto::IfMatch::Absent => Precondition::None,
+            zerotouch_proto::IfMatch::Any => Precondition::MustExist,
+            zerotouch_proto::IfMatch::Tag(t) => Precondition::Matches(t.clone()),
+        }
+    }
+
+    /// Checks the precondition against the current etag (`None` = nothing stored).
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`], [`StoreError::NotFound`] or
+    /// [`StoreError::PreconditionFailed`].
+    pub fn check(&self, current: Option<&ETag>) -> Result<(), StoreError> {
+        match (self, current) {
+            (Precondition::None, _) => Ok(()),
+            (Precondition::MustNotExist, None) => Ok(()),
+            (Precondition::MustNotExist, Some(_)) => Err(StoreError::AlreadyExists),
+            (Precondition::MustExist | Precondition::Matches(_), None) => Err(StoreError::NotFound),
+            (Precondition::MustExist, Some(_)) => Ok(()),
+            (Precondition::Matches(t), Some(cur)) => {
+                if cur.bare() == t {
+                    Ok(())
+                } else {
+                    Err(StoreError::PreconditionFailed)
+                }
+            }
+        }
+    }
+}
+
+/// A page request: opaque continuation token from the previous page and a page size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Token returned with the previous page; `None` for the first page.
+    pub continuation: Option<String>,
+    /// Maximum number of items.
+    pub max_items: usize,
+}
+
+impl Default for PageRequest {
+    fn default() -> Self {
+        Self { continuation: None, max_items: 100 }
+    }
+}
+
+/// One page of results; `continuation` is `None` on the last page (spec §0 trap 12).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    /// Items of this page.
+    pub items: Vec<T>,
+    /// Token for the next page, absent on the last page.
+    pub continuation: Option<String>,
+}
+
+/// Which enrollment a registration came through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "id", rename_all = "camelCase")]
+pub enum EnrollmentRef {
+    /// An individual enrollment.
+    Individual(RegistrationId),
+    /// An enrollment group.
+    Group(EnrollmentGroupId),
+}
+
+/// A registration record: the wire state plus what the engine needs to re-provision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationRecord {
+    /// Registration id as first registered.
+    pub registration_id: RegistrationId,
+    /// The state shown by the service API (carries the record's etag).
+    pub state: DeviceRegistrationState,
+    /// The enrollment the device registered through.
+    pub enrollment: EnrollmentRef,
+    /// Hub of the first-ever assignment (for `reprovisionedToInitialAssignment`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_hub: Option<String>,
+}
+
+impl RegistrationRecord {
+    /// The record's etag, if it has one.
+    pub fn etag(&self) -> Option<ETag> {
+        self.state.etag.as_ref().map(ETag::new)
+    }
+}
+
+/// A provisioning operation: what a poll for `operation_id` answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationRecord {
+    /// Operation id.
+    pub operation_id: OperationId,
+    /// Registration the operation belongs to.
+    pub registration_id: RegistrationId,
+    /// When the operation was created (operations are kept at least an hour after that).
+    pub created: Timestamp,
+    /// The final status (assigned or failed).
+    pub status: RegistrationOperationStatus,
+}
+
+/// Individual enrollments, keyed case-insensitively by registration id.
+pub trait EnrollmentStore: Send + Sync {
+    /// Looks an enrollment up.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] on backend failure.
+    fn enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, StoreError>;
+    /// Writes an enrollment (its etag and timestamps already set by the caller) if `pre` holds.
+    ///
+    /// # Errors
+    /// Precondition failures and backend failures.
+    fn put_enrollment(&self, enrollment: &IndividualEnrollment, pre: &Precondition) -> Result<(), StoreError>;
+    /// Deletes an enrollment if `pre` holds.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`], precondition failures and backend failures.
+    fn delete_enrollment(&self, id: &RegistrationId, pre: &Precondition) -> Result<(), StoreError>;
+    /// Lists enrollments in a stable order.
+    ///
+    /// # Errors
+    /// Backend failures or a bad continuation token.
+    fn enrollments(&self, page: &PageRequest) -> Result<Page<IndividualEnrollment>, StoreError>;
+}
+
+/// Enrollment groups, keyed case-insensitively by group id.
+pub trait EnrollmentGroupStore: Send + Sync {
+    /// Looks a group up.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn enrollment_group(&self, id: &EnrollmentGroupId) -> Result<Option<EnrollmentGroup>, StoreError>;
+    /// Writes a group if `pre` holds.
+    ///
+    /// # Errors
+    /// Precondition failures and backend failures.
+    fn put_enrollment_group(&self, group: &EnrollmentGroup, pre: &Precondition) -> Result<(), StoreError>;
+    /// Deletes a group if `pre` holds.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`], precondition failures and backend failures.
+    fn delete_enrollment_group(&self, id: &EnrollmentGroupId, pre: &Precondition) -> Result<(), StoreError>;
+    /// Lists groups in a stable order.
+    ///
+    /// # Errors
+    /// Backend failures or a bad continuation token.
+    fn enrollment_groups(&self, page: &PageRequest) -> Result<Page<EnrollmentGroup>, StoreError>;
+    /// Every group with symmetric-key attestation (DPS allows at most 100).
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn symmetric_key_groups(&self) -> Result<Vec<EnrollmentGroup>, StoreError>;
+    /// Groups whose primary or secondary signing certificate has this subject distinguished name
+    /// (`info.subjectName`, filled in by the engine on write), or that reference, via
+    /// `caReferences`, a CA certificate with this subject. Used to find the groups that may have
+    /// issued a presented certificate (looked up by that certificate's issuer name).
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<EnrollmentGroup>, StoreError>;
+}
+
+/// A CA certificate registered with the service (the ARM-plane certificates of spec §5.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaCertificate {
+    /// Name (alphanumerics and `-._`).
+    pub name: String,
+    /// Base64 DER of the certificate.
+    pub certificate_der: String,
+    /// Upper-case hex SHA-256 thumbprint.
+    pub sha256_thumbprint: String,
+    /// Subject distinguished name (RFC 4514 form, as [`crate::attestation::x509`] prints it).
+    pub subject_name: String,
+    /// Whether possession of the private key was proven (or self-attested).
+    pub is_verified: bool,
+    /// Outstanding verification code, if one was generated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification_code: Option<String>,
+    /// Etag.
+    pub etag: ETag,
+}
+
+/// CA certificates, keyed by name.
+pub trait CaCertificateStore: Send + Sync {
+    /// Looks a certificate up by name.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn ca_certificate(&self, name: &str) -> Result<Option<CaCertificate>, StoreError>;
+    /// Writes a certificate if `pre` holds.
+    ///
+    /// # Errors
+    /// Precondition failures and backend failures.
+    fn put_ca_certificate(&self, cert: &CaCertificate, pre: &Precondition) -> Result<(), StoreError>;
+    /// Deletes a certificate if `pre` holds.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`], precondition failures and backend failures.
+    fn delete_ca_certificate(&self, name: &str, pre: &Precondition) -> Result<(), StoreError>;
+}
+
+/// Registration records and operations.
+pub trait RegistrationStore: Send + Sync {
+    /// Looks a record up (case-insensitive id).
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationRecord>, StoreError>;
+    /// Atomically writes a registration record (if `pre` holds against the stored record's
+    /// etag) together with the operation that produced it: either both are stored or neither.
+    ///
+    /// # Errors
+    /// Precondition failures and backend failures.
+    fn commit_registration(
+        &self,
+        record: &RegistrationRecord,
+        pre: &Precondition,
+        operation: &OperationRecord,
+    ) -> Result<(), StoreError>;
+    /// Deletes a record if `pre` holds.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`], precondition failures and backend failures.
+    fn delete_registration(&self, id: &RegistrationId, pre: &Precondition) -> Result<(), StoreError>;
+    /// Records of devices that registered through a group, in a stable order.
+    ///
+    /// # Errors
+    /// Backend failures or a bad continuation token.
+    fn registrations_by_group(
+        &self,
+        group: &EnrollmentGroupId,
+        page: &PageRequest,
+    ) -> Result<Page<RegistrationRecord>, StoreError>;
+    /// Stores an operation that changed no record (a failed registration).
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn put_operation(&self, operation: &OperationRecord) -> Result<(), StoreError>;
+    /// Looks an operation up.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn operation(&self, id: &OperationId) -> Result<Option<OperationRecord>, StoreError>;
+    /// Removes operations created before `cutoff`; returns how many were removed.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn purge_operations(&self, cutoff: Timestamp) -> Result<usize, StoreError>;
+}
+
+/// Everything the provisioning service needs, in one bound.
+pub trait ProvisioningStore: EnrollmentStore + EnrollmentGroupStore + CaCertificateStore + RegistrationStore {}
+
+impl<T: EnrollmentStore + EnrollmentGroupStore + CaCertificateStore + RegistrationStore> ProvisioningStore for T {}

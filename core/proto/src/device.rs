@@ -1,0 +1,208 @@
+//! JSON bodies of the DPS device (runtime) API: registration request, operation status,
+//! registration result, error details and the TPM challenge (spec §1.3–§1.6, §6.1).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::time::Timestamp;
+
+/// Serde helper for members where an explicit `null` differs from an absent member: absent
+/// deserializes to `None`, `null` to `Some(Value::Null)` (the Python SDK always sends
+/// `"payload": null`).
+pub mod nullable {
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Value;
+
+    /// Deserializes a present member (including `null`) as `Some`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+        Value::deserialize(d).map(Some)
+    }
+}
+
+/// `DeviceRegistration`: the body of a register request (and of the status lookup).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRegistration {
+    /// Custom payload for the allocation webhook; kept as sent, `null` included.
+    #[serde(default, deserialize_with = "nullable::deserialize", skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+    /// Registration id; must equal the id in the path / username.
+    pub registration_id: String,
+    /// TPM endorsement and storage root keys (TPM attestation only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmAttestationRequest>,
+    /// Base64 DER PKCS#10 certificate signing request (api-version 2025-07-01-preview and later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
+}
+
+/// `TpmAttestation` as a device sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmAttestationRequest {
+    /// Base64 of the marshaled `TPM2B_PUBLIC` of the endorsement key.
+    pub endorsement_key: String,
+    /// Base64 of the marshaled `TPM2B_PUBLIC` of the storage root key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_root_key: Option<String>,
+}
+
+wire_enum! {
+    /// `status` of an operation or registration. Only `assigning`, `assigned` and `failed` are
+    /// safe to send to devices (spec §0 trap 3).
+    RegistrationStatus {
+        /// Not yet assigned.
+        Unassigned => "unassigned",
+        /// Assignment in progress.
+        Assigning => "assigning",
+        /// Assigned to a hub.
+        Assigned => "assigned",
+        /// Assignment failed; see `errorCode` / `errorMessage`.
+        Failed => "failed",
+        /// The enrollment or registration is disabled.
+        Disabled => "disabled",
+    }
+}
+
+wire_enum! {
+    /// `substatus` of an assigned registration.
+    Substatus {
+        /// First assignment of this device.
+        InitialAssignment => "initialAssignment",
+        /// Moved to another hub with its twin data migrated.
+        DeviceDataMigrated => "deviceDataMigrated",
+        /// Re-provisioned and reset to the enrollment's initial configuration.
+        DeviceDataReset => "deviceDataReset",
+        /// Moved back to the hub of its first assignment.
+        ReprovisionedToInitialAssignment => "reprovisionedToInitialAssignment",
+    }
+}
+
+/// `RegistrationOperationStatus`: the reply to register and to operation-status polls.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationOperationStatus {
+    /// Operation id, `<n>.<16 hex>.<uuid>`.
+    pub operation_id: String,
+    /// Operation status.
+    pub status: RegistrationStatus,
+    /// Registration state (present on polls; Rust iot-identity-service requires
+    /// `registrationId` in it while `assigning`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration_state: Option<DeviceRegistrationResult>,
+}
+
+/// `DeviceRegistrationResult` (= `registrationState`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRegistrationResult {
+    /// TPM result: the activation blob carrying the hub key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmRegistrationResult>,
+    /// X.509 result (observed `{}` for individual enrollments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509: Option<X509RegistrationResult>,
+    /// Symmetric-key result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symmetric_key: Option<SymmetricKeyRegistrationResult>,
+    /// Registration id.
+    pub registration_id: String,
+    /// When the registration record was created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_date_time_utc: Option<Timestamp>,
+    /// Host name of the assigned hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_hub: Option<String>,
+    /// Device id in the assigned hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// Registration status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<RegistrationStatus>,
+    /// Substatus when assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub substatus: Option<Substatus>,
+    /// Six-digit error code when failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<u32>,
+    /// Error message when failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    /// When the registration record last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_updated_date_time_utc: Option<Timestamp>,
+    /// Etag of the registration record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// Payload returned by custom allocation.
+    #[serde(default, deserialize_with = "nullable::deserialize", skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+    /// Issued client certificate chain (base64 DER, leaf first), api-version 2025-07-01-preview+.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_certificate_chain: Option<Vec<String>>,
+}
+
+/// `TpmRegistrationResult`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmRegistrationResult {
+    /// Base64 activation blob carrying the IoT Hub device key.
+    pub authentication_key: String,
+}
+
+/// `X509RegistrationResult`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509RegistrationResult {
+    /// The device certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_info: Option<crate::service::X509CertificateInfo>,
+    /// The group the device registered through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+    /// The group's signing certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_certificate_info: Option<crate::service::X509CertificateInfo>,
+}
+
+/// `SymmetricKeyRegistrationResult`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SymmetricKeyRegistrationResult {
+    /// The group the device registered through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+}
+
+/// `ProvisioningServiceErrorDetails`: the body of every 4xx/5xx reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorDetails {
+    /// Six-digit error code (HTTP status × 1000 + suffix).
+    pub error_code: u32,
+    /// Tracking id (a GUID).
+    pub tracking_id: String,
+    /// Message.
+    pub message: String,
+    /// When the error happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp_utc: Option<Timestamp>,
+    /// Optional string dictionary; real DPS sends `null`.
+    #[serde(default, deserialize_with = "nullable::deserialize", skip_serializing_if = "Option::is_none")]
+    pub info: Option<Value>,
+}
+
+/// The 401 body that carries a TPM challenge (spec §6.1 step 2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmChallenge {
+    /// `Authorization required, resend request using supplied key`.
+    pub message: String,
+    /// Base64 activation blob carrying the nonce key.
+    pub authentication_key: String,
+    /// Always `null` on real DPS.
+    #[serde(default)]
+    pub unencrypted_authentication_key: Option<String>,
+    /// Always `registration`.
+    pub key_name: String,
+}

@@ -1,0 +1,390 @@
+//! Validated identifiers: registration ids, device and module ids, ID scopes, operation ids, etags.
+//!
+//! Each newtype's constructor is the only place its rule is checked ("parse, don't validate").
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::ProtoError;
+
+macro_rules! string_newtype {
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $check:path) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Parses and validates the identifier.
+            ///
+            /// # Errors
+            /// [`ProtoError::InvalidId`] when the value breaks the documented rules.
+            pub fn new(value: impl Into<String>) -> Result<Self, ProtoError> {
+                let value = value.into();
+                $check(&value).map_err(|reason| ProtoError::InvalidId { kind: $kind, reason })?;
+                Ok(Self(value))
+            }
+
+            /// The identifier exactly as given.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = ProtoError;
+            fn from_str(s: &str) -> Result<Self, ProtoError> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = ProtoError;
+            fn try_from(s: String) -> Result<Self, ProtoError> {
+                Self::new(s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.0
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::new(s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+/// Maximum length of registration ids, enrollment group ids, device ids and module ids.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Characters allowed in a DPS registration id or enrollment group id besides ASCII alphanumerics.
+pub const REGISTRATION_ID_SPECIALS: &str = "-._:";
+
+/// Characters allowed in an IoT Hub device or module id besides ASCII alphanumerics.
+pub const DEVICE_ID_SPECIALS: &str = "-:.+%_#*?!(),=@;$'";
+
+fn check_registration_id(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > MAX_ID_LEN {
+        return Err(format!("must be 1 to {MAX_ID_LEN} characters, got {}", s.len()));
+    }
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || REGISTRATION_ID_SPECIALS.contains(*c))) {
+        return Err(format!("character {c:?} is not allowed (use A-Z, a-z, 0-9 and {REGISTRATION_ID_SPECIALS})"));
+    }
+    let last = s.chars().last().unwrap_or('-');
+    if !(last.is_ascii_alphanumeric() || last == '-') {
+        return Err(format!("must end with an alphanumeric character or '-', not {last:?}"));
+    }
+    Ok(())
+}
+
+fn check_device_id(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > MAX_ID_LEN {
+        return Err(format!("must be 1 to {MAX_ID_LEN} characters, got {}", s.len()));
+    }
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || DEVICE_ID_SPECIALS.contains(*c))) {
+        return Err(format!(
+            "character {c:?} is not allowed (use ASCII alphanumerics and {DEVICE_ID_SPECIALS})"
+        ));
+    }
+    Ok(())
+}
+
+fn check_id_scope(s: &str) -> Result<(), String> {
+    let ok = s.len() == 11
+        && s[..3].eq_ignore_ascii_case("0ne")
+        && s[3..].chars().all(|c| c.is_ascii_hexdigit());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("expected `0ne` followed by 8 hex digits (like 0ne00111111), got {s:?}"))
+    }
+}
+
+fn check_operation_id(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > MAX_ID_LEN {
+        return Err(format!("must be 1 to {MAX_ID_LEN} characters"));
+    }
+    if s.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
+        Ok(())
+    } else {
+        Err("only ASCII alphanumerics, '.' and '-' are allowed".into())
+    }
+}
+
+string_newtype!(
+    /// A DPS registration id: 1–128 characters from `A-Z a-z 0-9 - . _ :`, ending with an
+    /// alphanumeric character or `-`.
+    ///
+    /// DPS treats registration ids case-insensitively: [`RegistrationId::key`] is the lower-cased
+    /// form used to look records up. The id keeps the case the device sent, because derived group
+    /// keys and SAS resources are computed over the exact bytes (spec §4.4).
+    RegistrationId,
+    "registration id",
+    check_registration_id
+);
+
+impl RegistrationId {
+    /// Lower-cased form, the case-insensitive lookup key of this registration.
+    pub fn key(&self) -> String {
+        self.0.to_ascii_lowercase()
+    }
+
+    /// Whether two registration ids name the same registration (ASCII case-insensitive).
+    pub fn same_registration(&self, other: &RegistrationId) -> bool {
+        self.0.eq_ignore_ascii_case(&other.0)
+    }
+}
+
+string_newtype!(
+    /// A DPS enrollment group id: same rules as a registration id.
+    EnrollmentGroupId,
+    "enrollment group id",
+    check_registration_id
+);
+
+impl EnrollmentGroupId {
+    /// Lower-cased form, the case-insensitive lookup key of this group.
+    pub fn key(&self) -> String {
+        self.0.to_ascii_lowercase()
+    }
+}
+
+string_newtype!(
+    /// An IoT Hub device id: case-sensitive, 1–128 ASCII characters from alphanumerics and
+    /// `- : . + % _ # * ? ! ( ) , = @ ; $ '`.
+    DeviceId,
+    "device id",
+    check_device_id
+);
+
+string_newtype!(
+    /// An IoT Hub module id: same character set and length as a device id.
+    ModuleId,
+    "module id",
+    check_device_id
+);
+
+string_newtype!(
+    /// A DPS ID scope: `0ne` followed by 8 hexadecimal digits, for example `0ne00111111`.
+    /// Compared case-insensitively with [`IdScope::matches`].
+    IdScope,
+    "id scope",
+    check_id_scope
+);
+
+impl IdScope {
+    /// Whether `other` names this scope (ASCII case-insensitive).
+    pub fn matches(&self, other: &str) -> bool {
+        self.0.eq_ignore_ascii_case(other)
+    }
+}
+
+string_newtype!(
+    /// A DPS operation id such as `5.316aac5bdc130deb.b1e02da8-c3a0-4ff2-a121-7ea7a6b7f550`.
+    /// Only `[0-9A-Za-z.-]`, so it never needs URL encoding in topics or paths.
+    OperationId,
+    "operation id",
+    check_operation_id
+);
+
+impl OperationId {
+    /// Builds an operation id in the shape real DPS uses, `<digit>.<16 hex>.<uuid>`, from 32
+    /// random bytes supplied by the caller (the core has no RNG).
+    pub fn from_random(random: &[u8; 32]) -> Self {
+        let mut s = String::with_capacity(56);
+        s.push(char::from(b'0' + random[0] % 10));
+        s.push('.');
+        for b in &random[1..9] {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s.push('.');
+        s.push_str(&uuid_from_bytes(&random[16..32]));
+        Self(s)
+    }
+}
+
+/// Formats 16 random bytes as a version-4 UUID string (lower-case, hyphenated).
+pub fn uuid_from_bytes(bytes: &[u8]) -> String {
+    let mut b = [0u8; 16];
+    for (dst, src) in b.iter_mut().zip(bytes) {
+        *dst = *src;
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+/// An entity tag as carried in JSON bodies (opaque; DPS enrollment etags include their quotes,
+/// hub identity etags do not).
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ETag(String);
+
+impl ETag {
+    /// Wraps an etag value exactly as it appears in a body.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value exactly as stored.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The value with one optional `W/` prefix and one pair of surrounding quotes removed: the
+    /// form two etags are compared in.
+    pub fn bare(&self) -> &str {
+        strip_etag(&self.0)
+    }
+
+    /// Whether this etag and `other` denote the same version (compared in bare form).
+    pub fn matches(&self, other: &ETag) -> bool {
+        self.bare() == other.bare()
+    }
+}
+
+impl fmt::Debug for ETag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ETag({:?})", self.0)
+    }
+}
+
+impl fmt::Display for ETag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn strip_etag(s: &str) -> &str {
+    let s = s.trim();
+    let s = s.strip_prefix("W/").unwrap_or(s);
+    s.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(s)
+}
+
+/// The meaning of an `If-Match` header, as the official SDKs use it (hub spec §1.3, DPS §7.4).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum IfMatch {
+    /// No header: create (hub registry) or upsert (DPS enrollments).
+    #[default]
+    Absent,
+    /// `*` or `"*"`: any existing entity.
+    Any,
+    /// A specific etag (quotes and `W/` already stripped).
+    Tag(String),
+}
+
+impl IfMatch {
+    /// Parses a header value; `None` means the header was absent.
+    pub fn from_header(value: Option<&str>) -> Self {
+        match value {
+            None => IfMatch::Absent,
+            Some(v) => {
+                let bare = strip_etag(v);
+                if bare == "*" {
+                    IfMatch::Any
+                } else {
+                    IfMatch::Tag(bare.to_owned())
+                }
+            }
+        }
+    }
+
+    /// Whether an entity with `current` etag satisfies this precondition (`Absent` always does).
+    pub fn allows(&self, current: &ETag) -> bool {
+        match self {
+            IfMatch::Absent | IfMatch::Any => true,
+            IfMatch::Tag(t) => t == current.bare(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_id_rules() {
+        assert!(RegistrationId::new("sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6").is_ok());
+        assert!(RegistrationId::new("a").is_ok());
+        assert!(RegistrationId::new("dev:1.x_y-").is_ok());
+        assert!(RegistrationId::new("").is_err());
+        assert!(RegistrationId::new("dev.").is_err());
+        assert!(RegistrationId::new("dev_").is_err());
+        assert!(RegistrationId::new("dev/1").is_err());
+        assert!(RegistrationId::new("a".repeat(129)).is_err());
+        assert!(RegistrationId::new("a".repeat(128)).is_ok());
+        let upper = RegistrationId::new("DEV-1").unwrap();
+        assert_eq!(upper.key(), "dev-1");
+        assert!(upper.same_registration(&RegistrationId::new("dev-1").unwrap()));
+    }
+
+    #[test]
+    fn device_id_rules() {
+        assert!(DeviceId::new("dev#1+x$'(),=@;*?!%").is_ok());
+        assert!(DeviceId::new("dev/1").is_err());
+        assert!(DeviceId::new("dév").is_err());
+        assert!(DeviceId::new(" ").is_err());
+    }
+
+    #[test]
+    fn id_scope_rules() {
+        assert!(IdScope::new("0ne00111111").is_ok());
+        assert!(IdScope::new("0ne0045B3C6").is_ok());
+        assert!(IdScope::new("0ne0045B3C").is_err());
+        assert!(IdScope::new("1ne0045B3C6").is_err());
+        assert!(IdScope::new("0ne0045B3CG").is_err());
+    }
+
+    #[test]
+    fn operation_id_shape() {
+        let op = OperationId::from_random(&[7u8; 32]);
+        let parts: Vec<&str> = op.as_str().split('.').collect();
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts[1].len(), 16);
+        assert_eq!(parts[2].len(), 36);
+        assert!(OperationId::new(op.as_str()).is_ok());
+    }
+
+    #[test]
+    fn if_match_forms() {
+        let tag = ETag::new("\"abc\"");
+        assert_eq!(IfMatch::from_header(None), IfMatch::Absent);
+        assert_eq!(IfMatch::from_header(Some("*")), IfMatch::Any);
+        assert_eq!(IfMatch::from_header(Some("\"*\"")), IfMatch::Any);
+        assert_eq!(IfMatch::from_header(Some("W/\"abc\"")), IfMatch::Tag("abc".into()));
+        assert!(IfMatch::from_header(Some("\"abc\"")).allows(&tag));
+        assert!(IfMatch::from_header(Some("abc")).allows(&tag));
+        assert!(!IfMatch::from_header(Some("\"abd\"")).allows(&tag));
+    }
+}

@@ -1,0 +1,228 @@
+//! Shared access signature tokens: parse in any field order, build, and the exact string-to-sign.
+//!
+//! Every official SDK signs the `sr` value exactly as it puts it in the token, but they disagree on
+//! its encoding (spec §4.1): Python `%2F`, C `%2f`, Node symmetric key raw `/`, the Rust identity
+//! service a lower-cased audience. So the token keeps `sr` and `se` *as received* and the
+//! string-to-sign is built from those raw values; only the comparison of the resource with the
+//! expected one happens on the decoded form.
+
+use std::fmt;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+use crate::error::ProtoError;
+use crate::time::Timestamp;
+
+/// Prefix of every SAS token.
+pub const SAS_PREFIX: &str = "SharedAccessSignature ";
+
+/// The `skn` value devices use for DPS registration tokens.
+pub const REGISTRATION_KEY_NAME: &str = "registration";
+
+/// Python's `urllib.parse.quote(s, safe="")`: everything but `A-Z a-z 0-9 _ . - ~` is encoded,
+/// upper-case hex. This is the form our own device client sends.
+const QUOTE_ALL: &AsciiSet = &NON_ALPHANUMERIC.remove(b'_').remove(b'.').remove(b'-').remove(b'~');
+
+/// A parsed SAS token. Field values are kept exactly as received.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SasToken {
+    sr: String,
+    sig: String,
+    se: String,
+    expiry: i64,
+    skn: Option<String>,
+}
+
+impl SasToken {
+    /// Parses `SharedAccessSignature sr=..&sig=..&se=..[&skn=..]` with the fields in any order
+    /// (the prefix is optional, matched case-insensitively).
+    ///
+    /// # Errors
+    /// [`ProtoError::InvalidSas`] when a field is missing, repeated or malformed.
+    pub fn parse(token: &str) -> Result<Self, ProtoError> {
+        let token = token.trim();
+        let body = if token.len() >= SAS_PREFIX.len() && token[..SAS_PREFIX.len()].eq_ignore_ascii_case(SAS_PREFIX) {
+            token[SAS_PREFIX.len()..].trim_start()
+        } else {
+            token
+        };
+        let (mut sr, mut sig, mut se, mut skn) = (None, None, None, None);
+        for part in body.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| ProtoError::InvalidSas(format!("field {part:?} has no '='")))?;
+            let slot = match k.to_ascii_lowercase().as_str() {
+                "sr" => &mut sr,
+                "sig" => &mut sig,
+                "se" => &mut se,
+                "skn" => &mut skn,
+                _ => continue, // tolerate unknown fields, as the hub does
+            };
+            if slot.replace(v.to_owned()).is_some() {
+                return Err(ProtoError::InvalidSas(format!("field {k:?} appears twice")));
+            }
+        }
+        let sr = sr.ok_or_else(|| ProtoError::InvalidSas("missing sr".into()))?;
+        let sig = sig.ok_or_else(|| ProtoError::InvalidSas("missing sig".into()))?;
+        let se = se.ok_or_else(|| ProtoError::InvalidSas("missing se".into()))?;
+        let expiry = decode(&se)?
+            .parse::<i64>()
+            .map_err(|_| ProtoError::InvalidSas(format!("se {se:?} is not a Unix time in seconds")))?;
+        let skn = skn.map(|v| decode(&v)).transpose()?;
+        if sr.is_empty() || sig.is_empty() {
+            return Err(ProtoError::InvalidSas("empty sr or sig".into()));
+        }
+        Ok(Self { sr, sig, se, expiry, skn })
+    }
+
+    /// Builds a token from an already-encoded resource, an expiry and the raw HMAC signature.
+    /// Field order `sr, sig, se, skn` (as the Python and C SDKs write it).
+    pub fn build(sr_encoded: &str, expiry_secs: i64, key_name: Option<&str>, signature: &[u8]) -> Self {
+        let sig = utf8_percent_encode(&STANDARD.encode(signature), QUOTE_ALL).to_string();
+        Self {
+            sr: sr_encoded.to_owned(),
+            sig,
+            se: expiry_secs.to_string(),
+            expiry: expiry_secs,
+            skn: key_name.map(str::to_owned),
+        }
+    }
+
+    /// The `sr` field exactly as received.
+    pub fn resource_raw(&self) -> &str {
+        &self.sr
+    }
+
+    /// The `sr` field percent-decoded.
+    ///
+    /// # Errors
+    /// [`ProtoError::InvalidSas`] when it is not valid UTF-8 after decoding.
+    pub fn resource(&self) -> Result<String, ProtoError> {
+        decode(&self.sr)
+    }
+
+    /// Expiry in Unix seconds.
+    pub fn expiry_secs(&self) -> i64 {
+        self.expiry
+    }
+
+    /// Expiry as a timestamp.
+    pub fn expiry(&self) -> Timestamp {
+        Timestamp::from_unix_secs(self.expiry)
+    }
+
+    /// The decoded `skn` field, if any.
+    pub fn key_name(&self) -> Option<&str> {
+        self.skn.as_deref()
+    }
+
+    /// The signature bytes: `sig` percent-decoded (`+` stays `+`), then base64-decoded.
+    ///
+    /// # Errors
+    /// [`ProtoError::InvalidSas`] when `sig` is not base64.
+    pub fn signature(&self) -> Result<Vec<u8>, ProtoError> {
+        let text = decode(&self.sig)?;
+        STANDARD
+            .decode(text.as_bytes())
+            .map_err(|_| ProtoError::InvalidSas("sig is not base64".into()))
+    }
+
+    /// The bytes the signature covers: raw `sr` + `"\n"` + raw `se`.
+    pub fn string_to_sign(&self) -> String {
+        format!("{}\n{}", self.sr, self.se)
+    }
+}
+
+impl fmt::Display for SasToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{SAS_PREFIX}sr={}&sig={}&se={}", self.sr, self.sig, self.se)?;
+        if let Some(skn) = &self.skn {
+            write!(f, "&skn={}", utf8_percent_encode(skn, QUOTE_ALL))?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for SasToken {
+    /// Never prints the signature.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SasToken")
+            .field("sr", &self.sr)
+            .field("se", &self.se)
+            .field("skn", &self.skn)
+            .field("sig", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The string-to-sign for an encoded resource and an expiry: `sr + "\n" + se`.
+pub fn string_to_sign(sr_encoded: &str, expiry_secs: i64) -> String {
+    format!("{sr_encoded}\n{expiry_secs}")
+}
+
+/// Encodes a resource URI as the Python SDK does (`quote(uri, safe="")`, upper-case hex).
+pub fn encode_resource(uri: &str) -> String {
+    utf8_percent_encode(uri, QUOTE_ALL).to_string()
+}
+
+/// The DPS registration resource `{idScope}/registrations/{registrationId}`.
+pub fn registration_resource(id_scope: &str, registration_id: &str) -> String {
+    format!("{id_scope}/registrations/{registration_id}")
+}
+
+fn decode(s: &str) -> Result<String, ProtoError> {
+    percent_decode_str(s)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| ProtoError::InvalidSas("field is not UTF-8 after percent-decoding".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_python_form() {
+        let t = SasToken::parse("SharedAccessSignature sr=0ne00111111%2Fregistrations%2Fdev1&sig=ab%2Bc%2F%3D&se=1663952627").unwrap();
+        assert_eq!(t.resource_raw(), "0ne00111111%2Fregistrations%2Fdev1");
+        assert_eq!(t.resource().unwrap(), "0ne00111111/registrations/dev1");
+        assert_eq!(t.key_name(), None);
+        assert_eq!(t.expiry_secs(), 1_663_952_627);
+        assert_eq!(t.string_to_sign(), "0ne00111111%2Fregistrations%2Fdev1\n1663952627");
+    }
+
+    #[test]
+    fn parses_node_form_any_order() {
+        let t = SasToken::parse("SharedAccessSignature sr=0ne00111111/registrations/dev1&sig=abc%3D&skn=registration&se=1").unwrap();
+        assert_eq!(t.resource_raw(), "0ne00111111/registrations/dev1");
+        assert_eq!(t.key_name(), Some("registration"));
+        let t2 = SasToken::parse("sig=abc%3D&se=1&skn=registration&sr=x").unwrap();
+        assert_eq!(t2.resource_raw(), "x");
+    }
+
+    #[test]
+    fn plus_in_sig_is_not_space() {
+        let t = SasToken::parse("SharedAccessSignature sr=a&sig=f+wW&se=1").unwrap();
+        assert_eq!(t.signature().unwrap(), STANDARD.decode("f+wW").unwrap());
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        assert!(SasToken::parse("SharedAccessSignature sr=a&sig=b").is_err());
+        assert!(SasToken::parse("SharedAccessSignature sr=a&sig=b&se=x").is_err());
+        assert!(SasToken::parse("SharedAccessSignature sr=a&sr=b&sig=b&se=1").is_err());
+        assert!(SasToken::parse("SharedAccessSignature sr").is_err());
+    }
+
+    #[test]
+    fn build_then_parse() {
+        let sr = encode_resource(&registration_resource("0ne00111111", "dev:1"));
+        assert_eq!(sr, "0ne00111111%2Fregistrations%2Fdev%3A1");
+        let t = SasToken::build(&sr, 42, Some(REGISTRATION_KEY_NAME), &[0xfb, 0xff, 0x01]);
+        let back = SasToken::parse(&t.to_string()).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back.signature().unwrap(), vec![0xfb, 0xff, 0x01]);
+    }
+}
