@@ -16,7 +16,10 @@ pub mod error;
 pub mod hub;
 pub mod memory;
 pub mod provisioner;
+pub mod query;
 pub mod registration;
+pub mod registry;
 pub mod store;
+pub mod twin;
 
 pub use error::{AllocationError, AuthError, Error, StoreError};

@@ -10,11 +10,13 @@ mod macros;
 pub mod device;
 pub mod error;
 pub mod http;
+pub mod hub;
 pub mod ids;
 pub mod mqtt;
 pub mod sas;
 pub mod service;
 pub mod time;
+pub mod twin;
 
 pub use error::{ProtoError, WireError};
 pub use ids::{DeviceId, ETag, EnrollmentGroupId, IdScope, IfMatch, ModuleId, OperationId, RegistrationId};
