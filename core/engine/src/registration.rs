@@ -184,9 +184,9 @@ pub enum FailureKind {
     NotFound,
     /// HTTP 400: the service rejected the request as malformed.
     BadRequest,
-    /// Any other 4xx status, or another unexpected status.
+    /// Any other 4xx status (403, 409, 412, 415, ...).
     Service,
-    /// The operation finished with `status: "failed"` (see `error_code`).
+    /// The operation finished with `status: "failed"` (see `error_code`), or `"disabled"`.
     Failed,
     /// No reply arrived within [`RegistrationConfig::request_timeout`].
     Timeout,
@@ -269,7 +269,11 @@ struct CachedToken {
 /// 3. Otherwise wait until [`poll_timeout`](Registration::poll_timeout) (a retry-after wait or
 ///    the reply deadline) and call [`handle_timeout`](Registration::handle_timeout)`(now)`.
 /// 4. After each input, [`poll_event`](Registration::poll_event) yields the outcome once:
-///    [`RegistrationEvent::Assigned`] or [`RegistrationEvent::Failed`].
+///    [`RegistrationEvent::Assigned`] or [`RegistrationEvent::Failed`]; if there is none yet,
+///    go back to 1.
+///
+/// One request is in flight at a time; a transport that loses it (dropped connection) simply
+/// waits for the reply deadline, which ends the registration with [`FailureKind::Timeout`].
 ///
 /// The flow: register, expect `202 assigning` with an `operationId` (an immediate `200 assigned`
 /// is accepted too), wait `retry-after` (clamped to 1–300 s, else

@@ -531,3 +531,68 @@ fn default_configuration_matches_the_documented_defaults() {
     let printed = format!("{cfg:?}");
     assert!(!printed.contains(KEY) && printed.contains("<redacted>"), "{printed}");
 }
+
+mod any_reply_sequence {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn any_reply() -> impl Strategy<Value = ServiceResponse> {
+        let status = prop::sample::select(vec![200u16, 202, 204, 302, 400, 401, 404, 409, 429, 500, 503]);
+        let body = prop::sample::select(vec![
+            assigning_register_reply().body,
+            assigning_poll_reply().body,
+            assigned_body().to_string().into_bytes(),
+            error_body(429001, "Too many requests").to_string().into_bytes(),
+            json!({"operationId": OP, "status": "failed", "registrationState": {"registrationId": DEVICE}})
+                .to_string()
+                .into_bytes(),
+            b"not json".to_vec(),
+            Vec::new(),
+        ]);
+        (status, prop::option::of(0u64..1000), body).prop_map(|(status, retry_after, body)| ServiceResponse {
+            status,
+            retry_after: retry_after.map(secs),
+            body,
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn machine_never_sends_early_and_always_ends_quiet(
+            replies in prop::collection::vec((any_reply(), prop::bool::ANY), 1..40)
+        ) {
+            let mut reg = machine(config());
+            let mut now = t0();
+            let mut outcomes = 0;
+            for (response, time_out) in replies {
+                // Advance to the next timer without skipping past it, as a driver would.
+                if let Some(at) = reg.poll_timeout() {
+                    prop_assert!(at >= now);
+                    if at > now {
+                        prop_assert_eq!(reg.poll_transmit(at - Duration::from_nanos(1)), None);
+                    }
+                    now = at;
+                    reg.handle_timeout(now);
+                }
+                let sent = reg.poll_transmit(now).is_some();
+                prop_assert_eq!(reg.poll_transmit(now), None, "one request in flight at a time");
+                if sent && !time_out {
+                    reg.handle_response(now, response);
+                }
+                if let Some(event) = reg.poll_event() {
+                    outcomes += 1;
+                    prop_assert!(reg.is_finished());
+                    if let RegistrationEvent::Failed(f) = event {
+                        prop_assert!(!f.message.is_empty());
+                    }
+                }
+                if reg.is_finished() {
+                    prop_assert_eq!(reg.poll_timeout(), None);
+                    prop_assert_eq!(reg.poll_transmit(now + secs(3600)), None);
+                }
+            }
+            prop_assert!(outcomes <= 1);
+        }
+    }
+}
