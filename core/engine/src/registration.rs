@@ -1,1 +1,634 @@
-//! (in progress)
+//! Device-side DPS registration: a sans-I/O state machine from register to assigned hub.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use base64::Engine as _;
+use serde_json::Value;
+use zerotouch_proto::device::{
+    DeviceRegistration, DeviceRegistrationResult, ErrorDetails, RegistrationOperationStatus,
+    RegistrationStatus, Substatus,
+};
+use zerotouch_proto::sas::{
+    encode_resource, registration_resource, string_to_sign, SasToken, REGISTRATION_KEY_NAME,
+};
+use zerotouch_proto::{IdScope, OperationId, RegistrationId, Timestamp};
+
+use crate::crypto::CryptoProvider;
+use crate::error::Error;
+
+/// Shortest wait the machine accepts from a service `retry-after` (the C SDK's lower bound).
+pub const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Longest wait the machine accepts from a service `retry-after` (the C SDK's upper bound); also
+/// the cap of the exponential back-off.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// The api-version our device client speaks by default (the one the C SDK and the HTTPS docs use).
+pub const DEFAULT_API_VERSION: &str = "2021-06-01";
+
+/// How a device proves its identity to DPS.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DeviceCredential {
+    /// The device's symmetric key bytes. For group enrollments this is the key already derived
+    /// from the group key and the registration id (spec §4.4), never the group key itself.
+    SymmetricKey(Vec<u8>),
+    /// X.509: the TLS layer presents the client certificate, so requests carry no SAS token.
+    X509,
+}
+
+impl DeviceCredential {
+    /// A symmetric-key credential from its base64 text, as the portal and the service API show
+    /// it (padding optional).
+    ///
+    /// # Errors
+    /// [`Error::BadRequest`] when the text is not base64 or decodes to no bytes.
+    pub fn symmetric_key_base64(key: &str) -> Result<Self, Error> {
+        let lenient = GeneralPurpose::new(
+            &alphabet::STANDARD,
+            GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+        );
+        let bytes = lenient
+            .decode(key.trim())
+            .map_err(|_| Error::BadRequest("the symmetric key is not valid base64".to_owned()))?;
+        if bytes.is_empty() {
+            return Err(Error::BadRequest("the symmetric key is empty".to_owned()));
+        }
+        Ok(Self::SymmetricKey(bytes))
+    }
+}
+
+impl fmt::Debug for DeviceCredential {
+    /// Never prints key bytes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::SymmetricKey(_) => f.write_str("SymmetricKey(<redacted>)"),
+            Self::X509 => f.write_str("X509"),
+        }
+    }
+}
+
+/// Everything a [`Registration`] needs to know about the device and its timing.
+#[derive(Debug, Clone)]
+pub struct RegistrationConfig {
+    /// The DPS instance's ID scope.
+    pub id_scope: IdScope,
+    /// The registration id (also the MQTT client id and the X.509 subject CN).
+    pub registration_id: RegistrationId,
+    /// How the device authenticates.
+    pub credential: DeviceCredential,
+    /// Custom payload passed to the allocation webhook; sent only when set.
+    pub payload: Option<Value>,
+    /// api-version the transport puts in the URL query or MQTT username.
+    pub api_version: String,
+    /// Lifetime of each SAS token the machine signs.
+    pub token_ttl: Duration,
+    /// How long to wait for each reply before failing with [`FailureKind::Timeout`].
+    pub request_timeout: Duration,
+    /// Wait before polling when the service gives no `retry-after`; also the base of the
+    /// exponential back-off on 429 and 5xx.
+    pub default_retry_after: Duration,
+    /// How many times in a row a throttled (429) or failed (5xx) request is resent before the
+    /// machine gives up with [`FailureKind::Throttled`].
+    pub max_throttle_retries: u32,
+}
+
+impl RegistrationConfig {
+    /// A configuration with the defaults: api-version `2021-06-01`, 3600 s tokens, 30 s request
+    /// timeout, 2 s default retry-after and 5 throttle retries.
+    pub fn new(id_scope: IdScope, registration_id: RegistrationId, credential: DeviceCredential) -> Self {
+        Self {
+            id_scope,
+            registration_id,
+            credential,
+            payload: None,
+            api_version: DEFAULT_API_VERSION.to_owned(),
+            token_ttl: Duration::from_secs(3600),
+            request_timeout: Duration::from_secs(30),
+            default_retry_after: Duration::from_secs(2),
+            max_throttle_retries: 5,
+        }
+    }
+}
+
+/// A request the transport must send now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transmit {
+    /// Register: HTTP `PUT {scope}/registrations/{id}/register`, or MQTT
+    /// `$dps/registrations/PUT/iotdps-register/?$rid=..` with `body` as JSON.
+    Register {
+        /// The `DeviceRegistration` body.
+        body: DeviceRegistration,
+        /// The full SAS token (`SharedAccessSignature sr=..`) for the `Authorization` header or
+        /// MQTT password; `None` for X.509.
+        authorization: Option<String>,
+    },
+    /// Operation status: HTTP `GET {scope}/registrations/{id}/operations/{operationId}`, or MQTT
+    /// `$dps/registrations/GET/iotdps-get-operationstatus/?$rid=..&operationId=..`.
+    PollStatus {
+        /// The operation id from the register reply.
+        operation_id: OperationId,
+        /// The full SAS token, as for [`Transmit::Register`]; `None` for X.509.
+        authorization: Option<String>,
+    },
+}
+
+/// A reply from DPS, whatever the transport: the HTTP status and `Retry-After` header, or the
+/// status and `retry-after` property of the MQTT topic `$dps/registrations/res/{status}/?..`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceResponse {
+    /// HTTP status (also the MQTT status topic segment).
+    pub status: u16,
+    /// The service's requested wait, if it sent one.
+    pub retry_after: Option<Duration>,
+    /// The JSON body as received.
+    pub body: Vec<u8>,
+}
+
+impl ServiceResponse {
+    /// Parses a `Retry-After` / `retry-after` value in whole seconds (the only form DPS sends).
+    /// Returns `None` for anything else, so the machine falls back to its default wait.
+    pub fn parse_retry_after(value: &str) -> Option<Duration> {
+        value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    }
+}
+
+/// Where the device was assigned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    /// Host name of the assigned IoT hub.
+    pub assigned_hub: String,
+    /// Device id in that hub.
+    pub device_id: String,
+    /// Why this assignment happened (first assignment, migrated, reset, ...).
+    pub substatus: Option<Substatus>,
+    /// Payload returned by custom allocation.
+    pub payload: Option<Value>,
+    /// TPM only: base64 activation blob carrying the hub key (spec §6.1).
+    pub tpm_authentication_key: Option<String>,
+    /// The full `registrationState` as the service sent it.
+    pub state: DeviceRegistrationResult,
+}
+
+/// Which way a registration failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// HTTP 401: the credential was refused (wrong or group key, unknown certificate, or a TPM
+    /// challenge, which this machine does not answer yet).
+    Unauthorized,
+    /// HTTP 404: unknown scope, enrollment or operation.
+    NotFound,
+    /// HTTP 400: the service rejected the request as malformed.
+    BadRequest,
+    /// Any other 4xx status (403, 409, 412, 415, ...).
+    Service,
+    /// The operation finished with `status: "failed"` (see `error_code`), or `"disabled"`.
+    Failed,
+    /// No reply arrived within [`RegistrationConfig::request_timeout`].
+    Timeout,
+    /// The reply could not be understood (unparsable body, unknown status, missing fields).
+    Protocol,
+    /// The service kept answering 429 or 5xx; gave up after
+    /// [`RegistrationConfig::max_throttle_retries`] resends.
+    Throttled,
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Unauthorized => "unauthorized",
+            Self::NotFound => "not found",
+            Self::BadRequest => "bad request",
+            Self::Service => "service error",
+            Self::Failed => "assignment failed",
+            Self::Timeout => "timeout",
+            Self::Protocol => "protocol error",
+            Self::Throttled => "throttled",
+        })
+    }
+}
+
+/// Why a registration ended without an assignment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("registration failed ({kind}): {message}")]
+pub struct RegistrationFailure {
+    /// The category of the failure.
+    pub kind: FailureKind,
+    /// HTTP status of the reply that ended the registration, if a reply did.
+    pub status: Option<u16>,
+    /// The six-digit DPS error code (from the error body or `registrationState.errorCode`).
+    pub error_code: Option<u32>,
+    /// The service's message, or ours when the service sent none.
+    pub message: String,
+}
+
+/// The outcome of a registration.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant, reason = "produced once per registration; plain variants read better")]
+pub enum RegistrationEvent {
+    /// The device was assigned to a hub.
+    Assigned(Assignment),
+    /// The registration failed for good.
+    Failed(RegistrationFailure),
+}
+
+/// What the machine sends: the register request, or a poll of the operation it started.
+#[derive(Debug, Clone)]
+enum Request {
+    Register,
+    Poll(OperationId),
+}
+
+#[derive(Debug)]
+enum State {
+    /// `request` goes out at the first `poll_transmit` at or after `not_before`.
+    Ready { request: Request, not_before: Option<Timestamp> },
+    /// `request` is on the wire; a reply is due by `deadline`.
+    AwaitingReply { request: Request, deadline: Timestamp },
+    /// The outcome is decided.
+    Finished,
+}
+
+/// A SAS token kept until it comes close to its expiry.
+struct CachedToken {
+    value: String,
+    issued: Timestamp,
+    expiry: Timestamp,
+}
+
+/// The device side of one DPS registration, sans I/O.
+///
+/// Call order, in a loop until [`Registration::is_finished`] and the outcome was taken:
+/// 1. [`poll_transmit`](Registration::poll_transmit)`(now)`: when it returns a [`Transmit`],
+///    send it (HTTP request or MQTT publish); call again until it returns `None`.
+/// 2. When the reply arrives, [`handle_response`](Registration::handle_response)`(now, reply)`.
+/// 3. Otherwise wait until [`poll_timeout`](Registration::poll_timeout) (a retry-after wait or
+///    the reply deadline) and call [`handle_timeout`](Registration::handle_timeout)`(now)`.
+/// 4. After each input, [`poll_event`](Registration::poll_event) yields the outcome once:
+///    [`RegistrationEvent::Assigned`] or [`RegistrationEvent::Failed`]; if there is none yet,
+///    go back to 1.
+///
+/// One request is in flight at a time; a transport that loses it (dropped connection) simply
+/// waits for the reply deadline, which ends the registration with [`FailureKind::Timeout`].
+///
+/// The flow: register, expect `202 assigning` with an `operationId` (an immediate `200 assigned`
+/// is accepted too), wait `retry-after` (clamped to 1–300 s, else
+/// [`RegistrationConfig::default_retry_after`]) and poll with the operation id kept from the
+/// register reply until `assigned` or `failed`. 429 and 5xx replies resend the same request
+/// after `retry-after` or an exponential back-off. Replies that arrive while no request is
+/// outstanding are ignored.
+pub struct Registration {
+    config: RegistrationConfig,
+    crypto: Arc<dyn CryptoProvider>,
+    state: State,
+    /// Resends of the current request after 429/5xx, in a row.
+    throttle_retries: u32,
+    token: Option<CachedToken>,
+    event: Option<RegistrationEvent>,
+}
+
+impl fmt::Debug for Registration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registration")
+            .field("config", &self.config)
+            .field("state", &self.state)
+            .field("throttle_retries", &self.throttle_retries)
+            .field("event", &self.event)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registration {
+    /// A registration that sends its register request at the first
+    /// [`poll_transmit`](Registration::poll_transmit).
+    pub fn new(config: RegistrationConfig, crypto: Arc<dyn CryptoProvider>) -> Self {
+        Self {
+            config,
+            crypto,
+            state: State::Ready { request: Request::Register, not_before: None },
+            throttle_retries: 0,
+            token: None,
+            event: None,
+        }
+    }
+
+    /// The configuration this registration runs with.
+    pub fn config(&self) -> &RegistrationConfig {
+        &self.config
+    }
+
+    /// The operation id of the running registration, once the register reply gave one.
+    pub fn operation_id(&self) -> Option<&OperationId> {
+        match &self.state {
+            State::Ready { request: Request::Poll(id), .. }
+            | State::AwaitingReply { request: Request::Poll(id), .. } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The next request to send, if one is due at `now`. The reply deadline starts now.
+    pub fn poll_transmit(&mut self, now: Timestamp) -> Option<Transmit> {
+        let request = match &self.state {
+            State::Ready { request, not_before } if not_before.is_none_or(|t| now >= t) => request.clone(),
+            _ => return None,
+        };
+        let authorization = self.authorization(now);
+        let transmit = match &request {
+            Request::Register => Transmit::Register {
+                body: DeviceRegistration {
+                    payload: self.config.payload.clone(),
+                    registration_id: self.config.registration_id.as_str().to_owned(),
+                    tpm: None,
+                    csr: None,
+                },
+                authorization,
+            },
+            Request::Poll(id) => Transmit::PollStatus { operation_id: id.clone(), authorization },
+        };
+        self.state = State::AwaitingReply { request, deadline: now + self.config.request_timeout };
+        Some(transmit)
+    }
+
+    /// Feeds the reply to the request last returned by
+    /// [`poll_transmit`](Registration::poll_transmit).
+    pub fn handle_response(&mut self, now: Timestamp, response: ServiceResponse) {
+        let request = match &self.state {
+            State::AwaitingReply { request, .. } => request.clone(),
+            _ => return,
+        };
+        match response.status {
+            200..=299 => self.on_success_status(now, request, &response),
+            429 | 500.. => self.on_transient(now, request, &response),
+            401 => {
+                let mut failure = error_reply(FailureKind::Unauthorized, &response);
+                if is_tpm_challenge(&response.body) {
+                    failure.message =
+                        "the service sent a TPM challenge; TPM attestation is not supported by this client yet".to_owned();
+                }
+                self.finish(RegistrationEvent::Failed(failure));
+            }
+            404 => self.fail_with(error_reply(FailureKind::NotFound, &response)),
+            400 => self.fail_with(error_reply(FailureKind::BadRequest, &response)),
+            402..=499 => self.fail_with(error_reply(FailureKind::Service, &response)),
+            _ => self.fail_with(RegistrationFailure {
+                kind: FailureKind::Protocol,
+                status: Some(response.status),
+                error_code: None,
+                message: format!("unexpected HTTP status {} from the service", response.status),
+            }),
+        }
+    }
+
+    /// When the machine next needs [`handle_timeout`](Registration::handle_timeout) (the reply
+    /// deadline) or can send again (the end of a retry-after wait). `None` when finished or when
+    /// a request is due immediately.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        match &self.state {
+            State::Ready { not_before, .. } => *not_before,
+            State::AwaitingReply { deadline, .. } => Some(*deadline),
+            State::Finished => None,
+        }
+    }
+
+    /// Advances timers: fails with [`FailureKind::Timeout`] when the reply deadline has passed.
+    /// A finished retry-after wait needs nothing here; the next
+    /// [`poll_transmit`](Registration::poll_transmit) sends.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        if let State::AwaitingReply { request, deadline } = &self.state {
+            if now >= *deadline {
+                let what = match request {
+                    Request::Register => "register",
+                    Request::Poll(_) => "operation status",
+                };
+                let message = format!(
+                    "no reply to the {what} request within {} s",
+                    self.config.request_timeout.as_secs_f64()
+                );
+                self.fail_with(RegistrationFailure {
+                    kind: FailureKind::Timeout,
+                    status: None,
+                    error_code: None,
+                    message,
+                });
+            }
+        }
+    }
+
+    /// The outcome, once: after it is taken this returns `None`.
+    pub fn poll_event(&mut self) -> Option<RegistrationEvent> {
+        self.event.take()
+    }
+
+    /// Whether the outcome is decided (it may still be waiting in
+    /// [`poll_event`](Registration::poll_event)).
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, State::Finished)
+    }
+
+    fn on_success_status(&mut self, now: Timestamp, request: Request, response: &ServiceResponse) {
+        let reply = match parse_operation_status(&response.body, &request) {
+            Ok(reply) => reply,
+            Err(message) => return self.fail_with(protocol(response.status, message)),
+        };
+        self.throttle_retries = 0;
+        match reply.status {
+            RegistrationStatus::Assigning => {
+                // The C SDK keeps the first operation id; poll replies may carry none (spec §10.2).
+                let operation_id = match request {
+                    Request::Poll(id) => id,
+                    Request::Register => match OperationId::new(reply.operation_id) {
+                        Ok(id) => id,
+                        Err(e) => {
+                            return self.fail_with(protocol(response.status, format!("register reply: {e}")));
+                        }
+                    },
+                };
+                let wait = response.retry_after.map_or(self.config.default_retry_after, clamp_retry_after);
+                self.state =
+                    State::Ready { request: Request::Poll(operation_id), not_before: Some(now + wait) };
+            }
+            RegistrationStatus::Assigned => {
+                let event = match assignment(reply.registration_state) {
+                    Ok(a) => RegistrationEvent::Assigned(a),
+                    Err(message) => RegistrationEvent::Failed(protocol(response.status, message)),
+                };
+                self.finish(event);
+            }
+            RegistrationStatus::Failed | RegistrationStatus::Disabled => {
+                let state = reply.registration_state.unwrap_or_default();
+                let message =
+                    state.error_message.unwrap_or_else(|| format!("registration status is {}", reply.status));
+                self.fail_with(RegistrationFailure {
+                    kind: FailureKind::Failed,
+                    status: Some(response.status),
+                    error_code: state.error_code,
+                    message,
+                });
+            }
+            other => {
+                self.fail_with(protocol(response.status, format!("unexpected registration status {other:?}")))
+            }
+        }
+    }
+
+    fn on_transient(&mut self, now: Timestamp, request: Request, response: &ServiceResponse) {
+        if self.throttle_retries >= self.config.max_throttle_retries {
+            let mut failure = error_reply(FailureKind::Throttled, response);
+            failure.message = format!(
+                "gave up after {} retries; last reply HTTP {}: {}",
+                self.throttle_retries, response.status, failure.message
+            );
+            return self.fail_with(failure);
+        }
+        let wait = match response.retry_after {
+            Some(d) => clamp_retry_after(d),
+            None => backoff(self.config.default_retry_after, self.throttle_retries),
+        };
+        self.throttle_retries += 1;
+        self.state = State::Ready { request, not_before: Some(now + wait) };
+    }
+
+    fn fail_with(&mut self, failure: RegistrationFailure) {
+        self.finish(RegistrationEvent::Failed(failure));
+    }
+
+    fn finish(&mut self, event: RegistrationEvent) {
+        self.state = State::Finished;
+        self.token = None;
+        self.event = Some(event);
+    }
+
+    /// The SAS token for a request sent at `now`, signed again once a quarter of its lifetime is
+    /// left so that a token never expires while a request is in flight.
+    fn authorization(&mut self, now: Timestamp) -> Option<String> {
+        let DeviceCredential::SymmetricKey(key) = &self.config.credential else {
+            return None;
+        };
+        let ttl = self.config.token_ttl;
+        let fresh = self.token.as_ref().is_some_and(|t| {
+            let remaining = t.expiry.saturating_since(now);
+            now >= t.issued && remaining > ttl / 4 && remaining > self.config.request_timeout
+        });
+        if !fresh {
+            let sr = encode_resource(&registration_resource(
+                self.config.id_scope.as_str(),
+                self.config.registration_id.as_str(),
+            ));
+            let expiry = (now + ttl).unix_secs();
+            let sig = self.crypto.hmac_sha256(key, string_to_sign(&sr, expiry).as_bytes());
+            let token = SasToken::build(&sr, expiry, Some(REGISTRATION_KEY_NAME), &sig);
+            self.token = Some(CachedToken {
+                value: token.to_string(),
+                issued: now,
+                expiry: Timestamp::from_unix_secs(expiry),
+            });
+        }
+        self.token.as_ref().map(|t| t.value.clone())
+    }
+}
+
+/// Parses a 2xx body. Poll replies without `operationId` get the one being polled (spec §10.2).
+fn parse_operation_status(body: &[u8], request: &Request) -> Result<RegistrationOperationStatus, String> {
+    let mut value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("reply body is not JSON: {e}"))?;
+    if let (Request::Poll(id), Value::Object(map)) = (request, &mut value) {
+        map.entry("operationId").or_insert_with(|| Value::String(id.as_str().to_owned()));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| format!("reply body is not a registration operation status: {e}"))
+}
+
+fn assignment(state: Option<DeviceRegistrationResult>) -> Result<Assignment, String> {
+    let state = state.ok_or("assigned reply has no registrationState")?;
+    let assigned_hub =
+        state.assigned_hub.clone().filter(|s| !s.is_empty()).ok_or("assigned reply has no assignedHub")?;
+    let device_id =
+        state.device_id.clone().filter(|s| !s.is_empty()).ok_or("assigned reply has no deviceId")?;
+    Ok(Assignment {
+        assigned_hub,
+        device_id,
+        substatus: state.substatus,
+        payload: state.payload.clone(),
+        tpm_authentication_key: state.tpm.as_ref().map(|t| t.authentication_key.clone()),
+        state,
+    })
+}
+
+/// A failure from an error reply, with the code and message of its body when it has them.
+fn error_reply(kind: FailureKind, response: &ServiceResponse) -> RegistrationFailure {
+    let (error_code, message) = match serde_json::from_slice::<ErrorDetails>(&response.body) {
+        Ok(details) => (Some(details.error_code), details.message),
+        // Tolerate bodies that miss `trackingId` or spell the message `errorMessage`.
+        Err(_) => match serde_json::from_slice::<Value>(&response.body) {
+            Ok(v) => (
+                v.get("errorCode").and_then(Value::as_u64).and_then(|c| u32::try_from(c).ok()),
+                v.get("message")
+                    .or_else(|| v.get("errorMessage"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("HTTP {}", response.status)),
+            ),
+            Err(_) => (None, format!("HTTP {}", response.status)),
+        },
+    };
+    RegistrationFailure { kind, status: Some(response.status), error_code, message }
+}
+
+fn is_tpm_challenge(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body)
+        .is_ok_and(|v| v.get("authenticationKey").is_some_and(Value::is_string))
+}
+
+fn protocol(status: u16, message: String) -> RegistrationFailure {
+    RegistrationFailure { kind: FailureKind::Protocol, status: Some(status), error_code: None, message }
+}
+
+fn clamp_retry_after(d: Duration) -> Duration {
+    d.clamp(MIN_RETRY_AFTER, MAX_RETRY_AFTER)
+}
+
+/// `base × 2^attempt`, capped at [`MAX_RETRY_AFTER`].
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    base.checked_mul(1u32 << attempt.min(16)).map_or(MAX_RETRY_AFTER, |d| d.min(MAX_RETRY_AFTER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let base = Duration::from_secs(2);
+        assert_eq!(backoff(base, 0), Duration::from_secs(2));
+        assert_eq!(backoff(base, 3), Duration::from_secs(16));
+        assert_eq!(backoff(base, 10), MAX_RETRY_AFTER);
+        assert_eq!(backoff(base, u32::MAX), MAX_RETRY_AFTER);
+    }
+
+    #[test]
+    fn retry_after_is_clamped_to_one_to_three_hundred_seconds() {
+        assert_eq!(clamp_retry_after(Duration::ZERO), MIN_RETRY_AFTER);
+        assert_eq!(clamp_retry_after(Duration::from_secs(3)), Duration::from_secs(3));
+        assert_eq!(clamp_retry_after(Duration::from_secs(3600)), MAX_RETRY_AFTER);
+    }
+
+    #[test]
+    fn credential_debug_hides_the_key() {
+        let c = DeviceCredential::symmetric_key_base64("c2VjcmV0LWtleS1ieXRlcw==").unwrap();
+        assert_eq!(format!("{c:?}"), "SymmetricKey(<redacted>)");
+        assert!(DeviceCredential::symmetric_key_base64("c2VjcmV0LWtleS1ieXRlcw").is_ok());
+        assert!(DeviceCredential::symmetric_key_base64("not base64!").is_err());
+        assert!(DeviceCredential::symmetric_key_base64("").is_err());
+    }
+
+    #[test]
+    fn retry_after_values_parse_as_whole_seconds() {
+        assert_eq!(ServiceResponse::parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(ServiceResponse::parse_retry_after(" 10 "), Some(Duration::from_secs(10)));
+        assert_eq!(ServiceResponse::parse_retry_after("soon"), None);
+    }
+}

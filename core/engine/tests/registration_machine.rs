@@ -1,0 +1,598 @@
+//! The device registration state machine driven with hand-written DPS replies on a virtual clock.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde_json::json;
+use zerotouch_engine::crypto::{CryptoProvider, RingCrypto};
+use zerotouch_engine::registration::{
+    DeviceCredential, FailureKind, Registration, RegistrationConfig, RegistrationEvent, RegistrationFailure,
+    ServiceResponse, Transmit,
+};
+use zerotouch_proto::device::Substatus;
+use zerotouch_proto::{IdScope, SasToken, Timestamp};
+
+const SCOPE: &str = "0ne00111111";
+const DEVICE: &str = "my-symkey-device";
+/// Key of spec §4.5 vectors V3/V4.
+const KEY: &str = "18RQk/hOPJR9EbsJlk2j8WA6vWaj/yi+oaYg7zmxfQNdOyMSu+SJ8O7TSlZhDJCYmn4rzEiVKIzNiVAWjLxrGA==";
+const OP: &str = "5.316aac5bdc130deb.b1e02da8-c3a0-4ff2-a121-7ea7a6b7f550";
+const HUB: &str = "MyExampleHub.azure-devices.net";
+
+fn t0() -> Timestamp {
+    Timestamp::from_unix_secs(1_700_000_000)
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn config() -> RegistrationConfig {
+    RegistrationConfig::new(
+        IdScope::new(SCOPE).unwrap(),
+        DEVICE.parse().unwrap(),
+        DeviceCredential::symmetric_key_base64(KEY).unwrap(),
+    )
+}
+
+fn machine(config: RegistrationConfig) -> Registration {
+    Registration::new(config, Arc::new(RingCrypto::new()))
+}
+
+fn reply(status: u16, retry_after: Option<u64>, body: serde_json::Value) -> ServiceResponse {
+    ServiceResponse { status, retry_after: retry_after.map(secs), body: body.to_string().into_bytes() }
+}
+
+fn assigning_register_reply() -> ServiceResponse {
+    reply(202, Some(3), json!({"operationId": OP, "status": "assigning"}))
+}
+
+fn assigning_poll_reply() -> ServiceResponse {
+    reply(
+        202,
+        Some(3),
+        json!({"operationId": OP, "status": "assigning",
+               "registrationState": {"registrationId": DEVICE, "status": "assigning"}}),
+    )
+}
+
+fn assigned_body() -> serde_json::Value {
+    json!({"operationId": OP, "status": "assigned", "registrationState": {
+        "registrationId": DEVICE,
+        "createdDateTimeUtc": "2022-08-27T17:53:19.5143497Z",
+        "assignedHub": HUB,
+        "deviceId": DEVICE,
+        "status": "assigned",
+        "substatus": "initialAssignment",
+        "lastUpdatedDateTimeUtc": "2022-08-27T17:53:19.7519141Z",
+        "etag": "IjEyMDA4NmYyLTAwMDAtMDMwMC0wMDAwLTYzMGE1YTBmMDAwMCI="
+    }})
+}
+
+fn error_body(code: u32, message: &str) -> serde_json::Value {
+    json!({"errorCode": code, "trackingId": "8ad0463c-6427-4479-9dfa-3e8bb7003e9b", "message": message,
+           "timestampUtc": "2019-06-10T10:50:14.7793152Z", "info": null})
+}
+
+fn expect_register(reg: &mut Registration, now: Timestamp) -> Option<String> {
+    match reg.poll_transmit(now) {
+        Some(Transmit::Register { body, authorization }) => {
+            assert_eq!(body.registration_id, DEVICE);
+            authorization
+        }
+        other => panic!("expected a register request at {now:?}, got {other:?}"),
+    }
+}
+
+fn expect_poll(reg: &mut Registration, now: Timestamp) -> Option<String> {
+    match reg.poll_transmit(now) {
+        Some(Transmit::PollStatus { operation_id, authorization }) => {
+            assert_eq!(operation_id.as_str(), OP);
+            authorization
+        }
+        other => panic!("expected an operation status poll at {now:?}, got {other:?}"),
+    }
+}
+
+fn expect_failure(reg: &mut Registration) -> RegistrationFailure {
+    assert!(reg.is_finished());
+    match reg.poll_event() {
+        Some(RegistrationEvent::Failed(f)) => f,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+/// Sends register at `t0` and answers it with 202 assigning (retry-after 3 s).
+fn registered(config: RegistrationConfig) -> Registration {
+    let mut reg = machine(config);
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), assigning_register_reply());
+    reg
+}
+
+#[test]
+fn symmetric_key_device_registers_polls_and_is_assigned() {
+    let mut reg = machine(config());
+    assert_eq!(reg.poll_timeout(), None, "nothing to wait for before the first send");
+    let auth = expect_register(&mut reg, t0());
+    assert!(auth.is_some());
+    assert_eq!(reg.poll_transmit(t0()), None, "one request at a time");
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(30)), "reply deadline");
+
+    reg.handle_response(t0() + secs(1), assigning_register_reply());
+    assert_eq!(reg.operation_id().map(|o| o.as_str()), Some(OP));
+    assert_eq!(reg.poll_event(), None);
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(4)));
+    reg.handle_timeout(t0() + secs(4));
+    expect_poll(&mut reg, t0() + secs(4));
+
+    reg.handle_response(t0() + secs(5), assigning_poll_reply());
+    assert!(!reg.is_finished());
+    expect_poll(&mut reg, t0() + secs(8));
+
+    reg.handle_response(t0() + secs(9), reply(200, None, assigned_body()));
+    assert!(reg.is_finished());
+    assert_eq!(reg.poll_timeout(), None);
+    match reg.poll_event() {
+        Some(RegistrationEvent::Assigned(a)) => {
+            assert_eq!(a.assigned_hub, HUB);
+            assert_eq!(a.device_id, DEVICE);
+            assert_eq!(a.substatus, Some(Substatus::InitialAssignment));
+            assert_eq!(a.payload, None);
+            assert_eq!(a.tpm_authentication_key, None);
+            assert_eq!(a.state.etag.as_deref(), Some("IjEyMDA4NmYyLTAwMDAtMDMwMC0wMDAwLTYzMGE1YTBmMDAwMCI="));
+        }
+        other => panic!("expected an assignment, got {other:?}"),
+    }
+    assert_eq!(reg.poll_event(), None, "the outcome is reported once");
+    assert_eq!(reg.poll_transmit(t0() + secs(100)), None);
+}
+
+#[test]
+fn service_that_assigns_on_register_finishes_without_polling() {
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(200, None, assigned_body()));
+    match reg.poll_event() {
+        Some(RegistrationEvent::Assigned(a)) => assert_eq!(a.assigned_hub, HUB),
+        other => panic!("expected an assignment, got {other:?}"),
+    }
+    assert_eq!(reg.poll_transmit(t0() + secs(10)), None);
+}
+
+#[test]
+fn device_waits_the_retry_after_the_service_asks_for_before_polling() {
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(202, Some(10), json!({"operationId": OP, "status": "assigning"})));
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(10)));
+    for s in [0, 2, 9] {
+        assert_eq!(reg.poll_transmit(t0() + secs(s)), None, "sent early at +{s} s");
+    }
+    reg.handle_timeout(t0() + secs(10) - Duration::from_millis(1));
+    assert_eq!(reg.poll_transmit(t0() + secs(10) - Duration::from_millis(1)), None);
+    expect_poll(&mut reg, t0() + secs(10));
+}
+
+#[test]
+fn device_polls_after_two_seconds_when_the_service_gives_no_retry_after() {
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(202, None, json!({"operationId": OP, "status": "assigning"})));
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(2)));
+    assert_eq!(reg.poll_transmit(t0() + secs(1)), None);
+    expect_poll(&mut reg, t0() + secs(2));
+}
+
+#[test]
+fn retry_after_outside_one_to_three_hundred_seconds_is_clamped() {
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(202, Some(0), json!({"operationId": OP, "status": "assigning"})));
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(1)));
+    expect_poll(&mut reg, t0() + secs(1));
+    reg.handle_response(
+        t0() + secs(1),
+        reply(202, Some(86_400), json!({"operationId": OP, "status": "assigning"})),
+    );
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(301)));
+}
+
+#[test]
+fn throttled_register_is_resent_after_retry_after_then_succeeds() {
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(429, Some(5), error_body(429001, "Too many requests")));
+    assert!(!reg.is_finished());
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(5)));
+    assert_eq!(reg.poll_transmit(t0() + secs(4)), None);
+    expect_register(&mut reg, t0() + secs(5));
+    reg.handle_response(t0() + secs(5), assigning_register_reply());
+    expect_poll(&mut reg, t0() + secs(8));
+    reg.handle_response(t0() + secs(8), reply(200, None, assigned_body()));
+    assert!(matches!(reg.poll_event(), Some(RegistrationEvent::Assigned(_))));
+}
+
+#[test]
+fn throttling_without_retry_after_backs_off_exponentially() {
+    let mut reg = machine(config());
+    let mut now = t0();
+    expect_register(&mut reg, now);
+    for expected_wait in [2, 4, 8, 16] {
+        reg.handle_response(now, reply(429, None, error_body(429001, "Too many requests")));
+        assert_eq!(reg.poll_timeout(), Some(now + secs(expected_wait)));
+        assert_eq!(reg.poll_transmit(now + secs(expected_wait - 1)), None);
+        now = now + secs(expected_wait);
+        expect_register(&mut reg, now);
+    }
+    reg.handle_response(now, reply(200, None, assigned_body()));
+    assert!(matches!(reg.poll_event(), Some(RegistrationEvent::Assigned(_))));
+}
+
+#[test]
+fn throttled_poll_without_operation_id_is_resent_with_the_kept_operation_id() {
+    let mut reg = registered(config());
+    expect_poll(&mut reg, t0() + secs(3));
+    // Error replies carry no operationId (spec §10.2); the poll must keep the register's id.
+    reg.handle_response(t0() + secs(3), reply(429, Some(4), error_body(429001, "Too many requests")));
+    assert_eq!(reg.poll_transmit(t0() + secs(6)), None);
+    expect_poll(&mut reg, t0() + secs(7));
+    // A 202 poll reply without operationId is accepted too.
+    reg.handle_response(t0() + secs(7), reply(202, Some(3), json!({"status": "assigning"})));
+    expect_poll(&mut reg, t0() + secs(10));
+}
+
+#[test]
+fn service_errors_that_persist_end_as_throttled_after_the_retry_budget() {
+    let mut cfg = config();
+    cfg.max_throttle_retries = 3;
+    let mut reg = machine(cfg);
+    let mut now = t0();
+    expect_register(&mut reg, now);
+    for _ in 0..3 {
+        reg.handle_response(now, reply(503, Some(1), error_body(503000, "Service unavailable")));
+        assert!(!reg.is_finished());
+        now = now + secs(1);
+        expect_register(&mut reg, now);
+    }
+    reg.handle_response(now, reply(500, Some(1), error_body(500000, "Internal server error")));
+    let f = expect_failure(&mut reg);
+    assert_eq!(f.kind, FailureKind::Throttled);
+    assert_eq!(f.status, Some(500));
+    assert_eq!(f.error_code, Some(500000));
+    assert_eq!(reg.poll_transmit(now + secs(10)), None);
+}
+
+#[test]
+fn retry_budget_restarts_after_the_service_makes_progress() {
+    let mut cfg = config();
+    cfg.max_throttle_retries = 1;
+    let mut reg = machine(cfg);
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(429, Some(1), error_body(429001, "Too many requests")));
+    expect_register(&mut reg, t0() + secs(1));
+    reg.handle_response(t0() + secs(1), assigning_register_reply());
+    expect_poll(&mut reg, t0() + secs(4));
+    reg.handle_response(t0() + secs(4), reply(429, Some(1), error_body(429001, "Too many requests")));
+    assert!(!reg.is_finished(), "the register's retry does not count against the poll");
+    expect_poll(&mut reg, t0() + secs(5));
+}
+
+#[test]
+fn wrong_key_is_reported_as_unauthorized() {
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(401, None, error_body(401002, "Unauthorized")));
+    let f = expect_failure(&mut reg);
+    assert_eq!(f.kind, FailureKind::Unauthorized);
+    assert_eq!(f.status, Some(401));
+    assert_eq!(f.error_code, Some(401002));
+    assert_eq!(f.message, "Unauthorized");
+}
+
+#[test]
+fn tpm_challenge_is_a_clear_unauthorized_failure_for_now() {
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    let challenge = json!({"message": "Authorization required, resend request using supplied key",
+                           "authenticationKey": "AAECAw==", "unencryptedAuthenticationKey": null,
+                           "keyName": "registration"});
+    reg.handle_response(t0(), reply(401, None, challenge));
+    let f = expect_failure(&mut reg);
+    assert_eq!(f.kind, FailureKind::Unauthorized);
+    assert!(f.message.contains("TPM"), "{}", f.message);
+}
+
+#[test]
+fn unknown_registration_and_bad_requests_fail_by_category() {
+    for (status, code, kind) in [
+        (404, 404201, FailureKind::NotFound),
+        (400, 400004, FailureKind::BadRequest),
+        (409, 409000, FailureKind::Service),
+        (412, 412000, FailureKind::Service),
+    ] {
+        let mut reg = machine(config());
+        expect_register(&mut reg, t0());
+        reg.handle_response(t0(), reply(status, None, error_body(code, "refused")));
+        let f = expect_failure(&mut reg);
+        assert_eq!((f.kind, f.status, f.error_code), (kind, Some(status), Some(code)), "HTTP {status}");
+    }
+}
+
+#[test]
+fn error_reply_that_is_not_json_still_fails_with_its_status() {
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(
+        t0(),
+        ServiceResponse { status: 404, retry_after: None, body: b"Not Found".to_vec() },
+    );
+    let f = expect_failure(&mut reg);
+    assert_eq!((f.kind, f.status, f.error_code), (FailureKind::NotFound, Some(404), None));
+}
+
+#[test]
+fn failed_assignment_reports_the_error_code_of_the_registration_state() {
+    let mut reg = registered(config());
+    expect_poll(&mut reg, t0() + secs(3));
+    let failed = json!({"operationId": OP, "status": "failed", "registrationState": {
+        "registrationId": DEVICE, "status": "failed", "errorCode": 400209,
+        "errorMessage": "{\"Message\":\"{\\\"errorCode\\\":401002}\",\"ExceptionMessage\":\"\"}",
+        "lastUpdatedDateTimeUtc": "2022-08-27T17:53:19.7519141Z"}});
+    reg.handle_response(t0() + secs(4), reply(200, None, failed));
+    let f = expect_failure(&mut reg);
+    assert_eq!(f.kind, FailureKind::Failed);
+    assert_eq!(f.status, Some(200));
+    assert_eq!(f.error_code, Some(400209));
+    assert!(f.message.contains("401002"));
+}
+
+#[test]
+fn assigned_reply_without_assigned_hub_is_a_protocol_failure() {
+    let mut reg = registered(config());
+    expect_poll(&mut reg, t0() + secs(3));
+    let mut body = assigned_body();
+    body["registrationState"].as_object_mut().unwrap().remove("assignedHub");
+    reg.handle_response(t0() + secs(4), reply(200, None, body));
+    let f = expect_failure(&mut reg);
+    assert_eq!(f.kind, FailureKind::Protocol);
+    assert!(f.message.contains("assignedHub"), "{}", f.message);
+}
+
+#[test]
+fn assigned_reply_without_device_id_is_a_protocol_failure() {
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    let mut body = assigned_body();
+    body["registrationState"].as_object_mut().unwrap().remove("deviceId");
+    reg.handle_response(t0(), reply(200, None, body));
+    assert_eq!(expect_failure(&mut reg).kind, FailureKind::Protocol);
+}
+
+#[test]
+fn unexpected_registration_status_values_are_protocol_failures() {
+    for status in ["unassigned", "registering", "Assigned-ish"] {
+        let mut reg = registered(config());
+        expect_poll(&mut reg, t0() + secs(3));
+        let body = json!({"operationId": OP, "status": status,
+                          "registrationState": {"registrationId": DEVICE}});
+        reg.handle_response(t0() + secs(3), reply(200, None, body));
+        assert_eq!(expect_failure(&mut reg).kind, FailureKind::Protocol, "status {status:?}");
+    }
+}
+
+#[test]
+fn unparsable_replies_are_protocol_failures() {
+    let bodies: [&[u8]; 3] = [b"", b"<html>oops</html>", br#"{"status":"assigning"}"#];
+    for body in bodies {
+        let mut reg = machine(config());
+        expect_register(&mut reg, t0());
+        reg.handle_response(t0(), ServiceResponse { status: 202, retry_after: None, body: body.to_vec() });
+        let f = expect_failure(&mut reg);
+        assert_eq!(
+            (f.kind, f.status),
+            (FailureKind::Protocol, Some(202)),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+}
+
+#[test]
+fn service_that_never_answers_times_out() {
+    let mut reg = registered(config());
+    let sent = t0() + secs(3);
+    expect_poll(&mut reg, sent);
+    assert_eq!(reg.poll_timeout(), Some(sent + secs(30)));
+    reg.handle_timeout(sent + secs(29));
+    assert!(!reg.is_finished());
+    assert_eq!(reg.poll_event(), None);
+    reg.handle_timeout(sent + secs(30));
+    let f = expect_failure(&mut reg);
+    assert_eq!((f.kind, f.status), (FailureKind::Timeout, None));
+    // A reply that arrives after the deadline changes nothing.
+    reg.handle_response(sent + secs(31), reply(200, None, assigned_body()));
+    assert_eq!(reg.poll_event(), None);
+}
+
+#[test]
+fn reply_without_an_outstanding_request_is_ignored() {
+    let mut reg = registered(config());
+    reg.handle_response(t0() + secs(1), reply(200, None, assigned_body()));
+    assert!(!reg.is_finished());
+    expect_poll(&mut reg, t0() + secs(3));
+}
+
+#[test]
+fn register_sends_the_custom_payload() {
+    let mut cfg = config();
+    cfg.payload = Some(json!({"modelId": "dtmi:com:example:Thermostat;1"}));
+    let mut reg = machine(cfg);
+    match reg.poll_transmit(t0()) {
+        Some(Transmit::Register { body, .. }) => {
+            let wire = serde_json::to_value(&body).unwrap();
+            assert_eq!(
+                wire,
+                json!({"payload": {"modelId": "dtmi:com:example:Thermostat;1"}, "registrationId": DEVICE})
+            );
+        }
+        other => panic!("expected register, got {other:?}"),
+    }
+    let mut body = assigned_body();
+    body["registrationState"]["payload"] = json!({"from": "webhook"});
+    reg.handle_response(t0(), reply(200, None, body));
+    match reg.poll_event() {
+        Some(RegistrationEvent::Assigned(a)) => assert_eq!(a.payload, Some(json!({"from": "webhook"}))),
+        other => panic!("expected an assignment, got {other:?}"),
+    }
+}
+
+#[test]
+fn x509_device_sends_no_sas_token() {
+    let mut cfg = config();
+    cfg.credential = DeviceCredential::X509;
+    let mut reg = machine(cfg);
+    assert_eq!(expect_register(&mut reg, t0()), None);
+    reg.handle_response(t0(), assigning_register_reply());
+    assert_eq!(expect_poll(&mut reg, t0() + secs(3)), None);
+}
+
+#[test]
+fn sas_token_matches_published_vector_v4() {
+    // se = now + 3600 s = 1663952627 (spec §4.5 V4).
+    let now = Timestamp::from_unix_secs(1_663_952_627 - 3600);
+    let mut reg = machine(config());
+    let auth = expect_register(&mut reg, now).unwrap();
+    assert_eq!(
+        auth,
+        "SharedAccessSignature sr=0ne00111111%2Fregistrations%2Fmy-symkey-device\
+         &sig=8VPprb8BiTkuVE0hBqHm%2FSVrzVpdD8VZcXugntdbhuU%3D&se=1663952627&skn=registration"
+    );
+    let token = SasToken::parse(&auth).unwrap();
+    assert_eq!(STANDARD.encode(token.signature().unwrap()), "8VPprb8BiTkuVE0hBqHm/SVrzVpdD8VZcXugntdbhuU=");
+}
+
+#[test]
+fn sas_token_signs_the_encoded_resource_and_expiry_with_the_device_key() {
+    let id = "dev:42.a_b";
+    let cfg = RegistrationConfig::new(
+        IdScope::new(SCOPE).unwrap(),
+        id.parse().unwrap(),
+        DeviceCredential::symmetric_key_base64(KEY).unwrap(),
+    );
+    let now = Timestamp::from_unix_nanos(1_700_000_000_400_000_000);
+    let mut reg = machine(cfg);
+    let Some(Transmit::Register { authorization: Some(auth), .. }) = reg.poll_transmit(now) else {
+        panic!("expected a signed register request");
+    };
+    assert!(auth.starts_with("SharedAccessSignature "));
+    let token = SasToken::parse(&auth).unwrap();
+    assert_eq!(token.resource_raw(), "0ne00111111%2Fregistrations%2Fdev%3A42.a_b");
+    assert_eq!(token.resource().unwrap(), format!("{SCOPE}/registrations/{id}"));
+    assert_eq!(token.key_name(), Some("registration"));
+    assert_eq!(token.expiry_secs(), 1_700_003_600);
+    let key = STANDARD.decode(KEY).unwrap();
+    let expected = RingCrypto::new()
+        .hmac_sha256(&key, format!("{}\n{}", token.resource_raw(), 1_700_003_600).as_bytes());
+    assert_eq!(token.signature().unwrap(), expected.to_vec());
+}
+
+#[test]
+fn sas_token_is_reused_while_fresh_and_signed_again_near_expiry() {
+    let mut cfg = config();
+    cfg.token_ttl = secs(20);
+    cfg.request_timeout = secs(5);
+    let mut reg = machine(cfg);
+    let first = expect_register(&mut reg, t0()).unwrap();
+    reg.handle_response(t0(), assigning_register_reply());
+    let second = expect_poll(&mut reg, t0() + secs(3)).unwrap();
+    assert_eq!(first, second, "17 s of 20 s left: reuse");
+    reg.handle_response(
+        t0() + secs(3),
+        reply(202, Some(14), json!({"operationId": OP, "status": "assigning"})),
+    );
+    let third = expect_poll(&mut reg, t0() + secs(17)).unwrap();
+    assert_ne!(third, first, "3 s left is less than the request timeout: sign again");
+    assert_eq!(SasToken::parse(&third).unwrap().expiry_secs(), (t0() + secs(37)).unix_secs());
+}
+
+#[test]
+fn default_configuration_matches_the_documented_defaults() {
+    let cfg = config();
+    assert_eq!(cfg.api_version, "2021-06-01");
+    assert_eq!(cfg.token_ttl, secs(3600));
+    assert_eq!(cfg.request_timeout, secs(30));
+    assert_eq!(cfg.default_retry_after, secs(2));
+    assert_eq!(cfg.max_throttle_retries, 5);
+    assert_eq!(cfg.payload, None);
+    let printed = format!("{cfg:?}");
+    assert!(!printed.contains(KEY) && printed.contains("<redacted>"), "{printed}");
+}
+
+mod any_reply_sequence {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn any_reply() -> impl Strategy<Value = ServiceResponse> {
+        let status = prop::sample::select(vec![200u16, 202, 204, 302, 400, 401, 404, 409, 429, 500, 503]);
+        let body = prop::sample::select(vec![
+            assigning_register_reply().body,
+            assigning_poll_reply().body,
+            assigned_body().to_string().into_bytes(),
+            error_body(429001, "Too many requests").to_string().into_bytes(),
+            json!({"operationId": OP, "status": "failed", "registrationState": {"registrationId": DEVICE}})
+                .to_string()
+                .into_bytes(),
+            b"not json".to_vec(),
+            Vec::new(),
+        ]);
+        (status, prop::option::of(0u64..1000), body).prop_map(|(status, retry_after, body)| ServiceResponse {
+            status,
+            retry_after: retry_after.map(secs),
+            body,
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn machine_never_sends_early_and_always_ends_quiet(
+            replies in prop::collection::vec((any_reply(), prop::bool::ANY), 1..40)
+        ) {
+            let mut reg = machine(config());
+            let mut now = t0();
+            let mut outcomes = 0;
+            for (response, time_out) in replies {
+                // Advance to the next timer without skipping past it, as a driver would.
+                if let Some(at) = reg.poll_timeout() {
+                    prop_assert!(at >= now);
+                    if at > now {
+                        prop_assert_eq!(reg.poll_transmit(at - Duration::from_nanos(1)), None);
+                    }
+                    now = at;
+                    reg.handle_timeout(now);
+                }
+                let sent = reg.poll_transmit(now).is_some();
+                prop_assert_eq!(reg.poll_transmit(now), None, "one request in flight at a time");
+                if sent && !time_out {
+                    reg.handle_response(now, response);
+                }
+                if let Some(event) = reg.poll_event() {
+                    outcomes += 1;
+                    prop_assert!(reg.is_finished());
+                    if let RegistrationEvent::Failed(f) = event {
+                        prop_assert!(!f.message.is_empty());
+                    }
+                }
+                if reg.is_finished() {
+                    prop_assert_eq!(reg.poll_timeout(), None);
+                    prop_assert_eq!(reg.poll_transmit(now + secs(3600)), None);
+                }
+            }
+            prop_assert!(outcomes <= 1);
+        }
+    }
+}
