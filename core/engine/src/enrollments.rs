@@ -1,1 +1,598 @@
-//! (in progress)
+//! The DPS service API's logic: create, read, update, delete, query and bulk-edit individual
+//! enrollments and enrollment groups, manage CA certificates with proof of possession, and read
+//! registration records. Fills what the service computes (keys when absent, certificate `info`,
+//! etags, timestamps) and strips secrets from reads (spec §0 trap 13).
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use zerotouch_proto::ids::uuid_from_bytes;
+use zerotouch_proto::service::{
+    AttestationMechanism, AttestationType, BulkEnrollmentGroupOperation, BulkEnrollmentGroupOperationError,
+    BulkEnrollmentGroupOperationResult, BulkEnrollmentMode, BulkEnrollmentOperation,
+    BulkEnrollmentOperationError, BulkEnrollmentOperationResult, DeviceRegistrationState, EnrollmentGroup,
+    IndividualEnrollment, SymmetricKeyAttestation, X509Certificates,
+};
+use zerotouch_proto::{ETag, EnrollmentGroupId, IfMatch, RegistrationId, Timestamp};
+
+use crate::attestation::symmetric;
+use crate::attestation::tpm::TpmKeys;
+use crate::attestation::x509::{generate_verification_code, verify_proof_of_possession, Certificate};
+use crate::crypto::CryptoProvider;
+use crate::error::{Error, StoreError};
+use crate::store::{
+    CaCertificate, CaCertificateStore, EnrollmentGroupStore, EnrollmentRef, EnrollmentStore, Page,
+    PageRequest, Precondition, RegistrationStore,
+};
+
+/// Most items one bulk operation may carry (spec §9).
+pub const MAX_BULK_ITEMS: usize = 10;
+
+/// Bytes of a key the service generates (64, as in the docs' examples).
+pub const GENERATED_KEY_LEN: usize = 64;
+
+fn random<const N: usize>(crypto: &dyn CryptoProvider) -> Result<[u8; N], Error> {
+    let mut out = [0u8; N];
+    crypto.fill_random(&mut out).map_err(|e| Error::Crypto(e.to_string()))?;
+    Ok(out)
+}
+
+/// A fresh enrollment etag: a quoted GUID-like string, quotes included, as real DPS writes them.
+fn new_etag(crypto: &dyn CryptoProvider) -> Result<ETag, Error> {
+    Ok(ETag::new(format!("\"{}\"", uuid_from_bytes(&random::<16>(crypto)?))))
+}
+
+fn generated_key(crypto: &dyn CryptoProvider) -> Result<String, Error> {
+    Ok(STANDARD.encode(random::<GENERATED_KEY_LEN>(crypto)?))
+}
+
+fn store_error(e: StoreError, what: impl Into<String>) -> Error {
+    match e {
+        StoreError::NotFound => Error::NotFound(what.into()),
+        StoreError::AlreadyExists => Error::Conflict(format!("{} already exists", what.into())),
+        StoreError::PreconditionFailed => Error::PreconditionFailed,
+        other => Error::Store(other),
+    }
+}
+
+/// Fills generated keys and certificate info; rejects attestation that cannot work.
+fn normalize_attestation(
+    crypto: &dyn CryptoProvider,
+    attestation: &mut AttestationMechanism,
+    individual: bool,
+) -> Result<(), Error> {
+    match attestation.kind {
+        AttestationType::SymmetricKey => {
+            let keys = attestation.symmetric_key.get_or_insert_with(SymmetricKeyAttestation::default);
+            for key in [&mut keys.primary_key, &mut keys.secondary_key] {
+                match key.as_deref().map(str::trim) {
+                    None | Some("") => *key = Some(generated_key(crypto)?),
+                    Some(k) => {
+                        symmetric::decode_key(k)?;
+                    }
+                }
+            }
+            attestation.x509 = None;
+            attestation.tpm = None;
+        }
+        AttestationType::X509 => {
+            let x509 = attestation
+                .x509
+                .as_mut()
+                .ok_or_else(|| Error::BadRequest("attestation type x509 needs an x509 member".into()))?;
+            let used = [
+                x509.client_certificates.is_some(),
+                x509.signing_certificates.is_some(),
+                x509.ca_references.is_some(),
+            ]
+            .into_iter()
+            .filter(|b| *b)
+            .count();
+            if used != 1 {
+                return Err(Error::BadRequest(
+                    "x509 attestation needs exactly one of clientCertificates, signingCertificates, caReferences".into(),
+                ));
+            }
+            if individual && x509.client_certificates.is_none() {
+                return Err(Error::BadRequest(
+                    "an individual enrollment's x509 attestation needs clientCertificates".into(),
+                ));
+            }
+            if !individual && x509.client_certificates.is_some() {
+                return Err(Error::BadRequest(
+                    "an enrollment group's x509 attestation needs signingCertificates or caReferences".into(),
+                ));
+            }
+            for certs in [&mut x509.client_certificates, &mut x509.signing_certificates].into_iter().flatten()
+            {
+                fill_certificate_info(crypto, certs)?;
+            }
+            if let Some(refs) = &x509.ca_references {
+                if refs.primary.is_none() && refs.secondary.is_none() {
+                    return Err(Error::BadRequest("caReferences needs a primary or secondary name".into()));
+                }
+            }
+            attestation.symmetric_key = None;
+            attestation.tpm = None;
+        }
+        AttestationType::Tpm => {
+            if !individual {
+                return Err(Error::BadRequest(
+                    "TPM attestation is only valid on individual enrollments".into(),
+                ));
+            }
+            let tpm = attestation
+                .tpm
+                .as_ref()
+                .ok_or_else(|| Error::BadRequest("attestation type tpm needs a tpm member".into()))?;
+            TpmKeys::from_base64(&tpm.endorsement_key, tpm.storage_root_key.as_deref())?;
+            attestation.symmetric_key = None;
+            attestation.x509 = None;
+        }
+        _ => {
+            return Err(Error::BadRequest(format!(
+                "attestation type {} cannot be enrolled",
+                attestation.kind
+            )))
+        }
+    }
+    Ok(())
+}
+
+fn fill_certificate_info(crypto: &dyn CryptoProvider, certs: &mut X509Certificates) -> Result<(), Error> {
+    if certs.primary.as_ref().and_then(|c| c.certificate.as_ref()).is_none() {
+        return Err(Error::BadRequest("x509 certificates need a primary certificate".into()));
+    }
+    for slot in [&mut certs.primary, &mut certs.secondary].into_iter().flatten() {
+        if let Some(text) = &slot.certificate {
+            let cert =
+                Certificate::from_text(text).map_err(|e| Error::BadRequest(format!("certificate: {e}")))?;
+            slot.info = Some(cert.info(crypto));
+        }
+    }
+    Ok(())
+}
+
+/// Removes symmetric keys from an enrollment (GET and query replies never carry them).
+pub fn strip_enrollment_secrets(mut e: IndividualEnrollment) -> IndividualEnrollment {
+    strip_attestation(&mut e.attestation);
+    e
+}
+
+/// Removes symmetric keys from a group.
+pub fn strip_group_secrets(mut g: EnrollmentGroup) -> EnrollmentGroup {
+    strip_attestation(&mut g.attestation);
+    g
+}
+
+fn strip_attestation(a: &mut AttestationMechanism) {
+    if let Some(keys) = &mut a.symmetric_key {
+        keys.primary_key = None;
+        keys.secondary_key = None;
+    }
+}
+
+/// Creates or replaces an individual enrollment (`PUT /enrollments/{id}`). Without `If-Match`
+/// this is an upsert; `*` requires an existing enrollment; an etag must match. Returns the stored
+/// enrollment, keys included.
+///
+/// # Errors
+/// [`Error::BadRequest`] for invalid attestation, [`Error::PreconditionFailed`],
+/// [`Error::NotFound`], store failures.
+pub fn put_enrollment<S: EnrollmentStore + RegistrationStore + ?Sized>(
+    store: &S,
+    crypto: &dyn CryptoProvider,
+    now: Timestamp,
+    mut enrollment: IndividualEnrollment,
+    if_match: &IfMatch,
+) -> Result<IndividualEnrollment, Error> {
+    normalize_attestation(crypto, &mut enrollment.attestation, true)?;
+    let existing = store.enrollment(&enrollment.registration_id)?;
+    enrollment.registration_state = None;
+    enrollment.created_date_time_utc =
+        Some(existing.as_ref().and_then(|e| e.created_date_time_utc).unwrap_or(now));
+    enrollment.last_updated_date_time_utc = Some(now);
+    enrollment.etag = Some(new_etag(crypto)?);
+    let what = format!("enrollment {}", enrollment.registration_id);
+    store
+        .put_enrollment(&enrollment, &Precondition::from_if_match(if_match))
+        .map_err(|e| store_error(e, what))?;
+    with_registration_state(store, enrollment)
+}
+
+fn with_registration_state<S: RegistrationStore + ?Sized>(
+    store: &S,
+    mut enrollment: IndividualEnrollment,
+) -> Result<IndividualEnrollment, Error> {
+    enrollment.registration_state = store
+        .registration(&enrollment.registration_id)?
+        .filter(|r| matches!(&r.enrollment, EnrollmentRef::Individual(_)))
+        .map(|r| r.state);
+    Ok(enrollment)
+}
+
+/// Reads an enrollment with its registration state and without keys.
+///
+/// # Errors
+/// [`Error::NotFound`] and store failures.
+pub fn get_enrollment<S: EnrollmentStore + RegistrationStore + ?Sized>(
+    store: &S,
+    id: &RegistrationId,
+) -> Result<IndividualEnrollment, Error> {
+    let e = store.enrollment(id)?.ok_or_else(|| Error::NotFound(format!("enrollment {id}")))?;
+    with_registration_state(store, strip_enrollment_secrets(e))
+}
+
+/// The attestation mechanism of an enrollment, keys included (`POST …/attestationmechanism`).
+///
+/// # Errors
+/// [`Error::NotFound`] and store failures.
+pub fn enrollment_attestation<S: EnrollmentStore + ?Sized>(
+    store: &S,
+    id: &RegistrationId,
+) -> Result<AttestationMechanism, Error> {
+    Ok(store.enrollment(id)?.ok_or_else(|| Error::NotFound(format!("enrollment {id}")))?.attestation)
+}
+
+/// Deletes an enrollment (`DELETE /enrollments/{id}`).
+///
+/// # Errors
+/// [`Error::NotFound`], [`Error::PreconditionFailed`], store failures.
+pub fn delete_enrollment<S: EnrollmentStore + ?Sized>(
+    store: &S,
+    id: &RegistrationId,
+    if_match: &IfMatch,
+) -> Result<(), Error> {
+    store
+        .delete_enrollment(id, &Precondition::from_if_match(if_match))
+        .map_err(|e| store_error(e, format!("enrollment {id}")))
+}
+
+/// One page of enrollments without keys (`POST /enrollments/query`).
+///
+/// # Errors
+/// Store failures.
+pub fn query_enrollments<S: EnrollmentStore + ?Sized>(
+    store: &S,
+    page: &PageRequest,
+) -> Result<Page<IndividualEnrollment>, Error> {
+    let p = store.enrollments(page)?;
+    Ok(Page {
+        items: p.items.into_iter().map(strip_enrollment_secrets).collect(),
+        continuation: p.continuation,
+    })
+}
+
+/// Applies a bulk operation (≤ 10 items). Duplicate ids fail the whole call; per-item failures
+/// are reported in the result.
+///
+/// # Errors
+/// [`Error::BadRequest`] for too many items or duplicates.
+pub fn bulk_enrollments<S: EnrollmentStore + RegistrationStore + ?Sized>(
+    store: &S,
+    crypto: &dyn CryptoProvider,
+    now: Timestamp,
+    op: BulkEnrollmentOperation,
+) -> Result<BulkEnrollmentOperationResult, Error> {
+    check_bulk(op.enrollments.iter().map(|e| e.registration_id.key()))?;
+    let mut errors = Vec::new();
+    for e in op.enrollments {
+        let id = e.registration_id.clone();
+        let result = match op.mode {
+            BulkEnrollmentMode::Create => {
+                put_enrollment_with(store, crypto, now, e, Precondition::MustNotExist)
+            }
+            BulkEnrollmentMode::Update => put_enrollment(store, crypto, now, e, &IfMatch::Absent).map(drop),
+            BulkEnrollmentMode::UpdateIfMatchETag => {
+                let tag = IfMatch::from_header(e.etag.as_ref().map(ETag::as_str).or(Some("")));
+                put_enrollment(store, crypto, now, e, &tag).map(drop)
+            }
+            _ => {
+                let tag = e.etag.as_ref().map_or(IfMatch::Absent, |t| IfMatch::from_header(Some(t.as_str())));
+                delete_enrollment(store, &id, &tag)
+            }
+        };
+        if let Err(err) = result {
+            let w = err.to_wire();
+            errors.push(BulkEnrollmentOperationError {
+                registration_id: id.to_string(),
+                error_code: w.error_code,
+                error_status: w.message,
+            });
+        }
+    }
+    Ok(BulkEnrollmentOperationResult { is_successful: errors.is_empty(), errors })
+}
+
+fn put_enrollment_with<S: EnrollmentStore + RegistrationStore + ?Sized>(
+    store: &S,
+    crypto: &dyn CryptoProvider,
+    now: Timestamp,
+    mut enrollment: IndividualEnrollment,
+    pre: Precondition,
+) -> Result<(), Error> {
+    normalize_attestation(crypto, &mut enrollment.attestation, true)?;
+    enrollment.registration_state = None;
+    enrollment.created_date_time_utc = Some(now);
+    enrollment.last_updated_date_time_utc = Some(now);
+    enrollment.etag = Some(new_etag(crypto)?);
+    let what = format!("enrollment {}", enrollment.registration_id);
+    store.put_enrollment(&enrollment, &pre).map_err(|e| store_error(e, what))
+}
+
+fn check_bulk(keys: impl Iterator<Item = String>) -> Result<(), Error> {
+    let mut seen = std::collections::HashSet::new();
+    let mut n = 0;
+    for k in keys {
+        n += 1;
+        if !seen.insert(k.clone()) {
+            return Err(Error::BadRequest(format!("id {k:?} appears more than once in the bulk operation")));
+        }
+    }
+    if n == 0 || n > MAX_BULK_ITEMS {
+        return Err(Error::BadRequest(format!(
+            "a bulk operation carries 1 to {MAX_BULK_ITEMS} items, got {n}"
+        )));
+    }
+    Ok(())
+}
+
+/// Creates or replaces an enrollment group (`PUT /enrollmentGroups/{id}`); returns it with keys.
+///
+/// # Errors
+/// As [`put_enrollment`].
+pub fn put_enrollment_group<S: EnrollmentGroupStore + ?Sized>(
+    store: &S,
+    crypto: &dyn CryptoProvider,
+    now: Timestamp,
+    mut group: EnrollmentGroup,
+    if_match: &IfMatch,
+) -> Result<EnrollmentGroup, Error> {
+    put_group_with(store, crypto, now, &mut group, Precondition::from_if_match(if_match))?;
+    Ok(group)
+}
+
+fn put_group_with<S: EnrollmentGroupStore + ?Sized>(
+    store: &S,
+    crypto: &dyn CryptoProvider,
+    now: Timestamp,
+    group: &mut EnrollmentGroup,
+    pre: Precondition,
+) -> Result<(), Error> {
+    if !matches!(group.attestation.kind, AttestationType::SymmetricKey | AttestationType::X509) {
+        return Err(Error::BadRequest("an enrollment group needs x509 or symmetricKey attestation".into()));
+    }
+    normalize_attestation(crypto, &mut group.attestation, false)?;
+    let existing = store.enrollment_group(&group.enrollment_group_id)?;
+    group.created_date_time_utc =
+        Some(existing.as_ref().and_then(|g| g.created_date_time_utc).unwrap_or(now));
+    group.last_updated_date_time_utc = Some(now);
+    group.etag = Some(new_etag(crypto)?);
+    let what = format!("enrollment group {}", group.enrollment_group_id);
+    store.put_enrollment_group(group, &pre).map_err(|e| store_error(e, what))
+}
+
+/// Reads a group without keys.
+///
+/// # Errors
+/// [`Error::NotFound`] and store failures.
+pub fn get_enrollment_group<S: EnrollmentGroupStore + ?Sized>(
+    store: &S,
+    id: &EnrollmentGroupId,
+) -> Result<EnrollmentGroup, Error> {
+    let g = store.enrollment_group(id)?.ok_or_else(|| Error::NotFound(format!("enrollment group {id}")))?;
+    Ok(strip_group_secrets(g))
+}
+
+/// A group's attestation mechanism, keys included.
+///
+/// # Errors
+/// [`Error::NotFound`] and store failures.
+pub fn enrollment_group_attestation<S: EnrollmentGroupStore + ?Sized>(
+    store: &S,
+    id: &EnrollmentGroupId,
+) -> Result<AttestationMechanism, Error> {
+    Ok(store
+        .enrollment_group(id)?
+        .ok_or_else(|| Error::NotFound(format!("enrollment group {id}")))?
+        .attestation)
+}
+
+/// Deletes a group. Devices registered through it keep their records; they can no longer
+/// register through it.
+///
+/// # Errors
+/// [`Error::NotFound`], [`Error::PreconditionFailed`], store failures.
+pub fn delete_enrollment_group<S: EnrollmentGroupStore + ?Sized>(
+    store: &S,
+    id: &EnrollmentGroupId,
+    if_match: &IfMatch,
+) -> Result<(), Error> {
+    store
+        .delete_enrollment_group(id, &Precondition::from_if_match(if_match))
+        .map_err(|e| store_error(e, format!("enrollment group {id}")))
+}
+
+/// One page of groups without keys.
+///
+/// # Errors
+/// Store failures.
+pub fn query_enrollment_groups<S: EnrollmentGroupStore + ?Sized>(
+    store: &S,
+    page: &PageRequest,
+) -> Result<Page<EnrollmentGroup>, Error> {
+    let p = store.enrollment_groups(page)?;
+    Ok(Page { items: p.items.into_iter().map(strip_group_secrets).collect(), continuation: p.continuation })
+}
+
+/// Applies a bulk group operation (≤ 10 items).
+///
+/// # Errors
+/// [`Error::BadRequest`] for too many items or duplicates.
+pub fn bulk_enrollment_groups<S: EnrollmentGroupStore + ?Sized>(
+    store: &S,
+    crypto: &dyn CryptoProvider,
+    now: Timestamp,
+    op: BulkEnrollmentGroupOperation,
+) -> Result<BulkEnrollmentGroupOperationResult, Error> {
+    check_bulk(op.enrollment_groups.iter().map(|g| g.enrollment_group_id.key()))?;
+    let mut errors = Vec::new();
+    for mut g in op.enrollment_groups {
+        let id = g.enrollment_group_id.clone();
+        let tag = g.etag.as_ref().map_or(IfMatch::Absent, |t| IfMatch::from_header(Some(t.as_str())));
+        let result = match op.mode {
+            BulkEnrollmentMode::Create => {
+                put_group_with(store, crypto, now, &mut g, Precondition::MustNotExist)
+            }
+            BulkEnrollmentMode::Update => put_group_with(store, crypto, now, &mut g, Precondition::None),
+            BulkEnrollmentMode::UpdateIfMatchETag => {
+                let pre = match tag {
+                    IfMatch::Absent => Precondition::Matches(String::new()),
+                    other => Precondition::from_if_match(&other),
+                };
+                put_group_with(store, crypto, now, &mut g, pre)
+            }
+            _ => delete_enrollment_group(store, &id, &tag),
+        };
+        if let Err(err) = result {
+            let w = err.to_wire();
+            errors.push(BulkEnrollmentGroupOperationError {
+                enrollment_group_id: id.to_string(),
+                error_code: w.error_code,
+                error_status: w.message,
+            });
+        }
+    }
+    Ok(BulkEnrollmentGroupOperationResult { is_successful: errors.is_empty(), errors })
+}
+
+/// Registers a CA certificate under `name` (PEM or base64 DER). `verified = true` is the
+/// "self-attest on upload" path; otherwise prove possession with
+/// [`ca_verification_code`] and [`verify_ca_certificate`].
+///
+/// # Errors
+/// [`Error::BadRequest`] for a bad name or certificate, [`Error::Conflict`] when the name exists.
+pub fn add_ca_certificate<S: CaCertificateStore + ?Sized>(
+    store: &S,
+    crypto: &dyn CryptoProvider,
+    name: &str,
+    certificate: &str,
+    verified: bool,
+) -> Result<CaCertificate, Error> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) {
+        return Err(Error::BadRequest(format!(
+            "CA certificate name {name:?} may use only alphanumerics and -._"
+        )));
+    }
+    let cert =
+        Certificate::from_text(certificate).map_err(|e| Error::BadRequest(format!("certificate: {e}")))?;
+    if !cert.is_ca() {
+        return Err(Error::BadRequest(
+            "the certificate is not a CA certificate (basicConstraints CA:TRUE)".into(),
+        ));
+    }
+    let record = CaCertificate {
+        name: name.to_owned(),
+        certificate_der: STANDARD.encode(cert.der()),
+        sha256_thumbprint: cert.sha256_thumbprint(crypto),
+        subject_name: cert.subject_name().to_owned(),
+        is_verified: verified,
+        verification_code: None,
+        etag: new_etag(crypto)?,
+    };
+    store
+        .put_ca_certificate(&record, &Precondition::MustNotExist)
+        .map_err(|e| store_error(e, format!("CA certificate {name}")))?;
+    Ok(record)
+}
+
+/// Generates (and stores) a verification code for proof of possession; `if_match` must carry
+/// the certificate's etag (spec §5.3).
+///
+/// # Errors
+/// [`Error::NotFound`], [`Error::PreconditionFailed`], store failures.
+pub fn ca_verification_code<S: CaCertificateStore + ?Sized>(
+    store: &S,
+    crypto: &dyn CryptoProvider,
+    name: &str,
+    if_match: &IfMatch,
+) -> Result<CaCertificate, Error> {
+    let mut record =
+        store.ca_certificate(name)?.ok_or_else(|| Error::NotFound(format!("CA certificate {name}")))?;
+    let pre = Precondition::Matches(match if_match {
+        IfMatch::Tag(t) => t.clone(),
+        _ => return Err(Error::PreconditionFailed),
+    });
+    record.verification_code = Some(generate_verification_code(&random::<32>(crypto)?));
+    record.etag = new_etag(crypto)?;
+    store.put_ca_certificate(&record, &pre).map_err(|e| store_error(e, format!("CA certificate {name}")))?;
+    Ok(record)
+}
+
+/// Completes proof of possession: `verification_certificate` must have CN = the outstanding
+/// code and be signed by the CA's key. Marks the CA verified.
+///
+/// # Errors
+/// [`Error::NotFound`], [`Error::BadRequest`] without an outstanding code, [`Error::Auth`] when
+/// the proof fails, store failures.
+pub fn verify_ca_certificate<S: CaCertificateStore + ?Sized>(
+    store: &S,
+    crypto: &dyn CryptoProvider,
+    now: Timestamp,
+    name: &str,
+    verification_certificate: &str,
+) -> Result<CaCertificate, Error> {
+    let mut record =
+        store.ca_certificate(name)?.ok_or_else(|| Error::NotFound(format!("CA certificate {name}")))?;
+    let code = record
+        .verification_code
+        .clone()
+        .ok_or_else(|| Error::BadRequest("no verification code was generated for this certificate".into()))?;
+    let ca = Certificate::from_text(&record.certificate_der)?;
+    let proof = Certificate::from_text(verification_certificate)?;
+    verify_proof_of_possession(&ca, &proof, &code, now, crypto)?;
+    let pre = Precondition::Matches(record.etag.bare().to_owned());
+    record.is_verified = true;
+    record.verification_code = None;
+    record.etag = new_etag(crypto)?;
+    store.put_ca_certificate(&record, &pre).map_err(|e| store_error(e, format!("CA certificate {name}")))?;
+    Ok(record)
+}
+
+/// A device's registration state (`GET /registrations/{id}`).
+///
+/// # Errors
+/// [`Error::NotFound`] and store failures.
+pub fn get_registration_state<S: RegistrationStore + ?Sized>(
+    store: &S,
+    id: &RegistrationId,
+) -> Result<DeviceRegistrationState, Error> {
+    Ok(store.registration(id)?.ok_or_else(|| Error::NotFound(format!("registration {id}")))?.state)
+}
+
+/// Deletes a registration record (`DELETE /registrations/{id}`); the device's next
+/// registration is an initial assignment again.
+///
+/// # Errors
+/// [`Error::NotFound`], [`Error::PreconditionFailed`], store failures.
+pub fn delete_registration_state<S: RegistrationStore + ?Sized>(
+    store: &S,
+    id: &RegistrationId,
+    if_match: &IfMatch,
+) -> Result<(), Error> {
+    store
+        .delete_registration(id, &Precondition::from_if_match(if_match))
+        .map_err(|e| store_error(e, format!("registration {id}")))
+}
+
+/// One page of registration states of a group (`POST /registrations/{groupId}/query`).
+///
+/// # Errors
+/// Store failures.
+pub fn query_group_registrations<S: RegistrationStore + ?Sized>(
+    store: &S,
+    group: &EnrollmentGroupId,
+    page: &PageRequest,
+) -> Result<Page<DeviceRegistrationState>, Error> {
+    let p = store.registrations_by_group(group, page)?;
+    Ok(Page { items: p.items.into_iter().map(|r| r.state).collect(), continuation: p.continuation })
+}

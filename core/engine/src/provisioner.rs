@@ -1,1 +1,976 @@
-//! (in progress)
+//! The service side of provisioning: authenticate a registration, find its enrollment, allocate a
+//! hub, apply the reprovision policy, carry the hub actions out and answer in the DPS shapes.
+//!
+//! Call order for one device (any transport): [`Provisioner::handle_register`] → the transport
+//! sends the `202 assigning` reply → [`Provisioner::handle_operation_status`] for each poll. The
+//! assignment is decided inside `handle_register` (spec §0 trap 1: every official client needs the
+//! 202 first), so the first poll normally finds it `assigned` or `failed`. A device that moves
+//! between hubs is recorded as `assigning` while its hub actions run.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde::Serialize;
+use serde_json::{json, Value};
+use zerotouch_proto::device::{
+    DeviceRegistration, DeviceRegistrationResult, ErrorDetails, RegistrationOperationStatus,
+    RegistrationStatus, Substatus, SymmetricKeyRegistrationResult, TpmChallenge, X509RegistrationResult,
+};
+use zerotouch_proto::ids::uuid_from_bytes;
+use zerotouch_proto::sas::SasToken;
+use zerotouch_proto::service::{
+    AllocationPolicy, CustomAllocationRequest, DeviceCapabilities, DeviceRegistrationState,
+    DeviceRuntimeContext, EnrollmentGroup, IndividualEnrollment, InitialTwin, ProvisioningStatus,
+    ReprovisionPolicy,
+};
+use zerotouch_proto::{DeviceId, IdScope, OperationId, RegistrationId, Timestamp};
+
+use crate::allocation::{AllocationRequest, Allocator};
+use crate::attestation::symmetric::{self, check_registration_token, derive_device_key, signed_with};
+use crate::attestation::x509::{Certificate, PresentedChain};
+use crate::attestation::Credential;
+use crate::crypto::CryptoProvider;
+use crate::enrollments::strip_enrollment_secrets;
+use crate::error::{AuthError, Error, StoreError};
+use crate::hub::{DeviceAuth, HubAction, HubRegistry, ProvisionedDevice, TwinSetup};
+use crate::store::{EnrollmentRef, OperationRecord, Precondition, ProvisioningStore, RegistrationRecord};
+
+/// Settings of a provisioning service instance.
+#[derive(Debug, Clone)]
+pub struct ProvisionerConfig {
+    /// The ID scope devices must name.
+    pub id_scope: IdScope,
+    /// Seconds sent in `retry-after` with every `assigning` reply (real DPS sends 3).
+    pub retry_after_secs: u32,
+    /// Allowed clock skew when checking SAS expiry and certificate validity.
+    pub clock_skew: Duration,
+    /// How long operations stay pollable after creation (at least an hour, spec §11).
+    pub operation_retention: Duration,
+}
+
+impl ProvisionerConfig {
+    /// Defaults for `id_scope`: retry-after 3 s, 5 min skew, 1 h operation retention.
+    pub fn new(id_scope: IdScope) -> Self {
+        Self {
+            id_scope,
+            retry_after_secs: 3,
+            clock_skew: Duration::from_secs(300),
+            operation_retention: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A register request as any transport decoded it.
+#[derive(Debug, Clone)]
+pub struct RegisterRequest {
+    /// ID scope from the path or MQTT username.
+    pub id_scope: String,
+    /// Registration id from the path or MQTT username.
+    pub registration_id: String,
+    /// The JSON body.
+    pub body: DeviceRegistration,
+    /// Credential from the TLS handshake, `Authorization` header or MQTT password.
+    pub credential: Credential,
+}
+
+/// An operation-status poll.
+#[derive(Debug, Clone)]
+pub struct OperationStatusRequest {
+    /// ID scope from the path or MQTT username.
+    pub id_scope: String,
+    /// Registration id from the path or MQTT username.
+    pub registration_id: String,
+    /// Operation id from the path or topic.
+    pub operation_id: String,
+    /// Credential.
+    pub credential: Credential,
+}
+
+/// A registration-status lookup (`POST /{idScope}/registrations/{registrationId}`).
+#[derive(Debug, Clone)]
+pub struct StatusLookupRequest {
+    /// ID scope from the path.
+    pub id_scope: String,
+    /// Registration id from the path.
+    pub registration_id: String,
+    /// Credential.
+    pub credential: Credential,
+}
+
+/// The body of a reply.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum ResponseBody {
+    /// `RegistrationOperationStatus` (register and polls).
+    Operation(RegistrationOperationStatus),
+    /// `DeviceRegistrationResult` (status lookup).
+    Registration(DeviceRegistrationResult),
+    /// `ProvisioningServiceErrorDetails`.
+    Error(ErrorDetails),
+    /// The TPM 401 challenge.
+    TpmChallenge(TpmChallenge),
+}
+
+/// A reply, transport-neutral: HTTP status (also the MQTT `res/{status}` segment), optional
+/// `Retry-After` seconds, and the JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Response {
+    /// HTTP status.
+    pub status: u16,
+    /// `Retry-After` / `retry-after=` seconds.
+    pub retry_after: Option<u32>,
+    /// Body.
+    pub body: ResponseBody,
+}
+
+impl Response {
+    /// The body as JSON bytes.
+    pub fn body_json(&self) -> Vec<u8> {
+        // Serializing these plain data types cannot fail; fall back to an empty object anyway.
+        serde_json::to_vec(&self.body).unwrap_or_else(|_| b"{}".to_vec())
+    }
+
+    /// The DPS error code when this is an error reply.
+    pub fn error_code(&self) -> Option<u32> {
+        match &self.body {
+            ResponseBody::Error(e) => Some(e.error_code),
+            _ => None,
+        }
+    }
+}
+
+/// The enrollment a device was authenticated against, with what allocation needs from it.
+#[derive(Debug, Clone)]
+enum Enrollment {
+    Individual(Box<IndividualEnrollment>),
+    Group(Box<EnrollmentGroup>),
+}
+
+impl Enrollment {
+    fn reference(&self) -> EnrollmentRef {
+        match self {
+            Enrollment::Individual(e) => EnrollmentRef::Individual(e.registration_id.clone()),
+            Enrollment::Group(g) => EnrollmentRef::Group(g.enrollment_group_id.clone()),
+        }
+    }
+
+    fn status(&self) -> Option<ProvisioningStatus> {
+        match self {
+            Enrollment::Individual(e) => e.provisioning_status,
+            Enrollment::Group(g) => g.provisioning_status,
+        }
+    }
+
+    fn reprovision_policy(&self) -> ReprovisionPolicy {
+        match self {
+            Enrollment::Individual(e) => e.reprovision_policy,
+            Enrollment::Group(g) => g.reprovision_policy,
+        }
+        .unwrap_or_default()
+    }
+
+    fn allocation_policy(&self) -> Option<AllocationPolicy> {
+        match self {
+            Enrollment::Individual(e) => e.allocation_policy,
+            Enrollment::Group(g) => g.allocation_policy,
+        }
+    }
+
+    fn iot_hubs(&self) -> Option<&[String]> {
+        match self {
+            Enrollment::Individual(e) => e.iot_hubs.as_deref(),
+            Enrollment::Group(g) => g.iot_hubs.as_deref(),
+        }
+    }
+
+    fn iot_hub_host_name(&self) -> Option<&str> {
+        match self {
+            Enrollment::Individual(e) => e.iot_hub_host_name.as_deref(),
+            Enrollment::Group(g) => g.iot_hub_host_name.as_deref(),
+        }
+    }
+
+    fn initial_twin(&self) -> InitialTwin {
+        match self {
+            Enrollment::Individual(e) => e.initial_twin.clone(),
+            Enrollment::Group(g) => g.initial_twin.clone(),
+        }
+        .unwrap_or_default()
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        match self {
+            Enrollment::Individual(e) => e.capabilities,
+            Enrollment::Group(g) => g.capabilities,
+        }
+        .unwrap_or_default()
+    }
+
+}
+
+/// What authentication established about the device.
+#[derive(Debug, Clone)]
+struct Attested {
+    enrollment: Enrollment,
+    auth: DeviceAuth,
+    kind: AttestedKind,
+}
+
+#[derive(Debug, Clone)]
+enum AttestedKind {
+    SymmetricKey,
+    X509 { leaf_der: Vec<u8> },
+}
+
+/// The outcome of the assignment decision.
+struct Plan {
+    hub: String,
+    device_id: DeviceId,
+    substatus: Substatus,
+    actions: Vec<HubAction>,
+    moves: bool,
+    payload: Option<Value>,
+}
+
+/// The service-side provisioning engine. Thread-safe: every method takes `&self`, all state is in
+/// the store.
+pub struct Provisioner<S> {
+    config: ProvisionerConfig,
+    store: S,
+    crypto: Arc<dyn CryptoProvider>,
+    allocator: Allocator,
+}
+
+impl<S: ProvisioningStore> Provisioner<S> {
+    /// A provisioner over `store`, allocating with `allocator`.
+    pub fn new(
+        config: ProvisionerConfig,
+        store: S,
+        crypto: Arc<dyn CryptoProvider>,
+        allocator: Allocator,
+    ) -> Self {
+        Self { config, store, crypto, allocator }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ProvisionerConfig {
+        &self.config
+    }
+
+    /// The allocator.
+    pub fn allocator(&self) -> &Allocator {
+        &self.allocator
+    }
+
+    /// Handles `PUT …/register` (or the MQTT `iotdps-register` publish).
+    ///
+    /// Answers `202 assigning` with an operation id when the device is authenticated (the
+    /// assignment, or its failure, is recorded under that operation), or an error reply
+    /// (401 / 400 / 404) when it is not.
+    pub fn handle_register(
+        &self,
+        now: Timestamp,
+        req: RegisterRequest,
+        hub: &mut dyn HubRegistry,
+    ) -> Response {
+        match self.register(now, req, hub) {
+            Ok(op) => Response {
+                status: 202,
+                retry_after: Some(self.config.retry_after_secs),
+                body: ResponseBody::Operation(RegistrationOperationStatus {
+                    operation_id: op.to_string(),
+                    status: RegistrationStatus::Assigning,
+                    registration_state: None,
+                }),
+            },
+            Err(e) => self.error_response(now, &e),
+        }
+    }
+
+    /// Handles an operation-status poll: `202 assigning` while a move is in progress, `200` with
+    /// the final `assigned` / `failed` status otherwise.
+    pub fn handle_operation_status(&self, now: Timestamp, req: OperationStatusRequest) -> Response {
+        match self.operation_status(now, req) {
+            Ok(status) => {
+                let assigning = status.status == RegistrationStatus::Assigning;
+                Response {
+                    status: if assigning { 202 } else { 200 },
+                    retry_after: assigning.then_some(self.config.retry_after_secs),
+                    body: ResponseBody::Operation(status),
+                }
+            }
+            Err(e) => self.error_response(now, &e),
+        }
+    }
+
+    /// Handles a registration-status lookup: `200` with the device's registration result.
+    pub fn handle_status_lookup(&self, now: Timestamp, req: StatusLookupRequest) -> Response {
+        let result = (|| {
+            let (scope, id) = self.check_ids(&req.id_scope, &req.registration_id)?;
+            self.authenticate(now, &scope, &id, &req.credential)?;
+            let record =
+                self.store.registration(&id)?.ok_or_else(|| Error::EnrollmentNotFound(id.to_string()))?;
+            Ok::<_, Error>(registration_result(&record, None))
+        })();
+        match result {
+            Ok(r) => Response { status: 200, retry_after: None, body: ResponseBody::Registration(r) },
+            Err(e) => self.error_response(now, &e),
+        }
+    }
+
+    /// Removes operations older than the retention period; returns how many.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn purge_operations(&self, now: Timestamp) -> Result<usize, Error> {
+        Ok(self.store.purge_operations(now - self.config.operation_retention)?)
+    }
+
+    /// The error reply for `e`, in the DPS error body shape.
+    pub fn error_response(&self, now: Timestamp, e: &Error) -> Response {
+        let wire = e.to_wire();
+        let mut random = [0u8; 16];
+        // A failed random source only costs the tracking id its uniqueness.
+        let _ = self.crypto.fill_random(&mut random);
+        Response {
+            status: wire.http_status,
+            retry_after: match e {
+                Error::Throttled { retry_after_secs } => Some(*retry_after_secs),
+                _ => None,
+            },
+            body: ResponseBody::Error(ErrorDetails {
+                error_code: wire.error_code,
+                tracking_id: uuid_from_bytes(&random),
+                message: wire.message,
+                timestamp_utc: Some(now),
+                info: None,
+            }),
+        }
+    }
+
+    fn check_ids(&self, scope: &str, registration_id: &str) -> Result<(IdScope, RegistrationId), Error> {
+        if !self.config.id_scope.matches(scope) {
+            return Err(Error::NotFound(format!("ID scope {scope:?}")));
+        }
+        let id =
+            RegistrationId::new(registration_id).map_err(|e| Error::InvalidRegistrationId(e.to_string()))?;
+        Ok((self.config.id_scope.clone(), id))
+    }
+
+    fn new_operation_id(&self) -> Result<OperationId, Error> {
+        let mut random = [0u8; 32];
+        self.crypto.fill_random(&mut random).map_err(|e| Error::Crypto(e.to_string()))?;
+        Ok(OperationId::from_random(&random))
+    }
+
+    fn new_etag(&self) -> Result<String, Error> {
+        let mut random = [0u8; 16];
+        self.crypto.fill_random(&mut random).map_err(|e| Error::Crypto(e.to_string()))?;
+        // Real DPS registration etags are base64 of a quoted GUID-like string (spec §1.4).
+        Ok(STANDARD.encode(format!("\"{}\"", uuid_from_bytes(&random))))
+    }
+
+    fn register(
+        &self,
+        now: Timestamp,
+        req: RegisterRequest,
+        hub: &mut dyn HubRegistry,
+    ) -> Result<OperationId, Error> {
+        let (scope, id) = self.check_ids(&req.id_scope, &req.registration_id)?;
+        let body_id = RegistrationId::new(req.body.registration_id.as_str())
+            .map_err(|e| Error::InvalidRegistrationId(e.to_string()))?;
+        if !body_id.same_registration(&id) {
+            return Err(Error::InvalidRegistrationId(format!(
+                "body registrationId {:?} differs from {:?}",
+                body_id.as_str(),
+                id.as_str()
+            )));
+        }
+        if req.body.tpm.is_some() && matches!(req.credential, Credential::None) {
+            return Err(Error::BadRequest(
+                "TPM attestation is not supported by this version of zerotouch".into(),
+            ));
+        }
+        let attested = self.authenticate(now, &scope, &id, &req.credential)?;
+        if attested.enrollment.status() == Some(ProvisioningStatus::Disabled) {
+            return Err(AuthError::EnrollmentDisabled.into());
+        }
+        let operation_id = self.new_operation_id()?;
+        // A concurrent registration of the same id (another instance) makes the compare-and-swap
+        // fail; re-read and decide again. Hub actions are idempotent upserts, so a lost round only
+        // repeats work.
+        for _ in 0..3 {
+            match self.assign(now, &id, &attested, req.body.payload.as_ref(), &operation_id, hub) {
+                Err(Error::Store(StoreError::PreconditionFailed | StoreError::AlreadyExists)) => continue,
+                Err(e @ (Error::Allocation(_) | Error::Hub { .. })) => {
+                    self.store.put_operation(&failed_operation(&operation_id, &id, now, &e))?;
+                    return Ok(operation_id);
+                }
+                other => return other.map(|()| operation_id),
+            }
+        }
+        Err(Error::Conflict(format!("registration {id} is being changed concurrently; retry")))
+    }
+
+    fn assign(
+        &self,
+        now: Timestamp,
+        id: &RegistrationId,
+        attested: &Attested,
+        payload: Option<&Value>,
+        operation_id: &OperationId,
+        hub: &mut dyn HubRegistry,
+    ) -> Result<(), Error> {
+        let previous = self.store.registration(id)?;
+        let plan = self.plan(id, attested, payload, previous.as_ref())?;
+        let mut pre = match previous.as_ref().and_then(RegistrationRecord::etag) {
+            Some(etag) => Precondition::Matches(etag.bare().to_owned()),
+            None => Precondition::MustNotExist,
+        };
+        let created = previous.as_ref().and_then(|r| r.state.created_date_time_utc).unwrap_or(now);
+        let initial_hub =
+            previous.as_ref().and_then(|r| r.initial_hub.clone()).unwrap_or_else(|| plan.hub.clone());
+
+        if plan.moves {
+            // Make the move visible (and recoverable) before touching the hubs.
+            let etag = self.new_etag()?;
+            let mut record = previous.clone().unwrap_or_else(|| RegistrationRecord {
+                registration_id: id.clone(),
+                state: DeviceRegistrationState { registration_id: id.to_string(), ..Default::default() },
+                enrollment: attested.enrollment.reference(),
+                initial_hub: Some(initial_hub.clone()),
+            });
+            record.state.status = Some(RegistrationStatus::Assigning);
+            record.state.last_updated_date_time_utc = Some(now);
+            record.state.etag = Some(etag.clone());
+            let op = OperationRecord {
+                operation_id: operation_id.clone(),
+                registration_id: id.clone(),
+                created: now,
+                status: RegistrationOperationStatus {
+                    operation_id: operation_id.to_string(),
+                    status: RegistrationStatus::Assigning,
+                    registration_state: Some(DeviceRegistrationResult {
+                        registration_id: id.to_string(),
+                        status: Some(RegistrationStatus::Assigning),
+                        ..Default::default()
+                    }),
+                },
+            };
+            self.store.commit_registration(&record, &pre, &op)?;
+            pre = Precondition::Matches(etag);
+        }
+
+        for action in &plan.actions {
+            hub.apply(action).map_err(|e| Error::Hub { code: e.code, message: e.message })?;
+        }
+
+        let record = RegistrationRecord {
+            registration_id: id.clone(),
+            state: DeviceRegistrationState {
+                registration_id: id.to_string(),
+                created_date_time_utc: Some(created),
+                assigned_hub: Some(plan.hub.clone()),
+                device_id: Some(plan.device_id.to_string()),
+                status: Some(RegistrationStatus::Assigned),
+                substatus: Some(plan.substatus),
+                error_code: None,
+                error_message: None,
+                last_updated_date_time_utc: Some(now),
+                etag: Some(self.new_etag()?),
+                payload: plan.payload.clone(),
+            },
+            enrollment: attested.enrollment.reference(),
+            initial_hub: Some(initial_hub),
+        };
+        let op = OperationRecord {
+            operation_id: operation_id.clone(),
+            registration_id: id.clone(),
+            created: now,
+            status: RegistrationOperationStatus {
+                operation_id: operation_id.to_string(),
+                status: RegistrationStatus::Assigned,
+                registration_state: Some(registration_result(&record, Some(attested))),
+            },
+        };
+        self.store.commit_registration(&record, &pre, &op)?;
+        Ok(())
+    }
+
+    /// Decides hub, device id, substatus and hub actions from the enrollment, the reprovision
+    /// policy and the previous registration (spec §8.3).
+    fn plan(
+        &self,
+        id: &RegistrationId,
+        attested: &Attested,
+        payload: Option<&Value>,
+        previous: Option<&RegistrationRecord>,
+    ) -> Result<Plan, Error> {
+        let enrollment = &attested.enrollment;
+        let policy = enrollment.reprovision_policy();
+        let desired_device_id = match enrollment {
+            Enrollment::Individual(e) => e.device_id.clone(),
+            Enrollment::Group(_) => None,
+        };
+        let device_id = match desired_device_id {
+            Some(d) => d,
+            None => DeviceId::new(id.as_str()).map_err(|e| Error::InvalidRegistrationId(e.to_string()))?,
+        };
+        let device = ProvisionedDevice {
+            device_id: device_id.clone(),
+            auth: attested.auth.clone(),
+            iot_edge: enrollment.capabilities().iot_edge,
+        };
+        let current = previous.and_then(|r| {
+            let assigned = r.state.status == Some(RegistrationStatus::Assigned)
+                || r.state.status == Some(RegistrationStatus::Assigning);
+            match (assigned, &r.state.assigned_hub, &r.state.device_id) {
+                (true, Some(h), Some(d)) => DeviceId::new(d.as_str()).ok().map(|d| (h.clone(), d)),
+                _ => None,
+            }
+        });
+
+        // Never re-provision: keep the current hub and device, refresh its credentials.
+        if let (Some((hub, old_device)), false) = (&current, policy.update_hub_assignment) {
+            let substatus = previous.and_then(|r| r.state.substatus).unwrap_or(Substatus::InitialAssignment);
+            let device = ProvisionedDevice { device_id: old_device.clone(), ..device };
+            return Ok(Plan {
+                hub: hub.clone(),
+                device_id: old_device.clone(),
+                substatus,
+                actions: vec![HubAction::Provision {
+                    hub: hub.clone(),
+                    device,
+                    twin: TwinSetup::KeepOrInitial(enrollment.initial_twin()),
+                }],
+                moves: false,
+                payload: previous.and_then(|r| r.state.payload.clone()),
+            });
+        }
+
+        let effective = self.allocator.effective_policy(enrollment.allocation_policy());
+        let custom_request = (effective == AllocationPolicy::Custom)
+            .then(|| self.custom_request(id, attested, payload, current.as_ref()));
+        let decision = self.allocator.allocate(AllocationRequest {
+            registration_id: id,
+            policy: enrollment.allocation_policy(),
+            iot_hubs: enrollment.iot_hubs(),
+            iot_hub_host_name: enrollment.iot_hub_host_name(),
+            custom_request,
+        })?;
+        let webhook_twin = decision.initial_twin.clone();
+        let initial_twin = webhook_twin.clone().unwrap_or_else(|| enrollment.initial_twin());
+        let new_hub = decision.hub.clone();
+
+        let Some((old_hub, old_device)) = current else {
+            return Ok(Plan {
+                hub: new_hub.clone(),
+                device_id,
+                substatus: Substatus::InitialAssignment,
+                actions: vec![HubAction::Provision {
+                    hub: new_hub,
+                    device,
+                    twin: TwinSetup::KeepOrInitial(initial_twin),
+                }],
+                moves: false,
+                payload: decision.payload,
+            });
+        };
+
+        let same_hub = old_hub.eq_ignore_ascii_case(&new_hub);
+        // A webhook that returns an initial twin overrides migration (spec §8.2, §8.3).
+        let migrate = policy.migrate_device_data && webhook_twin.is_none();
+        let back_to_initial =
+            previous.and_then(|r| r.initial_hub.as_deref()).is_some_and(|h| h.eq_ignore_ascii_case(&new_hub));
+        let (substatus, actions, moves) = if same_hub && migrate {
+            let substatus = previous.and_then(|r| r.state.substatus).unwrap_or(Substatus::InitialAssignment);
+            let device = ProvisionedDevice { device_id: old_device.clone(), ..device.clone() };
+            (
+                substatus,
+                vec![HubAction::Provision {
+                    hub: old_hub.clone(),
+                    device,
+                    twin: TwinSetup::KeepOrInitial(initial_twin),
+                }],
+                false,
+            )
+        } else if same_hub {
+            let mut actions = Vec::new();
+            if old_device != device_id {
+                actions.push(HubAction::Remove { hub: old_hub.clone(), device_id: old_device.clone() });
+            }
+            actions.push(HubAction::Provision {
+                hub: old_hub.clone(),
+                device: device.clone(),
+                twin: TwinSetup::Reset(initial_twin),
+            });
+            (Substatus::DeviceDataReset, actions, false)
+        } else if migrate {
+            let substatus = if back_to_initial {
+                Substatus::ReprovisionedToInitialAssignment
+            } else {
+                Substatus::DeviceDataMigrated
+            };
+            (
+                substatus,
+                vec![HubAction::Migrate {
+                    from_hub: old_hub.clone(),
+                    from_device_id: old_device.clone(),
+                    to_hub: new_hub.clone(),
+                    device: device.clone(),
+                }],
+                true,
+            )
+        } else {
+            let substatus = if back_to_initial {
+                Substatus::ReprovisionedToInitialAssignment
+            } else {
+                Substatus::DeviceDataReset
+            };
+            (
+                substatus,
+                vec![
+                    HubAction::Provision {
+                        hub: new_hub.clone(),
+                        device: device.clone(),
+                        twin: TwinSetup::Reset(initial_twin),
+                    },
+                    HubAction::Remove { hub: old_hub.clone(), device_id: old_device.clone() },
+                ],
+                true,
+            )
+        };
+        let final_device = if same_hub && migrate { old_device } else { device_id };
+        Ok(Plan {
+            hub: new_hub,
+            device_id: final_device,
+            substatus,
+            actions,
+            moves,
+            payload: decision.payload,
+        })
+    }
+
+    fn custom_request(
+        &self,
+        id: &RegistrationId,
+        attested: &Attested,
+        payload: Option<&Value>,
+        current: Option<&(String, DeviceId)>,
+    ) -> CustomAllocationRequest {
+        let (individual_enrollment, enrollment_group) = match &attested.enrollment {
+            Enrollment::Individual(e) => (Some(strip_enrollment_secrets((**e).clone())), None),
+            Enrollment::Group(g) => (None, Some(crate::enrollments::strip_group_secrets((**g).clone()))),
+        };
+        let (symmetric_key, x509) = match &attested.kind {
+            AttestedKind::SymmetricKey => (Some(json!({})), None),
+            AttestedKind::X509 { leaf_der } => {
+                (None, Some(json!({ "clientCertificate": STANDARD.encode(leaf_der) })))
+            }
+        };
+        CustomAllocationRequest {
+            individual_enrollment,
+            enrollment_group,
+            device_runtime_context: DeviceRuntimeContext {
+                registration_id: id.to_string(),
+                current_iot_hub_host_name: current.map(|(h, _)| h.clone()),
+                current_device_id: current.map(|(_, d)| d.to_string()),
+                symmetric_key,
+                x509,
+                tpm: None,
+                payload: payload.cloned(),
+            },
+            linked_hubs: Vec::new(),
+        }
+    }
+
+    fn operation_status(
+        &self,
+        now: Timestamp,
+        req: OperationStatusRequest,
+    ) -> Result<RegistrationOperationStatus, Error> {
+        let (scope, id) = self.check_ids(&req.id_scope, &req.registration_id)?;
+        // Signatures are checked on every request (spec §11).
+        self.authenticate(now, &scope, &id, &req.credential)?;
+        let op_id = OperationId::new(req.operation_id.as_str())
+            .map_err(|_| Error::OperationNotFound(req.operation_id.clone()))?;
+        let op = self
+            .store
+            .operation(&op_id)?
+            .ok_or_else(|| Error::OperationNotFound(req.operation_id.clone()))?;
+        if !op.registration_id.same_registration(&id) || op.created + self.config.operation_retention < now {
+            return Err(Error::OperationNotFound(req.operation_id));
+        }
+        Ok(op.status)
+    }
+
+    /// Authenticates a credential for `id` and finds the enrollment that admits it.
+    fn authenticate(
+        &self,
+        now: Timestamp,
+        scope: &IdScope,
+        id: &RegistrationId,
+        credential: &Credential,
+    ) -> Result<Attested, Error> {
+        match credential {
+            Credential::None => Err(AuthError::MissingCredential.into()),
+            Credential::Sas(token) => self.authenticate_sas(now, scope, id, token),
+            Credential::X509(chain) => self.authenticate_x509(now, id, chain),
+        }
+    }
+
+    fn authenticate_sas(
+        &self,
+        now: Timestamp,
+        scope: &IdScope,
+        id: &RegistrationId,
+        token: &str,
+    ) -> Result<Attested, Error> {
+        let token = SasToken::parse(token).map_err(|_| AuthError::SignatureMismatch)?;
+        check_registration_token(&token, scope, id, now, self.config.clock_skew)?;
+        let signature = token.signature().map_err(|_| AuthError::SignatureMismatch)?;
+        let crypto = self.crypto.as_ref();
+
+        // An individual enrollment for this id always wins over groups (spec §5.2).
+        if let Some(enrollment) = self.store.enrollment(id)? {
+            let keys = enrollment
+                .attestation
+                .symmetric_key
+                .as_ref()
+                .filter(|_| {
+                    enrollment.attestation.kind == zerotouch_proto::service::AttestationType::SymmetricKey
+                })
+                .ok_or(AuthError::AttestationMismatch)?;
+            let primary = symmetric::decode_key(keys.primary_key.as_deref().unwrap_or_default())?;
+            let secondary = symmetric::decode_key(keys.secondary_key.as_deref().unwrap_or_default())?;
+            if enrollment.provisioning_status == Some(ProvisioningStatus::Disabled) {
+                return Err(AuthError::EnrollmentDisabled.into());
+            }
+            if !(signed_with(crypto, &token, &signature, &primary)
+                || signed_with(crypto, &token, &signature, &secondary))
+            {
+                return Err(AuthError::SignatureMismatch.into());
+            }
+            return Ok(Attested {
+                auth: DeviceAuth::SymmetricKey {
+                    primary_key: keys.primary_key.clone().unwrap_or_default(),
+                    secondary_key: keys.secondary_key.clone().unwrap_or_default(),
+                },
+                enrollment: Enrollment::Individual(Box::new(enrollment)),
+                kind: AttestedKind::SymmetricKey,
+            });
+        }
+
+        let mut groups = self.store.symmetric_key_groups()?;
+        if groups.is_empty() {
+            return Err(Error::EnrollmentNotFound(id.to_string()));
+        }
+        // Try the group this device registered through last time first.
+        if let Some(RegistrationRecord { enrollment: EnrollmentRef::Group(last), .. }) =
+            self.store.registration(id)?
+        {
+            if let Some(pos) = groups.iter().position(|g| g.enrollment_group_id.key() == last.key()) {
+                groups.swap(0, pos);
+            }
+        }
+        // Derive from the id as sent; devices that lower-cased their id get a second chance.
+        let lower = id.as_str().to_ascii_lowercase();
+        let spellings: &[&str] = if lower == id.as_str() { &[id.as_str()] } else { &[id.as_str(), &lower] };
+        for group in groups {
+            let Some(keys) = group.attestation.symmetric_key.as_ref() else { continue };
+            let (Some(p), Some(s)) = (keys.primary_key.as_deref(), keys.secondary_key.as_deref()) else {
+                continue;
+            };
+            let (Ok(primary), Ok(secondary)) = (symmetric::decode_key(p), symmetric::decode_key(s)) else {
+                continue;
+            };
+            for spelling in spellings {
+                let dp = derive_device_key(crypto, &primary, spelling);
+                let ds = derive_device_key(crypto, &secondary, spelling);
+                if signed_with(crypto, &token, &signature, &dp)
+                    || signed_with(crypto, &token, &signature, &ds)
+                {
+                    if group.provisioning_status == Some(ProvisioningStatus::Disabled) {
+                        return Err(AuthError::EnrollmentDisabled.into());
+                    }
+                    return Ok(Attested {
+                        auth: DeviceAuth::SymmetricKey {
+                            primary_key: STANDARD.encode(dp),
+                            secondary_key: STANDARD.encode(ds),
+                        },
+                        enrollment: Enrollment::Group(Box::new(group)),
+                        kind: AttestedKind::SymmetricKey,
+                    });
+                }
+            }
+        }
+        Err(AuthError::SignatureMismatch.into())
+    }
+
+    fn authenticate_x509(
+        &self,
+        now: Timestamp,
+        id: &RegistrationId,
+        chain: &[Vec<u8>],
+    ) -> Result<Attested, Error> {
+        let crypto = self.crypto.as_ref();
+        let chain = PresentedChain::from_der(chain)?;
+        chain.verify_internal(now, crypto)?;
+        let leaf = chain.leaf();
+        let cn = leaf.common_name().unwrap_or_default();
+        if !cn.eq_ignore_ascii_case(id.as_str()) || cn.len() > 64 {
+            return Err(AuthError::CommonNameMismatch { cn: cn.to_owned() }.into());
+        }
+        let thumbprint = leaf.sha1_thumbprint(crypto);
+        let auth = DeviceAuth::SelfSigned {
+            primary_thumbprint: thumbprint.clone(),
+            secondary_thumbprint: thumbprint,
+        };
+        let leaf_der = leaf.der().to_vec();
+
+        // 1. An individual enrollment for the leaf wins, enabled or not.
+        if let Some(enrollment) = self.store.enrollment(id)? {
+            let certs = enrollment
+                .attestation
+                .x509
+                .as_ref()
+                .and_then(|x| x.client_certificates.as_ref())
+                .ok_or(AuthError::AttestationMismatch)?;
+            let leaf_sha256 = leaf.sha256_thumbprint(crypto);
+            let enrolled = [&certs.primary, &certs.secondary].into_iter().flatten().any(|c| {
+                match (&c.info, &c.certificate) {
+                    (Some(info), _) => info.sha256_thumbprint.eq_ignore_ascii_case(&leaf_sha256),
+                    (None, Some(text)) => Certificate::from_text(text).is_ok_and(|c| c.der() == leaf.der()),
+                    (None, None) => false,
+                }
+            });
+            if !enrolled {
+                return Err(AuthError::UntrustedChain.into());
+            }
+            if enrollment.provisioning_status == Some(ProvisioningStatus::Disabled) {
+                return Err(AuthError::EnrollmentDisabled.into());
+            }
+            return Ok(Attested {
+                enrollment: Enrollment::Individual(Box::new(enrollment)),
+                auth,
+                kind: AttestedKind::X509 { leaf_der },
+            });
+        }
+
+        // 2. Groups, from the leaf's issuer upwards; the first group that signed decides.
+        let presented = chain.certificates();
+        for (i, cert) in presented.iter().enumerate() {
+            for group in self.store.groups_by_ca_subject(cert.issuer_name())? {
+                for anchor in self.group_anchors(&group)? {
+                    let already_verified = presented.get(i + 1).is_some_and(|p| p.der() == anchor.der());
+                    let issued = already_verified || cert.verify_issued_by(&anchor, crypto).is_ok();
+                    if !issued || anchor.check_validity(now).is_err() {
+                        continue;
+                    }
+                    if group.provisioning_status == Some(ProvisioningStatus::Disabled) {
+                        return Err(AuthError::EnrollmentDisabled.into());
+                    }
+                    return Ok(Attested {
+                        enrollment: Enrollment::Group(Box::new(group)),
+                        auth,
+                        kind: AttestedKind::X509 { leaf_der },
+                    });
+                }
+            }
+        }
+        Err(AuthError::UntrustedChain.into())
+    }
+
+    /// The certificates that anchor a group: its signing certificates, and the verified CA
+    /// certificates it references.
+    fn group_anchors(&self, group: &EnrollmentGroup) -> Result<Vec<Certificate>, Error> {
+        let mut anchors = Vec::new();
+        let Some(x509) = &group.attestation.x509 else { return Ok(anchors) };
+        if let Some(certs) = &x509.signing_certificates {
+            for text in [&certs.primary, &certs.secondary]
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.certificate.as_ref())
+            {
+                if let Ok(cert) = Certificate::from_text(text) {
+                    anchors.push(cert);
+                }
+            }
+        }
+        if let Some(refs) = &x509.ca_references {
+            for name in [&refs.primary, &refs.secondary].into_iter().flatten() {
+                if let Some(ca) = self.store.ca_certificate(name)?.filter(|ca| ca.is_verified) {
+                    if let Ok(cert) = Certificate::from_text(&ca.certificate_der) {
+                        anchors.push(cert);
+                    }
+                }
+            }
+        }
+        Ok(anchors)
+    }
+}
+
+/// The device-facing registration result of a record.
+fn registration_result(record: &RegistrationRecord, attested: Option<&Attested>) -> DeviceRegistrationResult {
+    let s = &record.state;
+    let group = match &record.enrollment {
+        EnrollmentRef::Group(g) => Some(g.to_string()),
+        EnrollmentRef::Individual(_) => None,
+    };
+    // The attestation-specific member tells the device how it was admitted (spec §1.5): `x509`
+    // (observed `{}` for individual enrollments), `symmetricKey` with the group id for groups.
+    let (x509, symmetric_key) = match attested.map(|a| &a.kind) {
+        Some(AttestedKind::X509 { .. }) => {
+            (Some(X509RegistrationResult { enrollment_group_id: group, ..Default::default() }), None)
+        }
+        Some(AttestedKind::SymmetricKey) if group.is_some() => {
+            (None, Some(SymmetricKeyRegistrationResult { enrollment_group_id: group }))
+        }
+        _ => (None, None),
+    };
+    DeviceRegistrationResult {
+        tpm: None,
+        x509,
+        symmetric_key,
+        registration_id: s.registration_id.clone(),
+        created_date_time_utc: s.created_date_time_utc,
+        assigned_hub: s.assigned_hub.clone(),
+        device_id: s.device_id.clone(),
+        status: s.status,
+        substatus: s.substatus,
+        error_code: s.error_code,
+        error_message: s.error_message.clone(),
+        last_updated_date_time_utc: s.last_updated_date_time_utc,
+        etag: s.etag.clone(),
+        payload: s.payload.clone(),
+        issued_certificate_chain: None,
+    }
+}
+
+fn failed_operation(op: &OperationId, id: &RegistrationId, now: Timestamp, e: &Error) -> OperationRecord {
+    let wire = e.to_wire();
+    OperationRecord {
+        operation_id: op.clone(),
+        registration_id: id.clone(),
+        created: now,
+        status: RegistrationOperationStatus {
+            operation_id: op.to_string(),
+            status: RegistrationStatus::Failed,
+            registration_state: Some(DeviceRegistrationResult {
+                registration_id: id.to_string(),
+                status: Some(RegistrationStatus::Failed),
+                error_code: Some(wire.error_code),
+                error_message: Some(wire.message),
+                last_updated_date_time_utc: Some(now),
+                ..Default::default()
+            }),
+        },
+    }
+}

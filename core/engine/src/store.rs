@@ -287,3 +287,91 @@ impl<T: EnrollmentStore + EnrollmentGroupStore + CaCertificateStore + Registrati
     for T
 {
 }
+
+/// Shared stores: a provisioner and a service API can hold the same store through an `Arc`.
+mod shared {
+    use std::sync::Arc;
+
+    use super::*;
+
+    impl<T: EnrollmentStore + ?Sized> EnrollmentStore for Arc<T> {
+        fn enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, StoreError> {
+            (**self).enrollment(id)
+        }
+        fn put_enrollment(&self, e: &IndividualEnrollment, pre: &Precondition) -> Result<(), StoreError> {
+            (**self).put_enrollment(e, pre)
+        }
+        fn delete_enrollment(&self, id: &RegistrationId, pre: &Precondition) -> Result<(), StoreError> {
+            (**self).delete_enrollment(id, pre)
+        }
+        fn enrollments(&self, page: &PageRequest) -> Result<Page<IndividualEnrollment>, StoreError> {
+            (**self).enrollments(page)
+        }
+    }
+
+    impl<T: EnrollmentGroupStore + ?Sized> EnrollmentGroupStore for Arc<T> {
+        fn enrollment_group(&self, id: &EnrollmentGroupId) -> Result<Option<EnrollmentGroup>, StoreError> {
+            (**self).enrollment_group(id)
+        }
+        fn put_enrollment_group(&self, g: &EnrollmentGroup, pre: &Precondition) -> Result<(), StoreError> {
+            (**self).put_enrollment_group(g, pre)
+        }
+        fn delete_enrollment_group(&self, id: &EnrollmentGroupId, pre: &Precondition) -> Result<(), StoreError> {
+            (**self).delete_enrollment_group(id, pre)
+        }
+        fn enrollment_groups(&self, page: &PageRequest) -> Result<Page<EnrollmentGroup>, StoreError> {
+            (**self).enrollment_groups(page)
+        }
+        fn symmetric_key_groups(&self) -> Result<Vec<EnrollmentGroup>, StoreError> {
+            (**self).symmetric_key_groups()
+        }
+        fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<EnrollmentGroup>, StoreError> {
+            (**self).groups_by_ca_subject(subject_name)
+        }
+    }
+
+    impl<T: CaCertificateStore + ?Sized> CaCertificateStore for Arc<T> {
+        fn ca_certificate(&self, name: &str) -> Result<Option<CaCertificate>, StoreError> {
+            (**self).ca_certificate(name)
+        }
+        fn put_ca_certificate(&self, cert: &CaCertificate, pre: &Precondition) -> Result<(), StoreError> {
+            (**self).put_ca_certificate(cert, pre)
+        }
+        fn delete_ca_certificate(&self, name: &str, pre: &Precondition) -> Result<(), StoreError> {
+            (**self).delete_ca_certificate(name, pre)
+        }
+    }
+
+    impl<T: RegistrationStore + ?Sized> RegistrationStore for Arc<T> {
+        fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationRecord>, StoreError> {
+            (**self).registration(id)
+        }
+        fn commit_registration(
+            &self,
+            record: &RegistrationRecord,
+            pre: &Precondition,
+            operation: &OperationRecord,
+        ) -> Result<(), StoreError> {
+            (**self).commit_registration(record, pre, operation)
+        }
+        fn delete_registration(&self, id: &RegistrationId, pre: &Precondition) -> Result<(), StoreError> {
+            (**self).delete_registration(id, pre)
+        }
+        fn registrations_by_group(
+            &self,
+            group: &EnrollmentGroupId,
+            page: &PageRequest,
+        ) -> Result<Page<RegistrationRecord>, StoreError> {
+            (**self).registrations_by_group(group, page)
+        }
+        fn put_operation(&self, operation: &OperationRecord) -> Result<(), StoreError> {
+            (**self).put_operation(operation)
+        }
+        fn operation(&self, id: &OperationId) -> Result<Option<OperationRecord>, StoreError> {
+            (**self).operation(id)
+        }
+        fn purge_operations(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
+            (**self).purge_operations(cutoff)
+        }
+    }
+}

@@ -1,1 +1,10 @@
-//! testkit
+//! Test support for zerotouch: a simulator that drives the device-side `Registration` against the
+//! service-side `Provisioner` on a virtual clock, a multi-hub registry double that really applies
+//! hub actions, test certificate chains, and SAS / derived-key vectors with published inputs and
+//! outputs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod hubs;
+pub mod sim;
+pub mod vectors;

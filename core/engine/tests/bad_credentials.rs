@@ -1,0 +1,213 @@
+//! The bad-credential matrix: every way a device can fail to prove who it is, each rejected with
+//! its DPS status and error code — and a good credential next to each, so a rejection is never
+//! an accident of the setup.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_token};
+use zerotouch_engine::attestation::Credential;
+use zerotouch_engine::provisioner::{RegisterRequest, Response};
+use zerotouch_engine::registration::FailureKind;
+use zerotouch_proto::device::DeviceRegistration;
+use zerotouch_proto::IfMatch;
+use zerotouch_testkit::certs::{CertSpec, TestCa};
+
+fn register(w: &mut World, id: &str, credential: Credential) -> Response {
+    let now = w.now;
+    w.provisioner.handle_register(
+        now,
+        RegisterRequest {
+            id_scope: SCOPE.into(),
+            registration_id: id.into(),
+            body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
+            credential,
+        },
+        &mut w.hubs,
+    )
+}
+
+fn sas(w: &World, key: &[u8], id: &str, ttl: i64) -> Credential {
+    Credential::Sas(registration_token(&crypto(), key, SCOPE, id, w.now.unix_secs() + ttl).to_string())
+}
+
+fn assert_rejected(r: &Response, status: u16, code: u32) {
+    assert_eq!((r.status, r.error_code()), (status, Some(code)), "reply: {r:?}");
+}
+
+#[test]
+fn a_wrong_symmetric_key_is_unauthorized() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, "dev-1", &EnrollOptions::default());
+    assert_eq!(register(&mut w, "dev-1", sas(&w, &key, "dev-1", 60)).status, 202);
+    let r = register(&mut w, "dev-1", sas(&w, &[7u8; 32], "dev-1", 60));
+    assert_rejected(&r, 401, 401002);
+}
+
+#[test]
+fn the_group_key_itself_is_not_accepted() {
+    let mut w = world();
+    let group_key = enroll_symmetric_group(&w, "g1", &EnrollOptions::default());
+    let r = register(&mut w, "dev-1", sas(&w, &group_key, "dev-1", 60));
+    assert_rejected(&r, 401, 401002);
+    let derived = derive_device_key(&crypto(), &group_key, "dev-1");
+    assert_eq!(register(&mut w, "dev-1", sas(&w, &derived, "dev-1", 60)).status, 202);
+}
+
+#[test]
+fn an_expired_token_is_unauthorized() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, "dev-1", &EnrollOptions::default());
+    // Beyond the five-minute clock skew the service allows.
+    let r = register(&mut w, "dev-1", sas(&w, &key, "dev-1", -301));
+    assert_rejected(&r, 401, 401002);
+    assert_eq!(register(&mut w, "dev-1", sas(&w, &key, "dev-1", -60)).status, 202, "within the skew");
+}
+
+#[test]
+fn a_token_for_another_registration_id_is_unauthorized() {
+    let mut w = world();
+    enroll_symmetric(&w, "dev-1", &EnrollOptions::default());
+    let other = enroll_symmetric(&w, "dev-2", &EnrollOptions::default());
+    let r = register(&mut w, "dev-1", sas(&w, &other, "dev-2", 60));
+    assert_rejected(&r, 401, 401002);
+}
+
+#[test]
+fn a_token_with_another_key_name_is_unauthorized() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, "dev-1", &EnrollOptions::default());
+    let Credential::Sas(token) = sas(&w, &key, "dev-1", 60) else { unreachable!() };
+    let r = register(&mut w, "dev-1", Credential::Sas(token.replace("skn=registration", "skn=iothubowner")));
+    assert_rejected(&r, 401, 401002);
+}
+
+#[test]
+fn no_credential_is_unauthorized() {
+    let mut w = world();
+    enroll_symmetric(&w, "dev-1", &EnrollOptions::default());
+    assert_rejected(&register(&mut w, "dev-1", Credential::None), 401, 401002);
+}
+
+#[test]
+fn a_certificate_from_a_foreign_ca_is_unauthorized() {
+    let mut w = world();
+    let ours = TestCa::root("Ours").intermediate("Ours Line");
+    let foreign = TestCa::root("Foreign").intermediate("Foreign Line");
+    enroll_x509_group(&w, "ours", ours.pem(), &EnrollOptions::default());
+    assert_eq!(register(&mut w, "cam-1", Credential::X509(ours.device("cam-1").chain_der())).status, 202);
+    let r = register(&mut w, "cam-2", Credential::X509(foreign.device("cam-2").chain_der()));
+    assert_rejected(&r, 401, 401002);
+}
+
+#[test]
+fn a_foreign_ca_with_the_same_name_is_unauthorized() {
+    let mut w = world();
+    let ours = TestCa::root("Same Name");
+    let impostor = TestCa::root("Same Name");
+    enroll_x509_group(&w, "ours", ours.pem(), &EnrollOptions::default());
+    let r = register(&mut w, "cam-1", Credential::X509(impostor.device("cam-1").chain_der()));
+    assert_rejected(&r, 401, 401002);
+}
+
+#[test]
+fn an_expired_device_certificate_is_unauthorized() {
+    let mut w = world();
+    let ca = TestCa::root("Root").intermediate("Line");
+    enroll_x509_group(&w, "line", ca.pem(), &EnrollOptions::default());
+    let expired = ca.device_with(CertSpec::new("cam-1").expired_at(w.now));
+    assert_rejected(&register(&mut w, "cam-1", Credential::X509(expired.chain_der())), 401, 401002);
+}
+
+#[test]
+fn a_not_yet_valid_device_certificate_is_unauthorized() {
+    let mut w = world();
+    let ca = TestCa::root("Root").intermediate("Line");
+    enroll_x509_group(&w, "line", ca.pem(), &EnrollOptions::default());
+    let early = ca.device_with(CertSpec::new("cam-1").not_yet_valid_at(w.now + Duration::from_secs(600)));
+    assert_rejected(&register(&mut w, "cam-1", Credential::X509(early.chain_der())), 401, 401002);
+}
+
+#[test]
+fn a_certificate_whose_cn_is_not_the_registration_id_is_unauthorized() {
+    let mut w = world();
+    let ca = TestCa::root("Root").intermediate("Line");
+    enroll_x509_group(&w, "line", ca.pem(), &EnrollOptions::default());
+    let r = register(&mut w, "cam-2", Credential::X509(ca.device("cam-1").chain_der()));
+    assert_rejected(&r, 401, 401002);
+}
+
+#[test]
+fn a_disabled_enrollment_is_unauthorized() {
+    let mut w = world();
+    let disabled = EnrollOptions { disabled: true, ..Default::default() };
+    let key = enroll_symmetric(&w, "dev-1", &disabled);
+    assert_rejected(&register(&mut w, "dev-1", sas(&w, &key, "dev-1", 60)), 401, 401002);
+    let group_key = enroll_symmetric_group(&w, "off", &disabled);
+    let derived = derive_device_key(&crypto(), &group_key, "dev-9");
+    assert_rejected(&register(&mut w, "dev-9", sas(&w, &derived, "dev-9", 60)), 401, 401002);
+    let ca = TestCa::root("Root");
+    enroll_x509_group(&w, "off-x509", ca.pem(), &disabled);
+    assert_rejected(&register(&mut w, "cam-1", Credential::X509(ca.device("cam-1").chain_der())), 401, 401002);
+}
+
+#[test]
+fn a_disabled_individual_entry_inside_a_group_revokes_that_device() {
+    let mut w = world();
+    let ca = TestCa::root("Root").intermediate("Line");
+    enroll_x509_group(&w, "line", ca.pem(), &EnrollOptions::default());
+    let good = ca.device("cam-1");
+    let revoked = ca.device("cam-2");
+    enroll_x509(&w, "cam-2", revoked.pem(), &EnrollOptions { disabled: true, ..Default::default() });
+    assert_eq!(register(&mut w, "cam-1", Credential::X509(good.chain_der())).status, 202);
+    assert_rejected(&register(&mut w, "cam-2", Credential::X509(revoked.chain_der())), 401, 401002);
+
+    // The same for a symmetric-key group: the disabled individual entry wins over the group.
+    let group_key = enroll_symmetric_group(&w, "sym", &EnrollOptions::default());
+    enroll_symmetric(&w, "dev-2", &EnrollOptions { disabled: true, ..Default::default() });
+    let derived = derive_device_key(&crypto(), &group_key, "dev-2");
+    assert_rejected(&register(&mut w, "dev-2", sas(&w, &derived, "dev-2", 60)), 401, 401002);
+}
+
+#[test]
+fn a_deleted_enrollment_is_not_found() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, "dev-1", &EnrollOptions::default());
+    zerotouch_engine::enrollments::delete_enrollment(
+        w.provisioner.store(),
+        &zerotouch_proto::RegistrationId::new("dev-1").unwrap(),
+        &IfMatch::Any,
+    )
+    .unwrap();
+    assert_rejected(&register(&mut w, "dev-1", sas(&w, &key, "dev-1", 60)), 404, 404201);
+}
+
+#[test]
+fn a_body_registration_id_that_differs_from_the_path_is_a_bad_request() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, "dev-1", &EnrollOptions::default());
+    let now = w.now;
+    let r = w.provisioner.handle_register(
+        now,
+        RegisterRequest {
+            id_scope: SCOPE.into(),
+            registration_id: "dev-1".into(),
+            body: DeviceRegistration { payload: None, registration_id: "dev-2".into(), tpm: None, csr: None },
+            credential: sas(&w, &key, "dev-1", 60),
+        },
+        &mut w.hubs,
+    );
+    assert_rejected(&r, 400, 400004);
+}
+
+#[test]
+fn a_rejected_device_sees_unauthorized_through_its_state_machine() {
+    let mut w = world();
+    enroll_symmetric(&w, "dev-1", &EnrollOptions::default());
+    let f = failed(w.register(symmetric_device("dev-1", &[9u8; 32], None), None));
+    assert_eq!((f.kind, f.status, f.error_code), (FailureKind::Unauthorized, Some(401), Some(401002)));
+}

@@ -1,0 +1,208 @@
+//! Scenario tests for every combination of {individual, group} × {symmetric key, X.509} ×
+//! {hashed, lowest latency, static, custom}: a device registers through the simulator and lands
+//! on the hub the policy says, with its identity, credentials and initial twin in that hub.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use zerotouch_engine::allocation::hashed;
+use zerotouch_engine::hub::DeviceAuth;
+use zerotouch_proto::device::Substatus;
+use zerotouch_proto::service::AllocationPolicy;
+use zerotouch_proto::RegistrationId;
+use zerotouch_testkit::certs::TestCa;
+
+#[derive(Clone, Copy)]
+enum Enrollment {
+    Individual,
+    Group,
+}
+
+#[derive(Clone, Copy)]
+enum Attestation {
+    SymmetricKey,
+    X509,
+}
+
+/// Enrolls one device the given way, registers it, and checks hub, device id, substatus,
+/// credentials and twin.
+fn scenario(enrollment: Enrollment, attestation: Attestation, policy: AllocationPolicy) {
+    let mut w = world();
+    let id = "sensor-0042";
+    let o = EnrollOptions {
+        policy: Some(policy),
+        hubs: (policy == AllocationPolicy::Static).then(|| vec![HUB_C.to_owned()]),
+        device_id: matches!(enrollment, Enrollment::Individual).then(|| "line-3-sensor".to_owned()),
+        iot_edge: true,
+        ..Default::default()
+    };
+    let payload = (policy == AllocationPolicy::Custom).then(|| json!({ "site": "a" }));
+    let ca = TestCa::root("Contoso Root").intermediate("Contoso Line 3");
+
+    let event = match (enrollment, attestation) {
+        (Enrollment::Individual, Attestation::SymmetricKey) => {
+            let key = enroll_symmetric(&w, id, &o);
+            w.register(symmetric_device(id, &key, payload), None)
+        }
+        (Enrollment::Group, Attestation::SymmetricKey) => {
+            let key = enroll_symmetric_group(&w, "line-3", &o);
+            w.register(group_device(id, &key, payload), None)
+        }
+        (Enrollment::Individual, Attestation::X509) => {
+            let device = ca.device(id);
+            enroll_x509(&w, id, device.pem(), &o);
+            w.register(x509_device(id, payload), Some(device.chain_der()))
+        }
+        (Enrollment::Group, Attestation::X509) => {
+            let device = ca.device(id);
+            enroll_x509_group(&w, "line-3", ca.pem(), &o);
+            w.register(x509_device(id, payload), Some(device.chain_der()))
+        }
+    };
+    let a = assigned(event);
+
+    let expected_hub = match policy {
+        AllocationPolicy::Hashed => {
+            let hubs = linked_hubs();
+            let refs: Vec<_> = hubs.iter().collect();
+            hashed(&RegistrationId::new(id).unwrap(), &refs).unwrap().name.clone()
+        }
+        AllocationPolicy::GeoLatency => HUB_B.to_owned(),
+        AllocationPolicy::Static => HUB_C.to_owned(),
+        _ => HUB_A.to_owned(),
+    };
+    let expected_device = match enrollment {
+        Enrollment::Individual => "line-3-sensor",
+        Enrollment::Group => id,
+    };
+    assert_eq!(a.assigned_hub, expected_hub);
+    assert_eq!(a.device_id, expected_device);
+    assert_eq!(a.substatus, Some(Substatus::InitialAssignment));
+
+    let device = w.hubs.device(&expected_hub, expected_device).expect("identity created in the assigned hub");
+    assert!(device.iot_edge, "IoT Edge capability carried to the hub");
+    match attestation {
+        Attestation::SymmetricKey => assert!(matches!(device.auth, DeviceAuth::SymmetricKey { .. })),
+        Attestation::X509 => assert!(matches!(device.auth, DeviceAuth::SelfSigned { .. })),
+    }
+    if policy == AllocationPolicy::Custom {
+        assert_eq!(a.payload, Some(json!({ "welcome": "a" })), "webhook payload returned to the device");
+        assert_eq!(device.tags.get("site"), Some(&json!("a")), "webhook initial twin overrides the enrollment's");
+    } else {
+        assert_eq!(device.tags.get("plan"), Some(&json!("pilot")));
+        assert_eq!(device.desired.get("telemetryInterval"), Some(&json!(30)));
+    }
+    assert_eq!(w.hubs.hubs_of(expected_device).len(), 1, "the device exists in exactly one hub");
+}
+
+#[test]
+fn individual_symmetric_key_device_lands_on_its_evenly_weighted_hub() {
+    scenario(Enrollment::Individual, Attestation::SymmetricKey, AllocationPolicy::Hashed);
+}
+
+#[test]
+fn individual_symmetric_key_device_lands_on_the_lowest_latency_hub() {
+    scenario(Enrollment::Individual, Attestation::SymmetricKey, AllocationPolicy::GeoLatency);
+}
+
+#[test]
+fn individual_symmetric_key_device_lands_on_its_static_hub() {
+    scenario(Enrollment::Individual, Attestation::SymmetricKey, AllocationPolicy::Static);
+}
+
+#[test]
+fn individual_symmetric_key_device_lands_where_the_custom_allocator_says() {
+    scenario(Enrollment::Individual, Attestation::SymmetricKey, AllocationPolicy::Custom);
+}
+
+#[test]
+fn group_enrollment_with_derived_key_assigns_to_the_weighted_hub() {
+    scenario(Enrollment::Group, Attestation::SymmetricKey, AllocationPolicy::Hashed);
+}
+
+#[test]
+fn group_enrollment_with_derived_key_assigns_to_the_lowest_latency_hub() {
+    scenario(Enrollment::Group, Attestation::SymmetricKey, AllocationPolicy::GeoLatency);
+}
+
+#[test]
+fn group_enrollment_with_derived_key_assigns_to_its_static_hub() {
+    scenario(Enrollment::Group, Attestation::SymmetricKey, AllocationPolicy::Static);
+}
+
+#[test]
+fn group_enrollment_with_derived_key_assigns_where_the_custom_allocator_says() {
+    scenario(Enrollment::Group, Attestation::SymmetricKey, AllocationPolicy::Custom);
+}
+
+#[test]
+fn individual_x509_device_lands_on_its_evenly_weighted_hub() {
+    scenario(Enrollment::Individual, Attestation::X509, AllocationPolicy::Hashed);
+}
+
+#[test]
+fn individual_x509_device_lands_on_the_lowest_latency_hub() {
+    scenario(Enrollment::Individual, Attestation::X509, AllocationPolicy::GeoLatency);
+}
+
+#[test]
+fn individual_x509_device_lands_on_its_static_hub() {
+    scenario(Enrollment::Individual, Attestation::X509, AllocationPolicy::Static);
+}
+
+#[test]
+fn individual_x509_device_lands_where_the_custom_allocator_says() {
+    scenario(Enrollment::Individual, Attestation::X509, AllocationPolicy::Custom);
+}
+
+#[test]
+fn x509_group_via_intermediate_ca_assigns_to_the_weighted_hub() {
+    scenario(Enrollment::Group, Attestation::X509, AllocationPolicy::Hashed);
+}
+
+#[test]
+fn x509_group_via_intermediate_ca_assigns_to_the_lowest_latency_hub() {
+    scenario(Enrollment::Group, Attestation::X509, AllocationPolicy::GeoLatency);
+}
+
+#[test]
+fn x509_group_via_intermediate_ca_assigns_to_its_static_hub() {
+    scenario(Enrollment::Group, Attestation::X509, AllocationPolicy::Static);
+}
+
+#[test]
+fn x509_group_via_intermediate_ca_assigns_where_the_custom_allocator_says() {
+    scenario(Enrollment::Group, Attestation::X509, AllocationPolicy::Custom);
+}
+
+#[test]
+fn x509_group_on_the_root_admits_devices_that_send_their_intermediate() {
+    let mut w = world();
+    let root = TestCa::root("Fabrikam Root");
+    let line = root.intermediate("Fabrikam Line 1");
+    enroll_x509_group(&w, "fabrikam", root.pem(), &EnrollOptions::default());
+    let device = line.device("press-7");
+    let a = assigned(w.register(x509_device("press-7", None), Some(device.chain_der())));
+    assert_eq!(a.device_id, "press-7");
+}
+
+#[test]
+fn first_poll_already_finds_the_assignment() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, "quick-1", &EnrollOptions::default());
+    assigned(w.register(symmetric_device("quick-1", &key, None), None));
+    assert_eq!(w.requests, 2, "one register and one poll");
+}
+
+#[test]
+fn group_devices_registering_with_a_lower_cased_id_are_admitted() {
+    let mut w = world();
+    let key = enroll_symmetric_group(&w, "mixed-case", &EnrollOptions::default());
+    // The device derived its key from the lower-cased id but registers with upper case.
+    let derived = zerotouch_engine::attestation::symmetric::derive_device_key(&crypto(), &key, "dev-abc");
+    let a = assigned(w.register(symmetric_device("DEV-ABC", &derived, None), None));
+    assert_eq!(a.device_id, "DEV-ABC");
+}

@@ -1,0 +1,170 @@
+//! Re-registration under each reprovision policy (spec §8.3): reprovision and migrate data,
+//! reprovision and reset to initial config, never reprovision — moving hubs and staying.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use serde_json::json;
+use zerotouch_engine::hub::{HubAction, HubError, HubRegistry};
+use zerotouch_engine::memory::MemoryStore;
+use zerotouch_engine::store::RegistrationStore;
+use zerotouch_proto::device::{RegistrationStatus, Substatus};
+use zerotouch_proto::service::{AllocationPolicy, ReprovisionPolicy};
+use zerotouch_proto::RegistrationId;
+
+const ID: &str = "fridge-17";
+
+fn custom(update: bool, migrate: bool) -> EnrollOptions {
+    EnrollOptions {
+        policy: Some(AllocationPolicy::Custom),
+        reprovision: Some(ReprovisionPolicy { update_hub_assignment: update, migrate_device_data: migrate }),
+        ..Default::default()
+    }
+}
+
+fn site(s: &str) -> Option<serde_json::Value> {
+    Some(json!({ "site": s }))
+}
+
+#[test]
+fn reprovision_and_migrate_moves_the_twin_to_the_new_hub() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &custom(true, true));
+    let first = assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    assert_eq!((first.assigned_hub.as_str(), first.substatus), (HUB_A, Some(Substatus::InitialAssignment)));
+    w.hubs.device_mut(HUB_A, ID).unwrap().reported.insert("firmware".into(), json!("1.2.3"));
+
+    let moved = assigned(w.register(symmetric_device(ID, &key, site("b")), None));
+    assert_eq!((moved.assigned_hub.as_str(), moved.substatus), (HUB_B, Some(Substatus::DeviceDataMigrated)));
+    assert!(w.hubs.device(HUB_A, ID).is_none(), "removed from the old hub");
+    let twin = w.hubs.device(HUB_B, ID).unwrap();
+    assert_eq!(twin.reported.get("firmware"), Some(&json!("1.2.3")), "reported properties migrated");
+    assert_eq!(twin.tags.get("site"), Some(&json!("a")), "tags migrated, not replaced");
+
+    let back = assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    assert_eq!(
+        (back.assigned_hub.as_str(), back.substatus),
+        (HUB_A, Some(Substatus::ReprovisionedToInitialAssignment))
+    );
+    assert_eq!(w.hubs.hubs_of(ID), vec![HUB_A.to_owned()]);
+}
+
+#[test]
+fn reprovision_and_reset_gives_the_new_hub_the_initial_twin() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &custom(true, false));
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    w.hubs.device_mut(HUB_A, ID).unwrap().reported.insert("firmware".into(), json!("1.2.3"));
+
+    let moved = assigned(w.register(symmetric_device(ID, &key, site("c")), None));
+    assert_eq!((moved.assigned_hub.as_str(), moved.substatus), (HUB_C, Some(Substatus::DeviceDataReset)));
+    let twin = w.hubs.device(HUB_C, ID).unwrap();
+    assert!(twin.reported.is_empty(), "no data carried over");
+    assert_eq!(twin.tags.get("site"), Some(&json!("c")), "initial twin of this allocation");
+    assert!(w.hubs.device(HUB_A, ID).is_none(), "old identity removed");
+}
+
+#[test]
+fn reset_policy_on_the_same_hub_resets_the_twin() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &EnrollOptions {
+        policy: Some(AllocationPolicy::Static),
+        hubs: Some(vec![HUB_B.into()]),
+        reprovision: Some(ReprovisionPolicy { update_hub_assignment: true, migrate_device_data: false }),
+        ..Default::default()
+    });
+    assigned(w.register(symmetric_device(ID, &key, None), None));
+    let d = w.hubs.device_mut(HUB_B, ID).unwrap();
+    d.reported.insert("errors".into(), json!(12));
+    d.desired.insert("telemetryInterval".into(), json!(5));
+
+    let again = assigned(w.register(symmetric_device(ID, &key, None), None));
+    assert_eq!((again.assigned_hub.as_str(), again.substatus), (HUB_B, Some(Substatus::DeviceDataReset)));
+    let d = w.hubs.device(HUB_B, ID).unwrap();
+    assert!(d.reported.is_empty());
+    assert_eq!(d.desired.get("telemetryInterval"), Some(&json!(30)), "back to the enrollment's desired value");
+}
+
+#[test]
+fn migrate_policy_on_the_same_hub_keeps_twin_and_substatus() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &custom(true, true));
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    w.hubs.device_mut(HUB_A, ID).unwrap().reported.insert("uptime".into(), json!(99));
+    let again = assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    assert_eq!((again.assigned_hub.as_str(), again.substatus), (HUB_A, Some(Substatus::InitialAssignment)));
+    assert_eq!(w.hubs.device(HUB_A, ID).unwrap().reported.get("uptime"), Some(&json!(99)));
+}
+
+#[test]
+fn never_reprovision_keeps_the_device_on_its_hub() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &custom(false, false));
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    let again = assigned(w.register(symmetric_device(ID, &key, site("b")), None));
+    assert_eq!((again.assigned_hub.as_str(), again.substatus), (HUB_A, Some(Substatus::InitialAssignment)));
+    assert_eq!(w.hubs.hubs_of(ID), vec![HUB_A.to_owned()]);
+}
+
+#[test]
+fn deleting_the_registration_record_makes_the_next_registration_initial() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &custom(true, true));
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    zerotouch_engine::enrollments::delete_registration_state(
+        w.provisioner.store(),
+        &RegistrationId::new(ID).unwrap(),
+        &zerotouch_proto::IfMatch::Any,
+    )
+    .unwrap();
+    let again = assigned(w.register(symmetric_device(ID, &key, site("b")), None));
+    assert_eq!(again.substatus, Some(Substatus::InitialAssignment));
+}
+
+/// A hub that checks, while a migration runs, that the registration shows `assigning`.
+struct WatchingHub {
+    inner: zerotouch_testkit::hubs::SimHubs,
+    store: Arc<MemoryStore>,
+    seen: Arc<Mutex<Vec<Option<RegistrationStatus>>>>,
+}
+
+impl HubRegistry for WatchingHub {
+    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
+        if matches!(action, HubAction::Migrate { .. }) {
+            let record = self.store.registration(&RegistrationId::new(ID).unwrap()).unwrap();
+            self.seen.lock().unwrap().push(record.and_then(|r| r.state.status));
+        }
+        self.inner.apply(action)
+    }
+}
+
+#[test]
+fn a_device_being_moved_is_assigning_until_its_data_arrives() {
+    let w = world();
+    let store = w.provisioner.store().clone();
+    let key = enroll_symmetric(&w, ID, &custom(true, true));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut w = zerotouch_testkit::sim::Simulator::new(
+        w.provisioner,
+        WatchingHub { inner: w.hubs, store: store.clone(), seen: seen.clone() },
+    );
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    assigned(w.register(symmetric_device(ID, &key, site("b")), None));
+    assert_eq!(*seen.lock().unwrap(), vec![Some(RegistrationStatus::Assigning)]);
+    let record = store.registration(&RegistrationId::new(ID).unwrap()).unwrap().unwrap();
+    assert_eq!(record.state.status, Some(RegistrationStatus::Assigned));
+}
+
+#[test]
+fn a_hub_failure_fails_the_registration_with_the_hub_error() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &EnrollOptions::default());
+    w.hubs.fail_with = Some(HubError { code: 401002, message: "IotHubUnauthorizedAccess".into() });
+    let f = failed(w.register(symmetric_device(ID, &key, None), None));
+    assert_eq!(f.error_code, Some(401002));
+    assert!(f.message.contains("IotHubUnauthorizedAccess"));
+}

@@ -1,0 +1,149 @@
+//! `SimHubs`: an in-memory set of IoT hubs that really carries out the provisioner's hub actions
+//! (create / update identities, initial twin, reset, migrate with the twin, remove), so scenario
+//! tests can assert where a device and its twin ended up.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Map, Value};
+use zerotouch_engine::hub::{DeviceAuth, HubAction, HubError, HubRegistry, ProvisionedDevice, TwinSetup};
+use zerotouch_proto::service::InitialTwin;
+
+/// A device identity with its twin sections, as a hub holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimDevice {
+    /// Credentials.
+    pub auth: DeviceAuth,
+    /// IoT Edge capability.
+    pub iot_edge: bool,
+    /// Twin tags.
+    pub tags: Map<String, Value>,
+    /// Desired properties.
+    pub desired: Map<String, Value>,
+    /// Reported properties.
+    pub reported: Map<String, Value>,
+}
+
+/// Hubs by host name, devices by id.
+#[derive(Debug, Default, Clone)]
+pub struct SimHubs {
+    hubs: BTreeMap<String, BTreeMap<String, SimDevice>>,
+    /// Every action applied, in order.
+    pub log: Vec<HubAction>,
+    /// When set, every action fails with this error (to test hub failures).
+    pub fail_with: Option<HubError>,
+}
+
+fn object(v: Option<&Value>) -> Map<String, Value> {
+    v.and_then(Value::as_object).cloned().unwrap_or_default()
+}
+
+fn twin_parts(twin: &InitialTwin) -> (Map<String, Value>, Map<String, Value>) {
+    (object(twin.tags.as_ref()), object(twin.properties.as_ref().and_then(|p| p.desired.as_ref())))
+}
+
+impl SimHubs {
+    /// No hubs, no devices.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The device `device_id` on `hub`, if present.
+    pub fn device(&self, hub: &str, device_id: &str) -> Option<&SimDevice> {
+        self.hubs.get(&hub.to_ascii_lowercase()).and_then(|h| h.get(device_id))
+    }
+
+    /// Mutable access, e.g. to simulate the device reporting properties.
+    pub fn device_mut(&mut self, hub: &str, device_id: &str) -> Option<&mut SimDevice> {
+        self.hubs.get_mut(&hub.to_ascii_lowercase()).and_then(|h| h.get_mut(device_id))
+    }
+
+    /// Number of devices on `hub`.
+    pub fn count(&self, hub: &str) -> usize {
+        self.hubs.get(&hub.to_ascii_lowercase()).map_or(0, BTreeMap::len)
+    }
+
+    /// Which hubs hold `device_id`.
+    pub fn hubs_of(&self, device_id: &str) -> Vec<String> {
+        self.hubs.iter().filter(|(_, d)| d.contains_key(device_id)).map(|(h, _)| h.clone()).collect()
+    }
+
+    /// The twin of a device in the shape of `GET /twins/{id}` (tags and properties only).
+    pub fn twin_json(&self, hub: &str, device_id: &str) -> Option<Value> {
+        self.device(hub, device_id).map(
+            |d| json!({ "tags": d.tags, "properties": { "desired": d.desired, "reported": d.reported } }),
+        )
+    }
+
+    fn provision(&mut self, hub: &str, device: &ProvisionedDevice, twin: &TwinSetup) {
+        let devices = self.hubs.entry(hub.to_ascii_lowercase()).or_default();
+        let entry = devices.entry(device.device_id.to_string());
+        match (entry, twin) {
+            (std::collections::btree_map::Entry::Occupied(mut o), TwinSetup::KeepOrInitial(_)) => {
+                let d = o.get_mut();
+                d.auth = device.auth.clone();
+                d.iot_edge = device.iot_edge;
+            }
+            (std::collections::btree_map::Entry::Occupied(mut o), TwinSetup::Reset(t)) => {
+                let (tags, desired) = twin_parts(t);
+                *o.get_mut() = SimDevice {
+                    auth: device.auth.clone(),
+                    iot_edge: device.iot_edge,
+                    tags,
+                    desired,
+                    reported: Map::new(),
+                };
+            }
+            (
+                std::collections::btree_map::Entry::Vacant(v),
+                TwinSetup::KeepOrInitial(t) | TwinSetup::Reset(t),
+            ) => {
+                let (tags, desired) = twin_parts(t);
+                v.insert(SimDevice {
+                    auth: device.auth.clone(),
+                    iot_edge: device.iot_edge,
+                    tags,
+                    desired,
+                    reported: Map::new(),
+                });
+            }
+        }
+    }
+}
+
+impl HubRegistry for SimHubs {
+    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
+        if let Some(e) = &self.fail_with {
+            return Err(e.clone());
+        }
+        self.log.push(action.clone());
+        match action {
+            HubAction::Provision { hub, device, twin } => self.provision(hub, device, twin),
+            HubAction::Migrate { from_hub, from_device_id, to_hub, device } => {
+                let old = self
+                    .hubs
+                    .get_mut(&from_hub.to_ascii_lowercase())
+                    .and_then(|h| h.remove(from_device_id.as_str()));
+                let moved = match old {
+                    Some(d) => SimDevice { auth: device.auth.clone(), iot_edge: device.iot_edge, ..d },
+                    None => SimDevice {
+                        auth: device.auth.clone(),
+                        iot_edge: device.iot_edge,
+                        tags: Map::new(),
+                        desired: Map::new(),
+                        reported: Map::new(),
+                    },
+                };
+                self.hubs
+                    .entry(to_hub.to_ascii_lowercase())
+                    .or_default()
+                    .insert(device.device_id.to_string(), moved);
+            }
+            HubAction::Remove { hub, device_id } => {
+                if let Some(h) = self.hubs.get_mut(&hub.to_ascii_lowercase()) {
+                    h.remove(device_id.as_str());
+                }
+            }
+        }
+        Ok(())
+    }
+}
