@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod certs;
 pub mod hubs;
 pub mod sim;
 pub mod vectors;

@@ -1,1 +1,676 @@
-//! (in progress)
+//! X.509 attestation primitives: certificate parsing, chain signatures, validity, proof of possession.
+//!
+//! Certificates are parsed once into an owned [`Certificate`] (cheap to clone) that keeps the DER
+//! and the fields attestation needs. Signatures are checked through
+//! [`CryptoProvider::verify_signature`](crate::crypto::CryptoProvider::verify_signature) over the
+//! to-be-signed bytes exactly as they appear in the DER, so no re-encoding can change what is
+//! verified. Revocation is not checked here: DPS revokes by disabling enrollments (spec §5.2).
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+use x509_cert::der::asn1::{
+    BmpString, ContextSpecific, Ia5StringRef, ObjectIdentifier, PrintableStringRef, TeletexStringRef,
+    Utf8StringRef,
+};
+use x509_cert::der::oid::db::{rfc4519, rfc5280, rfc5912};
+use x509_cert::der::{
+    Decode, DecodeValue, Encode, FixedTag, Header, Reader, SliceReader, Tag, TagNumber, Tagged,
+};
+use x509_cert::ext::pkix::{BasicConstraints, KeyUsage};
+use x509_cert::name::Name;
+use x509_cert::spki::AlgorithmIdentifierOwned;
+use zerotouch_proto::service::X509CertificateInfo;
+use zerotouch_proto::Timestamp;
+
+use crate::crypto::{CryptoProvider, SignatureAlgorithm};
+use crate::error::AuthError;
+
+/// Largest certificate accepted, in DER bytes; real device and CA certificates are a few KiB.
+pub const MAX_CERTIFICATE_LEN: usize = 64 * 1024;
+
+/// Most certificates accepted in one presented chain (leaf included).
+pub const MAX_CHAIN_LEN: usize = 16;
+
+/// Length in bytes of the randomness a verification code is made from (48 hex digits).
+const VERIFICATION_CODE_BYTES: usize = 24;
+
+/// An owned, parsed X.509 certificate. Cloning shares the parsed data.
+///
+/// Equality and hashing compare the DER encoding.
+#[derive(Clone)]
+pub struct Certificate {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    der: Vec<u8>,
+    /// The `tbsCertificate` TLV inside `der`: what the issuer signed.
+    tbs: Range<usize>,
+    /// `signatureAlgorithm` of the outer certificate.
+    signature_algorithm: AlgorithmIdentifierOwned,
+    signature: Vec<u8>,
+    subject_name: String,
+    issuer_name: String,
+    common_name: Option<String>,
+    not_before: Timestamp,
+    not_after: Timestamp,
+    serial: Vec<u8>,
+    version: i32,
+    /// Algorithm of the subject's key (with EC curve parameters).
+    key_algorithm: AlgorithmIdentifierOwned,
+    /// Contents of the `subjectPublicKey` BIT STRING.
+    public_key: Vec<u8>,
+    /// DER of the whole SubjectPublicKeyInfo, to recognise the same key in two certificates.
+    spki_der: Vec<u8>,
+    basic_constraints: Option<BasicConstraints>,
+    key_usage: Option<KeyUsage>,
+}
+
+fn invalid(msg: impl Into<String>) -> AuthError {
+    AuthError::InvalidCertificate(msg.into())
+}
+
+fn malformed(e: x509_cert::der::Error) -> AuthError {
+    invalid(format!("malformed certificate: {e}"))
+}
+
+impl Certificate {
+    /// Parses one DER-encoded certificate.
+    ///
+    /// # Errors
+    /// [`AuthError::InvalidCertificate`] when the bytes are not exactly one well-formed X.509
+    /// certificate, are larger than [`MAX_CERTIFICATE_LEN`], or carry a malformed extension.
+    pub fn from_der(der: &[u8]) -> Result<Certificate, AuthError> {
+        if der.is_empty() {
+            return Err(invalid("empty certificate"));
+        }
+        if der.len() > MAX_CERTIFICATE_LEN {
+            return Err(invalid(format!("certificate of {} bytes is too large", der.len())));
+        }
+        let parsed = x509_cert::Certificate::from_der(der).map_err(malformed)?;
+        let tbs = tbs_range(der).map_err(malformed)?;
+        let tbs_cert = &parsed.tbs_certificate;
+        if tbs_cert.signature != parsed.signature_algorithm {
+            return Err(invalid("the signature algorithm inside the certificate differs from the outer one"));
+        }
+        let signature = parsed
+            .signature
+            .as_bytes()
+            .ok_or_else(|| invalid("signature is not a whole number of bytes"))?
+            .to_vec();
+        let spki = &tbs_cert.subject_public_key_info;
+        let public_key = spki
+            .subject_public_key
+            .as_bytes()
+            .ok_or_else(|| invalid("public key is not a whole number of bytes"))?
+            .to_vec();
+        let spki_der = spki.to_der().map_err(malformed)?;
+
+        let mut basic_constraints = None;
+        let mut key_usage = None;
+        if let Some(extensions) = &tbs_cert.extensions {
+            for (i, ext) in extensions.iter().enumerate() {
+                if extensions[..i].iter().any(|e| e.extn_id == ext.extn_id) {
+                    return Err(invalid(format!("extension {} appears twice", ext.extn_id)));
+                }
+                let value = ext.extn_value.as_bytes();
+                if ext.extn_id == rfc5280::ID_CE_BASIC_CONSTRAINTS {
+                    basic_constraints = Some(
+                        BasicConstraints::from_der(value)
+                            .map_err(|e| invalid(format!("malformed basicConstraints: {e}")))?,
+                    );
+                } else if ext.extn_id == rfc5280::ID_CE_KEY_USAGE {
+                    key_usage = Some(
+                        KeyUsage::from_der(value).map_err(|e| invalid(format!("malformed keyUsage: {e}")))?,
+                    );
+                }
+            }
+        }
+
+        let version = match tbs_cert.version {
+            x509_cert::Version::V1 => 1,
+            x509_cert::Version::V2 => 2,
+            x509_cert::Version::V3 => 3,
+        };
+
+        Ok(Certificate {
+            inner: Arc::new(Inner {
+                der: der.to_vec(),
+                tbs,
+                signature_algorithm: parsed.signature_algorithm.clone(),
+                signature,
+                subject_name: format_name(&tbs_cert.subject),
+                issuer_name: format_name(&tbs_cert.issuer),
+                common_name: common_name(&tbs_cert.subject)?,
+                not_before: to_timestamp(tbs_cert.validity.not_before),
+                not_after: to_timestamp(tbs_cert.validity.not_after),
+                serial: tbs_cert.serial_number.as_bytes().to_vec(),
+                version,
+                key_algorithm: spki.algorithm.clone(),
+                public_key,
+                spki_der,
+                basic_constraints,
+                key_usage,
+            }),
+        })
+    }
+
+    /// Parses a certificate given as text: one PEM `CERTIFICATE` block (explanatory text and
+    /// whitespace around it are ignored) or bare base64 of the DER, as DPS enrollments carry it.
+    ///
+    /// # Errors
+    /// [`AuthError::InvalidCertificate`] when the text holds no certificate, more than one PEM
+    /// block, invalid base64, or DER that [`Certificate::from_der`] rejects.
+    pub fn from_text(text: &str) -> Result<Certificate, AuthError> {
+        const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+        const END: &str = "-----END CERTIFICATE-----";
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(invalid("empty certificate text"));
+        }
+        if text.len() > MAX_CERTIFICATE_LEN * 2 {
+            return Err(invalid("certificate text is too large"));
+        }
+        let body = if text.contains("-----BEGIN") {
+            let start =
+                text.find(BEGIN).ok_or_else(|| invalid("PEM block is not a CERTIFICATE"))? + BEGIN.len();
+            let rest = &text[start..];
+            let end = rest.find(END).ok_or_else(|| invalid("PEM certificate has no END line"))?;
+            if rest[end + END.len()..].contains("-----BEGIN") {
+                return Err(invalid("expected one PEM certificate, found several"));
+            }
+            &rest[..end]
+        } else {
+            text
+        };
+        let compact: String = body.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        let der = BASE64
+            .decode(compact.as_bytes())
+            .map_err(|e| invalid(format!("certificate is not base64: {e}")))?;
+        Certificate::from_der(&der)
+    }
+
+    /// The DER encoding.
+    pub fn der(&self) -> &[u8] {
+        &self.inner.der
+    }
+
+    /// The subject's common name (the last CN attribute when there are several), if any.
+    pub fn common_name(&self) -> Option<&str> {
+        self.inner.common_name.as_deref()
+    }
+
+    /// The subject distinguished name as an RFC 4514 string, e.g. `CN=dev1,O=Contoso`.
+    pub fn subject_name(&self) -> &str {
+        &self.inner.subject_name
+    }
+
+    /// The issuer distinguished name, formatted exactly like [`Certificate::subject_name`], so
+    /// a child's issuer name equals its parent's subject name.
+    pub fn issuer_name(&self) -> &str {
+        &self.inner.issuer_name
+    }
+
+    /// Start of the validity window.
+    pub fn not_before(&self) -> Timestamp {
+        self.inner.not_before
+    }
+
+    /// End of the validity window (inclusive).
+    pub fn not_after(&self) -> Timestamp {
+        self.inner.not_after
+    }
+
+    /// Whether basicConstraints marks this certificate as a CA.
+    pub fn is_ca(&self) -> bool {
+        self.inner.basic_constraints.as_ref().is_some_and(|bc| bc.ca)
+    }
+
+    /// Whether subject and issuer names are the same (a root or a self-signed device certificate).
+    pub fn is_self_issued(&self) -> bool {
+        self.inner.subject_name == self.inner.issuer_name
+    }
+
+    /// The serial number as upper-case hex of its DER integer bytes (a leading `00` is kept).
+    pub fn serial_hex(&self) -> String {
+        upper_hex(&self.inner.serial)
+    }
+
+    /// Upper-case hex SHA-1 of the DER (the hub's `selfSigned` thumbprint form).
+    pub fn sha1_thumbprint(&self, crypto: &dyn CryptoProvider) -> String {
+        upper_hex(&crypto.sha1(&self.inner.der))
+    }
+
+    /// Upper-case hex SHA-256 of the DER.
+    pub fn sha256_thumbprint(&self, crypto: &dyn CryptoProvider) -> String {
+        upper_hex(&crypto.sha256(&self.inner.der))
+    }
+
+    /// The `X509CertificateInfo` the service reports for this certificate.
+    pub fn info(&self, crypto: &dyn CryptoProvider) -> X509CertificateInfo {
+        X509CertificateInfo {
+            subject_name: self.inner.subject_name.clone(),
+            sha1_thumbprint: self.sha1_thumbprint(crypto),
+            sha256_thumbprint: self.sha256_thumbprint(crypto),
+            issuer_name: self.inner.issuer_name.clone(),
+            not_before_utc: self.inner.not_before,
+            not_after_utc: self.inner.not_after,
+            serial_number: self.serial_hex(),
+            version: self.inner.version,
+        }
+    }
+
+    /// Checks that `now` lies inside the validity window (both ends inclusive).
+    ///
+    /// # Errors
+    /// [`AuthError::CertificateNotYetValid`] before `notBefore`, [`AuthError::CertificateExpired`]
+    /// after `notAfter`.
+    pub fn check_validity(&self, now: Timestamp) -> Result<(), AuthError> {
+        if now < self.inner.not_before {
+            Err(AuthError::CertificateNotYetValid)
+        } else if now > self.inner.not_after {
+            Err(AuthError::CertificateExpired)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether `other` has the same subject name and the same public key: the same issuing
+    /// identity even if it was re-issued with another serial or validity.
+    pub fn same_subject_and_key(&self, other: &Certificate) -> bool {
+        self.inner.subject_name == other.inner.subject_name && self.inner.spki_der == other.inner.spki_der
+    }
+
+    /// Verifies that `issuer` issued this certificate: its subject name equals our issuer name
+    /// and its public key verifies our signature over the to-be-signed bytes.
+    ///
+    /// Supported: RSA PKCS#1 v1.5 with SHA-256/384/512, RSA-PSS with SHA-256/384/512 (MGF1 with
+    /// the same hash, salt length = hash length), ECDSA on P-256 and P-384 with SHA-256/384 (the
+    /// curve is taken from the issuer's key). Whether `issuer` may act as a CA is checked by
+    /// [`PresentedChain::verify_internal`], not here, so this also verifies self-signatures.
+    ///
+    /// # Errors
+    /// [`AuthError::UntrustedChain`] when the names differ, [`AuthError::InvalidCertificate`]
+    /// for an unsupported or inconsistent algorithm, [`AuthError::BadSignature`] when the
+    /// signature does not verify.
+    pub fn verify_issued_by(
+        &self,
+        issuer: &Certificate,
+        crypto: &dyn CryptoProvider,
+    ) -> Result<(), AuthError> {
+        if self.inner.issuer_name != issuer.inner.subject_name {
+            return Err(AuthError::UntrustedChain);
+        }
+        let algorithm = signature_algorithm(&self.inner.signature_algorithm, &issuer.inner.key_algorithm)?;
+        let tbs = self
+            .inner
+            .der
+            .get(self.inner.tbs.clone())
+            .ok_or_else(|| invalid("to-be-signed bytes missing"))?;
+        crypto
+            .verify_signature(algorithm, &issuer.inner.public_key, tbs, &self.inner.signature)
+            .map_err(|_| AuthError::BadSignature)
+    }
+}
+
+impl PartialEq for Certificate {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner.der == other.inner.der
+    }
+}
+
+impl Eq for Certificate {}
+
+impl std::hash::Hash for Certificate {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.inner.der.hash(state);
+    }
+}
+
+impl fmt::Debug for Certificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Certificate")
+            .field("subject", &self.inner.subject_name)
+            .field("issuer", &self.inner.issuer_name)
+            .field("serial", &self.serial_hex())
+            .field("not_after", &self.inner.not_after)
+            .finish()
+    }
+}
+
+/// The certificates a device presented in its TLS handshake, leaf first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresentedChain {
+    certificates: Vec<Certificate>,
+}
+
+impl PresentedChain {
+    /// Parses the DER certificates of a TLS Certificate message, leaf first.
+    ///
+    /// # Errors
+    /// [`AuthError::InvalidCertificate`] when the chain is empty, longer than
+    /// [`MAX_CHAIN_LEN`], or any certificate fails to parse.
+    pub fn from_der(chain: &[Vec<u8>]) -> Result<Self, AuthError> {
+        let certificates =
+            chain.iter().map(|der| Certificate::from_der(der)).collect::<Result<Vec<_>, _>>()?;
+        Self::from_certificates(certificates)
+    }
+
+    /// Builds a chain from parsed certificates, leaf first.
+    ///
+    /// # Errors
+    /// [`AuthError::InvalidCertificate`] when the chain is empty or longer than [`MAX_CHAIN_LEN`].
+    pub fn from_certificates(certificates: Vec<Certificate>) -> Result<Self, AuthError> {
+        if certificates.is_empty() {
+            return Err(invalid("no client certificate presented"));
+        }
+        if certificates.len() > MAX_CHAIN_LEN {
+            return Err(invalid(format!("chain of {} certificates is too long", certificates.len())));
+        }
+        Ok(Self { certificates })
+    }
+
+    /// The device (leaf) certificate.
+    pub fn leaf(&self) -> &Certificate {
+        // from_certificates refuses an empty chain, so the first element exists.
+        &self.certificates[0]
+    }
+
+    /// All presented certificates, leaf first.
+    pub fn certificates(&self) -> &[Certificate] {
+        &self.certificates
+    }
+
+    /// Checks the chain on its own: every certificate is valid at `now`, each one is issued by
+    /// the next, and every certificate above the leaf is a CA allowed to sign certificates
+    /// (basicConstraints CA, keyUsage keyCertSign when present, path length respected).
+    ///
+    /// The last certificate may be a self-signed root or an intermediate whose issuer was not
+    /// sent; its own signature is not checked here, because trust comes from the enrollment the
+    /// chain is matched against (see [`PresentedChain::anchor_position`]).
+    ///
+    /// # Errors
+    /// [`AuthError::CertificateExpired`] / [`AuthError::CertificateNotYetValid`] for a
+    /// certificate outside its window, [`AuthError::InvalidCertificate`] for a non-CA
+    /// intermediate, [`AuthError::UntrustedChain`] or [`AuthError::BadSignature`] when a link
+    /// does not verify (see [`Certificate::verify_issued_by`]).
+    pub fn verify_internal(&self, now: Timestamp, crypto: &dyn CryptoProvider) -> Result<(), AuthError> {
+        for (i, cert) in self.certificates.iter().enumerate() {
+            cert.check_validity(now)?;
+            if i > 0 {
+                check_may_issue(cert, i - 1)?;
+            }
+            if let Some(issuer) = self.certificates.get(i + 1) {
+                cert.verify_issued_by(issuer, crypto)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where `anchor` (an enrolled or verified certificate) attaches to this chain:
+    /// `Some(i)` when `certificates()[i]` is the anchor (same subject and key),
+    /// `Some(certificates().len())` when the anchor issued the last presented certificate
+    /// (names match and the signature verifies), `None` otherwise. A smaller index is closer to
+    /// the leaf, which is the order DPS evaluates group enrollments in.
+    ///
+    /// Call [`PresentedChain::verify_internal`] first: this only locates the anchor.
+    pub fn anchor_position(&self, anchor: &Certificate, crypto: &dyn CryptoProvider) -> Option<usize> {
+        if let Some(i) = self.certificates.iter().position(|c| c.same_subject_and_key(anchor)) {
+            return Some(i);
+        }
+        let last = self.certificates.last()?;
+        last.verify_issued_by(anchor, crypto).ok().map(|()| self.certificates.len())
+    }
+}
+
+/// Whether `cert` may sign the certificate below it, with `intermediates_below` CA certificates
+/// between it and the leaf.
+fn check_may_issue(cert: &Certificate, intermediates_below: usize) -> Result<(), AuthError> {
+    let Some(bc) = cert.inner.basic_constraints.as_ref().filter(|bc| bc.ca) else {
+        return Err(invalid(format!("issuing certificate {:?} is not a CA", cert.subject_name())));
+    };
+    if let Some(max) = bc.path_len_constraint {
+        if intermediates_below > usize::from(max) {
+            return Err(invalid(format!(
+                "path length constraint {max} of {:?} exceeded by {intermediates_below} intermediates",
+                cert.subject_name()
+            )));
+        }
+    }
+    if let Some(ku) = &cert.inner.key_usage {
+        if !ku.key_cert_sign() {
+            return Err(invalid(format!(
+                "key usage of {:?} does not allow signing certificates",
+                cert.subject_name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A fresh proof-of-possession verification code: 48 upper-case hex digits (fits the 64-char
+/// CN limit) from the first 24 of the given random bytes.
+pub fn generate_verification_code(random: &[u8; 32]) -> String {
+    upper_hex(&random[..VERIFICATION_CODE_BYTES])
+}
+
+/// Checks a proof of possession (spec §5.3): `verification_cert` has subject CN equal to
+/// `expected_code` (ASCII case-insensitive, since the code is hex), is valid at `now`, and was
+/// signed by the key of `ca`.
+///
+/// # Errors
+/// [`AuthError::CommonNameMismatch`] when the CN is missing or differs,
+/// [`AuthError::CertificateExpired`] / [`AuthError::CertificateNotYetValid`] outside the window,
+/// and the errors of [`Certificate::verify_issued_by`] when `ca` did not sign it.
+pub fn verify_proof_of_possession(
+    ca: &Certificate,
+    verification_cert: &Certificate,
+    expected_code: &str,
+    now: Timestamp,
+    crypto: &dyn CryptoProvider,
+) -> Result<(), AuthError> {
+    let cn = verification_cert.common_name().unwrap_or_default();
+    if expected_code.is_empty() || !cn.eq_ignore_ascii_case(expected_code) {
+        return Err(AuthError::CommonNameMismatch { cn: cn.to_owned() });
+    }
+    verification_cert.check_validity(now)?;
+    verification_cert.verify_issued_by(ca, crypto)
+}
+
+/// Lenient base64 for certificate text: standard alphabet, padding optional.
+const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+fn upper_hex(bytes: &[u8]) -> String {
+    use fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02X}");
+    }
+    s
+}
+
+/// The byte range of the `tbsCertificate` TLV: the first element of the outer SEQUENCE.
+fn tbs_range(der: &[u8]) -> Result<Range<usize>, x509_cert::der::Error> {
+    let mut reader = SliceReader::new(der)?;
+    let outer = Header::decode(&mut reader)?;
+    outer.tag.assert_eq(Tag::Sequence)?;
+    let start = usize::try_from(outer.encoded_len()?)?;
+    let tbs = reader.tlv_bytes()?;
+    Ok(start..start + tbs.len())
+}
+
+/// The one formatter for subject and issuer names (RFC 4514, most specific RDN first).
+fn format_name(name: &Name) -> String {
+    name.to_string()
+}
+
+fn common_name(name: &Name) -> Result<Option<String>, AuthError> {
+    let mut found = None;
+    for rdn in name.0.iter() {
+        for atv in rdn.0.iter() {
+            if atv.oid == rfc4519::CN {
+                found = Some(directory_string(&atv.value)?);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Decodes a DirectoryString (or IA5String) attribute value.
+fn directory_string(value: &x509_cert::der::Any) -> Result<String, AuthError> {
+    let bad = |e: x509_cert::der::Error| invalid(format!("malformed common name: {e}"));
+    Ok(match value.tag() {
+        Tag::Utf8String => Utf8StringRef::try_from(value).map_err(bad)?.as_str().to_owned(),
+        Tag::PrintableString => PrintableStringRef::try_from(value).map_err(bad)?.as_str().to_owned(),
+        Tag::Ia5String => Ia5StringRef::try_from(value).map_err(bad)?.as_str().to_owned(),
+        Tag::TeletexString => TeletexStringRef::try_from(value).map_err(bad)?.as_str().to_owned(),
+        Tag::BmpString => BmpString::from_der(&value.to_der().map_err(bad)?).map_err(bad)?.to_string(),
+        other => return Err(invalid(format!("common name has unsupported string type {other}"))),
+    })
+}
+
+fn to_timestamp(time: x509_cert::time::Time) -> Timestamp {
+    let secs = i64::try_from(time.to_unix_duration().as_secs()).unwrap_or(i64::MAX);
+    Timestamp::from_unix_secs(secs)
+}
+
+const OID_RSA_ENCRYPTION: ObjectIdentifier = rfc5912::RSA_ENCRYPTION;
+const OID_RSASSA_PSS: ObjectIdentifier = rfc5912::ID_RSASSA_PSS;
+const OID_EC_PUBLIC_KEY: ObjectIdentifier = rfc5912::ID_EC_PUBLIC_KEY;
+
+/// Maps the certificate's signature algorithm and the issuer's key algorithm to a
+/// [`SignatureAlgorithm`], refusing inconsistent pairs (an RSA signature from an EC key).
+fn signature_algorithm(
+    sig: &AlgorithmIdentifierOwned,
+    issuer_key: &AlgorithmIdentifierOwned,
+) -> Result<SignatureAlgorithm, AuthError> {
+    let oid = sig.oid;
+    let key_is_rsa = issuer_key.oid == OID_RSA_ENCRYPTION || issuer_key.oid == OID_RSASSA_PSS;
+    let pkcs1 = [
+        (rfc5912::SHA_256_WITH_RSA_ENCRYPTION, SignatureAlgorithm::RsaPkcs1Sha256),
+        (rfc5912::SHA_384_WITH_RSA_ENCRYPTION, SignatureAlgorithm::RsaPkcs1Sha384),
+        (rfc5912::SHA_512_WITH_RSA_ENCRYPTION, SignatureAlgorithm::RsaPkcs1Sha512),
+    ];
+    if let Some((_, alg)) = pkcs1.iter().find(|(o, _)| *o == oid) {
+        if !params_null_or_absent(sig) {
+            return Err(invalid(format!("unexpected parameters for signature algorithm {oid}")));
+        }
+        // A key restricted to PSS (id-RSASSA-PSS) must not verify PKCS#1 v1.5 signatures.
+        if issuer_key.oid != OID_RSA_ENCRYPTION {
+            return Err(invalid(format!("RSA PKCS#1 signature from a {} key", issuer_key.oid)));
+        }
+        return Ok(*alg);
+    }
+    if oid == OID_RSASSA_PSS {
+        if !key_is_rsa {
+            return Err(invalid(format!("RSA-PSS signature from a {} key", issuer_key.oid)));
+        }
+        return pss_algorithm(sig);
+    }
+    let ecdsa_hash = if oid == rfc5912::ECDSA_WITH_SHA_256 {
+        Some(256)
+    } else if oid == rfc5912::ECDSA_WITH_SHA_384 {
+        Some(384)
+    } else {
+        None
+    };
+    if let Some(hash) = ecdsa_hash {
+        if sig.parameters.is_some() {
+            return Err(invalid(format!("unexpected parameters for signature algorithm {oid}")));
+        }
+        if issuer_key.oid != OID_EC_PUBLIC_KEY {
+            return Err(invalid(format!("ECDSA signature from a {} key", issuer_key.oid)));
+        }
+        let curve = issuer_key
+            .parameters
+            .as_ref()
+            .and_then(|p| p.decode_as::<ObjectIdentifier>().ok())
+            .ok_or_else(|| invalid("issuer EC key does not name its curve"))?;
+        return match (curve, hash) {
+            (c, 256) if c == rfc5912::SECP_256_R_1 => Ok(SignatureAlgorithm::EcdsaP256Sha256),
+            (c, 384) if c == rfc5912::SECP_256_R_1 => Ok(SignatureAlgorithm::EcdsaP256Sha384),
+            (c, 256) if c == rfc5912::SECP_384_R_1 => Ok(SignatureAlgorithm::EcdsaP384Sha256),
+            (c, 384) if c == rfc5912::SECP_384_R_1 => Ok(SignatureAlgorithm::EcdsaP384Sha384),
+            (c, _) => Err(invalid(format!("unsupported EC curve {c} (P-256 and P-384 are supported)"))),
+        };
+    }
+    Err(invalid(format!(
+        "unsupported signature algorithm {oid} (supported: RSA PKCS#1 v1.5 and RSA-PSS with SHA-256/384/512, \
+         ECDSA with SHA-256/384)"
+    )))
+}
+
+fn params_null_or_absent(alg: &AlgorithmIdentifierOwned) -> bool {
+    alg.parameters.as_ref().is_none_or(|p| p.is_null())
+}
+
+/// RSASSA-PSS-params (RFC 4055): only the fields we need to pin the variant.
+struct PssParams {
+    hash: Option<AlgorithmIdentifierOwned>,
+    mask_gen: Option<AlgorithmIdentifierOwned>,
+    salt_length: Option<u32>,
+    trailer_field: Option<u32>,
+}
+
+impl FixedTag for PssParams {
+    const TAG: Tag = Tag::Sequence;
+}
+
+impl<'a> DecodeValue<'a> for PssParams {
+    fn decode_value<R: Reader<'a>>(reader: &mut R, header: Header) -> x509_cert::der::Result<Self> {
+        reader.read_nested(header.length, |r| {
+            Ok(PssParams {
+                hash: ContextSpecific::decode_explicit(r, TagNumber::N0)?.map(|c| c.value),
+                mask_gen: ContextSpecific::decode_explicit(r, TagNumber::N1)?.map(|c| c.value),
+                salt_length: ContextSpecific::decode_explicit(r, TagNumber::N2)?.map(|c| c.value),
+                trailer_field: ContextSpecific::decode_explicit(r, TagNumber::N3)?.map(|c| c.value),
+            })
+        })
+    }
+}
+
+fn pss_algorithm(sig: &AlgorithmIdentifierOwned) -> Result<SignatureAlgorithm, AuthError> {
+    let params = sig.parameters.as_ref().ok_or_else(|| invalid("RSA-PSS signature without parameters"))?;
+    let params = params
+        .to_der()
+        .and_then(|der| PssParams::from_der(&der))
+        .map_err(|e| invalid(format!("malformed RSA-PSS parameters: {e}")))?;
+    // Absent hash means SHA-1, which is not accepted.
+    let hash = params.hash.ok_or_else(|| invalid("RSA-PSS with SHA-1 is not supported"))?;
+    if !params_null_or_absent(&hash) {
+        return Err(invalid("unexpected parameters on the RSA-PSS hash algorithm"));
+    }
+    let (alg, hash_len) = if hash.oid == rfc5912::ID_SHA_256 {
+        (SignatureAlgorithm::RsaPssSha256, 32)
+    } else if hash.oid == rfc5912::ID_SHA_384 {
+        (SignatureAlgorithm::RsaPssSha384, 48)
+    } else if hash.oid == rfc5912::ID_SHA_512 {
+        (SignatureAlgorithm::RsaPssSha512, 64)
+    } else {
+        return Err(invalid(format!("unsupported RSA-PSS hash {}", hash.oid)));
+    };
+    let mgf = params.mask_gen.ok_or_else(|| invalid("RSA-PSS with MGF1-SHA-1 is not supported"))?;
+    let mgf_hash = mgf
+        .parameters
+        .as_ref()
+        .and_then(|p| p.decode_as::<AlgorithmIdentifierOwned>().ok())
+        .ok_or_else(|| invalid("RSA-PSS mask generation has no hash"))?;
+    if mgf.oid != rfc5912::ID_MGF_1 || mgf_hash.oid != hash.oid || !params_null_or_absent(&mgf_hash) {
+        return Err(invalid("RSA-PSS mask generation must be MGF1 with the signature hash"));
+    }
+    if params.salt_length != Some(hash_len) {
+        return Err(invalid(format!("RSA-PSS salt length must equal the hash length ({hash_len})")));
+    }
+    if params.trailer_field.is_some_and(|t| t != 1) {
+        return Err(invalid("RSA-PSS trailer field must be 1"));
+    }
+    Ok(alg)
+}
