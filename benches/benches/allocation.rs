@@ -1,5 +1,7 @@
 //! Throughput of allocation decisions: hashed (precomputed pool and one-shot) and geoLatency.
 
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::time::Duration;
 
