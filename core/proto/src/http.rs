@@ -32,6 +32,15 @@ pub fn is_known_api_version(version: &str) -> bool {
     KNOWN_API_VERSIONS.contains(&version)
 }
 
+/// Whether `api_version` may carry a certificate signing request (`csr`) and receive an issued
+/// certificate chain: `2025-07-01-preview` and later (spec §1.3, §1.5).
+pub fn supports_certificate_issuance(api_version: &str) -> bool {
+    let Some(date) = api_version.get(..10) else { return false };
+    let shaped =
+        date.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+    shaped && date >= "2025-07-01"
+}
+
 /// Continuation token of a query page; present only when more pages exist.
 pub const HEADER_CONTINUATION: &str = "x-ms-continuation";
 /// Kind of the items in a query page, one of [`QueryItemType`].
@@ -44,6 +53,8 @@ pub const HEADER_ERROR_CODE: &str = "x-ms-error-code";
 pub const HEADER_REQUEST_ID: &str = "x-ms-request-id";
 /// Seconds to wait before the next request (on 202 and 429).
 pub const HEADER_RETRY_AFTER: &str = "Retry-After";
+/// SAS token of a device (absent for X.509 and the first TPM call) or of a service policy.
+pub const HEADER_AUTHORIZATION: &str = "Authorization";
 /// Conditional-write header of the service API.
 pub const HEADER_IF_MATCH: &str = "If-Match";
 /// Content type of every JSON body; Node only parses bodies whose type contains `application/json`.
@@ -510,6 +521,16 @@ mod tests {
         assert!(matches!(Route::parse("POST", "/enrollments/e1"), Err(ProtoError::InvalidRoute(_))));
         assert!(matches!(Route::parse("GET", "/devices/d1"), Err(ProtoError::InvalidRoute(_))));
         assert!(matches!(Route::parse("GET", "/enrollments/bad%2Fid"), Err(ProtoError::InvalidId { .. })));
+    }
+
+    #[test]
+    fn certificate_issuance_starts_with_2025_07_01_preview() {
+        assert!(!supports_certificate_issuance("2021-10-01"));
+        assert!(!supports_certificate_issuance("2019-03-31"));
+        assert!(supports_certificate_issuance("2025-07-01-preview"));
+        assert!(supports_certificate_issuance("2026-04-01"));
+        assert!(!supports_certificate_issuance("garbage"));
+        assert!(!supports_certificate_issuance("zzzz-zz-zz-preview"));
     }
 
     #[test]

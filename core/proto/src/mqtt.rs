@@ -213,6 +213,11 @@ pub struct ResponseTopic {
 }
 
 impl ResponseTopic {
+    /// The topic answering `request`, echoing its `$rid`.
+    pub fn reply_to(request: &DeviceRequest, status: u16, retry_after: Option<u32>) -> Self {
+        Self { status, rid: request.rid().to_owned(), retry_after }
+    }
+
     /// Parses a reply topic as our device client receives it. Unknown properties are ignored.
     ///
     /// # Errors
@@ -316,5 +321,12 @@ mod tests {
         assert_eq!(t, ResponseTopic { status: 202, rid: "1".into(), retry_after: Some(3) });
         assert_eq!(t.to_string(), "$dps/registrations/res/202/?$rid=1&retry-after=3");
         assert!(ResponseTopic::parse("$dps/registrations/res/200/").is_err());
+        assert!(ResponseTopic::parse("$dps/registrations/res/202/?$rid=1&retry-after=soon").is_err());
+        let req =
+            DeviceRequest::parse_topic("$dps/registrations/PUT/iotdps-register/?$rid=2a6c1e77-5b1a").unwrap();
+        assert_eq!(
+            ResponseTopic::reply_to(&req, 401, None).to_string(),
+            "$dps/registrations/res/401/?$rid=2a6c1e77-5b1a"
+        );
     }
 }

@@ -242,3 +242,12 @@ fn error_body_keeps_info_null() {
     assert_eq!(e.info, Some(Value::Null));
     assert_eq!(e.error_code / 1000, 401);
 }
+
+#[test]
+fn error_body_without_tracking_id_still_parses() {
+    let e: ErrorDetails =
+        serde_json::from_value(json!({"errorCode": 429001, "message": "Throttled"})).unwrap();
+    assert_eq!(e.error_code, 429001);
+    assert_eq!(e.tracking_id, "");
+    assert_eq!(e.info, None);
+}
