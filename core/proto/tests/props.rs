@@ -219,6 +219,90 @@ proptest! {
     }
 }
 
+/// Request lines close to real ones: a real route's method and path (maybe upper-cased, maybe
+/// with a trailing slash), or DPS-looking segments, some percent-encoded, some garbage.
+fn request_like() -> impl Strategy<Value = (String, String)> {
+    let segment = prop_oneof![
+        prop::sample::select(vec![
+            "enrollments",
+            "enrollmentGroups",
+            "enrollmentgroups",
+            "registrations",
+            "register",
+            "operations",
+            "attestationmechanism",
+            "query",
+            "0ne00111111",
+            "dev-1",
+            "dev%3A1",
+            "a%2Fb",
+            "%ff",
+            "",
+        ])
+        .prop_map(str::to_owned),
+        "[ -~]{0,12}",
+    ];
+    let garbage = (
+        prop::sample::select(vec!["GET", "PUT", "POST", "DELETE", "PATCH", "get"]),
+        prop::collection::vec(segment, 0..6),
+    )
+        .prop_map(|(m, segs)| (m.to_owned(), format!("/{}", segs.join("/"))));
+    let near_real = (route(), any::<bool>(), any::<bool>()).prop_map(|(r, upper, slash)| {
+        let mut path = r.path();
+        if upper {
+            path = path.to_uppercase();
+        }
+        if slash {
+            path.push('/');
+        }
+        (r.method().as_str().to_owned(), path)
+    });
+    prop_oneof![near_real, garbage]
+}
+
+proptest! {
+    #[test]
+    fn any_accepted_request_target_formats_back_to_the_same_match(
+        (method, path) in request_like(),
+        query in prop::option::of("(api-version=[0-9a-z-]{1,20})?(&forceRegistration=(true|false|TRUE))?"),
+    ) {
+        if let Ok(m) = RouteMatch::parse(&method, &path, query.as_deref()) {
+            let again = RouteMatch::parse_target(m.route.method().as_str(), &m.target()).unwrap();
+            prop_assert_eq!(again, m);
+        }
+    }
+
+    #[test]
+    fn any_accepted_device_topic_formats_back_to_the_same_request(topic in prop_oneof![
+        "\\$dps/registrations/(PUT/iotdps-register|GET/iotdps-get-operationstatus)/?\\?(\\$rid=[ -~]{0,12})?(&operationId=([0-9a-z.-]|%2[dDeE]|%3[0-9]){1,20})?(&[ -~]{0,10})?",
+        "[ -~]{0,80}",
+    ]) {
+        if let Ok(req) = DeviceRequest::parse_topic(&topic) {
+            prop_assert_eq!(DeviceRequest::parse_topic(&req.to_string()).unwrap(), req);
+        }
+    }
+
+    #[test]
+    fn any_accepted_reply_topic_formats_back_to_the_same_reply(topic in prop_oneof![
+        "\\$dps/registrations/res/[0-9]{1,6}/\\?(\\$rid=[ -~]{0,12})?(&retry-after=[0-9]{1,11})?(&[ -~]{0,10})?",
+        "[ -~]{0,80}",
+    ]) {
+        if let Ok(t) = ResponseTopic::parse(&topic) {
+            prop_assert_eq!(ResponseTopic::parse(&t.to_string()).unwrap(), t);
+        }
+    }
+
+    #[test]
+    fn any_accepted_username_formats_back_to_the_same_username(username in prop_oneof![
+        "0ne[0-9A-F]{8}/registrations/[a-z0-9.:_-]{0,9}[a-z0-9]/\\??(api-version=[ -~]{0,20})?(&ClientVersion=[ -~]{0,20})?(&[ -~]{0,10})?",
+        "[ -~]{0,80}",
+    ]) {
+        if let Ok(u) = ConnectUsername::parse(&username) {
+            prop_assert_eq!(ConnectUsername::parse(&u.to_string()).unwrap(), u);
+        }
+    }
+}
+
 fn route() -> impl Strategy<Value = Route> {
     let rid = || valid_registration_id().prop_map(|s| RegistrationId::new(s).unwrap());
     let gid = || valid_registration_id().prop_map(|s| EnrollmentGroupId::new(s).unwrap());
