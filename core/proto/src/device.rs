@@ -180,7 +180,8 @@ pub struct SymmetricKeyRegistrationResult {
 pub struct ErrorDetails {
     /// Six-digit error code (HTTP status × 1000 + suffix).
     pub error_code: u32,
-    /// Tracking id (a GUID).
+    /// Tracking id (a GUID). Defaults to empty so our client still reads bodies that omit it.
+    #[serde(default)]
     pub tracking_id: String,
     /// Message.
     pub message: String,
