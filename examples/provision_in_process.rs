@@ -22,8 +22,8 @@ use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
 use zerotouch_engine::registration::{DeviceCredential, RegistrationConfig, RegistrationEvent};
 use zerotouch_proto::service::{
-    AttestationMechanism, AttestationType, EnrollmentGroup, IndividualEnrollment, InitialTwin, SymmetricKeyAttestation,
-    X509Attestation, X509CertificateWithInfo, X509Certificates,
+    AttestationMechanism, AttestationType, EnrollmentGroup, IndividualEnrollment, InitialTwin,
+    SymmetricKeyAttestation, X509Attestation, X509CertificateWithInfo, X509Certificates,
 };
 use zerotouch_proto::{EnrollmentGroupId, IdScope, IfMatch, RegistrationId};
 use zerotouch_testkit::certs::TestCa;
@@ -50,6 +50,9 @@ fn group(id: &str, attestation: AttestationMechanism) -> EnrollmentGroup {
         extra: Default::default(),
     }
 }
+
+/// A device to register: id, how it attests, its state-machine config, the chain it presents.
+type Device = (String, &'static str, RegistrationConfig, Option<Vec<Vec<u8>>>);
 
 fn main() {
     let crypto = RingCrypto::new();
@@ -101,7 +104,10 @@ fn main() {
                 symmetric_key: None,
                 x509: Some(X509Attestation {
                     signing_certificates: Some(X509Certificates {
-                        primary: Some(X509CertificateWithInfo { certificate: Some(line.pem().to_owned()), info: None }),
+                        primary: Some(X509CertificateWithInfo {
+                            certificate: Some(line.pem().to_owned()),
+                            info: None,
+                        }),
                         secondary: None,
                     }),
                     ..Default::default()
@@ -144,23 +150,28 @@ fn main() {
         &IfMatch::Absent,
     )
     .expect("enroll gateway");
-    let gateway_key = STANDARD.decode(gateway.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap();
+    let gateway_key =
+        STANDARD.decode(gateway.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap();
 
     // 2. Register simulated devices through the device state machine.
     let scope = IdScope::new(SCOPE).unwrap();
     let mut landed: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut devices: Vec<(String, &str, RegistrationConfig, Option<Vec<Vec<u8>>>)> = Vec::new();
+    let mut devices: Vec<Device> = Vec::new();
     for i in 0..8 {
         let id = format!("thermostat-{i:03}");
         let key = derive_device_key(&crypto, &group_key, &id).to_vec();
-        let config =
-            RegistrationConfig::new(scope.clone(), RegistrationId::new(&id).unwrap(), DeviceCredential::SymmetricKey(key));
+        let config = RegistrationConfig::new(
+            scope.clone(),
+            RegistrationId::new(&id).unwrap(),
+            DeviceCredential::SymmetricKey(key),
+        );
         devices.push((id, "symmetric key (group)", config, None));
     }
     for i in 0..4 {
         let id = format!("camera-{i:03}");
         let cert = line.device(&id);
-        let config = RegistrationConfig::new(scope.clone(), RegistrationId::new(&id).unwrap(), DeviceCredential::X509);
+        let config =
+            RegistrationConfig::new(scope.clone(), RegistrationId::new(&id).unwrap(), DeviceCredential::X509);
         devices.push((id, "X.509 (group)", config, Some(cert.chain_der())));
     }
     devices.push((
@@ -190,6 +201,12 @@ fn main() {
     println!("\nsummary ({} requests served, virtual time {}):", sim.requests, sim.now);
     for hub in &hubs {
         let n = landed.get(&hub.name).map_or(0, Vec::len);
-        println!("  {:<26} weight {:>2}  devices {:>2}  (identities in hub: {})", hub.name, hub.allocation_weight, n, sim.hubs.count(&hub.name));
+        println!(
+            "  {:<26} weight {:>2}  devices {:>2}  (identities in hub: {})",
+            hub.name,
+            hub.allocation_weight,
+            n,
+            sim.hubs.count(&hub.name)
+        );
     }
 }

@@ -150,7 +150,10 @@ fn x509(c: &mut Criterion) {
                 symmetric_key: None,
                 x509: Some(X509Attestation {
                     signing_certificates: Some(X509Certificates {
-                        primary: Some(X509CertificateWithInfo { certificate: Some(line.pem().to_owned()), info: None }),
+                        primary: Some(X509CertificateWithInfo {
+                            certificate: Some(line.pem().to_owned()),
+                            info: None,
+                        }),
                         secondary: None,
                     }),
                     ..Default::default()

@@ -207,7 +207,6 @@ impl Enrollment {
         }
         .unwrap_or_default()
     }
-
 }
 
 /// What authentication established about the device.

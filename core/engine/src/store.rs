@@ -316,7 +316,11 @@ mod shared {
         fn put_enrollment_group(&self, g: &EnrollmentGroup, pre: &Precondition) -> Result<(), StoreError> {
             (**self).put_enrollment_group(g, pre)
         }
-        fn delete_enrollment_group(&self, id: &EnrollmentGroupId, pre: &Precondition) -> Result<(), StoreError> {
+        fn delete_enrollment_group(
+            &self,
+            id: &EnrollmentGroupId,
+            pre: &Precondition,
+        ) -> Result<(), StoreError> {
             (**self).delete_enrollment_group(id, pre)
         }
         fn enrollment_groups(&self, page: &PageRequest) -> Result<Page<EnrollmentGroup>, StoreError> {

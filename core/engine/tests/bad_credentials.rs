@@ -43,7 +43,14 @@ fn assert_rejected(r: &Response, status: u16, code: u32) {
 fn a_wrong_symmetric_key_is_unauthorized() {
     let mut w = world();
     let key = enroll_symmetric(&w, "dev-1", &EnrollOptions::default());
-    assert_eq!({ let c = sas(&w, &key, "dev-1", 60); register(&mut w, "dev-1", c) }.status, 202);
+    assert_eq!(
+        {
+            let c = sas(&w, &key, "dev-1", 60);
+            register(&mut w, "dev-1", c)
+        }
+        .status,
+        202
+    );
     let c = sas(&w, &[7u8; 32], "dev-1", 60);
     let r = register(&mut w, "dev-1", c);
     assert_rejected(&r, 401, 401002);
@@ -53,10 +60,20 @@ fn a_wrong_symmetric_key_is_unauthorized() {
 fn the_group_key_itself_is_not_accepted() {
     let mut w = world();
     let group_key = enroll_symmetric_group(&w, "g1", &EnrollOptions::default());
-    let r = { let c = sas(&w, &group_key, "dev-1", 60); register(&mut w, "dev-1", c) };
+    let r = {
+        let c = sas(&w, &group_key, "dev-1", 60);
+        register(&mut w, "dev-1", c)
+    };
     assert_rejected(&r, 401, 401002);
     let derived = derive_device_key(&crypto(), &group_key, "dev-1");
-    assert_eq!({ let c = sas(&w, &derived, "dev-1", 60); register(&mut w, "dev-1", c) }.status, 202);
+    assert_eq!(
+        {
+            let c = sas(&w, &derived, "dev-1", 60);
+            register(&mut w, "dev-1", c)
+        }
+        .status,
+        202
+    );
 }
 
 #[test]
@@ -64,9 +81,20 @@ fn an_expired_token_is_unauthorized() {
     let mut w = world();
     let key = enroll_symmetric(&w, "dev-1", &EnrollOptions::default());
     // Beyond the five-minute clock skew the service allows.
-    let r = { let c = sas(&w, &key, "dev-1", -301); register(&mut w, "dev-1", c) };
+    let r = {
+        let c = sas(&w, &key, "dev-1", -301);
+        register(&mut w, "dev-1", c)
+    };
     assert_rejected(&r, 401, 401002);
-    assert_eq!({ let c = sas(&w, &key, "dev-1", -60); register(&mut w, "dev-1", c) }.status, 202, "within the skew");
+    assert_eq!(
+        {
+            let c = sas(&w, &key, "dev-1", -60);
+            register(&mut w, "dev-1", c)
+        }
+        .status,
+        202,
+        "within the skew"
+    );
 }
 
 #[test]
@@ -74,7 +102,10 @@ fn a_token_for_another_registration_id_is_unauthorized() {
     let mut w = world();
     enroll_symmetric(&w, "dev-1", &EnrollOptions::default());
     let other = enroll_symmetric(&w, "dev-2", &EnrollOptions::default());
-    let r = { let c = sas(&w, &other, "dev-2", 60); register(&mut w, "dev-1", c) };
+    let r = {
+        let c = sas(&w, &other, "dev-2", 60);
+        register(&mut w, "dev-1", c)
+    };
     assert_rejected(&r, 401, 401002);
 }
 
@@ -147,13 +178,31 @@ fn a_disabled_enrollment_is_unauthorized() {
     let mut w = world();
     let disabled = EnrollOptions { disabled: true, ..Default::default() };
     let key = enroll_symmetric(&w, "dev-1", &disabled);
-    assert_rejected(&{ let c = sas(&w, &key, "dev-1", 60); register(&mut w, "dev-1", c) }, 401, 401002);
+    assert_rejected(
+        &{
+            let c = sas(&w, &key, "dev-1", 60);
+            register(&mut w, "dev-1", c)
+        },
+        401,
+        401002,
+    );
     let group_key = enroll_symmetric_group(&w, "off", &disabled);
     let derived = derive_device_key(&crypto(), &group_key, "dev-9");
-    assert_rejected(&{ let c = sas(&w, &derived, "dev-9", 60); register(&mut w, "dev-9", c) }, 401, 401002);
+    assert_rejected(
+        &{
+            let c = sas(&w, &derived, "dev-9", 60);
+            register(&mut w, "dev-9", c)
+        },
+        401,
+        401002,
+    );
     let ca = TestCa::root("Root");
     enroll_x509_group(&w, "off-x509", ca.pem(), &disabled);
-    assert_rejected(&register(&mut w, "cam-1", Credential::X509(ca.device("cam-1").chain_der())), 401, 401002);
+    assert_rejected(
+        &register(&mut w, "cam-1", Credential::X509(ca.device("cam-1").chain_der())),
+        401,
+        401002,
+    );
 }
 
 #[test]
@@ -171,7 +220,14 @@ fn a_disabled_individual_entry_inside_a_group_revokes_that_device() {
     let group_key = enroll_symmetric_group(&w, "sym", &EnrollOptions::default());
     enroll_symmetric(&w, "dev-2", &EnrollOptions { disabled: true, ..Default::default() });
     let derived = derive_device_key(&crypto(), &group_key, "dev-2");
-    assert_rejected(&{ let c = sas(&w, &derived, "dev-2", 60); register(&mut w, "dev-2", c) }, 401, 401002);
+    assert_rejected(
+        &{
+            let c = sas(&w, &derived, "dev-2", 60);
+            register(&mut w, "dev-2", c)
+        },
+        401,
+        401002,
+    );
 }
 
 #[test]
@@ -184,7 +240,14 @@ fn a_deleted_enrollment_is_not_found() {
         &IfMatch::Any,
     )
     .unwrap();
-    assert_rejected(&{ let c = sas(&w, &key, "dev-1", 60); register(&mut w, "dev-1", c) }, 404, 404201);
+    assert_rejected(
+        &{
+            let c = sas(&w, &key, "dev-1", 60);
+            register(&mut w, "dev-1", c)
+        },
+        404,
+        404201,
+    );
 }
 
 #[test]

@@ -90,7 +90,11 @@ fn scenario(enrollment: Enrollment, attestation: Attestation, policy: Allocation
     }
     if policy == AllocationPolicy::Custom {
         assert_eq!(a.payload, Some(json!({ "welcome": "a" })), "webhook payload returned to the device");
-        assert_eq!(device.tags.get("site"), Some(&json!("a")), "webhook initial twin overrides the enrollment's");
+        assert_eq!(
+            device.tags.get("site"),
+            Some(&json!("a")),
+            "webhook initial twin overrides the enrollment's"
+        );
     } else {
         assert_eq!(device.tags.get("plan"), Some(&json!("pilot")));
         assert_eq!(device.desired.get("telemetryInterval"), Some(&json!(30)));

@@ -64,19 +64,24 @@ fn reprovision_and_reset_gives_the_new_hub_the_initial_twin() {
     assert_eq!((moved.assigned_hub.as_str(), moved.substatus), (HUB_C, Some(Substatus::DeviceDataReset)));
     let twin = w.hubs.device(HUB_C, ID).unwrap();
     assert!(twin.reported.is_empty(), "no data carried over");
-    assert_eq!(twin.tags.get("site"), Some(&json!("c")), "initial twin of this allocation");
+    assert_eq!(twin.tags.get("plan"), Some(&json!("pilot")), "the enrollment's initial twin");
+    assert_eq!(twin.tags.get("site"), None, "nothing of the old twin");
     assert!(w.hubs.device(HUB_A, ID).is_none(), "old identity removed");
 }
 
 #[test]
 fn reset_policy_on_the_same_hub_resets_the_twin() {
     let mut w = world();
-    let key = enroll_symmetric(&w, ID, &EnrollOptions {
-        policy: Some(AllocationPolicy::Static),
-        hubs: Some(vec![HUB_B.into()]),
-        reprovision: Some(ReprovisionPolicy { update_hub_assignment: true, migrate_device_data: false }),
-        ..Default::default()
-    });
+    let key = enroll_symmetric(
+        &w,
+        ID,
+        &EnrollOptions {
+            policy: Some(AllocationPolicy::Static),
+            hubs: Some(vec![HUB_B.into()]),
+            reprovision: Some(ReprovisionPolicy { update_hub_assignment: true, migrate_device_data: false }),
+            ..Default::default()
+        },
+    );
     assigned(w.register(symmetric_device(ID, &key, None), None));
     let d = w.hubs.device_mut(HUB_B, ID).unwrap();
     d.reported.insert("errors".into(), json!(12));
@@ -86,7 +91,11 @@ fn reset_policy_on_the_same_hub_resets_the_twin() {
     assert_eq!((again.assigned_hub.as_str(), again.substatus), (HUB_B, Some(Substatus::DeviceDataReset)));
     let d = w.hubs.device(HUB_B, ID).unwrap();
     assert!(d.reported.is_empty());
-    assert_eq!(d.desired.get("telemetryInterval"), Some(&json!(30)), "back to the enrollment's desired value");
+    assert_eq!(
+        d.desired.get("telemetryInterval"),
+        Some(&json!(30)),
+        "back to the enrollment's desired value"
+    );
 }
 
 #[test]
@@ -98,6 +107,20 @@ fn migrate_policy_on_the_same_hub_keeps_twin_and_substatus() {
     let again = assigned(w.register(symmetric_device(ID, &key, site("a")), None));
     assert_eq!((again.assigned_hub.as_str(), again.substatus), (HUB_A, Some(Substatus::InitialAssignment)));
     assert_eq!(w.hubs.device(HUB_A, ID).unwrap().reported.get("uptime"), Some(&json!(99)));
+}
+
+#[test]
+fn a_webhook_twin_on_re_registration_replaces_migration() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &custom(true, true));
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    w.hubs.device_mut(HUB_A, ID).unwrap().reported.insert("firmware".into(), json!("1.2.3"));
+    let moved =
+        assigned(w.register(symmetric_device(ID, &key, Some(json!({ "site": "b", "retwin": true }))), None));
+    assert_eq!((moved.assigned_hub.as_str(), moved.substatus), (HUB_B, Some(Substatus::DeviceDataReset)));
+    let twin = w.hubs.device(HUB_B, ID).unwrap();
+    assert!(twin.reported.is_empty());
+    assert_eq!(twin.tags.get("site"), Some(&json!("b")));
 }
 
 #[test]

@@ -20,9 +20,9 @@ use zerotouch_engine::registration::{
     Assignment, DeviceCredential, RegistrationConfig, RegistrationEvent, RegistrationFailure,
 };
 use zerotouch_proto::service::{
-    AllocationPolicy, AttestationMechanism, AttestationType, CustomAllocationRequest, CustomAllocationResponse,
-    EnrollmentGroup, IndividualEnrollment, InitialTwin, InitialTwinProperties, ProvisioningStatus, ReprovisionPolicy,
-    SymmetricKeyAttestation,
+    AllocationPolicy, AttestationMechanism, AttestationType, CustomAllocationRequest,
+    CustomAllocationResponse, EnrollmentGroup, IndividualEnrollment, InitialTwin, InitialTwinProperties,
+    ProvisioningStatus, ReprovisionPolicy, SymmetricKeyAttestation,
 };
 use zerotouch_proto::{DeviceId, EnrollmentGroupId, IdScope, IfMatch, RegistrationId};
 use zerotouch_testkit::hubs::SimHubs;
@@ -34,7 +34,9 @@ pub const HUB_B: &str = "hub-b.example.net";
 pub const HUB_C: &str = "hub-c.example.net";
 
 /// Custom allocation the way a webhook would do it: the device's payload names its site, the
-/// allocator answers with that site's hub, tags the twin with the site and greets the device.
+/// allocator answers with that site's hub and greets the device. New devices get a twin tagged
+/// with their site; on re-registration it returns no twin (so the reprovision policy decides)
+/// unless the payload asks for `"retwin": true`.
 pub struct SiteAllocator;
 
 impl CustomAllocator for SiteAllocator {
@@ -51,9 +53,13 @@ impl CustomAllocator for SiteAllocator {
             .iter()
             .find(|h| h.starts_with(&format!("hub-{site}.")))
             .ok_or_else(|| format!("no hub for site {site}"))?;
+        let payload = request.device_runtime_context.payload.as_ref();
+        let retwin = payload.and_then(|p| p.get("retwin")).and_then(Value::as_bool).unwrap_or(false);
+        let new_device = request.device_runtime_context.current_iot_hub_host_name.is_none();
         Ok(CustomAllocationResponse {
             iot_hub_host_name: hub.clone(),
-            initial_twin: Some(InitialTwin { tags: Some(json!({ "site": site })), properties: None }),
+            initial_twin: (new_device || retwin)
+                .then(|| InitialTwin { tags: Some(json!({ "site": site })), properties: None }),
             payload: Some(json!({ "welcome": site })),
         })
     }
@@ -113,7 +119,11 @@ pub fn individual(id: &str, attestation: AttestationMechanism, o: &EnrollOptions
         iot_hub_host_name: None,
         initial_twin: Some(initial_twin()),
         etag: None,
-        provisioning_status: Some(if o.disabled { ProvisioningStatus::Disabled } else { ProvisioningStatus::Enabled }),
+        provisioning_status: Some(if o.disabled {
+            ProvisioningStatus::Disabled
+        } else {
+            ProvisioningStatus::Enabled
+        }),
         reprovision_policy: o.reprovision,
         created_date_time_utc: None,
         last_updated_date_time_utc: None,
@@ -132,7 +142,11 @@ pub fn group(id: &str, attestation: AttestationMechanism, o: &EnrollOptions) -> 
         iot_hub_host_name: None,
         initial_twin: Some(initial_twin()),
         etag: None,
-        provisioning_status: Some(if o.disabled { ProvisioningStatus::Disabled } else { ProvisioningStatus::Enabled }),
+        provisioning_status: Some(if o.disabled {
+            ProvisioningStatus::Disabled
+        } else {
+            ProvisioningStatus::Enabled
+        }),
         reprovision_policy: o.reprovision,
         created_date_time_utc: None,
         last_updated_date_time_utc: None,
@@ -194,7 +208,11 @@ pub fn group_device(id: &str, group_key: &[u8], payload: Option<Value>) -> Regis
 }
 
 pub fn x509_device(id: &str, payload: Option<Value>) -> RegistrationConfig {
-    let mut c = RegistrationConfig::new(IdScope::new(SCOPE).unwrap(), RegistrationId::new(id).unwrap(), DeviceCredential::X509);
+    let mut c = RegistrationConfig::new(
+        IdScope::new(SCOPE).unwrap(),
+        RegistrationId::new(id).unwrap(),
+        DeviceCredential::X509,
+    );
     c.payload = payload;
     c
 }
@@ -221,7 +239,10 @@ pub fn x509_individual_attestation(device_pem: &str) -> AttestationMechanism {
         symmetric_key: None,
         x509: Some(X509Attestation {
             client_certificates: Some(X509Certificates {
-                primary: Some(X509CertificateWithInfo { certificate: Some(device_pem.to_owned()), info: None }),
+                primary: Some(X509CertificateWithInfo {
+                    certificate: Some(device_pem.to_owned()),
+                    info: None,
+                }),
                 secondary: None,
             }),
             ..Default::default()
