@@ -47,6 +47,8 @@ pub enum KeyType {
     RsaSha384,
     /// RSA 2048 from the fixed pool; signs with PKCS#1 v1.5 SHA-512.
     RsaSha512,
+    /// Ed25519: DPS does not accept it, so it serves negative tests (unsupported algorithm).
+    Ed25519,
 }
 
 /// Pre-generated RSA 2048 keys (PKCS#8 PEM); see `testdata/certs/README.md`.
@@ -82,6 +84,7 @@ impl KeyType {
             KeyType::Rsa => rsa(&rcgen::PKCS_RSA_SHA256),
             KeyType::RsaSha384 => rsa(&rcgen::PKCS_RSA_SHA384),
             KeyType::RsaSha512 => rsa(&rcgen::PKCS_RSA_SHA512),
+            KeyType::Ed25519 => KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key"),
         }
     }
 }
