@@ -2,9 +2,8 @@
 //!
 //! Certificates are parsed once into an owned [`Certificate`] (cheap to clone) that keeps the DER
 //! and the fields attestation needs. Signatures are checked through
-//! [`CryptoProvider::verify_signature`](crate::crypto::CryptoProvider::verify_signature) over the
-//! to-be-signed bytes exactly as they appear in the DER, so no re-encoding can change what is
-//! verified. Revocation is not checked here: DPS revokes by disabling enrollments (spec §5.2).
+//! [`CryptoProvider::verify_signature`] over the to-be-signed bytes exactly as they appear in
+//! the DER, so no re-encoding can change what is verified. Revocation is not checked here: DPS revokes by disabling enrollments (spec §5.2).
 
 use std::fmt;
 use std::ops::Range;
@@ -146,7 +145,7 @@ impl Certificate {
                 signature,
                 subject_name: format_name(&tbs_cert.subject),
                 issuer_name: format_name(&tbs_cert.issuer),
-                common_name: common_name(&tbs_cert.subject)?,
+                common_name: common_name(&tbs_cert.subject),
                 not_before: to_timestamp(tbs_cert.validity.not_before),
                 not_after: to_timestamp(tbs_cert.validity.not_after),
                 serial: tbs_cert.serial_number.as_bytes().to_vec(),
@@ -200,7 +199,8 @@ impl Certificate {
         &self.inner.der
     }
 
-    /// The subject's common name (the last CN attribute when there are several), if any.
+    /// The subject's common name (the last CN attribute when there are several), if any and
+    /// readable as a string.
     pub fn common_name(&self) -> Option<&str> {
         self.inner.common_name.as_deref()
     }
@@ -512,29 +512,32 @@ fn format_name(name: &Name) -> String {
     name.to_string()
 }
 
-fn common_name(name: &Name) -> Result<Option<String>, AuthError> {
+/// The last CN of `name`; `None` when there is none or the last one is not a readable string
+/// (such a certificate cannot match a registration id, but may still serve as a CA).
+fn common_name(name: &Name) -> Option<String> {
     let mut found = None;
     for rdn in name.0.iter() {
         for atv in rdn.0.iter() {
             if atv.oid == rfc4519::CN {
-                found = Some(directory_string(&atv.value)?);
+                found = Some(directory_string(&atv.value));
             }
         }
     }
-    Ok(found)
+    found.flatten()
 }
 
 /// Decodes a DirectoryString (or IA5String) attribute value.
-fn directory_string(value: &x509_cert::der::Any) -> Result<String, AuthError> {
-    let bad = |e: x509_cert::der::Error| invalid(format!("malformed common name: {e}"));
-    Ok(match value.tag() {
-        Tag::Utf8String => Utf8StringRef::try_from(value).map_err(bad)?.as_str().to_owned(),
-        Tag::PrintableString => PrintableStringRef::try_from(value).map_err(bad)?.as_str().to_owned(),
-        Tag::Ia5String => Ia5StringRef::try_from(value).map_err(bad)?.as_str().to_owned(),
-        Tag::TeletexString => TeletexStringRef::try_from(value).map_err(bad)?.as_str().to_owned(),
-        Tag::BmpString => BmpString::from_der(&value.to_der().map_err(bad)?).map_err(bad)?.to_string(),
-        other => return Err(invalid(format!("common name has unsupported string type {other}"))),
-    })
+fn directory_string(value: &x509_cert::der::Any) -> Option<String> {
+    match value.tag() {
+        Tag::Utf8String => Utf8StringRef::try_from(value).ok().map(|s| s.as_str().to_owned()),
+        Tag::PrintableString => PrintableStringRef::try_from(value).ok().map(|s| s.as_str().to_owned()),
+        Tag::Ia5String => Ia5StringRef::try_from(value).ok().map(|s| s.as_str().to_owned()),
+        Tag::TeletexString => TeletexStringRef::try_from(value).ok().map(|s| s.as_str().to_owned()),
+        Tag::BmpString => {
+            value.to_der().ok().and_then(|der| BmpString::from_der(&der).ok()).map(|s| s.to_string())
+        }
+        _ => None,
+    }
 }
 
 fn to_timestamp(time: x509_cert::time::Time) -> Timestamp {
@@ -925,6 +928,24 @@ mod tests {
         assert_eq!(int_c.issuer_name(), root_c.subject_name());
         assert!(root_c.is_ca() && int_c.is_ca() && !leaf.is_ca());
         assert!(root_c.is_self_issued() && !int_c.is_self_issued());
+    }
+
+    #[test]
+    fn certificate_whose_cn_is_not_a_string_parses_without_common_name() {
+        let ca = TestCa::root("ca");
+        // CN value tag UTF8String (0x0c) → OCTET STRING (0x04), which is no DirectoryString.
+        let der =
+            patch(ca.device("dev-1").der(), &[0x55, 0x04, 0x03, 0x0c, 0x05], &[0x55, 0x04, 0x03, 0x04, 0x05]);
+        let cert = parse(&der);
+        assert_eq!(cert.common_name(), None);
+        assert_eq!(cert.issuer_name(), "CN=ca");
+    }
+
+    #[test]
+    fn certificates_and_chains_can_be_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Certificate>();
+        assert_send_sync::<PresentedChain>();
     }
 
     #[test]
