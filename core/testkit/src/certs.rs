@@ -47,6 +47,8 @@ pub enum KeyType {
     RsaSha384,
     /// RSA 2048 from the fixed pool; signs with PKCS#1 v1.5 SHA-512.
     RsaSha512,
+    /// Ed25519: DPS does not accept it, so it serves negative tests (unsupported algorithm).
+    Ed25519,
 }
 
 /// Pre-generated RSA 2048 keys (PKCS#8 PEM); see `testdata/certs/README.md`.
@@ -82,6 +84,7 @@ impl KeyType {
             KeyType::Rsa => rsa(&rcgen::PKCS_RSA_SHA256),
             KeyType::RsaSha384 => rsa(&rcgen::PKCS_RSA_SHA384),
             KeyType::RsaSha512 => rsa(&rcgen::PKCS_RSA_SHA512),
+            KeyType::Ed25519 => KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key"),
         }
     }
 }
@@ -293,10 +296,25 @@ impl fmt::Debug for TestCert {
     }
 }
 
-/// A certificate authority (root or intermediate) that can issue certificates.
+/// A certificate authority (root or intermediate) that can issue certificates. Cloning copies
+/// the key, so a clone issues certificates that verify against the same CA certificate.
 pub struct TestCa {
     cert: TestCert,
+    params: CertificateParams,
     issuer: Issuer<'static, KeyPair>,
+}
+
+impl Clone for TestCa {
+    fn clone(&self) -> Self {
+        let key = self.issuer.key();
+        let key = KeyPair::from_pkcs8_der_and_sign_algo(&key.serialized_der().into(), key.algorithm())
+            .expect("a key pair reloads from its own PKCS#8");
+        TestCa {
+            cert: self.cert.clone(),
+            params: self.params.clone(),
+            issuer: Issuer::new(self.params.clone(), key),
+        }
+    }
 }
 
 impl TestCa {
@@ -311,7 +329,7 @@ impl TestCa {
         let params = spec.params(true);
         let cert = params.self_signed(&key).expect("self-signed root");
         let cert = TestCert::new(&spec, &key, cert, Vec::new());
-        TestCa { cert, issuer: Issuer::new(params, key) }
+        TestCa { cert, params: params.clone(), issuer: Issuer::new(params, key) }
     }
 
     /// An intermediate CA `CN=<common_name>` (P-256) signed by this CA.
@@ -325,7 +343,7 @@ impl TestCa {
         let params = spec.params(true);
         let cert = params.signed_by(&key, &self.issuer).expect("intermediate signed by CA");
         let cert = TestCert::new(&spec, &key, cert, self.cert.full_chain_der());
-        TestCa { cert, issuer: Issuer::new(params, key) }
+        TestCa { cert, params: params.clone(), issuer: Issuer::new(params, key) }
     }
 
     /// A device leaf with CN = `registration_id` (P-256, default validity) signed by this CA.
@@ -497,6 +515,18 @@ mod tests {
         assert_eq!(cert.subject_name(), "CN=solo,O=Contoso");
         assert_eq!(cert.serial_hex(), "1234");
         assert!(!format!("{dev:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn cloned_ca_issues_certificates_that_verify_against_the_original() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<TestCa>();
+        for kt in [KeyType::EcdsaP256, KeyType::Rsa] {
+            let ca = TestCa::root_with(CertSpec::new("ca").key_type(kt));
+            let dev = ca.clone().device("dev");
+            let leaf = Certificate::from_der(dev.der()).unwrap();
+            leaf.verify_issued_by(&Certificate::from_der(ca.der()).unwrap(), &RingCrypto::new()).unwrap();
+        }
     }
 
     #[test]

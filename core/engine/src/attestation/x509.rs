@@ -2,9 +2,8 @@
 //!
 //! Certificates are parsed once into an owned [`Certificate`] (cheap to clone) that keeps the DER
 //! and the fields attestation needs. Signatures are checked through
-//! [`CryptoProvider::verify_signature`](crate::crypto::CryptoProvider::verify_signature) over the
-//! to-be-signed bytes exactly as they appear in the DER, so no re-encoding can change what is
-//! verified. Revocation is not checked here: DPS revokes by disabling enrollments (spec §5.2).
+//! [`CryptoProvider::verify_signature`] over the to-be-signed bytes exactly as they appear in
+//! the DER, so no re-encoding can change what is verified. Revocation is not checked here: DPS revokes by disabling enrollments (spec §5.2).
 
 use std::fmt;
 use std::ops::Range;
@@ -146,7 +145,7 @@ impl Certificate {
                 signature,
                 subject_name: format_name(&tbs_cert.subject),
                 issuer_name: format_name(&tbs_cert.issuer),
-                common_name: common_name(&tbs_cert.subject)?,
+                common_name: common_name(&tbs_cert.subject),
                 not_before: to_timestamp(tbs_cert.validity.not_before),
                 not_after: to_timestamp(tbs_cert.validity.not_after),
                 serial: tbs_cert.serial_number.as_bytes().to_vec(),
@@ -200,7 +199,8 @@ impl Certificate {
         &self.inner.der
     }
 
-    /// The subject's common name (the last CN attribute when there are several), if any.
+    /// The subject's common name (the last CN attribute when there are several), if any and
+    /// readable as a string.
     pub fn common_name(&self) -> Option<&str> {
         self.inner.common_name.as_deref()
     }
@@ -512,29 +512,32 @@ fn format_name(name: &Name) -> String {
     name.to_string()
 }
 
-fn common_name(name: &Name) -> Result<Option<String>, AuthError> {
+/// The last CN of `name`; `None` when there is none or the last one is not a readable string
+/// (such a certificate cannot match a registration id, but may still serve as a CA).
+fn common_name(name: &Name) -> Option<String> {
     let mut found = None;
     for rdn in name.0.iter() {
         for atv in rdn.0.iter() {
             if atv.oid == rfc4519::CN {
-                found = Some(directory_string(&atv.value)?);
+                found = Some(directory_string(&atv.value));
             }
         }
     }
-    Ok(found)
+    found.flatten()
 }
 
 /// Decodes a DirectoryString (or IA5String) attribute value.
-fn directory_string(value: &x509_cert::der::Any) -> Result<String, AuthError> {
-    let bad = |e: x509_cert::der::Error| invalid(format!("malformed common name: {e}"));
-    Ok(match value.tag() {
-        Tag::Utf8String => Utf8StringRef::try_from(value).map_err(bad)?.as_str().to_owned(),
-        Tag::PrintableString => PrintableStringRef::try_from(value).map_err(bad)?.as_str().to_owned(),
-        Tag::Ia5String => Ia5StringRef::try_from(value).map_err(bad)?.as_str().to_owned(),
-        Tag::TeletexString => TeletexStringRef::try_from(value).map_err(bad)?.as_str().to_owned(),
-        Tag::BmpString => BmpString::from_der(&value.to_der().map_err(bad)?).map_err(bad)?.to_string(),
-        other => return Err(invalid(format!("common name has unsupported string type {other}"))),
-    })
+fn directory_string(value: &x509_cert::der::Any) -> Option<String> {
+    match value.tag() {
+        Tag::Utf8String => Utf8StringRef::try_from(value).ok().map(|s| s.as_str().to_owned()),
+        Tag::PrintableString => PrintableStringRef::try_from(value).ok().map(|s| s.as_str().to_owned()),
+        Tag::Ia5String => Ia5StringRef::try_from(value).ok().map(|s| s.as_str().to_owned()),
+        Tag::TeletexString => TeletexStringRef::try_from(value).ok().map(|s| s.as_str().to_owned()),
+        Tag::BmpString => {
+            value.to_der().ok().and_then(|der| BmpString::from_der(&der).ok()).map(|s| s.to_string())
+        }
+        _ => None,
+    }
 }
 
 fn to_timestamp(time: x509_cert::time::Time) -> Timestamp {
@@ -673,4 +676,485 @@ fn pss_algorithm(sig: &AlgorithmIdentifierOwned) -> Result<SignatureAlgorithm, A
         return Err(invalid("RSA-PSS trailer field must be 1"));
     }
     Ok(alg)
+}
+
+// The tests verify real signatures with the ring provider.
+#[cfg(test)]
+#[cfg(feature = "ring")]
+mod tests {
+    use proptest::prelude::*;
+    use zerotouch_testkit::certs::{rsa_pss, CertSpec, KeyType, TestCa, TestCert};
+
+    use super::*;
+    use crate::crypto::RingCrypto;
+
+    /// 2026-06-01T00:00:00Z, inside the testkit's default validity.
+    const NOW: Timestamp = Timestamp::from_unix_secs(1_780_272_000);
+
+    fn parse(der: &[u8]) -> Certificate {
+        Certificate::from_der(der).unwrap()
+    }
+
+    fn chain(cert: &TestCert) -> PresentedChain {
+        PresentedChain::from_der(&cert.full_chain_der()).unwrap()
+    }
+
+    /// Replaces every occurrence of `from` in `der` by `to` (same length).
+    fn patch(der: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+        assert_eq!(from.len(), to.len());
+        let mut out = der.to_vec();
+        let mut found = 0;
+        let mut i = 0;
+        while i + from.len() <= out.len() {
+            if &out[i..i + from.len()] == from {
+                out[i..i + from.len()].copy_from_slice(to);
+                found += 1;
+                i += from.len();
+            } else {
+                i += 1;
+            }
+        }
+        assert!(found > 0, "pattern not found");
+        out
+    }
+
+    #[test]
+    fn device_chains_verify_for_every_supported_key_type() {
+        let crypto = RingCrypto::new();
+        for kt in
+            [KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::Rsa, KeyType::RsaSha384, KeyType::RsaSha512]
+        {
+            let root = TestCa::root_with(CertSpec::new("root").key_type(kt));
+            let int = root.intermediate_with(CertSpec::new("int").key_type(kt));
+            let dev = int.device_with(CertSpec::new("dev-1").key_type(kt));
+            let chain = chain(&dev);
+            chain.verify_internal(NOW, &crypto).unwrap_or_else(|e| panic!("{kt:?}: {e}"));
+            let [leaf, int_c, root_c] = chain.certificates() else { panic!("three certificates") };
+            leaf.verify_issued_by(int_c, &crypto).unwrap();
+            int_c.verify_issued_by(root_c, &crypto).unwrap();
+            root_c.verify_issued_by(root_c, &crypto).unwrap();
+        }
+    }
+
+    #[test]
+    fn signature_algorithm_follows_the_issuer_key() {
+        let cases = [
+            (KeyType::EcdsaP256, SignatureAlgorithm::EcdsaP256Sha256),
+            (KeyType::EcdsaP384, SignatureAlgorithm::EcdsaP384Sha384),
+            (KeyType::Rsa, SignatureAlgorithm::RsaPkcs1Sha256),
+            (KeyType::RsaSha384, SignatureAlgorithm::RsaPkcs1Sha384),
+            (KeyType::RsaSha512, SignatureAlgorithm::RsaPkcs1Sha512),
+        ];
+        for (kt, expected) in cases {
+            let ca = TestCa::root_with(CertSpec::new("ca").key_type(kt));
+            // The leaf key type differs from the issuer's: only the issuer's key counts.
+            let leaf = parse(ca.device_with(CertSpec::new("dev").key_type(KeyType::EcdsaP384)).der());
+            let issuer = parse(ca.der());
+            let got =
+                signature_algorithm(&leaf.inner.signature_algorithm, &issuer.inner.key_algorithm).unwrap();
+            assert_eq!(got, expected, "{kt:?}");
+        }
+    }
+
+    #[test]
+    fn mixed_key_types_in_one_chain_verify() {
+        let root = TestCa::root_with(CertSpec::new("rsa root").key_type(KeyType::Rsa));
+        let int = root.intermediate_with(CertSpec::new("p384 int").key_type(KeyType::EcdsaP384));
+        let dev = int.device_with(CertSpec::new("dev").key_type(KeyType::EcdsaP256));
+        chain(&dev).verify_internal(NOW, &RingCrypto::new()).unwrap();
+    }
+
+    #[test]
+    fn rsa_pss_chain_verifies_with_sha256_sha384_sha512() {
+        let crypto = RingCrypto::new();
+        let presented = PresentedChain::from_der(&rsa_pss::presented_chain()).unwrap();
+        presented.verify_internal(rsa_pss::VALID_AT, &crypto).unwrap();
+        let root = Certificate::from_text(rsa_pss::ROOT_PEM).unwrap();
+        let [leaf, int] = presented.certificates() else { panic!("two certificates") };
+        int.verify_issued_by(&root, &crypto).unwrap();
+        root.verify_issued_by(&root, &crypto).unwrap();
+        let alg = |c: &Certificate, i: &Certificate| {
+            signature_algorithm(&c.inner.signature_algorithm, &i.inner.key_algorithm).unwrap()
+        };
+        assert_eq!(alg(&root, &root), SignatureAlgorithm::RsaPssSha256);
+        assert_eq!(alg(int, &root), SignatureAlgorithm::RsaPssSha384);
+        // The intermediate's key is an id-RSASSA-PSS key.
+        assert_eq!(int.inner.key_algorithm.oid, OID_RSASSA_PSS);
+        assert_eq!(alg(leaf, int), SignatureAlgorithm::RsaPssSha512);
+        assert_eq!(presented.anchor_position(&root, &crypto), Some(2));
+    }
+
+    #[test]
+    fn rsa_pss_with_a_salt_other_than_the_hash_length_is_refused() {
+        let leaf = rsa_pss::presented_chain().remove(0);
+        // saltLength [2] INTEGER 64 → 32, in both the inner and the outer algorithm identifier.
+        let patched = patch(&leaf, &[0xa2, 0x03, 0x02, 0x01, 0x40], &[0xa2, 0x03, 0x02, 0x01, 0x20]);
+        let leaf = parse(&patched);
+        let int = Certificate::from_text(rsa_pss::INTERMEDIATE_PEM).unwrap();
+        let err = leaf.verify_issued_by(&int, &RingCrypto::new()).unwrap_err();
+        assert!(matches!(&err, AuthError::InvalidCertificate(m) if m.contains("salt")), "{err:?}");
+    }
+
+    #[test]
+    fn rsa_pss_with_mgf1_on_another_hash_is_refused() {
+        let leaf = rsa_pss::presented_chain().remove(0);
+        // id-sha512 (…04 02 03) appears twice per identifier: as the hash and inside MGF1.
+        // Turning the whole leaf's SHA-512 OIDs into SHA-384 keeps them equal, so instead
+        // rewrite only the MGF1 part: [1] { SEQ { id-mgf1, SEQ { id-sha512 …
+        let mgf_sha512 = [
+            0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x08, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48,
+            0x01, 0x65, 0x03, 0x04, 0x02, 0x03,
+        ];
+        let mut mgf_sha384 = mgf_sha512;
+        mgf_sha384[21] = 0x02;
+        let leaf = parse(&patch(&leaf, &mgf_sha512, &mgf_sha384));
+        let int = Certificate::from_text(rsa_pss::INTERMEDIATE_PEM).unwrap();
+        let err = leaf.verify_issued_by(&int, &RingCrypto::new()).unwrap_err();
+        assert!(matches!(&err, AuthError::InvalidCertificate(m) if m.contains("MGF1")), "{err:?}");
+    }
+
+    #[test]
+    fn tampered_signature_is_refused() {
+        let crypto = RingCrypto::new();
+        for kt in [KeyType::EcdsaP256, KeyType::Rsa] {
+            let ca = TestCa::root_with(CertSpec::new("ca").key_type(kt));
+            let mut der = ca.device("dev").der().to_vec();
+            let last = der.len() - 1;
+            der[last] ^= 0x01;
+            let leaf = parse(&der);
+            assert_eq!(
+                leaf.verify_issued_by(&parse(ca.der()), &crypto),
+                Err(AuthError::BadSignature),
+                "{kt:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tampered_subject_is_refused() {
+        let ca = TestCa::root("ca");
+        let der = patch(ca.device("dev-1").der(), b"dev-1", b"dev-2");
+        let leaf = parse(&der);
+        assert_eq!(leaf.common_name(), Some("dev-2"));
+        assert_eq!(leaf.verify_issued_by(&parse(ca.der()), &RingCrypto::new()), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn certificate_from_another_ca_is_refused() {
+        let crypto = RingCrypto::new();
+        let ca = TestCa::root("Contoso root");
+        let leaf = parse(ca.device("dev").der());
+        let other = parse(TestCa::root("Fabrikam root").der());
+        assert_eq!(leaf.verify_issued_by(&other, &crypto), Err(AuthError::UntrustedChain));
+        // Same name, different key: an impostor CA.
+        let impostor = parse(TestCa::root("Contoso root").der());
+        assert_eq!(impostor.subject_name(), leaf.issuer_name());
+        assert_eq!(leaf.verify_issued_by(&impostor, &crypto), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn rsa_signature_claimed_by_an_ec_issuer_is_refused() {
+        let rsa_ca = TestCa::root_with(CertSpec::new("ca").key_type(KeyType::Rsa));
+        let leaf = parse(rsa_ca.device("dev").der());
+        // An EC CA with the same name: the algorithm pair itself is inconsistent.
+        let ec_ca = parse(TestCa::root("ca").der());
+        let err = leaf.verify_issued_by(&ec_ca, &RingCrypto::new()).unwrap_err();
+        assert!(
+            matches!(&err, AuthError::InvalidCertificate(m) if m.contains("RSA PKCS#1 signature")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn ed25519_is_reported_as_unsupported() {
+        let ca = TestCa::root_with(CertSpec::new("ca").key_type(KeyType::Ed25519));
+        let leaf = parse(ca.device("dev").der());
+        let err = leaf.verify_issued_by(&parse(ca.der()), &RingCrypto::new()).unwrap_err();
+        assert!(
+            matches!(&err, AuthError::InvalidCertificate(m) if m.contains("unsupported signature algorithm 1.3.101.112")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn expired_and_not_yet_valid_certificates_are_refused() {
+        let crypto = RingCrypto::new();
+        let root = TestCa::root("root");
+        let expired = root.device_with(CertSpec::new("old").expired_at(NOW));
+        assert_eq!(parse(expired.der()).check_validity(NOW), Err(AuthError::CertificateExpired));
+        assert_eq!(chain(&expired).verify_internal(NOW, &crypto), Err(AuthError::CertificateExpired));
+        let future = root.device_with(CertSpec::new("new").not_yet_valid_at(NOW));
+        assert_eq!(parse(future.der()).check_validity(NOW), Err(AuthError::CertificateNotYetValid));
+        assert_eq!(chain(&future).verify_internal(NOW, &crypto), Err(AuthError::CertificateNotYetValid));
+
+        // An expired intermediate fails the chain even if the leaf is fine.
+        let old_int = root.intermediate_with(CertSpec::new("int").expired_at(NOW));
+        let dev = old_int.device("dev");
+        assert_eq!(chain(&dev).verify_internal(NOW, &crypto), Err(AuthError::CertificateExpired));
+    }
+
+    #[test]
+    fn validity_window_includes_both_ends() {
+        let nb = Timestamp::from_unix_secs(1_700_000_000);
+        let na = Timestamp::from_unix_secs(1_800_000_000);
+        let cert = parse(TestCa::root("r").device_with(CertSpec::new("d").validity(nb, na)).der());
+        assert_eq!(cert.not_before(), nb);
+        assert_eq!(cert.not_after(), na);
+        assert_eq!(cert.check_validity(nb), Ok(()));
+        assert_eq!(cert.check_validity(na), Ok(()));
+        assert_eq!(
+            cert.check_validity(Timestamp::from_unix_secs(1_699_999_999)),
+            Err(AuthError::CertificateNotYetValid)
+        );
+        assert_eq!(
+            cert.check_validity(Timestamp::from_unix_secs(1_800_000_001)),
+            Err(AuthError::CertificateExpired)
+        );
+    }
+
+    #[test]
+    fn names_common_name_and_ca_flag_are_read() {
+        let root = TestCa::root_with(CertSpec::new("Contoso root").organization("Contoso, Ltd"));
+        let int = root.intermediate("Contoso intermediate");
+        let dev = int.device("my-device-01");
+        let root_c = parse(root.der());
+        let int_c = parse(int.der());
+        let leaf = parse(dev.der());
+        assert_eq!(leaf.common_name(), Some("my-device-01"));
+        assert_eq!(leaf.subject_name(), "CN=my-device-01");
+        assert_eq!(leaf.issuer_name(), int_c.subject_name());
+        // RFC 4514: most specific first, special characters escaped.
+        assert_eq!(root_c.subject_name(), "CN=Contoso root,O=Contoso\\, Ltd");
+        assert_eq!(int_c.issuer_name(), root_c.subject_name());
+        assert!(root_c.is_ca() && int_c.is_ca() && !leaf.is_ca());
+        assert!(root_c.is_self_issued() && !int_c.is_self_issued());
+    }
+
+    #[test]
+    fn certificate_whose_cn_is_not_a_string_parses_without_common_name() {
+        let ca = TestCa::root("ca");
+        // CN value tag UTF8String (0x0c) → OCTET STRING (0x04), which is no DirectoryString.
+        let der =
+            patch(ca.device("dev-1").der(), &[0x55, 0x04, 0x03, 0x0c, 0x05], &[0x55, 0x04, 0x03, 0x04, 0x05]);
+        let cert = parse(&der);
+        assert_eq!(cert.common_name(), None);
+        assert_eq!(cert.issuer_name(), "CN=ca");
+    }
+
+    #[test]
+    fn certificates_and_chains_can_be_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Certificate>();
+        assert_send_sync::<PresentedChain>();
+    }
+
+    #[test]
+    fn thumbprints_are_upper_hex_digests_of_the_der() {
+        let crypto = RingCrypto::new();
+        let dev = TestCert::self_signed(CertSpec::new("dev").serial(0x0102_0304));
+        let cert = parse(dev.der());
+        let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02X}")).collect::<String>();
+        let sha1 = hex(ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, dev.der()).as_ref());
+        let sha256 = hex(ring::digest::digest(&ring::digest::SHA256, dev.der()).as_ref());
+        assert_eq!(cert.sha1_thumbprint(&crypto), sha1);
+        assert_eq!(cert.sha256_thumbprint(&crypto), sha256);
+        assert_eq!(sha1.len(), 40);
+
+        let info = cert.info(&crypto);
+        assert_eq!(info.sha1_thumbprint, sha1);
+        assert_eq!(info.sha256_thumbprint, sha256);
+        assert_eq!(info.subject_name, "CN=dev");
+        assert_eq!(info.issuer_name, "CN=dev");
+        assert_eq!(info.serial_number, "01020304");
+        assert_eq!(info.version, 3);
+        assert_eq!(info.not_before_utc, cert.not_before());
+        assert_eq!(info.not_after_utc, cert.not_after());
+    }
+
+    #[test]
+    fn serial_with_high_bit_keeps_its_leading_zero() {
+        let cert = parse(TestCert::self_signed(CertSpec::new("dev").serial(0x80)).der());
+        assert_eq!(cert.serial_hex(), "0080");
+    }
+
+    #[test]
+    fn enrollment_certificate_text_in_pem_or_base64_parses() {
+        let dev = TestCert::self_signed(CertSpec::new("dev"));
+        let expected = parse(dev.der());
+        let crlf = dev.pem().replace('\n', "\r\n");
+        let with_text = format!("subject=CN = dev\nissuer=CN = dev\n{}", dev.pem());
+        let b64 = dev.base64();
+        let wrapped: String =
+            b64.as_bytes().chunks(76).map(|c| format!("{}\n", std::str::from_utf8(c).unwrap())).collect();
+        let unpadded = b64.trim_end_matches('=').to_owned();
+        for text in [format!("\n  {}  \n", dev.pem()), crlf, with_text, b64.clone(), wrapped, unpadded] {
+            assert_eq!(Certificate::from_text(&text).unwrap(), expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_certificate_text_is_refused() {
+        let dev = TestCert::self_signed(CertSpec::new("dev"));
+        let two = format!("{}{}", dev.pem(), dev.pem());
+        let key = dev.key_pem().to_owned();
+        let no_end = dev.pem().replace("-----END CERTIFICATE-----", "");
+        for text in ["", "   ", "not base64 at all!", "AAAA", two.as_str(), key.as_str(), no_end.as_str()] {
+            assert!(
+                matches!(Certificate::from_text(text), Err(AuthError::InvalidCertificate(_))),
+                "{text:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn truncated_or_padded_der_is_refused_without_panic() {
+        let der = TestCa::root("r").device("dev").der().to_vec();
+        for len in 0..der.len() {
+            assert!(Certificate::from_der(&der[..len]).is_err(), "prefix of {len} bytes accepted");
+        }
+        let mut padded = der.clone();
+        padded.push(0);
+        assert!(Certificate::from_der(&padded).is_err());
+        assert!(Certificate::from_der(&vec![0x30; MAX_CERTIFICATE_LEN + 1]).is_err());
+    }
+
+    #[test]
+    fn chain_checks_issuers_are_cas_and_links_are_in_order() {
+        let crypto = RingCrypto::new();
+        let root = TestCa::root("root");
+        let not_ca = root.intermediate_with(CertSpec::new("not a CA").ca(false));
+        let dev = not_ca.device("dev");
+        let err = chain(&dev).verify_internal(NOW, &crypto).unwrap_err();
+        assert!(matches!(&err, AuthError::InvalidCertificate(m) if m.contains("not a CA")), "{err:?}");
+
+        // Path length 0 on the root allows no intermediate below it.
+        let strict = TestCa::root_with(CertSpec::new("strict root").path_len(0));
+        let dev = strict.intermediate("int").device("dev");
+        let err = chain(&dev).verify_internal(NOW, &crypto).unwrap_err();
+        assert!(matches!(&err, AuthError::InvalidCertificate(m) if m.contains("path length")), "{err:?}");
+        let direct = strict.device("dev");
+        chain(&direct).verify_internal(NOW, &crypto).unwrap();
+
+        // Out of order: intermediate is not the issuer of the root.
+        let int = root.intermediate("int");
+        let dev = int.device("dev");
+        let mut ders = dev.full_chain_der();
+        ders.swap(1, 2);
+        let swapped = PresentedChain::from_der(&ders).unwrap();
+        assert_eq!(swapped.verify_internal(NOW, &crypto), Err(AuthError::UntrustedChain));
+    }
+
+    #[test]
+    fn leaf_alone_or_without_root_passes_internal_checks() {
+        let crypto = RingCrypto::new();
+        let solo = TestCert::self_signed(CertSpec::new("solo"));
+        PresentedChain::from_der(&solo.chain_der()).unwrap().verify_internal(NOW, &crypto).unwrap();
+        let dev = TestCa::root("root").intermediate("int").device("dev");
+        PresentedChain::from_der(&dev.chain_der()).unwrap().verify_internal(NOW, &crypto).unwrap();
+    }
+
+    #[test]
+    fn empty_or_oversized_chain_is_refused() {
+        assert!(matches!(PresentedChain::from_der(&[]), Err(AuthError::InvalidCertificate(_))));
+        let der = TestCert::self_signed(CertSpec::new("d")).der().to_vec();
+        let many = vec![der; MAX_CHAIN_LEN + 1];
+        assert!(matches!(PresentedChain::from_der(&many), Err(AuthError::InvalidCertificate(_))));
+        assert!(matches!(PresentedChain::from_der(&[vec![1, 2, 3]]), Err(AuthError::InvalidCertificate(_))));
+    }
+
+    #[test]
+    fn enrolled_ca_is_located_in_the_presented_chain() {
+        let crypto = RingCrypto::new();
+        let root = TestCa::root("root");
+        let int = root.intermediate("int");
+        let dev = int.device("dev");
+        let presented = PresentedChain::from_der(&dev.chain_der()).unwrap();
+        assert_eq!(presented.leaf().common_name(), Some("dev"));
+        assert_eq!(presented.anchor_position(&parse(dev.der()), &crypto), Some(0));
+        assert_eq!(presented.anchor_position(&parse(int.der()), &crypto), Some(1));
+        assert_eq!(presented.anchor_position(&parse(root.der()), &crypto), Some(2));
+        assert_eq!(presented.anchor_position(&parse(TestCa::root("root").der()), &crypto), None);
+        assert_eq!(presented.anchor_position(&parse(TestCa::root("other").der()), &crypto), None);
+    }
+
+    #[test]
+    fn proof_of_possession_accepts_the_code_signed_by_the_ca() {
+        let crypto = RingCrypto::new();
+        let code = generate_verification_code(&[0xab; 32]);
+        assert_eq!(code.len(), 48);
+        assert_eq!(code, "AB".repeat(24));
+        let ca = TestCa::root_with(CertSpec::new("my CA").key_type(KeyType::Rsa));
+        let ca_cert = parse(ca.der());
+        let proof = parse(ca.verification_cert(&code).der());
+        verify_proof_of_possession(&ca_cert, &proof, &code, NOW, &crypto).unwrap();
+        verify_proof_of_possession(&ca_cert, &proof, &code.to_ascii_lowercase(), NOW, &crypto).unwrap();
+    }
+
+    #[test]
+    fn proof_of_possession_refuses_wrong_code_wrong_signer_and_expiry() {
+        let crypto = RingCrypto::new();
+        let code = generate_verification_code(&[7; 32]);
+        let ca = TestCa::root("my CA");
+        let ca_cert = parse(ca.der());
+
+        let wrong_code = parse(ca.verification_cert("0123").der());
+        assert_eq!(
+            verify_proof_of_possession(&ca_cert, &wrong_code, &code, NOW, &crypto),
+            Err(AuthError::CommonNameMismatch { cn: "0123".to_owned() })
+        );
+        let impostor = TestCa::root("my CA");
+        let forged = parse(impostor.verification_cert(&code).der());
+        assert_eq!(
+            verify_proof_of_possession(&ca_cert, &forged, &code, NOW, &crypto),
+            Err(AuthError::BadSignature)
+        );
+        let expired = parse(ca.device_with(CertSpec::new(&code).expired_at(NOW)).der());
+        assert_eq!(
+            verify_proof_of_possession(&ca_cert, &expired, &code, NOW, &crypto),
+            Err(AuthError::CertificateExpired)
+        );
+        let proof = parse(ca.verification_cert(&code).der());
+        assert!(verify_proof_of_possession(&ca_cert, &proof, "", NOW, &crypto).is_err());
+    }
+
+    #[test]
+    fn clones_compare_equal_and_debug_shows_no_der() {
+        let dev = TestCert::self_signed(CertSpec::new("dev"));
+        let cert = parse(dev.der());
+        assert_eq!(cert.clone(), cert);
+        assert_eq!(cert.der(), dev.der());
+        let debug = format!("{cert:?}");
+        assert!(debug.contains("CN=dev") && !debug.contains(&dev.base64()[..16]), "{debug}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = Certificate::from_der(&bytes);
+            let _ = PresentedChain::from_der(&[bytes]);
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,512}") {
+            let _ = Certificate::from_text(&text);
+            let _ = Certificate::from_text(&format!("-----BEGIN CERTIFICATE-----{text}-----END CERTIFICATE-----"));
+        }
+    }
+
+    #[test]
+    fn no_single_byte_change_still_verifies() {
+        let crypto = RingCrypto::new();
+        let ca = TestCa::root("ca");
+        let issuer = parse(ca.der());
+        let der = ca.device("dev").der().to_vec();
+        for i in 0..der.len() {
+            let mut bad = der.clone();
+            bad[i] ^= 0x5a;
+            if let Ok(cert) = Certificate::from_der(&bad) {
+                assert!(cert.verify_issued_by(&issuer, &crypto).is_err(), "flip at {i} verified");
+            }
+        }
+    }
 }
