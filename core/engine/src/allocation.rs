@@ -13,7 +13,8 @@
 //! must land on the same hub. So the hash is written out here (FxHash-style word steps with the
 //! murmur3 64-bit finalizer) instead of std's randomly seeded `DefaultHasher`, and `ln` is computed
 //! from IEEE-754 `+ - * /` only (which are correctly rounded everywhere and never fused by rustc)
-//! instead of the platform's libm, whose last bit may differ between systems. Changing either
+//! instead of the platform's libm, whose last bit may differ between systems (x87-only targets
+//! such as i586, which round through 80-bit registers, are the exception). Changing either
 //! reshuffles every device; `pinned_decisions_never_change` guards against that.
 
 use std::fmt;
