@@ -1,4 +1,6 @@
 //! Throughput of allocation decisions: hashed (precomputed pool and one-shot) and geoLatency.
+// `criterion_group!` generates an undocumented `pub fn`.
+#![allow(missing_docs)]
 
 #![allow(missing_docs)]
 

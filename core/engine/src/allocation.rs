@@ -13,7 +13,8 @@
 //! must land on the same hub. So the hash is written out here (FxHash-style word steps with the
 //! murmur3 64-bit finalizer) instead of std's randomly seeded `DefaultHasher`, and `ln` is computed
 //! from IEEE-754 `+ - * /` only (which are correctly rounded everywhere and never fused by rustc)
-//! instead of the platform's libm, whose last bit may differ between systems. Changing either
+//! instead of the platform's libm, whose last bit may differ between systems (x87-only targets
+//! such as i586, which round through 80-bit registers, are the exception). Changing either
 //! reshuffles every device; `pinned_decisions_never_change` guards against that.
 
 use std::fmt;
@@ -44,17 +45,42 @@ fn fmix64(mut x: u64) -> u64 {
     x ^ (x >> 33)
 }
 
+/// Lower-cases the ASCII letters among the eight bytes of `word` at once (same result as
+/// `u8::to_ascii_lowercase` on each byte; bytes ≥ 0x80 are left alone).
+#[inline]
+fn ascii_lowercase_word(word: u64) -> u64 {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let low7 = word & LOW7;
+    // Per byte, adding to a 7-bit value cannot carry into the next byte: the high bit of each
+    // sum says whether the byte is ≥ 'A', respectively > 'Z'.
+    let at_least_a = low7 + ONES * u64::from(0x80 - b'A');
+    let above_z = low7 + ONES * u64::from(0x80 - b'Z' - 1);
+    let upper = at_least_a & !above_z & !word & HIGH;
+    word | (upper >> 2)
+}
+
 /// Hashes the ASCII-lower-cased bytes of `s` eight at a time, without allocating.
 #[inline]
 fn hash_lowercase(s: &str, seed: u64) -> u64 {
     let bytes = s.as_bytes();
     let mut h = seed ^ (bytes.len() as u64).wrapping_mul(WORD_MUL);
-    for chunk in bytes.chunks(8) {
+    let mut step = |word: [u8; 8]| {
+        let word = ascii_lowercase_word(u64::from_le_bytes(word));
+        h = (h.rotate_left(5) ^ word).wrapping_mul(WORD_MUL);
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
         let mut word = [0u8; 8];
-        for (dst, src) in word.iter_mut().zip(chunk) {
-            *dst = src.to_ascii_lowercase();
-        }
-        h = (h.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(WORD_MUL);
+        word.copy_from_slice(chunk);
+        step(word);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut word = [0u8; 8];
+        word[..rest.len()].copy_from_slice(rest);
+        step(word);
     }
     fmix64(h)
 }
@@ -289,6 +315,30 @@ impl AllocationDecision {
     }
 }
 
+/// Indices into [`Allocator::hubs`] of an enrollment's candidates; "all linked hubs", the common
+/// case, needs no list.
+enum Candidates {
+    All(usize),
+    Named(Vec<usize>),
+}
+
+impl Candidates {
+    fn len(&self) -> usize {
+        match self {
+            Candidates::All(n) => *n,
+            Candidates::Named(list) => list.len(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = usize> + Clone + '_ {
+        let (all, named): (usize, &[usize]) = match self {
+            Candidates::All(n) => (*n, &[]),
+            Candidates::Named(list) => (0, list),
+        };
+        (0..all).chain(named.iter().copied())
+    }
+}
+
 /// Chooses hubs for registrations from the linked hubs, the service's default policy, latency
 /// measurements and an optional custom allocator.
 #[derive(Clone)]
@@ -384,31 +434,34 @@ impl Allocator {
         iot_hubs: Option<&[String]>,
         legacy_host_name: Option<&str>,
     ) -> Result<Vec<&LinkedHub>, AllocationError> {
-        Ok(self.candidate_indices(iot_hubs, legacy_host_name)?.into_iter().map(|i| &self.hubs[i]).collect())
+        Ok(self.candidate_indices(iot_hubs, legacy_host_name)?.iter().map(|i| &self.hubs[i]).collect())
     }
 
     fn candidate_indices(
         &self,
         iot_hubs: Option<&[String]>,
         legacy_host_name: Option<&str>,
-    ) -> Result<Vec<usize>, AllocationError> {
-        let named: Vec<&str> = match (iot_hubs, legacy_host_name) {
-            (Some(list), _) if !list.is_empty() => list.iter().map(String::as_str).collect(),
-            (_, Some(host)) if !host.is_empty() => vec![host],
-            _ => return Ok((0..self.hubs.len()).collect()),
+    ) -> Result<Candidates, AllocationError> {
+        let named: &[String] = match (iot_hubs, legacy_host_name) {
+            (Some(list), _) if !list.is_empty() => list,
+            (_, Some(host)) if !host.is_empty() => return Ok(Candidates::Named(vec![self.index_of(host)?])),
+            _ => return Ok(Candidates::All(self.hubs.len())),
         };
         let mut indices = Vec::with_capacity(named.len());
         for name in named {
-            let index = self
-                .hubs
-                .iter()
-                .position(|hub| hub.name.eq_ignore_ascii_case(name))
-                .ok_or_else(|| AllocationError::UnknownHub(name.to_owned()))?;
+            let index = self.index_of(name)?;
             if !indices.contains(&index) {
                 indices.push(index);
             }
         }
-        Ok(indices)
+        Ok(Candidates::Named(indices))
+    }
+
+    fn index_of(&self, name: &str) -> Result<usize, AllocationError> {
+        self.hubs
+            .iter()
+            .position(|hub| hub.name.eq_ignore_ascii_case(name))
+            .ok_or_else(|| AllocationError::UnknownHub(name.to_owned()))
     }
 
     /// Chooses the hub for one registration (spec §8.1, §8.2).
@@ -429,11 +482,11 @@ impl Allocator {
     pub fn allocate(&self, request: AllocationRequest<'_>) -> Result<AllocationDecision, AllocationError> {
         let candidates = self.candidate_indices(request.iot_hubs, request.iot_hub_host_name)?;
         let id = id_hash(request.registration_id);
-        let participating = || candidates.iter().copied().filter(|&i| self.hubs[i].apply_allocation_policy);
+        let participating = || candidates.iter().filter(|&i| self.hubs[i].apply_allocation_policy);
         match self.effective_policy(request.policy) {
-            AllocationPolicy::Static => match candidates.as_slice() {
-                [only] => Ok(AllocationDecision::hub(&self.hubs[*only])),
-                other => Err(AllocationError::StaticNeedsOneHub(other.len())),
+            AllocationPolicy::Static => match (candidates.len(), candidates.iter().next()) {
+                (1, Some(only)) => Ok(AllocationDecision::hub(&self.hubs[only])),
+                (n, _) => Err(AllocationError::StaticNeedsOneHub(n)),
             },
             AllocationPolicy::Custom => self.allocate_custom(request, &candidates),
             AllocationPolicy::GeoLatency => pick_geo(
@@ -455,10 +508,10 @@ impl Allocator {
     fn allocate_custom(
         &self,
         request: AllocationRequest<'_>,
-        candidates: &[usize],
+        candidates: &Candidates,
     ) -> Result<AllocationDecision, AllocationError> {
         let allocator = self.custom.as_ref().ok_or(AllocationError::NoCustomAllocator)?;
-        if candidates.is_empty() {
+        if candidates.len() == 0 {
             return Err(AllocationError::NoHub);
         }
         let mut custom = request.custom_request.unwrap_or_else(|| CustomAllocationRequest {
@@ -470,11 +523,11 @@ impl Allocator {
             },
             linked_hubs: Vec::new(),
         });
-        custom.linked_hubs = candidates.iter().map(|&i| self.hubs[i].name.clone()).collect();
+        custom.linked_hubs = candidates.iter().map(|i| self.hubs[i].name.clone()).collect();
         let response = allocator.allocate(&custom).map_err(AllocationError::Custom)?;
         let chosen = candidates
             .iter()
-            .map(|&i| &self.hubs[i])
+            .map(|i| &self.hubs[i])
             .find(|hub| hub.name.eq_ignore_ascii_case(&response.iot_hub_host_name))
             .ok_or_else(|| {
                 AllocationError::Custom(format!(
@@ -554,6 +607,18 @@ mod tests {
         // Bit-exact, so a platform whose float arithmetic differs is caught here.
         let s = score(id_hash(&id("dev-1")), hub_hash("hub-a.azure-devices.net"), 3);
         assert_eq!(s.to_bits(), 4_609_227_493_965_855_771);
+    }
+
+    #[test]
+    fn word_lower_casing_matches_byte_lower_casing() {
+        for byte in 0..=255u8 {
+            for position in 0..8 {
+                let mut bytes = *b"aZ-9.q_M";
+                bytes[position] = byte;
+                let expected = bytes.map(|b| b.to_ascii_lowercase());
+                assert_eq!(ascii_lowercase_word(u64::from_le_bytes(bytes)).to_le_bytes(), expected);
+            }
+        }
     }
 
     #[test]
