@@ -5,6 +5,7 @@
 use base64::Engine as _;
 use proptest::prelude::*;
 use serde_json::{Map, Value};
+use zerotouch_engine::twin::limits::{merged_size, section_size};
 use zerotouch_engine::twin::{TwinDocument, TwinOperation};
 use zerotouch_proto::twin::{TwinCollection, TwinPatch, TwinPatchProperties};
 use zerotouch_proto::{DeviceId, IfMatch, Timestamp};
@@ -165,6 +166,12 @@ proptest! {
         let base = Value::Object(base);
         prop_assert_eq!(Value::Object(doc.tags().clone()), merge_patch(&base, &Value::Object(tags)));
         prop_assert_eq!(Value::Object(doc.reported().clone()), merge_patch(&base, &Value::Object(reported)));
+    }
+
+    #[test]
+    fn size_limit_is_checked_on_the_merged_section(base in document(3), p in patch(3)) {
+        let merged = merge_patch(&Value::Object(base.clone()), &Value::Object(p.clone()));
+        prop_assert_eq!(merged_size(&base, &p), section_size(merged.as_object().unwrap()));
     }
 
     #[test]

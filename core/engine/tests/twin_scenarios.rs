@@ -431,3 +431,26 @@ fn twin_document_survives_a_store_round_trip_through_json() {
     assert_eq!(loaded, doc);
     assert_eq!(rest(&loaded), rest(&doc));
 }
+
+#[test]
+fn dps_enrollment_initial_twin_becomes_the_new_devices_twin() {
+    let initial: zerotouch_proto::service::InitialTwin =
+        serde_json::from_value(json!({"tags": {"plant": "b"}, "properties": {"desired": {"interval": 30}}}))
+            .unwrap();
+    let doc = TwinDocument::from_initial_twin(T0, &initial).unwrap();
+    assert_eq!(doc.tags(), &obj(json!({"plant": "b"})));
+    assert_eq!(doc.desired(), &obj(json!({"interval": 30})));
+    let bad: zerotouch_proto::service::InitialTwin = serde_json::from_value(json!({"tags": [1]})).unwrap();
+    assert!(matches!(TwinDocument::from_initial_twin(T0, &bad), Err(Error::BadRequest(_))));
+}
+
+#[test]
+fn device_sends_reported_patch_bytes_over_mqtt() {
+    let body = br#"{"firmware":{"state":"downloading","progress":10}}"#;
+    let mut doc = TwinDocument::new(T0);
+    let change = doc
+        .patch_reported(T1, &zerotouch_proto::twin::parse_patch_body(body).unwrap(), &IfMatch::Absent)
+        .unwrap();
+    assert_eq!(change.reported.map(|r| r.1), Some(2));
+    assert_eq!(doc.reported()["firmware"]["progress"], 10);
+}

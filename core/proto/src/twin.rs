@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::error::ProtoError;
 use crate::ids::{DeviceId, ETag, ModuleId};
 use crate::service::DeviceCapabilities;
 
@@ -227,6 +228,29 @@ impl DesiredPropertiesPatch {
     }
 }
 
+/// Parses a twin patch body that must be a JSON object, such as the payload of a device
+/// reported patch (`$iothub/twin/PATCH/properties/reported/?$rid=..`, spec §6.4).
+///
+/// # Errors
+/// [`ProtoError::InvalidBody`] when the body is not JSON or not an object.
+pub fn parse_patch_body(body: &[u8]) -> Result<Map<String, Value>, ProtoError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(other) => Err(ProtoError::InvalidBody(format!(
+            "a twin patch must be a JSON object, got {}",
+            match other {
+                Value::Null => "null",
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::String(_) => "a string",
+                Value::Array(_) => "an array",
+                Value::Object(_) => "an object",
+            }
+        ))),
+        Err(e) => Err(ProtoError::InvalidBody(format!("a twin patch must be JSON: {e}"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -261,6 +285,13 @@ mod tests {
         assert_eq!(serde_json::to_string(&push).unwrap(), r#"{"telemetryDelay":2,"$version":2}"#);
         assert_eq!(push.topic(), "$iothub/twin/PATCH/properties/desired/?$version=2");
         assert!(serde_json::from_str::<DesiredPropertiesPatch>(r#"{"a":1}"#).is_err());
+    }
+
+    #[test]
+    fn reported_patch_body_must_be_an_object() {
+        assert_eq!(parse_patch_body(br#"{"a":null}"#).unwrap()["a"], Value::Null);
+        assert!(parse_patch_body(b"[1]").unwrap_err().to_string().contains("an array"));
+        assert!(parse_patch_body(b" ").is_err());
     }
 
     #[test]

@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use zerotouch_proto::service::InitialTwin;
 use zerotouch_proto::twin::{Twin, TwinChangeOperation, TwinCollection, TwinPatch, TwinProperties};
 use zerotouch_proto::{DeviceId, ETag, IfMatch, ModuleId, Timestamp};
 
-use super::limits::{check_size, validate_patch, SectionKind};
+use super::limits::{check_merged_size, check_size, validate_patch, SectionKind};
 use crate::error::Error;
 
 /// The `$metadata` of one object or leaf: when it was last written and, in desired properties,
@@ -121,6 +122,19 @@ fn merge_plain(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
                 target.insert(key.clone(), leaf.clone());
             }
         }
+    }
+}
+
+/// One part of an `initialTwin`, which must be an object when present.
+fn initial_part<'a>(
+    part: &str,
+    value: Option<&'a Value>,
+    empty: &'a Map<String, Value>,
+) -> Result<&'a Map<String, Value>, Error> {
+    match value {
+        None | Some(Value::Null) => Ok(empty),
+        Some(Value::Object(m)) => Ok(m),
+        Some(_) => Err(Error::BadRequest(format!("initialTwin {part} must be a JSON object"))),
     }
 }
 
@@ -239,6 +253,20 @@ impl TwinDocument {
         Ok(doc)
     }
 
+    /// A fresh twin from the `initialTwin` of a DPS enrollment (see
+    /// [`TwinDocument::with_initial`]).
+    ///
+    /// # Errors
+    /// [`Error::BadRequest`] when `tags` or `properties.desired` is not a JSON object or the
+    /// content breaks a twin limit.
+    pub fn from_initial_twin(now: Timestamp, initial: &InitialTwin) -> Result<Self, Error> {
+        let empty = Map::new();
+        let tags = initial_part("tags", initial.tags.as_ref(), &empty)?;
+        let desired = initial.properties.as_ref().and_then(|p| p.desired.as_ref());
+        let desired = initial_part("properties.desired", desired, &empty)?;
+        Self::with_initial(now, tags, desired)
+    }
+
     /// Twin `version`: advances on every write.
     pub fn version(&self) -> u64 {
         self.version
@@ -312,37 +340,22 @@ impl TwinDocument {
         if let Some(desired) = desired_patch {
             validate_patch(SectionKind::Desired, desired)?;
         }
-        let tags = match &patch.tags {
-            Some(p) => {
-                let mut next = self.tags.clone();
-                merge_plain(&mut next, p);
-                check_size(SectionKind::Tags, &next)?;
-                Some(next)
-            }
-            None => None,
-        };
-        let desired = match desired_patch {
-            Some(p) => {
-                let mut next = self.desired.clone();
-                next.version += 1;
-                merge(
-                    &mut next.properties,
-                    &mut next.metadata,
-                    p,
-                    Stamp { now, version: Some(next.version) },
-                );
-                check_size(SectionKind::Desired, &next.properties)?;
-                Some(next)
-            }
-            None => None,
-        };
-        if let Some(t) = tags {
-            self.tags = t;
+        // Check both sizes before writing anything, so a refused patch changes nothing.
+        if let Some(p) = &patch.tags {
+            check_merged_size(SectionKind::Tags, &self.tags, p)?;
         }
-        let desired_version = desired.as_ref().map(|d| d.version);
-        if let Some(d) = desired {
-            self.desired = d;
+        if let Some(p) = desired_patch {
+            check_merged_size(SectionKind::Desired, &self.desired.properties, p)?;
         }
+        if let Some(p) = &patch.tags {
+            merge_plain(&mut self.tags, p);
+        }
+        let desired_version = desired_patch.map(|p| {
+            let d = &mut self.desired;
+            d.version += 1;
+            merge(&mut d.properties, &mut d.metadata, p, Stamp { now, version: Some(d.version) });
+            d.version
+        });
         self.version += 1;
         self.etag_counter += 1;
         Ok(TwinChange {
@@ -410,11 +423,10 @@ impl TwinDocument {
     ) -> Result<TwinChange, Error> {
         self.check_if_match(if_match)?;
         validate_patch(SectionKind::Reported, patch)?;
-        let mut next = self.reported.clone();
-        next.version += 1;
-        merge(&mut next.properties, &mut next.metadata, patch, Stamp { now, version: None });
-        check_size(SectionKind::Reported, &next.properties)?;
-        self.reported = next;
+        check_merged_size(SectionKind::Reported, &self.reported.properties, patch)?;
+        let r = &mut self.reported;
+        r.version += 1;
+        merge(&mut r.properties, &mut r.metadata, patch, Stamp { now, version: None });
         self.version += 1;
         Ok(TwinChange {
             operation: TwinChangeOperation::UpdateTwin,

@@ -163,12 +163,58 @@ fn value_size(value: &Value) -> usize {
     }
 }
 
+/// The size [`section_size`] would give for `section` after merging `patch` into it, computed
+/// without building the merged section.
+pub fn merged_size(section: &Map<String, Value>, patch: &Map<String, Value>) -> usize {
+    let empty = Map::new();
+    merged_size_in(section, patch, &empty)
+}
+
+fn merged_size_in(
+    section: &Map<String, Value>,
+    patch: &Map<String, Value>,
+    empty: &Map<String, Value>,
+) -> usize {
+    let kept: usize =
+        section.iter().filter(|(k, _)| !patch.contains_key(*k)).map(|(k, v)| k.len() + value_size(v)).sum();
+    let written: usize = patch
+        .iter()
+        .map(|(k, p)| match p {
+            Value::Null => 0,
+            Value::Object(child_patch) => {
+                let child = match section.get(k) {
+                    Some(Value::Object(c)) => c,
+                    _ => empty,
+                };
+                k.len() + merged_size_in(child, child_patch, empty)
+            }
+            leaf => k.len() + value_size(leaf),
+        })
+        .sum();
+    kept + written
+}
+
+/// Checks that merging `patch` into `section` keeps it within its limit.
+///
+/// # Errors
+/// [`Error::BadRequest`] when the merged section would exceed its limit.
+pub fn check_merged_size(
+    kind: SectionKind,
+    section: &Map<String, Value>,
+    patch: &Map<String, Value>,
+) -> Result<(), Error> {
+    refuse_size(kind, merged_size(section, patch))
+}
+
 /// Checks a section's size after a change.
 ///
 /// # Errors
 /// [`Error::BadRequest`] when the section exceeds its limit.
 pub fn check_size(kind: SectionKind, section: &Map<String, Value>) -> Result<(), Error> {
-    let size = section_size(section);
+    refuse_size(kind, section_size(section))
+}
+
+fn refuse_size(kind: SectionKind, size: usize) -> Result<(), Error> {
     if size > kind.max_size() {
         Err(Error::BadRequest(format!(
             "twin {} would be {size} bytes, over the limit of {} bytes",
@@ -235,5 +281,13 @@ mod tests {
     fn size_counts_keys_and_values() {
         let m = obj(json!({"ab": "cd\u{1}", "n": 1, "b": true, "o": {"x": [1, 2]}}));
         assert_eq!(section_size(&m), (2 + 2) + (1 + 8) + (1 + 4) + (1 + 1 + 16));
+    }
+
+    #[test]
+    fn merged_size_matches_the_size_of_the_merge() {
+        let base = obj(json!({"a": {"x": 1, "y": "yy"}, "b": true, "c": [1]}));
+        let patch = obj(json!({"a": {"x": null, "z": {"q": 1}}, "b": {"n": 2}, "c": null, "d": "dd"}));
+        let merged = obj(json!({"a": {"y": "yy", "z": {"q": 1}}, "b": {"n": 2}, "d": "dd"}));
+        assert_eq!(merged_size(&base, &patch), section_size(&merged));
     }
 }
