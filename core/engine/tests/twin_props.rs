@@ -208,7 +208,7 @@ proptest! {
                         Op::Desired(_) | Op::Replace(..) => {
                             prop_assert!(doc.desired_version() > before.desired_version());
                             prop_assert!(etag_counter(&doc) > etag_counter(&before));
-                            prop_assert_eq!(change.desired.map(|d| d.1), Some(doc.desired_version()));
+                            prop_assert_eq!(change.desired.map(|d| d.version), Some(doc.desired_version()));
                         }
                         Op::Tags(_) => {
                             prop_assert_eq!(doc.desired_version(), before.desired_version());

@@ -4,7 +4,7 @@
 use serde_json::{json, Map, Value};
 use zerotouch_engine::store::{PageRequest, Precondition};
 use zerotouch_engine::twin::{
-    update_twin, MemoryTwinStore, TwinDocument, TwinEvent, TwinKey, TwinOperation, TwinStore,
+    update_twin, MemoryTwinStore, SectionChange, TwinDocument, TwinEvent, TwinKey, TwinOperation, TwinStore,
 };
 use zerotouch_engine::{Error, StoreError};
 use zerotouch_proto::twin::{TwinChangeOperation, TwinPatch};
@@ -101,7 +101,7 @@ fn back_end_removes_desired_property_with_null_and_parent_metadata_is_refreshed(
         .patch(T2, &patch(json!({"properties": {"desired": {"cfg": {"a": null}}}})), &IfMatch::Absent)
         .unwrap();
     assert_eq!(doc.desired(), &obj(json!({"cfg": {"b": 2}})));
-    assert_eq!(change.desired, Some((obj(json!({"cfg": {"a": null}})), 3)));
+    assert_eq!(change.desired, Some(SectionChange { patch: obj(json!({"cfg": {"a": null}})), version: 3 }));
     let twin = rest(&doc);
     let meta = &twin["properties"]["desired"]["$metadata"];
     assert_eq!(meta["cfg"]["$lastUpdated"], T2.to_string());
@@ -136,7 +136,7 @@ fn device_reports_battery_and_twin_version_advances_but_etag_stays() {
     let change =
         doc.patch_reported(T1, &obj(json!({"battery": 55, "fw": {"v": "1.0"}})), &IfMatch::Absent).unwrap();
     assert_eq!(doc.reported_version(), 2);
-    assert_eq!(change.reported.as_ref().map(|r| r.1), Some(2));
+    assert_eq!(change.reported.as_ref().map(|r| r.version), Some(2));
     assert_eq!(doc.version(), 3);
     assert_eq!(doc.etag(), etag);
     // A back end holding the etag read before the device reported still updates the twin.
@@ -451,6 +451,6 @@ fn device_sends_reported_patch_bytes_over_mqtt() {
     let change = doc
         .patch_reported(T1, &zerotouch_proto::twin::parse_patch_body(body).unwrap(), &IfMatch::Absent)
         .unwrap();
-    assert_eq!(change.reported.map(|r| r.1), Some(2));
+    assert_eq!(change.reported.map(|r| r.version), Some(2));
     assert_eq!(doc.reported()["firmware"]["progress"], 10);
 }

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::ProtoError;
-use crate::ids::{DeviceId, ETag, ModuleId};
+use crate::ids::{DeviceId, ETag, IfMatch, ModuleId};
 use crate::service::DeviceCapabilities;
 
 /// The value the hub writes for a time that never happened (`statusUpdateTime`,
@@ -189,6 +189,12 @@ pub struct TwinPatch {
 }
 
 impl TwinPatch {
+    /// The precondition the body's `etag` expresses (jobs and `updateTwinIfMatchETag` imports):
+    /// none, `*` (quoted or not) or a specific etag.
+    pub fn if_match(&self) -> IfMatch {
+        IfMatch::from_header(self.etag.as_ref().map(ETag::as_str))
+    }
+
     /// The desired properties of the patch, if it has any.
     pub fn desired(&self) -> Option<&Map<String, Value>> {
         self.properties.as_ref().and_then(|p| p.desired.as_ref()).map(|c| &c.properties)
@@ -274,6 +280,9 @@ mod tests {
         let body = r#"{"deviceId":"d","version":9,"properties":{"desired":{"a":1,"$version":3,"$metadata":{}}},"tags":{"t":null}}"#;
         let patch: TwinPatch = serde_json::from_str(body).unwrap();
         assert_eq!(patch.desired().unwrap().len(), 1);
+        assert_eq!(patch.if_match(), IfMatch::Absent);
+        let job: TwinPatch = serde_json::from_str(r#"{"etag":"*","tags":{}}"#).unwrap();
+        assert_eq!(job.if_match(), IfMatch::Any);
         assert_eq!(patch.tags.unwrap()["t"], Value::Null);
     }
 

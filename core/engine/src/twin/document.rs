@@ -83,19 +83,36 @@ fn merge(target: &mut Map<String, Value>, meta: &mut MetaNode, patch: &Map<Strin
                 meta.children.remove(key);
             }
             Value::Object(child_patch) => {
-                let child_meta = meta.children.entry(key.clone()).or_insert_with(|| MetaNode::new(stamp));
-                let entry = target.entry(key.clone()).or_insert_with(|| Value::Object(Map::new()));
-                if !entry.is_object() {
-                    *entry = Value::Object(Map::new());
-                    child_meta.children.clear();
+                // Look up before inserting: most patches rewrite properties that exist, and
+                // `entry` would allocate the key every time.
+                if !meta.children.contains_key(key) {
+                    meta.children.insert(key.clone(), MetaNode::new(stamp));
                 }
-                if let Value::Object(child) = entry {
+                if !matches!(target.get(key), Some(Value::Object(_))) {
+                    target.insert(key.clone(), Value::Object(Map::new()));
+                    if let Some(m) = meta.children.get_mut(key) {
+                        m.children.clear();
+                    }
+                }
+                if let (Some(Value::Object(child)), Some(child_meta)) =
+                    (target.get_mut(key), meta.children.get_mut(key))
+                {
                     merge(child, child_meta, child_patch, stamp);
                 }
             }
             leaf => {
-                target.insert(key.clone(), leaf.clone());
-                meta.children.insert(key.clone(), MetaNode::new(stamp));
+                match target.get_mut(key) {
+                    Some(slot) => *slot = leaf.clone(),
+                    None => {
+                        target.insert(key.clone(), leaf.clone());
+                    }
+                }
+                match meta.children.get_mut(key) {
+                    Some(m) => *m = MetaNode::new(stamp),
+                    None => {
+                        meta.children.insert(key.clone(), MetaNode::new(stamp));
+                    }
+                }
             }
         }
     }
@@ -186,11 +203,20 @@ pub struct TwinChange {
     pub version: u64,
     /// Tags as written: the patch (with `null`s) or, after a replace, all tags.
     pub tags: Option<Map<String, Value>>,
-    /// Desired properties as written (the patch, or after a replace the whole section) and the
-    /// new desired `$version`.
-    pub desired: Option<(Map<String, Value>, u64)>,
-    /// Reported properties as written and the new reported `$version`.
-    pub reported: Option<(Map<String, Value>, u64)>,
+    /// Desired properties as written (the patch, or after a replace the whole section).
+    pub desired: Option<SectionChange>,
+    /// Reported properties as written (the patch); its `version` goes into the device's
+    /// `$iothub/twin/res/204/?$rid=..&$version=..` answer.
+    pub reported: Option<SectionChange>,
+}
+
+/// What a write did to desired or reported properties.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SectionChange {
+    /// The properties as written, `null`s included.
+    pub patch: Map<String, Value>,
+    /// The section's `$version` after the write.
+    pub version: u64,
 }
 
 /// A device or module twin: tags, desired and reported properties with `$metadata` on every
@@ -363,7 +389,10 @@ impl TwinDocument {
             timestamp: now,
             version: self.version,
             tags: patch.tags.clone(),
-            desired: desired_patch.cloned().zip(desired_version),
+            desired: desired_patch
+                .cloned()
+                .zip(desired_version)
+                .map(|(patch, version)| SectionChange { patch, version }),
             reported: None,
         })
     }
@@ -403,7 +432,7 @@ impl TwinDocument {
             timestamp: now,
             version: self.version,
             tags: Some(self.tags.clone()),
-            desired: Some((self.desired.properties.clone(), version)),
+            desired: Some(SectionChange { patch: self.desired.properties.clone(), version }),
             reported: None,
         })
     }
@@ -434,7 +463,7 @@ impl TwinDocument {
             version: self.version,
             tags: None,
             desired: None,
-            reported: Some((patch.clone(), self.reported.version)),
+            reported: Some(SectionChange { patch: patch.clone(), version: self.reported.version }),
         })
     }
 
@@ -483,11 +512,11 @@ impl TwinDocument {
             body.insert("tags".to_owned(), Value::Object(tags.clone()));
         }
         let mut props = Map::new();
-        if let Some((patch, _)) = &change.desired {
-            props.insert("desired".to_owned(), self.desired.changed_view(patch));
+        if let Some(c) = &change.desired {
+            props.insert("desired".to_owned(), self.desired.changed_view(&c.patch));
         }
-        if let Some((patch, _)) = &change.reported {
-            props.insert("reported".to_owned(), self.reported.changed_view(patch));
+        if let Some(c) = &change.reported {
+            props.insert("reported".to_owned(), self.reported.changed_view(&c.patch));
         }
         if !props.is_empty() {
             body.insert("properties".to_owned(), Value::Object(props));

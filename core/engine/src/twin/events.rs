@@ -78,11 +78,11 @@ pub enum TwinEvent {
 impl TwinChange {
     /// The desired-properties push for this change, if it wrote desired properties.
     pub fn desired_event(&self, key: &TwinKey) -> Option<DesiredPropertiesChanged> {
-        self.desired.as_ref().map(|(patch, version)| DesiredPropertiesChanged {
+        self.desired.as_ref().map(|c| DesiredPropertiesChanged {
             device_id: key.device_id.clone(),
             module_id: key.module_id.clone(),
-            patch: DesiredPropertiesPatch { patch: patch.clone(), version: *version },
-            version: *version,
+            patch: DesiredPropertiesPatch { patch: c.patch.clone(), version: c.version },
+            version: c.version,
         })
     }
 

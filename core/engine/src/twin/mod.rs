@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use zerotouch_proto::twin::TwinPatch;
 use zerotouch_proto::{DeviceId, IfMatch, ModuleId, Timestamp};
 
-pub use document::{TwinChange, TwinDocument};
+pub use document::{SectionChange, TwinChange, TwinDocument};
 pub use events::{DesiredPropertiesChanged, TwinChangeNotification, TwinEvent};
 pub use store::{MemoryTwinStore, StoredTwin, TwinStore};
 
