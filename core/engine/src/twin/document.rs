@@ -192,7 +192,7 @@ impl Section {
 }
 
 /// What one accepted write changed: enough to build the events a transport pushes
-/// (see [`super::events`]).
+/// (see [`TwinChange::events`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TwinChange {
     /// Whether the write merged or replaced.
