@@ -1,1 +1,131 @@
-//! (in progress)
+//! Device and module twins: documents with metadata and versions, limits, events and stores.
+//!
+//! A [`TwinDocument`] applies the three writes of the hub (service `PATCH` and `PUT`, device
+//! reported patch), each checked against `If-Match`, validated against the limits of
+//! [`limits`], and returning a [`TwinChange`] from which the [`TwinEvent`]s a transport pushes
+//! are built. [`update_twin`] runs one write against a [`TwinStore`] with an atomic
+//! read-modify-write.
+
+mod document;
+mod events;
+pub mod limits;
+mod store;
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+use zerotouch_proto::twin::TwinPatch;
+use zerotouch_proto::{DeviceId, IfMatch, ModuleId, Timestamp};
+
+pub use document::{SectionChange, TwinChange, TwinDocument};
+pub use events::{DesiredPropertiesChanged, TwinChangeNotification, TwinEvent};
+pub use store::{MemoryTwinStore, StoredTwin, TwinStore};
+
+use crate::error::{Error, StoreError};
+use crate::store::Precondition;
+
+/// Which twin: a device twin (`module_id` is `None`) or a module twin.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TwinKey {
+    /// The device.
+    pub device_id: DeviceId,
+    /// The module, for module twins.
+    pub module_id: Option<ModuleId>,
+}
+
+impl TwinKey {
+    /// The key of a device twin.
+    pub fn device(device_id: DeviceId) -> Self {
+        Self { device_id, module_id: None }
+    }
+
+    /// The key of a module twin.
+    pub fn module(device_id: DeviceId, module_id: ModuleId) -> Self {
+        Self { device_id, module_id: Some(module_id) }
+    }
+}
+
+impl fmt::Display for TwinKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.module_id {
+            Some(m) => write!(f, "module {m} of device {}", self.device_id),
+            None => write!(f, "device {}", self.device_id),
+        }
+    }
+}
+
+/// One write to a twin.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TwinOperation {
+    /// Service `PATCH`: merge tags and desired properties.
+    Patch(TwinPatch),
+    /// Service `PUT`: replace tags and desired properties.
+    Replace(TwinPatch),
+    /// Device reported patch: merge into reported properties.
+    Reported(Map<String, Value>),
+}
+
+impl TwinDocument {
+    /// Applies one write; see [`TwinDocument::patch`], [`TwinDocument::replace`] and
+    /// [`TwinDocument::patch_reported`].
+    ///
+    /// # Errors
+    /// [`Error::PreconditionFailed`] or [`Error::BadRequest`]; nothing changes on error.
+    pub fn apply(
+        &mut self,
+        now: Timestamp,
+        op: &TwinOperation,
+        if_match: &IfMatch,
+    ) -> Result<TwinChange, Error> {
+        match op {
+            TwinOperation::Patch(p) => self.patch(now, p, if_match),
+            TwinOperation::Replace(p) => self.replace(now, p, if_match),
+            TwinOperation::Reported(p) => self.patch_reported(now, p, if_match),
+        }
+    }
+}
+
+/// The twin after a write and the events to deliver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TwinOutcome {
+    /// The twin as stored.
+    pub document: TwinDocument,
+    /// What changed, as applied.
+    pub change: TwinChange,
+    /// Desired push (if desired changed) and change notification.
+    pub events: Vec<TwinEvent>,
+}
+
+/// How often [`update_twin`] retries when another writer got in between its read and write.
+pub const MAX_WRITE_ATTEMPTS: usize = 8;
+
+/// Reads a twin, applies `op` and writes it back atomically, retrying when a concurrent write
+/// got in between (the `If-Match` is re-checked on every attempt).
+///
+/// # Errors
+/// [`Error::NotFound`] when there is no such twin; [`Error::PreconditionFailed`] and
+/// [`Error::BadRequest`] from the operation; [`Error::Conflict`] when concurrent writers kept
+/// winning for [`MAX_WRITE_ATTEMPTS`] attempts; store failures.
+pub fn update_twin(
+    store: &dyn TwinStore,
+    key: &TwinKey,
+    now: Timestamp,
+    op: &TwinOperation,
+    if_match: &IfMatch,
+) -> Result<TwinOutcome, Error> {
+    for _ in 0..MAX_WRITE_ATTEMPTS {
+        let mut document = store.twin(key)?.ok_or_else(|| Error::NotFound(format!("twin of {key}")))?;
+        let read_revision = document.revision();
+        let change = document.apply(now, op, if_match)?;
+        match store.put_twin(key, &document, &Precondition::Matches(read_revision.bare().to_owned())) {
+            Ok(()) => {
+                let events = change.events(key, &document);
+                return Ok(TwinOutcome { document, change, events });
+            }
+            Err(StoreError::PreconditionFailed) => continue,
+            Err(StoreError::NotFound) => return Err(Error::NotFound(format!("twin of {key}"))),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Conflict(format!("the twin of {key} kept changing concurrently; retry the request")))
+}
