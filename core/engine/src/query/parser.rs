@@ -377,13 +377,15 @@ impl<'a> Parser<'a> {
 
     fn path(&mut self) -> Result<Path, ParseError> {
         let first = match self.peek().clone() {
-            Tok::Ident(s) if is_keyword(&s) => return Err(ParseError::at(
-                self.src,
-                self.offset(),
-                format!(
+            Tok::Ident(s) if is_keyword(&s) => {
+                return Err(ParseError::at(
+                    self.src,
+                    self.offset(),
+                    format!(
                     "expected a property name, found the keyword '{s}' (write [[{s}]] to use it as a name)"
                 ),
-            )),
+                ))
+            }
             Tok::Ident(s) | Tok::Escaped(s) => s,
             _ => return Err(self.error("a property name")),
         };
