@@ -635,6 +635,8 @@ fn the_where_clause_is_an_inspectable_tree() {
         )
     );
     assert!(matches!(&**right, Expr::In { negated: false, list, .. } if list.len() == 2));
+    let conjuncts = q.filter.as_ref().unwrap().conjuncts();
+    assert_eq!(conjuncts, [&**left, &**right]);
 }
 
 // ---- parse errors ----

@@ -226,6 +226,27 @@ pub enum Expr {
     Call(Function, Vec<Expr>),
 }
 
+impl Expr {
+    /// The operands of the top-level `AND`s (the expression itself when it is not an `AND`).
+    ///
+    /// A document matches only if every conjunct is true, so a store can use any conjunct it
+    /// understands (say `deviceId = 'x'` or `tags.region IN [..]`) to narrow a scan.
+    pub fn conjuncts(&self) -> Vec<&Expr> {
+        let mut out = Vec::new();
+        let mut stack = vec![self];
+        while let Some(e) = stack.pop() {
+            match e {
+                Expr::And(a, b) => {
+                    stack.push(b);
+                    stack.push(a);
+                }
+                other => out.push(other),
+            }
+        }
+        out
+    }
+}
+
 /// Aggregate functions of a select list.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Aggregate {

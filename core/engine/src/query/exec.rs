@@ -1,6 +1,7 @@
 //! Running a parsed query over a document source, one page at a time.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -9,7 +10,7 @@ use serde_json::{Map, Number, Value};
 use super::ast::{Aggregate, Collection, Expr, ItemType, Path, Projection, Query, Select, SelectItem};
 use super::eval::{eval, lookup, matches};
 use crate::error::Error;
-use crate::store::{Page, PageRequest};
+use crate::store::PageRequest;
 
 /// Largest page [`execute`] returns, whatever the request asks (spec §9.1, our choice).
 pub const MAX_PAGE_SIZE: usize = 1000;
@@ -20,11 +21,17 @@ const SCAN_BATCH: usize = 256;
 
 /// Where the documents of a collection come from.
 ///
-/// `scan` pages through a collection in a stable order with its own opaque tokens. The `filter`
-/// is a hint so durable stores can push simple clauses down: a source may return only documents
-/// that can satisfy it, or ignore it; [`execute`] re-checks every document either way.
+/// `scan` walks one batch of a collection, in a stable order, handing each document to `visit`
+/// by reference (so an in-memory store clones nothing). Batches are addressed by the source's own
+/// opaque tokens: `page.continuation` names where the batch starts, `page.max_items` bounds it,
+/// and the same token and size must yield the same batch while the data is unchanged.
+///
+/// The `filter` is a hint so durable stores can push simple clauses down (see
+/// [`Expr::conjuncts`]): a source may skip documents that cannot satisfy it, or ignore it;
+/// [`execute`] re-checks every visited document either way.
 pub trait QuerySource {
-    /// Reads up to `page.max_items` documents after `page.continuation`.
+    /// Visits up to `page.max_items` documents after `page.continuation`, stopping early when
+    /// `visit` breaks. Returns the token of the next batch, `None` when the collection ends.
     ///
     /// # Errors
     /// Backend failures, or [`Error::BadRequest`] for a token the source did not issue.
@@ -33,10 +40,11 @@ pub trait QuerySource {
         collection: Collection,
         filter: Option<&Expr>,
         page: &PageRequest,
-    ) -> Result<Page<Value>, Error>;
+        visit: &mut dyn FnMut(&Value) -> ControlFlow<()>,
+    ) -> Result<Option<String>, Error>;
 }
 
-/// An in-memory source: one vector of JSON documents per collection.
+/// An in-memory source: one vector of JSON documents per collection. Its tokens are offsets.
 #[derive(Debug, Clone, Default)]
 pub struct VecSource {
     /// Device twins (`FROM devices`).
@@ -68,7 +76,8 @@ impl QuerySource for VecSource {
         collection: Collection,
         _filter: Option<&Expr>,
         page: &PageRequest,
-    ) -> Result<Page<Value>, Error> {
+        visit: &mut dyn FnMut(&Value) -> ControlFlow<()>,
+    ) -> Result<Option<String>, Error> {
         let docs = self.docs(collection);
         let start = match &page.continuation {
             None => 0,
@@ -79,9 +88,12 @@ impl QuerySource for VecSource {
                 .ok_or_else(|| Error::BadRequest("invalid continuation token".to_owned()))?,
         };
         let end = start.saturating_add(page.max_items.max(1)).min(docs.len());
-        let items = docs.get(start..end).map(<[Value]>::to_vec).unwrap_or_default();
-        let continuation = (end < docs.len()).then(|| end.to_string());
-        Ok(Page { items, continuation })
+        for doc in docs.get(start..end).unwrap_or_default() {
+            if visit(doc).is_break() {
+                break;
+            }
+        }
+        Ok((end < docs.len()).then(|| end.to_string()))
     }
 }
 
@@ -129,29 +141,40 @@ pub fn execute(query: &Query, source: &dyn QuerySource, page: &PageRequest) -> R
     let mut items = Vec::with_capacity(want);
     let mut src_token = cursor.source;
     let mut skip = cursor.skip;
+    // Set when the page is full and another result exists (its index in the current batch),
+    // or when TOP is reached.
+    let mut resume_at = None;
+    let mut done = false;
     loop {
         let req = PageRequest { continuation: src_token.clone(), max_items: SCAN_BATCH };
-        let batch = source.scan(query.from, query.filter.as_ref(), &req)?;
-        for (i, doc) in batch.items.iter().enumerate().skip(skip) {
-            if !query.filter.as_ref().is_none_or(|f| matches(f, doc)) {
-                continue;
+        let mut index = 0;
+        let next = source.scan(query.from, query.filter.as_ref(), &req, &mut |doc| {
+            let i = index;
+            index += 1;
+            if i < skip || !query.filter.as_ref().is_none_or(|f| matches(f, doc)) {
+                return ControlFlow::Continue(());
             }
             if items.len() == want {
-                // Another result exists: resume exactly here.
-                let next = Cursor { emitted: cursor.emitted + items.len(), source: src_token, skip: i };
-                return Ok(QueryPage { items, continuation: Some(next.encode(hash)), item_type });
+                resume_at = Some(i);
+                return ControlFlow::Break(());
             }
             items.push(project(&query.select, doc));
             if cursor.emitted + items.len() >= top {
-                return Ok(QueryPage { items, continuation: None, item_type });
+                done = true;
+                return ControlFlow::Break(());
             }
+            ControlFlow::Continue(())
+        })?;
+        if let Some(i) = resume_at {
+            let next = Cursor { emitted: cursor.emitted + items.len(), source: src_token, skip: i };
+            return Ok(QueryPage { items, continuation: Some(next.encode(hash)), item_type });
         }
-        match batch.continuation {
-            Some(t) => {
+        match next {
+            Some(t) if !done => {
                 src_token = Some(t);
                 skip = 0;
             }
-            None => return Ok(QueryPage { items, continuation: None, item_type }),
+            _ => return Ok(QueryPage { items, continuation: None, item_type }),
         }
     }
 }
@@ -258,10 +281,9 @@ fn aggregate(query: &Query, source: &dyn QuerySource) -> Result<Vec<Value>, Erro
     let mut token = None;
     loop {
         let req = PageRequest { continuation: token, max_items: SCAN_BATCH };
-        let batch = source.scan(query.from, query.filter.as_ref(), &req)?;
-        for doc in &batch.items {
+        token = source.scan(query.from, query.filter.as_ref(), &req, &mut |doc| {
             if !query.filter.as_ref().is_none_or(|f| matches(f, doc)) {
-                continue;
+                return ControlFlow::Continue(());
             }
             let g = match &query.group_by {
                 None => 0,
@@ -274,10 +296,10 @@ fn aggregate(query: &Query, source: &dyn QuerySource) -> Result<Vec<Value>, Erro
                     }
                 }
             }
-        }
-        match batch.continuation {
-            Some(t) => token = Some(t),
-            None => break,
+            ControlFlow::Continue(())
+        })?;
+        if token.is_none() {
+            break;
         }
     }
     Ok(groups.iter().map(|g| group_row(g, items)).collect())
