@@ -741,3 +741,25 @@ fn a_parse_error_is_a_bad_request_for_the_wire() {
     assert!(msg.ends_with("(line 1, column 8)"), "{msg}");
     assert_eq!(err.to_wire().http_status, 400);
 }
+
+#[test]
+fn a_keyword_where_a_value_belongs_is_named_in_the_error() {
+    let e = parse_err("SELECT * FROM devices WHERE -NOT (deviceId = 'a')");
+    assert_eq!(e.offset, 29);
+    assert_eq!(e.message, "expected a property, a constant, a function call or '(', found 'NOT'");
+}
+
+#[test]
+fn a_parsed_query_prints_as_canonical_text() {
+    let q = parse(
+        "select top 3 DeviceId as id, COUNT() from devices.jobs where devices.jobs.status in ['a', \"b\"] and not x > -1",
+    );
+    assert!(q.is_err(), "aggregates are refused on devices.jobs");
+    let q = parse("select top 3 DeviceId as id from devices.jobs where devices.jobs.status in ['a', \"it's\"] and not x > -1")
+        .unwrap();
+    assert_eq!(
+        q.to_string(),
+        "SELECT TOP 3 DeviceId AS id FROM devices.jobs WHERE ((status IN ['a', 'it\\'s']) AND (NOT (x > -1)))"
+    );
+    assert_eq!(parse(&q.to_string()).unwrap(), q);
+}

@@ -50,21 +50,63 @@ impl Path {
     }
 }
 
-impl fmt::Display for Path {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+/// Words that cannot start a path unescaped.
+const KEYWORDS: [&str; 16] = [
+    "SELECT",
+    "TOP",
+    "FROM",
+    "WHERE",
+    "GROUP",
+    "BY",
+    "AS",
+    "AND",
+    "OR",
+    "NOT",
+    "IN",
+    "NIN",
+    "TRUE",
+    "FALSE",
+    "NULL",
+    "UNDEFINED",
+];
+
+pub(crate) fn is_keyword(s: &str) -> bool {
+    KEYWORDS.iter().any(|k| k.eq_ignore_ascii_case(s))
+}
+
+fn is_plain_name(s: &str) -> bool {
+    s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == '$')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+}
+
+fn write_name(f: &mut fmt::Formatter<'_>, name: &str, first: bool) -> fmt::Result {
+    if is_plain_name(name) && !(first && is_keyword(name)) {
+        f.write_str(name)
+    } else {
+        write!(f, "[[{name}]]")
+    }
+}
+
+impl Path {
+    /// Writes the path so that parsing it in a query over `collection` gives it back: a path that
+    /// itself starts with `devices` gets the collection prefix the parser strips.
+    fn write_in(&self, f: &mut fmt::Formatter<'_>, collection: Collection) -> fmt::Result {
+        if self.segments.first().is_some_and(|s| s.eq_ignore_ascii_case("devices")) {
+            write!(f, "{collection}.")?;
+        }
         for (i, s) in self.segments.iter().enumerate() {
             if i > 0 {
                 f.write_str(".")?;
             }
-            let plain = s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == '$')
-                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
-            if plain {
-                f.write_str(s)?;
-            } else {
-                write!(f, "[[{s}]]")?;
-            }
+            write_name(f, s, i == 0)?;
         }
         Ok(())
+    }
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write_in(f, Collection::Devices)
     }
 }
 
@@ -95,6 +137,39 @@ impl Literal {
             Literal::Number(n) => Some(Value::Number(n.clone())),
             Literal::String(s) => Some(Value::String(s.clone())),
             Literal::Array(items) => Some(Value::Array(items.iter().filter_map(Literal::to_json).collect())),
+        }
+    }
+}
+
+impl fmt::Display for Literal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Literal::Undefined => f.write_str("undefined"),
+            Literal::Null => f.write_str("null"),
+            Literal::Bool(b) => write!(f, "{b}"),
+            Literal::Number(n) => write!(f, "{n}"),
+            Literal::String(s) => {
+                f.write_str("'")?;
+                for c in s.chars() {
+                    match c {
+                        '\'' => f.write_str("\\'")?,
+                        '\\' => f.write_str("\\\\")?,
+                        c if c.is_control() => write!(f, "\\u{:04x}", u32::from(c))?,
+                        c => write!(f, "{c}")?,
+                    }
+                }
+                f.write_str("'")
+            }
+            Literal::Array(items) => {
+                f.write_str("[")?;
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{item}")?;
+                }
+                f.write_str("]")
+            }
         }
     }
 }
@@ -226,6 +301,77 @@ pub enum Expr {
     Call(Function, Vec<Expr>),
 }
 
+impl CompareOp {
+    fn symbol(self) -> &'static str {
+        match self {
+            CompareOp::Eq => "=",
+            CompareOp::Ne => "!=",
+            CompareOp::Lt => "<",
+            CompareOp::Le => "<=",
+            CompareOp::Gt => ">",
+            CompareOp::Ge => ">=",
+        }
+    }
+}
+
+impl ArithOp {
+    fn symbol(self) -> &'static str {
+        match self {
+            ArithOp::Add => "+",
+            ArithOp::Sub => "-",
+            ArithOp::Mul => "*",
+            ArithOp::Div => "/",
+            ArithOp::Rem => "%",
+        }
+    }
+}
+
+/// An expression written for a query over a given collection (see [`Path::write_in`]).
+struct InCollection<'a, T>(&'a T, Collection);
+
+impl fmt::Display for InCollection<'_, Expr> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.1;
+        let sub = |e: &Expr| InCollection(e, c).to_string();
+        match self.0 {
+            Expr::Literal(l) => write!(f, "{l}"),
+            Expr::Path(p) => p.write_in(f, c),
+            Expr::Not(e) => write!(f, "(NOT {})", sub(e)),
+            Expr::And(a, b) => write!(f, "({} AND {})", sub(a), sub(b)),
+            Expr::Or(a, b) => write!(f, "({} OR {})", sub(a), sub(b)),
+            Expr::Compare(op, a, b) => write!(f, "({} {} {})", sub(a), op.symbol(), sub(b)),
+            Expr::Arith(op, a, b) => write!(f, "({} {} {})", sub(a), op.symbol(), sub(b)),
+            Expr::Neg(e) => write!(f, "-({})", sub(e)),
+            Expr::In { expr, list, negated } => {
+                write!(
+                    f,
+                    "({} {} {})",
+                    sub(expr),
+                    if *negated { "NIN" } else { "IN" },
+                    Literal::Array(list.clone())
+                )
+            }
+            Expr::Call(func, args) => {
+                write!(f, "{}(", func.name())?;
+                for (i, a) in args.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    f.write_str(&sub(a))?;
+                }
+                f.write_str(")")
+            }
+        }
+    }
+}
+
+/// Fully parenthesised query text; [`crate::query::parse_condition`] reads it back to the same tree.
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        InCollection(self, Collection::Devices).fmt(f)
+    }
+}
+
 impl Expr {
     /// The operands of the top-level `AND`s (the expression itself when it is not an `AND`).
     ///
@@ -260,6 +406,27 @@ pub enum Aggregate {
     Min(Path),
     /// `MAX(path)` over numeric values.
     Max(Path),
+}
+
+impl Aggregate {
+    /// The function name as written in queries.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Aggregate::Count => "COUNT",
+            Aggregate::Sum(_) => "SUM",
+            Aggregate::Avg(_) => "AVG",
+            Aggregate::Min(_) => "MIN",
+            Aggregate::Max(_) => "MAX",
+        }
+    }
+
+    /// The aggregated property (`None` for `COUNT()`).
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Aggregate::Count => None,
+            Aggregate::Sum(p) | Aggregate::Avg(p) | Aggregate::Min(p) | Aggregate::Max(p) => Some(p),
+        }
+    }
 }
 
 /// What one select item computes.
@@ -319,6 +486,50 @@ impl Query {
             (Select::All, _) => ItemType::Twin,
             (Select::Items(_), _) => ItemType::Raw,
         }
+    }
+}
+
+/// Canonical query text; [`crate::query::parse`] reads it back to the same query.
+impl fmt::Display for Query {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.from;
+        f.write_str("SELECT ")?;
+        if let Some(n) = self.top {
+            write!(f, "TOP {n} ")?;
+        }
+        match &self.select {
+            Select::All => f.write_str("*")?,
+            Select::Items(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    match &item.projection {
+                        Projection::Expr(e) => write!(f, "{}", InCollection(e, c))?,
+                        Projection::Aggregate(a) => {
+                            write!(f, "{}(", a.name())?;
+                            if let Some(p) = a.path() {
+                                p.write_in(f, c)?;
+                            }
+                            f.write_str(")")?;
+                        }
+                    }
+                    if let Some(alias) = &item.alias {
+                        f.write_str(" AS ")?;
+                        write_name(f, alias, true)?;
+                    }
+                }
+            }
+        }
+        write!(f, " FROM {c}")?;
+        if let Some(e) = &self.filter {
+            write!(f, " WHERE {}", InCollection(e, c))?;
+        }
+        if let Some(g) = &self.group_by {
+            f.write_str(" GROUP BY ")?;
+            g.write_in(f, c)?;
+        }
+        Ok(())
     }
 }
 

@@ -388,9 +388,10 @@ impl Cursor {
 }
 
 /// FNV-1a over the query's structure, so a token is refused when replayed with another query.
-/// The Debug form is stable within one build, which is as long as tokens need to live.
+/// The canonical text is stable across builds, so tokens survive a rolling upgrade.
 fn query_hash(query: &Query) -> u64 {
-    format!("{query:?}")
+    query
+        .to_string()
         .bytes()
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }

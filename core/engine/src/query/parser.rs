@@ -7,8 +7,8 @@
 use std::fmt;
 
 use super::ast::{
-    Aggregate, ArithOp, Collection, CompareOp, Expr, Function, Literal, Path, Projection, Query, Select,
-    SelectItem,
+    is_keyword, Aggregate, ArithOp, Collection, CompareOp, Expr, Function, Literal, Path, Projection, Query,
+    Select, SelectItem,
 };
 use super::lexer::{tokenize, Tok};
 
@@ -18,25 +18,6 @@ pub const MAX_QUERY_LEN: usize = 8192;
 /// Deepest nesting of parentheses / `NOT` / unary minus accepted, so hostile input cannot
 /// exhaust the stack.
 const MAX_DEPTH: usize = 64;
-
-const KEYWORDS: [&str; 16] = [
-    "SELECT",
-    "TOP",
-    "FROM",
-    "WHERE",
-    "GROUP",
-    "BY",
-    "AS",
-    "AND",
-    "OR",
-    "NOT",
-    "IN",
-    "NIN",
-    "TRUE",
-    "FALSE",
-    "NULL",
-    "UNDEFINED",
-];
 
 /// Why a query did not parse, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -538,6 +519,14 @@ impl<'a> Parser<'a> {
                 Ok(e)
             }
             Tok::Str(_) | Tok::Num(_) | Tok::Sym("[") => Ok(Expr::Literal(self.constant()?)),
+            // `-NOT (..)`: a keyword, not a function, so say what belongs here.
+            Tok::Ident(s)
+                if is_keyword(&s)
+                    && keyword_constant(&s).is_none()
+                    && matches!(self.peek_at(1), Tok::Sym("(")) =>
+            {
+                Err(self.error("a property, a constant, a function call or '('"))
+            }
             Tok::Ident(s) if matches!(self.peek_at(1), Tok::Sym("(")) => self.call(&s),
             Tok::Ident(s) => match keyword_constant(&s) {
                 Some(l) => {
@@ -629,10 +618,6 @@ impl<'a> Parser<'a> {
             _ => Err(self.error("a constant (string, number, true, false, null)")),
         }
     }
-}
-
-fn is_keyword(s: &str) -> bool {
-    KEYWORDS.iter().any(|k| k.eq_ignore_ascii_case(s))
 }
 
 fn keyword_constant(s: &str) -> Option<Literal> {
