@@ -763,3 +763,21 @@ fn a_parsed_query_prints_as_canonical_text() {
     );
     assert_eq!(parse(&q.to_string()).unwrap(), q);
 }
+
+#[test]
+fn long_operator_chains_run_and_overlong_ones_are_refused() {
+    let sum = format!("SELECT * FROM devices WHERE 1{} = 250", "+1".repeat(249));
+    assert_eq!(run(&sum).len(), 6);
+    let ors: Vec<String> = (0..250).map(|i| format!("deviceId = 'd{i}'")).collect();
+    let q = format!("SELECT * FROM devices WHERE {} OR deviceId = 'dev1'", ors.join(" OR "));
+    assert_eq!(ids(&run(&q)), ["dev1"]);
+    let parsed = parse(&q).unwrap();
+    assert_eq!(parse(&parsed.to_string()).unwrap(), parsed);
+
+    let terms = (MAX_QUERY_LEN - 60) / 2;
+    let e = parse_err(&format!("SELECT * FROM devices WHERE 1{} = {}", "+1".repeat(terms - 1), terms));
+    assert_eq!(e.offset, 28);
+    assert!(e.message.starts_with("expression too complex: more than 256 nested operators"), "{}", e.message);
+    let e = parse_err(&format!("SELECT * FROM devices WHERE version = 2{}", " AND 1=1".repeat(1000)));
+    assert!(e.message.contains("use IN ["), "{}", e.message);
+}

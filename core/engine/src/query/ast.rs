@@ -331,41 +331,75 @@ struct InCollection<'a, T>(&'a T, Collection);
 
 impl fmt::Display for InCollection<'_, Expr> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = self.1;
-        let sub = |e: &Expr| InCollection(e, c).to_string();
-        match self.0 {
-            Expr::Literal(l) => write!(f, "{l}"),
-            Expr::Path(p) => p.write_in(f, c),
-            Expr::Not(e) => write!(f, "(NOT {})", sub(e)),
-            Expr::And(a, b) => write!(f, "({} AND {})", sub(a), sub(b)),
-            Expr::Or(a, b) => write!(f, "({} OR {})", sub(a), sub(b)),
-            Expr::Compare(op, a, b) => write!(f, "({} {} {})", sub(a), op.symbol(), sub(b)),
-            Expr::Arith(op, a, b) => write!(f, "({} {} {})", sub(a), op.symbol(), sub(b)),
-            Expr::Neg(e) => write!(f, "-({})", sub(e)),
-            Expr::In { expr, list, negated } => {
-                write!(
-                    f,
-                    "({} {} {})",
-                    sub(expr),
-                    if *negated { "NIN" } else { "IN" },
-                    Literal::Array(list.clone())
-                )
-            }
-            Expr::Call(func, args) => {
-                write!(f, "{}(", func.name())?;
-                for (i, a) in args.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str(", ")?;
-                    }
-                    f.write_str(&sub(a))?;
+        write_expr(f, self.0, self.1, false)
+    }
+}
+
+fn additive(op: ArithOp) -> bool {
+    matches!(op, ArithOp::Add | ArithOp::Sub)
+}
+
+/// Writes `e` parenthesised, except that the left operand of a left-associative chain of one
+/// precedence level (`a OR b OR c`, `a + b - c`) is written `bare`, so long chains do not turn
+/// into deep parenthesis nesting when printed.
+fn write_expr(f: &mut fmt::Formatter<'_>, e: &Expr, c: Collection, bare: bool) -> fmt::Result {
+    let (open, close) = if bare { ("", "") } else { ("(", ")") };
+    match e {
+        Expr::Literal(l) => write!(f, "{l}"),
+        Expr::Path(p) => p.write_in(f, c),
+        Expr::Not(a) => {
+            f.write_str("(NOT ")?;
+            write_expr(f, a, c, false)?;
+            f.write_str(")")
+        }
+        Expr::And(a, b) | Expr::Or(a, b) => {
+            let and = matches!(e, Expr::And(..));
+            let chain = matches!((and, &**a), (true, Expr::And(..)) | (false, Expr::Or(..)));
+            f.write_str(open)?;
+            write_expr(f, a, c, chain)?;
+            f.write_str(if and { " AND " } else { " OR " })?;
+            write_expr(f, b, c, false)?;
+            f.write_str(close)
+        }
+        Expr::Compare(op, a, b) => {
+            f.write_str("(")?;
+            write_expr(f, a, c, false)?;
+            write!(f, " {} ", op.symbol())?;
+            write_expr(f, b, c, false)?;
+            f.write_str(")")
+        }
+        Expr::Arith(op, a, b) => {
+            let chain = matches!(&**a, Expr::Arith(inner, ..) if additive(*inner) == additive(*op));
+            f.write_str(open)?;
+            write_expr(f, a, c, chain)?;
+            write!(f, " {} ", op.symbol())?;
+            write_expr(f, b, c, false)?;
+            f.write_str(close)
+        }
+        Expr::Neg(a) => {
+            f.write_str("-(")?;
+            write_expr(f, a, c, false)?;
+            f.write_str(")")
+        }
+        Expr::In { expr, list, negated } => {
+            f.write_str("(")?;
+            write_expr(f, expr, c, false)?;
+            write!(f, " {} {})", if *negated { "NIN" } else { "IN" }, Literal::Array(list.clone()))
+        }
+        Expr::Call(func, args) => {
+            write!(f, "{}(", func.name())?;
+            for (i, a) in args.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(", ")?;
                 }
-                f.write_str(")")
+                write_expr(f, a, c, false)?;
             }
+            f.write_str(")")
         }
     }
 }
 
-/// Fully parenthesised query text; [`crate::query::parse_condition`] reads it back to the same tree.
+/// Parenthesised query text; [`crate::query::parse_condition`] reads it back to the same tree.
 impl fmt::Display for Expr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         InCollection(self, Collection::Devices).fmt(f)

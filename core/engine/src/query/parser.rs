@@ -19,6 +19,9 @@ pub const MAX_QUERY_LEN: usize = 8192;
 /// exhaust the stack.
 const MAX_DEPTH: usize = 64;
 
+/// Highest expression tree accepted (operators included), for the same reason.
+const MAX_TREE_DEPTH: usize = 256;
+
 /// Why a query did not parse, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseError {
@@ -388,10 +391,24 @@ impl<'a> Parser<'a> {
 
     /// expr := or
     fn expr(&mut self) -> Result<Expr, ParseError> {
+        let start = self.offset();
         self.enter()?;
         let r = self.or();
         self.depth -= 1;
-        r
+        let e = r?;
+        // Operator chains (`a AND b AND ...`, `1 + 1 + ...`) parse in loops but build deep trees,
+        // and evaluating those recurses; bound the whole tree once, at the outermost expression.
+        if self.depth == 0 && tree_depth(&e) > MAX_TREE_DEPTH {
+            return Err(ParseError::at(
+                self.src,
+                start,
+                format!(
+                    "expression too complex: more than {MAX_TREE_DEPTH} nested operators \
+                     (for long lists of alternatives use IN ['a', 'b', ...])"
+                ),
+            ));
+        }
+        Ok(e)
     }
 
     fn or(&mut self) -> Result<Expr, ParseError> {
@@ -618,6 +635,26 @@ impl<'a> Parser<'a> {
             _ => Err(self.error("a constant (string, number, true, false, null)")),
         }
     }
+}
+
+/// Height of the expression tree, computed without recursion.
+fn tree_depth(root: &Expr) -> usize {
+    let mut max = 0;
+    let mut stack = vec![(root, 1usize)];
+    while let Some((e, d)) = stack.pop() {
+        max = max.max(d);
+        match e {
+            Expr::Literal(_) | Expr::Path(_) => {}
+            Expr::Not(a) | Expr::Neg(a) => stack.push((a, d + 1)),
+            Expr::In { expr, .. } => stack.push((expr, d + 1)),
+            Expr::And(a, b) | Expr::Or(a, b) | Expr::Compare(_, a, b) | Expr::Arith(_, a, b) => {
+                stack.push((a, d + 1));
+                stack.push((b, d + 1));
+            }
+            Expr::Call(_, args) => stack.extend(args.iter().map(|a| (a, d + 1))),
+        }
+    }
+    max
 }
 
 fn keyword_constant(s: &str) -> Option<Literal> {
