@@ -4,6 +4,23 @@
 //! SQL backend can push simple clauses down); [`execute`] runs it over any [`QuerySource`] one
 //! page at a time. Property names match case-insensitively, values case-sensitively, and a
 //! missing property is `undefined`: every comparison with it is not true (spec §9.3).
+//!
+//! ```
+//! use serde_json::json;
+//! use zerotouch_engine::query::{execute, parse, VecSource};
+//! use zerotouch_engine::store::PageRequest;
+//!
+//! let fleet = VecSource::with_devices(vec![
+//!     json!({"deviceId": "a", "tags": {"region": "US"}}),
+//!     json!({"deviceId": "b", "tags": {"region": "EU"}}),
+//! ]);
+//! let query = parse("SELECT DeviceId FROM devices WHERE tags.Region = 'US'")?;
+//! let page = execute(&query, &fleet, &PageRequest::default())?;
+//! assert_eq!(page.items, vec![json!({"deviceId": "a"})]);
+//! assert_eq!(page.item_type.as_str(), "raw");
+//! assert_eq!(page.continuation, None);
+//! # Ok::<(), zerotouch_engine::Error>(())
+//! ```
 
 mod ast;
 mod eval;
