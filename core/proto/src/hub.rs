@@ -12,40 +12,34 @@ use crate::time::Timestamp;
 
 wire_enum!(
     /// `status` of a device identity: output lower-case, input any case.
+    #[derive(Default)]
     DeviceStatus {
         /// The device may connect.
+        #[default]
         Enabled => "enabled",
         /// The device is refused on connect.
         Disabled => "disabled",
     }
 );
 
-impl Default for DeviceStatus {
-    fn default() -> Self {
-        DeviceStatus::Enabled
-    }
-}
-
 wire_enum!(
     /// `connectionState` of a device or module (capitalised on the wire).
+    #[derive(Default)]
     ConnectionState {
         /// Connected over MQTT or AMQP.
         Connected => "Connected",
         /// Not connected (the initial state).
+        #[default]
         Disconnected => "Disconnected",
     }
 );
 
-impl Default for ConnectionState {
-    fn default() -> Self {
-        ConnectionState::Disconnected
-    }
-}
-
 wire_enum!(
     /// `authentication.type` of an identity.
+    #[derive(Default)]
     AuthenticationType {
         /// Shared access keys.
+        #[default]
         Sas => "sas",
         /// X.509 certificate pinned by thumbprint.
         SelfSigned => "selfSigned",
@@ -56,17 +50,13 @@ wire_enum!(
     }
 );
 
-impl Default for AuthenticationType {
-    fn default() -> Self {
-        AuthenticationType::Sas
-    }
-}
-
 wire_enum!(
     /// `importMode` of an [`ExportImportDevice`] (spec §3.2); case-insensitive, so the Node
     /// spellings `Update`, `UpdateIfMatchETag`, `Delete`, `DeleteIfMatchETag` parse too.
+    #[derive(Default)]
     ImportMode {
         /// Create if missing, else overwrite ignoring the identity etag (the default).
+        #[default]
         CreateOrUpdate => "createOrUpdate",
         /// Create; an existing identity is an error.
         Create => "create",
@@ -86,12 +76,6 @@ wire_enum!(
         UpdateTwinIfMatchETag => "updateTwinIfMatchETag",
     }
 );
-
-impl Default for ImportMode {
-    fn default() -> Self {
-        ImportMode::CreateOrUpdate
-    }
-}
 
 wire_enum!(
     /// `type` of a registry job ([`JobProperties`]).
@@ -782,7 +766,8 @@ impl Serialize for HubErrorCode {
 impl<'de> Deserialize<'de> for HubErrorCode {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Self::from_name(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown IoT Hub error name {s:?}")))
+        Self::from_name(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown IoT Hub error name {s:?}")))
     }
 }
 
@@ -802,7 +787,10 @@ pub struct ErrorEnvelope {
 impl ErrorEnvelope {
     /// Builds the envelope for `code` with a human-readable `text` and a tracking line.
     pub fn new(code: HubErrorCode, text: &str, exception_message: impl Into<String>) -> Self {
-        Self { message: format!("ErrorCode:{};{text}", code.name()), exception_message: exception_message.into() }
+        Self {
+            message: format!("ErrorCode:{};{text}", code.name()),
+            exception_message: exception_message.into(),
+        }
     }
 
     /// The error name carried in `Message`, parsed the way the Node SDK does.
@@ -839,7 +827,12 @@ pub struct NumericErrorEnvelope {
 
 impl NumericErrorEnvelope {
     /// Builds the envelope for `code` with empty `info`.
-    pub fn new(code: HubErrorCode, message: impl Into<String>, tracking_id: impl Into<String>, now: Timestamp) -> Self {
+    pub fn new(
+        code: HubErrorCode,
+        message: impl Into<String>,
+        tracking_id: impl Into<String>,
+        now: Timestamp,
+    ) -> Self {
         Self {
             error_code: code.code(),
             tracking_id: tracking_id.into(),
@@ -917,7 +910,10 @@ mod tests {
             "A device with ID 'device004' is already registered.",
             "",
         );
-        assert_eq!(a.message, "ErrorCode:DeviceAlreadyExists;A device with ID 'device004' is already registered.");
+        assert_eq!(
+            a.message,
+            "ErrorCode:DeviceAlreadyExists;A device with ID 'device004' is already registered."
+        );
         assert_eq!(a.code(), Some(HubErrorCode::DeviceAlreadyExists));
         let json = serde_json::to_value(&a).unwrap();
         assert!(json.get("Message").is_some() && json.get("ExceptionMessage").is_some());
