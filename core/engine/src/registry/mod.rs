@@ -661,14 +661,16 @@ impl<S: IdentityStore> Registry<S> {
                     let if_match =
                         if mode == ImportMode::CreateOrUpdate { IfMatch::Any } else { identity_tag()? };
                     self.update_from_entry(entry, &if_match, now)?;
+                    self.twin_from_entry(entry, twins, &twin_if_match, now)?;
                 } else {
                     events = self.create_from_entry(entry, now)?;
+                    // A new identity has a new twin: an exported twinETag from elsewhere cannot match it.
+                    self.twin_from_entry(entry, twins, &IfMatch::Any, now)?;
                 }
-                self.twin_from_entry(entry, twins, &twin_if_match, now)?;
             }
             ImportMode::Create => {
                 events = self.create_from_entry(entry, now)?;
-                self.twin_from_entry(entry, twins, &twin_if_match, now)?;
+                self.twin_from_entry(entry, twins, &IfMatch::Any, now)?;
             }
             ImportMode::Update => {
                 self.update_from_entry(entry, &IfMatch::Any, now)?;
