@@ -406,3 +406,30 @@ proptest! {
         prop_assert_eq!(expected, actual);
     }
 }
+
+#[test]
+fn importing_ten_thousand_generated_lines_streams_from_an_iterator() {
+    let reg = registry();
+    let twins = TestTwins::default();
+    let lines = (0..10_000).map(|i| format!("{{\"id\":\"bulk-{i:05}\",\"importMode\":\"create\"}}"));
+    let mut job = ImportJob::new("big", import_request());
+    let mut errors = 0;
+    let counts = job.run(&reg, lines, &twins, now(), &mut |_| errors += 1, &mut |_| {}).unwrap();
+    assert_eq!(errors, 0);
+    assert_eq!((counts.processed, counts.succeeded), (10_000, 10_000));
+    assert_eq!(reg.statistics().unwrap().total_device_count, 10_000);
+}
+
+#[test]
+fn a_malformed_line_with_keys_is_logged_without_the_keys() {
+    let reg = registry();
+    let secret = "c2VjcmV0c2VjcmV0c2VjcmV0";
+    let bad = format!(
+        "{{\"id\":\"leak\",\"authentication\":{{\"symmetricKey\":{{\"primaryKey\":\"{secret}\"}},\"type\":\"BAD\"}}}}"
+    );
+    let run = run_import(&reg, &TestTwins::default(), vec![bad]);
+    assert_eq!(run.errors.len(), 1);
+    assert_eq!(run.errors[0].error_code, 400012);
+    assert!(run.errors[0].error_status.contains("\"id\":\"leak\""));
+    assert!(!run.errors[0].error_status.contains(secret));
+}

@@ -259,13 +259,16 @@ impl ImportJob {
     }
 }
 
-/// An unparsable line may hold keys: show its start only.
+/// An unparsable line may hold keys: quote it only up to its key block, and at most 200
+/// characters.
 fn redact_line(line: &str) -> String {
-    const SHOWN: usize = 64;
-    match line.char_indices().nth(SHOWN) {
-        Some((i, _)) if line.contains("Key") => format!("{}...", &line[..i]),
-        _ if line.contains("Key") => line.split("Key").next().map(|s| format!("{s}...")).unwrap_or_default(),
-        _ => line.to_owned(),
+    const SHOWN: usize = 200;
+    let head = line.find("\"symmetricKey\"").map_or(line, |i| &line[..i]);
+    let cut = head.char_indices().nth(SHOWN).map_or(head, |(i, _)| &head[..i]);
+    if cut.len() < line.len() {
+        format!("{cut}...")
+    } else {
+        cut.to_owned()
     }
 }
 

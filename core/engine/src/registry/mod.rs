@@ -18,7 +18,7 @@ use base64::Engine as _;
 use serde_json::Value;
 use zerotouch_proto::hub::{
     AuthenticationMechanism, AuthenticationType, BulkRegistryOperationResult, ConnectionState, Device,
-    DeviceCapabilities, DeviceRegistryOperationError, DeviceStatus, ExportImportDevice,
+    DeviceCapabilities, DeviceRegistryOperationError, DeviceStatus, ErrorEnvelope, ExportImportDevice,
     ExportImportProperties, HubErrorCode, ImportMode, Module, RegistryStatistics, ServiceStatistics,
     SymmetricKey, X509Thumbprint,
 };
@@ -74,6 +74,11 @@ pub fn hub_error_code(error: &Error) -> HubErrorCode {
         Error::Throttled { .. } => HubErrorCode::ThrottlingException,
         _ => HubErrorCode::ServerError,
     }
+}
+
+/// The registry error envelope (A) for an engine error: `ErrorCode:<Name>;<text>`.
+pub fn error_envelope(error: &Error, exception_message: impl Into<String>) -> ErrorEnvelope {
+    ErrorEnvelope::new(hub_error_code(error), &error_text(error), exception_message)
 }
 
 /// Something an operation did, plus the lifecycle events it caused.
