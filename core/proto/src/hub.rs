@@ -199,6 +199,16 @@ pub mod never_set_time {
     }
 }
 
+/// Reads `null` as the type's default: some clients send every property of their local object,
+/// including nulls for ones never set.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 /// `authentication.symmetricKey`: base64 keys. Empty strings (what Node sends) mean "generate".
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -244,13 +254,13 @@ pub struct X509Thumbprint {
 #[serde(rename_all = "camelCase")]
 pub struct AuthenticationMechanism {
     /// Keys (used when `type` is `sas`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub symmetric_key: SymmetricKey,
     /// Thumbprints (used when `type` is `selfSigned`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub x509_thumbprint: X509Thumbprint,
     /// Kind of credential.
-    #[serde(default, rename = "type")]
+    #[serde(default, rename = "type", deserialize_with = "null_as_default")]
     pub kind: AuthenticationType,
 }
 
@@ -259,7 +269,7 @@ pub struct AuthenticationMechanism {
 #[serde(rename_all = "camelCase")]
 pub struct DeviceCapabilities {
     /// Whether the device is an IoT Edge device.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub iot_edge: bool,
 }
 
@@ -277,10 +287,10 @@ pub struct Device {
     #[serde(default)]
     pub etag: Option<ETag>,
     /// Connected or disconnected.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub connection_state: ConnectionState,
     /// Enabled or disabled.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub status: DeviceStatus,
     /// Why the status was set (≤128 characters).
     #[serde(default)]
@@ -295,7 +305,7 @@ pub struct Device {
     #[serde(default, with = "never_set_time")]
     pub last_activity_time: Option<Timestamp>,
     /// Queued cloud-to-device messages.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub cloud_to_device_message_count: i32,
     /// Credentials; absent on input means `sas` with generated keys.
     #[serde(default)]
@@ -307,7 +317,7 @@ pub struct Device {
     #[serde(default)]
     pub device_scope: Option<String>,
     /// Parent scopes of a leaf device.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub parent_scopes: Vec<String>,
 }
 
@@ -353,7 +363,7 @@ pub struct Module {
     #[serde(default)]
     pub etag: Option<ETag>,
     /// Connected or disconnected.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub connection_state: ConnectionState,
     /// When `connectionState` last changed.
     #[serde(default, with = "never_set_time")]
@@ -362,7 +372,7 @@ pub struct Module {
     #[serde(default, with = "never_set_time")]
     pub last_activity_time: Option<Timestamp>,
     /// Queued cloud-to-device messages.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub cloud_to_device_message_count: i32,
     /// Credentials; absent on input means `sas` with generated keys.
     #[serde(default)]
@@ -868,6 +878,18 @@ mod tests {
         assert_eq!(auth.kind, AuthenticationType::Sas);
         assert_eq!(d.status, DeviceStatus::Enabled);
         assert!(!format!("{auth:?}").contains("primaryKey\":"));
+    }
+
+    #[test]
+    fn client_bodies_with_nulls_and_lowercase_states_parse() {
+        let d: Device = serde_json::from_str(
+            r#"{"deviceId":"n2","generationId":null,"etag":null,"connectionState":"disconnected","status":null,"connectionStateUpdatedTime":null,"cloudToDeviceMessageCount":null,"authentication":{"type":null,"symmetricKey":null,"x509Thumbprint":null},"capabilities":{"iotEdge":null},"parentScopes":null}"#,
+        )
+        .unwrap();
+        assert_eq!(d.status, DeviceStatus::Enabled);
+        assert_eq!(d.connection_state, ConnectionState::Disconnected);
+        assert_eq!(d.authentication.unwrap().kind, AuthenticationType::Sas);
+        assert!(d.parent_scopes.is_empty());
     }
 
     #[test]

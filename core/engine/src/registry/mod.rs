@@ -94,7 +94,8 @@ pub struct Applied<T> {
 /// implements this so the `updateTwin*` import modes and twin data on import lines reach it.
 pub trait TwinSink {
     /// Merges `tags` and replaces the given sections of the twin of an identity, if `if_match`
-    /// holds against the twin etag (`IfMatch::Any` ignores it).
+    /// holds against the twin etag (`IfMatch::Any` ignores it). Sections that carry `$metadata`
+    /// keep it; otherwise `$lastUpdated` becomes `now` (hub spec §3.2).
     ///
     /// # Errors
     /// [`Error::PreconditionFailed`] on a twin etag mismatch, a hub error for invalid twin data,
