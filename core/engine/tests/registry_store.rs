@@ -81,3 +81,90 @@ fn a_missing_device_answers_with_the_registry_error_envelope() {
     assert_eq!(env.code(), Some(HubErrorCode::DeviceNotFound));
     assert_eq!(env.message, "ErrorCode:DeviceNotFound;Device device004 not registered");
 }
+
+/// A store where another writer changes the device just before the registry's first write.
+#[derive(Debug, Default)]
+struct RacingStore {
+    inner: MemoryIdentityStore,
+    raced: std::sync::atomic::AtomicBool,
+}
+
+impl IdentityStore for RacingStore {
+    fn device(&self, id: &zerotouch_proto::DeviceId) -> Result<Option<Device>, StoreError> {
+        self.inner.device(id)
+    }
+    fn put_device(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+        if matches!(pre, Precondition::Matches(_))
+            && !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let mut other = self.inner.device(&device.device_id)?.unwrap();
+            other.etag = Some(ETag::new("b3RoZXI="));
+            other.status_reason = Some("other writer".into());
+            self.inner.put_device(&other, &Precondition::None)?;
+        }
+        self.inner.put_device(device, pre)
+    }
+    fn delete_device(
+        &self,
+        id: &zerotouch_proto::DeviceId,
+        pre: &Precondition,
+    ) -> Result<(Device, Vec<Module>), StoreError> {
+        self.inner.delete_device(id, pre)
+    }
+    fn devices(&self, page: &PageRequest) -> Result<zerotouch_engine::store::Page<Device>, StoreError> {
+        self.inner.devices(page)
+    }
+    fn count_devices(&self) -> Result<zerotouch_engine::registry::DeviceCounts, StoreError> {
+        self.inner.count_devices()
+    }
+    fn module(
+        &self,
+        d: &zerotouch_proto::DeviceId,
+        m: &zerotouch_proto::ModuleId,
+    ) -> Result<Option<Module>, StoreError> {
+        self.inner.module(d, m)
+    }
+    fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
+        self.inner.put_module(module, pre)
+    }
+    fn delete_module(
+        &self,
+        d: &zerotouch_proto::DeviceId,
+        m: &zerotouch_proto::ModuleId,
+        pre: &Precondition,
+    ) -> Result<Module, StoreError> {
+        self.inner.delete_module(d, m, pre)
+    }
+    fn modules(&self, d: &zerotouch_proto::DeviceId) -> Result<Vec<Module>, StoreError> {
+        self.inner.modules(d)
+    }
+}
+
+fn racing_registry() -> zerotouch_engine::registry::Registry<RacingStore> {
+    zerotouch_engine::registry::Registry::new(
+        RacingStore::default(),
+        std::sync::Arc::new(CountingCrypto::default()),
+        zerotouch_engine::registry::RegistryConfig::new(HUB),
+    )
+}
+
+#[test]
+fn a_wildcard_update_that_loses_a_race_is_retried_on_the_new_version() {
+    let reg = racing_registry();
+    reg.create_device(Device::new(id("r")), now()).unwrap();
+    let mut body = Device::new(id("r"));
+    body.status = DeviceStatus::Disabled;
+    let d = reg.update_device(body, &zerotouch_proto::IfMatch::Any, later(1)).unwrap();
+    assert_eq!(d.status, DeviceStatus::Disabled);
+    assert_eq!(reg.device(&id("r")).unwrap(), d);
+}
+
+#[test]
+fn an_etag_update_that_loses_a_race_is_412() {
+    let reg = racing_registry();
+    let created = reg.create_device(Device::new(id("r")), now()).unwrap().value;
+    let tag = zerotouch_proto::IfMatch::from_header(Some(&format!("\"{}\"", created.etag.unwrap())));
+    let err = reg.update_device(Device::new(id("r")), &tag, later(1)).unwrap_err();
+    assert_eq!(zerotouch_engine::registry::hub_error_code(&err), HubErrorCode::PreconditionFailed);
+    assert_eq!(reg.device(&id("r")).unwrap().status_reason.as_deref(), Some("other writer"));
+}

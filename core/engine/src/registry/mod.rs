@@ -268,6 +268,10 @@ impl<S: IdentityStore> Registry<S> {
     /// # Errors
     /// `DeviceNotFound`, `PreconditionFailed`, invalid fields, store failures.
     pub fn update_device(&self, body: Device, if_match: &IfMatch, now: Timestamp) -> Result<Device, Error> {
+        retry_lost_race(if_match, || self.update_device_once(body.clone(), if_match, now))
+    }
+
+    fn update_device_once(&self, body: Device, if_match: &IfMatch, now: Timestamp) -> Result<Device, Error> {
         check_status_reason(body.status_reason.as_deref())?;
         let existing = self.device(&body.device_id)?;
         let pre = update_precondition(if_match, existing.etag.as_ref())?;
@@ -392,29 +396,11 @@ impl<S: IdentityStore> Registry<S> {
         state: ConnectionState,
         now: Timestamp,
     ) -> Result<Option<ConnectionStateEvent>, Error> {
-        match module_id {
-            None => {
-                let mut device = self.device(device_id)?;
-                if device.connection_state == state {
-                    return Ok(None);
-                }
-                let pre = tag_precondition(device.etag.as_ref());
-                device.connection_state = state;
-                device.connection_state_updated_time = Some(now);
-                device.last_activity_time = Some(now);
-                self.store.put_device(&device, &pre).map_err(|e| device_store_error(e, device_id))?;
-            }
-            Some(mid) => {
-                let mut module = self.module(device_id, mid)?;
-                if module.connection_state == state {
-                    return Ok(None);
-                }
-                let pre = tag_precondition(module.etag.as_ref());
-                module.connection_state = state;
-                module.connection_state_updated_time = Some(now);
-                module.last_activity_time = Some(now);
-                self.store.put_module(&module, &pre).map_err(|e| module_store_error(e, device_id, mid))?;
-            }
+        let changed = retry_lost_race(&IfMatch::Any, || {
+            self.set_connection_state_once(device_id, module_id, state, now)
+        })?;
+        if !changed {
+            return Ok(None);
         }
         let op_type = match state {
             ConnectionState::Connected => ConnectionOperation::DeviceConnected,
@@ -428,6 +414,40 @@ impl<S: IdentityStore> Registry<S> {
             operation_timestamp: now,
             sequence_number: self.next_sequence_number(now),
         }))
+    }
+
+    fn set_connection_state_once(
+        &self,
+        device_id: &DeviceId,
+        module_id: Option<&ModuleId>,
+        state: ConnectionState,
+        now: Timestamp,
+    ) -> Result<bool, Error> {
+        match module_id {
+            None => {
+                let mut device = self.device(device_id)?;
+                if device.connection_state == state {
+                    return Ok(false);
+                }
+                let pre = tag_precondition(device.etag.as_ref());
+                device.connection_state = state;
+                device.connection_state_updated_time = Some(now);
+                device.last_activity_time = Some(now);
+                self.store.put_device(&device, &pre).map_err(|e| device_store_error(e, device_id))?;
+            }
+            Some(mid) => {
+                let mut module = self.module(device_id, mid)?;
+                if module.connection_state == state {
+                    return Ok(false);
+                }
+                let pre = tag_precondition(module.etag.as_ref());
+                module.connection_state = state;
+                module.connection_state_updated_time = Some(now);
+                module.last_activity_time = Some(now);
+                self.store.put_module(&module, &pre).map_err(|e| module_store_error(e, device_id, mid))?;
+            }
+        }
+        Ok(true)
     }
 
     // ---- modules -------------------------------------------------------------------------
@@ -527,6 +547,10 @@ impl<S: IdentityStore> Registry<S> {
     /// # Errors
     /// `DeviceNotFound`, `ModuleNotFound`, `PreconditionFailed`, invalid fields, store failures.
     pub fn update_module(&self, body: Module, if_match: &IfMatch) -> Result<Module, Error> {
+        retry_lost_race(if_match, || self.update_module_once(body.clone(), if_match))
+    }
+
+    fn update_module_once(&self, body: Module, if_match: &IfMatch) -> Result<Module, Error> {
         let existing = self.module(&body.device_id, &body.module_id)?;
         let pre = update_precondition(if_match, existing.etag.as_ref())?;
         let module = Module {
@@ -1010,6 +1034,28 @@ fn module_store_error(e: StoreError, device: &DeviceId, module: &ModuleId) -> Er
             format!("A module with ID '{module}' already exists on device '{device}'."),
         ),
         other => other.into(),
+    }
+}
+
+/// Attempts of a read-modify-write before a lost race is reported.
+const WRITE_ATTEMPTS: usize = 4;
+
+/// Writes are conditional on the version read, so a concurrent writer makes them fail with
+/// `PreconditionFailed`. Without a caller etag that is a lost race, not the caller's mistake:
+/// read and try again.
+fn retry_lost_race<T>(if_match: &IfMatch, mut attempt: impl FnMut() -> Result<T, Error>) -> Result<T, Error> {
+    let mut tries = 1;
+    loop {
+        match attempt() {
+            Err(e)
+                if tries < WRITE_ATTEMPTS
+                    && !matches!(if_match, IfMatch::Tag(_))
+                    && hub_error_code(&e) == HubErrorCode::PreconditionFailed =>
+            {
+                tries += 1;
+            }
+            other => return other,
+        }
     }
 }
 
