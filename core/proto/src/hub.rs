@@ -419,8 +419,15 @@ pub struct ExportImportDevice {
     /// Module id for module lines.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module_id: Option<ModuleId>,
-    /// Identity etag, checked by the `*IfMatchETag` modes.
-    #[serde(default, rename = "eTag", skip_serializing_if = "Option::is_none")]
+    /// Identity etag, checked by the `*IfMatchETag` modes. `etag` is accepted too: Node sends
+    /// the fields of a fetched `Device` as they are, and the hub matches names case-insensitively.
+    #[serde(
+        default,
+        rename = "eTag",
+        alias = "etag",
+        alias = "ETag",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub e_tag: Option<ETag>,
     /// What to do with the line (default `createOrUpdate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -435,7 +442,7 @@ pub struct ExportImportDevice {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authentication: Option<AuthenticationMechanism>,
     /// Twin etag, checked by `updateTwinIfMatchETag` and, if given, by the create modes.
-    #[serde(default, rename = "twinETag", skip_serializing_if = "Option::is_none")]
+    #[serde(default, rename = "twinETag", alias = "twinEtag", skip_serializing_if = "Option::is_none")]
     pub twin_etag: Option<ETag>,
     /// Twin tags.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -893,6 +900,17 @@ mod tests {
     }
 
     #[test]
+    fn never_set_times_parse_in_every_observed_form() {
+        for never in ["0001-01-01T00:00:00", "0001-01-01T00:00:00Z", "0001-01-01T00:00:00.0000000Z"] {
+            assert_eq!(never_set_time::parse(never).unwrap(), None);
+        }
+        let t = Timestamp::parse("2019-06-10T10:50:14Z").unwrap();
+        assert_eq!(never_set_time::parse("2019-06-10T10:50:14").unwrap(), Some(t));
+        assert_eq!(never_set_time::parse("2019-06-10T12:50:14+02:00").unwrap(), Some(t));
+        assert!(never_set_time::parse("yesterday").is_err());
+    }
+
+    #[test]
     fn module_response_round_trips() {
         let text = r#"{"moduleId":"Testing","managedBy":null,"deviceId":"mydevice","generationId":"636904759703045768","etag":"ODM2NjI3ODg=","connectionState":"Disconnected","connectionStateUpdatedTime":"0001-01-01T00:00:00Z","lastActivityTime":"0001-01-01T00:00:00Z","cloudToDeviceMessageCount":0,"authentication":{"symmetricKey":{"primaryKey":null,"secondaryKey":null},"x509Thumbprint":{"primaryThumbprint":null,"secondaryThumbprint":null},"type":"none"}}"#;
         let m: Module = serde_json::from_str(text).unwrap();
@@ -916,6 +934,12 @@ mod tests {
             serde_json::from_str(r#"{"deviceId":"d","importMode":"Update","eTag":"MA=="}"#).unwrap();
         assert_eq!(line.mode(), ImportMode::Update);
         assert_eq!(ExportImportDevice::new(line.id.clone(), None).mode(), ImportMode::CreateOrUpdate);
+        // Node bulk updates send a fetched Device with `deviceId` renamed to `id`.
+        let node: ExportImportDevice = serde_json::from_str(
+            r#"{"id":"d","generationId":"1","etag":"MQ==","connectionState":"Disconnected","status":"enabled","importMode":"UpdateIfMatchETag"}"#,
+        )
+        .unwrap();
+        assert_eq!(node.e_tag.as_ref().map(ETag::as_str), Some("MQ=="));
     }
 
     #[test]
