@@ -177,9 +177,7 @@ impl Error {
                 };
                 (400, code, a.to_string())
             }
-            Error::Hub { code, message } => {
-                (u16::try_from(code / 1000).unwrap_or(500), *code, message.clone())
-            }
+            Error::Hub { code, message } => (u16::try_from(code / 1000).unwrap_or(500), *code, message.clone()),
             Error::Store(StoreError::NotFound) => (404, 404000, self.to_string()),
             Error::Store(StoreError::AlreadyExists) => (409, 409000, self.to_string()),
             Error::Store(StoreError::PreconditionFailed) => (412, 412000, self.to_string()),

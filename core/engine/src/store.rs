@@ -137,8 +137,7 @@ pub trait EnrollmentStore: Send + Sync {
     ///
     /// # Errors
     /// Precondition failures and backend failures.
-    fn put_enrollment(&self, enrollment: &IndividualEnrollment, pre: &Precondition)
-        -> Result<(), StoreError>;
+    fn put_enrollment(&self, enrollment: &IndividualEnrollment, pre: &Precondition) -> Result<(), StoreError>;
     /// Deletes an enrollment if `pre` holds.
     ///
     /// # Errors
@@ -278,12 +277,6 @@ pub trait RegistrationStore: Send + Sync {
 }
 
 /// Everything the provisioning service needs, in one bound.
-pub trait ProvisioningStore:
-    EnrollmentStore + EnrollmentGroupStore + CaCertificateStore + RegistrationStore
-{
-}
+pub trait ProvisioningStore: EnrollmentStore + EnrollmentGroupStore + CaCertificateStore + RegistrationStore {}
 
-impl<T: EnrollmentStore + EnrollmentGroupStore + CaCertificateStore + RegistrationStore> ProvisioningStore
-    for T
-{
-}
+impl<T: EnrollmentStore + EnrollmentGroupStore + CaCertificateStore + RegistrationStore> ProvisioningStore for T {}

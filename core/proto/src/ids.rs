@@ -97,11 +97,8 @@ fn check_registration_id(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > MAX_ID_LEN {
         return Err(format!("must be 1 to {MAX_ID_LEN} characters, got {}", s.len()));
     }
-    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || REGISTRATION_ID_SPECIALS.contains(*c)))
-    {
-        return Err(format!(
-            "character {c:?} is not allowed (use A-Z, a-z, 0-9 and {REGISTRATION_ID_SPECIALS})"
-        ));
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || REGISTRATION_ID_SPECIALS.contains(*c))) {
+        return Err(format!("character {c:?} is not allowed (use A-Z, a-z, 0-9 and {REGISTRATION_ID_SPECIALS})"));
     }
     let last = s.chars().last().unwrap_or('-');
     if !(last.is_ascii_alphanumeric() || last == '-') {
@@ -123,8 +120,9 @@ fn check_device_id(s: &str) -> Result<(), String> {
 }
 
 fn check_id_scope(s: &str) -> Result<(), String> {
-    let ok =
-        s.len() == 11 && s[..3].eq_ignore_ascii_case("0ne") && s[3..].chars().all(|c| c.is_ascii_hexdigit());
+    let ok = s.len() == 11
+        && s[..3].eq_ignore_ascii_case("0ne")
+        && s[3..].chars().all(|c| c.is_ascii_hexdigit());
     if ok {
         Ok(())
     } else {

@@ -43,9 +43,7 @@ impl SasToken {
     /// [`ProtoError::InvalidSas`] when a field is missing, repeated or malformed.
     pub fn parse(token: &str) -> Result<Self, ProtoError> {
         let token = token.trim();
-        let body = if token.len() >= SAS_PREFIX.len()
-            && token[..SAS_PREFIX.len()].eq_ignore_ascii_case(SAS_PREFIX)
-        {
+        let body = if token.len() >= SAS_PREFIX.len() && token[..SAS_PREFIX.len()].eq_ignore_ascii_case(SAS_PREFIX) {
             token[SAS_PREFIX.len()..].trim_start()
         } else {
             token
@@ -126,7 +124,9 @@ impl SasToken {
     /// [`ProtoError::InvalidSas`] when `sig` is not base64.
     pub fn signature(&self) -> Result<Vec<u8>, ProtoError> {
         let text = decode(&self.sig)?;
-        STANDARD.decode(text.as_bytes()).map_err(|_| ProtoError::InvalidSas("sig is not base64".into()))
+        STANDARD
+            .decode(text.as_bytes())
+            .map_err(|_| ProtoError::InvalidSas("sig is not base64".into()))
     }
 
     /// The bytes the signature covers: raw `sr` + `"\n"` + raw `se`.
@@ -185,10 +185,7 @@ mod tests {
 
     #[test]
     fn parses_python_form() {
-        let t = SasToken::parse(
-            "SharedAccessSignature sr=0ne00111111%2Fregistrations%2Fdev1&sig=ab%2Bc%2F%3D&se=1663952627",
-        )
-        .unwrap();
+        let t = SasToken::parse("SharedAccessSignature sr=0ne00111111%2Fregistrations%2Fdev1&sig=ab%2Bc%2F%3D&se=1663952627").unwrap();
         assert_eq!(t.resource_raw(), "0ne00111111%2Fregistrations%2Fdev1");
         assert_eq!(t.resource().unwrap(), "0ne00111111/registrations/dev1");
         assert_eq!(t.key_name(), None);
@@ -198,10 +195,7 @@ mod tests {
 
     #[test]
     fn parses_node_form_any_order() {
-        let t = SasToken::parse(
-            "SharedAccessSignature sr=0ne00111111/registrations/dev1&sig=abc%3D&skn=registration&se=1",
-        )
-        .unwrap();
+        let t = SasToken::parse("SharedAccessSignature sr=0ne00111111/registrations/dev1&sig=abc%3D&skn=registration&se=1").unwrap();
         assert_eq!(t.resource_raw(), "0ne00111111/registrations/dev1");
         assert_eq!(t.key_name(), Some("registration"));
         let t2 = SasToken::parse("sig=abc%3D&se=1&skn=registration&sr=x").unwrap();

@@ -55,8 +55,7 @@ impl Timestamp {
     /// # Errors
     /// [`ProtoError::InvalidTimestamp`] when the text is not a valid instant.
     pub fn parse(s: &str) -> Result<Self, ProtoError> {
-        let dt = OffsetDateTime::parse(s, &Rfc3339)
-            .map_err(|e| ProtoError::InvalidTimestamp(format!("{s:?}: {e}")))?;
+        let dt = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| ProtoError::InvalidTimestamp(format!("{s:?}: {e}")))?;
         let nanos = i64::try_from(dt.unix_timestamp_nanos())
             .map_err(|_| ProtoError::InvalidTimestamp(format!("{s:?} is out of range")))?;
         Ok(Self(nanos))
