@@ -1,0 +1,218 @@
+//! The identity store trait and its in-memory implementation.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use zerotouch_proto::hub::{ConnectionState, Device, DeviceStatus, Module};
+use zerotouch_proto::{DeviceId, ETag, ModuleId};
+
+use crate::error::StoreError;
+use crate::store::{Page, PageRequest, Precondition};
+
+/// Device counts for `GET /statistics/devices` and `GET /statistics/service`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceCounts {
+    /// Device identities.
+    pub total: u64,
+    /// Enabled devices.
+    pub enabled: u64,
+    /// Disabled devices.
+    pub disabled: u64,
+    /// Devices whose `connectionState` is `Connected`.
+    pub connected: u64,
+}
+
+/// Device and module identities, keyed case-sensitively by device id (and module id).
+///
+/// Every conditional write checks its [`Precondition`] against the stored etag atomically with
+/// the write. Stored identities always carry an etag.
+pub trait IdentityStore: Send + Sync {
+    /// Looks a device up.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError>;
+    /// Writes a device if `pre` holds.
+    ///
+    /// # Errors
+    /// Precondition failures and backend failures.
+    fn put_device(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError>;
+    /// Deletes a device and, atomically with it, its modules, if `pre` holds. Returns the
+    /// deleted device and modules.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`], precondition failures and backend failures.
+    fn delete_device(&self, id: &DeviceId, pre: &Precondition) -> Result<(Device, Vec<Module>), StoreError>;
+    /// Lists devices ordered by id. The continuation token is opaque.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn devices(&self, page: &PageRequest) -> Result<Page<Device>, StoreError>;
+    /// Counts devices by status and connection state.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn count_devices(&self) -> Result<DeviceCounts, StoreError>;
+    /// Looks a module up.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn module(&self, device: &DeviceId, module: &ModuleId) -> Result<Option<Module>, StoreError>;
+    /// Writes a module if `pre` holds and its device exists.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when the device is missing (or `pre` needs an existing module that
+    /// is missing), other precondition failures and backend failures.
+    fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError>;
+    /// Deletes a module if `pre` holds; returns it.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`], precondition failures and backend failures.
+    fn delete_module(
+        &self,
+        device: &DeviceId,
+        module: &ModuleId,
+        pre: &Precondition,
+    ) -> Result<Module, StoreError>;
+    /// The modules of a device ordered by id (at most a few dozen, so no paging).
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn modules(&self, device: &DeviceId) -> Result<Vec<Module>, StoreError>;
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    device: Device,
+    modules: BTreeMap<String, Module>,
+}
+
+/// [`IdentityStore`] in memory, behind one `RwLock`.
+#[derive(Debug, Default)]
+pub struct MemoryIdentityStore {
+    inner: RwLock<BTreeMap<String, Entry>>,
+}
+
+impl MemoryIdentityStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read(&self) -> Result<RwLockReadGuard<'_, BTreeMap<String, Entry>>, StoreError> {
+        self.inner.read().map_err(|_| StoreError::Backend("identity store lock poisoned".into()))
+    }
+
+    fn write(&self) -> Result<RwLockWriteGuard<'_, BTreeMap<String, Entry>>, StoreError> {
+        self.inner.write().map_err(|_| StoreError::Backend("identity store lock poisoned".into()))
+    }
+}
+
+impl IdentityStore for MemoryIdentityStore {
+    fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        Ok(self.read()?.get(id.as_str()).map(|e| e.device.clone()))
+    }
+
+    fn put_device(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+        let mut map = self.write()?;
+        let current = map.get(device.device_id.as_str());
+        check(pre, current.map(|e| e.device.etag.as_ref()))?;
+        match map.get_mut(device.device_id.as_str()) {
+            Some(entry) => entry.device = device.clone(),
+            None => {
+                map.insert(
+                    device.device_id.as_str().to_owned(),
+                    Entry { device: device.clone(), modules: BTreeMap::new() },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_device(&self, id: &DeviceId, pre: &Precondition) -> Result<(Device, Vec<Module>), StoreError> {
+        let mut map = self.write()?;
+        let entry = map.get(id.as_str()).ok_or(StoreError::NotFound)?;
+        check(pre, Some(entry.device.etag.as_ref()))?;
+        let entry = map.remove(id.as_str()).ok_or(StoreError::NotFound)?;
+        Ok((entry.device, entry.modules.into_values().collect()))
+    }
+
+    fn devices(&self, page: &PageRequest) -> Result<Page<Device>, StoreError> {
+        let map = self.read()?;
+        let start = match &page.continuation {
+            Some(after) => Bound::Excluded(after.clone()),
+            None => Bound::Unbounded,
+        };
+        let max = page.max_items.max(1);
+        let mut items: Vec<Device> =
+            map.range((start, Bound::Unbounded)).take(max + 1).map(|(_, e)| e.device.clone()).collect();
+        let continuation = if items.len() > max {
+            items.truncate(max);
+            items.last().map(|d| d.device_id.as_str().to_owned())
+        } else {
+            None
+        };
+        Ok(Page { items, continuation })
+    }
+
+    fn count_devices(&self) -> Result<DeviceCounts, StoreError> {
+        let map = self.read()?;
+        let mut counts = DeviceCounts::default();
+        for e in map.values() {
+            counts.total += 1;
+            match e.device.status {
+                DeviceStatus::Disabled => counts.disabled += 1,
+                _ => counts.enabled += 1,
+            }
+            if e.device.connection_state == ConnectionState::Connected {
+                counts.connected += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    fn module(&self, device: &DeviceId, module: &ModuleId) -> Result<Option<Module>, StoreError> {
+        Ok(self.read()?.get(device.as_str()).and_then(|e| e.modules.get(module.as_str())).cloned())
+    }
+
+    fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
+        let mut map = self.write()?;
+        let entry = map.get_mut(module.device_id.as_str()).ok_or(StoreError::NotFound)?;
+        let current = entry.modules.get(module.module_id.as_str());
+        check(pre, current.map(|m| m.etag.as_ref()))?;
+        entry.modules.insert(module.module_id.as_str().to_owned(), module.clone());
+        Ok(())
+    }
+
+    fn delete_module(
+        &self,
+        device: &DeviceId,
+        module: &ModuleId,
+        pre: &Precondition,
+    ) -> Result<Module, StoreError> {
+        let mut map = self.write()?;
+        let entry = map.get_mut(device.as_str()).ok_or(StoreError::NotFound)?;
+        let current = entry.modules.get(module.as_str()).ok_or(StoreError::NotFound)?;
+        check(pre, Some(current.etag.as_ref()))?;
+        entry.modules.remove(module.as_str()).ok_or(StoreError::NotFound)
+    }
+
+    fn modules(&self, device: &DeviceId) -> Result<Vec<Module>, StoreError> {
+        Ok(self
+            .read()?
+            .get(device.as_str())
+            .map(|e| e.modules.values().cloned().collect())
+            .unwrap_or_default())
+    }
+}
+
+/// Checks `pre` against what is stored: `None` = nothing, `Some(None)` = an identity stored
+/// without an etag (never written by the registry, but a precondition must still see it exists).
+fn check(pre: &Precondition, current: Option<Option<&ETag>>) -> Result<(), StoreError> {
+    match current {
+        None => pre.check(None),
+        Some(Some(tag)) => pre.check(Some(tag)),
+        Some(None) => pre.check(Some(&ETag::new(""))),
+    }
+}
