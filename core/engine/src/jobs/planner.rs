@@ -50,6 +50,18 @@ pub trait TwinPatcher: Send + Sync {
     fn update_twin(&self, now: Timestamp, device: &DeviceId, update: &TwinUpdate) -> Result<(), Error>;
 }
 
+impl<T: DeviceSelector + ?Sized> DeviceSelector for Arc<T> {
+    fn select(&self, condition: &str) -> Result<Vec<DeviceId>, Error> {
+        (**self).select(condition)
+    }
+}
+
+impl<T: TwinPatcher + ?Sized> TwinPatcher for Arc<T> {
+    fn update_twin(&self, now: Timestamp, device: &DeviceId, update: &TwinUpdate) -> Result<(), Error> {
+        (**self).update_twin(now, device, update)
+    }
+}
+
 /// Operating limits of the planner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobLimits {
