@@ -36,9 +36,12 @@ fn id(s: &str) -> DeviceId {
 
 /// A fleet of devices with tags and desired properties: selects by `*`,
 /// `tags.<key> = '<value>'` or `deviceId = '<id>'`, and patches desired properties.
+/// Tags and desired properties of one device.
+type DeviceState = (Value, Map<String, Value>);
+
 #[derive(Default)]
 struct Fleet {
-    devices: Mutex<BTreeMap<String, (Value, Map<String, Value>)>>,
+    devices: Mutex<BTreeMap<String, DeviceState>>,
     refuse_etag: Mutex<Vec<String>>,
 }
 
