@@ -484,7 +484,11 @@ fn a_restarted_planner_runs_queued_jobs_and_fails_interrupted_ones() {
     }
     let mut second = JobPlanner::new(Arc::clone(&store), Arc::clone(&fleet), JobLimits::default());
     assert_eq!(second.recover(t0() + secs(30)).unwrap(), 2);
-    assert_eq!(second.job("interrupted").unwrap().status, JobStatus::Failed);
+    let interrupted = second.job("interrupted").unwrap();
+    assert_eq!(interrupted.status, JobStatus::Failed);
+    assert_eq!(interrupted.device_job_statistics.unwrap(), stats(4, 0, 4, 0, 0));
+    let record = store.device_job(&JobId::new("interrupted").unwrap(), "sensor-1").unwrap().unwrap();
+    assert_eq!(record.status, DeviceJobStatus::Failed);
     second.run(t0() + secs(60), &fleet, &mut methods).unwrap();
     assert_eq!(second.job("later").unwrap().status, JobStatus::Completed);
     assert_eq!(fleet.desired("sensor-9")["after"], "restart");

@@ -13,7 +13,7 @@ use zerotouch_proto::{DeviceId, Timestamp};
 
 use super::hub_error;
 use super::methods::{CallId, MethodCalls, MethodCompletion, MethodFailure, MethodInvocation, MethodTarget};
-use super::store::{JobFilter, JobRecord, JobStore};
+use super::store::{DeviceJobFilter, JobFilter, JobRecord, JobStore};
 use crate::error::{Error, StoreError};
 use crate::store::{Page, PageRequest, Precondition};
 
@@ -253,6 +253,7 @@ impl<S: JobStore, D: DeviceSelector> JobPlanner<S, D> {
                 calls: HashMap::new(),
             };
             if active.record.job.status == JobStatus::Running {
+                self.fail_interrupted_devices(&mut active, now)?;
                 active.record.job.status = JobStatus::Failed;
                 active.record.job.failure_reason = Some("The job was interrupted by a restart.".to_owned());
                 active.record.job.end_time = Some(now);
@@ -743,6 +744,35 @@ impl<S: JobStore, D: DeviceSelector> JobPlanner<S, D> {
         if status == DeviceJobStatus::Failed {
             stats.failed_count += closed;
         }
+        Ok(())
+    }
+
+    /// Fails the device jobs a lost process left pending or running.
+    fn fail_interrupted_devices(&mut self, job: &mut ActiveJob, now: Timestamp) -> Result<(), Error> {
+        let filter = DeviceJobFilter { job_id: Some(job.record.job.job_id.clone()), device_id: None };
+        let mut page = PageRequest { continuation: None, max_items: 1000 };
+        let mut failed = 0u64;
+        loop {
+            let Page { items, continuation } = self.store.device_jobs(&filter, &page)?;
+            for mut record in items.into_iter().filter(|r| !r.status.is_terminal()) {
+                record.status = DeviceJobStatus::Failed;
+                record.error = Some(DeviceJobError {
+                    code: HubErrorCode::ServerError.name().to_owned(),
+                    description: "The job was interrupted by a restart.".to_owned(),
+                });
+                record.last_updated_date_time_utc = now;
+                self.store.put_device_job(&record)?;
+                failed += 1;
+            }
+            match continuation {
+                Some(c) => page.continuation = Some(c),
+                None => break,
+            }
+        }
+        let stats = job.stats();
+        stats.failed_count += failed;
+        stats.pending_count = 0;
+        stats.running_count = 0;
         Ok(())
     }
 
