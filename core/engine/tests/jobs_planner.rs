@@ -511,3 +511,19 @@ fn device_job_records_are_listed_per_device_across_jobs() {
     assert_eq!(wire["startTimeUtc"], "2023-11-14T22:13:20.0000000Z");
     assert_eq!(wire["endTimeUtc"], "2023-11-14T23:13:20.0000000Z");
 }
+
+#[test]
+fn finished_jobs_are_forgotten_after_thirty_days() {
+    let mut hub = Hub::new(building_fleet(), JobLimits::default());
+    hub.planner.create(t0(), "old", &twin_job("old", "*", json!({"a": 1}))).unwrap();
+    let mut pending = twin_job("future", "*", json!({"a": 2}));
+    pending.start_time = Some(t0() + secs(90 * 24 * 3600));
+    hub.planner.create(t0(), "future", &pending).unwrap();
+    hub.run(t0());
+    let day = 24 * 3600;
+    assert_eq!(hub.planner.purge_history(t0() + secs(30 * day)).unwrap(), 0);
+    assert_eq!(hub.planner.purge_history(t0() + secs(30 * day + 1)).unwrap(), 1);
+    assert_eq!(hub.planner.job("old").unwrap_err().to_wire().error_code, 404002);
+    assert_eq!(hub.planner.store().device_job(&JobId::new("old").unwrap(), "sensor-1").unwrap(), None);
+    assert_eq!(hub.planner.job("future").unwrap().status, JobStatus::Scheduled, "unfinished jobs stay");
+}

@@ -354,6 +354,7 @@ pub struct MethodCalls {
     calls: BTreeMap<CallId, Call>,
     deadlines: BTreeSet<(Timestamp, CallId)>,
     online: HashSet<MethodTarget>,
+    waiting: HashMap<MethodTarget, Vec<CallId>>,
     by_rid: HashMap<String, CallId>,
     transmits: VecDeque<MethodDelivery>,
     events: VecDeque<MethodCompletion>,
@@ -374,6 +375,7 @@ impl MethodCalls {
             calls: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             online: HashSet::new(),
+            waiting: HashMap::new(),
             by_rid: HashMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -398,13 +400,15 @@ impl MethodCalls {
         self.next += 1;
         let online = self.online.contains(&target);
         let deadline = now + invocation.connect_timeout;
-        let call = Call { target, invocation, state: CallState::AwaitingConnect, deadline };
+        let call = Call { target: target.clone(), invocation, state: CallState::AwaitingConnect, deadline };
         self.calls.insert(id, call);
         self.deadlines.insert((deadline, id));
         if online {
             self.deliver(now, id);
         } else if deadline <= now {
             self.expire(id);
+        } else {
+            self.waiting.entry(target).or_default().push(id);
         }
         id
     }
@@ -412,12 +416,7 @@ impl MethodCalls {
     /// Records that `target` connected and subscribed to method requests, and delivers the
     /// calls that were waiting for it.
     pub fn handle_device_connected(&mut self, now: Timestamp, target: MethodTarget) {
-        let waiting: Vec<CallId> = self
-            .calls
-            .iter()
-            .filter(|(_, c)| c.target == target && matches!(c.state, CallState::AwaitingConnect))
-            .map(|(id, _)| *id)
-            .collect();
+        let waiting = self.waiting.remove(&target).unwrap_or_default();
         self.online.insert(target);
         for id in waiting {
             self.deliver(now, id);
@@ -486,8 +485,11 @@ impl MethodCalls {
         match self.calls.remove(&id) {
             Some(call) => {
                 self.deadlines.remove(&(call.deadline, id));
-                if let CallState::AwaitingResponse { rid } = &call.state {
-                    self.by_rid.remove(rid);
+                match &call.state {
+                    CallState::AwaitingResponse { rid } => {
+                        self.by_rid.remove(rid);
+                    }
+                    CallState::AwaitingConnect => self.unwait(&call.target, id),
                 }
                 true
             }
@@ -520,6 +522,15 @@ impl MethodCalls {
         }
     }
 
+    fn unwait(&mut self, target: &MethodTarget, id: CallId) {
+        if let Some(ids) = self.waiting.get_mut(target) {
+            ids.retain(|w| *w != id);
+            if ids.is_empty() {
+                self.waiting.remove(target);
+            }
+        }
+    }
+
     fn deliver(&mut self, now: Timestamp, id: CallId) {
         let rid = format!("{}{:x}", self.rid_tag, id.0);
         let Some(call) = self.calls.get_mut(&id) else { return };
@@ -539,6 +550,7 @@ impl MethodCalls {
         self.deadlines.remove(&(call.deadline, id));
         let failure = match &call.state {
             CallState::AwaitingConnect => {
+                self.unwait(&call.target, id);
                 MethodFailure::DeviceNotOnline { connect_timeout: call.invocation.connect_timeout }
             }
             CallState::AwaitingResponse { rid } => {

@@ -23,6 +23,9 @@ pub const MAX_QUERY_CONDITION_LEN: usize = 8192;
 /// Execution budget of a job whose request names none (the Node SDK's default).
 pub const DEFAULT_MAX_EXECUTION_TIME: Duration = Duration::from_secs(3600);
 
+/// How long finished jobs stay queryable (the hub keeps 30 days of job history).
+pub const JOB_HISTORY: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Error code recorded on device jobs still unfinished when the job's budget runs out
 /// ([CHOICE]: the hub's name for it is not documented).
 pub const EXECUTION_TIME_EXCEEDED: &str = "JobMaxExecutionTimeExceeded";
@@ -164,6 +167,7 @@ struct ActiveJob {
     pending: VecDeque<DeviceId>,
     open: HashMap<DeviceId, DeviceJob>,
     calls: HashMap<CallId, DeviceId>,
+    device_calls: HashMap<DeviceId, CallId>,
 }
 
 impl ActiveJob {
@@ -251,6 +255,7 @@ impl<S: JobStore, D: DeviceSelector> JobPlanner<S, D> {
                 pending: VecDeque::new(),
                 open: HashMap::new(),
                 calls: HashMap::new(),
+                device_calls: HashMap::new(),
             };
             if active.record.job.status == JobStatus::Running {
                 self.fail_interrupted_devices(&mut active, now)?;
@@ -387,6 +392,7 @@ impl<S: JobStore, D: DeviceSelector> JobPlanner<S, D> {
                 pending: VecDeque::new(),
                 open: HashMap::new(),
                 calls: HashMap::new(),
+                device_calls: HashMap::new(),
             },
         );
         Ok(job)
@@ -407,6 +413,15 @@ impl<S: JobStore, D: DeviceSelector> JobPlanner<S, D> {
     /// Store failures or a bad continuation token.
     pub fn jobs(&self, filter: &JobFilter, page: &PageRequest) -> Result<Page<JobResponse>, Error> {
         Ok(self.store.jobs(filter, page)?)
+    }
+
+    /// Forgets jobs that finished more than [`JOB_HISTORY`] before `now`, with their device job
+    /// records. Returns how many jobs were removed.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn purge_history(&self, now: Timestamp) -> Result<usize, Error> {
+        Ok(self.store.purge_jobs(now - JOB_HISTORY)?)
     }
 
     /// `POST /jobs/v2/{id}/cancel`: an unfinished job becomes `cancelled` and its unfinished
@@ -490,6 +505,7 @@ impl<S: JobStore, D: DeviceSelector> JobPlanner<S, D> {
         match self.active.get_mut(job_id) {
             Some(job) if job.open.contains_key(device) => {
                 job.calls.insert(call, device.clone());
+                job.device_calls.insert(device.clone(), call);
                 true
             }
             _ => false,
@@ -531,7 +547,9 @@ impl<S: JobStore, D: DeviceSelector> JobPlanner<S, D> {
             self.active.insert(job_id.clone(), job);
             return Ok(false);
         };
-        job.calls.retain(|_, d| d != device);
+        if let Some(call) = job.device_calls.remove(device) {
+            job.calls.remove(&call);
+        }
         record.last_updated_date_time_utc = now;
         let stats = job.stats();
         stats.running_count = stats.running_count.saturating_sub(1);
@@ -724,6 +742,7 @@ impl<S: JobStore, D: DeviceSelector> JobPlanner<S, D> {
         status: DeviceJobStatus,
         error: Option<DeviceJobError>,
     ) -> Result<(), Error> {
+        job.device_calls.clear();
         for call in job.calls.drain().map(|(c, _)| c) {
             self.actions.push_back(JobAction::AbandonMethodCall { call });
         }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use zerotouch_proto::jobs::{DeviceJob, JobId, JobResponse, JobStatus, JobType};
-use zerotouch_proto::ETag;
+use zerotouch_proto::{ETag, Timestamp};
 
 use crate::error::StoreError;
 use crate::store::{Page, PageRequest, Precondition};
@@ -98,6 +98,12 @@ pub trait JobStore: Send + Sync {
         filter: &DeviceJobFilter,
         page: &PageRequest,
     ) -> Result<Page<DeviceJob>, StoreError>;
+    /// Removes finished jobs whose `endTime` lies before `cutoff`, together with their device
+    /// job records; returns how many jobs were removed.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn purge_jobs(&self, cutoff: Timestamp) -> Result<usize, StoreError>;
 }
 
 impl<T: JobStore + ?Sized> JobStore for Arc<T> {
@@ -122,6 +128,9 @@ impl<T: JobStore + ?Sized> JobStore for Arc<T> {
         page: &PageRequest,
     ) -> Result<Page<DeviceJob>, StoreError> {
         (**self).device_jobs(filter, page)
+    }
+    fn purge_jobs(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
+        (**self).purge_jobs(cutoff)
     }
 }
 
@@ -252,5 +261,27 @@ impl JobStore for MemoryJobStore {
             |r: &&DeviceJob| filter.accepts(r).then(|| (*r).clone()),
             |(j, d): &&DeviceJobKey| encode_token(&[j.as_str(), d.as_str()]),
         ))
+    }
+
+    fn purge_jobs(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
+        let mut jobs = lock(&self.jobs)?;
+        let expired: Vec<String> = jobs
+            .iter()
+            .filter(|(_, r)| r.job.status.is_terminal() && r.job.end_time.is_some_and(|t| t < cutoff))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut records = lock(&self.device_jobs)?;
+        for id in &expired {
+            jobs.remove(id);
+            let keys: Vec<DeviceJobKey> = records
+                .range::<DeviceJobKey, _>((Bound::Included((id.clone(), String::new())), Bound::Unbounded))
+                .take_while(|((j, _), _)| j == id)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in keys {
+                records.remove(&k);
+            }
+        }
+        Ok(expired.len())
     }
 }
