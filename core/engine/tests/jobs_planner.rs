@@ -527,3 +527,25 @@ fn finished_jobs_are_forgotten_after_thirty_days() {
     assert_eq!(hub.planner.store().device_job(&JobId::new("old").unwrap(), "sensor-1").unwrap(), None);
     assert_eq!(hub.planner.job("future").unwrap().status, JobStatus::Scheduled, "unfinished jobs stay");
 }
+
+#[test]
+fn a_method_job_over_twenty_thousand_devices_that_connect_late_completes() {
+    let names: Vec<String> = (0..20_000).map(|i| format!("meter-{i:05}")).collect();
+    let fleet = Fleet::with(&names.iter().map(|n| (n.as_str(), json!({}))).collect::<Vec<_>>());
+    let mut hub = Hub::new(fleet, JobLimits::default());
+    hub.planner.create(t0(), "read", &method_job("read", "*", "readMeter", 60, 600)).unwrap();
+    hub.run(t0());
+    assert_eq!(hub.methods.pending(), 20_000);
+    let now = t0() + secs(10);
+    for n in &names {
+        hub.methods.handle_device_connected(now, MethodTarget::device(id(n)));
+    }
+    let deliveries: Vec<_> = std::iter::from_fn(|| hub.methods.poll_transmit()).collect();
+    assert_eq!(deliveries.len(), 20_000);
+    for d in &deliveries {
+        hub.methods.handle_device_response(now, &d.target, &d.rid, 200, b"1").unwrap();
+    }
+    hub.run(now);
+    assert_eq!(hub.stats("read"), stats(20_000, 20_000, 0, 0, 0));
+    assert_eq!(hub.planner.job("read").unwrap().status, JobStatus::Completed);
+}

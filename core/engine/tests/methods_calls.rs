@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use zerotouch_engine::crypto::RingCrypto;
-use zerotouch_engine::jobs::methods::{DeviceMethodRequest, MethodTarget, MAX_METHOD_PAYLOAD_BYTES};
+use zerotouch_engine::jobs::methods::{
+    target_not_found, DeviceMethodRequest, MethodTarget, MAX_METHOD_PAYLOAD_BYTES,
+};
 use zerotouch_engine::jobs::{MethodCalls, MethodFailure, MethodInvocation};
 use zerotouch_proto::jobs::{CloudToDeviceMethod, HubErrorCode};
 use zerotouch_proto::{DeviceId, ModuleId, Timestamp};
@@ -291,4 +293,22 @@ fn many_calls_expire_in_deadline_order() {
     calls.handle_timeout(t0() + secs(300));
     let order: Vec<_> = std::iter::from_fn(|| calls.poll_event()).map(|e| e.call).collect();
     assert_eq!(order, vec![ids[1], ids[2], ids[0]]);
+}
+
+#[test]
+fn a_method_to_an_unknown_or_disabled_device_is_404001_and_to_a_missing_module_404010() {
+    let w = target_not_found(&device("ghost"), false).to_wire();
+    assert_eq!((w.http_status, w.error_code), (404, 404001));
+    let module = MethodTarget::module(DeviceId::new("edge").unwrap(), ModuleId::new("nope").unwrap());
+    assert_eq!(target_not_found(&module, true).to_wire().error_code, 404010);
+}
+
+#[test]
+fn a_404103_is_sent_over_rest_as_the_stringified_numeric_envelope() {
+    let failure = MethodFailure::DeviceNotOnline { connect_timeout: secs(90) };
+    let outer = failure.to_body(t0(), "trk").wrapped_for_rest();
+    let inner: Value = serde_json::from_str(outer["Message"].as_str().unwrap()).unwrap();
+    assert_eq!(inner["errorCode"], 404103);
+    assert_eq!(inner["info"]["timeout"], "00:01:30");
+    assert_eq!(outer["ExceptionMessage"], "");
 }

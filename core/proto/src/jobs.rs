@@ -59,6 +59,18 @@ pub struct NumericErrorBody {
     pub timestamp_utc: Timestamp,
 }
 
+impl NumericErrorBody {
+    /// The body a direct-method failure is sent with over REST: this envelope stringified into
+    /// the `Message` of the registry envelope, `{"Message":"{\"errorCode\":404103,...}","ExceptionMessage":""}`.
+    pub fn wrapped_for_rest(&self) -> Value {
+        let inner = serde_json::to_string(self).unwrap_or_default();
+        let mut outer = Map::new();
+        outer.insert("Message".to_owned(), Value::String(inner));
+        outer.insert("ExceptionMessage".to_owned(), Value::String(String::new()));
+        Value::Object(outer)
+    }
+}
+
 /// IoT Hub error codes raised by direct methods and jobs (spec §1.4), with their HTTP status and
 /// the `ErrorCode:<Name>` spelling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -680,6 +692,22 @@ mod tests {
         );
         assert_eq!(v["status"], "canceled");
         assert_eq!(v["outcome"], serde_json::json!({"deviceMethodResponse": null}));
+    }
+
+    #[test]
+    fn method_failures_travel_stringified_inside_the_registry_envelope() {
+        let body = NumericErrorBody {
+            error_code: 404103,
+            tracking_id: "t".into(),
+            message: "Timed out waiting for device to connect.".into(),
+            info: serde_json::from_str(r#"{"timeout":"00:00:00"}"#).unwrap(),
+            timestamp_utc: Timestamp::from_unix_secs(0),
+        };
+        let outer = body.wrapped_for_rest();
+        assert_eq!(outer["ExceptionMessage"], "");
+        let inner: NumericErrorBody = serde_json::from_str(outer["Message"].as_str().unwrap()).unwrap();
+        assert_eq!(inner, body);
+        assert!(outer["Message"].as_str().unwrap().starts_with(r#"{"errorCode":404103,"trackingId":"t","#));
     }
 
     #[test]

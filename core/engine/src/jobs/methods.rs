@@ -215,6 +215,20 @@ impl fmt::Display for MethodTarget {
     }
 }
 
+/// The 404 answer for a method addressed to an identity that does not exist or is disabled
+/// (`DeviceNotFound` 404001, or `ModuleNotFound` 404010 for a missing module); checked by the
+/// caller before [`MethodCalls::invoke`].
+pub fn target_not_found(target: &MethodTarget, module_missing: bool) -> Error {
+    if module_missing {
+        hub_error(HubErrorCode::ModuleNotFound, format!("Module {target} not found."))
+    } else {
+        hub_error(
+            HubErrorCode::DeviceNotFound,
+            format!("Device {} not registered or disabled.", target.device),
+        )
+    }
+}
+
 /// Handle of one pending call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CallId(u64);
