@@ -197,7 +197,10 @@ fn a_configuration_update_is_written_as_desired_and_mirrored_in_reported() {
     let update = dm::configuration_update("telemetryConfig", settings.clone());
     assert_eq!(
         serde_json::to_value(&update).unwrap(),
-        json!({"etag": "*", "properties": {"desired": {"telemetryConfig": {"sendFrequency": "5m", "units": "metric"}}}})
+        json!({
+            "etag": "*",
+            "properties": {"desired": {"telemetryConfig": {"sendFrequency": "5m", "units": "metric"}}}
+        })
     );
 
     let desired = &update.properties.as_ref().unwrap().desired.as_ref().unwrap()["telemetryConfig"];

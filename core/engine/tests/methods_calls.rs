@@ -44,7 +44,8 @@ fn a_method_to_an_online_device_returns_its_status_and_payload() {
     let dev = device("thermostat-1");
     calls.handle_device_connected(t0(), dev.clone());
     let body: CloudToDeviceMethod = serde_json::from_str(
-        r#"{"methodName":"reboot","payload":{"input1":"x"},"responseTimeoutInSeconds":30,"connectTimeoutInSeconds":0}"#,
+        r#"{"methodName":"reboot","payload":{"input1":"x"},
+            "responseTimeoutInSeconds":30,"connectTimeoutInSeconds":0}"#,
     )
     .unwrap();
     let call = calls.invoke(t0(), dev.clone(), MethodInvocation::from_wire(&body).unwrap());

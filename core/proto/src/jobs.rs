@@ -61,7 +61,8 @@ pub struct NumericErrorBody {
 
 impl NumericErrorBody {
     /// The body a direct-method failure is sent with over REST: this envelope stringified into
-    /// the `Message` of the registry envelope, `{"Message":"{\"errorCode\":404103,...}","ExceptionMessage":""}`.
+    /// the `Message` of the registry envelope,
+    /// `{"Message":"{\"errorCode\":404103,...}","ExceptionMessage":""}`.
     pub fn wrapped_for_rest(&self) -> Value {
         let inner = serde_json::to_string(self).unwrap_or_default();
         let mut outer = Map::new();
@@ -182,7 +183,7 @@ impl fmt::Display for HubErrorCode {
     }
 }
 
-/// Maximum length of a job id ([CHOICE]: the same bound as device ids).
+/// Maximum length of a job id (our choice: the same bound as device ids).
 pub const MAX_JOB_ID_LEN: usize = 128;
 
 /// A scheduled-job id: 1–128 printable ASCII characters without `/` (it is a path segment);
@@ -457,7 +458,7 @@ pub struct JobResponse {
     pub device_job_statistics: Option<DeviceJobStatistics>,
 }
 
-/// Error recorded on a failed device job ([CHOICE] shape of spec §8.4).
+/// Error recorded on a failed device job (the shape is our choice, spec §8.4).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceJobError {
     /// Error name, for example `DeviceNotOnline`.
@@ -645,7 +646,8 @@ mod tests {
     fn job_request_parses_node_and_python_shapes() {
         let node = r#"{"jobId":"job01","type":"scheduleDeviceMethod",
           "cloudToDeviceMethod":{"methodName":"testMethod","payload":{},"responseTimeoutInSeconds":30,
-          "connectTimeoutInSeconds":15},"queryCondition":"*","startTime":null,"maxExecutionTimeInSeconds":3600}"#;
+          "connectTimeoutInSeconds":15},"queryCondition":"*","startTime":null,
+          "maxExecutionTimeInSeconds":3600}"#;
         let r: JobRequest = serde_json::from_str(node).unwrap();
         assert_eq!(r.job_type, Some(JobType::ScheduleDeviceMethod));
         assert_eq!(r.start_time, None);

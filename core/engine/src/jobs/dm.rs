@@ -75,7 +75,7 @@ pub fn configuration_update(section: &str, settings: Map<String, Value>) -> Twin
 }
 
 zerotouch_proto::wire_enum! {
-    /// `status` of an applied configuration as the device mirrors it ([CHOICE] values).
+    /// `status` of an applied configuration as the device mirrors it (the values are our choice).
     ConfigurationStatus {
         /// Received, not applied yet.
         Pending => "pending",
@@ -130,12 +130,12 @@ pub fn reboot_completed(now: Timestamp) -> Value {
 }
 
 /// Reported patch when a factory reset starts: `iothubDM.factoryReset.startedFactoryResetTime`
-/// ([CHOICE] field name, mirroring the reboot shape).
+/// (field name is our choice, mirroring the reboot shape).
 pub fn factory_reset_started(now: Timestamp) -> Value {
     progress_report("factoryReset", one("startedFactoryResetTime", ts(now)))
 }
 
-/// Reported patch after a factory reset: `iothubDM.factoryReset.lastFactoryReset` ([CHOICE]).
+/// Reported patch after a factory reset: `iothubDM.factoryReset.lastFactoryReset` (field name is our choice).
 pub fn factory_reset_completed(now: Timestamp) -> Value {
     progress_report("factoryReset", one("lastFactoryReset", ts(now)))
 }
@@ -308,7 +308,7 @@ impl FirmwareUpdate {
     }
 
     /// Reports the failure of the current stage (`Download image failed` while downloading,
-    /// `Apply image failed` while applying), with `failedTime` ([CHOICE] field name).
+    /// `Apply image failed` while applying), with `failedTime` (field name is our choice).
     ///
     /// # Errors
     /// [`Error::BadRequest`] when no download or apply is in progress.

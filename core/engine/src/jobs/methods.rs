@@ -45,7 +45,8 @@ pub fn validate_method_name(name: &str) -> Result<(), Error> {
         return Err(hub_error(
             HubErrorCode::ArgumentInvalid,
             format!(
-                "methodName {name:?} contains {c:?}; use printable US-ASCII without spaces or any of {METHOD_NAME_FORBIDDEN}"
+                "methodName {name:?} contains {c:?}; use printable US-ASCII without spaces \
+                 or any of {METHOD_NAME_FORBIDDEN}"
             ),
         ));
     }
@@ -444,7 +445,7 @@ impl MethodCalls {
 
     /// Feeds a device's answer, received on `$iothub/methods/res/{status}/?$rid={rid}` from the
     /// session of `from`. An empty body means `null`; a body that is not JSON is returned as a
-    /// JSON string ([CHOICE] of spec §7). Returns the call it completed.
+    /// JSON string (our choice; spec §7 leaves it open). Returns the call it completed.
     ///
     /// # Errors
     /// [`Error::NotFound`] when no pending call of `from` has this request id (late, duplicate or

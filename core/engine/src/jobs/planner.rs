@@ -27,7 +27,7 @@ pub const DEFAULT_MAX_EXECUTION_TIME: Duration = Duration::from_secs(3600);
 pub const JOB_HISTORY: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Error code recorded on device jobs still unfinished when the job's budget runs out
-/// ([CHOICE]: the hub's name for it is not documented).
+/// (our choice: the hub's name for it is not documented).
 pub const EXECUTION_TIME_EXCEEDED: &str = "JobMaxExecutionTimeExceeded";
 
 /// Resolves a job's `queryCondition` to the devices it applies to. Implemented by the query
