@@ -19,7 +19,7 @@ use crate::error::Error;
 pub const MAX_METHOD_PAYLOAD_BYTES: usize = 128 * 1024;
 
 /// Response timeout when the request names none.
-pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_RESPONSE_TIMEOUT_SECS: i64 = 30;
 
 /// Shortest allowed response timeout.
 pub const MIN_RESPONSE_TIMEOUT_SECS: i64 = 5;
@@ -85,7 +85,7 @@ impl MethodInvocation {
     /// is larger than 128 KB.
     pub fn from_wire(wire: &CloudToDeviceMethod) -> Result<Self, Error> {
         validate_method_name(&wire.method_name)?;
-        let response = wire.response_timeout_in_seconds.unwrap_or(30);
+        let response = wire.response_timeout_in_seconds.unwrap_or(DEFAULT_RESPONSE_TIMEOUT_SECS);
         if !(MIN_RESPONSE_TIMEOUT_SECS..=MAX_RESPONSE_TIMEOUT_SECS).contains(&response) {
             return Err(hub_error(
                 HubErrorCode::ArgumentInvalid,
