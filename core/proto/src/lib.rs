@@ -12,6 +12,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod jobs;
 pub mod mqtt;
 pub mod sas;
 pub mod service;
