@@ -1220,3 +1220,186 @@ fn operation(id: &str, registration: &str, created: Timestamp) -> Result<Operati
         },
     })
 }
+
+/// The suite must reject stores that break the contract, or a passing backend proves nothing.
+#[cfg(test)]
+mod tests {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::time::Duration;
+
+    use zerotouch_engine::memory::MemoryStore;
+
+    use super::*;
+
+    /// Runs `suite` and returns the name of the case it failed, if any.
+    fn failed_case(suite: impl FnOnce()) -> Option<String> {
+        let payload = catch_unwind(AssertUnwindSafe(suite)).err()?;
+        let message = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default();
+        message.split('`').nth(1).map(str::to_owned)
+    }
+
+    /// Enrollments that ignore preconditions or never end a listing, on top of a correct store.
+    #[derive(Default)]
+    struct BrokenEnrollments {
+        inner: MemoryStore,
+        ignore_preconditions: bool,
+        token_on_last_page: bool,
+    }
+
+    impl EnrollmentStore for BrokenEnrollments {
+        fn enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, StoreError> {
+            self.inner.enrollment(id)
+        }
+        fn put_enrollment(&self, e: &IndividualEnrollment, pre: &Precondition) -> Result<(), StoreError> {
+            let pre = if self.ignore_preconditions { &Precondition::None } else { pre };
+            self.inner.put_enrollment(e, pre)
+        }
+        fn delete_enrollment(&self, id: &RegistrationId, pre: &Precondition) -> Result<(), StoreError> {
+            self.inner.delete_enrollment(id, pre)
+        }
+        fn enrollments(&self, page: &PageRequest) -> Result<Page<IndividualEnrollment>, StoreError> {
+            let mut listed = self.inner.enrollments(page)?;
+            if self.token_on_last_page && listed.continuation.is_none() && !listed.items.is_empty() {
+                listed.continuation = listed.items.last().map(|e| e.registration_id.key());
+            }
+            Ok(listed)
+        }
+    }
+
+    /// Groups whose CA-subject lookup ignores `caReferences`.
+    #[derive(Default)]
+    struct SigningOnly(MemoryStore);
+
+    impl EnrollmentGroupStore for SigningOnly {
+        fn enrollment_group(&self, id: &EnrollmentGroupId) -> Result<Option<EnrollmentGroup>, StoreError> {
+            self.0.enrollment_group(id)
+        }
+        fn put_enrollment_group(&self, g: &EnrollmentGroup, pre: &Precondition) -> Result<(), StoreError> {
+            self.0.put_enrollment_group(g, pre)
+        }
+        fn delete_enrollment_group(
+            &self,
+            id: &EnrollmentGroupId,
+            pre: &Precondition,
+        ) -> Result<(), StoreError> {
+            self.0.delete_enrollment_group(id, pre)
+        }
+        fn enrollment_groups(&self, page: &PageRequest) -> Result<Page<EnrollmentGroup>, StoreError> {
+            self.0.enrollment_groups(page)
+        }
+        fn symmetric_key_groups(&self) -> Result<Vec<EnrollmentGroup>, StoreError> {
+            self.0.symmetric_key_groups()
+        }
+        fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<EnrollmentGroup>, StoreError> {
+            let found = self.0.groups_by_ca_subject(subject_name)?;
+            Ok(found
+                .into_iter()
+                .filter(|g| g.attestation.x509.as_ref().is_some_and(|x| x.signing_certificates.is_some()))
+                .collect())
+        }
+    }
+
+    impl CaCertificateStore for SigningOnly {
+        fn ca_certificate(&self, name: &str) -> Result<Option<CaCertificate>, StoreError> {
+            self.0.ca_certificate(name)
+        }
+        fn put_ca_certificate(&self, cert: &CaCertificate, pre: &Precondition) -> Result<(), StoreError> {
+            self.0.put_ca_certificate(cert, pre)
+        }
+        fn delete_ca_certificate(&self, name: &str, pre: &Precondition) -> Result<(), StoreError> {
+            self.0.delete_ca_certificate(name, pre)
+        }
+    }
+
+    /// Registrations whose commit is not atomic: the check and the write are two steps, or the
+    /// operation is written before the check.
+    #[derive(Default)]
+    struct NonAtomicCommit {
+        inner: MemoryStore,
+        operation_first: bool,
+    }
+
+    impl RegistrationStore for NonAtomicCommit {
+        fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationRecord>, StoreError> {
+            self.inner.registration(id)
+        }
+        fn commit_registration(
+            &self,
+            record: &RegistrationRecord,
+            pre: &Precondition,
+            operation: &OperationRecord,
+        ) -> Result<(), StoreError> {
+            if self.operation_first {
+                self.inner.put_operation(operation)?;
+                return self.inner.commit_registration(record, pre, operation);
+            }
+            let current = self.inner.registration(&record.registration_id)?;
+            pre.check(current.as_ref().and_then(RegistrationRecord::etag).as_ref())?;
+            // Widens the window between check and write, as a slow backend would.
+            std::thread::sleep(Duration::from_millis(1));
+            self.inner.commit_registration(record, &Precondition::None, operation)
+        }
+        fn delete_registration(&self, id: &RegistrationId, pre: &Precondition) -> Result<(), StoreError> {
+            self.inner.delete_registration(id, pre)
+        }
+        fn registrations_by_group(
+            &self,
+            group: &EnrollmentGroupId,
+            page: &PageRequest,
+        ) -> Result<Page<RegistrationRecord>, StoreError> {
+            self.inner.registrations_by_group(group, page)
+        }
+        fn put_operation(&self, operation: &OperationRecord) -> Result<(), StoreError> {
+            self.inner.put_operation(operation)
+        }
+        fn operation(&self, id: &OperationId) -> Result<Option<OperationRecord>, StoreError> {
+            self.inner.operation(id)
+        }
+        fn purge_operations(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
+            self.inner.purge_operations(cutoff)
+        }
+    }
+
+    #[test]
+    fn a_store_that_ignores_preconditions_is_caught_by_the_first_conditional_put() {
+        let case = failed_case(|| {
+            enrollment_store(|| BrokenEnrollments { ignore_preconditions: true, ..Default::default() })
+        });
+        assert_eq!(case.as_deref(), Some("enrollments: ids are case-insensitive"));
+    }
+
+    #[test]
+    fn a_store_that_sends_a_continuation_on_the_last_page_fails_the_paging_case() {
+        let case = failed_case(|| {
+            enrollment_store(|| BrokenEnrollments { token_on_last_page: true, ..Default::default() })
+        });
+        assert_eq!(
+            case.as_deref(),
+            Some("enrollments: 250 entries list as 100 + 100 + 50 in a stable order")
+        );
+    }
+
+    #[test]
+    fn a_store_that_ignores_ca_references_fails_the_reference_case() {
+        let case = failed_case(|| enrollment_group_store(SigningOnly::default));
+        assert_eq!(case.as_deref(), Some("groups: found through caReferences to a stored CA certificate"));
+    }
+
+    #[test]
+    fn a_store_that_stores_the_operation_of_a_refused_commit_is_caught() {
+        let case = failed_case(|| {
+            registration_store(|| NonAtomicCommit { operation_first: true, ..Default::default() })
+        });
+        assert_eq!(case.as_deref(), Some("registrations: ids are case-insensitive"),);
+    }
+
+    #[test]
+    fn a_store_that_checks_and_writes_in_two_steps_loses_updates_under_contention() {
+        let case = failed_case(|| registration_store(NonAtomicCommit::default));
+        assert_eq!(case.as_deref(), Some("registrations: 8 threads doing read-modify-write lose no update"));
+    }
+}
