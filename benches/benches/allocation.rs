@@ -2,8 +2,6 @@
 // `criterion_group!` generates an undocumented `pub fn`.
 #![allow(missing_docs)]
 
-#![allow(missing_docs)]
-
 use std::hint::black_box;
 use std::time::Duration;
 

@@ -189,7 +189,7 @@ impl RegistrationStore for MemoryStore {
     ) -> Result<(), StoreError> {
         let mut t = self.write()?;
         let key = record.registration_id.key();
-        pre.check(t.registrations.get(&key).and_then(RegistrationRecord::etag).as_ref())?;
+        pre.check(t.registrations.get(&key).and_then(|r| etag_of(r.etag().as_ref())).as_ref())?;
         t.registrations.insert(key, record.clone());
         t.operations.insert(operation.operation_id.as_str().to_owned(), operation.clone());
         Ok(())
@@ -199,7 +199,7 @@ impl RegistrationStore for MemoryStore {
         let mut t = self.write()?;
         let key = id.key();
         let current = t.registrations.get(&key).ok_or(StoreError::NotFound)?;
-        pre.check(current.etag().as_ref())?;
+        pre.check(etag_of(current.etag().as_ref()).as_ref())?;
         t.registrations.remove(&key);
         Ok(())
     }

@@ -27,3 +27,8 @@ fn memory_store_keeps_registrations_and_operations_like_every_backend() {
 fn memory_store_passes_the_whole_suite() {
     conformance::run_all(MemoryStore::new);
 }
+
+#[test]
+fn a_shared_memory_store_passes_the_whole_suite() {
+    conformance::run_all(|| std::sync::Arc::new(MemoryStore::new()));
+}
