@@ -21,10 +21,7 @@ use zerotouch_engine::hub::LinkedHub;
 use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
 use zerotouch_engine::registration::{DeviceCredential, RegistrationConfig, RegistrationEvent};
-use zerotouch_proto::service::{
-    AttestationMechanism, AttestationType, EnrollmentGroup, IndividualEnrollment, InitialTwin,
-    SymmetricKeyAttestation, X509Attestation, X509CertificateWithInfo, X509Certificates,
-};
+use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup, IndividualEnrollment, InitialTwin};
 use zerotouch_proto::{EnrollmentGroupId, IdScope, IfMatch, RegistrationId};
 use zerotouch_testkit::certs::TestCa;
 use zerotouch_testkit::hubs::SimHubs;
@@ -33,22 +30,9 @@ use zerotouch_testkit::sim::Simulator;
 const SCOPE: &str = "0ne00C0FFEE";
 
 fn group(id: &str, attestation: AttestationMechanism) -> EnrollmentGroup {
-    EnrollmentGroup {
-        enrollment_group_id: EnrollmentGroupId::new(id).unwrap(),
-        attestation,
-        capabilities: None,
-        iot_hub_host_name: None,
-        initial_twin: Some(InitialTwin { tags: Some(json!({ "enrolledVia": id })), properties: None }),
-        etag: None,
-        provisioning_status: None,
-        reprovision_policy: None,
-        created_date_time_utc: None,
-        last_updated_date_time_utc: None,
-        allocation_policy: None,
-        iot_hubs: None,
-        custom_allocation_definition: None,
-        extra: Default::default(),
-    }
+    let mut g = EnrollmentGroup::new(EnrollmentGroupId::new(id).unwrap(), attestation);
+    g.initial_twin = Some(InitialTwin { tags: Some(json!({ "enrolledVia": id })), properties: None });
+    g
 }
 
 /// A device to register: id, how it attests, its state-machine config, the chain it presents.
@@ -76,15 +60,7 @@ fn main() {
         store.as_ref(),
         &crypto,
         now,
-        group(
-            "thermostats",
-            AttestationMechanism {
-                kind: AttestationType::SymmetricKey,
-                tpm: None,
-                x509: None,
-                symmetric_key: Some(SymmetricKeyAttestation::default()),
-            },
-        ),
+        group("thermostats", AttestationMechanism::symmetric_key()),
         &IfMatch::Absent,
     )
     .expect("enroll symmetric-key group");
@@ -96,24 +72,7 @@ fn main() {
         store.as_ref(),
         &crypto,
         now,
-        group(
-            "cameras",
-            AttestationMechanism {
-                kind: AttestationType::X509,
-                tpm: None,
-                symmetric_key: None,
-                x509: Some(X509Attestation {
-                    signing_certificates: Some(X509Certificates {
-                        primary: Some(X509CertificateWithInfo {
-                            certificate: Some(line.pem().to_owned()),
-                            info: None,
-                        }),
-                        secondary: None,
-                    }),
-                    ..Default::default()
-                }),
-            },
-        ),
+        group("cameras", AttestationMechanism::x509_signing_certificate(line.pem())),
         &IfMatch::Absent,
     )
     .expect("enroll X.509 group");
@@ -123,30 +82,10 @@ fn main() {
         store.as_ref(),
         &crypto,
         now,
-        IndividualEnrollment {
-            registration_id: RegistrationId::new("gateway-01").unwrap(),
-            device_id: None,
-            registration_state: None,
-            optional_device_information: None,
-            attestation: AttestationMechanism {
-                kind: AttestationType::SymmetricKey,
-                tpm: None,
-                x509: None,
-                symmetric_key: Some(SymmetricKeyAttestation::default()),
-            },
-            capabilities: None,
-            iot_hub_host_name: None,
-            initial_twin: None,
-            etag: None,
-            provisioning_status: None,
-            reprovision_policy: None,
-            created_date_time_utc: None,
-            last_updated_date_time_utc: None,
-            allocation_policy: None,
-            iot_hubs: None,
-            custom_allocation_definition: None,
-            extra: Default::default(),
-        },
+        IndividualEnrollment::new(
+            RegistrationId::new("gateway-01").unwrap(),
+            AttestationMechanism::symmetric_key(),
+        ),
         &IfMatch::Absent,
     )
     .expect("enroll gateway");

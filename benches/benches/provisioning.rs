@@ -24,10 +24,7 @@ use zerotouch_engine::hub::{HubAction, HubError, HubRegistry, LinkedHub};
 use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
 use zerotouch_proto::device::DeviceRegistration;
-use zerotouch_proto::service::{
-    AttestationMechanism, AttestationType, EnrollmentGroup, SymmetricKeyAttestation, X509Attestation,
-    X509CertificateWithInfo, X509Certificates,
-};
+use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup};
 use zerotouch_proto::{EnrollmentGroupId, IdScope, IfMatch, Timestamp};
 use zerotouch_testkit::certs::TestCa;
 
@@ -44,22 +41,7 @@ impl HubRegistry for NullHub {
 }
 
 fn group(id: &str, attestation: AttestationMechanism) -> EnrollmentGroup {
-    EnrollmentGroup {
-        enrollment_group_id: EnrollmentGroupId::new(id).unwrap(),
-        attestation,
-        capabilities: None,
-        iot_hub_host_name: None,
-        initial_twin: None,
-        etag: None,
-        provisioning_status: None,
-        reprovision_policy: None,
-        created_date_time_utc: None,
-        last_updated_date_time_utc: None,
-        allocation_policy: None,
-        iot_hubs: None,
-        custom_allocation_definition: None,
-        extra: Default::default(),
-    }
+    EnrollmentGroup::new(EnrollmentGroupId::new(id).unwrap(), attestation)
 }
 
 fn provisioner() -> Provisioner<MemoryStore> {
@@ -89,15 +71,7 @@ fn symmetric_key(c: &mut Criterion) {
         p.store(),
         &crypto,
         now,
-        group(
-            "bench",
-            AttestationMechanism {
-                kind: AttestationType::SymmetricKey,
-                tpm: None,
-                x509: None,
-                symmetric_key: Some(SymmetricKeyAttestation::default()),
-            },
-        ),
+        group("bench", AttestationMechanism::symmetric_key()),
         &IfMatch::Absent,
     )
     .unwrap();
@@ -142,24 +116,7 @@ fn x509(c: &mut Criterion) {
         p.store(),
         &crypto,
         now,
-        group(
-            "bench-x509",
-            AttestationMechanism {
-                kind: AttestationType::X509,
-                tpm: None,
-                symmetric_key: None,
-                x509: Some(X509Attestation {
-                    signing_certificates: Some(X509Certificates {
-                        primary: Some(X509CertificateWithInfo {
-                            certificate: Some(line.pem().to_owned()),
-                            info: None,
-                        }),
-                        secondary: None,
-                    }),
-                    ..Default::default()
-                }),
-            },
-        ),
+        group("bench-x509", AttestationMechanism::x509_signing_certificate(line.pem())),
         &IfMatch::Absent,
     )
     .unwrap();

@@ -508,3 +508,92 @@ pub struct CustomAllocationResponse {
     #[serde(default, deserialize_with = "nullable::deserialize", skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
 }
+
+impl AttestationMechanism {
+    /// Symmetric-key attestation with keys left for the service to generate.
+    pub fn symmetric_key() -> Self {
+        Self {
+            kind: AttestationType::SymmetricKey,
+            tpm: None,
+            x509: None,
+            symmetric_key: Some(SymmetricKeyAttestation::default()),
+        }
+    }
+
+    /// X.509 attestation of an individual enrollment by its device certificate (PEM or base64 DER).
+    pub fn x509_client_certificate(certificate: impl Into<String>) -> Self {
+        Self::x509(X509Attestation {
+            client_certificates: Some(X509Certificates::primary(certificate)),
+            ..Default::default()
+        })
+    }
+
+    /// X.509 attestation of a group by a root or intermediate CA certificate (PEM or base64 DER).
+    pub fn x509_signing_certificate(certificate: impl Into<String>) -> Self {
+        Self::x509(X509Attestation {
+            signing_certificates: Some(X509Certificates::primary(certificate)),
+            ..Default::default()
+        })
+    }
+
+    fn x509(x509: X509Attestation) -> Self {
+        Self { kind: AttestationType::X509, tpm: None, x509: Some(x509), symmetric_key: None }
+    }
+}
+
+impl X509Certificates {
+    /// Only a primary certificate.
+    pub fn primary(certificate: impl Into<String>) -> Self {
+        Self {
+            primary: Some(X509CertificateWithInfo { certificate: Some(certificate.into()), info: None }),
+            secondary: None,
+        }
+    }
+}
+
+impl IndividualEnrollment {
+    /// An enrollment with only the required members; everything else takes the service default.
+    pub fn new(registration_id: RegistrationId, attestation: AttestationMechanism) -> Self {
+        Self {
+            registration_id,
+            device_id: None,
+            registration_state: None,
+            optional_device_information: None,
+            attestation,
+            capabilities: None,
+            iot_hub_host_name: None,
+            initial_twin: None,
+            etag: None,
+            provisioning_status: None,
+            reprovision_policy: None,
+            created_date_time_utc: None,
+            last_updated_date_time_utc: None,
+            allocation_policy: None,
+            iot_hubs: None,
+            custom_allocation_definition: None,
+            extra: Map::new(),
+        }
+    }
+}
+
+impl EnrollmentGroup {
+    /// A group with only the required members; everything else takes the service default.
+    pub fn new(enrollment_group_id: EnrollmentGroupId, attestation: AttestationMechanism) -> Self {
+        Self {
+            enrollment_group_id,
+            attestation,
+            capabilities: None,
+            iot_hub_host_name: None,
+            initial_twin: None,
+            etag: None,
+            provisioning_status: None,
+            reprovision_policy: None,
+            created_date_time_utc: None,
+            last_updated_date_time_utc: None,
+            allocation_policy: None,
+            iot_hubs: None,
+            custom_allocation_definition: None,
+            extra: Map::new(),
+        }
+    }
+}

@@ -20,9 +20,9 @@ use zerotouch_engine::registration::{
     Assignment, DeviceCredential, RegistrationConfig, RegistrationEvent, RegistrationFailure,
 };
 use zerotouch_proto::service::{
-    AllocationPolicy, AttestationMechanism, AttestationType, CustomAllocationRequest,
-    CustomAllocationResponse, EnrollmentGroup, IndividualEnrollment, InitialTwin, InitialTwinProperties,
-    ProvisioningStatus, ReprovisionPolicy, SymmetricKeyAttestation,
+    AllocationPolicy, AttestationMechanism, CustomAllocationRequest, CustomAllocationResponse,
+    EnrollmentGroup, IndividualEnrollment, InitialTwin, InitialTwinProperties, ProvisioningStatus,
+    ReprovisionPolicy,
 };
 use zerotouch_proto::{DeviceId, EnrollmentGroupId, IdScope, IfMatch, RegistrationId};
 use zerotouch_testkit::hubs::SimHubs;
@@ -109,61 +109,38 @@ pub struct EnrollOptions {
 }
 
 pub fn individual(id: &str, attestation: AttestationMechanism, o: &EnrollOptions) -> IndividualEnrollment {
-    IndividualEnrollment {
-        registration_id: RegistrationId::new(id).unwrap(),
-        device_id: o.device_id.as_deref().map(|d| DeviceId::new(d).unwrap()),
-        registration_state: None,
-        optional_device_information: None,
-        attestation,
-        capabilities: Some(zerotouch_proto::service::DeviceCapabilities { iot_edge: o.iot_edge }),
-        iot_hub_host_name: None,
-        initial_twin: Some(initial_twin()),
-        etag: None,
-        provisioning_status: Some(if o.disabled {
-            ProvisioningStatus::Disabled
-        } else {
-            ProvisioningStatus::Enabled
-        }),
-        reprovision_policy: o.reprovision,
-        created_date_time_utc: None,
-        last_updated_date_time_utc: None,
-        allocation_policy: o.policy,
-        iot_hubs: o.hubs.clone(),
-        custom_allocation_definition: None,
-        extra: Default::default(),
-    }
+    let mut e = IndividualEnrollment::new(RegistrationId::new(id).unwrap(), attestation);
+    e.device_id = o.device_id.as_deref().map(|d| DeviceId::new(d).unwrap());
+    e.capabilities = Some(zerotouch_proto::service::DeviceCapabilities { iot_edge: o.iot_edge });
+    e.initial_twin = Some(initial_twin());
+    e.provisioning_status = Some(status(o));
+    e.reprovision_policy = o.reprovision;
+    e.allocation_policy = o.policy;
+    e.iot_hubs = o.hubs.clone();
+    e
 }
 
 pub fn group(id: &str, attestation: AttestationMechanism, o: &EnrollOptions) -> EnrollmentGroup {
-    EnrollmentGroup {
-        enrollment_group_id: EnrollmentGroupId::new(id).unwrap(),
-        attestation,
-        capabilities: Some(zerotouch_proto::service::DeviceCapabilities { iot_edge: o.iot_edge }),
-        iot_hub_host_name: None,
-        initial_twin: Some(initial_twin()),
-        etag: None,
-        provisioning_status: Some(if o.disabled {
-            ProvisioningStatus::Disabled
-        } else {
-            ProvisioningStatus::Enabled
-        }),
-        reprovision_policy: o.reprovision,
-        created_date_time_utc: None,
-        last_updated_date_time_utc: None,
-        allocation_policy: o.policy,
-        iot_hubs: o.hubs.clone(),
-        custom_allocation_definition: None,
-        extra: Default::default(),
+    let mut g = EnrollmentGroup::new(EnrollmentGroupId::new(id).unwrap(), attestation);
+    g.capabilities = Some(zerotouch_proto::service::DeviceCapabilities { iot_edge: o.iot_edge });
+    g.initial_twin = Some(initial_twin());
+    g.provisioning_status = Some(status(o));
+    g.reprovision_policy = o.reprovision;
+    g.allocation_policy = o.policy;
+    g.iot_hubs = o.hubs.clone();
+    g
+}
+
+fn status(o: &EnrollOptions) -> ProvisioningStatus {
+    if o.disabled {
+        ProvisioningStatus::Disabled
+    } else {
+        ProvisioningStatus::Enabled
     }
 }
 
 pub fn symmetric_attestation() -> AttestationMechanism {
-    AttestationMechanism {
-        kind: AttestationType::SymmetricKey,
-        tpm: None,
-        x509: None,
-        symmetric_key: Some(SymmetricKeyAttestation::default()),
-    }
+    AttestationMechanism::symmetric_key()
 }
 
 /// Enrolls `id` individually with generated keys; returns the primary key bytes.
@@ -232,38 +209,11 @@ pub fn failed(event: RegistrationEvent) -> RegistrationFailure {
 }
 
 pub fn x509_individual_attestation(device_pem: &str) -> AttestationMechanism {
-    use zerotouch_proto::service::{X509Attestation, X509CertificateWithInfo, X509Certificates};
-    AttestationMechanism {
-        kind: AttestationType::X509,
-        tpm: None,
-        symmetric_key: None,
-        x509: Some(X509Attestation {
-            client_certificates: Some(X509Certificates {
-                primary: Some(X509CertificateWithInfo {
-                    certificate: Some(device_pem.to_owned()),
-                    info: None,
-                }),
-                secondary: None,
-            }),
-            ..Default::default()
-        }),
-    }
+    AttestationMechanism::x509_client_certificate(device_pem)
 }
 
 pub fn x509_group_attestation(ca_pem: &str) -> AttestationMechanism {
-    use zerotouch_proto::service::{X509Attestation, X509CertificateWithInfo, X509Certificates};
-    AttestationMechanism {
-        kind: AttestationType::X509,
-        tpm: None,
-        symmetric_key: None,
-        x509: Some(X509Attestation {
-            signing_certificates: Some(X509Certificates {
-                primary: Some(X509CertificateWithInfo { certificate: Some(ca_pem.to_owned()), info: None }),
-                secondary: None,
-            }),
-            ..Default::default()
-        }),
-    }
+    AttestationMechanism::x509_signing_certificate(ca_pem)
 }
 
 pub fn enroll_x509(w: &World, id: &str, device_pem: &str, o: &EnrollOptions) {
