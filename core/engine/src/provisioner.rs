@@ -771,10 +771,9 @@ impl<S: ProvisioningStore> Provisioner<S> {
         if groups.is_empty() {
             return Err(Error::EnrollmentNotFound(id.to_string()));
         }
-        // Try the group this device registered through last time first.
-        if let Some(RegistrationRecord { enrollment: EnrollmentRef::Group(last), .. }) =
-            self.store.registration(id)?
-        {
+        // With several groups, try the one this device registered through last time first.
+        let previous = if groups.len() > 1 { self.store.registration(id)? } else { None };
+        if let Some(RegistrationRecord { enrollment: EnrollmentRef::Group(last), .. }) = previous {
             if let Some(pos) = groups.iter().position(|g| g.enrollment_group_id.key() == last.key()) {
                 groups.swap(0, pos);
             }

@@ -226,9 +226,7 @@ impl OperationId {
         let mut s = String::with_capacity(56);
         s.push(char::from(b'0' + random[0] % 10));
         s.push('.');
-        for b in &random[1..9] {
-            s.push_str(&format!("{b:02x}"));
-        }
+        push_hex(&mut s, &random[1..9]);
         s.push('.');
         s.push_str(&uuid_from_bytes(&random[16..32]));
         Self(s)
@@ -243,8 +241,24 @@ pub fn uuid_from_bytes(bytes: &[u8]) -> String {
     }
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+    let mut s = String::with_capacity(36);
+    for (i, range) in [0..4, 4..6, 6..8, 8..10, 10..16].into_iter().enumerate() {
+        if i > 0 {
+            s.push('-');
+        }
+        push_hex(&mut s, &b[range]);
+    }
+    s
+}
+
+/// Appends lower-case hex without a temporary string per byte (operation ids and etags are made
+/// on every registration).
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
 }
 
 /// An entity tag as carried in JSON bodies (opaque; DPS enrollment etags include their quotes,
