@@ -1365,3 +1365,192 @@ fn concurrent_jobs<S: JobStore>(store: &S) -> Outcome {
     ensure!(last.version == want, "version {} after {want} updates", last.version);
     Ok(())
 }
+
+/// The suite must reject stores that break the contract, or a passing backend proves nothing.
+#[cfg(test)]
+mod tests {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::time::Duration;
+
+    use zerotouch_engine::jobs::MemoryJobStore;
+    use zerotouch_engine::registry::MemoryIdentityStore;
+    use zerotouch_engine::twin::MemoryTwinStore;
+
+    use super::*;
+
+    /// Runs `suite` and returns the name of the case it failed, if any.
+    fn failed_case(suite: impl FnOnce()) -> Option<String> {
+        let payload = catch_unwind(AssertUnwindSafe(suite)).err()?;
+        let message = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default();
+        message.split('`').nth(1).map(str::to_owned)
+    }
+
+    /// Identities over a correct store with one fault: device lookups that fall back to a
+    /// case-insensitive match (a SQL backend with a case-insensitive collation), or a
+    /// compare-and-swap that checks and writes in two steps.
+    #[derive(Default)]
+    struct FaultyIdentities {
+        inner: MemoryIdentityStore,
+        case_insensitive_lookup: bool,
+        check_then_write: bool,
+    }
+
+    impl IdentityStore for FaultyIdentities {
+        fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+            let found = self.inner.device(id)?;
+            if found.is_some() || !self.case_insensitive_lookup {
+                return Ok(found);
+            }
+            let all = self.inner.devices(&PageRequest { continuation: None, max_items: 10_000 })?;
+            Ok(all.items.into_iter().find(|d| d.device_id.as_str().eq_ignore_ascii_case(id.as_str())))
+        }
+        fn put_device(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+            if !self.check_then_write {
+                return self.inner.put_device(device, pre);
+            }
+            let current = self.inner.device(&device.device_id)?;
+            pre.check(current.as_ref().and_then(|d| d.etag.as_ref()))?;
+            // Widens the window between check and write, as a slow backend would.
+            std::thread::sleep(Duration::from_micros(200));
+            self.inner.put_device(device, &Precondition::None)
+        }
+        fn delete_device(
+            &self,
+            id: &DeviceId,
+            pre: &Precondition,
+        ) -> Result<(Device, Vec<Module>), StoreError> {
+            self.inner.delete_device(id, pre)
+        }
+        fn devices(&self, page: &PageRequest) -> Result<Page<Device>, StoreError> {
+            self.inner.devices(page)
+        }
+        fn count_devices(&self) -> Result<DeviceCounts, StoreError> {
+            self.inner.count_devices()
+        }
+        fn module(&self, device: &DeviceId, module: &ModuleId) -> Result<Option<Module>, StoreError> {
+            self.inner.module(device, module)
+        }
+        fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
+            self.inner.put_module(module, pre)
+        }
+        fn delete_module(
+            &self,
+            device: &DeviceId,
+            module: &ModuleId,
+            pre: &Precondition,
+        ) -> Result<Module, StoreError> {
+            self.inner.delete_module(device, module, pre)
+        }
+        fn modules(&self, device: &DeviceId) -> Result<Vec<Module>, StoreError> {
+            self.inner.modules(device)
+        }
+    }
+
+    /// Twins whose preconditions are checked against the twin etag instead of the revision.
+    #[derive(Default)]
+    struct EtagCheckedTwins(MemoryTwinStore);
+
+    impl TwinStore for EtagCheckedTwins {
+        fn twin(&self, key: &TwinKey) -> Result<Option<TwinDocument>, StoreError> {
+            self.0.twin(key)
+        }
+        fn put_twin(&self, key: &TwinKey, twin: &TwinDocument, pre: &Precondition) -> Result<(), StoreError> {
+            pre.check(self.0.twin(key)?.map(|t| t.etag()).as_ref())?;
+            self.0.put_twin(key, twin, &Precondition::None)
+        }
+        fn delete_twin(&self, key: &TwinKey, pre: &Precondition) -> Result<(), StoreError> {
+            pre.check(self.0.twin(key)?.map(|t| t.etag()).as_ref())?;
+            self.0.delete_twin(key, &Precondition::None)
+        }
+        fn twins(&self, page: &PageRequest) -> Result<Page<StoredTwin>, StoreError> {
+            self.0.twins(page)
+        }
+        fn device_twins(&self, device_id: &DeviceId) -> Result<Vec<StoredTwin>, StoreError> {
+            self.0.device_twins(device_id)
+        }
+    }
+
+    /// Jobs whose purge leaves the device job records of the purged jobs behind.
+    #[derive(Default)]
+    struct OrphaningPurge(MemoryJobStore);
+
+    impl JobStore for OrphaningPurge {
+        fn job(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
+            self.0.job(id)
+        }
+        fn put_job(&self, record: &JobRecord, pre: &Precondition) -> Result<(), StoreError> {
+            self.0.put_job(record, pre)
+        }
+        fn jobs(&self, filter: &JobFilter, page: &PageRequest) -> Result<Page<JobResponse>, StoreError> {
+            self.0.jobs(filter, page)
+        }
+        fn put_device_job(&self, record: &DeviceJob) -> Result<(), StoreError> {
+            self.0.put_device_job(record)
+        }
+        fn device_job(&self, job: &JobId, device_id: &str) -> Result<Option<DeviceJob>, StoreError> {
+            self.0.device_job(job, device_id)
+        }
+        fn device_jobs(
+            &self,
+            filter: &DeviceJobFilter,
+            page: &PageRequest,
+        ) -> Result<Page<DeviceJob>, StoreError> {
+            self.0.device_jobs(filter, page)
+        }
+        fn purge_jobs(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
+            let all = PageRequest { continuation: None, max_items: 10_000 };
+            let records = self.0.device_jobs(&DeviceJobFilter::default(), &all)?;
+            let purged = self.0.purge_jobs(cutoff)?;
+            for r in &records.items {
+                self.0.put_device_job(r)?;
+            }
+            Ok(purged)
+        }
+    }
+
+    #[test]
+    fn a_store_that_finds_devices_in_any_case_fails_the_case_sensitivity_case() {
+        let case = failed_case(|| {
+            identity_store(|| FaultyIdentities { case_insensitive_lookup: true, ..Default::default() })
+        });
+        assert_eq!(case.as_deref(), Some("devices: ids are case-sensitive"));
+    }
+
+    #[test]
+    fn a_store_that_checks_and_writes_in_two_steps_loses_device_updates_under_contention() {
+        let case = failed_case(|| {
+            identity_store(|| FaultyIdentities { check_then_write: true, ..Default::default() })
+        });
+        assert_eq!(
+            case.as_deref(),
+            Some("identities: 8 threads doing compare-and-swap updates lose no update")
+        );
+    }
+
+    #[test]
+    fn a_twin_store_that_compares_etags_instead_of_revisions_is_caught() {
+        let case = failed_case(|| twin_store(EtagCheckedTwins::default));
+        assert_eq!(case.as_deref(), Some("device twins: put honours every precondition"));
+    }
+
+    #[test]
+    fn a_job_store_whose_purge_leaves_device_jobs_behind_fails_the_purge_case() {
+        let case = failed_case(|| job_store(OrphaningPurge::default));
+        assert_eq!(
+            case.as_deref(),
+            Some("jobs: purge removes finished jobs ended before the cutoff with their records")
+        );
+    }
+
+    #[test]
+    fn the_memory_stores_pass_every_case() {
+        assert_eq!(
+            failed_case(|| run_all(MemoryIdentityStore::new, MemoryTwinStore::new, MemoryJobStore::new)),
+            None
+        );
+    }
+}
