@@ -55,6 +55,11 @@ pub fn identity_store<S: IdentityStore>(make: impl Fn() -> S) {
         check_pages("empty listing", &pages, &[0], &BTreeSet::new(), device_key, |_, _| true).map(drop)
     });
     run("identities: 250 devices list as 100 + 100 + 50 in id order", make, device_paging);
+    run(
+        "identities: deleting the last device of a page does not break its continuation",
+        make,
+        delete_while_paging,
+    );
     run("identities: counts follow status, connection state and deletes", make, device_counts);
     run("identities: 8 threads doing compare-and-swap updates lose no update", make, concurrent_devices);
 }
@@ -705,6 +710,36 @@ fn device_paging<S: IdentityStore>(store: &S) -> Outcome {
     )
 }
 
+fn delete_while_paging<S: IdentityStore>(store: &S) -> Outcome {
+    let mut expected = BTreeSet::new();
+    for i in 0..250 {
+        let id = format!("dev-{i:03}");
+        ok(&format!("put of {id}"), store.put_device(&device(&id, "e1", 1)?, &Precondition::MustNotExist))?;
+        expected.insert(id);
+    }
+    let first = ok("first page", store.devices(&PageRequest { continuation: None, max_items: 100 }))?;
+    let token = first.continuation.clone().ok_or("the first of three pages has no continuation")?;
+    let last = first.items.last().ok_or("the first page is empty")?;
+    ok(
+        "delete of the last device of the first page",
+        store.delete_device(&last.device_id, &Precondition::None),
+    )?;
+    let rest = all_pages(100, |r| {
+        let r = if r.continuation.is_none() {
+            PageRequest { continuation: Some(token.clone()), ..r.clone() }
+        } else {
+            r.clone()
+        };
+        store.devices(&r)
+    })?;
+    let mut pages = vec![first];
+    pages.extend(rest);
+    check_pages("listing across a delete", &pages, &[100, 100, 50], &expected, device_key, |a, b| {
+        a.device_id.as_str() < b.device_id.as_str()
+    })
+    .map(drop)
+}
+
 fn device_counts<S: IdentityStore>(store: &S) -> Outcome {
     let zero = ok("count of an empty store", store.count_devices())?;
     ensure!(zero == DeviceCounts::default(), "an empty store counts {zero:?}");
@@ -774,10 +809,9 @@ fn swapped(result: Result<(), StoreError>) -> Result<bool, String> {
 
 fn concurrent_devices<S: IdentityStore>(store: &S) -> Outcome {
     let id = dev_id("contended")?;
-    ok("seed put", store.put_device(&device("contended", "v0", 1)?, &Precondition::MustNotExist))?;
-    let mut seed = ok("seed read", store.device(&id))?.ok_or("the device vanished")?;
+    let mut seed = device("contended", "v0", 1)?;
     seed.cloud_to_device_message_count = 0;
-    ok("seed reset", store.put_device(&seed, &Precondition::None))?;
+    ok("seed put", store.put_device(&seed, &Precondition::MustNotExist))?;
     contend(|| {
         let mut current = ok("read", store.device(&id))?.ok_or("the device vanished")?;
         let etag = current.etag.clone().ok_or("the device lost its etag")?;
