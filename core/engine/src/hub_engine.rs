@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 use zerotouch_proto::hub::{
@@ -104,7 +104,8 @@ impl<I: IdentityStore, T: TwinStore> HubCore<I, T> {
     /// twin with the identity fields of the registry filled in.
     ///
     /// # Errors
-    /// `DeviceNotFound`, store failures.
+    /// `DeviceNotFound`, [`Error::NotFound`] for an identity without twin (one created through
+    /// the bare registry), store failures.
     pub fn device_twin_json(&self, device_id: &DeviceId) -> Result<Value, Error> {
         let device = self.registry.device(device_id)?;
         let doc = self
@@ -429,6 +430,8 @@ pub struct EmbeddedHub<
     core: Arc<HubCore<I, T>>,
     planner: JobPlanner<J, Arc<HubCore<I, T>>>,
     methods: MethodCalls,
+    now: Timestamp,
+    queued: Mutex<Vec<LifecycleEvent>>,
 }
 
 impl<I: IdentityStore, T: TwinStore, J: JobStore> std::fmt::Debug for EmbeddedHub<I, T, J> {
@@ -472,7 +475,22 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         let registry = Registry::new(identities, crypto, RegistryConfig::new(host_name.clone()));
         let core = Arc::new(HubCore { registry, twins });
         let planner = JobPlanner::new(jobs, Arc::clone(&core), limits);
-        Ok(Self { host_name, core, planner, methods })
+        Ok(Self { host_name, core, planner, methods, now: Timestamp::EPOCH, queued: Mutex::new(Vec::new()) })
+    }
+
+    /// Sets the time stamped on what [`HubRegistry::apply`] writes (the trait carries none).
+    pub fn set_now(&mut self, now: Timestamp) {
+        self.now = now;
+    }
+
+    /// Takes the lifecycle events of identities created or deleted through [`HubRegistry`]
+    /// (provisioning, migration, removal), oldest first, for the transport to route.
+    pub fn take_lifecycle_events(&self) -> Vec<LifecycleEvent> {
+        std::mem::take(&mut *self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    fn queue(&self, events: Vec<LifecycleEvent>) {
+        self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(events);
     }
 
     /// Host name of the hub.
@@ -674,7 +692,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
                 let doc = TwinDocument::from_initial_twin(now, initial)?;
                 let applied = self.core.registry.create_device(body, now)?;
                 put_new_twin(&self.core.twins, &TwinKey::device(device.device_id.clone()), &doc)?;
-                self.core.settle(applied.events, now)?;
+                self.queue(self.core.settle(applied.events, now)?);
             }
             Some(mut body) => {
                 body.authentication = Some(authentication);
@@ -719,11 +737,11 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         .map_err(|e| Error::BadRequest(e.to_string()))?;
         let body = Device { authentication: Some(auth_mechanism(&device.auth)?), ..body };
         if self.core.registry.device(&device.device_id).is_ok() {
-            self.delete_device(&device.device_id, &IfMatch::Any, now)?;
+            self.queue(self.delete_device(&device.device_id, &IfMatch::Any, now)?.events);
         }
         let applied = self.core.registry.create_device(body, now)?;
         put_new_twin(&self.core.twins, &TwinKey::device(device.device_id.clone()), &doc)?;
-        self.core.settle(applied.events, now)?;
+        self.queue(self.core.settle(applied.events, now)?);
         Ok(())
     }
 
@@ -732,7 +750,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     }
 
     /// Carries out a provisioning action at `now` (the [`HubRegistry`] implementation uses the
-    /// epoch because the trait carries no time).
+    /// time of [`EmbeddedHub::set_now`], since the trait carries none).
     ///
     /// # Errors
     /// [`HubError`] with the hub code of the failure; `IotHubNotFound` for a hub name other
@@ -745,7 +763,10 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
             }
             HubAction::Remove { hub, device_id } if *hub == self.host_name => {
                 match self.delete_device(device_id, &IfMatch::Any, now) {
-                    Ok(_) => Ok(()),
+                    Ok(applied) => {
+                        self.queue(applied.events);
+                        Ok(())
+                    }
                     Err(e) => Err(hub_err(&e)),
                 }
             }
@@ -757,7 +778,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
 
 impl<I: IdentityStore, T: TwinStore, J: JobStore> HubRegistry for EmbeddedHub<I, T, J> {
     fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
-        self.apply_at(action, Timestamp::EPOCH)
+        self.apply_at(action, self.now)
     }
 }
 
@@ -824,9 +845,12 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHubs<I, T, J> {
         self.hubs.get_mut(host_name)
     }
 
-    /// Sets the time stamped on what [`HubRegistry::apply`] writes (the trait carries none).
+    /// Sets the time stamped on what [`HubRegistry::apply`] writes, here and in every hub.
     pub fn set_now(&mut self, now: Timestamp) {
         self.now = now;
+        for hub in self.hubs.values_mut() {
+            hub.set_now(now);
+        }
     }
 
     fn unknown(hub: &str) -> HubError {
@@ -854,7 +878,10 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHubs<I, T, J> {
         }
         let old = self.hubs.get(from_hub).ok_or_else(|| Self::unknown(from_hub))?;
         match old.delete_device(from_device_id, &IfMatch::Any, now) {
-            Ok(_) => Ok(()),
+            Ok(applied) => {
+                old.queue(applied.events);
+                Ok(())
+            }
             Err(Error::Hub { code, .. }) if code == HubErrorCode::DeviceNotFound.code() => Ok(()),
             Err(e) => Err(hub_err(&e)),
         }

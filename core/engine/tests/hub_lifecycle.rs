@@ -21,9 +21,10 @@ use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
 use zerotouch_engine::query::{execute, parse};
 use zerotouch_engine::registry::LifecycleOperation;
+use zerotouch_engine::registry::TwinSink;
 use zerotouch_engine::store::PageRequest;
 use zerotouch_engine::twin::TwinOperation;
-use zerotouch_proto::hub::DeviceStatus;
+use zerotouch_proto::hub::{DeviceStatus, ExportImportDevice};
 use zerotouch_proto::jobs::{JobRequest, JobStatus};
 use zerotouch_proto::service::{AllocationPolicy, InitialTwin};
 use zerotouch_proto::{DeviceId, IdScope, IfMatch};
@@ -100,6 +101,12 @@ fn fleet_is_planned_provisioned_configured_monitored_and_retired_on_an_embedded_
     }
     let plant = w.hubs.hub(PLANT).unwrap();
     assert_eq!(plant.registry().statistics().unwrap().total_device_count, 3);
+    let created = plant.take_lifecycle_events();
+    assert_eq!(created.len(), 3);
+    assert!(created.iter().all(|e| e.op_type == LifecycleOperation::CreateDeviceIdentity));
+    assert_eq!(created[0].device_id.as_str(), "press-1");
+    assert_eq!(created[0].body["tags"], json!({ "plan": "pilot", "floor": 3 }));
+    assert_eq!(created[0].body["properties"]["desired"]["telemetryInterval"], 30);
     assert!(query(w.hubs.hub(SPARE).unwrap(), "SELECT * FROM devices").is_empty());
     let twin = plant.device_twin(&id("press-1")).unwrap();
     assert_eq!(twin["deviceId"], "press-1");
@@ -178,6 +185,16 @@ fn fleet_is_planned_provisioned_configured_monitored_and_retired_on_an_embedded_
     assert_eq!(event.device_id.as_str(), "press-3");
     assert_eq!(event.module_id, None);
     assert_eq!(event.operation_timestamp, later);
+    assert_eq!(
+        event.application_properties(),
+        vec![
+            ("hubName", PLANT.to_owned()),
+            ("deviceId", "press-3".to_owned()),
+            ("opType", "deleteDeviceIdentity".to_owned()),
+            ("iothub-message-schema", "deviceLifecycleNotification".to_owned()),
+            ("operationTimestamp", later.to_string()),
+        ]
+    );
     assert_eq!(event.body["deviceId"], "press-3");
     assert_eq!(event.body["tags"], json!({ "plan": "pilot", "floor": 3 }));
     assert_eq!(event.body["properties"]["reported"]["firmware"], "0.9");
@@ -228,6 +245,13 @@ fn device_migrated_between_embedded_hubs_keeps_tags_desired_and_reported() {
     .unwrap();
 
     assert!(hubs.hub(PLANT).unwrap().device_twin(&id("mover")).is_err());
+    let left = hubs.hub(PLANT).unwrap().take_lifecycle_events();
+    let ops: Vec<_> = left.iter().map(|e| e.op_type).collect();
+    assert_eq!(ops, [LifecycleOperation::CreateDeviceIdentity, LifecycleOperation::DeleteDeviceIdentity]);
+    assert_eq!(left[1].body["properties"]["reported"]["temp"], 21);
+    let arrived = hubs.hub(SPARE).unwrap().take_lifecycle_events();
+    assert_eq!(arrived.len(), 1);
+    assert_eq!(arrived[0].hub_name, SPARE);
     let twin = hubs.hub(SPARE).unwrap().device_twin(&id("mover")).unwrap();
     assert_eq!(twin["tags"], json!({ "line": 4 }));
     assert_eq!(twin["properties"]["desired"]["speed"], 2);
@@ -286,4 +310,38 @@ fn embedded_hub_refuses_actions_for_a_hub_it_does_not_hold() {
     assert!(hub.registry().device(&id("stray")).is_err());
     let err = hub.apply(&HubAction::Remove { hub: PLANT.into(), device_id: id("stray") }).unwrap_err();
     assert_eq!(err.code, 404001);
+}
+
+#[test]
+fn bulk_import_creates_identities_with_twins_and_update_twin_mode_rewrites_them() {
+    let hub = EmbeddedHub::in_memory(PLANT, Arc::new(RingCrypto::new())).unwrap();
+    let now = zerotouch_proto::Timestamp::EPOCH + Duration::from_secs(1_000_000);
+    let create: Vec<ExportImportDevice> = serde_json::from_value(json!([
+        { "id": "bulk-1", "importMode": "create", "tags": { "zone": "north" } },
+        { "id": "bulk-2", "importMode": "create" },
+    ]))
+    .unwrap();
+    let applied = hub.bulk(&create, now).unwrap();
+    assert!(applied.value.is_successful, "{:?}", applied.value);
+    assert_eq!(applied.events.len(), 2);
+    assert_eq!(applied.events[0].body["tags"], json!({ "zone": "north" }));
+    assert_eq!(hub.device_twin(&id("bulk-2")).unwrap()["version"], 2);
+
+    let retwin: Vec<ExportImportDevice> = serde_json::from_value(json!([{
+        "id": "bulk-2",
+        "importMode": "updateTwin",
+        "tags": { "zone": "south" },
+        "properties": { "desired": { "mode": "eco" }, "reported": { "battery": 80 } },
+    }]))
+    .unwrap();
+    assert!(hub.bulk(&retwin, now).unwrap().value.is_successful);
+    let south = query(&hub, "SELECT * FROM devices WHERE tags.zone = 'south'");
+    assert_eq!(south.len(), 1);
+    assert_eq!(south[0]["deviceId"], "bulk-2");
+    assert_eq!(south[0]["properties"]["desired"]["mode"], "eco");
+    assert_eq!(south[0]["properties"]["reported"]["battery"], 80);
+
+    let (_, tags, properties) = hub.core().twin_for_export(&id("bulk-2"), None).unwrap().unwrap();
+    assert_eq!(tags, Some(json!({ "zone": "south" })));
+    assert_eq!(properties.desired.unwrap()["mode"], "eco");
 }
