@@ -187,7 +187,25 @@ impl<I: IdentityStore, T: TwinStore> HubCore<I, T> {
                     }
                 }
             })
-            .collect()
+            .collect::<Result<Vec<_>, Error>>()
+            .and_then(|events| self.sweep_orphans(&events).map(|()| events))
+    }
+
+    /// Removes twins left behind by deleted devices (module twins whose module events a
+    /// registry style did not report).
+    fn sweep_orphans(&self, events: &[LifecycleEvent]) -> Result<(), Error> {
+        for event in events.iter().filter(|e| !is_create(e.op_type) && e.module_id.is_none()) {
+            if self.registry.store().device(&event.device_id)?.is_some() {
+                continue;
+            }
+            for stored in self.twins.device_twins(&event.device_id)? {
+                match self.twins.delete_twin(&stored.key, &Precondition::MustExist) {
+                    Ok(()) | Err(StoreError::NotFound) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
     }
 
     fn twin_value(&self, key: &TwinKey, doc: &TwinDocument) -> Result<Value, Error> {
@@ -701,9 +719,14 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
                 self.core.registry.update_device(body, &IfMatch::Any, now)?;
                 let key = TwinKey::device(device.device_id.clone());
                 match setup {
-                    TwinSetup::KeepOrInitial(_) => {
+                    TwinSetup::KeepOrInitial(initial) => {
+                        // An identity made through the bare registry has no twin yet.
                         if self.core.twins.twin(&key)?.is_none() {
-                            put_new_twin(&self.core.twins, &key, &TwinDocument::new(now))?;
+                            put_new_twin(
+                                &self.core.twins,
+                                &key,
+                                &TwinDocument::from_initial_twin(now, initial)?,
+                            )?;
                         }
                     }
                     TwinSetup::Reset(initial) => self.reset_twin(&key, initial, now)?,

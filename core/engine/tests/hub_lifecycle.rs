@@ -23,7 +23,7 @@ use zerotouch_engine::query::{execute, parse};
 use zerotouch_engine::registry::LifecycleOperation;
 use zerotouch_engine::registry::TwinSink;
 use zerotouch_engine::store::PageRequest;
-use zerotouch_engine::twin::TwinOperation;
+use zerotouch_engine::twin::{TwinOperation, TwinStore};
 use zerotouch_proto::hub::{DeviceStatus, ExportImportDevice};
 use zerotouch_proto::jobs::{JobRequest, JobStatus};
 use zerotouch_proto::service::{AllocationPolicy, InitialTwin};
@@ -344,4 +344,28 @@ fn bulk_import_creates_identities_with_twins_and_update_twin_mode_rewrites_them(
     let (_, tags, properties) = hub.core().twin_for_export(&id("bulk-2"), None).unwrap().unwrap();
     assert_eq!(tags, Some(json!({ "zone": "south" })));
     assert_eq!(properties.desired.unwrap()["mode"], "eco");
+}
+
+#[test]
+fn module_twins_are_queryable_and_go_with_their_device() {
+    let hub = EmbeddedHub::in_memory(PLANT, Arc::new(RingCrypto::new())).unwrap();
+    let now = zerotouch_proto::Timestamp::EPOCH + Duration::from_secs(5_000);
+    let device: zerotouch_proto::hub::Device =
+        serde_json::from_value(json!({ "deviceId": "gateway" })).unwrap();
+    hub.create_device(device, None, None, now).unwrap();
+    let module: zerotouch_proto::hub::Module =
+        serde_json::from_value(json!({ "deviceId": "gateway", "moduleId": "filter" })).unwrap();
+    let created = hub.create_module(module, now).unwrap();
+    assert_eq!(created.events.len(), 1);
+    assert_eq!(created.events[0].body["moduleId"], "filter");
+
+    let modules = query(&hub, "SELECT * FROM devices.modules WHERE deviceId = 'gateway'");
+    assert_eq!(modules.len(), 1);
+    assert_eq!(modules[0]["moduleId"], "filter");
+    assert_eq!(modules[0]["connectionState"], "Disconnected");
+
+    let deleted = hub.delete_device(&id("gateway"), &IfMatch::Any, now).unwrap();
+    assert!(deleted.events.iter().any(|e| e.module_id.as_ref().is_some_and(|m| m.as_str() == "filter")));
+    assert!(query(&hub, "SELECT * FROM devices.modules").is_empty());
+    assert!(hub.core().twins().device_twins(&id("gateway")).unwrap().is_empty());
 }
