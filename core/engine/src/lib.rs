@@ -14,6 +14,7 @@ pub mod crypto;
 pub mod enrollments;
 pub mod error;
 pub mod hub;
+pub mod hub_engine;
 pub mod jobs;
 pub mod memory;
 pub mod provisioner;

@@ -12,39 +12,8 @@ use crate::service::DeviceCapabilities;
 /// [`crate::Timestamp`], which is why the twin's identity times are carried as strings.
 pub const NEVER: &str = "0001-01-01T00:00:00Z";
 
-wire_enum! {
-    /// `status` of the identity a twin belongs to.
-    DeviceStatus {
-        /// The device may connect.
-        Enabled => "enabled",
-        /// The device is refused.
-        Disabled => "disabled",
-    }
-}
-
-wire_enum! {
-    /// `connectionState` of the identity a twin belongs to.
-    ConnectionState {
-        /// Not connected.
-        Disconnected => "Disconnected",
-        /// Connected over MQTT or AMQP.
-        Connected => "Connected",
-    }
-}
-
-wire_enum! {
-    /// `authenticationType` of the identity a twin belongs to.
-    AuthenticationType {
-        /// Shared access keys.
-        Sas => "sas",
-        /// Self-signed X.509 certificate thumbprints.
-        SelfSigned => "selfSigned",
-        /// X.509 certificate signed by a registered CA.
-        CertificateAuthority => "certificateAuthority",
-        /// No credential (modules managed by IoT Edge).
-        None => "none",
-    }
-}
+/// Identity fields a twin repeats use the registry's enums (one definition, in [`crate::hub`]).
+pub use crate::hub::{AuthenticationType, ConnectionState, DeviceStatus};
 
 wire_enum! {
     /// `opType` application property of a twin change notification (spec §4).

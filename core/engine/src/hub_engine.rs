@@ -1,0 +1,926 @@
+//! A sans-I/O embedded hub: identity registry, twins, query and jobs wired together.
+//!
+//! [`EmbeddedHub`] owns a [`Registry`], a [`TwinStore`], a [`JobPlanner`] and the
+//! [`MethodCalls`] of one hub. Creating an identity creates its twin, deleting it removes the
+//! twin, lifecycle events carry the real twin, [`crate::query::execute`] runs over the hub (it
+//! is a [`QuerySource`]), jobs select devices with the query language and patch twins, and the
+//! provisioner provisions into it through [`HubRegistry`]. [`EmbeddedHubs`] holds several hubs
+//! by host name and also carries out [`HubAction::Migrate`] between them.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Map, Value};
+use zerotouch_proto::hub::{
+    AuthenticationMechanism, BulkRegistryOperationResult, Device, ExportImportDevice, ExportImportProperties,
+    HubErrorCode, Module,
+};
+use zerotouch_proto::jobs::{JobRequest, JobResponse, TwinUpdate};
+use zerotouch_proto::service::InitialTwin;
+use zerotouch_proto::twin::TwinPatch;
+use zerotouch_proto::{DeviceId, ETag, IfMatch, ModuleId, Timestamp};
+
+use crate::crypto::CryptoProvider;
+use crate::error::{Error, StoreError};
+use crate::hub::{DeviceAuth, HubAction, HubError, HubRegistry, ProvisionedDevice, TwinSetup};
+use crate::jobs::{
+    DeviceJobFilter, DeviceSelector, JobLimits, JobPlanner, JobStore, MemoryJobStore, MethodCalls,
+    MethodCompletion, TwinPatcher,
+};
+use crate::query::{matches, parse_condition, Collection, Expr, QuerySource, VecSource};
+use crate::registry::{
+    hub_error, Applied, IdentityStore, LifecycleEvent, LifecycleOperation, MemoryIdentityStore, Registry,
+    RegistryConfig, TwinSink,
+};
+use crate::store::{PageRequest, Precondition};
+use crate::twin::{
+    update_twin, MemoryTwinStore, TwinDocument, TwinKey, TwinOperation, TwinOutcome, TwinStore,
+};
+
+/// Code of a [`HubError`] for an action addressed to a hub this side does not hold (IoT Hub
+/// has no documented code for it; 404000 is the generic not-found code).
+pub const HUB_NOT_FOUND: u32 = 404_000;
+
+/// Page size used when the hub walks a whole store.
+const WALK_PAGE: usize = 1000;
+
+/// Identity fields of a device that a device twin document repeats (hub spec §5.1), as
+/// `(identity JSON key, twin JSON key)`.
+const DEVICE_TWIN_FIELDS: &[(&str, &str)] = &[
+    ("etag", "deviceEtag"),
+    ("status", "status"),
+    ("statusReason", "statusReason"),
+    ("statusUpdatedTime", "statusUpdateTime"),
+    ("connectionState", "connectionState"),
+    ("lastActivityTime", "lastActivityTime"),
+    ("cloudToDeviceMessageCount", "cloudToDeviceMessageCount"),
+    ("capabilities", "capabilities"),
+    ("deviceScope", "deviceScope"),
+    ("parentScopes", "parentScopes"),
+];
+
+/// Identity fields of a module that a module twin document repeats.
+const MODULE_TWIN_FIELDS: &[(&str, &str)] = &[
+    ("etag", "deviceEtag"),
+    ("connectionState", "connectionState"),
+    ("lastActivityTime", "lastActivityTime"),
+    ("cloudToDeviceMessageCount", "cloudToDeviceMessageCount"),
+];
+
+/// The registry and the twin store of one hub: what jobs, import and query need to share.
+pub struct HubCore<I, T> {
+    registry: Registry<I>,
+    twins: T,
+}
+
+impl<I: std::fmt::Debug, T> std::fmt::Debug for HubCore<I, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubCore").field("registry", &self.registry).finish_non_exhaustive()
+    }
+}
+
+impl<I: IdentityStore, T: TwinStore> HubCore<I, T> {
+    /// The identity registry.
+    pub fn registry(&self) -> &Registry<I> {
+        &self.registry
+    }
+
+    /// The twin store.
+    pub fn twins(&self) -> &T {
+        &self.twins
+    }
+
+    /// The twin of a device (`module_id` `None`) or module.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when there is no such twin, store failures.
+    pub fn twin(&self, device_id: &DeviceId, module_id: Option<&ModuleId>) -> Result<TwinDocument, Error> {
+        let key = twin_key(device_id, module_id);
+        self.twins.twin(&key)?.ok_or_else(|| Error::NotFound(format!("twin of {key}")))
+    }
+
+    /// The device twin as the service API and the query language see it (hub spec §5.1): the
+    /// twin with the identity fields of the registry filled in.
+    ///
+    /// # Errors
+    /// `DeviceNotFound`, [`Error::NotFound`] for an identity without twin (one created through
+    /// the bare registry), store failures.
+    pub fn device_twin_json(&self, device_id: &DeviceId) -> Result<Value, Error> {
+        let device = self.registry.device(device_id)?;
+        let doc = self
+            .twins
+            .twin(&TwinKey::device(device_id.clone()))?
+            .unwrap_or_else(|| TwinDocument::new(Timestamp::EPOCH));
+        device_twin_value(&device, &doc)
+    }
+
+    /// Every device twin document, in registry order.
+    fn device_docs(&self) -> Result<Vec<Value>, Error> {
+        let mut out = Vec::new();
+        let mut continuation = None;
+        loop {
+            let page = self.registry.devices(Some(WALK_PAGE as i64), continuation)?;
+            for device in &page.items {
+                if let Some(doc) = self.twins.twin(&TwinKey::device(device.device_id.clone()))? {
+                    out.push(device_twin_value(device, &doc)?);
+                }
+            }
+            match page.continuation {
+                Some(c) => continuation = Some(c),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Every module twin document, device by device.
+    fn module_docs(&self) -> Result<Vec<Value>, Error> {
+        let mut out = Vec::new();
+        let mut continuation = None;
+        loop {
+            let page = self.registry.devices(Some(WALK_PAGE as i64), continuation)?;
+            for device in &page.items {
+                for module in self.registry.modules(&device.device_id)? {
+                    let key = TwinKey::module(module.device_id.clone(), module.module_id.clone());
+                    if let Some(doc) = self.twins.twin(&key)? {
+                        out.push(module_twin_value(&module, &doc)?);
+                    }
+                }
+            }
+            match page.continuation {
+                Some(c) => continuation = Some(c),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Creates the twin of each created identity and deletes the twin of each deleted one,
+    /// returning the events with the twin as their body.
+    fn settle(&self, events: Vec<LifecycleEvent>, now: Timestamp) -> Result<Vec<LifecycleEvent>, Error> {
+        events
+            .into_iter()
+            .map(|event| {
+                let key = twin_key(&event.device_id, event.module_id.as_ref());
+                if is_create(event.op_type) {
+                    let doc = match self.twins.twin(&key)? {
+                        Some(doc) => doc,
+                        None => {
+                            let doc = TwinDocument::new(now);
+                            put_new_twin(&self.twins, &key, &doc)?;
+                            doc
+                        }
+                    };
+                    let twin = self.twin_value(&key, &doc)?;
+                    Ok(event.with_twin(twin))
+                } else {
+                    match self.twins.twin(&key)? {
+                        Some(doc) => {
+                            let twin = doc.to_twin(&key.device_id, key.module_id.as_ref());
+                            let twin = to_value(&twin)?;
+                            match self.twins.delete_twin(&key, &Precondition::MustExist) {
+                                Ok(()) | Err(StoreError::NotFound) => {}
+                                Err(e) => return Err(e.into()),
+                            }
+                            Ok(event.with_twin(twin))
+                        }
+                        None => Ok(event),
+                    }
+                }
+            })
+            .collect::<Result<Vec<_>, Error>>()
+            .and_then(|events| self.sweep_orphans(&events).map(|()| events))
+    }
+
+    /// Removes twins left behind by deleted devices (module twins whose module events a
+    /// registry style did not report).
+    fn sweep_orphans(&self, events: &[LifecycleEvent]) -> Result<(), Error> {
+        for event in events.iter().filter(|e| !is_create(e.op_type) && e.module_id.is_none()) {
+            if self.registry.store().device(&event.device_id)?.is_some() {
+                continue;
+            }
+            for stored in self.twins.device_twins(&event.device_id)? {
+                match self.twins.delete_twin(&stored.key, &Precondition::MustExist) {
+                    Ok(()) | Err(StoreError::NotFound) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn twin_value(&self, key: &TwinKey, doc: &TwinDocument) -> Result<Value, Error> {
+        match &key.module_id {
+            None => device_twin_value(&self.registry.device(&key.device_id)?, doc),
+            Some(m) => module_twin_value(&self.registry.module(&key.device_id, m)?, doc),
+        }
+    }
+
+    /// Applies a twin write through [`update_twin`].
+    fn write_twin(
+        &self,
+        key: &TwinKey,
+        now: Timestamp,
+        op: &TwinOperation,
+        if_match: &IfMatch,
+    ) -> Result<TwinOutcome, Error> {
+        update_twin(&self.twins, key, now, op, if_match)
+    }
+}
+
+fn is_create(op: LifecycleOperation) -> bool {
+    matches!(op, LifecycleOperation::CreateDeviceIdentity | LifecycleOperation::CreateModuleIdentity)
+}
+
+fn twin_key(device_id: &DeviceId, module_id: Option<&ModuleId>) -> TwinKey {
+    match module_id {
+        None => TwinKey::device(device_id.clone()),
+        Some(m) => TwinKey::module(device_id.clone(), m.clone()),
+    }
+}
+
+fn to_value<S: serde::Serialize>(value: &S) -> Result<Value, Error> {
+    serde_json::to_value(value).map_err(|e| Error::BadRequest(e.to_string()))
+}
+
+fn fill_identity(twin: &mut Value, identity: &Value, fields: &[(&str, &str)]) {
+    let (Some(twin), Some(identity)) = (twin.as_object_mut(), identity.as_object()) else {
+        return;
+    };
+    for (from, to) in fields {
+        if let Some(v) = identity.get(*from).filter(|v| !v.is_null()) {
+            twin.insert((*to).to_owned(), v.clone());
+        }
+    }
+    if let Some(kind) = identity.get("authentication").and_then(|a| a.get("type")) {
+        twin.insert("authenticationType".to_owned(), kind.clone());
+    }
+    if let Some(thumbs) = identity.get("authentication").and_then(|a| a.get("x509Thumbprint")) {
+        twin.insert("x509Thumbprint".to_owned(), thumbs.clone());
+    }
+}
+
+fn device_twin_value(device: &Device, doc: &TwinDocument) -> Result<Value, Error> {
+    let mut twin = to_value(&doc.to_twin(&device.device_id, None))?;
+    fill_identity(&mut twin, &to_value(device)?, DEVICE_TWIN_FIELDS);
+    Ok(twin)
+}
+
+fn module_twin_value(module: &Module, doc: &TwinDocument) -> Result<Value, Error> {
+    let mut twin = to_value(&doc.to_twin(&module.device_id, Some(&module.module_id)))?;
+    fill_identity(&mut twin, &to_value(module)?, MODULE_TWIN_FIELDS);
+    Ok(twin)
+}
+
+fn put_new_twin(store: &dyn TwinStore, key: &TwinKey, doc: &TwinDocument) -> Result<(), Error> {
+    match store.put_twin(key, doc, &Precondition::MustNotExist) {
+        Ok(()) | Err(StoreError::AlreadyExists) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Properties without the `$metadata` / `$version` bookkeeping keys.
+fn plain_properties(value: Option<&Value>) -> Result<Map<String, Value>, Error> {
+    match value {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(m)) => {
+            Ok(m.iter().filter(|(k, _)| !k.starts_with('$')).map(|(k, v)| (k.clone(), v.clone())).collect())
+        }
+        Some(_) => Err(hub_error(HubErrorCode::ArgumentInvalid, "twin properties must be a JSON object")),
+    }
+}
+
+fn twin_patch(
+    tags: Option<&Map<String, Value>>,
+    desired: Option<&Map<String, Value>>,
+) -> Result<TwinPatch, Error> {
+    let mut body = Map::new();
+    if let Some(t) = tags {
+        body.insert("tags".to_owned(), Value::Object(t.clone()));
+    }
+    if let Some(d) = desired {
+        body.insert("properties".to_owned(), json!({ "desired": d }));
+    }
+    serde_json::from_value(Value::Object(body)).map_err(|e| Error::BadRequest(e.to_string()))
+}
+
+/// Sets the reported section to exactly `reported` (keys not in it are removed).
+fn replace_reported(
+    doc: &mut TwinDocument,
+    now: Timestamp,
+    reported: &Map<String, Value>,
+) -> Result<(), Error> {
+    let mut patch: Map<String, Value> = doc
+        .reported()
+        .keys()
+        .filter(|k| !reported.contains_key(*k))
+        .map(|k| (k.clone(), Value::Null))
+        .collect();
+    patch.extend(reported.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if !patch.is_empty() {
+        doc.patch_reported(now, &patch, &IfMatch::Any)?;
+    }
+    Ok(())
+}
+
+impl<I: IdentityStore, T: TwinStore> TwinSink for HubCore<I, T> {
+    fn update_twin(
+        &self,
+        device_id: &DeviceId,
+        module_id: Option<&ModuleId>,
+        tags: Option<&Value>,
+        properties: Option<&ExportImportProperties>,
+        if_match: &IfMatch,
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        let key = twin_key(device_id, module_id);
+        let existing = self.twins.twin(&key)?;
+        let pre = match &existing {
+            Some(doc) => Precondition::Matches(doc.revision().bare().to_owned()),
+            None => Precondition::MustNotExist,
+        };
+        let mut doc = existing.unwrap_or_else(|| TwinDocument::new(now));
+        doc.check_if_match(if_match)?;
+        if let Some(tags) = tags {
+            let tags = plain_properties(Some(tags))?;
+            doc.patch(now, &twin_patch(Some(&tags), None)?, &IfMatch::Any)?;
+        }
+        if let Some(desired) = properties.and_then(|p| p.desired.as_ref()) {
+            let desired = plain_properties(Some(desired))?;
+            let tags = doc.tags().clone();
+            doc.replace(now, &twin_patch(Some(&tags), Some(&desired))?, &IfMatch::Any)?;
+        }
+        if let Some(reported) = properties.and_then(|p| p.reported.as_ref()) {
+            replace_reported(&mut doc, now, &plain_properties(Some(reported))?)?;
+        }
+        self.twins.put_twin(&key, &doc, &pre).map_err(|e| match e {
+            StoreError::PreconditionFailed | StoreError::AlreadyExists => Error::PreconditionFailed,
+            other => other.into(),
+        })
+    }
+
+    fn twin_for_export(
+        &self,
+        device_id: &DeviceId,
+        module_id: Option<&ModuleId>,
+    ) -> Result<Option<(ETag, Option<Value>, ExportImportProperties)>, Error> {
+        let Some(doc) = self.twins.twin(&twin_key(device_id, module_id))? else {
+            return Ok(None);
+        };
+        let twin = doc.to_twin(device_id, module_id);
+        let tags = twin.tags.map(Value::Object);
+        let properties = match twin.properties {
+            Some(p) => ExportImportProperties {
+                desired: Some(to_value(&p.desired)?),
+                reported: Some(to_value(&p.reported)?),
+            },
+            None => ExportImportProperties::default(),
+        };
+        Ok(Some((doc.etag(), tags, properties)))
+    }
+}
+
+impl<I: IdentityStore, T: TwinStore> DeviceSelector for HubCore<I, T> {
+    fn select(&self, condition: &str) -> Result<Vec<DeviceId>, Error> {
+        let condition = condition.trim();
+        let filter: Option<Expr> = if condition.is_empty() || condition == "*" {
+            None
+        } else {
+            Some(
+                parse_condition(condition)
+                    .map_err(|e| hub_error(HubErrorCode::ArgumentInvalid, e.to_string()))?,
+            )
+        };
+        let mut out = Vec::new();
+        for doc in self.device_docs()? {
+            if filter.as_ref().is_none_or(|f| matches(f, &doc)) {
+                if let Some(id) = doc.get("deviceId").and_then(Value::as_str) {
+                    out.push(DeviceId::new(id).map_err(|e| Error::BadRequest(e.to_string()))?);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl<I: IdentityStore, T: TwinStore> TwinPatcher for HubCore<I, T> {
+    fn update_twin(&self, now: Timestamp, device: &DeviceId, update: &TwinUpdate) -> Result<(), Error> {
+        self.registry.device(device)?;
+        let desired = update.properties.as_ref().and_then(|p| p.desired.as_ref());
+        let patch = twin_patch(update.tags.as_ref(), desired)?;
+        let if_match = IfMatch::from_header(update.etag.as_deref());
+        let if_match = if if_match == IfMatch::Absent { IfMatch::Any } else { if_match };
+        self.write_twin(&TwinKey::device(device.clone()), now, &TwinOperation::Patch(patch), &if_match)?;
+        Ok(())
+    }
+}
+
+/// The credentials of a provisioned identity as a registry `authentication` block.
+fn auth_mechanism(auth: &DeviceAuth) -> Result<AuthenticationMechanism, Error> {
+    let value = match auth {
+        DeviceAuth::SymmetricKey { primary_key, secondary_key } => json!({
+            "type": "sas",
+            "symmetricKey": { "primaryKey": primary_key, "secondaryKey": secondary_key },
+        }),
+        DeviceAuth::SelfSigned { primary_thumbprint, secondary_thumbprint } => json!({
+            "type": "selfSigned",
+            "x509Thumbprint": {
+                "primaryThumbprint": primary_thumbprint,
+                "secondaryThumbprint": secondary_thumbprint,
+            },
+        }),
+        DeviceAuth::CertificateAuthority => json!({ "type": "certificateAuthority" }),
+    };
+    serde_json::from_value(value).map_err(|e| Error::BadRequest(e.to_string()))
+}
+
+fn hub_err(error: &Error) -> HubError {
+    let wire = error.to_wire();
+    HubError { code: wire.error_code, message: wire.message }
+}
+
+/// One embedded hub: registry, twins, jobs and direct methods behind one sans-I/O API.
+pub struct EmbeddedHub<
+    I: IdentityStore = MemoryIdentityStore,
+    T: TwinStore = MemoryTwinStore,
+    J: JobStore = MemoryJobStore,
+> {
+    host_name: String,
+    core: Arc<HubCore<I, T>>,
+    planner: JobPlanner<J, Arc<HubCore<I, T>>>,
+    methods: MethodCalls,
+    now: Timestamp,
+    queued: Mutex<Vec<LifecycleEvent>>,
+}
+
+impl<I: IdentityStore, T: TwinStore, J: JobStore> std::fmt::Debug for EmbeddedHub<I, T, J> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedHub").field("host_name", &self.host_name).finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedHub {
+    /// A hub called `host_name` over in-memory stores with default job limits.
+    ///
+    /// # Errors
+    /// Crypto failures while setting up method calls.
+    pub fn in_memory(host_name: impl Into<String>, crypto: Arc<dyn CryptoProvider>) -> Result<Self, Error> {
+        Self::new(
+            host_name,
+            MemoryIdentityStore::new(),
+            MemoryTwinStore::new(),
+            MemoryJobStore::new(),
+            crypto,
+            JobLimits::default(),
+        )
+    }
+}
+
+impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
+    /// A hub called `host_name` (also the `hubName` of its notifications) over these stores.
+    ///
+    /// # Errors
+    /// Crypto failures while setting up method calls.
+    pub fn new(
+        host_name: impl Into<String>,
+        identities: I,
+        twins: T,
+        jobs: J,
+        crypto: Arc<dyn CryptoProvider>,
+        limits: JobLimits,
+    ) -> Result<Self, Error> {
+        let host_name = host_name.into();
+        let methods = MethodCalls::new(crypto.as_ref())?;
+        let registry = Registry::new(identities, crypto, RegistryConfig::new(host_name.clone()));
+        let core = Arc::new(HubCore { registry, twins });
+        let planner = JobPlanner::new(jobs, Arc::clone(&core), limits);
+        Ok(Self { host_name, core, planner, methods, now: Timestamp::EPOCH, queued: Mutex::new(Vec::new()) })
+    }
+
+    /// Sets the time stamped on what [`HubRegistry::apply`] writes (the trait carries none).
+    pub fn set_now(&mut self, now: Timestamp) {
+        self.now = now;
+    }
+
+    /// Takes the lifecycle events of identities created or deleted through [`HubRegistry`]
+    /// (provisioning, migration, removal), oldest first, for the transport to route.
+    pub fn take_lifecycle_events(&self) -> Vec<LifecycleEvent> {
+        std::mem::take(&mut *self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    fn queue(&self, events: Vec<LifecycleEvent>) {
+        self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(events);
+    }
+
+    /// Host name of the hub.
+    pub fn host_name(&self) -> &str {
+        &self.host_name
+    }
+
+    /// Registry and twins (also the [`TwinSink`] to hand to import and export jobs; settle the
+    /// events of an import with [`EmbeddedHub::settle_lifecycle`]).
+    pub fn core(&self) -> &HubCore<I, T> {
+        &self.core
+    }
+
+    /// The identity registry (reads, statistics, connection state).
+    pub fn registry(&self) -> &Registry<I> {
+        &self.core.registry
+    }
+
+    /// The job planner (job reads, cancel, timeouts).
+    pub fn planner(&mut self) -> &mut JobPlanner<J, Arc<HubCore<I, T>>> {
+        &mut self.planner
+    }
+
+    /// Direct method calls in flight.
+    pub fn methods(&mut self) -> &mut MethodCalls {
+        &mut self.methods
+    }
+
+    /// Creates a device and its twin (with `tags` and `desired` when given).
+    ///
+    /// # Errors
+    /// As [`Registry::create_device`]; [`Error::BadRequest`] for twin content that breaks a limit.
+    pub fn create_device(
+        &self,
+        body: Device,
+        tags: Option<&Map<String, Value>>,
+        desired: Option<&Map<String, Value>>,
+        now: Timestamp,
+    ) -> Result<Applied<Device>, Error> {
+        let empty = Map::new();
+        let doc = TwinDocument::with_initial(now, tags.unwrap_or(&empty), desired.unwrap_or(&empty))?;
+        let applied = self.core.registry.create_device(body, now)?;
+        put_new_twin(&self.core.twins, &TwinKey::device(applied.value.device_id.clone()), &doc)?;
+        let events = self.core.settle(applied.events, now)?;
+        Ok(Applied { value: applied.value, events })
+    }
+
+    /// Creates a module and its twin.
+    ///
+    /// # Errors
+    /// As [`Registry::create_module`].
+    pub fn create_module(&self, body: Module, now: Timestamp) -> Result<Applied<Module>, Error> {
+        let applied = self.core.registry.create_module(body, now)?;
+        let events = self.core.settle(applied.events, now)?;
+        Ok(Applied { value: applied.value, events })
+    }
+
+    /// Deletes a device with its modules and their twins; the delete events carry the twins.
+    ///
+    /// # Errors
+    /// As [`Registry::delete_device`].
+    pub fn delete_device(
+        &self,
+        id: &DeviceId,
+        if_match: &IfMatch,
+        now: Timestamp,
+    ) -> Result<Applied<Device>, Error> {
+        let applied = self.core.registry.delete_device(id, if_match, now)?;
+        let events = self.core.settle(applied.events, now)?;
+        Ok(Applied { value: applied.value, events })
+    }
+
+    /// Deletes a module and its twin.
+    ///
+    /// # Errors
+    /// As [`Registry::delete_module`].
+    pub fn delete_module(
+        &self,
+        device_id: &DeviceId,
+        module_id: &ModuleId,
+        if_match: &IfMatch,
+        now: Timestamp,
+    ) -> Result<Applied<Module>, Error> {
+        let applied = self.core.registry.delete_module(device_id, module_id, if_match, now)?;
+        let events = self.core.settle(applied.events, now)?;
+        Ok(Applied { value: applied.value, events })
+    }
+
+    /// Synchronous bulk registry call; twins follow the created and deleted identities.
+    ///
+    /// # Errors
+    /// As [`Registry::bulk`].
+    pub fn bulk(
+        &self,
+        entries: &[ExportImportDevice],
+        now: Timestamp,
+    ) -> Result<Applied<BulkRegistryOperationResult>, Error> {
+        let applied = self.core.registry.bulk(entries, self.core.as_ref(), now)?;
+        let events = self.core.settle(applied.events, now)?;
+        Ok(Applied { value: applied.value, events })
+    }
+
+    /// Creates the twins of created identities and removes those of deleted ones, for events
+    /// produced outside this type (an import job run over [`EmbeddedHub::core`] and
+    /// [`EmbeddedHub::registry`]); returns the events with the twin as body.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn settle_lifecycle(
+        &self,
+        events: Vec<LifecycleEvent>,
+        now: Timestamp,
+    ) -> Result<Vec<LifecycleEvent>, Error> {
+        self.core.settle(events, now)
+    }
+
+    /// The device twin document (hub spec §5.1) with its identity fields.
+    ///
+    /// # Errors
+    /// `DeviceNotFound`, store failures.
+    pub fn device_twin(&self, device_id: &DeviceId) -> Result<Value, Error> {
+        self.core.device_twin_json(device_id)
+    }
+
+    /// Applies a twin write (service PATCH / PUT, device reported patch) to a device or module.
+    ///
+    /// # Errors
+    /// As [`update_twin`].
+    pub fn update_twin(
+        &self,
+        device_id: &DeviceId,
+        module_id: Option<&ModuleId>,
+        op: &TwinOperation,
+        if_match: &IfMatch,
+        now: Timestamp,
+    ) -> Result<TwinOutcome, Error> {
+        self.core.write_twin(&twin_key(device_id, module_id), now, op, if_match)
+    }
+
+    /// Creates a job (`PUT /jobs/v2/{id}`).
+    ///
+    /// # Errors
+    /// As [`JobPlanner::create`].
+    pub fn create_job(
+        &mut self,
+        now: Timestamp,
+        job_id: &str,
+        request: &JobRequest,
+    ) -> Result<JobResponse, Error> {
+        self.planner.create(now, job_id, request)
+    }
+
+    /// Runs due jobs: twin updates are applied to this hub's twins, method invocations are
+    /// queued on [`EmbeddedHub::methods`]. Returns completions of method calls that are not
+    /// part of a job.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn run_jobs(&mut self, now: Timestamp) -> Result<Vec<MethodCompletion>, Error> {
+        let core = Arc::clone(&self.core);
+        self.planner.run(now, core.as_ref(), &mut self.methods)
+    }
+
+    fn job_docs(&self) -> Result<Vec<Value>, Error> {
+        let mut out = Vec::new();
+        let mut page = PageRequest { continuation: None, max_items: WALK_PAGE };
+        loop {
+            let got = self.planner.store().device_jobs(&DeviceJobFilter::default(), &page)?;
+            for record in &got.items {
+                out.push(to_value(record)?);
+            }
+            match got.continuation {
+                Some(c) => page.continuation = Some(c),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    fn provision(&self, device: &ProvisionedDevice, setup: &TwinSetup, now: Timestamp) -> Result<(), Error> {
+        let authentication = auth_mechanism(&device.auth)?;
+        let capabilities = json!({ "iotEdge": device.iot_edge });
+        let existing = match self.core.registry.device(&device.device_id) {
+            Ok(d) => Some(d),
+            Err(Error::Hub { code, .. }) if code == HubErrorCode::DeviceNotFound.code() => None,
+            Err(e) => return Err(e),
+        };
+        match existing {
+            None => {
+                let initial = match setup {
+                    TwinSetup::KeepOrInitial(t) | TwinSetup::Reset(t) => t,
+                };
+                let body: Device = serde_json::from_value(json!({
+                    "deviceId": device.device_id,
+                    "status": "enabled",
+                    "capabilities": capabilities,
+                }))
+                .map_err(|e| Error::BadRequest(e.to_string()))?;
+                let body = Device { authentication: Some(authentication), ..body };
+                let doc = TwinDocument::from_initial_twin(now, initial)?;
+                let applied = self.core.registry.create_device(body, now)?;
+                put_new_twin(&self.core.twins, &TwinKey::device(device.device_id.clone()), &doc)?;
+                self.queue(self.core.settle(applied.events, now)?);
+            }
+            Some(mut body) => {
+                body.authentication = Some(authentication);
+                body.capabilities =
+                    Some(serde_json::from_value(capabilities).map_err(|e| Error::BadRequest(e.to_string()))?);
+                self.core.registry.update_device(body, &IfMatch::Any, now)?;
+                let key = TwinKey::device(device.device_id.clone());
+                match setup {
+                    TwinSetup::KeepOrInitial(initial) => {
+                        // An identity made through the bare registry has no twin yet.
+                        if self.core.twins.twin(&key)?.is_none() {
+                            put_new_twin(
+                                &self.core.twins,
+                                &key,
+                                &TwinDocument::from_initial_twin(now, initial)?,
+                            )?;
+                        }
+                    }
+                    TwinSetup::Reset(initial) => self.reset_twin(&key, initial, now)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn reset_twin(&self, key: &TwinKey, initial: &InitialTwin, now: Timestamp) -> Result<(), Error> {
+        let fresh = TwinDocument::from_initial_twin(now, initial)?;
+        let Some(mut doc) = self.core.twins.twin(key)? else {
+            return put_new_twin(&self.core.twins, key, &fresh);
+        };
+        let pre = Precondition::Matches(doc.revision().bare().to_owned());
+        doc.replace(now, &twin_patch(Some(fresh.tags()), Some(fresh.desired()))?, &IfMatch::Any)?;
+        replace_reported(&mut doc, now, &Map::new())?;
+        self.core.twins.put_twin(key, &doc, &pre).map_err(Error::from)
+    }
+
+    /// Creates `device` with the tags, desired and reported properties of `twin` (a migrated
+    /// device keeps its data).
+    fn adopt(&self, device: &ProvisionedDevice, twin: &TwinDocument, now: Timestamp) -> Result<(), Error> {
+        let mut doc = TwinDocument::with_initial(now, twin.tags(), twin.desired())?;
+        replace_reported(&mut doc, now, twin.reported())?;
+        let body: Device = serde_json::from_value(json!({
+            "deviceId": device.device_id,
+            "status": "enabled",
+            "capabilities": { "iotEdge": device.iot_edge },
+        }))
+        .map_err(|e| Error::BadRequest(e.to_string()))?;
+        let body = Device { authentication: Some(auth_mechanism(&device.auth)?), ..body };
+        if self.core.registry.device(&device.device_id).is_ok() {
+            self.queue(self.delete_device(&device.device_id, &IfMatch::Any, now)?.events);
+        }
+        let applied = self.core.registry.create_device(body, now)?;
+        put_new_twin(&self.core.twins, &TwinKey::device(device.device_id.clone()), &doc)?;
+        self.queue(self.core.settle(applied.events, now)?);
+        Ok(())
+    }
+
+    fn not_owned(&self, hub: &str) -> HubError {
+        HubError { code: HUB_NOT_FOUND, message: format!("Hub '{hub}' is not '{}'.", self.host_name) }
+    }
+
+    /// Carries out a provisioning action at `now` (the [`HubRegistry`] implementation uses the
+    /// time of [`EmbeddedHub::set_now`], since the trait carries none).
+    ///
+    /// # Errors
+    /// [`HubError`] with the hub code of the failure; `IotHubNotFound` for a hub name other
+    /// than [`EmbeddedHub::host_name`] and for `Migrate` (which needs two hubs, see
+    /// [`EmbeddedHubs`]).
+    pub fn apply_at(&mut self, action: &HubAction, now: Timestamp) -> Result<(), HubError> {
+        match action {
+            HubAction::Provision { hub, device, twin } if *hub == self.host_name => {
+                self.provision(device, twin, now).map_err(|e| hub_err(&e))
+            }
+            HubAction::Remove { hub, device_id } if *hub == self.host_name => {
+                match self.delete_device(device_id, &IfMatch::Any, now) {
+                    Ok(applied) => {
+                        self.queue(applied.events);
+                        Ok(())
+                    }
+                    Err(e) => Err(hub_err(&e)),
+                }
+            }
+            HubAction::Provision { hub, .. } | HubAction::Remove { hub, .. } => Err(self.not_owned(hub)),
+            HubAction::Migrate { to_hub, .. } => Err(self.not_owned(to_hub)),
+        }
+    }
+}
+
+impl<I: IdentityStore, T: TwinStore, J: JobStore> HubRegistry for EmbeddedHub<I, T, J> {
+    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
+        self.apply_at(action, self.now)
+    }
+}
+
+impl<I: IdentityStore, T: TwinStore, J: JobStore> QuerySource for EmbeddedHub<I, T, J> {
+    fn scan(
+        &self,
+        collection: Collection,
+        filter: Option<&Expr>,
+        page: &PageRequest,
+        visit: &mut dyn FnMut(&Value) -> ControlFlow<()>,
+    ) -> Result<Option<String>, Error> {
+        // Offsets into a snapshot: simple and stable while the data is unchanged, which is
+        // what `execute` asks of continuation tokens.
+        let docs = match collection {
+            Collection::Devices => self.core.device_docs()?,
+            Collection::Modules => self.core.module_docs()?,
+            Collection::Jobs => self.job_docs()?,
+        };
+        let source = match collection {
+            Collection::Devices => VecSource { devices: docs, ..VecSource::default() },
+            Collection::Modules => VecSource { modules: docs, ..VecSource::default() },
+            Collection::Jobs => VecSource { jobs: docs, ..VecSource::default() },
+        };
+        source.scan(collection, filter, page, visit)
+    }
+}
+
+/// Several embedded hubs by host name: the [`HubRegistry`] of a provisioning service whose
+/// linked hubs are all embedded, including migration between them.
+#[derive(Debug)]
+pub struct EmbeddedHubs<
+    I: IdentityStore = MemoryIdentityStore,
+    T: TwinStore = MemoryTwinStore,
+    J: JobStore = MemoryJobStore,
+> {
+    hubs: BTreeMap<String, EmbeddedHub<I, T, J>>,
+    now: Timestamp,
+}
+
+impl<I: IdentityStore, T: TwinStore, J: JobStore> Default for EmbeddedHubs<I, T, J> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHubs<I, T, J> {
+    /// No hubs.
+    pub fn new() -> Self {
+        Self { hubs: BTreeMap::new(), now: Timestamp::EPOCH }
+    }
+
+    /// Adds (or replaces) a hub under its host name.
+    pub fn insert(&mut self, hub: EmbeddedHub<I, T, J>) {
+        self.hubs.insert(hub.host_name.clone(), hub);
+    }
+
+    /// The hub called `host_name`.
+    pub fn hub(&self, host_name: &str) -> Option<&EmbeddedHub<I, T, J>> {
+        self.hubs.get(host_name)
+    }
+
+    /// The hub called `host_name`, mutably (jobs, methods).
+    pub fn hub_mut(&mut self, host_name: &str) -> Option<&mut EmbeddedHub<I, T, J>> {
+        self.hubs.get_mut(host_name)
+    }
+
+    /// Sets the time stamped on what [`HubRegistry::apply`] writes, here and in every hub.
+    pub fn set_now(&mut self, now: Timestamp) {
+        self.now = now;
+        for hub in self.hubs.values_mut() {
+            hub.set_now(now);
+        }
+    }
+
+    fn unknown(hub: &str) -> HubError {
+        HubError { code: HUB_NOT_FOUND, message: format!("Hub '{hub}' is not linked.") }
+    }
+
+    fn migrate(
+        &mut self,
+        from_hub: &str,
+        from_device_id: &DeviceId,
+        to_hub: &str,
+        device: &ProvisionedDevice,
+    ) -> Result<(), HubError> {
+        let now = self.now;
+        let old = self.hubs.get(from_hub).ok_or_else(|| Self::unknown(from_hub))?;
+        let twin = match old.core.twin(from_device_id, None) {
+            Ok(t) => t,
+            Err(Error::NotFound(_)) => TwinDocument::new(now),
+            Err(e) => return Err(hub_err(&e)),
+        };
+        let new = self.hubs.get(to_hub).ok_or_else(|| Self::unknown(to_hub))?;
+        new.adopt(device, &twin, now).map_err(|e| hub_err(&e))?;
+        if from_hub == to_hub && *from_device_id == device.device_id {
+            return Ok(());
+        }
+        let old = self.hubs.get(from_hub).ok_or_else(|| Self::unknown(from_hub))?;
+        match old.delete_device(from_device_id, &IfMatch::Any, now) {
+            Ok(applied) => {
+                old.queue(applied.events);
+                Ok(())
+            }
+            Err(Error::Hub { code, .. }) if code == HubErrorCode::DeviceNotFound.code() => Ok(()),
+            Err(e) => Err(hub_err(&e)),
+        }
+    }
+}
+
+impl<I: IdentityStore, T: TwinStore, J: JobStore> HubRegistry for EmbeddedHubs<I, T, J> {
+    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
+        let now = self.now;
+        match action {
+            HubAction::Provision { hub, .. } | HubAction::Remove { hub, .. } => {
+                self.hubs.get_mut(hub).ok_or_else(|| Self::unknown(hub))?.apply_at(action, now)
+            }
+            HubAction::Migrate { from_hub, from_device_id, to_hub, device } => {
+                self.migrate(from_hub, from_device_id, to_hub, device)
+            }
+        }
+    }
+}

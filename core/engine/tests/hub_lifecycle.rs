@@ -1,0 +1,371 @@
+//! Device lifecycle on embedded hubs: plan (enroll), provision through DPS into an embedded hub,
+//! configure by desired properties and a broadcast twin job, monitor by query, retire by disable
+//! and delete.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+use zerotouch_engine::allocation::Allocator;
+use zerotouch_engine::crypto::RingCrypto;
+use zerotouch_engine::enrollments;
+use zerotouch_engine::hub::{DeviceAuth, HubAction, HubRegistry, LinkedHub, ProvisionedDevice, TwinSetup};
+use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs, HUB_NOT_FOUND};
+use zerotouch_engine::memory::MemoryStore;
+use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
+use zerotouch_engine::query::{execute, parse};
+use zerotouch_engine::registry::LifecycleOperation;
+use zerotouch_engine::registry::TwinSink;
+use zerotouch_engine::store::PageRequest;
+use zerotouch_engine::twin::{TwinOperation, TwinStore};
+use zerotouch_proto::hub::{DeviceStatus, ExportImportDevice};
+use zerotouch_proto::jobs::{JobRequest, JobStatus};
+use zerotouch_proto::service::{AllocationPolicy, InitialTwin};
+use zerotouch_proto::{DeviceId, IdScope, IfMatch};
+use zerotouch_testkit::sim::Simulator;
+
+use common::{assigned, individual, symmetric_attestation, symmetric_device, EnrollOptions, SCOPE};
+
+const PLANT: &str = "plant.example.net";
+const SPARE: &str = "spare.example.net";
+
+type Fleet = Simulator<Arc<MemoryStore>, EmbeddedHubs>;
+
+fn fleet() -> Fleet {
+    let crypto = Arc::new(RingCrypto::new());
+    let provisioner = Provisioner::new(
+        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
+        Arc::new(MemoryStore::new()),
+        crypto.clone(),
+        Allocator::new(vec![LinkedHub::new(PLANT), LinkedHub::new(SPARE)]),
+    );
+    let mut hubs = EmbeddedHubs::new();
+    hubs.insert(EmbeddedHub::in_memory(PLANT, crypto.clone()).unwrap());
+    hubs.insert(EmbeddedHub::in_memory(SPARE, crypto).unwrap());
+    Simulator::new(provisioner, hubs)
+}
+
+/// Enrolls `id` for the plant hub and returns its primary key.
+fn enroll(w: &Fleet, id: &str) -> Vec<u8> {
+    let o = EnrollOptions {
+        policy: Some(AllocationPolicy::Static),
+        hubs: Some(vec![PLANT.to_owned()]),
+        ..Default::default()
+    };
+    let e = enrollments::put_enrollment(
+        w.provisioner.store(),
+        &RingCrypto::new(),
+        w.now,
+        individual(id, symmetric_attestation(), &o),
+        &IfMatch::Absent,
+    )
+    .unwrap();
+    STANDARD.decode(e.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap()
+}
+
+fn query(hub: &EmbeddedHub, text: &str) -> Vec<Value> {
+    let q = parse(text).unwrap();
+    execute(&q, hub, &PageRequest { continuation: None, max_items: 100 }).unwrap().items
+}
+
+fn id(s: &str) -> DeviceId {
+    DeviceId::new(s).unwrap()
+}
+
+fn report(hub: &EmbeddedHub, device: &str, reported: Value, w: &Fleet) {
+    let Value::Object(patch) = reported else { panic!("reported must be an object") };
+    hub.update_twin(&id(device), None, &TwinOperation::Reported(patch), &IfMatch::Any, w.now).unwrap();
+}
+
+#[test]
+fn fleet_is_planned_provisioned_configured_monitored_and_retired_on_an_embedded_hub() {
+    let mut w = fleet();
+    let devices = ["press-1", "press-2", "press-3"];
+
+    // Plan: enroll every device for the plant hub.
+    let keys: Vec<Vec<u8>> = devices.iter().map(|d| enroll(&w, d)).collect();
+
+    // Provision: each device registers through DPS and lands in the embedded plant hub.
+    for (device, key) in devices.iter().zip(&keys) {
+        let now = w.now;
+        w.hubs.set_now(now);
+        let a = assigned(w.register(symmetric_device(device, key, None), None));
+        assert_eq!(a.assigned_hub, PLANT);
+        assert_eq!(a.device_id, *device);
+    }
+    let plant = w.hubs.hub(PLANT).unwrap();
+    assert_eq!(plant.registry().statistics().unwrap().total_device_count, 3);
+    let created = plant.take_lifecycle_events();
+    assert_eq!(created.len(), 3);
+    assert!(created.iter().all(|e| e.op_type == LifecycleOperation::CreateDeviceIdentity));
+    assert_eq!(created[0].device_id.as_str(), "press-1");
+    assert_eq!(created[0].body["tags"], json!({ "plan": "pilot", "floor": 3 }));
+    assert_eq!(created[0].body["properties"]["desired"]["telemetryInterval"], 30);
+    assert!(query(w.hubs.hub(SPARE).unwrap(), "SELECT * FROM devices").is_empty());
+    let twin = plant.device_twin(&id("press-1")).unwrap();
+    assert_eq!(twin["deviceId"], "press-1");
+    assert_eq!(twin["status"], "enabled");
+    assert_eq!(twin["connectionState"], "Disconnected");
+    assert_eq!(twin["authenticationType"], "sas");
+    assert_eq!(twin["tags"], json!({ "plan": "pilot", "floor": 3 }));
+    assert_eq!(twin["properties"]["desired"]["telemetryInterval"], 30);
+    let identity = plant.registry().device(&id("press-1")).unwrap();
+    let sas = identity.authentication.unwrap().symmetric_key;
+    assert_eq!(STANDARD.decode(sas.primary_key.unwrap()).unwrap(), keys[0]);
+
+    // Devices report their firmware.
+    report(plant, "press-1", json!({ "firmware": "1.0" }), &w);
+    report(plant, "press-2", json!({ "firmware": "1.0" }), &w);
+    report(plant, "press-3", json!({ "firmware": "0.9" }), &w);
+
+    // Configure: a broadcast job lowers the telemetry interval of the 1.0 devices.
+    let request: JobRequest = serde_json::from_value(json!({
+        "jobId": "tune-1",
+        "type": "scheduleUpdateTwin",
+        "queryCondition": "properties.reported.firmware = '1.0'",
+        "updateTwin": { "etag": "*", "properties": { "desired": { "telemetryInterval": 10 } } },
+        "maxExecutionTimeInSeconds": 600,
+    }))
+    .unwrap();
+    let now = w.now;
+    let plant = w.hubs.hub_mut(PLANT).unwrap();
+    plant.create_job(now, "tune-1", &request).unwrap();
+    plant.run_jobs(now + Duration::from_secs(1)).unwrap();
+    let job = plant.planner().job("tune-1").unwrap();
+    assert_eq!(job.status, JobStatus::Completed);
+    let plant = w.hubs.hub(PLANT).unwrap();
+    for (device, interval) in [("press-1", 10), ("press-2", 10), ("press-3", 30)] {
+        let twin = plant.device_twin(&id(device)).unwrap();
+        assert_eq!(twin["properties"]["desired"]["telemetryInterval"], interval, "{device}");
+    }
+
+    // Monitor: by query over reported properties, grouped counts and device job records.
+    let old = query(plant, "SELECT * FROM devices WHERE properties.reported.firmware = '0.9'");
+    assert_eq!(old.len(), 1);
+    assert_eq!(old[0]["deviceId"], "press-3");
+    let mut groups = query(
+        plant,
+        "SELECT properties.reported.firmware AS firmware, COUNT() AS n FROM devices \
+         GROUP BY properties.reported.firmware",
+    );
+    groups.sort_by_key(|g| g["firmware"].as_str().unwrap_or_default().to_owned());
+    assert_eq!(groups, vec![json!({ "firmware": "0.9", "n": 1 }), json!({ "firmware": "1.0", "n": 2 })]);
+    let records = query(plant, "SELECT * FROM devices.jobs WHERE jobId = 'tune-1'");
+    let mut job_devices: Vec<&str> = records.iter().map(|r| r["deviceId"].as_str().unwrap()).collect();
+    job_devices.sort_unstable();
+    assert_eq!(job_devices, ["press-1", "press-2"]);
+    assert!(records.iter().all(|r| r["status"] == "completed"));
+
+    // Retire: disable first, then delete.
+    let later = w.now + Duration::from_secs(60);
+    plant
+        .registry()
+        .set_device_status(
+            &id("press-3"),
+            DeviceStatus::Disabled,
+            Some("retired".into()),
+            &IfMatch::Any,
+            later,
+        )
+        .unwrap();
+    let disabled = query(plant, "SELECT deviceId FROM devices WHERE status = 'disabled'");
+    assert_eq!(disabled, vec![json!({ "deviceId": "press-3" })]);
+
+    let deleted = plant.delete_device(&id("press-3"), &IfMatch::Any, later).unwrap();
+    assert_eq!(deleted.events.len(), 1);
+    let event = &deleted.events[0];
+    assert_eq!(event.op_type, LifecycleOperation::DeleteDeviceIdentity);
+    assert_eq!(event.hub_name, PLANT);
+    assert_eq!(event.device_id.as_str(), "press-3");
+    assert_eq!(event.module_id, None);
+    assert_eq!(event.operation_timestamp, later);
+    assert_eq!(
+        event.application_properties(),
+        vec![
+            ("hubName", PLANT.to_owned()),
+            ("deviceId", "press-3".to_owned()),
+            ("opType", "deleteDeviceIdentity".to_owned()),
+            ("iothub-message-schema", "deviceLifecycleNotification".to_owned()),
+            ("operationTimestamp", later.to_string()),
+        ]
+    );
+    assert_eq!(event.body["deviceId"], "press-3");
+    assert_eq!(event.body["tags"], json!({ "plan": "pilot", "floor": 3 }));
+    assert_eq!(event.body["properties"]["reported"]["firmware"], "0.9");
+    assert!(plant.core().twin(&id("press-3"), None).is_err());
+    assert!(plant.device_twin(&id("press-3")).is_err());
+    let counts = query(plant, "SELECT COUNT() AS n FROM devices");
+    assert_eq!(counts, vec![json!({ "n": 2 })]);
+}
+
+fn sas_device(device: &str) -> ProvisionedDevice {
+    ProvisionedDevice {
+        device_id: id(device),
+        auth: DeviceAuth::SymmetricKey {
+            primary_key: STANDARD.encode([7u8; 32]),
+            secondary_key: STANDARD.encode([9u8; 32]),
+        },
+        iot_edge: false,
+    }
+}
+
+fn initial(tags: Value, desired: Value) -> InitialTwin {
+    serde_json::from_value(json!({ "tags": tags, "properties": { "desired": desired } })).unwrap()
+}
+
+#[test]
+fn device_migrated_between_embedded_hubs_keeps_tags_desired_and_reported() {
+    let mut hubs: EmbeddedHubs = EmbeddedHubs::new();
+    let crypto = Arc::new(RingCrypto::new());
+    hubs.insert(EmbeddedHub::in_memory(PLANT, crypto.clone()).unwrap());
+    hubs.insert(EmbeddedHub::in_memory(SPARE, crypto).unwrap());
+    hubs.apply(&HubAction::Provision {
+        hub: PLANT.into(),
+        device: sas_device("mover"),
+        twin: TwinSetup::KeepOrInitial(initial(json!({ "line": 4 }), json!({ "speed": 2 }))),
+    })
+    .unwrap();
+    let plant = hubs.hub(PLANT).unwrap();
+    let Value::Object(reported) = json!({ "temp": 21 }) else { unreachable!() };
+    let now = zerotouch_proto::Timestamp::EPOCH;
+    plant.update_twin(&id("mover"), None, &TwinOperation::Reported(reported), &IfMatch::Any, now).unwrap();
+
+    hubs.apply(&HubAction::Migrate {
+        from_hub: PLANT.into(),
+        from_device_id: id("mover"),
+        to_hub: SPARE.into(),
+        device: sas_device("mover"),
+    })
+    .unwrap();
+
+    assert!(hubs.hub(PLANT).unwrap().device_twin(&id("mover")).is_err());
+    let left = hubs.hub(PLANT).unwrap().take_lifecycle_events();
+    let ops: Vec<_> = left.iter().map(|e| e.op_type).collect();
+    assert_eq!(ops, [LifecycleOperation::CreateDeviceIdentity, LifecycleOperation::DeleteDeviceIdentity]);
+    assert_eq!(left[1].body["properties"]["reported"]["temp"], 21);
+    let arrived = hubs.hub(SPARE).unwrap().take_lifecycle_events();
+    assert_eq!(arrived.len(), 1);
+    assert_eq!(arrived[0].hub_name, SPARE);
+    let twin = hubs.hub(SPARE).unwrap().device_twin(&id("mover")).unwrap();
+    assert_eq!(twin["tags"], json!({ "line": 4 }));
+    assert_eq!(twin["properties"]["desired"]["speed"], 2);
+    assert_eq!(twin["properties"]["reported"]["temp"], 21);
+}
+
+#[test]
+fn reprovision_with_reset_replaces_tags_and_desired_and_clears_reported() {
+    let mut hub = EmbeddedHub::in_memory(PLANT, Arc::new(RingCrypto::new())).unwrap();
+    hub.apply(&HubAction::Provision {
+        hub: PLANT.into(),
+        device: sas_device("resettable"),
+        twin: TwinSetup::KeepOrInitial(initial(json!({ "old": true }), json!({ "mode": "a" }))),
+    })
+    .unwrap();
+    let Value::Object(reported) = json!({ "seen": 1 }) else { unreachable!() };
+    let now = zerotouch_proto::Timestamp::EPOCH;
+    hub.update_twin(&id("resettable"), None, &TwinOperation::Reported(reported), &IfMatch::Any, now).unwrap();
+
+    // Keeping the twin leaves everything as it was.
+    hub.apply(&HubAction::Provision {
+        hub: PLANT.into(),
+        device: sas_device("resettable"),
+        twin: TwinSetup::KeepOrInitial(initial(json!({ "new": true }), json!({ "mode": "b" }))),
+    })
+    .unwrap();
+    let kept = hub.device_twin(&id("resettable")).unwrap();
+    assert_eq!(kept["tags"], json!({ "old": true }));
+    assert_eq!(kept["properties"]["reported"]["seen"], 1);
+
+    hub.apply(&HubAction::Provision {
+        hub: PLANT.into(),
+        device: sas_device("resettable"),
+        twin: TwinSetup::Reset(initial(json!({ "new": true }), json!({ "mode": "b" }))),
+    })
+    .unwrap();
+    let reset = hub.device_twin(&id("resettable")).unwrap();
+    assert_eq!(reset["tags"], json!({ "new": true }));
+    assert_eq!(reset["properties"]["desired"]["mode"], "b");
+    let reported: &Map<String, Value> = reset["properties"]["reported"].as_object().unwrap();
+    assert!(reported.keys().all(|k| k.starts_with('$')), "reported not cleared: {reported:?}");
+    assert!(reset["version"].as_u64().unwrap() > kept["version"].as_u64().unwrap());
+}
+
+#[test]
+fn embedded_hub_refuses_actions_for_a_hub_it_does_not_hold() {
+    let mut hub = EmbeddedHub::in_memory(PLANT, Arc::new(RingCrypto::new())).unwrap();
+    let err = hub
+        .apply(&HubAction::Provision {
+            hub: SPARE.into(),
+            device: sas_device("stray"),
+            twin: TwinSetup::KeepOrInitial(InitialTwin::default()),
+        })
+        .unwrap_err();
+    assert_eq!(err.code, HUB_NOT_FOUND);
+    assert!(hub.registry().device(&id("stray")).is_err());
+    let err = hub.apply(&HubAction::Remove { hub: PLANT.into(), device_id: id("stray") }).unwrap_err();
+    assert_eq!(err.code, 404001);
+}
+
+#[test]
+fn bulk_import_creates_identities_with_twins_and_update_twin_mode_rewrites_them() {
+    let hub = EmbeddedHub::in_memory(PLANT, Arc::new(RingCrypto::new())).unwrap();
+    let now = zerotouch_proto::Timestamp::EPOCH + Duration::from_secs(1_000_000);
+    let create: Vec<ExportImportDevice> = serde_json::from_value(json!([
+        { "id": "bulk-1", "importMode": "create", "tags": { "zone": "north" } },
+        { "id": "bulk-2", "importMode": "create" },
+    ]))
+    .unwrap();
+    let applied = hub.bulk(&create, now).unwrap();
+    assert!(applied.value.is_successful, "{:?}", applied.value);
+    assert_eq!(applied.events.len(), 2);
+    assert_eq!(applied.events[0].body["tags"], json!({ "zone": "north" }));
+    assert_eq!(hub.device_twin(&id("bulk-2")).unwrap()["version"], 2);
+
+    let retwin: Vec<ExportImportDevice> = serde_json::from_value(json!([{
+        "id": "bulk-2",
+        "importMode": "updateTwin",
+        "tags": { "zone": "south" },
+        "properties": { "desired": { "mode": "eco" }, "reported": { "battery": 80 } },
+    }]))
+    .unwrap();
+    assert!(hub.bulk(&retwin, now).unwrap().value.is_successful);
+    let south = query(&hub, "SELECT * FROM devices WHERE tags.zone = 'south'");
+    assert_eq!(south.len(), 1);
+    assert_eq!(south[0]["deviceId"], "bulk-2");
+    assert_eq!(south[0]["properties"]["desired"]["mode"], "eco");
+    assert_eq!(south[0]["properties"]["reported"]["battery"], 80);
+
+    let (_, tags, properties) = hub.core().twin_for_export(&id("bulk-2"), None).unwrap().unwrap();
+    assert_eq!(tags, Some(json!({ "zone": "south" })));
+    assert_eq!(properties.desired.unwrap()["mode"], "eco");
+}
+
+#[test]
+fn module_twins_are_queryable_and_go_with_their_device() {
+    let hub = EmbeddedHub::in_memory(PLANT, Arc::new(RingCrypto::new())).unwrap();
+    let now = zerotouch_proto::Timestamp::EPOCH + Duration::from_secs(5_000);
+    let device: zerotouch_proto::hub::Device =
+        serde_json::from_value(json!({ "deviceId": "gateway" })).unwrap();
+    hub.create_device(device, None, None, now).unwrap();
+    let module: zerotouch_proto::hub::Module =
+        serde_json::from_value(json!({ "deviceId": "gateway", "moduleId": "filter" })).unwrap();
+    let created = hub.create_module(module, now).unwrap();
+    assert_eq!(created.events.len(), 1);
+    assert_eq!(created.events[0].body["moduleId"], "filter");
+
+    let modules = query(&hub, "SELECT * FROM devices.modules WHERE deviceId = 'gateway'");
+    assert_eq!(modules.len(), 1);
+    assert_eq!(modules[0]["moduleId"], "filter");
+    assert_eq!(modules[0]["connectionState"], "Disconnected");
+
+    let deleted = hub.delete_device(&id("gateway"), &IfMatch::Any, now).unwrap();
+    assert!(deleted.events.iter().any(|e| e.module_id.as_ref().is_some_and(|m| m.as_str() == "filter")));
+    assert!(query(&hub, "SELECT * FROM devices.modules").is_empty());
+    assert!(hub.core().twins().device_twins(&id("gateway")).unwrap().is_empty());
+}
