@@ -128,7 +128,7 @@ fn fails(what: &str, result: Result<(), StoreError>, expected: &StoreError) -> O
 
 /// Compares two JSON values; the message names only the differing members, because the values
 /// may hold (test) key material.
-fn same_json(what: &str, expected: &Value, actual: &Value) -> Outcome {
+pub(crate) fn same_json(what: &str, expected: &Value, actual: &Value) -> Outcome {
     if expected == actual {
         return Ok(());
     }
@@ -442,7 +442,7 @@ fn delete_preconditions<S, T: Table<S>>(store: &S) -> Outcome {
 // Paging
 
 /// Pages through a listing with `max_items` per page; returns the pages.
-fn all_pages<T>(
+pub(crate) fn all_pages<T>(
     max_items: usize,
     mut list: impl FnMut(&PageRequest) -> Result<Page<T>, StoreError>,
 ) -> Result<Vec<Page<T>>, String> {

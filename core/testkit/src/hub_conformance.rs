@@ -22,6 +22,8 @@ use zerotouch_proto::jobs::{
 };
 use zerotouch_proto::{DeviceId, ETag, IfMatch, ModuleId, Timestamp};
 
+use crate::conformance::{all_pages, same_json};
+
 /// Runs every case of the three suites, each against a store fresh from its constructor.
 ///
 /// # Panics
@@ -136,21 +138,6 @@ fn fails<T>(what: &str, result: Result<T, StoreError>, expected: &StoreError) ->
         Err(e) => Err(format!("{what}: expected {expected:?}, got {e:?}")),
         Ok(_) => Err(format!("{what}: expected {expected:?}, but it succeeded")),
     }
-}
-
-/// Compares two JSON values; the message names only the differing members, because the values
-/// may hold (test) key material.
-fn same_json(what: &str, expected: &Value, actual: &Value) -> Outcome {
-    if expected == actual {
-        return Ok(());
-    }
-    let differing: Vec<&str> = match (expected, actual) {
-        (Value::Object(a), Value::Object(b)) => {
-            a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).map(String::as_str).collect()
-        }
-        _ => vec!["<whole value>"],
-    };
-    Err(format!("{what}: what was read back differs from what was written in {differing:?}"))
 }
 
 macro_rules! to_json {
@@ -371,33 +358,6 @@ fn delete_preconditions<S, K: Keyed<S>>(store: &S) -> Outcome {
 
 // ---------------------------------------------------------------------------------------------
 // Paging
-
-/// Pages through a listing with `max_items` per page; returns the pages.
-fn all_pages<T>(
-    max_items: usize,
-    mut list: impl FnMut(&PageRequest) -> Result<Page<T>, StoreError>,
-) -> Result<Vec<Page<T>>, String> {
-    // A store that never ends its listing must fail the case, not hang it.
-    const MAX_PAGES: usize = 1000;
-    let mut pages = Vec::new();
-    let mut request = PageRequest { continuation: None, max_items };
-    loop {
-        let page = ok(&format!("listing page {}", pages.len() + 1), list(&request))?;
-        ensure!(
-            page.items.len() <= max_items,
-            "page {} holds {} items, more than the {max_items} asked for",
-            pages.len() + 1,
-            page.items.len()
-        );
-        let next = page.continuation.clone();
-        pages.push(page);
-        match next {
-            Some(token) => request.continuation = Some(token),
-            None => return Ok(pages),
-        }
-        ensure!(pages.len() < MAX_PAGES, "the listing did not end after {MAX_PAGES} pages");
-    }
-}
 
 /// Checks a paged listing: the expected page sizes, every key exactly once, each item in order
 /// after the one before it.
