@@ -508,8 +508,53 @@ fn tbs_range(der: &[u8]) -> Result<Range<usize>, x509_cert::der::Error> {
 }
 
 /// The one formatter for subject and issuer names (RFC 4514, most specific RDN first).
+///
+/// Same text as x509-cert's `Display`, which looks every attribute type up by a linear scan of
+/// the whole OID database; names are formatted on every certificate parse, so the common
+/// attributes with plain values are written here directly and only the rest go through `Display`.
 fn format_name(name: &Name) -> String {
-    name.to_string()
+    let mut out = String::with_capacity(64);
+    for (i, rdn) in name.0.iter().rev().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for (j, atv) in rdn.0.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            match (short_attribute_name(&atv.oid), directory_string(&atv.value)) {
+                (Some(short), Some(value)) if is_plain_value(&value) => {
+                    out.push_str(short);
+                    out.push('=');
+                    out.push_str(&value);
+                }
+                _ => out.push_str(&atv.to_string()),
+            }
+        }
+    }
+    out
+}
+
+fn short_attribute_name(oid: &x509_cert::der::oid::ObjectIdentifier) -> Option<&'static str> {
+    [
+        (rfc4519::CN, "CN"),
+        (rfc4519::O, "O"),
+        (rfc4519::OU, "OU"),
+        (rfc4519::C, "C"),
+        (rfc4519::L, "L"),
+        (rfc4519::ST, "ST"),
+    ]
+    .into_iter()
+    .find(|(known, _)| known == oid)
+    .map(|(_, short)| short)
+}
+
+/// A value RFC 4514 writes as is: printable ASCII without characters that need escaping.
+fn is_plain_value(v: &str) -> bool {
+    !v.is_empty()
+        && !v.starts_with([' ', '#'])
+        && !v.ends_with(' ')
+        && v.bytes().all(|b| (0x20..0x7f).contains(&b) && !b",+\"\\<>;=".contains(&b))
 }
 
 /// The last CN of `name`; `None` when there is none or the last one is not a readable string
@@ -693,6 +738,23 @@ mod tests {
 
     fn parse(der: &[u8]) -> Certificate {
         Certificate::from_der(der).unwrap()
+    }
+
+    #[test]
+    fn fast_name_formatting_writes_what_x509_cert_writes() {
+        use std::str::FromStr;
+        for text in [
+            "CN=dev-1",
+            "CN=dev-1,O=Contoso,C=US",
+            "CN=a+OU=b,O=Contoso Ltd,L=Redmond,ST=WA,C=US",
+            "CN=needs\\,escaping,O=x",
+            "CN=semi\\;colon+OU=plus\\+sign",
+            "UID=jsmith,DC=example,DC=net",
+            "CN=caf\u{e9}",
+        ] {
+            let name = Name::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(format_name(&name), name.to_string(), "{text}");
+        }
     }
 
     fn chain(cert: &TestCert) -> PresentedChain {
