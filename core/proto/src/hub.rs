@@ -78,7 +78,8 @@ wire_enum!(
 );
 
 wire_enum!(
-    /// `type` of a registry job ([`JobProperties`]).
+    /// `type` of a job (swagger enum; only the two `schedule*` types run on `/jobs/v2`, import
+    /// and export on `/jobs/create`).
     JobType {
         /// Type not known.
         Unknown => "unknown",
@@ -112,7 +113,8 @@ wire_enum!(
 );
 
 wire_enum!(
-    /// `status` of a registry job ([`JobProperties`]).
+    /// `status` of a job: registry import/export jobs ([`JobProperties`]) and scheduled jobs
+    /// (`crate::jobs`) share the wire enum.
     JobStatus {
         /// Not known.
         Unknown => "unknown",
@@ -130,6 +132,8 @@ wire_enum!(
         Scheduled => "scheduled",
         /// Queued.
         Queued => "queued",
+        /// Listed by the docs as a job status.
+        Pending => "pending",
     }
 );
 

@@ -12,6 +12,8 @@ use serde_json::{Map, Value};
 use crate::error::ProtoError;
 use crate::time::Timestamp;
 
+pub use crate::hub::{JobStatus, JobType};
+
 /// Body of `POST /twins/{id}/methods` and the `cloudToDeviceMethod` of a job (spec §7).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -134,71 +136,6 @@ impl<'de> Deserialize<'de> for JobId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         Self::new(s).map_err(serde::de::Error::custom)
-    }
-}
-
-wire_enum! {
-    /// `type` of a job (swagger enum; only the two `schedule*` types run on `/jobs/v2`).
-    JobType {
-        /// Unknown.
-        Unknown => "unknown",
-        /// Registry export.
-        Export => "export",
-        /// Registry import.
-        Import => "import",
-        /// Backup.
-        Backup => "backup",
-        /// Legacy: read device properties.
-        ReadDeviceProperties => "readDeviceProperties",
-        /// Legacy: write device properties.
-        WriteDeviceProperties => "writeDeviceProperties",
-        /// Legacy: update device configuration.
-        UpdateDeviceConfiguration => "updateDeviceConfiguration",
-        /// Legacy: reboot.
-        RebootDevice => "rebootDevice",
-        /// Legacy: factory reset.
-        FactoryResetDevice => "factoryResetDevice",
-        /// Legacy: firmware update.
-        FirmwareUpdate => "firmwareUpdate",
-        /// Invoke a direct method on every matching device.
-        ScheduleDeviceMethod => "scheduleDeviceMethod",
-        /// Patch the twin of every matching device.
-        ScheduleUpdateTwin => "scheduleUpdateTwin",
-        /// Restore from backup.
-        RestoreFromBackup => "restoreFromBackup",
-        /// Failover data copy.
-        FailoverDataCopy => "failoverDataCopy",
-    }
-}
-
-wire_enum! {
-    /// `status` of a job (lowercase on the wire).
-    JobStatus {
-        /// Unknown.
-        Unknown => "unknown",
-        /// Accepted (older spelling).
-        Enqueued => "enqueued",
-        /// Devices are being processed.
-        Running => "running",
-        /// Every device job finished.
-        Completed => "completed",
-        /// The job could not run or ran out of time.
-        Failed => "failed",
-        /// Cancelled by the back end.
-        Cancelled => "cancelled",
-        /// Accepted with a start time in the future.
-        Scheduled => "scheduled",
-        /// Accepted with a start time now or in the past.
-        Queued => "queued",
-        /// Listed by the docs as a job status.
-        Pending => "pending",
-    }
-}
-
-impl JobStatus {
-    /// Whether the job will not change any more.
-    pub fn is_terminal(self) -> bool {
-        matches!(self, JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled)
     }
 }
 
