@@ -1,0 +1,1 @@
+//! The `zerotouch` library half of the server: configuration, serve, admin commands.

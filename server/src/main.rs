@@ -1,0 +1,3 @@
+//! The `zerotouch` binary.
+
+fn main() {}

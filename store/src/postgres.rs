@@ -1,0 +1,1 @@
+//! (in progress) The PostgreSQL backend.

@@ -1,0 +1,113 @@
+//! The contract between the device endpoints and the provisioning engine.
+
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use zerotouch_engine::hub::{HubAction, HubError, HubRegistry};
+use zerotouch_engine::hub_engine::EmbeddedHubs;
+use zerotouch_engine::jobs::JobStore;
+use zerotouch_engine::provisioner::{
+    OperationStatusRequest, Provisioner, RegisterRequest, Response, StatusLookupRequest,
+};
+use zerotouch_engine::registry::IdentityStore;
+use zerotouch_engine::store::ProvisioningStore;
+use zerotouch_engine::twin::TwinStore;
+use zerotouch_proto::Timestamp;
+
+/// The DPS device API as every endpoint (MQTT, HTTPS, MQTT over WebSockets) calls it.
+///
+/// Methods block (stores may be databases): endpoints call them from
+/// `tokio::task::spawn_blocking`, never on a runtime worker.
+pub trait DpsService: Send + Sync + 'static {
+    /// `PUT {idScope}/registrations/{id}/register` or the MQTT `iotdps-register` publish.
+    fn register(&self, now: Timestamp, req: RegisterRequest) -> Response;
+    /// The operation-status poll (`GET …/operations/{operationId}`, MQTT `iotdps-get-operationstatus`).
+    fn operation_status(&self, now: Timestamp, req: OperationStatusRequest) -> Response;
+    /// `POST {idScope}/registrations/{id}` (registration state lookup).
+    fn status_lookup(&self, now: Timestamp, req: StatusLookupRequest) -> Response;
+}
+
+/// A [`DpsService`] over the engine's [`Provisioner`] and a [`HubRegistry`] shared by all
+/// connections. The hub registry is locked only while one action is applied.
+pub struct EngineService<S, H> {
+    provisioner: Provisioner<S>,
+    hubs: Arc<Mutex<H>>,
+}
+
+impl<S, H> std::fmt::Debug for EngineService<S, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineService").finish_non_exhaustive()
+    }
+}
+
+impl<S: ProvisioningStore, H: HubRegistry + TimedHubs + Send> EngineService<S, H> {
+    /// A service answering with `provisioner` and provisioning into `hubs`.
+    pub fn new(provisioner: Provisioner<S>, hubs: Arc<Mutex<H>>) -> Self {
+        Self { provisioner, hubs }
+    }
+
+    /// The provisioner.
+    pub fn provisioner(&self) -> &Provisioner<S> {
+        &self.provisioner
+    }
+
+    /// The hubs devices are provisioned into.
+    pub fn hubs(&self) -> &Arc<Mutex<H>> {
+        &self.hubs
+    }
+}
+
+/// A hub registry that stamps what it writes with a time given before each action.
+pub trait TimedHubs {
+    /// Sets the time of the next actions.
+    fn set_now(&mut self, now: Timestamp);
+}
+
+impl<I: IdentityStore, T: TwinStore, J: JobStore> TimedHubs for EmbeddedHubs<I, T, J> {
+    fn set_now(&mut self, now: Timestamp) {
+        EmbeddedHubs::set_now(self, now);
+    }
+}
+
+/// Locks the shared hubs for one action at a time, so registrations run in parallel except
+/// while they write into the hub registry.
+struct LockedHubs<'a, H> {
+    hubs: &'a Mutex<H>,
+    now: Timestamp,
+}
+
+impl<H: HubRegistry + TimedHubs> HubRegistry for LockedHubs<'_, H> {
+    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
+        let mut hubs = self.hubs.lock().map_err(|_| HubError {
+            code: 500_000,
+            message: "The hub registry is unavailable after an earlier failure.".to_owned(),
+        })?;
+        hubs.set_now(self.now);
+        hubs.apply(action)
+    }
+}
+
+impl<S, H> DpsService for EngineService<S, H>
+where
+    S: ProvisioningStore + 'static,
+    H: HubRegistry + TimedHubs + Send + 'static,
+{
+    fn register(&self, now: Timestamp, req: RegisterRequest) -> Response {
+        let mut hubs = LockedHubs { hubs: &self.hubs, now };
+        self.provisioner.handle_register(now, req, &mut hubs)
+    }
+
+    fn operation_status(&self, now: Timestamp, req: OperationStatusRequest) -> Response {
+        self.provisioner.handle_operation_status(now, req)
+    }
+
+    fn status_lookup(&self, now: Timestamp, req: StatusLookupRequest) -> Response {
+        self.provisioner.handle_status_lookup(now, req)
+    }
+}
+
+/// The wall clock as the engine's [`Timestamp`] (the transport is where time comes from).
+pub fn now() -> Timestamp {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    Timestamp::from_unix_nanos(i64::try_from(nanos).unwrap_or(i64::MAX))
+}
