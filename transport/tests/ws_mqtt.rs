@@ -121,3 +121,104 @@ async fn websocket_upgrade_needs_the_mqtt_subprotocol() {
     assert_eq!(reply.status.as_u16() / 100, 4, "{}", reply.body);
     assert!(reply.body["message"].is_string());
 }
+
+/// One masked binary frame as a client sends it (RFC 6455 §5.2).
+fn client_frame(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let mut frame = vec![0x82];
+    match payload.len() {
+        n @ 0..=125 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Reads one unmasked server frame; returns (opcode, payload).
+async fn server_frame<R: tokio::io::AsyncRead + Unpin>(io: &mut R) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = [0u8; 2];
+    io.read_exact(&mut head).await.unwrap();
+    let len = match head[1] & 0x7f {
+        126 => {
+            let mut ext = [0u8; 2];
+            io.read_exact(&mut ext).await.unwrap();
+            usize::from(u16::from_be_bytes(ext))
+        }
+        127 => panic!("no server frame here is that long"),
+        n => usize::from(n),
+    };
+    let mut payload = vec![0u8; len];
+    io.read_exact(&mut payload).await.unwrap();
+    (head[0] & 0x0f, payload)
+}
+
+#[tokio::test]
+async fn mqtt_packets_spanning_websocket_frames_are_reassembled() {
+    use rumqttc::mqttbytes::v4::{Connect, Packet as Wire, Subscribe};
+    use rumqttc::mqttbytes::QoS as WireQoS;
+    use tokio::io::AsyncWriteExt as _;
+
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("ws-sensor-2");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(server.client_config(None)));
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let handshake = "GET /$iothub/websocket HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n\
+        Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Protocol: mqtt\r\n\r\n";
+    tls.write_all(handshake.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    while !response.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tokio::io::AsyncReadExt::read_exact(&mut tls, &mut byte).await.unwrap();
+        response.push(byte[0]);
+    }
+    let response = String::from_utf8(response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    assert!(response.to_ascii_lowercase().contains("sec-websocket-protocol: mqtt"), "{response}");
+
+    let mut connect = Connect::new("ws-sensor-2");
+    connect.set_login(
+        format!("{SCOPE}/registrations/ws-sensor-2/api-version=2019-03-31"),
+        sas(&key, "ws-sensor-2"),
+    );
+    let mut subscribe = Subscribe::new(RESPONSES, WireQoS::AtLeastOnce);
+    subscribe.pkid = 7;
+    let mut bytes = bytes::BytesMut::new();
+    connect.write(&mut bytes).unwrap();
+    subscribe.write(&mut bytes).unwrap();
+    // The CONNECT starts in one frame and ends in the next, which also carries the SUBSCRIBE.
+    let (first, rest) = bytes.split_at(3);
+    tls.write_all(&client_frame(first)).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tls.write_all(&client_frame(rest)).await.unwrap();
+    tls.flush().await.unwrap();
+
+    let mut received = bytes::BytesMut::new();
+    let mut packets = Vec::new();
+    while packets.len() < 2 {
+        let (opcode, payload) = tokio::time::timeout(Duration::from_secs(10), server_frame(&mut tls))
+            .await
+            .expect("server answers");
+        assert_eq!(opcode, 2, "MQTT travels in binary frames");
+        received.extend_from_slice(&payload);
+        while let Ok(packet) = Wire::read(&mut received, 1 << 20) {
+            packets.push(packet);
+        }
+    }
+    match &packets[0] {
+        Wire::ConnAck(ack) => assert_eq!(ack.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    match &packets[1] {
+        Wire::SubAck(ack) => assert_eq!(ack.pkid, 7),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}

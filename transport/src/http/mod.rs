@@ -20,6 +20,7 @@ use crate::limits::Limits;
 use crate::service::DpsService;
 use crate::tls::peer_chain;
 
+#[cfg(feature = "ws")]
 pub(crate) use handler::error_reply;
 pub use handler::WEBSOCKET_PATH;
 
@@ -30,6 +31,7 @@ pub(crate) struct Connection {
     pub(crate) service: Arc<dyn DpsService>,
     pub(crate) limits: Limits,
     pub(crate) client_chain: Vec<Vec<u8>>,
+    #[cfg_attr(not(feature = "ws"), allow(dead_code))]
     pub(crate) stop: watch::Receiver<bool>,
 }
 

@@ -195,6 +195,13 @@ pub struct Client {
 }
 
 impl Client {
+    /// Resolves once the server has closed the connection.
+    pub async fn closed(&self) {
+        while !self.sender.is_closed() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends one request; `authorization` goes into the `Authorization` header.
     pub async fn send(
         &mut self,
