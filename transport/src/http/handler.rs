@@ -36,7 +36,11 @@ pub(super) async fn handle(conn: Arc<Connection>, req: Request<Incoming>) -> Res
         #[cfg(not(feature = "ws"))]
         return Ok(error_reply(404, 404000, "MQTT over WebSockets is not enabled on this server.", None));
     }
-    Ok(device_api(&conn, req).await)
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let reply = device_api(&conn, req).await;
+    tracing::debug!(%method, path, status = reply.status().as_u16(), "https request");
+    Ok(reply)
 }
 
 /// Whether `path` is [`WEBSOCKET_PATH`], `$` possibly percent-encoded.

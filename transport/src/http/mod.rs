@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
@@ -122,10 +122,13 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let idle = conn.limits.idle_timeout;
-    let service = hyper::service::service_fn(move |req| handler::handle(Arc::clone(&conn), req));
+    let in_flight = u32::try_from(conn.limits.max_in_flight_per_connection).unwrap_or(u32::MAX);
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Slow-header clients are cut off like an idle connection.
-    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(idle);
+    // An idle keep-alive connection and a client slow to send its headers are cut off alike.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(idle);
+    // HTTP/1.1 answers one request at a time; HTTP/2 gets the same per-connection cap as MQTT.
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(in_flight);
+    let service = hyper::service::service_fn(move |req| handler::handle(Arc::clone(&conn), req));
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
     tokio::select! {
