@@ -362,3 +362,68 @@ pub async fn register(server: &Server, opts: &DeviceOptions) -> Result<Outcome, 
     let _ = client.disconnect().await;
     Ok(outcome)
 }
+
+/// A device speaking MQTT by hand over TLS, for what a well-behaved client never sends.
+pub struct RawDevice {
+    pub stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    inbound: bytes::BytesMut,
+}
+
+impl RawDevice {
+    /// Opens TLS to the server (no client certificate).
+    pub async fn open(server: &Server) -> RawDevice {
+        use tokio_rustls::TlsConnector;
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let connector =
+            TlsConnector::from(Arc::new(client_tls(&server.ca_pem, &Auth::Password(String::new()), false)));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let stream = connector.connect(name, tcp).await.unwrap();
+        RawDevice { stream, inbound: bytes::BytesMut::new() }
+    }
+
+    /// Sends a CONNECT with a Python-form SAS token for `registration_id`.
+    pub async fn connect(&mut self, registration_id: &str, key: &[u8], keep_alive: u16) -> Packet {
+        let mut connect = rumqttc::Connect::new(registration_id);
+        connect.keep_alive = keep_alive;
+        connect.set_login(
+            format!("{SCOPE}/registrations/{registration_id}/api-version={API}"),
+            python_token(key, registration_id, in_an_hour()),
+        );
+        self.send(Packet::Connect(connect)).await;
+        self.next().await.expect("CONNACK")
+    }
+
+    pub async fn send(&mut self, packet: Packet) {
+        let mut out = bytes::BytesMut::new();
+        packet.write(&mut out, usize::MAX).unwrap();
+        self.write(&out).await;
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        // The server may already have cut us off; that is what some tests look for.
+        let _ = self.stream.write_all(bytes).await;
+        let _ = self.stream.flush().await;
+    }
+
+    /// The next packet from the server, `None` once it closed the connection.
+    pub async fn next(&mut self) -> Option<Packet> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            match Packet::read(&mut self.inbound, usize::MAX) {
+                Ok(p) => return Some(p),
+                Err(rumqttc::Error::InsufficientBytes(_)) => {}
+                Err(e) => panic!("server sent a malformed packet: {e}"),
+            }
+            match self.stream.read_buf(&mut self.inbound).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Waits until the server closes the connection, failing after `within`.
+    pub async fn closed_within(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, async { while self.next().await.is_some() {} }).await.is_ok()
+    }
+}
