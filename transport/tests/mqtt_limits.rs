@@ -218,3 +218,119 @@ async fn shutdown_closes_idle_connections_and_returns() {
     .await;
     assert!(closed.is_ok(), "connection survived the shutdown");
 }
+
+fn register_publish(rid: &str, registration_id: &str, pkid: u16) -> Packet {
+    let topic = format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}");
+    let body = format!(r#"{{"registrationId":"{registration_id}"}}"#);
+    let mut publish = Publish::new(topic, QoS::AtLeastOnce, body.into_bytes());
+    publish.pkid = pkid;
+    Packet::Publish(publish)
+}
+
+/// The statuses of the next `n` replies (PUBACKs skipped), in arrival order.
+async fn reply_statuses(device: &mut RawDevice, n: usize) -> Vec<(String, u16)> {
+    let mut replies = Vec::new();
+    while replies.len() < n {
+        match device.next().await {
+            Some(Packet::Publish(p)) => {
+                let topic = zerotouch_proto::mqtt::ResponseTopic::parse(&p.topic).unwrap();
+                replies.push((topic.rid, topic.status));
+            }
+            Some(_) => {}
+            None => panic!("connection closed after {} replies", replies.len()),
+        }
+    }
+    replies
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_request_in_progress_finish_and_deliver_its_reply() {
+    let delay = Duration::from_millis(600);
+    let server = Server::start_wrapped(Limits::default(), |inner| {
+        std::sync::Arc::new(mqtt_support::SlowService { inner, delay })
+    })
+    .await;
+    let key = server.enroll_symmetric("late-1");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("late-1", &key, 60).await;
+    device.send(register_publish("9", "late-1", 1)).await;
+    assert!(matches!(device.next().await, Some(Packet::PubAck(_))));
+    // The register is now in the (slow) engine; stop the server meanwhile.
+    let stopping = tokio::spawn(server.shutdown());
+    assert_eq!(reply_statuses(&mut device, 1).await, vec![("9".to_owned(), 202)]);
+    assert!(device.closed_within(Duration::from_secs(5)).await, "connection not closed after draining");
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn requests_beyond_the_in_flight_cap_wait_instead_of_being_dropped() {
+    let delay = Duration::from_millis(300);
+    let limits = Limits { max_in_flight_per_connection: 1, ..Limits::default() };
+    let server = Server::start_wrapped(limits, |inner| {
+        std::sync::Arc::new(mqtt_support::SlowService { inner, delay })
+    })
+    .await;
+    let key = server.enroll_symmetric("busy-1");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("busy-1", &key, 60).await;
+    let started = std::time::Instant::now();
+    for (pkid, rid) in [(1, "a"), (2, "b"), (3, "c")] {
+        device.send(register_publish(rid, "busy-1", pkid)).await;
+    }
+    let replies = reply_statuses(&mut device, 3).await;
+    let rids: Vec<&str> = replies.iter().map(|(rid, _)| rid.as_str()).collect();
+    assert_eq!(rids, ["a", "b", "c"]);
+    assert!(replies.iter().all(|(_, status)| *status == 202), "{replies:?}");
+    // One at a time: three slow calls back to back.
+    assert!(started.elapsed() >= delay * 3, "requests overlapped: {:?}", started.elapsed());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn register_body_over_the_body_limit_is_answered_413_and_the_connection_stays_usable() {
+    let limits = Limits { max_body_size: 256, ..Limits::default() };
+    let server = Server::start_with(limits).await;
+    let key = server.enroll_symmetric("chatty-1");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("chatty-1", &key, 60).await;
+    let topic = "$dps/registrations/PUT/iotdps-register/?$rid=big";
+    let body = format!(r#"{{"registrationId":"chatty-1","payload":"{}"}}"#, "x".repeat(1024));
+    let mut publish = Publish::new(topic, QoS::AtMostOnce, body.into_bytes());
+    publish.pkid = 0;
+    device.send(Packet::Publish(publish)).await;
+    assert_eq!(reply_statuses(&mut device, 1).await, vec![("big".to_owned(), 413)]);
+    device.send(register_publish("small", "chatty-1", 2)).await;
+    assert_eq!(reply_statuses(&mut device, 1).await, vec![("small".to_owned(), 202)]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn publish_to_a_non_dps_topic_is_ignored_and_register_still_works() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("lost-1");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("lost-1", &key, 60).await;
+    let mut stray = Publish::new("devices/lost-1/messages/events/", QoS::AtLeastOnce, b"{}".to_vec());
+    stray.pkid = 1;
+    device.send(Packet::Publish(stray)).await;
+    device.send(register_publish("ok", "lost-1", 2)).await;
+    assert_eq!(reply_statuses(&mut device, 1).await, vec![("ok".to_owned(), 202)]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn register_body_that_is_not_json_is_answered_400() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("typo-1");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("typo-1", &key, 60).await;
+    let mut publish = Publish::new(
+        "$dps/registrations/PUT/iotdps-register/?$rid=7",
+        QoS::AtLeastOnce,
+        b"{not json".to_vec(),
+    );
+    publish.pkid = 1;
+    device.send(Packet::Publish(publish)).await;
+    assert_eq!(reply_statuses(&mut device, 1).await, vec![("7".to_owned(), 400)]);
+    server.shutdown().await;
+}

@@ -26,11 +26,15 @@ use zerotouch_engine::enrollments;
 use zerotouch_engine::hub::LinkedHub;
 use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
 use zerotouch_engine::memory::MemoryStore;
-use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
+use zerotouch_engine::provisioner::{
+    OperationStatusRequest, Provisioner, ProvisionerConfig, RegisterRequest, Response, StatusLookupRequest,
+};
 use zerotouch_proto::mqtt::{DeviceRequest, ResponseTopic, SUBSCRIBE_FILTER};
 use zerotouch_proto::sas::{encode_resource, registration_resource, string_to_sign};
 use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup, IndividualEnrollment};
-use zerotouch_proto::{DeviceId, EnrollmentGroupId, IdScope, IfMatch, OperationId, RegistrationId};
+use zerotouch_proto::{
+    DeviceId, EnrollmentGroupId, IdScope, IfMatch, OperationId, RegistrationId, Timestamp,
+};
 use zerotouch_transport::limits::Limits;
 use zerotouch_transport::mqtt::serve_mqtt;
 use zerotouch_transport::service::{now, DpsService, EngineService};
@@ -57,6 +61,14 @@ impl Server {
     }
 
     pub async fn start_with(limits: Limits) -> Server {
+        Server::start_wrapped(limits, |service| service).await
+    }
+
+    /// A server whose engine service is wrapped by `wrap` (to slow it down, count calls, ...).
+    pub async fn start_wrapped(
+        limits: Limits,
+        wrap: impl FnOnce(Arc<dyn DpsService>) -> Arc<dyn DpsService>,
+    ) -> Server {
         let (ca_pem, chain_pem, key_pem) = server_certificate();
         let tls = Arc::new(server_config_from_pem(chain_pem.as_bytes(), key_pem.as_bytes()).unwrap());
         let store = Arc::new(MemoryStore::new());
@@ -69,7 +81,7 @@ impl Server {
         let mut hubs = EmbeddedHubs::new();
         hubs.insert(EmbeddedHub::in_memory(HUB, Arc::new(RingCrypto::new())).unwrap());
         let hubs = Arc::new(Mutex::new(hubs));
-        let service: Arc<dyn DpsService> = Arc::new(EngineService::new(provisioner, hubs.clone()));
+        let service: Arc<dyn DpsService> = wrap(Arc::new(EngineService::new(provisioner, hubs.clone())));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -155,6 +167,28 @@ impl Server {
     pub fn hub_has_device(&self, device_id: &str) -> bool {
         let hubs = self.hubs.lock().unwrap();
         hubs.hub(HUB).unwrap().registry().device(&DeviceId::new(device_id).unwrap()).is_ok()
+    }
+}
+
+/// An engine service that takes `delay` for every register and poll, as a busy database would.
+pub struct SlowService {
+    pub inner: Arc<dyn DpsService>,
+    pub delay: Duration,
+}
+
+impl DpsService for SlowService {
+    fn register(&self, now: Timestamp, req: RegisterRequest) -> Response {
+        std::thread::sleep(self.delay);
+        self.inner.register(now, req)
+    }
+
+    fn operation_status(&self, now: Timestamp, req: OperationStatusRequest) -> Response {
+        std::thread::sleep(self.delay);
+        self.inner.operation_status(now, req)
+    }
+
+    fn status_lookup(&self, now: Timestamp, req: StatusLookupRequest) -> Response {
+        self.inner.status_lookup(now, req)
     }
 }
 
