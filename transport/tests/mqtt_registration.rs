@@ -106,3 +106,48 @@ async fn tls_1_2_only_x509_client_registers() {
     assert_eq!(outcome.status, 200, "{outcome:?}");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn c_sdk_style_qos0_publishes_with_integer_rids_get_their_replies() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("c-device");
+    let opts = DeviceOptions::new("c-device", Auth::SasPython(key));
+    let (client, mut events) = mqtt_support::connect(&server, &opts).await.unwrap();
+    client.subscribe(zerotouch_proto::mqtt::SUBSCRIBE_FILTER, rumqttc::QoS::AtLeastOnce).await.unwrap();
+    let body = r#"{"registrationId":"c-device"}"#;
+    let register = "$dps/registrations/PUT/iotdps-register/?$rid=1";
+    client.publish(register, rumqttc::QoS::AtMostOnce, false, body).await.unwrap();
+    let first = mqtt_support::reply(&mut events, "1").await;
+    assert_eq!(first.status, 202);
+    let operation_id = first.body["operationId"].as_str().unwrap();
+    // The C SDK polls with the register body as payload.
+    let poll =
+        format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId={operation_id}");
+    client.publish(poll, rumqttc::QoS::AtMostOnce, false, body).await.unwrap();
+    let done = mqtt_support::reply(&mut events, "2").await;
+    assert_eq!(done.status, 200, "{done:?}");
+    assert_eq!(done.assigned_hub(), Some(HUB));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fifty_group_devices_registering_at_once_all_land_in_the_hub() {
+    let server = std::sync::Arc::new(Server::start().await);
+    let group_key = server.enroll_symmetric_group("fleet");
+    let mut devices = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let server = server.clone();
+        let id = format!("fleet-{i:03}");
+        let key = derived_key(&group_key, &id);
+        devices.spawn(async move {
+            let outcome = register(&server, &DeviceOptions::new(&id, Auth::SasPython(key))).await.unwrap();
+            (id, outcome)
+        });
+    }
+    while let Some(done) = devices.join_next().await {
+        let (id, outcome) = done.unwrap();
+        assert_eq!(outcome.status, 200, "{id}: {outcome:?}");
+        assert!(server.hub_has_device(&id), "{id} missing from the hub");
+    }
+    std::sync::Arc::into_inner(server).unwrap().shutdown().await;
+}
