@@ -4,8 +4,10 @@
 
 mod http_support;
 
-use http_support::{operation_path, register_path, sas, Server, API, HUB, SCOPE};
+use http_support::{node_sas, operation_path, register_path, sas, Server, API, HUB, SCOPE};
 use serde_json::json;
+use zerotouch_engine::attestation::symmetric::derive_device_key;
+use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_testkit::certs::{CertSpec, TestCert};
 use zerotouch_transport::limits::Limits;
 
@@ -49,6 +51,29 @@ async fn symmetric_key_device_registers_polls_and_is_assigned() {
     assert_eq!(lookup.body["registrationId"], "sensor-7");
     assert_eq!(lookup.body["assignedHub"], HUB);
     server.stop().await;
+}
+
+#[tokio::test]
+async fn node_http_group_device_with_derived_key_and_raw_sr_token_is_assigned() {
+    let server = Server::start().await;
+    let group_key = server.enroll_symmetric_group("thermostats");
+    let device_key = derive_device_key(&RingCrypto::new(), &group_key, "thermostat-001");
+    let token = node_sas(&device_key, "thermostat-001");
+    assert!(token.contains("sr=0ne00C0FFEE/registrations/thermostat-001"), "Node leaves sr unencoded");
+    let mut client = server.connect(None).await;
+
+    // Node HTTP adds forceRegistration on request; it is accepted and ignored.
+    let path = format!("{}&forceRegistration=true", register_path("thermostat-001"));
+    let body = json!({ "registrationId": "thermostat-001" }).to_string();
+    let accepted = client.send("PUT", &path, Some(&token), body.as_bytes()).await;
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let operation_id = accepted.body["operationId"].as_str().unwrap().to_owned();
+    let done =
+        client.send("GET", &operation_path("thermostat-001", &operation_id), Some(&token), b"{}").await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_eq!(done.body["status"], "assigned");
+    assert_eq!(done.body["registrationState"]["deviceId"], "thermostat-001");
+    assert!(server.hub_has_device("thermostat-001"));
 }
 
 #[tokio::test]

@@ -14,13 +14,13 @@ use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::provisioner::{
     self, OperationStatusRequest, RegisterRequest, ResponseBody, StatusLookupRequest,
 };
-use zerotouch_proto::device::{DeviceRegistration, ErrorDetails};
+use zerotouch_proto::device::DeviceRegistration;
 use zerotouch_proto::http::{is_known_api_version, Route, RouteMatch, CONTENT_TYPE_JSON};
 use zerotouch_proto::ids::uuid_from_bytes;
 use zerotouch_proto::{ProtoError, WireError};
 
 use super::Connection;
-use crate::service::now;
+use crate::service::{endpoint_error, now, throttled};
 
 /// Path of MQTT over WebSockets (the IoT Hub path, which DPS shares).
 pub const WEBSOCKET_PATH: &str = "/$iothub/websocket";
@@ -118,8 +118,7 @@ async fn device_api(conn: &Connection, req: Request<Incoming>) -> Reply {
         _ => return not_found(parts.uri.path()),
     };
     let Some(permit) = conn.limits.admit() else {
-        let secs = conn.limits.throttle_retry_after_secs;
-        return error_reply(429, 429001, "Too many requests", Some(secs));
+        return engine_reply(&throttled(conn.limits.throttle_retry_after_secs));
     };
     let service = Arc::clone(&conn.service);
     let answered = tokio::task::spawn_blocking(move || {
@@ -228,17 +227,13 @@ fn json_reply(status: u16, body: Vec<u8>, retry_after: Option<u32>, error_code: 
 }
 
 /// A reply in the DPS error body shape (`ProvisioningServiceErrorDetails`) for failures found
-/// before the engine is asked.
+/// before the engine is asked; the same shape the MQTT endpoint sends ([`endpoint_error`]).
 pub(crate) fn error_reply(status: u16, error_code: u32, message: &str, retry_after: Option<u32>) -> Reply {
-    let details = ErrorDetails {
-        error_code,
-        tracking_id: random_uuid(),
-        message: message.to_owned(),
-        timestamp_utc: Some(now()),
-        info: None,
-    };
-    let body = serde_json::to_vec(&details).unwrap_or_else(|_| b"{}".to_vec());
-    json_reply(status, body, retry_after, Some(error_code))
+    let mut response = endpoint_error(status, message, retry_after);
+    if let ResponseBody::Error(e) = &mut response.body {
+        e.error_code = error_code;
+    }
+    engine_reply(&response)
 }
 
 fn wire_error_reply(w: &WireError) -> Reply {
@@ -260,7 +255,7 @@ fn too_large(max: usize) -> Reply {
     error_reply(413, 413000, &format!("The request body is larger than {max} bytes."), None)
 }
 
-/// A random GUID for tracking and request ids; a failed random source only costs uniqueness.
+/// A random GUID for `x-ms-request-id`; a failed random source only costs uniqueness.
 fn random_uuid() -> String {
     let mut bytes = [0u8; 16];
     let _ = SystemRandom::new().fill(&mut bytes);

@@ -21,14 +21,15 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 use zerotouch_engine::allocation::Allocator;
 use zerotouch_engine::attestation::symmetric::registration_token;
-use zerotouch_engine::crypto::RingCrypto;
+use zerotouch_engine::crypto::{CryptoProvider as _, RingCrypto};
 use zerotouch_engine::enrollments;
 use zerotouch_engine::hub::LinkedHub;
 use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
 use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
-use zerotouch_proto::service::{AttestationMechanism, IndividualEnrollment};
-use zerotouch_proto::{DeviceId, IdScope, IfMatch, RegistrationId};
+use zerotouch_proto::sas::{registration_resource, string_to_sign, SasToken};
+use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup, IndividualEnrollment};
+use zerotouch_proto::{DeviceId, EnrollmentGroupId, IdScope, IfMatch, RegistrationId};
 use zerotouch_testkit::certs::TestCert;
 use zerotouch_transport::http::serve_https;
 use zerotouch_transport::limits::Limits;
@@ -114,6 +115,22 @@ impl Server {
         )
         .unwrap();
         STANDARD.decode(e.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap()
+    }
+
+    /// Creates a symmetric-key enrollment group; returns its primary key bytes.
+    pub fn enroll_symmetric_group(&self, group_id: &str) -> Vec<u8> {
+        let g = enrollments::put_enrollment_group(
+            self.store.as_ref(),
+            &RingCrypto::new(),
+            now(),
+            EnrollmentGroup::new(
+                EnrollmentGroupId::new(group_id).unwrap(),
+                AttestationMechanism::symmetric_key(),
+            ),
+            &IfMatch::Absent,
+        )
+        .unwrap();
+        STANDARD.decode(g.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap()
     }
 
     /// Enrolls the self-signed `device` certificate individually (registration id = its CN).
@@ -256,6 +273,15 @@ impl Client {
 pub fn sas(key: &[u8], id: &str) -> String {
     let expiry = now().unix_secs() + 3600;
     registration_token(&RingCrypto::new(), key, SCOPE, id, expiry).to_string()
+}
+
+/// A SAS token as the Node SDK signs it: raw `sr` (no percent-encoding) and `skn=registration`.
+pub fn node_sas(key: &[u8], id: &str) -> String {
+    let crypto = RingCrypto::new();
+    let expiry = now().unix_secs() + 3600;
+    let sr = registration_resource(SCOPE, id);
+    let signature = crypto.hmac_sha256(key, string_to_sign(&sr, expiry).as_bytes());
+    SasToken::build(&sr, expiry, Some("registration"), &signature).to_string()
 }
 
 pub fn register_path(id: &str) -> String {
