@@ -222,3 +222,35 @@ async fn mqtt_packets_spanning_websocket_frames_are_reassembled() {
         other => panic!("expected SUBACK, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn shutdown_closes_websocket_connections_after_the_grace_period() {
+    let limits = zerotouch_transport::limits::Limits {
+        shutdown_grace: Duration::from_millis(300),
+        ..zerotouch_transport::limits::Limits::default()
+    };
+    let server = Server::start_with(limits).await;
+    let key = server.enroll_symmetric("ws-sensor-3");
+    let mut options = options(&server, "ws-sensor-3", None);
+    options.set_credentials(
+        format!("{SCOPE}/registrations/ws-sensor-3/api-version=2019-03-31"),
+        sas(&key, "ws-sensor-3"),
+    );
+    let (client, mut events) = AsyncClient::new(options, 10);
+    client.subscribe(RESPONSES, QoS::AtLeastOnce).await.unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await.unwrap() {
+            break;
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(5), server.stop()).await.expect("server drained");
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if events.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the bridged MQTT connection is closed");
+}

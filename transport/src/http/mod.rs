@@ -105,10 +105,16 @@ pub async fn serve_https<F>(
         }
     }
     drop(listener);
+    drop(stop_rx);
     let _ = stop_tx.send(true);
     let grace = limits.shutdown_grace;
-    let drained =
-        tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
+    // WebSocket bridges run in tasks of their own after the upgrade; each holds a receiver of
+    // `stop_tx`, so `closed()` also waits for them.
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+        stop_tx.closed().await;
+    })
+    .await;
     if drained.is_err() {
         tracing::info!(open = connections.len(), "https shutdown grace over; closing remaining connections");
         connections.shutdown().await;
