@@ -82,6 +82,13 @@ impl PgStore {
     pub fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
         let config: postgres::Config =
             url.parse().map_err(|e| StoreError::Backend(format!("bad PostgreSQL URL: {e}")))?;
+        // One direct connection first: it fails fast with the server's own error (the pool
+        // would retry until its timeout), and it runs the migrations.
+        let mut client = config
+            .connect(NoTls)
+            .map_err(|e| StoreError::Backend(format!("cannot connect to PostgreSQL: {e}")))?;
+        schema::migrate(&mut client)?;
+        drop(client);
         let manager = PostgresConnectionManager::new(config, NoTls);
         let pool = Pool::builder()
             .max_size(pool_size.max(1))
@@ -89,10 +96,7 @@ impl PgStore {
             .connection_timeout(POOL_TIMEOUT)
             .build(manager)
             .map_err(|e| StoreError::Backend(format!("cannot connect to PostgreSQL: {e}")))?;
-        let store = PgStore { pool };
-        let mut conn = store.conn()?;
-        schema::migrate(&mut conn)?;
-        Ok(store)
+        Ok(PgStore { pool })
     }
 
     /// The schema version the database is at (after [`PgStore::connect`], the latest).
@@ -232,7 +236,12 @@ struct Table {
 
 impl Table {
     fn key_clause(&self, first: usize) -> String {
-        self.keys.iter().enumerate().map(|(i, k)| format!("{k} = ${}", first + i)).collect::<Vec<_>>().join(" AND ")
+        self.keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{k} = ${}", first + i))
+            .collect::<Vec<_>>()
+            .join(" AND ")
     }
 
     fn exists(&self, c: &mut impl GenericClient, keys: &[Param<'_>]) -> Result<bool, StoreError> {
@@ -242,7 +251,12 @@ impl Table {
 
     /// Writes one row if `pre` holds, in one statement. `params` are the key values followed
     /// by the value columns.
-    fn put(&self, c: &mut impl GenericClient, params: &[Param<'_>], pre: &Precondition) -> Result<(), StoreError> {
+    fn put(
+        &self,
+        c: &mut impl GenericClient,
+        params: &[Param<'_>],
+        pre: &Precondition,
+    ) -> Result<(), StoreError> {
         let cols: Vec<&str> = self.keys.iter().chain(self.values).copied().collect();
         let placeholders: Vec<String> = cols.iter().enumerate().map(|(i, c)| placeholder(c, i + 1)).collect();
         let insert =
@@ -311,7 +325,11 @@ impl Table {
                 c.query(&format!("{base} RETURNING doc"), keys).map_err(backend)?
             }
             Precondition::MustNotExist => {
-                return Err(if self.exists(c, keys)? { StoreError::AlreadyExists } else { StoreError::NotFound });
+                return Err(if self.exists(c, keys)? {
+                    StoreError::AlreadyExists
+                } else {
+                    StoreError::NotFound
+                });
             }
             Precondition::Matches(tag) => {
                 let mut all: Vec<Param<'_>> = keys.to_vec();
@@ -330,7 +348,11 @@ impl Table {
         }
     }
 
-    fn get<T: DeserializeOwned>(&self, c: &mut impl GenericClient, keys: &[Param<'_>]) -> Result<Option<T>, StoreError> {
+    fn get<T: DeserializeOwned>(
+        &self,
+        c: &mut impl GenericClient,
+        keys: &[Param<'_>],
+    ) -> Result<Option<T>, StoreError> {
         let sql = format!("SELECT doc FROM {} WHERE {}", self.name, self.key_clause(1));
         c.query_opt(&sql, keys).map_err(backend)?.map(|row| doc(&row)).transpose()
     }
@@ -395,7 +417,8 @@ const GROUPS: Table = Table {
     values: &["etag", "doc", "symmetric_key", "signing_subjects", "ca_refs"],
 };
 const CAS: Table = Table { name: "ca_certificates", keys: &["id"], values: &["etag", "doc", "subject_name"] };
-const REGISTRATIONS: Table = Table { name: "registrations", keys: &["id"], values: &["etag", "doc", "group_key"] };
+const REGISTRATIONS: Table =
+    Table { name: "registrations", keys: &["id"], values: &["etag", "doc", "group_key"] };
 
 impl EnrollmentStore for PgStore {
     fn enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, StoreError> {
@@ -426,13 +449,8 @@ fn group_x509(group: &EnrollmentGroup) -> (Vec<String>, Vec<String>) {
         .flatten()
         .filter_map(|c| c.info.as_ref().map(|i| i.subject_name.clone()))
         .collect();
-    let refs = x509
-        .ca_references
-        .iter()
-        .flat_map(|r| [&r.primary, &r.secondary])
-        .flatten()
-        .cloned()
-        .collect();
+    let refs =
+        x509.ca_references.iter().flat_map(|r| [&r.primary, &r.secondary]).flatten().cloned().collect();
     (subjects, refs)
 }
 
@@ -571,11 +589,8 @@ impl RegistrationStore for PgStore {
 // -------------------------------------------------------------------------------------------------
 // Identities
 
-const DEVICES: Table = Table {
-    name: "devices",
-    keys: &["device_id"],
-    values: &["etag", "doc", "status", "connected"],
-};
+const DEVICES: Table =
+    Table { name: "devices", keys: &["device_id"], values: &["etag", "doc", "status", "connected"] };
 const MODULES: Table = Table { name: "modules", keys: &["device_id", "module_id"], values: &["etag", "doc"] };
 
 /// The columns of one device row.
@@ -600,7 +615,10 @@ impl DeviceRow {
 }
 
 /// Multi-row upsert of devices (one statement).
-fn insert_devices<'a>(c: &mut impl GenericClient, rows: impl Iterator<Item = &'a DeviceRow>) -> Result<(), StoreError> {
+fn insert_devices<'a>(
+    c: &mut impl GenericClient,
+    rows: impl Iterator<Item = &'a DeviceRow>,
+) -> Result<(), StoreError> {
     let mut params: Vec<Param<'_>> = Vec::new();
     let mut tuples = Vec::new();
     for r in rows {
@@ -643,10 +661,7 @@ impl IdentityStore for PgStore {
         let etag: String = row.try_get(0).map_err(backend)?;
         pre.check(Some(&ETag::new(etag)))?;
         let modules = tx
-            .query(
-                "DELETE FROM modules WHERE device_id = $1 RETURNING doc, module_id",
-                &[&id.as_str()],
-            )
+            .query("DELETE FROM modules WHERE device_id = $1 RETURNING doc, module_id", &[&id.as_str()])
             .map_err(backend)?;
         let mut modules = modules
             .iter()
@@ -703,7 +718,12 @@ impl IdentityStore for PgStore {
         MODULES.put(&mut *self.conn()?, &[&d, &m, &etag, &doc], pre)
     }
 
-    fn delete_module(&self, device: &DeviceId, module: &ModuleId, pre: &Precondition) -> Result<Module, StoreError> {
+    fn delete_module(
+        &self,
+        device: &DeviceId,
+        module: &ModuleId,
+        pre: &Precondition,
+    ) -> Result<Module, StoreError> {
         let doc = MODULES.delete(&mut *self.conn()?, &[&device.as_str(), &module.as_str()], pre)?;
         from_json(&doc)
     }
@@ -720,11 +740,8 @@ impl IdentityStore for PgStore {
 // -------------------------------------------------------------------------------------------------
 // Twins
 
-const TWINS: Table = Table {
-    name: "twins",
-    keys: &["device_id", "module_id"],
-    values: &["etag", "doc", "tags"],
-};
+const TWINS: Table =
+    Table { name: "twins", keys: &["device_id", "module_id"], values: &["etag", "doc", "tags"] };
 
 /// The columns of one twin row; the etag column holds the revision, which preconditions compare.
 struct TwinRow {
@@ -735,7 +752,8 @@ struct TwinRow {
 
 impl TwinRow {
     fn new(twin: &TwinDocument) -> Result<Self, StoreError> {
-        let value = serde_json::to_value(twin).map_err(|e| StoreError::Backend(format!("cannot encode twin: {e}")))?;
+        let value = serde_json::to_value(twin)
+            .map_err(|e| StoreError::Backend(format!("cannot encode twin: {e}")))?;
         let tags = match value.get("tags") {
             Some(tags) => to_json(tags)?,
             None => "{}".to_owned(),
@@ -868,7 +886,8 @@ fn job_record(row: &Row) -> Result<JobRecord, StoreError> {
     let version: i64 = row.try_get(1).map_err(backend)?;
     Ok(JobRecord {
         job: doc(row)?,
-        version: u64::try_from(version).map_err(|_| StoreError::Backend("negative job version".to_owned()))?,
+        version: u64::try_from(version)
+            .map_err(|_| StoreError::Backend("negative job version".to_owned()))?,
     })
 }
 
@@ -886,8 +905,8 @@ impl JobStore for PgStore {
         let id = job.job_id.as_str();
         let etag = record.etag().bare().to_owned();
         let doc = to_json(job)?;
-        let version =
-            i64::try_from(record.version).map_err(|_| StoreError::Backend("job version too large".to_owned()))?;
+        let version = i64::try_from(record.version)
+            .map_err(|_| StoreError::Backend("job version too large".to_owned()))?;
         let (job_type, status) = (wire_name(&job.job_type)?, wire_name(&job.status)?);
         let terminal = job.status.is_terminal();
         let end_time = job.end_time.map(Timestamp::unix_nanos);
@@ -901,7 +920,10 @@ impl JobStore for PgStore {
     fn jobs(&self, filter: &JobFilter, page: &PageRequest) -> Result<Page<JobResponse>, StoreError> {
         let (max, limit) = limit_of(page);
         let after = match &page.continuation {
-            Some(t) => decode_token(t)?.into_iter().next().ok_or_else(|| StoreError::Backend("bad continuation token".into()))?,
+            Some(t) => decode_token(t)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::Backend("bad continuation token".into()))?,
             None => String::new(),
         };
         let job_type = filter.job_type.as_ref().map(wire_name).transpose()?;
@@ -942,7 +964,11 @@ impl JobStore for PgStore {
         row.map(|r| doc(&r)).transpose()
     }
 
-    fn device_jobs(&self, filter: &DeviceJobFilter, page: &PageRequest) -> Result<Page<DeviceJob>, StoreError> {
+    fn device_jobs(
+        &self,
+        filter: &DeviceJobFilter,
+        page: &PageRequest,
+    ) -> Result<Page<DeviceJob>, StoreError> {
         let (max, limit) = limit_of(page);
         let (job, device) = match &page.continuation {
             Some(t) => match decode_token(t)?.as_slice() {
@@ -976,7 +1002,11 @@ impl JobStore for PgStore {
                 &[&cutoff.unix_nanos()],
             )
             .map_err(backend)?;
-        let ids = purged.iter().map(|r| r.try_get::<_, String>(0)).collect::<Result<Vec<_>, _>>().map_err(backend)?;
+        let ids = purged
+            .iter()
+            .map(|r| r.try_get::<_, String>(0))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
         if !ids.is_empty() {
             tx.execute("DELETE FROM device_jobs WHERE job_id = ANY ($1)", &[&ids]).map_err(backend)?;
         }

@@ -10,23 +10,23 @@ use zerotouch_testkit::{conformance, hub_conformance};
 #[test]
 fn provisioning_stores_pass_the_conformance_suite_on_postgres() {
     let db = TestDb::new();
-    conformance::run_all(|| db.store());
+    conformance::run_all(|| db.empty_store());
 }
 
 #[test]
 fn identity_store_passes_the_hub_conformance_suite_on_postgres() {
     let db = TestDb::new();
-    hub_conformance::identity_store(|| db.store());
+    hub_conformance::identity_store(|| db.empty_store());
 }
 
 #[test]
 fn twin_store_passes_the_hub_conformance_suite_on_postgres() {
     let db = TestDb::new();
-    hub_conformance::twin_store(|| db.store());
+    hub_conformance::twin_store(|| db.empty_store());
 }
 
 #[test]
 fn job_store_passes_the_hub_conformance_suite_on_postgres() {
     let db = TestDb::new();
-    hub_conformance::job_store(|| db.store());
+    hub_conformance::job_store(|| db.empty_store());
 }

@@ -146,9 +146,8 @@ pub(super) fn migrate(client: &mut postgres::Client) -> Result<(), StoreError> {
 
 /// The highest applied version (0 for an empty database).
 pub(super) fn current_version(client: &mut impl GenericClient) -> Result<i32, StoreError> {
-    let row = client
-        .query_one("SELECT coalesce(max(version), 0) FROM zerotouch_schema", &[])
-        .map_err(backend)?;
+    let row =
+        client.query_one("SELECT coalesce(max(version), 0) FROM zerotouch_schema", &[]).map_err(backend)?;
     row.try_get(0).map_err(backend)
 }
 
