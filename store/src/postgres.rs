@@ -19,20 +19,24 @@ use postgres::{GenericClient, NoTls, Row};
 use r2d2::{Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
-use serde_json::Value;
 use zerotouch_engine::jobs::{DeviceJobFilter, JobFilter, JobRecord, JobStore};
 use zerotouch_engine::registry::{DeviceCounts, IdentityStore};
 use zerotouch_engine::store::{
-    CaCertificate, CaCertificateStore, EnrollmentGroupStore, EnrollmentRef, EnrollmentStore, OperationRecord,
-    Page, PageRequest, Precondition, RegistrationRecord, RegistrationStore,
+    CaCertificate, CaCertificateStore, EnrollmentGroupStore, EnrollmentStore, OperationRecord, Page,
+    PageRequest, Precondition, RegistrationRecord, RegistrationStore,
 };
 use zerotouch_engine::twin::{StoredTwin, TwinDocument, TwinKey, TwinStore};
 use zerotouch_engine::StoreError;
-use zerotouch_proto::hub::{ConnectionState, Device, Module};
+use zerotouch_proto::hub::{Device, Module};
 use zerotouch_proto::jobs::{DeviceJob, JobId, JobResponse};
 use zerotouch_proto::service::{EnrollmentGroup, IndividualEnrollment};
-use zerotouch_proto::{DeviceId, ETag, EnrollmentGroupId, ModuleId, OperationId, RegistrationId, Timestamp};
+use zerotouch_proto::{DeviceId, EnrollmentGroupId, ModuleId, OperationId, RegistrationId, Timestamp};
+
+use crate::codec::{
+    ca_references, check, decode_token, device_connected, device_status_column, encode_token, etag_column,
+    from_doc, job_etag, job_purge_time, job_status_column, job_type_column, registration_group,
+    signing_subjects, time_column, to_doc, twin_key, twin_module_column,
+};
 
 mod schema;
 
@@ -111,68 +115,85 @@ impl PgStore {
         self.pool.get().map_err(|e| StoreError::Backend(format!("no PostgreSQL connection: {e}")))
     }
 
-    /// Imports device identities (each with its twin, when given) in batches of `batch_size`,
-    /// one transaction per batch, replacing identities and twins that exist. Returns how many
-    /// devices were written. A failure leaves the batches before it committed.
+    /// Writes (creates or replaces) many devices in one transaction, with multi-row `INSERT`s:
+    /// the bulk path of an import (callers batch, e.g. 5000 per call). All or none are written.
     ///
     /// # Errors
     /// Backend failures.
-    pub fn import_devices(
-        &self,
-        devices: impl IntoIterator<Item = (Device, Option<TwinDocument>)>,
-        batch_size: usize,
-    ) -> Result<u64, StoreError> {
-        let batch_size = batch_size.max(1);
+    pub fn put_devices(&self, devices: &[Device]) -> Result<(), StoreError> {
+        let rows =
+            last_per_id(devices, |d| d).into_iter().map(DeviceRow::new).collect::<Result<Vec<_>, _>>()?;
         let mut conn = self.conn()?;
-        let mut written = 0u64;
-        let mut batch = Vec::with_capacity(batch_size);
-        let mut iter = devices.into_iter().peekable();
-        while iter.peek().is_some() {
-            batch.clear();
-            batch.extend(iter.by_ref().take(batch_size));
-            let rows = batch
-                .iter()
-                .map(|(d, t)| Ok((DeviceRow::new(d)?, t.as_ref().map(TwinRow::new).transpose()?)))
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            let mut tx = conn.transaction().map_err(backend)?;
-            for chunk in rows.chunks(IMPORT_ROWS_PER_STATEMENT) {
-                insert_devices(&mut tx, chunk.iter().map(|(d, _)| d))?;
-                let twins: Vec<(&str, &TwinRow)> =
-                    chunk.iter().filter_map(|(d, t)| t.as_ref().map(|t| (d.id.as_str(), t))).collect();
-                insert_twins(&mut tx, &twins)?;
-            }
-            tx.commit().map_err(backend)?;
-            written += rows.len() as u64;
+        let mut tx = conn.transaction().map_err(backend)?;
+        for chunk in rows.chunks(IMPORT_ROWS_PER_STATEMENT) {
+            insert_devices(&mut tx, chunk.iter())?;
         }
-        Ok(written)
+        tx.commit().map_err(backend)
     }
 
-    /// Streams every device identity in id order to `visit`, reading `batch_size` rows per
-    /// query (keyset paging, so memory stays flat and no transaction is held open), until
-    /// `visit` breaks. Returns how many devices were visited.
+    /// Writes (creates or replaces) many devices and their device twins in one transaction, so
+    /// an imported identity never exists without its twin. All or none are written.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn put_devices_with_twins(&self, devices: &[(Device, TwinDocument)]) -> Result<(), StoreError> {
+        let rows = last_per_id(devices, |(d, _)| d)
+            .into_iter()
+            .map(|(d, t)| Ok((DeviceRow::new(d)?, TwinRow::new(t)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction().map_err(backend)?;
+        for chunk in rows.chunks(IMPORT_ROWS_PER_STATEMENT) {
+            insert_devices(&mut tx, chunk.iter().map(|(d, _)| d))?;
+            let twins: Vec<(&str, &TwinRow)> = chunk.iter().map(|(d, t)| (d.id.as_str(), t)).collect();
+            insert_twins(&mut tx, &twins)?;
+        }
+        tx.commit().map_err(backend)
+    }
+
+    /// Streams every device in id order to `visit` from one consistent snapshot: a read-only
+    /// repeatable-read transaction reads a server-side cursor `batch` rows at a time, so memory
+    /// stays flat and concurrent writers are not blocked. Stops early when `visit` breaks;
+    /// returns how many devices were visited.
     ///
     /// # Errors
     /// Backend failures or a stored row that does not parse.
     pub fn export_devices(
         &self,
-        batch_size: usize,
-        visit: &mut dyn FnMut(Device) -> ControlFlow<()>,
+        batch: usize,
+        mut visit: impl FnMut(Device) -> ControlFlow<()>,
     ) -> Result<u64, StoreError> {
-        let mut page = PageRequest { continuation: None, max_items: batch_size.max(1) };
+        let batch = i32::try_from(batch.max(1)).unwrap_or(i32::MAX);
+        let mut conn = self.conn()?;
+        let mut tx = conn
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .map_err(backend)?;
+        let portal = tx.bind("SELECT doc FROM devices ORDER BY device_id", &[]).map_err(backend)?;
         let mut visited = 0u64;
         loop {
-            let Page { items, continuation } = self.devices(&page)?;
-            for device in items {
+            let rows = tx.query_portal(&portal, batch).map_err(backend)?;
+            for row in &rows {
                 visited += 1;
-                if visit(device).is_break() {
+                if visit(doc(row)?).is_break() {
                     return Ok(visited);
                 }
             }
-            match continuation {
-                Some(c) => page.continuation = Some(c),
-                None => return Ok(visited),
+            if rows.len() < usize::try_from(batch).unwrap_or(usize::MAX) {
+                return Ok(visited);
             }
         }
+    }
+
+    /// Number of stored device identities.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn device_count(&self) -> Result<u64, StoreError> {
+        let row = self.conn()?.query_one("SELECT count(*) FROM devices", &[]).map_err(backend)?;
+        Ok(u64::try_from(row.try_get::<_, i64>(0).map_err(backend)?).unwrap_or_default())
     }
 }
 
@@ -183,31 +204,9 @@ fn backend(e: postgres::Error) -> StoreError {
     StoreError::Backend(format!("PostgreSQL: {e}"))
 }
 
-fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Backend(format!("cannot encode row: {e}")))
-}
-
-fn from_json<T: DeserializeOwned>(text: &str) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Backend(format!("stored row does not parse: {e}")))
-}
-
 /// Decodes the `doc` column (always the first) of a row.
 fn doc<T: DeserializeOwned>(row: &Row) -> Result<T, StoreError> {
-    from_json(row.try_get::<_, &str>(0).map_err(backend)?)
-}
-
-/// The stored etag of an entity in bare form; an entity without one stores `""`, so that it
-/// still exists for `MustExist` and still fails `Matches`.
-fn bare(etag: Option<&ETag>) -> String {
-    etag.map(|e| e.bare().to_owned()).unwrap_or_default()
-}
-
-/// The wire string of a unit enum (`"enabled"`, `"scheduleUpdateTwin"`, …).
-fn wire_name<T: Serialize>(value: &T) -> Result<String, StoreError> {
-    match serde_json::to_value(value) {
-        Ok(Value::String(s)) => Ok(s),
-        _ => Err(StoreError::Backend("enum does not encode as a string".to_owned())),
-    }
+    from_doc(row.try_get::<_, &str>(0).map_err(backend)?)
 }
 
 fn limit_of(page: &PageRequest) -> (usize, i64) {
@@ -426,7 +425,7 @@ impl EnrollmentStore for PgStore {
     }
 
     fn put_enrollment(&self, e: &IndividualEnrollment, pre: &Precondition) -> Result<(), StoreError> {
-        let (key, etag, doc) = (e.registration_id.key(), bare(e.etag.as_ref()), to_json(e)?);
+        let (key, etag, doc) = (e.registration_id.key(), etag_column(e.etag.as_ref()), to_doc(e)?);
         ENROLLMENTS.put(&mut *self.conn()?, &[&key, &etag, &doc], pre)
     }
 
@@ -439,21 +438,6 @@ impl EnrollmentStore for PgStore {
     }
 }
 
-/// Subjects of a group's signing certificates and names of its CA references.
-fn group_x509(group: &EnrollmentGroup) -> (Vec<String>, Vec<String>) {
-    let Some(x509) = &group.attestation.x509 else { return (Vec::new(), Vec::new()) };
-    let subjects = x509
-        .signing_certificates
-        .iter()
-        .flat_map(|c| [&c.primary, &c.secondary])
-        .flatten()
-        .filter_map(|c| c.info.as_ref().map(|i| i.subject_name.clone()))
-        .collect();
-    let refs =
-        x509.ca_references.iter().flat_map(|r| [&r.primary, &r.secondary]).flatten().cloned().collect();
-    (subjects, refs)
-}
-
 fn docs<T: DeserializeOwned>(rows: &[Row]) -> Result<Vec<T>, StoreError> {
     rows.iter().map(doc).collect()
 }
@@ -464,9 +448,9 @@ impl EnrollmentGroupStore for PgStore {
     }
 
     fn put_enrollment_group(&self, g: &EnrollmentGroup, pre: &Precondition) -> Result<(), StoreError> {
-        let (key, etag, doc) = (g.enrollment_group_id.key(), bare(g.etag.as_ref()), to_json(g)?);
+        let (key, etag, doc) = (g.enrollment_group_id.key(), etag_column(g.etag.as_ref()), to_doc(g)?);
         let symmetric = g.attestation.symmetric_key.is_some();
-        let (subjects, refs) = group_x509(g);
+        let (subjects, refs) = (signing_subjects(g), ca_references(g));
         GROUPS.put(&mut *self.conn()?, &[&key, &etag, &doc, &symmetric, &subjects, &refs], pre)
     }
 
@@ -507,7 +491,7 @@ impl CaCertificateStore for PgStore {
     }
 
     fn put_ca_certificate(&self, cert: &CaCertificate, pre: &Precondition) -> Result<(), StoreError> {
-        let (etag, doc) = (cert.etag.bare().to_owned(), to_json(cert)?);
+        let (etag, doc) = (cert.etag.bare().to_owned(), to_doc(cert)?);
         CAS.put(&mut *self.conn()?, &[&cert.name, &etag, &doc, &cert.subject_name], pre)
     }
 
@@ -517,7 +501,7 @@ impl CaCertificateStore for PgStore {
 }
 
 fn put_operation(c: &mut impl GenericClient, op: &OperationRecord) -> Result<(), StoreError> {
-    let (id, created, doc) = (op.operation_id.as_str(), op.created.unix_nanos(), to_json(op)?);
+    let (id, created, doc) = (op.operation_id.as_str(), time_column(op.created), to_doc(op)?);
     c.execute(
         "INSERT INTO operations (id, created, doc) VALUES ($1, $2, $3) \
          ON CONFLICT (id) DO UPDATE SET created = EXCLUDED.created, doc = EXCLUDED.doc",
@@ -539,12 +523,9 @@ impl RegistrationStore for PgStore {
         operation: &OperationRecord,
     ) -> Result<(), StoreError> {
         let key = record.registration_id.key();
-        let etag = bare(record.etag().as_ref());
-        let doc = to_json(record)?;
-        let group = match &record.enrollment {
-            EnrollmentRef::Group(g) => Some(g.key()),
-            EnrollmentRef::Individual(_) => None,
-        };
+        let etag = etag_column(record.etag().as_ref());
+        let doc = to_doc(record)?;
+        let group = registration_group(record);
         let mut conn = self.conn()?;
         let mut tx = conn.transaction().map_err(backend)?;
         REGISTRATIONS.put(&mut tx, &[&key, &etag, &doc, &group], pre)?;
@@ -580,7 +561,7 @@ impl RegistrationStore for PgStore {
     fn purge_operations(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
         let n = self
             .conn()?
-            .execute("DELETE FROM operations WHERE created < $1", &[&cutoff.unix_nanos()])
+            .execute("DELETE FROM operations WHERE created < $1", &[&time_column(cutoff)])
             .map_err(backend)?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
@@ -606,12 +587,21 @@ impl DeviceRow {
     fn new(d: &Device) -> Result<Self, StoreError> {
         Ok(DeviceRow {
             id: d.device_id.as_str().to_owned(),
-            etag: bare(d.etag.as_ref()),
-            doc: to_json(d)?,
-            status: wire_name(&d.status)?,
-            connected: d.connection_state == ConnectionState::Connected,
+            etag: etag_column(d.etag.as_ref()),
+            doc: to_doc(d)?,
+            status: device_status_column(d.status)?,
+            connected: device_connected(d),
         })
     }
+}
+
+/// The items of a bulk write, the last one of each device id only: one multi-row upsert may
+/// not touch a row twice, and a later line of an import replaces an earlier one.
+fn last_per_id<T>(items: &[T], device: impl Fn(&T) -> &Device) -> Vec<&T> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<&T> = items.iter().rev().filter(|t| seen.insert(device(t).device_id.as_str())).collect();
+    out.reverse();
+    out
 }
 
 /// Multi-row upsert of devices (one statement).
@@ -659,7 +649,7 @@ impl IdentityStore for PgStore {
             .map_err(backend)?
             .ok_or(StoreError::NotFound)?;
         let etag: String = row.try_get(0).map_err(backend)?;
-        pre.check(Some(&ETag::new(etag)))?;
+        check(pre, Some(&etag))?;
         let modules = tx
             .query("DELETE FROM modules WHERE device_id = $1 RETURNING doc, module_id", &[&id.as_str()])
             .map_err(backend)?;
@@ -713,7 +703,7 @@ impl IdentityStore for PgStore {
     }
 
     fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
-        let (etag, doc) = (bare(module.etag.as_ref()), to_json(module)?);
+        let (etag, doc) = (etag_column(module.etag.as_ref()), to_doc(module)?);
         let (d, m) = (module.device_id.as_str(), module.module_id.as_str());
         MODULES.put(&mut *self.conn()?, &[&d, &m, &etag, &doc], pre)
     }
@@ -725,7 +715,7 @@ impl IdentityStore for PgStore {
         pre: &Precondition,
     ) -> Result<Module, StoreError> {
         let doc = MODULES.delete(&mut *self.conn()?, &[&device.as_str(), &module.as_str()], pre)?;
-        from_json(&doc)
+        from_doc(&doc)
     }
 
     fn modules(&self, device: &DeviceId) -> Result<Vec<Module>, StoreError> {
@@ -755,16 +745,11 @@ impl TwinRow {
         let value = serde_json::to_value(twin)
             .map_err(|e| StoreError::Backend(format!("cannot encode twin: {e}")))?;
         let tags = match value.get("tags") {
-            Some(tags) => to_json(tags)?,
+            Some(tags) => to_doc(tags)?,
             None => "{}".to_owned(),
         };
-        Ok(TwinRow { revision: twin.revision().bare().to_owned(), doc: to_json(&value)?, tags })
+        Ok(TwinRow { revision: twin.revision().bare().to_owned(), doc: to_doc(&value)?, tags })
     }
-}
-
-/// The module column of a twin key: `""` for the device twin, which so sorts first.
-fn module_col(key: &TwinKey) -> &str {
-    key.module_id.as_ref().map_or("", ModuleId::as_str)
 }
 
 /// Multi-row upsert of device twins (one statement).
@@ -797,29 +782,24 @@ fn twin_token(key: &TwinKey) -> String {
 }
 
 fn stored_twin(row: &Row) -> Result<StoredTwin, StoreError> {
-    let bad = |e: zerotouch_proto::ProtoError| StoreError::Backend(format!("stored twin key: {e}"));
     let device: &str = row.try_get(1).map_err(backend)?;
     let module: &str = row.try_get(2).map_err(backend)?;
-    let key = TwinKey {
-        device_id: DeviceId::new(device).map_err(bad)?,
-        module_id: if module.is_empty() { None } else { Some(ModuleId::new(module).map_err(bad)?) },
-    };
-    Ok(StoredTwin { key, document: doc(row)? })
+    Ok(StoredTwin { key: twin_key(device, module)?, document: doc(row)? })
 }
 
 impl TwinStore for PgStore {
     fn twin(&self, key: &TwinKey) -> Result<Option<TwinDocument>, StoreError> {
-        TWINS.get(&mut *self.conn()?, &[&key.device_id.as_str(), &module_col(key)])
+        TWINS.get(&mut *self.conn()?, &[&key.device_id.as_str(), &twin_module_column(key)])
     }
 
     fn put_twin(&self, key: &TwinKey, twin: &TwinDocument, pre: &Precondition) -> Result<(), StoreError> {
         let r = TwinRow::new(twin)?;
-        let (d, m) = (key.device_id.as_str(), module_col(key));
+        let (d, m) = (key.device_id.as_str(), twin_module_column(key));
         TWINS.put(&mut *self.conn()?, &[&d, &m, &r.revision, &r.doc, &r.tags], pre)
     }
 
     fn delete_twin(&self, key: &TwinKey, pre: &Precondition) -> Result<(), StoreError> {
-        TWINS.delete(&mut *self.conn()?, &[&key.device_id.as_str(), &module_col(key)], pre).map(drop)
+        TWINS.delete(&mut *self.conn()?, &[&key.device_id.as_str(), &twin_module_column(key)], pre).map(drop)
     }
 
     fn twins(&self, page: &PageRequest) -> Result<Page<StoredTwin>, StoreError> {
@@ -861,26 +841,8 @@ impl TwinStore for PgStore {
 const JOBS: Table = Table {
     name: "jobs",
     keys: &["job_id"],
-    values: &["etag", "doc", "version", "job_type", "status", "terminal", "end_time"],
+    values: &["etag", "doc", "version", "job_type", "status", "purge_after"],
 };
-
-/// Job tokens are hex-encoded JSON arrays of the last key: opaque, and safe in a header.
-fn encode_token(parts: &[&str]) -> String {
-    let json = serde_json::to_string(parts).unwrap_or_default();
-    json.bytes().map(|b| format!("{b:02x}")).collect()
-}
-
-fn decode_token(token: &str) -> Result<Vec<String>, StoreError> {
-    let bad = || StoreError::Backend("bad continuation token".to_owned());
-    if token.len() % 2 != 0 {
-        return Err(bad());
-    }
-    let bytes = (0..token.len())
-        .step_by(2)
-        .map(|i| token.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or_else(bad))
-        .collect::<Result<Vec<u8>, _>>()?;
-    serde_json::from_slice(&bytes).map_err(|_| bad())
-}
 
 fn job_record(row: &Row) -> Result<JobRecord, StoreError> {
     let version: i64 = row.try_get(1).map_err(backend)?;
@@ -903,31 +865,26 @@ impl JobStore for PgStore {
     fn put_job(&self, record: &JobRecord, pre: &Precondition) -> Result<(), StoreError> {
         let job = &record.job;
         let id = job.job_id.as_str();
-        let etag = record.etag().bare().to_owned();
-        let doc = to_json(job)?;
+        let etag = job_etag(record);
+        let doc = to_doc(job)?;
         let version = i64::try_from(record.version)
             .map_err(|_| StoreError::Backend("job version too large".to_owned()))?;
-        let (job_type, status) = (wire_name(&job.job_type)?, wire_name(&job.status)?);
-        let terminal = job.status.is_terminal();
-        let end_time = job.end_time.map(Timestamp::unix_nanos);
-        JOBS.put(
-            &mut *self.conn()?,
-            &[&id, &etag, &doc, &version, &job_type, &status, &terminal, &end_time],
-            pre,
-        )
+        let (job_type, status) = (job_type_column(job.job_type)?, job_status_column(job.status)?);
+        let purge_after = job_purge_time(record);
+        JOBS.put(&mut *self.conn()?, &[&id, &etag, &doc, &version, &job_type, &status, &purge_after], pre)
     }
 
     fn jobs(&self, filter: &JobFilter, page: &PageRequest) -> Result<Page<JobResponse>, StoreError> {
         let (max, limit) = limit_of(page);
         let after = match &page.continuation {
-            Some(t) => decode_token(t)?
+            Some(t) => decode_token(t, 1)?
                 .into_iter()
                 .next()
                 .ok_or_else(|| StoreError::Backend("bad continuation token".into()))?,
             None => String::new(),
         };
-        let job_type = filter.job_type.as_ref().map(wire_name).transpose()?;
-        let status = filter.status.as_ref().map(wire_name).transpose()?;
+        let job_type = filter.job_type.map(job_type_column).transpose()?;
+        let status = filter.status.map(job_status_column).transpose()?;
         let rows = self
             .conn()?
             .query(
@@ -942,7 +899,7 @@ impl JobStore for PgStore {
     }
 
     fn put_device_job(&self, record: &DeviceJob) -> Result<(), StoreError> {
-        let (job, device, doc) = (record.job_id.as_str(), record.device_id.as_str(), to_json(record)?);
+        let (job, device, doc) = (record.job_id.as_str(), record.device_id.as_str(), to_doc(record)?);
         self.conn()?
             .execute(
                 "INSERT INTO device_jobs (job_id, device_id, doc) VALUES ($1, $2, $3) \
@@ -971,7 +928,7 @@ impl JobStore for PgStore {
     ) -> Result<Page<DeviceJob>, StoreError> {
         let (max, limit) = limit_of(page);
         let (job, device) = match &page.continuation {
-            Some(t) => match decode_token(t)?.as_slice() {
+            Some(t) => match decode_token(t, 2)?.as_slice() {
                 [j, d] => (j.clone(), d.clone()),
                 _ => return Err(StoreError::Backend("bad continuation token".to_owned())),
             },
@@ -997,10 +954,7 @@ impl JobStore for PgStore {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction().map_err(backend)?;
         let purged = tx
-            .query(
-                "DELETE FROM jobs WHERE terminal AND end_time IS NOT NULL AND end_time < $1 RETURNING job_id",
-                &[&cutoff.unix_nanos()],
-            )
+            .query("DELETE FROM jobs WHERE purge_after < $1 RETURNING job_id", &[&time_column(cutoff)])
             .map_err(backend)?;
         let ids = purged
             .iter()

@@ -88,10 +88,9 @@ CREATE TABLE jobs (
     version bigint NOT NULL,
     job_type text NOT NULL,
     status text NOT NULL,
-    terminal boolean NOT NULL,
-    end_time bigint
+    purge_after bigint
 );
-CREATE INDEX jobs_finished ON jobs (end_time) WHERE terminal;
+CREATE INDEX jobs_purge_after ON jobs (purge_after);
 CREATE TABLE device_jobs (
     job_id text COLLATE "C" NOT NULL,
     device_id text COLLATE "C" NOT NULL,
