@@ -6,6 +6,7 @@
 
 mod hub;
 mod provisioning;
+mod query;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
