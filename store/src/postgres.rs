@@ -19,6 +19,7 @@ use postgres::{GenericClient, NoTls, Row};
 use r2d2::{Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 use zerotouch_engine::jobs::{DeviceJobFilter, JobFilter, JobRecord, JobStore};
 use zerotouch_engine::registry::{DeviceCounts, IdentityStore};
 use zerotouch_engine::store::{
@@ -38,6 +39,7 @@ use crate::codec::{
     signing_subjects, time_column, to_doc, twin_key, twin_module_column,
 };
 
+mod query;
 mod schema;
 
 pub use schema::LATEST_SCHEMA_VERSION;
@@ -368,7 +370,7 @@ fn placeholder(column: &str, i: usize) -> String {
 }
 
 /// Columns of type jsonb (the rest are text, boolean, bigint or text[]).
-const JSONB_COLUMNS: &[&str] = &["tags"];
+const JSONB_COLUMNS: &[&str] = &["tags_ci"];
 
 /// A write that breaks a foreign key names a parent that does not exist.
 fn write_error(e: postgres::Error) -> StoreError {
@@ -731,7 +733,7 @@ impl IdentityStore for PgStore {
 // Twins
 
 const TWINS: Table =
-    Table { name: "twins", keys: &["device_id", "module_id"], values: &["etag", "doc", "tags"] };
+    Table { name: "twins", keys: &["device_id", "module_id"], values: &["etag", "doc", "tags_ci"] };
 
 /// The columns of one twin row; the etag column holds the revision, which preconditions compare.
 struct TwinRow {
@@ -745,8 +747,8 @@ impl TwinRow {
         let value = serde_json::to_value(twin)
             .map_err(|e| StoreError::Backend(format!("cannot encode twin: {e}")))?;
         let tags = match value.get("tags") {
-            Some(tags) => to_doc(tags)?,
-            None => "{}".to_owned(),
+            Some(Value::Object(tags)) => to_doc(&query::tags_index(tags))?,
+            _ => "{}".to_owned(),
         };
         Ok(TwinRow { revision: twin.revision().bare().to_owned(), doc: to_doc(&value)?, tags })
     }
@@ -765,9 +767,9 @@ fn insert_twins(c: &mut impl GenericClient, rows: &[(&str, &TwinRow)]) -> Result
         params.extend([id as Param<'_>, &r.revision, &r.doc, &r.tags]);
     }
     let sql = format!(
-        "INSERT INTO twins (device_id, module_id, etag, doc, tags) VALUES {} \
+        "INSERT INTO twins (device_id, module_id, etag, doc, tags_ci) VALUES {} \
          ON CONFLICT (device_id, module_id) DO UPDATE SET etag = EXCLUDED.etag, doc = EXCLUDED.doc, \
-         tags = EXCLUDED.tags",
+         tags_ci = EXCLUDED.tags_ci",
         tuples.join(", ")
     );
     c.execute(&sql, &params).map_err(backend)?;

@@ -77,10 +77,10 @@ CREATE TABLE twins (
     module_id text COLLATE "C" NOT NULL,
     etag text NOT NULL,
     doc text NOT NULL,
-    tags jsonb NOT NULL,
+    tags_ci jsonb NOT NULL,
     PRIMARY KEY (device_id, module_id)
 );
-CREATE INDEX twins_tags ON twins USING gin (tags jsonb_path_ops);
+CREATE INDEX twins_tags ON twins USING gin (tags_ci jsonb_path_ops);
 CREATE TABLE jobs (
     job_id text COLLATE "C" PRIMARY KEY,
     etag text NOT NULL,
