@@ -1,8 +1,10 @@
 //! The `zerotouch` server as a library: configuration, data directory, store commands, serve.
 
 pub mod admin;
+pub mod backend;
 pub mod config;
 pub mod datadir;
 pub mod error;
+pub mod service;
 
 pub use error::ServerError;
