@@ -99,3 +99,70 @@ impl Backend for MemoryBackend {
         Ok(self.hubs.lock().map_err(|_| ServerError::Store("hub list poisoned".into()))?.clone())
     }
 }
+
+/// The embedded default: SQLite files in the data directory, `zerotouch.sqlite` for
+/// provisioning and `hubs/<host name>.sqlite` per embedded hub (a hub's registry keeps device
+/// ids unique per hub, as IoT Hub does, so hubs do not share tables). Admin commands open the
+/// same files while a server runs (WAL, busy timeout).
+#[cfg(feature = "sqlite")]
+#[derive(Debug, Clone)]
+pub struct SqliteBackend {
+    dir: std::path::PathBuf,
+}
+
+#[cfg(feature = "sqlite")]
+impl SqliteBackend {
+    /// File name of the provisioning database in the data directory.
+    pub const DATABASE_FILE: &'static str = "zerotouch.sqlite";
+    /// Sub-directory of the hub databases.
+    pub const HUBS_DIR: &'static str = "hubs";
+
+    /// The backend of data directory `dir` (created when missing, on first open).
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    fn open(path: &std::path::Path) -> Result<zerotouch_store::sqlite::SqliteStore, ServerError> {
+        if let Some(parent) = path.parent() {
+            crate::datadir::ensure_dir(parent)?;
+        }
+        zerotouch_store::sqlite::SqliteStore::open(path)
+            .map_err(|e| ServerError::Store(format!("{}: {e}", path.display())))
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl Backend for SqliteBackend {
+    type Provisioning = zerotouch_store::sqlite::SqliteStore;
+    type Identities = zerotouch_store::sqlite::SqliteStore;
+    type Twins = zerotouch_store::sqlite::SqliteStore;
+    type Jobs = zerotouch_store::sqlite::SqliteStore;
+
+    fn provisioning(&self) -> Result<Self::Provisioning, ServerError> {
+        Self::open(&self.dir.join(Self::DATABASE_FILE))
+    }
+
+    fn hub(&self, host_name: &str) -> Result<HubStoresOf<Self>, ServerError> {
+        let file = format!("{}.sqlite", host_name.to_ascii_lowercase());
+        let store = Self::open(&self.dir.join(Self::HUBS_DIR).join(file))?;
+        Ok(HubStores { identities: store.clone(), twins: store.clone(), jobs: store })
+    }
+
+    fn hub_names(&self) -> Result<Vec<String>, ServerError> {
+        let dir = self.dir.join(Self::HUBS_DIR);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(ServerError::io(dir, e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| ServerError::io(&dir, e))?;
+            if let Some(name) = entry.file_name().to_str().and_then(|n| n.strip_suffix(".sqlite")) {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}

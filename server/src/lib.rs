@@ -2,9 +2,11 @@
 
 pub mod admin;
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod datadir;
 pub mod error;
+pub mod server;
 pub mod service;
 
 pub use error::ServerError;
