@@ -287,7 +287,7 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
             };
             print(&on_backend!(store.location(), |b| devices(&b, &command))?)
         }
-        Command::Device(DeviceCommand::Register(_args)) => Err(ServerError::Config(
+        Command::Device(DeviceCommand::Register(_)) => Err(ServerError::Config(
             "device register needs the transport client, which is not in this build yet".into(),
         )),
     }
@@ -320,6 +320,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServerError> {
 }
 
 async fn serve_on<B: Backend>(config: &crate::config::ServeConfig, backend: B) -> Result<(), ServerError> {
+    // Registered before anything is printed, so a supervisor that signals as soon as it sees
+    // the endpoints still gets a graceful stop.
+    let stop = ShutdownSignal::register()?;
     let handle = crate::server::start(config, backend).await?;
     println!("zerotouch serving id scope {}", handle.id_scope());
     println!("  MQTT/TLS          {}", handle.mqtt_addr());
@@ -332,25 +335,47 @@ async fn serve_on<B: Backend>(config: &crate::config::ServeConfig, backend: B) -
         None => println!("  certificate       {}", handle.tls_files().cert.display()),
     }
     println!("  data              {}", config.store.data_dir.display());
-    shutdown_signal().await?;
+    stop.recv().await;
     tracing::info!("shutting down");
     handle.shutdown().await;
     Ok(())
 }
 
-async fn shutdown_signal() -> Result<(), ServerError> {
-    let signal_err = |e| ServerError::io("signal handler", e);
+/// SIGINT or SIGTERM.
+struct ShutdownSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).map_err(signal_err)?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.map_err(signal_err),
-            _ = term.recv() => Ok(()),
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    fn register() -> Result<Self, ServerError> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let signal_err = |e| ServerError::io("signal handler", e);
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt()).map_err(signal_err)?,
+                terminate: signal(SignalKind::terminate()).map_err(signal_err)?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Self {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await.map_err(signal_err)
+
+    async fn recv(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = &mut self;
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

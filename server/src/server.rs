@@ -153,21 +153,23 @@ pub async fn start_with_limits<B: Backend>(
         // An error means the handle was dropped: stop as well.
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(zerotouch_transport::mqtt::serve_mqtt(
-        mqtt,
-        Arc::clone(&tls_config),
-        Arc::clone(&dps),
-        limits.clone(),
-        until_stopped(stopped.clone()),
-    )));
-    // The HTTPS endpoint is not in this build yet; the port stays reserved for it.
-    let reserved = until_stopped(stopped.clone());
-    tasks.push(tokio::spawn(async move {
-        let _https = https;
-        reserved.await;
-    }));
-    tasks.push(tokio::spawn(maintenance::<B>(Arc::clone(&service), config.hubs.clone(), stopped)));
+    let tasks = vec![
+        tokio::spawn(zerotouch_transport::mqtt::serve_mqtt(
+            mqtt,
+            Arc::clone(&tls_config),
+            Arc::clone(&dps),
+            limits.clone(),
+            until_stopped(stopped.clone()),
+        )),
+        tokio::spawn(zerotouch_transport::http::serve_https(
+            https,
+            Arc::clone(&tls_config),
+            Arc::clone(&dps),
+            limits,
+            until_stopped(stopped.clone()),
+        )),
+        tokio::spawn(maintenance::<B>(Arc::clone(&service), config.hubs.clone(), stopped)),
+    ];
 
     tracing::info!(
         %mqtt_addr,
