@@ -43,11 +43,20 @@ fn a_device_id_in_no_hub_is_an_error() {
 }
 
 #[test]
-fn serve_prints_its_endpoints_and_stops_cleanly_on_sigterm() {
+fn serve_with_a_config_file_prints_its_endpoints_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("zerotouch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data-dir = {:?}\nid-scope = \"0ne00000001\"\nmqtt-listen = \"127.0.0.1:0\"\n\
+             https-listen = \"127.0.0.1:0\"\nhub = [\"plant.localhost:2\"]\n",
+            dir.path().to_str().unwrap()
+        ),
+    )
+    .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
-        .args(["serve", "--data-dir", dir.path().to_str().unwrap()])
-        .args(["--mqtt-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0", "--id-scope", "0ne0000BEEF"])
+        .args(["serve", "--config", config.to_str().unwrap(), "--id-scope", "0ne0000BEEF"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -63,7 +72,7 @@ fn serve_prints_its_endpoints_and_stops_cleanly_on_sigterm() {
     }
     let text = printed.join("\n");
     assert!(text.contains("id scope 0ne0000BEEF"), "{text}");
-    assert!(text.contains("embedded hub      localhost (weight 1)"), "{text}");
+    assert!(text.contains("embedded hub      plant.localhost (weight 2)"), "{text}");
     assert!(text.contains(dir.path().join("tls").join("ca.pem").to_str().unwrap()), "{text}");
 
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
