@@ -5,4 +5,8 @@
 //! client drives the engine's device-side `Registration` state machine over the same protocols.
 
 pub mod client;
+pub mod limits;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 pub mod service;
+pub mod tls;

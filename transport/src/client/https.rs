@@ -57,41 +57,18 @@ impl HttpsLink {
         };
         if !alive {
             let sender =
-                tokio::time::timeout(self.connect_timeout, self.connect()).await.map_err(|_| {
-                    ClientError::Connection(format!(
-                        "no TLS connection to {} within {} s",
-                        self.endpoint.authority(),
-                        self.connect_timeout.as_secs_f64()
-                    ))
-                })??;
+                tokio::time::timeout(self.connect_timeout, connect(self.endpoint.clone(), self.tls.clone()))
+                    .await
+                    .map_err(|_| {
+                        ClientError::Connection(format!(
+                            "no TLS connection to {} within {} s",
+                            self.endpoint.authority(),
+                            self.connect_timeout.as_secs_f64()
+                        ))
+                    })??;
             self.sender = Some(sender);
         }
         self.sender.as_mut().ok_or_else(|| ClientError::Connection("no HTTPS connection".into()))
-    }
-
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ClientError> {
-        let authority = self.endpoint.authority();
-        let fail = |what: &str, e: &dyn std::fmt::Display| {
-            ClientError::Connection(format!("{what} {authority}: {e}"))
-        };
-        let server_name = ServerName::try_from(self.endpoint.host.clone())
-            .map_err(|e| ClientError::Config(format!("bad server name {:?}: {e}", self.endpoint.host)))?;
-        let tcp = TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
-            .await
-            .map_err(|e| fail("TCP connect to", &e))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = TlsConnector::from(self.tls.clone())
-            .connect(server_name, tcp)
-            .await
-            .map_err(|e| fail("TLS handshake with", &e))?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| fail("HTTP/1.1 handshake with", &e))?;
-        // The connection task ends when the sender is dropped or the server closes.
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(sender)
     }
 
     fn request(&self, transmit: &Transmit) -> Result<Request<Full<Bytes>>, ClientError> {
@@ -130,6 +107,33 @@ impl HttpsLink {
         }
         builder.body(Full::new(body)).map_err(|e| ClientError::Config(format!("bad request: {e}")))
     }
+}
+
+async fn connect(
+    endpoint: Endpoint,
+    tls: Arc<ClientConfig>,
+) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+    let authority = endpoint.authority();
+    let fail =
+        |what: &str, e: &dyn std::fmt::Display| ClientError::Connection(format!("{what} {authority}: {e}"));
+    let server_name = ServerName::try_from(endpoint.host.clone())
+        .map_err(|e| ClientError::Config(format!("bad server name {:?}: {e}", endpoint.host)))?;
+    let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+        .await
+        .map_err(|e| fail("TCP connect to", &e))?;
+    let _ = tcp.set_nodelay(true);
+    let tls = TlsConnector::from(tls)
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| fail("TLS handshake with", &e))?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| fail("HTTP/1.1 handshake with", &e))?;
+    // The connection task ends when the sender is dropped or the server closes.
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
 }
 
 impl Link for HttpsLink {
