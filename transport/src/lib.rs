@@ -5,8 +5,12 @@
 //! client drives the engine's device-side `Registration` state machine over the same protocols.
 
 pub mod client;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod limits;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod service;
 pub mod tls;
+#[cfg(feature = "ws")]
+pub mod ws;

@@ -162,3 +162,30 @@ pub fn peer_chain<IO>(stream: &tokio_rustls::server::TlsStream<IO>) -> Vec<Vec<u
         .map(|certs| certs.iter().map(|c| c.as_ref().to_vec()).collect())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_without_a_certificate_is_refused() {
+        let err = server_config_from_pem(b"", b"").unwrap_err();
+        assert!(matches!(err, TlsError::Certificates(_)), "{err}");
+    }
+
+    #[test]
+    fn missing_key_file_error_names_the_file() {
+        let missing = Path::new("/nonexistent/zerotouch/server.key");
+        let err = server_config_from_files(missing, missing).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/zerotouch/server.key"), "{err}");
+    }
+
+    #[test]
+    fn listener_offers_but_does_not_require_client_certificates_and_sends_no_hints() {
+        let verifier = EngineClientCertVerifier::new(&provider());
+        assert!(verifier.offer_client_auth());
+        assert!(!verifier.client_auth_mandatory());
+        assert!(verifier.root_hint_subjects().is_empty());
+        assert!(verifier.supported_verify_schemes().contains(&SignatureScheme::ECDSA_NISTP256_SHA256));
+    }
+}

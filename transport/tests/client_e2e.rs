@@ -1,6 +1,6 @@
 //! The device client end to end against our own endpoints (`serve_mqtt`, and `serve_https` with
-//! its WebSocket bridge once present) over `EngineService` with a memory store and an embedded
-//! hub, on ephemeral ports: every transport × symmetric key (individual, group) and X.509 group.
+//! its MQTT-over-WebSocket bridge) over `EngineService` with a memory store and an embedded hub,
+//! on ephemeral ports: every transport × symmetric key (individual, group) and X.509 group.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -40,7 +40,9 @@ struct World {
     group_key: String,
     line_ca: TestCa,
     mqtt_host: String,
+    https_host: String,
     _stop: oneshot::Sender<()>,
+    _stop_https: oneshot::Sender<()>,
 }
 
 async fn world() -> World {
@@ -94,13 +96,34 @@ async fn world() -> World {
 
     let cert = ServerCert::new();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.clone()));
-    let tls = Arc::new(zerotouch_transport::tls::server_config(cert.chain.clone(), key).unwrap());
+    let tls = zerotouch_transport::tls::server_config(cert.chain.clone(), key).unwrap();
+    let mut https_tls = tls.clone();
+    https_tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let limits = Limits::default();
     let (stop, stopped) = oneshot::channel::<()>();
     let mqtt = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mqtt_host = mqtt.local_addr().unwrap().to_string();
-    tokio::spawn(zerotouch_transport::mqtt::serve_mqtt(mqtt, tls, service, Limits::default(), async move {
-        let _ = stopped.await;
-    }));
+    tokio::spawn(zerotouch_transport::mqtt::serve_mqtt(
+        mqtt,
+        Arc::new(tls),
+        service.clone(),
+        limits.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let (stop_https, stopped_https) = oneshot::channel::<()>();
+    let https = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let https_host = https.local_addr().unwrap().to_string();
+    tokio::spawn(zerotouch_transport::http::serve_https(
+        https,
+        Arc::new(https_tls),
+        service,
+        limits,
+        async move {
+            let _ = stopped_https.await;
+        },
+    ));
     let primary = |k: &Option<zerotouch_proto::service::SymmetricKeyAttestation>| {
         k.as_ref().and_then(|k| k.primary_key.clone()).unwrap()
     };
@@ -111,7 +134,9 @@ async fn world() -> World {
         hubs,
         line_ca,
         mqtt_host,
+        https_host,
         _stop: stop,
+        _stop_https: stop_https,
     }
 }
 
@@ -119,7 +144,7 @@ impl World {
     fn host(&self, transport: Transport) -> String {
         match transport {
             Transport::Mqtt => self.mqtt_host.clone(),
-            Transport::MqttWs | Transport::Https => unreachable!("no HTTPS endpoint in this tree yet"),
+            Transport::MqttWs | Transport::Https => self.https_host.clone(),
         }
     }
 
@@ -227,6 +252,36 @@ async fn group_key_used_directly_is_refused_over_mqtt() {
 #[tokio::test]
 async fn unenrolled_certificate_is_refused_over_mqtt() {
     unenrolled_certificate_is_refused_over(Transport::Mqtt).await;
+}
+
+#[tokio::test]
+async fn sym_individual_sym_group_and_x509_group_devices_provision_over_https() {
+    every_attestation_provisions_over(Transport::Https).await;
+}
+
+#[tokio::test]
+async fn group_key_used_directly_is_refused_over_https() {
+    group_key_used_directly_is_refused_over(Transport::Https).await;
+}
+
+#[tokio::test]
+async fn unenrolled_certificate_is_refused_over_https() {
+    unenrolled_certificate_is_refused_over(Transport::Https).await;
+}
+
+#[tokio::test]
+async fn sym_individual_sym_group_and_x509_group_devices_provision_over_mqtt_websockets() {
+    every_attestation_provisions_over(Transport::MqttWs).await;
+}
+
+#[tokio::test]
+async fn group_key_used_directly_is_refused_over_mqtt_websockets() {
+    group_key_used_directly_is_refused_over(Transport::MqttWs).await;
+}
+
+#[tokio::test]
+async fn unenrolled_certificate_is_refused_over_mqtt_websockets() {
+    unenrolled_certificate_is_refused_over(Transport::MqttWs).await;
 }
 
 #[tokio::test]

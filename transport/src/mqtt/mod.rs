@@ -3,6 +3,14 @@
 //! Packets are framed with rumqttc's `mqttbytes::v4` codec; topics and usernames with
 //! `zerotouch_proto::mqtt`. Every request goes to the [`DpsService`] on a blocking thread and its
 //! answer is published on `$dps/registrations/res/{status}/?$rid=…`.
+//!
+//! CONNECT outcomes (spec §2.1): protocol level other than 4 → return code 1; missing or
+//! malformed username → 4; client id other than the username's registration id → 2; no
+//! password and no client certificate, or a SAS token the engine refuses (bad signature,
+//! expired, wrong `sr`) → 5; admission full while checking the token → 3. A client certificate
+//! is judged by the register request instead, which answers 401 with the engine's details.
+//! Sessions are never kept (CONNACK session-present is always 0), and replies go to the
+//! requesting connection even without a SUBSCRIBE, because Python never re-subscribes.
 
 mod connection;
 
@@ -109,5 +117,6 @@ pub async fn run_mqtt_connection<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let deadline = Instant::now() + limits.connect_timeout;
-    connection::run(io, client_chain, service, limits, deadline, None).await;
+    let span = tracing::info_span!("mqtt", registration_id = tracing::field::Empty);
+    connection::run(io, client_chain, service, limits, deadline, None).instrument(span).await;
 }
