@@ -9,6 +9,7 @@ mod client_support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine as _;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -19,7 +20,9 @@ use zerotouch_engine::hub::LinkedHub;
 use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
 use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
-use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup, IndividualEnrollment};
+use zerotouch_proto::service::{
+    AttestationMechanism, EnrollmentGroup, IndividualEnrollment, ProvisioningStatus,
+};
 use zerotouch_proto::{DeviceId, EnrollmentGroupId, IdScope, IfMatch, RegistrationId};
 use zerotouch_testkit::certs::TestCa;
 use zerotouch_transport::client::{ClientError, FailureKind, ProvisioningClient, Transport};
@@ -37,6 +40,7 @@ struct World {
     cert: ServerCert,
     hubs: Arc<Mutex<EmbeddedHubs>>,
     individual_key: String,
+    retired_key: String,
     group_key: String,
     line_ca: TestCa,
     mqtt_host: String,
@@ -60,6 +64,13 @@ async fn world() -> World {
         &IfMatch::Absent,
     )
     .unwrap();
+    let mut retired = IndividualEnrollment::new(
+        RegistrationId::new("retired-1").unwrap(),
+        AttestationMechanism::symmetric_key(),
+    );
+    retired.provisioning_status = Some(ProvisioningStatus::Disabled);
+    let retired =
+        enrollments::put_enrollment(store.as_ref(), crypto.as_ref(), at, retired, &IfMatch::Absent).unwrap();
     let group = enrollments::put_enrollment_group(
         store.as_ref(),
         crypto.as_ref(),
@@ -129,6 +140,7 @@ async fn world() -> World {
     };
     World {
         individual_key: primary(&individual.attestation.symmetric_key),
+        retired_key: primary(&retired.attestation.symmetric_key),
         group_key: primary(&group.attestation.symmetric_key),
         cert,
         hubs,
@@ -236,6 +248,48 @@ async fn unenrolled_certificate_is_refused_over(transport: Transport) {
     if let ClientError::Registration(f) = &e {
         assert_eq!(f.kind, FailureKind::Unauthorized);
         assert_eq!(f.error_code.map(|c| c / 1000), Some(401), "{e}");
+    }
+}
+
+/// The refusal a device sees, whatever the transport: `(status, error code)` of the reply, or
+/// `(401, None)` for an MQTT CONNACK "not authorized" (the spec's choice for a bad SAS).
+fn refusal(e: &ClientError) -> (Option<u16>, Option<u32>) {
+    match e {
+        ClientError::ConnectRefused { return_code: 4 | 5, .. } => (Some(401), None),
+        other => (other.status(), other.error_code()),
+    }
+}
+
+#[tokio::test]
+async fn bad_credentials_reach_the_device_as_the_same_refusal_on_every_transport() {
+    let w = world().await;
+    let wrong_key = base64::engine::general_purpose::STANDARD.encode([42u8; 32]);
+    for transport in [Transport::Mqtt, Transport::MqttWs, Transport::Https] {
+        // A bad SAS is refused at CONNACK on MQTT (no reply body) and with 401 401002 on HTTPS.
+        let wrong = w.client(transport, "gateway-1").symmetric_key(wrong_key.clone()).build().unwrap();
+        let e = wrong.register().await.unwrap_err();
+        assert!(e.is_unauthorized(), "{transport}: wrong key: {e}");
+        assert!(matches!(refusal(&e), (Some(401), None | Some(401_002))), "{transport}: wrong key: {e}");
+
+        let disabled = w.client(transport, "retired-1").symmetric_key(w.retired_key.clone()).build().unwrap();
+        let e = disabled.register().await.unwrap_err();
+        assert!(
+            matches!(refusal(&e), (Some(401), None | Some(401_002))),
+            "{transport}: disabled enrollment: {e}"
+        );
+        assert!(!w.identity_exists("retired-1"));
+
+        let other_scope = ProvisioningClient::builder("0ne00E2E0FF", "gateway-1")
+            .provisioning_host(w.host(transport))
+            .transport(transport)
+            .ca_pem(w.cert.ca_pem.clone())
+            .symmetric_key(w.individual_key.clone())
+            .build()
+            .unwrap();
+        let e = other_scope.register().await.unwrap_err();
+        let (status, code) = refusal(&e);
+        assert_eq!(status, Some(404), "{transport}: unknown scope: {e}");
+        assert_eq!(code.map(|c| c / 1000), Some(404), "{transport}: unknown scope: {e}");
     }
 }
 
