@@ -4,6 +4,7 @@
 //! [`service::DpsService`] (the engine's provisioner behind it) and encode its answers; the
 //! client drives the engine's device-side `Registration` state machine over the same protocols.
 
+pub mod client;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod limits;
