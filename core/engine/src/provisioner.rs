@@ -246,6 +246,9 @@ pub struct Provisioner<S> {
     /// group lookup, and a changed group or CA certificate has new text, so an entry never goes
     /// stale.
     anchors: Mutex<HashMap<String, Certificate>>,
+    /// Presented CA certificates (everything above the leaf) parsed from their DER, keyed by
+    /// it: a fleet presents the same few intermediates with every registration.
+    issuers: Mutex<HashMap<Vec<u8>, Certificate>>,
 }
 
 /// Parsed anchors kept at most; the cache starts over when full (DPS allows a few hundred
@@ -301,6 +304,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             allocator,
             random: Mutex::new(RandomPool::empty()),
             anchors: Mutex::new(HashMap::new()),
+            issuers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -832,8 +836,13 @@ impl<S: ProvisioningStore> Provisioner<S> {
             }
         }
         // Derive from the id as sent; devices that lower-cased their id get a second chance.
-        let lower = id.as_str().to_ascii_lowercase();
-        let spellings: &[&str] = if lower == id.as_str() { &[id.as_str()] } else { &[id.as_str(), &lower] };
+        // Only an id with upper-case letters has a second spelling (and needs the copy).
+        let lower =
+            id.as_str().bytes().any(|b| b.is_ascii_uppercase()).then(|| id.as_str().to_ascii_lowercase());
+        let spellings: &[&str] = match &lower {
+            Some(lower) => &[id.as_str(), lower],
+            None => &[id.as_str()],
+        };
         for group in groups {
             let Some(keys) = group.attestation.symmetric_key.as_ref() else { continue };
             let (Some(p), Some(s)) = (keys.primary_key.as_deref(), keys.secondary_key.as_deref()) else {
@@ -870,7 +879,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         chain: &[Vec<u8>],
     ) -> Result<Attested, Error> {
         let crypto = self.crypto.as_ref();
-        let chain = PresentedChain::from_der(chain)?;
+        let chain = self.presented_chain(chain)?;
         chain.verify_internal(now, crypto)?;
         let leaf = chain.leaf();
         let cn = leaf.common_name().unwrap_or_default();
@@ -963,6 +972,31 @@ impl<S: ProvisioningStore> Provisioner<S> {
             }
         }
         Ok(anchors)
+    }
+
+    /// The presented chain, parsed: the leaf every time, the certificates above it once.
+    fn presented_chain(&self, chain: &[Vec<u8>]) -> Result<PresentedChain, Error> {
+        let mut certificates = Vec::with_capacity(chain.len());
+        for (i, der) in chain.iter().enumerate() {
+            certificates.push(if i == 0 { Certificate::from_der(der)? } else { self.issuer(der)? });
+        }
+        Ok(PresentedChain::from_certificates(certificates)?)
+    }
+
+    /// A presented CA certificate, parsed once. Only parsed certificates are kept, and the
+    /// cache starts over when full, so junk chains cannot grow it.
+    fn issuer(&self, der: &[u8]) -> Result<Certificate, Error> {
+        let lock = || self.issuers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cert) = lock().get(der) {
+            return Ok(cert.clone());
+        }
+        let cert = Certificate::from_der(der)?;
+        let mut cache = lock();
+        if cache.len() >= ANCHOR_CACHE {
+            cache.clear();
+        }
+        cache.insert(der.to_vec(), cert.clone());
+        Ok(cert)
     }
 
     /// The certificate of a stored PEM or base64 text, parsed once.
