@@ -158,6 +158,28 @@ fn a_selective_where_clause_is_answered_without_visiting_the_other_documents() {
     assert_eq!(visited("deviceId = 'dev-007'"), 1);
     assert_eq!(visited("status = 'disabled' AND deviceId IN ['dev-000', 'dev-001']"), 1);
     assert_eq!(visited("tags.region = 'nowhere'"), 0);
+    // The tag index: only the 40 twins with region 'eu', not those that hold 'eu' elsewhere.
+    assert_eq!(visited("tags.region = 'eu'"), 40);
+    assert_eq!(visited("tags.REGION = 'eu' AND status = 'disabled'"), 10);
     // Not translatable: every document is visited and the evaluator decides.
     assert_eq!(visited("tags.region = 'eu' OR deviceId = 'dev-001'"), 120);
+}
+
+#[test]
+fn the_tag_index_follows_tag_updates_and_deletes() {
+    let (store, hub) = fleet();
+    let now = Timestamp::from_unix_secs(1_700_000_100);
+    let id = DeviceId::new("dev-001").unwrap();
+    let patch = serde_json::from_value(json!({"tags": {"Region": "mars"}})).unwrap();
+    hub.update_twin(&id, None, &TwinOperation::Patch(patch), &IfMatch::Any, now).unwrap();
+    let query = |q: &str| (all_results(q, &store, 10), all_results(q, &hub, 10));
+    let (mars, expected) = query("SELECT deviceId FROM devices WHERE tags.region = 'mars'");
+    assert_eq!(mars, vec![json!({"deviceId": "dev-001"})]);
+    assert_eq!(mars, expected);
+    let (us, expected) = query("SELECT deviceId FROM devices WHERE tags.region = 'us'");
+    assert_eq!((us.len(), us == expected), (39, true));
+
+    hub.delete_device(&id, &IfMatch::Any, now).unwrap();
+    let (mars, _) = query("SELECT deviceId FROM devices WHERE tags.region = 'mars'");
+    assert!(mars.is_empty());
 }

@@ -4,10 +4,10 @@
 //! Push-down only ever narrows to a superset of the matching documents: `execute` re-checks
 //! every visited document with the engine's evaluator, so a clause that cannot be translated
 //! exactly is simply not pushed down. Translated are equality and `IN` with string constants on
-//! `deviceId`, `moduleId`, `jobId` and `status` (indexed columns), and on tags and desired or
-//! reported properties, which become a substring test for the JSON-encoded constant on the
-//! stored twin (property names compare case-insensitively in the query language, so an exact
-//! JSON path would miss documents; the encoded value must appear verbatim in a match).
+//! `deviceId`, `moduleId`, `jobId` and `status` (columns); `tags.… = 'v'` walks the `twin_tags`
+//! index (string leaves under lower-cased paths, since property names compare
+//! case-insensitively); other tag and desired or reported property tests become a substring
+//! test for the JSON-encoded constant on the stored twin, where a match must show it verbatim.
 
 use std::ops::ControlFlow;
 
@@ -22,7 +22,7 @@ use zerotouch_proto::hub::{Device, Module};
 use zerotouch_proto::jobs::DeviceJob;
 
 use super::{limit_plus_one, Db, SqliteStore};
-use crate::codec::{decode_token, encode_token, from_doc};
+use crate::codec::{self, decode_token, encode_token, from_doc};
 
 /// How one collection is laid out in SQL.
 struct Layout {
@@ -40,6 +40,9 @@ struct Layout {
     /// Whether every string value of the document is verbatim in `text` (job records), or only
     /// tags and properties (twins).
     whole_document: bool,
+    /// The same query driven by the `twin_tags` index, for twins: `FROM` up to `WHERE`, the
+    /// conditions on `g` (the path is `?P`, the value `?V`), the key comparison and the order.
+    by_tag: Option<[&'static str; 4]>,
 }
 
 const DEVICES: Layout = Layout {
@@ -51,6 +54,14 @@ const DEVICES: Layout = Layout {
     columns: &[("deviceId", "d.id"), ("status", "d.status")],
     text: "t.doc",
     whole_document: false,
+    by_tag: Some([
+        "SELECT d.id, d.doc, t.doc FROM twin_tags g
+         CROSS JOIN twins t ON t.device_id = g.device_id AND t.module_id = g.module_id
+         CROSS JOIN devices d ON d.id = g.device_id",
+        "g.path = ?P AND g.value = ?V AND g.module_id = ''",
+        "g.device_id > ?1",
+        "ORDER BY g.device_id",
+    ]),
 };
 
 const MODULES: Layout = Layout {
@@ -62,6 +73,14 @@ const MODULES: Layout = Layout {
     columns: &[("deviceId", "m.device_id"), ("moduleId", "m.module_id")],
     text: "t.doc",
     whole_document: false,
+    by_tag: Some([
+        "SELECT m.device_id, m.module_id, m.doc, t.doc FROM twin_tags g
+         CROSS JOIN twins t ON t.device_id = g.device_id AND t.module_id = g.module_id
+         CROSS JOIN modules m ON m.device_id = g.device_id AND m.module_id = g.module_id",
+        "g.path = ?P AND g.value = ?V AND g.module_id <> ''",
+        "(g.device_id, g.module_id) > (?1, ?2)",
+        "ORDER BY g.device_id, g.module_id",
+    ]),
 };
 
 const JOBS: Layout = Layout {
@@ -72,6 +91,7 @@ const JOBS: Layout = Layout {
     columns: &[("deviceId", "j.device_id"), ("jobId", "j.job_id")],
     text: "j.doc",
     whole_document: true,
+    by_tag: None,
 };
 
 fn layout(collection: Collection) -> &'static Layout {
@@ -86,15 +106,24 @@ fn layout(collection: Collection) -> &'static Layout {
 struct Pushdown {
     sql: String,
     args: Vec<String>,
+    /// `tags.… = 'value'` answered by the `twin_tags` index: (path row, value).
+    by_tag: Option<(String, String)>,
 }
 
 impl Pushdown {
     fn of(filter: Option<&Expr>, layout: &Layout, first_arg: usize) -> Self {
-        let mut out = Pushdown { sql: String::new(), args: Vec::new() };
+        let mut out = Pushdown { sql: String::new(), args: Vec::new(), by_tag: None };
         for conjunct in filter.map(Expr::conjuncts).unwrap_or_default() {
-            if let Some((path, values)) = string_test(conjunct) {
-                out.push(layout, path, &values, first_arg);
+            let Some((path, values)) = string_test(conjunct) else { continue };
+            // One value only: a twin may hold the path in two spellings with two values, and
+            // an index walk over several values would then visit it twice.
+            if let (None, Some(_), [value]) = (&out.by_tag, layout.by_tag, values.as_slice()) {
+                if let Some(tag) = codec::tag_path(&path.segments) {
+                    out.by_tag = Some((tag, (*value).to_owned()));
+                    continue;
+                }
             }
+            out.push(layout, path, &values, first_arg);
         }
         out
     }
@@ -175,17 +204,27 @@ impl SqliteStore {
         let limit = limit_plus_one(max);
         let first_arg = layout.key_parts + 2;
         let pushdown = Pushdown::of(filter, layout, first_arg);
-        let sql = format!(
-            "{} WHERE {}{} {} LIMIT ?{}",
-            layout.select,
-            layout.after,
-            pushdown.sql,
-            layout.order,
-            layout.key_parts + 1
-        );
+        let limit_arg = layout.key_parts + 1;
+        let sql = match (&pushdown.by_tag, layout.by_tag) {
+            (Some(_), Some([select, on_tag, after, order])) => {
+                let path_arg = first_arg + pushdown.args.len();
+                let on_tag = on_tag
+                    .replace("?P", &format!("?{path_arg}"))
+                    .replace("?V", &format!("?{}", path_arg + 1));
+                format!("{select} WHERE {on_tag} AND {after}{} {order} LIMIT ?{limit_arg}", pushdown.sql)
+            }
+            _ => format!(
+                "{} WHERE {}{} {} LIMIT ?{limit_arg}",
+                layout.select, layout.after, pushdown.sql, layout.order
+            ),
+        };
         let mut args: Vec<&dyn ToSql> = after.iter().map(|a| a as &dyn ToSql).collect();
         args.push(&limit);
         args.extend(pushdown.args.iter().map(|a| a as &dyn ToSql));
+        if let Some((path, value)) = &pushdown.by_tag {
+            args.push(path);
+            args.push(value);
+        }
         let width = layout.key_parts + if layout.whole_document { 1 } else { 2 };
         self.read(|c| {
             let mut stmt = c.prepare_cached(&sql).db()?;
