@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use zerotouch_engine::jobs::JobRecord;
 use zerotouch_engine::store::{EnrollmentRef, Precondition, RegistrationRecord};
-use zerotouch_engine::twin::TwinKey;
+use zerotouch_engine::twin::{TwinDocument, TwinKey};
 use zerotouch_engine::StoreError;
 use zerotouch_proto::hub::{ConnectionState, Device, DeviceStatus};
 use zerotouch_proto::jobs::{JobStatus, JobType};
@@ -168,6 +168,41 @@ pub fn twin_key(device_id: &str, module_id: &str) -> Result<TwinKey, StoreError>
     let module_id =
         ModuleId::new(module_id).map_err(|e| StoreError::Backend(format!("stored module id: {e}")))?;
     Ok(TwinKey { device_id, module_id: Some(module_id) })
+}
+
+/// The `twin_tags` rows of a twin: every string leaf under `tags` as (lower-cased dotted path,
+/// value). Query property names compare case-insensitively, so the path is lower-cased; a row
+/// only ever makes a twin a *candidate* for `tags.a.b = 'v'`, which the evaluator re-checks.
+pub fn tag_rows(twin: &TwinDocument) -> Vec<(String, String)> {
+    fn walk(prefix: &str, map: &serde_json::Map<String, serde_json::Value>, out: &mut Vec<(String, String)>) {
+        for (key, value) in map {
+            let path = if prefix.is_empty() {
+                key.to_lowercase()
+            } else {
+                format!("{prefix}.{}", key.to_lowercase())
+            };
+            match value {
+                serde_json::Value::String(s) => out.push((path, s.clone())),
+                serde_json::Value::Object(inner) => walk(&path, inner, out),
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk("", twin.tags(), &mut out);
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The `twin_tags` path a query path under `tags` looks up (`None` for other paths).
+pub fn tag_path(segments: &[String]) -> Option<String> {
+    match segments {
+        [first, rest @ ..] if first.eq_ignore_ascii_case("tags") && !rest.is_empty() => {
+            Some(rest.iter().map(|s| s.to_lowercase()).collect::<Vec<_>>().join("."))
+        }
+        _ => None,
+    }
 }
 
 /// Encodes the parts of a composite continuation token (hex of a JSON array: opaque and safe in

@@ -74,3 +74,8 @@ fn sqlite_file_store_passes_the_whole_hub_suite() {
     let dir = dir.path();
     hub_conformance::run_all(files(dir, "identities"), files(dir, "twins"), files(dir, "jobs"));
 }
+
+#[test]
+fn one_shared_sqlite_handle_serves_as_identity_twin_and_job_store() {
+    hub_conformance::run_all(|| Arc::new(memory()), || Arc::new(memory()), || Arc::new(memory()));
+}

@@ -78,7 +78,7 @@ impl SqliteStore {
             for ((device, twin), (row, twin_doc)) in devices.iter().zip(&rows) {
                 let id = device.device_id.as_str();
                 row.upsert(tx, id)?;
-                upsert_twin(tx, id, "", twin.version(), twin_doc)?;
+                upsert_twin(tx, id, "", twin, twin_doc, false)?;
             }
             Ok(())
         })
@@ -255,15 +255,17 @@ impl IdentityStore for SqliteStore {
     }
 }
 
+/// Writes a twin and its `twin_tags` rows (`fresh`: the twin did not exist, so has no rows).
 fn upsert_twin(
     conn: &Connection,
     device: &str,
     module: &str,
-    version: u64,
+    twin: &TwinDocument,
     doc: &str,
+    fresh: bool,
 ) -> Result<(), StoreError> {
     let version =
-        i64::try_from(version).map_err(|_| StoreError::Backend("twin version overflow".to_owned()))?;
+        i64::try_from(twin.version()).map_err(|_| StoreError::Backend("twin version overflow".to_owned()))?;
     conn.prepare_cached(
         "INSERT INTO twins (device_id, module_id, version, doc) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (device_id, module_id) DO UPDATE SET version = excluded.version, doc = excluded.doc",
@@ -271,6 +273,20 @@ fn upsert_twin(
     .db()?
     .execute(params![device, module, version, doc])
     .db()?;
+    if !fresh {
+        conn.prepare_cached("DELETE FROM twin_tags WHERE device_id = ?1 AND module_id = ?2")
+            .db()?
+            .execute([device, module])
+            .db()?;
+    }
+    for (path, value) in codec::tag_rows(twin) {
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO twin_tags (device_id, module_id, path, value) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .db()?
+        .execute([device, module, &path, &value])
+        .db()?;
+    }
     Ok(())
 }
 
@@ -326,8 +342,9 @@ impl TwinStore for SqliteStore {
         let (device, module) = (key.device_id.as_str(), codec::twin_module_column(key));
         let doc = to_doc(twin)?;
         self.write(|tx| {
-            check(pre, stored_revision(tx, device, module)?.as_deref())?;
-            upsert_twin(tx, device, module, twin.version(), &doc)
+            let current = stored_revision(tx, device, module)?;
+            check(pre, current.as_deref())?;
+            upsert_twin(tx, device, module, twin, &doc, current.is_none())
         })
     }
 
@@ -337,6 +354,8 @@ impl TwinStore for SqliteStore {
             let current = stored_revision(tx, device, module)?;
             check(pre, Some(current.as_deref().ok_or(StoreError::NotFound)?))?;
             tx.execute("DELETE FROM twins WHERE device_id = ?1 AND module_id = ?2", [device, module]).db()?;
+            tx.execute("DELETE FROM twin_tags WHERE device_id = ?1 AND module_id = ?2", [device, module])
+                .db()?;
             Ok(())
         })
     }

@@ -6,6 +6,7 @@
 
 mod hub;
 mod provisioning;
+mod query;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,19 +18,21 @@ use zerotouch_engine::StoreError;
 
 /// Schema migrations: entry `i` brings a database from `user_version` `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
-    // 1: provisioning and hub tables.
+    // 1: provisioning and hub tables. Documents are hundreds of bytes, so the tables keep rowids
+    // (WITHOUT ROWID suits small rows only) with a unique index on the key; the small
+    // relation tables of groups are WITHOUT ROWID.
     "
     CREATE TABLE enrollments (
-        key TEXT PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE,
         etag TEXT NOT NULL,
         doc TEXT NOT NULL
-    ) WITHOUT ROWID;
+    );
     CREATE TABLE enrollment_groups (
         key TEXT PRIMARY KEY,
         etag TEXT NOT NULL,
         symmetric INTEGER NOT NULL,
         doc TEXT NOT NULL
-    ) WITHOUT ROWID;
+    );
     CREATE INDEX enrollment_groups_symmetric ON enrollment_groups(symmetric, key);
     CREATE TABLE group_subjects (
         subject TEXT NOT NULL,
@@ -48,43 +51,50 @@ const MIGRATIONS: &[&str] = &[
         etag TEXT NOT NULL,
         subject TEXT NOT NULL,
         doc TEXT NOT NULL
-    ) WITHOUT ROWID;
+    );
     CREATE INDEX ca_certificates_subject ON ca_certificates(subject);
     CREATE TABLE registrations (
-        key TEXT PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE,
         etag TEXT NOT NULL,
         group_key TEXT,
         doc TEXT NOT NULL
-    ) WITHOUT ROWID;
+    );
     CREATE INDEX registrations_group ON registrations(group_key, key);
     CREATE TABLE operations (
-        id TEXT PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
         created INTEGER NOT NULL,
         doc TEXT NOT NULL
-    ) WITHOUT ROWID;
+    );
     CREATE INDEX operations_created ON operations(created);
     CREATE TABLE devices (
-        id TEXT PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
         etag TEXT NOT NULL,
         status TEXT NOT NULL,
         connected INTEGER NOT NULL,
         doc TEXT NOT NULL
-    ) WITHOUT ROWID;
-    CREATE INDEX devices_status ON devices(status, id);
+    );
     CREATE TABLE modules (
         device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
         module_id TEXT NOT NULL,
         etag TEXT NOT NULL,
         doc TEXT NOT NULL,
-        PRIMARY KEY (device_id, module_id)
-    ) WITHOUT ROWID;
+        UNIQUE (device_id, module_id)
+    );
     CREATE TABLE twins (
         device_id TEXT NOT NULL,
         module_id TEXT NOT NULL,
         version INTEGER NOT NULL,
         doc TEXT NOT NULL,
-        PRIMARY KEY (device_id, module_id)
+        UNIQUE (device_id, module_id)
+    );
+    CREATE TABLE twin_tags (
+        device_id TEXT NOT NULL,
+        module_id TEXT NOT NULL,
+        path TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (device_id, module_id, path, value)
     ) WITHOUT ROWID;
+    CREATE INDEX twin_tags_value ON twin_tags(path, value, module_id, device_id);
     CREATE TABLE jobs (
         id TEXT PRIMARY KEY,
         version INTEGER NOT NULL,
@@ -92,14 +102,14 @@ const MIGRATIONS: &[&str] = &[
         status TEXT NOT NULL,
         purge_time INTEGER,
         doc TEXT NOT NULL
-    ) WITHOUT ROWID;
+    );
     CREATE INDEX jobs_purge ON jobs(purge_time) WHERE purge_time IS NOT NULL;
     CREATE TABLE device_jobs (
         job_id TEXT NOT NULL,
         device_id TEXT NOT NULL,
         doc TEXT NOT NULL,
-        PRIMARY KEY (job_id, device_id)
-    ) WITHOUT ROWID;
+        UNIQUE (job_id, device_id)
+    );
     CREATE INDEX device_jobs_device ON device_jobs(device_id, job_id);
     ",
 ];
