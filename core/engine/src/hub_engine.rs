@@ -260,13 +260,24 @@ fn fill_identity(twin: &mut Value, identity: &Value, fields: &[(&str, &str)]) {
     }
 }
 
-fn device_twin_value(device: &Device, doc: &TwinDocument) -> Result<Value, Error> {
+/// The device twin document the service API and the query language see: the twin with the
+/// identity fields of `device` filled in (hub spec §5.1). Public so a store that answers queries
+/// itself (a [`QuerySource`]) visits exactly the documents [`EmbeddedHub`] would.
+///
+/// # Errors
+/// [`Error::BadRequest`] when the twin or identity does not serialize to JSON.
+pub fn device_twin_value(device: &Device, doc: &TwinDocument) -> Result<Value, Error> {
     let mut twin = to_value(&doc.to_twin(&device.device_id, None))?;
     fill_identity(&mut twin, &to_value(device)?, DEVICE_TWIN_FIELDS);
     Ok(twin)
 }
 
-fn module_twin_value(module: &Module, doc: &TwinDocument) -> Result<Value, Error> {
+/// The module twin document the service API and the query language see (see
+/// [`device_twin_value`]).
+///
+/// # Errors
+/// [`Error::BadRequest`] when the twin or identity does not serialize to JSON.
+pub fn module_twin_value(module: &Module, doc: &TwinDocument) -> Result<Value, Error> {
     let mut twin = to_value(&doc.to_twin(&module.device_id, Some(&module.module_id)))?;
     fill_identity(&mut twin, &to_value(module)?, MODULE_TWIN_FIELDS);
     Ok(twin)
