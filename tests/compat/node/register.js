@@ -99,7 +99,14 @@ async function main() {
     return 0;
   } catch (e) {
     const out = { error: (e && e.name) || 'Error', message: String((e && e.message) || e) };
-    if (e && e.result) out.result = e.result;
+    // The transport's raw result may be circular (sockets); keep it only when it serialises.
+    if (e && e.result) {
+      try {
+        out.result = JSON.parse(JSON.stringify(e.result));
+      } catch {
+        out.result = String(e.result);
+      }
+    }
     process.stdout.write(`${JSON.stringify(out)}\n`);
     return 1;
   }
