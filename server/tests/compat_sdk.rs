@@ -1,8 +1,8 @@
 //! The official Azure IoT SDKs (Python `azure-iot-device`, Node `azure-iot-provisioning-device-*`)
 //! provision against `zerotouch serve` with only the host name and the CA changed.
 //!
-//! Each case imports enrollments with `zerotouch enrollments import`, starts `zerotouch serve` on the
-//! SDKs' fixed ports (MQTT 8883, HTTPS/WebSockets 443) with a temporary data directory, runs the
+//! Each case starts `zerotouch serve` on the SDKs' fixed ports (MQTT 8883, HTTPS/WebSockets 443)
+//! with a temporary data directory, imports enrollments with `zerotouch enrollments import`, runs the
 //! SDK script of `tests/compat/`, checks the registration result, then checks with `zerotouch devices
 //! get` that the identity landed in the hub registry. The ports are fixed by the SDKs, so the cases
 //! run one at a time (a process-wide lock) and wait for the ports to be free of other processes.
@@ -330,6 +330,8 @@ fn start_server(dir: &Path, data_dir: &Path) -> Server {
         .arg("--https-listen")
         .arg(SocketAddr::new(ip, HTTPS_PORT).to_string())
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()))
+        // The log is read back into panic messages: plain text, not terminal colours.
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().unwrap())
         .stderr(log_file)
@@ -415,7 +417,7 @@ fn last_json_line(text: &str) -> Option<Value> {
     text.lines().rev().find(|l| !l.trim().is_empty()).and_then(|l| serde_json::from_str(l).ok())
 }
 
-/// Imports the enrollments, serves, registers with the SDK, checks the result and the hub identity.
+/// Serves, imports the enrollments, registers with the SDK, checks the result and the hub identity.
 fn provision(case: Case) {
     let sdk = sdk_dir();
     let _ports = ports_lock();
@@ -424,18 +426,21 @@ fn provision(case: Case) {
     let data_dir = dir.join("data");
     let data = data_dir.to_str().unwrap();
 
+    // Imported into the running server's store, as an operator would: the server must see
+    // enrollments written by another process.
+    let server = start_server(dir, &data_dir);
     let file = dir.join("enrollments.json");
     fs::write(&file, serde_json::to_vec_pretty(&case.enrollments).unwrap()).unwrap();
     let import = cli(dir, "import", &["enrollments", "import", "--data-dir", data, file.to_str().unwrap()]);
     assert!(
         import.status.success(),
-        "enrollments import failed ({}):\n{}{}",
+        "enrollments import failed ({}):\n{}{}\nserver log:\n{}",
         import.status,
         import.stdout,
-        import.stderr
+        import.stderr,
+        server.log_tail()
     );
 
-    let server = start_server(dir, &data_dir);
     let out = run(sdk_command(&case, &sdk, dir), dir, "sdk", SDK_TIMEOUT);
     let context = || {
         format!(
