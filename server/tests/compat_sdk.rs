@@ -499,19 +499,16 @@ fn provision(case: Case) {
 }
 
 #[test]
-#[ignore = "until `zerotouch serve` lands: cargo test -p zerotouch-server --test compat_sdk -- --ignored"]
 fn python_mqtt_device_with_individual_symmetric_key_is_assigned_under_its_enrollment_device_id() {
     provision(symmetric_individual(Sdk::PythonMqtt, "py-mqtt-sym-1", Some("py-mqtt-sym-device")));
 }
 
 #[test]
-#[ignore = "until `zerotouch serve` lands: cargo test -p zerotouch-server --test compat_sdk -- --ignored"]
 fn python_mqtt_device_with_group_derived_key_is_assigned() {
     provision(symmetric_group(Sdk::PythonMqtt, "py-sym-group", "py-mqtt-group-1"));
 }
 
 #[test]
-#[ignore = "until `zerotouch serve` lands: cargo test -p zerotouch-server --test compat_sdk -- --ignored"]
 fn python_mqtt_device_with_individual_x509_certificate_is_assigned() {
     let device = TestCert::self_signed(CertSpec::new("py-mqtt-x509-1"));
     provision(Case {
@@ -530,7 +527,6 @@ fn python_mqtt_device_with_individual_x509_certificate_is_assigned() {
 }
 
 #[test]
-#[ignore = "until `zerotouch serve` lands: cargo test -p zerotouch-server --test compat_sdk -- --ignored"]
 fn python_mqtt_device_with_x509_chain_through_an_intermediate_is_assigned_by_its_root_group() {
     let root = TestCa::root("zerotouch compat root");
     let intermediate = root.intermediate("zerotouch compat intermediate");
@@ -552,25 +548,21 @@ fn python_mqtt_device_with_x509_chain_through_an_intermediate_is_assigned_by_its
 }
 
 #[test]
-#[ignore = "until `zerotouch serve` lands: cargo test -p zerotouch-server --test compat_sdk -- --ignored"]
 fn python_device_over_websockets_on_443_is_assigned() {
     provision(symmetric_individual(Sdk::PythonWebSockets, "py-ws-sym-1", None));
 }
 
 #[test]
-#[ignore = "until `zerotouch serve` lands: cargo test -p zerotouch-server --test compat_sdk -- --ignored"]
 fn node_mqtt_device_with_individual_symmetric_key_is_assigned() {
     provision(symmetric_individual(Sdk::NodeMqtt, "node-mqtt-sym-1", None));
 }
 
 #[test]
-#[ignore = "until `zerotouch serve` lands: cargo test -p zerotouch-server --test compat_sdk -- --ignored"]
 fn node_mqtt_device_with_group_derived_key_is_assigned() {
     provision(symmetric_group(Sdk::NodeMqtt, "node-sym-group", "node-mqtt-group-1"));
 }
 
 #[test]
-#[ignore = "until `zerotouch serve` lands: cargo test -p zerotouch-server --test compat_sdk -- --ignored"]
 fn node_http_device_with_individual_symmetric_key_is_assigned_over_443() {
     provision(symmetric_individual(Sdk::NodeHttp, "node-http-sym-1", None));
 }

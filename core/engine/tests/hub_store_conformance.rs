@@ -31,3 +31,12 @@ fn a_shared_memory_job_store_keeps_jobs_like_every_backend() {
 fn memory_hub_stores_pass_the_whole_suite() {
     hub_conformance::run_all(MemoryIdentityStore::new, MemoryTwinStore::new, MemoryJobStore::new);
 }
+
+#[test]
+fn shared_memory_identity_and_twin_stores_pass_the_whole_suite() {
+    hub_conformance::run_all(
+        || Arc::new(MemoryIdentityStore::new()),
+        || Arc::new(MemoryTwinStore::new()),
+        || Arc::new(MemoryJobStore::new()),
+    );
+}

@@ -82,6 +82,42 @@ pub trait IdentityStore: Send + Sync {
     fn modules(&self, device: &DeviceId) -> Result<Vec<Module>, StoreError>;
 }
 
+/// Shared identity stores: a registry and a hub engine can hold one store through an `Arc`.
+impl<T: IdentityStore + ?Sized> IdentityStore for std::sync::Arc<T> {
+    fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        (**self).device(id)
+    }
+    fn put_device(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+        (**self).put_device(device, pre)
+    }
+    fn delete_device(&self, id: &DeviceId, pre: &Precondition) -> Result<(Device, Vec<Module>), StoreError> {
+        (**self).delete_device(id, pre)
+    }
+    fn devices(&self, page: &PageRequest) -> Result<Page<Device>, StoreError> {
+        (**self).devices(page)
+    }
+    fn count_devices(&self) -> Result<DeviceCounts, StoreError> {
+        (**self).count_devices()
+    }
+    fn module(&self, device: &DeviceId, module: &ModuleId) -> Result<Option<Module>, StoreError> {
+        (**self).module(device, module)
+    }
+    fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
+        (**self).put_module(module, pre)
+    }
+    fn delete_module(
+        &self,
+        device: &DeviceId,
+        module: &ModuleId,
+        pre: &Precondition,
+    ) -> Result<Module, StoreError> {
+        (**self).delete_module(device, module, pre)
+    }
+    fn modules(&self, device: &DeviceId) -> Result<Vec<Module>, StoreError> {
+        (**self).modules(device)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
     device: Device,

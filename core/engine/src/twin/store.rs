@@ -54,6 +54,25 @@ pub trait TwinStore: Send + Sync {
     fn device_twins(&self, device_id: &DeviceId) -> Result<Vec<StoredTwin>, StoreError>;
 }
 
+/// Shared twin stores: a hub engine and a service API can hold one store through an `Arc`.
+impl<T: TwinStore + ?Sized> TwinStore for std::sync::Arc<T> {
+    fn twin(&self, key: &TwinKey) -> Result<Option<TwinDocument>, StoreError> {
+        (**self).twin(key)
+    }
+    fn put_twin(&self, key: &TwinKey, twin: &TwinDocument, pre: &Precondition) -> Result<(), StoreError> {
+        (**self).put_twin(key, twin, pre)
+    }
+    fn delete_twin(&self, key: &TwinKey, pre: &Precondition) -> Result<(), StoreError> {
+        (**self).delete_twin(key, pre)
+    }
+    fn twins(&self, page: &PageRequest) -> Result<Page<StoredTwin>, StoreError> {
+        (**self).twins(page)
+    }
+    fn device_twins(&self, device_id: &DeviceId) -> Result<Vec<StoredTwin>, StoreError> {
+        (**self).device_twins(device_id)
+    }
+}
+
 /// Twins in memory, for tests, embedding and single-process servers.
 #[derive(Debug, Default)]
 pub struct MemoryTwinStore {
