@@ -130,6 +130,8 @@ enum Sdk {
     PythonWebSockets,
     /// Node `azure-iot-provisioning-device-mqtt` on 8883.
     NodeMqtt,
+    /// Node `azure-iot-provisioning-device-mqtt`'s `MqttWs` on 443.
+    NodeWebSockets,
     /// Node `azure-iot-provisioning-device-http` on 443.
     NodeHttp,
 }
@@ -379,10 +381,15 @@ fn sdk_command(case: &Case, sdk: &Path, dir: &Path) -> Command {
             }
             c
         }
-        Sdk::NodeMqtt | Sdk::NodeHttp => {
+        Sdk::NodeMqtt | Sdk::NodeWebSockets | Sdk::NodeHttp => {
+            let transport = match case.sdk {
+                Sdk::NodeMqtt => "mqtt",
+                Sdk::NodeWebSockets => "mqtt-ws",
+                _ => "http",
+            };
             let mut c = Command::new("node");
             c.arg(scripts.join("node/register.js"))
-                .args(["--transport", if case.sdk == Sdk::NodeMqtt { "mqtt" } else { "http" }])
+                .args(["--transport", transport])
                 // The Node clients take no CA argument: this is how their users trust a private CA.
                 .env("NODE_EXTRA_CA_CERTS", &ca);
             c
@@ -417,21 +424,45 @@ fn last_json_line(text: &str) -> Option<Value> {
     text.lines().rev().find(|l| !l.trim().is_empty()).and_then(|l| serde_json::from_str(l).ok())
 }
 
-/// Serves, imports the enrollments, registers with the SDK, checks the result and the hub identity.
-fn provision(case: Case) {
+/// One case's run: the server still up, so its store can be inspected.
+struct Registered {
+    // Declared before `_tmp`: the server stops before its data directory is removed.
+    server: Server,
+    out: Output,
+    dir: PathBuf,
+    data: String,
+    _tmp: TempDir,
+}
+
+impl Registered {
+    fn context(&self) -> String {
+        format!(
+            "SDK stdout:\n{}\nSDK stderr:\n{}\nserver log:\n{}",
+            self.out.stdout,
+            tail(&self.dir.join("sdk.stderr")),
+            self.server.log_tail()
+        )
+    }
+
+    fn devices_get(&self, device_id: &str) -> Output {
+        cli(&self.dir, "devices-get", &["devices", "get", "--data-dir", &self.data, device_id])
+    }
+}
+
+/// Serves, imports the case's enrollments, runs the SDK script.
+fn register(case: &Case) -> Registered {
     let sdk = sdk_dir();
-    let _ports = ports_lock();
     let tmp = TempDir::new().unwrap();
-    let dir = tmp.path();
+    let dir = tmp.path().to_path_buf();
     let data_dir = dir.join("data");
-    let data = data_dir.to_str().unwrap();
+    let data = data_dir.to_str().unwrap().to_owned();
 
     // Imported into the running server's store, as an operator would: the server must see
     // enrollments written by another process.
-    let server = start_server(dir, &data_dir);
+    let server = start_server(&dir, &data_dir);
     let file = dir.join("enrollments.json");
     fs::write(&file, serde_json::to_vec_pretty(&case.enrollments).unwrap()).unwrap();
-    let import = cli(dir, "import", &["enrollments", "import", "--data-dir", data, file.to_str().unwrap()]);
+    let import = cli(&dir, "import", &["enrollments", "import", "--data-dir", &data, file.to_str().unwrap()]);
     assert!(
         import.status.success(),
         "enrollments import failed ({}):\n{}{}\nserver log:\n{}",
@@ -440,16 +471,34 @@ fn provision(case: Case) {
         import.stderr,
         server.log_tail()
     );
+    let out = run(sdk_command(case, &sdk, &dir), &dir, "sdk", SDK_TIMEOUT);
+    Registered { server, out, dir, data, _tmp: tmp }
+}
 
-    let out = run(sdk_command(&case, &sdk, dir), dir, "sdk", SDK_TIMEOUT);
-    let context = || {
-        format!(
-            "SDK stdout:\n{}\nSDK stderr:\n{}\nserver log:\n{}",
-            out.stdout,
-            tail(&dir.join("sdk.stderr")),
-            server.log_tail()
-        )
-    };
+/// The SDK raises `error` (its own exception or error class name), and no identity appears in the
+/// hub registry.
+fn refused(case: Case, error: &str) {
+    let _ports = ports_lock();
+    let run = register(&case);
+    let result = last_json_line(&run.out.stdout)
+        .unwrap_or_else(|| panic!("the SDK printed no JSON ({})\n{}", run.out.status, run.context()));
+    assert!(
+        !run.out.status.success() && result["error"] == error,
+        "a device with a wrong credential was not refused with {error} ({}):\n{}",
+        run.out.status,
+        run.context()
+    );
+    // Shown with --nocapture: which error each SDK surfaced.
+    eprintln!("{:?} refused {}: {result}", case.sdk, case.registration_id);
+    let got = run.devices_get(case.device_id);
+    assert!(!got.status.success(), "a refused device has an identity:\n{}", got.stdout);
+}
+
+/// Serves, imports the enrollments, registers with the SDK, checks the result and the hub identity.
+fn provision(case: Case) {
+    let _ports = ports_lock();
+    let run = register(&case);
+    let (out, context) = (&run.out, || run.context());
     let result = last_json_line(&out.stdout)
         .unwrap_or_else(|| panic!("the SDK printed no JSON ({})\n{}", out.status, context()));
     assert!(
@@ -461,7 +510,7 @@ fn provision(case: Case) {
     assert_eq!(result["assignedHub"], HUB, "{}", context());
     assert_eq!(result["deviceId"], case.device_id, "{}", context());
 
-    let got = cli(dir, "devices-get", &["devices", "get", "--data-dir", data, case.device_id]);
+    let got = run.devices_get(case.device_id);
     assert!(
         got.status.success(),
         "devices get {} failed ({}):\n{}{}\nserver log:\n{}",
@@ -469,7 +518,7 @@ fn provision(case: Case) {
         got.status,
         got.stdout,
         got.stderr,
-        server.log_tail()
+        run.server.log_tail()
     );
     let device: Value = serde_json::from_str(&got.stdout)
         .unwrap_or_else(|e| panic!("devices get printed no JSON ({e}):\n{}", got.stdout));
@@ -495,7 +544,6 @@ fn provision(case: Case) {
             );
         }
     }
-    drop(server);
 }
 
 #[test]
@@ -565,6 +613,58 @@ fn node_mqtt_device_with_group_derived_key_is_assigned() {
 #[test]
 fn node_http_device_with_individual_symmetric_key_is_assigned_over_443() {
     provision(symmetric_individual(Sdk::NodeHttp, "node-http-sym-1", None));
+}
+
+#[test]
+fn node_device_over_websockets_on_443_with_group_derived_key_is_assigned() {
+    provision(symmetric_group(Sdk::NodeWebSockets, "node-ws-group", "node-ws-group-1"));
+}
+
+#[test]
+fn node_http_device_with_group_derived_key_is_assigned_over_443() {
+    provision(symmetric_group(Sdk::NodeHttp, "node-http-group", "node-http-group-1"));
+}
+
+#[test]
+fn python_mqtt_device_with_a_wrong_symmetric_key_is_refused_and_gets_no_identity() {
+    let mut case = symmetric_individual(Sdk::PythonMqtt, "py-mqtt-wrong-key-1", None);
+    case.credential = Credential::Key(key("not the enrolled key"));
+    // A bad SAS is refused at CONNECT (CONNACK 5), which Python reports as a credential error.
+    refused(case, "CredentialError");
+}
+
+#[test]
+fn node_http_device_with_a_key_derived_from_another_group_key_is_refused_and_gets_no_identity() {
+    let mut case = symmetric_group(Sdk::NodeHttp, "node-http-group", "node-http-wrong-group-1");
+    case.credential = Credential::GroupKey(key("another group's key"));
+    // 401 with errorCode 401002 in the DPS error body.
+    refused(case, "UnauthorizedError");
+}
+
+#[test]
+fn python_mqtt_device_whose_certificate_chains_to_another_root_is_refused_and_gets_no_identity() {
+    let enrolled = TestCa::root("zerotouch compat enrolled root");
+    let other =
+        TestCa::root("zerotouch compat other root").intermediate("zerotouch compat other intermediate");
+    let device = other.device("py-mqtt-x509-stranger-1");
+    // The TLS handshake accepts any client certificate (group CAs live in enrollments); the register
+    // is answered 401, which Python raises as a ClientError.
+    refused(
+        Case {
+            sdk: Sdk::PythonMqtt,
+            registration_id: "py-mqtt-x509-stranger-1",
+            enrollments: json!([{
+                "enrollmentGroupId": "py-x509-group",
+                "attestation": { "type": "x509", "x509": { "signingCertificates": {
+                    "primary": { "certificate": enrolled.pem() } } } },
+                "provisioningStatus": "enabled",
+            }]),
+            hub_auth: HubAuth::SelfSigned(sha1(device.der())),
+            credential: Credential::X509(device),
+            device_id: "py-mqtt-x509-stranger-1",
+        },
+        "ClientError",
+    );
 }
 
 #[test]
