@@ -13,7 +13,9 @@ use base64::Engine as _;
 use rumqttc::mqttbytes::v4::ConnectReturnCode;
 use serde_json::{json, Value};
 use zerotouch_proto::sas::SasToken;
-use zerotouch_transport::client::{ClientError, FailureKind, ProvisioningClient, Transport};
+use zerotouch_transport::client::{
+    ClientError, FailureKind, ProvisioningClient, ProvisioningClientBuilder, Transport,
+};
 
 use client_support::{azure_dir, scenario, ScriptedPeer, ServerCert};
 
@@ -35,6 +37,15 @@ fn client(
     peer: &ScriptedPeer,
     registration_id: &str,
 ) -> ProvisioningClient {
+    client_builder(transport, cert, peer, registration_id).build().unwrap()
+}
+
+fn client_builder(
+    transport: Transport,
+    cert: &ServerCert,
+    peer: &ScriptedPeer,
+    registration_id: &str,
+) -> ProvisioningClientBuilder {
     ProvisioningClient::builder(SCOPE, registration_id)
         .provisioning_host(peer.host())
         .transport(transport)
@@ -42,8 +53,6 @@ fn client(
         .ca_pem(cert.ca_pem.clone())
         .request_timeout(Duration::from_secs(10))
         .max_throttle_retries(1)
-        .build()
-        .unwrap()
 }
 
 /// Runs a recorded scenario on one transport and checks the outcome the file states.
@@ -108,6 +117,34 @@ async fn device_is_assigned_after_one_assigning_poll() {
             token.string_to_sign().as_bytes(),
         );
         assert_eq!(token.signature().unwrap(), expected.as_ref());
+    }
+}
+
+#[tokio::test]
+async fn custom_payload_and_api_version_reach_the_service() {
+    for t in TRANSPORTS {
+        let cert = ServerCert::new();
+        let peer = peer(t, &cert, "assigned_after_one_poll.json").await;
+        client_builder(t, &cert, &peer, "my-symkey-device")
+            .payload(json!({ "site": "north", "floor": 3 }))
+            .api_version("2019-03-31")
+            .build()
+            .unwrap()
+            .register()
+            .await
+            .unwrap();
+        let seen = peer.seen();
+        let body: Value = serde_json::from_slice(&seen[0].body).unwrap();
+        assert_eq!(
+            body,
+            json!({ "registrationId": "my-symkey-device", "payload": { "site": "north", "floor": 3 } })
+        );
+        match t {
+            Transport::Https => {
+                assert!(seen[0].target.ends_with("?api-version=2019-03-31"), "{}", seen[0].target)
+            }
+            _ => assert!(peer.usernames.lock().unwrap()[0].contains("/api-version=2019-03-31&"), "{t}"),
+        }
     }
 }
 

@@ -64,6 +64,11 @@ struct Args {
     /// using a running server.
     #[arg(long)]
     in_process: bool,
+    /// With --in-process: `sqlite` (provisioning store and hub on one SQLite file in a temp dir,
+    /// as `zerotouch serve` by default) or `memory` (the engine's in-memory stores, to tell the
+    /// store's share of the cost).
+    #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "memory"])]
+    store: String,
     /// Skip the CONNECT/CONNACK phase.
     #[arg(long)]
     skip_connect: bool,
@@ -254,7 +259,7 @@ async fn register_phase(target: &Arc<Target>, args: &Args) -> Phase {
 async fn main() {
     let args = Args::parse();
     let (target, _server) = if args.in_process {
-        let (target, server) = in_process::start().await;
+        let (target, server) = in_process::start(args.store == "memory").await;
         (target, Some(server))
     } else {
         let need = |what: &str| -> ! {
@@ -285,7 +290,11 @@ async fn main() {
         args.concurrency,
         target.host,
         target.id_scope,
-        if args.in_process { ", in process (serve_mqtt over SQLite)" } else { "" }
+        if args.in_process {
+            format!(", in process (serve_mqtt over {})", args.store)
+        } else {
+            String::new()
+        }
     );
     let connect = if args.skip_connect {
         None
@@ -307,8 +316,8 @@ async fn main() {
 }
 
 /// A self-contained server: `serve_mqtt` over `EngineService` with the provisioning store and
-/// the embedded hub on one SQLite file in a temp dir, a fresh CA and server certificate, and one
-/// symmetric-key enrollment group.
+/// the embedded hub on one SQLite file in a temp dir (or in memory), a fresh CA and server
+/// certificate, and one symmetric-key enrollment group.
 mod in_process {
     use std::sync::{Arc, Mutex};
 
@@ -324,7 +333,9 @@ mod in_process {
     use zerotouch_engine::hub::LinkedHub;
     use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
     use zerotouch_engine::jobs::JobLimits;
+    use zerotouch_engine::memory::MemoryStore;
     use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
+    use zerotouch_engine::store::{EnrollmentGroupStore, ProvisioningStore};
     use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup};
     use zerotouch_proto::{EnrollmentGroupId, IdScope, IfMatch};
     use zerotouch_store::sqlite::SqliteStore;
@@ -342,13 +353,11 @@ mod in_process {
         _dir: tempfile::TempDir,
     }
 
-    pub async fn start() -> (Target, Server) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(dir.path().join("zerotouch.db")).expect("SQLite store");
-        let crypto = Arc::new(RingCrypto::new());
+    /// Enrolls the load group in `store` and returns its primary key (base64).
+    fn enroll<S: EnrollmentGroupStore + ?Sized>(store: &S, crypto: &RingCrypto) -> String {
         let group = enrollments::put_enrollment_group(
-            &store,
-            crypto.as_ref(),
+            store,
+            crypto,
             now(),
             EnrollmentGroup::new(
                 EnrollmentGroupId::new("loadgen").unwrap(),
@@ -357,21 +366,46 @@ mod in_process {
             &IfMatch::Absent,
         )
         .expect("enroll the load group");
-        let group_key_b64 =
-            group.attestation.symmetric_key.and_then(|k| k.primary_key).expect("generated key");
-        let provisioner = Provisioner::new(
+        group.attestation.symmetric_key.and_then(|k| k.primary_key).expect("generated key")
+    }
+
+    fn provisioner<S: ProvisioningStore>(store: S, crypto: Arc<RingCrypto>) -> Provisioner<S> {
+        Provisioner::new(
             ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
-            store.clone(),
-            crypto.clone(),
+            store,
+            crypto,
             Allocator::new(vec![LinkedHub::new(HUB)]),
-        );
-        let mut hubs = EmbeddedHubs::new();
-        hubs.insert(
-            EmbeddedHub::new(HUB, store.clone(), store.clone(), store, crypto, JobLimits::default())
+        )
+    }
+
+    pub async fn start(memory: bool) -> (Target, Server) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let crypto = Arc::new(RingCrypto::new());
+        let (service, group_key_b64): (Arc<dyn DpsService>, String) = if memory {
+            let store = Arc::new(MemoryStore::new());
+            let key = enroll(store.as_ref(), &crypto);
+            let mut hubs = EmbeddedHubs::new();
+            hubs.insert(EmbeddedHub::in_memory(HUB, crypto.clone()).expect("embedded hub"));
+            let provisioner = provisioner(store, crypto);
+            (Arc::new(EngineService::new(provisioner, Arc::new(Mutex::new(hubs)))), key)
+        } else {
+            let store = SqliteStore::open(dir.path().join("zerotouch.db")).expect("SQLite store");
+            let key = enroll(&store, &crypto);
+            let mut hubs = EmbeddedHubs::new();
+            hubs.insert(
+                EmbeddedHub::new(
+                    HUB,
+                    store.clone(),
+                    store.clone(),
+                    store.clone(),
+                    crypto.clone(),
+                    JobLimits::default(),
+                )
                 .expect("embedded hub"),
-        );
-        let service: Arc<dyn DpsService> =
-            Arc::new(EngineService::new(provisioner, Arc::new(Mutex::new(hubs))));
+            );
+            let provisioner = provisioner(store, crypto);
+            (Arc::new(EngineService::new(provisioner, Arc::new(Mutex::new(hubs)))), key)
+        };
 
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::default();
