@@ -23,7 +23,8 @@ use crate::service::{self, Service};
 /// How often expired operations are purged and queued hub lifecycle events are drained.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
 
-/// A running server.
+/// A running server. Stop it with [`ServerHandle::shutdown`]; dropping the handle also stops
+/// the endpoints, but without waiting for them or closing the stores off the runtime.
 pub struct ServerHandle<B: Backend> {
     mqtt_addr: SocketAddr,
     https_addr: SocketAddr,
