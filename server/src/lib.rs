@@ -1,1 +1,12 @@
-//! The `zerotouch` library half of the server: configuration, serve, admin commands.
+//! The `zerotouch` server as a library: configuration, data directory, store commands, serve.
+
+pub mod admin;
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod datadir;
+pub mod error;
+pub mod server;
+pub mod service;
+
+pub use error::ServerError;

@@ -1,1 +1,972 @@
-//! (in progress) The PostgreSQL backend.
+//! The PostgreSQL backend: every engine store trait over one database shared by many instances.
+//!
+//! [`PgStore`] holds an r2d2 pool of synchronous `postgres` connections, so its methods block:
+//! async callers run them on `tokio::task::spawn_blocking`. Every row is its JSON document plus
+//! the key, etag and filter columns queries need. Conditional writes are single compare-and-swap
+//! statements (`UPDATE … WHERE etag = $n`, `INSERT … ON CONFLICT DO NOTHING`, judged by rows
+//! affected) or, where a write spans tables, a transaction that locks the row it checks, so two
+//! instances on one database never lose an update. Nothing is cached in the process.
+//!
+//! The SQL sticks to plain tables, text and jsonb columns, arrays and row locks, so it also
+//! suits PostgreSQL-compatible clusters (CockroachDB, Citus).
+
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use postgres::error::SqlState;
+use postgres::types::ToSql;
+use postgres::{GenericClient, NoTls, Row};
+use r2d2::{Pool, PooledConnection};
+use r2d2_postgres::PostgresConnectionManager;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use zerotouch_engine::jobs::{DeviceJobFilter, JobFilter, JobRecord, JobStore};
+use zerotouch_engine::registry::{DeviceCounts, IdentityStore};
+use zerotouch_engine::store::{
+    CaCertificate, CaCertificateStore, EnrollmentGroupStore, EnrollmentStore, OperationRecord, Page,
+    PageRequest, Precondition, RegistrationRecord, RegistrationStore,
+};
+use zerotouch_engine::twin::{StoredTwin, TwinDocument, TwinKey, TwinStore};
+use zerotouch_engine::StoreError;
+use zerotouch_proto::hub::{Device, Module};
+use zerotouch_proto::jobs::{DeviceJob, JobId, JobResponse};
+use zerotouch_proto::service::{EnrollmentGroup, IndividualEnrollment};
+use zerotouch_proto::{DeviceId, EnrollmentGroupId, ModuleId, OperationId, RegistrationId, Timestamp};
+
+use crate::codec::{
+    ca_references, check, decode_token, device_connected, device_status_column, encode_token, etag_column,
+    from_doc, job_etag, job_purge_time, job_status_column, job_type_column, registration_group,
+    signing_subjects, time_column, to_doc, twin_key, twin_module_column,
+};
+
+mod query;
+mod schema;
+
+pub use schema::LATEST_SCHEMA_VERSION;
+
+type Manager = PostgresConnectionManager<NoTls>;
+type Conn = PooledConnection<Manager>;
+type Param<'a> = &'a (dyn ToSql + Sync);
+
+/// How long a caller waits for a pooled connection before the call fails.
+const POOL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Rows per statement of a bulk import (a multi-row `INSERT`); PostgreSQL allows 65535
+/// parameters per statement, and a device row takes 5.
+const IMPORT_ROWS_PER_STATEMENT: usize = 1000;
+
+/// Every engine store over one PostgreSQL database, through a connection pool.
+///
+/// Cheap to clone (the pool is shared). Several `PgStore`s, in one process or in many, may use
+/// the same database at once: all consistency is the database's.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool<Manager>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: show only the pool state.
+        let state = self.pool.state();
+        f.debug_struct("PgStore")
+            .field("connections", &state.connections)
+            .field("idle", &state.idle_connections)
+            .finish()
+    }
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user@host:port/db`, or the key=value
+    /// form) with up to `pool_size` connections, and brings its schema up to date.
+    ///
+    /// Several instances may connect at once: migrations run in one transaction that locks the
+    /// `zerotouch_schema` table's baseline row, so exactly one instance applies each version.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the URL is malformed, the server cannot be reached, a
+    /// migration fails, or the database's schema is newer than this build knows.
+    pub fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
+        let config: postgres::Config =
+            url.parse().map_err(|e| StoreError::Backend(format!("bad PostgreSQL URL: {e}")))?;
+        // One direct connection first: it fails fast with the server's own error (the pool
+        // would retry until its timeout), and it runs the migrations.
+        let mut client = config
+            .connect(NoTls)
+            .map_err(|e| StoreError::Backend(format!("cannot connect to PostgreSQL: {e}")))?;
+        schema::migrate(&mut client)?;
+        drop(client);
+        let manager = PostgresConnectionManager::new(config, NoTls);
+        let pool = Pool::builder()
+            .max_size(pool_size.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(POOL_TIMEOUT)
+            .build(manager)
+            .map_err(|e| StoreError::Backend(format!("cannot connect to PostgreSQL: {e}")))?;
+        Ok(PgStore { pool })
+    }
+
+    /// The schema version the database is at (after [`PgStore::connect`], the latest).
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn schema_version(&self) -> Result<i32, StoreError> {
+        schema::current_version(&mut *self.conn()?)
+    }
+
+    fn conn(&self) -> Result<Conn, StoreError> {
+        self.pool.get().map_err(|e| StoreError::Backend(format!("no PostgreSQL connection: {e}")))
+    }
+
+    /// Writes (creates or replaces) many devices in one transaction, with multi-row `INSERT`s:
+    /// the bulk path of an import (callers batch, e.g. 5000 per call). All or none are written.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn put_devices(&self, devices: &[Device]) -> Result<(), StoreError> {
+        let rows =
+            last_per_id(devices, |d| d).into_iter().map(DeviceRow::new).collect::<Result<Vec<_>, _>>()?;
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction().map_err(backend)?;
+        for chunk in rows.chunks(IMPORT_ROWS_PER_STATEMENT) {
+            insert_devices(&mut tx, chunk.iter())?;
+        }
+        tx.commit().map_err(backend)
+    }
+
+    /// Writes (creates or replaces) many devices and their device twins in one transaction, so
+    /// an imported identity never exists without its twin. All or none are written.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn put_devices_with_twins(&self, devices: &[(Device, TwinDocument)]) -> Result<(), StoreError> {
+        let rows = last_per_id(devices, |(d, _)| d)
+            .into_iter()
+            .map(|(d, t)| Ok((DeviceRow::new(d)?, TwinRow::new(t)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction().map_err(backend)?;
+        for chunk in rows.chunks(IMPORT_ROWS_PER_STATEMENT) {
+            insert_devices(&mut tx, chunk.iter().map(|(d, _)| d))?;
+            let twins: Vec<(&str, &TwinRow)> = chunk.iter().map(|(d, t)| (d.id.as_str(), t)).collect();
+            insert_twins(&mut tx, &twins)?;
+        }
+        tx.commit().map_err(backend)
+    }
+
+    /// Streams every device in id order to `visit` from one consistent snapshot: a read-only
+    /// repeatable-read transaction reads a server-side cursor `batch` rows at a time, so memory
+    /// stays flat and concurrent writers are not blocked. Stops early when `visit` breaks;
+    /// returns how many devices were visited.
+    ///
+    /// # Errors
+    /// Backend failures or a stored row that does not parse.
+    pub fn export_devices(
+        &self,
+        batch: usize,
+        mut visit: impl FnMut(Device) -> ControlFlow<()>,
+    ) -> Result<u64, StoreError> {
+        let batch = i32::try_from(batch.max(1)).unwrap_or(i32::MAX);
+        let mut conn = self.conn()?;
+        let mut tx = conn
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .map_err(backend)?;
+        let portal = tx.bind("SELECT doc FROM devices ORDER BY device_id", &[]).map_err(backend)?;
+        let mut visited = 0u64;
+        loop {
+            let rows = tx.query_portal(&portal, batch).map_err(backend)?;
+            for row in &rows {
+                visited += 1;
+                if visit(doc(row)?).is_break() {
+                    return Ok(visited);
+                }
+            }
+            if rows.len() < usize::try_from(batch).unwrap_or(usize::MAX) {
+                return Ok(visited);
+            }
+        }
+    }
+
+    /// Number of stored device identities.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn device_count(&self) -> Result<u64, StoreError> {
+        let row = self.conn()?.query_one("SELECT count(*) FROM devices", &[]).map_err(backend)?;
+        Ok(u64::try_from(row.try_get::<_, i64>(0).map_err(backend)?).unwrap_or_default())
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Shared helpers
+
+fn backend(e: postgres::Error) -> StoreError {
+    StoreError::Backend(format!("PostgreSQL: {e}"))
+}
+
+/// Decodes the `doc` column (always the first) of a row.
+fn doc<T: DeserializeOwned>(row: &Row) -> Result<T, StoreError> {
+    from_doc(row.try_get::<_, &str>(0).map_err(backend)?)
+}
+
+fn limit_of(page: &PageRequest) -> (usize, i64) {
+    let max = page.max_items.max(1);
+    (max, i64::try_from(max).unwrap_or(i64::MAX - 1) + 1)
+}
+
+/// Cuts a `max + 1` row fetch to a page whose token is the key of its last item.
+fn page_from<T>(mut items: Vec<T>, max: usize, token: impl Fn(&T) -> String) -> Page<T> {
+    let continuation = if items.len() > max {
+        items.truncate(max);
+        items.last().map(token)
+    } else {
+        None
+    };
+    Page { items, continuation }
+}
+
+/// A table as the compare-and-swap helpers see it: key columns, then value columns, the first
+/// of which is `etag`.
+struct Table {
+    name: &'static str,
+    keys: &'static [&'static str],
+    values: &'static [&'static str],
+}
+
+impl Table {
+    fn key_clause(&self, first: usize) -> String {
+        self.keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{k} = ${}", first + i))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    fn exists(&self, c: &mut impl GenericClient, keys: &[Param<'_>]) -> Result<bool, StoreError> {
+        let sql = format!("SELECT 1 FROM {} WHERE {}", self.name, self.key_clause(1));
+        Ok(!c.query(&sql, keys).map_err(backend)?.is_empty())
+    }
+
+    /// Writes one row if `pre` holds, in one statement. `params` are the key values followed
+    /// by the value columns.
+    fn put(
+        &self,
+        c: &mut impl GenericClient,
+        params: &[Param<'_>],
+        pre: &Precondition,
+    ) -> Result<(), StoreError> {
+        let cols: Vec<&str> = self.keys.iter().chain(self.values).copied().collect();
+        let placeholders: Vec<String> = cols.iter().enumerate().map(|(i, c)| placeholder(c, i + 1)).collect();
+        let insert =
+            format!("INSERT INTO {} ({}) VALUES ({})", self.name, cols.join(", "), placeholders.join(", "));
+        let set = || {
+            self.values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| format!("{v} = {}", placeholder(v, self.keys.len() + i + 1)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let keys = &params[..self.keys.len()];
+        match pre {
+            Precondition::None => {
+                let updates =
+                    self.values.iter().map(|v| format!("{v} = EXCLUDED.{v}")).collect::<Vec<_>>().join(", ");
+                let sql = format!("{insert} ON CONFLICT ({}) DO UPDATE SET {updates}", self.keys.join(", "));
+                c.execute(&sql, params).map_err(write_error)?;
+                Ok(())
+            }
+            Precondition::MustNotExist => {
+                let sql = format!("{insert} ON CONFLICT ({}) DO NOTHING", self.keys.join(", "));
+                match c.execute(&sql, params).map_err(write_error)? {
+                    0 => Err(StoreError::AlreadyExists),
+                    _ => Ok(()),
+                }
+            }
+            Precondition::MustExist => {
+                let sql = format!("UPDATE {} SET {} WHERE {}", self.name, set(), self.key_clause(1));
+                match c.execute(&sql, params).map_err(write_error)? {
+                    0 => Err(StoreError::NotFound),
+                    _ => Ok(()),
+                }
+            }
+            Precondition::Matches(tag) => {
+                let n = params.len();
+                let sql = format!(
+                    "UPDATE {} SET {} WHERE {} AND etag = ${}",
+                    self.name,
+                    set(),
+                    self.key_clause(1),
+                    n + 1
+                );
+                let mut all: Vec<Param<'_>> = params.to_vec();
+                all.push(tag);
+                match c.execute(&sql, &all).map_err(write_error)? {
+                    0 if self.exists(c, keys)? => Err(StoreError::PreconditionFailed),
+                    0 => Err(StoreError::NotFound),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Deletes one row if `pre` holds, in one statement; returns its `doc`.
+    fn delete(
+        &self,
+        c: &mut impl GenericClient,
+        keys: &[Param<'_>],
+        pre: &Precondition,
+    ) -> Result<String, StoreError> {
+        let base = format!("DELETE FROM {} WHERE {}", self.name, self.key_clause(1));
+        let rows = match pre {
+            Precondition::None | Precondition::MustExist => {
+                c.query(&format!("{base} RETURNING doc"), keys).map_err(backend)?
+            }
+            Precondition::MustNotExist => {
+                return Err(if self.exists(c, keys)? {
+                    StoreError::AlreadyExists
+                } else {
+                    StoreError::NotFound
+                });
+            }
+            Precondition::Matches(tag) => {
+                let mut all: Vec<Param<'_>> = keys.to_vec();
+                all.push(tag);
+                let sql = format!("{base} AND etag = ${} RETURNING doc", keys.len() + 1);
+                let rows = c.query(&sql, &all).map_err(backend)?;
+                if rows.is_empty() && self.exists(c, keys)? {
+                    return Err(StoreError::PreconditionFailed);
+                }
+                rows
+            }
+        };
+        match rows.first() {
+            Some(row) => row.try_get::<_, String>(0).map_err(backend),
+            None => Err(StoreError::NotFound),
+        }
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        c: &mut impl GenericClient,
+        keys: &[Param<'_>],
+    ) -> Result<Option<T>, StoreError> {
+        let sql = format!("SELECT doc FROM {} WHERE {}", self.name, self.key_clause(1));
+        c.query_opt(&sql, keys).map_err(backend)?.map(|row| doc(&row)).transpose()
+    }
+}
+
+/// Placeholder `$i` of a column; jsonb columns are sent as text and cast by the server, so
+/// the client needs no JSON type support.
+fn placeholder(column: &str, i: usize) -> String {
+    if JSONB_COLUMNS.contains(&column) {
+        format!("${i}::text::jsonb")
+    } else {
+        format!("${i}")
+    }
+}
+
+/// Columns of type jsonb (the rest are text, boolean, bigint or text[]).
+const JSONB_COLUMNS: &[&str] = &["tags_ci"];
+
+/// A write that breaks a foreign key names a parent that does not exist.
+fn write_error(e: postgres::Error) -> StoreError {
+    if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) {
+        StoreError::NotFound
+    } else {
+        backend(e)
+    }
+}
+
+/// Lists one page of a table keyed by one text column, in byte order.
+fn list_by_key<T: DeserializeOwned>(
+    c: &mut impl GenericClient,
+    table: &str,
+    extra: Option<(&str, Param<'_>)>,
+    page: &PageRequest,
+) -> Result<Page<(String, T)>, StoreError> {
+    let (max, limit) = limit_of(page);
+    let after = page.continuation.clone().unwrap_or_default();
+    let (filter, params): (String, Vec<Param<'_>>) = match extra {
+        Some((col, value)) => (format!(" AND {col} = $3"), vec![&after, &limit, value]),
+        None => (String::new(), vec![&after, &limit]),
+    };
+    // An empty token means "from the start": every key is longer than "".
+    let sql = format!("SELECT doc, id FROM {table} WHERE id > $1{filter} ORDER BY id LIMIT $2");
+    let rows = c.query(&sql, &params).map_err(backend)?;
+    let items = rows
+        .iter()
+        .map(|r| Ok((r.try_get::<_, String>(1).map_err(backend)?, doc(r)?)))
+        .collect::<Result<Vec<(String, T)>, StoreError>>()?;
+    Ok(page_from(items, max, |(k, _)| k.clone()))
+}
+
+fn strip_keys<T>(page: Page<(String, T)>) -> Page<T> {
+    Page { items: page.items.into_iter().map(|(_, t)| t).collect(), continuation: page.continuation }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Provisioning stores
+
+const ENROLLMENTS: Table = Table { name: "enrollments", keys: &["id"], values: &["etag", "doc"] };
+const GROUPS: Table = Table {
+    name: "enrollment_groups",
+    keys: &["id"],
+    values: &["etag", "doc", "symmetric_key", "signing_subjects", "ca_refs"],
+};
+const CAS: Table = Table { name: "ca_certificates", keys: &["id"], values: &["etag", "doc", "subject_name"] };
+const REGISTRATIONS: Table =
+    Table { name: "registrations", keys: &["id"], values: &["etag", "doc", "group_key"] };
+
+impl EnrollmentStore for PgStore {
+    fn enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, StoreError> {
+        ENROLLMENTS.get(&mut *self.conn()?, &[&id.key()])
+    }
+
+    fn put_enrollment(&self, e: &IndividualEnrollment, pre: &Precondition) -> Result<(), StoreError> {
+        let (key, etag, doc) = (e.registration_id.key(), etag_column(e.etag.as_ref()), to_doc(e)?);
+        ENROLLMENTS.put(&mut *self.conn()?, &[&key, &etag, &doc], pre)
+    }
+
+    fn delete_enrollment(&self, id: &RegistrationId, pre: &Precondition) -> Result<(), StoreError> {
+        ENROLLMENTS.delete(&mut *self.conn()?, &[&id.key()], pre).map(drop)
+    }
+
+    fn enrollments(&self, page: &PageRequest) -> Result<Page<IndividualEnrollment>, StoreError> {
+        list_by_key(&mut *self.conn()?, ENROLLMENTS.name, None, page).map(strip_keys)
+    }
+}
+
+fn docs<T: DeserializeOwned>(rows: &[Row]) -> Result<Vec<T>, StoreError> {
+    rows.iter().map(doc).collect()
+}
+
+impl EnrollmentGroupStore for PgStore {
+    fn enrollment_group(&self, id: &EnrollmentGroupId) -> Result<Option<EnrollmentGroup>, StoreError> {
+        GROUPS.get(&mut *self.conn()?, &[&id.key()])
+    }
+
+    fn put_enrollment_group(&self, g: &EnrollmentGroup, pre: &Precondition) -> Result<(), StoreError> {
+        let (key, etag, doc) = (g.enrollment_group_id.key(), etag_column(g.etag.as_ref()), to_doc(g)?);
+        let symmetric = g.attestation.symmetric_key.is_some();
+        let (subjects, refs) = (signing_subjects(g), ca_references(g));
+        GROUPS.put(&mut *self.conn()?, &[&key, &etag, &doc, &symmetric, &subjects, &refs], pre)
+    }
+
+    fn delete_enrollment_group(&self, id: &EnrollmentGroupId, pre: &Precondition) -> Result<(), StoreError> {
+        GROUPS.delete(&mut *self.conn()?, &[&id.key()], pre).map(drop)
+    }
+
+    fn enrollment_groups(&self, page: &PageRequest) -> Result<Page<EnrollmentGroup>, StoreError> {
+        list_by_key(&mut *self.conn()?, GROUPS.name, None, page).map(strip_keys)
+    }
+
+    fn symmetric_key_groups(&self) -> Result<Vec<EnrollmentGroup>, StoreError> {
+        let rows = self
+            .conn()?
+            .query("SELECT doc FROM enrollment_groups WHERE symmetric_key ORDER BY id", &[])
+            .map_err(backend)?;
+        docs(&rows)
+    }
+
+    fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<EnrollmentGroup>, StoreError> {
+        let rows = self
+            .conn()?
+            .query(
+                "SELECT doc FROM enrollment_groups \
+                 WHERE $1 = ANY (signing_subjects) \
+                    OR ca_refs && ARRAY(SELECT id FROM ca_certificates WHERE subject_name = $1) \
+                 ORDER BY id",
+                &[&subject_name],
+            )
+            .map_err(backend)?;
+        docs(&rows)
+    }
+}
+
+impl CaCertificateStore for PgStore {
+    fn ca_certificate(&self, name: &str) -> Result<Option<CaCertificate>, StoreError> {
+        CAS.get(&mut *self.conn()?, &[&name])
+    }
+
+    fn put_ca_certificate(&self, cert: &CaCertificate, pre: &Precondition) -> Result<(), StoreError> {
+        let (etag, doc) = (cert.etag.bare().to_owned(), to_doc(cert)?);
+        CAS.put(&mut *self.conn()?, &[&cert.name, &etag, &doc, &cert.subject_name], pre)
+    }
+
+    fn delete_ca_certificate(&self, name: &str, pre: &Precondition) -> Result<(), StoreError> {
+        CAS.delete(&mut *self.conn()?, &[&name], pre).map(drop)
+    }
+}
+
+fn put_operation(c: &mut impl GenericClient, op: &OperationRecord) -> Result<(), StoreError> {
+    let (id, created, doc) = (op.operation_id.as_str(), time_column(op.created), to_doc(op)?);
+    c.execute(
+        "INSERT INTO operations (id, created, doc) VALUES ($1, $2, $3) \
+         ON CONFLICT (id) DO UPDATE SET created = EXCLUDED.created, doc = EXCLUDED.doc",
+        &[&id, &created, &doc],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+impl RegistrationStore for PgStore {
+    fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationRecord>, StoreError> {
+        REGISTRATIONS.get(&mut *self.conn()?, &[&id.key()])
+    }
+
+    fn commit_registration(
+        &self,
+        record: &RegistrationRecord,
+        pre: &Precondition,
+        operation: &OperationRecord,
+    ) -> Result<(), StoreError> {
+        let key = record.registration_id.key();
+        let etag = etag_column(record.etag().as_ref());
+        let doc = to_doc(record)?;
+        let group = registration_group(record);
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction().map_err(backend)?;
+        REGISTRATIONS.put(&mut tx, &[&key, &etag, &doc, &group], pre)?;
+        put_operation(&mut tx, operation)?;
+        tx.commit().map_err(backend)
+    }
+
+    fn delete_registration(&self, id: &RegistrationId, pre: &Precondition) -> Result<(), StoreError> {
+        REGISTRATIONS.delete(&mut *self.conn()?, &[&id.key()], pre).map(drop)
+    }
+
+    fn registrations_by_group(
+        &self,
+        group: &EnrollmentGroupId,
+        page: &PageRequest,
+    ) -> Result<Page<RegistrationRecord>, StoreError> {
+        let key = group.key();
+        list_by_key(&mut *self.conn()?, REGISTRATIONS.name, Some(("group_key", &key)), page).map(strip_keys)
+    }
+
+    fn put_operation(&self, operation: &OperationRecord) -> Result<(), StoreError> {
+        put_operation(&mut *self.conn()?, operation)
+    }
+
+    fn operation(&self, id: &OperationId) -> Result<Option<OperationRecord>, StoreError> {
+        let row = self
+            .conn()?
+            .query_opt("SELECT doc FROM operations WHERE id = $1", &[&id.as_str()])
+            .map_err(backend)?;
+        row.map(|r| doc(&r)).transpose()
+    }
+
+    fn purge_operations(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
+        let n = self
+            .conn()?
+            .execute("DELETE FROM operations WHERE created < $1", &[&time_column(cutoff)])
+            .map_err(backend)?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Identities
+
+const DEVICES: Table =
+    Table { name: "devices", keys: &["device_id"], values: &["etag", "doc", "status", "connected"] };
+const MODULES: Table = Table { name: "modules", keys: &["device_id", "module_id"], values: &["etag", "doc"] };
+
+/// The columns of one device row.
+struct DeviceRow {
+    id: String,
+    etag: String,
+    doc: String,
+    status: String,
+    connected: bool,
+}
+
+impl DeviceRow {
+    fn new(d: &Device) -> Result<Self, StoreError> {
+        Ok(DeviceRow {
+            id: d.device_id.as_str().to_owned(),
+            etag: etag_column(d.etag.as_ref()),
+            doc: to_doc(d)?,
+            status: device_status_column(d.status)?,
+            connected: device_connected(d),
+        })
+    }
+}
+
+/// The items of a bulk write, the last one of each device id only: one multi-row upsert may
+/// not touch a row twice, and a later line of an import replaces an earlier one.
+fn last_per_id<T>(items: &[T], device: impl Fn(&T) -> &Device) -> Vec<&T> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<&T> = items.iter().rev().filter(|t| seen.insert(device(t).device_id.as_str())).collect();
+    out.reverse();
+    out
+}
+
+/// Multi-row upsert of devices (one statement).
+fn insert_devices<'a>(
+    c: &mut impl GenericClient,
+    rows: impl Iterator<Item = &'a DeviceRow>,
+) -> Result<(), StoreError> {
+    let mut params: Vec<Param<'_>> = Vec::new();
+    let mut tuples = Vec::new();
+    for r in rows {
+        let n = params.len();
+        tuples.push(format!("(${}, ${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4, n + 5));
+        params.extend([&r.id as Param<'_>, &r.etag, &r.doc, &r.status, &r.connected]);
+    }
+    if tuples.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO devices (device_id, etag, doc, status, connected) VALUES {} \
+         ON CONFLICT (device_id) DO UPDATE SET etag = EXCLUDED.etag, doc = EXCLUDED.doc, \
+         status = EXCLUDED.status, connected = EXCLUDED.connected",
+        tuples.join(", ")
+    );
+    c.execute(&sql, &params).map_err(backend)?;
+    Ok(())
+}
+
+impl IdentityStore for PgStore {
+    fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        DEVICES.get(&mut *self.conn()?, &[&id.as_str()])
+    }
+
+    fn put_device(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+        let r = DeviceRow::new(device)?;
+        DEVICES.put(&mut *self.conn()?, &[&r.id, &r.etag, &r.doc, &r.status, &r.connected], pre)
+    }
+
+    fn delete_device(&self, id: &DeviceId, pre: &Precondition) -> Result<(Device, Vec<Module>), StoreError> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction().map_err(backend)?;
+        // Locking the device row first keeps modules from being added between reading them and
+        // deleting them (a module insert takes a key-share lock on its device through the FK).
+        let row = tx
+            .query_opt("SELECT etag FROM devices WHERE device_id = $1 FOR UPDATE", &[&id.as_str()])
+            .map_err(backend)?
+            .ok_or(StoreError::NotFound)?;
+        let etag: String = row.try_get(0).map_err(backend)?;
+        check(pre, Some(&etag))?;
+        let modules = tx
+            .query("DELETE FROM modules WHERE device_id = $1 RETURNING doc, module_id", &[&id.as_str()])
+            .map_err(backend)?;
+        let mut modules = modules
+            .iter()
+            .map(|r| Ok((r.try_get::<_, String>(1).map_err(backend)?, doc::<Module>(r)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        modules.sort_by(|a, b| a.0.cmp(&b.0));
+        let device = tx
+            .query_one("DELETE FROM devices WHERE device_id = $1 RETURNING doc", &[&id.as_str()])
+            .map_err(backend)?;
+        let device = doc(&device)?;
+        tx.commit().map_err(backend)?;
+        Ok((device, modules.into_iter().map(|(_, m)| m).collect()))
+    }
+
+    fn devices(&self, page: &PageRequest) -> Result<Page<Device>, StoreError> {
+        let (max, limit) = limit_of(page);
+        let after = page.continuation.clone().unwrap_or_default();
+        let rows = self
+            .conn()?
+            .query(
+                "SELECT doc, device_id FROM devices WHERE device_id > $1 ORDER BY device_id LIMIT $2",
+                &[&after, &limit],
+            )
+            .map_err(backend)?;
+        let items = docs::<Device>(&rows)?;
+        Ok(page_from(items, max, |d| d.device_id.as_str().to_owned()))
+    }
+
+    fn count_devices(&self) -> Result<DeviceCounts, StoreError> {
+        let row = self
+            .conn()?
+            .query_one(
+                "SELECT count(*), \
+                        coalesce(sum(CASE WHEN status = 'disabled' THEN 1 ELSE 0 END), 0)::bigint, \
+                        coalesce(sum(CASE WHEN connected THEN 1 ELSE 0 END), 0)::bigint \
+                 FROM devices",
+                &[],
+            )
+            .map_err(backend)?;
+        let n = |i: usize| -> Result<u64, StoreError> {
+            Ok(u64::try_from(row.try_get::<_, i64>(i).map_err(backend)?).unwrap_or(0))
+        };
+        let (total, disabled, connected) = (n(0)?, n(1)?, n(2)?);
+        Ok(DeviceCounts { total, enabled: total - disabled.min(total), disabled, connected })
+    }
+
+    fn module(&self, device: &DeviceId, module: &ModuleId) -> Result<Option<Module>, StoreError> {
+        MODULES.get(&mut *self.conn()?, &[&device.as_str(), &module.as_str()])
+    }
+
+    fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
+        let (etag, doc) = (etag_column(module.etag.as_ref()), to_doc(module)?);
+        let (d, m) = (module.device_id.as_str(), module.module_id.as_str());
+        MODULES.put(&mut *self.conn()?, &[&d, &m, &etag, &doc], pre)
+    }
+
+    fn delete_module(
+        &self,
+        device: &DeviceId,
+        module: &ModuleId,
+        pre: &Precondition,
+    ) -> Result<Module, StoreError> {
+        let doc = MODULES.delete(&mut *self.conn()?, &[&device.as_str(), &module.as_str()], pre)?;
+        from_doc(&doc)
+    }
+
+    fn modules(&self, device: &DeviceId) -> Result<Vec<Module>, StoreError> {
+        let rows = self
+            .conn()?
+            .query("SELECT doc FROM modules WHERE device_id = $1 ORDER BY module_id", &[&device.as_str()])
+            .map_err(backend)?;
+        docs(&rows)
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Twins
+
+const TWINS: Table =
+    Table { name: "twins", keys: &["device_id", "module_id"], values: &["etag", "doc", "tags_ci"] };
+
+/// The columns of one twin row; the etag column holds the revision, which preconditions compare.
+struct TwinRow {
+    revision: String,
+    doc: String,
+    tags: String,
+}
+
+impl TwinRow {
+    fn new(twin: &TwinDocument) -> Result<Self, StoreError> {
+        let value = serde_json::to_value(twin)
+            .map_err(|e| StoreError::Backend(format!("cannot encode twin: {e}")))?;
+        let tags = match value.get("tags") {
+            Some(Value::Object(tags)) => to_doc(&query::tags_index(tags))?,
+            _ => "{}".to_owned(),
+        };
+        Ok(TwinRow { revision: twin.revision().bare().to_owned(), doc: to_doc(&value)?, tags })
+    }
+}
+
+/// Multi-row upsert of device twins (one statement).
+fn insert_twins(c: &mut impl GenericClient, rows: &[(&str, &TwinRow)]) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut params: Vec<Param<'_>> = Vec::new();
+    let mut tuples = Vec::new();
+    for (id, r) in rows {
+        let n = params.len();
+        tuples.push(format!("(${}, '', ${}, ${}, ${}::text::jsonb)", n + 1, n + 2, n + 3, n + 4));
+        params.extend([id as Param<'_>, &r.revision, &r.doc, &r.tags]);
+    }
+    let sql = format!(
+        "INSERT INTO twins (device_id, module_id, etag, doc, tags_ci) VALUES {} \
+         ON CONFLICT (device_id, module_id) DO UPDATE SET etag = EXCLUDED.etag, doc = EXCLUDED.doc, \
+         tags_ci = EXCLUDED.tags_ci",
+        tuples.join(", ")
+    );
+    c.execute(&sql, &params).map_err(backend)?;
+    Ok(())
+}
+
+fn twin_token(key: &TwinKey) -> String {
+    match &key.module_id {
+        Some(m) => format!("{}/{}", key.device_id, m),
+        None => key.device_id.to_string(),
+    }
+}
+
+fn stored_twin(row: &Row) -> Result<StoredTwin, StoreError> {
+    let device: &str = row.try_get(1).map_err(backend)?;
+    let module: &str = row.try_get(2).map_err(backend)?;
+    Ok(StoredTwin { key: twin_key(device, module)?, document: doc(row)? })
+}
+
+impl TwinStore for PgStore {
+    fn twin(&self, key: &TwinKey) -> Result<Option<TwinDocument>, StoreError> {
+        TWINS.get(&mut *self.conn()?, &[&key.device_id.as_str(), &twin_module_column(key)])
+    }
+
+    fn put_twin(&self, key: &TwinKey, twin: &TwinDocument, pre: &Precondition) -> Result<(), StoreError> {
+        let r = TwinRow::new(twin)?;
+        let (d, m) = (key.device_id.as_str(), twin_module_column(key));
+        TWINS.put(&mut *self.conn()?, &[&d, &m, &r.revision, &r.doc, &r.tags], pre)
+    }
+
+    fn delete_twin(&self, key: &TwinKey, pre: &Precondition) -> Result<(), StoreError> {
+        TWINS.delete(&mut *self.conn()?, &[&key.device_id.as_str(), &twin_module_column(key)], pre).map(drop)
+    }
+
+    fn twins(&self, page: &PageRequest) -> Result<Page<StoredTwin>, StoreError> {
+        let (max, limit) = limit_of(page);
+        let (device, module) = match &page.continuation {
+            None => (String::new(), String::new()),
+            Some(token) => match token.split_once('/') {
+                Some((d, m)) => (d.to_owned(), m.to_owned()),
+                None => (token.clone(), String::new()),
+            },
+        };
+        let rows = self
+            .conn()?
+            .query(
+                "SELECT doc, device_id, module_id FROM twins WHERE (device_id, module_id) > ($1, $2) \
+                 ORDER BY device_id, module_id LIMIT $3",
+                &[&device, &module, &limit],
+            )
+            .map_err(backend)?;
+        let items = rows.iter().map(stored_twin).collect::<Result<Vec<_>, _>>()?;
+        Ok(page_from(items, max, |t| twin_token(&t.key)))
+    }
+
+    fn device_twins(&self, device_id: &DeviceId) -> Result<Vec<StoredTwin>, StoreError> {
+        let rows = self
+            .conn()?
+            .query(
+                "SELECT doc, device_id, module_id FROM twins WHERE device_id = $1 ORDER BY module_id",
+                &[&device_id.as_str()],
+            )
+            .map_err(backend)?;
+        rows.iter().map(stored_twin).collect()
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Jobs
+
+const JOBS: Table = Table {
+    name: "jobs",
+    keys: &["job_id"],
+    values: &["etag", "doc", "version", "job_type", "status", "purge_after"],
+};
+
+fn job_record(row: &Row) -> Result<JobRecord, StoreError> {
+    let version: i64 = row.try_get(1).map_err(backend)?;
+    Ok(JobRecord {
+        job: doc(row)?,
+        version: u64::try_from(version)
+            .map_err(|_| StoreError::Backend("negative job version".to_owned()))?,
+    })
+}
+
+impl JobStore for PgStore {
+    fn job(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
+        let row = self
+            .conn()?
+            .query_opt("SELECT doc, version FROM jobs WHERE job_id = $1", &[&id.as_str()])
+            .map_err(backend)?;
+        row.map(|r| job_record(&r)).transpose()
+    }
+
+    fn put_job(&self, record: &JobRecord, pre: &Precondition) -> Result<(), StoreError> {
+        let job = &record.job;
+        let id = job.job_id.as_str();
+        let etag = job_etag(record);
+        let doc = to_doc(job)?;
+        let version = i64::try_from(record.version)
+            .map_err(|_| StoreError::Backend("job version too large".to_owned()))?;
+        let (job_type, status) = (job_type_column(job.job_type)?, job_status_column(job.status)?);
+        let purge_after = job_purge_time(record);
+        JOBS.put(&mut *self.conn()?, &[&id, &etag, &doc, &version, &job_type, &status, &purge_after], pre)
+    }
+
+    fn jobs(&self, filter: &JobFilter, page: &PageRequest) -> Result<Page<JobResponse>, StoreError> {
+        let (max, limit) = limit_of(page);
+        let after = match &page.continuation {
+            Some(t) => decode_token(t, 1)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::Backend("bad continuation token".into()))?,
+            None => String::new(),
+        };
+        let job_type = filter.job_type.map(job_type_column).transpose()?;
+        let status = filter.status.map(job_status_column).transpose()?;
+        let rows = self
+            .conn()?
+            .query(
+                "SELECT doc, job_id FROM jobs WHERE job_id > $1 \
+                 AND ($2::text IS NULL OR job_type = $2) AND ($3::text IS NULL OR status = $3) \
+                 ORDER BY job_id LIMIT $4",
+                &[&after, &job_type, &status, &limit],
+            )
+            .map_err(backend)?;
+        let items = docs::<JobResponse>(&rows)?;
+        Ok(page_from(items, max, |j| encode_token(&[j.job_id.as_str()])))
+    }
+
+    fn put_device_job(&self, record: &DeviceJob) -> Result<(), StoreError> {
+        let (job, device, doc) = (record.job_id.as_str(), record.device_id.as_str(), to_doc(record)?);
+        self.conn()?
+            .execute(
+                "INSERT INTO device_jobs (job_id, device_id, doc) VALUES ($1, $2, $3) \
+                 ON CONFLICT (job_id, device_id) DO UPDATE SET doc = EXCLUDED.doc",
+                &[&job, &device, &doc],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn device_job(&self, job: &JobId, device_id: &str) -> Result<Option<DeviceJob>, StoreError> {
+        let row = self
+            .conn()?
+            .query_opt(
+                "SELECT doc FROM device_jobs WHERE job_id = $1 AND device_id = $2",
+                &[&job.as_str(), &device_id],
+            )
+            .map_err(backend)?;
+        row.map(|r| doc(&r)).transpose()
+    }
+
+    fn device_jobs(
+        &self,
+        filter: &DeviceJobFilter,
+        page: &PageRequest,
+    ) -> Result<Page<DeviceJob>, StoreError> {
+        let (max, limit) = limit_of(page);
+        let (job, device) = match &page.continuation {
+            Some(t) => match decode_token(t, 2)?.as_slice() {
+                [j, d] => (j.clone(), d.clone()),
+                _ => return Err(StoreError::Backend("bad continuation token".to_owned())),
+            },
+            None => (String::new(), String::new()),
+        };
+        let job_filter = filter.job_id.as_ref().map(|j| j.as_str().to_owned());
+        // With no token, ("", "") sorts before every real key, so `>=` would do as well; `>`
+        // keeps a resumed page from repeating its last record.
+        let rows = self
+            .conn()?
+            .query(
+                "SELECT doc FROM device_jobs WHERE (job_id, device_id) > ($1, $2) \
+                 AND ($3::text IS NULL OR job_id = $3) AND ($4::text IS NULL OR device_id = $4) \
+                 ORDER BY job_id, device_id LIMIT $5",
+                &[&job, &device, &job_filter, &filter.device_id, &limit],
+            )
+            .map_err(backend)?;
+        let items = docs::<DeviceJob>(&rows)?;
+        Ok(page_from(items, max, |r| encode_token(&[r.job_id.as_str(), r.device_id.as_str()])))
+    }
+
+    fn purge_jobs(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction().map_err(backend)?;
+        let purged = tx
+            .query("DELETE FROM jobs WHERE purge_after < $1 RETURNING job_id", &[&time_column(cutoff)])
+            .map_err(backend)?;
+        let ids = purged
+            .iter()
+            .map(|r| r.try_get::<_, String>(0))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        if !ids.is_empty() {
+            tx.execute("DELETE FROM device_jobs WHERE job_id = ANY ($1)", &[&ids]).map_err(backend)?;
+        }
+        tx.commit().map_err(backend)?;
+        Ok(ids.len())
+    }
+}

@@ -7,11 +7,12 @@ use zerotouch_engine::hub::{HubAction, HubError, HubRegistry};
 use zerotouch_engine::hub_engine::EmbeddedHubs;
 use zerotouch_engine::jobs::JobStore;
 use zerotouch_engine::provisioner::{
-    OperationStatusRequest, Provisioner, RegisterRequest, Response, StatusLookupRequest,
+    OperationStatusRequest, Provisioner, RegisterRequest, Response, ResponseBody, StatusLookupRequest,
 };
 use zerotouch_engine::registry::IdentityStore;
 use zerotouch_engine::store::ProvisioningStore;
 use zerotouch_engine::twin::TwinStore;
+use zerotouch_proto::device::ErrorDetails;
 use zerotouch_proto::Timestamp;
 
 /// The DPS device API as every endpoint (MQTT, HTTPS, MQTT over WebSockets) calls it.
@@ -25,6 +26,53 @@ pub trait DpsService: Send + Sync + 'static {
     fn operation_status(&self, now: Timestamp, req: OperationStatusRequest) -> Response;
     /// `POST {idScope}/registrations/{id}` (registration state lookup).
     fn status_lookup(&self, now: Timestamp, req: StatusLookupRequest) -> Response;
+
+    /// Whether the credential in `req` authenticates its registration id, for endpoints that
+    /// authenticate before any request (MQTT CONNECT answers a bad SAS token with return code 5).
+    ///
+    /// Only a definite refusal (401) counts: an unknown enrollment or registration still lets the
+    /// device connect and learn the precise error from its register reply. The default asks
+    /// [`DpsService::status_lookup`]; implementations with a cheaper check may override it.
+    fn accepts_credential(&self, now: Timestamp, req: StatusLookupRequest) -> bool {
+        self.status_lookup(now, req).status != 401
+    }
+}
+
+/// An error reply decided by an endpoint rather than the engine (throttling, oversized or
+/// unparsable input), in the DPS error body shape.
+pub fn endpoint_error(status: u16, message: &str, retry_after: Option<u32>) -> Response {
+    Response {
+        status,
+        retry_after,
+        body: ResponseBody::Error(ErrorDetails {
+            error_code: u32::from(status) * 1000,
+            tracking_id: tracking_id(),
+            message: message.to_owned(),
+            timestamp_utc: Some(now()),
+            info: None,
+        }),
+    }
+}
+
+/// The reply when admission refuses a request: 429 with `retry-after` (errorCode 429001).
+pub fn throttled(retry_after_secs: u32) -> Response {
+    let mut reply = endpoint_error(429, "Too many requests", Some(retry_after_secs));
+    if let ResponseBody::Error(e) = &mut reply.body {
+        e.error_code = 429_001;
+    }
+    reply
+}
+
+/// A random GUID-shaped tracking id; empty if the system RNG fails (it only aids support).
+fn tracking_id() -> String {
+    let mut b = [0u8; 16];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+        return String::new();
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
 }
 
 /// A [`DpsService`] over the engine's [`Provisioner`] and a [`HubRegistry`] shared by all

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
@@ -28,7 +29,7 @@ use crate::jobs::{
     DeviceJobFilter, DeviceSelector, JobLimits, JobPlanner, JobStore, MemoryJobStore, MethodCalls,
     MethodCompletion, TwinPatcher,
 };
-use crate::query::{matches, parse_condition, Collection, Expr, QuerySource, VecSource};
+use crate::query::{matches, parse_condition, Collection, Expr, IndexedSource, QuerySource, VecSource};
 use crate::registry::{
     hub_error, Applied, IdentityStore, LifecycleEvent, LifecycleOperation, MemoryIdentityStore, Registry,
     RegistryConfig, TwinSink,
@@ -449,6 +450,9 @@ fn hub_err(error: &Error) -> HubError {
     HubError { code: wire.error_code, message: wire.message }
 }
 
+/// The documents of one collection as of a generation of [`EmbeddedHub`] writes.
+type Snapshot = (u64, Arc<IndexedSource>);
+
 /// One embedded hub: registry, twins, jobs and direct methods behind one sans-I/O API.
 pub struct EmbeddedHub<
     I: IdentityStore = MemoryIdentityStore,
@@ -461,6 +465,11 @@ pub struct EmbeddedHub<
     methods: MethodCalls,
     now: Timestamp,
     queued: Mutex<Vec<LifecycleEvent>>,
+    /// Bumped by every call that may write the stores; a query snapshot older than it is rebuilt.
+    generation: AtomicU64,
+    /// Per collection (devices, modules, jobs): the generation it was built at and the
+    /// documents with their indexes, so a query does not rebuild every document per batch.
+    snapshots: Mutex<[Option<Snapshot>; 3]>,
 }
 
 impl<I: IdentityStore, T: TwinStore, J: JobStore> std::fmt::Debug for EmbeddedHub<I, T, J> {
@@ -504,7 +513,16 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         let registry = Registry::new(identities, crypto, RegistryConfig::new(host_name.clone()));
         let core = Arc::new(HubCore { registry, twins });
         let planner = JobPlanner::new(jobs, Arc::clone(&core), limits);
-        Ok(Self { host_name, core, planner, methods, now: Timestamp::EPOCH, queued: Mutex::new(Vec::new()) })
+        Ok(Self {
+            host_name,
+            core,
+            planner,
+            methods,
+            now: Timestamp::EPOCH,
+            queued: Mutex::new(Vec::new()),
+            generation: AtomicU64::new(0),
+            snapshots: Mutex::new([None, None, None]),
+        })
     }
 
     /// Sets the time stamped on what [`HubRegistry::apply`] writes (the trait carries none).
@@ -522,6 +540,38 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(events);
     }
 
+    /// Marks the query snapshots stale. Called by everything that writes, or hands out access
+    /// that can write (the registry, the core, the planner), so a query sees every change made
+    /// through this hub.
+    fn touched(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The documents of `collection` as of the last write through this hub, built at most once
+    /// per write.
+    fn snapshot(&self, collection: Collection) -> Result<Arc<IndexedSource>, Error> {
+        let slot = match collection {
+            Collection::Devices => 0,
+            Collection::Modules => 1,
+            Collection::Jobs => 2,
+        };
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut snapshots = self.snapshots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((built, source)) = &snapshots[slot] {
+            if *built == generation {
+                return Ok(Arc::clone(source));
+            }
+        }
+        let docs = match collection {
+            Collection::Devices => VecSource { devices: self.core.device_docs()?, ..VecSource::default() },
+            Collection::Modules => VecSource { modules: self.core.module_docs()?, ..VecSource::default() },
+            Collection::Jobs => VecSource { jobs: self.job_docs()?, ..VecSource::default() },
+        };
+        let source = Arc::new(IndexedSource::new(docs));
+        snapshots[slot] = Some((generation, Arc::clone(&source)));
+        Ok(source)
+    }
+
     /// Host name of the hub.
     pub fn host_name(&self) -> &str {
         &self.host_name
@@ -530,16 +580,19 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// Registry and twins (also the [`TwinSink`] to hand to import and export jobs; settle the
     /// events of an import with [`EmbeddedHub::settle_lifecycle`]).
     pub fn core(&self) -> &HubCore<I, T> {
+        self.touched();
         &self.core
     }
 
     /// The identity registry (reads, statistics, connection state).
     pub fn registry(&self) -> &Registry<I> {
+        self.touched();
         &self.core.registry
     }
 
     /// The job planner (job reads, cancel, timeouts).
     pub fn planner(&mut self) -> &mut JobPlanner<J, Arc<HubCore<I, T>>> {
+        self.touched();
         &mut self.planner
     }
 
@@ -559,6 +612,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         desired: Option<&Map<String, Value>>,
         now: Timestamp,
     ) -> Result<Applied<Device>, Error> {
+        self.touched();
         let empty = Map::new();
         let doc = TwinDocument::with_initial(now, tags.unwrap_or(&empty), desired.unwrap_or(&empty))?;
         let applied = self.core.registry.create_device(body, now)?;
@@ -572,6 +626,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// # Errors
     /// As [`Registry::create_module`].
     pub fn create_module(&self, body: Module, now: Timestamp) -> Result<Applied<Module>, Error> {
+        self.touched();
         let applied = self.core.registry.create_module(body, now)?;
         let events = self.core.settle(applied.events, now)?;
         Ok(Applied { value: applied.value, events })
@@ -587,6 +642,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         if_match: &IfMatch,
         now: Timestamp,
     ) -> Result<Applied<Device>, Error> {
+        self.touched();
         let applied = self.core.registry.delete_device(id, if_match, now)?;
         let events = self.core.settle(applied.events, now)?;
         Ok(Applied { value: applied.value, events })
@@ -603,6 +659,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         if_match: &IfMatch,
         now: Timestamp,
     ) -> Result<Applied<Module>, Error> {
+        self.touched();
         let applied = self.core.registry.delete_module(device_id, module_id, if_match, now)?;
         let events = self.core.settle(applied.events, now)?;
         Ok(Applied { value: applied.value, events })
@@ -617,6 +674,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         entries: &[ExportImportDevice],
         now: Timestamp,
     ) -> Result<Applied<BulkRegistryOperationResult>, Error> {
+        self.touched();
         let applied = self.core.registry.bulk(entries, self.core.as_ref(), now)?;
         let events = self.core.settle(applied.events, now)?;
         Ok(Applied { value: applied.value, events })
@@ -633,6 +691,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         events: Vec<LifecycleEvent>,
         now: Timestamp,
     ) -> Result<Vec<LifecycleEvent>, Error> {
+        self.touched();
         self.core.settle(events, now)
     }
 
@@ -656,6 +715,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         if_match: &IfMatch,
         now: Timestamp,
     ) -> Result<TwinOutcome, Error> {
+        self.touched();
         self.core.write_twin(&twin_key(device_id, module_id), now, op, if_match)
     }
 
@@ -669,6 +729,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         job_id: &str,
         request: &JobRequest,
     ) -> Result<JobResponse, Error> {
+        self.touched();
         self.planner.create(now, job_id, request)
     }
 
@@ -679,6 +740,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// # Errors
     /// Store failures.
     pub fn run_jobs(&mut self, now: Timestamp) -> Result<Vec<MethodCompletion>, Error> {
+        self.touched();
         let core = Arc::clone(&self.core);
         self.planner.run(now, core.as_ref(), &mut self.methods)
     }
@@ -699,6 +761,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     }
 
     fn provision(&self, device: &ProvisionedDevice, setup: &TwinSetup, now: Timestamp) -> Result<(), Error> {
+        self.touched();
         let authentication = auth_mechanism(&device.auth)?;
         let capabilities = json!({ "iotEdge": device.iot_edge });
         let existing = match self.core.registry.device(&device.device_id) {
@@ -748,6 +811,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     }
 
     fn reset_twin(&self, key: &TwinKey, initial: &InitialTwin, now: Timestamp) -> Result<(), Error> {
+        self.touched();
         let fresh = TwinDocument::from_initial_twin(now, initial)?;
         let Some(mut doc) = self.core.twins.twin(key)? else {
             return put_new_twin(&self.core.twins, key, &fresh);
@@ -761,6 +825,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// Creates `device` with the tags, desired and reported properties of `twin` (a migrated
     /// device keeps its data).
     fn adopt(&self, device: &ProvisionedDevice, twin: &TwinDocument, now: Timestamp) -> Result<(), Error> {
+        self.touched();
         let mut doc = TwinDocument::with_initial(now, twin.tags(), twin.desired())?;
         replace_reported(&mut doc, now, twin.reported())?;
         let body: Device = serde_json::from_value(json!({
@@ -791,6 +856,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// than [`EmbeddedHub::host_name`] and for `Migrate` (which needs two hubs, see
     /// [`EmbeddedHubs`]).
     pub fn apply_at(&mut self, action: &HubAction, now: Timestamp) -> Result<(), HubError> {
+        self.touched();
         match action {
             HubAction::Provision { hub, device, twin } if *hub == self.host_name => {
                 self.provision(device, twin, now).map_err(|e| hub_err(&e))
@@ -824,19 +890,10 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> QuerySource for EmbeddedHub<I,
         page: &PageRequest,
         visit: &mut dyn FnMut(&Value) -> ControlFlow<()>,
     ) -> Result<Option<String>, Error> {
-        // Offsets into a snapshot: simple and stable while the data is unchanged, which is
-        // what `execute` asks of continuation tokens.
-        let docs = match collection {
-            Collection::Devices => self.core.device_docs()?,
-            Collection::Modules => self.core.module_docs()?,
-            Collection::Jobs => self.job_docs()?,
-        };
-        let source = match collection {
-            Collection::Devices => VecSource { devices: docs, ..VecSource::default() },
-            Collection::Modules => VecSource { modules: docs, ..VecSource::default() },
-            Collection::Jobs => VecSource { jobs: docs, ..VecSource::default() },
-        };
-        source.scan(collection, filter, page, visit)
+        // Offsets into a snapshot kept until the next write: stable while the data is
+        // unchanged, which is what `execute` asks of continuation tokens, and built once
+        // instead of once per batch.
+        self.snapshot(collection)?.scan(collection, filter, page, visit)
     }
 }
 

@@ -7,7 +7,8 @@
 //! 202 first), so the first poll normally finds it `assigned` or `failed`. A device that moves
 //! between hubs is recorded as `assigning` while its hub actions run.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
@@ -28,10 +29,10 @@ use zerotouch_proto::service::{
 use zerotouch_proto::{DeviceId, IdScope, OperationId, RegistrationId, Timestamp};
 
 use crate::allocation::{AllocationRequest, Allocator};
-use crate::attestation::symmetric::{self, check_registration_token, derive_device_key, signed_with};
+use crate::attestation::symmetric::{self, check_registration_token, derive_device_key};
 use crate::attestation::x509::{Certificate, PresentedChain};
 use crate::attestation::Credential;
-use crate::crypto::CryptoProvider;
+use crate::crypto::{constant_time_eq, CryptoProvider};
 use crate::enrollments::strip_enrollment_secrets;
 use crate::error::{AuthError, Error, StoreError};
 use crate::hub::{DeviceAuth, HubAction, HubRegistry, ProvisionedDevice, TwinSetup};
@@ -240,6 +241,52 @@ pub struct Provisioner<S> {
     store: S,
     crypto: Arc<dyn CryptoProvider>,
     allocator: Allocator,
+    random: Mutex<RandomPool>,
+    /// Group anchors parsed from their stored text, keyed by that text: parsing dominates a
+    /// group lookup, and a changed group or CA certificate has new text, so an entry never goes
+    /// stale.
+    anchors: Mutex<HashMap<String, Certificate>>,
+    /// Presented CA certificates (everything above the leaf) parsed from their DER, keyed by
+    /// it: a fleet presents the same few intermediates with every registration.
+    issuers: Mutex<HashMap<Vec<u8>, Certificate>>,
+}
+
+/// Parsed anchors kept at most; the cache starts over when full (DPS allows a few hundred
+/// groups, so this is only reached when certificates are rotated often).
+const ANCHOR_CACHE: usize = 256;
+
+/// Bytes of the random source read ahead at once: every registration needs 48 (operation id
+/// and etag), and one read of the OS source costs far more than the bytes it returns.
+const RANDOM_POOL: usize = 4096;
+
+/// Random bytes read ahead from the [`CryptoProvider`], handed out once each.
+struct RandomPool {
+    bytes: Box<[u8; RANDOM_POOL]>,
+    used: usize,
+}
+
+impl RandomPool {
+    fn empty() -> Self {
+        Self { bytes: Box::new([0; RANDOM_POOL]), used: RANDOM_POOL }
+    }
+
+    fn take<const N: usize>(&mut self, crypto: &dyn CryptoProvider) -> Result<[u8; N], Error> {
+        let mut out = [0u8; N];
+        if N > RANDOM_POOL {
+            crypto.fill_random(&mut out).map_err(|e| Error::Crypto(e.to_string()))?;
+            return Ok(out);
+        }
+        if self.used + N > RANDOM_POOL {
+            crypto.fill_random(&mut self.bytes[..]).map_err(|e| Error::Crypto(e.to_string()))?;
+            self.used = 0;
+        }
+        let end = self.used + N;
+        out.copy_from_slice(&self.bytes[self.used..end]);
+        // Never hand the same bytes out twice.
+        self.bytes[self.used..end].fill(0);
+        self.used = end;
+        Ok(out)
+    }
 }
 
 impl<S: ProvisioningStore> Provisioner<S> {
@@ -250,7 +297,15 @@ impl<S: ProvisioningStore> Provisioner<S> {
         crypto: Arc<dyn CryptoProvider>,
         allocator: Allocator,
     ) -> Self {
-        Self { config, store, crypto, allocator }
+        Self {
+            config,
+            store,
+            crypto,
+            allocator,
+            random: Mutex::new(RandomPool::empty()),
+            anchors: Mutex::new(HashMap::new()),
+            issuers: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The store.
@@ -335,9 +390,8 @@ impl<S: ProvisioningStore> Provisioner<S> {
     /// The error reply for `e`, in the DPS error body shape.
     pub fn error_response(&self, now: Timestamp, e: &Error) -> Response {
         let wire = e.to_wire();
-        let mut random = [0u8; 16];
         // A failed random source only costs the tracking id its uniqueness.
-        let _ = self.crypto.fill_random(&mut random);
+        let random: [u8; 16] = self.random_bytes().unwrap_or_default();
         Response {
             status: wire.http_status,
             retry_after: match e {
@@ -363,15 +417,16 @@ impl<S: ProvisioningStore> Provisioner<S> {
         Ok((self.config.id_scope.clone(), id))
     }
 
+    fn random_bytes<const N: usize>(&self) -> Result<[u8; N], Error> {
+        self.random.lock().unwrap_or_else(PoisonError::into_inner).take(self.crypto.as_ref())
+    }
+
     fn new_operation_id(&self) -> Result<OperationId, Error> {
-        let mut random = [0u8; 32];
-        self.crypto.fill_random(&mut random).map_err(|e| Error::Crypto(e.to_string()))?;
-        Ok(OperationId::from_random(&random))
+        Ok(OperationId::from_random(&self.random_bytes()?))
     }
 
     fn new_etag(&self) -> Result<String, Error> {
-        let mut random = [0u8; 16];
-        self.crypto.fill_random(&mut random).map_err(|e| Error::Crypto(e.to_string()))?;
+        let random: [u8; 16] = self.random_bytes()?;
         // Real DPS registration etags are base64 of a quoted GUID-like string (spec §1.4).
         Ok(STANDARD.encode(format!("\"{}\"", uuid_from_bytes(&random))))
     }
@@ -736,6 +791,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
         check_registration_token(&token, scope, id, now, self.config.clock_skew)?;
         let signature = token.signature().map_err(|_| AuthError::SignatureMismatch)?;
         let crypto = self.crypto.as_ref();
+        // Formatted once, although up to four keys (and two spellings) may be tried.
+        let string_to_sign = token.string_to_sign();
+        let signed_with =
+            |key: &[u8]| constant_time_eq(&crypto.hmac_sha256(key, string_to_sign.as_bytes()), &signature);
 
         // An individual enrollment for this id always wins over groups (spec §5.2).
         if let Some(enrollment) = self.store.enrollment(id)? {
@@ -752,9 +811,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             if enrollment.provisioning_status == Some(ProvisioningStatus::Disabled) {
                 return Err(AuthError::EnrollmentDisabled.into());
             }
-            if !(signed_with(crypto, &token, &signature, &primary)
-                || signed_with(crypto, &token, &signature, &secondary))
-            {
+            if !(signed_with(&primary) || signed_with(&secondary)) {
                 return Err(AuthError::SignatureMismatch.into());
             }
             return Ok(Attested {
@@ -779,8 +836,13 @@ impl<S: ProvisioningStore> Provisioner<S> {
             }
         }
         // Derive from the id as sent; devices that lower-cased their id get a second chance.
-        let lower = id.as_str().to_ascii_lowercase();
-        let spellings: &[&str] = if lower == id.as_str() { &[id.as_str()] } else { &[id.as_str(), &lower] };
+        // Only an id with upper-case letters has a second spelling (and needs the copy).
+        let lower =
+            id.as_str().bytes().any(|b| b.is_ascii_uppercase()).then(|| id.as_str().to_ascii_lowercase());
+        let spellings: &[&str] = match &lower {
+            Some(lower) => &[id.as_str(), lower],
+            None => &[id.as_str()],
+        };
         for group in groups {
             let Some(keys) = group.attestation.symmetric_key.as_ref() else { continue };
             let (Some(p), Some(s)) = (keys.primary_key.as_deref(), keys.secondary_key.as_deref()) else {
@@ -792,9 +854,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             for spelling in spellings {
                 let dp = derive_device_key(crypto, &primary, spelling);
                 let ds = derive_device_key(crypto, &secondary, spelling);
-                if signed_with(crypto, &token, &signature, &dp)
-                    || signed_with(crypto, &token, &signature, &ds)
-                {
+                if signed_with(&dp) || signed_with(&ds) {
                     if group.provisioning_status == Some(ProvisioningStatus::Disabled) {
                         return Err(AuthError::EnrollmentDisabled.into());
                     }
@@ -819,7 +879,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         chain: &[Vec<u8>],
     ) -> Result<Attested, Error> {
         let crypto = self.crypto.as_ref();
-        let chain = PresentedChain::from_der(chain)?;
+        let chain = self.presented_chain(chain)?;
         chain.verify_internal(now, crypto)?;
         let leaf = chain.leaf();
         let cn = leaf.common_name().unwrap_or_default();
@@ -897,7 +957,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 .flatten()
                 .filter_map(|c| c.certificate.as_ref())
             {
-                if let Ok(cert) = Certificate::from_text(text) {
+                if let Some(cert) = self.anchor(text) {
                     anchors.push(cert);
                 }
             }
@@ -905,13 +965,55 @@ impl<S: ProvisioningStore> Provisioner<S> {
         if let Some(refs) = &x509.ca_references {
             for name in [&refs.primary, &refs.secondary].into_iter().flatten() {
                 if let Some(ca) = self.store.ca_certificate(name)?.filter(|ca| ca.is_verified) {
-                    if let Ok(cert) = Certificate::from_text(&ca.certificate_der) {
+                    if let Some(cert) = self.anchor(&ca.certificate_der) {
                         anchors.push(cert);
                     }
                 }
             }
         }
         Ok(anchors)
+    }
+
+    /// The presented chain, parsed: the leaf every time, the certificates above it once.
+    fn presented_chain(&self, chain: &[Vec<u8>]) -> Result<PresentedChain, Error> {
+        let mut certificates = Vec::with_capacity(chain.len());
+        for (i, der) in chain.iter().enumerate() {
+            certificates.push(if i == 0 { Certificate::from_der(der)? } else { self.issuer(der)? });
+        }
+        Ok(PresentedChain::from_certificates(certificates)?)
+    }
+
+    /// A presented CA certificate, parsed once. Only parsed certificates are kept, and the
+    /// cache starts over when full, so junk chains cannot grow it.
+    fn issuer(&self, der: &[u8]) -> Result<Certificate, Error> {
+        let lock = || self.issuers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cert) = lock().get(der) {
+            return Ok(cert.clone());
+        }
+        let cert = Certificate::from_der(der)?;
+        let mut cache = lock();
+        if cache.len() >= ANCHOR_CACHE {
+            cache.clear();
+        }
+        cache.insert(der.to_vec(), cert.clone());
+        Ok(cert)
+    }
+
+    /// The certificate of a stored PEM or base64 text, parsed once.
+    fn anchor(&self, text: &str) -> Option<Certificate> {
+        let lock = || self.anchors.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cert) = lock().get(text) {
+            return Some(cert.clone());
+        }
+        // Parsed outside the lock; a text that does not parse is not cached (it is rare, and
+        // its group is unusable until fixed anyway).
+        let cert = Certificate::from_text(text).ok()?;
+        let mut cache = lock();
+        if cache.len() >= ANCHOR_CACHE {
+            cache.clear();
+        }
+        cache.insert(text.to_owned(), cert.clone());
+        Some(cert)
     }
 }
 

@@ -25,6 +25,7 @@
 mod ast;
 mod eval;
 mod exec;
+mod index;
 mod lexer;
 mod parser;
 
@@ -34,4 +35,5 @@ pub use ast::{
 };
 pub use eval::{compare, eval, json_eq, lookup, matches, Evaluated};
 pub use exec::{execute, QueryPage, QuerySource, VecSource, MAX_PAGE_SIZE};
+pub use index::IndexedSource;
 pub use parser::{parse, parse_condition, ParseError, MAX_QUERY_LEN};

@@ -102,7 +102,7 @@ fn merge(target: &mut Map<String, Value>, meta: &mut MetaNode, patch: &Map<Strin
             }
             leaf => {
                 match target.get_mut(key) {
-                    Some(slot) => *slot = leaf.clone(),
+                    Some(slot) => assign(slot, leaf),
                     None => {
                         target.insert(key.clone(), leaf.clone());
                     }
@@ -119,6 +119,15 @@ fn merge(target: &mut Map<String, Value>, meta: &mut MetaNode, patch: &Map<Strin
     meta.touch(stamp);
 }
 
+/// Overwrites a stored leaf, reusing the stored string's buffer when both are strings (a
+/// property rewritten with a value of similar length then allocates nothing).
+fn assign(slot: &mut Value, leaf: &Value) {
+    match (slot, leaf) {
+        (Value::String(old), Value::String(new)) => old.clone_from(new),
+        (slot, leaf) => *slot = leaf.clone(),
+    }
+}
+
 /// Plain JSON merge without metadata (tags carry none).
 fn merge_plain(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
     for (key, value) in patch {
@@ -127,17 +136,20 @@ fn merge_plain(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
                 target.shift_remove(key);
             }
             Value::Object(child_patch) => {
-                let entry = target.entry(key.clone()).or_insert_with(|| Value::Object(Map::new()));
-                if !entry.is_object() {
-                    *entry = Value::Object(Map::new());
+                // Look up before inserting, so a key that exists is not allocated again.
+                if !matches!(target.get(key), Some(Value::Object(_))) {
+                    target.insert(key.clone(), Value::Object(Map::new()));
                 }
-                if let Value::Object(child) = entry {
+                if let Some(Value::Object(child)) = target.get_mut(key) {
                     merge_plain(child, child_patch);
                 }
             }
-            leaf => {
-                target.insert(key.clone(), leaf.clone());
-            }
+            leaf => match target.get_mut(key) {
+                Some(slot) => assign(slot, leaf),
+                None => {
+                    target.insert(key.clone(), leaf.clone());
+                }
+            },
         }
     }
 }
@@ -339,7 +351,8 @@ impl TwinDocument {
     /// # Errors
     /// [`Error::PreconditionFailed`] when a specific etag differs.
     pub fn check_if_match(&self, if_match: &IfMatch) -> Result<(), Error> {
-        if if_match.allows(&self.etag()) {
+        // Only a specific tag needs the etag formatted.
+        if matches!(if_match, IfMatch::Absent | IfMatch::Any) || if_match.allows(&self.etag()) {
             Ok(())
         } else {
             Err(Error::PreconditionFailed)
@@ -358,22 +371,53 @@ impl TwinDocument {
         patch: &TwinPatch,
         if_match: &IfMatch,
     ) -> Result<TwinChange, Error> {
-        self.check_if_match(if_match)?;
         let desired_patch = patch.desired();
-        if let Some(tags) = &patch.tags {
+        let desired_version = self.merge_service_patch(now, patch.tags.as_ref(), desired_patch, if_match)?;
+        Ok(self.update_change(now, patch.tags.clone(), desired_patch.cloned().zip(desired_version)))
+    }
+
+    /// [`TwinDocument::patch`] of a patch the caller no longer needs (one just decoded from a
+    /// request): the returned change takes the patch's maps instead of copying them.
+    ///
+    /// # Errors
+    /// As [`TwinDocument::patch`].
+    pub fn patch_owned(
+        &mut self,
+        now: Timestamp,
+        patch: TwinPatch,
+        if_match: &IfMatch,
+    ) -> Result<TwinChange, Error> {
+        let desired_version =
+            self.merge_service_patch(now, patch.tags.as_ref(), patch.desired(), if_match)?;
+        let TwinPatch { tags, properties, .. } = patch;
+        let desired = properties.and_then(|p| p.desired).map(|c| c.properties);
+        Ok(self.update_change(now, tags, desired.zip(desired_version)))
+    }
+
+    /// Validates and merges a service patch; returns the new desired `$version` when desired
+    /// properties were written.
+    fn merge_service_patch(
+        &mut self,
+        now: Timestamp,
+        tags_patch: Option<&Map<String, Value>>,
+        desired_patch: Option<&Map<String, Value>>,
+        if_match: &IfMatch,
+    ) -> Result<Option<u64>, Error> {
+        self.check_if_match(if_match)?;
+        if let Some(tags) = tags_patch {
             validate_patch(SectionKind::Tags, tags)?;
         }
         if let Some(desired) = desired_patch {
             validate_patch(SectionKind::Desired, desired)?;
         }
         // Check both sizes before writing anything, so a refused patch changes nothing.
-        if let Some(p) = &patch.tags {
+        if let Some(p) = tags_patch {
             check_merged_size(SectionKind::Tags, &self.tags, p)?;
         }
         if let Some(p) = desired_patch {
             check_merged_size(SectionKind::Desired, &self.desired.properties, p)?;
         }
-        if let Some(p) = &patch.tags {
+        if let Some(p) = tags_patch {
             merge_plain(&mut self.tags, p);
         }
         let desired_version = desired_patch.map(|p| {
@@ -384,17 +428,23 @@ impl TwinDocument {
         });
         self.version += 1;
         self.etag_counter += 1;
-        Ok(TwinChange {
+        Ok(desired_version)
+    }
+
+    fn update_change(
+        &self,
+        now: Timestamp,
+        tags: Option<Map<String, Value>>,
+        desired: Option<(Map<String, Value>, u64)>,
+    ) -> TwinChange {
+        TwinChange {
             operation: TwinChangeOperation::UpdateTwin,
             timestamp: now,
             version: self.version,
-            tags: patch.tags.clone(),
-            desired: desired_patch
-                .cloned()
-                .zip(desired_version)
-                .map(|(patch, version)| SectionChange { patch, version }),
+            tags,
+            desired: desired.map(|(patch, version)| SectionChange { patch, version }),
             reported: None,
-        })
+        }
     }
 
     /// Service `PUT`: replaces all tags and all desired properties (a missing part becomes

@@ -82,36 +82,49 @@ pub fn key_problem(key: &str) -> Option<String> {
 /// # Errors
 /// [`Error::BadRequest`] naming the section, the property path and the broken rule.
 pub fn validate_patch(kind: SectionKind, patch: &Map<String, Value>) -> Result<(), Error> {
-    let mut path = Vec::new();
-    check_object(kind, patch, 1, &mut path)
+    check_object(kind, patch, 1, None)
 }
 
-fn check_object<'a>(
+/// The names leading to a property, linked through the stack so that validating a valid patch
+/// allocates nothing; only an error message spells the path out.
+struct Trail<'a> {
+    key: &'a str,
+    parent: Option<&'a Trail<'a>>,
+}
+
+impl Trail<'_> {
+    fn dotted(&self) -> String {
+        let mut names = Vec::new();
+        let mut at = Some(self);
+        while let Some(t) = at {
+            names.push(t.key);
+            at = t.parent;
+        }
+        names.reverse();
+        names.join(".")
+    }
+}
+
+fn check_object(
     kind: SectionKind,
-    object: &'a Map<String, Value>,
+    object: &Map<String, Value>,
     depth: usize,
-    path: &mut Vec<&'a str>,
+    parent: Option<&Trail<'_>>,
 ) -> Result<(), Error> {
     for (key, value) in object {
-        path.push(key);
+        let here = Trail { key, parent };
         if let Some(problem) = key_problem(key) {
-            return Err(refuse(kind, path, &format!("the property name {problem}")));
+            return Err(refuse(kind, &here, &format!("the property name {problem}")));
         }
         if depth > MAX_DEPTH {
-            return Err(refuse(kind, path, &format!("objects may nest at most {MAX_DEPTH} levels deep")));
+            return Err(refuse(kind, &here, &format!("objects may nest at most {MAX_DEPTH} levels deep")));
         }
-        check_value(kind, value, depth, path)?;
-        path.pop();
+        check_value(kind, value, depth, &here)?;
     }
     Ok(())
 }
 
-fn check_value<'a>(
-    kind: SectionKind,
-    value: &'a Value,
-    depth: usize,
-    path: &mut Vec<&'a str>,
-) -> Result<(), Error> {
+fn check_value(kind: SectionKind, value: &Value, depth: usize, here: &Trail<'_>) -> Result<(), Error> {
     match value {
         Value::Null | Value::Bool(_) => Ok(()),
         Value::Number(n) => {
@@ -122,27 +135,27 @@ fn check_value<'a>(
             if in_range {
                 Ok(())
             } else {
-                Err(refuse(kind, path, &format!("the integer {n} is outside {MIN_INTEGER}..={MAX_INTEGER}")))
+                Err(refuse(kind, here, &format!("the integer {n} is outside {MIN_INTEGER}..={MAX_INTEGER}")))
             }
         }
         Value::String(s) => {
             if s.len() > MAX_STRING_BYTES {
                 Err(refuse(
                     kind,
-                    path,
+                    here,
                     &format!("the string is {} bytes long (at most {MAX_STRING_BYTES})", s.len()),
                 ))
             } else {
                 Ok(())
             }
         }
-        Value::Array(items) => items.iter().try_for_each(|item| check_value(kind, item, depth, path)),
-        Value::Object(child) => check_object(kind, child, depth + 1, path),
+        Value::Array(items) => items.iter().try_for_each(|item| check_value(kind, item, depth, here)),
+        Value::Object(child) => check_object(kind, child, depth + 1, Some(here)),
     }
 }
 
-fn refuse(kind: SectionKind, path: &[&str], rule: &str) -> Error {
-    Error::BadRequest(format!("invalid twin {} property `{}`: {rule}", kind.name(), path.join(".")))
+fn refuse(kind: SectionKind, here: &Trail<'_>, rule: &str) -> Error {
+    Error::BadRequest(format!("invalid twin {} property `{}`: {rule}", kind.name(), here.dotted()))
 }
 
 /// The size of a section as the hub counts it against its limit: the sum over properties of
@@ -157,6 +170,8 @@ fn value_size(value: &Value) -> usize {
     match value {
         Value::Null | Value::Bool(_) => 4,
         Value::Number(_) => 8,
+        // ASCII control characters are the same set as `char::is_control` below 0x80.
+        Value::String(s) if s.is_ascii() => s.bytes().filter(|b| !b.is_ascii_control()).count(),
         Value::String(s) => s.chars().filter(|c| !c.is_control()).map(char::len_utf8).sum(),
         Value::Array(items) => items.iter().map(value_size).sum(),
         Value::Object(o) => section_size(o),
@@ -164,34 +179,34 @@ fn value_size(value: &Value) -> usize {
 }
 
 /// The size [`section_size`] would give for `section` after merging `patch` into it, computed
-/// without building the merged section.
+/// without building the merged section: the current size plus what each patched property adds
+/// or removes (only the patch is looked up; the section is walked once, without lookups).
 pub fn merged_size(section: &Map<String, Value>, patch: &Map<String, Value>) -> usize {
-    let empty = Map::new();
-    merged_size_in(section, patch, &empty)
+    let size = isize::try_from(section_size(section)).unwrap_or(isize::MAX);
+    usize::try_from(size.saturating_add(size_delta(section, patch))).unwrap_or(0)
 }
 
-fn merged_size_in(
-    section: &Map<String, Value>,
-    patch: &Map<String, Value>,
-    empty: &Map<String, Value>,
-) -> usize {
-    let kept: usize =
-        section.iter().filter(|(k, _)| !patch.contains_key(*k)).map(|(k, v)| k.len() + value_size(v)).sum();
-    let written: usize = patch
+fn signed(n: usize) -> isize {
+    isize::try_from(n).unwrap_or(isize::MAX)
+}
+
+/// How much merging `patch` into `section` changes its size.
+fn size_delta(section: &Map<String, Value>, patch: &Map<String, Value>) -> isize {
+    let empty = Map::new();
+    patch
         .iter()
-        .map(|(k, p)| match p {
-            Value::Null => 0,
-            Value::Object(child_patch) => {
-                let child = match section.get(k) {
-                    Some(Value::Object(c)) => c,
-                    _ => empty,
-                };
-                k.len() + merged_size_in(child, child_patch, empty)
+        .map(|(k, p)| {
+            let current = section.get(k);
+            let old = || current.map_or(0, |v| signed(k.len() + value_size(v)));
+            match (p, current) {
+                // Merging into an object changes only what the nested patch changes.
+                (Value::Object(child_patch), Some(Value::Object(child))) => size_delta(child, child_patch),
+                (Value::Object(child_patch), _) => signed(k.len()) + size_delta(&empty, child_patch) - old(),
+                (Value::Null, _) => -old(),
+                (leaf, _) => signed(k.len() + value_size(leaf)) - old(),
             }
-            leaf => k.len() + value_size(leaf),
         })
-        .sum();
-    kept + written
+        .sum()
 }
 
 /// Checks that merging `patch` into `section` keeps it within its limit.

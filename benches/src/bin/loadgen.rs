@@ -1,0 +1,417 @@
+//! Load generator: N simulated devices register over MQTT+TLS with keys derived from a group key,
+//! and in the same run the bare TLS + MQTT CONNECT/CONNACK rate of the same server; reports both
+//! rates, p50/p99 latencies and their ratio (issue 5, acceptance 4).
+//!
+//! Against a running server (see benches/README.md):
+//! `cargo run --release -p zerotouch-benches --bin loadgen -- --host 127.0.0.1:8883 --ca ca.pem
+//! --id-scope 0ne0000AB12 --group-key KEY --devices 5000 --concurrency 2000`
+//!
+//! Or self-contained, against `serve_mqtt` in this process over a SQLite store in a temp dir:
+//! `cargo run --release -p zerotouch-benches --bin loadgen -- --in-process --devices 5000 --concurrency 2000`
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use rumqttc::mqttbytes::v4::Connect;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use rustls::client::Resumption;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsConnector;
+use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_token};
+use zerotouch_engine::crypto::RingCrypto;
+use zerotouch_engine::registration::{DeviceCredential, DEFAULT_API_VERSION};
+use zerotouch_proto::mqtt::ConnectUsername;
+use zerotouch_proto::{IdScope, RegistrationId};
+use zerotouch_transport::client::{ProvisioningClient, Transport, USER_AGENT};
+
+#[derive(Debug, Parser)]
+#[command(about = "DPS load generator: registrations/s vs bare TLS+MQTT CONNECT/CONNACK/s")]
+struct Args {
+    /// MQTT endpoint HOST:PORT of a running server (ignored with --in-process).
+    #[arg(long, default_value = "127.0.0.1:8883")]
+    host: String,
+    /// CA certificate (PEM) the server certificate chains to (ignored with --in-process).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// ID scope of the server (ignored with --in-process).
+    #[arg(long)]
+    id_scope: Option<String>,
+    /// Primary key (base64) of a symmetric-key enrollment group whose devices may register
+    /// (ignored with --in-process).
+    #[arg(long)]
+    group_key: Option<String>,
+    /// Devices that register (and, separately, connections that only CONNECT).
+    #[arg(long, default_value_t = 5000)]
+    devices: usize,
+    /// Devices (connections) in flight at once.
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+    /// Registration id prefix; ids are `{prefix}-{n}` (registrations) and `{prefix}-c-{n}` (connects).
+    #[arg(long, default_value = "loadgen")]
+    prefix: String,
+    /// Start `serve_mqtt` over a SQLite store in a temp dir inside this process instead of
+    /// using a running server.
+    #[arg(long)]
+    in_process: bool,
+    /// Skip the CONNECT/CONNACK phase.
+    #[arg(long)]
+    skip_connect: bool,
+}
+
+/// Where to send load and how to authenticate.
+struct Target {
+    host: String,
+    ca_pem: Vec<u8>,
+    id_scope: String,
+    group_key: Vec<u8>,
+    group_key_b64: String,
+}
+
+/// Outcome of one phase.
+struct Phase {
+    ok: u64,
+    failed: u64,
+    first_error: Option<String>,
+    elapsed: Duration,
+    latency_us: Histogram<u64>,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn report(&self, name: &str) {
+        println!(
+            "{name:<10} ok {:>6}  failed {:>5}  {:>8.1}/s  p50 {:>8.1} ms  p99 {:>8.1} ms  max {:>8.1} ms  wall {:.2} s",
+            self.ok,
+            self.failed,
+            self.rate(),
+            self.latency_us.value_at_quantile(0.50) as f64 / 1000.0,
+            self.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+            self.latency_us.max() as f64 / 1000.0,
+            self.elapsed.as_secs_f64(),
+        );
+        if let Some(e) = &self.first_error {
+            println!("{name:<10} first error: {e}");
+        }
+    }
+}
+
+/// Runs `make(n)` for n in 0..count with at most `concurrency` in flight.
+async fn run_phase<F, Fut>(count: usize, concurrency: usize, make: F) -> Phase
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for n in 0..count {
+        let permit = Arc::clone(&permits).acquire_owned().await.expect("semaphore open");
+        let fut = make(n);
+        tasks.spawn(async move {
+            let t = Instant::now();
+            let r = fut.await;
+            drop(permit);
+            r.map(|()| t.elapsed())
+        });
+    }
+    let mut phase = Phase {
+        ok: 0,
+        failed: 0,
+        first_error: None,
+        elapsed: Duration::ZERO,
+        latency_us: Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds"),
+    };
+    while let Some(done) = tasks.join_next().await {
+        match done.expect("task panicked") {
+            Ok(d) => {
+                phase.ok += 1;
+                let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).clamp(1, 600_000_000);
+                phase.latency_us.record(us).expect("within bounds");
+            }
+            Err(e) => {
+                phase.failed += 1;
+                phase.first_error.get_or_insert(e);
+            }
+        }
+    }
+    phase.elapsed = started.elapsed();
+    phase
+}
+
+/// TLS handshake, CONNECT with a valid username and SAS, wait for CONNACK 0, DISCONNECT.
+async fn connect_once(
+    addr: String,
+    server_name: ServerName<'static>,
+    tls: Arc<ClientConfig>,
+    client_id: String,
+    username: String,
+    password: String,
+) -> Result<(), String> {
+    const MAX: usize = 64 * 1024;
+    let tcp = TcpStream::connect(&addr).await.map_err(|e| format!("tcp: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let mut stream =
+        TlsConnector::from(tls).connect(server_name, tcp).await.map_err(|e| format!("tls: {e}"))?;
+    let mut connect = Connect::new(client_id);
+    connect.keep_alive = 60;
+    connect.set_login(username, password);
+    let mut buf = BytesMut::new();
+    Packet::Connect(connect).write(&mut buf, MAX).map_err(|e| format!("encode: {e:?}"))?;
+    stream.write_all(&buf).await.map_err(|e| format!("write: {e}"))?;
+    buf.clear();
+    let ack = loop {
+        match Packet::read(&mut buf, MAX) {
+            Ok(p) => break p,
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                if stream.read_buf(&mut buf).await.map_err(|e| format!("read: {e}"))? == 0 {
+                    return Err("connection closed before CONNACK".into());
+                }
+            }
+            Err(e) => return Err(format!("bad packet: {e:?}")),
+        }
+    };
+    match ack {
+        Packet::ConnAck(a) if a.code == ConnectReturnCode::Success => {}
+        other => return Err(format!("expected CONNACK 0, got {other:?}")),
+    }
+    buf.clear();
+    Packet::Disconnect.write(&mut buf, MAX).map_err(|e| format!("encode: {e:?}"))?;
+    let _ = stream.write_all(&buf).await;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+async fn connect_phase(target: &Arc<Target>, args: &Args) -> Phase {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&target.ca_pem) {
+        roots.add(cert.expect("CA PEM")).expect("CA certificate");
+    }
+    let mut config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // Every simulated device is a new device: full handshakes, as in the registration phase.
+    config.resumption = Resumption::disabled();
+    let tls = Arc::new(config);
+    let host = target.host.rsplit_once(':').map_or(target.host.as_str(), |(h, _)| h).to_owned();
+    let server_name = ServerName::try_from(host).expect("server name");
+    let crypto = RingCrypto::new();
+    let expiry = (zerotouch_transport::service::now().unix_secs()) + 3600;
+    run_phase(args.devices, args.concurrency, |n| {
+        let id = format!("{}-c-{n}", args.prefix);
+        let key = derive_device_key(&crypto, &target.group_key, &id);
+        let token = registration_token(&crypto, &key, &target.id_scope, &id, expiry).to_string();
+        let username = ConnectUsername {
+            id_scope: IdScope::new(target.id_scope.as_str()).expect("id scope"),
+            registration_id: RegistrationId::new(id.as_str()).expect("registration id"),
+            api_version: DEFAULT_API_VERSION.to_owned(),
+            client_version: Some(USER_AGENT.to_owned()),
+        }
+        .to_string();
+        connect_once(target.host.clone(), server_name.clone(), tls.clone(), id, username, token)
+    })
+    .await
+}
+
+async fn register_phase(target: &Arc<Target>, args: &Args) -> Phase {
+    run_phase(args.devices, args.concurrency, |n| {
+        let id = format!("{}-{n}", args.prefix);
+        let target = Arc::clone(target);
+        async move {
+            let client = ProvisioningClient::builder(target.id_scope.as_str(), id.as_str())
+                .provisioning_host(target.host.as_str())
+                .transport(Transport::Mqtt)
+                .group_key(target.group_key_b64.as_str())
+                .ca_pem(target.ca_pem.clone())
+                .build()
+                .map_err(|e| e.to_string())?;
+            let a = client.register().await.map_err(|e| e.to_string())?;
+            if a.device_id != id {
+                return Err(format!("assigned as {} instead of {id}", a.device_id));
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let (target, _server) = if args.in_process {
+        let (target, server) = in_process::start().await;
+        (target, Some(server))
+    } else {
+        let need = |what: &str| -> ! {
+            eprintln!("--{what} is required unless --in-process is given");
+            std::process::exit(2)
+        };
+        let ca = args.ca.as_ref().unwrap_or_else(|| need("ca"));
+        let ca_pem = std::fs::read(ca).unwrap_or_else(|e| {
+            eprintln!("cannot read {}: {e}", ca.display());
+            std::process::exit(2)
+        });
+        let id_scope = args.id_scope.clone().unwrap_or_else(|| need("id-scope"));
+        let group_key_b64 = args.group_key.clone().unwrap_or_else(|| need("group-key"));
+        let DeviceCredential::SymmetricKey(group_key) =
+            DeviceCredential::symmetric_key_base64(&group_key_b64).unwrap_or_else(|e| {
+                eprintln!("--group-key: {e}");
+                std::process::exit(2)
+            })
+        else {
+            unreachable!("symmetric_key_base64 returns a symmetric key")
+        };
+        (Target { host: args.host.clone(), ca_pem, id_scope, group_key, group_key_b64 }, None)
+    };
+    let target = Arc::new(target);
+    println!(
+        "loadgen: {} devices, concurrency {}, server {} (scope {}){}",
+        args.devices,
+        args.concurrency,
+        target.host,
+        target.id_scope,
+        if args.in_process { ", in process (serve_mqtt over SQLite)" } else { "" }
+    );
+    let connect = if args.skip_connect {
+        None
+    } else {
+        let p = connect_phase(&target, &args).await;
+        p.report("connect");
+        Some(p)
+    };
+    let register = register_phase(&target, &args).await;
+    register.report("register");
+    if let Some(c) = connect {
+        println!(
+            "ratio registrations/s : connects/s = {:.1} : {:.1} = {:.3}",
+            register.rate(),
+            c.rate(),
+            register.rate() / c.rate()
+        );
+    }
+}
+
+/// A self-contained server: `serve_mqtt` over `EngineService` with the provisioning store and
+/// the embedded hub on one SQLite file in a temp dir, a fresh CA and server certificate, and one
+/// symmetric-key enrollment group.
+mod in_process {
+    use std::sync::{Arc, Mutex};
+
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio::net::TcpListener;
+    use tokio::sync::oneshot;
+    use zerotouch_engine::allocation::Allocator;
+    use zerotouch_engine::crypto::RingCrypto;
+    use zerotouch_engine::enrollments;
+    use zerotouch_engine::hub::LinkedHub;
+    use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
+    use zerotouch_engine::jobs::JobLimits;
+    use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
+    use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup};
+    use zerotouch_proto::{EnrollmentGroupId, IdScope, IfMatch};
+    use zerotouch_store::sqlite::SqliteStore;
+    use zerotouch_transport::limits::Limits;
+    use zerotouch_transport::service::{now, DpsService, EngineService};
+
+    use super::Target;
+
+    const SCOPE: &str = "0ne0010AD01";
+    const HUB: &str = "loadgen-hub.example.net";
+
+    /// Keeps the server and its temp dir alive; dropping it stops the server.
+    pub struct Server {
+        _stop: oneshot::Sender<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    pub async fn start() -> (Target, Server) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path().join("zerotouch.db")).expect("SQLite store");
+        let crypto = Arc::new(RingCrypto::new());
+        let group = enrollments::put_enrollment_group(
+            &store,
+            crypto.as_ref(),
+            now(),
+            EnrollmentGroup::new(
+                EnrollmentGroupId::new("loadgen").unwrap(),
+                AttestationMechanism::symmetric_key(),
+            ),
+            &IfMatch::Absent,
+        )
+        .expect("enroll the load group");
+        let group_key_b64 =
+            group.attestation.symmetric_key.and_then(|k| k.primary_key).expect("generated key");
+        let provisioner = Provisioner::new(
+            ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
+            store.clone(),
+            crypto.clone(),
+            Allocator::new(vec![LinkedHub::new(HUB)]),
+        );
+        let mut hubs = EmbeddedHubs::new();
+        hubs.insert(
+            EmbeddedHub::new(HUB, store.clone(), store.clone(), store, crypto, JobLimits::default())
+                .expect("embedded hub"),
+        );
+        let service: Arc<dyn DpsService> =
+            Arc::new(EngineService::new(provisioner, Arc::new(Mutex::new(hubs))));
+
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "zerotouch loadgen CA");
+        ca_params.distinguished_name = dn;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let tls = zerotouch_transport::tls::server_config(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .expect("server TLS config");
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let host = listener.local_addr().unwrap().to_string();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(zerotouch_transport::mqtt::serve_mqtt(
+            listener,
+            Arc::new(tls),
+            service,
+            Limits::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let group_key = STANDARD.decode(&group_key_b64).expect("base64 key");
+        let target = Target {
+            host,
+            ca_pem: ca.pem().into_bytes(),
+            id_scope: SCOPE.to_owned(),
+            group_key,
+            group_key_b64,
+        };
+        (target, Server { _stop: stop, _dir: dir })
+    }
+}

@@ -1,0 +1,381 @@
+//! The `zerotouch` command line: argument definitions and the store sub-commands.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use zerotouch_engine::crypto::RingCrypto;
+use zerotouch_proto::DeviceId;
+
+use crate::admin;
+use crate::backend::Backend;
+use crate::config::{Settings, StoreLocation};
+use crate::error::ServerError;
+
+/// Runs `$body` with `$b` bound to the backend a [`StoreLocation`] names.
+macro_rules! on_backend {
+    ($location:expr, |$b:ident| $body:expr) => {{
+        let location: StoreLocation = $location;
+        match location.database_url {
+            None => {
+                let $b = crate::backend::SqliteBackend::new(location.data_dir);
+                $body
+            }
+            Some(_url) => Err(ServerError::Config(
+                "--database-url: the PostgreSQL store is not in this build yet".into(),
+            )),
+        }
+    }};
+}
+
+/// [`on_backend!`] for an async body.
+macro_rules! on_backend_async {
+    ($location:expr, |$b:ident| $body:expr) => {{
+        let location: StoreLocation = $location;
+        match location.database_url {
+            None => {
+                let $b = crate::backend::SqliteBackend::new(location.data_dir);
+                $body.await
+            }
+            Some(_url) => Err(ServerError::Config(
+                "--database-url: the PostgreSQL store is not in this build yet".into(),
+            )),
+        }
+    }};
+}
+
+/// A self-hosted, wire-compatible Azure IoT Hub Device Provisioning Service with embedded hubs.
+#[derive(Debug, Parser)]
+#[command(name = "zerotouch", version, about)]
+pub struct Cli {
+    /// Log line format on stderr (filter with `RUST_LOG`, e.g. `RUST_LOG=zerotouch=debug`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log line formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the provisioning service (MQTT/TLS, HTTPS, MQTT over WebSockets) and embedded hubs.
+    Serve(ServeArgs),
+    /// Manage enrollments in the store.
+    #[command(subcommand)]
+    Enrollments(EnrollmentsCommand),
+    /// Read device identities from the embedded hubs' registries.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// Act as a device.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+/// `zerotouch serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML file with the same keys as the flags (`data-dir = "…"`); flags win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The settings.
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// Which store a store command acts on.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Data directory of the server (SQLite).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// PostgreSQL URL of the server's database instead.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+}
+
+impl StoreArgs {
+    /// The store these flags name.
+    pub fn location(&self) -> StoreLocation {
+        StoreLocation::new(self.data_dir.clone(), self.database_url.clone())
+    }
+}
+
+/// `zerotouch enrollments …`.
+#[derive(Debug, Subcommand)]
+pub enum EnrollmentsCommand {
+    /// Import a JSON array of enrollments (DPS service API schema); all or nothing.
+    Import {
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The file: individual enrollments have `registrationId`, groups `enrollmentGroupId`.
+        file: PathBuf,
+    },
+    /// Print every enrollment (without keys) as a JSON array in the import file's shape.
+    List {
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// `zerotouch devices …`.
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// Print a device identity (credentials included) as JSON.
+    Get {
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Only look in this hub.
+        #[arg(long, value_name = "NAME")]
+        hub: Option<String>,
+        /// The device id.
+        device_id: String,
+    },
+    /// Print the device identities of every hub (or one) as a JSON array.
+    List {
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Only list this hub.
+        #[arg(long, value_name = "NAME")]
+        hub: Option<String>,
+    },
+}
+
+/// `zerotouch device …`.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Register with a provisioning service and print the registration result as JSON.
+    Register(RegisterArgs),
+}
+
+/// Device protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    /// MQTT over TLS (port 8883).
+    Mqtt,
+    /// MQTT over WebSockets over TLS (port 443).
+    MqttWs,
+    /// HTTPS (port 443).
+    Https,
+}
+
+/// `zerotouch device register`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("credential").required(true).args(["symmetric_key", "group_key", "cert"])))]
+pub struct RegisterArgs {
+    /// Provisioning service host, with a port when not the protocol's default.
+    #[arg(long, value_name = "HOST[:PORT]", default_value = "global.azure-devices-provisioning.net")]
+    pub provisioning_host: String,
+    /// ID scope of the service.
+    #[arg(long, value_name = "SCOPE")]
+    pub id_scope: String,
+    /// Registration id of this device.
+    #[arg(long, value_name = "ID")]
+    pub registration_id: String,
+    /// The device's own symmetric key (base64), individual enrollment.
+    #[arg(long, value_name = "BASE64")]
+    pub symmetric_key: Option<String>,
+    /// The enrollment group's key (base64): the device key is derived from it.
+    #[arg(long, value_name = "BASE64")]
+    pub group_key: Option<String>,
+    /// The device certificate chain (PEM, leaf first).
+    #[arg(long, value_name = "PEM", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The device certificate's private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Protocol.
+    #[arg(long, value_enum, default_value_t = Transport::Mqtt)]
+    pub transport: Transport,
+    /// PEM CA certificate(s) to trust instead of the system roots (self-hosted servers).
+    #[arg(long, value_name = "PEM")]
+    pub ca: Option<PathBuf>,
+    /// Custom JSON payload sent with the registration.
+    #[arg(long, value_name = "JSON")]
+    pub payload: Option<String>,
+}
+
+/// Runs an enrollments command on `backend`; returns what to print.
+///
+/// # Errors
+/// Invalid import files ([`ServerError::Import`]), unreadable files, store failures.
+pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Result<Value, ServerError> {
+    let store = backend.provisioning()?;
+    match command {
+        EnrollmentsCommand::Import { file, .. } => {
+            let text = std::fs::read_to_string(file).map_err(|e| ServerError::io(file, e))?;
+            let entries = admin::parse_import(&text)?;
+            let summary =
+                admin::import(&store, &RingCrypto::new(), zerotouch_transport::service::now(), entries)?;
+            Ok(json!({ "imported": summary }))
+        }
+        EnrollmentsCommand::List { .. } => Ok(Value::Array(admin::list_enrollments(&store)?)),
+    }
+}
+
+/// Runs a devices command on `backend`; returns what to print.
+///
+/// # Errors
+/// [`ServerError::Config`] for an unknown hub or device id; store failures.
+pub fn devices<B: Backend>(backend: &B, command: &DevicesCommand) -> Result<Value, ServerError> {
+    let (hub, wanted) = match command {
+        DevicesCommand::Get { hub, device_id, .. } => (hub, Some(device_id)),
+        DevicesCommand::List { hub, .. } => (hub, None),
+    };
+    let names = backend.hub_names()?;
+    let names = match hub {
+        Some(h) if names.iter().any(|n| n.eq_ignore_ascii_case(h)) => vec![h.clone()],
+        Some(h) => return Err(ServerError::Config(format!("no embedded hub {h:?} in this store"))),
+        None => names,
+    };
+    match wanted {
+        Some(id) => {
+            let id =
+                DeviceId::new(id.as_str()).map_err(|e| ServerError::Config(format!("device id: {e}")))?;
+            for name in &names {
+                if let Some(device) = admin::device(&backend.hub(name)?.identities, &id)? {
+                    return device_json(&device);
+                }
+            }
+            Err(ServerError::Config(format!("device {id} is in no embedded hub")))
+        }
+        None => {
+            let mut all = Vec::new();
+            for name in &names {
+                for device in admin::devices(&backend.hub(name)?.identities)? {
+                    all.push(json!({ "hub": name, "identity": device_json(&device)? }));
+                }
+            }
+            Ok(Value::Array(all))
+        }
+    }
+}
+
+fn device_json(device: &zerotouch_proto::hub::Device) -> Result<Value, ServerError> {
+    serde_json::to_value(device).map_err(|e| ServerError::Store(e.to_string()))
+}
+
+/// Runs a parsed command line: what `main` does.
+///
+/// # Errors
+/// Whatever the command failed with; `main` prints it and exits non-zero.
+pub fn run(cli: Cli) -> Result<(), ServerError> {
+    match cli.command {
+        Command::Serve(args) => runtime()?.block_on(serve(args)),
+        Command::Enrollments(command) => {
+            let store = match &command {
+                EnrollmentsCommand::Import { store, .. } | EnrollmentsCommand::List { store } => store,
+            };
+            print(&on_backend!(store.location(), |b| enrollments(&b, &command))?)
+        }
+        Command::Devices(command) => {
+            let store = match &command {
+                DevicesCommand::Get { store, .. } | DevicesCommand::List { store, .. } => store,
+            };
+            print(&on_backend!(store.location(), |b| devices(&b, &command))?)
+        }
+        Command::Device(DeviceCommand::Register(_)) => Err(ServerError::Config(
+            "device register needs the transport client, which is not in this build yet".into(),
+        )),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ServerError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ServerError::io("tokio runtime", e))
+}
+
+fn print(value: &Value) -> Result<(), ServerError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| ServerError::Store(e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+/// `zerotouch serve`: starts the server and runs it until SIGINT or SIGTERM.
+///
+/// # Errors
+/// Configuration, start-up and signal-handler failures.
+pub async fn serve(args: ServeArgs) -> Result<(), ServerError> {
+    let file = match &args.config {
+        Some(path) => Settings::from_file(path)?,
+        None => Settings::default(),
+    };
+    let config = args.settings.or(file).resolve()?;
+    on_backend_async!(config.store.clone(), |b| serve_on(&config, b))
+}
+
+async fn serve_on<B: Backend>(config: &crate::config::ServeConfig, backend: B) -> Result<(), ServerError> {
+    // Registered before anything is printed, so a supervisor that signals as soon as it sees
+    // the endpoints still gets a graceful stop.
+    let stop = ShutdownSignal::register()?;
+    let handle = crate::server::start(config, backend).await?;
+    println!("zerotouch serving id scope {}", handle.id_scope());
+    println!("  MQTT/TLS          {}", handle.mqtt_addr());
+    println!("  HTTPS, MQTT/WS    {}", handle.https_addr());
+    for hub in &config.hubs {
+        println!("  embedded hub      {} (weight {})", hub.name, hub.weight);
+    }
+    match handle.ca_cert() {
+        Some(ca) => println!("  development CA    {}", ca.display()),
+        None => println!("  certificate       {}", handle.tls_files().cert.display()),
+    }
+    println!("  data              {}", config.store.data_dir.display());
+    stop.recv().await;
+    tracing::info!("shutting down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+struct ShutdownSignal {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    fn register() -> Result<Self, ServerError> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let signal_err = |e| ServerError::io("signal handler", e);
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt()).map_err(signal_err)?,
+                terminate: signal(SignalKind::terminate()).map_err(signal_err)?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Self {})
+        }
+    }
+
+    async fn recv(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = &mut self;
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

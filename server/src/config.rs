@@ -1,0 +1,289 @@
+//! Settings of `zerotouch serve`: flags, the TOML `--config` file with the same keys, defaults.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use zerotouch_engine::hub::LinkedHub;
+use zerotouch_proto::IdScope;
+
+use crate::error::ServerError;
+
+/// Data directory used when neither `--data-dir` nor the config file names one.
+pub const DEFAULT_DATA_DIR: &str = "zerotouch-data";
+/// MQTT (DPS device API over MQTT/TLS) listen address by default.
+pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:8883";
+/// HTTPS (DPS device API and MQTT over WebSockets) listen address by default.
+pub const DEFAULT_HTTPS_LISTEN: &str = "127.0.0.1:8443";
+/// Host name of the one embedded hub when no `--hub` is given. `localhost` because the
+/// development server certificate covers it and it resolves everywhere without DNS set-up.
+pub const DEFAULT_HUB: &str = "localhost";
+
+/// The settings as given: every field optional, so flags can override the config file.
+/// The config file uses the flag names as keys (`data-dir = "…"`, `hub = ["a:1", "b:2"]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, clap::Args)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// Directory of the SQLite database, the ID scope and the development certificates.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// ID scope devices must name (generated once and kept in the data directory otherwise).
+    #[arg(long, value_name = "SCOPE")]
+    pub id_scope: Option<String>,
+    /// PEM server certificate chain (otherwise a development CA and certificate are generated).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Address of the MQTT/TLS listener (port 0 picks a free one).
+    #[arg(long, value_name = "ADDR")]
+    pub mqtt_listen: Option<SocketAddr>,
+    /// Address of the HTTPS listener, also serving MQTT over WebSockets.
+    #[arg(long, value_name = "ADDR")]
+    pub https_listen: Option<SocketAddr>,
+    /// An embedded hub `NAME[:WEIGHT]` devices are allocated to; repeat for several.
+    #[arg(long = "hub", value_name = "NAME[:WEIGHT]")]
+    #[serde(default)]
+    pub hub: Vec<String>,
+    /// PostgreSQL URL (`postgres://…`) instead of the SQLite database in the data directory.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+}
+
+impl Settings {
+    /// Reads a TOML config file.
+    ///
+    /// # Errors
+    /// [`ServerError::Io`] when unreadable, [`ServerError::Config`] for bad TOML or unknown keys.
+    pub fn from_file(path: &Path) -> Result<Self, ServerError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ServerError::io(path, e))?;
+        Self::from_toml(&text).map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses TOML config text.
+    ///
+    /// # Errors
+    /// [`ServerError::Config`] for bad TOML, bad values or unknown keys.
+    pub fn from_toml(text: &str) -> Result<Self, ServerError> {
+        toml::from_str(text).map_err(|e| ServerError::Config(e.to_string()))
+    }
+
+    /// These settings where set, `file` where not (flags win over the config file).
+    pub fn or(self, file: Settings) -> Settings {
+        let (tls_cert, tls_key) = if self.tls_cert.is_some() || self.tls_key.is_some() {
+            (self.tls_cert, self.tls_key)
+        } else {
+            (file.tls_cert, file.tls_key)
+        };
+        Settings {
+            data_dir: self.data_dir.or(file.data_dir),
+            id_scope: self.id_scope.or(file.id_scope),
+            // The certificate and its key come as a pair from one source.
+            tls_cert,
+            tls_key,
+            mqtt_listen: self.mqtt_listen.or(file.mqtt_listen),
+            https_listen: self.https_listen.or(file.https_listen),
+            hub: if self.hub.is_empty() { file.hub } else { self.hub },
+            database_url: self.database_url.or(file.database_url),
+        }
+    }
+
+    /// Fills defaults and checks every value.
+    ///
+    /// # Errors
+    /// [`ServerError::Config`] naming the bad setting.
+    pub fn resolve(self) -> Result<ServeConfig, ServerError> {
+        let id_scope = self
+            .id_scope
+            .map(|s| IdScope::new(&s).map_err(|e| ServerError::Config(format!("id-scope {s:?}: {e}"))))
+            .transpose()?;
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => return Err(ServerError::Config("tls-cert and tls-key go together".into())),
+        };
+        let hubs = if self.hub.is_empty() {
+            vec![HubSpec { name: DEFAULT_HUB.to_owned(), weight: 1 }]
+        } else {
+            self.hub.iter().map(|h| HubSpec::parse(h)).collect::<Result<Vec<_>, _>>()?
+        };
+        let mut seen = HashSet::new();
+        for h in &hubs {
+            if !seen.insert(h.name.to_ascii_lowercase()) {
+                return Err(ServerError::Config(format!("hub {:?} is given twice", h.name)));
+            }
+        }
+        let default_addr = |s: &str| s.parse::<SocketAddr>().map_err(|e| ServerError::Config(e.to_string()));
+        Ok(ServeConfig {
+            store: StoreLocation::new(self.data_dir, self.database_url),
+            id_scope,
+            tls,
+            mqtt_listen: match self.mqtt_listen {
+                Some(a) => a,
+                None => default_addr(DEFAULT_MQTT_LISTEN)?,
+            },
+            https_listen: match self.https_listen {
+                Some(a) => a,
+                None => default_addr(DEFAULT_HTTPS_LISTEN)?,
+            },
+            hubs,
+        })
+    }
+}
+
+/// Where the state lives: always a data directory (ID scope, certificates, SQLite database),
+/// and optionally a PostgreSQL database that then holds the enrollments and registries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreLocation {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// PostgreSQL URL; `None` means SQLite in the data directory.
+    pub database_url: Option<String>,
+}
+
+impl StoreLocation {
+    /// `data_dir` (default [`DEFAULT_DATA_DIR`]) and an optional database URL.
+    pub fn new(data_dir: Option<PathBuf>, database_url: Option<String>) -> Self {
+        Self { data_dir: data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)), database_url }
+    }
+}
+
+/// A certificate chain and key given by the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// One embedded hub and its allocation weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubSpec {
+    /// Host name devices are told to connect to (`assignedHub`).
+    pub name: String,
+    /// Weight under the weighted-distribution allocation policy (1 to 1000).
+    pub weight: u32,
+}
+
+impl HubSpec {
+    /// Parses `NAME[:WEIGHT]`.
+    ///
+    /// # Errors
+    /// [`ServerError::Config`] for an empty or non-host name or a weight outside 1–1000.
+    pub fn parse(s: &str) -> Result<Self, ServerError> {
+        let (name, weight) = match s.rsplit_once(':') {
+            Some((n, w)) => {
+                let weight = w
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|w| (1..=1000).contains(w))
+                    .ok_or_else(|| ServerError::Config(format!("hub {s:?}: weight must be 1 to 1000")))?;
+                (n, weight)
+            }
+            None => (s, 1),
+        };
+        let host_chars = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.';
+        if name.is_empty() || name.len() > 253 || !name.chars().all(host_chars) {
+            return Err(ServerError::Config(format!("hub {s:?}: the name must be a host name")));
+        }
+        Ok(Self { name: name.to_owned(), weight })
+    }
+
+    /// The linked hub the allocator sees.
+    pub fn linked(&self) -> LinkedHub {
+        LinkedHub::new(self.name.clone()).with_weight(self.weight)
+    }
+}
+
+/// Resolved settings of `zerotouch serve`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// Where the state lives.
+    pub store: StoreLocation,
+    /// The ID scope; `None` uses the one kept in the data directory (generated on first start).
+    pub id_scope: Option<IdScope>,
+    /// Operator certificate; `None` uses the development CA in the data directory.
+    pub tls: Option<TlsFiles>,
+    /// MQTT/TLS listen address.
+    pub mqtt_listen: SocketAddr,
+    /// HTTPS (+ MQTT over WebSockets) listen address.
+    pub https_listen: SocketAddr,
+    /// Embedded hubs, in the order given.
+    pub hubs: Vec<HubSpec>,
+}
+
+impl ServeConfig {
+    /// Defaults for a data directory: generated ID scope and certificates, one embedded hub,
+    /// the default listen addresses.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            store: StoreLocation::new(Some(data_dir.into()), None),
+            id_scope: None,
+            tls: None,
+            mqtt_listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
+            https_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            hubs: vec![HubSpec { name: DEFAULT_HUB.to_owned(), weight: 1 }],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn no_settings_mean_the_embedded_default() {
+        let c = Settings::default().resolve().unwrap();
+        assert_eq!(c.store.data_dir, PathBuf::from("zerotouch-data"));
+        assert_eq!(c.store.database_url, None);
+        assert_eq!(c.mqtt_listen.to_string(), "127.0.0.1:8883");
+        assert_eq!(c.https_listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(c.hubs, vec![HubSpec { name: "localhost".into(), weight: 1 }]);
+        assert_eq!(c.tls, None);
+    }
+
+    #[test]
+    fn flags_win_over_the_config_file() {
+        let file = Settings::from_toml(
+            r#"
+            data-dir = "/var/lib/zt"
+            id-scope = "0ne00000001"
+            mqtt-listen = "0.0.0.0:8883"
+            hub = ["north.example:1", "south.example:3"]
+            "#,
+        )
+        .unwrap();
+        let flags = Settings { id_scope: Some("0ne000000FF".into()), ..Settings::default() };
+        let c = flags.or(file).resolve().unwrap();
+        assert_eq!(c.store.data_dir, PathBuf::from("/var/lib/zt"));
+        assert_eq!(c.id_scope.unwrap().as_str(), "0ne000000FF");
+        assert_eq!(c.mqtt_listen.to_string(), "0.0.0.0:8883");
+        assert_eq!(c.hubs[1], HubSpec { name: "south.example".into(), weight: 3 });
+    }
+
+    #[test]
+    fn a_config_file_with_an_unknown_key_is_refused() {
+        let err = Settings::from_toml("mqtt-port = 1883").unwrap_err();
+        assert!(err.to_string().contains("mqtt-port"), "{err}");
+    }
+
+    #[test]
+    fn hub_flags_reject_bad_weights_and_duplicates() {
+        assert!(HubSpec::parse("a.example:0").is_err());
+        assert!(HubSpec::parse("a.example:x").is_err());
+        assert!(HubSpec::parse("bad/name").is_err());
+        let dup = Settings { hub: vec!["a.example".into(), "A.example:2".into()], ..Settings::default() };
+        assert!(dup.resolve().unwrap_err().to_string().contains("twice"));
+    }
+
+    #[test]
+    fn certificate_without_key_is_refused() {
+        let s = Settings { tls_cert: Some("c.pem".into()), ..Settings::default() };
+        assert!(s.resolve().is_err());
+    }
+}

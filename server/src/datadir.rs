@@ -1,0 +1,185 @@
+//! What the data directory keeps besides the database: the ID scope and the development
+//! CA + server certificate, created on first start and reused afterwards.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use zerotouch_proto::IdScope;
+
+use crate::config::TlsFiles;
+use crate::error::ServerError;
+
+/// File in the data directory holding the generated ID scope.
+pub const ID_SCOPE_FILE: &str = "id-scope";
+/// Sub-directory of the data directory holding the development certificates.
+pub const TLS_DIR: &str = "tls";
+
+/// Creates the data directory (and parents) when missing.
+///
+/// # Errors
+/// [`ServerError::Io`].
+pub fn ensure_dir(dir: &Path) -> Result<(), ServerError> {
+    fs::create_dir_all(dir).map_err(|e| ServerError::io(dir, e))
+}
+
+/// A new ID scope in the shape DPS hands out: `0ne` and eight upper-case hex digits.
+///
+/// # Errors
+/// [`ServerError::Config`] when the system RNG fails.
+pub fn generate_id_scope() -> Result<IdScope, ServerError> {
+    let mut bytes = [0u8; 4];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| ServerError::Config("the system random number generator failed".into()))?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02X}")).collect();
+    IdScope::new(format!("0ne{hex}")).map_err(|e| ServerError::Config(e.to_string()))
+}
+
+/// The data directory's ID scope, generated and written on first use.
+///
+/// # Errors
+/// [`ServerError::Io`], or [`ServerError::Config`] when the file holds no valid scope.
+pub fn id_scope(dir: &Path) -> Result<IdScope, ServerError> {
+    let path = dir.join(ID_SCOPE_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            IdScope::new(text.trim()).map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            ensure_dir(dir)?;
+            let scope = generate_id_scope()?;
+            fs::write(&path, format!("{}\n", scope.as_str())).map_err(|e| ServerError::io(&path, e))?;
+            Ok(scope)
+        }
+        Err(e) => Err(ServerError::io(path, e)),
+    }
+}
+
+/// Paths of the development certificates in a data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevCertificates {
+    /// The development CA certificate devices must trust (`--ca`, `server_verification_cert`).
+    pub ca_cert: PathBuf,
+    /// The CA's private key (kept so the server certificate can be re-issued).
+    pub ca_key: PathBuf,
+    /// The server certificate chain (server certificate, then the CA).
+    pub server_cert: PathBuf,
+    /// The server certificate's private key.
+    pub server_key: PathBuf,
+    /// Whether this call generated them (false: reused from an earlier start).
+    pub generated: bool,
+}
+
+impl DevCertificates {
+    /// The server certificate and key as operator-style TLS files.
+    pub fn tls_files(&self) -> TlsFiles {
+        TlsFiles { cert: self.server_cert.clone(), key: self.server_key.clone() }
+    }
+}
+
+/// Host names and addresses the development server certificate is valid for.
+pub const DEV_SERVER_NAMES: [&str; 4] = ["localhost", "*.localhost", "127.0.0.1", "::1"];
+
+/// The development CA and server certificate of `dir`, generated when missing. The server
+/// certificate is valid for [`DEV_SERVER_NAMES`] and chains to the CA.
+///
+/// # Errors
+/// [`ServerError::Io`] for file failures, [`ServerError::Certificate`] when generation fails
+/// or existing files cannot be parsed.
+pub fn dev_certificates(dir: &Path) -> Result<DevCertificates, ServerError> {
+    let tls = dir.join(TLS_DIR);
+    let certs = DevCertificates {
+        ca_cert: tls.join("ca.pem"),
+        ca_key: tls.join("ca-key.pem"),
+        server_cert: tls.join("server.pem"),
+        server_key: tls.join("server-key.pem"),
+        generated: false,
+    };
+    let present = [&certs.ca_cert, &certs.ca_key, &certs.server_cert, &certs.server_key];
+    if present.iter().all(|p| p.is_file()) {
+        return Ok(certs);
+    }
+    ensure_dir(&tls)?;
+    let cert_err = |e: rcgen::Error| ServerError::Certificate(e.to_string());
+
+    let ca_key = KeyPair::generate().map_err(cert_err)?;
+    let mut ca_params = CertificateParams::default();
+    ca_params.distinguished_name.push(DnType::CommonName, "zerotouch development CA");
+    ca_params.distinguished_name.push(DnType::OrganizationName, "zerotouch");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(cert_err)?;
+    let issuer = Issuer::new(ca_params, &ca_key);
+
+    let server_key = KeyPair::generate().map_err(cert_err)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, "localhost");
+    params.subject_alt_names = DEV_SERVER_NAMES
+        .iter()
+        .map(|n| match n.parse() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => (*n).try_into().map(SanType::DnsName),
+        })
+        .collect::<Result<_, _>>()
+        .map_err(cert_err)?;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    let server_cert = params.signed_by(&server_key, &issuer).map_err(cert_err)?;
+
+    write_private(&certs.ca_key, &ca_key.serialize_pem())?;
+    write_private(&certs.server_key, &server_key.serialize_pem())?;
+    fs::write(&certs.ca_cert, ca_cert.pem()).map_err(|e| ServerError::io(&certs.ca_cert, e))?;
+    let chain = format!("{}{}", server_cert.pem(), ca_cert.pem());
+    fs::write(&certs.server_cert, chain).map_err(|e| ServerError::io(&certs.server_cert, e))?;
+    Ok(DevCertificates { generated: true, ..certs })
+}
+
+/// Writes a private key readable by the owner only.
+fn write_private(path: &Path, pem: &str) -> Result<(), ServerError> {
+    use std::io::Write as _;
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(|e| ServerError::io(path, e))?;
+    file.write_all(pem.as_bytes()).map_err(|e| ServerError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn id_scope_is_generated_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = id_scope(dir.path()).unwrap();
+        assert!(first.as_str().starts_with("0ne") && first.as_str().len() == 11, "{first}");
+        assert!(first.as_str()[3..].chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(id_scope(dir.path()).unwrap(), first);
+    }
+
+    #[test]
+    fn development_certificates_are_generated_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dev_certificates(dir.path()).unwrap();
+        assert!(first.generated);
+        let pem = fs::read_to_string(&first.server_cert).unwrap();
+        assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 2);
+        let again = dev_certificates(dir.path()).unwrap();
+        assert!(!again.generated);
+        assert_eq!(fs::read_to_string(&again.server_cert).unwrap(), pem);
+    }
+}

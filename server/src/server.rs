@@ -1,0 +1,220 @@
+//! `zerotouch serve` as a library: bind the listeners, run the endpoints over one engine,
+//! stop gracefully.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use zerotouch_engine::crypto::RingCrypto;
+use zerotouch_proto::IdScope;
+use zerotouch_transport::limits::Limits;
+use zerotouch_transport::service::{now, DpsService};
+
+use crate::backend::Backend;
+use crate::config::{ServeConfig, TlsFiles};
+use crate::datadir;
+use crate::error::ServerError;
+use crate::service::{self, Service};
+
+/// How often expired operations are purged and queued hub lifecycle events are drained.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A running server.
+pub struct ServerHandle<B: Backend> {
+    mqtt_addr: SocketAddr,
+    https_addr: SocketAddr,
+    id_scope: IdScope,
+    ca_cert: Option<PathBuf>,
+    tls: TlsFiles,
+    service: Arc<Service<B>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl<B: Backend> std::fmt::Debug for ServerHandle<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("mqtt_addr", &self.mqtt_addr)
+            .field("https_addr", &self.https_addr)
+            .field("id_scope", &self.id_scope)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> ServerHandle<B> {
+    /// The bound MQTT/TLS address (the real port when 0 was asked for).
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    /// The bound HTTPS (and MQTT over WebSockets) address.
+    pub fn https_addr(&self) -> SocketAddr {
+        self.https_addr
+    }
+
+    /// The ID scope devices must name.
+    pub fn id_scope(&self) -> &IdScope {
+        &self.id_scope
+    }
+
+    /// The development CA devices must trust; `None` when the operator gave a certificate.
+    pub fn ca_cert(&self) -> Option<&PathBuf> {
+        self.ca_cert.as_ref()
+    }
+
+    /// The server certificate chain and key in use.
+    pub fn tls_files(&self) -> &TlsFiles {
+        &self.tls
+    }
+
+    /// The engine the endpoints call (provisioner and embedded hubs).
+    pub fn service(&self) -> &Arc<Service<B>> {
+        &self.service
+    }
+
+    /// Stops accepting, lets open connections finish their requests (within the endpoints'
+    /// grace period) and waits for every task.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks.drain(..) {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "a server task failed");
+            }
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Starts a server on `backend`: resolves the ID scope and certificates in the data directory,
+/// binds both listeners and runs the endpoints until [`ServerHandle::shutdown`].
+///
+/// # Errors
+/// Data directory, certificate, store and bind failures.
+pub async fn start<B: Backend>(config: &ServeConfig, backend: B) -> Result<ServerHandle<B>, ServerError> {
+    start_with_limits(config, backend, Limits::default()).await
+}
+
+/// [`start`] with endpoint limits other than the defaults.
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_with_limits<B: Backend>(
+    config: &ServeConfig,
+    backend: B,
+    limits: Limits,
+) -> Result<ServerHandle<B>, ServerError> {
+    let data_dir = &config.store.data_dir;
+    datadir::ensure_dir(data_dir)?;
+    let id_scope = match &config.id_scope {
+        Some(s) => s.clone(),
+        None => datadir::id_scope(data_dir)?,
+    };
+    let (tls, ca_cert) = match &config.tls {
+        Some(files) => (files.clone(), None),
+        None => {
+            let dev = datadir::dev_certificates(data_dir)?;
+            if dev.generated {
+                tracing::info!(ca = %dev.ca_cert.display(), "generated a development CA and server certificate");
+            }
+            (dev.tls_files(), Some(dev.ca_cert))
+        }
+    };
+    let tls_config = zerotouch_transport::tls::server_config_from_files(&tls.cert, &tls.key)
+        .map_err(|e| ServerError::Certificate(e.to_string()))?;
+    let tls_config = Arc::new(tls_config);
+
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|source| ServerError::Listen { addr: addr.to_string(), source })
+    };
+    let mqtt = bind(config.mqtt_listen).await?;
+    let https = bind(config.https_listen).await?;
+    let local = |l: &TcpListener, a: SocketAddr| {
+        l.local_addr().map_err(|source| ServerError::Listen { addr: a.to_string(), source })
+    };
+    let mqtt_addr = local(&mqtt, config.mqtt_listen)?;
+    let https_addr = local(&https, config.https_listen)?;
+
+    let crypto = Arc::new(RingCrypto::new());
+    let hubs = config.hubs.clone();
+    let scope = id_scope.clone();
+    // Opening a database blocks.
+    let service = tokio::task::spawn_blocking(move || service::build(&backend, scope, &hubs, crypto))
+        .await
+        .map_err(|e| ServerError::Store(format!("opening the stores: {e}")))??;
+    let service = Arc::new(service);
+    let dps: Arc<dyn DpsService> = service.clone();
+
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        // An error means the handle was dropped: stop as well.
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let tasks = vec![
+        tokio::spawn(zerotouch_transport::mqtt::serve_mqtt(
+            mqtt,
+            Arc::clone(&tls_config),
+            Arc::clone(&dps),
+            limits.clone(),
+            until_stopped(stopped.clone()),
+        )),
+        tokio::spawn(zerotouch_transport::http::serve_https(
+            https,
+            Arc::clone(&tls_config),
+            Arc::clone(&dps),
+            limits,
+            until_stopped(stopped.clone()),
+        )),
+        tokio::spawn(maintenance::<B>(Arc::clone(&service), config.hubs.clone(), stopped)),
+    ];
+
+    tracing::info!(
+        %mqtt_addr,
+        %https_addr,
+        id_scope = %id_scope,
+        hubs = ?config.hubs.iter().map(|h| format!("{}:{}", h.name, h.weight)).collect::<Vec<_>>(),
+        "serving"
+    );
+    Ok(ServerHandle { mqtt_addr, https_addr, id_scope, ca_cert, tls, service, stop, tasks })
+}
+
+/// Purges operations past their retention and drains the hubs' lifecycle events, which no
+/// route consumes yet, so they do not pile up in memory.
+async fn maintenance<B: Backend>(
+    service: Arc<Service<B>>,
+    hubs: Vec<crate::config::HubSpec>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        let service = Arc::clone(&service);
+        let hubs = hubs.clone();
+        let work = tokio::task::spawn_blocking(move || {
+            match service.provisioner().purge_operations(now()) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(purged = n, "expired operations purged"),
+                Err(e) => tracing::warn!(error = %e, "purging operations failed"),
+            }
+            if let Ok(embedded) = service.hubs().lock() {
+                for spec in &hubs {
+                    if let Some(hub) = embedded.hub(&spec.name) {
+                        let events = hub.take_lifecycle_events();
+                        if !events.is_empty() {
+                            tracing::debug!(hub = %spec.name, events = events.len(), "device lifecycle events");
+                        }
+                    }
+                }
+            }
+        });
+        if let Err(e) = work.await {
+            tracing::warn!(error = %e, "maintenance failed");
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The engine behind the endpoints: provisioner over the provisioning store, embedded hubs
+//! over their registries, joined as the transport's [`EngineService`].
+
+use std::sync::{Arc, Mutex};
+
+use zerotouch_engine::allocation::Allocator;
+use zerotouch_engine::crypto::CryptoProvider;
+use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
+use zerotouch_engine::jobs::JobLimits;
+use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
+use zerotouch_proto::IdScope;
+use zerotouch_transport::service::EngineService;
+
+use crate::backend::{Backend, HubStores};
+use crate::config::HubSpec;
+use crate::error::ServerError;
+
+/// The embedded hubs of a backend.
+pub type Hubs<B> = EmbeddedHubs<<B as Backend>::Identities, <B as Backend>::Twins, <B as Backend>::Jobs>;
+
+/// The DPS service of a backend, as the endpoints call it.
+pub type Service<B> = EngineService<<B as Backend>::Provisioning, Hubs<B>>;
+
+/// Builds the provisioning service for `id_scope` whose linked hubs are the embedded `hubs`
+/// (allocation weights as given), each over its stores in `backend`.
+///
+/// # Errors
+/// [`ServerError::Config`] without hubs; store and engine failures while opening.
+pub fn build<B: Backend>(
+    backend: &B,
+    id_scope: IdScope,
+    hubs: &[HubSpec],
+    crypto: Arc<dyn CryptoProvider>,
+) -> Result<Service<B>, ServerError> {
+    if hubs.is_empty() {
+        return Err(ServerError::Config("at least one hub is needed".into()));
+    }
+    let mut embedded = EmbeddedHubs::new();
+    for spec in hubs {
+        let HubStores { identities, twins, jobs } = backend.hub(&spec.name)?;
+        embedded.insert(EmbeddedHub::new(
+            spec.name.clone(),
+            identities,
+            twins,
+            jobs,
+            Arc::clone(&crypto),
+            JobLimits::default(),
+        )?);
+    }
+    let provisioner = Provisioner::new(
+        ProvisionerConfig::new(id_scope),
+        backend.provisioning()?,
+        crypto,
+        Allocator::new(hubs.iter().map(HubSpec::linked).collect()),
+    );
+    Ok(EngineService::new(provisioner, Arc::new(Mutex::new(embedded))))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use zerotouch_engine::attestation::symmetric::registration_token;
+    use zerotouch_engine::attestation::Credential;
+    use zerotouch_engine::crypto::RingCrypto;
+    use zerotouch_engine::provisioner::{OperationStatusRequest, RegisterRequest, ResponseBody};
+    use zerotouch_proto::device::{DeviceRegistration, RegistrationStatus};
+    use zerotouch_proto::{DeviceId, Timestamp};
+    use zerotouch_transport::service::DpsService;
+
+    use super::*;
+    use crate::admin;
+    use crate::backend::MemoryBackend;
+
+    #[test]
+    fn an_imported_device_provisions_into_the_embedded_hub_registry() {
+        let backend = MemoryBackend::new();
+        let crypto: Arc<dyn CryptoProvider> = Arc::new(RingCrypto::new());
+        let now = Timestamp::from_unix_nanos(1_800_000_000_000_000_000);
+        let key = STANDARD.encode([7u8; 32]);
+        let file = format!(
+            r#"[{{"registrationId": "boiler-1",
+                 "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": "{key}", "secondaryKey": "{key}"}}}}}}]"#
+        );
+        let entries = admin::parse_import(&file).unwrap();
+        admin::import(backend.provisioning().unwrap().as_ref(), crypto.as_ref(), now, entries).unwrap();
+
+        let scope = IdScope::new("0ne0000AB12").unwrap();
+        let hubs = [HubSpec::parse("north.localhost").unwrap(), HubSpec::parse("south.localhost:3").unwrap()];
+        let service = build(&backend, scope, &hubs, Arc::clone(&crypto)).unwrap();
+
+        let token = registration_token(crypto.as_ref(), &[7u8; 32], "0ne0000AB12", "boiler-1", 1_900_000_000);
+        let credential = Credential::Sas(token.to_string());
+        let body =
+            DeviceRegistration { payload: None, registration_id: "boiler-1".into(), tpm: None, csr: None };
+        let accepted = service.register(
+            now,
+            RegisterRequest {
+                id_scope: "0ne0000AB12".into(),
+                registration_id: "boiler-1".into(),
+                body,
+                credential: credential.clone(),
+            },
+        );
+        assert_eq!(accepted.status, 202);
+        let ResponseBody::Operation(op) = accepted.body else { panic!("{accepted:?}") };
+        let done = service.operation_status(
+            now,
+            OperationStatusRequest {
+                id_scope: "0ne0000AB12".into(),
+                registration_id: "boiler-1".into(),
+                operation_id: op.operation_id,
+                credential,
+            },
+        );
+        let ResponseBody::Operation(op) = done.body else { panic!("{done:?}") };
+        assert_eq!(op.status, RegistrationStatus::Assigned);
+        let state = op.registration_state.unwrap();
+        let hub = state.assigned_hub.unwrap();
+        assert!(hubs.iter().any(|h| h.name == hub), "{hub}");
+
+        let hubs = service.hubs().lock().unwrap();
+        let registry = hubs.hub(&hub).unwrap().registry();
+        let device = admin::device(registry.store(), &DeviceId::new("boiler-1").unwrap()).unwrap().unwrap();
+        assert_eq!(device.device_id.as_str(), "boiler-1");
+        assert_eq!(admin::devices(registry.store()).unwrap().len(), 1);
+        assert_eq!(backend.hub_names().unwrap(), vec!["north.localhost", "south.localhost"]);
+    }
+}

@@ -1,0 +1,82 @@
+//! The `zerotouch` binary as an operator runs it: store commands' output and errors, `serve`
+//! printing its endpoints and stopping cleanly on SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn zerotouch(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zerotouch")).args(args).env("RUST_LOG", "warn").output().unwrap()
+}
+
+#[test]
+fn import_of_a_bad_file_names_the_entry_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let file = dir.path().join("enrollments.json");
+    std::fs::write(
+        &file,
+        r#"[{"registrationId": "good-1", "attestation": {"type": "symmetricKey"}},
+            {"enrollmentGroupId": "bad", "attestation": {"type": "x509"}}]"#,
+    )
+    .unwrap();
+    let out = zerotouch(&["enrollments", "import", "--data-dir", data, file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("entry 1: "), "{stderr}");
+
+    let out = zerotouch(&["enrollments", "list", "--data-dir", data]);
+    assert!(out.status.success());
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed, Value::Array(Vec::new()));
+}
+
+#[test]
+fn a_device_id_in_no_hub_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = zerotouch(&["devices", "get", "--data-dir", dir.path().to_str().unwrap(), "nobody"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8(out.stderr).unwrap().contains("nobody"));
+}
+
+#[test]
+fn serve_with_a_config_file_prints_its_endpoints_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("zerotouch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data-dir = {:?}\nid-scope = \"0ne00000001\"\nmqtt-listen = \"127.0.0.1:0\"\n\
+             https-listen = \"127.0.0.1:0\"\nhub = [\"plant.localhost:2\"]\n",
+            dir.path().to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+        .args(["serve", "--config", config.to_str().unwrap(), "--id-scope", "0ne0000BEEF"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut printed = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let done = line.trim_start().starts_with("data");
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    let text = printed.join("\n");
+    assert!(text.contains("id scope 0ne0000BEEF"), "{text}");
+    assert!(text.contains("embedded hub      plant.localhost (weight 2)"), "{text}");
+    assert!(text.contains(dir.path().join("tls").join("ca.pem").to_str().unwrap()), "{text}");
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "{exit}");
+}

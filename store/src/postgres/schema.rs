@@ -1,0 +1,189 @@
+//! Versioned schema migrations of the PostgreSQL backend, applied at connect.
+
+use std::thread;
+use std::time::Duration;
+
+use postgres::error::SqlState;
+use postgres::GenericClient;
+use zerotouch_engine::StoreError;
+
+use super::backend;
+
+/// One schema version: what it adds and the SQL that adds it (run in one transaction).
+struct Migration {
+    version: i32,
+    description: &'static str,
+    sql: &'static str,
+}
+
+/// Every migration, oldest first. Never edit a released one: add the next version.
+///
+/// Keys are `COLLATE "C"` so listings come in byte order, as the store traits require.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "provisioning, identity, twin and job tables",
+    sql: r#"
+CREATE TABLE enrollments (
+    id text COLLATE "C" PRIMARY KEY,
+    etag text NOT NULL,
+    doc text NOT NULL
+);
+CREATE TABLE enrollment_groups (
+    id text COLLATE "C" PRIMARY KEY,
+    etag text NOT NULL,
+    doc text NOT NULL,
+    symmetric_key boolean NOT NULL,
+    signing_subjects text[] NOT NULL,
+    ca_refs text[] NOT NULL
+);
+CREATE INDEX enrollment_groups_symmetric_key ON enrollment_groups (id) WHERE symmetric_key;
+CREATE TABLE ca_certificates (
+    id text COLLATE "C" PRIMARY KEY,
+    etag text NOT NULL,
+    doc text NOT NULL,
+    subject_name text NOT NULL
+);
+CREATE INDEX ca_certificates_subject ON ca_certificates (subject_name);
+CREATE TABLE registrations (
+    id text COLLATE "C" PRIMARY KEY,
+    etag text NOT NULL,
+    doc text NOT NULL,
+    group_key text COLLATE "C"
+);
+CREATE INDEX registrations_by_group ON registrations (group_key, id);
+CREATE TABLE operations (
+    id text COLLATE "C" PRIMARY KEY,
+    created bigint NOT NULL,
+    doc text NOT NULL
+);
+CREATE INDEX operations_created ON operations (created);
+CREATE TABLE devices (
+    device_id text COLLATE "C" PRIMARY KEY,
+    etag text NOT NULL,
+    doc text NOT NULL,
+    status text NOT NULL,
+    connected boolean NOT NULL
+);
+CREATE INDEX devices_status ON devices (status, device_id);
+CREATE TABLE modules (
+    device_id text COLLATE "C" NOT NULL REFERENCES devices (device_id) ON DELETE CASCADE,
+    module_id text COLLATE "C" NOT NULL,
+    etag text NOT NULL,
+    doc text NOT NULL,
+    PRIMARY KEY (device_id, module_id)
+);
+CREATE TABLE twins (
+    device_id text COLLATE "C" NOT NULL,
+    module_id text COLLATE "C" NOT NULL,
+    etag text NOT NULL,
+    doc text NOT NULL,
+    tags_ci jsonb NOT NULL,
+    PRIMARY KEY (device_id, module_id)
+);
+CREATE INDEX twins_tags ON twins USING gin (tags_ci jsonb_path_ops);
+CREATE TABLE jobs (
+    job_id text COLLATE "C" PRIMARY KEY,
+    etag text NOT NULL,
+    doc text NOT NULL,
+    version bigint NOT NULL,
+    job_type text NOT NULL,
+    status text NOT NULL,
+    purge_after bigint
+);
+CREATE INDEX jobs_purge_after ON jobs (purge_after);
+CREATE TABLE device_jobs (
+    job_id text COLLATE "C" NOT NULL,
+    device_id text COLLATE "C" NOT NULL,
+    doc text NOT NULL,
+    PRIMARY KEY (job_id, device_id)
+);
+CREATE INDEX device_jobs_by_device ON device_jobs (device_id, job_id);
+"#,
+}];
+
+/// The schema version this build creates and understands.
+pub const LATEST_SCHEMA_VERSION: i32 = 1;
+
+/// Attempts at creating the version table when other instances race to create it too.
+const CREATE_ATTEMPTS: u32 = 5;
+
+/// Brings the database to [`LATEST_SCHEMA_VERSION`].
+///
+/// The version table has a row per applied version plus a baseline row 0 that every migrating
+/// instance locks first, so concurrent instances apply each migration exactly once (the
+/// others wait, then find nothing left to do).
+pub(super) fn migrate(client: &mut postgres::Client) -> Result<(), StoreError> {
+    create_version_table(client)?;
+    client
+        .execute(
+            "INSERT INTO zerotouch_schema (version, description) VALUES (0, 'baseline') \
+             ON CONFLICT (version) DO NOTHING",
+            &[],
+        )
+        .map_err(backend)?;
+    let mut tx = client.transaction().map_err(backend)?;
+    tx.execute("SELECT version FROM zerotouch_schema WHERE version = 0 FOR UPDATE", &[]).map_err(backend)?;
+    let current = current_version(&mut tx)?;
+    if current > LATEST_SCHEMA_VERSION {
+        return Err(StoreError::Backend(format!(
+            "the database schema is at version {current}, newer than this zerotouch build understands \
+             (up to {LATEST_SCHEMA_VERSION}); run a newer zerotouch against this database"
+        )));
+    }
+    for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+        tx.batch_execute(m.sql).map_err(|e| {
+            StoreError::Backend(format!("schema migration {} ({}) failed: {e}", m.version, m.description))
+        })?;
+        tx.execute(
+            "INSERT INTO zerotouch_schema (version, description) VALUES ($1, $2)",
+            &[&m.version, &m.description],
+        )
+        .map_err(backend)?;
+    }
+    tx.commit().map_err(backend)
+}
+
+/// The highest applied version (0 for an empty database).
+pub(super) fn current_version(client: &mut impl GenericClient) -> Result<i32, StoreError> {
+    let row =
+        client.query_one("SELECT coalesce(max(version), 0) FROM zerotouch_schema", &[]).map_err(backend)?;
+    row.try_get(0).map_err(backend)
+}
+
+fn create_version_table(client: &mut postgres::Client) -> Result<(), StoreError> {
+    let mut attempt = 0;
+    loop {
+        let created = client.batch_execute(
+            "CREATE TABLE IF NOT EXISTS zerotouch_schema (
+                version integer PRIMARY KEY,
+                description text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        );
+        match created {
+            Ok(()) => return Ok(()),
+            // Two sessions creating the table at once: the loser sees a catalog unique
+            // violation instead of "already exists". The table exists now; try again.
+            Err(e)
+                if attempt + 1 < CREATE_ATTEMPTS
+                    && matches!(e.code(), Some(c) if *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::DUPLICATE_TABLE) =>
+            {
+                attempt += 1;
+                thread::sleep(Duration::from_millis(20 * u64::from(attempt)));
+            }
+            Err(e) => return Err(backend(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_one_by_one_up_to_the_latest() {
+        let versions: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+        let expected: Vec<i32> = (1..=LATEST_SCHEMA_VERSION).collect();
+        assert_eq!(versions, expected);
+    }
+}

@@ -1,0 +1,175 @@
+//! Two instances on one PostgreSQL (two `PgStore`s, two pools): concurrent If-Match twin
+//! updates lose nothing, and one registration id registered by both at once gets one record.
+#![cfg(feature = "postgres")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod pg_support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use pg_support::TestDb;
+use serde_json::{json, Map, Value};
+use zerotouch_engine::allocation::Allocator;
+use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_token};
+use zerotouch_engine::attestation::Credential;
+use zerotouch_engine::crypto::RingCrypto;
+use zerotouch_engine::enrollments;
+use zerotouch_engine::hub::LinkedHub;
+use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
+use zerotouch_engine::store::{Precondition, RegistrationStore};
+use zerotouch_engine::twin::{update_twin, TwinDocument, TwinKey, TwinOperation, TwinStore};
+use zerotouch_engine::Error;
+use zerotouch_proto::device::{DeviceRegistration, RegistrationStatus};
+use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup, SymmetricKeyAttestation};
+use zerotouch_proto::twin::TwinPatch;
+use zerotouch_proto::{
+    DeviceId, EnrollmentGroupId, IdScope, IfMatch, OperationId, RegistrationId, Timestamp,
+};
+use zerotouch_store::postgres::PgStore;
+use zerotouch_testkit::hubs::SimHubs;
+
+/// How long the writers contend, in seconds; `ZEROTOUCH_PG_CONTENTION_SECS` overrides it.
+const CONTENTION_SECS: u64 = 10;
+
+const WRITERS: usize = 8;
+
+fn contention() -> Duration {
+    let secs = std::env::var("ZEROTOUCH_PG_CONTENTION_SECS").ok().and_then(|s| s.parse().ok());
+    Duration::from_secs(secs.unwrap_or(CONTENTION_SECS))
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_unix_secs(1_767_225_600)
+}
+
+/// Two instances: two stores with their own pools over one database.
+fn two_instances(db: &TestDb) -> (String, [PgStore; 2]) {
+    let url = db.fresh_url();
+    let stores = [PgStore::connect(&url, 4).unwrap(), PgStore::connect(&url, 4).unwrap()];
+    (url, stores)
+}
+
+#[test]
+fn eight_writers_on_two_instances_updating_one_twin_with_if_match_lose_no_update() {
+    let db = TestDb::new();
+    let (_, instances) = two_instances(&db);
+    let key = TwinKey::device(DeviceId::new("contended").unwrap());
+    instances[0].put_twin(&key, &TwinDocument::new(now()), &Precondition::MustNotExist).unwrap();
+    let start_version = instances[0].twin(&key).unwrap().unwrap().version();
+
+    let accepted = AtomicU64::new(0);
+    let refused = AtomicU64::new(0);
+    let deadline = Instant::now() + contention();
+    std::thread::scope(|s| {
+        for w in 0..WRITERS {
+            let store = &instances[w % 2];
+            let (key, accepted, refused) = (&key, &accepted, &refused);
+            s.spawn(move || {
+                while Instant::now() < deadline {
+                    // Read, then write what was read plus one, only if nobody wrote in between.
+                    let doc = store.twin(key).unwrap().unwrap();
+                    let counter = doc.tags().get("counter").and_then(Value::as_u64).unwrap_or(0);
+                    let mut tags = Map::new();
+                    tags.insert("counter".to_owned(), json!(counter + 1));
+                    tags.insert(format!("writer{w}"), json!(counter + 1));
+                    let patch = TwinPatch { etag: None, tags: Some(tags), properties: None };
+                    let if_match = IfMatch::Tag(doc.etag().bare().to_owned());
+                    match update_twin(store, key, now(), &TwinOperation::Patch(patch), &if_match) {
+                        Ok(_) => accepted.fetch_add(1, Ordering::Relaxed),
+                        Err(Error::PreconditionFailed) => refused.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => panic!("writer {w}: unexpected error {e}"),
+                    };
+                }
+            });
+        }
+    });
+
+    let accepted = accepted.into_inner();
+    let last = instances[1].twin(&key).unwrap().unwrap();
+    let counter = last.tags().get("counter").and_then(Value::as_u64).unwrap_or(0);
+    eprintln!("{accepted} updates accepted, {} refused by If-Match", refused.into_inner());
+    assert!(accepted > 0, "no update went through");
+    assert_eq!(counter, accepted, "every accepted update must be in the counter (none lost)");
+    assert_eq!(last.version(), start_version + accepted, "one twin version per accepted update");
+}
+
+/// 32 zero bytes in base64: a fixed group key the test can derive device keys from.
+const GROUP_KEY_B64: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+const SCOPE: &str = "0ne00AB1234";
+
+fn provisioner(store: PgStore) -> Provisioner<PgStore> {
+    let hubs = vec![LinkedHub::new("hub-1.example.net"), LinkedHub::new("hub-2.example.net")];
+    Provisioner::new(
+        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
+        store,
+        Arc::new(RingCrypto::new()),
+        Allocator::new(hubs),
+    )
+}
+
+fn register_request(id: &str) -> RegisterRequest {
+    let crypto = RingCrypto::new();
+    let key = derive_device_key(&crypto, &[0u8; 32], id);
+    let token = registration_token(&crypto, &key, SCOPE, id, now().unix_secs() + 3600);
+    RegisterRequest {
+        id_scope: SCOPE.into(),
+        registration_id: id.into(),
+        body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
+        credential: Credential::Sas(token.to_string()),
+    }
+}
+
+#[test]
+fn one_device_registering_through_two_instances_at_once_gets_exactly_one_assignment_record() {
+    let db = TestDb::new();
+    let (url, [a, b]) = two_instances(&db);
+    let mut group =
+        EnrollmentGroup::new(EnrollmentGroupId::new("race").unwrap(), AttestationMechanism::symmetric_key());
+    group.attestation.symmetric_key = Some(SymmetricKeyAttestation {
+        primary_key: Some(GROUP_KEY_B64.to_owned()),
+        secondary_key: Some(GROUP_KEY_B64.to_owned()),
+    });
+    enrollments::put_enrollment_group(&a, &RingCrypto::new(), now(), group, &IfMatch::Absent).unwrap();
+    let instances = [provisioner(a), provisioner(b)];
+
+    for round in 0..20 {
+        let id = format!("racer-{round:02}");
+        let barrier = Barrier::new(2);
+        let operations: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = instances
+                .iter()
+                .map(|p| {
+                    let (barrier, id) = (&barrier, &id);
+                    s.spawn(move || {
+                        let req = register_request(id);
+                        barrier.wait();
+                        let r = p.handle_register(now(), req, &mut SimHubs::new());
+                        assert_eq!(r.status, 202, "{id}: {:?}", r.body);
+                        match r.body {
+                            zerotouch_engine::provisioner::ResponseBody::Operation(op) => op.operation_id,
+                            other => panic!("{id}: not an operation: {other:?}"),
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+
+        let rows: i64 = TestDb::client(&url)
+            .query_one("SELECT count(*) FROM registrations WHERE id = $1", &[&id])
+            .unwrap()
+            .get(0);
+        assert_eq!(rows, 1, "{id}: exactly one registration record");
+        let record = instances[0].store().registration(&RegistrationId::new(&id).unwrap()).unwrap().unwrap();
+        assert_eq!(record.state.status, Some(RegistrationStatus::Assigned), "{id}");
+        assert_eq!(record.state.device_id.as_deref(), Some(id.as_str()));
+        for op in &operations {
+            let stored = instances[1].store().operation(&OperationId::new(op).unwrap()).unwrap().unwrap();
+            assert_eq!(stored.status.status, RegistrationStatus::Assigned, "{id}: operation {op}");
+            let state = stored.status.registration_state.unwrap();
+            assert_eq!(state.device_id.as_deref(), Some(id.as_str()), "{id}: operation {op}");
+        }
+    }
+}

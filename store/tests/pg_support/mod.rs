@@ -1,0 +1,115 @@
+//! Shared setup of the PostgreSQL tests: the server comes from `ZEROTOUCH_TEST_DATABASE_URL`,
+//! and every store lives in a schema of its own, so tests run in parallel on one server.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Mutex;
+
+use zerotouch_store::postgres::PgStore;
+
+/// Environment variable naming the test server.
+pub const URL_VAR: &str = "ZEROTOUCH_TEST_DATABASE_URL";
+
+/// The server's URL.
+///
+/// # Panics
+/// When the variable is unset: a PostgreSQL test must fail, not pass, without a server.
+pub fn server_url() -> String {
+    match std::env::var(URL_VAR) {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => panic!(
+            "{URL_VAR} is not set, so the PostgreSQL tests have no server. Start a throwaway one with \
+             `scripts/pg start` (it prints the URL) and run \
+             `{URL_VAR}=$(scripts/pg url) cargo test -p zerotouch-store --features postgres`, \
+             or run `scripts/test`, which does both"
+        ),
+    }
+}
+
+/// `url` with the search path set to `schema`, in the URL or the key=value form.
+pub fn url_in_schema(url: &str, schema: &str) -> String {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}options=-csearch_path%3D{schema}")
+    } else {
+        format!("{url} options='-csearch_path={schema}'")
+    }
+}
+
+/// Schemas created by one test, dropped with it.
+pub struct TestDb {
+    url: String,
+    schemas: Mutex<Vec<String>>,
+    reused: Mutex<Option<String>>,
+}
+
+impl TestDb {
+    /// A handle on the test server (panics with instructions when there is none).
+    pub fn new() -> Self {
+        TestDb { url: server_url(), schemas: Mutex::new(Vec::new()), reused: Mutex::new(None) }
+    }
+
+    /// Creates an empty schema and returns a URL whose connections use it.
+    pub fn fresh_url(&self) -> String {
+        let schema = format!("t_{:016x}", rand::random::<u64>());
+        let mut client = postgres::Client::connect(&self.url, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to {URL_VAR} ({}): {e}", self.url));
+        client.batch_execute(&format!("CREATE SCHEMA {schema}")).unwrap();
+        self.schemas.lock().unwrap().push(schema.clone());
+        url_in_schema(&self.url, &schema)
+    }
+
+    /// A store over a fresh schema with a pool of `pool_size`.
+    pub fn store_with(&self, pool_size: u32) -> PgStore {
+        PgStore::connect(&self.fresh_url(), pool_size).unwrap()
+    }
+
+    /// A store over a fresh schema (pool of 8, enough for the suites' 8 contending threads).
+    pub fn store(&self) -> PgStore {
+        self.store_with(8)
+    }
+
+    /// A store over an empty schema of this test: the first call creates and migrates it, later
+    /// calls empty its tables (much cheaper than migrating a new schema for every suite case).
+    /// The previous store of this schema must be dropped by then.
+    pub fn empty_store(&self) -> PgStore {
+        let mut reused = self.reused.lock().unwrap();
+        match reused.as_ref() {
+            None => {
+                let url = self.fresh_url();
+                *reused = Some(url.clone());
+                PgStore::connect(&url, 8).unwrap()
+            }
+            Some(url) => {
+                // Children before parents (modules reference devices).
+                Self::client(url)
+                    .batch_execute(
+                        "DELETE FROM modules; DELETE FROM devices; DELETE FROM twins; DELETE FROM enrollments; \
+                         DELETE FROM enrollment_groups; DELETE FROM ca_certificates; DELETE FROM registrations; \
+                         DELETE FROM operations; DELETE FROM jobs; DELETE FROM device_jobs",
+                    )
+                    .unwrap();
+                PgStore::connect(url, 8).unwrap()
+            }
+        }
+    }
+
+    /// A plain client in the schema of `url`.
+    pub fn client(url: &str) -> postgres::Client {
+        postgres::Client::connect(url, postgres::NoTls).unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let schemas = std::mem::take(&mut *self.schemas.lock().unwrap_or_else(|e| e.into_inner()));
+        if schemas.is_empty() {
+            return;
+        }
+        if let Ok(mut client) = postgres::Client::connect(&self.url, postgres::NoTls) {
+            for schema in schemas {
+                let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The HTTPS link of the device client: hyper's HTTP/1.1 client over tokio-rustls, one kept-alive
+//! connection per registration.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, RETRY_AFTER, USER_AGENT as UA};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use zerotouch_engine::registration::{RegistrationConfig, ServiceResponse, Transmit};
+use zerotouch_proto::http::{Route, RouteMatch, CONTENT_TYPE_JSON};
+
+use super::{ClientError, Endpoint, Link, ProvisioningClient, USER_AGENT};
+
+/// Largest reply body accepted (DPS caps messages at 96 KB).
+const MAX_BODY: usize = 1024 * 1024;
+
+type Pending = Pin<Box<dyn Future<Output = Result<ServiceResponse, ClientError>> + Send>>;
+
+/// The HTTPS side of one registration.
+pub(crate) struct HttpsLink {
+    config: RegistrationConfig,
+    endpoint: Endpoint,
+    tls: Arc<ClientConfig>,
+    connect_timeout: Duration,
+    sender: Option<SendRequest<Full<Bytes>>>,
+    pending: Option<Pending>,
+}
+
+impl HttpsLink {
+    /// A link that connects at its first request.
+    pub(crate) fn new(client: &ProvisioningClient) -> Self {
+        Self {
+            config: client.config.clone(),
+            endpoint: client.endpoint.clone(),
+            tls: client.tls.clone(),
+            connect_timeout: client.connect_timeout,
+            sender: None,
+            pending: None,
+        }
+    }
+
+    /// A ready sender: the kept-alive connection, or a new one when the server closed it.
+    async fn sender(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, ClientError> {
+        let alive = match self.sender.as_mut() {
+            Some(s) => s.ready().await.is_ok(),
+            None => false,
+        };
+        if !alive {
+            let sender =
+                tokio::time::timeout(self.connect_timeout, connect(self.endpoint.clone(), self.tls.clone()))
+                    .await
+                    .map_err(|_| {
+                        ClientError::Connection(format!(
+                            "no TLS connection to {} within {} s",
+                            self.endpoint.authority(),
+                            self.connect_timeout.as_secs_f64()
+                        ))
+                    })??;
+            self.sender = Some(sender);
+        }
+        self.sender.as_mut().ok_or_else(|| ClientError::Connection("no HTTPS connection".into()))
+    }
+
+    fn request(&self, transmit: &Transmit) -> Result<Request<Full<Bytes>>, ClientError> {
+        let id_scope = self.config.id_scope.clone();
+        let registration_id = self.config.registration_id.clone();
+        let (route, method, body, authorization) = match transmit {
+            Transmit::Register { body, authorization } => {
+                let json = serde_json::to_vec(body)
+                    .map_err(|e| ClientError::Connection(format!("cannot encode the register body: {e}")))?;
+                (Route::Register { id_scope, registration_id }, Method::PUT, Bytes::from(json), authorization)
+            }
+            Transmit::PollStatus { operation_id, authorization } => (
+                Route::OperationStatus { id_scope, registration_id, operation_id: operation_id.clone() },
+                Method::GET,
+                Bytes::new(),
+                authorization,
+            ),
+        };
+        let target =
+            RouteMatch { route, api_version: self.config.api_version.clone(), force_registration: false }
+                .target();
+        let host =
+            if self.endpoint.port == 443 { self.endpoint.host.clone() } else { self.endpoint.authority() };
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(target)
+            .header(HOST, host)
+            .header(ACCEPT, "application/json")
+            .header(CONTENT_TYPE, CONTENT_TYPE_JSON)
+            .header(UA, USER_AGENT);
+        if let Some(token) = authorization {
+            let mut value = HeaderValue::from_str(token)
+                .map_err(|_| ClientError::Config("the SAS token is not a valid header value".into()))?;
+            value.set_sensitive(true);
+            builder = builder.header(AUTHORIZATION, value);
+        }
+        builder.body(Full::new(body)).map_err(|e| ClientError::Config(format!("bad request: {e}")))
+    }
+}
+
+async fn connect(
+    endpoint: Endpoint,
+    tls: Arc<ClientConfig>,
+) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+    let authority = endpoint.authority();
+    let fail =
+        |what: &str, e: &dyn std::fmt::Display| ClientError::Connection(format!("{what} {authority}: {e}"));
+    let server_name = ServerName::try_from(endpoint.host.clone())
+        .map_err(|e| ClientError::Config(format!("bad server name {:?}: {e}", endpoint.host)))?;
+    let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+        .await
+        .map_err(|e| fail("TCP connect to", &e))?;
+    let _ = tcp.set_nodelay(true);
+    let tls = TlsConnector::from(tls)
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| fail("TLS handshake with", &e))?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| fail("HTTP/1.1 handshake with", &e))?;
+    // The connection task ends when the sender is dropped or the server closes.
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+impl Link for HttpsLink {
+    async fn send(&mut self, transmit: &Transmit) -> Result<(), ClientError> {
+        let request = self.request(transmit)?;
+        let response = self.sender().await?.send_request(request);
+        self.pending = Some(Box::pin(async move {
+            let response =
+                response.await.map_err(|e| ClientError::Connection(format!("HTTP request failed: {e}")))?;
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(ServiceResponse::parse_retry_after);
+            let body = Limited::new(response.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| ClientError::Connection(format!("reading the reply body failed: {e}")))?
+                .to_bytes();
+            Ok(ServiceResponse { status, retry_after, body: body.to_vec() })
+        }));
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> Result<ServiceResponse, ClientError> {
+        match self.pending.as_mut() {
+            Some(pending) => {
+                let reply = pending.await;
+                self.pending = None;
+                reply
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn close(self) {
+        // Dropping the sender ends the connection task, which closes the TLS session.
+    }
+}

@@ -1,0 +1,155 @@
+//! HTTPS device API of DPS (register, operation status, status lookup) and, on the same listener, MQTT over WebSockets.
+
+mod handler;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::{timeout_at, Instant};
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument as _;
+
+use crate::limits::Limits;
+use crate::service::DpsService;
+use crate::tls::peer_chain;
+
+#[cfg(feature = "ws")]
+pub(crate) use handler::error_reply;
+pub use handler::WEBSOCKET_PATH;
+
+/// What every request of one connection needs: the shared service and limits, the client
+/// certificate chain of the TLS handshake, and the shutdown signal (for WebSocket bridges, which
+/// outlive the HTTP exchange that opened them).
+pub(crate) struct Connection {
+    pub(crate) service: Arc<dyn DpsService>,
+    pub(crate) limits: Limits,
+    pub(crate) client_chain: Vec<Vec<u8>>,
+    #[cfg_attr(not(feature = "ws"), allow(dead_code))]
+    pub(crate) stop: watch::Receiver<bool>,
+}
+
+/// Accepts HTTPS device connections on `listener` until `shutdown` completes, then stops
+/// accepting and gives open connections [`Limits::shutdown_grace`] to finish what they are doing.
+///
+/// Serves HTTP/1.1 and HTTP/2 (hyper-util's auto builder). Routes: `PUT
+/// /{idScope}/registrations/{registrationId}/register`, `GET
+/// /{idScope}/registrations/{registrationId}/operations/{operationId}`, `POST
+/// /{idScope}/registrations/{registrationId}` (all with `?api-version=…`), and `GET
+/// /$iothub/websocket` upgraded to a WebSocket with subprotocol `mqtt` that carries the DPS MQTT
+/// protocol. The credential is the `Authorization: SharedAccessSignature …` header, else the
+/// client certificate chain of the TLS handshake (requested, not required, by `tls`).
+/// [`Limits::connect_timeout`] bounds the TLS handshake, [`Limits::max_body_size`] every request
+/// body (413 beyond it), [`Limits::max_concurrent_requests`] the engine calls (429 beyond it).
+pub async fn serve_https<F>(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    service: Arc<dyn DpsService>,
+    limits: Limits,
+    shutdown: F,
+) where
+    F: Future<Output = ()> + Send,
+{
+    let acceptor = TlsAcceptor::from(tls);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Usually out of file descriptors: back off instead of spinning.
+                        tracing::warn!(error = %e, "https accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let service = Arc::clone(&service);
+                let limits = limits.clone();
+                let stop = stop_rx.clone();
+                let span = tracing::info_span!("https", %peer);
+                connections.spawn(
+                    async move {
+                        let deadline = Instant::now() + limits.connect_timeout;
+                        let tls = match timeout_at(deadline, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!("TLS handshake timed out");
+                                return;
+                            }
+                        };
+                        let client_chain = peer_chain(&tls);
+                        let mut stop_conn = stop.clone();
+                        let conn = Arc::new(Connection { service, limits, client_chain, stop });
+                        serve_connection(tls, conn, &mut stop_conn).await;
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+    }
+    drop(listener);
+    drop(stop_rx);
+    let _ = stop_tx.send(true);
+    let grace = limits.shutdown_grace;
+    // WebSocket bridges run in tasks of their own after the upgrade; each holds a receiver of
+    // `stop_tx`, so `closed()` also waits for them.
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+        stop_tx.closed().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::info!(open = connections.len(), "https shutdown grace over; closing remaining connections");
+        connections.shutdown().await;
+    }
+}
+
+/// Serves HTTP on one TLS stream until the client closes it, it idles out, or shutdown asks
+/// hyper to finish the request in progress and close.
+async fn serve_connection<IO>(io: IO, conn: Arc<Connection>, stop: &mut watch::Receiver<bool>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let idle = conn.limits.idle_timeout;
+    let in_flight = u32::try_from(conn.limits.max_in_flight_per_connection).unwrap_or(u32::MAX);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // An idle keep-alive connection and a client slow to send its headers are cut off alike.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(idle);
+    // HTTP/1.1 answers one request at a time; HTTP/2 gets the same per-connection cap as MQTT.
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(in_flight);
+    let service = hyper::service::service_fn(move |req| handler::handle(Arc::clone(&conn), req));
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(served);
+    tokio::select! {
+        res = served.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "https connection ended with an error");
+            }
+        }
+        () = async {
+            let _ = stop.wait_for(|s| *s).await;
+        } => {
+            served.as_mut().graceful_shutdown();
+            if let Err(e) = served.await {
+                tracing::debug!(error = %e, "https connection ended with an error during shutdown");
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Limits that keep a device endpoint alive under bad or excessive input, shared by MQTT, HTTPS and WebSockets.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Resource limits of the device endpoints.
+///
+/// Clones share one [`Admission`] counter, so give every listener of a server clones of the same
+/// `Limits` when `max_concurrent_requests` is meant server-wide.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest MQTT packet accepted (remaining length, bytes); a bigger one cuts the connection.
+    /// Default 96 KiB plus headroom for the topic, matching DPS' 96 KB message limit.
+    pub max_packet_size: usize,
+    /// Largest request body (HTTPS body, MQTT register payload), bytes. Default 96 KiB.
+    pub max_body_size: usize,
+    /// Time from accepting the TCP connection to a complete CONNECT (TLS handshake included).
+    /// Default 10 s.
+    pub connect_timeout: Duration,
+    /// How long a connection may stay silent when the client asked for no keep-alive (MQTT
+    /// keep-alive 0, the C SDK's default) or speaks HTTP. When the client sets a keep-alive,
+    /// [`Limits::idle_timeout_for`] uses 1.5 × that instead, as MQTT 3.1.1 §3.1.2.10 says.
+    /// Default 300 s.
+    pub idle_timeout: Duration,
+    /// Requests of one connection being processed at once; further publishes wait in the
+    /// socket (back-pressure). Default 8.
+    pub max_in_flight_per_connection: usize,
+    /// Requests being processed by the engine at once, over all connections sharing this
+    /// `Limits`; beyond it a request is answered 429 with `retry-after`. Default 512.
+    pub max_concurrent_requests: usize,
+    /// The `retry-after` seconds of a 429 reply. Default 3.
+    pub throttle_retry_after_secs: u32,
+    /// On shutdown, how long open connections get to finish the request they are processing.
+    /// Default 10 s.
+    pub shutdown_grace: Duration,
+    /// The requests currently admitted (shared by clones).
+    pub admission: Admission,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_packet_size: 96 * 1024 + 1024,
+            max_body_size: 96 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_in_flight_per_connection: 8,
+            max_concurrent_requests: 512,
+            throttle_retry_after_secs: 3,
+            shutdown_grace: Duration::from_secs(10),
+            admission: Admission::default(),
+        }
+    }
+}
+
+impl Limits {
+    /// How long an MQTT connection may stay silent given the keep-alive (seconds) of its CONNECT.
+    pub fn idle_timeout_for(&self, keep_alive_secs: u16) -> Duration {
+        if keep_alive_secs == 0 {
+            self.idle_timeout
+        } else {
+            Duration::from_millis(u64::from(keep_alive_secs) * 1500)
+        }
+    }
+
+    /// Admits one request if fewer than `max_concurrent_requests` are being processed; the
+    /// request counts until the permit is dropped. `None` means answer 429.
+    pub fn admit(&self) -> Option<AdmissionPermit> {
+        self.admission.try_admit(self.max_concurrent_requests)
+    }
+}
+
+/// A counter of requests being processed, shared by the clones of one [`Limits`].
+#[derive(Debug, Clone, Default)]
+pub struct Admission {
+    active: Arc<AtomicUsize>,
+}
+
+impl Admission {
+    /// Admits one request when fewer than `max` are active.
+    pub fn try_admit(&self, max: usize) -> Option<AdmissionPermit> {
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| AdmissionPermit { active: Arc::clone(&self.active) })
+    }
+
+    /// Requests being processed now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+/// One admitted request; dropping it frees the slot.
+#[derive(Debug)]
+pub struct AdmissionPermit {
+    active: Arc<AtomicUsize>,
+}
+
+impl Drop for AdmissionPermit {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_refuses_beyond_the_cap_and_frees_on_drop() {
+        let limits = Limits { max_concurrent_requests: 2, ..Limits::default() };
+        let shared = limits.clone();
+        let a = limits.admit();
+        let b = shared.admit();
+        assert!(a.is_some() && b.is_some());
+        assert!(limits.admit().is_none());
+        drop(a);
+        assert_eq!(shared.admission.active(), 1);
+        assert!(shared.admit().is_some());
+    }
+
+    #[test]
+    fn keep_alive_sets_idle_timeout_to_one_and_a_half_times() {
+        let limits = Limits::default();
+        assert_eq!(limits.idle_timeout_for(60), Duration::from_secs(90));
+        assert_eq!(limits.idle_timeout_for(0), limits.idle_timeout);
+    }
+}

@@ -1,0 +1,381 @@
+//! One device connection: CONNECT, then SUBSCRIBE / PUBLISH / PINGREQ until DISCONNECT or a limit cuts it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
+};
+use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+use zerotouch_engine::attestation::Credential;
+use zerotouch_engine::provisioner::{OperationStatusRequest, RegisterRequest, Response, StatusLookupRequest};
+use zerotouch_proto::device::DeviceRegistration;
+use zerotouch_proto::mqtt::{ConnectUsername, DeviceRequest, ResponseTopic, SUBSCRIBE_FILTER};
+
+use crate::limits::Limits;
+use crate::service::{endpoint_error, now, throttled, DpsService};
+
+/// Why the server closed a connection without a DISCONNECT from the client.
+type Cut = String;
+
+/// What CONNECT established.
+struct Session {
+    id_scope: String,
+    registration_id: String,
+    credential: Credential,
+    keep_alive: u16,
+}
+
+/// The byte stream with its read and write buffers.
+struct Wire<IO> {
+    io: IO,
+    inbound: BytesMut,
+    outbound: BytesMut,
+    max_packet_size: usize,
+    write_timeout: Duration,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
+    /// The next packet, `None` at end of stream. Cancel-safe: bytes already read stay in
+    /// `inbound`, so it can sit in a `select!` beside the request completions.
+    async fn read(&mut self) -> Result<Option<Packet>, Cut> {
+        loop {
+            match Packet::read(&mut self.inbound, self.max_packet_size) {
+                Ok(packet) => return Ok(Some(packet)),
+                Err(CodecError::InsufficientBytes(missing)) => {
+                    self.inbound.reserve(missing.max(256));
+                    let n =
+                        self.io.read_buf(&mut self.inbound).await.map_err(|e| format!("read failed: {e}"))?;
+                    if n == 0 {
+                        return if self.inbound.is_empty() {
+                            Ok(None)
+                        } else {
+                            Err("stream ended inside a packet".to_owned())
+                        };
+                    }
+                }
+                Err(CodecError::PayloadSizeLimitExceeded(size)) => {
+                    return Err(format!(
+                        "packet of {size} bytes exceeds the limit of {}",
+                        self.max_packet_size
+                    ))
+                }
+                Err(e) => return Err(format!("malformed packet: {e}")),
+            }
+        }
+    }
+
+    async fn send(&mut self, packet: Packet) -> Result<(), Cut> {
+        self.outbound.clear();
+        packet.write(&mut self.outbound, usize::MAX).map_err(|e| format!("cannot encode reply: {e}"))?;
+        let io = &mut self.io;
+        let bytes = &self.outbound;
+        match timeout(self.write_timeout, async {
+            io.write_all(bytes).await?;
+            io.flush().await
+        })
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("write failed: {e}")),
+            Err(_) => Err("client stopped reading".to_owned()),
+        }
+    }
+}
+
+/// Runs one connection to its end and closes the stream.
+pub(super) async fn run<IO>(
+    io: IO,
+    client_chain: Vec<Vec<u8>>,
+    service: Arc<dyn DpsService>,
+    limits: &Limits,
+    connect_deadline: Instant,
+    stop: Option<watch::Receiver<bool>>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut wire = Wire {
+        io,
+        inbound: BytesMut::with_capacity(1024),
+        outbound: BytesMut::with_capacity(1024),
+        max_packet_size: limits.max_packet_size,
+        write_timeout: limits.connect_timeout.max(Duration::from_secs(5)),
+    };
+    match serve(&mut wire, client_chain, service, limits, connect_deadline, stop).await {
+        Ok(()) => tracing::debug!("connection closed"),
+        Err(reason) => tracing::info!(%reason, "connection cut"),
+    }
+    // Best effort: a TLS close_notify for clients that wait for it.
+    let _ = timeout(Duration::from_secs(1), wire.io.shutdown()).await;
+}
+
+async fn serve<IO>(
+    wire: &mut Wire<IO>,
+    client_chain: Vec<Vec<u8>>,
+    service: Arc<dyn DpsService>,
+    limits: &Limits,
+    connect_deadline: Instant,
+    mut stop: Option<watch::Receiver<bool>>,
+) -> Result<(), Cut>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let first = timeout_at(connect_deadline, wire.read())
+        .await
+        .map_err(|_| "no CONNECT before the deadline".to_owned())??;
+    let connect = match first {
+        Some(Packet::Connect(connect)) => connect,
+        Some(other) => return Err(format!("expected CONNECT, got {:?}", packet_name(&other))),
+        None => return Ok(()),
+    };
+    let session = match authenticate(connect, client_chain, &service, limits).await {
+        Ok(session) => session,
+        Err(code) => {
+            tracing::info!(?code, "CONNECT refused");
+            wire.send(Packet::ConnAck(ConnAck::new(code, false))).await?;
+            return Ok(());
+        }
+    };
+    // DPS keeps no sessions, whatever CleanSession says (spec §2.1).
+    wire.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
+
+    let idle = limits.idle_timeout_for(session.keep_alive);
+    let mut idle_deadline = Instant::now() + idle;
+    let mut in_flight: FuturesUnordered<JoinHandle<(String, Response)>> = FuturesUnordered::new();
+    // Replies go out even before (or without) a SUBSCRIBE: Python never re-subscribes after a
+    // reconnect (spec §2.4), so the requesting connection is where the answer belongs.
+    let mut reply_qos = QoS::AtLeastOnce;
+    let mut last_pkid = 0u16;
+    let mut draining = false;
+    loop {
+        if draining && in_flight.is_empty() {
+            return Ok(());
+        }
+        let can_read = !draining && in_flight.len() < limits.max_in_flight_per_connection.max(1);
+        tokio::select! {
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let (rid, response) = match done {
+                    Ok(done) => done,
+                    Err(e) => {
+                        tracing::error!(error = %e, "request task failed");
+                        continue;
+                    }
+                };
+                last_pkid = next_pkid(last_pkid);
+                wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
+            }
+            read = wire.read(), if can_read => {
+                idle_deadline = Instant::now() + idle;
+                let Some(packet) = read? else { return Ok(()) };
+                match packet {
+                    Packet::Publish(publish) => {
+                        if let Some((rid, response)) =
+                            on_publish(wire, publish, &session, &service, limits, &mut in_flight).await?
+                        {
+                            last_pkid = next_pkid(last_pkid);
+                            wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
+                        }
+                    }
+                    Packet::Subscribe(subscribe) => {
+                        let mut codes = Vec::with_capacity(subscribe.filters.len());
+                        for filter in &subscribe.filters {
+                            if filter.path == SUBSCRIBE_FILTER {
+                                // DPS grants QoS 2 as 1 (spec §2.1).
+                                reply_qos = if filter.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                                codes.push(SubscribeReasonCode::Success(reply_qos));
+                            } else {
+                                codes.push(SubscribeReasonCode::Failure);
+                            }
+                        }
+                        wire.send(Packet::SubAck(SubAck::new(subscribe.pkid, codes))).await?;
+                    }
+                    Packet::Unsubscribe(unsubscribe) => {
+                        wire.send(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid))).await?;
+                    }
+                    Packet::PingReq => wire.send(Packet::PingResp).await?,
+                    Packet::Disconnect => return Ok(()),
+                    // Acks of our QoS 1 replies: nothing is retransmitted, sessions are not kept.
+                    Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {}
+                    other => return Err(format!("unexpected {} from the client", packet_name(&other))),
+                }
+            }
+            () = sleep_until(idle_deadline), if !draining && in_flight.is_empty() => {
+                return Err(format!("silent for {idle:?}"));
+            }
+            () = stopped(&mut stop), if !draining => {
+                draining = true;
+            }
+        }
+    }
+}
+
+/// Checks a CONNECT: protocol level, username grammar, client id, and a credential (a SAS
+/// token is verified now so a bad one gets return code 5; a certificate chain is judged by the
+/// register request, which answers 401 with details).
+async fn authenticate(
+    connect: Connect,
+    client_chain: Vec<Vec<u8>>,
+    service: &Arc<dyn DpsService>,
+    limits: &Limits,
+) -> Result<Session, ConnectReturnCode> {
+    if connect.protocol != Protocol::V4 {
+        return Err(ConnectReturnCode::RefusedProtocolVersion);
+    }
+    let login = connect.login.ok_or(ConnectReturnCode::BadUserNamePassword)?;
+    let username = ConnectUsername::parse(&login.username).map_err(|e| {
+        tracing::debug!(error = %e, "bad CONNECT username");
+        ConnectReturnCode::BadUserNamePassword
+    })?;
+    let registration_id = username.registration_id.as_str().to_owned();
+    tracing::Span::current().record("registration_id", registration_id.as_str());
+    if !connect.client_id.eq_ignore_ascii_case(&registration_id) {
+        return Err(ConnectReturnCode::BadClientId);
+    }
+    let id_scope = username.id_scope.to_string();
+    let credential = if !login.password.is_empty() {
+        Credential::Sas(login.password)
+    } else if !client_chain.is_empty() {
+        Credential::X509(client_chain)
+    } else {
+        return Err(ConnectReturnCode::NotAuthorized);
+    };
+    if let Credential::Sas(_) = &credential {
+        let permit = limits.admit().ok_or(ConnectReturnCode::ServiceUnavailable)?;
+        let service = Arc::clone(service);
+        let req = StatusLookupRequest {
+            id_scope: id_scope.clone(),
+            registration_id: registration_id.clone(),
+            credential: credential.clone(),
+        };
+        let accepted = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            service.accepts_credential(now(), req)
+        })
+        .await
+        .map_err(|_| ConnectReturnCode::ServiceUnavailable)?;
+        if !accepted {
+            return Err(ConnectReturnCode::NotAuthorized);
+        }
+    }
+    Ok(Session { id_scope, registration_id, credential, keep_alive: connect.keep_alive })
+}
+
+/// Acknowledges a publish and starts its request; returns a reply to send at once when the
+/// request is answered without the engine (throttled, oversized, unparsable).
+async fn on_publish<IO>(
+    wire: &mut Wire<IO>,
+    publish: Publish,
+    session: &Session,
+    service: &Arc<dyn DpsService>,
+    limits: &Limits,
+    in_flight: &mut FuturesUnordered<JoinHandle<(String, Response)>>,
+) -> Result<Option<(String, Response)>, Cut>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    match publish.qos {
+        QoS::AtMostOnce => {}
+        QoS::AtLeastOnce => wire.send(Packet::PubAck(PubAck::new(publish.pkid))).await?,
+        QoS::ExactlyOnce => return Err("QoS 2 publishes are not supported".to_owned()),
+    }
+    let request = match DeviceRequest::parse_topic(&publish.topic) {
+        Ok(request) => request,
+        Err(e) => {
+            tracing::debug!(error = %e, "publish to an unknown topic ignored");
+            return Ok(None);
+        }
+    };
+    let rid = request.rid().to_owned();
+    if publish.payload.len() > limits.max_body_size {
+        return Ok(Some((rid, endpoint_error(413, "Request body too large", None))));
+    }
+    let Some(permit) = limits.admit() else {
+        return Ok(Some((rid, throttled(limits.throttle_retry_after_secs))));
+    };
+    let service = Arc::clone(service);
+    let (id_scope, registration_id) = (session.id_scope.clone(), session.registration_id.clone());
+    let credential = session.credential.clone();
+    let task = match request {
+        DeviceRequest::Register { .. } => {
+            let body: DeviceRegistration = match serde_json::from_slice(&publish.payload) {
+                Ok(body) => body,
+                Err(e) => {
+                    let message = format!("The request body is not a DeviceRegistration: {e}");
+                    return Ok(Some((rid, endpoint_error(400, &message, None))));
+                }
+            };
+            let req = RegisterRequest { id_scope, registration_id, body, credential };
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                (rid, service.register(now(), req))
+            })
+        }
+        DeviceRequest::PollStatus { operation_id, .. } => {
+            let req = OperationStatusRequest {
+                id_scope,
+                registration_id,
+                operation_id: operation_id.to_string(),
+                credential,
+            };
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                (rid, service.operation_status(now(), req))
+            })
+        }
+    };
+    in_flight.push(task);
+    Ok(None)
+}
+
+fn reply(rid: &str, response: &Response, qos: QoS, pkid: u16) -> Publish {
+    let topic =
+        ResponseTopic { status: response.status, rid: rid.to_owned(), retry_after: response.retry_after };
+    let mut publish = Publish::new(topic.to_string(), qos, response.body_json());
+    if qos != QoS::AtMostOnce {
+        publish.pkid = pkid;
+    }
+    publish
+}
+
+/// Packet ids of our replies: 1..=65535, wrapping (0 is not a valid id).
+fn next_pkid(last: u16) -> u16 {
+    last.checked_add(1).unwrap_or(1)
+}
+
+/// Completes once the server asks connections to finish; never without a stop signal.
+async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
+    match stop {
+        Some(rx) => {
+            if rx.wait_for(|stop| *stop).await.is_err() {
+                // The server dropped the sender without stopping: nothing will ever stop us.
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+fn packet_name(packet: &Packet) -> &'static str {
+    match packet {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect => "DISCONNECT",
+    }
+}

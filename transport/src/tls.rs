@@ -1,0 +1,191 @@
+//! TLS for the device listeners: a rustls server (ring, TLS 1.2 and 1.3) that asks for, but does not require, a client certificate.
+//!
+//! The client certificate chain is not checked against a trust store here: group CAs live in
+//! enrollments, so the engine's X.509 attestation decides. The handshake still proves the
+//! client holds the leaf's private key, because the verifier checks the handshake signatures.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
+
+/// Why a TLS server configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A certificate or key file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The certificate PEM holds no `CERTIFICATE` block, or a block is malformed.
+    #[error("bad certificate chain PEM: {0}")]
+    Certificates(String),
+    /// The key PEM holds no usable private key (PKCS#8, PKCS#1 or SEC1).
+    #[error("bad private key PEM: {0}")]
+    PrivateKey(String),
+    /// rustls refused the configuration (for example the key does not fit the certificate).
+    #[error("TLS configuration rejected: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The crypto provider every listener uses: ring, chosen explicitly so no process-wide default
+/// (and no aws-lc) is ever needed.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A server configuration from a PEM certificate chain (leaf first) and a PEM private key.
+///
+/// # Errors
+/// [`TlsError::Certificates`] / [`TlsError::PrivateKey`] when the PEM is unusable,
+/// [`TlsError::Rustls`] when rustls rejects the pair.
+pub fn server_config_from_pem(cert_chain_pem: &[u8], key_pem: &[u8]) -> Result<ServerConfig, TlsError> {
+    let chain = CertificateDer::pem_slice_iter(cert_chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Certificates(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(TlsError::Certificates("no CERTIFICATE block".to_owned()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::PrivateKey(e.to_string()))?;
+    server_config(chain, key)
+}
+
+/// A server configuration from a PEM certificate chain file and a PEM private key file.
+///
+/// # Errors
+/// [`TlsError::Io`] when a file cannot be read, otherwise as [`server_config_from_pem`].
+pub fn server_config_from_files(cert_chain: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
+    let read =
+        |path: &Path| std::fs::read(path).map_err(|source| TlsError::Io { path: path.to_owned(), source });
+    server_config_from_pem(&read(cert_chain)?, &read(key)?)
+}
+
+/// A server configuration from DER certificates (leaf first) and a private key: ring, TLS 1.2
+/// and 1.3, client certificates requested but optional (see [`EngineClientCertVerifier`]).
+///
+/// Callers add ALPN protocols themselves (the HTTPS listener wants `h2`/`http/1.1`, MQTT none).
+///
+/// # Errors
+/// [`TlsError::Rustls`] when the key does not match the certificate or is unsupported.
+pub fn server_config(
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(EngineClientCertVerifier::new(&provider));
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(cert_chain, key)?;
+    Ok(config)
+}
+
+/// Requests a client certificate, accepts the connection without one, and accepts any chain
+/// whose leaf key signed the handshake.
+///
+/// No root hints are sent, so devices offer whatever certificate they were configured with;
+/// the chain is validated later by the engine against the enrollments.
+#[derive(Debug)]
+pub struct EngineClientCertVerifier {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl EngineClientCertVerifier {
+    /// A verifier checking handshake signatures with `provider`'s algorithms.
+    pub fn new(provider: &CryptoProvider) -> Self {
+        Self { algorithms: provider.signature_verification_algorithms }
+    }
+}
+
+impl ClientCertVerifier for EngineClientCertVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        // Deliberately no chain check: trust anchors come from enrollments (engine).
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The certificates the client presented in the handshake, leaf first, as DER (empty when it
+/// sent none): what [`zerotouch_engine::attestation::Credential::X509`] carries.
+pub fn peer_chain<IO>(stream: &tokio_rustls::server::TlsStream<IO>) -> Vec<Vec<u8>> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|certs| certs.iter().map(|c| c.as_ref().to_vec()).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_without_a_certificate_is_refused() {
+        let err = server_config_from_pem(b"", b"").unwrap_err();
+        assert!(matches!(err, TlsError::Certificates(_)), "{err}");
+    }
+
+    #[test]
+    fn missing_key_file_error_names_the_file() {
+        let missing = Path::new("/nonexistent/zerotouch/server.key");
+        let err = server_config_from_files(missing, missing).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/zerotouch/server.key"), "{err}");
+    }
+
+    #[test]
+    fn listener_offers_but_does_not_require_client_certificates_and_sends_no_hints() {
+        let verifier = EngineClientCertVerifier::new(&provider());
+        assert!(verifier.offer_client_auth());
+        assert!(!verifier.client_auth_mandatory());
+        assert!(verifier.root_hint_subjects().is_empty());
+        assert!(verifier.supported_verify_schemes().contains(&SignatureScheme::ECDSA_NISTP256_SHA256));
+    }
+}

@@ -1,0 +1,253 @@
+//! The device client against recorded Azure DPS replies (testdata/azure), replayed by a scripted
+//! TLS peer over MQTT and HTTPS: the paths a self-hosted server cannot show on demand (long
+//! assigning phases, throttling, 5xx, failed assignments).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod client_support;
+
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use rumqttc::mqttbytes::v4::ConnectReturnCode;
+use serde_json::{json, Value};
+use zerotouch_proto::sas::SasToken;
+use zerotouch_transport::client::{ClientError, FailureKind, ProvisioningClient, Transport};
+
+use client_support::{azure_dir, scenario, ScriptedPeer, ServerCert};
+
+const SCOPE: &str = "0ne00111111";
+const DEVICE_KEY: &str =
+    "18RQk/hOPJR9EbsJlk2j8WA6vWaj/yi+oaYg7zmxfQNdOyMSu+SJ8O7TSlZhDJCYmn4rzEiVKIzNiVAWjLxrGA==";
+
+async fn peer(transport: Transport, cert: &ServerCert, name: &str) -> ScriptedPeer {
+    let s = scenario(name);
+    match transport {
+        Transport::Https => ScriptedPeer::https(cert, s.exchanges).await,
+        _ => ScriptedPeer::mqtt(cert, s.exchanges, ConnectReturnCode::Success).await,
+    }
+}
+
+fn client(
+    transport: Transport,
+    cert: &ServerCert,
+    peer: &ScriptedPeer,
+    registration_id: &str,
+) -> ProvisioningClient {
+    ProvisioningClient::builder(SCOPE, registration_id)
+        .provisioning_host(peer.host())
+        .transport(transport)
+        .symmetric_key(DEVICE_KEY)
+        .ca_pem(cert.ca_pem.clone())
+        .request_timeout(Duration::from_secs(10))
+        .max_throttle_retries(1)
+        .build()
+        .unwrap()
+}
+
+/// Runs a recorded scenario on one transport and checks the outcome the file states.
+async fn replay(transport: Transport, name: &str) -> (ScriptedPeer, Result<(), ClientError>) {
+    let cert = ServerCert::new();
+    let s = scenario(name);
+    let peer = peer(transport, &cert, name).await;
+    let result = client(transport, &cert, &peer, &s.registration_id).register().await;
+    let outcome = &s.outcome;
+    let result = match (&outcome["assigned"], result) {
+        (Value::Object(want), Ok(a)) => {
+            assert_eq!(a.assigned_hub, want["assignedHub"], "{name} over {transport}");
+            assert_eq!(a.device_id, want["deviceId"], "{name} over {transport}");
+            assert_eq!(json!(a.substatus), want["substatus"], "{name} over {transport}");
+            Ok(())
+        }
+        (Value::Null, Err(e)) => {
+            let want = &outcome["error"];
+            assert_eq!(e.status().map(u64::from), want["status"].as_u64(), "{name} over {transport}: {e}");
+            assert_eq!(
+                e.error_code().map(u64::from),
+                want["errorCode"].as_u64(),
+                "{name} over {transport}: {e}"
+            );
+            assert_eq!(
+                e.failure_kind().map(|k| k.to_string()).as_deref(),
+                want["kind"].as_str(),
+                "{name}: {e}"
+            );
+            Err(e)
+        }
+        (_, other) => panic!("{name} over {transport}: unexpected result {other:?}"),
+    };
+    let expected_requests = s.exchanges.len();
+    assert_eq!(
+        peer.seen().len(),
+        expected_requests,
+        "{name} over {transport}: every scripted reply was asked for"
+    );
+    (peer, result)
+}
+
+const TRANSPORTS: [Transport; 2] = [Transport::Mqtt, Transport::Https];
+
+#[tokio::test]
+async fn device_is_assigned_after_one_assigning_poll() {
+    for t in TRANSPORTS {
+        let (peer, result) = replay(t, "assigned_after_one_poll.json").await;
+        result.unwrap();
+        let seen = peer.seen();
+        // The register body names the device; the poll asks for the operation of the register reply.
+        let body: Value = serde_json::from_slice(&seen[0].body).unwrap();
+        assert_eq!(body, json!({ "registrationId": "my-symkey-device" }));
+        assert!(seen[1].target.contains("5.316aac5bdc130deb.b1e02da8-c3a0-4ff2-a121-7ea7a6b7f550"), "{t}");
+        // The SAS token signs the registration resource with the device key.
+        let token = SasToken::parse(seen[0].authorization.as_deref().unwrap()).unwrap();
+        assert_eq!(token.resource().unwrap(), "0ne00111111/registrations/my-symkey-device");
+        assert_eq!(token.key_name(), Some("registration"));
+        let key = STANDARD.decode(DEVICE_KEY).unwrap();
+        let expected = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
+            token.string_to_sign().as_bytes(),
+        );
+        assert_eq!(token.signature().unwrap(), expected.as_ref());
+    }
+}
+
+#[tokio::test]
+async fn device_sits_out_a_long_assigning_phase_honouring_retry_after() {
+    for t in TRANSPORTS {
+        let started = Instant::now();
+        let (_peer, result) = replay(t, "long_assigning.json").await;
+        result.unwrap();
+        // Five replies asked for a one-second wait each before the next poll.
+        assert!(started.elapsed() >= Duration::from_secs(5), "{t}: {:?}", started.elapsed());
+    }
+}
+
+#[tokio::test]
+async fn throttled_register_is_resent_after_retry_after() {
+    for t in TRANSPORTS {
+        let (peer, result) = replay(t, "throttled_register_then_assigned.json").await;
+        result.unwrap();
+        let kinds: Vec<String> = peer.seen().into_iter().map(|s| s.request).collect();
+        assert_eq!(kinds, ["register", "register", "poll"], "{t}");
+    }
+}
+
+#[tokio::test]
+async fn server_error_on_a_poll_is_retried_after_a_back_off() {
+    for t in TRANSPORTS {
+        replay(t, "server_error_then_assigned.json").await.1.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn poll_reply_without_operation_id_keeps_the_registered_operation() {
+    for t in TRANSPORTS {
+        let (peer, result) = replay(t, "poll_reply_without_operation_id.json").await;
+        result.unwrap();
+        let seen = peer.seen();
+        assert!(seen[2].target.contains("5.316aac5bdc130deb"), "{t}");
+    }
+}
+
+#[tokio::test]
+async fn wrong_key_reaches_the_app_as_401002() {
+    for t in TRANSPORTS {
+        let e = replay(t, "unauthorized.json").await.1.unwrap_err();
+        assert!(e.is_unauthorized(), "{t}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn unknown_registration_reaches_the_app_as_404201() {
+    for t in TRANSPORTS {
+        let e = replay(t, "unknown_registration.json").await.1.unwrap_err();
+        assert_eq!(e.failure_kind(), Some(FailureKind::NotFound), "{t}");
+    }
+}
+
+#[tokio::test]
+async fn failed_assignment_carries_the_registration_state_error() {
+    for t in TRANSPORTS {
+        let e = replay(t, "assignment_failed.json").await.1.unwrap_err();
+        assert!(e.to_string().contains("Hub not specified."), "{t}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn client_gives_up_when_throttling_does_not_end() {
+    for t in TRANSPORTS {
+        replay(t, "throttled_until_giving_up.json").await.1.unwrap_err();
+    }
+}
+
+#[tokio::test]
+async fn mqtt_connect_refused_with_not_authorized_is_an_auth_error() {
+    let cert = ServerCert::new();
+    let peer = ScriptedPeer::mqtt(&cert, Vec::new(), ConnectReturnCode::NotAuthorized).await;
+    let e = client(Transport::Mqtt, &cert, &peer, "my-symkey-device").register().await.unwrap_err();
+    assert!(matches!(e, ClientError::ConnectRefused { return_code: 5, .. }), "{e}");
+    assert!(e.is_unauthorized());
+    let username = peer.usernames.lock().unwrap()[0].clone();
+    assert!(username.starts_with("0ne00111111/registrations/my-symkey-device/api-version=2021-06-01&ClientVersion=zerotouch-device%2F"), "{username}");
+}
+
+#[tokio::test]
+async fn silent_service_ends_in_a_timeout() {
+    let cert = ServerCert::new();
+    // A script with no replies: the peer accepts the request and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = acceptor.accept(tcp).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(tls);
+    });
+    let e = ProvisioningClient::builder(SCOPE, "my-symkey-device")
+        .provisioning_host(addr.to_string())
+        .transport(Transport::Https)
+        .symmetric_key(DEVICE_KEY)
+        .ca_pem(cert.ca_pem.clone())
+        .request_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .register()
+        .await
+        .unwrap_err();
+    assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{e}");
+    server.abort();
+}
+
+#[tokio::test]
+async fn server_not_signed_by_the_given_ca_is_refused() {
+    let cert = ServerCert::new();
+    let other = ServerCert::new();
+    let peer = ScriptedPeer::https(&cert, Vec::new()).await;
+    let e = ProvisioningClient::builder(SCOPE, "my-symkey-device")
+        .provisioning_host(peer.host())
+        .transport(Transport::Https)
+        .symmetric_key(DEVICE_KEY)
+        .ca_pem(other.ca_pem.clone())
+        .build()
+        .unwrap()
+        .register()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Connection(_)), "{e}");
+}
+
+#[test]
+fn every_recorded_scenario_is_documented() {
+    let readme = std::fs::read_to_string(azure_dir().join("README.md")).unwrap();
+    for entry in std::fs::read_dir(azure_dir()).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".json") {
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "{name} is not listed in testdata/azure/README.md"
+            );
+            scenario(&name);
+        }
+    }
+}

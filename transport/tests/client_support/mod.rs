@@ -1,0 +1,312 @@
+//! Shared by the client tests: a throw-away server certificate and scripted DPS peers that
+//! replay recorded Azure replies (testdata/azure) over TLS, on MQTT or HTTPS.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
+};
+use rumqttc::QoS;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::ServerConfig;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use zerotouch_proto::mqtt::{ConnectUsername, DeviceRequest, ResponseTopic};
+
+/// A CA and a server certificate for `localhost` and `127.0.0.1` signed by it.
+pub struct ServerCert {
+    pub ca_pem: String,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key_der: Vec<u8>,
+}
+
+impl ServerCert {
+    pub fn new() -> Self {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "zerotouch client-test CA");
+        ca_params.distinguished_name = dn;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        let leaf = params.signed_by(&key, &issuer).unwrap();
+        Self { ca_pem: ca.pem(), chain: vec![leaf.der().clone()], key_der: key.serialize_der() }
+    }
+
+    /// A rustls server config (ring) that asks for, but does not require, a client certificate.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), key)
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+/// One scripted reply: what request it answers and what the service said.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    /// `register` or `poll`.
+    pub request: String,
+    pub status: u16,
+    pub retry_after: Option<u32>,
+    pub body: Value,
+}
+
+/// A recorded scenario from testdata/azure.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub registration_id: String,
+    pub exchanges: Vec<Exchange>,
+    pub outcome: Value,
+}
+
+pub fn azure_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/azure")
+}
+
+pub fn scenario(name: &str) -> Scenario {
+    let text = std::fs::read_to_string(azure_dir().join(name)).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let exchanges = v["exchanges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| Exchange {
+            request: e["request"].as_str().unwrap().to_owned(),
+            status: u16::try_from(e["status"].as_u64().unwrap()).unwrap(),
+            retry_after: e.get("retryAfter").and_then(Value::as_u64).map(|s| u32::try_from(s).unwrap()),
+            body: e["body"].clone(),
+        })
+        .collect();
+    Scenario {
+        registration_id: v["registrationId"].as_str().unwrap().to_owned(),
+        exchanges,
+        outcome: v["outcome"].clone(),
+    }
+}
+
+/// What the scripted peer saw of one device request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// `register` or `poll`.
+    pub request: String,
+    /// HTTP path and query, or MQTT topic.
+    pub target: String,
+    /// `Authorization` header (HTTPS) or CONNECT password (MQTT).
+    pub authorization: Option<String>,
+    pub body: Bytes,
+}
+
+/// A scripted DPS on an ephemeral port; it answers requests in script order.
+pub struct ScriptedPeer {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// MQTT CONNECT usernames, in order.
+    pub usernames: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ScriptedPeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Script = Arc<Mutex<VecDeque<Exchange>>>;
+
+fn next_reply(script: &Script, request: &str) -> Exchange {
+    let exchange =
+        script.lock().unwrap().pop_front().expect("the client sent more requests than the script has");
+    assert_eq!(
+        exchange.request, request,
+        "the client sent a {request} where the script expects a {}",
+        exchange.request
+    );
+    exchange
+}
+
+impl ScriptedPeer {
+    /// The HTTPS device API, replaying `exchanges`.
+    pub async fn https(cert: &ServerCert, exchanges: Vec<Exchange>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = TlsAcceptor::from(cert.server_config());
+        let script: Script = Arc::new(Mutex::new(exchanges.into()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let Ok(tls) = acceptor.accept(tcp).await else { continue };
+                let (script, seen) = (script.clone(), seen2.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (script, seen) = (script.clone(), seen.clone());
+                        async move { Ok::<_, Infallible>(answer_http(req, &script, &seen).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, seen, usernames: Arc::default(), task }
+    }
+
+    /// The MQTT device API, replaying `exchanges`; CONNECT is accepted with `connack`.
+    pub async fn mqtt(cert: &ServerCert, exchanges: Vec<Exchange>, connack: ConnectReturnCode) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = TlsAcceptor::from(cert.server_config());
+        let script: Script = Arc::new(Mutex::new(exchanges.into()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let usernames = Arc::new(Mutex::new(Vec::new()));
+        let (seen2, usernames2) = (seen.clone(), usernames.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let Ok(tls) = acceptor.accept(tcp).await else { continue };
+                let (script, seen, usernames) = (script.clone(), seen2.clone(), usernames2.clone());
+                tokio::spawn(serve_mqtt(tls, script, seen, usernames, connack));
+            }
+        });
+        Self { addr, seen, usernames, task }
+    }
+
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn answer_http(
+    req: Request<Incoming>,
+    script: &Script,
+    seen: &Mutex<Vec<Seen>>,
+) -> Response<Full<Bytes>> {
+    let target = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let request = match (req.method().as_str(), req.uri().path()) {
+        ("PUT", p) if p.ends_with("/register") => "register",
+        ("GET", p) if p.contains("/operations/") => "poll",
+        (m, p) => panic!("unexpected request {m} {p}"),
+    };
+    let authorization = req.headers().get("authorization").map(|v| v.to_str().unwrap().to_owned());
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    seen.lock().unwrap().push(Seen { request: request.to_owned(), target, authorization, body });
+    let exchange = next_reply(script, request);
+    let mut response =
+        Response::builder().status(exchange.status).header("content-type", "application/json; charset=utf-8");
+    if let Some(secs) = exchange.retry_after {
+        response = response.header("retry-after", secs.to_string());
+    }
+    response.body(Full::new(Bytes::from(serde_json::to_vec(&exchange.body).unwrap()))).unwrap()
+}
+
+async fn serve_mqtt<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    script: Script,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    usernames: Arc<Mutex<Vec<String>>>,
+    connack: ConnectReturnCode,
+) {
+    const MAX: usize = 256 * 1024;
+    let mut buf = BytesMut::new();
+    let mut password = None;
+    let mut pkid: u16 = 0;
+    let mut refused = false;
+    loop {
+        let packet = loop {
+            match Packet::read(&mut buf, MAX) {
+                Ok(p) => break p,
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                    if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                }
+                Err(e) => panic!("bad packet from the client: {e:?}"),
+            }
+        };
+        let mut out = BytesMut::new();
+        match packet {
+            Packet::Connect(connect) => {
+                let login = connect.login.expect("CONNECT carries a username");
+                assert_eq!(
+                    connect.client_id,
+                    ConnectUsername::parse(&login.username).unwrap().registration_id.as_str()
+                );
+                usernames.lock().unwrap().push(login.username);
+                password = Some(login.password).filter(|p| !p.is_empty());
+                Packet::ConnAck(ConnAck::new(connack, false)).write(&mut out, MAX).unwrap();
+                refused = connack != ConnectReturnCode::Success;
+            }
+            Packet::Subscribe(sub) => {
+                let codes =
+                    sub.filters.iter().map(|_| SubscribeReasonCode::Success(QoS::AtLeastOnce)).collect();
+                Packet::SubAck(SubAck::new(sub.pkid, codes)).write(&mut out, MAX).unwrap();
+            }
+            Packet::Publish(publish) => {
+                if publish.qos != QoS::AtMostOnce {
+                    Packet::PubAck(PubAck::new(publish.pkid)).write(&mut out, MAX).unwrap();
+                }
+                let request = DeviceRequest::parse_topic(&publish.topic).unwrap();
+                let kind = match request {
+                    DeviceRequest::Register { .. } => "register",
+                    DeviceRequest::PollStatus { .. } => "poll",
+                };
+                seen.lock().unwrap().push(Seen {
+                    request: kind.to_owned(),
+                    target: publish.topic.clone(),
+                    authorization: password.clone(),
+                    body: publish.payload.clone(),
+                });
+                let exchange = next_reply(&script, kind);
+                let topic = ResponseTopic::reply_to(&request, exchange.status, exchange.retry_after);
+                pkid = pkid % 60_000 + 1;
+                let mut reply = Publish::new(
+                    topic.to_string(),
+                    QoS::AtLeastOnce,
+                    serde_json::to_vec(&exchange.body).unwrap(),
+                );
+                reply.pkid = pkid;
+                Packet::Publish(reply).write(&mut out, MAX).unwrap();
+            }
+            Packet::PingReq => Packet::PingResp.write(&mut out, MAX).map(|_| ()).unwrap(),
+            Packet::Disconnect => return,
+            _ => {}
+        }
+        if !out.is_empty() && stream.write_all(&out).await.is_err() {
+            return;
+        }
+        if refused {
+            // A refused CONNECT ends the connection, as a broker does.
+            let _ = stream.shutdown().await;
+            return;
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Bad and idle clients of the HTTPS endpoint are cut off without disturbing a good one.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod http_support;
+
+use std::time::Duration;
+
+use http_support::{register_path, sas, Server};
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use zerotouch_transport::limits::Limits;
+
+/// Reads until the server closes the connection; fails the test if it takes longer than `within`.
+async fn closed_by_server(mut tcp: TcpStream, within: Duration) {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the server closes the connection");
+}
+
+#[tokio::test]
+async fn silent_and_garbage_connections_are_cut_off_while_a_device_registers() {
+    let limits = Limits { connect_timeout: Duration::from_millis(300), ..Limits::default() };
+    let server = Server::start_with(limits).await;
+    let key = server.enroll_symmetric("sensor-20");
+
+    let silent = TcpStream::connect(server.addr).await.unwrap();
+    let mut garbage = TcpStream::connect(server.addr).await.unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\nHost: plain-text-on-a-tls-port\r\n\r\n").await.unwrap();
+
+    let mut client = server.connect(None).await;
+    let body = json!({ "registrationId": "sensor-20" }).to_string();
+    let reply =
+        client.send("PUT", &register_path("sensor-20"), Some(&sas(&key, "sensor-20")), body.as_bytes()).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+
+    closed_by_server(garbage, Duration::from_secs(5)).await;
+    closed_by_server(silent, Duration::from_secs(5)).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let limits = Limits { idle_timeout: Duration::from_millis(300), ..Limits::default() };
+    let server = Server::start_with(limits).await;
+    let key = server.enroll_symmetric("sensor-21");
+    let mut client = server.connect(None).await;
+    let body = json!({ "registrationId": "sensor-21" }).to_string();
+    let reply =
+        client.send("PUT", &register_path("sensor-21"), Some(&sas(&key, "sensor-21")), body.as_bytes()).await;
+    assert_eq!(reply.status, 202);
+    tokio::time::timeout(Duration::from_secs(5), client.closed()).await.expect("idle connection closed");
+}

@@ -1,0 +1,336 @@
+//! Bad credentials get the right CONNACK or error status; bad and slow input is cut off
+//! without disturbing other devices; admission answers 429.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod mqtt_support;
+
+use std::time::Duration;
+
+use mqtt_support::{
+    connect, derived_key, in_an_hour, python_token, register, Auth, DeviceOptions, RawDevice, Server, API,
+    HUB, SCOPE,
+};
+use rumqttc::{ConnectReturnCode, ConnectionError, Packet, Publish, QoS, Subscribe, SubscribeReasonCode};
+use zerotouch_testkit::certs::TestCa;
+use zerotouch_transport::limits::Limits;
+
+fn refused(result: Result<mqtt_support::Outcome, ConnectionError>) -> ConnectReturnCode {
+    match result {
+        Err(ConnectionError::ConnectionRefused(code)) => code,
+        other => panic!("expected a refused CONNECT, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn wrong_symmetric_key_is_refused_with_connack_not_authorized() {
+    let server = Server::start().await;
+    server.enroll_symmetric("sensor-1");
+    let opts = DeviceOptions::new("sensor-1", Auth::SasPython(vec![7u8; 32]));
+    assert_eq!(refused(register(&server, &opts).await), ConnectReturnCode::NotAuthorized);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn group_key_used_directly_instead_of_the_derived_key_is_refused() {
+    let server = Server::start().await;
+    let group_key = server.enroll_symmetric_group("thermostats");
+    let opts = DeviceOptions::new("thermostat-1", Auth::SasNode(group_key.clone()));
+    assert_eq!(refused(register(&server, &opts).await), ConnectReturnCode::NotAuthorized);
+    // The same device with its derived key gets in.
+    let opts = DeviceOptions::new("thermostat-1", Auth::SasNode(derived_key(&group_key, "thermostat-1")));
+    assert_eq!(register(&server, &opts).await.unwrap().status, 200);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn expired_token_is_refused_with_connack_not_authorized() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("sensor-2");
+    let expired = python_token(&key, "sensor-2", in_an_hour() - 7200);
+    let opts = DeviceOptions::new("sensor-2", Auth::Password(expired));
+    assert_eq!(refused(register(&server, &opts).await), ConnectReturnCode::NotAuthorized);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn token_signed_for_another_registration_is_refused() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("sensor-3");
+    server.enroll_symmetric("sensor-4");
+    let other = python_token(&key, "sensor-3", in_an_hour());
+    let opts = DeviceOptions::new("sensor-4", Auth::Password(other));
+    assert_eq!(refused(register(&server, &opts).await), ConnectReturnCode::NotAuthorized);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_username_is_refused_as_bad_username_and_mismatched_client_id_as_bad_identifier() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("sensor-5");
+    let mut opts = DeviceOptions::new("sensor-5", Auth::SasPython(key.clone()));
+    opts.username = Some(format!("{SCOPE}/devices/sensor-5/api-version={API}"));
+    assert_eq!(refused(register(&server, &opts).await), ConnectReturnCode::BadUserNamePassword);
+    let mut opts = DeviceOptions::new("sensor-5", Auth::SasPython(key));
+    opts.username = Some(format!("{SCOPE}/registrations/sensor-6/api-version={API}"));
+    assert_eq!(refused(register(&server, &opts).await), ConnectReturnCode::BadClientId);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn device_without_token_or_certificate_is_refused() {
+    let server = Server::start().await;
+    server.enroll_symmetric("sensor-7");
+    let opts = DeviceOptions::new("sensor-7", Auth::Password(String::new()));
+    assert_eq!(refused(register(&server, &opts).await), ConnectReturnCode::NotAuthorized);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unenrolled_certificate_connects_but_register_answers_401() {
+    let server = Server::start().await;
+    let stranger = TestCa::root("Unknown Root").device("camera-9");
+    let auth = Auth::X509(stranger.chain_der(), stranger.key_der().to_vec());
+    let outcome = register(&server, &DeviceOptions::new("camera-9", auth)).await.unwrap();
+    assert_eq!(outcome.status, 401, "{outcome:?}");
+    assert_eq!(outcome.error_code().map(|c| c / 1000), Some(401));
+    assert!(!server.hub_has_device("camera-9"));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn certificate_whose_cn_is_not_the_registration_id_is_answered_401() {
+    let server = Server::start().await;
+    let root = TestCa::root("Fabrikam Root");
+    server.enroll_x509_group("cameras", root.pem());
+    let device = root.device("camera-10");
+    let auth = Auth::X509(device.chain_der(), device.key_der().to_vec());
+    let outcome = register(&server, &DeviceOptions::new("camera-11", auth)).await.unwrap();
+    assert_eq!(outcome.status, 401, "{outcome:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn register_beyond_admission_is_answered_429_with_retry_after() {
+    let limits = Limits { max_concurrent_requests: 0, throttle_retry_after_secs: 7, ..Limits::default() };
+    let server = Server::start_with(limits).await;
+    let root = TestCa::root("Fabrikam Root");
+    let device = root.device("camera-12");
+    server.enroll_x509("camera-12", device.pem());
+    let auth = Auth::X509(device.chain_der(), device.key_der().to_vec());
+    let outcome = register(&server, &DeviceOptions::new("camera-12", auth)).await.unwrap();
+    assert_eq!(outcome.status, 429);
+    assert_eq!(outcome.retry_after, Some(7));
+    assert_eq!(outcome.error_code(), Some(429_001));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_packet_garbage_and_slow_connect_are_cut_while_a_good_device_registers() {
+    let limits =
+        Limits { max_packet_size: 4096, connect_timeout: Duration::from_millis(700), ..Limits::default() };
+    let server = Server::start_with(limits).await;
+    let key = server.enroll_symmetric("good-1");
+    let big_key = server.enroll_symmetric("big-1");
+
+    // Connected, then a publish far over the packet limit.
+    let mut oversized = RawDevice::open(&server).await;
+    assert!(
+        matches!(oversized.connect("big-1", &big_key, 60).await, Packet::ConnAck(a) if a.code == ConnectReturnCode::Success)
+    );
+    let topic = "$dps/registrations/PUT/iotdps-register/?$rid=1";
+    let mut publish = Publish::new(topic, QoS::AtLeastOnce, vec![b'x'; 64 * 1024]);
+    publish.pkid = 1;
+    oversized.send(Packet::Publish(publish)).await;
+    // Bytes that are not MQTT at all.
+    let mut garbage = RawDevice::open(&server).await;
+    garbage.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    // TLS done, CONNECT never sent.
+    let mut slow = RawDevice::open(&server).await;
+
+    // All three are open while a well-behaved device registers.
+    let opts = DeviceOptions::new("good-1", Auth::SasPython(key));
+    let outcome = register(&server, &opts).await.unwrap();
+    assert_eq!(outcome.status, 200);
+    assert_eq!(outcome.assigned_hub(), Some(HUB));
+
+    assert!(oversized.closed_within(Duration::from_secs(5)).await, "oversized packet not cut");
+    assert!(garbage.closed_within(Duration::from_secs(5)).await, "garbage not cut");
+    assert!(slow.closed_within(Duration::from_secs(5)).await, "slow CONNECT not cut");
+    assert!(!server.hub_has_device("big-1"));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_device_is_cut_after_one_and_a_half_keep_alives_and_pings_keep_it_open() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("quiet-1");
+    let mut quiet = RawDevice::open(&server).await;
+    quiet.connect("quiet-1", &key, 1).await;
+    let mut pinging = RawDevice::open(&server).await;
+    pinging.connect("quiet-1", &key, 1).await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        pinging.send(Packet::PingReq).await;
+        assert_eq!(pinging.next().await, Some(Packet::PingResp));
+    }
+    assert!(quiet.closed_within(Duration::from_secs(1)).await, "silent device still connected");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscribe_grants_the_dps_filter_at_most_qos_1_and_refuses_others() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("sub-1");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("sub-1", &key, 60).await;
+    let mut subscribe = Subscribe::new("$dps/registrations/res/#", QoS::ExactlyOnce);
+    subscribe.pkid = 5;
+    subscribe.add("devices/sub-1/messages/devicebound/#".to_owned(), QoS::AtLeastOnce);
+    device.send(Packet::Subscribe(subscribe)).await;
+    match device.next().await {
+        Some(Packet::SubAck(ack)) => {
+            assert_eq!(ack.pkid, 5);
+            assert_eq!(
+                ack.return_codes,
+                vec![SubscribeReasonCode::Success(QoS::AtLeastOnce), SubscribeReasonCode::Failure]
+            );
+        }
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_returns() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("idle-1");
+    let opts = DeviceOptions::new("idle-1", Auth::SasPython(key));
+    let (_client, mut events) = connect(&server, &opts).await.unwrap();
+    server.shutdown().await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if events.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "connection survived the shutdown");
+}
+
+fn register_publish(rid: &str, registration_id: &str, pkid: u16) -> Packet {
+    let topic = format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}");
+    let body = format!(r#"{{"registrationId":"{registration_id}"}}"#);
+    let mut publish = Publish::new(topic, QoS::AtLeastOnce, body.into_bytes());
+    publish.pkid = pkid;
+    Packet::Publish(publish)
+}
+
+/// The statuses of the next `n` replies (PUBACKs skipped), in arrival order.
+async fn reply_statuses(device: &mut RawDevice, n: usize) -> Vec<(String, u16)> {
+    let mut replies = Vec::new();
+    while replies.len() < n {
+        match device.next().await {
+            Some(Packet::Publish(p)) => {
+                let topic = zerotouch_proto::mqtt::ResponseTopic::parse(&p.topic).unwrap();
+                replies.push((topic.rid, topic.status));
+            }
+            Some(_) => {}
+            None => panic!("connection closed after {} replies", replies.len()),
+        }
+    }
+    replies
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_request_in_progress_finish_and_deliver_its_reply() {
+    let delay = Duration::from_millis(600);
+    let server = Server::start_wrapped(Limits::default(), |inner| {
+        std::sync::Arc::new(mqtt_support::SlowService { inner, delay })
+    })
+    .await;
+    let key = server.enroll_symmetric("late-1");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("late-1", &key, 60).await;
+    device.send(register_publish("9", "late-1", 1)).await;
+    assert!(matches!(device.next().await, Some(Packet::PubAck(_))));
+    // The register is now in the (slow) engine; stop the server meanwhile.
+    let stopping = tokio::spawn(server.shutdown());
+    assert_eq!(reply_statuses(&mut device, 1).await, vec![("9".to_owned(), 202)]);
+    assert!(device.closed_within(Duration::from_secs(5)).await, "connection not closed after draining");
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn requests_beyond_the_in_flight_cap_wait_instead_of_being_dropped() {
+    let delay = Duration::from_millis(300);
+    let limits = Limits { max_in_flight_per_connection: 1, ..Limits::default() };
+    let server = Server::start_wrapped(limits, |inner| {
+        std::sync::Arc::new(mqtt_support::SlowService { inner, delay })
+    })
+    .await;
+    let key = server.enroll_symmetric("busy-1");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("busy-1", &key, 60).await;
+    let started = std::time::Instant::now();
+    for (pkid, rid) in [(1, "a"), (2, "b"), (3, "c")] {
+        device.send(register_publish(rid, "busy-1", pkid)).await;
+    }
+    let replies = reply_statuses(&mut device, 3).await;
+    let rids: Vec<&str> = replies.iter().map(|(rid, _)| rid.as_str()).collect();
+    assert_eq!(rids, ["a", "b", "c"]);
+    assert!(replies.iter().all(|(_, status)| *status == 202), "{replies:?}");
+    // One at a time: three slow calls back to back.
+    assert!(started.elapsed() >= delay * 3, "requests overlapped: {:?}", started.elapsed());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn register_body_over_the_body_limit_is_answered_413_and_the_connection_stays_usable() {
+    let limits = Limits { max_body_size: 256, ..Limits::default() };
+    let server = Server::start_with(limits).await;
+    let key = server.enroll_symmetric("chatty-1");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("chatty-1", &key, 60).await;
+    let topic = "$dps/registrations/PUT/iotdps-register/?$rid=big";
+    let body = format!(r#"{{"registrationId":"chatty-1","payload":"{}"}}"#, "x".repeat(1024));
+    let mut publish = Publish::new(topic, QoS::AtMostOnce, body.into_bytes());
+    publish.pkid = 0;
+    device.send(Packet::Publish(publish)).await;
+    assert_eq!(reply_statuses(&mut device, 1).await, vec![("big".to_owned(), 413)]);
+    device.send(register_publish("small", "chatty-1", 2)).await;
+    assert_eq!(reply_statuses(&mut device, 1).await, vec![("small".to_owned(), 202)]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn publish_to_a_non_dps_topic_is_ignored_and_register_still_works() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("lost-1");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("lost-1", &key, 60).await;
+    let mut stray = Publish::new("devices/lost-1/messages/events/", QoS::AtLeastOnce, b"{}".to_vec());
+    stray.pkid = 1;
+    device.send(Packet::Publish(stray)).await;
+    device.send(register_publish("ok", "lost-1", 2)).await;
+    assert_eq!(reply_statuses(&mut device, 1).await, vec![("ok".to_owned(), 202)]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn register_body_that_is_not_json_is_answered_400() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("typo-1");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("typo-1", &key, 60).await;
+    let mut publish = Publish::new(
+        "$dps/registrations/PUT/iotdps-register/?$rid=7",
+        QoS::AtLeastOnce,
+        b"{not json".to_vec(),
+    );
+    publish.pkid = 1;
+    device.send(Packet::Publish(publish)).await;
+    assert_eq!(reply_statuses(&mut device, 1).await, vec![("7".to_owned(), 400)]);
+    server.shutdown().await;
+}

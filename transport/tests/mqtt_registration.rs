@@ -1,0 +1,153 @@
+//! Devices register over MQTT/TLS the way the Azure SDKs do, with each kind of attestation.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod mqtt_support;
+
+use mqtt_support::{derived_key, register, Auth, DeviceOptions, Server, HUB};
+use zerotouch_testkit::certs::TestCa;
+
+#[tokio::test]
+async fn individual_symmetric_key_device_with_python_token_is_assigned_and_created_in_the_hub() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("sensor-1");
+    let outcome = register(&server, &DeviceOptions::new("sensor-1", Auth::SasPython(key))).await.unwrap();
+    assert_eq!(outcome.status, 200, "{outcome:?}");
+    assert_eq!(outcome.body["status"], "assigned");
+    assert_eq!(outcome.assigned_hub(), Some(HUB));
+    assert_eq!(outcome.device_id(), Some("sensor-1"));
+    assert!(server.hub_has_device("sensor-1"));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn group_symmetric_key_device_with_node_token_gets_its_derived_key_accepted() {
+    let server = Server::start().await;
+    let group_key = server.enroll_symmetric_group("thermostats");
+    let key = derived_key(&group_key, "thermostat-007");
+    let outcome = register(&server, &DeviceOptions::new("thermostat-007", Auth::SasNode(key))).await.unwrap();
+    assert_eq!(outcome.status, 200, "{outcome:?}");
+    assert_eq!(outcome.assigned_hub(), Some(HUB));
+    assert!(server.hub_has_device("thermostat-007"));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn register_reply_is_202_assigning_with_retry_after_like_real_dps() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("sensor-2");
+    let opts = DeviceOptions::new("sensor-2", Auth::SasPython(key));
+    let (client, mut events) = mqtt_support::connect(&server, &opts).await.unwrap();
+    client.subscribe(zerotouch_proto::mqtt::SUBSCRIBE_FILTER, rumqttc::QoS::AtLeastOnce).await.unwrap();
+    let topic = "$dps/registrations/PUT/iotdps-register/?$rid=42";
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, r#"{"registrationId":"sensor-2"}"#)
+        .await
+        .unwrap();
+    let first = mqtt_support::reply(&mut events, "42").await;
+    assert_eq!(first.status, 202);
+    assert_eq!(first.body["status"], "assigning");
+    assert!(first.body["operationId"].as_str().is_some());
+    assert!(first.retry_after.is_some());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn individual_x509_device_presenting_its_certificate_is_assigned() {
+    let server = Server::start().await;
+    let root = TestCa::root("Fabrikam Root");
+    let device = root.device("camera-1");
+    server.enroll_x509("camera-1", device.pem());
+    let auth = Auth::X509(device.chain_der(), device.key_der().to_vec());
+    let outcome = register(&server, &DeviceOptions::new("camera-1", auth)).await.unwrap();
+    assert_eq!(outcome.status, 200, "{outcome:?}");
+    assert_eq!(outcome.assigned_hub(), Some(HUB));
+    assert!(server.hub_has_device("camera-1"));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn x509_group_device_chained_through_an_intermediate_is_assigned() {
+    let server = Server::start().await;
+    let root = TestCa::root("Contoso Root");
+    let line = root.intermediate("Contoso Line 1");
+    server.enroll_x509_group("cameras", line.pem());
+    let device = line.device("camera-42");
+    let auth = Auth::X509(device.chain_der(), device.key_der().to_vec());
+    let outcome = register(&server, &DeviceOptions::new("camera-42", auth)).await.unwrap();
+    assert_eq!(outcome.status, 200, "{outcome:?}");
+    assert_eq!(outcome.device_id(), Some("camera-42"));
+    assert!(server.hub_has_device("camera-42"));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn tls_1_2_only_client_like_python_registers() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("py-device");
+    let mut opts = DeviceOptions::new("py-device", Auth::SasPython(key));
+    opts.tls12_only = true;
+    let outcome = register(&server, &opts).await.unwrap();
+    assert_eq!(outcome.status, 200, "{outcome:?}");
+    assert_eq!(outcome.assigned_hub(), Some(HUB));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn tls_1_2_only_x509_client_registers() {
+    let server = Server::start().await;
+    let root = TestCa::root("Fabrikam Root 12");
+    let device = root.device("camera-tls12");
+    server.enroll_x509("camera-tls12", device.pem());
+    let mut opts =
+        DeviceOptions::new("camera-tls12", Auth::X509(device.chain_der(), device.key_der().to_vec()));
+    opts.tls12_only = true;
+    let outcome = register(&server, &opts).await.unwrap();
+    assert_eq!(outcome.status, 200, "{outcome:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn c_sdk_style_qos0_publishes_with_integer_rids_get_their_replies() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("c-device");
+    let opts = DeviceOptions::new("c-device", Auth::SasPython(key));
+    let (client, mut events) = mqtt_support::connect(&server, &opts).await.unwrap();
+    client.subscribe(zerotouch_proto::mqtt::SUBSCRIBE_FILTER, rumqttc::QoS::AtLeastOnce).await.unwrap();
+    let body = r#"{"registrationId":"c-device"}"#;
+    let register = "$dps/registrations/PUT/iotdps-register/?$rid=1";
+    client.publish(register, rumqttc::QoS::AtMostOnce, false, body).await.unwrap();
+    let first = mqtt_support::reply(&mut events, "1").await;
+    assert_eq!(first.status, 202);
+    let operation_id = first.body["operationId"].as_str().unwrap();
+    // The C SDK polls with the register body as payload.
+    let poll =
+        format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId={operation_id}");
+    client.publish(poll, rumqttc::QoS::AtMostOnce, false, body).await.unwrap();
+    let done = mqtt_support::reply(&mut events, "2").await;
+    assert_eq!(done.status, 200, "{done:?}");
+    assert_eq!(done.assigned_hub(), Some(HUB));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fifty_group_devices_registering_at_once_all_land_in_the_hub() {
+    let server = std::sync::Arc::new(Server::start().await);
+    let group_key = server.enroll_symmetric_group("fleet");
+    let mut devices = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let server = server.clone();
+        let id = format!("fleet-{i:03}");
+        let key = derived_key(&group_key, &id);
+        devices.spawn(async move {
+            let outcome = register(&server, &DeviceOptions::new(&id, Auth::SasPython(key))).await.unwrap();
+            (id, outcome)
+        });
+    }
+    while let Some(done) = devices.join_next().await {
+        let (id, outcome) = done.unwrap();
+        assert_eq!(outcome.status, 200, "{id}: {outcome:?}");
+        assert!(server.hub_has_device(&id), "{id} missing from the hub");
+    }
+    std::sync::Arc::into_inner(server).unwrap().shutdown().await;
+}
