@@ -38,7 +38,7 @@ use zerotouch_proto::service::{AttestationMechanism, DeviceRegistrationState, En
 use zerotouch_proto::{
     DeviceId, EnrollmentGroupId, IdScope, IfMatch, OperationId, RegistrationId, Timestamp,
 };
-use zerotouch_store::sqlite::SqliteStore;
+use zerotouch_store::sqlite::{Durability, SqliteStore};
 
 const SCOPE: &str = "0ne00BE4C00";
 const SITES: usize = 100;
@@ -305,6 +305,9 @@ fn registrations(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     bench_registrations(&mut g, "MemoryStore", &in_memory);
     bench_registrations(&mut g, "SqliteStore (file, WAL, synchronous=NORMAL)", &on_sqlite);
+    let synced =
+        provisioner(SqliteStore::open_with(dir.path().join("dps-full.db"), Durability::PowerLoss).unwrap());
+    bench_registrations(&mut g, "SqliteStore (file, WAL, synchronous=FULL)", &synced);
     // The share of the write: one commit of record + operation, nothing else.
     let store = SqliteStore::open(dir.path().join("writes.db")).unwrap();
     let mut n = 0u64;
