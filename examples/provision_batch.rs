@@ -31,11 +31,12 @@ const CAMERAS: usize = 16;
 const CONCURRENCY: usize = 32;
 
 /// The `zerotouch` binary next to this example's build output, built first so the example
-/// always runs the current code.
+/// always runs the current code. `--workspace` resolves features as `cargo test --workspace` does,
+/// so after the tests this reuses their build instead of compiling the server again.
 fn zerotouch_binary() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "-q", "-p", "zerotouch-server", "--bin", "zerotouch"])
+        .args(["build", "-q", "--workspace", "--bin", "zerotouch"])
         .status()
         .expect("run cargo build");
     assert!(status.success(), "building zerotouch failed");
