@@ -69,6 +69,11 @@ struct Args {
     /// store's share of the cost).
     #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "memory"])]
     store: String,
+    /// With --in-process: `retry-after` seconds of the server's `assigning` replies (the
+    /// `--retry-after` of `zerotouch serve`; 3 like Azure DPS by default). Each registration
+    /// waits this long before its poll, so it caps the rate at concurrency / retry-after.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=300))]
+    retry_after: u32,
     /// Skip the CONNECT/CONNACK phase.
     #[arg(long)]
     skip_connect: bool,
@@ -259,7 +264,7 @@ async fn register_phase(target: &Arc<Target>, args: &Args) -> Phase {
 async fn main() {
     let args = Args::parse();
     let (target, _server) = if args.in_process {
-        let (target, server) = in_process::start(args.store == "memory").await;
+        let (target, server) = in_process::start(args.store == "memory", args.retry_after).await;
         (target, Some(server))
     } else {
         let need = |what: &str| -> ! {
@@ -369,16 +374,17 @@ mod in_process {
         group.attestation.symmetric_key.and_then(|k| k.primary_key).expect("generated key")
     }
 
-    fn provisioner<S: ProvisioningStore>(store: S, crypto: Arc<RingCrypto>) -> Provisioner<S> {
-        Provisioner::new(
-            ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
-            store,
-            crypto,
-            Allocator::new(vec![LinkedHub::new(HUB)]),
-        )
+    fn provisioner<S: ProvisioningStore>(
+        store: S,
+        crypto: Arc<RingCrypto>,
+        retry_after: u32,
+    ) -> Provisioner<S> {
+        let mut config = ProvisionerConfig::new(IdScope::new(SCOPE).unwrap());
+        config.retry_after_secs = retry_after;
+        Provisioner::new(config, store, crypto, Allocator::new(vec![LinkedHub::new(HUB)]))
     }
 
-    pub async fn start(memory: bool) -> (Target, Server) {
+    pub async fn start(memory: bool, retry_after: u32) -> (Target, Server) {
         let dir = tempfile::tempdir().expect("temp dir");
         let crypto = Arc::new(RingCrypto::new());
         let (service, group_key_b64): (Arc<dyn DpsService>, String) = if memory {
@@ -386,7 +392,7 @@ mod in_process {
             let key = enroll(store.as_ref(), &crypto);
             let mut hubs = EmbeddedHubs::new();
             hubs.insert(EmbeddedHub::in_memory(HUB, crypto.clone()).expect("embedded hub"));
-            let provisioner = provisioner(store, crypto);
+            let provisioner = provisioner(store, crypto, retry_after);
             (Arc::new(EngineService::new(provisioner, Arc::new(Mutex::new(hubs)))), key)
         } else {
             let store = SqliteStore::open(dir.path().join("zerotouch.db")).expect("SQLite store");
@@ -403,7 +409,7 @@ mod in_process {
                 )
                 .expect("embedded hub"),
             );
-            let provisioner = provisioner(store, crypto);
+            let provisioner = provisioner(store, crypto, retry_after);
             (Arc::new(EngineService::new(provisioner, Arc::new(Mutex::new(hubs)))), key)
         };
 
