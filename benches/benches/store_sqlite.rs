@@ -25,13 +25,20 @@ use zerotouch_engine::hub::{HubAction, HubError, HubRegistry, LinkedHub};
 use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
 use zerotouch_engine::query::{execute, parse, Query, QueryPage, QuerySource};
-use zerotouch_engine::store::{PageRequest, ProvisioningStore};
+use zerotouch_engine::store::{
+    EnrollmentRef, OperationRecord, PageRequest, Precondition, ProvisioningStore, RegistrationRecord,
+    RegistrationStore,
+};
 use zerotouch_engine::twin::TwinDocument;
-use zerotouch_proto::device::DeviceRegistration;
+use zerotouch_proto::device::{
+    DeviceRegistration, RegistrationOperationStatus, RegistrationStatus, Substatus,
+};
 use zerotouch_proto::hub::Device;
-use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup};
-use zerotouch_proto::{DeviceId, EnrollmentGroupId, IdScope, IfMatch, Timestamp};
-use zerotouch_store::sqlite::SqliteStore;
+use zerotouch_proto::service::{AttestationMechanism, DeviceRegistrationState, EnrollmentGroup};
+use zerotouch_proto::{
+    DeviceId, EnrollmentGroupId, IdScope, IfMatch, OperationId, RegistrationId, Timestamp,
+};
+use zerotouch_store::sqlite::{Durability, SqliteStore};
 
 const SCOPE: &str = "0ne00BE4C00";
 const SITES: usize = 100;
@@ -257,6 +264,39 @@ fn bench_registrations<S: ProvisioningStore>(
     });
 }
 
+/// What one registration writes: the record and its operation, committed in one transaction.
+fn registration_write(n: u64) -> (RegistrationRecord, OperationRecord) {
+    let id = format!("writer-{n:08}");
+    let record = RegistrationRecord {
+        registration_id: RegistrationId::new(&id).unwrap(),
+        state: DeviceRegistrationState {
+            registration_id: id.clone(),
+            created_date_time_utc: Some(now()),
+            assigned_hub: Some("hub-1.example.net".to_owned()),
+            device_id: Some(id.clone()),
+            status: Some(RegistrationStatus::Assigned),
+            substatus: Some(Substatus::InitialAssignment),
+            last_updated_date_time_utc: Some(now()),
+            etag: Some(format!("\"{n:016x}\"")),
+            ..DeviceRegistrationState::default()
+        },
+        enrollment: EnrollmentRef::Group(EnrollmentGroupId::new("bench").unwrap()),
+        initial_hub: Some("hub-1.example.net".to_owned()),
+    };
+    let op = format!("4.{n:016x}.00000000-0000-0000-0000-{n:012}");
+    let operation = OperationRecord {
+        operation_id: OperationId::new(&op).unwrap(),
+        registration_id: record.registration_id.clone(),
+        created: now(),
+        status: RegistrationOperationStatus {
+            operation_id: op,
+            status: RegistrationStatus::Assigned,
+            registration_state: None,
+        },
+    };
+    (record, operation)
+}
+
 fn registrations(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let on_sqlite = provisioner(SqliteStore::open(dir.path().join("dps.db")).unwrap());
@@ -265,6 +305,24 @@ fn registrations(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     bench_registrations(&mut g, "MemoryStore", &in_memory);
     bench_registrations(&mut g, "SqliteStore (file, WAL, synchronous=NORMAL)", &on_sqlite);
+    let synced =
+        provisioner(SqliteStore::open_with(dir.path().join("dps-full.db"), Durability::PowerLoss).unwrap());
+    bench_registrations(&mut g, "SqliteStore (file, WAL, synchronous=FULL)", &synced);
+    // The share of the write: one commit of record + operation, nothing else.
+    let store = SqliteStore::open(dir.path().join("writes.db")).unwrap();
+    let mut n = 0u64;
+    g.bench_function("SqliteStore::commit_registration alone", |b| {
+        b.iter_batched(
+            || {
+                n += 1;
+                registration_write(n)
+            },
+            |(record, operation)| {
+                store.commit_registration(&record, &Precondition::MustNotExist, &operation).unwrap()
+            },
+            BatchSize::SmallInput,
+        )
+    });
     g.finish();
 }
 

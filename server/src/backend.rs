@@ -166,3 +166,62 @@ impl Backend for SqliteBackend {
         Ok(names)
     }
 }
+
+/// PostgreSQL (`--database-url`): provisioning and the embedded hub in one database that several
+/// server instances may share. The hub tables hold one registry, so this backend serves one
+/// embedded hub; its host name is not stored, so admin commands report it as
+/// [`crate::config::DEFAULT_HUB`] unless told otherwise.
+#[cfg(feature = "postgres")]
+#[derive(Debug, Clone)]
+pub struct PgBackend {
+    store: zerotouch_store::postgres::PgStore,
+    hub: String,
+}
+
+#[cfg(feature = "postgres")]
+impl PgBackend {
+    /// Connections per process.
+    pub const POOL_SIZE: u32 = 16;
+
+    /// Connects to `url` (`postgres://user:password@host/db`) and applies pending migrations.
+    ///
+    /// # Errors
+    /// [`ServerError::Store`] when the server is unreachable or refuses.
+    pub fn connect(url: &str) -> Result<Self, ServerError> {
+        let store = zerotouch_store::postgres::PgStore::connect(url, Self::POOL_SIZE)
+            .map_err(|e| ServerError::Store(format!("postgres: {e}")))?;
+        Ok(Self { store, hub: crate::config::DEFAULT_HUB.to_owned() })
+    }
+
+    /// Names the one embedded hub (as `--hub` does for the server).
+    pub fn with_hub(mut self, host_name: impl Into<String>) -> Self {
+        self.hub = host_name.into();
+        self
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl Backend for PgBackend {
+    type Provisioning = zerotouch_store::postgres::PgStore;
+    type Identities = zerotouch_store::postgres::PgStore;
+    type Twins = zerotouch_store::postgres::PgStore;
+    type Jobs = zerotouch_store::postgres::PgStore;
+
+    fn provisioning(&self) -> Result<Self::Provisioning, ServerError> {
+        Ok(self.store.clone())
+    }
+
+    fn hub(&self, host_name: &str) -> Result<HubStoresOf<Self>, ServerError> {
+        if !host_name.eq_ignore_ascii_case(&self.hub) {
+            return Err(ServerError::Config(format!(
+                "the PostgreSQL store holds one embedded hub ({}), not {host_name:?}",
+                self.hub
+            )));
+        }
+        Ok(HubStores { identities: self.store.clone(), twins: self.store.clone(), jobs: self.store.clone() })
+    }
+
+    fn hub_names(&self) -> Result<Vec<String>, ServerError> {
+        Ok(vec![self.hub.clone()])
+    }
+}

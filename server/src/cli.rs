@@ -12,34 +12,24 @@ use crate::backend::Backend;
 use crate::config::{Settings, StoreLocation};
 use crate::error::ServerError;
 
-/// Runs `$body` with `$b` bound to the backend a [`StoreLocation`] names.
+/// Runs `$body` with `$b` bound to the backend a [`StoreLocation`] names; `$hub` names the one
+/// embedded hub of a PostgreSQL store when given.
 macro_rules! on_backend {
-    ($location:expr, |$b:ident| $body:expr) => {{
+    ($location:expr, $hub:expr, |$b:ident| $body:expr) => {{
         let location: StoreLocation = $location;
         match location.database_url {
             None => {
                 let $b = crate::backend::SqliteBackend::new(location.data_dir);
                 $body
             }
-            Some(_url) => Err(ServerError::Config(
-                "--database-url: the PostgreSQL store is not in this build yet".into(),
-            )),
-        }
-    }};
-}
-
-/// [`on_backend!`] for an async body.
-macro_rules! on_backend_async {
-    ($location:expr, |$b:ident| $body:expr) => {{
-        let location: StoreLocation = $location;
-        match location.database_url {
-            None => {
-                let $b = crate::backend::SqliteBackend::new(location.data_dir);
-                $body.await
+            Some(url) => {
+                let backend = crate::backend::PgBackend::connect(&url)?;
+                let $b = match $hub {
+                    Some(hub) => backend.with_hub(hub),
+                    None => backend,
+                };
+                $body
             }
-            Some(_url) => Err(ServerError::Config(
-                "--database-url: the PostgreSQL store is not in this build yet".into(),
-            )),
         }
     }};
 }
@@ -279,17 +269,15 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
             let store = match &command {
                 EnrollmentsCommand::Import { store, .. } | EnrollmentsCommand::List { store } => store,
             };
-            print(&on_backend!(store.location(), |b| enrollments(&b, &command))?)
+            print(&on_backend!(store.location(), None::<String>, |b| enrollments(&b, &command))?)
         }
         Command::Devices(command) => {
-            let store = match &command {
-                DevicesCommand::Get { store, .. } | DevicesCommand::List { store, .. } => store,
+            let (store, hub) = match &command {
+                DevicesCommand::Get { store, hub, .. } | DevicesCommand::List { store, hub } => (store, hub),
             };
-            print(&on_backend!(store.location(), |b| devices(&b, &command))?)
+            print(&on_backend!(store.location(), hub.clone(), |b| devices(&b, &command))?)
         }
-        Command::Device(DeviceCommand::Register(_)) => Err(ServerError::Config(
-            "device register needs the transport client, which is not in this build yet".into(),
-        )),
+        Command::Device(DeviceCommand::Register(args)) => print(&runtime()?.block_on(register(&args))?),
     }
 }
 
@@ -316,7 +304,22 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServerError> {
         None => Settings::default(),
     };
     let config = args.settings.or(file).resolve()?;
-    on_backend_async!(config.store.clone(), |b| serve_on(&config, b))
+    match config.store.database_url.clone() {
+        None => serve_on(&config, crate::backend::SqliteBackend::new(&config.store.data_dir)).await,
+        Some(url) => {
+            let [hub] = config.hubs.as_slice() else {
+                return Err(ServerError::Config(
+                    "with --database-url the server runs exactly one embedded hub".into(),
+                ));
+            };
+            let hub = hub.name.clone();
+            // The PostgreSQL client blocks (it drives its own runtime).
+            let backend = tokio::task::spawn_blocking(move || crate::backend::PgBackend::connect(&url))
+                .await
+                .map_err(|e| ServerError::Store(e.to_string()))??;
+            serve_on(&config, backend.with_hub(hub)).await
+        }
+    }
 }
 
 async fn serve_on<B: Backend>(config: &crate::config::ServeConfig, backend: B) -> Result<(), ServerError> {
@@ -378,4 +381,41 @@ impl ShutdownSignal {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// `zerotouch device register`: registers with our client and returns the registration state.
+///
+/// # Errors
+/// [`ServerError::Registration`] with the service's status and error code when it refuses;
+/// unreadable certificate files; an invalid payload.
+pub async fn register(args: &RegisterArgs) -> Result<Value, ServerError> {
+    use zerotouch_transport::client::{ProvisioningClient, Transport as ClientTransport};
+
+    let transport = match args.transport {
+        Transport::Mqtt => ClientTransport::Mqtt,
+        Transport::MqttWs => ClientTransport::MqttWs,
+        Transport::Https => ClientTransport::Https,
+    };
+    let mut builder = ProvisioningClient::builder(&args.id_scope, &args.registration_id)
+        .provisioning_host(&args.provisioning_host)
+        .transport(transport);
+    if let Some(key) = &args.symmetric_key {
+        builder = builder.symmetric_key(key.as_str());
+    } else if let Some(key) = &args.group_key {
+        builder = builder.group_key(key.as_str());
+    } else if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| ServerError::io(p, e));
+        builder = builder.x509_pem(read(cert)?, read(key)?);
+    }
+    if let Some(ca) = &args.ca {
+        builder = builder.ca_pem(std::fs::read(ca).map_err(|e| ServerError::io(ca, e))?);
+    }
+    if let Some(payload) = &args.payload {
+        let value =
+            serde_json::from_str(payload).map_err(|e| ServerError::Config(format!("--payload: {e}")))?;
+        builder = builder.payload(value);
+    }
+    let client = builder.build().map_err(|e| ServerError::Registration(e.to_string()))?;
+    let assignment = client.register().await.map_err(|e| ServerError::Registration(e.to_string()))?;
+    serde_json::to_value(&assignment.state).map_err(|e| ServerError::Registration(e.to_string()))
 }

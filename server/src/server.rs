@@ -23,7 +23,8 @@ use crate::service::{self, Service};
 /// How often expired operations are purged and queued hub lifecycle events are drained.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
 
-/// A running server.
+/// A running server. Stop it with [`ServerHandle::shutdown`]; dropping the handle also stops
+/// the endpoints, but without waiting for them or closing the stores off the runtime.
 pub struct ServerHandle<B: Backend> {
     mqtt_addr: SocketAddr,
     https_addr: SocketAddr,
@@ -78,12 +79,17 @@ impl<B: Backend> ServerHandle<B> {
 
     /// Stops accepting, lets open connections finish their requests (within the endpoints'
     /// grace period) and waits for every task.
-    pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        for task in self.tasks.drain(..) {
+    pub async fn shutdown(self) {
+        let ServerHandle { service, stop, tasks, .. } = self;
+        let _ = stop.send(true);
+        for task in tasks {
             if let Err(e) = task.await {
                 tracing::warn!(error = %e, "a server task failed");
             }
+        }
+        // The last reference closes the stores, and a database client may block doing so.
+        if let Err(e) = tokio::task::spawn_blocking(move || drop(service)).await {
+            tracing::warn!(error = %e, "closing the stores failed");
         }
         tracing::info!("stopped");
     }

@@ -80,3 +80,83 @@ fn serve_with_a_config_file_prints_its_endpoints_and_stops_cleanly_on_sigterm() 
     let exit = child.wait().unwrap();
     assert!(exit.success(), "{exit}");
 }
+
+/// Starts `zerotouch serve` on ephemeral ports; returns the child, the MQTT and HTTPS ports.
+fn serve(data: &str, scope: &str) -> (std::process::Child, u16, u16) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+        .args(["serve", "--data-dir", data, "--id-scope", scope])
+        .args(["--mqtt-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut mqtt, mut https) = (0, 0);
+    let port = |line: &str| line.rsplit(':').next().unwrap().trim().parse::<u16>().unwrap();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        match line.trim_start() {
+            l if l.starts_with("MQTT/TLS") => mqtt = port(l),
+            l if l.starts_with("HTTPS, MQTT/WS") => https = port(l),
+            l if l.starts_with("data") => break,
+            _ => {}
+        }
+    }
+    (child, mqtt, https)
+}
+
+#[test]
+fn device_register_prints_the_registration_state_and_devices_get_finds_the_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let (mut server, mqtt, https) = serve(data, "0ne0000CAFE");
+    let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let file = dir.path().join("enrollments.json");
+    std::fs::write(
+        &file,
+        format!(
+            r#"[{{"enrollmentGroupId": "pumps",
+                  "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": "{key}", "secondaryKey": "{key}"}}}}}}]"#
+        ),
+    )
+    .unwrap();
+    assert!(zerotouch(&["enrollments", "import", "--data-dir", data, file.to_str().unwrap()])
+        .status
+        .success());
+
+    let ca = dir.path().join("tls").join("ca.pem");
+    for (transport, port, id) in
+        [("mqtt", mqtt, "pump-1"), ("https", https, "pump-2"), ("mqtt-ws", https, "pump-3")]
+    {
+        let out = zerotouch(&[
+            "device",
+            "register",
+            "--provisioning-host",
+            &format!("localhost:{port}"),
+            "--id-scope",
+            "0ne0000CAFE",
+            "--registration-id",
+            id,
+            "--group-key",
+            key,
+            "--transport",
+            transport,
+            "--ca",
+            ca.to_str().unwrap(),
+            "--payload",
+            r#"{"model": "p100"}"#,
+        ]);
+        assert!(out.status.success(), "{transport}: {}", String::from_utf8_lossy(&out.stderr));
+        let state: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(state["assignedHub"], "localhost", "{transport}");
+        assert_eq!(state["deviceId"], id);
+        assert_eq!(state["status"], "assigned");
+
+        let out = zerotouch(&["devices", "get", "--data-dir", data, id]);
+        assert!(out.status.success());
+        let identity: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(identity["deviceId"], id);
+    }
+
+    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    assert!(server.wait().unwrap().success());
+}

@@ -58,3 +58,15 @@ fn two_stores_opened_on_one_file_see_each_others_writes() {
     );
     assert!(second.device(&id).unwrap().is_some());
 }
+
+#[test]
+fn a_store_opened_for_power_loss_durability_keeps_what_it_wrote() {
+    use zerotouch_store::sqlite::Durability;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zerotouch.db");
+    let id = DeviceId::new("synced-1").unwrap();
+    let store = SqliteStore::open_with(&path, Durability::PowerLoss).unwrap();
+    store.put_device(&Device::new(id.clone()), &Precondition::MustNotExist).unwrap();
+    drop(store);
+    assert!(SqliteStore::open(&path).unwrap().device(&id).unwrap().is_some());
+}

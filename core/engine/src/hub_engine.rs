@@ -542,7 +542,9 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
 
     /// Marks the query snapshots stale. Called by everything that writes, or hands out access
     /// that can write (the registry, the core, the planner), so a query sees every change made
-    /// through this hub.
+    /// through this hub. A write through such an accessor that races a query on another thread
+    /// may be missed until the next call to the hub: queries are eventually consistent, as in
+    /// IoT Hub itself.
     fn touched(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }

@@ -369,3 +369,31 @@ fn module_twins_are_queryable_and_go_with_their_device() {
     assert!(query(&hub, "SELECT * FROM devices.modules").is_empty());
     assert!(hub.core().twins().device_twins(&id("gateway")).unwrap().is_empty());
 }
+
+#[test]
+fn queries_between_writes_see_every_write_made_through_the_hub() {
+    let hub = EmbeddedHub::in_memory(PLANT, Arc::new(RingCrypto::new())).unwrap();
+    let now = zerotouch_proto::Timestamp::EPOCH + Duration::from_secs(1_000_000);
+    let north = "SELECT deviceId FROM devices WHERE tags.zone = 'north'";
+    let create: Vec<ExportImportDevice> = serde_json::from_value(json!([
+        { "id": "q-1", "importMode": "create", "tags": { "zone": "north" } },
+        { "id": "q-2", "importMode": "create", "tags": { "zone": "south" } },
+    ]))
+    .unwrap();
+    assert!(hub.bulk(&create, now).unwrap().value.is_successful);
+    assert_eq!(query(&hub, north), vec![json!({ "deviceId": "q-1" })]);
+
+    // A twin write, then an identity delete, each seen by the next query of the same text.
+    let patch = serde_json::from_value(json!({ "tags": { "zone": "north" } })).unwrap();
+    hub.update_twin(&id("q-2"), None, &TwinOperation::Patch(patch), &IfMatch::Any, now).unwrap();
+    assert_eq!(query(&hub, north), vec![json!({ "deviceId": "q-1" }), json!({ "deviceId": "q-2" })]);
+    hub.delete_device(&id("q-1"), &IfMatch::Any, now).unwrap();
+    assert_eq!(query(&hub, north), vec![json!({ "deviceId": "q-2" })]);
+
+    // A change made through the registry handed out by the hub is seen as well.
+    let mut device = hub.registry().device(&id("q-2")).unwrap();
+    device.status = DeviceStatus::Disabled;
+    hub.registry().update_device(device, &IfMatch::Any, now).unwrap();
+    let disabled = query(&hub, "SELECT deviceId FROM devices WHERE status = 'disabled'");
+    assert_eq!(disabled, vec![json!({ "deviceId": "q-2" })]);
+}

@@ -54,7 +54,9 @@ const COLLISION: &str = "$collision";
 struct Layout {
     /// `SELECT` of the key columns (as many as the token has parts) and the documents.
     select: &'static str,
-    /// Rows strictly after the token; `$1`.. bind its parts.
+    /// Rows strictly after the token; `$1`.. bind its parts. Stated for both sides of a join,
+    /// because the planner does not carry a range through the join's equality: without it each
+    /// batch would scan the twins from the first one.
     after: &'static str,
     order: &'static str,
     key_parts: usize,
@@ -72,7 +74,7 @@ struct Layout {
 const DEVICES: Layout = Layout {
     select: "SELECT d.device_id, d.doc, t.doc FROM devices d \
              JOIN twins t ON t.device_id = d.device_id AND t.module_id = ''",
-    after: "d.device_id > $1",
+    after: "d.device_id > $1 AND t.device_id > $1",
     order: "ORDER BY d.device_id",
     key_parts: 1,
     columns: &[("deviceId", "d.device_id"), ("status", "d.status")],
@@ -84,7 +86,7 @@ const DEVICES: Layout = Layout {
 const MODULES: Layout = Layout {
     select: "SELECT m.device_id, m.module_id, m.doc, t.doc FROM modules m \
              JOIN twins t ON t.device_id = m.device_id AND t.module_id = m.module_id",
-    after: "(m.device_id, m.module_id) > ($1, $2)",
+    after: "(m.device_id, m.module_id) > ($1, $2) AND (t.device_id, t.module_id) > ($1, $2)",
     order: "ORDER BY m.device_id, m.module_id",
     key_parts: 2,
     columns: &[("deviceId", "m.device_id"), ("moduleId", "m.module_id")],

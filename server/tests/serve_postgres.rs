@@ -1,0 +1,98 @@
+//! `zerotouch serve --database-url`: enrollments, registrations and the embedded hub's registry
+//! in PostgreSQL. The server comes from `ZEROTOUCH_TEST_DATABASE_URL` (`scripts/test` starts
+//! one); each test works in a schema of its own.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use clap::Parser as _;
+use serde_json::{json, Value};
+use zerotouch_server::backend::PgBackend;
+use zerotouch_server::cli::{self, Cli, Command};
+use zerotouch_server::config::ServeConfig;
+use zerotouch_server::server;
+use zerotouch_transport::client::{ProvisioningClient, Transport};
+
+const URL_VAR: &str = "ZEROTOUCH_TEST_DATABASE_URL";
+
+/// A fresh schema on the test server, dropped on drop; `url` connects into it.
+struct Schema {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl Schema {
+    fn new() -> Self {
+        let server = std::env::var(URL_VAR).unwrap_or_else(|_| {
+            panic!("{URL_VAR} is not set: start a server with `scripts/pg start` or run scripts/test")
+        });
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let name = format!("zt_server_{nanos:x}");
+        let mut client = postgres::Client::connect(&server, postgres::NoTls).unwrap();
+        client.batch_execute(&format!("CREATE SCHEMA {name}")).unwrap();
+        let sep = if server.contains('?') { '&' } else { '?' };
+        let url = format!("{server}{sep}options=-csearch_path%3D{name}");
+        Self { server, name, url }
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        if let Ok(mut client) = postgres::Client::connect(&self.server, postgres::NoTls) {
+            let _ = client.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
+        }
+    }
+}
+
+fn zerotouch(args: &[&str]) -> Value {
+    let cli = Cli::try_parse_from(std::iter::once("zerotouch").chain(args.iter().copied())).unwrap();
+    let url = args.iter().position(|a| *a == "--database-url").map(|i| args[i + 1]).unwrap();
+    let backend = PgBackend::connect(url).unwrap();
+    match cli.command {
+        Command::Enrollments(c) => cli::enrollments(&backend, &c).unwrap(),
+        Command::Devices(c) => cli::devices(&backend, &c).unwrap(),
+        other => panic!("not a store command: {other:?}"),
+    }
+}
+
+#[test]
+fn a_device_provisions_into_the_postgres_store_and_devices_get_reads_it_back() {
+    let schema = Schema::new();
+    let url = schema.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let key = STANDARD.encode([0x44u8; 32]);
+    let file = dir.path().join("enrollments.json");
+    let sym = json!({"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}});
+    std::fs::write(&file, json!([{"registrationId": "meter-9", "attestation": sym}]).to_string()).unwrap();
+    let imported = zerotouch(&["enrollments", "import", "--database-url", &url, file.to_str().unwrap()]);
+    assert_eq!(imported["imported"]["individualEnrollments"], 1);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut config = ServeConfig::new(dir.path());
+        config.mqtt_listen = "127.0.0.1:0".parse().unwrap();
+        config.https_listen = "127.0.0.1:0".parse().unwrap();
+        let backend = tokio::task::spawn_blocking(move || PgBackend::connect(&url).unwrap()).await.unwrap();
+        let handle = server::start(&config, backend).await.unwrap();
+        let assignment = ProvisioningClient::builder(handle.id_scope().as_str(), "meter-9")
+            .provisioning_host(format!("localhost:{}", handle.https_addr().port()))
+            .transport(Transport::Https)
+            .ca_file(handle.ca_cert().unwrap())
+            .unwrap()
+            .symmetric_key(key.as_str())
+            .build()
+            .unwrap()
+            .register()
+            .await
+            .unwrap();
+        assert_eq!(assignment.assigned_hub, "localhost");
+        handle.shutdown().await;
+    });
+
+    let identity = zerotouch(&["devices", "get", "--database-url", &schema.url, "meter-9"]);
+    assert_eq!(identity["deviceId"], "meter-9");
+    let all = zerotouch(&["devices", "list", "--database-url", &schema.url]);
+    assert_eq!(all[0]["hub"], "localhost");
+}
