@@ -16,6 +16,11 @@ pub const DEFAULT_DATA_DIR: &str = "zerotouch-data";
 pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:8883";
 /// HTTPS (DPS device API and MQTT over WebSockets) listen address by default.
 pub const DEFAULT_HTTPS_LISTEN: &str = "127.0.0.1:8443";
+/// `retry-after` seconds sent with every `assigning` reply by default, as Azure DPS does.
+pub const DEFAULT_RETRY_AFTER_SECS: u32 = 3;
+/// The `retry-after` values accepted: the C SDK treats anything outside 1–300 s as 1 s.
+pub const RETRY_AFTER_RANGE: std::ops::RangeInclusive<u32> = 1..=300;
+
 /// Host name of the one embedded hub when no `--hub` is given. `localhost` because the
 /// development server certificate covers it and it resolves everywhere without DNS set-up.
 pub const DEFAULT_HUB: &str = "localhost";
@@ -50,6 +55,10 @@ pub struct Settings {
     /// PostgreSQL URL (`postgres://…`) instead of the SQLite database in the data directory.
     #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
+    /// Seconds devices are told to wait before polling an `assigning` registration (1 to 300;
+    /// default 3 like Azure DPS). Smaller values make registrations finish sooner.
+    #[arg(long, value_name = "SECS")]
+    pub retry_after: Option<u32>,
 }
 
 impl Settings {
@@ -87,6 +96,7 @@ impl Settings {
             https_listen: self.https_listen.or(file.https_listen),
             hub: if self.hub.is_empty() { file.hub } else { self.hub },
             database_url: self.database_url.or(file.database_url),
+            retry_after: self.retry_after.or(file.retry_after),
         }
     }
 
@@ -115,6 +125,13 @@ impl Settings {
                 return Err(ServerError::Config(format!("hub {:?} is given twice", h.name)));
             }
         }
+        let retry_after_secs = match self.retry_after {
+            Some(secs) if !RETRY_AFTER_RANGE.contains(&secs) => {
+                return Err(ServerError::Config(format!("retry-after {secs}: must be 1 to 300 seconds")));
+            }
+            Some(secs) => secs,
+            None => DEFAULT_RETRY_AFTER_SECS,
+        };
         let default_addr = |s: &str| s.parse::<SocketAddr>().map_err(|e| ServerError::Config(e.to_string()));
         Ok(ServeConfig {
             store: StoreLocation::new(self.data_dir, self.database_url),
@@ -129,6 +146,7 @@ impl Settings {
                 None => default_addr(DEFAULT_HTTPS_LISTEN)?,
             },
             hubs,
+            retry_after_secs,
         })
     }
 }
@@ -213,6 +231,8 @@ pub struct ServeConfig {
     pub https_listen: SocketAddr,
     /// Embedded hubs, in the order given.
     pub hubs: Vec<HubSpec>,
+    /// `retry-after` seconds of `assigning` replies.
+    pub retry_after_secs: u32,
 }
 
 impl ServeConfig {
@@ -226,6 +246,7 @@ impl ServeConfig {
             mqtt_listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
             https_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             hubs: vec![HubSpec { name: DEFAULT_HUB.to_owned(), weight: 1 }],
+            retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
         }
     }
 }
@@ -245,6 +266,19 @@ mod tests {
         assert_eq!(c.https_listen.to_string(), "127.0.0.1:8443");
         assert_eq!(c.hubs, vec![HubSpec { name: "localhost".into(), weight: 1 }]);
         assert_eq!(c.tls, None);
+        assert_eq!(c.retry_after_secs, 3);
+    }
+
+    #[test]
+    fn retry_after_comes_from_the_flag_or_the_config_file_within_one_to_three_hundred_seconds() {
+        let file = Settings::from_toml("retry-after = 1").unwrap();
+        assert_eq!(Settings::default().or(file.clone()).resolve().unwrap().retry_after_secs, 1);
+        let flags = Settings { retry_after: Some(300), ..Settings::default() };
+        assert_eq!(flags.or(file).resolve().unwrap().retry_after_secs, 300);
+        for bad in [0, 301] {
+            let s = Settings { retry_after: Some(bad), ..Settings::default() };
+            assert!(s.resolve().unwrap_err().to_string().contains("retry-after"), "{bad}");
+        }
     }
 
     #[test]

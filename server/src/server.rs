@@ -147,10 +147,12 @@ pub async fn start_with_limits<B: Backend>(
     let crypto = Arc::new(RingCrypto::new());
     let hubs = config.hubs.clone();
     let scope = id_scope.clone();
+    let retry_after = config.retry_after_secs;
     // Opening a database blocks.
-    let service = tokio::task::spawn_blocking(move || service::build(&backend, scope, &hubs, crypto))
-        .await
-        .map_err(|e| ServerError::Store(format!("opening the stores: {e}")))??;
+    let service =
+        tokio::task::spawn_blocking(move || service::build(&backend, scope, &hubs, crypto, retry_after))
+            .await
+            .map_err(|e| ServerError::Store(format!("opening the stores: {e}")))??;
     let service = Arc::new(service);
     let dps: Arc<dyn DpsService> = service.clone();
 

@@ -22,7 +22,8 @@ pub type Hubs<B> = EmbeddedHubs<<B as Backend>::Identities, <B as Backend>::Twin
 pub type Service<B> = EngineService<<B as Backend>::Provisioning, Hubs<B>>;
 
 /// Builds the provisioning service for `id_scope` whose linked hubs are the embedded `hubs`
-/// (allocation weights as given), each over its stores in `backend`.
+/// (allocation weights as given), each over its stores in `backend`; `assigning` replies carry
+/// `retry_after_secs`.
 ///
 /// # Errors
 /// [`ServerError::Config`] without hubs; store and engine failures while opening.
@@ -31,6 +32,7 @@ pub fn build<B: Backend>(
     id_scope: IdScope,
     hubs: &[HubSpec],
     crypto: Arc<dyn CryptoProvider>,
+    retry_after_secs: u32,
 ) -> Result<Service<B>, ServerError> {
     if hubs.is_empty() {
         return Err(ServerError::Config("at least one hub is needed".into()));
@@ -47,8 +49,10 @@ pub fn build<B: Backend>(
             JobLimits::default(),
         )?);
     }
+    let mut config = ProvisionerConfig::new(id_scope);
+    config.retry_after_secs = retry_after_secs;
     let provisioner = Provisioner::new(
-        ProvisionerConfig::new(id_scope),
+        config,
         backend.provisioning()?,
         crypto,
         Allocator::new(hubs.iter().map(HubSpec::linked).collect()),
@@ -89,7 +93,7 @@ mod tests {
 
         let scope = IdScope::new("0ne0000AB12").unwrap();
         let hubs = [HubSpec::parse("north.localhost").unwrap(), HubSpec::parse("south.localhost:3").unwrap()];
-        let service = build(&backend, scope, &hubs, Arc::clone(&crypto)).unwrap();
+        let service = build(&backend, scope, &hubs, Arc::clone(&crypto), 1).unwrap();
 
         let token = registration_token(crypto.as_ref(), &[7u8; 32], "0ne0000AB12", "boiler-1", 1_900_000_000);
         let credential = Credential::Sas(token.to_string());
@@ -105,6 +109,7 @@ mod tests {
             },
         );
         assert_eq!(accepted.status, 202);
+        assert_eq!(accepted.retry_after, Some(1));
         let ResponseBody::Operation(op) = accepted.body else { panic!("{accepted:?}") };
         let done = service.operation_status(
             now,

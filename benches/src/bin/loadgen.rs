@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use clap::Parser;
 use hdrhistogram::Histogram;
-use rumqttc::mqttbytes::v4::Connect;
-use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe};
+use rumqttc::mqttbytes::QoS;
 use rustls::client::Resumption;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -31,8 +31,9 @@ use tokio_rustls::TlsConnector;
 use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_token};
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::registration::{DeviceCredential, DEFAULT_API_VERSION};
-use zerotouch_proto::mqtt::ConnectUsername;
-use zerotouch_proto::{IdScope, RegistrationId};
+use zerotouch_proto::device::{RegistrationOperationStatus, RegistrationStatus};
+use zerotouch_proto::mqtt::{ConnectUsername, DeviceRequest, ResponseTopic, POLL_PAYLOAD, SUBSCRIBE_FILTER};
+use zerotouch_proto::{IdScope, OperationId, RegistrationId};
 use zerotouch_transport::client::{ProvisioningClient, Transport, USER_AGENT};
 
 #[derive(Debug, Parser)]
@@ -69,6 +70,16 @@ struct Args {
     /// store's share of the cost).
     #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "memory"])]
     store: String,
+    /// With --in-process: `retry-after` seconds of the server's `assigning` replies (the
+    /// `--retry-after` of `zerotouch serve`; 3 like Azure DPS by default). Each registration
+    /// waits this long before its poll, so it caps the rate at concurrency / retry-after.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=300))]
+    retry_after: u32,
+    /// Devices of the register phase: `raw` speaks the DPS MQTT flow with the same packet codec
+    /// as the connect phase, so both phases cost the load generator alike and the ratio measures
+    /// the server; `zerotouch` uses our `ProvisioningClient` (rumqttc), end to end.
+    #[arg(long, default_value = "raw", value_parser = ["raw", "zerotouch"])]
+    client: String,
     /// Skip the CONNECT/CONNACK phase.
     #[arg(long)]
     skip_connect: bool,
@@ -157,6 +168,92 @@ where
     phase
 }
 
+const MAX_PACKET: usize = 64 * 1024;
+
+/// One device's TLS connection and its MQTT packet buffers.
+struct Session {
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    inbound: BytesMut,
+    outbound: BytesMut,
+}
+
+impl Session {
+    /// TLS handshake, CONNECT with a valid username and SAS, wait for CONNACK 0.
+    async fn open(
+        addr: &str,
+        server_name: ServerName<'static>,
+        tls: Arc<ClientConfig>,
+        client_id: String,
+        username: String,
+        password: String,
+    ) -> Result<Self, String> {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| format!("tcp: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let stream =
+            TlsConnector::from(tls).connect(server_name, tcp).await.map_err(|e| format!("tls: {e}"))?;
+        let mut session = Session { stream, inbound: BytesMut::new(), outbound: BytesMut::new() };
+        let mut connect = Connect::new(client_id);
+        connect.keep_alive = 60;
+        connect.set_login(username, password);
+        session.send(Packet::Connect(connect)).await?;
+        match session.read().await? {
+            Packet::ConnAck(a) if a.code == ConnectReturnCode::Success => Ok(session),
+            other => Err(format!("expected CONNACK 0, got {other:?}")),
+        }
+    }
+
+    async fn send(&mut self, packet: Packet) -> Result<(), String> {
+        self.outbound.clear();
+        packet.write(&mut self.outbound, MAX_PACKET).map_err(|e| format!("encode: {e:?}"))?;
+        self.stream.write_all(&self.outbound).await.map_err(|e| format!("write: {e}"))
+    }
+
+    async fn read(&mut self) -> Result<Packet, String> {
+        loop {
+            match Packet::read(&mut self.inbound, MAX_PACKET) {
+                Ok(p) => return Ok(p),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                    if self.stream.read_buf(&mut self.inbound).await.map_err(|e| format!("read: {e}"))? == 0 {
+                        return Err("connection closed".into());
+                    }
+                }
+                Err(e) => return Err(format!("bad packet: {e:?}")),
+            }
+        }
+    }
+
+    /// Publishes `payload` on `topic` (QoS 1) and returns the reply on the response topic,
+    /// acknowledging it as a device does.
+    async fn request(
+        &mut self,
+        pkid: u16,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> Result<(ResponseTopic, Vec<u8>), String> {
+        let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload);
+        publish.pkid = pkid;
+        self.send(Packet::Publish(publish)).await?;
+        loop {
+            match self.read().await? {
+                Packet::PubAck(_) => {}
+                Packet::Publish(reply) => {
+                    if reply.qos == QoS::AtLeastOnce {
+                        self.send(Packet::PubAck(PubAck::new(reply.pkid))).await?;
+                    }
+                    let topic = ResponseTopic::parse(&reply.topic).map_err(|e| e.to_string())?;
+                    return Ok((topic, reply.payload.to_vec()));
+                }
+                other => return Err(format!("unexpected {other:?}")),
+            }
+        }
+    }
+
+    async fn close(mut self) {
+        let _ = self.send(Packet::Disconnect).await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
 /// TLS handshake, CONNECT with a valid username and SAS, wait for CONNACK 0, DISCONNECT.
 async fn connect_once(
     addr: String,
@@ -166,74 +263,120 @@ async fn connect_once(
     username: String,
     password: String,
 ) -> Result<(), String> {
-    const MAX: usize = 64 * 1024;
-    let tcp = TcpStream::connect(&addr).await.map_err(|e| format!("tcp: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let mut stream =
-        TlsConnector::from(tls).connect(server_name, tcp).await.map_err(|e| format!("tls: {e}"))?;
-    let mut connect = Connect::new(client_id);
-    connect.keep_alive = 60;
-    connect.set_login(username, password);
-    let mut buf = BytesMut::new();
-    Packet::Connect(connect).write(&mut buf, MAX).map_err(|e| format!("encode: {e:?}"))?;
-    stream.write_all(&buf).await.map_err(|e| format!("write: {e}"))?;
-    buf.clear();
-    let ack = loop {
-        match Packet::read(&mut buf, MAX) {
-            Ok(p) => break p,
-            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
-                if stream.read_buf(&mut buf).await.map_err(|e| format!("read: {e}"))? == 0 {
-                    return Err("connection closed before CONNACK".into());
-                }
-            }
-            Err(e) => return Err(format!("bad packet: {e:?}")),
-        }
-    };
-    match ack {
-        Packet::ConnAck(a) if a.code == ConnectReturnCode::Success => {}
-        other => return Err(format!("expected CONNACK 0, got {other:?}")),
-    }
-    buf.clear();
-    Packet::Disconnect.write(&mut buf, MAX).map_err(|e| format!("encode: {e:?}"))?;
-    let _ = stream.write_all(&buf).await;
-    let _ = stream.shutdown().await;
+    Session::open(&addr, server_name, tls, client_id, username, password).await?.close().await;
     Ok(())
 }
 
-async fn connect_phase(target: &Arc<Target>, args: &Args) -> Phase {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&target.ca_pem) {
-        roots.add(cert.expect("CA PEM")).expect("CA certificate");
+/// The DPS flow of one device over the raw MQTT codec: CONNECT, SUBSCRIBE, register, wait
+/// `retry-after` (at least 1 s, as the SDKs clamp it), poll until assigned, DISCONNECT.
+async fn register_once(
+    addr: String,
+    server_name: ServerName<'static>,
+    tls: Arc<ClientConfig>,
+    id: String,
+    username: String,
+    password: String,
+) -> Result<(), String> {
+    let mut s = Session::open(&addr, server_name, tls, id.clone(), username, password).await?;
+    s.send(Packet::Subscribe(Subscribe::new(SUBSCRIBE_FILTER, QoS::AtLeastOnce))).await?;
+    match s.read().await? {
+        Packet::SubAck(_) => {}
+        other => return Err(format!("expected SUBACK, got {other:?}")),
     }
-    let mut config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    // Every simulated device is a new device: full handshakes, as in the registration phase.
-    config.resumption = Resumption::disabled();
-    let tls = Arc::new(config);
-    let host = target.host.rsplit_once(':').map_or(target.host.as_str(), |(h, _)| h).to_owned();
-    let server_name = ServerName::try_from(host).expect("server name");
-    let crypto = RingCrypto::new();
-    let expiry = (zerotouch_transport::service::now().unix_secs()) + 3600;
-    run_phase(args.devices, args.concurrency, |n| {
-        let id = format!("{}-c-{n}", args.prefix);
-        let key = derive_device_key(&crypto, &target.group_key, &id);
-        let token = registration_token(&crypto, &key, &target.id_scope, &id, expiry).to_string();
+    let body = serde_json::to_vec(&serde_json::json!({ "registrationId": id })).map_err(|e| e.to_string())?;
+    let register = DeviceRequest::Register { rid: "1".to_owned() }.to_string();
+    let (mut topic, mut payload) = s.request(2, register, body).await?;
+    let mut pkid = 2;
+    for poll in 2.. {
+        if topic.status >= 300 {
+            return Err(format!("status {}: {}", topic.status, String::from_utf8_lossy(&payload)));
+        }
+        let status: RegistrationOperationStatus =
+            serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+        if status.status != RegistrationStatus::Assigning {
+            let device = status.registration_state.and_then(|r| r.device_id);
+            if status.status != RegistrationStatus::Assigned || device.as_deref() != Some(id.as_str()) {
+                return Err(format!("ended {:?} as {device:?}", status.status));
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(u64::from(topic.retry_after.unwrap_or(2).clamp(1, 300))))
+            .await;
+        let operation_id = OperationId::new(status.operation_id).map_err(|e| e.to_string())?;
+        let request = DeviceRequest::PollStatus { rid: poll.to_string(), operation_id }.to_string();
+        pkid += 1;
+        (topic, payload) = s.request(pkid, request, POLL_PAYLOAD.as_bytes().to_vec()).await?;
+    }
+    s.close().await;
+    Ok(())
+}
+
+/// What every raw device needs: TLS settings, the server name and SAS tokens.
+struct RawDevices {
+    tls: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+    crypto: RingCrypto,
+    expiry: i64,
+}
+
+impl RawDevices {
+    fn new(target: &Target) -> Self {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&target.ca_pem) {
+            roots.add(cert.expect("CA PEM")).expect("CA certificate");
+        }
+        let mut config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        // Every simulated device is a new device: full handshakes in both phases.
+        config.resumption = Resumption::disabled();
+        let host = target.host.rsplit_once(':').map_or(target.host.as_str(), |(h, _)| h).to_owned();
+        Self {
+            tls: Arc::new(config),
+            server_name: ServerName::try_from(host).expect("server name"),
+            crypto: RingCrypto::new(),
+            expiry: zerotouch_transport::service::now().unix_secs() + 3600,
+        }
+    }
+
+    /// CONNECT username and SAS token of device `id` (key derived from the group key).
+    fn login(&self, target: &Target, id: &str) -> (String, String) {
+        let key = derive_device_key(&self.crypto, &target.group_key, id);
+        let token = registration_token(&self.crypto, &key, &target.id_scope, id, self.expiry).to_string();
         let username = ConnectUsername {
             id_scope: IdScope::new(target.id_scope.as_str()).expect("id scope"),
-            registration_id: RegistrationId::new(id.as_str()).expect("registration id"),
+            registration_id: RegistrationId::new(id).expect("registration id"),
             api_version: DEFAULT_API_VERSION.to_owned(),
             client_version: Some(USER_AGENT.to_owned()),
         }
         .to_string();
-        connect_once(target.host.clone(), server_name.clone(), tls.clone(), id, username, token)
+        (username, token)
+    }
+}
+
+async fn connect_phase(target: &Arc<Target>, args: &Args) -> Phase {
+    let raw = RawDevices::new(target);
+    run_phase(args.devices, args.concurrency, |n| {
+        let id = format!("{}-c-{n}", args.prefix);
+        let (username, token) = raw.login(target, &id);
+        connect_once(target.host.clone(), raw.server_name.clone(), raw.tls.clone(), id, username, token)
     })
     .await
 }
 
 async fn register_phase(target: &Arc<Target>, args: &Args) -> Phase {
+    if args.client == "raw" {
+        let raw = RawDevices::new(target);
+        return run_phase(args.devices, args.concurrency, |n| {
+            let id = format!("{}-{n}", args.prefix);
+            let (username, token) = raw.login(target, &id);
+            register_once(target.host.clone(), raw.server_name.clone(), raw.tls.clone(), id, username, token)
+        })
+        .await;
+    }
     run_phase(args.devices, args.concurrency, |n| {
         let id = format!("{}-{n}", args.prefix);
         let target = Arc::clone(target);
@@ -259,7 +402,7 @@ async fn register_phase(target: &Arc<Target>, args: &Args) -> Phase {
 async fn main() {
     let args = Args::parse();
     let (target, _server) = if args.in_process {
-        let (target, server) = in_process::start(args.store == "memory").await;
+        let (target, server) = in_process::start(args.store == "memory", args.retry_after).await;
         (target, Some(server))
     } else {
         let need = |what: &str| -> ! {
@@ -285,9 +428,10 @@ async fn main() {
     };
     let target = Arc::new(target);
     println!(
-        "loadgen: {} devices, concurrency {}, server {} (scope {}){}",
+        "loadgen: {} devices, concurrency {}, {} client, server {} (scope {}){}",
         args.devices,
         args.concurrency,
+        args.client,
         target.host,
         target.id_scope,
         if args.in_process {
@@ -369,16 +513,17 @@ mod in_process {
         group.attestation.symmetric_key.and_then(|k| k.primary_key).expect("generated key")
     }
 
-    fn provisioner<S: ProvisioningStore>(store: S, crypto: Arc<RingCrypto>) -> Provisioner<S> {
-        Provisioner::new(
-            ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
-            store,
-            crypto,
-            Allocator::new(vec![LinkedHub::new(HUB)]),
-        )
+    fn provisioner<S: ProvisioningStore>(
+        store: S,
+        crypto: Arc<RingCrypto>,
+        retry_after: u32,
+    ) -> Provisioner<S> {
+        let mut config = ProvisionerConfig::new(IdScope::new(SCOPE).unwrap());
+        config.retry_after_secs = retry_after;
+        Provisioner::new(config, store, crypto, Allocator::new(vec![LinkedHub::new(HUB)]))
     }
 
-    pub async fn start(memory: bool) -> (Target, Server) {
+    pub async fn start(memory: bool, retry_after: u32) -> (Target, Server) {
         let dir = tempfile::tempdir().expect("temp dir");
         let crypto = Arc::new(RingCrypto::new());
         let (service, group_key_b64): (Arc<dyn DpsService>, String) = if memory {
@@ -386,7 +531,7 @@ mod in_process {
             let key = enroll(store.as_ref(), &crypto);
             let mut hubs = EmbeddedHubs::new();
             hubs.insert(EmbeddedHub::in_memory(HUB, crypto.clone()).expect("embedded hub"));
-            let provisioner = provisioner(store, crypto);
+            let provisioner = provisioner(store, crypto, retry_after);
             (Arc::new(EngineService::new(provisioner, Arc::new(Mutex::new(hubs)))), key)
         } else {
             let store = SqliteStore::open(dir.path().join("zerotouch.db")).expect("SQLite store");
@@ -403,7 +548,7 @@ mod in_process {
                 )
                 .expect("embedded hub"),
             );
-            let provisioner = provisioner(store, crypto);
+            let provisioner = provisioner(store, crypto, retry_after);
             (Arc::new(EngineService::new(provisioner, Arc::new(Mutex::new(hubs)))), key)
         };
 
