@@ -6,4 +6,7 @@ pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod pushdown;
+
 pub use zerotouch_engine::StoreError;

@@ -16,7 +16,7 @@ use std::ops::ControlFlow;
 use postgres::types::ToSql;
 use serde_json::{Map, Value};
 use zerotouch_engine::hub_engine::{device_twin_value, module_twin_value};
-use zerotouch_engine::query::{Collection, CompareOp, Expr, Literal, Path, QuerySource};
+use zerotouch_engine::query::{Collection, Expr, Path, QuerySource};
 use zerotouch_engine::store::PageRequest;
 use zerotouch_engine::twin::TwinDocument;
 use zerotouch_engine::{Error, StoreError};
@@ -25,6 +25,7 @@ use zerotouch_proto::jobs::DeviceJob;
 
 use super::{backend, limit_of, PgStore};
 use crate::codec::{decode_token, encode_token, from_doc};
+use crate::pushdown::{string_test, verbatim_property_path};
 
 /// The `tags_ci` value of a twin's tags: property names lower-cased at every level. When two
 /// names differ only in case the lower-cased object could not hold both, so the row is marked
@@ -176,37 +177,6 @@ impl Pushdown {
         }
         self.sql.push_str(&format!(" AND ({})", tests.join(" OR ")));
     }
-}
-
-/// `path = 'constant'`, `'constant' = path` or `path IN ['a', 'b']`: the path and constants.
-fn string_test(expr: &Expr) -> Option<(&Path, Vec<&str>)> {
-    match expr {
-        Expr::Compare(CompareOp::Eq, a, b) => match (a.as_ref(), b.as_ref()) {
-            (Expr::Path(p), Expr::Literal(Literal::String(s)))
-            | (Expr::Literal(Literal::String(s)), Expr::Path(p)) => Some((p, vec![s.as_str()])),
-            _ => None,
-        },
-        Expr::In { expr, list, negated: false } => {
-            let Expr::Path(p) = expr.as_ref() else { return None };
-            let values = list
-                .iter()
-                .map(|l| match l {
-                    Literal::String(s) => Some(s.as_str()),
-                    _ => None,
-                })
-                .collect::<Option<Vec<_>>>()?;
-            (!values.is_empty()).then_some((p, values))
-        }
-        _ => None,
-    }
-}
-
-/// Paths below `properties.desired` / `properties.reported` outside the `$` bookkeeping, whose
-/// values the document copies verbatim from the stored twin.
-fn verbatim_property_path(path: &Path) -> bool {
-    let s = &path.segments;
-    let is = |i: usize, name: &str| s.get(i).is_some_and(|x| x.eq_ignore_ascii_case(name));
-    is(0, "properties") && (is(1, "desired") || is(1, "reported")) && s.len() >= 3 && !s[2].starts_with('$')
 }
 
 fn document(collection: Collection, row: &postgres::Row) -> Result<Value, Error> {

@@ -14,7 +14,7 @@ use std::ops::ControlFlow;
 use rusqlite::ToSql;
 use serde_json::Value;
 use zerotouch_engine::hub_engine::{device_twin_value, module_twin_value};
-use zerotouch_engine::query::{Collection, CompareOp, Expr, Literal, Path, QuerySource};
+use zerotouch_engine::query::{Collection, Expr, Path, QuerySource};
 use zerotouch_engine::store::PageRequest;
 use zerotouch_engine::twin::TwinDocument;
 use zerotouch_engine::{Error, StoreError};
@@ -23,6 +23,7 @@ use zerotouch_proto::jobs::DeviceJob;
 
 use super::{limit_plus_one, Db, SqliteStore};
 use crate::codec::{self, decode_token, encode_token, from_doc};
+use crate::pushdown::{string_test, verbatim_twin_path};
 
 /// How one collection is laid out in SQL.
 struct Layout {
@@ -153,41 +154,6 @@ impl Pushdown {
         }
         self.sql.push_str(&format!(" AND ({})", tests.join(" OR ")));
     }
-}
-
-/// `path = 'constant'`, `'constant' = path` or `path IN ['a', 'b']`: the path and constants.
-fn string_test(expr: &Expr) -> Option<(&Path, Vec<&str>)> {
-    match expr {
-        Expr::Compare(CompareOp::Eq, a, b) => match (a.as_ref(), b.as_ref()) {
-            (Expr::Path(p), Expr::Literal(Literal::String(s)))
-            | (Expr::Literal(Literal::String(s)), Expr::Path(p)) => Some((p, vec![s.as_str()])),
-            _ => None,
-        },
-        Expr::In { expr, list, negated: false } => {
-            let Expr::Path(p) = expr.as_ref() else { return None };
-            let values = list
-                .iter()
-                .map(|l| match l {
-                    Literal::String(s) => Some(s.as_str()),
-                    _ => None,
-                })
-                .collect::<Option<Vec<_>>>()?;
-            (!values.is_empty()).then_some((p, values))
-        }
-        _ => None,
-    }
-}
-
-/// Paths whose values a twin document copies verbatim from the stored twin: below `tags`, or
-/// below `properties.desired` / `properties.reported` outside the `$` bookkeeping.
-fn verbatim_twin_path(path: &Path) -> bool {
-    let s = &path.segments;
-    let is = |i: usize, name: &str| s.get(i).is_some_and(|x| x.eq_ignore_ascii_case(name));
-    (is(0, "tags") && s.len() >= 2)
-        || (is(0, "properties")
-            && (is(1, "desired") || is(1, "reported"))
-            && s.len() >= 3
-            && !s[2].starts_with('$'))
 }
 
 /// One batch of raw rows: key parts and document texts.
