@@ -163,6 +163,30 @@ pub fn peer_chain<IO>(stream: &tokio_rustls::server::TlsStream<IO>) -> Vec<Vec<u
         .unwrap_or_default()
 }
 
+/// Completes the TLS handshake of an accepted connection by `deadline`: the stream and the
+/// client's certificate chain (leaf first, DER; empty without one), or `None` after logging why
+/// the handshake failed or timed out.
+pub async fn accept_by(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    deadline: tokio::time::Instant,
+) -> Option<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Vec<Vec<u8>>)> {
+    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => {
+            let chain = peer_chain(&tls);
+            Some((tls, chain))
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,13 +12,13 @@ use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio::time::{timeout_at, Instant};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument as _;
 
 use crate::limits::Limits;
 use crate::service::DpsService;
-use crate::tls::peer_chain;
+use crate::tls::accept_by;
 
 #[cfg(feature = "ws")]
 pub(crate) use handler::error_reply;
@@ -83,18 +83,9 @@ pub async fn serve_https<F>(
                 connections.spawn(
                     async move {
                         let deadline = Instant::now() + limits.connect_timeout;
-                        let tls = match timeout_at(deadline, acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!("TLS handshake timed out");
-                                return;
-                            }
+                        let Some((tls, client_chain)) = accept_by(&acceptor, tcp, deadline).await else {
+                            return;
                         };
-                        let client_chain = peer_chain(&tls);
                         let mut stop_conn = stop.clone();
                         let conn = Arc::new(Connection { service, limits, client_chain, stop });
                         serve_connection(tls, conn, &mut stop_conn).await;

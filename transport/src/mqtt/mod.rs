@@ -23,13 +23,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio::time::{timeout_at, Instant};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::limits::Limits;
 use crate::service::DpsService;
-use crate::tls::peer_chain;
+use crate::tls::accept_by;
 
 /// Accepts MQTT-over-TLS device connections on `listener` until `shutdown` completes, then stops
 /// accepting and gives open connections [`Limits::shutdown_grace`] to finish the requests they
@@ -72,18 +72,7 @@ pub async fn serve_mqtt<F>(
                 connections.spawn(
                     async move {
                         let deadline = Instant::now() + limits.connect_timeout;
-                        let tls = match timeout_at(deadline, acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!("TLS handshake timed out");
-                                return;
-                            }
-                        };
-                        let chain = peer_chain(&tls);
+                        let Some((tls, chain)) = accept_by(&acceptor, tcp, deadline).await else { return };
                         connection::run(tls, chain, service, &limits, deadline, Some(stop)).await;
                     }
                     .instrument(span),
