@@ -522,10 +522,29 @@ impl<S: ProvisioningStore> Provisioner<S> {
             pre = Precondition::Matches(etag);
         }
 
-        for action in &plan.actions {
-            hub.apply(action).map_err(|e| Error::Hub { code: e.code, message: e.message })?;
-        }
+        // The hub actions and the record are one unit: a crash or a failure in between leaves
+        // neither the device without its record nor a record naming a device never created.
+        self.store.atomically(&mut || {
+            for action in &plan.actions {
+                hub.apply(action).map_err(|e| Error::Hub { code: e.code, message: e.message })?;
+            }
+            self.commit_assigned(now, id, attested, operation_id, &plan, created, &initial_hub, &pre)
+        })
+    }
 
+    /// Writes the final `assigned` record and its operation.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_assigned(
+        &self,
+        now: Timestamp,
+        id: &RegistrationId,
+        attested: &Attested,
+        operation_id: &OperationId,
+        plan: &Plan,
+        created: Timestamp,
+        initial_hub: &str,
+        pre: &Precondition,
+    ) -> Result<(), Error> {
         let record = RegistrationRecord {
             registration_id: id.clone(),
             state: DeviceRegistrationState {
@@ -542,7 +561,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 payload: plan.payload.clone(),
             },
             enrollment: attested.enrollment.reference(),
-            initial_hub: Some(initial_hub),
+            initial_hub: Some(initial_hub.to_owned()),
         };
         let op = OperationRecord {
             operation_id: operation_id.clone(),
@@ -554,7 +573,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 registration_state: Some(registration_result(&record, Some(attested))),
             },
         };
-        self.store.commit_registration(&record, &pre, &op)?;
+        self.store.commit_registration(&record, pre, &op)?;
         Ok(())
     }
 

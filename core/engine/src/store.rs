@@ -7,7 +7,7 @@ use zerotouch_proto::device::RegistrationOperationStatus;
 use zerotouch_proto::service::{DeviceRegistrationState, EnrollmentGroup, IndividualEnrollment};
 use zerotouch_proto::{ETag, EnrollmentGroupId, OperationId, RegistrationId, Timestamp};
 
-use crate::error::StoreError;
+use crate::error::{Error, StoreError};
 
 /// Condition a write must satisfy, checked atomically with the write.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -275,6 +275,26 @@ pub trait RegistrationStore: Send + Sync {
     /// # Errors
     /// Backend failures.
     fn purge_operations(&self, cutoff: Timestamp) -> Result<usize, StoreError>;
+
+    /// Runs `unit` as one atomic write: every write it makes through this store, or through a
+    /// store sharing its database (an embedded hub's identities and twins opened on the same
+    /// database), is kept together with the others or not at all, and reads made inside `unit`
+    /// see its earlier writes. The provisioner runs a registration's hub actions and its final
+    /// [`RegistrationStore::commit_registration`] as one unit, so no device is assigned
+    /// without its record and no record points at a device that was not created.
+    ///
+    /// When `unit` fails, what it wrote is undone and its error returned. A backend may commit
+    /// several concurrent units together (group commit); this returns only once the unit is
+    /// durable.
+    ///
+    /// The default runs `unit` directly, which suits stores a crash cannot leave half-written
+    /// (the in-memory store loses everything at once).
+    ///
+    /// # Errors
+    /// The error of `unit`, or a backend failure to begin or commit.
+    fn atomically(&self, unit: &mut dyn FnMut() -> Result<(), Error>) -> Result<(), Error> {
+        unit()
+    }
 }
 
 /// Everything the provisioning service needs, in one bound.
@@ -376,6 +396,9 @@ mod shared {
         }
         fn purge_operations(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
             (**self).purge_operations(cutoff)
+        }
+        fn atomically(&self, unit: &mut dyn FnMut() -> Result<(), Error>) -> Result<(), Error> {
+            (**self).atomically(unit)
         }
     }
 }

@@ -1170,7 +1170,12 @@ fn ca_certificate(name: &str, subject: &str, etag: &str, rev: u32) -> CaCertific
     }
 }
 
-fn record(id: &str, group: Option<&str>, etag: &str, counter: u64) -> Result<RegistrationRecord, String> {
+pub(crate) fn record(
+    id: &str,
+    group: Option<&str>,
+    etag: &str,
+    counter: u64,
+) -> Result<RegistrationRecord, String> {
     let enrollment = match group {
         Some(g) => EnrollmentRef::Group(group_id(g)?),
         None => EnrollmentRef::Individual(reg_id(id)?),
@@ -1198,7 +1203,7 @@ fn record(id: &str, group: Option<&str>, etag: &str, counter: u64) -> Result<Reg
     })
 }
 
-fn operation(id: &str, registration: &str, created: Timestamp) -> Result<OperationRecord, String> {
+pub(crate) fn operation(id: &str, registration: &str, created: Timestamp) -> Result<OperationRecord, String> {
     Ok(OperationRecord {
         operation_id: op_id(id)?,
         registration_id: reg_id(registration)?,

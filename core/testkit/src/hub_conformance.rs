@@ -489,7 +489,7 @@ impl<S: IdentityStore> Keyed<S> for Modules {
     }
 }
 
-fn device(id: &str, etag: &str, rev: u32) -> Result<Device, String> {
+pub(crate) fn device(id: &str, etag: &str, rev: u32) -> Result<Device, String> {
     let mut d = Device::new(dev_id(id)?);
     d.generation_id = Some(format!("638{rev:015}"));
     d.etag = Some(ETag::new(etag));
@@ -795,7 +795,7 @@ struct ModuleTwins;
 
 /// A twin written `rev` times by its device after creation, so `rev` sets its revision and
 /// leaves its etag alone.
-fn twin(rev: u32) -> Result<TwinDocument, String> {
+pub(crate) fn twin(rev: u32) -> Result<TwinDocument, String> {
     let mut tags = Map::new();
     tags.insert("site".to_owned(), json!({"plant": 7, "line": "B"}));
     let mut desired = Map::new();

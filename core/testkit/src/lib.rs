@@ -10,4 +10,5 @@ pub mod conformance;
 pub mod hub_conformance;
 pub mod hubs;
 pub mod sim;
+pub mod unit_conformance;
 pub mod vectors;
