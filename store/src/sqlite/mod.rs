@@ -411,6 +411,37 @@ impl SqliteStore {
         })
     }
 
+    /// Moves the hub tables (identities, twins, jobs) of another zerotouch SQLite file — one
+    /// that held a single hub, as the data directories of zerotouch 0.1 did — into the hub
+    /// `host_name` of this database, in one transaction. Returns how many devices moved. Rows
+    /// already present in the hub are kept (the file's copy is skipped).
+    ///
+    /// Meant for start-up, before other writers: the file is attached to the writer
+    /// connection, which needs no transaction open.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the file cannot be opened or migrated, or a write fails
+    /// (then nothing moved).
+    pub fn import_hub_file(&self, path: impl AsRef<Path>, host_name: &str) -> Result<u64, StoreError> {
+        let path = path.as_ref();
+        // Opening it brings the file to this schema version (its rows under the hub '').
+        drop(Self::open(path)?);
+        let target = self.hub(host_name)?;
+        let writer = self.inner.writer.lock();
+        if writer.open.get() {
+            return Err(StoreError::Backend(
+                "sqlite: cannot import a hub file while writes are pending".into(),
+            ));
+        }
+        let file = path.to_string_lossy().into_owned();
+        writer.conn.execute("ATTACH DATABASE ?1 AS legacy", [&file]).db()?;
+        let moved = import_attached(&writer.conn, &target.hub);
+        let detached = writer.conn.execute_batch("DETACH DATABASE legacy").db();
+        let moved = moved?;
+        detached?;
+        Ok(moved)
+    }
+
     /// The schema version of the open database.
     ///
     /// # Errors
@@ -539,6 +570,35 @@ impl SqliteStore {
         tx.commit().db()?;
         Ok(out)
     }
+}
+
+/// Copies the hub '' rows of the attached database `legacy` into hub `hub`, in one transaction.
+fn import_attached(conn: &Connection, hub: &str) -> Result<u64, StoreError> {
+    const TABLES: [(&str, &str); 6] = [
+        ("devices", "id, etag, status, connected, doc"),
+        ("modules", "device_id, module_id, etag, doc"),
+        ("twins", "device_id, module_id, version, doc"),
+        ("twin_tags", "device_id, module_id, path, value"),
+        ("jobs", "id, version, job_type, status, purge_time, doc"),
+        ("device_jobs", "job_id, device_id, doc"),
+    ];
+    conn.execute_batch("BEGIN IMMEDIATE").db()?;
+    let copied = (|| {
+        let mut devices = 0;
+        for (table, columns) in TABLES {
+            let sql = format!(
+                "INSERT OR IGNORE INTO main.{table} (hub, {columns})
+                 SELECT ?1, {columns} FROM legacy.{table} WHERE hub = ''"
+            );
+            let n = conn.execute(&sql, [hub]).db()?;
+            if table == "devices" {
+                devices = u64::try_from(n).unwrap_or_default();
+            }
+        }
+        Ok(devices)
+    })();
+    let end = conn.execute_batch(if copied.is_ok() { "COMMIT" } else { "ROLLBACK" }).db();
+    copied.and_then(|n| end.map(|()| n))
 }
 
 /// Ends the batch of a top-level unit when dropped, also when the unit panics, so units waiting
