@@ -44,7 +44,7 @@ mod query;
 mod schema;
 mod unit;
 
-pub use schema::LATEST_SCHEMA_VERSION;
+pub use schema::{migration_sql, LATEST_SCHEMA_VERSION};
 
 type Manager = PostgresConnectionManager<NoTls>;
 type Conn = PooledConnection<Manager>;

@@ -139,6 +139,12 @@ CREATE INDEX device_jobs_by_device ON device_jobs (hub, device_id, job_id);
 /// The schema version this build creates and understands.
 pub const LATEST_SCHEMA_VERSION: i32 = 2;
 
+/// The SQL that migration `version` runs (`None` for a version this build does not have): what
+/// a database at an earlier version is made of, for tests and tools that need one.
+pub fn migration_sql(version: i32) -> Option<&'static str> {
+    MIGRATIONS.iter().find(|m| m.version == version).map(|m| m.sql)
+}
+
 /// Attempts at creating the version table when other instances race to create it too.
 const CREATE_ATTEMPTS: u32 = 5;
 
