@@ -7,8 +7,13 @@
 //! affected) or, where a write spans tables, a transaction that locks the row it checks, so two
 //! instances on one database never lose an update. Nothing is cached in the process.
 //!
-//! The SQL sticks to plain tables, text and jsonb columns, arrays and row locks, so it also
-//! suits PostgreSQL-compatible clusters (CockroachDB, Citus).
+//! Several embedded hubs share the database: every hub-side row (device, module, twin, job,
+//! device job) carries its hub's host name, leading its key, and [`PgStore::hub`] views see one
+//! hub's rows. A registration's unit ([`RegistrationStore::atomically`]) is one transaction
+//! that the provisioning store and the hub views of the same pool all write through.
+//!
+//! The SQL sticks to plain tables, text and jsonb columns, arrays, row locks and savepoints, so
+//! it also suits PostgreSQL-compatible clusters (CockroachDB, Citus).
 
 use std::ops::{ControlFlow, Deref, DerefMut};
 use std::sync::Arc;
