@@ -100,34 +100,69 @@ impl Backend for MemoryBackend {
     }
 }
 
-/// The embedded default: SQLite files in the data directory, `zerotouch.sqlite` for
-/// provisioning and `hubs/<host name>.sqlite` per embedded hub (a hub's registry keeps device
-/// ids unique per hub, as IoT Hub does, so hubs do not share tables). Admin commands open the
-/// same files while a server runs (WAL, busy timeout).
+/// The embedded default: one SQLite file in the data directory, `zerotouch.sqlite`, holding
+/// provisioning and every embedded hub (each hub's identities, twins and jobs under its host
+/// name), so a registration writes the hub identity, twin and record in one transaction.
+/// Every handle this backend gives out shares one set of connections; admin commands open the
+/// same file while a server runs (WAL, busy timeout).
+///
+/// Data directories of zerotouch 0.1 kept each hub in `hubs/<host name>.sqlite`: on first open
+/// those files are moved into the database and renamed `….sqlite.imported`.
 #[cfg(feature = "sqlite")]
 #[derive(Debug, Clone)]
 pub struct SqliteBackend {
     dir: std::path::PathBuf,
+    store: Arc<std::sync::OnceLock<zerotouch_store::sqlite::SqliteStore>>,
 }
 
 #[cfg(feature = "sqlite")]
 impl SqliteBackend {
-    /// File name of the provisioning database in the data directory.
+    /// File name of the database in the data directory.
     pub const DATABASE_FILE: &'static str = "zerotouch.sqlite";
-    /// Sub-directory of the hub databases.
-    pub const HUBS_DIR: &'static str = "hubs";
+    /// Sub-directory where zerotouch 0.1 kept one database per hub.
+    pub const LEGACY_HUBS_DIR: &'static str = "hubs";
 
     /// The backend of data directory `dir` (created when missing, on first open).
     pub fn new(dir: impl Into<std::path::PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self { dir: dir.into(), store: Arc::default() }
     }
 
-    fn open(path: &std::path::Path) -> Result<zerotouch_store::sqlite::SqliteStore, ServerError> {
-        if let Some(parent) = path.parent() {
-            crate::datadir::ensure_dir(parent)?;
+    /// The database, opened on first use.
+    fn store(&self) -> Result<&zerotouch_store::sqlite::SqliteStore, ServerError> {
+        if let Some(store) = self.store.get() {
+            return Ok(store);
         }
-        zerotouch_store::sqlite::SqliteStore::open(path)
-            .map_err(|e| ServerError::Store(format!("{}: {e}", path.display())))
+        crate::datadir::ensure_dir(&self.dir)?;
+        let path = self.dir.join(Self::DATABASE_FILE);
+        let store = zerotouch_store::sqlite::SqliteStore::open(&path)
+            .map_err(|e| ServerError::Store(format!("{}: {e}", path.display())))?;
+        self.import_legacy_hubs(&store)?;
+        // Another thread may have opened it meanwhile; both handles work, the first one wins.
+        Ok(self.store.get_or_init(|| store))
+    }
+
+    fn import_legacy_hubs(&self, store: &zerotouch_store::sqlite::SqliteStore) -> Result<(), ServerError> {
+        let dir = self.dir.join(Self::LEGACY_HUBS_DIR);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(ServerError::io(dir, e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(|e| ServerError::io(&dir, e))?.path();
+            let Some(hub) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".sqlite"))
+            else {
+                continue;
+            };
+            let moved = store
+                .import_hub_file(&path, hub)
+                .map_err(|e| ServerError::Store(format!("{}: {e}", path.display())))?;
+            let mut done = path.clone().into_os_string();
+            done.push(".imported");
+            std::fs::rename(&path, &done).map_err(|e| ServerError::io(&path, e))?;
+            tracing::info!(hub, devices = moved, file = %path.display(), "moved a hub database into the data directory's database");
+        }
+        Ok(())
     }
 }
 
@@ -139,31 +174,17 @@ impl Backend for SqliteBackend {
     type Jobs = zerotouch_store::sqlite::SqliteStore;
 
     fn provisioning(&self) -> Result<Self::Provisioning, ServerError> {
-        Self::open(&self.dir.join(Self::DATABASE_FILE))
+        self.store().cloned()
     }
 
     fn hub(&self, host_name: &str) -> Result<HubStoresOf<Self>, ServerError> {
-        let file = format!("{}.sqlite", host_name.to_ascii_lowercase());
-        let store = Self::open(&self.dir.join(Self::HUBS_DIR).join(file))?;
-        Ok(HubStores { identities: store.clone(), twins: store.clone(), jobs: store })
+        let view =
+            self.store()?.hub(host_name).map_err(|e| ServerError::Store(format!("hub {host_name}: {e}")))?;
+        Ok(HubStores { identities: view.clone(), twins: view.clone(), jobs: view })
     }
 
     fn hub_names(&self) -> Result<Vec<String>, ServerError> {
-        let dir = self.dir.join(Self::HUBS_DIR);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(ServerError::io(dir, e)),
-        };
-        let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| ServerError::io(&dir, e))?;
-            if let Some(name) = entry.file_name().to_str().and_then(|n| n.strip_suffix(".sqlite")) {
-                names.push(name.to_owned());
-            }
-        }
-        names.sort();
-        Ok(names)
+        self.store()?.hub_names().map_err(|e| ServerError::Store(e.to_string()))
     }
 }
 
@@ -216,5 +237,60 @@ impl Backend for PgBackend {
 
     fn hub_names(&self) -> Result<Vec<String>, ServerError> {
         self.store.hub_names().map_err(pg_error)
+    }
+}
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use zerotouch_engine::store::Precondition;
+    use zerotouch_proto::hub::Device;
+    use zerotouch_proto::DeviceId;
+    use zerotouch_store::sqlite::SqliteStore;
+
+    use super::*;
+
+    #[test]
+    fn a_data_directory_with_one_file_per_hub_is_moved_into_one_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join(SqliteBackend::LEGACY_HUBS_DIR);
+        std::fs::create_dir_all(&legacy).unwrap();
+        let id = DeviceId::new("boiler-9").unwrap();
+        {
+            let old = SqliteStore::open(legacy.join("north.localhost.sqlite")).unwrap();
+            old.put_device(&Device::new(id.clone()), &Precondition::MustNotExist).unwrap();
+        }
+
+        let backend = SqliteBackend::new(dir.path());
+        let north = backend.hub("north.localhost").unwrap();
+        assert!(north.identities.device(&id).unwrap().is_some());
+        assert!(backend.hub("south.localhost").unwrap().identities.device(&id).unwrap().is_none());
+        assert_eq!(backend.hub_names().unwrap(), ["north.localhost", "south.localhost"]);
+        assert!(!legacy.join("north.localhost.sqlite").exists());
+        assert!(legacy.join("north.localhost.sqlite.imported").exists());
+
+        // A second backend on the same directory finds nothing left to move and the same devices.
+        let again = SqliteBackend::new(dir.path());
+        assert!(again.hub("north.localhost").unwrap().identities.device(&id).unwrap().is_some());
+    }
+
+    #[test]
+    fn provisioning_and_hub_handles_share_one_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SqliteBackend::new(dir.path());
+        let provisioning = backend.provisioning().unwrap();
+        let hub = backend.hub("north.localhost").unwrap();
+        let id = DeviceId::new("unit-1").unwrap();
+        // A unit on the provisioning handle that writes through the hub handle and fails leaves
+        // nothing: both handles are one database and one writer.
+        let result = zerotouch_engine::store::RegistrationStore::atomically(&provisioning, &mut || {
+            hub.identities.put_device(&Device::new(id.clone()), &Precondition::MustNotExist)?;
+            Err(zerotouch_engine::Error::BadRequest("abandoned".into()))
+        });
+        assert!(result.is_err());
+        assert!(hub.identities.device(&id).unwrap().is_none());
+        assert!(dir.path().join(SqliteBackend::DATABASE_FILE).exists());
+        assert!(!dir.path().join(SqliteBackend::LEGACY_HUBS_DIR).exists());
     }
 }

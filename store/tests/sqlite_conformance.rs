@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use zerotouch_store::sqlite::SqliteStore;
-use zerotouch_testkit::{conformance, hub_conformance};
+use zerotouch_testkit::{conformance, hub_conformance, unit_conformance};
 
 fn memory() -> SqliteStore {
     SqliteStore::open_in_memory().expect("in-memory database")
@@ -78,4 +78,34 @@ fn sqlite_file_store_passes_the_whole_hub_suite() {
 #[test]
 fn one_shared_sqlite_handle_serves_as_identity_twin_and_job_store() {
     hub_conformance::run_all(|| Arc::new(memory()), || Arc::new(memory()), || Arc::new(memory()));
+}
+
+/// A hub view of a fresh in-memory database.
+fn hub_view() -> SqliteStore {
+    memory().hub("hub-a.localhost").expect("hub view")
+}
+
+#[test]
+fn a_hub_view_passes_the_whole_hub_suite() {
+    hub_conformance::run_all(hub_view, hub_view, hub_view);
+}
+
+#[test]
+fn registrations_and_hub_writes_are_one_unit_in_memory() {
+    unit_conformance::atomic_units(|| {
+        let store = memory();
+        let hub = store.hub("hub-a.localhost").unwrap();
+        (store, hub.clone(), hub)
+    });
+}
+
+#[test]
+fn registrations_and_hub_writes_are_one_unit_on_a_file_with_group_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let make = files(dir.path(), "units");
+    unit_conformance::atomic_units(|| {
+        let store = make();
+        let hub = store.hub("hub-a.localhost").unwrap();
+        (store, hub.clone(), hub)
+    });
 }

@@ -1,5 +1,7 @@
 //! A process importing identities and registering devices is killed with SIGKILL at a random
-//! point; the reopened database holds every write it acknowledged, and every row parses.
+//! point; the reopened database holds every write it acknowledged, every row parses, and every
+//! registration is whole: its record, hub identity and twin are all there or none is (they are
+//! written as one unit, by several threads at once so units share commits).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -12,6 +14,7 @@ use zerotouch_engine::registry::IdentityStore;
 use zerotouch_engine::store::{
     EnrollmentRef, OperationRecord, PageRequest, Precondition, RegistrationRecord, RegistrationStore,
 };
+use zerotouch_engine::twin::{TwinDocument, TwinKey, TwinStore};
 use zerotouch_proto::device::{RegistrationOperationStatus, RegistrationStatus, Substatus};
 use zerotouch_proto::hub::Device;
 use zerotouch_proto::service::DeviceRegistrationState;
@@ -23,6 +26,9 @@ const CHILD_DB: &str = "ZEROTOUCH_CRASH_CHILD_DB";
 const CHILD_TEST: &str = "importer_acknowledges_only_committed_writes";
 const BATCH: usize = 200;
 const GROUP: &str = "crash-group";
+const HUB: &str = "hub-1.example.net";
+/// Threads registering at once in each round.
+const REGISTRARS: usize = 4;
 
 fn device_id(batch: usize, i: usize) -> DeviceId {
     DeviceId::new(format!("dev-{batch:06}-{i:03}")).unwrap()
@@ -61,19 +67,47 @@ fn registration(n: usize) -> (RegistrationRecord, OperationRecord) {
     (record, operation)
 }
 
-/// Imports batches of devices and registers one device per batch, printing `ack devices N` /
-/// `ack registration N` only after the write returned. Stops after `limit` rounds if given.
-fn import_and_register(db: &Path, limit: Option<usize>, out: &mut impl Write) {
+/// Registration `n` as the provisioner writes it: hub identity, twin, then record, one unit.
+fn register(store: &SqliteStore, hub: &SqliteStore, n: usize) {
+    let (record, operation) = registration(n);
+    let id = DeviceId::new(record.registration_id.to_string()).unwrap();
+    let twin = TwinDocument::new(Timestamp::from_unix_secs(1_700_000_000));
+    store
+        .atomically(&mut || {
+            hub.put_device(&Device::new(id.clone()), &Precondition::MustNotExist)?;
+            hub.put_twin(&TwinKey::device(id.clone()), &twin, &Precondition::MustNotExist)?;
+            store.commit_registration(&record, &Precondition::MustNotExist, &operation)?;
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Imports batches of devices, then registers [`REGISTRARS`] devices from as many threads,
+/// printing `ack devices N` / `ack registration N` only after the write returned. Stops after
+/// `limit` rounds if given.
+fn import_and_register(db: &Path, limit: Option<usize>, out: &mut (impl Write + Send)) {
     let store = SqliteStore::open(db).unwrap();
-    for n in 0..limit.unwrap_or(usize::MAX) {
-        let devices: Vec<Device> = (0..BATCH).map(|i| Device::new(device_id(n, i))).collect();
+    let hub = store.hub(HUB).unwrap();
+    let out = std::sync::Mutex::new(out);
+    let ack = |line: String| {
+        let mut out = out.lock().unwrap();
+        writeln!(out, "{line}").unwrap();
+        out.flush().unwrap();
+    };
+    for round in 0..limit.unwrap_or(usize::MAX) {
+        let devices: Vec<Device> = (0..BATCH).map(|i| Device::new(device_id(round, i))).collect();
         store.put_devices(&devices).unwrap();
-        writeln!(out, "ack devices {n}").unwrap();
-        out.flush().unwrap();
-        let (record, operation) = registration(n);
-        store.commit_registration(&record, &Precondition::MustNotExist, &operation).unwrap();
-        writeln!(out, "ack registration {n}").unwrap();
-        out.flush().unwrap();
+        ack(format!("ack devices {round}"));
+        std::thread::scope(|s| {
+            for t in 0..REGISTRARS {
+                let (store, hub, ack) = (&store, &hub, &ack);
+                s.spawn(move || {
+                    let n = round * REGISTRARS + t;
+                    register(store, hub, n);
+                    ack(format!("ack registration {n}"));
+                });
+            }
+        });
     }
 }
 
@@ -81,6 +115,7 @@ fn import_and_register(db: &Path, limit: Option<usize>, out: &mut impl Write) {
 /// parses; returns the number of acknowledged writes.
 fn check_acknowledged(db: &Path, acks: &[String]) -> usize {
     let store = SqliteStore::open(db).expect("the database reopens after the kill");
+    let hub = store.hub(HUB).unwrap();
     for ack in acks {
         let (kind, n) = ack.rsplit_once(' ').unwrap();
         let n: usize = n.parse().unwrap();
@@ -113,15 +148,33 @@ fn check_acknowledged(db: &Path, acks: &[String]) -> usize {
         })
         .unwrap();
     assert_eq!(devices % BATCH, 0, "a device batch was half written");
+    // Whole registrations only: each record has its identity and twin, each identity its record.
     let group = EnrollmentGroupId::new(GROUP).unwrap();
     let mut page = PageRequest { continuation: None, max_items: 500 };
+    let mut records = 0;
     loop {
         let got = store.registrations_by_group(&group, &page).unwrap();
+        for record in &got.items {
+            let id = DeviceId::new(record.registration_id.to_string()).unwrap();
+            assert!(hub.device(&id).unwrap().is_some(), "registration {id} has no hub identity");
+            assert!(
+                hub.twin(&TwinKey::device(id.clone())).unwrap().is_some(),
+                "registration {id} has no twin"
+            );
+            records += 1;
+        }
         match got.continuation {
             Some(c) => page.continuation = Some(c),
             None => break,
         }
     }
+    let mut identities = 0;
+    hub.export_devices(1000, |_| {
+        identities += 1;
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(identities, records, "a hub identity exists without its registration record");
     let conn = rusqlite::Connection::open(db).unwrap();
     let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
     assert_eq!(integrity, "ok");
@@ -133,7 +186,7 @@ fn check_acknowledged(db: &Path, acks: &[String]) -> usize {
 #[test]
 fn importer_acknowledges_only_committed_writes() {
     if let Ok(db) = std::env::var(CHILD_DB) {
-        import_and_register(Path::new(&db), None, &mut std::io::stdout().lock());
+        import_and_register(Path::new(&db), None, &mut std::io::stdout());
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -141,7 +194,7 @@ fn importer_acknowledges_only_committed_writes() {
     let mut out = Vec::new();
     import_and_register(&db, Some(3), &mut out);
     let acks: Vec<String> = String::from_utf8(out).unwrap().lines().map(str::to_owned).collect();
-    assert_eq!(check_acknowledged(&db, &acks), 6);
+    assert_eq!(check_acknowledged(&db, &acks), 3 * (1 + REGISTRARS));
 }
 
 #[test]

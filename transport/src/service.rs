@@ -152,6 +152,14 @@ where
     fn status_lookup(&self, now: Timestamp, req: StatusLookupRequest) -> Response {
         self.provisioner.handle_status_lookup(now, req)
     }
+
+    /// Authentication alone, without the registration-record read of a status lookup.
+    fn accepts_credential(&self, now: Timestamp, req: StatusLookupRequest) -> bool {
+        match self.provisioner.check_credential(now, &req.id_scope, &req.registration_id, &req.credential) {
+            Ok(()) => true,
+            Err(e) => e.to_wire().http_status != 401,
+        }
+    }
 }
 
 /// The wall clock as the engine's [`Timestamp`] (the transport is where time comes from).

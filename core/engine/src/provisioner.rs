@@ -379,6 +379,24 @@ impl<S: ProvisioningStore> Provisioner<S> {
         }
     }
 
+    /// Authenticates `credential` for `registration_id` in `id_scope` and nothing more: what an
+    /// endpoint that authenticates before any request (MQTT CONNECT) needs, without the record
+    /// lookup of [`Provisioner::handle_status_lookup`].
+    ///
+    /// # Errors
+    /// As the attestation of a registration: [`Error::Auth`] when the credential is refused,
+    /// not-found and invalid-id errors, store failures.
+    pub fn check_credential(
+        &self,
+        now: Timestamp,
+        id_scope: &str,
+        registration_id: &str,
+        credential: &Credential,
+    ) -> Result<(), Error> {
+        let (scope, id) = self.check_ids(id_scope, registration_id)?;
+        self.authenticate(now, &scope, &id, credential).map(drop)
+    }
+
     /// Removes operations older than the retention period; returns how many.
     ///
     /// # Errors

@@ -35,14 +35,14 @@ impl DeviceRow {
         })
     }
 
-    fn upsert(&self, conn: &Connection, id: &str) -> Result<(), StoreError> {
+    fn upsert(&self, conn: &Connection, hub: &str, id: &str) -> Result<(), StoreError> {
         conn.prepare_cached(
-            "INSERT INTO devices (id, etag, status, connected, doc) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (id) DO UPDATE SET etag = excluded.etag, status = excluded.status,
+            "INSERT INTO devices (id, etag, status, connected, doc, hub) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (hub, id) DO UPDATE SET etag = excluded.etag, status = excluded.status,
              connected = excluded.connected, doc = excluded.doc",
         )
         .db()?
-        .execute(params![id, self.etag, self.status, self.connected, self.doc])
+        .execute(params![id, self.etag, self.status, self.connected, self.doc, hub])
         .db()?;
         Ok(())
     }
@@ -56,9 +56,10 @@ impl SqliteStore {
     /// Backend failures.
     pub fn put_devices(&self, devices: &[Device]) -> Result<(), StoreError> {
         let rows = devices.iter().map(DeviceRow::of).collect::<Result<Vec<_>, _>>()?;
+        let hub = &*self.hub;
         self.write(|tx| {
             for (device, row) in devices.iter().zip(&rows) {
-                row.upsert(tx, device.device_id.as_str())?;
+                row.upsert(tx, hub, device.device_id.as_str())?;
             }
             Ok(())
         })
@@ -74,11 +75,12 @@ impl SqliteStore {
             .iter()
             .map(|(d, t)| Ok((DeviceRow::of(d)?, to_doc(t)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
+        let hub = &*self.hub;
         self.write(|tx| {
             for ((device, twin), (row, twin_doc)) in devices.iter().zip(&rows) {
                 let id = device.device_id.as_str();
-                row.upsert(tx, id)?;
-                upsert_twin(tx, id, "", twin, twin_doc, false)?;
+                row.upsert(tx, hub, id)?;
+                upsert_twin(tx, hub, id, "", twin, twin_doc, false)?;
             }
             Ok(())
         })
@@ -119,48 +121,66 @@ impl SqliteStore {
     /// Backend failures.
     pub fn device_count(&self) -> Result<u64, StoreError> {
         self.read(|c| {
-            let n: i64 = c.query_row("SELECT count(*) FROM devices", [], |r| r.get(0)).db()?;
+            let n: i64 = c
+                .query_row("SELECT count(*) FROM devices WHERE hub = ?1", [&*self.hub], |r| r.get(0))
+                .db()?;
             Ok(u64::try_from(n).unwrap_or_default())
         })
     }
 }
 
-fn device_exists(conn: &Connection, id: &str) -> Result<bool, StoreError> {
-    Ok(stored_etag(conn, "SELECT etag FROM devices WHERE id = ?1", &[&id])?.is_some())
+fn device_exists(conn: &Connection, hub: &str, id: &str) -> Result<bool, StoreError> {
+    Ok(stored_etag(conn, "SELECT etag FROM devices WHERE id = ?1 AND hub = ?2", &[&id, &hub])?.is_some())
 }
 
 impl IdentityStore for SqliteStore {
     fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
-        self.read(|c| one_doc(c, "SELECT doc FROM devices WHERE id = ?1", &[&id.as_str()]))
+        self.read(|c| {
+            one_doc(c, "SELECT doc FROM devices WHERE id = ?1 AND hub = ?2", &[&id.as_str(), &&*self.hub])
+        })
     }
 
     fn put_device(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
         let id = device.device_id.as_str();
         let row = DeviceRow::of(device)?;
+        let hub = &*self.hub;
         self.write(|tx| {
-            check(pre, stored_etag(tx, "SELECT etag FROM devices WHERE id = ?1", &[&id])?.as_deref())?;
-            row.upsert(tx, id)
+            let current =
+                stored_etag(tx, "SELECT etag FROM devices WHERE id = ?1 AND hub = ?2", &[&id, &hub])?;
+            check(pre, current.as_deref())?;
+            row.upsert(tx, hub, id)
         })
     }
 
     fn delete_device(&self, id: &DeviceId, pre: &Precondition) -> Result<(Device, Vec<Module>), StoreError> {
         let id = id.as_str();
+        let hub = &*self.hub;
         self.write(|tx| {
-            let current = stored_etag(tx, "SELECT etag FROM devices WHERE id = ?1", &[&id])?;
+            let current =
+                stored_etag(tx, "SELECT etag FROM devices WHERE id = ?1 AND hub = ?2", &[&id, &hub])?;
             check(pre, Some(current.as_deref().ok_or(StoreError::NotFound)?))?;
             let device: Device =
-                one_doc(tx, "SELECT doc FROM devices WHERE id = ?1", &[&id])?.ok_or(StoreError::NotFound)?;
-            let modules =
-                all_docs(tx, "SELECT doc FROM modules WHERE device_id = ?1 ORDER BY module_id", &[&id])?;
-            tx.execute("DELETE FROM modules WHERE device_id = ?1", [id]).db()?;
-            tx.execute("DELETE FROM devices WHERE id = ?1", [id]).db()?;
+                one_doc(tx, "SELECT doc FROM devices WHERE id = ?1 AND hub = ?2", &[&id, &hub])?
+                    .ok_or(StoreError::NotFound)?;
+            let modules = all_docs(
+                tx,
+                "SELECT doc FROM modules WHERE device_id = ?1 AND hub = ?2 ORDER BY module_id",
+                &[&id, &hub],
+            )?;
+            tx.execute("DELETE FROM modules WHERE device_id = ?1 AND hub = ?2", [id, hub]).db()?;
+            tx.execute("DELETE FROM devices WHERE id = ?1 AND hub = ?2", [id, hub]).db()?;
             Ok((device, modules))
         })
     }
 
     fn devices(&self, page: &PageRequest) -> Result<Page<Device>, StoreError> {
         self.read(|c| {
-            page_by_key(c, "SELECT id, doc FROM devices WHERE id > ?1 ORDER BY id LIMIT ?2", page, &[])
+            page_by_key(
+                c,
+                "SELECT id, doc FROM devices WHERE hub = ?3 AND id > ?1 ORDER BY id LIMIT ?2",
+                page,
+                &[&&*self.hub],
+            )
         })
     }
 
@@ -169,8 +189,9 @@ impl IdentityStore for SqliteStore {
         self.read(|c| {
             let (total, disabled, connected): (i64, i64, i64) = c
                 .query_row(
-                    "SELECT count(*), coalesce(sum(status = ?1), 0), coalesce(sum(connected), 0) FROM devices",
-                    [&disabled],
+                    "SELECT count(*), coalesce(sum(status = ?1), 0), coalesce(sum(connected), 0) FROM devices
+                     WHERE hub = ?2",
+                    [&*disabled, &*self.hub],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .db()?;
@@ -188,8 +209,8 @@ impl IdentityStore for SqliteStore {
         self.read(|c| {
             one_doc(
                 c,
-                "SELECT doc FROM modules WHERE device_id = ?1 AND module_id = ?2",
-                &[&device.as_str(), &module.as_str()],
+                "SELECT doc FROM modules WHERE device_id = ?1 AND module_id = ?2 AND hub = ?3",
+                &[&device.as_str(), &module.as_str(), &&*self.hub],
             )
         })
     }
@@ -198,22 +219,23 @@ impl IdentityStore for SqliteStore {
         let (device, id) = (module.device_id.as_str(), module.module_id.as_str());
         let etag = etag_column(module.etag.as_ref());
         let doc = to_doc(module)?;
+        let hub = &*self.hub;
         self.write(|tx| {
-            if !device_exists(tx, device)? {
+            if !device_exists(tx, hub, device)? {
                 return Err(StoreError::NotFound);
             }
             let current = stored_etag(
                 tx,
-                "SELECT etag FROM modules WHERE device_id = ?1 AND module_id = ?2",
-                &[&device, &id],
+                "SELECT etag FROM modules WHERE device_id = ?1 AND module_id = ?2 AND hub = ?3",
+                &[&device, &id, &hub],
             )?;
             check(pre, current.as_deref())?;
             tx.prepare_cached(
-                "INSERT INTO modules (device_id, module_id, etag, doc) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (device_id, module_id) DO UPDATE SET etag = excluded.etag, doc = excluded.doc",
+                "INSERT INTO modules (device_id, module_id, etag, doc, hub) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (hub, device_id, module_id) DO UPDATE SET etag = excluded.etag, doc = excluded.doc",
             )
             .db()?
-            .execute(params![device, id, etag, doc])
+            .execute(params![device, id, etag, doc, hub])
             .db()?;
             Ok(())
         })
@@ -226,20 +248,25 @@ impl IdentityStore for SqliteStore {
         pre: &Precondition,
     ) -> Result<Module, StoreError> {
         let (device, id) = (device.as_str(), module.as_str());
+        let hub = &*self.hub;
         self.write(|tx| {
             let current = stored_etag(
                 tx,
-                "SELECT etag FROM modules WHERE device_id = ?1 AND module_id = ?2",
-                &[&device, &id],
+                "SELECT etag FROM modules WHERE device_id = ?1 AND module_id = ?2 AND hub = ?3",
+                &[&device, &id, &hub],
             )?;
             check(pre, Some(current.as_deref().ok_or(StoreError::NotFound)?))?;
             let module: Module = one_doc(
                 tx,
-                "SELECT doc FROM modules WHERE device_id = ?1 AND module_id = ?2",
-                &[&device, &id],
+                "SELECT doc FROM modules WHERE device_id = ?1 AND module_id = ?2 AND hub = ?3",
+                &[&device, &id, &hub],
             )?
             .ok_or(StoreError::NotFound)?;
-            tx.execute("DELETE FROM modules WHERE device_id = ?1 AND module_id = ?2", [device, id]).db()?;
+            tx.execute(
+                "DELETE FROM modules WHERE device_id = ?1 AND module_id = ?2 AND hub = ?3",
+                [device, id, hub],
+            )
+            .db()?;
             Ok(module)
         })
     }
@@ -248,8 +275,8 @@ impl IdentityStore for SqliteStore {
         self.read(|c| {
             all_docs(
                 c,
-                "SELECT doc FROM modules WHERE device_id = ?1 ORDER BY module_id",
-                &[&device.as_str()],
+                "SELECT doc FROM modules WHERE device_id = ?1 AND hub = ?2 ORDER BY module_id",
+                &[&device.as_str(), &&*self.hub],
             )
         })
     }
@@ -258,6 +285,7 @@ impl IdentityStore for SqliteStore {
 /// Writes a twin and its `twin_tags` rows (`fresh`: the twin did not exist, so has no rows).
 fn upsert_twin(
     conn: &Connection,
+    hub: &str,
     device: &str,
     module: &str,
     twin: &TwinDocument,
@@ -267,35 +295,40 @@ fn upsert_twin(
     let version =
         i64::try_from(twin.version()).map_err(|_| StoreError::Backend("twin version overflow".to_owned()))?;
     conn.prepare_cached(
-        "INSERT INTO twins (device_id, module_id, version, doc) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (device_id, module_id) DO UPDATE SET version = excluded.version, doc = excluded.doc",
+        "INSERT INTO twins (device_id, module_id, version, doc, hub) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (hub, device_id, module_id) DO UPDATE SET version = excluded.version, doc = excluded.doc",
     )
     .db()?
-    .execute(params![device, module, version, doc])
+    .execute(params![device, module, version, doc, hub])
     .db()?;
     if !fresh {
-        conn.prepare_cached("DELETE FROM twin_tags WHERE device_id = ?1 AND module_id = ?2")
+        conn.prepare_cached("DELETE FROM twin_tags WHERE device_id = ?1 AND module_id = ?2 AND hub = ?3")
             .db()?
-            .execute([device, module])
+            .execute([device, module, hub])
             .db()?;
     }
     for (path, value) in codec::tag_rows(twin) {
         conn.prepare_cached(
-            "INSERT OR IGNORE INTO twin_tags (device_id, module_id, path, value) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR IGNORE INTO twin_tags (device_id, module_id, path, value, hub) VALUES (?1, ?2, ?3, ?4, ?5)",
         )
         .db()?
-        .execute([device, module, &path, &value])
+        .execute([device, module, &path, &value, hub])
         .db()?;
     }
     Ok(())
 }
 
 /// The revision of the stored twin (its version as text), `None` when there is none.
-fn stored_revision(conn: &Connection, device: &str, module: &str) -> Result<Option<String>, StoreError> {
+fn stored_revision(
+    conn: &Connection,
+    hub: &str,
+    device: &str,
+    module: &str,
+) -> Result<Option<String>, StoreError> {
     let version: Option<i64> = rusqlite::OptionalExtension::optional(
-        conn.prepare_cached("SELECT version FROM twins WHERE device_id = ?1 AND module_id = ?2")
+        conn.prepare_cached("SELECT version FROM twins WHERE device_id = ?1 AND module_id = ?2 AND hub = ?3")
             .db()?
-            .query_row([device, module], |r| r.get(0)),
+            .query_row([device, module, hub], |r| r.get(0)),
     )
     .db()?;
     Ok(version.map(|v| v.to_string()))
@@ -332,8 +365,8 @@ impl TwinStore for SqliteStore {
         self.read(|c| {
             one_doc(
                 c,
-                "SELECT doc FROM twins WHERE device_id = ?1 AND module_id = ?2",
-                &[&key.device_id.as_str(), &module],
+                "SELECT doc FROM twins WHERE device_id = ?1 AND module_id = ?2 AND hub = ?3",
+                &[&key.device_id.as_str(), &module, &&*self.hub],
             )
         })
     }
@@ -341,21 +374,30 @@ impl TwinStore for SqliteStore {
     fn put_twin(&self, key: &TwinKey, twin: &TwinDocument, pre: &Precondition) -> Result<(), StoreError> {
         let (device, module) = (key.device_id.as_str(), codec::twin_module_column(key));
         let doc = to_doc(twin)?;
+        let hub = &*self.hub;
         self.write(|tx| {
-            let current = stored_revision(tx, device, module)?;
+            let current = stored_revision(tx, hub, device, module)?;
             check(pre, current.as_deref())?;
-            upsert_twin(tx, device, module, twin, &doc, current.is_none())
+            upsert_twin(tx, hub, device, module, twin, &doc, current.is_none())
         })
     }
 
     fn delete_twin(&self, key: &TwinKey, pre: &Precondition) -> Result<(), StoreError> {
         let (device, module) = (key.device_id.as_str(), codec::twin_module_column(key));
+        let hub = &*self.hub;
         self.write(|tx| {
-            let current = stored_revision(tx, device, module)?;
+            let current = stored_revision(tx, hub, device, module)?;
             check(pre, Some(current.as_deref().ok_or(StoreError::NotFound)?))?;
-            tx.execute("DELETE FROM twins WHERE device_id = ?1 AND module_id = ?2", [device, module]).db()?;
-            tx.execute("DELETE FROM twin_tags WHERE device_id = ?1 AND module_id = ?2", [device, module])
-                .db()?;
+            tx.execute(
+                "DELETE FROM twins WHERE device_id = ?1 AND module_id = ?2 AND hub = ?3",
+                [device, module, hub],
+            )
+            .db()?;
+            tx.execute(
+                "DELETE FROM twin_tags WHERE device_id = ?1 AND module_id = ?2 AND hub = ?3",
+                [device, module, hub],
+            )
+            .db()?;
             Ok(())
         })
     }
@@ -376,9 +418,9 @@ impl TwinStore for SqliteStore {
         self.read(|c| {
             let mut items = stored_twins(
                 c,
-                "SELECT device_id, module_id, doc FROM twins WHERE (device_id, module_id) > (?1, ?2)
+                "SELECT device_id, module_id, doc FROM twins WHERE hub = ?4 AND (device_id, module_id) > (?1, ?2)
                  ORDER BY device_id, module_id LIMIT ?3",
-                &[&after_device, &after_module, &limit],
+                &[&after_device, &after_module, &limit, &&*self.hub],
             )?;
             let continuation = if items.len() > max {
                 items.truncate(max);
@@ -394,8 +436,8 @@ impl TwinStore for SqliteStore {
         self.read(|c| {
             stored_twins(
                 c,
-                "SELECT device_id, module_id, doc FROM twins WHERE device_id = ?1 ORDER BY module_id",
-                &[&device_id.as_str()],
+                "SELECT device_id, module_id, doc FROM twins WHERE device_id = ?1 AND hub = ?2 ORDER BY module_id",
+                &[&device_id.as_str(), &&*self.hub],
             )
         })
     }
@@ -411,9 +453,9 @@ impl JobStore for SqliteStore {
     fn job(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
         self.read(|c| {
             let row: Option<(i64, String)> = rusqlite::OptionalExtension::optional(
-                c.prepare_cached("SELECT version, doc FROM jobs WHERE id = ?1")
+                c.prepare_cached("SELECT version, doc FROM jobs WHERE id = ?1 AND hub = ?2")
                     .db()?
-                    .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?))),
+                    .query_row([id.as_str(), &self.hub], |r| Ok((r.get(0)?, r.get(1)?))),
             )
             .db()?;
             row.map(|(v, doc)| job_record(v, &doc)).transpose()
@@ -428,19 +470,23 @@ impl JobStore for SqliteStore {
         let status = codec::job_status_column(record.job.status)?;
         let purge = codec::job_purge_time(record);
         let doc = to_doc(&record.job)?;
+        let hub = &*self.hub;
         self.write(|tx| {
             let current: Option<i64> = rusqlite::OptionalExtension::optional(
-                tx.prepare_cached("SELECT version FROM jobs WHERE id = ?1").db()?.query_row([id], |r| r.get(0)),
+                tx.prepare_cached("SELECT version FROM jobs WHERE id = ?1 AND hub = ?2")
+                    .db()?
+                    .query_row([id, hub], |r| r.get(0)),
             )
             .db()?;
             check(pre, current.map(|v| v.to_string()).as_deref())?;
             tx.prepare_cached(
-                "INSERT INTO jobs (id, version, job_type, status, purge_time, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (id) DO UPDATE SET version = excluded.version, job_type = excluded.job_type,
+                "INSERT INTO jobs (id, version, job_type, status, purge_time, doc, hub)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (hub, id) DO UPDATE SET version = excluded.version, job_type = excluded.job_type,
                  status = excluded.status, purge_time = excluded.purge_time, doc = excluded.doc",
             )
             .db()?
-            .execute(params![id, version, job_type, status, purge, doc])
+            .execute(params![id, version, job_type, status, purge, doc, hub])
             .db()?;
             Ok(())
         })
@@ -457,10 +503,10 @@ impl JobStore for SqliteStore {
         let mut out: Page<JobResponse> = self.read(|c| {
             page_by_key(
                 c,
-                "SELECT id, doc FROM jobs WHERE id > ?1 AND (?3 IS NULL OR job_type = ?3)
+                "SELECT id, doc FROM jobs WHERE hub = ?5 AND id > ?1 AND (?3 IS NULL OR job_type = ?3)
                  AND (?4 IS NULL OR status = ?4) ORDER BY id LIMIT ?2",
                 &request,
-                &[&job_type, &status],
+                &[&job_type, &status, &&*self.hub],
             )
         })?;
         out.continuation = out.continuation.map(|last| encode_token(&[&last]));
@@ -471,11 +517,11 @@ impl JobStore for SqliteStore {
         let doc = to_doc(record)?;
         self.write(|tx| {
             tx.prepare_cached(
-                "INSERT INTO device_jobs (job_id, device_id, doc) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (job_id, device_id) DO UPDATE SET doc = excluded.doc",
+                "INSERT INTO device_jobs (job_id, device_id, doc, hub) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (hub, job_id, device_id) DO UPDATE SET doc = excluded.doc",
             )
             .db()?
-            .execute(params![record.job_id.as_str(), record.device_id, doc])
+            .execute(params![record.job_id.as_str(), record.device_id, doc, &*self.hub])
             .db()?;
             Ok(())
         })
@@ -485,8 +531,8 @@ impl JobStore for SqliteStore {
         self.read(|c| {
             one_doc(
                 c,
-                "SELECT doc FROM device_jobs WHERE job_id = ?1 AND device_id = ?2",
-                &[&job.as_str(), &device_id],
+                "SELECT doc FROM device_jobs WHERE job_id = ?1 AND device_id = ?2 AND hub = ?3",
+                &[&job.as_str(), &device_id, &&*self.hub],
             )
         })
     }
@@ -511,13 +557,13 @@ impl JobStore for SqliteStore {
         self.read(|c| {
             let mut stmt = c
                 .prepare_cached(
-                    "SELECT job_id, device_id, doc FROM device_jobs WHERE (job_id, device_id) > (?1, ?2)
+                    "SELECT job_id, device_id, doc FROM device_jobs WHERE hub = ?6 AND (job_id, device_id) > (?1, ?2)
                      AND (?3 IS NULL OR job_id = ?3) AND (?4 IS NULL OR device_id = ?4)
                      ORDER BY job_id, device_id LIMIT ?5",
                 )
                 .db()?;
             let rows = stmt
-                .query_map(params![after_job, after_device, job, device, limit], |r| {
+                .query_map(params![after_job, after_device, job, device, limit, &*self.hub], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
                 })
                 .db()?;
@@ -540,13 +586,15 @@ impl JobStore for SqliteStore {
 
     fn purge_jobs(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
         let cutoff = codec::time_column(cutoff);
+        let hub = &*self.hub;
         self.write(|tx| {
             tx.execute(
-                "DELETE FROM device_jobs WHERE job_id IN (SELECT id FROM jobs WHERE purge_time < ?1)",
-                [cutoff],
+                "DELETE FROM device_jobs WHERE hub = ?2
+                 AND job_id IN (SELECT id FROM jobs WHERE hub = ?2 AND purge_time < ?1)",
+                params![cutoff, hub],
             )
             .db()?;
-            tx.execute("DELETE FROM jobs WHERE purge_time < ?1", [cutoff]).db()
+            tx.execute("DELETE FROM jobs WHERE hub = ?2 AND purge_time < ?1", params![cutoff, hub]).db()
         })
     }
 }

@@ -8,12 +8,15 @@ mod hub;
 mod provisioning;
 mod query;
 
+use std::cell::Cell;
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+use parking_lot::{Condvar, ReentrantMutex};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use zerotouch_engine::StoreError;
 
 /// Schema migrations: entry `i` brings a database from `user_version` `i` to `i + 1`.
@@ -112,6 +115,91 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX device_jobs_device ON device_jobs(device_id, job_id);
     ",
+    // 2: several hubs in one database (so a registration writes its hub identity, twin and
+    // record in one transaction): every hub table gains a `hub` column that leads its keys.
+    // Rows of a version-1 database belong to the unnamed hub ''. SQLite cannot change a
+    // table's keys in place, so each table is rebuilt (foreign keys are off meanwhile).
+    "
+    CREATE TABLE hubs (name TEXT PRIMARY KEY) WITHOUT ROWID;
+    CREATE TABLE devices_v2 (
+        hub TEXT NOT NULL,
+        id TEXT NOT NULL,
+        etag TEXT NOT NULL,
+        status TEXT NOT NULL,
+        connected INTEGER NOT NULL,
+        doc TEXT NOT NULL,
+        UNIQUE (hub, id)
+    );
+    INSERT INTO devices_v2 (hub, id, etag, status, connected, doc)
+        SELECT '', id, etag, status, connected, doc FROM devices;
+    CREATE TABLE modules_v2 (
+        hub TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        module_id TEXT NOT NULL,
+        etag TEXT NOT NULL,
+        doc TEXT NOT NULL,
+        UNIQUE (hub, device_id, module_id),
+        FOREIGN KEY (hub, device_id) REFERENCES devices (hub, id) ON DELETE CASCADE
+    );
+    INSERT INTO modules_v2 (hub, device_id, module_id, etag, doc)
+        SELECT '', device_id, module_id, etag, doc FROM modules;
+    CREATE TABLE twins_v2 (
+        hub TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        module_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        doc TEXT NOT NULL,
+        UNIQUE (hub, device_id, module_id)
+    );
+    INSERT INTO twins_v2 (hub, device_id, module_id, version, doc)
+        SELECT '', device_id, module_id, version, doc FROM twins;
+    CREATE TABLE twin_tags_v2 (
+        hub TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        module_id TEXT NOT NULL,
+        path TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (hub, device_id, module_id, path, value)
+    ) WITHOUT ROWID;
+    INSERT INTO twin_tags_v2 (hub, device_id, module_id, path, value)
+        SELECT '', device_id, module_id, path, value FROM twin_tags;
+    CREATE TABLE jobs_v2 (
+        hub TEXT NOT NULL,
+        id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        job_type TEXT NOT NULL,
+        status TEXT NOT NULL,
+        purge_time INTEGER,
+        doc TEXT NOT NULL,
+        PRIMARY KEY (hub, id)
+    );
+    INSERT INTO jobs_v2 (hub, id, version, job_type, status, purge_time, doc)
+        SELECT '', id, version, job_type, status, purge_time, doc FROM jobs;
+    CREATE TABLE device_jobs_v2 (
+        hub TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        doc TEXT NOT NULL,
+        UNIQUE (hub, job_id, device_id)
+    );
+    INSERT INTO device_jobs_v2 (hub, job_id, device_id, doc)
+        SELECT '', job_id, device_id, doc FROM device_jobs;
+    DROP TABLE modules;
+    DROP TABLE devices;
+    DROP TABLE twin_tags;
+    DROP TABLE twins;
+    DROP TABLE device_jobs;
+    DROP TABLE jobs;
+    ALTER TABLE devices_v2 RENAME TO devices;
+    ALTER TABLE modules_v2 RENAME TO modules;
+    ALTER TABLE twins_v2 RENAME TO twins;
+    ALTER TABLE twin_tags_v2 RENAME TO twin_tags;
+    ALTER TABLE jobs_v2 RENAME TO jobs;
+    ALTER TABLE device_jobs_v2 RENAME TO device_jobs;
+    CREATE INDEX twin_tags_value ON twin_tags(hub, path, value, module_id, device_id);
+    CREATE INDEX jobs_purge ON jobs(hub, purge_time) WHERE purge_time IS NOT NULL;
+    CREATE INDEX device_jobs_device ON device_jobs(hub, device_id, job_id);
+    ",
 ];
 
 /// Schema version this binary writes and understands.
@@ -138,23 +226,70 @@ pub enum Durability {
 }
 
 /// A SQLite database holding every store of the engine: provisioning (enrollments, groups, CA
-/// certificates, registrations, operations) and hub (identities, twins, jobs).
+/// certificates, registrations, operations) and the hub stores (identities, twins, jobs) of any
+/// number of hubs, each seen through [`SqliteStore::hub`].
 ///
 /// Cloning is cheap: clones share the connections.
+///
+/// Writes go through one writer connection. Concurrent writers are committed together (group
+/// commit): a write that finds others waiting leaves the transaction open for them and returns
+/// once the last of them has committed it, so a burst of registrations costs one commit (and, with
+/// [`Durability::PowerLoss`], one sync) instead of one each.
 #[derive(Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,
+    /// The hub whose identities, twins and jobs this handle sees ('' for a standalone store).
+    hub: Arc<str>,
 }
 
 struct Inner {
-    writer: Mutex<Connection>,
+    writer: ReentrantMutex<Writer>,
+    /// Threads waiting for the writer to start a unit.
+    waiting: AtomicUsize,
+    commits: parking_lot::Mutex<Commits>,
+    committed: Condvar,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
 }
 
+/// The writer connection and the state of the transaction open on it. Only the thread holding
+/// the (reentrant) writer lock touches it, hence `Cell`s.
+struct Writer {
+    conn: Connection,
+    /// Whether a batch transaction is open.
+    open: Cell<bool>,
+    /// Number of the open (or last) batch.
+    batch: Cell<u64>,
+    /// Units in the open batch.
+    units: Cell<u32>,
+    /// A unit could not be undone: the batch must be rolled back, not committed.
+    poisoned: Cell<bool>,
+    /// Whether units wait to be committed together (file databases; an in-memory database has
+    /// no readers, so an open batch would block every read).
+    batching: bool,
+}
+
+/// What the committers tell the units waiting for their batch.
+#[derive(Default)]
+struct Commits {
+    /// Every batch up to this one is finished (committed or rolled back).
+    done: u64,
+    /// Recent batches that failed to commit, with the reason.
+    failed: VecDeque<(u64, String)>,
+}
+
+/// Units per batch at most, so a steady stream of writers still commits regularly.
+const MAX_BATCH_UNITS: u32 = 128;
+
+/// Failed batches remembered for their waiting units (failures are rare; waiters are quick).
+const FAILED_BATCHES_KEPT: usize = 64;
+
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("readers", &self.inner.readers.len()).finish_non_exhaustive()
+        f.debug_struct("SqliteStore")
+            .field("hub", &self.hub)
+            .field("readers", &self.inner.readers.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -219,10 +354,92 @@ impl SqliteStore {
         Ok(Self::from_parts(writer, Vec::new()))
     }
 
-    fn from_parts(writer: Connection, readers: Vec<Mutex<Connection>>) -> Self {
+    fn from_parts(conn: Connection, readers: Vec<Mutex<Connection>>) -> Self {
+        let writer = Writer {
+            conn,
+            open: Cell::new(false),
+            batch: Cell::new(0),
+            units: Cell::new(0),
+            poisoned: Cell::new(false),
+            batching: !readers.is_empty(),
+        };
         Self {
-            inner: Arc::new(Inner { writer: Mutex::new(writer), readers, next_reader: AtomicUsize::new(0) }),
+            inner: Arc::new(Inner {
+                writer: ReentrantMutex::new(writer),
+                waiting: AtomicUsize::new(0),
+                commits: parking_lot::Mutex::new(Commits::default()),
+                committed: Condvar::new(),
+                readers,
+                next_reader: AtomicUsize::new(0),
+            }),
+            hub: Arc::from(""),
         }
+    }
+
+    /// The same database seen as the embedded hub `host_name`: its identity, twin and job
+    /// stores and queries hold that hub's devices only (host names compare case-insensitively).
+    /// Provisioning stores are shared by every view, and writes through any view of one
+    /// database can be one unit ([`RegistrationStore::atomically`]). Records the hub in
+    /// [`SqliteStore::hub_names`].
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the hub cannot be recorded; [`StoreError::Backend`] too for
+    /// an empty name.
+    ///
+    /// [`RegistrationStore::atomically`]: zerotouch_engine::store::RegistrationStore::atomically
+    pub fn hub(&self, host_name: &str) -> Result<Self, StoreError> {
+        let name = host_name.trim().to_ascii_lowercase();
+        if name.is_empty() {
+            return Err(StoreError::Backend("a hub needs a host name".to_owned()));
+        }
+        self.write(|c| {
+            c.prepare_cached("INSERT OR IGNORE INTO hubs (name) VALUES (?1)").db()?.execute([&name]).db()?;
+            Ok(())
+        })?;
+        Ok(Self { inner: Arc::clone(&self.inner), hub: Arc::from(name) })
+    }
+
+    /// Host names of the hubs ever opened with [`SqliteStore::hub`] on this database, sorted.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn hub_names(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT name FROM hubs ORDER BY name").db()?;
+            let names = stmt.query_map([], |r| r.get::<_, String>(0)).db()?;
+            names.map(|n| n.db()).collect()
+        })
+    }
+
+    /// Moves the hub tables (identities, twins, jobs) of another zerotouch SQLite file — one
+    /// that held a single hub, as the data directories of zerotouch 0.1 did — into the hub
+    /// `host_name` of this database, in one transaction. Returns how many devices moved. Rows
+    /// already present in the hub are kept (the file's copy is skipped).
+    ///
+    /// Meant for start-up, before other writers: the file is attached to the writer
+    /// connection, which needs no transaction open.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the file cannot be opened or migrated, or a write fails
+    /// (then nothing moved).
+    pub fn import_hub_file(&self, path: impl AsRef<Path>, host_name: &str) -> Result<u64, StoreError> {
+        let path = path.as_ref();
+        // Opening it brings the file to this schema version (its rows under the hub '').
+        drop(Self::open(path)?);
+        let target = self.hub(host_name)?;
+        let writer = self.inner.writer.lock();
+        if writer.open.get() {
+            return Err(StoreError::Backend(
+                "sqlite: cannot import a hub file while writes are pending".into(),
+            ));
+        }
+        let file = path.to_string_lossy().into_owned();
+        writer.conn.execute("ATTACH DATABASE ?1 AS legacy", [&file]).db()?;
+        let moved = import_attached(&writer.conn, &target.hub);
+        let detached = writer.conn.execute_batch("DETACH DATABASE legacy").db();
+        let moved = moved?;
+        detached?;
+        Ok(moved)
     }
 
     /// The schema version of the open database.
@@ -233,34 +450,193 @@ impl SqliteStore {
         self.read(user_version)
     }
 
-    /// Runs `f` in one `BEGIN IMMEDIATE` transaction: committed when `f` succeeds, rolled back
-    /// when it fails.
-    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let mut conn = lock(&self.inner.writer)?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
-        let out = f(&tx)?;
-        tx.commit().db()?;
-        Ok(out)
+    /// Runs `f` as one unit of writes: committed when `f` succeeds (possibly together with
+    /// other threads' units), undone when it fails. Returns only once the unit is committed.
+    /// Called again from inside `f` on the same thread (a store method inside
+    /// [`RegistrationStore::atomically`]), it nests as a savepoint of the enclosing unit.
+    ///
+    /// [`RegistrationStore::atomically`]: zerotouch_engine::store::RegistrationStore::atomically
+    fn unit<T, E: From<StoreError>>(&self, f: impl FnOnce(&Connection) -> Result<T, E>) -> Result<T, E> {
+        let inner = &*self.inner;
+        if inner.writer.is_owned_by_current_thread() {
+            let writer = inner.writer.lock();
+            return savepoint(&writer, f);
+        }
+        inner.waiting.fetch_add(1, Ordering::SeqCst);
+        let writer = inner.writer.lock();
+        inner.waiting.fetch_sub(1, Ordering::SeqCst);
+        if !writer.open.get() {
+            writer.conn.execute_batch("BEGIN IMMEDIATE").db()?;
+            writer.open.set(true);
+            writer.poisoned.set(false);
+            writer.units.set(0);
+            writer.batch.set(writer.batch.get() + 1);
+        }
+        let batch = writer.batch.get();
+        writer.units.set(writer.units.get() + 1);
+        let finish = FinishBatch { store: self, writer: &writer, batch };
+        let out = savepoint(&writer, f);
+        let leave_open = writer.batching
+            && !writer.poisoned.get()
+            && writer.units.get() < MAX_BATCH_UNITS
+            && inner.waiting.load(Ordering::SeqCst) > 0;
+        if leave_open {
+            // A waiting writer takes the transaction over and commits it (or hands it on).
+            std::mem::forget(finish);
+            drop(writer);
+            self.await_batch(batch)?;
+        } else {
+            drop(finish);
+            drop(writer);
+            self.batch_outcome(batch)?;
+        }
+        out
+    }
+
+    /// Commits (or, when poisoned, rolls back) the open batch and wakes its waiting units.
+    fn end_batch(&self, writer: &Writer, batch: u64) {
+        let outcome = if writer.poisoned.get() {
+            Err("an earlier write of the batch could not be undone".to_owned())
+        } else {
+            writer.conn.execute_batch("COMMIT").map_err(|e| format!("sqlite: commit: {e}"))
+        };
+        if outcome.is_err() {
+            // Best effort: after a failed COMMIT the transaction may still be open.
+            let _ = writer.conn.execute_batch("ROLLBACK");
+        }
+        writer.open.set(false);
+        let mut commits = self.inner.commits.lock();
+        commits.done = batch;
+        if let Err(why) = outcome {
+            commits.failed.push_back((batch, why));
+            if commits.failed.len() > FAILED_BATCHES_KEPT {
+                commits.failed.pop_front();
+            }
+        }
+        drop(commits);
+        self.inner.committed.notify_all();
+    }
+
+    /// Waits until `batch` is finished; its failure, if it failed.
+    fn await_batch(&self, batch: u64) -> Result<(), StoreError> {
+        let mut commits = self.inner.commits.lock();
+        while commits.done < batch {
+            self.inner.committed.wait(&mut commits);
+        }
+        drop(commits);
+        self.batch_outcome(batch)
+    }
+
+    fn batch_outcome(&self, batch: u64) -> Result<(), StoreError> {
+        let commits = self.inner.commits.lock();
+        match commits.failed.iter().find(|(b, _)| *b == batch) {
+            Some((_, why)) => Err(StoreError::Backend(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f` as one unit of writes (see [`SqliteStore::unit`]).
+    fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.unit(f)
     }
 
     /// Runs `f` on a reader connection (the writer's for an in-memory database), inside one read
-    /// transaction so multi-statement reads see one snapshot.
+    /// transaction so multi-statement reads see one snapshot. Inside a unit of this thread, `f`
+    /// runs on the writer, in the unit's transaction, so the unit reads its own writes.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let readers = &self.inner.readers;
-        let mut conn = if readers.is_empty() {
-            lock(&self.inner.writer)?
-        } else {
-            let start = self.inner.next_reader.fetch_add(1, Ordering::Relaxed);
+        let inner = &*self.inner;
+        if inner.writer.is_owned_by_current_thread() {
+            let writer = inner.writer.lock();
+            if writer.open.get() {
+                return f(&writer.conn);
+            }
+        }
+        let readers = &inner.readers;
+        if readers.is_empty() {
+            let writer = inner.writer.lock();
+            writer.conn.execute_batch("BEGIN DEFERRED").db()?;
+            let out = f(&writer.conn);
+            let end = writer.conn.execute_batch(if out.is_ok() { "COMMIT" } else { "ROLLBACK" }).db();
+            return out.and_then(|v| end.map(|()| v));
+        }
+        let start = inner.next_reader.fetch_add(1, Ordering::Relaxed);
+        let mut conn =
             match (0..readers.len()).find_map(|i| readers[(start + i) % readers.len()].try_lock().ok()) {
                 Some(conn) => conn,
                 None => lock(&readers[start % readers.len()])?,
-            }
-        };
+            };
         let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).db()?;
         let out = f(&tx)?;
         tx.commit().db()?;
         Ok(out)
     }
+}
+
+/// Copies the hub '' rows of the attached database `legacy` into hub `hub`, in one transaction.
+fn import_attached(conn: &Connection, hub: &str) -> Result<u64, StoreError> {
+    const TABLES: [(&str, &str); 6] = [
+        ("devices", "id, etag, status, connected, doc"),
+        ("modules", "device_id, module_id, etag, doc"),
+        ("twins", "device_id, module_id, version, doc"),
+        ("twin_tags", "device_id, module_id, path, value"),
+        ("jobs", "id, version, job_type, status, purge_time, doc"),
+        ("device_jobs", "job_id, device_id, doc"),
+    ];
+    conn.execute_batch("BEGIN IMMEDIATE").db()?;
+    let copied = (|| {
+        let mut devices = 0;
+        for (table, columns) in TABLES {
+            let sql = format!(
+                "INSERT OR IGNORE INTO main.{table} (hub, {columns})
+                 SELECT ?1, {columns} FROM legacy.{table} WHERE hub = ''"
+            );
+            let n = conn.execute(&sql, [hub]).db()?;
+            if table == "devices" {
+                devices = u64::try_from(n).unwrap_or_default();
+            }
+        }
+        Ok(devices)
+    })();
+    let end = conn.execute_batch(if copied.is_ok() { "COMMIT" } else { "ROLLBACK" }).db();
+    copied.and_then(|n| end.map(|()| n))
+}
+
+/// Ends the batch of a top-level unit when dropped, also when the unit panics, so units waiting
+/// for the batch are never stranded.
+struct FinishBatch<'a> {
+    store: &'a SqliteStore,
+    writer: &'a Writer,
+    batch: u64,
+}
+
+impl Drop for FinishBatch<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.writer.poisoned.set(true);
+        }
+        self.store.end_batch(self.writer, self.batch);
+    }
+}
+
+/// Runs `f` inside a savepoint of the open transaction: released when `f` succeeds, rolled
+/// back to when it fails (so a refused compare-and-swap undoes only its own unit).
+fn savepoint<T, E: From<StoreError>>(
+    writer: &Writer,
+    f: impl FnOnce(&Connection) -> Result<T, E>,
+) -> Result<T, E> {
+    writer.conn.execute_batch("SAVEPOINT unit").db()?;
+    let out = f(&writer.conn);
+    let end = if out.is_ok() {
+        writer.conn.execute_batch("RELEASE unit")
+    } else {
+        writer.conn.execute_batch("ROLLBACK TO unit; RELEASE unit")
+    };
+    if let Err(e) = end {
+        // The unit's writes may be half in the transaction: it must not be committed.
+        writer.poisoned.set(true);
+        return Err(StoreError::Backend(format!("sqlite: ending a unit: {e}")).into());
+    }
+    out
 }
 
 fn lock(m: &Mutex<Connection>) -> Result<MutexGuard<'_, Connection>, StoreError> {
@@ -285,6 +661,15 @@ fn user_version(conn: &Connection) -> Result<u32, StoreError> {
 /// Applies the migrations the database lacks, under the write lock so two processes opening
 /// one file do not both migrate it.
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    // Table rebuilds drop tables that others reference; the pragma only works outside a
+    // transaction, and the references are checked before the commit instead.
+    conn.pragma_update(None, "foreign_keys", "OFF").db()?;
+    let result = migrate_tables(conn);
+    conn.pragma_update(None, "foreign_keys", "ON").db()?;
+    result
+}
+
+fn migrate_tables(conn: &mut Connection) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
     let found = user_version(&tx)?;
     if found > SCHEMA_VERSION {
@@ -298,6 +683,13 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             StoreError::Backend(format!("sqlite: migration to schema version {}: {e}", version + 1))
         })?;
     }
+    let dangling: i64 =
+        tx.query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |r| r.get(0)).db()?;
+    if dangling > 0 {
+        return Err(StoreError::Backend(format!(
+            "sqlite: migration left {dangling} rows whose referenced row is missing"
+        )));
+    }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION).db()?;
     tx.commit().db()
 }
@@ -305,4 +697,39 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 /// A page limit as SQL wants it: one row more than the page, to learn whether another follows.
 fn limit_plus_one(max_items: usize) -> i64 {
     i64::try_from(max_items.max(1)).unwrap_or(i64::MAX - 1) + 1
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_version_1_database_keeps_its_hub_rows_under_the_unnamed_hub() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO devices VALUES ('d1', 'e1', 'enabled', 0, '{}');
+             INSERT INTO modules VALUES ('d1', 'm1', 'e2', '{}');
+             INSERT INTO twins VALUES ('d1', '', 3, '{}');
+             INSERT INTO twin_tags VALUES ('d1', '', 'site', 'oslo');
+             INSERT INTO jobs VALUES ('j1', 1, 'scheduleUpdateTwin', 'queued', NULL, '{}');
+             INSERT INTO device_jobs VALUES ('j1', 'd1', '{}');",
+        )
+        .unwrap();
+        tune(&conn).unwrap();
+        migrate(&mut conn).unwrap();
+        assert_eq!(user_version(&conn).unwrap(), SCHEMA_VERSION);
+        for table in ["devices", "modules", "twins", "twin_tags", "jobs", "device_jobs"] {
+            let sql = format!("SELECT count(*) FROM {table} WHERE hub = ''");
+            let n: i64 = conn.query_row(&sql, [], |r| r.get(0)).unwrap();
+            assert_eq!(n, 1, "{table}");
+        }
+        // The module still cascades with its device.
+        conn.execute("DELETE FROM devices WHERE hub = '' AND id = 'd1'", []).unwrap();
+        let modules: i64 = conn.query_row("SELECT count(*) FROM modules", [], |r| r.get(0)).unwrap();
+        assert_eq!(modules, 0);
+    }
 }

@@ -6,7 +6,7 @@ use zerotouch_engine::store::{
     CaCertificate, CaCertificateStore, EnrollmentGroupStore, EnrollmentStore, OperationRecord, Page,
     PageRequest, Precondition, RegistrationRecord, RegistrationStore,
 };
-use zerotouch_engine::StoreError;
+use zerotouch_engine::{Error, StoreError};
 use zerotouch_proto::service::{EnrollmentGroup, IndividualEnrollment};
 use zerotouch_proto::{EnrollmentGroupId, OperationId, RegistrationId, Timestamp};
 
@@ -319,5 +319,10 @@ impl RegistrationStore for SqliteStore {
         self.write(|tx| {
             tx.execute("DELETE FROM operations WHERE created < ?1", [codec::time_column(cutoff)]).db()
         })
+    }
+    /// One unit of the writer (see [`SqliteStore`]): the hub stores of every
+    /// [`SqliteStore::hub`] view of this database write into it too.
+    fn atomically(&self, unit: &mut dyn FnMut() -> Result<(), Error>) -> Result<(), Error> {
+        self.unit(|_| unit())
     }
 }

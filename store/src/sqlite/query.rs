@@ -32,6 +32,8 @@ struct Layout {
     select: &'static str,
     /// Key comparison with the token: rows strictly after it.
     after: &'static str,
+    /// The hub column of the driving table (of `select`, then of `by_tag`).
+    hub: [&'static str; 2],
     order: &'static str,
     key_parts: usize,
     /// Single-name properties that are a column: (query name, column).
@@ -47,9 +49,10 @@ struct Layout {
 }
 
 const DEVICES: Layout = Layout {
-    select:
-        "SELECT d.id, d.doc, t.doc FROM devices d JOIN twins t ON t.device_id = d.id AND t.module_id = ''",
+    select: "SELECT d.id, d.doc, t.doc FROM devices d
+         JOIN twins t ON t.hub = d.hub AND t.device_id = d.id AND t.module_id = ''",
     after: "d.id > ?1",
+    hub: ["d.hub", "g.hub"],
     order: "ORDER BY d.id",
     key_parts: 1,
     columns: &[("deviceId", "d.id"), ("status", "d.status")],
@@ -57,8 +60,8 @@ const DEVICES: Layout = Layout {
     whole_document: false,
     by_tag: Some([
         "SELECT d.id, d.doc, t.doc FROM twin_tags g
-         CROSS JOIN twins t ON t.device_id = g.device_id AND t.module_id = g.module_id
-         CROSS JOIN devices d ON d.id = g.device_id",
+         CROSS JOIN twins t ON t.hub = g.hub AND t.device_id = g.device_id AND t.module_id = g.module_id
+         CROSS JOIN devices d ON d.hub = g.hub AND d.id = g.device_id",
         "g.path = ?P AND g.value = ?V AND g.module_id = ''",
         "g.device_id > ?1",
         "ORDER BY g.device_id",
@@ -67,8 +70,9 @@ const DEVICES: Layout = Layout {
 
 const MODULES: Layout = Layout {
     select: "SELECT m.device_id, m.module_id, m.doc, t.doc FROM modules m
-             JOIN twins t ON t.device_id = m.device_id AND t.module_id = m.module_id",
+             JOIN twins t ON t.hub = m.hub AND t.device_id = m.device_id AND t.module_id = m.module_id",
     after: "(m.device_id, m.module_id) > (?1, ?2)",
+    hub: ["m.hub", "g.hub"],
     order: "ORDER BY m.device_id, m.module_id",
     key_parts: 2,
     columns: &[("deviceId", "m.device_id"), ("moduleId", "m.module_id")],
@@ -76,8 +80,8 @@ const MODULES: Layout = Layout {
     whole_document: false,
     by_tag: Some([
         "SELECT m.device_id, m.module_id, m.doc, t.doc FROM twin_tags g
-         CROSS JOIN twins t ON t.device_id = g.device_id AND t.module_id = g.module_id
-         CROSS JOIN modules m ON m.device_id = g.device_id AND m.module_id = g.module_id",
+         CROSS JOIN twins t ON t.hub = g.hub AND t.device_id = g.device_id AND t.module_id = g.module_id
+         CROSS JOIN modules m ON m.hub = g.hub AND m.device_id = g.device_id AND m.module_id = g.module_id",
         "g.path = ?P AND g.value = ?V AND g.module_id <> ''",
         "(g.device_id, g.module_id) > (?1, ?2)",
         "ORDER BY g.device_id, g.module_id",
@@ -87,6 +91,7 @@ const MODULES: Layout = Layout {
 const JOBS: Layout = Layout {
     select: "SELECT j.job_id, j.device_id, j.doc FROM device_jobs j",
     after: "(j.job_id, j.device_id) > (?1, ?2)",
+    hub: ["j.hub", "j.hub"],
     order: "ORDER BY j.job_id, j.device_id",
     key_parts: 2,
     columns: &[("deviceId", "j.device_id"), ("jobId", "j.job_id")],
@@ -171,17 +176,22 @@ impl SqliteStore {
         let first_arg = layout.key_parts + 2;
         let pushdown = Pushdown::of(filter, layout, first_arg);
         let limit_arg = layout.key_parts + 1;
+        // The hub is bound last, after the tag path and value when there are some.
+        let path_arg = first_arg + pushdown.args.len();
         let sql = match (&pushdown.by_tag, layout.by_tag) {
             (Some(_), Some([select, on_tag, after, order])) => {
-                let path_arg = first_arg + pushdown.args.len();
                 let on_tag = on_tag
                     .replace("?P", &format!("?{path_arg}"))
                     .replace("?V", &format!("?{}", path_arg + 1));
-                format!("{select} WHERE {on_tag} AND {after}{} {order} LIMIT ?{limit_arg}", pushdown.sql)
+                let hub = format!("{} = ?{}", layout.hub[1], path_arg + 2);
+                format!(
+                    "{select} WHERE {hub} AND {on_tag} AND {after}{} {order} LIMIT ?{limit_arg}",
+                    pushdown.sql
+                )
             }
             _ => format!(
-                "{} WHERE {}{} {} LIMIT ?{limit_arg}",
-                layout.select, layout.after, pushdown.sql, layout.order
+                "{} WHERE {} = ?{path_arg} AND {}{} {} LIMIT ?{limit_arg}",
+                layout.select, layout.hub[0], layout.after, pushdown.sql, layout.order
             ),
         };
         let mut args: Vec<&dyn ToSql> = after.iter().map(|a| a as &dyn ToSql).collect();
@@ -191,6 +201,8 @@ impl SqliteStore {
             args.push(path);
             args.push(value);
         }
+        let hub = &*self.hub;
+        args.push(&hub);
         let width = layout.key_parts + if layout.whole_document { 1 } else { 2 };
         self.read(|c| {
             let mut stmt = c.prepare_cached(&sql).db()?;
