@@ -191,7 +191,8 @@ impl Backend for SqliteBackend {
 /// PostgreSQL (`--database-url`): provisioning and every embedded hub in one database that
 /// several server instances may share. A hub's identities, twins and jobs are rows tagged with
 /// its host name (lower case), so the same device id may exist in two hubs; the names of the
-/// hubs ever opened are stored, so admin commands list them.
+/// hubs ever opened are stored, so admin commands list them. A database from before hubs had
+/// names (one hub, untagged rows) gives its rows to the first hub opened on it.
 #[cfg(feature = "postgres")]
 #[derive(Debug, Clone)]
 pub struct PgBackend {
@@ -232,6 +233,14 @@ impl Backend for PgBackend {
     fn hub(&self, host_name: &str) -> Result<HubStoresOf<Self>, ServerError> {
         // One view for all three: they share the pool, so a registration's unit covers them.
         let hub = self.store.hub(host_name).map_err(pg_error)?;
+        let moved = hub.claim_unnamed_hub().map_err(pg_error)?;
+        if moved > 0 {
+            tracing::info!(
+                hub = host_name,
+                devices = moved,
+                "moved the devices of the unnamed hub into this hub"
+            );
+        }
         Ok(HubStores { identities: hub.clone(), twins: hub.clone(), jobs: hub })
     }
 

@@ -131,15 +131,66 @@ impl PgStore {
     /// provisioning stores stay the database's. Records the name for [`PgStore::hub_names`].
     ///
     /// # Errors
-    /// Backend failures recording the name.
+    /// [`StoreError::Backend`] for an empty name or when the name cannot be recorded.
     pub fn hub(&self, host_name: &str) -> Result<PgStore, StoreError> {
-        let name = host_name.to_ascii_lowercase();
-        if !name.is_empty() {
-            self.conn()?
-                .execute("INSERT INTO hubs (name) VALUES ($1) ON CONFLICT (name) DO NOTHING", &[&name])
-                .map_err(backend)?;
+        let name = host_name.trim().to_ascii_lowercase();
+        if name.is_empty() {
+            return Err(StoreError::Backend("a hub needs a host name".to_owned()));
         }
+        self.conn()?
+            .execute("INSERT INTO hubs (name) VALUES ($1) ON CONFLICT (name) DO NOTHING", &[&name])
+            .map_err(backend)?;
         Ok(PgStore { pool: self.pool.clone(), key: self.key, hub: Arc::from(name) })
+    }
+
+    /// Moves the rows of the unnamed hub — what a database written before hubs had names
+    /// (schema version 1, one hub) holds after migrating — into this view's hub, in one
+    /// transaction, provided this is the only named hub of the database and holds nothing yet:
+    /// then it is the one hub that database served. Returns how many devices moved (0 when
+    /// there was nothing to move or the conditions do not hold).
+    ///
+    /// # Errors
+    /// Backend failures (then nothing moved).
+    pub fn claim_unnamed_hub(&self) -> Result<u64, StoreError> {
+        if self.hub.is_empty() {
+            return Ok(0);
+        }
+        let unnamed = "SELECT EXISTS (SELECT 1 FROM devices WHERE hub = '') \
+                        OR EXISTS (SELECT 1 FROM twins WHERE hub = '') \
+                        OR EXISTS (SELECT 1 FROM jobs WHERE hub = '') \
+                        OR EXISTS (SELECT 1 FROM device_jobs WHERE hub = '')";
+        let any: bool = self.conn()?.query_one(unnamed, &[]).map_err(backend)?.try_get(0).map_err(backend)?;
+        if !any {
+            return Ok(0);
+        }
+        let hub: &str = &self.hub;
+        self.transaction(|c| {
+            // Locking the hub names keeps two instances from both claiming (and a new hub from
+            // being named meanwhile).
+            let names = c.query("SELECT name FROM hubs ORDER BY name FOR UPDATE", &[]).map_err(backend)?;
+            let only_this = names.len() == 1 && names[0].try_get::<_, &str>(0).map_err(backend)? == hub;
+            let occupied: bool = c
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM devices WHERE hub = $1) \
+                     OR EXISTS (SELECT 1 FROM twins WHERE hub = $1) \
+                     OR EXISTS (SELECT 1 FROM jobs WHERE hub = $1) \
+                     OR EXISTS (SELECT 1 FROM device_jobs WHERE hub = $1)",
+                    &[&hub],
+                )
+                .map_err(backend)?
+                .try_get(0)
+                .map_err(backend)?;
+            if !only_this || occupied {
+                return Ok(0);
+            }
+            // Modules follow their devices (the foreign key cascades updates).
+            let moved = c.execute("UPDATE devices SET hub = $1 WHERE hub = ''", &[&hub]).map_err(backend)?;
+            for table in ["twins", "jobs", "device_jobs"] {
+                c.execute(&format!("UPDATE {table} SET hub = $1 WHERE hub = ''"), &[&hub])
+                    .map_err(backend)?;
+            }
+            Ok(moved)
+        })
     }
 
     /// Host names of the hubs opened with [`PgStore::hub`] on this database, sorted (the

@@ -92,7 +92,7 @@ fn a_missing_server_fails_with_a_backend_error() {
 }
 
 #[test]
-fn a_database_from_before_hubs_keeps_its_rows_in_the_unnamed_hub_after_migrating() {
+fn a_database_from_before_hubs_keeps_its_rows_in_the_unnamed_hub_until_its_one_hub_claims_them() {
     use zerotouch_engine::jobs::JobStore;
     use zerotouch_engine::registry::IdentityStore;
     use zerotouch_engine::store::PageRequest;
@@ -142,9 +142,20 @@ fn a_database_from_before_hubs_keeps_its_rows_in_the_unnamed_hub_after_migrating
     let filter = zerotouch_engine::jobs::DeviceJobFilter { job_id: None, device_id: None };
     assert_eq!(store.device_jobs(&filter, &page).unwrap().items.len(), 1);
     assert!(store.twin(&TwinKey::device(id.clone())).unwrap().is_some());
-    // The old device is no named hub's, and a named hub may reuse its id.
+    // The old device is no named hub's until the first hub opened on the database claims it.
     let named = store.hub("localhost").unwrap();
     assert!(named.device(&id).unwrap().is_none());
-    assert!(named.twin(&TwinKey::device(id.clone())).unwrap().is_none());
+    let later = store.hub("later.example.net").unwrap();
+    assert_eq!(later.claim_unnamed_hub().unwrap(), 0, "only the one named hub may claim");
+    drop(later);
+    // Forget that hub, as if it had never been opened: now localhost is the only one.
+    TestDb::client(&url).execute("DELETE FROM hubs WHERE name = 'later.example.net'", &[]).unwrap();
+    assert_eq!(named.claim_unnamed_hub().unwrap(), 1);
+    assert!(named.device(&id).unwrap().is_some());
+    assert_eq!(named.modules(&id).unwrap().len(), 1, "modules follow their device");
+    assert!(named.twin(&TwinKey::device(id.clone())).unwrap().is_some());
+    assert_eq!(named.device_jobs(&filter, &page).unwrap().items.len(), 1);
+    assert!(store.device(&id).unwrap().is_none(), "the unnamed hub is empty now");
+    assert_eq!(named.claim_unnamed_hub().unwrap(), 0, "claiming twice moves nothing");
     assert_eq!(store.hub_names().unwrap(), vec!["localhost"]);
 }

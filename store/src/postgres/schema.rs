@@ -118,7 +118,8 @@ CREATE INDEX devices_status ON devices (hub, status, device_id);
 ALTER TABLE modules ADD COLUMN hub text COLLATE "C" NOT NULL DEFAULT '';
 ALTER TABLE modules DROP CONSTRAINT modules_pkey;
 ALTER TABLE modules ADD PRIMARY KEY (hub, device_id, module_id);
-ALTER TABLE modules ADD FOREIGN KEY (hub, device_id) REFERENCES devices (hub, device_id) ON DELETE CASCADE;
+ALTER TABLE modules ADD FOREIGN KEY (hub, device_id) REFERENCES devices (hub, device_id)
+    ON DELETE CASCADE ON UPDATE CASCADE;
 ALTER TABLE twins ADD COLUMN hub text COLLATE "C" NOT NULL DEFAULT '';
 ALTER TABLE twins DROP CONSTRAINT twins_pkey;
 ALTER TABLE twins ADD PRIMARY KEY (hub, device_id, module_id);
