@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use serde_json::{json, Value};
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::query::{
-    execute, parse, Collection, IndexedSource, Path, QueryPage, QuerySource, VecSource,
+    execute, execute_shared, parse, Collection, IndexedSource, Path, QueryPage, QuerySource, VecSource,
 };
 use zerotouch_engine::registry::{ImportJob, MemoryIdentityStore, Registry, RegistryConfig, TwinSink};
 use zerotouch_engine::store::PageRequest;
@@ -121,6 +121,23 @@ fn run_all(query: &zerotouch_engine::query::Query, source: &dyn QuerySource) -> 
     }
 }
 
+/// [`run_all`] with [`execute_shared`]: `SELECT *` items share the source's documents.
+fn run_all_shared(query: &zerotouch_engine::query::Query, source: &dyn QuerySource) -> usize {
+    let mut page = PageRequest { continuation: None, max_items: 1000 };
+    let mut n = 0;
+    loop {
+        let QueryPage { items, continuation, .. } = match execute_shared(query, source, &page) {
+            Ok(p) => p,
+            Err(_) => return n,
+        };
+        n += items.len();
+        match continuation {
+            Some(t) => page.continuation = Some(t),
+            None => return n,
+        }
+    }
+}
+
 fn queries(c: &mut Criterion) {
     let selective = parse("SELECT * FROM devices WHERE tags.site = 'site-7'");
     let grouped =
@@ -130,7 +147,8 @@ fn queries(c: &mut Criterion) {
     };
     for n in [100_000, 1_000_000] {
         let indexed = IndexedSource::new(VecSource::with_devices(twin_docs(n)));
-        let source = indexed.unindexed();
+        let unindexed = indexed.unindexed();
+        let source: &dyn QuerySource = &unindexed;
         assert_eq!(run_all(&selective, source), n / SITES);
         // The index on tags.site is built here, before timing (a query that names the path
         // would build it on first use otherwise); its cost is reported once on stderr.
@@ -139,6 +157,7 @@ fn queries(c: &mut Criterion) {
         assert_eq!(indexed.index(Collection::Devices, &site), SITES);
         eprintln!("query_{n}: building the tags.site index took {:?}", started.elapsed());
         assert_eq!(run_all(&selective, &indexed), n / SITES);
+        assert_eq!(run_all_shared(&selective, &indexed), n / SITES);
         let mut g = c.benchmark_group(format!("query_{n}"));
         g.sample_size(10);
         g.bench_function("selective: WHERE tags.site = 'site-7'", |b| {
@@ -146,6 +165,9 @@ fn queries(c: &mut Criterion) {
         });
         g.bench_function("selective, IndexedSource: WHERE tags.site = 'site-7'", |b| {
             b.iter(|| black_box(run_all(&selective, &indexed)));
+        });
+        g.bench_function("selective, IndexedSource, execute_shared: WHERE tags.site = 'site-7'", |b| {
+            b.iter(|| black_box(run_all_shared(&selective, &indexed)));
         });
         g.bench_function("full scan: GROUP BY with COUNT()", |b| {
             b.iter(|| black_box(run_all(&grouped, source)));

@@ -29,7 +29,9 @@ use crate::jobs::{
     DeviceJobFilter, DeviceSelector, JobLimits, JobPlanner, JobStore, MemoryJobStore, MethodCalls,
     MethodCompletion, TwinPatcher,
 };
-use crate::query::{matches, parse_condition, Collection, Expr, IndexedSource, QuerySource, VecSource};
+use crate::query::{
+    matches, parse_condition, Collection, Expr, IndexedSource, QuerySource, SourceDoc, VecSource,
+};
 use crate::registry::{
     hub_error, Applied, IdentityStore, LifecycleEvent, LifecycleOperation, MemoryIdentityStore, Registry,
     RegistryConfig, TwinSink,
@@ -896,6 +898,16 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> QuerySource for EmbeddedHub<I,
         // unchanged, which is what `execute` asks of continuation tokens, and built once
         // instead of once per batch.
         self.snapshot(collection)?.scan(collection, filter, page, visit)
+    }
+
+    fn scan_shared(
+        &self,
+        collection: Collection,
+        filter: Option<&Expr>,
+        page: &PageRequest,
+        visit: &mut dyn FnMut(SourceDoc<'_>) -> ControlFlow<()>,
+    ) -> Result<Option<String>, Error> {
+        self.snapshot(collection)?.scan_shared(collection, filter, page, visit)
     }
 }
 
