@@ -1,6 +1,8 @@
 //! The SQLite store: bulk import of identities (with and without their twins), durable
 //! symmetric-key registrations through the engine `Provisioner` on SQLite next to the in-memory
-//! store in the same run, and a selective query over the twins with and without push-down.
+//! store in the same run (alone, and with the embedded hub's identity and twin written in the
+//! same unit by 1 or 8 threads, where group commit shares commits), and a selective query over
+//! the twins with and without push-down.
 //!
 //! `ZT_SQLITE_BENCH_N` sets the number of identities (default 100 000). With
 //! `ZT_SQLITE_BENCH_ONCE=1` the import and query figures are measured once each, outside
@@ -9,7 +11,7 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
@@ -22,14 +24,17 @@ use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::enrollments;
 use zerotouch_engine::hub::{HubAction, HubError, HubRegistry, LinkedHub};
+use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
+use zerotouch_engine::jobs::{JobLimits, JobStore};
 use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
 use zerotouch_engine::query::{execute, parse, Query, QueryPage, QuerySource};
+use zerotouch_engine::registry::IdentityStore;
 use zerotouch_engine::store::{
     EnrollmentRef, OperationRecord, PageRequest, Precondition, ProvisioningStore, RegistrationRecord,
     RegistrationStore,
 };
-use zerotouch_engine::twin::TwinDocument;
+use zerotouch_engine::twin::{TwinDocument, TwinStore};
 use zerotouch_proto::device::{
     DeviceRegistration, RegistrationOperationStatus, RegistrationStatus, Substatus,
 };
@@ -39,6 +44,7 @@ use zerotouch_proto::{
     DeviceId, EnrollmentGroupId, IdScope, IfMatch, OperationId, RegistrationId, Timestamp,
 };
 use zerotouch_store::sqlite::{Durability, SqliteStore};
+use zerotouch_transport::service::{DpsService, EngineService};
 
 const SCOPE: &str = "0ne00BE4C00";
 const SITES: usize = 100;
@@ -370,5 +376,112 @@ fn queries(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bulk_import, registrations, queries);
+/// The DPS service as `zerotouch serve` builds it: provisioner and one embedded hub over `store`
+/// and `hub` (views of one database for SQLite), the hub registry behind the service's mutex.
+fn service<S, I, T, J>(store: S, hub: EmbeddedHub<I, T, J>) -> EngineService<S, EmbeddedHubs<I, T, J>>
+where
+    S: ProvisioningStore + 'static,
+    I: IdentityStore + 'static,
+    T: TwinStore + 'static,
+    J: JobStore + 'static,
+{
+    let p = Provisioner::new(
+        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
+        store,
+        Arc::new(RingCrypto::new()),
+        Allocator::new(vec![LinkedHub::new(HUB)]),
+    );
+    let mut hubs = EmbeddedHubs::new();
+    hubs.insert(hub);
+    EngineService::new(p, Arc::new(Mutex::new(hubs)))
+}
+
+const HUB: &str = "hub-1.example.net";
+
+/// Registers (group key, device counter, devices, threads) and returns the wall time.
+type RegisterRun<'a> = dyn Fn(&[u8], &mut u64, u64, u64) -> Duration + 'a;
+
+/// `iters` new devices registered by `threads` threads at once through `service`; returns the
+/// wall time of the registrations alone (tokens are made before the clock starts).
+fn register_concurrently<D: DpsService>(
+    service: &D,
+    group_key: &[u8],
+    next: &mut u64,
+    iters: u64,
+    threads: u64,
+) -> Duration {
+    let crypto = RingCrypto::new();
+    let requests: Vec<RegisterRequest> = (0..iters)
+        .map(|_| {
+            *next += 1;
+            let id = format!("device-{next:09}");
+            let key = derive_device_key(&crypto, group_key, &id);
+            let token = registration_token(&crypto, &key, SCOPE, &id, now().unix_secs() + 3600);
+            request(&id, Credential::Sas(token.to_string()))
+        })
+        .collect();
+    let per_thread = usize::try_from(iters.div_ceil(threads)).unwrap().max(1);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for chunk in requests.chunks(per_thread) {
+            s.spawn(move || {
+                for req in chunk {
+                    let r = service.register(now(), req.clone());
+                    assert_eq!(r.status, 202, "{r:?}");
+                }
+            });
+        }
+    });
+    start.elapsed()
+}
+
+fn concurrent_registrations(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let crypto = Arc::new(RingCrypto::new());
+    let group =
+        EnrollmentGroup::new(EnrollmentGroupId::new("bench").unwrap(), AttestationMechanism::symmetric_key());
+    let mut g = c.benchmark_group("registrations_with_hub");
+    g.throughput(Throughput::Elements(1));
+    let memory = {
+        let store = MemoryStore::new();
+        let hub = EmbeddedHub::in_memory(HUB, crypto.clone()).unwrap();
+        service(store, hub)
+    };
+    let durable = |name: &str, durability: Durability| {
+        let store = SqliteStore::open_with(dir.path().join(name), durability).unwrap();
+        let view = store.hub(HUB).unwrap();
+        let hub =
+            EmbeddedHub::new(HUB, view.clone(), view.clone(), view, crypto.clone(), JobLimits::default())
+                .unwrap();
+        service(store, hub)
+    };
+    let normal = durable("normal.db", Durability::ProcessCrash);
+    let full = durable("full.db", Durability::PowerLoss);
+    let services: [(&str, &RegisterRun<'_>); 3] = [
+        ("MemoryStore", &|k, n, i, t| register_concurrently(&memory, k, n, i, t)),
+        ("SqliteStore synchronous=NORMAL", &|k, n, i, t| register_concurrently(&normal, k, n, i, t)),
+        ("SqliteStore synchronous=FULL", &|k, n, i, t| register_concurrently(&full, k, n, i, t)),
+    ];
+    let keys = [
+        group_key(memory.provisioner().store(), &crypto, &group),
+        group_key(normal.provisioner().store(), &crypto, &group),
+        group_key(full.provisioner().store(), &crypto, &group),
+    ];
+    let mut next = 0u64;
+    for ((name, run), key) in services.iter().zip(&keys) {
+        for threads in [1, 8] {
+            g.bench_function(format!("{name}, {threads} thread(s)"), |b| {
+                b.iter_custom(|iters| run(key, &mut next, iters, threads))
+            });
+        }
+    }
+    g.finish();
+}
+
+fn group_key<S: ProvisioningStore>(store: &S, crypto: &RingCrypto, group: &EnrollmentGroup) -> Vec<u8> {
+    let g = enrollments::put_enrollment_group(store, crypto, now(), group.clone(), &IfMatch::Absent).unwrap();
+    STANDARD.decode(g.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap()
+}
+
+criterion_group!(benches, bulk_import, registrations, concurrent_registrations, queries);
 criterion_main!(benches);

@@ -188,15 +188,15 @@ impl Backend for SqliteBackend {
     }
 }
 
-/// PostgreSQL (`--database-url`): provisioning and the embedded hub in one database that several
-/// server instances may share. The hub tables hold one registry, so this backend serves one
-/// embedded hub; its host name is not stored, so admin commands report it as
-/// [`crate::config::DEFAULT_HUB`] unless told otherwise.
+/// PostgreSQL (`--database-url`): provisioning and every embedded hub in one database that
+/// several server instances may share. A hub's identities, twins and jobs are rows tagged with
+/// its host name (lower case), so the same device id may exist in two hubs; the names of the
+/// hubs ever opened are stored, so admin commands list them. A database from before hubs had
+/// names (one hub, untagged rows) gives its rows to the first hub opened on it.
 #[cfg(feature = "postgres")]
 #[derive(Debug, Clone)]
 pub struct PgBackend {
     store: zerotouch_store::postgres::PgStore,
-    hub: String,
 }
 
 #[cfg(feature = "postgres")]
@@ -209,16 +209,14 @@ impl PgBackend {
     /// # Errors
     /// [`ServerError::Store`] when the server is unreachable or refuses.
     pub fn connect(url: &str) -> Result<Self, ServerError> {
-        let store = zerotouch_store::postgres::PgStore::connect(url, Self::POOL_SIZE)
-            .map_err(|e| ServerError::Store(format!("postgres: {e}")))?;
-        Ok(Self { store, hub: crate::config::DEFAULT_HUB.to_owned() })
+        let store = zerotouch_store::postgres::PgStore::connect(url, Self::POOL_SIZE).map_err(pg_error)?;
+        Ok(Self { store })
     }
+}
 
-    /// Names the one embedded hub (as `--hub` does for the server).
-    pub fn with_hub(mut self, host_name: impl Into<String>) -> Self {
-        self.hub = host_name.into();
-        self
-    }
+#[cfg(feature = "postgres")]
+fn pg_error(e: zerotouch_engine::StoreError) -> ServerError {
+    ServerError::Store(format!("postgres: {e}"))
 }
 
 #[cfg(feature = "postgres")]
@@ -233,17 +231,21 @@ impl Backend for PgBackend {
     }
 
     fn hub(&self, host_name: &str) -> Result<HubStoresOf<Self>, ServerError> {
-        if !host_name.eq_ignore_ascii_case(&self.hub) {
-            return Err(ServerError::Config(format!(
-                "the PostgreSQL store holds one embedded hub ({}), not {host_name:?}",
-                self.hub
-            )));
+        // One view for all three: they share the pool, so a registration's unit covers them.
+        let hub = self.store.hub(host_name).map_err(pg_error)?;
+        let moved = hub.claim_unnamed_hub().map_err(pg_error)?;
+        if moved > 0 {
+            tracing::info!(
+                hub = host_name,
+                devices = moved,
+                "moved the devices of the unnamed hub into this hub"
+            );
         }
-        Ok(HubStores { identities: self.store.clone(), twins: self.store.clone(), jobs: self.store.clone() })
+        Ok(HubStores { identities: hub.clone(), twins: hub.clone(), jobs: hub })
     }
 
     fn hub_names(&self) -> Result<Vec<String>, ServerError> {
-        Ok(vec![self.hub.clone()])
+        self.store.hub_names().map_err(pg_error)
     }
 }
 

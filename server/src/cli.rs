@@ -12,10 +12,9 @@ use crate::backend::Backend;
 use crate::config::{Settings, StoreLocation};
 use crate::error::ServerError;
 
-/// Runs `$body` with `$b` bound to the backend a [`StoreLocation`] names; `$hub` names the one
-/// embedded hub of a PostgreSQL store when given.
+/// Runs `$body` with `$b` bound to the backend a [`StoreLocation`] names.
 macro_rules! on_backend {
-    ($location:expr, $hub:expr, |$b:ident| $body:expr) => {{
+    ($location:expr, |$b:ident| $body:expr) => {{
         let location: StoreLocation = $location;
         match location.database_url {
             None => {
@@ -23,11 +22,7 @@ macro_rules! on_backend {
                 $body
             }
             Some(url) => {
-                let backend = crate::backend::PgBackend::connect(&url)?;
-                let $b = match $hub {
-                    Some(hub) => backend.with_hub(hub),
-                    None => backend,
-                };
+                let $b = crate::backend::PgBackend::connect(&url)?;
                 $body
             }
         }
@@ -269,13 +264,13 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
             let store = match &command {
                 EnrollmentsCommand::Import { store, .. } | EnrollmentsCommand::List { store } => store,
             };
-            print(&on_backend!(store.location(), None::<String>, |b| enrollments(&b, &command))?)
+            print(&on_backend!(store.location(), |b| enrollments(&b, &command))?)
         }
         Command::Devices(command) => {
-            let (store, hub) = match &command {
-                DevicesCommand::Get { store, hub, .. } | DevicesCommand::List { store, hub } => (store, hub),
+            let store = match &command {
+                DevicesCommand::Get { store, .. } | DevicesCommand::List { store, .. } => store,
             };
-            print(&on_backend!(store.location(), hub.clone(), |b| devices(&b, &command))?)
+            print(&on_backend!(store.location(), |b| devices(&b, &command))?)
         }
         Command::Device(DeviceCommand::Register(args)) => print(&runtime()?.block_on(register(&args))?),
     }
@@ -307,17 +302,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServerError> {
     match config.store.database_url.clone() {
         None => serve_on(&config, crate::backend::SqliteBackend::new(&config.store.data_dir)).await,
         Some(url) => {
-            let [hub] = config.hubs.as_slice() else {
-                return Err(ServerError::Config(
-                    "with --database-url the server runs exactly one embedded hub".into(),
-                ));
-            };
-            let hub = hub.name.clone();
             // The PostgreSQL client blocks (it drives its own runtime).
             let backend = tokio::task::spawn_blocking(move || crate::backend::PgBackend::connect(&url))
                 .await
                 .map_err(|e| ServerError::Store(e.to_string()))??;
-            serve_on(&config, backend.with_hub(hub)).await
+            serve_on(&config, backend).await
         }
     }
 }

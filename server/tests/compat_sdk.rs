@@ -46,7 +46,7 @@ fn ports_lock() -> MutexGuard<'static, ()> {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    manifest_dir().parent().unwrap().to_path_buf()
 }
 
 /// Where `scripts/sdk-setup` installed the SDKs; fails naming the script when it has not run.
@@ -699,4 +699,12 @@ fn sdk_scripts_reject_incomplete_arguments_before_touching_the_network() {
     let out = run(node, tmp.path(), "node", CLI_TIMEOUT);
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("exactly one of --symmetric-key or --group-key"), "{}", out.stderr);
+}
+
+/// This crate's directory as cargo gives it when running the test: a binary reused from a shared
+/// build cache may have been compiled in a checkout elsewhere, so the compile-time path is only
+/// the fallback.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }

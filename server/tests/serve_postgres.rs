@@ -96,3 +96,64 @@ fn a_device_provisions_into_the_postgres_store_and_devices_get_reads_it_back() {
     let all = zerotouch(&["devices", "list", "--database-url", &schema.url]);
     assert_eq!(all[0]["hub"], "localhost");
 }
+
+#[test]
+fn a_server_with_two_hubs_on_postgres_keeps_each_hubs_devices_apart() {
+    use zerotouch_engine::registry::IdentityStore;
+    use zerotouch_engine::store::Precondition;
+    use zerotouch_proto::hub::Device;
+    use zerotouch_proto::DeviceId;
+    use zerotouch_server::backend::Backend;
+    use zerotouch_server::config::HubSpec;
+
+    let schema = Schema::new();
+    let url = schema.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let key = STANDARD.encode([0x45u8; 32]);
+    let file = dir.path().join("enrollments.json");
+    let sym = json!({"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}});
+    std::fs::write(&file, json!([{"registrationId": "meter-7", "attestation": sym}]).to_string()).unwrap();
+    zerotouch(&["enrollments", "import", "--database-url", &url, file.to_str().unwrap()]);
+
+    let hubs = ["north.localhost", "south.localhost"];
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let assigned = runtime.block_on(async {
+        let mut config = ServeConfig::new(dir.path());
+        config.mqtt_listen = "127.0.0.1:0".parse().unwrap();
+        config.https_listen = "127.0.0.1:0".parse().unwrap();
+        config.hubs = hubs.iter().map(|h| HubSpec { name: (*h).to_owned(), weight: 1 }).collect();
+        let backend = tokio::task::spawn_blocking(move || PgBackend::connect(&url).unwrap()).await.unwrap();
+        let handle = server::start(&config, backend).await.unwrap();
+        let assignment = ProvisioningClient::builder(handle.id_scope().as_str(), "meter-7")
+            .provisioning_host(format!("localhost:{}", handle.https_addr().port()))
+            .transport(Transport::Https)
+            .ca_file(handle.ca_cert().unwrap())
+            .unwrap()
+            .symmetric_key(key.as_str())
+            .build()
+            .unwrap()
+            .register()
+            .await
+            .unwrap();
+        handle.shutdown().await;
+        assignment.assigned_hub
+    });
+    assert!(hubs.contains(&assigned.as_str()), "assigned to {assigned}");
+    let listed = zerotouch(&["devices", "list", "--database-url", &schema.url]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["hub"], assigned.as_str());
+
+    // The same device id created in the other hub is a second, separate identity.
+    let other = hubs.into_iter().find(|h| *h != assigned).unwrap();
+    let backend = PgBackend::connect(&schema.url).unwrap();
+    assert_eq!(backend.hub_names().unwrap(), hubs);
+    let id = DeviceId::new("meter-7").unwrap();
+    backend.hub(other).unwrap().identities.put_device(&Device::new(id), &Precondition::MustNotExist).unwrap();
+    let listed = zerotouch(&["devices", "list", "--database-url", &schema.url]);
+    let mut in_hubs: Vec<&str> =
+        listed.as_array().unwrap().iter().map(|d| d["hub"].as_str().unwrap()).collect();
+    in_hubs.sort_unstable();
+    assert_eq!(in_hubs, hubs);
+    let got = zerotouch(&["devices", "get", "--database-url", &schema.url, "--hub", other, "meter-7"]);
+    assert_eq!(got["deviceId"], "meter-7");
+}

@@ -7,15 +7,21 @@
 //! affected) or, where a write spans tables, a transaction that locks the row it checks, so two
 //! instances on one database never lose an update. Nothing is cached in the process.
 //!
-//! The SQL sticks to plain tables, text and jsonb columns, arrays and row locks, so it also
-//! suits PostgreSQL-compatible clusters (CockroachDB, Citus).
+//! Several embedded hubs share the database: every hub-side row (device, module, twin, job,
+//! device job) carries its hub's host name, leading its key, and [`PgStore::hub`] views see one
+//! hub's rows. A registration's unit ([`RegistrationStore::atomically`]) is one transaction
+//! that the provisioning store and the hub views of the same pool all write through.
+//!
+//! The SQL sticks to plain tables, text and jsonb columns, arrays, row locks and savepoints, so
+//! it also suits PostgreSQL-compatible clusters (CockroachDB, Citus).
 
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Deref, DerefMut};
+use std::sync::Arc;
 use std::time::Duration;
 
 use postgres::error::SqlState;
 use postgres::types::ToSql;
-use postgres::{GenericClient, NoTls, Row};
+use postgres::{Client, GenericClient, NoTls, Row};
 use r2d2::{Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 use serde::de::DeserializeOwned;
@@ -27,7 +33,7 @@ use zerotouch_engine::store::{
     PageRequest, Precondition, RegistrationRecord, RegistrationStore,
 };
 use zerotouch_engine::twin::{StoredTwin, TwinDocument, TwinKey, TwinStore};
-use zerotouch_engine::StoreError;
+use zerotouch_engine::{Error, StoreError};
 use zerotouch_proto::hub::{Device, Module};
 use zerotouch_proto::jobs::{DeviceJob, JobId, JobResponse};
 use zerotouch_proto::service::{EnrollmentGroup, IndividualEnrollment};
@@ -41,8 +47,9 @@ use crate::codec::{
 
 mod query;
 mod schema;
+mod unit;
 
-pub use schema::LATEST_SCHEMA_VERSION;
+pub use schema::{migration_sql, LATEST_SCHEMA_VERSION};
 
 type Manager = PostgresConnectionManager<NoTls>;
 type Conn = PooledConnection<Manager>;
@@ -59,9 +66,22 @@ const IMPORT_ROWS_PER_STATEMENT: usize = 1000;
 ///
 /// Cheap to clone (the pool is shared). Several `PgStore`s, in one process or in many, may use
 /// the same database at once: all consistency is the database's.
+///
+/// The provisioning stores are one per database. The hub stores (identities, twins, jobs and
+/// the query source) belong to one embedded hub: [`PgStore::connect`] gives the unnamed hub
+/// `""`, [`PgStore::hub`] a view of a named one over the same pool, so several hubs share
+/// one database and the same device id may exist in each.
+///
+/// [`RegistrationStore::atomically`] opens a transaction for the calling thread: until the unit
+/// returns, every call on that thread through a store sharing this pool (clones and hub views)
+/// joins it. Units are per thread; see [`RegistrationStore::atomically`] on [`PgStore`].
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool<Manager>,
+    /// Identity of the pool, which keys the thread's open unit.
+    key: u64,
+    /// Host name of the hub the hub stores are scoped to (lower case; `""` unnamed).
+    hub: Arc<str>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -69,6 +89,7 @@ impl std::fmt::Debug for PgStore {
         // The URL may hold a password: show only the pool state.
         let state = self.pool.state();
         f.debug_struct("PgStore")
+            .field("hub", &self.hub)
             .field("connections", &state.connections)
             .field("idle", &state.idle_connections)
             .finish()
@@ -102,7 +123,89 @@ impl PgStore {
             .connection_timeout(POOL_TIMEOUT)
             .build(manager)
             .map_err(|e| StoreError::Backend(format!("cannot connect to PostgreSQL: {e}")))?;
-        Ok(PgStore { pool })
+        Ok(PgStore { pool, key: unit::next_pool_key(), hub: Arc::from("") })
+    }
+
+    /// The stores of embedded hub `host_name` (compared case-insensitively) over this store's
+    /// pool: its identities, twins, jobs and query source hold that hub's rows only, while the
+    /// provisioning stores stay the database's. Records the name for [`PgStore::hub_names`].
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] for an empty name or when the name cannot be recorded.
+    pub fn hub(&self, host_name: &str) -> Result<PgStore, StoreError> {
+        let name = host_name.trim().to_ascii_lowercase();
+        if name.is_empty() {
+            return Err(StoreError::Backend("a hub needs a host name".to_owned()));
+        }
+        self.conn()?
+            .execute("INSERT INTO hubs (name) VALUES ($1) ON CONFLICT (name) DO NOTHING", &[&name])
+            .map_err(backend)?;
+        Ok(PgStore { pool: self.pool.clone(), key: self.key, hub: Arc::from(name) })
+    }
+
+    /// Moves the rows of the unnamed hub — what a database written before hubs had names
+    /// (schema version 1, one hub) holds after migrating — into this view's hub, in one
+    /// transaction, provided this is the only named hub of the database and holds nothing yet:
+    /// then it is the one hub that database served. Returns how many devices moved (0 when
+    /// there was nothing to move or the conditions do not hold).
+    ///
+    /// # Errors
+    /// Backend failures (then nothing moved).
+    pub fn claim_unnamed_hub(&self) -> Result<u64, StoreError> {
+        if self.hub.is_empty() {
+            return Ok(0);
+        }
+        let unnamed = "SELECT EXISTS (SELECT 1 FROM devices WHERE hub = '') \
+                        OR EXISTS (SELECT 1 FROM twins WHERE hub = '') \
+                        OR EXISTS (SELECT 1 FROM jobs WHERE hub = '') \
+                        OR EXISTS (SELECT 1 FROM device_jobs WHERE hub = '')";
+        let any: bool = self.conn()?.query_one(unnamed, &[]).map_err(backend)?.try_get(0).map_err(backend)?;
+        if !any {
+            return Ok(0);
+        }
+        let hub: &str = &self.hub;
+        self.transaction(|c| {
+            // Locking the hub names keeps two instances from both claiming (and a new hub from
+            // being named meanwhile).
+            let names = c.query("SELECT name FROM hubs ORDER BY name FOR UPDATE", &[]).map_err(backend)?;
+            let only_this = names.len() == 1 && names[0].try_get::<_, &str>(0).map_err(backend)? == hub;
+            let occupied: bool = c
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM devices WHERE hub = $1) \
+                     OR EXISTS (SELECT 1 FROM twins WHERE hub = $1) \
+                     OR EXISTS (SELECT 1 FROM jobs WHERE hub = $1) \
+                     OR EXISTS (SELECT 1 FROM device_jobs WHERE hub = $1)",
+                    &[&hub],
+                )
+                .map_err(backend)?
+                .try_get(0)
+                .map_err(backend)?;
+            if !only_this || occupied {
+                return Ok(0);
+            }
+            // Modules follow their devices (the foreign key cascades updates).
+            let moved = c.execute("UPDATE devices SET hub = $1 WHERE hub = ''", &[&hub]).map_err(backend)?;
+            for table in ["twins", "jobs", "device_jobs"] {
+                c.execute(&format!("UPDATE {table} SET hub = $1 WHERE hub = ''"), &[&hub])
+                    .map_err(backend)?;
+            }
+            Ok(moved)
+        })
+    }
+
+    /// Host names of the hubs opened with [`PgStore::hub`] on this database, sorted (the
+    /// unnamed hub is not listed).
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn hub_names(&self) -> Result<Vec<String>, StoreError> {
+        let rows = self.conn()?.query("SELECT name FROM hubs ORDER BY name", &[]).map_err(backend)?;
+        rows.iter().map(|r| r.try_get::<_, String>(0).map_err(backend)).collect()
+    }
+
+    /// Host name of the hub this store's hub stores are scoped to (`""` for the unnamed one).
+    pub fn hub_name(&self) -> &str {
+        &self.hub
     }
 
     /// The schema version the database is at (after [`PgStore::connect`], the latest).
@@ -113,8 +216,50 @@ impl PgStore {
         schema::current_version(&mut *self.conn()?)
     }
 
-    fn conn(&self) -> Result<Conn, StoreError> {
+    /// The connection for one call: the open unit's on this thread, else one from the pool.
+    fn conn(&self) -> Result<Lease, StoreError> {
+        match unit::take(self.key) {
+            unit::Ambient::Conn(c) => Ok(Lease::Unit(c)),
+            unit::Ambient::None => self.pooled().map(Lease::Pooled),
+            unit::Ambient::Busy => Err(StoreError::Backend(
+                "PostgreSQL: re-entrant store call while the unit's connection is in use".to_owned(),
+            )),
+        }
+    }
+
+    fn pooled(&self) -> Result<Conn, StoreError> {
         self.pool.get().map_err(|e| StoreError::Backend(format!("no PostgreSQL connection: {e}")))
+    }
+
+    /// Runs `work` as one transaction, or as a savepoint of the thread's open unit, so that a
+    /// failure undoes `work` alone and never commits or aborts the unit.
+    fn transaction<R>(
+        &self,
+        work: impl FnOnce(&mut Client) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut lease = self.conn()?;
+        let (begin, commit, rollback) = match lease {
+            Lease::Unit(_) => (
+                "SAVEPOINT zt_call",
+                "RELEASE SAVEPOINT zt_call",
+                "ROLLBACK TO SAVEPOINT zt_call; RELEASE SAVEPOINT zt_call",
+            ),
+            Lease::Pooled(_) => ("BEGIN", "COMMIT", "ROLLBACK"),
+        };
+        lease.batch_execute(begin).map_err(backend)?;
+        let mut guard = Rollback { client: &mut lease, sql: rollback, armed: true };
+        let result = work(guard.client);
+        guard.armed = false;
+        match result {
+            Ok(r) => {
+                guard.client.batch_execute(commit).map_err(backend)?;
+                Ok(r)
+            }
+            Err(e) => {
+                guard.client.batch_execute(rollback).map_err(backend)?;
+                Err(e)
+            }
+        }
     }
 
     /// Writes (creates or replaces) many devices in one transaction, with multi-row `INSERT`s:
@@ -125,12 +270,12 @@ impl PgStore {
     pub fn put_devices(&self, devices: &[Device]) -> Result<(), StoreError> {
         let rows =
             last_per_id(devices, |d| d).into_iter().map(DeviceRow::new).collect::<Result<Vec<_>, _>>()?;
-        let mut conn = self.conn()?;
-        let mut tx = conn.transaction().map_err(backend)?;
-        for chunk in rows.chunks(IMPORT_ROWS_PER_STATEMENT) {
-            insert_devices(&mut tx, chunk.iter())?;
-        }
-        tx.commit().map_err(backend)
+        self.transaction(|c| {
+            for chunk in rows.chunks(IMPORT_ROWS_PER_STATEMENT) {
+                insert_devices(c, &self.hub, chunk.iter())?;
+            }
+            Ok(())
+        })
     }
 
     /// Writes (creates or replaces) many devices and their device twins in one transaction, so
@@ -143,20 +288,23 @@ impl PgStore {
             .into_iter()
             .map(|(d, t)| Ok((DeviceRow::new(d)?, TwinRow::new(t)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
-        let mut conn = self.conn()?;
-        let mut tx = conn.transaction().map_err(backend)?;
-        for chunk in rows.chunks(IMPORT_ROWS_PER_STATEMENT) {
-            insert_devices(&mut tx, chunk.iter().map(|(d, _)| d))?;
-            let twins: Vec<(&str, &TwinRow)> = chunk.iter().map(|(d, t)| (d.id.as_str(), t)).collect();
-            insert_twins(&mut tx, &twins)?;
-        }
-        tx.commit().map_err(backend)
+        self.transaction(|c| {
+            for chunk in rows.chunks(IMPORT_ROWS_PER_STATEMENT) {
+                insert_devices(c, &self.hub, chunk.iter().map(|(d, _)| d))?;
+                let twins: Vec<(&str, &TwinRow)> = chunk.iter().map(|(d, t)| (d.id.as_str(), t)).collect();
+                insert_twins(c, &self.hub, &twins)?;
+            }
+            Ok(())
+        })
     }
 
     /// Streams every device in id order to `visit` from one consistent snapshot: a read-only
     /// repeatable-read transaction reads a server-side cursor `batch` rows at a time, so memory
     /// stays flat and concurrent writers are not blocked. Stops early when `visit` breaks;
     /// returns how many devices were visited.
+    ///
+    /// Inside a unit ([`RegistrationStore::atomically`]) the export reads the unit's own
+    /// transaction instead, `batch` rows per statement, and so sees the unit's writes.
     ///
     /// # Errors
     /// Backend failures or a stored row that does not parse.
@@ -166,14 +314,22 @@ impl PgStore {
         mut visit: impl FnMut(Device) -> ControlFlow<()>,
     ) -> Result<u64, StoreError> {
         let batch = i32::try_from(batch.max(1)).unwrap_or(i32::MAX);
-        let mut conn = self.conn()?;
+        let mut conn = match self.conn()? {
+            Lease::Pooled(conn) => conn,
+            Lease::Unit(lease) => {
+                drop(lease);
+                return self.export_in_unit(i64::from(batch), visit);
+            }
+        };
         let mut tx = conn
             .build_transaction()
             .isolation_level(postgres::IsolationLevel::RepeatableRead)
             .read_only(true)
             .start()
             .map_err(backend)?;
-        let portal = tx.bind("SELECT doc FROM devices ORDER BY device_id", &[]).map_err(backend)?;
+        let hub: &str = &self.hub;
+        let portal =
+            tx.bind("SELECT doc FROM devices WHERE hub = $1 ORDER BY device_id", &[&hub]).map_err(backend)?;
         let mut visited = 0u64;
         loop {
             let rows = tx.query_portal(&portal, batch).map_err(backend)?;
@@ -189,21 +345,109 @@ impl PgStore {
         }
     }
 
+    /// [`PgStore::export_devices`] inside a unit: keyset pages on the unit's connection, which
+    /// goes back to the unit between pages (`visit` may use the stores too).
+    fn export_in_unit(
+        &self,
+        batch: i64,
+        mut visit: impl FnMut(Device) -> ControlFlow<()>,
+    ) -> Result<u64, StoreError> {
+        let hub: &str = &self.hub;
+        let mut after = String::new();
+        let mut visited = 0u64;
+        loop {
+            let rows = self
+                .conn()?
+                .query(
+                    "SELECT doc, device_id FROM devices WHERE hub = $1 AND device_id > $2 \
+                     ORDER BY device_id LIMIT $3",
+                    &[&hub, &after, &batch],
+                )
+                .map_err(backend)?;
+            for row in &rows {
+                visited += 1;
+                if visit(doc(row)?).is_break() {
+                    return Ok(visited);
+                }
+            }
+            match rows.last() {
+                Some(last) if i64::try_from(rows.len()).unwrap_or(i64::MAX) >= batch => {
+                    after = last.try_get(1).map_err(backend)?;
+                }
+                _ => return Ok(visited),
+            }
+        }
+    }
+
     /// Number of stored device identities.
     ///
     /// # Errors
     /// Backend failures.
     pub fn device_count(&self) -> Result<u64, StoreError> {
-        let row = self.conn()?.query_one("SELECT count(*) FROM devices", &[]).map_err(backend)?;
+        let hub: &str = &self.hub;
+        let row = self
+            .conn()?
+            .query_one("SELECT count(*) FROM devices WHERE hub = $1", &[&hub])
+            .map_err(backend)?;
         Ok(u64::try_from(row.try_get::<_, i64>(0).map_err(backend)?).unwrap_or_default())
+    }
+}
+
+/// A connection lent to one call.
+enum Lease {
+    /// The connection of the unit open on this thread.
+    Unit(unit::Borrowed),
+    /// A connection of the pool, in autocommit.
+    Pooled(Conn),
+}
+
+impl Deref for Lease {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        match self {
+            Lease::Unit(c) => c,
+            Lease::Pooled(c) => c,
+        }
+    }
+}
+
+impl DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut Client {
+        match self {
+            Lease::Unit(c) => c,
+            Lease::Pooled(c) => c,
+        }
+    }
+}
+
+/// Rolls back a transaction or savepoint of [`PgStore::transaction`] if its work panics, so
+/// no connection goes back to the pool mid-transaction.
+struct Rollback<'a> {
+    client: &'a mut Client,
+    sql: &'static str,
+    armed: bool,
+}
+
+impl Drop for Rollback<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.client.batch_execute(self.sql);
+        }
     }
 }
 
 // -------------------------------------------------------------------------------------------------
 // Shared helpers
 
+/// A failed statement. Inside a unit, a conflict with a concurrent transaction (serialization
+/// failure, deadlock) is [`StoreError::PreconditionFailed`], so the provisioner re-reads and
+/// retries the unit.
 fn backend(e: postgres::Error) -> StoreError {
-    StoreError::Backend(format!("PostgreSQL: {e}"))
+    if unit::retryable(&e) && unit::active() {
+        StoreError::PreconditionFailed
+    } else {
+        StoreError::Backend(format!("PostgreSQL: {e}"))
+    }
 }
 
 /// Decodes the `doc` column (always the first) of a row.
@@ -528,11 +772,10 @@ impl RegistrationStore for PgStore {
         let etag = etag_column(record.etag().as_ref());
         let doc = to_doc(record)?;
         let group = registration_group(record);
-        let mut conn = self.conn()?;
-        let mut tx = conn.transaction().map_err(backend)?;
-        REGISTRATIONS.put(&mut tx, &[&key, &etag, &doc, &group], pre)?;
-        put_operation(&mut tx, operation)?;
-        tx.commit().map_err(backend)
+        self.transaction(|c| {
+            REGISTRATIONS.put(c, &[&key, &etag, &doc, &group], pre)?;
+            put_operation(c, operation)
+        })
     }
 
     fn delete_registration(&self, id: &RegistrationId, pre: &Precondition) -> Result<(), StoreError> {
@@ -567,14 +810,33 @@ impl RegistrationStore for PgStore {
             .map_err(backend)?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
+
+    /// Runs `unit` in one PostgreSQL transaction on one pooled connection, which every call on
+    /// this thread through a store sharing this pool (clones, [`PgStore::hub`] views) uses
+    /// until `unit` returns; a unit inside a unit is a savepoint. Calls made on other threads
+    /// meanwhile are not part of the unit (and may wait on its row locks): do not hand the
+    /// unit's work to other threads. Writes that are a transaction of their own elsewhere
+    /// (a record with its operation, a device with its modules) are savepoints inside a
+    /// unit, so a refused one undoes only itself.
+    ///
+    /// # Errors
+    /// The error of `unit` (after rolling back), [`StoreError::PreconditionFailed`] when the
+    /// commit conflicts with a concurrent transaction (serialization failure or deadlock: re-read
+    /// and retry), or [`StoreError::Backend`] when the transaction cannot begin or commit.
+    fn atomically(&self, unit: &mut dyn FnMut() -> Result<(), Error>) -> Result<(), Error> {
+        unit::run(self.key, || self.pooled(), unit)
+    }
 }
 
 // -------------------------------------------------------------------------------------------------
 // Identities
+//
+// Every hub-side table leads its key with `hub`: the host name of the hub the row belongs to.
 
 const DEVICES: Table =
-    Table { name: "devices", keys: &["device_id"], values: &["etag", "doc", "status", "connected"] };
-const MODULES: Table = Table { name: "modules", keys: &["device_id", "module_id"], values: &["etag", "doc"] };
+    Table { name: "devices", keys: &["hub", "device_id"], values: &["etag", "doc", "status", "connected"] };
+const MODULES: Table =
+    Table { name: "modules", keys: &["hub", "device_id", "module_id"], values: &["etag", "doc"] };
 
 /// The columns of one device row.
 struct DeviceRow {
@@ -606,24 +868,25 @@ fn last_per_id<T>(items: &[T], device: impl Fn(&T) -> &Device) -> Vec<&T> {
     out
 }
 
-/// Multi-row upsert of devices (one statement).
+/// Multi-row upsert of devices of hub `hub` (one statement; `$1` is the hub).
 fn insert_devices<'a>(
     c: &mut impl GenericClient,
+    hub: &str,
     rows: impl Iterator<Item = &'a DeviceRow>,
 ) -> Result<(), StoreError> {
-    let mut params: Vec<Param<'_>> = Vec::new();
+    let mut params: Vec<Param<'_>> = vec![&hub];
     let mut tuples = Vec::new();
     for r in rows {
         let n = params.len();
-        tuples.push(format!("(${}, ${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4, n + 5));
+        tuples.push(format!("($1, ${}, ${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4, n + 5));
         params.extend([&r.id as Param<'_>, &r.etag, &r.doc, &r.status, &r.connected]);
     }
     if tuples.is_empty() {
         return Ok(());
     }
     let sql = format!(
-        "INSERT INTO devices (device_id, etag, doc, status, connected) VALUES {} \
-         ON CONFLICT (device_id) DO UPDATE SET etag = EXCLUDED.etag, doc = EXCLUDED.doc, \
+        "INSERT INTO devices (hub, device_id, etag, doc, status, connected) VALUES {} \
+         ON CONFLICT (hub, device_id) DO UPDATE SET etag = EXCLUDED.etag, doc = EXCLUDED.doc, \
          status = EXCLUDED.status, connected = EXCLUDED.connected",
         tuples.join(", ")
     );
@@ -633,49 +896,58 @@ fn insert_devices<'a>(
 
 impl IdentityStore for PgStore {
     fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
-        DEVICES.get(&mut *self.conn()?, &[&id.as_str()])
+        let hub: &str = &self.hub;
+        DEVICES.get(&mut *self.conn()?, &[&hub, &id.as_str()])
     }
 
     fn put_device(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
         let r = DeviceRow::new(device)?;
-        DEVICES.put(&mut *self.conn()?, &[&r.id, &r.etag, &r.doc, &r.status, &r.connected], pre)
+        let hub: &str = &self.hub;
+        DEVICES.put(&mut *self.conn()?, &[&hub, &r.id, &r.etag, &r.doc, &r.status, &r.connected], pre)
     }
 
     fn delete_device(&self, id: &DeviceId, pre: &Precondition) -> Result<(Device, Vec<Module>), StoreError> {
-        let mut conn = self.conn()?;
-        let mut tx = conn.transaction().map_err(backend)?;
-        // Locking the device row first keeps modules from being added between reading them and
-        // deleting them (a module insert takes a key-share lock on its device through the FK).
-        let row = tx
-            .query_opt("SELECT etag FROM devices WHERE device_id = $1 FOR UPDATE", &[&id.as_str()])
-            .map_err(backend)?
-            .ok_or(StoreError::NotFound)?;
-        let etag: String = row.try_get(0).map_err(backend)?;
-        check(pre, Some(&etag))?;
-        let modules = tx
-            .query("DELETE FROM modules WHERE device_id = $1 RETURNING doc, module_id", &[&id.as_str()])
-            .map_err(backend)?;
-        let mut modules = modules
-            .iter()
-            .map(|r| Ok((r.try_get::<_, String>(1).map_err(backend)?, doc::<Module>(r)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        modules.sort_by(|a, b| a.0.cmp(&b.0));
-        let device = tx
-            .query_one("DELETE FROM devices WHERE device_id = $1 RETURNING doc", &[&id.as_str()])
-            .map_err(backend)?;
-        let device = doc(&device)?;
-        tx.commit().map_err(backend)?;
-        Ok((device, modules.into_iter().map(|(_, m)| m).collect()))
+        let hub: &str = &self.hub;
+        let keys: [Param<'_>; 2] = [&hub, &id.as_str()];
+        self.transaction(|tx| {
+            // Locking the device row first keeps modules from being added between reading them
+            // and deleting them (a module insert takes a key-share lock on its device through
+            // the FK).
+            let row = tx
+                .query_opt("SELECT etag FROM devices WHERE hub = $1 AND device_id = $2 FOR UPDATE", &keys)
+                .map_err(backend)?
+                .ok_or(StoreError::NotFound)?;
+            let etag: String = row.try_get(0).map_err(backend)?;
+            check(pre, Some(&etag))?;
+            let modules = tx
+                .query(
+                    "DELETE FROM modules WHERE hub = $1 AND device_id = $2 RETURNING doc, module_id",
+                    &keys,
+                )
+                .map_err(backend)?;
+            let mut modules = modules
+                .iter()
+                .map(|r| Ok((r.try_get::<_, String>(1).map_err(backend)?, doc::<Module>(r)?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            modules.sort_by(|a, b| a.0.cmp(&b.0));
+            let device = tx
+                .query_one("DELETE FROM devices WHERE hub = $1 AND device_id = $2 RETURNING doc", &keys)
+                .map_err(backend)?;
+            let device = doc(&device)?;
+            Ok((device, modules.into_iter().map(|(_, m)| m).collect()))
+        })
     }
 
     fn devices(&self, page: &PageRequest) -> Result<Page<Device>, StoreError> {
         let (max, limit) = limit_of(page);
         let after = page.continuation.clone().unwrap_or_default();
+        let hub: &str = &self.hub;
         let rows = self
             .conn()?
             .query(
-                "SELECT doc, device_id FROM devices WHERE device_id > $1 ORDER BY device_id LIMIT $2",
-                &[&after, &limit],
+                "SELECT doc, device_id FROM devices WHERE hub = $1 AND device_id > $2 \
+                 ORDER BY device_id LIMIT $3",
+                &[&hub, &after, &limit],
             )
             .map_err(backend)?;
         let items = docs::<Device>(&rows)?;
@@ -683,14 +955,15 @@ impl IdentityStore for PgStore {
     }
 
     fn count_devices(&self) -> Result<DeviceCounts, StoreError> {
+        let hub: &str = &self.hub;
         let row = self
             .conn()?
             .query_one(
                 "SELECT count(*), \
                         coalesce(sum(CASE WHEN status = 'disabled' THEN 1 ELSE 0 END), 0)::bigint, \
                         coalesce(sum(CASE WHEN connected THEN 1 ELSE 0 END), 0)::bigint \
-                 FROM devices",
-                &[],
+                 FROM devices WHERE hub = $1",
+                &[&hub],
             )
             .map_err(backend)?;
         let n = |i: usize| -> Result<u64, StoreError> {
@@ -701,13 +974,24 @@ impl IdentityStore for PgStore {
     }
 
     fn module(&self, device: &DeviceId, module: &ModuleId) -> Result<Option<Module>, StoreError> {
-        MODULES.get(&mut *self.conn()?, &[&device.as_str(), &module.as_str()])
+        let hub: &str = &self.hub;
+        MODULES.get(&mut *self.conn()?, &[&hub, &device.as_str(), &module.as_str()])
     }
 
     fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
         let (etag, doc) = (etag_column(module.etag.as_ref()), to_doc(module)?);
         let (d, m) = (module.device_id.as_str(), module.module_id.as_str());
-        MODULES.put(&mut *self.conn()?, &[&d, &m, &etag, &doc], pre)
+        let hub: &str = &self.hub;
+        // A module of a missing device fails on the foreign key: in a unit that statement
+        // error would abort the whole transaction, so it gets a savepoint of its own there.
+        let put = |c: &mut Client| MODULES.put(c, &[&hub, &d, &m, &etag, &doc], pre);
+        match self.conn()? {
+            Lease::Pooled(mut c) => put(&mut c),
+            Lease::Unit(lease) => {
+                drop(lease);
+                self.transaction(put)
+            }
+        }
     }
 
     fn delete_module(
@@ -716,14 +1000,19 @@ impl IdentityStore for PgStore {
         module: &ModuleId,
         pre: &Precondition,
     ) -> Result<Module, StoreError> {
-        let doc = MODULES.delete(&mut *self.conn()?, &[&device.as_str(), &module.as_str()], pre)?;
+        let hub: &str = &self.hub;
+        let doc = MODULES.delete(&mut *self.conn()?, &[&hub, &device.as_str(), &module.as_str()], pre)?;
         from_doc(&doc)
     }
 
     fn modules(&self, device: &DeviceId) -> Result<Vec<Module>, StoreError> {
+        let hub: &str = &self.hub;
         let rows = self
             .conn()?
-            .query("SELECT doc FROM modules WHERE device_id = $1 ORDER BY module_id", &[&device.as_str()])
+            .query(
+                "SELECT doc FROM modules WHERE hub = $1 AND device_id = $2 ORDER BY module_id",
+                &[&hub, &device.as_str()],
+            )
             .map_err(backend)?;
         docs(&rows)
     }
@@ -733,7 +1022,7 @@ impl IdentityStore for PgStore {
 // Twins
 
 const TWINS: Table =
-    Table { name: "twins", keys: &["device_id", "module_id"], values: &["etag", "doc", "tags_ci"] };
+    Table { name: "twins", keys: &["hub", "device_id", "module_id"], values: &["etag", "doc", "tags_ci"] };
 
 /// The columns of one twin row; the etag column holds the revision, which preconditions compare.
 struct TwinRow {
@@ -754,21 +1043,21 @@ impl TwinRow {
     }
 }
 
-/// Multi-row upsert of device twins (one statement).
-fn insert_twins(c: &mut impl GenericClient, rows: &[(&str, &TwinRow)]) -> Result<(), StoreError> {
+/// Multi-row upsert of device twins of hub `hub` (one statement; `$1` is the hub).
+fn insert_twins(c: &mut impl GenericClient, hub: &str, rows: &[(&str, &TwinRow)]) -> Result<(), StoreError> {
     if rows.is_empty() {
         return Ok(());
     }
-    let mut params: Vec<Param<'_>> = Vec::new();
+    let mut params: Vec<Param<'_>> = vec![&hub];
     let mut tuples = Vec::new();
     for (id, r) in rows {
         let n = params.len();
-        tuples.push(format!("(${}, '', ${}, ${}, ${}::text::jsonb)", n + 1, n + 2, n + 3, n + 4));
+        tuples.push(format!("($1, ${}, '', ${}, ${}, ${}::text::jsonb)", n + 1, n + 2, n + 3, n + 4));
         params.extend([id as Param<'_>, &r.revision, &r.doc, &r.tags]);
     }
     let sql = format!(
-        "INSERT INTO twins (device_id, module_id, etag, doc, tags_ci) VALUES {} \
-         ON CONFLICT (device_id, module_id) DO UPDATE SET etag = EXCLUDED.etag, doc = EXCLUDED.doc, \
+        "INSERT INTO twins (hub, device_id, module_id, etag, doc, tags_ci) VALUES {} \
+         ON CONFLICT (hub, device_id, module_id) DO UPDATE SET etag = EXCLUDED.etag, doc = EXCLUDED.doc, \
          tags_ci = EXCLUDED.tags_ci",
         tuples.join(", ")
     );
@@ -791,17 +1080,22 @@ fn stored_twin(row: &Row) -> Result<StoredTwin, StoreError> {
 
 impl TwinStore for PgStore {
     fn twin(&self, key: &TwinKey) -> Result<Option<TwinDocument>, StoreError> {
-        TWINS.get(&mut *self.conn()?, &[&key.device_id.as_str(), &twin_module_column(key)])
+        let hub: &str = &self.hub;
+        TWINS.get(&mut *self.conn()?, &[&hub, &key.device_id.as_str(), &twin_module_column(key)])
     }
 
     fn put_twin(&self, key: &TwinKey, twin: &TwinDocument, pre: &Precondition) -> Result<(), StoreError> {
         let r = TwinRow::new(twin)?;
         let (d, m) = (key.device_id.as_str(), twin_module_column(key));
-        TWINS.put(&mut *self.conn()?, &[&d, &m, &r.revision, &r.doc, &r.tags], pre)
+        let hub: &str = &self.hub;
+        TWINS.put(&mut *self.conn()?, &[&hub, &d, &m, &r.revision, &r.doc, &r.tags], pre)
     }
 
     fn delete_twin(&self, key: &TwinKey, pre: &Precondition) -> Result<(), StoreError> {
-        TWINS.delete(&mut *self.conn()?, &[&key.device_id.as_str(), &twin_module_column(key)], pre).map(drop)
+        let hub: &str = &self.hub;
+        TWINS
+            .delete(&mut *self.conn()?, &[&hub, &key.device_id.as_str(), &twin_module_column(key)], pre)
+            .map(drop)
     }
 
     fn twins(&self, page: &PageRequest) -> Result<Page<StoredTwin>, StoreError> {
@@ -813,12 +1107,13 @@ impl TwinStore for PgStore {
                 None => (token.clone(), String::new()),
             },
         };
+        let hub: &str = &self.hub;
         let rows = self
             .conn()?
             .query(
-                "SELECT doc, device_id, module_id FROM twins WHERE (device_id, module_id) > ($1, $2) \
-                 ORDER BY device_id, module_id LIMIT $3",
-                &[&device, &module, &limit],
+                "SELECT doc, device_id, module_id FROM twins WHERE hub = $1 AND (device_id, module_id) > ($2, $3) \
+                 ORDER BY device_id, module_id LIMIT $4",
+                &[&hub, &device, &module, &limit],
             )
             .map_err(backend)?;
         let items = rows.iter().map(stored_twin).collect::<Result<Vec<_>, _>>()?;
@@ -826,11 +1121,13 @@ impl TwinStore for PgStore {
     }
 
     fn device_twins(&self, device_id: &DeviceId) -> Result<Vec<StoredTwin>, StoreError> {
+        let hub: &str = &self.hub;
         let rows = self
             .conn()?
             .query(
-                "SELECT doc, device_id, module_id FROM twins WHERE device_id = $1 ORDER BY module_id",
-                &[&device_id.as_str()],
+                "SELECT doc, device_id, module_id FROM twins WHERE hub = $1 AND device_id = $2 \
+                 ORDER BY module_id",
+                &[&hub, &device_id.as_str()],
             )
             .map_err(backend)?;
         rows.iter().map(stored_twin).collect()
@@ -842,7 +1139,7 @@ impl TwinStore for PgStore {
 
 const JOBS: Table = Table {
     name: "jobs",
-    keys: &["job_id"],
+    keys: &["hub", "job_id"],
     values: &["etag", "doc", "version", "job_type", "status", "purge_after"],
 };
 
@@ -857,9 +1154,10 @@ fn job_record(row: &Row) -> Result<JobRecord, StoreError> {
 
 impl JobStore for PgStore {
     fn job(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
+        let hub: &str = &self.hub;
         let row = self
             .conn()?
-            .query_opt("SELECT doc, version FROM jobs WHERE job_id = $1", &[&id.as_str()])
+            .query_opt("SELECT doc, version FROM jobs WHERE hub = $1 AND job_id = $2", &[&hub, &id.as_str()])
             .map_err(backend)?;
         row.map(|r| job_record(&r)).transpose()
     }
@@ -873,7 +1171,12 @@ impl JobStore for PgStore {
             .map_err(|_| StoreError::Backend("job version too large".to_owned()))?;
         let (job_type, status) = (job_type_column(job.job_type)?, job_status_column(job.status)?);
         let purge_after = job_purge_time(record);
-        JOBS.put(&mut *self.conn()?, &[&id, &etag, &doc, &version, &job_type, &status, &purge_after], pre)
+        let hub: &str = &self.hub;
+        JOBS.put(
+            &mut *self.conn()?,
+            &[&hub, &id, &etag, &doc, &version, &job_type, &status, &purge_after],
+            pre,
+        )
     }
 
     fn jobs(&self, filter: &JobFilter, page: &PageRequest) -> Result<Page<JobResponse>, StoreError> {
@@ -887,13 +1190,14 @@ impl JobStore for PgStore {
         };
         let job_type = filter.job_type.map(job_type_column).transpose()?;
         let status = filter.status.map(job_status_column).transpose()?;
+        let hub: &str = &self.hub;
         let rows = self
             .conn()?
             .query(
-                "SELECT doc, job_id FROM jobs WHERE job_id > $1 \
+                "SELECT doc, job_id FROM jobs WHERE hub = $5 AND job_id > $1 \
                  AND ($2::text IS NULL OR job_type = $2) AND ($3::text IS NULL OR status = $3) \
                  ORDER BY job_id LIMIT $4",
-                &[&after, &job_type, &status, &limit],
+                &[&after, &job_type, &status, &limit, &hub],
             )
             .map_err(backend)?;
         let items = docs::<JobResponse>(&rows)?;
@@ -902,22 +1206,24 @@ impl JobStore for PgStore {
 
     fn put_device_job(&self, record: &DeviceJob) -> Result<(), StoreError> {
         let (job, device, doc) = (record.job_id.as_str(), record.device_id.as_str(), to_doc(record)?);
+        let hub: &str = &self.hub;
         self.conn()?
             .execute(
-                "INSERT INTO device_jobs (job_id, device_id, doc) VALUES ($1, $2, $3) \
-                 ON CONFLICT (job_id, device_id) DO UPDATE SET doc = EXCLUDED.doc",
-                &[&job, &device, &doc],
+                "INSERT INTO device_jobs (hub, job_id, device_id, doc) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (hub, job_id, device_id) DO UPDATE SET doc = EXCLUDED.doc",
+                &[&hub, &job, &device, &doc],
             )
             .map_err(backend)?;
         Ok(())
     }
 
     fn device_job(&self, job: &JobId, device_id: &str) -> Result<Option<DeviceJob>, StoreError> {
+        let hub: &str = &self.hub;
         let row = self
             .conn()?
             .query_opt(
-                "SELECT doc FROM device_jobs WHERE job_id = $1 AND device_id = $2",
-                &[&job.as_str(), &device_id],
+                "SELECT doc FROM device_jobs WHERE hub = $1 AND job_id = $2 AND device_id = $3",
+                &[&hub, &job.as_str(), &device_id],
             )
             .map_err(backend)?;
         row.map(|r| doc(&r)).transpose()
@@ -937,15 +1243,16 @@ impl JobStore for PgStore {
             None => (String::new(), String::new()),
         };
         let job_filter = filter.job_id.as_ref().map(|j| j.as_str().to_owned());
+        let hub: &str = &self.hub;
         // With no token, ("", "") sorts before every real key, so `>=` would do as well; `>`
         // keeps a resumed page from repeating its last record.
         let rows = self
             .conn()?
             .query(
-                "SELECT doc FROM device_jobs WHERE (job_id, device_id) > ($1, $2) \
+                "SELECT doc FROM device_jobs WHERE hub = $6 AND (job_id, device_id) > ($1, $2) \
                  AND ($3::text IS NULL OR job_id = $3) AND ($4::text IS NULL OR device_id = $4) \
                  ORDER BY job_id, device_id LIMIT $5",
-                &[&job, &device, &job_filter, &filter.device_id, &limit],
+                &[&job, &device, &job_filter, &filter.device_id, &limit, &hub],
             )
             .map_err(backend)?;
         let items = docs::<DeviceJob>(&rows)?;
@@ -953,20 +1260,24 @@ impl JobStore for PgStore {
     }
 
     fn purge_jobs(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
-        let mut conn = self.conn()?;
-        let mut tx = conn.transaction().map_err(backend)?;
-        let purged = tx
-            .query("DELETE FROM jobs WHERE purge_after < $1 RETURNING job_id", &[&time_column(cutoff)])
-            .map_err(backend)?;
-        let ids = purged
-            .iter()
-            .map(|r| r.try_get::<_, String>(0))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(backend)?;
-        if !ids.is_empty() {
-            tx.execute("DELETE FROM device_jobs WHERE job_id = ANY ($1)", &[&ids]).map_err(backend)?;
-        }
-        tx.commit().map_err(backend)?;
-        Ok(ids.len())
+        let hub: &str = &self.hub;
+        self.transaction(|tx| {
+            let purged = tx
+                .query(
+                    "DELETE FROM jobs WHERE hub = $1 AND purge_after < $2 RETURNING job_id",
+                    &[&hub, &time_column(cutoff)],
+                )
+                .map_err(backend)?;
+            let ids = purged
+                .iter()
+                .map(|r| r.try_get::<_, String>(0))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            if !ids.is_empty() {
+                tx.execute("DELETE FROM device_jobs WHERE hub = $1 AND job_id = ANY ($2)", &[&hub, &ids])
+                    .map_err(backend)?;
+            }
+            Ok(ids.len())
+        })
     }
 }

@@ -90,3 +90,72 @@ fn a_missing_server_fails_with_a_backend_error() {
     let err = PgStore::connect("postgres://postgres@127.0.0.1:9/postgres?connect_timeout=1", 1).unwrap_err();
     assert!(err.to_string().contains("PostgreSQL"), "{err}");
 }
+
+#[test]
+fn a_database_from_before_hubs_keeps_its_rows_in_the_unnamed_hub_until_its_one_hub_claims_them() {
+    use zerotouch_engine::jobs::JobStore;
+    use zerotouch_engine::registry::IdentityStore;
+    use zerotouch_engine::store::PageRequest;
+    use zerotouch_engine::twin::{TwinDocument, TwinKey, TwinStore};
+    use zerotouch_proto::{DeviceId, Timestamp};
+    use zerotouch_store::postgres::migration_sql;
+
+    let db = TestDb::new();
+    let url = db.fresh_url();
+    // A database as the release before hubs left it: version 1 with a device, a module, its
+    // twin and a device job.
+    let mut client = TestDb::client(&url);
+    client
+        .batch_execute(
+            "CREATE TABLE zerotouch_schema (version integer PRIMARY KEY, description text NOT NULL, \
+             applied_at timestamptz NOT NULL DEFAULT now()); \
+             INSERT INTO zerotouch_schema (version, description) VALUES (0, 'baseline'), (1, 'v1');",
+        )
+        .unwrap();
+    client.batch_execute(migration_sql(1).unwrap()).unwrap();
+    client
+        .batch_execute(
+            r#"INSERT INTO devices (device_id, etag, doc, status, connected) VALUES
+                 ('old-1', 'e1', '{"deviceId":"old-1","status":"enabled"}', 'enabled', false);
+               INSERT INTO modules (device_id, module_id, etag, doc) VALUES
+                 ('old-1', 'm1', 'e2', '{"deviceId":"old-1","moduleId":"m1"}');
+               INSERT INTO device_jobs (job_id, device_id, doc) VALUES
+                 ('job-1', 'old-1', '{"deviceId":"old-1","jobId":"job-1","jobType":"scheduleUpdateTwin","status":"completed","startTimeUtc":"2023-11-14T22:13:20Z","endTimeUtc":"2023-11-14T22:13:20Z","createdDateTimeUtc":"2023-11-14T22:13:20Z","lastUpdatedDateTimeUtc":"2023-11-14T22:13:20Z","outcome":{}}');"#,
+        )
+        .unwrap();
+    let twin = serde_json::to_string(&TwinDocument::new(Timestamp::from_unix_secs(1_700_000_000))).unwrap();
+    client
+        .execute(
+            "INSERT INTO twins (device_id, module_id, etag, doc, tags_ci) VALUES ('old-1', '', 'r1', $1, '{}')",
+            &[&twin],
+        )
+        .unwrap();
+    drop(client);
+
+    let store = PgStore::connect(&url, 2).unwrap();
+    assert_eq!(store.schema_version().unwrap(), LATEST_SCHEMA_VERSION);
+    let id = DeviceId::new("old-1").unwrap();
+    let device = store.device(&id).unwrap().expect("the old device is in the unnamed hub");
+    assert_eq!(device.device_id, id);
+    assert_eq!(store.modules(&id).unwrap().len(), 1);
+    let page = PageRequest { continuation: None, max_items: 10 };
+    let filter = zerotouch_engine::jobs::DeviceJobFilter { job_id: None, device_id: None };
+    assert_eq!(store.device_jobs(&filter, &page).unwrap().items.len(), 1);
+    assert!(store.twin(&TwinKey::device(id.clone())).unwrap().is_some());
+    // The old device is no named hub's until the first hub opened on the database claims it.
+    let named = store.hub("localhost").unwrap();
+    assert!(named.device(&id).unwrap().is_none());
+    let later = store.hub("later.example.net").unwrap();
+    assert_eq!(later.claim_unnamed_hub().unwrap(), 0, "only the one named hub may claim");
+    drop(later);
+    // Forget that hub, as if it had never been opened: now localhost is the only one.
+    TestDb::client(&url).execute("DELETE FROM hubs WHERE name = 'later.example.net'", &[]).unwrap();
+    assert_eq!(named.claim_unnamed_hub().unwrap(), 1);
+    assert!(named.device(&id).unwrap().is_some());
+    assert_eq!(named.modules(&id).unwrap().len(), 1, "modules follow their device");
+    assert!(named.twin(&TwinKey::device(id.clone())).unwrap().is_some());
+    assert_eq!(named.device_jobs(&filter, &page).unwrap().items.len(), 1);
+    assert!(store.device(&id).unwrap().is_none(), "the unnamed hub is empty now");
+    assert_eq!(named.claim_unnamed_hub().unwrap(), 0, "claiming twice moves nothing");
+    assert_eq!(store.hub_names().unwrap(), vec!["localhost"]);
+}

@@ -20,7 +20,7 @@ use zerotouch_proto::service::{
 };
 
 fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/dps")
+    manifest_dir().join("../../testdata/dps")
 }
 
 fn read(name: &str) -> String {
@@ -250,4 +250,12 @@ fn error_body_without_tracking_id_still_parses() {
     assert_eq!(e.error_code, 429001);
     assert_eq!(e.tracking_id, "");
     assert_eq!(e.info, None);
+}
+
+/// This crate's directory as cargo gives it when running the test: a binary reused from a shared
+/// build cache may have been compiled in a checkout elsewhere, so the compile-time path is only
+/// the fallback.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }

@@ -18,7 +18,7 @@ use zerotouch_proto::twin::{Twin, TwinPatch};
 use zerotouch_proto::{ETag, IfMatch};
 
 fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/hub")
+    manifest_dir().join("../../testdata/hub")
 }
 
 fn read(name: &str) -> String {
@@ -240,4 +240,12 @@ fn every_fixture_is_listed_in_the_readme_and_tested() {
     for name in &tested {
         assert!(on_disk.contains(*name), "{name} is tested but missing");
     }
+}
+
+/// This crate's directory as cargo gives it when running the test: a binary reused from a shared
+/// build cache may have been compiled in a checkout elsewhere, so the compile-time path is only
+/// the fallback.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }

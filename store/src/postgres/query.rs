@@ -60,6 +60,9 @@ struct Layout {
     /// batch would scan the twins from the first one.
     after: &'static str,
     order: &'static str,
+    /// The rows of one hub: `{hub}` stands for the placeholder of its name. Stated for both
+    /// sides of a join, for the same reason as `after`.
+    hub: &'static str,
     key_parts: usize,
     /// Single-name properties that are a column: (query name, column).
     columns: &'static [(&'static str, &'static str)],
@@ -74,9 +77,10 @@ struct Layout {
 
 const DEVICES: Layout = Layout {
     select: "SELECT d.device_id, d.doc, t.doc FROM devices d \
-             JOIN twins t ON t.device_id = d.device_id AND t.module_id = ''",
+             JOIN twins t ON t.hub = d.hub AND t.device_id = d.device_id AND t.module_id = ''",
     after: "d.device_id > $1 AND t.device_id > $1",
     order: "ORDER BY d.device_id",
+    hub: "d.hub = {hub} AND t.hub = {hub}",
     key_parts: 1,
     columns: &[("deviceId", "d.device_id"), ("status", "d.status")],
     tags: Some("t.tags_ci"),
@@ -86,9 +90,10 @@ const DEVICES: Layout = Layout {
 
 const MODULES: Layout = Layout {
     select: "SELECT m.device_id, m.module_id, m.doc, t.doc FROM modules m \
-             JOIN twins t ON t.device_id = m.device_id AND t.module_id = m.module_id",
+             JOIN twins t ON t.hub = m.hub AND t.device_id = m.device_id AND t.module_id = m.module_id",
     after: "(m.device_id, m.module_id) > ($1, $2) AND (t.device_id, t.module_id) > ($1, $2)",
     order: "ORDER BY m.device_id, m.module_id",
+    hub: "m.hub = {hub} AND t.hub = {hub}",
     key_parts: 2,
     columns: &[("deviceId", "m.device_id"), ("moduleId", "m.module_id")],
     tags: Some("t.tags_ci"),
@@ -100,6 +105,7 @@ const JOBS: Layout = Layout {
     select: "SELECT j.job_id, j.device_id, j.doc FROM device_jobs j",
     after: "(j.job_id, j.device_id) > ($1, $2)",
     order: "ORDER BY j.job_id, j.device_id",
+    hub: "j.hub = {hub}",
     key_parts: 2,
     columns: &[("deviceId", "j.device_id"), ("jobId", "j.job_id")],
     tags: None,
@@ -208,17 +214,22 @@ impl QuerySource for PgStore {
                 .map_err(|_| Error::BadRequest("invalid continuation token".to_owned()))?,
         };
         let (max, limit) = limit_of(page);
-        let pushdown = Pushdown::of(filter, layout, layout.key_parts + 2);
+        // $1.. the token's parts, then the limit, the hub, and the push-down's arguments.
+        let hub_mark = format!("${}", layout.key_parts + 2);
+        let pushdown = Pushdown::of(filter, layout, layout.key_parts + 3);
         let sql = format!(
-            "{} WHERE {}{} {} LIMIT ${}",
+            "{} WHERE {} AND {}{} {} LIMIT ${}",
             layout.select,
+            layout.hub.replace("{hub}", &hub_mark),
             layout.after,
             pushdown.sql,
             layout.order,
             layout.key_parts + 1
         );
+        let hub: &str = self.hub_name();
         let mut args: Vec<&(dyn ToSql + Sync)> = after.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
         args.push(&limit);
+        args.push(&hub);
         args.extend(pushdown.args.iter().map(|a| a as &(dyn ToSql + Sync)));
         let rows = self.conn()?.query(&sql, &args).map_err(backend)?;
         let batch = &rows[..rows.len().min(max)];

@@ -19,10 +19,11 @@ struct Migration {
 /// Every migration, oldest first. Never edit a released one: add the next version.
 ///
 /// Keys are `COLLATE "C"` so listings come in byte order, as the store traits require.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "provisioning, identity, twin and job tables",
-    sql: r#"
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "provisioning, identity, twin and job tables",
+        sql: r#"
 CREATE TABLE enrollments (
     id text COLLATE "C" PRIMARY KEY,
     etag text NOT NULL,
@@ -99,10 +100,51 @@ CREATE TABLE device_jobs (
 );
 CREATE INDEX device_jobs_by_device ON device_jobs (device_id, job_id);
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        description: "several embedded hubs: a hub column leading every hub-side key",
+        // Rows written before hubs had names stay in the unnamed hub ''.
+        sql: r#"
+CREATE TABLE hubs (
+    name text COLLATE "C" PRIMARY KEY
+);
+ALTER TABLE modules DROP CONSTRAINT modules_device_id_fkey;
+ALTER TABLE devices ADD COLUMN hub text COLLATE "C" NOT NULL DEFAULT '';
+ALTER TABLE devices DROP CONSTRAINT devices_pkey;
+ALTER TABLE devices ADD PRIMARY KEY (hub, device_id);
+DROP INDEX devices_status;
+CREATE INDEX devices_status ON devices (hub, status, device_id);
+ALTER TABLE modules ADD COLUMN hub text COLLATE "C" NOT NULL DEFAULT '';
+ALTER TABLE modules DROP CONSTRAINT modules_pkey;
+ALTER TABLE modules ADD PRIMARY KEY (hub, device_id, module_id);
+ALTER TABLE modules ADD FOREIGN KEY (hub, device_id) REFERENCES devices (hub, device_id)
+    ON DELETE CASCADE ON UPDATE CASCADE;
+ALTER TABLE twins ADD COLUMN hub text COLLATE "C" NOT NULL DEFAULT '';
+ALTER TABLE twins DROP CONSTRAINT twins_pkey;
+ALTER TABLE twins ADD PRIMARY KEY (hub, device_id, module_id);
+ALTER TABLE jobs ADD COLUMN hub text COLLATE "C" NOT NULL DEFAULT '';
+ALTER TABLE jobs DROP CONSTRAINT jobs_pkey;
+ALTER TABLE jobs ADD PRIMARY KEY (hub, job_id);
+DROP INDEX jobs_purge_after;
+CREATE INDEX jobs_purge_after ON jobs (hub, purge_after);
+ALTER TABLE device_jobs ADD COLUMN hub text COLLATE "C" NOT NULL DEFAULT '';
+ALTER TABLE device_jobs DROP CONSTRAINT device_jobs_pkey;
+ALTER TABLE device_jobs ADD PRIMARY KEY (hub, job_id, device_id);
+DROP INDEX device_jobs_by_device;
+CREATE INDEX device_jobs_by_device ON device_jobs (hub, device_id, job_id);
+"#,
+    },
+];
 
 /// The schema version this build creates and understands.
-pub const LATEST_SCHEMA_VERSION: i32 = 1;
+pub const LATEST_SCHEMA_VERSION: i32 = 2;
+
+/// The SQL that migration `version` runs (`None` for a version this build does not have): what
+/// a database at an earlier version is made of, for tests and tools that need one.
+pub fn migration_sql(version: i32) -> Option<&'static str> {
+    MIGRATIONS.iter().find(|m| m.version == version).map(|m| m.sql)
+}
 
 /// Attempts at creating the version table when other instances race to create it too.
 const CREATE_ATTEMPTS: u32 = 5;

@@ -466,7 +466,7 @@ impl SqliteStore {
         let writer = inner.writer.lock();
         inner.waiting.fetch_sub(1, Ordering::SeqCst);
         if !writer.open.get() {
-            writer.conn.execute_batch("BEGIN IMMEDIATE").db()?;
+            exec(&writer.conn, "BEGIN IMMEDIATE")?;
             writer.open.set(true);
             writer.poisoned.set(false);
             writer.units.set(0);
@@ -498,11 +498,11 @@ impl SqliteStore {
         let outcome = if writer.poisoned.get() {
             Err("an earlier write of the batch could not be undone".to_owned())
         } else {
-            writer.conn.execute_batch("COMMIT").map_err(|e| format!("sqlite: commit: {e}"))
+            exec(&writer.conn, "COMMIT").map_err(|e| format!("commit: {e}"))
         };
         if outcome.is_err() {
             // Best effort: after a failed COMMIT the transaction may still be open.
-            let _ = writer.conn.execute_batch("ROLLBACK");
+            let _ = exec(&writer.conn, "ROLLBACK");
         }
         writer.open.set(false);
         let mut commits = self.inner.commits.lock();
@@ -554,21 +554,15 @@ impl SqliteStore {
         let readers = &inner.readers;
         if readers.is_empty() {
             let writer = inner.writer.lock();
-            writer.conn.execute_batch("BEGIN DEFERRED").db()?;
-            let out = f(&writer.conn);
-            let end = writer.conn.execute_batch(if out.is_ok() { "COMMIT" } else { "ROLLBACK" }).db();
-            return out.and_then(|v| end.map(|()| v));
+            return read_transaction(&writer.conn, f);
         }
         let start = inner.next_reader.fetch_add(1, Ordering::Relaxed);
-        let mut conn =
-            match (0..readers.len()).find_map(|i| readers[(start + i) % readers.len()].try_lock().ok()) {
-                Some(conn) => conn,
-                None => lock(&readers[start % readers.len()])?,
-            };
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).db()?;
-        let out = f(&tx)?;
-        tx.commit().db()?;
-        Ok(out)
+        let conn = match (0..readers.len()).find_map(|i| readers[(start + i) % readers.len()].try_lock().ok())
+        {
+            Some(conn) => conn,
+            None => lock(&readers[start % readers.len()])?,
+        };
+        read_transaction(&conn, f)
     }
 }
 
@@ -624,19 +618,37 @@ fn savepoint<T, E: From<StoreError>>(
     writer: &Writer,
     f: impl FnOnce(&Connection) -> Result<T, E>,
 ) -> Result<T, E> {
-    writer.conn.execute_batch("SAVEPOINT unit").db()?;
+    exec(&writer.conn, "SAVEPOINT unit")?;
     let out = f(&writer.conn);
     let end = if out.is_ok() {
-        writer.conn.execute_batch("RELEASE unit")
+        exec(&writer.conn, "RELEASE unit")
     } else {
-        writer.conn.execute_batch("ROLLBACK TO unit; RELEASE unit")
+        exec(&writer.conn, "ROLLBACK TO unit").and_then(|()| exec(&writer.conn, "RELEASE unit"))
     };
     if let Err(e) = end {
         // The unit's writes may be half in the transaction: it must not be committed.
         writer.poisoned.set(true);
-        return Err(StoreError::Backend(format!("sqlite: ending a unit: {e}")).into());
+        return Err(StoreError::Backend(format!("ending a unit: {e}")).into());
     }
     out
+}
+
+/// Runs one statement without rows through the statement cache: transaction control runs
+/// several times per registration, and preparing it each time costs more than running it.
+fn exec(conn: &Connection, sql: &'static str) -> Result<(), StoreError> {
+    conn.prepare_cached(sql).db()?.execute([]).db()?;
+    Ok(())
+}
+
+/// Runs `f` in one read transaction of `conn`, so multi-statement reads see one snapshot.
+fn read_transaction<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    exec(conn, "BEGIN DEFERRED")?;
+    let out = f(conn);
+    let end = exec(conn, if out.is_ok() { "COMMIT" } else { "ROLLBACK" });
+    out.and_then(|v| end.map(|()| v))
 }
 
 fn lock(m: &Mutex<Connection>) -> Result<MutexGuard<'_, Connection>, StoreError> {

@@ -86,7 +86,7 @@ impl TestDb {
                     .batch_execute(
                         "DELETE FROM modules; DELETE FROM devices; DELETE FROM twins; DELETE FROM enrollments; \
                          DELETE FROM enrollment_groups; DELETE FROM ca_certificates; DELETE FROM registrations; \
-                         DELETE FROM operations; DELETE FROM jobs; DELETE FROM device_jobs",
+                         DELETE FROM operations; DELETE FROM jobs; DELETE FROM device_jobs; DELETE FROM hubs",
                     )
                     .unwrap();
                 PgStore::connect(url, 8).unwrap()

@@ -84,7 +84,7 @@ pub struct Scenario {
 }
 
 pub fn azure_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/azure")
+    manifest_dir().join("../testdata/azure")
 }
 
 pub fn scenario(name: &str) -> Scenario {
@@ -309,4 +309,12 @@ async fn serve_mqtt<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             return;
         }
     }
+}
+
+/// This crate's directory as cargo gives it when running the test: a binary reused from a shared
+/// build cache may have been compiled in a checkout elsewhere, so the compile-time path is only
+/// the fallback.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }

@@ -1,0 +1,232 @@
+//! Atomic units over PostgreSQL: the per-thread ambient transaction behind
+//! [`zerotouch_engine::store::RegistrationStore::atomically`].
+//!
+//! While a unit runs, its thread holds one pooled connection with an open transaction in a
+//! thread-local slot keyed by the pool. Every [`super::PgStore`] call on that thread through a
+//! store sharing the pool (clones and hub views) borrows that connection instead of taking one
+//! from the pool, so the unit's writes commit or roll back together and its reads see them.
+//! A call borrows the connection out of the slot and puts it back when done, so a re-entrant
+//! borrow fails cleanly rather than aliasing the connection.
+//!
+//! Units are per thread on purpose: a store call made on another thread while a unit runs
+//! takes its own connection, outside the unit, and may wait on row locks the unit holds.
+
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use postgres::error::SqlState;
+use postgres::Client;
+use zerotouch_engine::{Error, StoreError};
+
+use super::Conn;
+
+/// Identity of a pool: every [`super::PgStore::connect`] draws a new one.
+pub(super) fn next_pool_key() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The open unit of one pool on this thread.
+struct Slot {
+    pool: u64,
+    /// `None` while a store call has it borrowed.
+    conn: Option<Conn>,
+    /// Nested units open on this slot (each is a savepoint).
+    depth: u32,
+}
+
+thread_local! {
+    static SLOTS: RefCell<Vec<Slot>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What [`take`] found for a pool on this thread.
+// Short-lived on the stack, and the connection moves on into a `Lease` of the same size.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Ambient {
+    /// No unit is open: use the pool.
+    None,
+    /// The unit's connection, borrowed until the [`Borrowed`] drops.
+    Conn(Borrowed),
+    /// A unit is open but its connection is already borrowed (a re-entrant call).
+    Busy,
+}
+
+/// Borrows the connection of the unit open for `pool` on this thread, if any.
+pub(super) fn take(pool: u64) -> Ambient {
+    SLOTS.with(|slots| {
+        let mut slots = slots.borrow_mut();
+        match slots.iter_mut().rev().find(|s| s.pool == pool) {
+            None => Ambient::None,
+            Some(slot) => match slot.conn.take() {
+                Some(conn) => Ambient::Conn(Borrowed { pool, conn: Some(conn) }),
+                None => Ambient::Busy,
+            },
+        }
+    })
+}
+
+/// Whether any unit is open on this thread (errors then map to what a unit's caller retries).
+pub(super) fn active() -> bool {
+    SLOTS.with(|slots| !slots.borrow().is_empty())
+}
+
+/// Nesting depth of the unit open for `pool` on this thread (`None` when none is open).
+fn depth(pool: u64) -> Option<u32> {
+    SLOTS.with(|slots| slots.borrow().iter().rev().find(|s| s.pool == pool).map(|s| s.depth))
+}
+
+fn set_depth(pool: u64, depth: u32) {
+    SLOTS.with(|slots| {
+        if let Some(slot) = slots.borrow_mut().iter_mut().rev().find(|s| s.pool == pool) {
+            slot.depth = depth;
+        }
+    });
+}
+
+/// The unit's connection lent to one store call; returned to the slot on drop.
+pub(super) struct Borrowed {
+    pool: u64,
+    conn: Option<Conn>,
+}
+
+impl Deref for Borrowed {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        // Always `Some` until drop.
+        self.conn.as_deref().unwrap_or_else(|| unreachable!("a borrowed unit connection is held until drop"))
+    }
+}
+
+impl DerefMut for Borrowed {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.conn
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!("a borrowed unit connection is held until drop"))
+    }
+}
+
+impl Drop for Borrowed {
+    fn drop(&mut self) {
+        let conn = self.conn.take();
+        SLOTS.with(|slots| {
+            if let Some(slot) = slots.borrow_mut().iter_mut().rev().find(|s| s.pool == self.pool) {
+                slot.conn = conn;
+            }
+        });
+    }
+}
+
+/// The open outermost unit: pops its slot on drop and rolls back unless committed, so a panic
+/// inside the unit neither leaks the slot nor returns a connection mid-transaction to the pool.
+struct Open {
+    pool: u64,
+    finished: bool,
+}
+
+impl Open {
+    fn enter(pool: u64, conn: Conn) -> Self {
+        SLOTS.with(|slots| slots.borrow_mut().push(Slot { pool, conn: Some(conn), depth: 0 }));
+        Open { pool, finished: false }
+    }
+
+    /// Pops the slot and hands its connection back.
+    fn leave(&mut self) -> Option<Conn> {
+        self.finished = true;
+        SLOTS.with(|slots| {
+            let mut slots = slots.borrow_mut();
+            let at = slots.iter().rposition(|s| s.pool == self.pool)?;
+            slots.remove(at).conn
+        })
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if !self.finished {
+            if let Some(mut conn) = self.leave() {
+                // Best effort while unwinding: a connection that cannot roll back is broken,
+                // and the pool discards closed connections.
+                let _ = conn.batch_execute("ROLLBACK");
+            }
+        }
+    }
+}
+
+/// Runs `unit` as one transaction on a connection of `pool_key`'s pool, or as a savepoint of
+/// the unit already open for that pool on this thread.
+pub(super) fn run(
+    pool_key: u64,
+    connect: impl FnOnce() -> Result<Conn, StoreError>,
+    unit: &mut dyn FnMut() -> Result<(), Error>,
+) -> Result<(), Error> {
+    if let Some(depth) = depth(pool_key) {
+        return nested(pool_key, depth, unit);
+    }
+    let mut conn = connect()?;
+    conn.batch_execute("BEGIN").map_err(super::backend)?;
+    let mut open = Open::enter(pool_key, conn);
+    let result = unit();
+    let Some(mut conn) = open.leave() else {
+        return Err(StoreError::Backend("the unit's PostgreSQL connection went missing".to_owned()).into());
+    };
+    if let Err(e) = result {
+        // A connection that cannot roll back is closed, and the pool discards it.
+        let _ = conn.batch_execute("ROLLBACK");
+        return Err(e);
+    }
+    // COMMIT of a transaction a failed statement aborted would roll back without an error;
+    // the SELECT fails first in that case (and the COMMIT is skipped).
+    match conn.batch_execute("SELECT 1; COMMIT") {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = conn.batch_execute("ROLLBACK");
+            Err(commit_error(&e).into())
+        }
+    }
+}
+
+fn nested(pool_key: u64, depth: u32, unit: &mut dyn FnMut() -> Result<(), Error>) -> Result<(), Error> {
+    let savepoint = format!("zt_unit_{depth}");
+    on_unit_conn(pool_key, &format!("SAVEPOINT {savepoint}"))?;
+    set_depth(pool_key, depth + 1);
+    let result = unit();
+    set_depth(pool_key, depth);
+    match result {
+        Ok(()) => on_unit_conn(pool_key, &format!("RELEASE SAVEPOINT {savepoint}")).map_err(Error::from),
+        Err(e) => {
+            on_unit_conn(
+                pool_key,
+                &format!("ROLLBACK TO SAVEPOINT {savepoint}; RELEASE SAVEPOINT {savepoint}"),
+            )?;
+            Err(e)
+        }
+    }
+}
+
+fn on_unit_conn(pool_key: u64, sql: &str) -> Result<(), StoreError> {
+    match take(pool_key) {
+        Ambient::Conn(mut conn) => conn.batch_execute(sql).map_err(super::backend),
+        Ambient::None | Ambient::Busy => {
+            Err(StoreError::Backend("the unit's PostgreSQL connection is not available".to_owned()))
+        }
+    }
+}
+
+/// Whether an error is a conflict with a concurrent transaction that a retry resolves.
+pub(super) fn retryable(e: &postgres::Error) -> bool {
+    matches!(e.code(), Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED)
+}
+
+/// A failed COMMIT: a conflict the caller retries after re-reading, or a backend failure.
+fn commit_error(e: &postgres::Error) -> StoreError {
+    if retryable(e) {
+        StoreError::PreconditionFailed
+    } else if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) {
+        StoreError::Backend(
+            "PostgreSQL: a statement of the unit failed, so the unit was rolled back".to_owned(),
+        )
+    } else {
+        StoreError::Backend(format!("PostgreSQL: cannot commit: {e}"))
+    }
+}
