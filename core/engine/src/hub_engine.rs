@@ -29,7 +29,9 @@ use crate::jobs::{
     DeviceJobFilter, DeviceSelector, JobLimits, JobPlanner, JobStore, MemoryJobStore, MethodCalls,
     MethodCompletion, TwinPatcher,
 };
-use crate::query::{matches, parse_condition, Collection, Expr, IndexedSource, QuerySource, VecSource};
+use crate::query::{
+    matches, parse_condition, Collection, Expr, IndexedSource, QuerySource, SourceDoc, VecSource,
+};
 use crate::registry::{
     hub_error, Applied, IdentityStore, LifecycleEvent, LifecycleOperation, MemoryIdentityStore, Registry,
     RegistryConfig, TwinSink,
@@ -897,6 +899,16 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> QuerySource for EmbeddedHub<I,
         // instead of once per batch.
         self.snapshot(collection)?.scan(collection, filter, page, visit)
     }
+
+    fn scan_shared(
+        &self,
+        collection: Collection,
+        filter: Option<&Expr>,
+        page: &PageRequest,
+        visit: &mut dyn FnMut(SourceDoc<'_>) -> ControlFlow<()>,
+    ) -> Result<Option<String>, Error> {
+        self.snapshot(collection)?.scan_shared(collection, filter, page, visit)
+    }
 }
 
 /// Several embedded hubs by host name: the [`HubRegistry`] of a provisioning service whose
@@ -992,5 +1004,40 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> HubRegistry for EmbeddedHubs<I
                 self.migrate(from_hub, from_device_id, to_hub, device)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use serde_json::json;
+    use zerotouch_proto::hub::Device;
+
+    use super::*;
+    use crate::crypto::RingCrypto;
+    use crate::query::{execute, execute_shared, parse};
+
+    #[test]
+    fn a_shared_query_over_the_hub_sees_the_twins_a_copied_one_sees_and_the_next_write() {
+        let hub = EmbeddedHub::in_memory("shared.example", Arc::new(RingCrypto::new())).unwrap();
+        let now = Timestamp::from_unix_secs(1_767_225_600);
+        for (name, site) in [("a", "north"), ("b", "south"), ("c", "north")] {
+            let device: Device = serde_json::from_value(json!({ "deviceId": name })).unwrap();
+            let tags = json!({ "site": site });
+            hub.create_device(device, tags.as_object(), None, now).unwrap();
+        }
+        let q = parse("SELECT * FROM devices WHERE tags.site = 'north'").unwrap();
+        let page = PageRequest { continuation: None, max_items: 100 };
+        let copied = execute(&q, &hub, &page).unwrap().items;
+        let shared = execute_shared(&q, &hub, &page).unwrap().items;
+        assert_eq!(shared.iter().map(|v| Value::clone(v)).collect::<Vec<_>>(), copied);
+        assert_eq!(shared.len(), 2);
+
+        let device: Device = serde_json::from_value(json!({ "deviceId": "d" })).unwrap();
+        hub.create_device(device, json!({ "site": "north" }).as_object(), None, now).unwrap();
+        let ids: Vec<Value> =
+            execute_shared(&q, &hub, &page).unwrap().items.iter().map(|t| t["deviceId"].clone()).collect();
+        assert_eq!(ids, vec![json!("a"), json!("c"), json!("d")]);
     }
 }

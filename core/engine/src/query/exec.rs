@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -42,6 +43,42 @@ pub trait QuerySource {
         page: &PageRequest,
         visit: &mut dyn FnMut(&Value) -> ControlFlow<()>,
     ) -> Result<Option<String>, Error>;
+
+    /// [`scan`](Self::scan) for sources that keep their documents behind [`Arc`], so that
+    /// [`execute_shared`] can hand a document out by reference count instead of copying it.
+    /// Visits the same documents in the same order, with the same tokens, as `scan`; the
+    /// default passes `scan`'s borrowed documents through.
+    ///
+    /// # Errors
+    /// As [`scan`](Self::scan).
+    fn scan_shared(
+        &self,
+        collection: Collection,
+        filter: Option<&Expr>,
+        page: &PageRequest,
+        visit: &mut dyn FnMut(SourceDoc<'_>) -> ControlFlow<()>,
+    ) -> Result<Option<String>, Error> {
+        self.scan(collection, filter, page, &mut |doc| visit(SourceDoc::Borrowed(doc)))
+    }
+}
+
+/// A document as [`QuerySource::scan_shared`] visits it.
+#[derive(Debug, Clone, Copy)]
+pub enum SourceDoc<'a> {
+    /// Borrowed for the visit only: a result must copy it.
+    Borrowed(&'a Value),
+    /// Kept by the source behind an [`Arc`]: a result may share it.
+    Shared(&'a Arc<Value>),
+}
+
+impl SourceDoc<'_> {
+    /// The document.
+    pub fn value(&self) -> &Value {
+        match self {
+            SourceDoc::Borrowed(v) => v,
+            SourceDoc::Shared(v) => v,
+        }
+    }
 }
 
 /// An in-memory source: one vector of JSON documents per collection. Its tokens are offsets.
@@ -97,11 +134,12 @@ impl QuerySource for VecSource {
     }
 }
 
-/// One page of query results.
+/// One page of query results: owned items from [`execute`], shared ones
+/// (`QueryPage<Arc<Value>>`) from [`execute_shared`].
 #[derive(Debug, Clone, PartialEq)]
-pub struct QueryPage {
+pub struct QueryPage<T = Value> {
     /// The result items (twins, job records or projected objects).
-    pub items: Vec<Value>,
+    pub items: Vec<T>,
     /// Token for the next page; `None` on the last page, so the `x-ms-continuation` header is
     /// omitted (spec §0 trap 6).
     pub continuation: Option<String>,
@@ -118,6 +156,42 @@ pub struct QueryPage {
 /// # Errors
 /// [`Error::BadRequest`] for a token that does not belong to this query; source failures.
 pub fn execute(query: &Query, source: &dyn QuerySource, page: &PageRequest) -> Result<QueryPage, Error> {
+    run(query, source, page, &mut |select, doc| project(select, doc.value()), &mut |row| row)
+}
+
+/// [`execute`] with items shared instead of copied: a `SELECT *` item is the source's own
+/// document when the source keeps it behind an [`Arc`] (see [`QuerySource::scan_shared`]),
+/// so a page costs a reference count per result instead of a deep copy of each twin. Items,
+/// order and continuation tokens are those of [`execute`] (tokens are interchangeable).
+///
+/// # Errors
+/// As [`execute`].
+pub fn execute_shared(
+    query: &Query,
+    source: &dyn QuerySource,
+    page: &PageRequest,
+) -> Result<QueryPage<Arc<Value>>, Error> {
+    run(
+        query,
+        source,
+        page,
+        &mut |select, doc| match (select, doc) {
+            (Select::All, SourceDoc::Shared(shared)) => Arc::clone(shared),
+            _ => Arc::new(project(select, doc.value())),
+        },
+        &mut Arc::new,
+    )
+}
+
+/// The paging engine behind [`execute`] and [`execute_shared`]: `item` builds the result of a
+/// matching document, `row` wraps an aggregate row.
+fn run<T>(
+    query: &Query,
+    source: &dyn QuerySource,
+    page: &PageRequest,
+    item: &mut dyn FnMut(&Select, SourceDoc<'_>) -> T,
+    row: &mut dyn FnMut(Value) -> T,
+) -> Result<QueryPage<T>, Error> {
     let hash = query_hash(query);
     let cursor = match &page.continuation {
         None => Cursor::default(),
@@ -133,7 +207,8 @@ pub fn execute(query: &Query, source: &dyn QuerySource, page: &PageRequest) -> R
         let rows = aggregate(query, source)?;
         let limit = rows.len().min(top);
         let end = cursor.emitted.saturating_add(want).min(limit);
-        let items = rows.get(cursor.emitted.min(end)..end).map(<[Value]>::to_vec).unwrap_or_default();
+        let start = cursor.emitted.min(end);
+        let items = rows.into_iter().skip(start).take(end - start).map(row).collect();
         let continuation = (end < limit).then(|| Cursor { emitted: end, source: None, skip: 0 }.encode(hash));
         return Ok(QueryPage { items, continuation, item_type });
     }
@@ -148,17 +223,17 @@ pub fn execute(query: &Query, source: &dyn QuerySource, page: &PageRequest) -> R
     loop {
         let req = PageRequest { continuation: src_token.clone(), max_items: SCAN_BATCH };
         let mut index = 0;
-        let next = source.scan(query.from, query.filter.as_ref(), &req, &mut |doc| {
+        let next = source.scan_shared(query.from, query.filter.as_ref(), &req, &mut |doc| {
             let i = index;
             index += 1;
-            if i < skip || !query.filter.as_ref().is_none_or(|f| matches(f, doc)) {
+            if i < skip || !query.filter.as_ref().is_none_or(|f| matches(f, doc.value())) {
                 return ControlFlow::Continue(());
             }
             if items.len() == want {
                 resume_at = Some(i);
                 return ControlFlow::Break(());
             }
-            items.push(project(&query.select, doc));
+            items.push(item(&query.select, doc));
             if cursor.emitted + items.len() >= top {
                 done = true;
                 return ControlFlow::Break(());

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::ast::{Collection, CompareOp, Expr, Literal, Path};
 use super::eval::lookup;
-use super::exec::{QuerySource, VecSource};
+use super::exec::{QuerySource, SourceDoc, VecSource};
 use crate::error::Error;
 use crate::store::PageRequest;
 
@@ -18,6 +18,14 @@ type Postings = HashMap<String, Vec<usize>>;
 /// Which collection and property (segments as the query spells them) an index covers.
 type IndexKey = (Collection, Vec<String>);
 
+/// The collections, each document behind an [`Arc`] so results can share it.
+#[derive(Debug, Default)]
+struct SharedDocs {
+    devices: Vec<Arc<Value>>,
+    modules: Vec<Arc<Value>>,
+    jobs: Vec<Arc<Value>>,
+}
+
 /// An immutable set of documents (the collections of a [`VecSource`]) that keeps one hash index
 /// per property a filter has asked for, so a selective `WHERE tags.site = 'x'` visits only the
 /// documents holding `'x'` instead of every document.
@@ -26,20 +34,26 @@ type IndexKey = (Collection, Vec<String>);
 /// and kept for the life of the source; the documents cannot change underneath it. Indexes only
 /// narrow the scan: [`super::execute`] still evaluates the whole `WHERE` on each visited document,
 /// so a query gives the same items in the same order as over the plain [`VecSource`].
+///
+/// Documents are kept behind [`Arc`] ([`QuerySource::scan_shared`]), so
+/// [`super::execute_shared`] hands out `SELECT *` results without copying them.
 #[derive(Debug, Default)]
 pub struct IndexedSource {
-    docs: VecSource,
+    docs: SharedDocs,
     indexes: RwLock<HashMap<IndexKey, Arc<Postings>>>,
 }
 
 impl IndexedSource {
     /// A source over these collections, with no index built yet.
     pub fn new(docs: VecSource) -> Self {
+        let share = |docs: Vec<Value>| docs.into_iter().map(Arc::new).collect();
+        let docs =
+            SharedDocs { devices: share(docs.devices), modules: share(docs.modules), jobs: share(docs.jobs) };
         Self { docs, indexes: RwLock::new(HashMap::new()) }
     }
 
     /// The documents of a collection, in scan order.
-    pub fn docs(&self, collection: Collection) -> &[Value] {
+    pub fn docs(&self, collection: Collection) -> &[Arc<Value>] {
         match collection {
             Collection::Devices => &self.docs.devices,
             Collection::Modules => &self.docs.modules,
@@ -47,9 +61,65 @@ impl IndexedSource {
         }
     }
 
-    /// The same documents as a source that never uses an index (to compare plans).
-    pub fn unindexed(&self) -> &VecSource {
-        &self.docs
+    /// The same documents as a source that never uses an index (to compare plans): it visits
+    /// every document of the collection, as a [`VecSource`] does, with the same tokens.
+    pub fn unindexed(&self) -> impl QuerySource + '_ {
+        Unindexed(self)
+    }
+
+    /// Visits a batch of the whole collection; tokens are offsets, as [`VecSource`]'s.
+    fn scan_all(
+        &self,
+        collection: Collection,
+        page: &PageRequest,
+        visit: &mut dyn FnMut(&Arc<Value>) -> ControlFlow<()>,
+    ) -> Result<Option<String>, Error> {
+        let docs = self.docs(collection);
+        let start = match &page.continuation {
+            None => 0,
+            Some(t) => t.parse::<usize>().ok().filter(|s| *s <= docs.len()).ok_or_else(bad_token)?,
+        };
+        let end = start.saturating_add(page.max_items.max(1)).min(docs.len());
+        for doc in docs.get(start..end).unwrap_or_default() {
+            if visit(doc).is_break() {
+                break;
+            }
+        }
+        Ok((end < docs.len()).then(|| end.to_string()))
+    }
+
+    /// Visits a batch of the documents the index of the filter's first `path = 'text'`
+    /// conjunct lists, or of the whole collection when there is none.
+    fn scan_docs(
+        &self,
+        collection: Collection,
+        filter: Option<&Expr>,
+        page: &PageRequest,
+        visit: &mut dyn FnMut(&Arc<Value>) -> ControlFlow<()>,
+    ) -> Result<Option<String>, Error> {
+        let Some((path, value)) = filter.and_then(string_equality) else {
+            return self.scan_all(collection, page, visit);
+        };
+        let postings = self.postings(collection, path);
+        let hits: &[usize] = postings.get(value).map_or(&[], Vec::as_slice);
+        let start = match &page.continuation {
+            None => 0,
+            Some(t) => t
+                .strip_prefix('i')
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|s| *s <= hits.len())
+                .ok_or_else(bad_token)?,
+        };
+        let end = start.saturating_add(page.max_items.max(1)).min(hits.len());
+        let docs = self.docs(collection);
+        for &i in hits.get(start..end).unwrap_or_default() {
+            if let Some(doc) = docs.get(i) {
+                if visit(doc).is_break() {
+                    break;
+                }
+            }
+        }
+        Ok((end < hits.len()).then(|| format!("i{end}")))
     }
 
     /// Builds the index of `path` in `collection` now (instead of on the first query that
@@ -117,29 +187,42 @@ impl QuerySource for IndexedSource {
         page: &PageRequest,
         visit: &mut dyn FnMut(&Value) -> ControlFlow<()>,
     ) -> Result<Option<String>, Error> {
-        let Some((path, value)) = filter.and_then(string_equality) else {
-            return self.docs.scan(collection, filter, page, visit);
-        };
-        let postings = self.postings(collection, path);
-        let hits: &[usize] = postings.get(value).map_or(&[], Vec::as_slice);
-        let start = match &page.continuation {
-            None => 0,
-            Some(t) => t
-                .strip_prefix('i')
-                .and_then(|n| n.parse::<usize>().ok())
-                .filter(|s| *s <= hits.len())
-                .ok_or_else(bad_token)?,
-        };
-        let end = start.saturating_add(page.max_items.max(1)).min(hits.len());
-        let docs = self.docs(collection);
-        for &i in hits.get(start..end).unwrap_or_default() {
-            if let Some(doc) = docs.get(i) {
-                if visit(doc).is_break() {
-                    break;
-                }
-            }
-        }
-        Ok((end < hits.len()).then(|| format!("i{end}")))
+        self.scan_docs(collection, filter, page, &mut |doc| visit(doc))
+    }
+
+    fn scan_shared(
+        &self,
+        collection: Collection,
+        filter: Option<&Expr>,
+        page: &PageRequest,
+        visit: &mut dyn FnMut(SourceDoc<'_>) -> ControlFlow<()>,
+    ) -> Result<Option<String>, Error> {
+        self.scan_docs(collection, filter, page, &mut |doc| visit(SourceDoc::Shared(doc)))
+    }
+}
+
+/// [`IndexedSource::unindexed`]: every document of the collection, no index.
+struct Unindexed<'a>(&'a IndexedSource);
+
+impl QuerySource for Unindexed<'_> {
+    fn scan(
+        &self,
+        collection: Collection,
+        _filter: Option<&Expr>,
+        page: &PageRequest,
+        visit: &mut dyn FnMut(&Value) -> ControlFlow<()>,
+    ) -> Result<Option<String>, Error> {
+        self.0.scan_all(collection, page, &mut |doc| visit(doc))
+    }
+
+    fn scan_shared(
+        &self,
+        collection: Collection,
+        _filter: Option<&Expr>,
+        page: &PageRequest,
+        visit: &mut dyn FnMut(SourceDoc<'_>) -> ControlFlow<()>,
+    ) -> Result<Option<String>, Error> {
+        self.0.scan_all(collection, page, &mut |doc| visit(SourceDoc::Shared(doc)))
     }
 }
 
@@ -150,7 +233,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::query::{execute, parse};
+    use crate::query::{execute, execute_shared, parse};
 
     fn fleet(n: usize) -> VecSource {
         VecSource::with_devices(
@@ -199,6 +282,36 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn shared_pages_give_the_items_and_tokens_of_copied_pages_and_share_whole_twins() {
+        let indexed = IndexedSource::new(fleet(500));
+        for query in [
+            "SELECT * FROM devices WHERE tags.site = 's3'",
+            "SELECT deviceId, tags.floor AS f FROM devices WHERE tags.site = 's3' AND tags.floor > 0",
+            "SELECT TOP 9 * FROM devices WHERE tags.floor = 2",
+            "SELECT tags.site, COUNT() AS n FROM devices GROUP BY tags.site",
+        ] {
+            let q = parse(query).unwrap();
+            let mut page = PageRequest { continuation: None, max_items: 7 };
+            loop {
+                let copied = execute(&q, &indexed, &page).unwrap();
+                let shared = execute_shared(&q, &indexed, &page).unwrap();
+                let items: Vec<Value> = shared.items.iter().map(|v| Value::clone(v)).collect();
+                assert_eq!(items, copied.items, "{query}");
+                assert_eq!(shared.continuation, copied.continuation, "{query}");
+                assert_eq!(shared.item_type, copied.item_type, "{query}");
+                match copied.continuation {
+                    Some(c) => page.continuation = Some(c),
+                    None => break,
+                }
+            }
+        }
+        let q = parse("SELECT * FROM devices WHERE tags.site = 's3'").unwrap();
+        let first = execute_shared(&q, &indexed, &PageRequest { continuation: None, max_items: 1 }).unwrap();
+        let doc = &indexed.docs(Collection::Devices)[3];
+        assert!(Arc::ptr_eq(&first.items[0], doc), "SELECT * hands out the stored twin itself");
     }
 
     #[test]

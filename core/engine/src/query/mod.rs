@@ -34,6 +34,6 @@ pub use ast::{
     Select, SelectItem,
 };
 pub use eval::{compare, eval, json_eq, lookup, matches, Evaluated};
-pub use exec::{execute, QueryPage, QuerySource, VecSource, MAX_PAGE_SIZE};
+pub use exec::{execute, execute_shared, QueryPage, QuerySource, SourceDoc, VecSource, MAX_PAGE_SIZE};
 pub use index::IndexedSource;
 pub use parser::{parse, parse_condition, ParseError, MAX_QUERY_LEN};

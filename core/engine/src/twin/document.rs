@@ -9,7 +9,7 @@ use zerotouch_proto::service::InitialTwin;
 use zerotouch_proto::twin::{Twin, TwinChangeOperation, TwinCollection, TwinPatch, TwinProperties};
 use zerotouch_proto::{DeviceId, ETag, IfMatch, ModuleId, Timestamp};
 
-use super::limits::{check_merged_size, check_size, validate_patch, SectionKind};
+use super::limits::{check_growth, check_size, validate_growth, validate_patch, SectionKind};
 use crate::error::Error;
 
 /// The `$metadata` of one object or leaf: when it was last written and, in desired properties,
@@ -72,6 +72,29 @@ impl MetaNode {
     }
 }
 
+/// Up to this many properties, a key is found by comparing names instead of hashing it
+/// (`serde_json`'s map hashes with SipHash, which costs more than a few string compares).
+const SCAN_LIMIT: usize = 8;
+
+/// The stored value of `key`, if any.
+fn slot<'a>(map: &'a mut Map<String, Value>, key: &str) -> Option<&'a mut Value> {
+    if map.len() <= SCAN_LIMIT {
+        map.iter_mut().find_map(|(k, v)| (k == key).then_some(v))
+    } else {
+        map.get_mut(key)
+    }
+}
+
+/// Whether `key` holds an object.
+fn holds_object(map: &Map<String, Value>, key: &str) -> bool {
+    let found = if map.len() <= SCAN_LIMIT {
+        map.iter().find_map(|(k, v)| (k == key).then_some(v))
+    } else {
+        map.get(key)
+    };
+    matches!(found, Some(Value::Object(_)))
+}
+
 /// Merges `patch` into `target` as JSON merge patch (RFC 7396) does: objects merge recursively,
 /// other values replace, `null` deletes. Every object on the path of a change and every written
 /// leaf gets a fresh metadata stamp; a delete refreshes its parent (spec §5.4).
@@ -88,20 +111,20 @@ fn merge(target: &mut Map<String, Value>, meta: &mut MetaNode, patch: &Map<Strin
                 if !meta.children.contains_key(key) {
                     meta.children.insert(key.clone(), MetaNode::new(stamp));
                 }
-                if !matches!(target.get(key), Some(Value::Object(_))) {
+                if !holds_object(target, key) {
                     target.insert(key.clone(), Value::Object(Map::new()));
                     if let Some(m) = meta.children.get_mut(key) {
                         m.children.clear();
                     }
                 }
                 if let (Some(Value::Object(child)), Some(child_meta)) =
-                    (target.get_mut(key), meta.children.get_mut(key))
+                    (slot(target, key), meta.children.get_mut(key))
                 {
                     merge(child, child_meta, child_patch, stamp);
                 }
             }
             leaf => {
-                match target.get_mut(key) {
+                match slot(target, key) {
                     Some(slot) => assign(slot, leaf),
                     None => {
                         target.insert(key.clone(), leaf.clone());
@@ -137,14 +160,14 @@ fn merge_plain(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
             }
             Value::Object(child_patch) => {
                 // Look up before inserting, so a key that exists is not allocated again.
-                if !matches!(target.get(key), Some(Value::Object(_))) {
+                if !holds_object(target, key) {
                     target.insert(key.clone(), Value::Object(Map::new()));
                 }
-                if let Some(Value::Object(child)) = target.get_mut(key) {
+                if let Some(Value::Object(child)) = slot(target, key) {
                     merge_plain(child, child_patch);
                 }
             }
-            leaf => match target.get_mut(key) {
+            leaf => match slot(target, key) {
                 Some(slot) => assign(slot, leaf),
                 None => {
                     target.insert(key.clone(), leaf.clone());
@@ -404,18 +427,14 @@ impl TwinDocument {
         if_match: &IfMatch,
     ) -> Result<Option<u64>, Error> {
         self.check_if_match(if_match)?;
-        if let Some(tags) = tags_patch {
-            validate_patch(SectionKind::Tags, tags)?;
-        }
-        if let Some(desired) = desired_patch {
-            validate_patch(SectionKind::Desired, desired)?;
-        }
+        let tags_growth = tags_patch.map(|p| validate_growth(SectionKind::Tags, p)).transpose()?;
+        let desired_growth = desired_patch.map(|p| validate_growth(SectionKind::Desired, p)).transpose()?;
         // Check both sizes before writing anything, so a refused patch changes nothing.
-        if let Some(p) = tags_patch {
-            check_merged_size(SectionKind::Tags, &self.tags, p)?;
+        if let (Some(p), Some(growth)) = (tags_patch, tags_growth) {
+            check_growth(SectionKind::Tags, &self.tags, p, growth)?;
         }
-        if let Some(p) = desired_patch {
-            check_merged_size(SectionKind::Desired, &self.desired.properties, p)?;
+        if let (Some(p), Some(growth)) = (desired_patch, desired_growth) {
+            check_growth(SectionKind::Desired, &self.desired.properties, p, growth)?;
         }
         if let Some(p) = tags_patch {
             merge_plain(&mut self.tags, p);
@@ -501,8 +520,8 @@ impl TwinDocument {
         if_match: &IfMatch,
     ) -> Result<TwinChange, Error> {
         self.check_if_match(if_match)?;
-        validate_patch(SectionKind::Reported, patch)?;
-        check_merged_size(SectionKind::Reported, &self.reported.properties, patch)?;
+        let growth = validate_growth(SectionKind::Reported, patch)?;
+        check_growth(SectionKind::Reported, &self.reported.properties, patch, growth)?;
         let r = &mut self.reported;
         r.version += 1;
         merge(&mut r.properties, &mut r.metadata, patch, Stamp { now, version: None });

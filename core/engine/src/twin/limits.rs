@@ -58,6 +58,14 @@ impl SectionKind {
 /// control characters; `$` also keeps clients from writing the reserved `$metadata` and
 /// `$version`.
 pub fn key_problem(key: &str) -> Option<String> {
+    // Nearly every name is printable ASCII without `.` or `$`: one pass over the bytes settles
+    // it; anything else (non-ASCII included) takes the rules below.
+    if !key.is_empty()
+        && key.len() <= MAX_KEY_BYTES
+        && key.bytes().all(|b| b.is_ascii_graphic() && b != b'.' && b != b'$')
+    {
+        return None;
+    }
     if key.is_empty() {
         return Some("is empty".to_owned());
     }
@@ -82,6 +90,12 @@ pub fn key_problem(key: &str) -> Option<String> {
 /// # Errors
 /// [`Error::BadRequest`] naming the section, the property path and the broken rule.
 pub fn validate_patch(kind: SectionKind, patch: &Map<String, Value>) -> Result<(), Error> {
+    check_object(kind, patch, 1, None).map(|_| ())
+}
+
+/// [`validate_patch`] that also returns the most merging the patch can add to a section's size
+/// (see [`check_growth`]), measured in the same walk.
+pub(crate) fn validate_growth(kind: SectionKind, patch: &Map<String, Value>) -> Result<usize, Error> {
     check_object(kind, patch, 1, None)
 }
 
@@ -105,12 +119,14 @@ impl Trail<'_> {
     }
 }
 
+/// Checks a patch object; returns [`growth_bound`] of it.
 fn check_object(
     kind: SectionKind,
     object: &Map<String, Value>,
     depth: usize,
     parent: Option<&Trail<'_>>,
-) -> Result<(), Error> {
+) -> Result<usize, Error> {
+    let mut growth = 0;
     for (key, value) in object {
         let here = Trail { key, parent };
         if let Some(problem) = key_problem(key) {
@@ -119,9 +135,16 @@ fn check_object(
         if depth > MAX_DEPTH {
             return Err(refuse(kind, &here, &format!("objects may nest at most {MAX_DEPTH} levels deep")));
         }
-        check_value(kind, value, depth, &here)?;
+        match value {
+            Value::Null => {}
+            Value::Object(child) => growth += key.len() + check_object(kind, child, depth + 1, Some(&here))?,
+            leaf => {
+                check_value(kind, leaf, depth, &here)?;
+                growth += key.len() + value_size(leaf);
+            }
+        }
     }
-    Ok(())
+    Ok(growth)
 }
 
 fn check_value(kind: SectionKind, value: &Value, depth: usize, here: &Trail<'_>) -> Result<(), Error> {
@@ -150,7 +173,7 @@ fn check_value(kind: SectionKind, value: &Value, depth: usize, here: &Trail<'_>)
             }
         }
         Value::Array(items) => items.iter().try_for_each(|item| check_value(kind, item, depth, here)),
-        Value::Object(child) => check_object(kind, child, depth + 1, Some(here)),
+        Value::Object(child) => check_object(kind, child, depth + 1, Some(here)).map(|_| ()),
     }
 }
 
@@ -209,6 +232,19 @@ fn size_delta(section: &Map<String, Value>, patch: &Map<String, Value>) -> isize
         .sum()
 }
 
+/// The most merging `patch` can add to a section's size, whatever the section holds: every
+/// property it writes counted as new, nothing it replaces or deletes subtracted.
+fn growth_bound(patch: &Map<String, Value>) -> usize {
+    patch
+        .iter()
+        .map(|(k, p)| match p {
+            Value::Null => 0,
+            Value::Object(child_patch) => k.len() + growth_bound(child_patch),
+            leaf => k.len() + value_size(leaf),
+        })
+        .sum()
+}
+
 /// Checks that merging `patch` into `section` keeps it within its limit.
 ///
 /// # Errors
@@ -218,6 +254,25 @@ pub fn check_merged_size(
     section: &Map<String, Value>,
     patch: &Map<String, Value>,
 ) -> Result<(), Error> {
+    check_growth(kind, section, patch, growth_bound(patch))
+}
+
+/// [`check_merged_size`] given `growth`, the patch's [`growth_bound`] (from
+/// [`validate_growth`]).
+///
+/// # Errors
+/// [`Error::BadRequest`] when the merged section would exceed its limit.
+pub(crate) fn check_growth(
+    kind: SectionKind,
+    section: &Map<String, Value>,
+    patch: &Map<String, Value>,
+    growth: usize,
+) -> Result<(), Error> {
+    // Most patches stay under the limit even if all they write were added: only near the limit
+    // is the exact size worked out, which looks every patched property up in the section.
+    if section_size(section).saturating_add(growth) <= kind.max_size() {
+        return Ok(());
+    }
     refuse_size(kind, merged_size(section, patch))
 }
 
@@ -304,5 +359,31 @@ mod tests {
         let patch = obj(json!({"a": {"x": null, "z": {"q": 1}}, "b": {"n": 2}, "c": null, "d": "dd"}));
         let merged = obj(json!({"a": {"y": "yy", "z": {"q": 1}}, "b": {"n": 2}, "d": "dd"}));
         assert_eq!(merged_size(&base, &patch), section_size(&merged));
+    }
+
+    #[test]
+    fn a_patch_to_a_nearly_full_section_is_measured_exactly() {
+        let full = obj(json!({"a": "x".repeat(4000), "b": "x".repeat(4000)}));
+        assert_eq!(section_size(&full), 8002);
+        // Rewriting a big value with one as big, or deleting to make room, still fits...
+        assert!(check_merged_size(SectionKind::Tags, &full, &obj(json!({"a": "y".repeat(4000)}))).is_ok());
+        let swap = obj(json!({"a": null, "c": "z".repeat(200)}));
+        assert!(check_merged_size(SectionKind::Tags, &full, &swap).is_ok());
+        // ...adding to it does not.
+        let err =
+            check_merged_size(SectionKind::Tags, &full, &obj(json!({"c": "z".repeat(200)}))).unwrap_err();
+        assert!(err.to_string().contains("8203 bytes"), "{err}");
+    }
+
+    #[test]
+    fn validation_measures_the_growth_bound_of_the_patch() {
+        for patch in [
+            json!({"a": {"x": null, "z": {"q": 1}}, "b": {"n": 2}, "c": null, "d": "dd\u{1}"}),
+            json!({"arr": [1, null, {"k": null}], "s": "température", "t": true}),
+            json!({}),
+        ] {
+            let patch = obj(patch);
+            assert_eq!(validate_growth(SectionKind::Desired, &patch).unwrap(), growth_bound(&patch));
+        }
     }
 }
