@@ -124,14 +124,27 @@ struct LockedHubs<'a, H> {
     now: Timestamp,
 }
 
-impl<H: HubRegistry + TimedHubs> HubRegistry for LockedHubs<'_, H> {
-    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
+impl<H: HubRegistry + TimedHubs> LockedHubs<'_, H> {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, H>, HubError> {
         let mut hubs = self.hubs.lock().map_err(|_| HubError {
             code: 500_000,
             message: "The hub registry is unavailable after an earlier failure.".to_owned(),
         })?;
         hubs.set_now(self.now);
-        hubs.apply(action)
+        Ok(hubs)
+    }
+}
+
+impl<H: HubRegistry + TimedHubs> HubRegistry for LockedHubs<'_, H> {
+    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
+        self.lock()?.apply(action)
+    }
+
+    /// One lock for all the actions of a registration: released between two actions, the lock
+    /// could be taken by a registration that then waits on rows this one's open transaction
+    /// holds (PostgreSQL), while this one waits for the lock.
+    fn apply_all(&mut self, actions: &[HubAction]) -> Result<(), HubError> {
+        self.lock()?.apply_all(actions)
     }
 }
 

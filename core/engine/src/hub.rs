@@ -165,6 +165,17 @@ pub trait HubRegistry {
     /// # Errors
     /// [`HubError`] when the hub refuses.
     fn apply(&mut self, action: &HubAction) -> Result<(), HubError>;
+
+    /// Applies the actions of one registration in order, stopping at the first refusal. A
+    /// registry shared between threads takes its lock once for all of them (see the transport's
+    /// `EngineService`), so a registration never waits for the registry halfway through its
+    /// actions while its store transaction holds rows another registration waits for.
+    ///
+    /// # Errors
+    /// The first [`HubError`].
+    fn apply_all(&mut self, actions: &[HubAction]) -> Result<(), HubError> {
+        actions.iter().try_for_each(|action| self.apply(action))
+    }
 }
 
 /// A hub registry that records every action and accepts them all (for embedding without a hub,

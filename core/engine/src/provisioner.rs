@@ -543,9 +543,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // The hub actions and the record are one unit: a crash or a failure in between leaves
         // neither the device without its record nor a record naming a device never created.
         self.store.atomically(&mut || {
-            for action in &plan.actions {
-                hub.apply(action).map_err(|e| Error::Hub { code: e.code, message: e.message })?;
-            }
+            hub.apply_all(&plan.actions).map_err(|e| Error::Hub { code: e.code, message: e.message })?;
             self.commit_assigned(now, id, attested, operation_id, &plan, created, &initial_hub, &pre)
         })
     }
