@@ -18,6 +18,9 @@ pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:8883";
 pub const DEFAULT_HTTPS_LISTEN: &str = "127.0.0.1:8443";
 /// `retry-after` seconds sent with every `assigning` reply by default, as Azure DPS does.
 pub const DEFAULT_RETRY_AFTER_SECS: u32 = 3;
+
+/// Open device connections at most when `--max-connections` is not given.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// The `retry-after` values accepted: the C SDK treats anything outside 1–300 s as 1 s.
 pub const RETRY_AFTER_RANGE: std::ops::RangeInclusive<u32> = 1..=300;
 
@@ -59,6 +62,11 @@ pub struct Settings {
     /// default 3 like Azure DPS). Smaller values make registrations finish sooner.
     #[arg(long, value_name = "SECS")]
     pub retry_after: Option<u32>,
+    /// Open device connections at most, MQTT and HTTPS together (default 10 000); further
+    /// connections are closed as soon as they are accepted. Keep it below the process's file
+    /// descriptor limit (`ulimit -n`).
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
 }
 
 impl Settings {
@@ -97,6 +105,7 @@ impl Settings {
             hub: if self.hub.is_empty() { file.hub } else { self.hub },
             database_url: self.database_url.or(file.database_url),
             retry_after: self.retry_after.or(file.retry_after),
+            max_connections: self.max_connections.or(file.max_connections),
         }
     }
 
@@ -132,6 +141,11 @@ impl Settings {
             Some(secs) => secs,
             None => DEFAULT_RETRY_AFTER_SECS,
         };
+        let max_connections = match self.max_connections {
+            Some(0) => return Err(ServerError::Config("max-connections 0: must be at least 1".into())),
+            Some(n) => n,
+            None => DEFAULT_MAX_CONNECTIONS,
+        };
         let default_addr = |s: &str| s.parse::<SocketAddr>().map_err(|e| ServerError::Config(e.to_string()));
         Ok(ServeConfig {
             store: StoreLocation::new(self.data_dir, self.database_url),
@@ -147,6 +161,7 @@ impl Settings {
             },
             hubs,
             retry_after_secs,
+            max_connections,
         })
     }
 }
@@ -233,6 +248,8 @@ pub struct ServeConfig {
     pub hubs: Vec<HubSpec>,
     /// `retry-after` seconds of `assigning` replies.
     pub retry_after_secs: u32,
+    /// Open device connections at most.
+    pub max_connections: usize,
 }
 
 impl ServeConfig {
@@ -247,6 +264,7 @@ impl ServeConfig {
             https_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             hubs: vec![HubSpec { name: DEFAULT_HUB.to_owned(), weight: 1 }],
             retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -279,6 +297,17 @@ mod tests {
             let s = Settings { retry_after: Some(bad), ..Settings::default() };
             assert!(s.resolve().unwrap_err().to_string().contains("retry-after"), "{bad}");
         }
+    }
+
+    #[test]
+    fn max_connections_comes_from_the_flag_or_the_config_file_and_is_at_least_one() {
+        assert_eq!(Settings::default().resolve().unwrap().max_connections, DEFAULT_MAX_CONNECTIONS);
+        let file = Settings::from_toml("max-connections = 2000").unwrap();
+        assert_eq!(Settings::default().or(file.clone()).resolve().unwrap().max_connections, 2000);
+        let flags = Settings { max_connections: Some(50), ..Settings::default() };
+        assert_eq!(flags.or(file).resolve().unwrap().max_connections, 50);
+        let zero = Settings { max_connections: Some(0), ..Settings::default() };
+        assert!(zero.resolve().unwrap_err().to_string().contains("max-connections"));
     }
 
     #[test]

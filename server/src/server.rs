@@ -101,7 +101,12 @@ impl<B: Backend> ServerHandle<B> {
 /// # Errors
 /// Data directory, certificate, store and bind failures.
 pub async fn start<B: Backend>(config: &ServeConfig, backend: B) -> Result<ServerHandle<B>, ServerError> {
-    start_with_limits(config, backend, Limits::default()).await
+    start_with_limits(
+        config,
+        backend,
+        Limits { max_connections: config.max_connections, ..Limits::default() },
+    )
+    .await
 }
 
 /// [`start`] with endpoint limits other than the defaults.

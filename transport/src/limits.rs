@@ -34,8 +34,14 @@ pub struct Limits {
     /// On shutdown, how long open connections get to finish the request they are processing.
     /// Default 10 s.
     pub shutdown_grace: Duration,
+    /// Open connections at once, over all listeners sharing this `Limits` (TLS handshakes
+    /// included); a connection beyond it is closed as soon as it is accepted, so the server keeps
+    /// file descriptors and memory for the ones it serves. Default 10 000.
+    pub max_connections: usize,
     /// The requests currently admitted (shared by clones).
     pub admission: Admission,
+    /// The connections currently open (shared by clones).
+    pub connections: Admission,
 }
 
 impl Default for Limits {
@@ -49,7 +55,9 @@ impl Default for Limits {
             max_concurrent_requests: 512,
             throttle_retry_after_secs: 3,
             shutdown_grace: Duration::from_secs(10),
+            max_connections: 10_000,
             admission: Admission::default(),
+            connections: Admission::default(),
         }
     }
 }
@@ -69,9 +77,25 @@ impl Limits {
     pub fn admit(&self) -> Option<AdmissionPermit> {
         self.admission.try_admit(self.max_concurrent_requests)
     }
+
+    /// Admits one accepted connection if fewer than `max_connections` are open; it counts until
+    /// the permit is dropped. `None` means close it. Logs refusals at most once a second.
+    pub fn admit_connection(&self, peer: std::net::SocketAddr) -> Option<AdmissionPermit> {
+        let permit = self.connections.try_admit(self.max_connections);
+        if permit.is_none() {
+            static LAST_WARNING: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+            let mut last = LAST_WARNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                *last = Some(std::time::Instant::now());
+                tracing::warn!(%peer, max = self.max_connections, "connection limit reached; closing new connections");
+            }
+        }
+        permit
+    }
 }
 
-/// A counter of requests being processed, shared by the clones of one [`Limits`].
+/// A counter of requests being processed (or connections open), shared by the clones of one
+/// [`Limits`].
 #[derive(Debug, Clone, Default)]
 pub struct Admission {
     active: Arc<AtomicUsize>,
@@ -92,7 +116,7 @@ impl Admission {
     }
 }
 
-/// One admitted request; dropping it frees the slot.
+/// One admitted request or connection; dropping it frees the slot.
 #[derive(Debug)]
 pub struct AdmissionPermit {
     active: Arc<AtomicUsize>,

@@ -334,3 +334,48 @@ async fn register_body_that_is_not_json_is_answered_400() {
     assert_eq!(reply_statuses(&mut device, 1).await, vec![("7".to_owned(), 400)]);
     server.shutdown().await;
 }
+
+/// Whether a TLS handshake with the server completes (the connection is then dropped).
+async fn handshake_completes(server: &Server) -> bool {
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let tls = mqtt_support::client_tls(&server.ca_pem, &Auth::Password(String::new()), false);
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    matches!(tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await, Ok(Ok(_)))
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed_and_a_freed_slot_admits_the_next_device() {
+    let server = Server::start_with(Limits { max_connections: 2, ..Limits::default() }).await;
+    let key = server.enroll_symmetric("after-1");
+    let first = RawDevice::open(&server).await;
+    let second = RawDevice::open(&server).await;
+    // The server accepts the third and closes it at once: its handshake never completes.
+    assert!(!handshake_completes(&server).await, "a third connection got past a limit of two");
+
+    drop(first);
+    // The slot frees once the server notices the first connection closed.
+    let mut admitted = false;
+    for _ in 0..50 {
+        if handshake_completes(&server).await {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "a closed connection did not free its slot");
+    // With a slot free (once the probe above is noticed gone), a device registers as usual
+    // while the second connection stays open.
+    let opts = DeviceOptions::new("after-1", Auth::SasPython(key));
+    let mut outcome = register(&server, &opts).await;
+    for _ in 0..50 {
+        if outcome.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        outcome = register(&server, &opts).await;
+    }
+    assert_eq!(outcome.unwrap().status, 200);
+    drop(second);
+    server.shutdown().await;
+}

@@ -74,6 +74,7 @@ pub async fn serve_https<F>(
                         continue;
                     }
                 };
+                let Some(slot) = limits.admit_connection(peer) else { continue };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let service = Arc::clone(&service);
@@ -82,6 +83,7 @@ pub async fn serve_https<F>(
                 let span = tracing::info_span!("https", %peer);
                 connections.spawn(
                     async move {
+                        let _slot = slot;
                         let deadline = Instant::now() + limits.connect_timeout;
                         let Some((tls, client_chain)) = accept_by(&acceptor, tcp, deadline).await else {
                             return;

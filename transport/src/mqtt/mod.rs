@@ -63,6 +63,7 @@ pub async fn serve_mqtt<F>(
                         continue;
                     }
                 };
+                let Some(slot) = limits.admit_connection(peer) else { continue };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let service = Arc::clone(&service);
@@ -71,6 +72,7 @@ pub async fn serve_mqtt<F>(
                 let span = tracing::info_span!("mqtt", %peer, registration_id = tracing::field::Empty);
                 connections.spawn(
                     async move {
+                        let _slot = slot;
                         let deadline = Instant::now() + limits.connect_timeout;
                         let Some((tls, chain)) = accept_by(&acceptor, tcp, deadline).await else { return };
                         connection::run(tls, chain, service, &limits, deadline, Some(stop)).await;
