@@ -379,3 +379,21 @@ async fn connections_beyond_the_limit_are_closed_and_a_freed_slot_admits_the_nex
     drop(second);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_mqtt_5_connect_is_refused_with_unacceptable_protocol_version() {
+    let server = Server::start().await;
+    let mut device = RawDevice::open(&server).await;
+    // CONNECT, protocol "MQTT" level 5, clean start, keep-alive 60, no properties, client id "a".
+    device
+        .write(&[
+            0x10, 0x0E, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3C, 0x00, 0x00, 0x01, b'a',
+        ])
+        .await;
+    match device.next().await {
+        Some(Packet::ConnAck(ack)) => assert_eq!(ack.code, ConnectReturnCode::RefusedProtocolVersion),
+        other => panic!("expected CONNACK 1, got {other:?}"),
+    }
+    assert!(device.closed_within(Duration::from_secs(5)).await, "refused connection left open");
+    server.shutdown().await;
+}

@@ -39,6 +39,8 @@ struct Wire<IO> {
     outbound: BytesMut,
     max_packet_size: usize,
     write_timeout: Duration,
+    /// The protocol level of a CONNECT this codec cannot read (MQTT 5 is level 5).
+    unsupported_level: Option<u8>,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
@@ -65,6 +67,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
                         "packet of {size} bytes exceeds the limit of {}",
                         self.max_packet_size
                     ))
+                }
+                Err(CodecError::InvalidProtocolLevel(level)) => {
+                    self.unsupported_level = Some(level);
+                    return Err(format!("unsupported MQTT protocol level {level}"));
                 }
                 Err(e) => return Err(format!("malformed packet: {e}")),
             }
@@ -106,6 +112,7 @@ pub(super) async fn run<IO>(
         outbound: BytesMut::with_capacity(1024),
         max_packet_size: limits.max_packet_size,
         write_timeout: limits.connect_timeout.max(Duration::from_secs(5)),
+        unsupported_level: None,
     };
     match serve(&mut wire, client_chain, service, limits, connect_deadline, stop).await {
         Ok(()) => tracing::debug!("connection closed"),
@@ -128,7 +135,15 @@ where
 {
     let first = timeout_at(connect_deadline, wire.read())
         .await
-        .map_err(|_| "no CONNECT before the deadline".to_owned())??;
+        .map_err(|_| "no CONNECT before the deadline".to_owned())?;
+    if let (Err(reason), Some(level)) = (&first, wire.unsupported_level) {
+        // MQTT 3.1.1 §3.1.2.2: answer an unsupported level with return code 1, then close
+        // (MQTT 5 clients read this as "server speaks an older version").
+        tracing::info!(%reason, level, "CONNECT refused");
+        wire.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false))).await?;
+        return Ok(());
+    }
+    let first = first?;
     let connect = match first {
         Some(Packet::Connect(connect)) => connect,
         Some(other) => return Err(format!("expected CONNECT, got {:?}", packet_name(&other))),
