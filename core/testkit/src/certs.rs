@@ -100,6 +100,8 @@ pub struct CertSpec {
     serial: Option<u64>,
     ca: Option<bool>,
     path_len: Option<u8>,
+    server_auth_only: bool,
+    critical_extension: Option<Vec<u64>>,
 }
 
 impl CertSpec {
@@ -115,6 +117,8 @@ impl CertSpec {
             serial: None,
             ca: None,
             path_len: None,
+            server_auth_only: false,
+            critical_extension: None,
         }
     }
 
@@ -168,6 +172,20 @@ impl CertSpec {
         self
     }
 
+    /// A leaf whose extendedKeyUsage allows TLS server authentication only (not client
+    /// authentication, which device certificates need).
+    pub fn server_auth_only(mut self) -> Self {
+        self.server_auth_only = true;
+        self
+    }
+
+    /// Adds a critical extension with this OID (arcs) and an empty SEQUENCE as its value, which
+    /// a verifier that does not know the OID must reject.
+    pub fn critical_extension(mut self, oid: &[u64]) -> Self {
+        self.critical_extension = Some(oid.to_vec());
+        self
+    }
+
     fn params(&self, default_ca: bool) -> CertificateParams {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -189,7 +207,16 @@ impl CertSpec {
         } else {
             params.is_ca = if self.ca.is_some() { IsCa::ExplicitNoCa } else { IsCa::NoCa };
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            params.extended_key_usages = vec![if self.server_auth_only {
+                ExtendedKeyUsagePurpose::ServerAuth
+            } else {
+                ExtendedKeyUsagePurpose::ClientAuth
+            }];
+        }
+        if let Some(oid) = &self.critical_extension {
+            let mut ext = rcgen::CustomExtension::from_oid_content(oid, vec![0x30, 0x00]);
+            ext.set_criticality(true);
+            params.custom_extensions.push(ext);
         }
         params
     }

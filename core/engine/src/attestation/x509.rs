@@ -20,7 +20,7 @@ use x509_cert::der::oid::db::{rfc4519, rfc5280, rfc5912};
 use x509_cert::der::{
     Decode, DecodeValue, Encode, FixedTag, Header, Reader, SliceReader, Tag, TagNumber, Tagged,
 };
-use x509_cert::ext::pkix::{BasicConstraints, KeyUsage};
+use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage, KeyUsage};
 use x509_cert::name::Name;
 use x509_cert::spki::AlgorithmIdentifierOwned;
 use zerotouch_proto::service::X509CertificateInfo;
@@ -68,6 +68,11 @@ struct Inner {
     spki_der: Vec<u8>,
     basic_constraints: Option<BasicConstraints>,
     key_usage: Option<KeyUsage>,
+    /// Whether extendedKeyUsage (when present) allows TLS client authentication.
+    client_auth_allowed: bool,
+    /// A critical extension this verifier does not process (RFC 5280 §4.2: such a certificate
+    /// must be rejected).
+    unknown_critical: Option<String>,
 }
 
 fn invalid(msg: impl Into<String>) -> AuthError {
@@ -112,6 +117,8 @@ impl Certificate {
 
         let mut basic_constraints = None;
         let mut key_usage = None;
+        let mut client_auth_allowed = true;
+        let mut unknown_critical = None;
         if let Some(extensions) = &tbs_cert.extensions {
             for (i, ext) in extensions.iter().enumerate() {
                 if extensions[..i].iter().any(|e| e.extn_id == ext.extn_id) {
@@ -127,6 +134,18 @@ impl Certificate {
                     key_usage = Some(
                         KeyUsage::from_der(value).map_err(|e| invalid(format!("malformed keyUsage: {e}")))?,
                     );
+                } else if ext.extn_id == rfc5280::ID_CE_EXT_KEY_USAGE {
+                    let usages = ExtendedKeyUsage::from_der(value)
+                        .map_err(|e| invalid(format!("malformed extendedKeyUsage: {e}")))?;
+                    client_auth_allowed = usages
+                        .0
+                        .iter()
+                        .any(|u| *u == rfc5280::ID_KP_CLIENT_AUTH || *u == rfc5280::ANY_EXTENDED_KEY_USAGE);
+                } else if ext.critical
+                    && !UNDERSTOOD_CRITICAL.contains(&ext.extn_id)
+                    && unknown_critical.is_none()
+                {
+                    unknown_critical = Some(ext.extn_id.to_string());
                 }
             }
         }
@@ -155,6 +174,8 @@ impl Certificate {
                 spki_der,
                 basic_constraints,
                 key_usage,
+                client_auth_allowed,
+                unknown_critical,
             }),
         })
     }
@@ -402,6 +423,18 @@ impl PresentedChain {
     pub fn verify_internal(&self, now: Timestamp, crypto: &dyn CryptoProvider) -> Result<(), AuthError> {
         for (i, cert) in self.certificates.iter().enumerate() {
             cert.check_validity(now)?;
+            if let Some(oid) = &cert.inner.unknown_critical {
+                return Err(invalid(format!(
+                    "{:?} carries critical extension {oid}, which this verifier does not process",
+                    cert.subject_name()
+                )));
+            }
+            if i == 0 && !cert.inner.client_auth_allowed {
+                return Err(invalid(format!(
+                    "extended key usage of {:?} does not allow client authentication",
+                    cert.subject_name()
+                )));
+            }
             if i > 0 {
                 check_may_issue(cert, i - 1)?;
             }
@@ -427,6 +460,18 @@ impl PresentedChain {
         last.verify_issued_by(anchor, crypto).ok().map(|()| self.certificates.len())
     }
 }
+
+/// Extensions a certificate may mark critical and still be accepted: the constraints and key
+/// usages checked here, and identifiers and names that restrict nothing this verifier relies on
+/// (the registration id comes from the subject CN).
+const UNDERSTOOD_CRITICAL: [x509_cert::der::oid::ObjectIdentifier; 6] = [
+    rfc5280::ID_CE_BASIC_CONSTRAINTS,
+    rfc5280::ID_CE_KEY_USAGE,
+    rfc5280::ID_CE_EXT_KEY_USAGE,
+    rfc5280::ID_CE_SUBJECT_ALT_NAME,
+    rfc5280::ID_CE_SUBJECT_KEY_IDENTIFIER,
+    rfc5280::ID_CE_AUTHORITY_KEY_IDENTIFIER,
+];
 
 /// Whether `cert` may sign the certificate below it, with `intermediates_below` CA certificates
 /// between it and the leaf.
@@ -1104,6 +1149,34 @@ mod tests {
         ders.swap(1, 2);
         let swapped = PresentedChain::from_der(&ders).unwrap();
         assert_eq!(swapped.verify_internal(NOW, &crypto), Err(AuthError::UntrustedChain));
+    }
+
+    #[test]
+    fn unknown_critical_extensions_and_a_leaf_not_for_client_auth_are_refused() {
+        let crypto = RingCrypto::new();
+        let root = TestCa::root("root");
+        // A leaf whose extended key usage is for servers only.
+        let server = root.device_with(CertSpec::new("dev").server_auth_only());
+        let err = chain(&server).verify_internal(NOW, &crypto).unwrap_err();
+        assert!(
+            matches!(&err, AuthError::InvalidCertificate(m) if m.contains("client authentication")),
+            "{err:?}"
+        );
+        // A critical extension nobody here processes, on the leaf or on an intermediate
+        // (nameConstraints, 2.5.29.30, is not enforced, so it must not be accepted either).
+        for (leaf, int) in [
+            (CertSpec::new("dev").critical_extension(&[1, 3, 6, 1, 4, 1, 99999, 1]), CertSpec::new("int")),
+            (CertSpec::new("dev"), CertSpec::new("int").critical_extension(&[2, 5, 29, 30])),
+        ] {
+            let dev = root.intermediate_with(int).device_with(leaf);
+            let err = chain(&dev).verify_internal(NOW, &crypto).unwrap_err();
+            assert!(
+                matches!(&err, AuthError::InvalidCertificate(m) if m.contains("critical extension")),
+                "{err:?}"
+            );
+        }
+        // The plain chain of the same root still passes.
+        chain(&root.device("dev")).verify_internal(NOW, &crypto).unwrap();
     }
 
     #[test]
