@@ -187,6 +187,89 @@ pub async fn accept_by(
     }
 }
 
+/// The accept loop both device listeners (MQTT/TLS and HTTPS) share: accepts on `listener`
+/// until `shutdown` completes, closes connections beyond [`Limits::max_connections`], gives each
+/// one [`Limits::connect_timeout`] for its TLS handshake, then runs `handle` (stream, client
+/// chain, the CONNECT deadline, a receiver that turns `true` at shutdown) in a task of its own,
+/// inside the span `span` makes. At shutdown it stops accepting and gives open connections, and
+/// whatever else holds a shutdown receiver (WebSocket bridges), [`Limits::shutdown_grace`].
+///
+/// [`Limits::max_connections`]: crate::limits::Limits::max_connections
+/// [`Limits::connect_timeout`]: crate::limits::Limits::connect_timeout
+/// [`Limits::shutdown_grace`]: crate::limits::Limits::shutdown_grace
+#[cfg(any(feature = "mqtt", feature = "http"))]
+pub(crate) async fn serve_listener<F, H, Fut>(
+    kind: &'static str,
+    listener: tokio::net::TcpListener,
+    tls: Arc<ServerConfig>,
+    limits: &crate::limits::Limits,
+    shutdown: F,
+    span: fn(std::net::SocketAddr) -> tracing::Span,
+    handle: H,
+) where
+    F: std::future::Future<Output = ()> + Send,
+    H: Fn(
+            tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+            Vec<Vec<u8>>,
+            tokio::time::Instant,
+            tokio::sync::watch::Receiver<bool>,
+        ) -> Fut
+        + Clone
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tracing::Instrument as _;
+
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Usually out of file descriptors: back off instead of spinning.
+                        tracing::warn!(error = %e, kind, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Some(slot) = limits.admit_connection(peer) else { continue };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let deadline = tokio::time::Instant::now() + limits.connect_timeout;
+                let stop = stop_rx.clone();
+                let handle = handle.clone();
+                connections.spawn(
+                    async move {
+                        let _slot = slot;
+                        let Some((tls, chain)) = accept_by(&acceptor, tcp, deadline).await else { return };
+                        handle(tls, chain, deadline, stop).await;
+                    }
+                    .instrument(span(peer)),
+                );
+            }
+        }
+    }
+    drop(listener);
+    drop(stop_rx);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(limits.shutdown_grace, async {
+        while connections.join_next().await.is_some() {}
+        stop_tx.closed().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::info!(open = connections.len(), kind, "shutdown grace over; closing remaining connections");
+        connections.shutdown().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,21 +4,16 @@ mod handler;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
-use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
-use tracing::Instrument as _;
 
 use crate::limits::Limits;
 use crate::service::DpsService;
-use crate::tls::accept_by;
+use crate::tls::serve_listener;
 
 #[cfg(feature = "ws")]
 pub(crate) use handler::error_reply;
@@ -56,62 +51,17 @@ pub async fn serve_https<F>(
 ) where
     F: Future<Output = ()> + Send,
 {
-    let acceptor = TlsAcceptor::from(tls);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Usually out of file descriptors: back off instead of spinning.
-                        tracing::warn!(error = %e, "https accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let Some(slot) = limits.admit_connection(peer) else { continue };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let service = Arc::clone(&service);
-                let limits = limits.clone();
-                let stop = stop_rx.clone();
-                let span = tracing::info_span!("https", %peer);
-                connections.spawn(
-                    async move {
-                        let _slot = slot;
-                        let deadline = Instant::now() + limits.connect_timeout;
-                        let Some((tls, client_chain)) = accept_by(&acceptor, tcp, deadline).await else {
-                            return;
-                        };
-                        let mut stop_conn = stop.clone();
-                        let conn = Arc::new(Connection { service, limits, client_chain, stop });
-                        serve_connection(tls, conn, &mut stop_conn).await;
-                    }
-                    .instrument(span),
-                );
-            }
+    let shared = limits.clone();
+    let handle = move |tls, client_chain, _deadline, stop: watch::Receiver<bool>| {
+        let (service, limits) = (Arc::clone(&service), shared.clone());
+        async move {
+            let mut stop_conn = stop.clone();
+            let conn = Arc::new(Connection { service, limits, client_chain, stop });
+            serve_connection(tls, conn, &mut stop_conn).await;
         }
-    }
-    drop(listener);
-    drop(stop_rx);
-    let _ = stop_tx.send(true);
-    let grace = limits.shutdown_grace;
-    // WebSocket bridges run in tasks of their own after the upgrade; each holds a receiver of
-    // `stop_tx`, so `closed()` also waits for them.
-    let drained = tokio::time::timeout(grace, async {
-        while connections.join_next().await.is_some() {}
-        stop_tx.closed().await;
-    })
-    .await;
-    if drained.is_err() {
-        tracing::info!(open = connections.len(), "https shutdown grace over; closing remaining connections");
-        connections.shutdown().await;
-    }
+    };
+    let span = |peer| tracing::info_span!("https", %peer);
+    serve_listener("https", listener, tls, &limits, shutdown, span, handle).await;
 }
 
 /// Serves HTTP on one TLS stream until the client closes it, it idles out, or shutdown asks

@@ -16,20 +16,16 @@ mod connection;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::limits::Limits;
 use crate::service::DpsService;
-use crate::tls::accept_by;
+use crate::tls::serve_listener;
 
 /// Accepts MQTT-over-TLS device connections on `listener` until `shutdown` completes, then stops
 /// accepting and gives open connections [`Limits::shutdown_grace`] to finish the requests they
@@ -45,53 +41,13 @@ pub async fn serve_mqtt<F>(
 ) where
     F: Future<Output = ()> + Send,
 {
-    let acceptor = TlsAcceptor::from(tls);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Usually out of file descriptors: back off instead of spinning.
-                        tracing::warn!(error = %e, "mqtt accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let Some(slot) = limits.admit_connection(peer) else { continue };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let service = Arc::clone(&service);
-                let limits = limits.clone();
-                let stop = stop_rx.clone();
-                let span = tracing::info_span!("mqtt", %peer, registration_id = tracing::field::Empty);
-                connections.spawn(
-                    async move {
-                        let _slot = slot;
-                        let deadline = Instant::now() + limits.connect_timeout;
-                        let Some((tls, chain)) = accept_by(&acceptor, tcp, deadline).await else { return };
-                        connection::run(tls, chain, service, &limits, deadline, Some(stop)).await;
-                    }
-                    .instrument(span),
-                );
-            }
-        }
-    }
-    drop(listener);
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(limits.shutdown_grace, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::info!(open = connections.len(), "mqtt shutdown grace over; closing remaining connections");
-        connections.shutdown().await;
-    }
+    let shared = limits.clone();
+    let handle = move |tls, chain, deadline, stop| {
+        let (service, limits) = (Arc::clone(&service), shared.clone());
+        async move { connection::run(tls, chain, service, &limits, deadline, Some(stop)).await }
+    };
+    let span = |peer| tracing::info_span!("mqtt", %peer, registration_id = tracing::field::Empty);
+    serve_listener("mqtt", listener, tls, &limits, shutdown, span, handle).await;
 }
 
 /// Runs the DPS MQTT protocol on one already-established byte stream (TLS, or a WebSocket
