@@ -6,8 +6,6 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{HeaderMap, Request, StatusCode};
@@ -28,8 +26,8 @@ use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
 use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
 use zerotouch_proto::sas::{registration_resource, string_to_sign, SasToken};
-use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup, IndividualEnrollment};
-use zerotouch_proto::{DeviceId, EnrollmentGroupId, IdScope, IfMatch, RegistrationId};
+use zerotouch_proto::service::{AttestationMechanism, IndividualEnrollment};
+use zerotouch_proto::{DeviceId, IdScope, IfMatch, RegistrationId};
 use zerotouch_testkit::certs::TestCert;
 use zerotouch_transport::http::serve_https;
 use zerotouch_transport::limits::Limits;
@@ -101,36 +99,14 @@ impl Server {
         }
     }
 
-    /// Enrolls `id` individually with a generated symmetric key; returns the key bytes.
+    /// Enrolls `id` individually with a service-generated symmetric key; returns the key.
     pub fn enroll_symmetric(&self, id: &str) -> Vec<u8> {
-        let e = enrollments::put_enrollment(
-            self.store.as_ref(),
-            &RingCrypto::new(),
-            now(),
-            IndividualEnrollment::new(
-                RegistrationId::new(id).unwrap(),
-                AttestationMechanism::symmetric_key(),
-            ),
-            &IfMatch::Absent,
-        )
-        .unwrap();
-        STANDARD.decode(e.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap()
+        zerotouch_testkit::enroll::symmetric(self.store.as_ref(), id, now())
     }
 
     /// Creates a symmetric-key enrollment group; returns its primary key bytes.
     pub fn enroll_symmetric_group(&self, group_id: &str) -> Vec<u8> {
-        let g = enrollments::put_enrollment_group(
-            self.store.as_ref(),
-            &RingCrypto::new(),
-            now(),
-            EnrollmentGroup::new(
-                EnrollmentGroupId::new(group_id).unwrap(),
-                AttestationMechanism::symmetric_key(),
-            ),
-            &IfMatch::Absent,
-        )
-        .unwrap();
-        STANDARD.decode(g.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap()
+        zerotouch_testkit::enroll::symmetric_group(self.store.as_ref(), group_id, now())
     }
 
     /// Enrolls the self-signed `device` certificate individually (registration id = its CN).

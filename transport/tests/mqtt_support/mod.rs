@@ -103,34 +103,12 @@ impl Server {
 
     /// Enrolls `id` individually with a service-generated symmetric key; returns the key.
     pub fn enroll_symmetric(&self, id: &str) -> Vec<u8> {
-        let e = enrollments::put_enrollment(
-            self.store.as_ref(),
-            &RingCrypto::new(),
-            now(),
-            IndividualEnrollment::new(
-                RegistrationId::new(id).unwrap(),
-                AttestationMechanism::symmetric_key(),
-            ),
-            &IfMatch::Absent,
-        )
-        .unwrap();
-        STANDARD.decode(e.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap()
+        zerotouch_testkit::enroll::symmetric(self.store.as_ref(), id, now())
     }
 
-    /// Enrolls a symmetric-key group; returns the group key.
+    /// Creates a symmetric-key enrollment group; returns its primary key bytes.
     pub fn enroll_symmetric_group(&self, group_id: &str) -> Vec<u8> {
-        let g = enrollments::put_enrollment_group(
-            self.store.as_ref(),
-            &RingCrypto::new(),
-            now(),
-            EnrollmentGroup::new(
-                EnrollmentGroupId::new(group_id).unwrap(),
-                AttestationMechanism::symmetric_key(),
-            ),
-            &IfMatch::Absent,
-        )
-        .unwrap();
-        STANDARD.decode(g.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap()
+        zerotouch_testkit::enroll::symmetric_group(self.store.as_ref(), group_id, now())
     }
 
     /// Enrolls `id` individually with its leaf certificate (PEM).
