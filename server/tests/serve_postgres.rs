@@ -10,7 +10,7 @@ use clap::Parser as _;
 use serde_json::{json, Value};
 use zerotouch_server::backend::PgBackend;
 use zerotouch_server::cli::{self, Cli, Command};
-use zerotouch_server::config::ServeConfig;
+use zerotouch_server::config::{HubSpec, ServeConfig};
 use zerotouch_server::server;
 use zerotouch_transport::client::{ProvisioningClient, Transport};
 
@@ -57,39 +57,56 @@ fn zerotouch(args: &[&str]) -> Value {
     }
 }
 
-#[test]
-fn a_device_provisions_into_the_postgres_store_and_devices_get_reads_it_back() {
-    let schema = Schema::new();
-    let url = schema.url.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let key = STANDARD.encode([0x44u8; 32]);
-    let file = dir.path().join("enrollments.json");
+/// Enrolls `registration_id` with symmetric key `key` (base64) through the admin command, then
+/// starts `zerotouch serve` on the schema with `hubs` and registers the device over HTTPS with our
+/// client; returns the hub it was assigned to.
+fn enroll_and_provision(
+    schema: &Schema,
+    dir: &std::path::Path,
+    hubs: &[&str],
+    registration_id: &str,
+    key: &str,
+) -> String {
+    let file = dir.join("enrollments.json");
     let sym = json!({"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}});
-    std::fs::write(&file, json!([{"registrationId": "meter-9", "attestation": sym}]).to_string()).unwrap();
-    let imported = zerotouch(&["enrollments", "import", "--database-url", &url, file.to_str().unwrap()]);
+    std::fs::write(&file, json!([{"registrationId": registration_id, "attestation": sym}]).to_string())
+        .unwrap();
+    let imported =
+        zerotouch(&["enrollments", "import", "--database-url", &schema.url, file.to_str().unwrap()]);
     assert_eq!(imported["imported"]["individualEnrollments"], 1);
 
+    let url = schema.url.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
-        let mut config = ServeConfig::new(dir.path());
+        let mut config = ServeConfig::new(dir);
         config.mqtt_listen = "127.0.0.1:0".parse().unwrap();
         config.https_listen = "127.0.0.1:0".parse().unwrap();
+        config.hubs = hubs.iter().map(|h| HubSpec { name: (*h).to_owned(), weight: 1 }).collect();
         let backend = tokio::task::spawn_blocking(move || PgBackend::connect(&url).unwrap()).await.unwrap();
         let handle = server::start(&config, backend).await.unwrap();
-        let assignment = ProvisioningClient::builder(handle.id_scope().as_str(), "meter-9")
+        let assignment = ProvisioningClient::builder(handle.id_scope().as_str(), registration_id)
             .provisioning_host(format!("localhost:{}", handle.https_addr().port()))
             .transport(Transport::Https)
             .ca_file(handle.ca_cert().unwrap())
             .unwrap()
-            .symmetric_key(key.as_str())
+            .symmetric_key(key)
             .build()
             .unwrap()
             .register()
             .await
             .unwrap();
-        assert_eq!(assignment.assigned_hub, "localhost");
         handle.shutdown().await;
-    });
+        assignment.assigned_hub
+    })
+}
+
+#[test]
+fn a_device_provisions_into_the_postgres_store_and_devices_get_reads_it_back() {
+    let schema = Schema::new();
+    let dir = tempfile::tempdir().unwrap();
+    let key = STANDARD.encode([0x44u8; 32]);
+    let assigned = enroll_and_provision(&schema, dir.path(), &["localhost"], "meter-9", &key);
+    assert_eq!(assigned, "localhost");
 
     let identity = zerotouch(&["devices", "get", "--database-url", &schema.url, "meter-9"]);
     assert_eq!(identity["deviceId"], "meter-9");
@@ -104,40 +121,12 @@ fn a_server_with_two_hubs_on_postgres_keeps_each_hubs_devices_apart() {
     use zerotouch_proto::hub::Device;
     use zerotouch_proto::DeviceId;
     use zerotouch_server::backend::Backend;
-    use zerotouch_server::config::HubSpec;
 
     let schema = Schema::new();
-    let url = schema.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let key = STANDARD.encode([0x45u8; 32]);
-    let file = dir.path().join("enrollments.json");
-    let sym = json!({"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}});
-    std::fs::write(&file, json!([{"registrationId": "meter-7", "attestation": sym}]).to_string()).unwrap();
-    zerotouch(&["enrollments", "import", "--database-url", &url, file.to_str().unwrap()]);
-
     let hubs = ["north.localhost", "south.localhost"];
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let assigned = runtime.block_on(async {
-        let mut config = ServeConfig::new(dir.path());
-        config.mqtt_listen = "127.0.0.1:0".parse().unwrap();
-        config.https_listen = "127.0.0.1:0".parse().unwrap();
-        config.hubs = hubs.iter().map(|h| HubSpec { name: (*h).to_owned(), weight: 1 }).collect();
-        let backend = tokio::task::spawn_blocking(move || PgBackend::connect(&url).unwrap()).await.unwrap();
-        let handle = server::start(&config, backend).await.unwrap();
-        let assignment = ProvisioningClient::builder(handle.id_scope().as_str(), "meter-7")
-            .provisioning_host(format!("localhost:{}", handle.https_addr().port()))
-            .transport(Transport::Https)
-            .ca_file(handle.ca_cert().unwrap())
-            .unwrap()
-            .symmetric_key(key.as_str())
-            .build()
-            .unwrap()
-            .register()
-            .await
-            .unwrap();
-        handle.shutdown().await;
-        assignment.assigned_hub
-    });
+    let assigned = enroll_and_provision(&schema, dir.path(), &hubs, "meter-7", &key);
     assert!(hubs.contains(&assigned.as_str()), "assigned to {assigned}");
     let listed = zerotouch(&["devices", "list", "--database-url", &schema.url]);
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
