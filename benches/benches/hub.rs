@@ -104,12 +104,19 @@ fn twin_docs(n: usize) -> Vec<Value> {
         .collect()
 }
 
-/// Runs a query to its last page, as a client following continuation tokens does.
-fn run_all(query: &zerotouch_engine::query::Query, source: &dyn QuerySource) -> usize {
+/// `execute` or `execute_shared`.
+type Exec<T> = fn(
+    &zerotouch_engine::query::Query,
+    &dyn QuerySource,
+    &PageRequest,
+) -> Result<QueryPage<T>, zerotouch_engine::Error>;
+
+/// Runs a query to its last page with `exec`, as a client following continuation tokens does.
+fn run_pages<T>(query: &zerotouch_engine::query::Query, source: &dyn QuerySource, exec: Exec<T>) -> usize {
     let mut page = PageRequest { continuation: None, max_items: 1000 };
     let mut n = 0;
     loop {
-        let QueryPage { items, continuation, .. } = match execute(query, source, &page) {
+        let QueryPage { items, continuation, .. } = match exec(query, source, &page) {
             Ok(p) => p,
             Err(_) => return n,
         };
@@ -121,21 +128,14 @@ fn run_all(query: &zerotouch_engine::query::Query, source: &dyn QuerySource) -> 
     }
 }
 
+/// Runs a query to its last page with the copying [`execute`].
+fn run_all(query: &zerotouch_engine::query::Query, source: &dyn QuerySource) -> usize {
+    run_pages(query, source, execute)
+}
+
 /// [`run_all`] with [`execute_shared`]: `SELECT *` items share the source's documents.
 fn run_all_shared(query: &zerotouch_engine::query::Query, source: &dyn QuerySource) -> usize {
-    let mut page = PageRequest { continuation: None, max_items: 1000 };
-    let mut n = 0;
-    loop {
-        let QueryPage { items, continuation, .. } = match execute_shared(query, source, &page) {
-            Ok(p) => p,
-            Err(_) => return n,
-        };
-        n += items.len();
-        match continuation {
-            Some(t) => page.continuation = Some(t),
-            None => return n,
-        }
-    }
+    run_pages(query, source, execute_shared)
 }
 
 fn queries(c: &mut Criterion) {
