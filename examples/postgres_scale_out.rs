@@ -11,18 +11,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use zerotouch_engine::allocation::Allocator;
-use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_token};
-use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::crypto::{CryptoProvider, RingCrypto};
-use zerotouch_engine::hub::LinkedHub;
-use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
-use zerotouch_engine::jobs::JobLimits;
-use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
+use zerotouch_engine::hub_engine::EmbeddedHubs;
 use zerotouch_engine::store::RegistrationStore;
-use zerotouch_proto::device::DeviceRegistration;
+use zerotouch_examples::{group_device_request, service_over};
 use zerotouch_proto::RegistrationId;
 use zerotouch_store::postgres::PgStore;
 use zerotouch_transport::service::{now, DpsService, EngineService};
@@ -38,32 +32,11 @@ type Instance = EngineService<PgStore, EmbeddedHubs<PgStore, PgStore, PgStore>>;
 /// One "instance": its own connection pool on the shared schema, and the hubs as views of it.
 fn instance(url: &str, crypto: &Arc<dyn CryptoProvider>) -> Instance {
     let store = PgStore::connect(url, 8).unwrap();
-    let mut hubs = EmbeddedHubs::new();
-    for name in HUBS {
-        let view = store.hub(name).unwrap();
-        hubs.insert(
-            EmbeddedHub::new(name, view.clone(), view.clone(), view, crypto.clone(), JobLimits::default())
-                .unwrap(),
-        );
-    }
-    let provisioner = Provisioner::new(
-        ProvisionerConfig::new(zerotouch_proto::IdScope::new(SCOPE).unwrap()),
-        store,
-        crypto.clone(),
-        Allocator::new(HUBS.iter().map(|h| LinkedHub::new(*h)).collect()),
-    );
-    EngineService::new(provisioner, Arc::new(Mutex::new(hubs)))
+    service_over(SCOPE, store.clone(), &HUBS, |name| store.hub(name).unwrap(), crypto).unwrap()
 }
 
 fn register(service: &Instance, crypto: &dyn CryptoProvider, group_key: &[u8], id: &str) {
-    let key = derive_device_key(crypto, group_key, id);
-    let token = registration_token(crypto, &key, SCOPE, id, now().unix_secs() + 3600);
-    let request = RegisterRequest {
-        id_scope: SCOPE.into(),
-        registration_id: id.into(),
-        body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
-        credential: Credential::Sas(token.to_string()),
-    };
+    let request = group_device_request(crypto, group_key, SCOPE, id);
     let reply = service.register(now(), request);
     assert_eq!(reply.status, 202, "{id}: {reply:?}");
 }
