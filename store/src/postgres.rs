@@ -113,7 +113,7 @@ impl PgStore {
         // would retry until its timeout), and it runs the migrations.
         let mut client = config
             .connect(NoTls)
-            .map_err(|e| StoreError::Backend(format!("cannot connect to PostgreSQL: {e}")))?;
+            .map_err(|e| StoreError::Backend(format!("cannot connect to PostgreSQL: {}", describe(&e))))?;
         schema::migrate(&mut client)?;
         drop(client);
         let manager = PostgresConnectionManager::new(config, NoTls);
@@ -446,7 +446,26 @@ fn backend(e: postgres::Error) -> StoreError {
     if unit::retryable(&e) && unit::active() {
         StoreError::PreconditionFailed
     } else {
-        StoreError::Backend(format!("PostgreSQL: {e}"))
+        StoreError::Backend(format!("PostgreSQL: {}", describe(&e)))
+    }
+}
+
+/// What went wrong, with the server's own message: the driver's `Display` says only "db error"
+/// and leaves the server's message, SQLSTATE and detail to its source.
+pub(crate) fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(": ");
+                text.push_str(detail);
+            }
+            text
+        }
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }
 

@@ -146,76 +146,96 @@ pub fn migration_sql(version: i32) -> Option<&'static str> {
     MIGRATIONS.iter().find(|m| m.version == version).map(|m| m.sql)
 }
 
-/// Attempts at creating the version table when other instances race to create it too.
-const CREATE_ATTEMPTS: u32 = 5;
+/// Attempts at migrating when a concurrent session still gets in the way (a catalog race on a
+/// backend without advisory locks, a deadlock or serialization failure under load).
+const MIGRATE_ATTEMPTS: u32 = 5;
+
+/// The advisory lock every migrating instance takes first ("zt" + "schema" as a number).
+const MIGRATION_LOCK: i64 = 0x7a74_7363_6865_6d61;
 
 /// Brings the database to [`LATEST_SCHEMA_VERSION`].
 ///
-/// The version table has a row per applied version plus a baseline row 0 that every migrating
-/// instance locks first, so concurrent instances apply each migration exactly once (the
-/// others wait, then find nothing left to do).
+/// Everything runs in one transaction that first takes a transaction-scoped advisory lock, so
+/// instances starting together queue up: the first creates the version table and applies each
+/// migration once, the others then find nothing left to do. The version table also has a
+/// baseline row 0 that every migrating instance locks, which keeps the same guarantee on
+/// PostgreSQL-compatible databases whose advisory locks are no-ops. A transient conflict with a
+/// concurrent session rolls the attempt back and tries again.
 pub(super) fn migrate(client: &mut postgres::Client) -> Result<(), StoreError> {
-    create_version_table(client)?;
-    client
-        .execute(
-            "INSERT INTO zerotouch_schema (version, description) VALUES (0, 'baseline') \
-             ON CONFLICT (version) DO NOTHING",
-            &[],
-        )
-        .map_err(backend)?;
-    let mut tx = client.transaction().map_err(backend)?;
-    tx.execute("SELECT version FROM zerotouch_schema WHERE version = 0 FOR UPDATE", &[]).map_err(backend)?;
-    let current = current_version(&mut tx)?;
-    if current > LATEST_SCHEMA_VERSION {
-        return Err(StoreError::Backend(format!(
-            "the database schema is at version {current}, newer than this zerotouch build understands \
-             (up to {LATEST_SCHEMA_VERSION}); run a newer zerotouch against this database"
-        )));
-    }
-    for m in MIGRATIONS.iter().filter(|m| m.version > current) {
-        tx.batch_execute(m.sql).map_err(|e| {
-            StoreError::Backend(format!("schema migration {} ({}) failed: {e}", m.version, m.description))
-        })?;
-        tx.execute(
-            "INSERT INTO zerotouch_schema (version, description) VALUES ($1, $2)",
-            &[&m.version, &m.description],
-        )
-        .map_err(backend)?;
-    }
-    tx.commit().map_err(backend)
-}
-
-/// The highest applied version (0 for an empty database).
-pub(super) fn current_version(client: &mut impl GenericClient) -> Result<i32, StoreError> {
-    let row =
-        client.query_one("SELECT coalesce(max(version), 0) FROM zerotouch_schema", &[]).map_err(backend)?;
-    row.try_get(0).map_err(backend)
-}
-
-fn create_version_table(client: &mut postgres::Client) -> Result<(), StoreError> {
     let mut attempt = 0;
     loop {
-        let created = client.batch_execute(
-            "CREATE TABLE IF NOT EXISTS zerotouch_schema (
-                version integer PRIMARY KEY,
-                description text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            )",
-        );
-        match created {
-            Ok(()) => return Ok(()),
-            // Two sessions creating the table at once: the loser sees a catalog unique
-            // violation instead of "already exists". The table exists now; try again.
-            Err(e)
-                if attempt + 1 < CREATE_ATTEMPTS
-                    && matches!(e.code(), Some(c) if *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::DUPLICATE_TABLE) =>
-            {
+        match migrate_once(client) {
+            Ok(outcome) => return outcome,
+            Err(e) if attempt + 1 < MIGRATE_ATTEMPTS && transient(&e) => {
                 attempt += 1;
                 thread::sleep(Duration::from_millis(20 * u64::from(attempt)));
             }
             Err(e) => return Err(backend(e)),
         }
     }
+}
+
+/// A conflict with another session doing the same thing: worth another attempt.
+fn transient(e: &postgres::Error) -> bool {
+    matches!(e.code(), Some(c) if *c == SqlState::UNIQUE_VIOLATION
+        || *c == SqlState::DUPLICATE_TABLE
+        || *c == SqlState::T_R_DEADLOCK_DETECTED
+        || *c == SqlState::T_R_SERIALIZATION_FAILURE)
+}
+
+/// One attempt: the outer error is a failed statement (maybe transient), the inner one a
+/// database this build must not touch or a migration whose SQL failed.
+fn migrate_once(client: &mut postgres::Client) -> Result<Result<(), StoreError>, postgres::Error> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS zerotouch_schema (
+            version integer PRIMARY KEY,
+            description text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        )",
+    )?;
+    tx.execute(
+        "INSERT INTO zerotouch_schema (version, description) VALUES (0, 'baseline') \
+         ON CONFLICT (version) DO NOTHING",
+        &[],
+    )?;
+    tx.execute("SELECT version FROM zerotouch_schema WHERE version = 0 FOR UPDATE", &[])?;
+    let current = max_version(&mut tx)?;
+    if current > LATEST_SCHEMA_VERSION {
+        return Ok(Err(StoreError::Backend(format!(
+            "the database schema is at version {current}, newer than this zerotouch build understands \
+             (up to {LATEST_SCHEMA_VERSION}); run a newer zerotouch against this database"
+        ))));
+    }
+    for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+        if let Err(e) = tx.batch_execute(m.sql) {
+            if transient(&e) {
+                return Err(e);
+            }
+            return Ok(Err(StoreError::Backend(format!(
+                "schema migration {} ({}) failed: {}",
+                m.version,
+                m.description,
+                super::describe(&e)
+            ))));
+        }
+        tx.execute(
+            "INSERT INTO zerotouch_schema (version, description) VALUES ($1, $2)",
+            &[&m.version, &m.description],
+        )?;
+    }
+    tx.commit()?;
+    Ok(Ok(()))
+}
+
+/// The highest applied version (0 for an empty database).
+pub(super) fn current_version(client: &mut impl GenericClient) -> Result<i32, StoreError> {
+    max_version(client).map_err(backend)
+}
+
+fn max_version(client: &mut impl GenericClient) -> Result<i32, postgres::Error> {
+    client.query_one("SELECT coalesce(max(version), 0) FROM zerotouch_schema", &[])?.try_get(0)
 }
 
 #[cfg(test)]
