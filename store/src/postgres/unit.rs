@@ -227,6 +227,6 @@ fn commit_error(e: &postgres::Error) -> StoreError {
             "PostgreSQL: a statement of the unit failed, so the unit was rolled back".to_owned(),
         )
     } else {
-        StoreError::Backend(format!("PostgreSQL: cannot commit: {}", super::describe(&e)))
+        StoreError::Backend(format!("PostgreSQL: cannot commit: {}", super::describe(e)))
     }
 }
