@@ -324,7 +324,9 @@ fn registrations(c: &mut Criterion) {
                 registration_write(n)
             },
             |(record, operation)| {
-                store.commit_registration(&record, &Precondition::MustNotExist, &operation).unwrap()
+                store
+                    .commit_registration(record.clone(), &Precondition::MustNotExist, operation.clone())
+                    .unwrap()
             },
             BatchSize::SmallInput,
         )

@@ -5,6 +5,8 @@
 //! `Precondition::Matches(tag)` becomes `UPDATE … WHERE etag = tag` and an entity stored without
 //! etag holds `''` (the in-memory store treats a missing etag as the empty one).
 
+use std::sync::Arc;
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use zerotouch_engine::jobs::JobRecord;
@@ -282,4 +284,10 @@ mod tests {
         assert_eq!(etag_column(Some(&ETag::new("\"e1\""))), "e1");
         assert_eq!(etag_column(None), "");
     }
+}
+
+/// Groups as the engine's lookups hand them out (shared, so a store that keeps them in memory
+/// need not copy them).
+pub(crate) fn shared(groups: Vec<EnrollmentGroup>) -> Vec<Arc<EnrollmentGroup>> {
+    groups.into_iter().map(Arc::new).collect()
 }

@@ -41,7 +41,7 @@ use zerotouch_proto::{DeviceId, EnrollmentGroupId, ModuleId, OperationId, Regist
 
 use crate::codec::{
     ca_references, check, decode_token, device_connected, device_status_column, encode_token, etag_column,
-    from_doc, job_etag, job_purge_time, job_status_column, job_type_column, registration_group,
+    from_doc, job_etag, job_purge_time, job_status_column, job_type_column, registration_group, shared,
     signing_subjects, time_column, to_doc, twin_key, twin_module_column,
 };
 
@@ -727,15 +727,15 @@ impl EnrollmentGroupStore for PgStore {
         list_by_key(&mut *self.conn()?, GROUPS.name, None, page).map(strip_keys)
     }
 
-    fn symmetric_key_groups(&self) -> Result<Vec<EnrollmentGroup>, StoreError> {
+    fn symmetric_key_groups(&self) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
         let rows = self
             .conn()?
             .query("SELECT doc FROM enrollment_groups WHERE symmetric_key ORDER BY id", &[])
             .map_err(backend)?;
-        docs(&rows)
+        docs(&rows).map(shared)
     }
 
-    fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<EnrollmentGroup>, StoreError> {
+    fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
         let rows = self
             .conn()?
             .query(
@@ -746,7 +746,7 @@ impl EnrollmentGroupStore for PgStore {
                 &[&subject_name],
             )
             .map_err(backend)?;
-        docs(&rows)
+        docs(&rows).map(shared)
     }
 }
 
@@ -783,17 +783,17 @@ impl RegistrationStore for PgStore {
 
     fn commit_registration(
         &self,
-        record: &RegistrationRecord,
+        record: RegistrationRecord,
         pre: &Precondition,
-        operation: &OperationRecord,
+        operation: OperationRecord,
     ) -> Result<(), StoreError> {
         let key = record.registration_id.key();
         let etag = etag_column(record.etag().as_ref());
-        let doc = to_doc(record)?;
-        let group = registration_group(record);
+        let doc = to_doc(&record)?;
+        let group = registration_group(&record);
         self.transaction(|c| {
             REGISTRATIONS.put(c, &[&key, &etag, &doc, &group], pre)?;
-            put_operation(c, operation)
+            put_operation(c, &operation)
         })
     }
 

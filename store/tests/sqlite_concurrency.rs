@@ -113,7 +113,8 @@ fn one_registration_id_racing_from_two_instances_is_assigned_exactly_once() {
                     s.spawn(move || {
                         let rec = record(id, &format!("hub-{t}"));
                         let op = operation(&format!("op-{round}-{t}"), id);
-                        match store.commit_registration(&rec, &Precondition::MustNotExist, &op) {
+                        match store.commit_registration(rec.clone(), &Precondition::MustNotExist, op.clone())
+                        {
                             Ok(()) => Some(t),
                             Err(StoreError::AlreadyExists) => None,
                             Err(e) => panic!("unexpected error {e:?}"),

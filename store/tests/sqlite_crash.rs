@@ -76,7 +76,7 @@ fn register(store: &SqliteStore, hub: &SqliteStore, n: usize) {
         .atomically(&mut || {
             hub.put_device(&Device::new(id.clone()), &Precondition::MustNotExist)?;
             hub.put_twin(&TwinKey::device(id.clone()), &twin, &Precondition::MustNotExist)?;
-            store.commit_registration(&record, &Precondition::MustNotExist, &operation)?;
+            store.commit_registration(record.clone(), &Precondition::MustNotExist, operation.clone())?;
             Ok(())
         })
         .unwrap();

@@ -1,8 +1,9 @@
 //! In-memory implementation of every provisioning store trait: the reference the durable stores
 //! are checked against, and the store of embedded and test deployments.
 
-use std::collections::BTreeMap;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use zerotouch_proto::service::{EnrollmentGroup, IndividualEnrollment};
 use zerotouch_proto::{ETag, EnrollmentGroupId, OperationId, RegistrationId, Timestamp};
@@ -16,10 +17,13 @@ use crate::store::{
 #[derive(Debug, Default)]
 struct Tables {
     enrollments: BTreeMap<String, IndividualEnrollment>,
-    groups: BTreeMap<String, EnrollmentGroup>,
+    /// Shared: registrations hand the groups out without copying them.
+    groups: BTreeMap<String, Arc<EnrollmentGroup>>,
     cas: BTreeMap<String, CaCertificate>,
-    registrations: BTreeMap<String, RegistrationRecord>,
-    operations: BTreeMap<String, OperationRecord>,
+    /// Boxed: a B-tree node moves its values as keys are inserted, and a record is large.
+    registrations: BTreeMap<String, Box<RegistrationRecord>>,
+    /// Looked up by id and swept by age, never listed in order.
+    operations: HashMap<String, OperationRecord>,
 }
 
 /// All provisioning tables behind one lock, so multi-table writes are atomic.
@@ -44,7 +48,11 @@ impl MemoryStore {
 }
 
 /// One page of a key-ordered map; the continuation token is the last key returned.
-fn page_of<T: Clone>(map: &BTreeMap<String, T>, page: &PageRequest, keep: impl Fn(&T) -> bool) -> Page<T> {
+fn page_of<V: Borrow<T>, T: Clone>(
+    map: &BTreeMap<String, V>,
+    page: &PageRequest,
+    keep: impl Fn(&T) -> bool,
+) -> Page<T> {
     use std::ops::Bound;
     let start = match &page.continuation {
         Some(after) => Bound::Excluded(after.clone()),
@@ -55,6 +63,7 @@ fn page_of<T: Clone>(map: &BTreeMap<String, T>, page: &PageRequest, keep: impl F
     let mut last = None;
     let mut more = false;
     for (k, v) in map.range((start, Bound::Unbounded)) {
+        let v = v.borrow();
         if !keep(v) {
             continue;
         }
@@ -105,14 +114,14 @@ impl EnrollmentStore for MemoryStore {
 
 impl EnrollmentGroupStore for MemoryStore {
     fn enrollment_group(&self, id: &EnrollmentGroupId) -> Result<Option<EnrollmentGroup>, StoreError> {
-        Ok(self.read()?.groups.get(&id.key()).cloned())
+        Ok(self.read()?.groups.get(&id.key()).map(|g| EnrollmentGroup::clone(g)))
     }
 
     fn put_enrollment_group(&self, group: &EnrollmentGroup, pre: &Precondition) -> Result<(), StoreError> {
         let mut t = self.write()?;
         let key = group.enrollment_group_id.key();
         pre.check(t.groups.get(&key).and_then(|g| etag_of(g.etag.as_ref())).as_ref())?;
-        t.groups.insert(key, group.clone());
+        t.groups.insert(key, Arc::new(group.clone()));
         Ok(())
     }
 
@@ -129,13 +138,19 @@ impl EnrollmentGroupStore for MemoryStore {
         Ok(page_of(&self.read()?.groups, page, |_| true))
     }
 
-    fn symmetric_key_groups(&self) -> Result<Vec<EnrollmentGroup>, StoreError> {
-        Ok(self.read()?.groups.values().filter(|g| g.attestation.symmetric_key.is_some()).cloned().collect())
+    fn symmetric_key_groups(&self) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
+        Ok(self
+            .read()?
+            .groups
+            .values()
+            .filter(|g| g.attestation.symmetric_key.is_some())
+            .map(Arc::clone)
+            .collect())
     }
 
-    fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<EnrollmentGroup>, StoreError> {
+    fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
         let t = self.read()?;
-        let matches = |g: &&EnrollmentGroup| {
+        let matches = |g: &&Arc<EnrollmentGroup>| {
             let Some(x509) = &g.attestation.x509 else { return false };
             let by_signing = x509.signing_certificates.as_ref().is_some_and(|certs| {
                 [&certs.primary, &certs.secondary]
@@ -151,7 +166,7 @@ impl EnrollmentGroupStore for MemoryStore {
             });
             by_signing || by_reference
         };
-        Ok(t.groups.values().filter(matches).cloned().collect())
+        Ok(t.groups.values().filter(matches).map(Arc::clone).collect())
     }
 }
 
@@ -178,20 +193,28 @@ impl CaCertificateStore for MemoryStore {
 
 impl RegistrationStore for MemoryStore {
     fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationRecord>, StoreError> {
-        Ok(self.read()?.registrations.get(&id.key()).cloned())
+        Ok(self.read()?.registrations.get(&id.key()).map(|r| RegistrationRecord::clone(r)))
     }
 
     fn commit_registration(
         &self,
-        record: &RegistrationRecord,
+        record: RegistrationRecord,
         pre: &Precondition,
-        operation: &OperationRecord,
+        operation: OperationRecord,
     ) -> Result<(), StoreError> {
         let mut t = self.write()?;
         let key = record.registration_id.key();
-        pre.check(t.registrations.get(&key).and_then(|r| etag_of(r.etag().as_ref())).as_ref())?;
-        t.registrations.insert(key, record.clone());
-        t.operations.insert(operation.operation_id.as_str().to_owned(), operation.clone());
+        match t.registrations.get_mut(&key) {
+            Some(current) => {
+                pre.check(etag_of(current.etag().as_ref()).as_ref())?;
+                **current = record;
+            }
+            None => {
+                pre.check(None)?;
+                t.registrations.insert(key, Box::new(record));
+            }
+        }
+        t.operations.insert(operation.operation_id.as_str().to_owned(), operation);
         Ok(())
     }
 
@@ -213,7 +236,7 @@ impl RegistrationStore for MemoryStore {
         Ok(page_of(
             &self.read()?.registrations,
             page,
-            |r| matches!(&r.enrollment, EnrollmentRef::Group(g) if g.key() == key),
+            |r: &RegistrationRecord| matches!(&r.enrollment, EnrollmentRef::Group(g) if g.key() == key),
         ))
     }
 

@@ -146,7 +146,7 @@ impl Response {
 #[derive(Debug, Clone)]
 enum Enrollment {
     Individual(Box<IndividualEnrollment>),
-    Group(Box<EnrollmentGroup>),
+    Group(Arc<EnrollmentGroup>),
 }
 
 impl Enrollment {
@@ -536,7 +536,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                     }),
                 },
             };
-            self.store.commit_registration(&record, &pre, &op)?;
+            self.store.commit_registration(record, &pre, op)?;
             pre = Precondition::Matches(etag);
         }
 
@@ -589,7 +589,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 registration_state: Some(registration_result(&record, Some(attested))),
             },
         };
-        self.store.commit_registration(&record, pre, &op)?;
+        self.store.commit_registration(record, pre, op)?;
         Ok(())
     }
 
@@ -898,7 +898,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                             primary_key: STANDARD.encode(dp),
                             secondary_key: STANDARD.encode(ds),
                         },
-                        enrollment: Enrollment::Group(Box::new(group)),
+                        enrollment: Enrollment::Group(group),
                         kind: AttestedKind::SymmetricKey,
                     });
                 }
@@ -971,7 +971,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                         return Err(AuthError::EnrollmentDisabled.into());
                     }
                     return Ok(Attested {
-                        enrollment: Enrollment::Group(Box::new(group)),
+                        enrollment: Enrollment::Group(group),
                         auth,
                         kind: AttestedKind::X509 { leaf_der },
                     });

@@ -3,6 +3,7 @@
 //! their own threads. Every conditional write is an atomic compare-and-swap in the backend.
 
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use zerotouch_proto::device::RegistrationOperationStatus;
 use zerotouch_proto::service::{DeviceRegistrationState, EnrollmentGroup, IndividualEnrollment};
 use zerotouch_proto::{ETag, EnrollmentGroupId, OperationId, RegistrationId, Timestamp};
@@ -177,7 +178,7 @@ pub trait EnrollmentGroupStore: Send + Sync {
     ///
     /// # Errors
     /// Backend failures.
-    fn symmetric_key_groups(&self) -> Result<Vec<EnrollmentGroup>, StoreError>;
+    fn symmetric_key_groups(&self) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError>;
     /// Groups whose primary or secondary signing certificate has this subject distinguished name
     /// (`info.subjectName`, filled in by the engine on write), or that reference, via
     /// `caReferences`, a CA certificate with this subject. Used to find the groups that may have
@@ -185,7 +186,7 @@ pub trait EnrollmentGroupStore: Send + Sync {
     ///
     /// # Errors
     /// Backend failures.
-    fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<EnrollmentGroup>, StoreError>;
+    fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError>;
 }
 
 /// A CA certificate registered with the service (the ARM-plane certificates of spec §5.3).
@@ -242,9 +243,9 @@ pub trait RegistrationStore: Send + Sync {
     /// Precondition failures and backend failures.
     fn commit_registration(
         &self,
-        record: &RegistrationRecord,
+        record: RegistrationRecord,
         pre: &Precondition,
-        operation: &OperationRecord,
+        operation: OperationRecord,
     ) -> Result<(), StoreError>;
     /// Deletes a record if `pre` holds.
     ///
@@ -346,10 +347,10 @@ mod shared {
         fn enrollment_groups(&self, page: &PageRequest) -> Result<Page<EnrollmentGroup>, StoreError> {
             (**self).enrollment_groups(page)
         }
-        fn symmetric_key_groups(&self) -> Result<Vec<EnrollmentGroup>, StoreError> {
+        fn symmetric_key_groups(&self) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
             (**self).symmetric_key_groups()
         }
-        fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<EnrollmentGroup>, StoreError> {
+        fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
             (**self).groups_by_ca_subject(subject_name)
         }
     }
@@ -372,9 +373,9 @@ mod shared {
         }
         fn commit_registration(
             &self,
-            record: &RegistrationRecord,
+            record: RegistrationRecord,
             pre: &Precondition,
-            operation: &OperationRecord,
+            operation: OperationRecord,
         ) -> Result<(), StoreError> {
             (**self).commit_registration(record, pre, operation)
         }

@@ -4,6 +4,7 @@
 //! stores. Every case panics with a message that names the case and what went wrong.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 use zerotouch_engine::store::{
@@ -528,7 +529,7 @@ fn paging<S, T: Listed<S>>(store: &S) -> Outcome {
 // ---------------------------------------------------------------------------------------------
 // Groups by attestation and by CA subject
 
-fn group_keys(groups: &[EnrollmentGroup]) -> BTreeSet<String> {
+fn group_keys(groups: &[Arc<EnrollmentGroup>]) -> BTreeSet<String> {
     groups.iter().map(|g| g.enrollment_group_id.as_str().to_owned()).collect()
 }
 
@@ -684,14 +685,14 @@ fn missing_registration<S: RegistrationStore>(store: &S) -> Outcome {
 fn commit_round_trip<S: RegistrationStore>(store: &S) -> Outcome {
     let rec = record("dev-1", Some("Group-1"), "r1", 1)?;
     let op = operation("op-1", "dev-1", at(0))?;
-    ok("commit", store.commit_registration(&rec, &Precondition::MustNotExist, &op))?;
+    ok("commit", store.commit_registration(rec.clone(), &Precondition::MustNotExist, op.clone()))?;
     expect_record(store, "dev-1", Some(&rec), "get of the committed record")?;
     expect_operation(store, &op, true, "get of the committed operation")?;
     let individual = record("dev-2", None, "r1", 7)?;
     let op2 = operation("op-2", "dev-2", at(1))?;
     ok(
         "commit of an individual registration",
-        store.commit_registration(&individual, &Precondition::None, &op2),
+        store.commit_registration(individual.clone(), &Precondition::None, op2.clone()),
     )?;
     expect_record(store, "dev-2", Some(&individual), "get of the individual record")?;
     expect_operation(store, &op2, true, "get of the second operation")?;
@@ -702,7 +703,11 @@ fn registration_case_insensitive<S: RegistrationStore>(store: &S) -> Outcome {
     let rec = record("Dev-1", None, "r1", 1)?;
     ok(
         "commit of Dev-1",
-        store.commit_registration(&rec, &Precondition::MustNotExist, &operation("op-1", "Dev-1", at(0))?),
+        store.commit_registration(
+            rec.clone(),
+            &Precondition::MustNotExist,
+            operation("op-1", "Dev-1", at(0))?,
+        ),
     )?;
     for spelling in ["dev-1", "DEV-1"] {
         expect_record(
@@ -715,7 +720,7 @@ fn registration_case_insensitive<S: RegistrationStore>(store: &S) -> Outcome {
     let op = operation("op-2", "dev-1", at(1))?;
     fails(
         "commit of \"dev-1\" with MustNotExist over \"Dev-1\"",
-        store.commit_registration(&record("dev-1", None, "r2", 2)?, &Precondition::MustNotExist, &op),
+        store.commit_registration(record("dev-1", None, "r2", 2)?, &Precondition::MustNotExist, op.clone()),
         &StoreError::AlreadyExists,
     )?;
     expect_operation(store, &op, false, "operation of the refused commit")?;
@@ -736,7 +741,7 @@ fn commit_cas<S: RegistrationStore>(store: &S) -> Outcome {
         let op = next_op()?;
         fails(
             &format!("commit {pre:?} of a missing record"),
-            store.commit_registration(&r1, &pre, &op),
+            store.commit_registration(r1.clone(), &pre, op.clone()),
             &StoreError::NotFound,
         )?;
         expect_record(store, id, None, &format!("after the refused commit {pre:?}"))?;
@@ -746,7 +751,7 @@ fn commit_cas<S: RegistrationStore>(store: &S) -> Outcome {
     let op = next_op()?;
     ok(
         "commit MustNotExist of a missing record",
-        store.commit_registration(&r1, &Precondition::MustNotExist, &op),
+        store.commit_registration(r1.clone(), &Precondition::MustNotExist, op.clone()),
     )?;
     expect_record(store, id, Some(&r1), "after create")?;
     expect_operation(store, &op, true, "operation of the create")?;
@@ -760,7 +765,7 @@ fn commit_cas<S: RegistrationStore>(store: &S) -> Outcome {
         let op = next_op()?;
         fails(
             &format!("commit {pre:?} of an existing record"),
-            store.commit_registration(&r2, &pre, &op),
+            store.commit_registration(r2.clone(), &pre, op.clone()),
             &error,
         )?;
         expect_record(store, id, Some(&r1), &format!("after the refused commit {pre:?}"))?;
@@ -768,14 +773,14 @@ fn commit_cas<S: RegistrationStore>(store: &S) -> Outcome {
     }
 
     let op = next_op()?;
-    ok("commit Matches(current etag)", store.commit_registration(&r2, &must("r1"), &op))?;
+    ok("commit Matches(current etag)", store.commit_registration(r2.clone(), &must("r1"), op.clone()))?;
     expect_record(store, id, Some(&r2), "after Matches(right) commit")?;
     expect_operation(store, &op, true, "operation of the Matches(right) commit")?;
 
     let op = next_op()?;
     fails(
         "commit Matches(superseded etag)",
-        store.commit_registration(&r1, &must("r1"), &op),
+        store.commit_registration(r1.clone(), &must("r1"), op.clone()),
         &StoreError::PreconditionFailed,
     )?;
     expect_record(store, id, Some(&r2), "after the refused commit with a superseded etag")?;
@@ -785,7 +790,7 @@ fn commit_cas<S: RegistrationStore>(store: &S) -> Outcome {
     let op = next_op()?;
     ok(
         "commit MustExist of an existing record",
-        store.commit_registration(&r3, &Precondition::MustExist, &op),
+        store.commit_registration(r3.clone(), &Precondition::MustExist, op.clone()),
     )?;
     expect_record(store, id, Some(&r3), "after MustExist commit")?;
     expect_operation(store, &op, true, "operation of the MustExist commit")?;
@@ -794,7 +799,7 @@ fn commit_cas<S: RegistrationStore>(store: &S) -> Outcome {
     let op = next_op()?;
     ok(
         "unconditional commit over an existing record",
-        store.commit_registration(&r4, &Precondition::None, &op),
+        store.commit_registration(r4.clone(), &Precondition::None, op.clone()),
     )?;
     expect_record(store, id, Some(&r4), "after unconditional commit")?;
     expect_operation(store, &op, true, "operation of the unconditional commit")
@@ -812,7 +817,7 @@ fn delete_registration<S: RegistrationStore>(store: &S) -> Outcome {
     let r1 = record("dev-1", None, "r1", 1)?;
     let commit = |op: &str| {
         store
-            .commit_registration(&r1, &Precondition::None, &operation(op, "dev-1", at(0))?)
+            .commit_registration(r1.clone(), &Precondition::None, operation(op, "dev-1", at(0))?)
             .map_err(|e| format!("commit: {e:?}"))
     };
     commit("op-1")?;
@@ -863,7 +868,7 @@ fn registrations_by_group<S: RegistrationStore>(store: &S) -> Outcome {
         let op = operation(&format!("op-{i}"), &id, at(0))?;
         ok(
             &format!("commit of {id}"),
-            store.commit_registration(&record(&id, group, "r1", 1)?, &Precondition::MustNotExist, &op),
+            store.commit_registration(record(&id, group, "r1", 1)?, &Precondition::MustNotExist, op.clone()),
         )?;
     }
     let key = |r: &RegistrationRecord| r.registration_id.as_str().to_owned();
@@ -905,11 +910,11 @@ fn purge<S: RegistrationStore>(store: &S) -> Outcome {
     ok("put_operation op-400", store.put_operation(&kept[1]))?;
     ok(
         "commit with op-299",
-        store.commit_registration(&record("dev-1", None, "r1", 1)?, &Precondition::None, &old[1]),
+        store.commit_registration(record("dev-1", None, "r1", 1)?, &Precondition::None, old[1].clone()),
     )?;
     ok(
         "commit with op-300",
-        store.commit_registration(&record("dev-1", None, "r2", 2)?, &must("r1"), &kept[0]),
+        store.commit_registration(record("dev-1", None, "r2", 2)?, &must("r1"), kept[0].clone()),
     )?;
     let removed = ok("purge_operations", store.purge_operations(cutoff))?;
     ensure!(removed == 2, "purge_operations removed {removed} operations, expected 2");
@@ -933,9 +938,9 @@ fn concurrent_updates<S: RegistrationStore>(store: &S) -> Outcome {
     ok(
         "seed commit",
         store.commit_registration(
-            &record(id, None, "v0", 0)?,
+            record(id, None, "v0", 0)?,
             &Precondition::MustNotExist,
-            &operation("op-seed", id, at(0))?,
+            operation("op-seed", id, at(0))?,
         ),
     )?;
     let results: Vec<Outcome> = std::thread::scope(|scope| {
@@ -980,7 +985,11 @@ fn writer<S: RegistrationStore>(store: &S, id: &str, thread: usize, updates: u64
         let n = counter(&current)?;
         let next = record(id, None, &format!("v{}", n + 1), n + 1)?;
         let op = operation(&format!("op-{thread}-{done}"), id, at(1))?;
-        match store.commit_registration(&next, &Precondition::Matches(etag.bare().to_owned()), &op) {
+        match store.commit_registration(
+            next.clone(),
+            &Precondition::Matches(etag.bare().to_owned()),
+            op.clone(),
+        ) {
             Ok(()) => done += 1,
             Err(StoreError::PreconditionFailed) => {
                 let stored = ok("get of a refused operation", store.operation(&op.operation_id))?;
@@ -1295,10 +1304,10 @@ mod tests {
         fn enrollment_groups(&self, page: &PageRequest) -> Result<Page<EnrollmentGroup>, StoreError> {
             self.0.enrollment_groups(page)
         }
-        fn symmetric_key_groups(&self) -> Result<Vec<EnrollmentGroup>, StoreError> {
+        fn symmetric_key_groups(&self) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
             self.0.symmetric_key_groups()
         }
-        fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<EnrollmentGroup>, StoreError> {
+        fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
             let found = self.0.groups_by_ca_subject(subject_name)?;
             Ok(found
                 .into_iter()
@@ -1333,12 +1342,12 @@ mod tests {
         }
         fn commit_registration(
             &self,
-            record: &RegistrationRecord,
+            record: RegistrationRecord,
             pre: &Precondition,
-            operation: &OperationRecord,
+            operation: OperationRecord,
         ) -> Result<(), StoreError> {
             if self.operation_first {
-                self.inner.put_operation(operation)?;
+                self.inner.put_operation(&operation)?;
                 return self.inner.commit_registration(record, pre, operation);
             }
             let current = self.inner.registration(&record.registration_id)?;

@@ -60,9 +60,9 @@ fn provision<P: RegistrationStore, I: IdentityStore, T: TwinStore>(
     t.put_twin(&TwinKey::device(device_id), &twin(0).map_err(sample)?, &Precondition::MustNotExist)?;
     let operation = operation(op, name, crate_time()).map_err(sample)?;
     p.commit_registration(
-        &record(name, None, "r1", 0).map_err(sample)?,
+        record(name, None, "r1", 0).map_err(sample)?,
         &Precondition::MustNotExist,
-        &operation,
+        operation.clone(),
     )?;
     Ok(())
 }
@@ -132,7 +132,7 @@ fn unit_precondition<P: RegistrationStore, I: IdentityStore, T: TwinStore>(store
         stores.2.put_twin(&TwinKey::device(device_id), &t, &Precondition::MustNotExist)?;
         let op = operation("op-second", "unit-first", crate_time()).map_err(Error::BadRequest)?;
         let r = record("unit-first", None, "r2", 1).map_err(Error::BadRequest)?;
-        stores.0.commit_registration(&r, &Precondition::MustNotExist, &op)?;
+        stores.0.commit_registration(r.clone(), &Precondition::MustNotExist, op.clone())?;
         Ok(())
     });
     match result {

@@ -1,5 +1,7 @@
 //! Provisioning stores on SQLite: enrollments, groups, CA certificates, registrations, operations.
 
+use std::sync::Arc;
+
 use rusqlite::{params, Connection, OptionalExtension, ToSql};
 use serde::de::DeserializeOwned;
 use zerotouch_engine::store::{
@@ -11,7 +13,7 @@ use zerotouch_proto::service::{EnrollmentGroup, IndividualEnrollment};
 use zerotouch_proto::{EnrollmentGroupId, OperationId, RegistrationId, Timestamp};
 
 use super::{limit_plus_one, Db, SqliteStore};
-use crate::codec::{self, check, etag_column, from_doc, to_doc};
+use crate::codec::{self, check, etag_column, from_doc, shared, to_doc};
 
 /// The etag column of the row `sql` selects (one `?1` parameter), `None` when there is no row.
 pub(super) fn stored_etag(
@@ -181,11 +183,12 @@ impl EnrollmentGroupStore for SqliteStore {
         })
     }
 
-    fn symmetric_key_groups(&self) -> Result<Vec<EnrollmentGroup>, StoreError> {
+    fn symmetric_key_groups(&self) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
         self.read(|c| all_docs(c, "SELECT doc FROM enrollment_groups WHERE symmetric = 1 ORDER BY key", &[]))
+            .map(shared)
     }
 
-    fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<EnrollmentGroup>, StoreError> {
+    fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
         self.read(|c| {
             all_docs(
                 c,
@@ -198,6 +201,7 @@ impl EnrollmentGroupStore for SqliteStore {
                 &[&subject_name],
             )
         })
+        .map(shared)
     }
 }
 
@@ -256,14 +260,14 @@ impl RegistrationStore for SqliteStore {
 
     fn commit_registration(
         &self,
-        record: &RegistrationRecord,
+        record: RegistrationRecord,
         pre: &Precondition,
-        operation: &OperationRecord,
+        operation: OperationRecord,
     ) -> Result<(), StoreError> {
         let key = record.registration_id.key();
-        let doc = to_doc(record)?;
+        let doc = to_doc(&record)?;
         let etag = etag_column(record.etag().as_ref());
-        let group = codec::registration_group(record);
+        let group = codec::registration_group(&record);
         self.write(|tx| {
             check(
                 pre,
@@ -277,7 +281,7 @@ impl RegistrationStore for SqliteStore {
             .db()?
             .execute(params![key, etag, group, doc])
             .db()?;
-            insert_operation(tx, operation)
+            insert_operation(tx, &operation)
         })
     }
 
