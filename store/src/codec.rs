@@ -257,6 +257,12 @@ fn enum_name<T: Serialize>(value: &T) -> Result<String, StoreError> {
     }
 }
 
+/// Groups as the engine's lookups hand them out (shared, so a store that keeps them in memory
+/// need not copy them).
+pub(crate) fn shared(groups: Vec<EnrollmentGroup>) -> Vec<Arc<EnrollmentGroup>> {
+    groups.into_iter().map(Arc::new).collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -284,10 +290,4 @@ mod tests {
         assert_eq!(etag_column(Some(&ETag::new("\"e1\""))), "e1");
         assert_eq!(etag_column(None), "");
     }
-}
-
-/// Groups as the engine's lookups hand them out (shared, so a store that keeps them in memory
-/// need not copy them).
-pub(crate) fn shared(groups: Vec<EnrollmentGroup>) -> Vec<Arc<EnrollmentGroup>> {
-    groups.into_iter().map(Arc::new).collect()
 }
