@@ -6,7 +6,9 @@
 //! string-to-sign is built from those raw values; only the comparison of the resource with the
 //! expected one happens on the decoded form.
 
+use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -26,12 +28,18 @@ pub const REGISTRATION_KEY_NAME: &str = "registration";
 const QUOTE_ALL: &AsciiSet = &NON_ALPHANUMERIC.remove(b'_').remove(b'.').remove(b'-').remove(b'~');
 
 /// A parsed SAS token. Field values are kept exactly as received.
-#[derive(Clone, PartialEq, Eq)]
+///
+/// The fields are ranges into one copy of the token: a registration parses one token per
+/// request, and one allocation instead of one per field is most of what parsing costs.
+#[derive(Clone)]
 pub struct SasToken {
-    sr: String,
-    sig: String,
-    se: String,
+    /// The token as received, without the prefix.
+    text: String,
+    sr: Range<usize>,
+    sig: Range<usize>,
+    se: Range<usize>,
     expiry: i64,
+    /// `skn`, percent-decoded.
     skn: Option<String>,
 }
 
@@ -44,57 +52,79 @@ impl SasToken {
     pub fn parse(token: &str) -> Result<Self, ProtoError> {
         let token = token.trim();
         let body = if token.len() >= SAS_PREFIX.len()
-            && token[..SAS_PREFIX.len()].eq_ignore_ascii_case(SAS_PREFIX)
+            && token.as_bytes()[..SAS_PREFIX.len()].eq_ignore_ascii_case(SAS_PREFIX.as_bytes())
         {
             token[SAS_PREFIX.len()..].trim_start()
         } else {
             token
         };
         let (mut sr, mut sig, mut se, mut skn) = (None, None, None, None);
-        for part in body.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = part
+        let mut at = 0;
+        for part in body.split('&') {
+            let start = at;
+            at += part.len() + 1;
+            if part.is_empty() {
+                continue;
+            }
+            let (k, _) = part
                 .split_once('=')
                 .ok_or_else(|| ProtoError::InvalidSas(format!("field {part:?} has no '='")))?;
-            let slot = match k.to_ascii_lowercase().as_str() {
-                "sr" => &mut sr,
-                "sig" => &mut sig,
-                "se" => &mut se,
-                "skn" => &mut skn,
-                _ => continue, // tolerate unknown fields, as the hub does
+            let slot = if k.eq_ignore_ascii_case("sr") {
+                &mut sr
+            } else if k.eq_ignore_ascii_case("sig") {
+                &mut sig
+            } else if k.eq_ignore_ascii_case("se") {
+                &mut se
+            } else if k.eq_ignore_ascii_case("skn") {
+                &mut skn
+            } else {
+                continue; // tolerate unknown fields, as the hub does
             };
-            if slot.replace(v.to_owned()).is_some() {
+            let value = start + k.len() + 1..start + part.len();
+            if slot.replace(value).is_some() {
                 return Err(ProtoError::InvalidSas(format!("field {k:?} appears twice")));
             }
         }
         let sr = sr.ok_or_else(|| ProtoError::InvalidSas("missing sr".into()))?;
         let sig = sig.ok_or_else(|| ProtoError::InvalidSas("missing sig".into()))?;
         let se = se.ok_or_else(|| ProtoError::InvalidSas("missing se".into()))?;
-        let expiry = decode(&se)?
+        let se_text = &body[se.clone()];
+        let expiry = decode(se_text)?
             .parse::<i64>()
-            .map_err(|_| ProtoError::InvalidSas(format!("se {se:?} is not a Unix time in seconds")))?;
-        let skn = skn.map(|v| decode(&v)).transpose()?;
+            .map_err(|_| ProtoError::InvalidSas(format!("se {se_text:?} is not a Unix time in seconds")))?;
+        let skn = skn.map(|v| decode(&body[v]).map(Cow::into_owned)).transpose()?;
         if sr.is_empty() || sig.is_empty() {
             return Err(ProtoError::InvalidSas("empty sr or sig".into()));
         }
-        Ok(Self { sr, sig, se, expiry, skn })
+        Ok(Self { text: body.to_owned(), sr, sig, se, expiry, skn })
     }
 
     /// Builds a token from an already-encoded resource, an expiry and the raw HMAC signature.
     /// Field order `sr, sig, se, skn` (as the Python and C SDKs write it).
     pub fn build(sr_encoded: &str, expiry_secs: i64, key_name: Option<&str>, signature: &[u8]) -> Self {
         let sig = utf8_percent_encode(&STANDARD.encode(signature), QUOTE_ALL).to_string();
-        Self {
-            sr: sr_encoded.to_owned(),
-            sig,
-            se: expiry_secs.to_string(),
-            expiry: expiry_secs,
-            skn: key_name.map(str::to_owned),
-        }
+        let text = format!("sr={sr_encoded}&sig={sig}&se={expiry_secs}");
+        let sr = 3..3 + sr_encoded.len();
+        let sig = sr.end + 5..sr.end + 5 + sig.len();
+        let se = sig.end + 4..text.len();
+        Self { text, sr, sig, se, expiry: expiry_secs, skn: key_name.map(str::to_owned) }
+    }
+
+    fn sr(&self) -> &str {
+        &self.text[self.sr.clone()]
+    }
+
+    fn sig(&self) -> &str {
+        &self.text[self.sig.clone()]
+    }
+
+    fn se(&self) -> &str {
+        &self.text[self.se.clone()]
     }
 
     /// The `sr` field exactly as received.
     pub fn resource_raw(&self) -> &str {
-        &self.sr
+        self.sr()
     }
 
     /// The `sr` field percent-decoded.
@@ -102,7 +132,27 @@ impl SasToken {
     /// # Errors
     /// [`ProtoError::InvalidSas`] when it is not valid UTF-8 after decoding.
     pub fn resource(&self) -> Result<String, ProtoError> {
-        decode(&self.sr)
+        decode(self.sr()).map(Cow::into_owned)
+    }
+
+    /// Whether the percent-decoded `sr` is the DPS registration resource
+    /// `{id_scope}/registrations/{registration_id}`, compared ASCII case-insensitively, without
+    /// building either string.
+    ///
+    /// # Errors
+    /// [`ProtoError::InvalidSas`] when `sr` is not valid UTF-8 after decoding.
+    pub fn is_registration_resource(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+    ) -> Result<bool, ProtoError> {
+        let resource = decode(self.sr())?;
+        let rest = resource.as_bytes();
+        let Some((scope, rest)) = rest.split_at_checked(id_scope.len()) else { return Ok(false) };
+        let Some((middle, id)) = rest.split_at_checked(REGISTRATIONS_SEGMENT.len()) else { return Ok(false) };
+        Ok(scope.eq_ignore_ascii_case(id_scope.as_bytes())
+            && middle.eq_ignore_ascii_case(REGISTRATIONS_SEGMENT.as_bytes())
+            && id.eq_ignore_ascii_case(registration_id.as_bytes()))
     }
 
     /// Expiry in Unix seconds.
@@ -125,19 +175,36 @@ impl SasToken {
     /// # Errors
     /// [`ProtoError::InvalidSas`] when `sig` is not base64.
     pub fn signature(&self) -> Result<Vec<u8>, ProtoError> {
-        let text = decode(&self.sig)?;
+        let text = decode(self.sig())?;
         STANDARD.decode(text.as_bytes()).map_err(|_| ProtoError::InvalidSas("sig is not base64".into()))
     }
 
     /// The bytes the signature covers: raw `sr` + `"\n"` + raw `se`.
     pub fn string_to_sign(&self) -> String {
-        format!("{}\n{}", self.sr, self.se)
+        let mut text = String::with_capacity(self.sr.len() + 1 + self.se.len());
+        text.push_str(self.sr());
+        text.push('\n');
+        text.push_str(self.se());
+        text
     }
 }
 
+/// Tokens are equal when their fields are, whatever their order or unknown fields.
+impl PartialEq for SasToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.sr() == other.sr()
+            && self.sig() == other.sig()
+            && self.se() == other.se()
+            && self.expiry == other.expiry
+            && self.skn == other.skn
+    }
+}
+
+impl Eq for SasToken {}
+
 impl fmt::Display for SasToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{SAS_PREFIX}sr={}&sig={}&se={}", self.sr, self.sig, self.se)?;
+        write!(f, "{SAS_PREFIX}sr={}&sig={}&se={}", self.sr(), self.sig(), self.se())?;
         if let Some(skn) = &self.skn {
             write!(f, "&skn={}", utf8_percent_encode(skn, QUOTE_ALL))?;
         }
@@ -149,8 +216,8 @@ impl fmt::Debug for SasToken {
     /// Never prints the signature.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SasToken")
-            .field("sr", &self.sr)
-            .field("se", &self.se)
+            .field("sr", &self.sr())
+            .field("se", &self.se())
             .field("skn", &self.skn)
             .field("sig", &"<redacted>")
             .finish()
@@ -169,19 +236,47 @@ pub fn encode_resource(uri: &str) -> String {
 
 /// The DPS registration resource `{idScope}/registrations/{registrationId}`.
 pub fn registration_resource(id_scope: &str, registration_id: &str) -> String {
-    format!("{id_scope}/registrations/{registration_id}")
+    format!("{id_scope}{REGISTRATIONS_SEGMENT}{registration_id}")
 }
 
-fn decode(s: &str) -> Result<String, ProtoError> {
+/// What separates the ID scope from the registration id in the registration resource.
+const REGISTRATIONS_SEGMENT: &str = "/registrations/";
+
+/// Percent-decodes a field; borrowed when it holds no escapes.
+fn decode(s: &str) -> Result<Cow<'_, str>, ProtoError> {
     percent_decode_str(s)
         .decode_utf8()
-        .map(|c| c.into_owned())
         .map_err(|_| ProtoError::InvalidSas("field is not UTF-8 after percent-decoding".into()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_registration_resource_matches_in_every_sdk_spelling_and_nothing_else() {
+        let token = |sr: &str| SasToken::parse(&format!("sr={sr}&sig=c2ln&se=1")).unwrap();
+        for sr in [
+            "0ne00111111%2Fregistrations%2Fdev-1",
+            "0ne00111111%2fregistrations%2fdev-1",
+            "0ne00111111/registrations/dev-1",
+            "0NE00111111/Registrations/DEV-1",
+        ] {
+            assert!(token(sr).is_registration_resource("0ne00111111", "dev-1").unwrap(), "{sr}");
+        }
+        for sr in [
+            "0ne00111111/registrations/dev-12",
+            "0ne00111111/registrations/dev-",
+            "0ne00111111/registration/dev-1",
+            "0ne00111112/registrations/dev-1",
+            "0ne00111111",
+            "0ne00111111/registrations",
+            "x",
+        ] {
+            assert!(!token(sr).is_registration_resource("0ne00111111", "dev-1").unwrap(), "{sr}");
+        }
+        assert!(token("%FF").is_registration_resource("0ne00111111", "dev-1").is_err());
+    }
 
     #[test]
     fn parses_python_form() {

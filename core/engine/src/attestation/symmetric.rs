@@ -79,10 +79,13 @@ pub fn check_registration_token(
     now: Timestamp,
     skew: std::time::Duration,
 ) -> Result<(), AuthError> {
-    let resource = token.resource().map_err(|_| AuthError::WrongResource(token.resource_raw().to_owned()))?;
-    let expected = sas::registration_resource(id_scope.as_str(), registration_id.as_str());
-    if !resource.eq_ignore_ascii_case(&expected) {
-        return Err(AuthError::WrongResource(resource));
+    let matches = token
+        .is_registration_resource(id_scope.as_str(), registration_id.as_str())
+        .map_err(|_| AuthError::WrongResource(token.resource_raw().to_owned()))?;
+    if !matches {
+        return Err(AuthError::WrongResource(
+            token.resource().unwrap_or_else(|_| token.resource_raw().to_owned()),
+        ));
     }
     if let Some(skn) = token.key_name() {
         if skn != REGISTRATION_KEY_NAME {
