@@ -294,8 +294,9 @@ pub struct AllocationRequest<'a> {
     pub iot_hub_host_name: Option<&'a str>,
     /// The webhook context, built by the caller when the effective policy is custom, with
     /// `linked_hubs` left empty: the allocator fills it with the candidates. When absent, a context
-    /// holding only the registration id is sent.
-    pub custom_request: Option<CustomAllocationRequest>,
+    /// holding only the registration id is sent. Boxed: the context holds whole enrollments, and
+    /// every request (custom or not) is moved around.
+    pub custom_request: Option<Box<CustomAllocationRequest>>,
 }
 
 /// The hub chosen for a registration.
@@ -514,7 +515,7 @@ impl Allocator {
         if candidates.len() == 0 {
             return Err(AllocationError::NoHub);
         }
-        let mut custom = request.custom_request.unwrap_or_else(|| CustomAllocationRequest {
+        let mut custom = request.custom_request.map(|c| *c).unwrap_or_else(|| CustomAllocationRequest {
             individual_enrollment: None,
             enrollment_group: None,
             device_runtime_context: DeviceRuntimeContext {
@@ -1032,7 +1033,7 @@ mod tests {
         let decision = allocator
             .allocate(AllocationRequest {
                 iot_hubs: Some(&list),
-                custom_request: Some(context.clone()),
+                custom_request: Some(Box::new(context.clone())),
                 ..custom_request(&rid)
             })
             .unwrap();

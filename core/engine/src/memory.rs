@@ -16,12 +16,14 @@ use crate::store::{
 
 #[derive(Debug, Default)]
 struct Tables {
-    enrollments: BTreeMap<String, IndividualEnrollment>,
+    /// Shared, as the groups are.
+    enrollments: BTreeMap<String, Arc<IndividualEnrollment>>,
     /// Shared: registrations hand the groups out without copying them.
     groups: BTreeMap<String, Arc<EnrollmentGroup>>,
     cas: BTreeMap<String, CaCertificate>,
-    /// Boxed: a B-tree node moves its values as keys are inserted, and a record is large.
-    registrations: BTreeMap<String, Box<RegistrationRecord>>,
+    /// Shared: registrations read the record they replace without copying it (and a B-tree
+    /// node moves its values as keys are inserted, so large values would cost at every insert).
+    registrations: BTreeMap<String, Arc<RegistrationRecord>>,
     /// Looked up by id and swept by age, never listed in order.
     operations: HashMap<String, OperationRecord>,
 }
@@ -83,6 +85,13 @@ fn etag_of(e: Option<&ETag>) -> Option<ETag> {
 
 impl EnrollmentStore for MemoryStore {
     fn enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, StoreError> {
+        Ok(self.read()?.enrollments.get(&id.key()).map(|e| IndividualEnrollment::clone(e)))
+    }
+
+    fn enrollment_shared(
+        &self,
+        id: &RegistrationId,
+    ) -> Result<Option<Arc<IndividualEnrollment>>, StoreError> {
         Ok(self.read()?.enrollments.get(&id.key()).cloned())
     }
 
@@ -94,7 +103,7 @@ impl EnrollmentStore for MemoryStore {
         let mut t = self.write()?;
         let key = enrollment.registration_id.key();
         pre.check(t.enrollments.get(&key).and_then(|e| etag_of(e.etag.as_ref())).as_ref())?;
-        t.enrollments.insert(key, enrollment.clone());
+        t.enrollments.insert(key, Arc::new(enrollment.clone()));
         Ok(())
     }
 
@@ -196,6 +205,13 @@ impl RegistrationStore for MemoryStore {
         Ok(self.read()?.registrations.get(&id.key()).map(|r| RegistrationRecord::clone(r)))
     }
 
+    fn registration_shared(
+        &self,
+        id: &RegistrationId,
+    ) -> Result<Option<Arc<RegistrationRecord>>, StoreError> {
+        Ok(self.read()?.registrations.get(&id.key()).cloned())
+    }
+
     fn commit_registration(
         &self,
         record: RegistrationRecord,
@@ -206,12 +222,12 @@ impl RegistrationStore for MemoryStore {
         let key = record.registration_id.key();
         match t.registrations.get_mut(&key) {
             Some(current) => {
-                pre.check(etag_of(current.etag().as_ref()).as_ref())?;
-                **current = record;
+                pre.check_bare(Some(current.etag_bare().unwrap_or_default()))?;
+                *current = Arc::new(record);
             }
             None => {
                 pre.check(None)?;
-                t.registrations.insert(key, Box::new(record));
+                t.registrations.insert(key, Arc::new(record));
             }
         }
         t.operations.insert(operation.operation_id.as_str().to_owned(), operation);

@@ -19,7 +19,7 @@ use zerotouch_proto::device::{
     DeviceRegistration, DeviceRegistrationResult, ErrorDetails, RegistrationOperationStatus,
     RegistrationStatus, Substatus, SymmetricKeyRegistrationResult, TpmChallenge, X509RegistrationResult,
 };
-use zerotouch_proto::ids::uuid_from_bytes;
+use zerotouch_proto::ids::{push_uuid, uuid_from_bytes};
 use zerotouch_proto::sas::SasToken;
 use zerotouch_proto::service::{
     AllocationPolicy, CustomAllocationRequest, DeviceCapabilities, DeviceRegistrationState,
@@ -145,7 +145,7 @@ impl Response {
 /// The enrollment a device was authenticated against, with what allocation needs from it.
 #[derive(Debug, Clone)]
 enum Enrollment {
-    Individual(Box<IndividualEnrollment>),
+    Individual(Arc<IndividualEnrollment>),
     Group(Arc<EnrollmentGroup>),
 }
 
@@ -368,7 +368,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
     pub fn handle_status_lookup(&self, now: Timestamp, req: StatusLookupRequest) -> Response {
         let result = (|| {
             let (scope, id) = self.check_ids(&req.id_scope, &req.registration_id)?;
-            self.authenticate(now, &scope, &id, &req.credential)?;
+            self.authenticate(now, scope, &id, &req.credential)?;
             let record =
                 self.store.registration(&id)?.ok_or_else(|| Error::EnrollmentNotFound(id.to_string()))?;
             Ok::<_, Error>(registration_result(&record, None))
@@ -394,7 +394,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         credential: &Credential,
     ) -> Result<(), Error> {
         let (scope, id) = self.check_ids(id_scope, registration_id)?;
-        self.authenticate(now, &scope, &id, credential).map(drop)
+        self.authenticate(now, scope, &id, credential).map(drop)
     }
 
     /// Removes operations older than the retention period; returns how many.
@@ -426,13 +426,13 @@ impl<S: ProvisioningStore> Provisioner<S> {
         }
     }
 
-    fn check_ids(&self, scope: &str, registration_id: &str) -> Result<(IdScope, RegistrationId), Error> {
+    fn check_ids(&self, scope: &str, registration_id: &str) -> Result<(&IdScope, RegistrationId), Error> {
         if !self.config.id_scope.matches(scope) {
             return Err(Error::NotFound(format!("ID scope {scope:?}")));
         }
         let id =
             RegistrationId::new(registration_id).map_err(|e| Error::InvalidRegistrationId(e.to_string()))?;
-        Ok((self.config.id_scope.clone(), id))
+        Ok((&self.config.id_scope, id))
     }
 
     fn random_bytes<const N: usize>(&self) -> Result<[u8; N], Error> {
@@ -446,7 +446,11 @@ impl<S: ProvisioningStore> Provisioner<S> {
     fn new_etag(&self) -> Result<String, Error> {
         let random: [u8; 16] = self.random_bytes()?;
         // Real DPS registration etags are base64 of a quoted GUID-like string (spec §1.4).
-        Ok(STANDARD.encode(format!("\"{}\"", uuid_from_bytes(&random))))
+        let mut quoted = String::with_capacity(38);
+        quoted.push('"');
+        push_uuid(&mut quoted, &random);
+        quoted.push('"');
+        Ok(STANDARD.encode(quoted))
     }
 
     fn register(
@@ -456,21 +460,25 @@ impl<S: ProvisioningStore> Provisioner<S> {
         hub: &mut dyn HubRegistry,
     ) -> Result<OperationId, Error> {
         let (scope, id) = self.check_ids(&req.id_scope, &req.registration_id)?;
-        let body_id = RegistrationId::new(req.body.registration_id.as_str())
-            .map_err(|e| Error::InvalidRegistrationId(e.to_string()))?;
-        if !body_id.same_registration(&id) {
-            return Err(Error::InvalidRegistrationId(format!(
-                "body registrationId {:?} differs from {:?}",
-                body_id.as_str(),
-                id.as_str()
-            )));
+        // The body names the same id as the path (or topic), usually spelled the same: then it is
+        // valid as that one is, and needs no validated copy of its own.
+        if req.body.registration_id != req.registration_id {
+            let body_id = RegistrationId::new(req.body.registration_id.as_str())
+                .map_err(|e| Error::InvalidRegistrationId(e.to_string()))?;
+            if !body_id.same_registration(&id) {
+                return Err(Error::InvalidRegistrationId(format!(
+                    "body registrationId {:?} differs from {:?}",
+                    body_id.as_str(),
+                    id.as_str()
+                )));
+            }
         }
         if req.body.tpm.is_some() && matches!(req.credential, Credential::None) {
             return Err(Error::BadRequest(
                 "TPM attestation is not supported by this version of zerotouch".into(),
             ));
         }
-        let attested = self.authenticate(now, &scope, &id, &req.credential)?;
+        let attested = self.authenticate(now, scope, &id, &req.credential)?;
         if attested.enrollment.status() == Some(ProvisioningStatus::Disabled) {
             return Err(AuthError::EnrollmentDisabled.into());
         }
@@ -500,24 +508,24 @@ impl<S: ProvisioningStore> Provisioner<S> {
         operation_id: &OperationId,
         hub: &mut dyn HubRegistry,
     ) -> Result<(), Error> {
-        let previous = self.store.registration(id)?;
-        let plan = self.plan(id, attested, payload, previous.as_ref())?;
-        let mut pre = match previous.as_ref().and_then(RegistrationRecord::etag) {
-            Some(etag) => Precondition::Matches(etag.bare().to_owned()),
+        let previous = self.store.registration_shared(id)?;
+        let previous = previous.as_deref();
+        let plan = self.plan(id, attested, payload, previous)?;
+        let mut pre = match previous.map(|r| r.etag_bare().unwrap_or_default()) {
+            Some(etag) => Precondition::Matches(etag.to_owned()),
             None => Precondition::MustNotExist,
         };
-        let created = previous.as_ref().and_then(|r| r.state.created_date_time_utc).unwrap_or(now);
-        let initial_hub =
-            previous.as_ref().and_then(|r| r.initial_hub.clone()).unwrap_or_else(|| plan.hub.clone());
+        let created = previous.and_then(|r| r.state.created_date_time_utc).unwrap_or(now);
+        let initial_hub = previous.and_then(|r| r.initial_hub.as_deref()).unwrap_or(&plan.hub);
 
         if plan.moves {
             // Make the move visible (and recoverable) before touching the hubs.
             let etag = self.new_etag()?;
-            let mut record = previous.clone().unwrap_or_else(|| RegistrationRecord {
+            let mut record = previous.cloned().unwrap_or_else(|| RegistrationRecord {
                 registration_id: id.clone(),
                 state: DeviceRegistrationState { registration_id: id.to_string(), ..Default::default() },
                 enrollment: attested.enrollment.reference(),
-                initial_hub: Some(initial_hub.clone()),
+                initial_hub: Some(initial_hub.to_owned()),
             });
             record.state.status = Some(RegistrationStatus::Assigning);
             record.state.last_updated_date_time_utc = Some(now);
@@ -544,7 +552,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // neither the device without its record nor a record naming a device never created.
         self.store.atomically(&mut || {
             hub.apply_all(&plan.actions).map_err(|e| Error::Hub { code: e.code, message: e.message })?;
-            self.commit_assigned(now, id, attested, operation_id, &plan, created, &initial_hub, &pre)
+            self.commit_assigned(now, id, attested, operation_id, &plan, created, initial_hub, &pre)
         })
     }
 
@@ -646,7 +654,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
 
         let effective = self.allocator.effective_policy(enrollment.allocation_policy());
         let custom_request = (effective == AllocationPolicy::Custom)
-            .then(|| self.custom_request(id, attested, payload, current.as_ref()));
+            .then(|| Box::new(self.custom_request(id, attested, payload, current.as_ref())));
         let decision = self.allocator.allocate(AllocationRequest {
             registration_id: id,
             policy: enrollment.allocation_policy(),
@@ -680,7 +688,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             previous.and_then(|r| r.initial_hub.as_deref()).is_some_and(|h| h.eq_ignore_ascii_case(&new_hub));
         let (substatus, actions, moves) = if same_hub && migrate {
             let substatus = previous.and_then(|r| r.state.substatus).unwrap_or(Substatus::InitialAssignment);
-            let device = ProvisionedDevice { device_id: old_device.clone(), ..device.clone() };
+            let device = ProvisionedDevice { device_id: old_device.clone(), ..device };
             (
                 substatus,
                 vec![HubAction::Provision {
@@ -697,7 +705,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             }
             actions.push(HubAction::Provision {
                 hub: old_hub.clone(),
-                device: device.clone(),
+                device,
                 twin: TwinSetup::Reset(initial_twin),
             });
             (Substatus::DeviceDataReset, actions, false)
@@ -713,7 +721,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                     from_hub: old_hub.clone(),
                     from_device_id: old_device.clone(),
                     to_hub: new_hub.clone(),
-                    device: device.clone(),
+                    device,
                 }],
                 true,
             )
@@ -728,7 +736,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 vec![
                     HubAction::Provision {
                         hub: new_hub.clone(),
-                        device: device.clone(),
+                        device,
                         twin: TwinSetup::Reset(initial_twin),
                     },
                     HubAction::Remove { hub: old_hub.clone(), device_id: old_device.clone() },
@@ -787,7 +795,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
     ) -> Result<RegistrationOperationStatus, Error> {
         let (scope, id) = self.check_ids(&req.id_scope, &req.registration_id)?;
         // Signatures are checked on every request (spec §11).
-        self.authenticate(now, &scope, &id, &req.credential)?;
+        self.authenticate(now, scope, &id, &req.credential)?;
         let op_id = OperationId::new(req.operation_id.as_str())
             .map_err(|_| Error::OperationNotFound(req.operation_id.clone()))?;
         let op = self
@@ -832,7 +840,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             |key: &[u8]| constant_time_eq(&crypto.hmac_sha256(key, string_to_sign.as_bytes()), &signature);
 
         // An individual enrollment for this id always wins over groups (spec §5.2).
-        if let Some(enrollment) = self.store.enrollment(id)? {
+        if let Some(enrollment) = self.store.enrollment_shared(id)? {
             let keys = enrollment
                 .attestation
                 .symmetric_key
@@ -854,7 +862,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                     primary_key: keys.primary_key.clone().unwrap_or_default(),
                     secondary_key: keys.secondary_key.clone().unwrap_or_default(),
                 },
-                enrollment: Enrollment::Individual(Box::new(enrollment)),
+                enrollment: Enrollment::Individual(enrollment),
                 kind: AttestedKind::SymmetricKey,
             });
         }
@@ -929,7 +937,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         let leaf_der = leaf.der().to_vec();
 
         // 1. An individual enrollment for the leaf wins, enabled or not.
-        if let Some(enrollment) = self.store.enrollment(id)? {
+        if let Some(enrollment) = self.store.enrollment_shared(id)? {
             let certs = enrollment
                 .attestation
                 .x509
@@ -951,7 +959,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 return Err(AuthError::EnrollmentDisabled.into());
             }
             return Ok(Attested {
-                enrollment: Enrollment::Individual(Box::new(enrollment)),
+                enrollment: Enrollment::Individual(enrollment),
                 auth,
                 kind: AttestedKind::X509 { leaf_der },
             });
@@ -1062,9 +1070,10 @@ fn registration_result(record: &RegistrationRecord, attested: Option<&Attested>)
     // The attestation-specific member tells the device how it was admitted (spec §1.5): `x509`
     // (observed `{}` for individual enrollments), `symmetricKey` with the group id for groups.
     let (x509, symmetric_key) = match attested.map(|a| &a.kind) {
-        Some(AttestedKind::X509 { .. }) => {
-            (Some(X509RegistrationResult { enrollment_group_id: group, ..Default::default() }), None)
-        }
+        Some(AttestedKind::X509 { .. }) => (
+            Some(Box::new(X509RegistrationResult { enrollment_group_id: group, ..Default::default() })),
+            None,
+        ),
         Some(AttestedKind::SymmetricKey) if group.is_some() => {
             (None, Some(SymmetricKeyRegistrationResult { enrollment_group_id: group }))
         }

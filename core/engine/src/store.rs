@@ -40,6 +40,15 @@ impl Precondition {
     /// [`StoreError::AlreadyExists`], [`StoreError::NotFound`] or
     /// [`StoreError::PreconditionFailed`].
     pub fn check(&self, current: Option<&ETag>) -> Result<(), StoreError> {
+        self.check_bare(current.map(ETag::bare))
+    }
+
+    /// [`Precondition::check`] against the current etag's bare form (see [`ETag::bare`]), for
+    /// stores that keep the etag as text.
+    ///
+    /// # Errors
+    /// As [`Precondition::check`].
+    pub fn check_bare(&self, current: Option<&str>) -> Result<(), StoreError> {
         match (self, current) {
             (Precondition::None, _) => Ok(()),
             (Precondition::MustNotExist, None) => Ok(()),
@@ -47,7 +56,7 @@ impl Precondition {
             (Precondition::MustExist | Precondition::Matches(_), None) => Err(StoreError::NotFound),
             (Precondition::MustExist, Some(_)) => Ok(()),
             (Precondition::Matches(t), Some(cur)) => {
-                if cur.bare() == t {
+                if cur == t {
                     Ok(())
                 } else {
                     Err(StoreError::PreconditionFailed)
@@ -111,6 +120,11 @@ impl RegistrationRecord {
     pub fn etag(&self) -> Option<ETag> {
         self.state.etag.as_ref().map(ETag::new)
     }
+
+    /// The bare form of the record's etag (see [`ETag::bare`]), without copying it.
+    pub fn etag_bare(&self) -> Option<&str> {
+        self.state.etag.as_deref().map(zerotouch_proto::ids::bare_etag)
+    }
 }
 
 /// A provisioning operation: what a poll for `operation_id` answers.
@@ -134,6 +148,18 @@ pub trait EnrollmentStore: Send + Sync {
     /// # Errors
     /// [`StoreError::Backend`] on backend failure.
     fn enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, StoreError>;
+    /// Looks an enrollment up as [`EnrollmentStore::enrollment`] does, shared: what every
+    /// registration reads first (and, for group devices, finds nothing). A store that keeps
+    /// enrollments in memory hands its own out; the default wraps the owned one.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] on backend failure.
+    fn enrollment_shared(
+        &self,
+        id: &RegistrationId,
+    ) -> Result<Option<Arc<IndividualEnrollment>>, StoreError> {
+        Ok(self.enrollment(id)?.map(Arc::new))
+    }
     /// Writes an enrollment (its etag and timestamps already set by the caller) if `pre` holds.
     ///
     /// # Errors
@@ -236,6 +262,18 @@ pub trait RegistrationStore: Send + Sync {
     /// # Errors
     /// Backend failures.
     fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationRecord>, StoreError>;
+    /// Looks a record up as [`RegistrationStore::registration`] does, shared: what every
+    /// registration reads before deciding. A store that keeps records in memory hands its own
+    /// out instead of copying one; the default wraps the owned record.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn registration_shared(
+        &self,
+        id: &RegistrationId,
+    ) -> Result<Option<Arc<RegistrationRecord>>, StoreError> {
+        Ok(self.registration(id)?.map(Arc::new))
+    }
     /// Atomically writes a registration record (if `pre` holds against the stored record's
     /// etag) together with the operation that produced it: either both are stored or neither.
     ///
@@ -319,6 +357,12 @@ mod shared {
         fn enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, StoreError> {
             (**self).enrollment(id)
         }
+        fn enrollment_shared(
+            &self,
+            id: &RegistrationId,
+        ) -> Result<Option<Arc<IndividualEnrollment>>, StoreError> {
+            (**self).enrollment_shared(id)
+        }
         fn put_enrollment(&self, e: &IndividualEnrollment, pre: &Precondition) -> Result<(), StoreError> {
             (**self).put_enrollment(e, pre)
         }
@@ -370,6 +414,12 @@ mod shared {
     impl<T: RegistrationStore + ?Sized> RegistrationStore for Arc<T> {
         fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationRecord>, StoreError> {
             (**self).registration(id)
+        }
+        fn registration_shared(
+            &self,
+            id: &RegistrationId,
+        ) -> Result<Option<Arc<RegistrationRecord>>, StoreError> {
+            (**self).registration_shared(id)
         }
         fn commit_registration(
             &self,

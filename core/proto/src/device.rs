@@ -98,10 +98,10 @@ pub struct RegistrationOperationStatus {
 pub struct DeviceRegistrationResult {
     /// TPM result: the activation blob carrying the hub key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tpm: Option<TpmRegistrationResult>,
+    pub tpm: Option<Box<TpmRegistrationResult>>,
     /// X.509 result (observed `{}` for individual enrollments).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub x509: Option<X509RegistrationResult>,
+    pub x509: Option<Box<X509RegistrationResult>>,
     /// Symmetric-key result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetric_key: Option<SymmetricKeyRegistrationResult>,

@@ -228,27 +228,33 @@ impl OperationId {
         s.push('.');
         push_hex(&mut s, &random[1..9]);
         s.push('.');
-        s.push_str(&uuid_from_bytes(&random[16..32]));
+        push_uuid(&mut s, &random[16..32]);
         Self(s)
     }
 }
 
 /// Formats 16 random bytes as a version-4 UUID string (lower-case, hyphenated).
 pub fn uuid_from_bytes(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(36);
+    push_uuid(&mut s, bytes);
+    s
+}
+
+/// Appends [`uuid_from_bytes`] of `bytes` to `out` (no string of its own: operation ids and etags
+/// are made on every registration).
+pub fn push_uuid(out: &mut String, bytes: &[u8]) {
     let mut b = [0u8; 16];
     for (dst, src) in b.iter_mut().zip(bytes) {
         *dst = *src;
     }
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let mut s = String::with_capacity(36);
     for (i, range) in [0..4, 4..6, 6..8, 8..10, 10..16].into_iter().enumerate() {
         if i > 0 {
-            s.push('-');
+            out.push('-');
         }
-        push_hex(&mut s, &b[range]);
+        push_hex(out, &b[range]);
     }
-    s
 }
 
 /// Appends lower-case hex without a temporary string per byte (operation ids and etags are made
@@ -300,6 +306,12 @@ impl fmt::Display for ETag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// The bare form of an etag's text, as [`ETag::bare`] gives it, for etags kept as plain text:
+/// surrounding whitespace, a weak `W/` prefix and one pair of quotes removed.
+pub fn bare_etag(text: &str) -> &str {
+    strip_etag(text)
 }
 
 fn strip_etag(s: &str) -> &str {
