@@ -39,10 +39,25 @@ pub struct BadSignature;
 #[error("random source failed")]
 pub struct RandomFailure;
 
+/// An HMAC-SHA256 key prepared once for many messages: a group key derives the key of every
+/// device of its group, and preparing it (hashing the padded key) is half the cost of one
+/// derivation.
+pub trait HmacKey: Send + Sync {
+    /// HMAC-SHA256 of `msg` under this key; equal to [`CryptoProvider::hmac_sha256`] with the
+    /// key the value was prepared from.
+    fn sign(&self, msg: &[u8]) -> [u8; 32];
+}
+
 /// Crypto primitives and randomness used by the engine.
 pub trait CryptoProvider: Send + Sync {
     /// HMAC-SHA256 of `msg` under `key`.
     fn hmac_sha256(&self, key: &[u8], msg: &[u8]) -> [u8; 32];
+    /// `key` prepared for many [`HmacKey::sign`] calls, when this provider can do that; `None`
+    /// (the default) makes callers use [`CryptoProvider::hmac_sha256`] with the raw key.
+    fn prepare_hmac_sha256(&self, key: &[u8]) -> Option<Box<dyn HmacKey>> {
+        let _ = key;
+        None
+    }
     /// SHA-256 digest.
     fn sha256(&self, data: &[u8]) -> [u8; 32];
     /// SHA-1 digest (certificate thumbprints only).
@@ -80,7 +95,7 @@ pub use ring_provider::RingCrypto;
 mod ring_provider {
     use ring::{digest, hmac, rand::SecureRandom, signature};
 
-    use super::{BadSignature, CryptoProvider, RandomFailure, SignatureAlgorithm};
+    use super::{BadSignature, CryptoProvider, HmacKey, RandomFailure, SignatureAlgorithm};
 
     /// [`CryptoProvider`] backed by ring and the operating system's random source.
     #[derive(Debug)]
@@ -101,13 +116,25 @@ mod ring_provider {
         }
     }
 
-    impl CryptoProvider for RingCrypto {
-        fn hmac_sha256(&self, key: &[u8], msg: &[u8]) -> [u8; 32] {
-            let key = hmac::Key::new(hmac::HMAC_SHA256, key);
-            let tag = hmac::sign(&key, msg);
+    /// A ring HMAC key: holds the inner and outer hash states of the padded key.
+    struct RingHmacKey(hmac::Key);
+
+    impl HmacKey for RingHmacKey {
+        fn sign(&self, msg: &[u8]) -> [u8; 32] {
+            let tag = hmac::sign(&self.0, msg);
             let mut out = [0u8; 32];
             out.copy_from_slice(tag.as_ref());
             out
+        }
+    }
+
+    impl CryptoProvider for RingCrypto {
+        fn hmac_sha256(&self, key: &[u8], msg: &[u8]) -> [u8; 32] {
+            RingHmacKey(hmac::Key::new(hmac::HMAC_SHA256, key)).sign(msg)
+        }
+
+        fn prepare_hmac_sha256(&self, key: &[u8]) -> Option<Box<dyn HmacKey>> {
+            Some(Box::new(RingHmacKey(hmac::Key::new(hmac::HMAC_SHA256, key))))
         }
 
         fn sha256(&self, data: &[u8]) -> [u8; 32] {

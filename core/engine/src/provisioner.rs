@@ -249,6 +249,41 @@ pub struct Provisioner<S> {
     /// Presented CA certificates (everything above the leaf) parsed from their DER, keyed by
     /// it: a fleet presents the same few intermediates with every registration.
     issuers: Mutex<HashMap<Vec<u8>, Certificate>>,
+    /// Symmetric-key group keys decoded and prepared for HMAC, keyed by the primary key's text
+    /// (the entry keeps the secondary's text too, and is rebuilt when it differs): every device
+    /// of a group derives its keys from the same two.
+    group_keys: Mutex<HashMap<String, Arc<GroupKeys>>>,
+}
+
+/// A group's two keys, ready to derive device keys.
+struct GroupKeys {
+    secondary_text: String,
+    primary: DerivingKey,
+    secondary: DerivingKey,
+}
+
+/// A decoded group key, prepared when the crypto provider can.
+enum DerivingKey {
+    Prepared(Box<dyn crate::crypto::HmacKey>),
+    Raw(Vec<u8>),
+}
+
+impl DerivingKey {
+    fn new(crypto: &dyn CryptoProvider, text: &str) -> Result<Self, Error> {
+        let raw = symmetric::decode_key(text)?;
+        Ok(match crypto.prepare_hmac_sha256(&raw) {
+            Some(prepared) => DerivingKey::Prepared(prepared),
+            None => DerivingKey::Raw(raw),
+        })
+    }
+
+    /// The device key of `registration_id` (see [`derive_device_key`]).
+    fn derive(&self, crypto: &dyn CryptoProvider, registration_id: &str) -> [u8; 32] {
+        match self {
+            DerivingKey::Prepared(key) => key.sign(registration_id.as_bytes()),
+            DerivingKey::Raw(key) => derive_device_key(crypto, key, registration_id),
+        }
+    }
 }
 
 /// Parsed anchors kept at most; the cache starts over when full (DPS allows a few hundred
@@ -305,6 +340,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             random: Mutex::new(RandomPool::empty()),
             anchors: Mutex::new(HashMap::new()),
             issuers: Mutex::new(HashMap::new()),
+            group_keys: Mutex::new(HashMap::new()),
         }
     }
 
@@ -891,12 +927,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
             let (Some(p), Some(s)) = (keys.primary_key.as_deref(), keys.secondary_key.as_deref()) else {
                 continue;
             };
-            let (Ok(primary), Ok(secondary)) = (symmetric::decode_key(p), symmetric::decode_key(s)) else {
-                continue;
-            };
+            let Some(keys) = self.group_keys(p, s) else { continue };
             for spelling in spellings {
-                let dp = derive_device_key(crypto, &primary, spelling);
-                let ds = derive_device_key(crypto, &secondary, spelling);
+                let dp = keys.primary.derive(crypto, spelling);
+                let ds = keys.secondary.derive(crypto, spelling);
                 if signed_with(&dp) || signed_with(&ds) {
                     if group.provisioning_status == Some(ProvisioningStatus::Disabled) {
                         return Err(AuthError::EnrollmentDisabled.into());
@@ -987,6 +1021,27 @@ impl<S: ProvisioningStore> Provisioner<S> {
             }
         }
         Err(AuthError::UntrustedChain.into())
+    }
+
+    /// A group's keys from their stored text, decoded and prepared once; `None` when either is
+    /// not a valid key (that group cannot admit anyone). Bounded like the anchor cache.
+    fn group_keys(&self, primary: &str, secondary: &str) -> Option<Arc<GroupKeys>> {
+        let lock = || self.group_keys.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(keys) = lock().get(primary).filter(|k| k.secondary_text == secondary) {
+            return Some(Arc::clone(keys));
+        }
+        let crypto = self.crypto.as_ref();
+        let keys = Arc::new(GroupKeys {
+            secondary_text: secondary.to_owned(),
+            primary: DerivingKey::new(crypto, primary).ok()?,
+            secondary: DerivingKey::new(crypto, secondary).ok()?,
+        });
+        let mut cache = lock();
+        if cache.len() >= ANCHOR_CACHE {
+            cache.clear();
+        }
+        cache.insert(primary.to_owned(), Arc::clone(&keys));
+        Some(keys)
     }
 
     /// The certificates that anchor a group: its signing certificates, and the verified CA
@@ -1116,5 +1171,57 @@ fn failed_operation(op: &OperationId, id: &RegistrationId, now: Timestamp, e: &E
                 ..Default::default()
             }),
         },
+    }
+}
+
+#[cfg(all(test, feature = "ring"))]
+mod tests {
+    use super::*;
+    use crate::crypto::{BadSignature, RandomFailure, RingCrypto, SignatureAlgorithm};
+
+    /// Ring without prepared keys: what a provider that does not override
+    /// `prepare_hmac_sha256` gives the provisioner.
+    struct Unprepared(RingCrypto);
+
+    impl CryptoProvider for Unprepared {
+        fn hmac_sha256(&self, key: &[u8], msg: &[u8]) -> [u8; 32] {
+            self.0.hmac_sha256(key, msg)
+        }
+        fn sha256(&self, data: &[u8]) -> [u8; 32] {
+            self.0.sha256(data)
+        }
+        fn sha1(&self, data: &[u8]) -> [u8; 20] {
+            self.0.sha1(data)
+        }
+        fn verify_signature(
+            &self,
+            algorithm: SignatureAlgorithm,
+            public_key: &[u8],
+            message: &[u8],
+            signature: &[u8],
+        ) -> Result<(), BadSignature> {
+            self.0.verify_signature(algorithm, public_key, message, signature)
+        }
+        fn fill_random(&self, out: &mut [u8]) -> Result<(), RandomFailure> {
+            self.0.fill_random(out)
+        }
+    }
+
+    #[test]
+    fn group_keys_derive_the_published_device_keys_prepared_or_not() {
+        // The published derivation vector (also checked in attestation::symmetric).
+        let group =
+            "8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9yegxkqIChbqOS9Egw==";
+        let id = "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6";
+        let ring = RingCrypto::new();
+        let unprepared = Unprepared(RingCrypto::new());
+        let prepared = DerivingKey::new(&ring, group).unwrap();
+        let raw = DerivingKey::new(&unprepared, group).unwrap();
+        assert!(matches!(prepared, DerivingKey::Prepared(_)));
+        assert!(matches!(raw, DerivingKey::Raw(_)));
+        let expected = STANDARD.decode("Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc=").unwrap();
+        assert_eq!(prepared.derive(&ring, id).to_vec(), expected);
+        assert_eq!(raw.derive(&unprepared, id).to_vec(), expected);
+        assert!(DerivingKey::new(&ring, "not base64!").is_err());
     }
 }

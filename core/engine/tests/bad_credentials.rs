@@ -275,3 +275,37 @@ fn a_rejected_device_sees_unauthorized_through_its_state_machine() {
     let f = failed(w.register(symmetric_device("dev-1", &[9u8; 32], None), None));
     assert_eq!((f.kind, f.status, f.error_code), (FailureKind::Unauthorized, Some(401), Some(401002)));
 }
+
+#[test]
+fn a_rotated_group_key_admits_with_the_new_key_and_refuses_the_old_one() {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use zerotouch_engine::enrollments;
+    use zerotouch_engine::store::EnrollmentGroupStore as _;
+    use zerotouch_proto::EnrollmentGroupId;
+
+    let mut w = world();
+    enroll_symmetric_group(&w, "g1", &EnrollOptions::default());
+    let stored = |w: &World| {
+        w.provisioner.store().enrollment_group(&EnrollmentGroupId::new("g1").unwrap()).unwrap().unwrap()
+    };
+    let secondary_of = |w: &World| {
+        let g = stored(w);
+        STANDARD.decode(g.attestation.symmetric_key.unwrap().secondary_key.unwrap()).unwrap()
+    };
+    let old_secondary = secondary_of(&w);
+    let c = sas(&w, &derive_device_key(&crypto(), &old_secondary, "dev-1"), "dev-1", 60);
+    assert_eq!(register(&mut w, "dev-1", c).status, 202, "the secondary key admits before rotation");
+
+    // Rotate only the secondary key: the primary, which the prepared keys are found by, stays.
+    let mut group = stored(&w);
+    let new_secondary = [42u8; 64];
+    group.attestation.symmetric_key.as_mut().unwrap().secondary_key = Some(STANDARD.encode(new_secondary));
+    enrollments::put_enrollment_group(w.provisioner.store(), &crypto(), w.now, group, &IfMatch::Absent)
+        .unwrap();
+
+    let c = sas(&w, &derive_device_key(&crypto(), &old_secondary, "dev-1"), "dev-1", 60);
+    assert_rejected(&register(&mut w, "dev-1", c), 401, 401002);
+    let c = sas(&w, &derive_device_key(&crypto(), &new_secondary, "dev-1"), "dev-1", 60);
+    assert_eq!(register(&mut w, "dev-1", c).status, 202, "the new secondary key admits");
+}

@@ -79,10 +79,7 @@ pub fn check_registration_token(
     now: Timestamp,
     skew: std::time::Duration,
 ) -> Result<(), AuthError> {
-    let matches = token
-        .is_registration_resource(id_scope.as_str(), registration_id.as_str())
-        .map_err(|_| AuthError::WrongResource(token.resource_raw().to_owned()))?;
-    if !matches {
+    if !token.is_registration_resource(id_scope.as_str(), registration_id.as_str()) {
         return Err(AuthError::WrongResource(
             token.resource().unwrap_or_else(|_| token.resource_raw().to_owned()),
         ));
