@@ -656,16 +656,15 @@ impl<S: ProvisioningStore> Provisioner<S> {
             Some(d) => d,
             None => DeviceId::new(id.as_str()).map_err(|e| Error::InvalidRegistrationId(e.to_string()))?,
         };
-        let device = ProvisionedDevice {
-            device_id: device_id.clone(),
-            auth: attested.auth.clone(),
-            iot_edge: enrollment.capabilities().iot_edge,
-        };
+        // The identity the hub gets, under the device id each branch settles on.
+        let iot_edge = enrollment.capabilities().iot_edge;
+        let device =
+            |device_id: DeviceId| ProvisionedDevice { device_id, auth: attested.auth.clone(), iot_edge };
         let current = previous.and_then(|r| {
             let assigned = r.state.status == Some(RegistrationStatus::Assigned)
                 || r.state.status == Some(RegistrationStatus::Assigning);
             match (assigned, &r.state.assigned_hub, &r.state.device_id) {
-                (true, Some(h), Some(d)) => DeviceId::new(d.as_str()).ok().map(|d| (h.clone(), d)),
+                (true, Some(h), Some(d)) => DeviceId::new(d.as_str()).ok().map(|d| (h.as_str(), d)),
                 _ => None,
             }
         });
@@ -673,14 +672,13 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // Never re-provision: keep the current hub and device, refresh its credentials.
         if let (Some((hub, old_device)), false) = (&current, policy.update_hub_assignment) {
             let substatus = previous.and_then(|r| r.state.substatus).unwrap_or(Substatus::InitialAssignment);
-            let device = ProvisionedDevice { device_id: old_device.clone(), ..device };
             return Ok(Plan {
-                hub: hub.clone(),
+                hub: (*hub).to_owned(),
                 device_id: old_device.clone(),
                 substatus,
                 actions: vec![HubAction::Provision {
-                    hub: hub.clone(),
-                    device,
+                    hub: (*hub).to_owned(),
+                    device: device(old_device.clone()),
                     twin: TwinSetup::KeepOrInitial(enrollment.initial_twin()),
                 }],
                 moves: false,
@@ -691,25 +689,27 @@ impl<S: ProvisioningStore> Provisioner<S> {
         let effective = self.allocator.effective_policy(enrollment.allocation_policy());
         let custom_request = (effective == AllocationPolicy::Custom)
             .then(|| Box::new(self.custom_request(id, attested, payload, current.as_ref())));
-        let decision = self.allocator.allocate(AllocationRequest {
+        let mut decision = self.allocator.allocate(AllocationRequest {
             registration_id: id,
             policy: enrollment.allocation_policy(),
             iot_hubs: enrollment.iot_hubs(),
             iot_hub_host_name: enrollment.iot_hub_host_name(),
             custom_request,
         })?;
-        let webhook_twin = decision.initial_twin.clone();
-        let initial_twin = webhook_twin.clone().unwrap_or_else(|| enrollment.initial_twin());
-        let new_hub = decision.hub.clone();
+        let webhook_twin = decision.initial_twin.take();
+        // A webhook that returns an initial twin overrides migration (spec §8.2, §8.3).
+        let migrate = policy.migrate_device_data && webhook_twin.is_none();
+        let initial_twin = webhook_twin.unwrap_or_else(|| enrollment.initial_twin());
+        let new_hub = decision.hub;
 
         let Some((old_hub, old_device)) = current else {
             return Ok(Plan {
                 hub: new_hub.clone(),
-                device_id,
+                device_id: device_id.clone(),
                 substatus: Substatus::InitialAssignment,
                 actions: vec![HubAction::Provision {
                     hub: new_hub,
-                    device,
+                    device: device(device_id),
                     twin: TwinSetup::KeepOrInitial(initial_twin),
                 }],
                 moves: false,
@@ -718,18 +718,15 @@ impl<S: ProvisioningStore> Provisioner<S> {
         };
 
         let same_hub = old_hub.eq_ignore_ascii_case(&new_hub);
-        // A webhook that returns an initial twin overrides migration (spec §8.2, §8.3).
-        let migrate = policy.migrate_device_data && webhook_twin.is_none();
         let back_to_initial =
             previous.and_then(|r| r.initial_hub.as_deref()).is_some_and(|h| h.eq_ignore_ascii_case(&new_hub));
         let (substatus, actions, moves) = if same_hub && migrate {
             let substatus = previous.and_then(|r| r.state.substatus).unwrap_or(Substatus::InitialAssignment);
-            let device = ProvisionedDevice { device_id: old_device.clone(), ..device };
             (
                 substatus,
                 vec![HubAction::Provision {
-                    hub: old_hub.clone(),
-                    device,
+                    hub: old_hub.to_owned(),
+                    device: device(old_device.clone()),
                     twin: TwinSetup::KeepOrInitial(initial_twin),
                 }],
                 false,
@@ -737,11 +734,11 @@ impl<S: ProvisioningStore> Provisioner<S> {
         } else if same_hub {
             let mut actions = Vec::new();
             if old_device != device_id {
-                actions.push(HubAction::Remove { hub: old_hub.clone(), device_id: old_device.clone() });
+                actions.push(HubAction::Remove { hub: old_hub.to_owned(), device_id: old_device.clone() });
             }
             actions.push(HubAction::Provision {
-                hub: old_hub.clone(),
-                device,
+                hub: old_hub.to_owned(),
+                device: device(device_id.clone()),
                 twin: TwinSetup::Reset(initial_twin),
             });
             (Substatus::DeviceDataReset, actions, false)
@@ -754,10 +751,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
             (
                 substatus,
                 vec![HubAction::Migrate {
-                    from_hub: old_hub.clone(),
+                    from_hub: old_hub.to_owned(),
                     from_device_id: old_device.clone(),
                     to_hub: new_hub.clone(),
-                    device,
+                    device: device(device_id.clone()),
                 }],
                 true,
             )
@@ -772,10 +769,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 vec![
                     HubAction::Provision {
                         hub: new_hub.clone(),
-                        device,
+                        device: device(device_id.clone()),
                         twin: TwinSetup::Reset(initial_twin),
                     },
-                    HubAction::Remove { hub: old_hub.clone(), device_id: old_device.clone() },
+                    HubAction::Remove { hub: old_hub.to_owned(), device_id: old_device.clone() },
                 ],
                 true,
             )
@@ -796,7 +793,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         id: &RegistrationId,
         attested: &Attested,
         payload: Option<&Value>,
-        current: Option<&(String, DeviceId)>,
+        current: Option<&(&str, DeviceId)>,
     ) -> CustomAllocationRequest {
         let (individual_enrollment, enrollment_group) = match &attested.enrollment {
             Enrollment::Individual(e) => (Some(strip_enrollment_secrets((**e).clone())), None),
@@ -813,7 +810,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             enrollment_group,
             device_runtime_context: DeviceRuntimeContext {
                 registration_id: id.to_string(),
-                current_iot_hub_host_name: current.map(|(h, _)| h.clone()),
+                current_iot_hub_host_name: current.map(|(h, _)| (*h).to_owned()),
                 current_device_id: current.map(|(_, d)| d.to_string()),
                 symmetric_key,
                 x509,
