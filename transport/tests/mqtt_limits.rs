@@ -263,6 +263,33 @@ async fn shutdown_lets_a_request_in_progress_finish_and_deliver_its_reply() {
 }
 
 #[tokio::test]
+async fn a_register_is_acknowledged_before_its_reply_and_a_slow_one_without_waiting_for_the_engine() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("ack-1");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("ack-1", &key, 60).await;
+    device.send(register_publish("4", "ack-1", 7)).await;
+    assert!(matches!(device.next().await, Some(Packet::PubAck(ack)) if ack.pkid == 7));
+    assert_eq!(reply_statuses(&mut device, 1).await, vec![("4".to_owned(), 202)]);
+    server.shutdown().await;
+
+    let delay = Duration::from_secs(2);
+    let server = Server::start_wrapped(Limits::default(), |inner| {
+        std::sync::Arc::new(mqtt_support::SlowService { inner, delay })
+    })
+    .await;
+    let key = server.enroll_symmetric("ack-2");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("ack-2", &key, 60).await;
+    let sent = std::time::Instant::now();
+    device.send(register_publish("5", "ack-2", 8)).await;
+    assert!(matches!(device.next().await, Some(Packet::PubAck(ack)) if ack.pkid == 8));
+    assert!(sent.elapsed() < delay / 2, "the PUBACK waited for the engine: {:?}", sent.elapsed());
+    assert_eq!(reply_statuses(&mut device, 1).await, vec![("5".to_owned(), 202)]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn requests_beyond_the_in_flight_cap_wait_instead_of_being_dropped() {
     let delay = Duration::from_millis(300);
     let limits = Limits { max_in_flight_per_connection: 1, ..Limits::default() };
