@@ -29,11 +29,6 @@ use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup};
 use zerotouch_proto::{EnrollmentGroupId, IdScope, IfMatch, Timestamp};
 use zerotouch_testkit::certs::TestCa;
 
-/// The allocator `zerotouch serve` runs with (see server/src/main.rs).
-#[cfg(not(feature = "system-allocator"))]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const SCOPE: &str = "0ne00BE4C00";
 
 /// Devices of the steady-state registration benches.
