@@ -200,6 +200,22 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX jobs_purge ON jobs(hub, purge_time) WHERE purge_time IS NOT NULL;
     CREATE INDEX device_jobs_device ON device_jobs(hub, device_id, job_id);
     ",
+    // 3: a counter that every change to the enrollment groups bumps (by trigger, so writes of
+    // any process count), letting a process keep the decoded symmetric-key groups that every
+    // authentication reads and check them with one row read instead of decoding them again.
+    "
+    CREATE TABLE change_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO change_counters (name, value) VALUES ('enrollment_groups', 0);
+    CREATE TRIGGER enrollment_groups_inserted AFTER INSERT ON enrollment_groups BEGIN
+        UPDATE change_counters SET value = value + 1 WHERE name = 'enrollment_groups';
+    END;
+    CREATE TRIGGER enrollment_groups_updated AFTER UPDATE ON enrollment_groups BEGIN
+        UPDATE change_counters SET value = value + 1 WHERE name = 'enrollment_groups';
+    END;
+    CREATE TRIGGER enrollment_groups_deleted AFTER DELETE ON enrollment_groups BEGIN
+        UPDATE change_counters SET value = value + 1 WHERE name = 'enrollment_groups';
+    END;
+    ",
 ];
 
 /// Schema version this binary writes and understands.
@@ -242,6 +258,9 @@ pub struct SqliteStore {
     hub: Arc<str>,
 }
 
+/// Decoded groups, shared by every reader of the cache.
+type SharedGroups = Arc<[Arc<zerotouch_proto::service::EnrollmentGroup>]>;
+
 struct Inner {
     writer: ReentrantMutex<Writer>,
     /// Threads waiting for the writer to start a unit.
@@ -250,6 +269,10 @@ struct Inner {
     committed: Condvar,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
+    /// The symmetric-key groups as of a value of the `enrollment_groups` change counter. Only
+    /// filled from committed state (never from inside a unit, whose writes may roll back), so
+    /// an equal counter means equal groups.
+    symmetric_groups: parking_lot::Mutex<Option<(i64, SharedGroups)>>,
 }
 
 /// The writer connection and the state of the transaction open on it. Only the thread holding
@@ -371,6 +394,7 @@ impl SqliteStore {
                 committed: Condvar::new(),
                 readers,
                 next_reader: AtomicUsize::new(0),
+                symmetric_groups: parking_lot::Mutex::new(None),
             }),
             hub: Arc::from(""),
         }
@@ -544,13 +568,23 @@ impl SqliteStore {
     /// transaction so multi-statement reads see one snapshot. Inside a unit of this thread, `f`
     /// runs on the writer, in the unit's transaction, so the unit reads its own writes.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.read_tracked(|c, _| f(c))
+    }
+
+    /// [`SqliteStore::read`], telling `f` whether it reads inside a unit of this thread (and so
+    /// may see writes that are not committed yet).
+    fn read_tracked<T>(
+        &self,
+        f: impl FnOnce(&Connection, bool) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let inner = &*self.inner;
         if inner.writer.is_owned_by_current_thread() {
             let writer = inner.writer.lock();
             if writer.open.get() {
-                return f(&writer.conn);
+                return f(&writer.conn, true);
             }
         }
+        let f = |c: &Connection| f(c, false);
         let readers = &inner.readers;
         if readers.is_empty() {
             let writer = inner.writer.lock();

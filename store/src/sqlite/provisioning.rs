@@ -183,9 +183,33 @@ impl EnrollmentGroupStore for SqliteStore {
         })
     }
 
+    /// Every authentication of a symmetric-key device reads these: decoded once per change of
+    /// the groups (by any process), checked against the change counter on every call.
     fn symmetric_key_groups(&self) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
-        self.read(|c| all_docs(c, "SELECT doc FROM enrollment_groups WHERE symmetric = 1 ORDER BY key", &[]))
-            .map(shared)
+        let cache = &self.inner.symmetric_groups;
+        self.read_tracked(|c, in_unit| {
+            let version: i64 = c
+                .prepare_cached("SELECT value FROM change_counters WHERE name = 'enrollment_groups'")
+                .db()?
+                .query_row([], |r| r.get(0))
+                .db()?;
+            if !in_unit {
+                if let Some((cached, groups)) = cache.lock().as_ref() {
+                    if *cached == version {
+                        return Ok(groups.to_vec());
+                    }
+                }
+            }
+            let groups = shared(all_docs(
+                c,
+                "SELECT doc FROM enrollment_groups WHERE symmetric = 1 ORDER BY key",
+                &[],
+            )?);
+            if !in_unit {
+                *cache.lock() = Some((version, Arc::from(groups.as_slice())));
+            }
+            Ok(groups)
+        })
     }
 
     fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
