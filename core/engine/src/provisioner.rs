@@ -1174,35 +1174,7 @@ fn failed_operation(op: &OperationId, id: &RegistrationId, now: Timestamp, e: &E
 #[cfg(all(test, feature = "ring"))]
 mod tests {
     use super::*;
-    use crate::crypto::{BadSignature, RandomFailure, RingCrypto, SignatureAlgorithm};
-
-    /// Ring without prepared keys: what a provider that does not override
-    /// `prepare_hmac_sha256` gives the provisioner.
-    struct Unprepared(RingCrypto);
-
-    impl CryptoProvider for Unprepared {
-        fn hmac_sha256(&self, key: &[u8], msg: &[u8]) -> [u8; 32] {
-            self.0.hmac_sha256(key, msg)
-        }
-        fn sha256(&self, data: &[u8]) -> [u8; 32] {
-            self.0.sha256(data)
-        }
-        fn sha1(&self, data: &[u8]) -> [u8; 20] {
-            self.0.sha1(data)
-        }
-        fn verify_signature(
-            &self,
-            algorithm: SignatureAlgorithm,
-            public_key: &[u8],
-            message: &[u8],
-            signature: &[u8],
-        ) -> Result<(), BadSignature> {
-            self.0.verify_signature(algorithm, public_key, message, signature)
-        }
-        fn fill_random(&self, out: &mut [u8]) -> Result<(), RandomFailure> {
-            self.0.fill_random(out)
-        }
-    }
+    use crate::crypto::RingCrypto;
 
     #[test]
     fn group_keys_derive_the_published_device_keys_prepared_or_not() {
@@ -1211,14 +1183,13 @@ mod tests {
             "8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9yegxkqIChbqOS9Egw==";
         let id = "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6";
         let ring = RingCrypto::new();
-        let unprepared = Unprepared(RingCrypto::new());
         let prepared = DerivingKey::new(&ring, group).unwrap();
-        let raw = DerivingKey::new(&unprepared, group).unwrap();
-        assert!(matches!(prepared, DerivingKey::Prepared(_)));
-        assert!(matches!(raw, DerivingKey::Raw(_)));
+        assert!(matches!(prepared, DerivingKey::Prepared(_)), "ring prepares its keys");
+        // What a provider without prepared keys gets.
+        let raw = DerivingKey::Raw(symmetric::decode_key(group).unwrap());
         let expected = STANDARD.decode("Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc=").unwrap();
         assert_eq!(prepared.derive(&ring, id).to_vec(), expected);
-        assert_eq!(raw.derive(&unprepared, id).to_vec(), expected);
+        assert_eq!(raw.derive(&ring, id).to_vec(), expected);
         assert!(DerivingKey::new(&ring, "not base64!").is_err());
     }
 }
