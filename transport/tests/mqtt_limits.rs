@@ -246,10 +246,7 @@ async fn reply_statuses(device: &mut RawDevice, n: usize) -> Vec<(String, u16)> 
 #[tokio::test]
 async fn shutdown_lets_a_request_in_progress_finish_and_deliver_its_reply() {
     let delay = Duration::from_millis(600);
-    let server = Server::start_wrapped(Limits::default(), |inner| {
-        std::sync::Arc::new(mqtt_support::SlowService { inner, delay })
-    })
-    .await;
+    let server = Server::start_slow(Limits::default(), delay).await;
     let key = server.enroll_symmetric("late-1");
     let mut device = RawDevice::open(&server).await;
     device.connect("late-1", &key, 60).await;
@@ -274,10 +271,7 @@ async fn a_register_is_acknowledged_before_its_reply_and_a_slow_one_without_wait
     server.shutdown().await;
 
     let delay = Duration::from_secs(2);
-    let server = Server::start_wrapped(Limits::default(), |inner| {
-        std::sync::Arc::new(mqtt_support::SlowService { inner, delay })
-    })
-    .await;
+    let server = Server::start_slow(Limits::default(), delay).await;
     let key = server.enroll_symmetric("ack-2");
     let mut device = RawDevice::open(&server).await;
     device.connect("ack-2", &key, 60).await;
@@ -293,10 +287,7 @@ async fn a_register_is_acknowledged_before_its_reply_and_a_slow_one_without_wait
 async fn requests_beyond_the_in_flight_cap_wait_instead_of_being_dropped() {
     let delay = Duration::from_millis(300);
     let limits = Limits { max_in_flight_per_connection: 1, ..Limits::default() };
-    let server = Server::start_wrapped(limits, |inner| {
-        std::sync::Arc::new(mqtt_support::SlowService { inner, delay })
-    })
-    .await;
+    let server = Server::start_slow(limits, delay).await;
     let key = server.enroll_symmetric("busy-1");
     let mut device = RawDevice::open(&server).await;
     device.connect("busy-1", &key, 60).await;

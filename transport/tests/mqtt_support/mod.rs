@@ -64,6 +64,11 @@ impl Server {
         Server::start_wrapped(limits, |service| service).await
     }
 
+    /// A server whose engine answers every request `delay` late.
+    pub async fn start_slow(limits: Limits, delay: std::time::Duration) -> Server {
+        Self::start_wrapped(limits, |inner| Arc::new(SlowService { inner, delay })).await
+    }
+
     /// A server whose engine service is wrapped by `wrap` (to slow it down, count calls, ...).
     pub async fn start_wrapped(
         limits: Limits,
