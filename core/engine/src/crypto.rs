@@ -52,6 +52,11 @@ pub trait HmacKey: Send + Sync {
 pub trait CryptoProvider: Send + Sync {
     /// HMAC-SHA256 of `msg` under `key`.
     fn hmac_sha256(&self, key: &[u8], msg: &[u8]) -> [u8; 32];
+    /// HMAC-SHA256 of the concatenation of `parts` under `key`: what a SAS verifier needs
+    /// (`sr`, a newline, `se`) without joining them first. The default joins them.
+    fn hmac_sha256_parts(&self, key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        self.hmac_sha256(key, &parts.concat())
+    }
     /// `key` prepared for many [`HmacKey::sign`] calls, when this provider can do that; `None`
     /// (the default) makes callers use [`CryptoProvider::hmac_sha256`] with the raw key.
     fn prepare_hmac_sha256(&self, key: &[u8]) -> Option<Box<dyn HmacKey>> {
@@ -131,6 +136,16 @@ mod ring_provider {
     impl CryptoProvider for RingCrypto {
         fn hmac_sha256(&self, key: &[u8], msg: &[u8]) -> [u8; 32] {
             RingHmacKey(hmac::Key::new(hmac::HMAC_SHA256, key)).sign(msg)
+        }
+
+        fn hmac_sha256_parts(&self, key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+            let mut context = hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, key));
+            for part in parts {
+                context.update(part);
+            }
+            let mut out = [0u8; 32];
+            out.copy_from_slice(context.sign().as_ref());
+            out
         }
 
         fn prepare_hmac_sha256(&self, key: &[u8]) -> Option<Box<dyn HmacKey>> {

@@ -85,14 +85,14 @@ fn etag_of(e: Option<&ETag>) -> Option<ETag> {
 
 impl EnrollmentStore for MemoryStore {
     fn enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, StoreError> {
-        Ok(self.read()?.enrollments.get(&id.key()).map(|e| IndividualEnrollment::clone(e)))
+        Ok(self.read()?.enrollments.get(id.lookup_key().as_ref()).map(|e| IndividualEnrollment::clone(e)))
     }
 
     fn enrollment_shared(
         &self,
         id: &RegistrationId,
     ) -> Result<Option<Arc<IndividualEnrollment>>, StoreError> {
-        Ok(self.read()?.enrollments.get(&id.key()).cloned())
+        Ok(self.read()?.enrollments.get(id.lookup_key().as_ref()).cloned())
     }
 
     fn put_enrollment(
@@ -202,14 +202,14 @@ impl CaCertificateStore for MemoryStore {
 
 impl RegistrationStore for MemoryStore {
     fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationRecord>, StoreError> {
-        Ok(self.read()?.registrations.get(&id.key()).map(|r| RegistrationRecord::clone(r)))
+        Ok(self.read()?.registrations.get(id.lookup_key().as_ref()).map(|r| RegistrationRecord::clone(r)))
     }
 
     fn registration_shared(
         &self,
         id: &RegistrationId,
     ) -> Result<Option<Arc<RegistrationRecord>>, StoreError> {
-        Ok(self.read()?.registrations.get(&id.key()).cloned())
+        Ok(self.read()?.registrations.get(id.lookup_key().as_ref()).cloned())
     }
 
     fn commit_registration(
@@ -219,14 +219,15 @@ impl RegistrationStore for MemoryStore {
         operation: OperationRecord,
     ) -> Result<(), StoreError> {
         let mut t = self.write()?;
-        let key = record.registration_id.key();
-        match t.registrations.get_mut(&key) {
+        let key = record.registration_id.lookup_key();
+        match t.registrations.get_mut(key.as_ref()) {
             Some(current) => {
                 pre.check_bare(Some(current.etag_bare().unwrap_or_default()))?;
                 *current = Arc::new(record);
             }
             None => {
                 pre.check(None)?;
+                let key = key.into_owned();
                 t.registrations.insert(key, Arc::new(record));
             }
         }

@@ -19,7 +19,7 @@ use zerotouch_proto::device::{
     DeviceRegistration, DeviceRegistrationResult, ErrorDetails, RegistrationOperationStatus,
     RegistrationStatus, Substatus, SymmetricKeyRegistrationResult, TpmChallenge, X509RegistrationResult,
 };
-use zerotouch_proto::ids::{push_uuid, uuid_from_bytes};
+use zerotouch_proto::ids::{uuid_from_bytes, uuid_text};
 use zerotouch_proto::sas::SasToken;
 use zerotouch_proto::service::{
     AllocationPolicy, CustomAllocationRequest, DeviceCapabilities, DeviceRegistrationState,
@@ -232,6 +232,18 @@ struct Plan {
     actions: Vec<HubAction>,
     moves: bool,
     payload: Option<Value>,
+}
+
+impl Plan {
+    /// The credentials the plan gives the device, taken back out of its hub action.
+    fn take_auth(&mut self) -> Option<DeviceAuth> {
+        self.actions.iter_mut().find_map(|action| match action {
+            HubAction::Provision { device, .. } | HubAction::Migrate { device, .. } => {
+                Some(std::mem::replace(&mut device.auth, DeviceAuth::CertificateAuthority))
+            }
+            HubAction::Remove { .. } => None,
+        })
+    }
 }
 
 /// The service-side provisioning engine. Thread-safe: every method takes `&self`, all state is in
@@ -462,7 +474,12 @@ impl<S: ProvisioningStore> Provisioner<S> {
         }
     }
 
-    fn check_ids(&self, scope: &str, registration_id: &str) -> Result<(&IdScope, RegistrationId), Error> {
+    /// Validates the scope and the registration id (taking the id's text over when it is owned).
+    fn check_ids(
+        &self,
+        scope: &str,
+        registration_id: impl Into<String>,
+    ) -> Result<(&IdScope, RegistrationId), Error> {
         if !self.config.id_scope.matches(scope) {
             return Err(Error::NotFound(format!("ID scope {scope:?}")));
         }
@@ -482,10 +499,8 @@ impl<S: ProvisioningStore> Provisioner<S> {
     fn new_etag(&self) -> Result<String, Error> {
         let random: [u8; 16] = self.random_bytes()?;
         // Real DPS registration etags are base64 of a quoted GUID-like string (spec §1.4).
-        let mut quoted = String::with_capacity(38);
-        quoted.push('"');
-        push_uuid(&mut quoted, &random);
-        quoted.push('"');
+        let mut quoted = [b'"'; 38];
+        quoted[1..37].copy_from_slice(&uuid_text(&random));
         Ok(STANDARD.encode(quoted))
     }
 
@@ -495,10 +510,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
         req: RegisterRequest,
         hub: &mut dyn HubRegistry,
     ) -> Result<OperationId, Error> {
-        let (scope, id) = self.check_ids(&req.id_scope, &req.registration_id)?;
         // The body names the same id as the path (or topic), usually spelled the same: then it is
         // valid as that one is, and needs no validated copy of its own.
         if req.body.registration_id != req.registration_id {
+            let (_, id) = self.check_ids(&req.id_scope, req.registration_id.as_str())?;
             let body_id = RegistrationId::new(req.body.registration_id.as_str())
                 .map_err(|e| Error::InvalidRegistrationId(e.to_string()))?;
             if !body_id.same_registration(&id) {
@@ -509,12 +524,13 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 )));
             }
         }
+        let (scope, id) = self.check_ids(&req.id_scope, req.registration_id)?;
         if req.body.tpm.is_some() && matches!(req.credential, Credential::None) {
             return Err(Error::BadRequest(
                 "TPM attestation is not supported by this version of zerotouch".into(),
             ));
         }
-        let attested = self.authenticate(now, scope, &id, &req.credential)?;
+        let mut attested = self.authenticate(now, scope, &id, &req.credential)?;
         if attested.enrollment.status() == Some(ProvisioningStatus::Disabled) {
             return Err(AuthError::EnrollmentDisabled.into());
         }
@@ -523,7 +539,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // fail; re-read and decide again. Hub actions are idempotent upserts, so a lost round only
         // repeats work.
         for _ in 0..3 {
-            match self.assign(now, &id, &attested, req.body.payload.as_ref(), &operation_id, hub) {
+            match self.assign(now, &id, &mut attested, req.body.payload.as_ref(), &operation_id, hub) {
                 Err(Error::Store(StoreError::PreconditionFailed | StoreError::AlreadyExists)) => continue,
                 Err(e @ (Error::Allocation(_) | Error::Hub { .. })) => {
                     self.store.put_operation(&failed_operation(&operation_id, &id, now, &e))?;
@@ -539,14 +555,39 @@ impl<S: ProvisioningStore> Provisioner<S> {
         &self,
         now: Timestamp,
         id: &RegistrationId,
-        attested: &Attested,
+        attested: &mut Attested,
         payload: Option<&Value>,
         operation_id: &OperationId,
         hub: &mut dyn HubRegistry,
     ) -> Result<(), Error> {
         let previous = self.store.registration_shared(id)?;
         let previous = previous.as_deref();
-        let plan = self.plan(id, attested, payload, previous)?;
+        // The credentials move into the hub action; a round lost to a concurrent registration
+        // hands them back for the next one (below).
+        let auth = std::mem::replace(&mut attested.auth, DeviceAuth::CertificateAuthority);
+        let mut plan = self.plan(id, attested, auth, payload, previous)?;
+        let result = self.carry_out(now, id, attested, operation_id, &plan, previous, hub);
+        if result.is_err() {
+            if let Some(auth) = plan.take_auth() {
+                attested.auth = auth;
+            }
+        }
+        result
+    }
+
+    /// Makes `plan` happen: the move made visible first when there is one, then the hub actions
+    /// and the final record as one unit.
+    #[allow(clippy::too_many_arguments)]
+    fn carry_out(
+        &self,
+        now: Timestamp,
+        id: &RegistrationId,
+        attested: &Attested,
+        operation_id: &OperationId,
+        plan: &Plan,
+        previous: Option<&RegistrationRecord>,
+        hub: &mut dyn HubRegistry,
+    ) -> Result<(), Error> {
         let mut pre = match previous.map(|r| r.etag_bare().unwrap_or_default()) {
             Some(etag) => Precondition::Matches(etag.to_owned()),
             None => Precondition::MustNotExist,
@@ -588,7 +629,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // neither the device without its record nor a record naming a device never created.
         self.store.atomically(&mut || {
             hub.apply_all(&plan.actions).map_err(|e| Error::Hub { code: e.code, message: e.message })?;
-            self.commit_assigned(now, id, attested, operation_id, &plan, created, initial_hub, &pre)
+            self.commit_assigned(now, id, attested, operation_id, plan, created, initial_hub, &pre)
         })
     }
 
@@ -643,23 +684,21 @@ impl<S: ProvisioningStore> Provisioner<S> {
         &self,
         id: &RegistrationId,
         attested: &Attested,
+        auth: DeviceAuth,
         payload: Option<&Value>,
         previous: Option<&RegistrationRecord>,
     ) -> Result<Plan, Error> {
         let enrollment = &attested.enrollment;
         let policy = enrollment.reprovision_policy();
-        let desired_device_id = match enrollment {
-            Enrollment::Individual(e) => e.device_id.clone(),
-            Enrollment::Group(_) => None,
-        };
-        let device_id = match desired_device_id {
-            Some(d) => d,
-            None => DeviceId::new(id.as_str()).map_err(|e| Error::InvalidRegistrationId(e.to_string()))?,
+        // The device id a new identity gets: the enrollment's, or the registration id. Made only
+        // by the branches that create an identity (a device that keeps its identity keeps its id).
+        let new_device_id = || match enrollment {
+            Enrollment::Individual(e) => e.device_id.clone().unwrap_or_else(|| DeviceId::from(id)),
+            Enrollment::Group(_) => DeviceId::from(id),
         };
         // The identity the hub gets, under the device id each branch settles on.
         let iot_edge = enrollment.capabilities().iot_edge;
-        let device =
-            |device_id: DeviceId| ProvisionedDevice { device_id, auth: attested.auth.clone(), iot_edge };
+        let device = |device_id: DeviceId| ProvisionedDevice { device_id, auth, iot_edge };
         let current = previous.and_then(|r| {
             let assigned = r.state.status == Some(RegistrationStatus::Assigned)
                 || r.state.status == Some(RegistrationStatus::Assigning);
@@ -703,6 +742,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         let new_hub = decision.hub;
 
         let Some((old_hub, old_device)) = current else {
+            let device_id = new_device_id();
             return Ok(Plan {
                 hub: new_hub.clone(),
                 device_id: device_id.clone(),
@@ -720,72 +760,59 @@ impl<S: ProvisioningStore> Provisioner<S> {
         let same_hub = old_hub.eq_ignore_ascii_case(&new_hub);
         let back_to_initial =
             previous.and_then(|r| r.initial_hub.as_deref()).is_some_and(|h| h.eq_ignore_ascii_case(&new_hub));
-        let (substatus, actions, moves) = if same_hub && migrate {
+        let (device_id, substatus, actions, moves) = if same_hub && migrate {
+            // The device stays where it is, under its id, with its data.
             let substatus = previous.and_then(|r| r.state.substatus).unwrap_or(Substatus::InitialAssignment);
-            (
-                substatus,
-                vec![HubAction::Provision {
-                    hub: old_hub.to_owned(),
-                    device: device(old_device.clone()),
-                    twin: TwinSetup::KeepOrInitial(initial_twin),
-                }],
-                false,
-            )
+            let action = HubAction::Provision {
+                hub: old_hub.to_owned(),
+                device: device(old_device.clone()),
+                twin: TwinSetup::KeepOrInitial(initial_twin),
+            };
+            (old_device, substatus, vec![action], false)
         } else if same_hub {
+            let device_id = new_device_id();
             let mut actions = Vec::new();
             if old_device != device_id {
-                actions.push(HubAction::Remove { hub: old_hub.to_owned(), device_id: old_device.clone() });
+                actions.push(HubAction::Remove { hub: old_hub.to_owned(), device_id: old_device });
             }
             actions.push(HubAction::Provision {
                 hub: old_hub.to_owned(),
                 device: device(device_id.clone()),
                 twin: TwinSetup::Reset(initial_twin),
             });
-            (Substatus::DeviceDataReset, actions, false)
+            (device_id, Substatus::DeviceDataReset, actions, false)
         } else if migrate {
             let substatus = if back_to_initial {
                 Substatus::ReprovisionedToInitialAssignment
             } else {
                 Substatus::DeviceDataMigrated
             };
-            (
-                substatus,
-                vec![HubAction::Migrate {
-                    from_hub: old_hub.to_owned(),
-                    from_device_id: old_device.clone(),
-                    to_hub: new_hub.clone(),
-                    device: device(device_id.clone()),
-                }],
-                true,
-            )
+            let device_id = new_device_id();
+            let action = HubAction::Migrate {
+                from_hub: old_hub.to_owned(),
+                from_device_id: old_device,
+                to_hub: new_hub.clone(),
+                device: device(device_id.clone()),
+            };
+            (device_id, substatus, vec![action], true)
         } else {
             let substatus = if back_to_initial {
                 Substatus::ReprovisionedToInitialAssignment
             } else {
                 Substatus::DeviceDataReset
             };
-            (
-                substatus,
-                vec![
-                    HubAction::Provision {
-                        hub: new_hub.clone(),
-                        device: device(device_id.clone()),
-                        twin: TwinSetup::Reset(initial_twin),
-                    },
-                    HubAction::Remove { hub: old_hub.to_owned(), device_id: old_device.clone() },
-                ],
-                true,
-            )
+            let device_id = new_device_id();
+            let actions = vec![
+                HubAction::Provision {
+                    hub: new_hub.clone(),
+                    device: device(device_id.clone()),
+                    twin: TwinSetup::Reset(initial_twin),
+                },
+                HubAction::Remove { hub: old_hub.to_owned(), device_id: old_device },
+            ];
+            (device_id, substatus, actions, true)
         };
-        let final_device = if same_hub && migrate { old_device } else { device_id };
-        Ok(Plan {
-            hub: new_hub,
-            device_id: final_device,
-            substatus,
-            actions,
-            moves,
-            payload: decision.payload,
-        })
+        Ok(Plan { hub: new_hub, device_id, substatus, actions, moves, payload: decision.payload })
     }
 
     fn custom_request(
@@ -865,12 +892,11 @@ impl<S: ProvisioningStore> Provisioner<S> {
     ) -> Result<Attested, Error> {
         let token = SasToken::parse(token).map_err(|_| AuthError::SignatureMismatch)?;
         check_registration_token(&token, scope, id, now, self.config.clock_skew)?;
-        let signature = token.signature().map_err(|_| AuthError::SignatureMismatch)?;
+        let signature = token.signature_sha256().ok_or(AuthError::SignatureMismatch)?;
         let crypto = self.crypto.as_ref();
-        // Formatted once, although up to four keys (and two spellings) may be tried.
-        let string_to_sign = token.string_to_sign();
+        let signed_parts = token.signed_parts();
         let signed_with =
-            |key: &[u8]| constant_time_eq(&crypto.hmac_sha256(key, string_to_sign.as_bytes()), &signature);
+            |key: &[u8]| constant_time_eq(&crypto.hmac_sha256_parts(key, &signed_parts), &signature);
 
         // An individual enrollment for this id always wins over groups (spec §5.2).
         if let Some(enrollment) = self.store.enrollment_shared(id)? {

@@ -49,10 +49,12 @@ proptest! {
         for sr in encodings(&resource) {
             let sig = crypto.hmac_sha256(&key, sas::string_to_sign(&sr, expiry).as_bytes());
             let token = SasToken::build(&sr, expiry, key_name, &sig);
-            let parsed = SasToken::parse(&token.to_string()).unwrap();
+            let text = token.to_string();
+            let parsed = SasToken::parse(&text).unwrap();
             prop_assert_eq!(&parsed, &token);
             let signature = parsed.signature().unwrap();
             prop_assert!(signed_with(&crypto, &parsed, &signature, &key));
+            prop_assert_eq!(parsed.signature_sha256().map(Vec::from), Some(signature.clone()));
             check_registration_token(
                 &parsed,
                 &IdScope::new(scope.as_str()).unwrap(),

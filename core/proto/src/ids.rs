@@ -161,9 +161,29 @@ impl RegistrationId {
         self.0.to_ascii_lowercase()
     }
 
+    /// [`RegistrationId::key`] without a copy when the id is lower-case already, as most are:
+    /// what a lookup needs.
+    pub fn lookup_key(&self) -> std::borrow::Cow<'_, str> {
+        if self.0.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(self.key())
+        } else {
+            std::borrow::Cow::Borrowed(&self.0)
+        }
+    }
+
     /// Whether two registration ids name the same registration (ASCII case-insensitive).
     pub fn same_registration(&self, other: &RegistrationId) -> bool {
         self.0.eq_ignore_ascii_case(&other.0)
+    }
+}
+
+/// Every registration id is a device id: its characters (`A-Z a-z 0-9 - . _ :`) are all allowed
+/// in device ids and both are limited to [`MAX_ID_LEN`]. A device registering through a group
+/// gets its registration id as device id, so this needs no second check.
+impl From<&RegistrationId> for DeviceId {
+    fn from(id: &RegistrationId) -> Self {
+        debug_assert!(check_device_id(&id.0).is_ok());
+        DeviceId(id.0.clone())
     }
 }
 
@@ -243,18 +263,32 @@ pub fn uuid_from_bytes(bytes: &[u8]) -> String {
 /// Appends [`uuid_from_bytes`] of `bytes` to `out` (no string of its own: operation ids and etags
 /// are made on every registration).
 pub fn push_uuid(out: &mut String, bytes: &[u8]) {
+    let text = uuid_text(bytes);
+    // Hex digits and hyphens only: always UTF-8.
+    out.push_str(std::str::from_utf8(&text).unwrap_or_default());
+}
+
+/// [`uuid_from_bytes`] of `bytes` as ASCII on the stack (the first 16 bytes are used, missing ones
+/// count as zero).
+pub fn uuid_text(bytes: &[u8]) -> [u8; 36] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut b = [0u8; 16];
     for (dst, src) in b.iter_mut().zip(bytes) {
         *dst = *src;
     }
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    for (i, range) in [0..4, 4..6, 6..8, 8..10, 10..16].into_iter().enumerate() {
-        if i > 0 {
-            out.push('-');
+    let mut out = [b'-'; 36];
+    let mut at = 0;
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            at += 1;
         }
-        push_hex(out, &b[range]);
+        out[at] = DIGITS[usize::from(byte >> 4)];
+        out[at + 1] = DIGITS[usize::from(byte & 15)];
+        at += 2;
     }
+    out
 }
 
 /// Appends lower-case hex without a temporary string per byte (operation ids and etags are made
@@ -402,6 +436,14 @@ mod tests {
         assert_eq!(parts[1].len(), 16);
         assert_eq!(parts[2].len(), 36);
         assert!(OperationId::new(op.as_str()).is_ok());
+    }
+
+    #[test]
+    fn uuids_are_version_4_hyphenated_lower_case_hex() {
+        let bytes: Vec<u8> = (0u8..16).map(|i| i * 17).collect();
+        assert_eq!(uuid_from_bytes(&bytes), "00112233-4455-4677-8899-aabbccddeeff");
+        assert_eq!(uuid_from_bytes(&[0xff; 16]), "ffffffff-ffff-4fff-bfff-ffffffffffff");
+        assert_eq!(uuid_from_bytes(&[]), "00000000-0000-4000-8000-000000000000");
     }
 
     #[test]

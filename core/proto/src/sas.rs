@@ -29,27 +29,27 @@ const QUOTE_ALL: &AsciiSet = &NON_ALPHANUMERIC.remove(b'_').remove(b'.').remove(
 
 /// A parsed SAS token. Field values are kept exactly as received.
 ///
-/// The fields are ranges into one copy of the token: a registration parses one token per
-/// request, and one allocation instead of one per field is most of what parsing costs.
+/// The fields are ranges into the token's text, which a parsed token borrows (a registration
+/// parses one token per request and only reads it); [`SasToken::into_owned`] detaches it.
 #[derive(Clone)]
-pub struct SasToken {
+pub struct SasToken<'a> {
     /// The token as received, without the prefix.
-    text: String,
+    text: Cow<'a, str>,
     sr: Range<usize>,
     sig: Range<usize>,
     se: Range<usize>,
     expiry: i64,
-    /// `skn`, percent-decoded.
-    skn: Option<String>,
+    /// `skn`, percent-decoded (borrowed when it holds no escapes, as `registration` does).
+    skn: Option<Cow<'a, str>>,
 }
 
-impl SasToken {
+impl<'a> SasToken<'a> {
     /// Parses `SharedAccessSignature sr=..&sig=..&se=..[&skn=..]` with the fields in any order
     /// (the prefix is optional, matched case-insensitively).
     ///
     /// # Errors
     /// [`ProtoError::InvalidSas`] when a field is missing, repeated or malformed.
-    pub fn parse(token: &str) -> Result<Self, ProtoError> {
+    pub fn parse(token: &'a str) -> Result<Self, ProtoError> {
         let token = token.trim();
         let body = if token.len() >= SAS_PREFIX.len()
             && token.as_bytes()[..SAS_PREFIX.len()].eq_ignore_ascii_case(SAS_PREFIX.as_bytes())
@@ -59,29 +59,34 @@ impl SasToken {
             token
         };
         let (mut sr, mut sig, mut se, mut skn) = (None, None, None, None);
+        // Byte scanning: `&` and `=` are ASCII, so every cut is on a character boundary (and a
+        // `str` pattern search costs more than the rest of the parse for a token this short).
         let mut at = 0;
-        for part in body.split('&') {
+        for part in body.as_bytes().split(|&b| b == b'&') {
             let start = at;
             at += part.len() + 1;
             if part.is_empty() {
                 continue;
             }
-            let (k, _) = part
-                .split_once('=')
-                .ok_or_else(|| ProtoError::InvalidSas(format!("field {part:?} has no '='")))?;
-            let slot = if k.eq_ignore_ascii_case("sr") {
+            let Some(eq) = part.iter().position(|&b| b == b'=') else {
+                let part = &body[start..start + part.len()];
+                return Err(ProtoError::InvalidSas(format!("field {part:?} has no '='")));
+            };
+            let k = &part[..eq];
+            let slot = if k.eq_ignore_ascii_case(b"sr") {
                 &mut sr
-            } else if k.eq_ignore_ascii_case("sig") {
+            } else if k.eq_ignore_ascii_case(b"sig") {
                 &mut sig
-            } else if k.eq_ignore_ascii_case("se") {
+            } else if k.eq_ignore_ascii_case(b"se") {
                 &mut se
-            } else if k.eq_ignore_ascii_case("skn") {
+            } else if k.eq_ignore_ascii_case(b"skn") {
                 &mut skn
             } else {
                 continue; // tolerate unknown fields, as the hub does
             };
-            let value = start + k.len() + 1..start + part.len();
+            let value = start + eq + 1..start + part.len();
             if slot.replace(value).is_some() {
+                let k = &body[start..start + eq];
                 return Err(ProtoError::InvalidSas(format!("field {k:?} appears twice")));
             }
         }
@@ -92,22 +97,46 @@ impl SasToken {
         let expiry = decode(se_text)?
             .parse::<i64>()
             .map_err(|_| ProtoError::InvalidSas(format!("se {se_text:?} is not a Unix time in seconds")))?;
-        let skn = skn.map(|v| decode(&body[v]).map(Cow::into_owned)).transpose()?;
+        let skn = skn.map(|v| decode(&body[v])).transpose()?;
         if sr.is_empty() || sig.is_empty() {
             return Err(ProtoError::InvalidSas("empty sr or sig".into()));
         }
-        Ok(Self { text: body.to_owned(), sr, sig, se, expiry, skn })
+        Ok(Self { text: Cow::Borrowed(body), sr, sig, se, expiry, skn })
+    }
+
+    /// The same token, owning its text.
+    pub fn into_owned(self) -> SasToken<'static> {
+        SasToken {
+            text: Cow::Owned(self.text.into_owned()),
+            sr: self.sr,
+            sig: self.sig,
+            se: self.se,
+            expiry: self.expiry,
+            skn: self.skn.map(|s| Cow::Owned(s.into_owned())),
+        }
     }
 
     /// Builds a token from an already-encoded resource, an expiry and the raw HMAC signature.
     /// Field order `sr, sig, se, skn` (as the Python and C SDKs write it).
-    pub fn build(sr_encoded: &str, expiry_secs: i64, key_name: Option<&str>, signature: &[u8]) -> Self {
+    pub fn build(
+        sr_encoded: &str,
+        expiry_secs: i64,
+        key_name: Option<&str>,
+        signature: &[u8],
+    ) -> SasToken<'static> {
         let sig = utf8_percent_encode(&STANDARD.encode(signature), QUOTE_ALL).to_string();
         let text = format!("sr={sr_encoded}&sig={sig}&se={expiry_secs}");
         let sr = 3..3 + sr_encoded.len();
         let sig = sr.end + 5..sr.end + 5 + sig.len();
         let se = sig.end + 4..text.len();
-        Self { text, sr, sig, se, expiry: expiry_secs, skn: key_name.map(str::to_owned) }
+        SasToken {
+            text: Cow::Owned(text),
+            sr,
+            sig,
+            se,
+            expiry: expiry_secs,
+            skn: key_name.map(|k| Cow::Owned(k.to_owned())),
+        }
     }
 
     fn sr(&self) -> &str {
@@ -171,6 +200,30 @@ impl SasToken {
         STANDARD.decode(text.as_bytes()).map_err(|_| ProtoError::InvalidSas("sig is not base64".into()))
     }
 
+    /// The signature as an HMAC-SHA256 tag, decoded on the stack: `None` when `sig` is not the
+    /// base64 of exactly 32 bytes (such a token cannot carry an HMAC-SHA256 signature).
+    pub fn signature_sha256(&self) -> Option<[u8; 32]> {
+        // 32 bytes are 44 base64 characters; the buffer leaves room for nothing longer, so a
+        // longer `sig` is refused without decoding it.
+        let mut text = [0u8; 44];
+        let mut len = 0;
+        for byte in percent_decode_str(self.sig()) {
+            *text.get_mut(len)? = byte;
+            len += 1;
+        }
+        let mut out = [0u8; 33];
+        match STANDARD.decode_slice(&text[..len], &mut out) {
+            Ok(32) => out[..32].try_into().ok(),
+            _ => None,
+        }
+    }
+
+    /// The bytes the signature covers, as the three parts raw `sr`, `"\n"`, raw `se`: what a
+    /// verifier feeds its MAC without joining them.
+    pub fn signed_parts(&self) -> [&[u8]; 3] {
+        [self.sr().as_bytes(), b"\n", self.se().as_bytes()]
+    }
+
     /// The bytes the signature covers: raw `sr` + `"\n"` + raw `se`.
     pub fn string_to_sign(&self) -> String {
         let mut text = String::with_capacity(self.sr.len() + 1 + self.se.len());
@@ -182,7 +235,7 @@ impl SasToken {
 }
 
 /// Tokens are equal when their fields are, whatever their order or unknown fields.
-impl PartialEq for SasToken {
+impl PartialEq for SasToken<'_> {
     fn eq(&self, other: &Self) -> bool {
         self.sr() == other.sr()
             && self.sig() == other.sig()
@@ -192,19 +245,19 @@ impl PartialEq for SasToken {
     }
 }
 
-impl Eq for SasToken {}
+impl Eq for SasToken<'_> {}
 
-impl fmt::Display for SasToken {
+impl fmt::Display for SasToken<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{SAS_PREFIX}sr={}&sig={}&se={}", self.sr(), self.sig(), self.se())?;
         if let Some(skn) = &self.skn {
-            write!(f, "&skn={}", utf8_percent_encode(skn, QUOTE_ALL))?;
+            write!(f, "&skn={}", utf8_percent_encode(skn.as_ref(), QUOTE_ALL))?;
         }
         Ok(())
     }
 }
 
-impl fmt::Debug for SasToken {
+impl fmt::Debug for SasToken<'_> {
     /// Never prints the signature.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SasToken")
@@ -236,6 +289,9 @@ const REGISTRATIONS_SEGMENT: &str = "/registrations/";
 
 /// Percent-decodes a field; borrowed when it holds no escapes.
 fn decode(s: &str) -> Result<Cow<'_, str>, ProtoError> {
+    if !s.as_bytes().contains(&b'%') {
+        return Ok(Cow::Borrowed(s));
+    }
     percent_decode_str(s)
         .decode_utf8()
         .map_err(|_| ProtoError::InvalidSas("field is not UTF-8 after percent-decoding".into()))
@@ -247,7 +303,7 @@ mod tests {
 
     #[test]
     fn the_registration_resource_matches_in_every_sdk_spelling_and_nothing_else() {
-        let token = |sr: &str| SasToken::parse(&format!("sr={sr}&sig=c2ln&se=1")).unwrap();
+        let token = |sr: &str| SasToken::parse(&format!("sr={sr}&sig=c2ln&se=1")).unwrap().into_owned();
         for sr in [
             "0ne00111111%2Fregistrations%2Fdev-1",
             "0ne00111111%2fregistrations%2fdev-1",
@@ -305,6 +361,29 @@ mod tests {
     }
 
     #[test]
+    fn an_hmac_sha256_signature_decodes_on_the_stack_in_every_encoding() {
+        let tag: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37).wrapping_add(0xf9)).collect();
+        let plain = STANDARD.encode(&tag);
+        assert!(plain.contains('+') && plain.contains('/') && plain.ends_with('='), "{plain}");
+        let quoted = utf8_percent_encode(&plain, QUOTE_ALL).to_string();
+        let lower = quoted.replace("%2B", "%2b").replace("%2F", "%2f").replace("%3D", "%3d");
+        for sig in [&plain, &quoted, &lower] {
+            let text = format!("sr=a&sig={sig}&se=1");
+            let t = SasToken::parse(&text).unwrap();
+            assert_eq!(t.signature_sha256().map(Vec::from), Some(tag.clone()), "{sig}");
+            assert_eq!(t.signature().unwrap(), tag);
+        }
+        // Not 32 bytes, or not base64: no HMAC-SHA256 tag.
+        for sig in ["f+wW", &STANDARD.encode([1u8; 33]), &STANDARD.encode([1u8; 31]), "%%%", &"A".repeat(400)]
+        {
+            let text = format!("sr=a&sig={sig}&se=1");
+            assert_eq!(SasToken::parse(&text).unwrap().signature_sha256(), None, "{sig}");
+        }
+        let t = SasToken::parse("sr=a%2Fb&sig=x&se=17").unwrap();
+        assert_eq!(t.signed_parts().concat(), t.string_to_sign().into_bytes());
+    }
+
+    #[test]
     fn rejects_malformed() {
         assert!(SasToken::parse("SharedAccessSignature sr=a&sig=b").is_err());
         assert!(SasToken::parse("SharedAccessSignature sr=a&sig=b&se=x").is_err());
@@ -317,7 +396,8 @@ mod tests {
         let sr = encode_resource(&registration_resource("0ne00111111", "dev:1"));
         assert_eq!(sr, "0ne00111111%2Fregistrations%2Fdev%3A1");
         let t = SasToken::build(&sr, 42, Some(REGISTRATION_KEY_NAME), &[0xfb, 0xff, 0x01]);
-        let back = SasToken::parse(&t.to_string()).unwrap();
+        let text = t.to_string();
+        let back = SasToken::parse(&text).unwrap();
         assert_eq!(back, t);
         assert_eq!(back.signature().unwrap(), vec![0xfb, 0xff, 0x01]);
     }

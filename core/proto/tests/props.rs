@@ -142,7 +142,8 @@ proptest! {
         prop_assume!(!resource.is_empty());
         let sr = encode_resource(&resource);
         let token = SasToken::build(&sr, expiry, key_name.as_deref(), &signature);
-        let parsed = SasToken::parse(&token.to_string()).unwrap();
+        let text = token.to_string();
+        let parsed = SasToken::parse(&text).unwrap();
         prop_assert_eq!(&parsed, &token);
         prop_assert_eq!(parsed.resource().unwrap(), resource);
         prop_assert_eq!(parsed.expiry_secs(), expiry);
@@ -162,7 +163,8 @@ proptest! {
         let sr = registration_resource(scope.as_str(), &id);
         let skn = with_skn.then_some(REGISTRATION_KEY_NAME);
         let token = SasToken::build(&sr, expiry, skn, &signature);
-        let parsed = SasToken::parse(&token.to_string()).unwrap();
+        let text = token.to_string();
+        let parsed = SasToken::parse(&text).unwrap();
         prop_assert_eq!(&parsed, &token);
         prop_assert_eq!(parsed.resource_raw(), sr.as_str());
         prop_assert_eq!(parsed.resource().unwrap(), sr.clone());

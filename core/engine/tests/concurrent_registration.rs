@@ -1,0 +1,142 @@
+//! Two instances registering the same device at once: the one whose record write loses the race
+//! decides again on what the winner wrote, and the hub still gets the device's credentials.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use zerotouch_engine::allocation::Allocator;
+use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_token};
+use zerotouch_engine::attestation::Credential;
+use zerotouch_engine::crypto::RingCrypto;
+use zerotouch_engine::enrollments;
+use zerotouch_engine::hub::{DeviceAuth, HubAction, HubError, HubRegistry, LinkedHub};
+use zerotouch_engine::memory::MemoryStore;
+use zerotouch_engine::provisioner::{
+    OperationStatusRequest, Provisioner, ProvisionerConfig, RegisterRequest, ResponseBody,
+};
+use zerotouch_engine::store::{OperationRecord, Precondition, RegistrationStore};
+use zerotouch_proto::device::{DeviceRegistration, RegistrationOperationStatus, RegistrationStatus};
+use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup};
+use zerotouch_proto::{EnrollmentGroupId, IdScope, IfMatch, OperationId, RegistrationId, Timestamp};
+
+const SCOPE: &str = "0ne00C0FFEE";
+const HUB: &str = "hub-1.example.net";
+
+/// A hub that, while applying the first registration's actions, lets "another instance" write
+/// the device's record first (a newer etag), and remembers every action it was given.
+struct RacingHub {
+    store: Arc<MemoryStore>,
+    raced: bool,
+    seen: Vec<HubAction>,
+}
+
+impl HubRegistry for RacingHub {
+    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
+        self.seen.push(action.clone());
+        if !self.raced {
+            self.raced = true;
+            let id = RegistrationId::new("dev-1").unwrap();
+            let mut record = self.store.registration(&id).unwrap().expect("registered before");
+            let pre = Precondition::Matches(record.etag_bare().unwrap().to_owned());
+            record.state.etag = Some("b3RoZXItaW5zdGFuY2U=".into());
+            let op = OperationRecord {
+                operation_id: OperationId::new("1.0000000000000000.other").unwrap(),
+                registration_id: id.clone(),
+                created: Timestamp::from_unix_secs(1_767_225_600),
+                status: RegistrationOperationStatus {
+                    operation_id: "1.0000000000000000.other".into(),
+                    status: RegistrationStatus::Assigned,
+                    registration_state: None,
+                },
+            };
+            self.store.commit_registration(record, &pre, op).unwrap();
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_registration_that_loses_a_race_to_another_instance_is_decided_again_with_the_device_keys() {
+    let crypto = RingCrypto::new();
+    let now = Timestamp::from_unix_secs(1_767_225_600);
+    let store = Arc::new(MemoryStore::new());
+    let provisioner = Provisioner::new(
+        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
+        Arc::clone(&store),
+        Arc::new(RingCrypto::new()),
+        Allocator::new(vec![LinkedHub::new(HUB)]),
+    );
+    let group = enrollments::put_enrollment_group(
+        provisioner.store(),
+        &crypto,
+        now,
+        EnrollmentGroup::new(
+            EnrollmentGroupId::new("line-1").unwrap(),
+            AttestationMechanism::symmetric_key(),
+        ),
+        &IfMatch::Absent,
+    )
+    .unwrap();
+    let keys = group.attestation.symmetric_key.unwrap();
+    let primary = derive_device_key(&crypto, &STANDARD.decode(keys.primary_key.unwrap()).unwrap(), "dev-1");
+    let secondary =
+        derive_device_key(&crypto, &STANDARD.decode(keys.secondary_key.unwrap()).unwrap(), "dev-1");
+    let token = registration_token(&crypto, &primary, SCOPE, "dev-1", now.unix_secs() + 3600).to_string();
+    let register = |hub: &mut dyn HubRegistry| {
+        provisioner.handle_register(
+            now,
+            RegisterRequest {
+                id_scope: SCOPE.into(),
+                registration_id: "dev-1".into(),
+                body: DeviceRegistration {
+                    payload: None,
+                    registration_id: "dev-1".into(),
+                    tpm: None,
+                    csr: None,
+                },
+                credential: Credential::Sas(token.clone()),
+            },
+            hub,
+        )
+    };
+
+    // First registration: no race (the hub only races once a record exists).
+    let mut hub = RacingHub { store: Arc::clone(&store), raced: true, seen: Vec::new() };
+    assert_eq!(register(&mut hub).status, 202);
+
+    // The device registers again while another instance re-registers it too.
+    let mut hub = RacingHub { store: Arc::clone(&store), raced: false, seen: Vec::new() };
+    let reply = register(&mut hub);
+    assert_eq!(reply.status, 202, "{reply:?}");
+    let ResponseBody::Operation(op) = reply.body else { panic!("not an operation: {reply:?}") };
+
+    // Two rounds reached the hub, and both provisioned the device with its derived keys.
+    let expected = DeviceAuth::SymmetricKey {
+        primary_key: STANDARD.encode(primary),
+        secondary_key: STANDARD.encode(secondary),
+    };
+    assert_eq!(hub.seen.len(), 2, "{:?}", hub.seen);
+    for action in &hub.seen {
+        let HubAction::Provision { device, .. } = action else { panic!("unexpected action {action:?}") };
+        assert_eq!(device.auth, expected);
+    }
+
+    // The second round's record is the one kept, and the operation reports it assigned.
+    let status = provisioner.handle_operation_status(
+        now,
+        OperationStatusRequest {
+            id_scope: SCOPE.into(),
+            registration_id: "dev-1".into(),
+            operation_id: op.operation_id.clone(),
+            credential: Credential::Sas(token.clone()),
+        },
+    );
+    let ResponseBody::Operation(status) = status.body else { panic!("not an operation: {status:?}") };
+    assert_eq!(status.status, RegistrationStatus::Assigned);
+    let record = store.registration(&RegistrationId::new("dev-1").unwrap()).unwrap().unwrap();
+    assert_ne!(record.state.etag.as_deref(), Some("b3RoZXItaW5zdGFuY2U="));
+    assert_eq!(record.state.assigned_hub.as_deref(), Some(HUB));
+}
