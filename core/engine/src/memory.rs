@@ -24,8 +24,9 @@ struct Tables {
     /// Shared: registrations read the record they replace without copying it (and a B-tree
     /// node moves its values as keys are inserted, so large values would cost at every insert).
     registrations: BTreeMap<String, Arc<RegistrationRecord>>,
-    /// Looked up by id and swept by age, never listed in order.
-    operations: HashMap<String, OperationRecord>,
+    /// Looked up by id and swept by age, never listed in order. The ids are random and made
+    /// here, not chosen by clients, so a fast hash needs no flooding resistance.
+    operations: HashMap<String, OperationRecord, foldhash::fast::RandomState>,
 }
 
 /// All provisioning tables behind one lock, so multi-table writes are atomic.

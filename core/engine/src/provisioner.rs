@@ -264,7 +264,8 @@ pub struct Provisioner<S> {
     /// Symmetric-key group keys decoded and prepared for HMAC, keyed by the primary key's text
     /// (the entry keeps the secondary's text too, and is rebuilt when it differs): every device
     /// of a group derives its keys from the same two.
-    group_keys: Mutex<HashMap<String, Arc<GroupKeys>>>,
+    /// Hashed fast: the keys are an administrator's, not a client's, to choose.
+    group_keys: Mutex<HashMap<String, Arc<GroupKeys>, foldhash::fast::RandomState>>,
 }
 
 /// A group's two keys, ready to derive device keys.
@@ -352,7 +353,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             random: Mutex::new(RandomPool::empty()),
             anchors: Mutex::new(HashMap::new()),
             issuers: Mutex::new(HashMap::new()),
-            group_keys: Mutex::new(HashMap::new()),
+            group_keys: Mutex::new(HashMap::default()),
         }
     }
 
@@ -387,7 +388,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 status: 202,
                 retry_after: Some(self.config.retry_after_secs),
                 body: ResponseBody::Operation(RegistrationOperationStatus {
-                    operation_id: op.to_string(),
+                    operation_id: op.into(),
                     status: RegistrationStatus::Assigning,
                     registration_state: None,
                 }),
@@ -600,7 +601,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
             let etag = self.new_etag()?;
             let mut record = previous.cloned().unwrap_or_else(|| RegistrationRecord {
                 registration_id: id.clone(),
-                state: DeviceRegistrationState { registration_id: id.to_string(), ..Default::default() },
+                state: DeviceRegistrationState {
+                    registration_id: id.as_str().to_owned(),
+                    ..Default::default()
+                },
                 enrollment: attested.enrollment.reference(),
                 initial_hub: Some(initial_hub.to_owned()),
             });
@@ -612,10 +616,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 registration_id: id.clone(),
                 created: now,
                 status: RegistrationOperationStatus {
-                    operation_id: operation_id.to_string(),
+                    operation_id: operation_id.as_str().to_owned(),
                     status: RegistrationStatus::Assigning,
                     registration_state: Some(DeviceRegistrationResult {
-                        registration_id: id.to_string(),
+                        registration_id: id.as_str().to_owned(),
                         status: Some(RegistrationStatus::Assigning),
                         ..Default::default()
                     }),
@@ -649,10 +653,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
         let record = RegistrationRecord {
             registration_id: id.clone(),
             state: DeviceRegistrationState {
-                registration_id: id.to_string(),
+                registration_id: id.as_str().to_owned(),
                 created_date_time_utc: Some(created),
                 assigned_hub: Some(plan.hub.clone()),
-                device_id: Some(plan.device_id.to_string()),
+                device_id: Some(plan.device_id.as_str().to_owned()),
                 status: Some(RegistrationStatus::Assigned),
                 substatus: Some(plan.substatus),
                 error_code: None,
@@ -669,7 +673,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             registration_id: id.clone(),
             created: now,
             status: RegistrationOperationStatus {
-                operation_id: operation_id.to_string(),
+                operation_id: operation_id.as_str().to_owned(),
                 status: RegistrationStatus::Assigned,
                 registration_state: Some(registration_result(&record, Some(attested))),
             },
@@ -1142,7 +1146,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
 fn registration_result(record: &RegistrationRecord, attested: Option<&Attested>) -> DeviceRegistrationResult {
     let s = &record.state;
     let group = match &record.enrollment {
-        EnrollmentRef::Group(g) => Some(g.to_string()),
+        EnrollmentRef::Group(g) => Some(g.as_str().to_owned()),
         EnrollmentRef::Individual(_) => None,
     };
     // The attestation-specific member tells the device how it was admitted (spec §1.5): `x509`
