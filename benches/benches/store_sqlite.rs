@@ -298,7 +298,8 @@ fn registration_write(n: u64) -> (RegistrationRecord, OperationRecord) {
             operation_id: op,
             status: RegistrationStatus::Assigned,
             registration_state: None,
-        },
+        }
+        .into(),
     };
     (record, operation)
 }
@@ -325,7 +326,11 @@ fn registrations(c: &mut Criterion) {
             },
             |(record, operation)| {
                 store
-                    .commit_registration(record.clone(), &Precondition::MustNotExist, operation.clone())
+                    .commit_registration(
+                        Arc::new(record.clone()),
+                        &Precondition::MustNotExist,
+                        operation.clone(),
+                    )
                     .unwrap()
             },
             BatchSize::SmallInput,

@@ -783,13 +783,13 @@ impl RegistrationStore for PgStore {
 
     fn commit_registration(
         &self,
-        record: RegistrationRecord,
+        record: Arc<RegistrationRecord>,
         pre: &Precondition,
         operation: OperationRecord,
     ) -> Result<(), StoreError> {
         let key = record.registration_id.key();
         let etag = etag_column(record.etag().as_ref());
-        let doc = to_doc(&record)?;
+        let doc = to_doc(&*record)?;
         let group = registration_group(&record);
         self.transaction(|c| {
             REGISTRATIONS.put(c, &[&key, &etag, &doc, &group], pre)?;

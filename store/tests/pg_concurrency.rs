@@ -167,8 +167,9 @@ fn one_device_registering_through_two_instances_at_once_gets_exactly_one_assignm
         assert_eq!(record.state.device_id.as_deref(), Some(id.as_str()));
         for op in &operations {
             let stored = instances[1].store().operation(&OperationId::new(op).unwrap()).unwrap().unwrap();
-            assert_eq!(stored.status.status, RegistrationStatus::Assigned, "{id}: operation {op}");
-            let state = stored.status.registration_state.unwrap();
+            let stored = stored.into_status();
+            assert_eq!(stored.status, RegistrationStatus::Assigned, "{id}: operation {op}");
+            let state = stored.registration_state.unwrap();
             assert_eq!(state.device_id.as_deref(), Some(id.as_str()), "{id}: operation {op}");
         }
     }

@@ -3,6 +3,7 @@
 //! exactly one record.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -96,7 +97,8 @@ fn operation(op: &str, id: &str) -> OperationRecord {
             operation_id: op.to_owned(),
             status: RegistrationStatus::Assigned,
             registration_state: None,
-        },
+        }
+        .into(),
     }
 }
 
@@ -113,8 +115,11 @@ fn one_registration_id_racing_from_two_instances_is_assigned_exactly_once() {
                     s.spawn(move || {
                         let rec = record(id, &format!("hub-{t}"));
                         let op = operation(&format!("op-{round}-{t}"), id);
-                        match store.commit_registration(rec.clone(), &Precondition::MustNotExist, op.clone())
-                        {
+                        match store.commit_registration(
+                            Arc::new(rec.clone()),
+                            &Precondition::MustNotExist,
+                            op.clone(),
+                        ) {
                             Ok(()) => Some(t),
                             Err(StoreError::AlreadyExists) => None,
                             Err(e) => panic!("unexpected error {e:?}"),

@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use zerotouch_engine::registry::IdentityStore;
@@ -62,7 +63,8 @@ fn registration(n: usize) -> (RegistrationRecord, OperationRecord) {
             operation_id: op,
             status: RegistrationStatus::Assigned,
             registration_state: None,
-        },
+        }
+        .into(),
     };
     (record, operation)
 }
@@ -76,7 +78,11 @@ fn register(store: &SqliteStore, hub: &SqliteStore, n: usize) {
         .atomically(&mut || {
             hub.put_device(&Device::new(id.clone()), &Precondition::MustNotExist)?;
             hub.put_twin(&TwinKey::device(id.clone()), &twin, &Precondition::MustNotExist)?;
-            store.commit_registration(record.clone(), &Precondition::MustNotExist, operation.clone())?;
+            store.commit_registration(
+                Arc::new(record.clone()),
+                &Precondition::MustNotExist,
+                operation.clone(),
+            )?;
             Ok(())
         })
         .unwrap();

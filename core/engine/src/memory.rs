@@ -215,7 +215,7 @@ impl RegistrationStore for MemoryStore {
 
     fn commit_registration(
         &self,
-        record: RegistrationRecord,
+        record: Arc<RegistrationRecord>,
         pre: &Precondition,
         operation: OperationRecord,
     ) -> Result<(), StoreError> {
@@ -224,12 +224,12 @@ impl RegistrationStore for MemoryStore {
         match t.registrations.get_mut(key.as_ref()) {
             Some(current) => {
                 pre.check_bare(Some(current.etag_bare().unwrap_or_default()))?;
-                *current = Arc::new(record);
+                *current = record;
             }
             None => {
                 pre.check(None)?;
                 let key = key.into_owned();
-                t.registrations.insert(key, Arc::new(record));
+                t.registrations.insert(key, record);
             }
         }
         t.operations.insert(operation.operation_id.as_str().to_owned(), operation);

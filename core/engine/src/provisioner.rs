@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use zerotouch_proto::device::{
     DeviceRegistration, DeviceRegistrationResult, ErrorDetails, RegistrationOperationStatus,
-    RegistrationStatus, Substatus, SymmetricKeyRegistrationResult, TpmChallenge, X509RegistrationResult,
+    RegistrationStatus, Substatus, TpmChallenge,
 };
 use zerotouch_proto::ids::{uuid_from_bytes, uuid_text};
 use zerotouch_proto::sas::SasToken;
@@ -36,7 +36,10 @@ use crate::crypto::{constant_time_eq, CryptoProvider};
 use crate::enrollments::strip_enrollment_secrets;
 use crate::error::{AuthError, Error, StoreError};
 use crate::hub::{DeviceAuth, HubAction, HubRegistry, ProvisionedDevice, TwinSetup};
-use crate::store::{EnrollmentRef, OperationRecord, Precondition, ProvisioningStore, RegistrationRecord};
+use crate::store::{
+    AttestedVia, EnrollmentRef, OperationRecord, OperationStatus, Precondition, ProvisioningStore,
+    RegistrationRecord,
+};
 
 /// Settings of a provisioning service instance.
 #[derive(Debug, Clone)]
@@ -216,6 +219,15 @@ struct Attested {
     enrollment: Enrollment,
     auth: DeviceAuth,
     kind: AttestedKind,
+}
+
+impl Attested {
+    fn via(&self) -> AttestedVia {
+        match self.kind {
+            AttestedKind::SymmetricKey => AttestedVia::SymmetricKey,
+            AttestedKind::X509 { .. } => AttestedVia::X509,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -420,7 +432,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             self.authenticate(now, scope, &id, &req.credential)?;
             let record =
                 self.store.registration(&id)?.ok_or_else(|| Error::EnrollmentNotFound(id.to_string()))?;
-            Ok::<_, Error>(registration_result(&record, None))
+            Ok::<_, Error>(record.result(None))
         })();
         match result {
             Ok(r) => Response { status: 200, retry_after: None, body: ResponseBody::Registration(r) },
@@ -623,9 +635,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
                         status: Some(RegistrationStatus::Assigning),
                         ..Default::default()
                     }),
-                },
+                }
+                .into(),
             };
-            self.store.commit_registration(record, &pre, op)?;
+            self.store.commit_registration(record.into(), &pre, op)?;
             pre = Precondition::Matches(etag);
         }
 
@@ -668,15 +681,13 @@ impl<S: ProvisioningStore> Provisioner<S> {
             enrollment: attested.enrollment.reference(),
             initial_hub: Some(initial_hub.to_owned()),
         };
+        // The operation answers from the record itself: one copy of its strings, not two.
+        let record = Arc::new(record);
         let op = OperationRecord {
             operation_id: operation_id.clone(),
             registration_id: id.clone(),
             created: now,
-            status: RegistrationOperationStatus {
-                operation_id: operation_id.as_str().to_owned(),
-                status: RegistrationStatus::Assigned,
-                registration_state: Some(registration_result(&record, Some(attested))),
-            },
+            status: OperationStatus::Registered { record: Arc::clone(&record), via: Some(attested.via()) },
         };
         self.store.commit_registration(record, pre, op)?;
         Ok(())
@@ -869,7 +880,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         if !op.registration_id.same_registration(&id) || op.created + self.config.operation_retention < now {
             return Err(Error::OperationNotFound(req.operation_id));
         }
-        Ok(op.status)
+        Ok(op.into_status())
     }
 
     /// Authenticates a credential for `id` and finds the enrollment that admits it.
@@ -1152,43 +1163,6 @@ fn base64_text(bytes: &[u8]) -> String {
     text
 }
 
-fn registration_result(record: &RegistrationRecord, attested: Option<&Attested>) -> DeviceRegistrationResult {
-    let s = &record.state;
-    let group = match &record.enrollment {
-        EnrollmentRef::Group(g) => Some(g.as_str().to_owned()),
-        EnrollmentRef::Individual(_) => None,
-    };
-    // The attestation-specific member tells the device how it was admitted (spec §1.5): `x509`
-    // (observed `{}` for individual enrollments), `symmetricKey` with the group id for groups.
-    let (x509, symmetric_key) = match attested.map(|a| &a.kind) {
-        Some(AttestedKind::X509 { .. }) => (
-            Some(Box::new(X509RegistrationResult { enrollment_group_id: group, ..Default::default() })),
-            None,
-        ),
-        Some(AttestedKind::SymmetricKey) if group.is_some() => {
-            (None, Some(SymmetricKeyRegistrationResult { enrollment_group_id: group }))
-        }
-        _ => (None, None),
-    };
-    DeviceRegistrationResult {
-        tpm: None,
-        x509,
-        symmetric_key,
-        registration_id: s.registration_id.clone(),
-        created_date_time_utc: s.created_date_time_utc,
-        assigned_hub: s.assigned_hub.clone(),
-        device_id: s.device_id.clone(),
-        status: s.status,
-        substatus: s.substatus,
-        error_code: s.error_code,
-        error_message: s.error_message.clone(),
-        last_updated_date_time_utc: s.last_updated_date_time_utc,
-        etag: s.etag.clone(),
-        payload: s.payload.clone(),
-        issued_certificate_chain: None,
-    }
-}
-
 fn failed_operation(op: &OperationId, id: &RegistrationId, now: Timestamp, e: &Error) -> OperationRecord {
     let wire = e.to_wire();
     OperationRecord {
@@ -1206,7 +1180,8 @@ fn failed_operation(op: &OperationId, id: &RegistrationId, now: Timestamp, e: &E
                 last_updated_date_time_utc: Some(now),
                 ..Default::default()
             }),
-        },
+        }
+        .into(),
     }
 }
 

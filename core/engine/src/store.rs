@@ -3,8 +3,12 @@
 //! their own threads. Every conditional write is an atomic compare-and-swap in the backend.
 
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::sync::Arc;
-use zerotouch_proto::device::RegistrationOperationStatus;
+use zerotouch_proto::device::{
+    DeviceRegistrationResult, RegistrationOperationStatus, RegistrationStatus,
+    SymmetricKeyRegistrationResult, X509RegistrationResult,
+};
 use zerotouch_proto::service::{DeviceRegistrationState, EnrollmentGroup, IndividualEnrollment};
 use zerotouch_proto::{ETag, EnrollmentGroupId, OperationId, RegistrationId, Timestamp};
 
@@ -127,9 +131,61 @@ impl RegistrationRecord {
     }
 }
 
+/// How a device proved who it is, as far as a registration's answer tells (spec §1.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AttestedVia {
+    /// A SAS token signed with an individual or derived group key.
+    SymmetricKey,
+    /// An X.509 client certificate.
+    X509,
+}
+
+impl RegistrationRecord {
+    /// The registration result a device is answered with for this record: its state, and the
+    /// attestation member that tells the device how it was admitted (spec §1.5): `x509` (observed
+    /// `{}` for individual enrollments), `symmetricKey` with the group id for groups.
+    pub fn result(&self, via: Option<AttestedVia>) -> DeviceRegistrationResult {
+        let s = &self.state;
+        let group = match &self.enrollment {
+            EnrollmentRef::Group(g) => Some(g.as_str().to_owned()),
+            EnrollmentRef::Individual(_) => None,
+        };
+        let (x509, symmetric_key) = match via {
+            Some(AttestedVia::X509) => (
+                Some(Box::new(X509RegistrationResult { enrollment_group_id: group, ..Default::default() })),
+                None,
+            ),
+            Some(AttestedVia::SymmetricKey) if group.is_some() => {
+                (None, Some(SymmetricKeyRegistrationResult { enrollment_group_id: group }))
+            }
+            _ => (None, None),
+        };
+        DeviceRegistrationResult {
+            tpm: None,
+            x509,
+            symmetric_key,
+            registration_id: s.registration_id.clone(),
+            created_date_time_utc: s.created_date_time_utc,
+            assigned_hub: s.assigned_hub.clone(),
+            device_id: s.device_id.clone(),
+            status: s.status,
+            substatus: s.substatus,
+            error_code: s.error_code,
+            error_message: s.error_message.clone(),
+            last_updated_date_time_utc: s.last_updated_date_time_utc,
+            etag: s.etag.clone(),
+            payload: s.payload.clone(),
+            issued_certificate_chain: None,
+        }
+    }
+}
+
 /// A provisioning operation: what a poll for `operation_id` answers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+///
+/// Stored as `{"operationId", "registrationId", "created", "status"}` with `status` the wire
+/// `RegistrationOperationStatus`, whichever [`OperationStatus`] it holds.
+#[derive(Debug, Clone)]
 pub struct OperationRecord {
     /// Operation id.
     pub operation_id: OperationId,
@@ -137,8 +193,102 @@ pub struct OperationRecord {
     pub registration_id: RegistrationId,
     /// When the operation was created (operations are kept at least an hour after that).
     pub created: Timestamp,
-    /// The final status (assigned or failed).
-    pub status: RegistrationOperationStatus,
+    /// What a poll answers.
+    pub status: OperationStatus,
+}
+
+/// What polling an operation answers.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum OperationStatus {
+    /// A status as it is: a failed registration, a move in progress, a status read back from
+    /// storage. (Boxed: operations are moved into tables, and most of them answer from a record.)
+    Fixed(Box<RegistrationOperationStatus>),
+    /// A registration's outcome, answered from the registration record it committed, shared with
+    /// the store rather than copied into the operation.
+    Registered {
+        /// The record as the registration committed it (never changed afterwards: a later
+        /// registration commits a new record).
+        record: Arc<RegistrationRecord>,
+        /// How the device attested.
+        via: Option<AttestedVia>,
+    },
+}
+
+impl From<RegistrationOperationStatus> for OperationStatus {
+    fn from(status: RegistrationOperationStatus) -> Self {
+        OperationStatus::Fixed(Box::new(status))
+    }
+}
+
+impl OperationRecord {
+    /// The wire status a poll answers.
+    pub fn status(&self) -> RegistrationOperationStatus {
+        match &self.status {
+            OperationStatus::Fixed(status) => RegistrationOperationStatus::clone(status),
+            OperationStatus::Registered { record, via } => RegistrationOperationStatus {
+                operation_id: self.operation_id.as_str().to_owned(),
+                status: record.state.status.unwrap_or(RegistrationStatus::Assigned),
+                registration_state: Some(record.result(*via)),
+            },
+        }
+    }
+
+    /// [`OperationRecord::status`], without copying a fixed status.
+    pub fn into_status(self) -> RegistrationOperationStatus {
+        match self.status {
+            OperationStatus::Fixed(status) => *status,
+            OperationStatus::Registered { .. } => self.status(),
+        }
+    }
+}
+
+/// Records are equal when they answer the same.
+impl PartialEq for OperationRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.operation_id == other.operation_id
+            && self.registration_id == other.registration_id
+            && self.created == other.created
+            && self.status() == other.status()
+    }
+}
+
+/// The stored form of an [`OperationRecord`].
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OperationDoc<'a> {
+    operation_id: Cow<'a, OperationId>,
+    registration_id: Cow<'a, RegistrationId>,
+    created: Timestamp,
+    status: Cow<'a, RegistrationOperationStatus>,
+}
+
+impl Serialize for OperationRecord {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let status = match &self.status {
+            OperationStatus::Fixed(status) => Cow::Borrowed(&**status),
+            OperationStatus::Registered { .. } => Cow::Owned(self.status()),
+        };
+        OperationDoc {
+            operation_id: Cow::Borrowed(&self.operation_id),
+            registration_id: Cow::Borrowed(&self.registration_id),
+            created: self.created,
+            status,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for OperationRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let doc = OperationDoc::deserialize(deserializer)?;
+        Ok(OperationRecord {
+            operation_id: doc.operation_id.into_owned(),
+            registration_id: doc.registration_id.into_owned(),
+            created: doc.created,
+            status: doc.status.into_owned().into(),
+        })
+    }
 }
 
 /// Individual enrollments, keyed case-insensitively by registration id.
@@ -281,7 +431,7 @@ pub trait RegistrationStore: Send + Sync {
     /// Precondition failures and backend failures.
     fn commit_registration(
         &self,
-        record: RegistrationRecord,
+        record: Arc<RegistrationRecord>,
         pre: &Precondition,
         operation: OperationRecord,
     ) -> Result<(), StoreError>;
@@ -423,7 +573,7 @@ mod shared {
         }
         fn commit_registration(
             &self,
-            record: RegistrationRecord,
+            record: Arc<RegistrationRecord>,
             pre: &Precondition,
             operation: OperationRecord,
         ) -> Result<(), StoreError> {

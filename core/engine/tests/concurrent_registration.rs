@@ -50,9 +50,10 @@ impl HubRegistry for RacingHub {
                     operation_id: "1.0000000000000000.other".into(),
                     status: RegistrationStatus::Assigned,
                     registration_state: None,
-                },
+                }
+                .into(),
             };
-            self.store.commit_registration(record, &pre, op).unwrap();
+            self.store.commit_registration(Arc::new(record), &pre, op).unwrap();
         }
         Ok(())
     }

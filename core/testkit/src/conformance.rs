@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 use zerotouch_engine::store::{
-    CaCertificate, CaCertificateStore, EnrollmentGroupStore, EnrollmentRef, EnrollmentStore, OperationRecord,
-    Page, PageRequest, Precondition, ProvisioningStore, RegistrationRecord, RegistrationStore,
+    AttestedVia, CaCertificate, CaCertificateStore, EnrollmentGroupStore, EnrollmentRef, EnrollmentStore,
+    OperationRecord, OperationStatus, Page, PageRequest, Precondition, ProvisioningStore, RegistrationRecord,
+    RegistrationStore,
 };
 use zerotouch_engine::StoreError;
 use zerotouch_proto::device::{
@@ -685,14 +686,14 @@ fn missing_registration<S: RegistrationStore>(store: &S) -> Outcome {
 fn commit_round_trip<S: RegistrationStore>(store: &S) -> Outcome {
     let rec = record("dev-1", Some("Group-1"), "r1", 1)?;
     let op = operation("op-1", "dev-1", at(0))?;
-    ok("commit", store.commit_registration(rec.clone(), &Precondition::MustNotExist, op.clone()))?;
+    ok("commit", store.commit_registration(Arc::new(rec.clone()), &Precondition::MustNotExist, op.clone()))?;
     expect_record(store, "dev-1", Some(&rec), "get of the committed record")?;
     expect_operation(store, &op, true, "get of the committed operation")?;
     let individual = record("dev-2", None, "r1", 7)?;
     let op2 = operation("op-2", "dev-2", at(1))?;
     ok(
         "commit of an individual registration",
-        store.commit_registration(individual.clone(), &Precondition::None, op2.clone()),
+        store.commit_registration(Arc::new(individual.clone()), &Precondition::None, op2.clone()),
     )?;
     expect_record(store, "dev-2", Some(&individual), "get of the individual record")?;
     expect_operation(store, &op2, true, "get of the second operation")?;
@@ -704,7 +705,7 @@ fn registration_case_insensitive<S: RegistrationStore>(store: &S) -> Outcome {
     ok(
         "commit of Dev-1",
         store.commit_registration(
-            rec.clone(),
+            Arc::new(rec.clone()),
             &Precondition::MustNotExist,
             operation("op-1", "Dev-1", at(0))?,
         ),
@@ -720,7 +721,11 @@ fn registration_case_insensitive<S: RegistrationStore>(store: &S) -> Outcome {
     let op = operation("op-2", "dev-1", at(1))?;
     fails(
         "commit of \"dev-1\" with MustNotExist over \"Dev-1\"",
-        store.commit_registration(record("dev-1", None, "r2", 2)?, &Precondition::MustNotExist, op.clone()),
+        store.commit_registration(
+            Arc::new(record("dev-1", None, "r2", 2)?),
+            &Precondition::MustNotExist,
+            op.clone(),
+        ),
         &StoreError::AlreadyExists,
     )?;
     expect_operation(store, &op, false, "operation of the refused commit")?;
@@ -741,7 +746,7 @@ fn commit_cas<S: RegistrationStore>(store: &S) -> Outcome {
         let op = next_op()?;
         fails(
             &format!("commit {pre:?} of a missing record"),
-            store.commit_registration(r1.clone(), &pre, op.clone()),
+            store.commit_registration(Arc::new(r1.clone()), &pre, op.clone()),
             &StoreError::NotFound,
         )?;
         expect_record(store, id, None, &format!("after the refused commit {pre:?}"))?;
@@ -751,7 +756,7 @@ fn commit_cas<S: RegistrationStore>(store: &S) -> Outcome {
     let op = next_op()?;
     ok(
         "commit MustNotExist of a missing record",
-        store.commit_registration(r1.clone(), &Precondition::MustNotExist, op.clone()),
+        store.commit_registration(Arc::new(r1.clone()), &Precondition::MustNotExist, op.clone()),
     )?;
     expect_record(store, id, Some(&r1), "after create")?;
     expect_operation(store, &op, true, "operation of the create")?;
@@ -765,7 +770,7 @@ fn commit_cas<S: RegistrationStore>(store: &S) -> Outcome {
         let op = next_op()?;
         fails(
             &format!("commit {pre:?} of an existing record"),
-            store.commit_registration(r2.clone(), &pre, op.clone()),
+            store.commit_registration(Arc::new(r2.clone()), &pre, op.clone()),
             &error,
         )?;
         expect_record(store, id, Some(&r1), &format!("after the refused commit {pre:?}"))?;
@@ -773,14 +778,17 @@ fn commit_cas<S: RegistrationStore>(store: &S) -> Outcome {
     }
 
     let op = next_op()?;
-    ok("commit Matches(current etag)", store.commit_registration(r2.clone(), &must("r1"), op.clone()))?;
+    ok(
+        "commit Matches(current etag)",
+        store.commit_registration(Arc::new(r2.clone()), &must("r1"), op.clone()),
+    )?;
     expect_record(store, id, Some(&r2), "after Matches(right) commit")?;
     expect_operation(store, &op, true, "operation of the Matches(right) commit")?;
 
     let op = next_op()?;
     fails(
         "commit Matches(superseded etag)",
-        store.commit_registration(r1.clone(), &must("r1"), op.clone()),
+        store.commit_registration(Arc::new(r1.clone()), &must("r1"), op.clone()),
         &StoreError::PreconditionFailed,
     )?;
     expect_record(store, id, Some(&r2), "after the refused commit with a superseded etag")?;
@@ -790,7 +798,7 @@ fn commit_cas<S: RegistrationStore>(store: &S) -> Outcome {
     let op = next_op()?;
     ok(
         "commit MustExist of an existing record",
-        store.commit_registration(r3.clone(), &Precondition::MustExist, op.clone()),
+        store.commit_registration(Arc::new(r3.clone()), &Precondition::MustExist, op.clone()),
     )?;
     expect_record(store, id, Some(&r3), "after MustExist commit")?;
     expect_operation(store, &op, true, "operation of the MustExist commit")?;
@@ -799,7 +807,7 @@ fn commit_cas<S: RegistrationStore>(store: &S) -> Outcome {
     let op = next_op()?;
     ok(
         "unconditional commit over an existing record",
-        store.commit_registration(r4.clone(), &Precondition::None, op.clone()),
+        store.commit_registration(Arc::new(r4.clone()), &Precondition::None, op.clone()),
     )?;
     expect_record(store, id, Some(&r4), "after unconditional commit")?;
     expect_operation(store, &op, true, "operation of the unconditional commit")
@@ -817,7 +825,7 @@ fn delete_registration<S: RegistrationStore>(store: &S) -> Outcome {
     let r1 = record("dev-1", None, "r1", 1)?;
     let commit = |op: &str| {
         store
-            .commit_registration(r1.clone(), &Precondition::None, operation(op, "dev-1", at(0))?)
+            .commit_registration(Arc::new(r1.clone()), &Precondition::None, operation(op, "dev-1", at(0))?)
             .map_err(|e| format!("commit: {e:?}"))
     };
     commit("op-1")?;
@@ -868,7 +876,11 @@ fn registrations_by_group<S: RegistrationStore>(store: &S) -> Outcome {
         let op = operation(&format!("op-{i}"), &id, at(0))?;
         ok(
             &format!("commit of {id}"),
-            store.commit_registration(record(&id, group, "r1", 1)?, &Precondition::MustNotExist, op.clone()),
+            store.commit_registration(
+                Arc::new(record(&id, group, "r1", 1)?),
+                &Precondition::MustNotExist,
+                op.clone(),
+            ),
         )?;
     }
     let key = |r: &RegistrationRecord| r.registration_id.as_str().to_owned();
@@ -888,8 +900,9 @@ fn registrations_by_group<S: RegistrationStore>(store: &S) -> Outcome {
 
 fn operation_round_trip<S: RegistrationStore>(store: &S) -> Outcome {
     let mut failed = operation("op-failed", "dev-1", at(5))?;
-    failed.status.status = RegistrationStatus::Failed;
-    if let Some(state) = failed.status.registration_state.as_mut() {
+    let mut status = failed.status();
+    status.status = RegistrationStatus::Failed;
+    if let Some(state) = status.registration_state.as_mut() {
         state.status = Some(RegistrationStatus::Failed);
         state.error_code = Some(401_002);
         state.error_message = Some("Unauthorized".to_owned());
@@ -897,9 +910,43 @@ fn operation_round_trip<S: RegistrationStore>(store: &S) -> Outcome {
         state.device_id = None;
         state.substatus = None;
     }
+    failed.status = status.into();
     ok("put_operation", store.put_operation(&failed))?;
     expect_operation(store, &failed, true, "get of the stored operation")?;
-    expect_record(store, "dev-1", None, "a stored operation creates no record")
+    expect_record(store, "dev-1", None, "a stored operation creates no record")?;
+
+    // An operation that answers from the record it was committed with reads back as the same
+    // answer, whether the store keeps the record or its serialized form.
+    let rec = Arc::new(record("dev-2", Some("group-a"), "r1", 1)?);
+    let registered = OperationRecord {
+        operation_id: op_id("op-registered")?,
+        registration_id: reg_id("dev-2")?,
+        created: at(6),
+        status: OperationStatus::Registered {
+            record: Arc::clone(&rec),
+            via: Some(AttestedVia::SymmetricKey),
+        },
+    };
+    ok(
+        "commit with an operation answering from its record",
+        store.commit_registration(Arc::clone(&rec), &Precondition::MustNotExist, registered.clone()),
+    )?;
+    expect_operation(store, &registered, true, "get of an operation answering from its record")?;
+    let answer = ok("get of the registered operation", store.operation(&registered.operation_id))?
+        .ok_or("the registered operation is missing")?
+        .into_status();
+    ensure!(answer.operation_id == "op-registered", "operation id {:?} in the answer", answer.operation_id);
+    ensure!(answer.status == RegistrationStatus::Assigned, "status {:?} in the answer", answer.status);
+    let state = answer.registration_state.ok_or("the answer has no registrationState")?;
+    let group = state.symmetric_key.as_ref().and_then(|k| k.enrollment_group_id.as_deref());
+    ensure!(group == Some("group-a"), "symmetricKey.enrollmentGroupId {group:?}, expected group-a");
+    ensure!(
+        state.etag == rec.state.etag && state.assigned_hub == rec.state.assigned_hub,
+        "the answer's etag/hub {:?}/{:?} are not the record's",
+        state.etag,
+        state.assigned_hub
+    );
+    Ok(())
 }
 
 fn purge<S: RegistrationStore>(store: &S) -> Outcome {
@@ -910,11 +957,15 @@ fn purge<S: RegistrationStore>(store: &S) -> Outcome {
     ok("put_operation op-400", store.put_operation(&kept[1]))?;
     ok(
         "commit with op-299",
-        store.commit_registration(record("dev-1", None, "r1", 1)?, &Precondition::None, old[1].clone()),
+        store.commit_registration(
+            Arc::new(record("dev-1", None, "r1", 1)?),
+            &Precondition::None,
+            old[1].clone(),
+        ),
     )?;
     ok(
         "commit with op-300",
-        store.commit_registration(record("dev-1", None, "r2", 2)?, &must("r1"), kept[0].clone()),
+        store.commit_registration(Arc::new(record("dev-1", None, "r2", 2)?), &must("r1"), kept[0].clone()),
     )?;
     let removed = ok("purge_operations", store.purge_operations(cutoff))?;
     ensure!(removed == 2, "purge_operations removed {removed} operations, expected 2");
@@ -938,7 +989,7 @@ fn concurrent_updates<S: RegistrationStore>(store: &S) -> Outcome {
     ok(
         "seed commit",
         store.commit_registration(
-            record(id, None, "v0", 0)?,
+            Arc::new(record(id, None, "v0", 0)?),
             &Precondition::MustNotExist,
             operation("op-seed", id, at(0))?,
         ),
@@ -986,7 +1037,7 @@ fn writer<S: RegistrationStore>(store: &S, id: &str, thread: usize, updates: u64
         let next = record(id, None, &format!("v{}", n + 1), n + 1)?;
         let op = operation(&format!("op-{thread}-{done}"), id, at(1))?;
         match store.commit_registration(
-            next.clone(),
+            Arc::new(next.clone()),
             &Precondition::Matches(etag.bare().to_owned()),
             op.clone(),
         ) {
@@ -1230,7 +1281,8 @@ pub(crate) fn operation(id: &str, registration: &str, created: Timestamp) -> Res
                 last_updated_date_time_utc: Some(created),
                 ..DeviceRegistrationResult::default()
             }),
-        },
+        }
+        .into(),
     })
 }
 
@@ -1342,7 +1394,7 @@ mod tests {
         }
         fn commit_registration(
             &self,
-            record: RegistrationRecord,
+            record: Arc<RegistrationRecord>,
             pre: &Precondition,
             operation: OperationRecord,
         ) -> Result<(), StoreError> {

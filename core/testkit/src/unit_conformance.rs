@@ -4,6 +4,8 @@
 //! The in-memory store keeps the trait's default (the unit runs directly, there is nothing a
 //! crash could half-write), so only durable backends run this suite.
 
+use std::sync::Arc;
+
 use zerotouch_engine::registry::IdentityStore;
 use zerotouch_engine::store::{Precondition, RegistrationStore};
 use zerotouch_engine::twin::{TwinKey, TwinStore};
@@ -60,7 +62,7 @@ fn provision<P: RegistrationStore, I: IdentityStore, T: TwinStore>(
     t.put_twin(&TwinKey::device(device_id), &twin(0).map_err(sample)?, &Precondition::MustNotExist)?;
     let operation = operation(op, name, crate_time()).map_err(sample)?;
     p.commit_registration(
-        record(name, None, "r1", 0).map_err(sample)?,
+        Arc::new(record(name, None, "r1", 0).map_err(sample)?),
         &Precondition::MustNotExist,
         operation.clone(),
     )?;
@@ -132,7 +134,7 @@ fn unit_precondition<P: RegistrationStore, I: IdentityStore, T: TwinStore>(store
         stores.2.put_twin(&TwinKey::device(device_id), &t, &Precondition::MustNotExist)?;
         let op = operation("op-second", "unit-first", crate_time()).map_err(Error::BadRequest)?;
         let r = record("unit-first", None, "r2", 1).map_err(Error::BadRequest)?;
-        stores.0.commit_registration(r.clone(), &Precondition::MustNotExist, op.clone())?;
+        stores.0.commit_registration(Arc::new(r.clone()), &Precondition::MustNotExist, op.clone())?;
         Ok(())
     });
     match result {

@@ -284,12 +284,12 @@ impl RegistrationStore for SqliteStore {
 
     fn commit_registration(
         &self,
-        record: RegistrationRecord,
+        record: Arc<RegistrationRecord>,
         pre: &Precondition,
         operation: OperationRecord,
     ) -> Result<(), StoreError> {
         let key = record.registration_id.key();
-        let doc = to_doc(&record)?;
+        let doc = to_doc(&*record)?;
         let etag = etag_column(record.etag().as_ref());
         let group = codec::registration_group(&record);
         self.write(|tx| {
