@@ -156,6 +156,15 @@ pub struct HubError {
     pub message: String,
 }
 
+impl HubError {
+    /// Whether the hub refused because its state changed concurrently (a `412xxx` code: an etag
+    /// that no longer matches, or a conflict of the hub's database transaction). The provisioner
+    /// then decides the registration again instead of failing it.
+    pub fn is_conflict(&self) -> bool {
+        self.code / 1000 == 412
+    }
+}
+
 /// Carries out hub actions. The embedded hub implements it over the identity registry; a
 /// connector to remote hubs implements it over their service API.
 pub trait HubRegistry {

@@ -645,7 +645,16 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // The hub actions and the record are one unit: a crash or a failure in between leaves
         // neither the device without its record nor a record naming a device never created.
         self.store.atomically(&mut || {
-            hub.apply_all(&plan.actions).map_err(|e| Error::Hub { code: e.code, message: e.message })?;
+            hub.apply_all(&plan.actions).map_err(|e| {
+                if e.is_conflict() {
+                    // The hub's state changed under the round (a concurrent registration, a
+                    // transaction conflict in a shared database): decide again, as for a record
+                    // that changed, instead of failing the device.
+                    Error::Store(StoreError::PreconditionFailed)
+                } else {
+                    Error::Hub { code: e.code, message: e.message }
+                }
+            })?;
             self.commit_assigned(now, id, attested, operation_id, plan, created, initial_hub, &pre)
         })
     }

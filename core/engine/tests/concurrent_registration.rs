@@ -141,3 +141,85 @@ fn a_registration_that_loses_a_race_to_another_instance_is_decided_again_with_th
     assert_ne!(record.state.etag.as_deref(), Some("b3RoZXItaW5zdGFuY2U="));
     assert_eq!(record.state.assigned_hub.as_deref(), Some(HUB));
 }
+
+/// A hub whose first action hits a conflict in its database (what a PostgreSQL deadlock between
+/// two registrations turns into), then accepts.
+struct ConflictOnceHub {
+    conflicts_left: usize,
+    applied: usize,
+}
+
+impl HubRegistry for ConflictOnceHub {
+    fn apply(&mut self, _: &HubAction) -> Result<(), HubError> {
+        if self.conflicts_left > 0 {
+            self.conflicts_left -= 1;
+            return Err(HubError { code: 412_000, message: "conflict with a concurrent update".into() });
+        }
+        self.applied += 1;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_hub_conflict_during_registration_is_retried_instead_of_failing_the_device() {
+    let crypto = RingCrypto::new();
+    let now = Timestamp::from_unix_secs(1_767_225_600);
+    let provisioner = Provisioner::new(
+        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
+        MemoryStore::new(),
+        Arc::new(RingCrypto::new()),
+        Allocator::new(vec![LinkedHub::new(HUB)]),
+    );
+    let group = enrollments::put_enrollment_group(
+        provisioner.store(),
+        &crypto,
+        now,
+        EnrollmentGroup::new(
+            EnrollmentGroupId::new("line-2").unwrap(),
+            AttestationMechanism::symmetric_key(),
+        ),
+        &IfMatch::Absent,
+    )
+    .unwrap();
+    let key = STANDARD.decode(group.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap();
+    let token = registration_token(
+        &crypto,
+        &derive_device_key(&crypto, &key, "dev-7"),
+        SCOPE,
+        "dev-7",
+        now.unix_secs() + 60,
+    )
+    .to_string();
+    let request = || RegisterRequest {
+        id_scope: SCOPE.into(),
+        registration_id: "dev-7".into(),
+        body: DeviceRegistration { payload: None, registration_id: "dev-7".into(), tpm: None, csr: None },
+        credential: Credential::Sas(token.clone()),
+    };
+    let poll = |operation_id: String| {
+        let reply = provisioner.handle_operation_status(
+            now,
+            OperationStatusRequest {
+                id_scope: SCOPE.into(),
+                registration_id: "dev-7".into(),
+                operation_id,
+                credential: Credential::Sas(token.clone()),
+            },
+        );
+        let ResponseBody::Operation(status) = reply.body else { panic!("not an operation: {reply:?}") };
+        status
+    };
+
+    let mut hub = ConflictOnceHub { conflicts_left: 2, applied: 0 };
+    let reply = provisioner.handle_register(now, request(), &mut hub);
+    let ResponseBody::Operation(op) = reply.body else { panic!("not an operation: {reply:?}") };
+    let status = poll(op.operation_id);
+    assert_eq!(status.status, RegistrationStatus::Assigned, "{status:?}");
+    assert_eq!(hub.applied, 1);
+
+    // A hub that keeps conflicting is not retried forever: the device is told to try again later.
+    let mut hub = ConflictOnceHub { conflicts_left: usize::MAX, applied: 0 };
+    let reply = provisioner.handle_register(now, request(), &mut hub);
+    assert_eq!(reply.status, 409, "{reply:?}");
+    assert_eq!(hub.applied, 0);
+}
