@@ -1,8 +1,11 @@
 //! Limits that keep a device endpoint alive under bad or excessive input, shared by MQTT, HTTPS and WebSockets.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinError;
 
 /// Resource limits of the device endpoints.
 ///
@@ -26,9 +29,16 @@ pub struct Limits {
     /// Requests of one connection being processed at once; further publishes wait in the
     /// socket (back-pressure). Default 8.
     pub max_in_flight_per_connection: usize,
-    /// Requests being processed by the engine at once, over all connections sharing this
-    /// `Limits`; beyond it a request is answered 429 with `retry-after`. Default 512.
+    /// Requests admitted at once, over all connections sharing this `Limits`: running in the
+    /// engine or waiting for one of its [`Limits::max_engine_threads`]; beyond it a request is
+    /// answered 429 with `retry-after`. A waiting request holds no thread, only its decoded
+    /// form, so the cap can absorb the burst of a fleet reconnecting at once. Default 4096.
     pub max_concurrent_requests: usize,
+    /// Engine calls running at once, each on a thread of tokio's blocking pool (stores block);
+    /// admitted requests beyond it wait, in arrival order, without a thread. On a few cores a
+    /// few dozen threads keep the engine busy, and hundreds only add context switches and
+    /// contention on the store's locks. Default 32.
+    pub max_engine_threads: usize,
     /// The `retry-after` seconds of a 429 reply. Default 3.
     pub throttle_retry_after_secs: u32,
     /// On shutdown, how long open connections get to finish the request they are processing.
@@ -42,6 +52,8 @@ pub struct Limits {
     pub admission: Admission,
     /// The connections currently open (shared by clones).
     pub connections: Admission,
+    /// The engine threads in use (shared by clones).
+    pub engine_threads: EngineThreads,
 }
 
 impl Default for Limits {
@@ -52,12 +64,14 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_in_flight_per_connection: 8,
-            max_concurrent_requests: 512,
+            max_concurrent_requests: 4096,
+            max_engine_threads: 32,
             throttle_retry_after_secs: 3,
             shutdown_grace: Duration::from_secs(10),
             max_connections: 10_000,
             admission: Admission::default(),
             connections: Admission::default(),
+            engine_threads: EngineThreads::default(),
         }
     }
 }
@@ -76,6 +90,25 @@ impl Limits {
     /// request counts until the permit is dropped. `None` means answer 429.
     pub fn admit(&self) -> Option<AdmissionPermit> {
         self.admission.try_admit(self.max_concurrent_requests)
+    }
+
+    /// Runs the engine call `f` of an admitted request on the blocking pool once one of the
+    /// [`Limits::max_engine_threads`] is free (waiting without a thread until then), and returns
+    /// its result. The request's `permit` is held until `f` returns.
+    ///
+    /// # Errors
+    /// The [`JoinError`] of `f` when it panicked (or the runtime is shutting down).
+    pub async fn run_engine<T: Send + 'static>(
+        &self,
+        permit: AdmissionPermit,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, JoinError> {
+        let thread = self.engine_threads.acquire(self.max_engine_threads).await;
+        tokio::task::spawn_blocking(move || {
+            let _held = (permit, thread);
+            f()
+        })
+        .await
     }
 
     /// Admits one accepted connection if fewer than `max_connections` are open; it counts until
@@ -116,6 +149,23 @@ impl Admission {
     }
 }
 
+/// The engine threads in use, shared by the clones of one [`Limits`]: a semaphore sized by the
+/// first [`Limits::max_engine_threads`] that uses it.
+#[derive(Debug, Clone, Default)]
+pub struct EngineThreads {
+    slots: Arc<OnceLock<Arc<Semaphore>>>,
+}
+
+impl EngineThreads {
+    /// Waits for a free engine thread (first come, first served).
+    async fn acquire(&self, max: usize) -> Option<OwnedSemaphorePermit> {
+        let slots = self.slots.get_or_init(|| Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS))));
+        // The semaphore is never closed, so this only fails if that changes; then the call
+        // runs unthrottled rather than not at all.
+        Arc::clone(slots).acquire_owned().await.ok()
+    }
+}
+
 /// One admitted request or connection; dropping it frees the slot.
 #[derive(Debug)]
 pub struct AdmissionPermit {
@@ -143,6 +193,39 @@ mod tests {
         drop(a);
         assert_eq!(shared.admission.active(), 1);
         assert!(shared.admit().is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_beyond_the_engine_threads_wait_for_one_instead_of_being_refused() {
+        let limits = Limits { max_engine_threads: 1, ..Limits::default() };
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let calls = (0..4).map(|i| {
+            let (running, most) = (Arc::clone(&running), Arc::clone(&most));
+            let permit = limits.admit().unwrap();
+            let limits = limits.clone();
+            tokio::spawn(async move {
+                limits
+                    .run_engine(permit, move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(20));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        i
+                    })
+                    .await
+            })
+        });
+        let calls: Vec<_> = calls.collect();
+        // All four were admitted at once, although one thread serves them.
+        assert_eq!(limits.admission.active(), 4);
+        let mut answered = Vec::new();
+        for call in calls {
+            answered.push(call.await.unwrap().unwrap());
+        }
+        assert_eq!(answered, [0, 1, 2, 3]);
+        assert_eq!(most.load(Ordering::SeqCst), 1, "one engine call at a time");
+        assert_eq!(limits.admission.active(), 0, "every permit released");
     }
 
     #[test]

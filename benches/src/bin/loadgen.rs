@@ -83,6 +83,45 @@ struct Args {
     /// Skip the CONNECT/CONNACK phase.
     #[arg(long)]
     skip_connect: bool,
+    /// Process id of the server (when it runs on this machine): each phase then also reports the
+    /// server's CPU per device, read from `/proc`, beside the load generator's own.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/{pid}/stat` (Linux; the
+/// counters are in USER_HZ ticks, 100 a second); `None` elsewhere or when it is gone.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: f64 = fields.next()?.parse().ok()?;
+    let system: f64 = fields.next()?.parse().ok()?;
+    Some((user + system) / 100.0)
+}
+
+/// CPU used by this process and the server since `start`, per device of a phase.
+struct CpuMeter {
+    server_pid: Option<String>,
+    own: Option<f64>,
+    server: Option<f64>,
+}
+
+impl CpuMeter {
+    fn start(server_pid: Option<u32>) -> Self {
+        let server_pid = server_pid.map(|p| p.to_string());
+        let server = server_pid.as_deref().and_then(cpu_seconds);
+        Self { own: cpu_seconds("self"), server, server_pid }
+    }
+
+    /// Milliseconds of CPU per device since `start`: (this process, the server).
+    fn per_device(&self, devices: u64) -> (Option<f64>, Option<f64>) {
+        let per =
+            |before: Option<f64>, now: Option<f64>| Some((now? - before?) * 1000.0 / devices.max(1) as f64);
+        let server = self.server_pid.as_deref().and_then(cpu_seconds);
+        (per(self.own, cpu_seconds("self")), per(self.server, server))
+    }
 }
 
 /// Where to send load and how to authenticate.
@@ -101,6 +140,8 @@ struct Phase {
     first_error: Option<String>,
     elapsed: Duration,
     latency_us: Histogram<u64>,
+    /// Milliseconds of CPU per device: this process, the server (see [`CpuMeter`]).
+    cpu_ms: (Option<f64>, Option<f64>),
 }
 
 impl Phase {
@@ -122,6 +163,18 @@ impl Phase {
         if let Some(e) = &self.first_error {
             println!("{name:<10} first error: {e}");
         }
+        match self.cpu_ms {
+            (Some(own), Some(server)) => {
+                println!("{name:<10} cpu per device: load generator {own:.3} ms, server {server:.3} ms")
+            }
+            (Some(own), None) => println!("{name:<10} cpu per device: this process {own:.3} ms"),
+            _ => {}
+        }
+    }
+
+    /// CPU of both processes per device, when both were measured.
+    fn cpu_total_ms(&self) -> Option<f64> {
+        Some(self.cpu_ms.0? + self.cpu_ms.1?)
     }
 }
 
@@ -150,6 +203,7 @@ where
         first_error: None,
         elapsed: Duration::ZERO,
         latency_us: Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds"),
+        cpu_ms: (None, None),
     };
     while let Some(done) = tasks.join_next().await {
         match done.expect("task panicked") {
@@ -443,11 +497,15 @@ async fn main() {
     let connect = if args.skip_connect {
         None
     } else {
-        let p = connect_phase(&target, &args).await;
+        let meter = CpuMeter::start(args.server_pid);
+        let mut p = connect_phase(&target, &args).await;
+        p.cpu_ms = meter.per_device(p.ok + p.failed);
         p.report("connect");
         Some(p)
     };
-    let register = register_phase(&target, &args).await;
+    let meter = CpuMeter::start(args.server_pid);
+    let mut register = register_phase(&target, &args).await;
+    register.cpu_ms = meter.per_device(register.ok + register.failed);
     register.report("register");
     if let Some(c) = connect {
         println!(
@@ -456,6 +514,11 @@ async fn main() {
             c.rate(),
             register.rate() / c.rate()
         );
+        // Both processes share the machine's cores: when they are the limit, the ratio tends to
+        // what a connect costs both over what a registration costs both.
+        if let (Some(c), Some(r)) = (c.cpu_total_ms(), register.cpu_total_ms()) {
+            println!("ratio by CPU per device (both processes) = {c:.3} ms : {r:.3} ms = {:.3}", c / r);
+        }
     }
 }
 

@@ -135,7 +135,7 @@ fn device_exists(conn: &Connection, hub: &str, id: &str) -> Result<bool, StoreEr
 
 impl IdentityStore for SqliteStore {
     fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
-        self.read(|c| {
+        self.read_one(|c| {
             one_doc(c, "SELECT doc FROM devices WHERE id = ?1 AND hub = ?2", &[&id.as_str(), &&*self.hub])
         })
     }
@@ -362,7 +362,7 @@ fn stored_twins(
 impl TwinStore for SqliteStore {
     fn twin(&self, key: &TwinKey) -> Result<Option<TwinDocument>, StoreError> {
         let module = codec::twin_module_column(key);
-        self.read(|c| {
+        self.read_one(|c| {
             one_doc(
                 c,
                 "SELECT doc FROM twins WHERE device_id = ?1 AND module_id = ?2 AND hub = ?3",

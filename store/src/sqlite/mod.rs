@@ -8,8 +8,8 @@ mod hub;
 mod provisioning;
 mod query;
 
-use std::cell::Cell;
-use std::collections::VecDeque;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, ReentrantMutex};
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use zerotouch_engine::store::OperationRecord;
 use zerotouch_engine::StoreError;
+use zerotouch_proto::Timestamp;
 
 /// Schema migrations: entry `i` brings a database from `user_version` `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -273,6 +275,50 @@ struct Inner {
     /// filled from committed state (never from inside a unit, whose writes may roll back), so
     /// an equal counter means equal groups.
     symmetric_groups: parking_lot::Mutex<Option<(i64, SharedGroups)>>,
+    /// Operations this process committed lately: a device polls its operation a few seconds
+    /// after its register wrote it, and answering from here saves the read and the decoding.
+    operations: parking_lot::Mutex<OperationCache>,
+}
+
+/// Operations kept in memory at most (a few seconds of registrations at full speed; about a
+/// kilobyte each).
+const OPERATIONS_CACHED: usize = 16_384;
+
+/// Recently committed operations by id, oldest evicted first. Only committed state enters it
+/// (see [`Writer::staged`]), and an operation row is only ever written by the process that
+/// created its random id, so an entry is the row as stored until it is purged.
+#[derive(Default)]
+struct OperationCache {
+    by_id: HashMap<String, (u64, Arc<OperationRecord>)>,
+    /// Ids in insertion order, with the insertion number that keeps a rewritten id's newer entry.
+    order: VecDeque<(String, u64)>,
+    inserted: u64,
+}
+
+impl OperationCache {
+    fn get(&self, id: &str) -> Option<Arc<OperationRecord>> {
+        self.by_id.get(id).map(|(_, op)| Arc::clone(op))
+    }
+
+    fn insert(&mut self, op: OperationRecord) {
+        self.inserted += 1;
+        let id = op.operation_id.as_str().to_owned();
+        self.order.push_back((id.clone(), self.inserted));
+        self.by_id.insert(id, (self.inserted, Arc::new(op)));
+        while self.by_id.len() > OPERATIONS_CACHED || self.order.len() > 2 * OPERATIONS_CACHED {
+            let Some((old, n)) = self.order.pop_front() else { break };
+            if self.by_id.get(&old).is_some_and(|(m, _)| *m == n) {
+                self.by_id.remove(&old);
+            }
+        }
+    }
+
+    /// Forgets the operations created before `cutoff` (as the purge deleted their rows).
+    fn purge(&mut self, cutoff: Timestamp) {
+        self.by_id.retain(|_, (_, op)| op.created >= cutoff);
+        let by_id = &self.by_id;
+        self.order.retain(|(id, n)| by_id.get(id).is_some_and(|(m, _)| m == n));
+    }
 }
 
 /// The writer connection and the state of the transaction open on it. Only the thread holding
@@ -290,6 +336,10 @@ struct Writer {
     /// Whether units wait to be committed together (file databases; an in-memory database has
     /// no readers, so an open batch would block every read).
     batching: bool,
+    /// Operations written by the open batch's units, in order: they enter the
+    /// [`OperationCache`] when the batch commits, and leave this list when their unit (or
+    /// savepoint) is rolled back or the batch fails.
+    staged: RefCell<Vec<OperationRecord>>,
 }
 
 /// What the committers tell the units waiting for their batch.
@@ -385,6 +435,7 @@ impl SqliteStore {
             units: Cell::new(0),
             poisoned: Cell::new(false),
             batching: !readers.is_empty(),
+            staged: RefCell::new(Vec::new()),
         };
         Self {
             inner: Arc::new(Inner {
@@ -395,6 +446,7 @@ impl SqliteStore {
                 readers,
                 next_reader: AtomicUsize::new(0),
                 symmetric_groups: parking_lot::Mutex::new(None),
+                operations: parking_lot::Mutex::new(OperationCache::default()),
             }),
             hub: Arc::from(""),
         }
@@ -529,6 +581,13 @@ impl SqliteStore {
             let _ = exec(&writer.conn, "ROLLBACK");
         }
         writer.open.set(false);
+        let staged = std::mem::take(&mut *writer.staged.borrow_mut());
+        if outcome.is_ok() && !staged.is_empty() {
+            let mut cache = self.inner.operations.lock();
+            for op in staged {
+                cache.insert(op);
+            }
+        }
         let mut commits = self.inner.commits.lock();
         commits.done = batch;
         if let Err(why) = outcome {
@@ -559,6 +618,26 @@ impl SqliteStore {
         }
     }
 
+    /// Stages `op`, just written by a unit of this thread, for the operation cache: it enters the
+    /// cache once its batch commits.
+    fn stage_operation(&self, op: OperationRecord) {
+        let writer = self.inner.writer.lock();
+        writer.staged.borrow_mut().push(op);
+    }
+
+    /// Forgets cached and staged operations created before `cutoff`; called by the purge,
+    /// inside its unit.
+    fn forget_operations(&self, cutoff: Timestamp) {
+        let writer = self.inner.writer.lock();
+        writer.staged.borrow_mut().retain(|op| op.created >= cutoff);
+        self.inner.operations.lock().purge(cutoff);
+    }
+
+    /// A committed operation this process wrote lately, if the cache still has it.
+    fn cached_operation(&self, id: &str) -> Option<Arc<OperationRecord>> {
+        self.inner.operations.lock().get(id)
+    }
+
     /// Runs `f` as one unit of writes (see [`SqliteStore::unit`]).
     fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         self.unit(f)
@@ -577,6 +656,23 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection, bool) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.read_on(true, f)
+    }
+
+    /// [`SqliteStore::read`] for an `f` that runs exactly one statement: that statement's own
+    /// implicit transaction is its snapshot, which saves a `BEGIN` and a `COMMIT` (the
+    /// authentication of every request reads this way).
+    fn read_one<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.read_on(false, |c, _| f(c))
+    }
+
+    /// Runs `f` as [`SqliteStore::read_tracked`] says, in an explicit read transaction when
+    /// `transaction`.
+    fn read_on<T>(
+        &self,
+        transaction: bool,
+        f: impl FnOnce(&Connection, bool) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let inner = &*self.inner;
         if inner.writer.is_owned_by_current_thread() {
             let writer = inner.writer.lock();
@@ -584,11 +680,14 @@ impl SqliteStore {
                 return f(&writer.conn, true);
             }
         }
-        let f = |c: &Connection| f(c, false);
         let readers = &inner.readers;
         if readers.is_empty() {
             let writer = inner.writer.lock();
-            return read_transaction(&writer.conn, f);
+            return if transaction {
+                read_transaction(&writer.conn, |c| f(c, false))
+            } else {
+                f(&writer.conn, false)
+            };
         }
         let start = inner.next_reader.fetch_add(1, Ordering::Relaxed);
         let conn = match (0..readers.len()).find_map(|i| readers[(start + i) % readers.len()].try_lock().ok())
@@ -596,7 +695,11 @@ impl SqliteStore {
             Some(conn) => conn,
             None => lock(&readers[start % readers.len()])?,
         };
-        read_transaction(&conn, f)
+        if transaction {
+            read_transaction(&conn, |c| f(c, false))
+        } else {
+            f(&conn, false)
+        }
     }
 }
 
@@ -653,10 +756,12 @@ fn savepoint<T, E: From<StoreError>>(
     f: impl FnOnce(&Connection) -> Result<T, E>,
 ) -> Result<T, E> {
     exec(&writer.conn, "SAVEPOINT unit")?;
+    let staged_before = writer.staged.borrow().len();
     let out = f(&writer.conn);
     let end = if out.is_ok() {
         exec(&writer.conn, "RELEASE unit")
     } else {
+        writer.staged.borrow_mut().truncate(staged_before);
         exec(&writer.conn, "ROLLBACK TO unit").and_then(|()| exec(&writer.conn, "RELEASE unit"))
     };
     if let Err(e) = end {

@@ -77,7 +77,7 @@ pub(super) fn page_by_key<T: DeserializeOwned>(
 
 impl EnrollmentStore for SqliteStore {
     fn enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, StoreError> {
-        self.read(|c| one_doc(c, "SELECT doc FROM enrollments WHERE key = ?1", &[&id.key()]))
+        self.read_one(|c| one_doc(c, "SELECT doc FROM enrollments WHERE key = ?1", &[&id.key()]))
     }
 
     fn put_enrollment(
@@ -120,7 +120,7 @@ impl EnrollmentStore for SqliteStore {
 
 impl EnrollmentGroupStore for SqliteStore {
     fn enrollment_group(&self, id: &EnrollmentGroupId) -> Result<Option<EnrollmentGroup>, StoreError> {
-        self.read(|c| one_doc(c, "SELECT doc FROM enrollment_groups WHERE key = ?1", &[&id.key()]))
+        self.read_one(|c| one_doc(c, "SELECT doc FROM enrollment_groups WHERE key = ?1", &[&id.key()]))
     }
 
     fn put_enrollment_group(&self, group: &EnrollmentGroup, pre: &Precondition) -> Result<(), StoreError> {
@@ -231,7 +231,7 @@ impl EnrollmentGroupStore for SqliteStore {
 
 impl CaCertificateStore for SqliteStore {
     fn ca_certificate(&self, name: &str) -> Result<Option<CaCertificate>, StoreError> {
-        self.read(|c| one_doc(c, "SELECT doc FROM ca_certificates WHERE name = ?1", &[&name]))
+        self.read_one(|c| one_doc(c, "SELECT doc FROM ca_certificates WHERE name = ?1", &[&name]))
     }
 
     fn put_ca_certificate(&self, cert: &CaCertificate, pre: &Precondition) -> Result<(), StoreError> {
@@ -279,7 +279,7 @@ fn insert_operation(conn: &Connection, operation: &OperationRecord) -> Result<()
 
 impl RegistrationStore for SqliteStore {
     fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationRecord>, StoreError> {
-        self.read(|c| one_doc(c, "SELECT doc FROM registrations WHERE key = ?1", &[&id.key()]))
+        self.read_one(|c| one_doc(c, "SELECT doc FROM registrations WHERE key = ?1", &[&id.key()]))
     }
 
     fn commit_registration(
@@ -305,7 +305,9 @@ impl RegistrationStore for SqliteStore {
             .db()?
             .execute(params![key, etag, group, doc])
             .db()?;
-            insert_operation(tx, &operation)
+            insert_operation(tx, &operation)?;
+            self.stage_operation(operation);
+            Ok(())
         })
     }
 
@@ -336,15 +338,27 @@ impl RegistrationStore for SqliteStore {
     }
 
     fn put_operation(&self, operation: &OperationRecord) -> Result<(), StoreError> {
-        self.write(|tx| insert_operation(tx, operation))
+        self.write(|tx| {
+            insert_operation(tx, operation)?;
+            self.stage_operation(operation.clone());
+            Ok(())
+        })
     }
 
+    /// Operations this process committed lately come from memory (outside a unit of this
+    /// thread, whose own writes are not committed yet).
     fn operation(&self, id: &OperationId) -> Result<Option<OperationRecord>, StoreError> {
-        self.read(|c| one_doc(c, "SELECT doc FROM operations WHERE id = ?1", &[&id.as_str()]))
+        if !self.inner.writer.is_owned_by_current_thread() {
+            if let Some(op) = self.cached_operation(id.as_str()) {
+                return Ok(Some((*op).clone()));
+            }
+        }
+        self.read_one(|c| one_doc(c, "SELECT doc FROM operations WHERE id = ?1", &[&id.as_str()]))
     }
 
     fn purge_operations(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
         self.write(|tx| {
+            self.forget_operations(cutoff);
             tx.execute("DELETE FROM operations WHERE created < ?1", [codec::time_column(cutoff)]).db()
         })
     }

@@ -121,15 +121,14 @@ async fn device_api(conn: &Connection, req: Request<Incoming>) -> Reply {
         return engine_reply(&throttled(conn.limits.throttle_retry_after_secs));
     };
     let service = Arc::clone(&conn.service);
-    let answered = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        match call {
+    let answered = conn
+        .limits
+        .run_engine(permit, move || match call {
             EngineCall::Register(r) => service.register(now(), r),
             EngineCall::OperationStatus(r) => service.operation_status(now(), r),
             EngineCall::StatusLookup(r) => service.status_lookup(now(), r),
-        }
-    })
-    .await;
+        })
+        .await;
     match answered {
         Ok(response) => engine_reply(&response),
         Err(e) => {

@@ -1,5 +1,7 @@
 //! One device connection: CONNECT, then SUBSCRIBE / PUBLISH / PINGREQ until DISCONNECT or a limit cuts it.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ use rumqttc::mqttbytes::v4::{
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::JoinError;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::provisioner::{OperationStatusRequest, RegisterRequest, Response, StatusLookupRequest};
@@ -23,6 +25,9 @@ use crate::service::{endpoint_error, now, throttled, DpsService};
 
 /// Why the server closed a connection without a DISCONNECT from the client.
 type Cut = String;
+
+/// A request of the connection being answered by the engine: its `rid` and the reply.
+type InFlight = Pin<Box<dyn Future<Output = Result<(String, Response), JoinError>> + Send>>;
 
 /// What CONNECT established.
 struct Session {
@@ -188,7 +193,7 @@ where
 
     let idle = limits.idle_timeout_for(session.keep_alive);
     let mut idle_deadline = Instant::now() + idle;
-    let mut in_flight: FuturesUnordered<JoinHandle<(String, Response)>> = FuturesUnordered::new();
+    let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     // Replies go out even before (or without) a SUBSCRIBE: Python never re-subscribes after a
     // reconnect (spec §2.4), so the requesting connection is where the answer belongs.
     let mut reply_qos = QoS::AtLeastOnce;
@@ -304,12 +309,10 @@ async fn authenticate(
             registration_id: registration_id.clone(),
             credential: credential.clone(),
         };
-        let accepted = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            service.accepts_credential(now(), req)
-        })
-        .await
-        .map_err(|_| ConnectReturnCode::ServiceUnavailable)?;
+        let accepted = limits
+            .run_engine(permit, move || service.accepts_credential(now(), req))
+            .await
+            .map_err(|_| ConnectReturnCode::ServiceUnavailable)?;
         if !accepted {
             return Err(ConnectReturnCode::NotAuthorized);
         }
@@ -325,7 +328,7 @@ fn on_publish<IO>(
     session: &Session,
     service: &Arc<dyn DpsService>,
     limits: &Limits,
-    in_flight: &mut FuturesUnordered<JoinHandle<(String, Response)>>,
+    in_flight: &mut FuturesUnordered<InFlight>,
 ) -> Result<Option<(String, Response)>, Cut>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
@@ -362,10 +365,10 @@ where
                 }
             };
             let req = RegisterRequest { id_scope, registration_id, body, credential };
-            tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                (rid, service.register(now(), req))
-            })
+            let limits = limits.clone();
+            Box::pin(
+                async move { limits.run_engine(permit, move || (rid, service.register(now(), req))).await },
+            ) as InFlight
         }
         DeviceRequest::PollStatus { operation_id, .. } => {
             let req = OperationStatusRequest {
@@ -374,10 +377,10 @@ where
                 operation_id: operation_id.to_string(),
                 credential,
             };
-            tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                (rid, service.operation_status(now(), req))
-            })
+            let limits = limits.clone();
+            Box::pin(async move {
+                limits.run_engine(permit, move || (rid, service.operation_status(now(), req))).await
+            }) as InFlight
         }
     };
     in_flight.push(task);
