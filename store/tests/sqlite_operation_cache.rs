@@ -3,6 +3,8 @@
 //! is committed (never a rolled-back write, never a purged row).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
+
 use zerotouch_engine::store::{OperationRecord, Precondition, RegistrationRecord, RegistrationStore};
 use zerotouch_engine::Error;
 use zerotouch_proto::device::{DeviceRegistrationResult, RegistrationOperationStatus, RegistrationStatus};
@@ -48,7 +50,8 @@ fn operation(
                 status: Some(status),
                 ..DeviceRegistrationResult::default()
             }),
-        },
+        }
+        .into(),
     }
 }
 
@@ -65,7 +68,11 @@ fn a_poll_finds_the_committed_operation_and_never_a_rolled_back_one() {
     // A registration whose unit fails after writing its record and operation leaves neither.
     let failed = server.atomically(&mut || {
         let op = operation("op-rolled-back", "dev-1", RegistrationStatus::Assigned, at(0));
-        server.commit_registration(record("dev-1", "e1"), &Precondition::MustNotExist, op.clone())?;
+        server.commit_registration(
+            Arc::new(record("dev-1", "e1")),
+            &Precondition::MustNotExist,
+            op.clone(),
+        )?;
         // Inside the unit its own write is visible...
         assert_eq!(polled(&server, "op-rolled-back"), Some(op));
         Err(Error::BadRequest("give up".into()))
@@ -77,18 +84,24 @@ fn a_poll_finds_the_committed_operation_and_never_a_rolled_back_one() {
 
     // The same registration committed: the poll answers what the file holds.
     let op = operation("op-1", "dev-1", RegistrationStatus::Assigned, at(0));
-    server.commit_registration(record("dev-1", "e1"), &Precondition::MustNotExist, op.clone()).unwrap();
+    server
+        .commit_registration(Arc::new(record("dev-1", "e1")), &Precondition::MustNotExist, op.clone())
+        .unwrap();
     assert_eq!(polled(&server, "op-1"), Some(op.clone()));
     assert_eq!(polled(&SqliteStore::open(&path).unwrap(), "op-1"), Some(op));
 
     // A move writes its operation twice (assigning, then assigned): the last write is served.
     let assigning = operation("op-2", "dev-1", RegistrationStatus::Assigning, at(1));
     server
-        .commit_registration(record("dev-1", "e2"), &Precondition::Matches("e1".into()), assigning)
+        .commit_registration(Arc::new(record("dev-1", "e2")), &Precondition::Matches("e1".into()), assigning)
         .unwrap();
     let assigned = operation("op-2", "dev-1", RegistrationStatus::Assigned, at(1));
     server
-        .commit_registration(record("dev-1", "e3"), &Precondition::Matches("e2".into()), assigned.clone())
+        .commit_registration(
+            Arc::new(record("dev-1", "e3")),
+            &Precondition::Matches("e2".into()),
+            assigned.clone(),
+        )
         .unwrap();
     assert_eq!(polled(&server, "op-2"), Some(assigned));
 
@@ -99,7 +112,7 @@ fn a_poll_finds_the_committed_operation_and_never_a_rolled_back_one() {
     assert_eq!(polled(&server, "op-3"), Some(failure));
     let stale = operation("op-4", "dev-1", RegistrationStatus::Assigned, at(3));
     assert!(server
-        .commit_registration(record("dev-1", "e4"), &Precondition::Matches("e1".into()), stale)
+        .commit_registration(Arc::new(record("dev-1", "e4")), &Precondition::Matches("e1".into()), stale)
         .is_err());
     assert_eq!(polled(&server, "op-4"), None);
 }
