@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 use zerotouch_proto::hub::{
-    AuthenticationMechanism, BulkRegistryOperationResult, Device, ExportImportDevice, ExportImportProperties,
-    HubErrorCode, Module,
+    AuthenticationMechanism, AuthenticationType, BulkRegistryOperationResult, Device, DeviceCapabilities,
+    ExportImportDevice, ExportImportProperties, HubErrorCode, Module, SymmetricKey, X509Thumbprint,
 };
 use zerotouch_proto::jobs::{JobRequest, JobResponse, TwinUpdate};
 use zerotouch_proto::service::InitialTwin;
@@ -429,22 +429,30 @@ impl<I: IdentityStore, T: TwinStore> TwinPatcher for HubCore<I, T> {
 }
 
 /// The credentials of a provisioned identity as a registry `authentication` block.
-fn auth_mechanism(auth: &DeviceAuth) -> Result<AuthenticationMechanism, Error> {
-    let value = match auth {
-        DeviceAuth::SymmetricKey { primary_key, secondary_key } => json!({
-            "type": "sas",
-            "symmetricKey": { "primaryKey": primary_key, "secondaryKey": secondary_key },
-        }),
-        DeviceAuth::SelfSigned { primary_thumbprint, secondary_thumbprint } => json!({
-            "type": "selfSigned",
-            "x509Thumbprint": {
-                "primaryThumbprint": primary_thumbprint,
-                "secondaryThumbprint": secondary_thumbprint,
+fn auth_mechanism(auth: &DeviceAuth) -> AuthenticationMechanism {
+    match auth {
+        DeviceAuth::SymmetricKey { primary_key, secondary_key } => AuthenticationMechanism {
+            symmetric_key: SymmetricKey {
+                primary_key: Some(primary_key.clone()),
+                secondary_key: Some(secondary_key.clone()),
             },
-        }),
-        DeviceAuth::CertificateAuthority => json!({ "type": "certificateAuthority" }),
-    };
-    serde_json::from_value(value).map_err(|e| Error::BadRequest(e.to_string()))
+            x509_thumbprint: X509Thumbprint::default(),
+            kind: AuthenticationType::Sas,
+        },
+        DeviceAuth::SelfSigned { primary_thumbprint, secondary_thumbprint } => AuthenticationMechanism {
+            symmetric_key: SymmetricKey::default(),
+            x509_thumbprint: X509Thumbprint {
+                primary_thumbprint: Some(primary_thumbprint.clone()),
+                secondary_thumbprint: Some(secondary_thumbprint.clone()),
+            },
+            kind: AuthenticationType::SelfSigned,
+        },
+        DeviceAuth::CertificateAuthority => AuthenticationMechanism {
+            symmetric_key: SymmetricKey::default(),
+            x509_thumbprint: X509Thumbprint::default(),
+            kind: AuthenticationType::CertificateAuthority,
+        },
+    }
 }
 
 fn hub_err(error: &Error) -> HubError {
@@ -766,8 +774,8 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
 
     fn provision(&self, device: &ProvisionedDevice, setup: &TwinSetup, now: Timestamp) -> Result<(), Error> {
         self.touched();
-        let authentication = auth_mechanism(&device.auth)?;
-        let capabilities = json!({ "iotEdge": device.iot_edge });
+        let authentication = auth_mechanism(&device.auth);
+        let capabilities = DeviceCapabilities { iot_edge: device.iot_edge };
         let existing = match self.core.registry.device(&device.device_id) {
             Ok(d) => Some(d),
             Err(Error::Hub { code, .. }) if code == HubErrorCode::DeviceNotFound.code() => None,
@@ -778,23 +786,35 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
                 let initial = match setup {
                     TwinSetup::KeepOrInitial(t) | TwinSetup::Reset(t) => t,
                 };
-                let body: Device = serde_json::from_value(json!({
-                    "deviceId": device.device_id,
-                    "status": "enabled",
-                    "capabilities": capabilities,
-                }))
-                .map_err(|e| Error::BadRequest(e.to_string()))?;
-                let body = Device { authentication: Some(authentication), ..body };
+                let body = Device {
+                    authentication: Some(authentication),
+                    capabilities: Some(capabilities),
+                    ..Device::new(device.device_id.clone())
+                };
                 let doc = TwinDocument::from_initial_twin(now, initial)?;
                 let applied = self.core.registry.create_device(body, now)?;
-                put_new_twin(&self.core.twins, &TwinKey::device(device.device_id.clone()), &doc)?;
-                self.queue(self.core.settle(applied.events, now)?);
+                let key = TwinKey::device(device.device_id.clone());
+                match self.core.twins.put_twin(&key, &doc, &Precondition::MustNotExist) {
+                    // The events carry the twin just written and the identity as created: no
+                    // reading either back (what `settle` does for twins it did not write).
+                    Ok(()) => {
+                        let twin = device_twin_value(&applied.value, &doc)?;
+                        self.queue(applied.events.into_iter().map(|e| e.with_twin(twin.clone())).collect());
+                    }
+                    Err(StoreError::AlreadyExists) => self.queue(self.core.settle(applied.events, now)?),
+                    Err(e) => return Err(e.into()),
+                }
             }
             Some(mut body) => {
-                body.authentication = Some(authentication);
-                body.capabilities =
-                    Some(serde_json::from_value(capabilities).map_err(|e| Error::BadRequest(e.to_string()))?);
-                self.core.registry.update_device(body, &IfMatch::Any, now)?;
+                // A device registering again usually brings the credentials it has: then the
+                // identity is left as it is (no write, no new etag).
+                let unchanged = body.authentication.as_ref() == Some(&authentication)
+                    && body.capabilities == Some(capabilities);
+                if !unchanged {
+                    body.authentication = Some(authentication);
+                    body.capabilities = Some(capabilities);
+                    self.core.registry.update_device(body, &IfMatch::Any, now)?;
+                }
                 let key = TwinKey::device(device.device_id.clone());
                 match setup {
                     TwinSetup::KeepOrInitial(initial) => {
@@ -838,7 +858,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
             "capabilities": { "iotEdge": device.iot_edge },
         }))
         .map_err(|e| Error::BadRequest(e.to_string()))?;
-        let body = Device { authentication: Some(auth_mechanism(&device.auth)?), ..body };
+        let body = Device { authentication: Some(auth_mechanism(&device.auth)), ..body };
         if self.core.registry.device(&device.device_id).is_ok() {
             self.queue(self.delete_device(&device.device_id, &IfMatch::Any, now)?.events);
         }

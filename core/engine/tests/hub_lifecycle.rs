@@ -397,3 +397,37 @@ fn queries_between_writes_see_every_write_made_through_the_hub() {
     let disabled = query(&hub, "SELECT deviceId FROM devices WHERE status = 'disabled'");
     assert_eq!(disabled, vec![json!({ "deviceId": "q-2" })]);
 }
+
+#[test]
+fn a_device_provisioned_again_with_its_keys_keeps_its_identity_and_new_keys_replace_them() {
+    let mut hub = EmbeddedHub::in_memory(PLANT, Arc::new(RingCrypto::new())).unwrap();
+    let provision = |device: ProvisionedDevice| HubAction::Provision {
+        hub: PLANT.into(),
+        device,
+        twin: TwinSetup::KeepOrInitial(initial(json!({ "line": 1 }), json!({}))),
+    };
+    hub.apply(&provision(sas_device("lathe"))).unwrap();
+    let created = hub.registry().device(&id("lathe")).unwrap();
+    // The create event carries the twin as written and the identity as created.
+    let events = hub.take_lifecycle_events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].op_type, LifecycleOperation::CreateDeviceIdentity);
+    assert_eq!(events[0].body["tags"], json!({ "line": 1 }));
+    assert_eq!(events[0].body["deviceEtag"], json!(created.etag.as_ref().unwrap().as_str()));
+
+    hub.apply(&provision(sas_device("lathe"))).unwrap();
+    assert_eq!(hub.registry().device(&id("lathe")).unwrap(), created, "same keys: the identity is untouched");
+
+    let mut rotated = sas_device("lathe");
+    rotated.auth = DeviceAuth::SymmetricKey {
+        primary_key: STANDARD.encode([1u8; 32]),
+        secondary_key: STANDARD.encode([2u8; 32]),
+    };
+    hub.apply(&provision(rotated)).unwrap();
+    let updated = hub.registry().device(&id("lathe")).unwrap();
+    assert_ne!(updated.etag, created.etag);
+    let keys = updated.authentication.unwrap().symmetric_key;
+    assert_eq!(keys.primary_key, Some(STANDARD.encode([1u8; 32])));
+    assert_eq!(keys.secondary_key, Some(STANDARD.encode([2u8; 32])));
+    assert!(hub.take_lifecycle_events().is_empty(), "updates are not lifecycle events");
+}
