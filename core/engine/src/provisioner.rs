@@ -246,6 +246,15 @@ struct Plan {
     payload: Option<Value>,
 }
 
+/// What every step of one registration round works under: its time, the device and the
+/// operation it answers.
+#[derive(Clone, Copy)]
+struct Round<'a> {
+    now: Timestamp,
+    id: &'a RegistrationId,
+    operation_id: &'a OperationId,
+}
+
 impl Plan {
     /// The credentials the plan gives the device, taken back out of its hub action.
     fn take_auth(&mut self) -> Option<DeviceAuth> {
@@ -579,7 +588,8 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // hands them back for the next one (below).
         let auth = std::mem::replace(&mut attested.auth, DeviceAuth::CertificateAuthority);
         let mut plan = self.plan(id, attested, auth, payload, previous)?;
-        let result = self.carry_out(now, id, attested, operation_id, &plan, previous, hub);
+        let round = Round { now, id, operation_id };
+        let result = self.carry_out(round, attested, &plan, previous, hub);
         if result.is_err() {
             if let Some(auth) = plan.take_auth() {
                 attested.auth = auth;
@@ -590,17 +600,15 @@ impl<S: ProvisioningStore> Provisioner<S> {
 
     /// Makes `plan` happen: the move made visible first when there is one, then the hub actions
     /// and the final record as one unit.
-    #[allow(clippy::too_many_arguments)]
     fn carry_out(
         &self,
-        now: Timestamp,
-        id: &RegistrationId,
+        round: Round<'_>,
         attested: &Attested,
-        operation_id: &OperationId,
         plan: &Plan,
         previous: Option<&RegistrationRecord>,
         hub: &mut dyn HubRegistry,
     ) -> Result<(), Error> {
+        let Round { now, id, operation_id } = round;
         let mut pre = match previous.map(|r| r.etag_bare().unwrap_or_default()) {
             Some(etag) => Precondition::Matches(etag.to_owned()),
             None => Precondition::MustNotExist,
@@ -655,23 +663,21 @@ impl<S: ProvisioningStore> Provisioner<S> {
                     Error::Hub { code: e.code, message: e.message }
                 }
             })?;
-            self.commit_assigned(now, id, attested, operation_id, plan, created, initial_hub, &pre)
+            self.commit_assigned(round, attested, plan, created, initial_hub, &pre)
         })
     }
 
     /// Writes the final `assigned` record and its operation.
-    #[allow(clippy::too_many_arguments)]
     fn commit_assigned(
         &self,
-        now: Timestamp,
-        id: &RegistrationId,
+        round: Round<'_>,
         attested: &Attested,
-        operation_id: &OperationId,
         plan: &Plan,
         created: Timestamp,
         initial_hub: &str,
         pre: &Precondition,
     ) -> Result<(), Error> {
+        let Round { now, id, operation_id } = round;
         let record = RegistrationRecord {
             registration_id: id.clone(),
             state: DeviceRegistrationState {

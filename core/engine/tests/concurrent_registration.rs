@@ -45,7 +45,7 @@ impl HubRegistry for RacingHub {
             let op = OperationRecord {
                 operation_id: OperationId::new("1.0000000000000000.other").unwrap(),
                 registration_id: id.clone(),
-                created: Timestamp::from_unix_secs(1_767_225_600),
+                created: Timestamp::from_unix_secs(NOW),
                 status: RegistrationOperationStatus {
                     operation_id: "1.0000000000000000.other".into(),
                     status: RegistrationStatus::Assigned,
@@ -59,32 +59,42 @@ impl HubRegistry for RacingHub {
     }
 }
 
-#[test]
-fn a_registration_that_loses_a_race_to_another_instance_is_decided_again_with_the_device_keys() {
-    let crypto = RingCrypto::new();
-    let now = Timestamp::from_unix_secs(1_767_225_600);
-    let store = Arc::new(MemoryStore::new());
+const NOW: i64 = 1_767_225_600;
+
+/// A provisioner over `store` with one linked hub and one symmetric-key group, and the group's
+/// primary and secondary keys.
+fn provisioner_with_group(
+    store: Arc<MemoryStore>,
+    group: &str,
+) -> (Provisioner<Arc<MemoryStore>>, [Vec<u8>; 2]) {
     let provisioner = Provisioner::new(
         ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
-        Arc::clone(&store),
+        store,
         Arc::new(RingCrypto::new()),
         Allocator::new(vec![LinkedHub::new(HUB)]),
     );
     let group = enrollments::put_enrollment_group(
         provisioner.store(),
-        &crypto,
-        now,
-        EnrollmentGroup::new(
-            EnrollmentGroupId::new("line-1").unwrap(),
-            AttestationMechanism::symmetric_key(),
-        ),
+        &RingCrypto::new(),
+        Timestamp::from_unix_secs(NOW),
+        EnrollmentGroup::new(EnrollmentGroupId::new(group).unwrap(), AttestationMechanism::symmetric_key()),
         &IfMatch::Absent,
     )
     .unwrap();
     let keys = group.attestation.symmetric_key.unwrap();
-    let primary = derive_device_key(&crypto, &STANDARD.decode(keys.primary_key.unwrap()).unwrap(), "dev-1");
-    let secondary =
-        derive_device_key(&crypto, &STANDARD.decode(keys.secondary_key.unwrap()).unwrap(), "dev-1");
+    let decode = |key: Option<String>| STANDARD.decode(key.unwrap()).unwrap();
+    (provisioner, [decode(keys.primary_key), decode(keys.secondary_key)])
+}
+
+#[test]
+fn a_registration_that_loses_a_race_to_another_instance_is_decided_again_with_the_device_keys() {
+    let crypto = RingCrypto::new();
+    let now = Timestamp::from_unix_secs(NOW);
+    let store = Arc::new(MemoryStore::new());
+    let (provisioner, [group_primary, group_secondary]) =
+        provisioner_with_group(Arc::clone(&store), "line-1");
+    let primary = derive_device_key(&crypto, &group_primary, "dev-1");
+    let secondary = derive_device_key(&crypto, &group_secondary, "dev-1");
     let token = registration_token(&crypto, &primary, SCOPE, "dev-1", now.unix_secs() + 3600).to_string();
     let register = |hub: &mut dyn HubRegistry| {
         provisioner.handle_register(
@@ -163,25 +173,8 @@ impl HubRegistry for ConflictOnceHub {
 #[test]
 fn a_hub_conflict_during_registration_is_retried_instead_of_failing_the_device() {
     let crypto = RingCrypto::new();
-    let now = Timestamp::from_unix_secs(1_767_225_600);
-    let provisioner = Provisioner::new(
-        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
-        MemoryStore::new(),
-        Arc::new(RingCrypto::new()),
-        Allocator::new(vec![LinkedHub::new(HUB)]),
-    );
-    let group = enrollments::put_enrollment_group(
-        provisioner.store(),
-        &crypto,
-        now,
-        EnrollmentGroup::new(
-            EnrollmentGroupId::new("line-2").unwrap(),
-            AttestationMechanism::symmetric_key(),
-        ),
-        &IfMatch::Absent,
-    )
-    .unwrap();
-    let key = STANDARD.decode(group.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap();
+    let now = Timestamp::from_unix_secs(NOW);
+    let (provisioner, [key, _]) = provisioner_with_group(Arc::new(MemoryStore::new()), "line-2");
     let token = registration_token(
         &crypto,
         &derive_device_key(&crypto, &key, "dev-7"),
