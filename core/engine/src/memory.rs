@@ -2,7 +2,7 @@
 //! are checked against, and the store of embedded and test deployments.
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use zerotouch_proto::service::{EnrollmentGroup, IndividualEnrollment};
@@ -26,8 +26,34 @@ struct Tables {
     registrations: BTreeMap<String, Arc<RegistrationRecord>>,
     /// Looked up by id and swept by age, never listed in order. The ids are random and made
     /// here, not chosen by clients, so a fast hash needs no flooding resistance.
-    operations: HashMap<String, OperationRecord, foldhash::fast::RandomState>,
+    operations: HashSet<StoredOperation, foldhash::fast::RandomState>,
 }
+
+/// An operation in the operations table, keyed by its own id (no second copy of the id as a
+/// separate key: one is stored for every registration).
+#[derive(Debug)]
+struct StoredOperation(OperationRecord);
+
+impl Borrow<str> for StoredOperation {
+    fn borrow(&self) -> &str {
+        self.0.operation_id.as_str()
+    }
+}
+
+/// Hashes as its id, as `Borrow<str>` requires.
+impl std::hash::Hash for StoredOperation {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.operation_id.as_str().hash(state);
+    }
+}
+
+impl PartialEq for StoredOperation {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.operation_id == other.0.operation_id
+    }
+}
+
+impl Eq for StoredOperation {}
 
 /// All provisioning tables behind one lock, so multi-table writes are atomic.
 #[derive(Debug, Default)]
@@ -232,7 +258,7 @@ impl RegistrationStore for MemoryStore {
                 t.registrations.insert(key, record);
             }
         }
-        t.operations.insert(operation.operation_id.as_str().to_owned(), operation);
+        t.operations.replace(StoredOperation(operation));
         Ok(())
     }
 
@@ -259,18 +285,18 @@ impl RegistrationStore for MemoryStore {
     }
 
     fn put_operation(&self, operation: &OperationRecord) -> Result<(), StoreError> {
-        self.write()?.operations.insert(operation.operation_id.as_str().to_owned(), operation.clone());
+        self.write()?.operations.replace(StoredOperation(operation.clone()));
         Ok(())
     }
 
     fn operation(&self, id: &OperationId) -> Result<Option<OperationRecord>, StoreError> {
-        Ok(self.read()?.operations.get(id.as_str()).cloned())
+        Ok(self.read()?.operations.get(id.as_str()).map(|stored| stored.0.clone()))
     }
 
     fn purge_operations(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
         let mut t = self.write()?;
         let before = t.operations.len();
-        t.operations.retain(|_, op| op.created >= cutoff);
+        t.operations.retain(|stored| stored.0.created >= cutoff);
         Ok(before - t.operations.len())
     }
 }
