@@ -25,8 +25,9 @@ struct Tables {
     /// node moves its values as keys are inserted, so large values would cost at every insert).
     registrations: BTreeMap<String, Arc<RegistrationRecord>>,
     /// Looked up by id and swept by age, never listed in order. The ids are random and made
-    /// here, not chosen by clients, so a fast hash needs no flooding resistance.
-    operations: HashSet<StoredOperation, foldhash::fast::RandomState>,
+    /// by the provisioner, never chosen by clients, so a fixed-seed fast hash (no clock or RNG
+    /// in the core, unlike a randomly seeded one) needs no flooding resistance.
+    operations: HashSet<StoredOperation, foldhash::fast::FixedState>,
 }
 
 /// An operation in the operations table, keyed by its own id (no second copy of the id as a
@@ -112,7 +113,7 @@ fn etag_of(e: Option<&ETag>) -> Option<ETag> {
 
 impl EnrollmentStore for MemoryStore {
     fn enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, StoreError> {
-        Ok(self.read()?.enrollments.get(id.lookup_key().as_ref()).map(|e| IndividualEnrollment::clone(e)))
+        Ok(self.enrollment_shared(id)?.map(|e| IndividualEnrollment::clone(&e)))
     }
 
     fn enrollment_shared(
@@ -229,7 +230,7 @@ impl CaCertificateStore for MemoryStore {
 
 impl RegistrationStore for MemoryStore {
     fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationRecord>, StoreError> {
-        Ok(self.read()?.registrations.get(id.lookup_key().as_ref()).map(|r| RegistrationRecord::clone(r)))
+        Ok(self.registration_shared(id)?.map(|r| RegistrationRecord::clone(&r)))
     }
 
     fn registration_shared(

@@ -285,8 +285,9 @@ pub struct Provisioner<S> {
     /// Symmetric-key group keys decoded and prepared for HMAC, keyed by the primary key's text
     /// (the entry keeps the secondary's text too, and is rebuilt when it differs): every device
     /// of a group derives its keys from the same two.
-    /// Hashed fast: the keys are an administrator's, not a client's, to choose.
-    group_keys: Mutex<HashMap<String, Arc<GroupKeys>, foldhash::fast::RandomState>>,
+    /// Hashed fast with a fixed seed (no clock or RNG in the core): the keys are an
+    /// administrator's, not a client's, to choose.
+    group_keys: Mutex<HashMap<String, Arc<GroupKeys>, foldhash::fast::FixedState>>,
 }
 
 /// A group's two keys, ready to derive device keys.
