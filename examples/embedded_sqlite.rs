@@ -67,7 +67,7 @@ fn main() {
                     let poll = OperationStatusRequest {
                         id_scope: SCOPE.into(),
                         registration_id: id.clone(),
-                        operation_id: op.operation_id,
+                        operation_id: op.operation_id.into(),
                         credential,
                     };
                     let done = service.operation_status(now(), poll);

@@ -139,7 +139,7 @@ fn main() {
     // 3. Summary: devices per hub next to the configured weights.
     println!("\nsummary ({} requests served, virtual time {}):", sim.requests, sim.now);
     for hub in &hubs {
-        let n = landed.get(&hub.name).map_or(0, Vec::len);
+        let n = landed.get(hub.name.as_str()).map_or(0, Vec::len);
         println!(
             "  {:<26} weight {:>2}  devices {:>2}  (identities in hub: {})",
             hub.name,

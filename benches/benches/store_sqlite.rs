@@ -276,18 +276,18 @@ fn registration_write(n: u64) -> (RegistrationRecord, OperationRecord) {
     let record = RegistrationRecord {
         registration_id: RegistrationId::new(&id).unwrap(),
         state: DeviceRegistrationState {
-            registration_id: id.clone(),
+            registration_id: id.clone().into(),
             created_date_time_utc: Some(now()),
-            assigned_hub: Some("hub-1.example.net".to_owned()),
-            device_id: Some(id.clone()),
+            assigned_hub: Some("hub-1.example.net".into()),
+            device_id: Some(id.clone().into()),
             status: Some(RegistrationStatus::Assigned),
             substatus: Some(Substatus::InitialAssignment),
             last_updated_date_time_utc: Some(now()),
-            etag: Some(format!("\"{n:016x}\"")),
+            etag: Some(format!("\"{n:016x}\"").into()),
             ..DeviceRegistrationState::default()
         },
         enrollment: EnrollmentRef::Group(EnrollmentGroupId::new("bench").unwrap()),
-        initial_hub: Some("hub-1.example.net".to_owned()),
+        initial_hub: Some("hub-1.example.net".into()),
     };
     let op = format!("4.{n:016x}.00000000-0000-0000-0000-{n:012}");
     let operation = OperationRecord {
@@ -295,7 +295,7 @@ fn registration_write(n: u64) -> (RegistrationRecord, OperationRecord) {
         registration_id: record.registration_id.clone(),
         created: now(),
         status: RegistrationOperationStatus {
-            operation_id: op,
+            operation_id: op.into(),
             status: RegistrationStatus::Assigned,
             registration_state: None,
         }

@@ -116,7 +116,7 @@ mod tests {
             OperationStatusRequest {
                 id_scope: "0ne0000AB12".into(),
                 registration_id: "boiler-1".into(),
-                operation_id: op.operation_id,
+                operation_id: op.operation_id.into(),
                 credential,
             },
         );

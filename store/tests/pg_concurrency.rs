@@ -137,7 +137,7 @@ fn one_device_registering_through_two_instances_at_once_gets_exactly_one_assignm
     for round in 0..20 {
         let id = format!("racer-{round:02}");
         let barrier = Barrier::new(2);
-        let operations: Vec<String> = std::thread::scope(|s| {
+        let operations: Vec<zerotouch_proto::Text> = std::thread::scope(|s| {
             let handles: Vec<_> = instances
                 .iter()
                 .map(|p| {

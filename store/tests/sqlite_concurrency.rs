@@ -76,15 +76,15 @@ fn record(id: &str, hub: &str) -> RegistrationRecord {
     RegistrationRecord {
         registration_id: RegistrationId::new(id).unwrap(),
         state: DeviceRegistrationState {
-            registration_id: id.to_owned(),
-            assigned_hub: Some(hub.to_owned()),
-            device_id: Some(id.to_owned()),
+            registration_id: id.into(),
+            assigned_hub: Some(hub.into()),
+            device_id: Some(id.into()),
             status: Some(RegistrationStatus::Assigned),
-            etag: Some(format!("\"{hub}\"")),
+            etag: Some(format!("\"{hub}\"").into()),
             ..DeviceRegistrationState::default()
         },
         enrollment: EnrollmentRef::Individual(RegistrationId::new(id).unwrap()),
-        initial_hub: Some(hub.to_owned()),
+        initial_hub: Some(hub.into()),
     }
 }
 
@@ -94,7 +94,7 @@ fn operation(op: &str, id: &str) -> OperationRecord {
         registration_id: RegistrationId::new(id).unwrap(),
         created: Timestamp::from_unix_secs(1_700_000_000),
         status: RegistrationOperationStatus {
-            operation_id: op.to_owned(),
+            operation_id: op.into(),
             status: RegistrationStatus::Assigned,
             registration_state: None,
         }

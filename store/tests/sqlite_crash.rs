@@ -41,18 +41,18 @@ fn registration(n: usize) -> (RegistrationRecord, OperationRecord) {
     let record = RegistrationRecord {
         registration_id: RegistrationId::new(&id).unwrap(),
         state: DeviceRegistrationState {
-            registration_id: id.clone(),
+            registration_id: id.clone().into(),
             created_date_time_utc: Some(at),
-            assigned_hub: Some("hub-1.example.net".to_owned()),
-            device_id: Some(id.clone()),
+            assigned_hub: Some("hub-1.example.net".into()),
+            device_id: Some(id.clone().into()),
             status: Some(RegistrationStatus::Assigned),
             substatus: Some(Substatus::InitialAssignment),
             last_updated_date_time_utc: Some(at),
-            etag: Some(format!("\"etag-{n}\"")),
+            etag: Some(format!("\"etag-{n}\"").into()),
             ..DeviceRegistrationState::default()
         },
         enrollment: EnrollmentRef::Group(EnrollmentGroupId::new(GROUP).unwrap()),
-        initial_hub: Some("hub-1.example.net".to_owned()),
+        initial_hub: Some("hub-1.example.net".into()),
     };
     let op = format!("4.{n:016x}.{n:08}");
     let operation = OperationRecord {
@@ -60,7 +60,7 @@ fn registration(n: usize) -> (RegistrationRecord, OperationRecord) {
         registration_id: record.registration_id.clone(),
         created: at,
         status: RegistrationOperationStatus {
-            operation_id: op,
+            operation_id: op.into(),
             status: RegistrationStatus::Assigned,
             registration_state: None,
         }

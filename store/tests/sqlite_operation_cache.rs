@@ -20,15 +20,15 @@ fn record(id: &str, etag: &str) -> RegistrationRecord {
     RegistrationRecord {
         registration_id: RegistrationId::new(id).unwrap(),
         state: DeviceRegistrationState {
-            registration_id: id.to_owned(),
+            registration_id: id.into(),
             status: Some(RegistrationStatus::Assigned),
-            assigned_hub: Some("hub-1.localhost".to_owned()),
-            device_id: Some(id.to_owned()),
-            etag: Some(etag.to_owned()),
+            assigned_hub: Some("hub-1.localhost".into()),
+            device_id: Some(id.into()),
+            etag: Some(etag.into()),
             ..DeviceRegistrationState::default()
         },
         enrollment: zerotouch_engine::store::EnrollmentRef::Individual(RegistrationId::new(id).unwrap()),
-        initial_hub: Some("hub-1.localhost".to_owned()),
+        initial_hub: Some("hub-1.localhost".into()),
     }
 }
 
@@ -43,10 +43,10 @@ fn operation(
         registration_id: RegistrationId::new(registration).unwrap(),
         created,
         status: RegistrationOperationStatus {
-            operation_id: id.to_owned(),
+            operation_id: id.into(),
             status,
             registration_state: Some(DeviceRegistrationResult {
-                registration_id: registration.to_owned(),
+                registration_id: registration.into(),
                 status: Some(status),
                 ..DeviceRegistrationResult::default()
             }),

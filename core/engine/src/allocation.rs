@@ -24,7 +24,7 @@ use std::time::Duration;
 use zerotouch_proto::service::{
     AllocationPolicy, CustomAllocationRequest, CustomAllocationResponse, DeviceRuntimeContext, InitialTwin,
 };
-use zerotouch_proto::RegistrationId;
+use zerotouch_proto::{RegistrationId, Text};
 
 use crate::error::AllocationError;
 use crate::hub::LinkedHub;
@@ -303,7 +303,7 @@ pub struct AllocationRequest<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AllocationDecision {
     /// Host name of the hub, spelled as the linked hub is.
-    pub hub: String,
+    pub hub: Text,
     /// Initial twin from a custom allocator, overriding the enrollment's.
     pub initial_twin: Option<InitialTwin>,
     /// Payload from a custom allocator, returned to the device in `registrationState.payload`.
@@ -524,7 +524,7 @@ impl Allocator {
             },
             linked_hubs: Vec::new(),
         });
-        custom.linked_hubs = candidates.iter().map(|i| self.hubs[i].name.clone()).collect();
+        custom.linked_hubs = candidates.iter().map(|i| self.hubs[i].name.to_string()).collect();
         let response = allocator.allocate(&custom).map_err(AllocationError::Custom)?;
         let chosen = candidates
             .iter()
@@ -580,7 +580,7 @@ mod tests {
     }
 
     fn hub_of(allocator: &Allocator, req: AllocationRequest<'_>) -> String {
-        allocator.allocate(req).unwrap().hub
+        allocator.allocate(req).unwrap().hub.into()
     }
 
     #[test]

@@ -4,14 +4,14 @@
 
 use serde::{Deserialize, Serialize};
 use zerotouch_proto::service::InitialTwin;
-use zerotouch_proto::DeviceId;
+use zerotouch_proto::{DeviceId, Text};
 
 /// A hub linked to the provisioning service (spec §7.6, `IotHubDefinitionDescription`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LinkedHub {
     /// Host name, e.g. `hub1.azure-devices.net`.
-    pub name: String,
+    pub name: Text,
     /// Allocation weight, 1–1000 (default 1).
     #[serde(default = "default_weight")]
     pub allocation_weight: u32,
@@ -33,7 +33,7 @@ fn default_true() -> bool {
 
 impl LinkedHub {
     /// A hub with weight 1 that takes part in allocation.
-    pub fn new(name: impl Into<String>) -> Self {
+    pub fn new(name: impl Into<Text>) -> Self {
         Self { name: name.into(), allocation_weight: 1, apply_allocation_policy: true, location: None }
     }
 
@@ -116,7 +116,7 @@ pub enum HubAction {
     #[serde(rename_all = "camelCase")]
     Provision {
         /// Target hub host name.
-        hub: String,
+        hub: Text,
         /// The identity.
         device: ProvisionedDevice,
         /// Twin handling.
@@ -127,11 +127,11 @@ pub enum HubAction {
     #[serde(rename_all = "camelCase")]
     Migrate {
         /// Hub the device leaves.
-        from_hub: String,
+        from_hub: Text,
         /// Device id on the old hub.
         from_device_id: DeviceId,
         /// Hub the device moves to.
-        to_hub: String,
+        to_hub: Text,
         /// The identity on the new hub.
         device: ProvisionedDevice,
     },
@@ -139,7 +139,7 @@ pub enum HubAction {
     #[serde(rename_all = "camelCase")]
     Remove {
         /// Hub host name.
-        hub: String,
+        hub: Text,
         /// Device id.
         device_id: DeviceId,
     },

@@ -1018,7 +1018,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> HubRegistry for EmbeddedHubs<I
         let now = self.now;
         match action {
             HubAction::Provision { hub, .. } | HubAction::Remove { hub, .. } => {
-                self.hubs.get_mut(hub).ok_or_else(|| Self::unknown(hub))?.apply_at(action, now)
+                self.hubs.get_mut(hub.as_str()).ok_or_else(|| Self::unknown(hub))?.apply_at(action, now)
             }
             HubAction::Migrate { from_hub, from_device_id, to_hub, device } => {
                 self.migrate(from_hub, from_device_id, to_hub, device)

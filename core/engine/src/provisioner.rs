@@ -26,7 +26,7 @@ use zerotouch_proto::service::{
     DeviceRuntimeContext, EnrollmentGroup, IndividualEnrollment, InitialTwin, ProvisioningStatus,
     ReprovisionPolicy,
 };
-use zerotouch_proto::{DeviceId, IdScope, OperationId, RegistrationId, Timestamp};
+use zerotouch_proto::{DeviceId, IdScope, OperationId, RegistrationId, Text, Timestamp};
 
 use crate::allocation::{AllocationRequest, Allocator};
 use crate::attestation::symmetric::{self, check_registration_token, derive_device_key};
@@ -238,7 +238,7 @@ enum AttestedKind {
 
 /// The outcome of the assignment decision.
 struct Plan {
-    hub: String,
+    hub: Text,
     device_id: DeviceId,
     substatus: Substatus,
     actions: Vec<HubAction>,
@@ -501,7 +501,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
     fn check_ids(
         &self,
         scope: &str,
-        registration_id: impl Into<String>,
+        registration_id: impl Into<Text>,
     ) -> Result<(&IdScope, RegistrationId), Error> {
         if !self.config.id_scope.matches(scope) {
             return Err(Error::NotFound(format!("ID scope {scope:?}")));
@@ -519,12 +519,15 @@ impl<S: ProvisioningStore> Provisioner<S> {
         Ok(OperationId::from_random(&self.random_bytes()?))
     }
 
-    fn new_etag(&self) -> Result<String, Error> {
+    fn new_etag(&self) -> Result<Text, Error> {
         let random: [u8; 16] = self.random_bytes()?;
         // Real DPS registration etags are base64 of a quoted GUID-like string (spec §1.4).
         let mut quoted = [b'"'; 38];
         quoted[1..37].copy_from_slice(&uuid_text(&random));
-        Ok(base64_text(&quoted))
+        let mut text = [0u8; 52];
+        let len = STANDARD.encode_slice(quoted, &mut text).unwrap_or_default();
+        // Base64 is ASCII: always UTF-8.
+        Ok(Text::from(std::str::from_utf8(&text[..len]).unwrap_or_default()))
     }
 
     fn register(
@@ -615,19 +618,16 @@ impl<S: ProvisioningStore> Provisioner<S> {
             None => Precondition::MustNotExist,
         };
         let created = previous.and_then(|r| r.state.created_date_time_utc).unwrap_or(now);
-        let initial_hub = previous.and_then(|r| r.initial_hub.as_deref()).unwrap_or(&plan.hub);
+        let initial_hub = previous.and_then(|r| r.initial_hub.as_ref()).unwrap_or(&plan.hub);
 
         if plan.moves {
             // Make the move visible (and recoverable) before touching the hubs.
             let etag = self.new_etag()?;
             let mut record = previous.cloned().unwrap_or_else(|| RegistrationRecord {
                 registration_id: id.clone(),
-                state: DeviceRegistrationState {
-                    registration_id: id.as_str().to_owned(),
-                    ..Default::default()
-                },
+                state: DeviceRegistrationState { registration_id: id.into(), ..Default::default() },
                 enrollment: attested.enrollment.reference(),
-                initial_hub: Some(initial_hub.to_owned()),
+                initial_hub: Some(initial_hub.clone()),
             });
             record.state.status = Some(RegistrationStatus::Assigning);
             record.state.last_updated_date_time_utc = Some(now);
@@ -637,10 +637,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 registration_id: id.clone(),
                 created: now,
                 status: RegistrationOperationStatus {
-                    operation_id: operation_id.as_str().to_owned(),
+                    operation_id: operation_id.into(),
                     status: RegistrationStatus::Assigning,
                     registration_state: Some(DeviceRegistrationResult {
-                        registration_id: id.as_str().to_owned(),
+                        registration_id: id.into(),
                         status: Some(RegistrationStatus::Assigning),
                         ..Default::default()
                     }),
@@ -648,7 +648,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 .into(),
             };
             self.store.commit_registration(record.into(), &pre, op)?;
-            pre = Precondition::Matches(etag);
+            pre = Precondition::Matches(etag.to_string());
         }
 
         // The hub actions and the record are one unit: a crash or a failure in between leaves
@@ -675,17 +675,17 @@ impl<S: ProvisioningStore> Provisioner<S> {
         attested: &Attested,
         plan: &Plan,
         created: Timestamp,
-        initial_hub: &str,
+        initial_hub: &Text,
         pre: &Precondition,
     ) -> Result<(), Error> {
         let Round { now, id, operation_id } = round;
         let record = RegistrationRecord {
             registration_id: id.clone(),
             state: DeviceRegistrationState {
-                registration_id: id.as_str().to_owned(),
+                registration_id: id.into(),
                 created_date_time_utc: Some(created),
                 assigned_hub: Some(plan.hub.clone()),
-                device_id: Some(plan.device_id.as_str().to_owned()),
+                device_id: Some(plan.device_id.as_text().clone()),
                 status: Some(RegistrationStatus::Assigned),
                 substatus: Some(plan.substatus),
                 error_code: None,
@@ -695,7 +695,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 payload: plan.payload.clone(),
             },
             enrollment: attested.enrollment.reference(),
-            initial_hub: Some(initial_hub.to_owned()),
+            initial_hub: Some(initial_hub.clone()),
         };
         // The operation answers from the record itself: one copy of its strings, not two.
         let record = Arc::new(record);
@@ -734,7 +734,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             let assigned = r.state.status == Some(RegistrationStatus::Assigned)
                 || r.state.status == Some(RegistrationStatus::Assigning);
             match (assigned, &r.state.assigned_hub, &r.state.device_id) {
-                (true, Some(h), Some(d)) => DeviceId::new(d.as_str()).ok().map(|d| (h.as_str(), d)),
+                (true, Some(h), Some(d)) => DeviceId::new(d.clone()).ok().map(|d| (h, d)),
                 _ => None,
             }
         });
@@ -851,7 +851,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         id: &RegistrationId,
         attested: &Attested,
         payload: Option<&Value>,
-        current: Option<&(&str, DeviceId)>,
+        current: Option<&(&Text, DeviceId)>,
     ) -> CustomAllocationRequest {
         let (individual_enrollment, enrollment_group) = match &attested.enrollment {
             Enrollment::Individual(e) => (Some(strip_enrollment_secrets((**e).clone())), None),
@@ -868,7 +868,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             enrollment_group,
             device_runtime_context: DeviceRuntimeContext {
                 registration_id: id.to_string(),
-                current_iot_hub_host_name: current.map(|(h, _)| (*h).to_owned()),
+                current_iot_hub_host_name: current.map(|(h, _)| h.to_string()),
                 current_device_id: current.map(|(_, d)| d.to_string()),
                 symmetric_key,
                 x509,
@@ -1186,10 +1186,10 @@ fn failed_operation(op: &OperationId, id: &RegistrationId, now: Timestamp, e: &E
         registration_id: id.clone(),
         created: now,
         status: RegistrationOperationStatus {
-            operation_id: op.to_string(),
+            operation_id: op.into(),
             status: RegistrationStatus::Failed,
             registration_state: Some(DeviceRegistrationResult {
-                registration_id: id.to_string(),
+                registration_id: id.into(),
                 status: Some(RegistrationStatus::Failed),
                 error_code: Some(wire.error_code),
                 error_message: Some(wire.message),

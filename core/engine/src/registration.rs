@@ -549,8 +549,8 @@ fn assignment(state: Option<DeviceRegistrationResult>) -> Result<Assignment, Str
     let device_id =
         state.device_id.clone().filter(|s| !s.is_empty()).ok_or("assigned reply has no deviceId")?;
     Ok(Assignment {
-        assigned_hub,
-        device_id,
+        assigned_hub: assigned_hub.into(),
+        device_id: device_id.into(),
         substatus: state.substatus,
         payload: state.payload.clone(),
         tpm_authentication_key: state.tpm.as_ref().map(|t| t.authentication_key.clone()),

@@ -10,7 +10,7 @@ use zerotouch_proto::device::{
     SymmetricKeyRegistrationResult, X509RegistrationResult,
 };
 use zerotouch_proto::service::{DeviceRegistrationState, EnrollmentGroup, IndividualEnrollment};
-use zerotouch_proto::{ETag, EnrollmentGroupId, OperationId, RegistrationId, Timestamp};
+use zerotouch_proto::{ETag, EnrollmentGroupId, OperationId, RegistrationId, Text, Timestamp};
 
 use crate::error::{Error, StoreError};
 
@@ -116,13 +116,13 @@ pub struct RegistrationRecord {
     pub enrollment: EnrollmentRef,
     /// Hub of the first-ever assignment (for `reprovisionedToInitialAssignment`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initial_hub: Option<String>,
+    pub initial_hub: Option<Text>,
 }
 
 impl RegistrationRecord {
     /// The record's etag, if it has one.
     pub fn etag(&self) -> Option<ETag> {
-        self.state.etag.as_ref().map(ETag::new)
+        self.state.etag.as_deref().map(ETag::new)
     }
 
     /// The bare form of the record's etag (see [`ETag::bare`]), without copying it.
@@ -148,7 +148,7 @@ impl RegistrationRecord {
     pub fn result(&self, via: Option<AttestedVia>) -> DeviceRegistrationResult {
         let s = &self.state;
         let group = match &self.enrollment {
-            EnrollmentRef::Group(g) => Some(g.as_str().to_owned()),
+            EnrollmentRef::Group(g) => Some(g.as_text().clone()),
             EnrollmentRef::Individual(_) => None,
         };
         let (x509, symmetric_key) = match via {
@@ -227,7 +227,7 @@ impl OperationRecord {
         match &self.status {
             OperationStatus::Fixed(status) => RegistrationOperationStatus::clone(status),
             OperationStatus::Registered { record, via } => RegistrationOperationStatus {
-                operation_id: self.operation_id.as_str().to_owned(),
+                operation_id: self.operation_id.as_text().clone(),
                 status: record.state.status.unwrap_or(RegistrationStatus::Assigned),
                 registration_state: Some(record.result(*via)),
             },

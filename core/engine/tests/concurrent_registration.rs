@@ -141,7 +141,7 @@ fn a_registration_that_loses_a_race_to_another_instance_is_decided_again_with_th
         OperationStatusRequest {
             id_scope: SCOPE.into(),
             registration_id: "dev-1".into(),
-            operation_id: op.operation_id.clone(),
+            operation_id: op.operation_id.clone().into(),
             credential: Credential::Sas(token.clone()),
         },
     );
@@ -206,7 +206,7 @@ fn a_hub_conflict_during_registration_is_retried_instead_of_failing_the_device()
     let mut hub = ConflictOnceHub { conflicts_left: 2, applied: 0 };
     let reply = provisioner.handle_register(now, request(), &mut hub);
     let ResponseBody::Operation(op) = reply.body else { panic!("not an operation: {reply:?}") };
-    let status = poll(op.operation_id);
+    let status = poll(op.operation_id.into());
     assert_eq!(status.status, RegistrationStatus::Assigned, "{status:?}");
     assert_eq!(hub.applied, 1);
 

@@ -68,9 +68,9 @@ fn scenario(enrollment: Enrollment, attestation: Attestation, policy: Allocation
         AllocationPolicy::Hashed => {
             let hubs = linked_hubs();
             let refs: Vec<_> = hubs.iter().collect();
-            hashed(&RegistrationId::new(id).unwrap(), &refs).unwrap().name.clone()
+            hashed(&RegistrationId::new(id).unwrap(), &refs).unwrap().name.to_string()
         }
-        AllocationPolicy::GeoLatency => HUB_B.to_owned(),
+        AllocationPolicy::GeoLatency => HUB_B.into(),
         AllocationPolicy::Static => HUB_C.to_owned(),
         _ => HUB_A.to_owned(),
     };

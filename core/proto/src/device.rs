@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::text::Text;
 use crate::time::Timestamp;
 
 /// Serde helper for members where an explicit `null` differs from an absent member: absent
@@ -83,7 +84,7 @@ wire_enum! {
 #[serde(rename_all = "camelCase")]
 pub struct RegistrationOperationStatus {
     /// Operation id, `<n>.<16 hex>.<uuid>`.
-    pub operation_id: String,
+    pub operation_id: Text,
     /// Operation status.
     pub status: RegistrationStatus,
     /// Registration state (present on polls; Rust iot-identity-service requires
@@ -106,16 +107,16 @@ pub struct DeviceRegistrationResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetric_key: Option<SymmetricKeyRegistrationResult>,
     /// Registration id.
-    pub registration_id: String,
+    pub registration_id: Text,
     /// When the registration record was created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_date_time_utc: Option<Timestamp>,
     /// Host name of the assigned hub.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub assigned_hub: Option<String>,
+    pub assigned_hub: Option<Text>,
     /// Device id in the assigned hub.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device_id: Option<String>,
+    pub device_id: Option<Text>,
     /// Registration status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<RegistrationStatus>,
@@ -133,7 +134,7 @@ pub struct DeviceRegistrationResult {
     pub last_updated_date_time_utc: Option<Timestamp>,
     /// Etag of the registration record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub etag: Option<String>,
+    pub etag: Option<Text>,
     /// Payload returned by custom allocation.
     #[serde(default, deserialize_with = "nullable::deserialize", skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
@@ -159,7 +160,7 @@ pub struct X509RegistrationResult {
     pub certificate_info: Option<crate::service::X509CertificateInfo>,
     /// The group the device registered through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enrollment_group_id: Option<String>,
+    pub enrollment_group_id: Option<Text>,
     /// The group's signing certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_certificate_info: Option<crate::service::X509CertificateInfo>,
@@ -171,7 +172,7 @@ pub struct X509RegistrationResult {
 pub struct SymmetricKeyRegistrationResult {
     /// The group the device registered through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enrollment_group_id: Option<String>,
+    pub enrollment_group_id: Option<Text>,
 }
 
 /// `ProvisioningServiceErrorDetails`: the body of every 4xx/5xx reply.

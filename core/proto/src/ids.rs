@@ -7,19 +7,20 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::ProtoError;
+use crate::text::Text;
 
 macro_rules! string_newtype {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $check:path) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(String);
+        pub struct $name(Text);
 
         impl $name {
             /// Parses and validates the identifier.
             ///
             /// # Errors
             /// [`ProtoError::InvalidId`] when the value breaks the documented rules.
-            pub fn new(value: impl Into<String>) -> Result<Self, ProtoError> {
+            pub fn new(value: impl Into<Text>) -> Result<Self, ProtoError> {
                 let value = value.into();
                 $check(&value).map_err(|reason| ProtoError::InvalidId { kind: $kind, reason })?;
                 Ok(Self(value))
@@ -27,6 +28,11 @@ macro_rules! string_newtype {
 
             /// The identifier exactly as given.
             pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// The identifier's text, shared (cloning it copies no characters).
+            pub fn as_text(&self) -> &Text {
                 &self.0
             }
         }
@@ -65,7 +71,25 @@ macro_rules! string_newtype {
 
         impl From<$name> for String {
             fn from(v: $name) -> String {
+                v.0.into()
+            }
+        }
+
+        impl From<$name> for Text {
+            fn from(v: $name) -> Text {
                 v.0
+            }
+        }
+
+        impl From<&$name> for Text {
+            fn from(v: &$name) -> Text {
+                v.0.clone()
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.as_str() == other
             }
         }
 
@@ -77,7 +101,7 @@ macro_rules! string_newtype {
 
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
+                let s = Text::deserialize(d)?;
                 Self::new(s).map_err(serde::de::Error::custom)
             }
         }
@@ -93,12 +117,22 @@ pub const REGISTRATION_ID_SPECIALS: &str = "-._:";
 /// Characters allowed in an IoT Hub device or module id besides ASCII alphanumerics.
 pub const DEVICE_ID_SPECIALS: &str = "-:.+%_#*?!(),=@;$'";
 
+/// The first character of `s` that is neither an ASCII alphanumeric nor one of `specials`
+/// (ASCII). Every id a request carries is checked, so the common answer (none) comes from its
+/// bytes, without decoding characters: a non-ASCII character's bytes are never alphanumeric
+/// ASCII nor in `specials`.
+fn first_disallowed(s: &str, specials: &str) -> Option<char> {
+    if s.bytes().all(|b| b.is_ascii_alphanumeric() || specials.as_bytes().contains(&b)) {
+        return None;
+    }
+    s.chars().find(|c| !(c.is_ascii_alphanumeric() || specials.contains(*c)))
+}
+
 fn check_registration_id(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > MAX_ID_LEN {
         return Err(format!("must be 1 to {MAX_ID_LEN} characters, got {}", s.len()));
     }
-    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || REGISTRATION_ID_SPECIALS.contains(*c)))
-    {
+    if let Some(c) = first_disallowed(s, REGISTRATION_ID_SPECIALS) {
         return Err(format!(
             "character {c:?} is not allowed (use A-Z, a-z, 0-9 and {REGISTRATION_ID_SPECIALS})"
         ));
@@ -114,7 +148,7 @@ fn check_device_id(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > MAX_ID_LEN {
         return Err(format!("must be 1 to {MAX_ID_LEN} characters, got {}", s.len()));
     }
-    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || DEVICE_ID_SPECIALS.contains(*c))) {
+    if let Some(c) = first_disallowed(s, DEVICE_ID_SPECIALS) {
         return Err(format!(
             "character {c:?} is not allowed (use ASCII alphanumerics and {DEVICE_ID_SPECIALS})"
         ));
@@ -243,13 +277,13 @@ impl OperationId {
     /// Builds an operation id in the shape real DPS uses, `<digit>.<16 hex>.<uuid>`, from 32
     /// random bytes supplied by the caller (the core has no RNG).
     pub fn from_random(random: &[u8; 32]) -> Self {
-        let mut s = String::with_capacity(56);
-        s.push(char::from(b'0' + random[0] % 10));
-        s.push('.');
-        push_hex(&mut s, &random[1..9]);
-        s.push('.');
-        push_uuid(&mut s, &random[16..32]);
-        Self(s)
+        // Made on every registration: formatted on the stack and copied once into its text.
+        let mut text = [b'.'; 1 + 1 + 16 + 1 + 36];
+        text[0] = b'0' + random[0] % 10;
+        hex_into(&mut text[2..18], &random[1..9]);
+        text[19..].copy_from_slice(&uuid_text(&random[16..32]));
+        // Digits, hex and hyphens only: always UTF-8.
+        Self(Text::from(std::str::from_utf8(&text).unwrap_or_default()))
     }
 }
 
@@ -291,13 +325,12 @@ pub fn uuid_text(bytes: &[u8]) -> [u8; 36] {
     out
 }
 
-/// Appends lower-case hex without a temporary string per byte (operation ids and etags are made
-/// on every registration).
-fn push_hex(out: &mut String, bytes: &[u8]) {
+/// Writes `bytes` as lower-case hex into `out` (twice their length).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 15)];
     }
 }
 

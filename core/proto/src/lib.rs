@@ -16,10 +16,12 @@ pub mod jobs;
 pub mod mqtt;
 pub mod sas;
 pub mod service;
+pub mod text;
 pub mod time;
 pub mod twin;
 
 pub use error::{ProtoError, WireError};
 pub use ids::{DeviceId, ETag, EnrollmentGroupId, IdScope, IfMatch, ModuleId, OperationId, RegistrationId};
 pub use sas::SasToken;
+pub use text::Text;
 pub use time::Timestamp;

@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::device::{nullable, RegistrationStatus, Substatus};
 use crate::ids::{DeviceId, ETag, EnrollmentGroupId, RegistrationId};
+use crate::text::Text;
 use crate::time::Timestamp;
 
 wire_enum! {
@@ -345,16 +346,16 @@ pub struct EnrollmentGroup {
 #[serde(rename_all = "camelCase")]
 pub struct DeviceRegistrationState {
     /// Registration id.
-    pub registration_id: String,
+    pub registration_id: Text,
     /// Created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_date_time_utc: Option<Timestamp>,
     /// Assigned hub host name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub assigned_hub: Option<String>,
+    pub assigned_hub: Option<Text>,
     /// Device id in the hub.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device_id: Option<String>,
+    pub device_id: Option<Text>,
     /// Status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<RegistrationStatus>,
@@ -372,7 +373,7 @@ pub struct DeviceRegistrationState {
     pub last_updated_date_time_utc: Option<Timestamp>,
     /// Etag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub etag: Option<String>,
+    pub etag: Option<Text>,
     /// Custom allocation payload.
     #[serde(default, deserialize_with = "nullable::deserialize", skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,

@@ -1072,14 +1072,14 @@ fn enrollment(id: &str, etag: &str, rev: u32) -> Result<IndividualEnrollment, St
         registration_id: reg_id(id)?,
         device_id: Some(DeviceId::new(format!("device-{id}")).map_err(|e| e.to_string())?),
         registration_state: Some(DeviceRegistrationState {
-            registration_id: id.to_owned(),
+            registration_id: id.into(),
             created_date_time_utc: Some(at(1)),
-            assigned_hub: Some("hub-1.azure-devices.net".to_owned()),
-            device_id: Some(format!("device-{id}")),
+            assigned_hub: Some("hub-1.azure-devices.net".into()),
+            device_id: Some(format!("device-{id}").into()),
             status: Some(RegistrationStatus::Assigned),
             substatus: Some(Substatus::InitialAssignment),
             last_updated_date_time_utc: Some(at(2)),
-            etag: Some("\"state-etag\"".to_owned()),
+            etag: Some("\"state-etag\"".into()),
             ..DeviceRegistrationState::default()
         }),
         optional_device_information: Some(json!({"model": "sensor", "rev": rev})),
@@ -1243,10 +1243,10 @@ pub(crate) fn record(
     Ok(RegistrationRecord {
         registration_id: reg_id(id)?,
         state: DeviceRegistrationState {
-            registration_id: id.to_owned(),
+            registration_id: id.into(),
             created_date_time_utc: Some(at(0)),
-            assigned_hub: Some("hub-1.azure-devices.net".to_owned()),
-            device_id: Some(id.to_owned()),
+            assigned_hub: Some("hub-1.azure-devices.net".into()),
+            device_id: Some(id.into()),
             status: Some(RegistrationStatus::Assigned),
             substatus: Some(if counter == 0 {
                 Substatus::InitialAssignment
@@ -1254,12 +1254,12 @@ pub(crate) fn record(
                 Substatus::DeviceDataMigrated
             }),
             last_updated_date_time_utc: Some(at(1)),
-            etag: Some(etag.to_owned()),
+            etag: Some(etag.into()),
             payload: Some(json!({"counter": counter})),
             ..DeviceRegistrationState::default()
         },
         enrollment,
-        initial_hub: Some("hub-0.azure-devices.net".to_owned()),
+        initial_hub: Some("hub-0.azure-devices.net".into()),
     })
 }
 
@@ -1269,13 +1269,13 @@ pub(crate) fn operation(id: &str, registration: &str, created: Timestamp) -> Res
         registration_id: reg_id(registration)?,
         created,
         status: RegistrationOperationStatus {
-            operation_id: id.to_owned(),
+            operation_id: id.into(),
             status: RegistrationStatus::Assigned,
             registration_state: Some(DeviceRegistrationResult {
-                registration_id: registration.to_owned(),
+                registration_id: registration.into(),
                 created_date_time_utc: Some(created),
-                assigned_hub: Some("hub-1.azure-devices.net".to_owned()),
-                device_id: Some(registration.to_owned()),
+                assigned_hub: Some("hub-1.azure-devices.net".into()),
+                device_id: Some(registration.into()),
                 status: Some(RegistrationStatus::Assigned),
                 substatus: Some(Substatus::InitialAssignment),
                 last_updated_date_time_utc: Some(created),
