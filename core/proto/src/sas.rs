@@ -59,23 +59,28 @@ impl<'a> SasToken<'a> {
             token
         };
         let (mut sr, mut sig, mut se, mut skn) = (None, None, None, None);
-        // Byte scanning with memchr: `&` and `=` are ASCII, so every cut is on a character
-        // boundary, and the token (parsed on every request) is scanned a word at a time.
+        // One scan for both separators (memchr2, a word at a time): `&` and `=` are ASCII, so
+        // every cut is on a character boundary. A field's first `=` ends its name; any later
+        // one belongs to its value.
         let bytes = body.as_bytes();
-        let mut at = 0;
-        while at <= bytes.len() {
-            let start = at;
-            let end = memchr::memchr(b'&', &bytes[start..]).map_or(bytes.len(), |i| start + i);
-            at = end + 1;
-            let part = &bytes[start..end];
-            if part.is_empty() {
+        let mut start = 0;
+        let mut eq = None;
+        let cuts = memchr::memchr2_iter(b'&', b'=', bytes).chain(std::iter::once(bytes.len()));
+        for at in cuts {
+            if at < bytes.len() && bytes[at] == b'=' {
+                eq = eq.or(Some(at));
                 continue;
             }
-            let Some(eq) = memchr::memchr(b'=', part) else {
-                let part = &body[start..start + part.len()];
+            let (field, name_end) = (start..at, eq.take());
+            start = at + 1;
+            if field.is_empty() {
+                continue;
+            }
+            let Some(name_end) = name_end else {
+                let part = &body[field];
                 return Err(ProtoError::InvalidSas(format!("field {part:?} has no '='")));
             };
-            let k = &part[..eq];
+            let k = &bytes[field.start..name_end];
             let slot = if k.eq_ignore_ascii_case(b"sr") {
                 &mut sr
             } else if k.eq_ignore_ascii_case(b"sig") {
@@ -87,9 +92,8 @@ impl<'a> SasToken<'a> {
             } else {
                 continue; // tolerate unknown fields, as the hub does
             };
-            let value = start + eq + 1..start + part.len();
-            if slot.replace(value).is_some() {
-                let k = &body[start..start + eq];
+            if slot.replace(name_end + 1..field.end).is_some() {
+                let k = &body[field.start..name_end];
                 return Err(ProtoError::InvalidSas(format!("field {k:?} appears twice")));
             }
         }
@@ -430,6 +434,18 @@ mod tests {
         assert!(SasToken::parse("SharedAccessSignature sr=a&sig=b&se=x").is_err());
         assert!(SasToken::parse("SharedAccessSignature sr=a&sr=b&sig=b&se=1").is_err());
         assert!(SasToken::parse("SharedAccessSignature sr").is_err());
+        assert!(SasToken::parse("sr=a&sig=b&se=1&junk").is_err());
+    }
+
+    #[test]
+    fn later_equals_signs_belong_to_the_value_and_unknown_or_empty_fields_are_skipped() {
+        let t =
+            SasToken::parse("&&sig=ab+c/d==&x=1&=&sr=0ne/registrations/d&&se=17&skn=registration&").unwrap();
+        assert_eq!(t.resource_raw(), "0ne/registrations/d");
+        assert_eq!(t.signed_parts().concat(), b"0ne/registrations/d\n17");
+        assert_eq!(t.key_name(), Some("registration"));
+        assert_eq!(t.expiry_secs(), 17);
+        assert_eq!(t.to_string().matches("sig=ab+c/d==").count(), 1);
     }
 
     #[test]
