@@ -2,11 +2,13 @@
 //! are checked against, and the store of embedded and test deployments.
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, HashSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::Bound;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use zerotouch_proto::service::{EnrollmentGroup, IndividualEnrollment};
-use zerotouch_proto::{ETag, EnrollmentGroupId, OperationId, RegistrationId, Timestamp};
+use zerotouch_proto::{ETag, EnrollmentGroupId, OperationId, RegistrationId, Text, Timestamp};
 
 use crate::error::StoreError;
 use crate::store::{
@@ -21,13 +23,33 @@ struct Tables {
     /// Shared: registrations hand the groups out without copying them.
     groups: BTreeMap<String, Arc<EnrollmentGroup>>,
     cas: BTreeMap<String, CaCertificate>,
-    /// Shared: registrations read the record they replace without copying it (and a B-tree
-    /// node moves its values as keys are inserted, so large values would cost at every insert).
-    registrations: BTreeMap<String, Arc<RegistrationRecord>>,
+    registrations: Registrations,
     /// Looked up by id and swept by age, never listed in order. The ids are random and made
     /// by the provisioner, never chosen by clients, so a fixed-seed fast hash (no clock or RNG
     /// in the core, unlike a randomly seeded one) needs no flooding resistance.
     operations: HashSet<StoredOperation, foldhash::fast::FixedState>,
+}
+
+/// Registration records by lookup key (the lower-cased registration id).
+///
+/// Every registration looks its record up and replaces it, so the records are found by hash;
+/// the keys are also kept in order, for paging, and that order changes only when a
+/// registration is added or deleted. Registration ids are chosen by devices, so the hash is
+/// std's randomly keyed SipHash (flooding-resistant), not the fixed-seed one of the
+/// provisioner-made operation ids.
+#[derive(Debug, Default)]
+struct Registrations {
+    /// Shared: registrations read the record they replace without copying it.
+    by_key: HashMap<Text, Arc<RegistrationRecord>>,
+    order: BTreeSet<Text>,
+}
+
+/// The lookup key of `id` as a [`Text`], sharing the id's text when it is lower-case already.
+fn key_text(id: &RegistrationId) -> Text {
+    match id.lookup_key() {
+        Cow::Borrowed(_) => id.as_text().clone(),
+        Cow::Owned(key) => Text::from(key),
+    }
 }
 
 /// An operation in the operations table, keyed by its own id (no second copy of the id as a
@@ -83,17 +105,29 @@ fn page_of<V: Borrow<T>, T: Clone>(
     page: &PageRequest,
     keep: impl Fn(&T) -> bool,
 ) -> Page<T> {
-    use std::ops::Bound;
-    let start = match &page.continuation {
-        Some(after) => Bound::Excluded(after.clone()),
-        None => Bound::Unbounded,
-    };
+    let entries = map.range::<str, _>(after(page)).map(|(k, v)| (k.as_str(), v.borrow()));
+    page_of_entries(entries, page, keep)
+}
+
+/// The keys a page starts after: those after its continuation token, or all.
+fn after(page: &PageRequest) -> (Bound<&str>, Bound<&str>) {
+    match &page.continuation {
+        Some(after) => (Bound::Excluded(after.as_str()), Bound::Unbounded),
+        None => (Bound::Unbounded, Bound::Unbounded),
+    }
+}
+
+/// One page of key-ordered entries starting at the page's position.
+fn page_of_entries<'a, T: Clone + 'a>(
+    entries: impl Iterator<Item = (&'a str, &'a T)>,
+    page: &PageRequest,
+    keep: impl Fn(&T) -> bool,
+) -> Page<T> {
     let max = page.max_items.max(1);
     let mut items = Vec::new();
     let mut last = None;
     let mut more = false;
-    for (k, v) in map.range((start, Bound::Unbounded)) {
-        let v = v.borrow();
+    for (k, v) in entries {
         if !keep(v) {
             continue;
         }
@@ -102,9 +136,9 @@ fn page_of<V: Borrow<T>, T: Clone>(
             break;
         }
         items.push(v.clone());
-        last = Some(k.clone());
+        last = Some(k);
     }
-    Page { items, continuation: if more { last } else { None } }
+    Page { items, continuation: if more { last.map(str::to_owned) } else { None } }
 }
 
 fn etag_of(e: Option<&ETag>) -> Option<ETag> {
@@ -237,7 +271,7 @@ impl RegistrationStore for MemoryStore {
         &self,
         id: &RegistrationId,
     ) -> Result<Option<Arc<RegistrationRecord>>, StoreError> {
-        Ok(self.read()?.registrations.get(id.lookup_key().as_ref()).cloned())
+        Ok(self.read()?.registrations.by_key.get(id.lookup_key().as_ref()).cloned())
     }
 
     fn commit_registration(
@@ -247,16 +281,17 @@ impl RegistrationStore for MemoryStore {
         operation: OperationRecord,
     ) -> Result<(), StoreError> {
         let mut t = self.write()?;
-        let key = record.registration_id.lookup_key();
-        match t.registrations.get_mut(key.as_ref()) {
+        let registrations = &mut t.registrations;
+        match registrations.by_key.get_mut(record.registration_id.lookup_key().as_ref()) {
             Some(current) => {
                 pre.check_bare(Some(current.etag_bare().unwrap_or_default()))?;
                 *current = record;
             }
             None => {
                 pre.check(None)?;
-                let key = key.into_owned();
-                t.registrations.insert(key, record);
+                let key = key_text(&record.registration_id);
+                registrations.order.insert(key.clone());
+                registrations.by_key.insert(key, record);
             }
         }
         t.operations.replace(StoredOperation(operation));
@@ -266,9 +301,10 @@ impl RegistrationStore for MemoryStore {
     fn delete_registration(&self, id: &RegistrationId, pre: &Precondition) -> Result<(), StoreError> {
         let mut t = self.write()?;
         let key = id.key();
-        let current = t.registrations.get(&key).ok_or(StoreError::NotFound)?;
+        let current = t.registrations.by_key.get(key.as_str()).ok_or(StoreError::NotFound)?;
         pre.check(etag_of(current.etag().as_ref()).as_ref())?;
-        t.registrations.remove(&key);
+        t.registrations.by_key.remove(key.as_str());
+        t.registrations.order.remove(key.as_str());
         Ok(())
     }
 
@@ -278,8 +314,13 @@ impl RegistrationStore for MemoryStore {
         page: &PageRequest,
     ) -> Result<Page<RegistrationRecord>, StoreError> {
         let key = group.key();
-        Ok(page_of(
-            &self.read()?.registrations,
+        let t = self.read()?;
+        let Registrations { by_key, order } = &t.registrations;
+        let entries = order
+            .range::<str, _>(after(page))
+            .filter_map(|k| by_key.get(k).map(|record| (k.as_str(), &**record)));
+        Ok(page_of_entries(
+            entries,
             page,
             |r: &RegistrationRecord| matches!(&r.enrollment, EnrollmentRef::Group(g) if g.key() == key),
         ))
