@@ -243,9 +243,32 @@ struct Plan {
     hub: Text,
     device_id: DeviceId,
     substatus: Substatus,
-    actions: Vec<HubAction>,
+    actions: Actions,
     moves: bool,
     payload: Option<Value>,
+}
+
+/// The hub actions of a plan: one or two, kept inline (a registration makes one plan, and most
+/// have a single action).
+enum Actions {
+    One([HubAction; 1]),
+    Two([HubAction; 2]),
+}
+
+impl Actions {
+    fn as_slice(&self) -> &[HubAction] {
+        match self {
+            Actions::One(actions) => actions,
+            Actions::Two(actions) => actions,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [HubAction] {
+        match self {
+            Actions::One(actions) => actions,
+            Actions::Two(actions) => actions,
+        }
+    }
 }
 
 /// What every step of one registration round works under: its time, the device and the
@@ -260,7 +283,7 @@ struct Round<'a> {
 impl Plan {
     /// The credentials the plan gives the device, taken back out of its hub action.
     fn take_auth(&mut self) -> Option<DeviceAuth> {
-        self.actions.iter_mut().find_map(|action| match action {
+        self.actions.as_mut_slice().iter_mut().find_map(|action| match action {
             HubAction::Provision { device, .. } | HubAction::Migrate { device, .. } => {
                 Some(std::mem::replace(&mut device.auth, DeviceAuth::CertificateAuthority))
             }
@@ -657,7 +680,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // The hub actions and the record are one unit: a crash or a failure in between leaves
         // neither the device without its record nor a record naming a device never created.
         self.store.atomically(&mut || {
-            hub.apply_all(&plan.actions).map_err(|e| {
+            hub.apply_all(plan.actions.as_slice()).map_err(|e| {
                 if e.is_conflict() {
                     // The hub's state changed under the round (a concurrent registration, a
                     // transaction conflict in a shared database): decide again, as for a record
@@ -749,11 +772,11 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 hub: (*hub).to_owned(),
                 device_id: old_device.clone(),
                 substatus,
-                actions: vec![HubAction::Provision {
+                actions: Actions::One([HubAction::Provision {
                     hub: (*hub).to_owned(),
                     device: device(old_device.clone()),
                     twin: TwinSetup::KeepOrInitial(enrollment.initial_twin()),
-                }],
+                }]),
                 moves: false,
                 payload: previous.and_then(|r| r.state.payload.clone()),
             });
@@ -781,11 +804,11 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 hub: new_hub.clone(),
                 device_id: device_id.clone(),
                 substatus: Substatus::InitialAssignment,
-                actions: vec![HubAction::Provision {
+                actions: Actions::One([HubAction::Provision {
                     hub: new_hub,
                     device: device(device_id),
                     twin: TwinSetup::KeepOrInitial(initial_twin),
-                }],
+                }]),
                 moves: false,
                 payload: decision.payload,
             });
@@ -802,18 +825,20 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 device: device(old_device.clone()),
                 twin: TwinSetup::KeepOrInitial(initial_twin),
             };
-            (old_device, substatus, vec![action], false)
+            (old_device, substatus, Actions::One([action]), false)
         } else if same_hub {
             let device_id = new_device_id();
-            let mut actions = Vec::new();
-            if old_device != device_id {
-                actions.push(HubAction::Remove { hub: old_hub.to_owned(), device_id: old_device });
-            }
-            actions.push(HubAction::Provision {
+            let provision = HubAction::Provision {
                 hub: old_hub.to_owned(),
                 device: device(device_id.clone()),
                 twin: TwinSetup::Reset(initial_twin),
-            });
+            };
+            let actions = if old_device != device_id {
+                let remove = HubAction::Remove { hub: old_hub.to_owned(), device_id: old_device };
+                Actions::Two([remove, provision])
+            } else {
+                Actions::One([provision])
+            };
             (device_id, Substatus::DeviceDataReset, actions, false)
         } else if migrate {
             let substatus = if back_to_initial {
@@ -828,7 +853,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 to_hub: new_hub.clone(),
                 device: device(device_id.clone()),
             };
-            (device_id, substatus, vec![action], true)
+            (device_id, substatus, Actions::One([action]), true)
         } else {
             let substatus = if back_to_initial {
                 Substatus::ReprovisionedToInitialAssignment
@@ -836,14 +861,14 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 Substatus::DeviceDataReset
             };
             let device_id = new_device_id();
-            let actions = vec![
+            let actions = Actions::Two([
                 HubAction::Provision {
                     hub: new_hub.clone(),
                     device: device(device_id.clone()),
                     twin: TwinSetup::Reset(initial_twin),
                 },
                 HubAction::Remove { hub: old_hub.to_owned(), device_id: old_device },
-            ];
+            ]);
             (device_id, substatus, actions, true)
         };
         Ok(Plan { hub: new_hub, device_id, substatus, actions, moves, payload: decision.payload })

@@ -305,7 +305,8 @@ pub fn push_uuid(out: &mut String, bytes: &[u8]) {
 /// [`uuid_from_bytes`] of `bytes` as ASCII on the stack (the first 16 bytes are used, missing ones
 /// count as zero).
 pub fn uuid_text(bytes: &[u8]) -> [u8; 36] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    /// Where each byte's two digits go: groups of 4, 2, 2, 2 and 6 bytes between hyphens.
+    const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
     let mut b = [0u8; 16];
     for (dst, src) in b.iter_mut().zip(bytes) {
         *dst = *src;
@@ -313,24 +314,29 @@ pub fn uuid_text(bytes: &[u8]) -> [u8; 36] {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let mut out = [b'-'; 36];
-    let mut at = 0;
-    for (i, byte) in b.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            at += 1;
-        }
-        out[at] = DIGITS[usize::from(byte >> 4)];
-        out[at + 1] = DIGITS[usize::from(byte & 15)];
-        at += 2;
+    for (byte, at) in b.into_iter().zip(AT) {
+        out[at..at + 2].copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
     }
     out
 }
 
+/// The two lower-case hex digits of every byte value: operation ids and etags are formatted on
+/// every registration, a table look-up per byte instead of two digit look-ups and shifts.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        pairs[i] = [DIGITS[i >> 4], DIGITS[i & 15]];
+        i += 1;
+    }
+    pairs
+};
+
 /// Writes `bytes` as lower-case hex into `out` (twice their length).
 fn hex_into(out: &mut [u8], bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = DIGITS[usize::from(b >> 4)];
-        pair[1] = DIGITS[usize::from(b & 15)];
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
     }
 }
 
@@ -469,6 +475,14 @@ mod tests {
         assert_eq!(parts[1].len(), 16);
         assert_eq!(parts[2].len(), 36);
         assert!(OperationId::new(op.as_str()).is_ok());
+        let mut random = [0u8; 32];
+        for (i, b) in random.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(29);
+        }
+        assert_eq!(
+            OperationId::from_random(&random).as_str(),
+            "0.1d3a577491aecbe8.d0ed0a27-4461-4e9b-b8d5-f20f2c496683"
+        );
     }
 
     #[test]
