@@ -249,7 +249,9 @@ struct Plan {
 }
 
 /// The hub actions of a plan: one or two, kept inline (a registration makes one plan, and most
-/// have a single action).
+/// have a single action). Lives on the stack for one registration: boxing the larger variant
+/// would bring back the allocation this saves.
+#[allow(clippy::large_enum_variant)]
 enum Actions {
     One([HubAction; 1]),
     Two([HubAction; 2]),
