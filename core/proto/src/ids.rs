@@ -382,13 +382,13 @@ impl fmt::Display for ETag {
 }
 
 /// The bare form of an etag's text, as [`ETag::bare`] gives it, for etags kept as plain text:
-/// surrounding whitespace, a weak `W/` prefix and one pair of quotes removed.
+/// surrounding ASCII whitespace, a weak `W/` prefix and one pair of quotes removed.
 pub fn bare_etag(text: &str) -> &str {
     strip_etag(text)
 }
 
 fn strip_etag(s: &str) -> &str {
-    let s = s.trim();
+    let s = s.trim_ascii();
     let s = s.strip_prefix("W/").unwrap_or(s);
     s.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(s)
 }

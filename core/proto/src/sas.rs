@@ -50,11 +50,11 @@ impl<'a> SasToken<'a> {
     /// # Errors
     /// [`ProtoError::InvalidSas`] when a field is missing, repeated or malformed.
     pub fn parse(token: &'a str) -> Result<Self, ProtoError> {
-        let token = token.trim();
+        let token = token.trim_ascii();
         let body = if token.len() >= SAS_PREFIX.len()
             && token.as_bytes()[..SAS_PREFIX.len()].eq_ignore_ascii_case(SAS_PREFIX.as_bytes())
         {
-            token[SAS_PREFIX.len()..].trim_start()
+            token[SAS_PREFIX.len()..].trim_ascii_start()
         } else {
             token
         };
