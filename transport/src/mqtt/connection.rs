@@ -349,14 +349,31 @@ where
     if publish.payload.len() > limits.max_body_size {
         return Ok(Some((rid, endpoint_error(413, "Request body too large", None))));
     }
+    let (id_scope, registration_id) = (session.id_scope.clone(), session.registration_id.clone());
+    let credential = session.credential.clone();
+    let request = match request {
+        DeviceRequest::PollStatus { operation_id, .. } => {
+            let req = OperationStatusRequest {
+                id_scope,
+                registration_id,
+                operation_id: operation_id.to_string(),
+                credential,
+            };
+            // Most polls ask for an operation the engine holds in memory: answered here, they
+            // skip the hand-off to a blocking thread and back.
+            if let Some(response) = service.operation_status_in_memory(now(), &req) {
+                return Ok(Some((rid, response)));
+            }
+            Request::Poll(req)
+        }
+        DeviceRequest::Register { .. } => Request::Register { id_scope, registration_id, credential },
+    };
     let Some(permit) = limits.admit() else {
         return Ok(Some((rid, throttled(limits.throttle_retry_after_secs))));
     };
     let service = Arc::clone(service);
-    let (id_scope, registration_id) = (session.id_scope.clone(), session.registration_id.clone());
-    let credential = session.credential.clone();
     let task = match request {
-        DeviceRequest::Register { .. } => {
+        Request::Register { id_scope, registration_id, credential } => {
             let body: DeviceRegistration = match serde_json::from_slice(&publish.payload) {
                 Ok(body) => body,
                 Err(e) => {
@@ -370,13 +387,7 @@ where
                 async move { limits.run_engine(permit, move || (rid, service.register(now(), req))).await },
             ) as InFlight
         }
-        DeviceRequest::PollStatus { operation_id, .. } => {
-            let req = OperationStatusRequest {
-                id_scope,
-                registration_id,
-                operation_id: operation_id.to_string(),
-                credential,
-            };
+        Request::Poll(req) => {
             let limits = limits.clone();
             Box::pin(async move {
                 limits.run_engine(permit, move || (rid, service.operation_status(now(), req))).await
@@ -385,6 +396,12 @@ where
     };
     in_flight.push(task);
     Ok(None)
+}
+
+/// A device request bound for the engine.
+enum Request {
+    Register { id_scope: String, registration_id: String, credential: Credential },
+    Poll(OperationStatusRequest),
 }
 
 fn reply(rid: &str, response: &Response, qos: QoS, pkid: u16) -> Publish {
