@@ -201,6 +201,14 @@ where
     let mut draining = false;
     // When queued PUBACKs must go out even if their requests are still being processed.
     let mut flush_by: Option<Instant> = None;
+    // One timer each for the whole connection, moved rather than made anew on every pass of
+    // the loop (each new one is an insert into and a removal from the runtime's timer wheel).
+    // The idle timer is moved lazily: a read only pushes `idle_deadline`, and the timer, when
+    // it fires early, catches up with it.
+    let idle_timer = sleep_until(idle_deadline);
+    let flush_timer = sleep_until(idle_deadline);
+    let stop_signal = stopped(&mut stop);
+    tokio::pin!(idle_timer, flush_timer, stop_signal);
     loop {
         if draining && in_flight.is_empty() {
             return wire.flush().await;
@@ -219,7 +227,7 @@ where
                 wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
                 flush_by = None;
             }
-            () = sleep_until(flush_by.unwrap_or(idle_deadline)), if flush_by.is_some() => {
+            () = &mut flush_timer, if flush_by.is_some() => {
                 wire.flush().await?;
                 flush_by = None;
             }
@@ -235,7 +243,9 @@ where
                             wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
                             flush_by = None;
                         } else if wire.has_queued() && flush_by.is_none() {
-                            flush_by = Some(Instant::now() + PUBACK_HOLD);
+                            let deadline = Instant::now() + PUBACK_HOLD;
+                            flush_by = Some(deadline);
+                            flush_timer.as_mut().reset(deadline);
                         }
                     }
                     Packet::Subscribe(subscribe) => {
@@ -261,10 +271,13 @@ where
                     other => return Err(format!("unexpected {} from the client", packet_name(&other))),
                 }
             }
-            () = sleep_until(idle_deadline), if !draining && in_flight.is_empty() => {
-                return Err(format!("silent for {idle:?}"));
+            () = &mut idle_timer, if !draining && in_flight.is_empty() => {
+                if Instant::now() >= idle_deadline {
+                    return Err(format!("silent for {idle:?}"));
+                }
+                idle_timer.as_mut().reset(idle_deadline);
             }
-            () = stopped(&mut stop), if !draining => {
+            () = &mut stop_signal, if !draining => {
                 draining = true;
             }
         }
