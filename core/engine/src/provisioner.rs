@@ -1170,9 +1170,9 @@ impl<S: ProvisioningStore> Provisioner<S> {
 
     /// Answers an operation-status poll as [`Provisioner::handle_operation_status`] does, but
     /// only when the store holds the operation in memory
-    /// ([`crate::store::RegistrationStore::operation_in_memory`]); `None`, before any other work, when it
-    /// does not. An endpoint can then answer most polls without handing them to a blocking
-    /// thread for the operation read; the credential is still checked (spec §11).
+    /// ([`crate::store::RegistrationStore::operation_in_memory`]); `None`, before any other
+    /// work, when it does not. An endpoint can then answer most polls without handing them to
+    /// a blocking thread for the operation read; the credential is still checked (spec §11).
     pub fn operation_status_in_memory(
         &self,
         now: Timestamp,
