@@ -66,7 +66,7 @@ mod tests {
 
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine as _;
-    use zerotouch_engine::attestation::symmetric::registration_token;
+    use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_token};
     use zerotouch_engine::attestation::Credential;
     use zerotouch_engine::crypto::RingCrypto;
     use zerotouch_engine::provisioner::{OperationStatusRequest, RegisterRequest, ResponseBody};
@@ -132,5 +132,66 @@ mod tests {
         assert_eq!(device.device_id.as_str(), "boiler-1");
         assert_eq!(admin::devices(registry.store()).unwrap().len(), 1);
         assert_eq!(backend.hub_names().unwrap(), vec!["north.localhost", "south.localhost"]);
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn a_poll_answered_from_memory_still_refuses_a_device_whose_group_was_disabled() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::backend::SqliteBackend::new(dir.path());
+        let crypto: Arc<dyn CryptoProvider> = Arc::new(RingCrypto::new());
+        let now = Timestamp::from_unix_nanos(1_800_000_000_000_000_000);
+        let group_key = STANDARD.encode([9u8; 32]);
+        let group = |status: &str| {
+            format!(
+                r#"[{{"enrollmentGroupId": "meters", "provisioningStatus": "{status}",
+                     "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": "{group_key}", "secondaryKey": "{group_key}"}}}}}}]"#
+            )
+        };
+        let import = |status: &str| {
+            let entries = admin::parse_import(&group(status)).unwrap();
+            admin::import(&backend.provisioning().unwrap(), crypto.as_ref(), now, entries).unwrap();
+        };
+        import("enabled");
+        let hubs = [HubSpec::parse("north.localhost").unwrap()];
+        let service =
+            build(&backend, IdScope::new("0ne0000AB12").unwrap(), &hubs, Arc::clone(&crypto), 1).unwrap();
+
+        let key = derive_device_key(crypto.as_ref(), &[9u8; 32], "meter-1");
+        let token = registration_token(crypto.as_ref(), &key, "0ne0000AB12", "meter-1", 1_900_000_000);
+        let credential = Credential::Sas(token.to_string());
+        let body =
+            DeviceRegistration { payload: None, registration_id: "meter-1".into(), tpm: None, csr: None };
+        let accepted = service.register(
+            now,
+            RegisterRequest {
+                id_scope: "0ne0000AB12".into(),
+                registration_id: "meter-1".into(),
+                body,
+                credential: credential.clone(),
+            },
+        );
+        let ResponseBody::Operation(op) = accepted.body else { panic!("{accepted:?}") };
+        let poll = OperationStatusRequest {
+            id_scope: "0ne0000AB12".into(),
+            registration_id: "meter-1".into(),
+            operation_id: op.operation_id,
+            credential,
+        };
+
+        // The committed operation is in memory: the poll is answered without the blocking path.
+        let done = service.operation_status_in_memory(now, &poll).expect("answered from memory");
+        assert_eq!(done.status, 200, "{done:?}");
+        let ResponseBody::Operation(status) = done.body else { panic!("{done:?}") };
+        assert_eq!(status.status, RegistrationStatus::Assigned);
+
+        // Authentication still runs on every poll: a disabled group refuses the next one.
+        import("disabled");
+        let refused = service.operation_status_in_memory(now, &poll).expect("answered from memory");
+        assert_eq!(refused.status, 401, "{refused:?}");
+
+        // An operation the store does not hold in memory is left to the blocking path.
+        let unknown = OperationStatusRequest { operation_id: "4.0123456789abcdef.unknown".into(), ..poll };
+        assert!(service.operation_status_in_memory(now, &unknown).is_none());
     }
 }

@@ -3,10 +3,10 @@
 //! running server) is seen at once, and a change that rolls back never is.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use zerotouch_engine::store::{EnrollmentGroupStore, Precondition, RegistrationStore};
+use zerotouch_engine::store::{EnrollmentGroupStore, EnrollmentStore, Precondition, RegistrationStore};
 use zerotouch_engine::Error;
 use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup, SymmetricKeyAttestation};
-use zerotouch_proto::EnrollmentGroupId;
+use zerotouch_proto::{EnrollmentGroupId, RegistrationId};
 use zerotouch_store::sqlite::SqliteStore;
 
 fn group(id: &str, key: &str) -> EnrollmentGroup {
@@ -81,4 +81,29 @@ fn a_group_change_that_rolls_back_is_never_seen() {
     roll_back("cm9sbGVkLWJhY2s=");
     store.put_enrollment_group(&group("g1", "a2V5LXR3bw=="), &Precondition::None).unwrap();
     assert_eq!(seen(&store), [pair("g1", "a2V5LXR3bw==")], "the committed change is seen");
+}
+
+#[test]
+fn a_group_changed_between_two_authentications_is_seen_by_the_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zerotouch.sqlite");
+    let server = SqliteStore::open(&path).unwrap();
+    let cli = SqliteStore::open(&path).unwrap();
+    let device = RegistrationId::new("meter-1").unwrap();
+    cli.put_enrollment_group(&group("g1", "a2V5LW9uZQ=="), &Precondition::None).unwrap();
+
+    // An authentication looks the individual enrollment up, then reads the groups: the
+    // lookup reads the groups' change counter too, and the groups read uses it.
+    assert!(server.enrollment(&device).unwrap().is_none());
+    assert_eq!(seen(&server), [pair("g1", "a2V5LW9uZQ==")]);
+
+    cli.put_enrollment_group(&group("g1", "a2V5LXR3bw=="), &Precondition::None).unwrap();
+    assert!(server.enrollment(&device).unwrap().is_none());
+    assert_eq!(seen(&server), [pair("g1", "a2V5LXR3bw==")], "the next authentication sees the new key");
+
+    // A deletion made through the other handle right after a lookup of its own is seen too.
+    assert!(cli.enrollment(&device).unwrap().is_none());
+    cli.delete_enrollment_group(&EnrollmentGroupId::new("g1").unwrap(), &Precondition::None).unwrap();
+    assert!(server.enrollment(&device).unwrap().is_none());
+    assert_eq!(seen(&server), [], "a deleted group is gone");
 }

@@ -130,3 +130,35 @@ fn purged_operations_are_not_served_from_memory() {
     assert_eq!(polled(&server, "op-old"), None);
     assert_eq!(polled(&server, "op-new"), Some(kept));
 }
+
+#[test]
+fn only_committed_operations_are_handed_out_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zerotouch.sqlite");
+    let server = SqliteStore::open(&path).unwrap();
+    let in_memory = |id: &str| server.operation_in_memory(&OperationId::new(id).unwrap());
+
+    let failed = server.atomically(&mut || {
+        let op = operation("op-rolled-back", "dev-1", RegistrationStatus::Assigned, at(0));
+        server.commit_registration(Arc::new(record("dev-1", "e1")), &Precondition::MustNotExist, op)?;
+        // Inside the unit its write is not committed yet: not handed out from memory.
+        assert_eq!(in_memory("op-rolled-back"), None);
+        Err(Error::BadRequest("give up".into()))
+    });
+    assert!(failed.is_err());
+    assert_eq!(in_memory("op-rolled-back"), None);
+
+    let op = operation("op-1", "dev-1", RegistrationStatus::Assigned, at(0));
+    server
+        .commit_registration(Arc::new(record("dev-1", "e1")), &Precondition::MustNotExist, op.clone())
+        .unwrap();
+    assert_eq!(in_memory("op-1"), Some(op));
+
+    // Another handle of the file (another process) never wrote it: it must read the file.
+    let other = SqliteStore::open(&path).unwrap();
+    assert_eq!(other.operation_in_memory(&OperationId::new("op-1").unwrap()), None);
+    assert!(other.operation(&OperationId::new("op-1").unwrap()).unwrap().is_some());
+
+    assert_eq!(server.purge_operations(at(50)).unwrap(), 1);
+    assert_eq!(in_memory("op-1"), None);
+}

@@ -24,6 +24,15 @@ pub trait DpsService: Send + Sync + 'static {
     fn register(&self, now: Timestamp, req: RegisterRequest) -> Response;
     /// The operation-status poll (`GET …/operations/{operationId}`, MQTT `iotdps-get-operationstatus`).
     fn operation_status(&self, now: Timestamp, req: OperationStatusRequest) -> Response;
+    /// The operation-status poll answered at once, without a blocking thread, when the engine
+    /// holds the operation in memory; `None` means call [`DpsService::operation_status`].
+    ///
+    /// Unlike the other methods this one is called on the runtime's worker: it may only make the
+    /// short reads of authentication (the default answers nothing).
+    fn operation_status_in_memory(&self, now: Timestamp, req: &OperationStatusRequest) -> Option<Response> {
+        let _ = (now, req);
+        None
+    }
     /// `POST {idScope}/registrations/{id}` (registration state lookup).
     fn status_lookup(&self, now: Timestamp, req: StatusLookupRequest) -> Response;
 
@@ -160,6 +169,10 @@ where
 
     fn operation_status(&self, now: Timestamp, req: OperationStatusRequest) -> Response {
         self.provisioner.handle_operation_status(now, req)
+    }
+
+    fn operation_status_in_memory(&self, now: Timestamp, req: &OperationStatusRequest) -> Option<Response> {
+        self.provisioner.operation_status_in_memory(now, req)
     }
 
     fn status_lookup(&self, now: Timestamp, req: StatusLookupRequest) -> Response {

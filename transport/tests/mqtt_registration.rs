@@ -4,8 +4,15 @@
 
 mod mqtt_support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use mqtt_support::{derived_key, register, Auth, DeviceOptions, Server, HUB};
+use zerotouch_engine::provisioner::{OperationStatusRequest, RegisterRequest, Response, StatusLookupRequest};
+use zerotouch_proto::Timestamp;
 use zerotouch_testkit::certs::TestCa;
+use zerotouch_transport::limits::Limits;
+use zerotouch_transport::service::DpsService;
 
 #[tokio::test]
 async fn individual_symmetric_key_device_with_python_token_is_assigned_and_created_in_the_hub() {
@@ -150,4 +157,49 @@ async fn fifty_group_devices_registering_at_once_all_land_in_the_hub() {
         assert!(server.hub_has_device(&id), "{id} missing from the hub");
     }
     std::sync::Arc::into_inner(server).unwrap().shutdown().await;
+}
+
+/// An engine that holds every operation in memory (the in-memory engine never blocks): it
+/// answers polls through `operation_status_in_memory` and counts those that still reach a
+/// blocking thread.
+struct PollsFromMemory {
+    inner: Arc<dyn DpsService>,
+    blocking_polls: Arc<AtomicUsize>,
+}
+
+impl DpsService for PollsFromMemory {
+    fn register(&self, now: Timestamp, req: RegisterRequest) -> Response {
+        self.inner.register(now, req)
+    }
+
+    fn operation_status(&self, now: Timestamp, req: OperationStatusRequest) -> Response {
+        self.blocking_polls.fetch_add(1, Ordering::SeqCst);
+        self.inner.operation_status(now, req)
+    }
+
+    fn operation_status_in_memory(&self, now: Timestamp, req: &OperationStatusRequest) -> Option<Response> {
+        Some(self.inner.operation_status(now, req.clone()))
+    }
+
+    fn status_lookup(&self, now: Timestamp, req: StatusLookupRequest) -> Response {
+        self.inner.status_lookup(now, req)
+    }
+}
+
+#[tokio::test]
+async fn a_poll_the_engine_holds_in_memory_is_answered_without_a_blocking_thread() {
+    let blocking_polls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&blocking_polls);
+    let server = Server::start_wrapped(Limits::default(), move |inner| {
+        Arc::new(PollsFromMemory { inner, blocking_polls: counter })
+    })
+    .await;
+    let group_key = server.enroll_symmetric_group("meters");
+    let key = derived_key(&group_key, "meter-7");
+    let outcome = register(&server, &DeviceOptions::new("meter-7", Auth::SasPython(key))).await.unwrap();
+    assert_eq!(outcome.status, 200, "{outcome:?}");
+    assert_eq!(outcome.device_id(), Some("meter-7"));
+    assert!(server.hub_has_device("meter-7"));
+    assert_eq!(blocking_polls.load(Ordering::SeqCst), 0);
+    server.shutdown().await;
 }

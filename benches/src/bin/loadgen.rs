@@ -83,6 +83,9 @@ struct Args {
     /// Skip the CONNECT/CONNACK phase.
     #[arg(long)]
     skip_connect: bool,
+    /// Skip the register phase (to profile the server during bare CONNECTs alone).
+    #[arg(long, conflicts_with = "skip_connect")]
+    skip_register: bool,
     /// Process id of the server (when it runs on this machine): each phase then also reports the
     /// server's CPU per device, read from `/proc`, beside the load generator's own.
     #[arg(long)]
@@ -503,6 +506,9 @@ async fn main() {
         p.report("connect");
         Some(p)
     };
+    if args.skip_register {
+        return;
+    }
     let meter = CpuMeter::start(args.server_pid);
     let mut register = register_phase(&target, &args).await;
     register.cpu_ms = meter.per_device(register.ok + register.failed);

@@ -1197,6 +1197,40 @@ impl<S: ProvisioningStore> Provisioner<S> {
         cache.insert(text.to_owned(), cert.clone());
         Some(cert)
     }
+
+    /// Answers an operation-status poll as [`Provisioner::handle_operation_status`] does, but
+    /// only when the store holds the operation in memory
+    /// ([`crate::store::RegistrationStore::operation_in_memory`]); `None`, before any other
+    /// work, when it does not. An endpoint can then answer most polls without handing them to
+    /// a blocking thread for the operation read; the credential is still checked (spec §11).
+    pub fn operation_status_in_memory(
+        &self,
+        now: Timestamp,
+        req: &OperationStatusRequest,
+    ) -> Option<Response> {
+        let op = self.store.operation_in_memory(&OperationId::new(req.operation_id.as_str()).ok()?)?;
+        let result = (|| {
+            let (scope, id) = self.check_ids(&req.id_scope, &req.registration_id)?;
+            self.authenticate(now, scope, &id, &req.credential)?;
+            if !op.registration_id.same_registration(&id)
+                || op.created + self.config.operation_retention < now
+            {
+                return Err(Error::OperationNotFound(req.operation_id.clone()));
+            }
+            Ok::<_, Error>(op.into_status())
+        })();
+        Some(match result {
+            Ok(status) => {
+                let assigning = status.status == RegistrationStatus::Assigning;
+                Response {
+                    status: if assigning { 202 } else { 200 },
+                    retry_after: assigning.then_some(self.config.retry_after_secs),
+                    body: ResponseBody::Operation(status),
+                }
+            }
+            Err(e) => self.error_response(now, &e),
+        })
+    }
 }
 
 /// The device-facing registration result of a record.

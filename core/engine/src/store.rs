@@ -459,6 +459,12 @@ pub trait RegistrationStore: Send + Sync {
     /// # Errors
     /// Backend failures.
     fn operation(&self, id: &OperationId) -> Result<Option<OperationRecord>, StoreError>;
+    /// The operation `id` when this store holds it in memory and can hand it out without
+    /// blocking; `None` means ask [`RegistrationStore::operation`] (the default: always).
+    fn operation_in_memory(&self, id: &OperationId) -> Option<OperationRecord> {
+        let _ = id;
+        None
+    }
     /// Removes operations created before `cutoff`; returns how many were removed.
     ///
     /// # Errors
@@ -594,6 +600,9 @@ mod shared {
         }
         fn operation(&self, id: &OperationId) -> Result<Option<OperationRecord>, StoreError> {
             (**self).operation(id)
+        }
+        fn operation_in_memory(&self, id: &OperationId) -> Option<OperationRecord> {
+            (**self).operation_in_memory(id)
         }
         fn purge_operations(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
             (**self).purge_operations(cutoff)

@@ -284,6 +284,12 @@ struct Inner {
 /// kilobyte each).
 const OPERATIONS_CACHED: usize = 16_384;
 
+thread_local! {
+    /// The enrollment-group change counter the last store call of this thread read, and the
+    /// store it read it from (see [`SqliteStore::saw_groups_version`]).
+    static GROUPS_VERSION_SEEN: Cell<Option<(usize, i64)>> = const { Cell::new(None) };
+}
+
 /// Recently committed operations by id, oldest evicted first. Only committed state enters it
 /// (see [`Writer::staged`]), and an operation row is only ever written by the process that
 /// created its random id, so an entry is the row as stored until it is purged.
@@ -400,6 +406,11 @@ impl SqliteStore {
             writer.pragma_update(None, "synchronous", "FULL").db()?;
         }
         writer.pragma_update(None, "journal_mode", "WAL").db()?;
+        // Every unit of a group commit is a savepoint, so each page it changes is first copied
+        // to the statement journal; in memory that is a copy, on disk (SQLite spills it to a
+        // temp file past 64 KiB) a `pwrite` per page and a file created and deleted per batch.
+        // The writer sorts nothing large, so its temporary storage can live in memory.
+        writer.pragma_update(None, "temp_store", "MEMORY").db()?;
         // Checkpoint every ~64 MiB of WAL instead of every 4 MiB: a bulk import batch is several
         // MiB, and each checkpoint costs two fsyncs.
         writer.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES).db()?;
@@ -533,6 +544,7 @@ impl SqliteStore {
     ///
     /// [`RegistrationStore::atomically`]: zerotouch_engine::store::RegistrationStore::atomically
     fn unit<T, E: From<StoreError>>(&self, f: impl FnOnce(&Connection) -> Result<T, E>) -> Result<T, E> {
+        GROUPS_VERSION_SEEN.with(|seen| seen.set(None));
         let inner = &*self.inner;
         if inner.writer.is_owned_by_current_thread() {
             let writer = inner.writer.lock();
@@ -620,6 +632,20 @@ impl SqliteStore {
 
     /// Stages `op`, just written by a unit of this thread, for the operation cache: it enters the
     /// cache once its batch commits.
+    /// Remembers, for the next store call of this thread, the enrollment-group change counter
+    /// a read has just seen.
+    fn saw_groups_version(&self, version: i64) {
+        GROUPS_VERSION_SEEN.with(|seen| seen.set(Some((Arc::as_ptr(&self.inner) as usize, version))));
+    }
+
+    /// The counter [`SqliteStore::saw_groups_version`] kept, if the store call right before this
+    /// one on this thread was that read of this store. Every other store call forgets it, so it
+    /// never outlives the authentication that read it.
+    fn take_groups_version(&self) -> Option<i64> {
+        let (store, version) = GROUPS_VERSION_SEEN.with(Cell::take)?;
+        (store == Arc::as_ptr(&self.inner) as usize).then_some(version)
+    }
+
     fn stage_operation(&self, op: OperationRecord) {
         let writer = self.inner.writer.lock();
         writer.staged.borrow_mut().push(op);
@@ -673,6 +699,7 @@ impl SqliteStore {
         transaction: bool,
         f: impl FnOnce(&Connection, bool) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        GROUPS_VERSION_SEEN.with(|seen| seen.set(None));
         let inner = &*self.inner;
         if inner.writer.is_owned_by_current_thread() {
             let writer = inner.writer.lock();

@@ -76,8 +76,26 @@ pub(super) fn page_by_key<T: DeserializeOwned>(
 }
 
 impl EnrollmentStore for SqliteStore {
+    /// Reads the enrollment-group change counter in the same statement (one snapshot, one read
+    /// transaction instead of two), for the [`EnrollmentGroupStore::symmetric_key_groups`] call
+    /// that a symmetric-key authentication makes right after looking up the individual
+    /// enrollment.
     fn enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, StoreError> {
-        self.read_one(|c| one_doc(c, "SELECT doc FROM enrollments WHERE key = ?1", &[&id.key()]))
+        let (doc, groups_version) = self.read_on(false, |c, in_unit| {
+            let (doc, version): (Option<String>, i64) = c
+                .prepare_cached(
+                    "SELECT (SELECT doc FROM enrollments WHERE key = ?1),
+                            (SELECT value FROM change_counters WHERE name = 'enrollment_groups')",
+                )
+                .db()?
+                .query_row([id.key()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .db()?;
+            Ok((doc, (!in_unit).then_some(version)))
+        })?;
+        if let Some(version) = groups_version {
+            self.saw_groups_version(version);
+        }
+        doc.as_deref().map(from_doc).transpose()
     }
 
     fn put_enrollment(
@@ -185,8 +203,18 @@ impl EnrollmentGroupStore for SqliteStore {
 
     /// Every authentication of a symmetric-key device reads these: decoded once per change of
     /// the groups (by any process), checked against the change counter on every call.
+    ///
+    /// The counter comes from the individual-enrollment lookup made just before on this thread
+    /// when there was one (see [`EnrollmentStore::enrollment`]), else from its own read.
     fn symmetric_key_groups(&self) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
         let cache = &self.inner.symmetric_groups;
+        if let Some(version) = self.take_groups_version() {
+            if let Some((cached, groups)) = cache.lock().as_ref() {
+                if *cached == version {
+                    return Ok(groups.to_vec());
+                }
+            }
+        }
         self.read_tracked(|c, in_unit| {
             let version: i64 = c
                 .prepare_cached("SELECT value FROM change_counters WHERE name = 'enrollment_groups'")
@@ -354,6 +382,15 @@ impl RegistrationStore for SqliteStore {
             }
         }
         self.read_one(|c| one_doc(c, "SELECT doc FROM operations WHERE id = ?1", &[&id.as_str()]))
+    }
+
+    /// The operations this process committed lately (not inside a unit of this thread, as
+    /// [`RegistrationStore::operation`]).
+    fn operation_in_memory(&self, id: &OperationId) -> Option<OperationRecord> {
+        if self.inner.writer.is_owned_by_current_thread() {
+            return None;
+        }
+        self.cached_operation(id.as_str()).map(|op| (*op).clone())
     }
 
     fn purge_operations(&self, cutoff: Timestamp) -> Result<usize, StoreError> {

@@ -201,6 +201,14 @@ where
     let mut draining = false;
     // When queued PUBACKs must go out even if their requests are still being processed.
     let mut flush_by: Option<Instant> = None;
+    // One timer each for the whole connection, moved rather than made anew on every pass of
+    // the loop (each new one is an insert into and a removal from the runtime's timer wheel).
+    // The idle timer is moved lazily: a read only pushes `idle_deadline`, and the timer, when
+    // it fires early, catches up with it.
+    let idle_timer = sleep_until(idle_deadline);
+    let flush_timer = sleep_until(idle_deadline);
+    let stop_signal = stopped(&mut stop);
+    tokio::pin!(idle_timer, flush_timer, stop_signal);
     loop {
         if draining && in_flight.is_empty() {
             return wire.flush().await;
@@ -219,7 +227,7 @@ where
                 wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
                 flush_by = None;
             }
-            () = sleep_until(flush_by.unwrap_or(idle_deadline)), if flush_by.is_some() => {
+            () = &mut flush_timer, if flush_by.is_some() => {
                 wire.flush().await?;
                 flush_by = None;
             }
@@ -235,7 +243,9 @@ where
                             wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
                             flush_by = None;
                         } else if wire.has_queued() && flush_by.is_none() {
-                            flush_by = Some(Instant::now() + PUBACK_HOLD);
+                            let deadline = Instant::now() + PUBACK_HOLD;
+                            flush_by = Some(deadline);
+                            flush_timer.as_mut().reset(deadline);
                         }
                     }
                     Packet::Subscribe(subscribe) => {
@@ -261,10 +271,13 @@ where
                     other => return Err(format!("unexpected {} from the client", packet_name(&other))),
                 }
             }
-            () = sleep_until(idle_deadline), if !draining && in_flight.is_empty() => {
-                return Err(format!("silent for {idle:?}"));
+            () = &mut idle_timer, if !draining && in_flight.is_empty() => {
+                if Instant::now() >= idle_deadline {
+                    return Err(format!("silent for {idle:?}"));
+                }
+                idle_timer.as_mut().reset(idle_deadline);
             }
-            () = stopped(&mut stop), if !draining => {
+            () = &mut stop_signal, if !draining => {
                 draining = true;
             }
         }
@@ -349,14 +362,35 @@ where
     if publish.payload.len() > limits.max_body_size {
         return Ok(Some((rid, endpoint_error(413, "Request body too large", None))));
     }
+    let (id_scope, registration_id) = (session.id_scope.clone(), session.registration_id.clone());
+    let credential = session.credential.clone();
+    let request = match request {
+        DeviceRequest::PollStatus { operation_id, .. } => {
+            let req = OperationStatusRequest {
+                id_scope,
+                registration_id,
+                operation_id: operation_id.to_string(),
+                credential,
+            };
+            // Most polls ask for an operation the engine holds in memory: answered here, they
+            // skip the hand-off to a blocking thread and back. Only with a SAS token, whose
+            // check is a few HMACs and short reads; a certificate chain's verification stays
+            // off the runtime's workers.
+            if let Credential::Sas(_) = &req.credential {
+                if let Some(response) = service.operation_status_in_memory(now(), &req) {
+                    return Ok(Some((rid, response)));
+                }
+            }
+            Request::Poll(req)
+        }
+        DeviceRequest::Register { .. } => Request::Register { id_scope, registration_id, credential },
+    };
     let Some(permit) = limits.admit() else {
         return Ok(Some((rid, throttled(limits.throttle_retry_after_secs))));
     };
     let service = Arc::clone(service);
-    let (id_scope, registration_id) = (session.id_scope.clone(), session.registration_id.clone());
-    let credential = session.credential.clone();
     let task = match request {
-        DeviceRequest::Register { .. } => {
+        Request::Register { id_scope, registration_id, credential } => {
             let body: DeviceRegistration = match serde_json::from_slice(&publish.payload) {
                 Ok(body) => body,
                 Err(e) => {
@@ -370,13 +404,7 @@ where
                 async move { limits.run_engine(permit, move || (rid, service.register(now(), req))).await },
             ) as InFlight
         }
-        DeviceRequest::PollStatus { operation_id, .. } => {
-            let req = OperationStatusRequest {
-                id_scope,
-                registration_id,
-                operation_id: operation_id.to_string(),
-                credential,
-            };
+        Request::Poll(req) => {
             let limits = limits.clone();
             Box::pin(async move {
                 limits.run_engine(permit, move || (rid, service.operation_status(now(), req))).await
@@ -385,6 +413,12 @@ where
     };
     in_flight.push(task);
     Ok(None)
+}
+
+/// A device request bound for the engine.
+enum Request {
+    Register { id_scope: String, registration_id: String, credential: Credential },
+    Poll(OperationStatusRequest),
 }
 
 fn reply(rid: &str, response: &Response, qos: QoS, pkid: u16) -> Publish {

@@ -1,8 +1,9 @@
 //! The DPS device API over MQTT 3.1.1: a TLS listener and the per-connection protocol (also used by the WebSocket bridge).
 //!
 //! Packets are framed with rumqttc's `mqttbytes::v4` codec; topics and usernames with
-//! `zerotouch_proto::mqtt`. Every request goes to the [`DpsService`] on a blocking thread and its
-//! answer is published on `$dps/registrations/res/{status}/?$rid=…`.
+//! `zerotouch_proto::mqtt`. Every request goes to the [`DpsService`] on a blocking thread (except
+//! a poll the engine answers from memory, answered on the connection's task) and its answer is
+//! published on `$dps/registrations/res/{status}/?$rid=…`.
 //!
 //! CONNECT outcomes (spec §2.1): protocol level other than 4 → return code 1; missing or
 //! malformed username → 4; client id other than the username's registration id → 2; no
