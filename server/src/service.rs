@@ -175,7 +175,7 @@ mod tests {
         let poll = OperationStatusRequest {
             id_scope: "0ne0000AB12".into(),
             registration_id: "meter-1".into(),
-            operation_id: op.operation_id,
+            operation_id: op.operation_id.into(),
             credential,
         };
 
