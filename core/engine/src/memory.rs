@@ -335,6 +335,11 @@ impl RegistrationStore for MemoryStore {
         Ok(self.read()?.operations.get(id.as_str()).map(|stored| stored.0.clone()))
     }
 
+    /// Everything here is in memory: every stored operation.
+    fn operation_in_memory(&self, id: &OperationId) -> Option<OperationRecord> {
+        self.operation(id).ok().flatten()
+    }
+
     fn purge_operations(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
         let mut t = self.write()?;
         let before = t.operations.len();

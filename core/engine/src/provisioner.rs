@@ -450,7 +450,14 @@ impl<S: ProvisioningStore> Provisioner<S> {
     /// Handles an operation-status poll: `202 assigning` while a move is in progress, `200` with
     /// the final `assigned` / `failed` status otherwise.
     pub fn handle_operation_status(&self, now: Timestamp, req: OperationStatusRequest) -> Response {
-        match self.operation_status(now, req) {
+        let status = self.operation_status(now, &req, |op_id| Ok(self.store.operation(op_id)?));
+        self.poll_response(now, status)
+    }
+
+    /// The reply to a poll: `202` with `retry-after` while assigning, `200` once decided, or the
+    /// error.
+    fn poll_response(&self, now: Timestamp, status: Result<RegistrationOperationStatus, Error>) -> Response {
+        match status {
             Ok(status) => {
                 let assigning = status.status == RegistrationStatus::Assigning;
                 Response {
@@ -909,22 +916,23 @@ impl<S: ProvisioningStore> Provisioner<S> {
         }
     }
 
+    /// The status a poll answers, with the operation found by `find`: the device is
+    /// authenticated first (spec §11), and an operation of another registration, or past its
+    /// retention, is not found.
     fn operation_status(
         &self,
         now: Timestamp,
-        req: OperationStatusRequest,
+        req: &OperationStatusRequest,
+        find: impl FnOnce(&OperationId) -> Result<Option<OperationRecord>, Error>,
     ) -> Result<RegistrationOperationStatus, Error> {
-        let (scope, id) = self.check_ids(&req.id_scope, &req.registration_id)?;
+        let (scope, id) = self.check_ids(&req.id_scope, req.registration_id.as_str())?;
         // Signatures are checked on every request (spec §11).
         self.authenticate(now, scope, &id, &req.credential)?;
-        let op_id = OperationId::new(req.operation_id.as_str())
-            .map_err(|_| Error::OperationNotFound(req.operation_id.clone()))?;
-        let op = self
-            .store
-            .operation(&op_id)?
-            .ok_or_else(|| Error::OperationNotFound(req.operation_id.clone()))?;
+        let not_found = || Error::OperationNotFound(req.operation_id.clone());
+        let op_id = OperationId::new(req.operation_id.as_str()).map_err(|_| not_found())?;
+        let op = find(&op_id)?.ok_or_else(not_found)?;
         if !op.registration_id.same_registration(&id) || op.created + self.config.operation_retention < now {
-            return Err(Error::OperationNotFound(req.operation_id));
+            return Err(not_found());
         }
         Ok(op.into_status())
     }
@@ -1209,27 +1217,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         req: &OperationStatusRequest,
     ) -> Option<Response> {
         let op = self.store.operation_in_memory(&OperationId::new(req.operation_id.as_str()).ok()?)?;
-        let result = (|| {
-            let (scope, id) = self.check_ids(&req.id_scope, &req.registration_id)?;
-            self.authenticate(now, scope, &id, &req.credential)?;
-            if !op.registration_id.same_registration(&id)
-                || op.created + self.config.operation_retention < now
-            {
-                return Err(Error::OperationNotFound(req.operation_id.clone()));
-            }
-            Ok::<_, Error>(op.into_status())
-        })();
-        Some(match result {
-            Ok(status) => {
-                let assigning = status.status == RegistrationStatus::Assigning;
-                Response {
-                    status: if assigning { 202 } else { 200 },
-                    retry_after: assigning.then_some(self.config.retry_after_secs),
-                    body: ResponseBody::Operation(status),
-                }
-            }
-            Err(e) => self.error_response(now, &e),
-        })
+        Some(self.poll_response(now, self.operation_status(now, req, |_| Ok(Some(op)))))
     }
 }
 

@@ -216,3 +216,50 @@ fn a_hub_conflict_during_registration_is_retried_instead_of_failing_the_device()
     assert_eq!(reply.status, 409, "{reply:?}");
     assert_eq!(hub.applied, 0);
 }
+
+#[test]
+fn a_poll_answered_from_memory_matches_the_stored_answer_and_still_checks_the_device() {
+    let crypto = RingCrypto::new();
+    let now = Timestamp::from_unix_secs(NOW);
+    let (provisioner, [key, _]) = provisioner_with_group(Arc::new(MemoryStore::new()), "line-3");
+    let token_for = |id: &str| {
+        registration_token(&crypto, &derive_device_key(&crypto, &key, id), SCOPE, id, now.unix_secs() + 60)
+            .to_string()
+    };
+    let request = RegisterRequest {
+        id_scope: SCOPE.into(),
+        registration_id: "dev-9".into(),
+        body: DeviceRegistration { payload: None, registration_id: "dev-9".into(), tpm: None, csr: None },
+        credential: Credential::Sas(token_for("dev-9")),
+    };
+    let reply =
+        provisioner.handle_register(now, request, &mut ConflictOnceHub { conflicts_left: 0, applied: 0 });
+    let ResponseBody::Operation(op) = reply.body else { panic!("not an operation: {reply:?}") };
+    let poll = |registration_id: &str, credential: Credential| OperationStatusRequest {
+        id_scope: SCOPE.into(),
+        registration_id: registration_id.into(),
+        operation_id: op.operation_id.to_string(),
+        credential,
+    };
+
+    let from_memory = provisioner
+        .operation_status_in_memory(now, &poll("dev-9", Credential::Sas(token_for("dev-9"))))
+        .expect("the memory store holds every operation");
+    let stored = provisioner.handle_operation_status(now, poll("dev-9", Credential::Sas(token_for("dev-9"))));
+    assert_eq!(from_memory, stored);
+    assert_eq!(from_memory.status, 200);
+
+    // Another device's valid token does not read this device's operation, nor does a bad one.
+    let other = provisioner
+        .operation_status_in_memory(now, &poll("dev-10", Credential::Sas(token_for("dev-10"))))
+        .unwrap();
+    assert_eq!(other.status, 404, "{other:?}");
+    let forged = provisioner
+        .operation_status_in_memory(now, &poll("dev-9", Credential::Sas(token_for("dev-10"))))
+        .unwrap();
+    assert_eq!(forged.status, 401, "{forged:?}");
+    // An id the store never saw is left to the stored path.
+    let unknown =
+        OperationStatusRequest { operation_id: "1.0.unknown".into(), ..poll("dev-9", Credential::None) };
+    assert_eq!(provisioner.operation_status_in_memory(now, &unknown), None);
+}
