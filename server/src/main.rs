@@ -6,6 +6,12 @@ use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 use zerotouch_server::cli::{self, Cli, LogFormat};
 
+/// mimalloc instead of glibc's malloc: the server allocates and frees small buffers on many
+/// threads (connection tasks, engine threads, the SQLite writer), where glibc's per-thread heaps
+/// grow and shrink through `mprotect` and page faults (benches/README.md, "End to end").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
