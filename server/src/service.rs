@@ -78,6 +78,21 @@ mod tests {
     use crate::admin;
     use crate::backend::MemoryBackend;
 
+    /// A register request of `registration_id` in the tests' scope.
+    fn register_request(registration_id: &str, credential: &Credential) -> RegisterRequest {
+        RegisterRequest {
+            id_scope: "0ne0000AB12".into(),
+            registration_id: registration_id.into(),
+            body: DeviceRegistration {
+                payload: None,
+                registration_id: registration_id.into(),
+                tpm: None,
+                csr: None,
+            },
+            credential: credential.clone(),
+        }
+    }
+
     #[test]
     fn an_imported_device_provisions_into_the_embedded_hub_registry() {
         let backend = MemoryBackend::new();
@@ -97,17 +112,7 @@ mod tests {
 
         let token = registration_token(crypto.as_ref(), &[7u8; 32], "0ne0000AB12", "boiler-1", 1_900_000_000);
         let credential = Credential::Sas(token.to_string());
-        let body =
-            DeviceRegistration { payload: None, registration_id: "boiler-1".into(), tpm: None, csr: None };
-        let accepted = service.register(
-            now,
-            RegisterRequest {
-                id_scope: "0ne0000AB12".into(),
-                registration_id: "boiler-1".into(),
-                body,
-                credential: credential.clone(),
-            },
-        );
+        let accepted = service.register(now, register_request("boiler-1", &credential));
         assert_eq!(accepted.status, 202);
         assert_eq!(accepted.retry_after, Some(1));
         let ResponseBody::Operation(op) = accepted.body else { panic!("{accepted:?}") };
@@ -160,17 +165,7 @@ mod tests {
         let key = derive_device_key(crypto.as_ref(), &[9u8; 32], "meter-1");
         let token = registration_token(crypto.as_ref(), &key, "0ne0000AB12", "meter-1", 1_900_000_000);
         let credential = Credential::Sas(token.to_string());
-        let body =
-            DeviceRegistration { payload: None, registration_id: "meter-1".into(), tpm: None, csr: None };
-        let accepted = service.register(
-            now,
-            RegisterRequest {
-                id_scope: "0ne0000AB12".into(),
-                registration_id: "meter-1".into(),
-                body,
-                credential: credential.clone(),
-            },
-        );
+        let accepted = service.register(now, register_request("meter-1", &credential));
         let ResponseBody::Operation(op) = accepted.body else { panic!("{accepted:?}") };
         let poll = OperationStatusRequest {
             id_scope: "0ne0000AB12".into(),
