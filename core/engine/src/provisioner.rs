@@ -280,6 +280,10 @@ struct Round<'a> {
     now: Timestamp,
     id: &'a RegistrationId,
     operation_id: &'a OperationId,
+    /// The random bytes of the final record's etag, drawn with the operation id's (one draw
+    /// from the pool a registration). A round that loses to a concurrent registration commits
+    /// nothing, so the next round may use them again.
+    etag_random: &'a [u8; 16],
 }
 
 impl Plan {
@@ -550,19 +554,8 @@ impl<S: ProvisioningStore> Provisioner<S> {
         self.random.lock().unwrap_or_else(PoisonError::into_inner).take(self.crypto.as_ref())
     }
 
-    fn new_operation_id(&self) -> Result<OperationId, Error> {
-        Ok(OperationId::from_random(&self.random_bytes()?))
-    }
-
     fn new_etag(&self) -> Result<Text, Error> {
-        let random: [u8; 16] = self.random_bytes()?;
-        // Real DPS registration etags are base64 of a quoted GUID-like string (spec §1.4).
-        let mut quoted = [b'"'; 38];
-        quoted[1..37].copy_from_slice(&uuid_text(&random));
-        let mut text = [0u8; 52];
-        let len = STANDARD.encode_slice(quoted, &mut text).unwrap_or_default();
-        // Base64 is ASCII: always UTF-8.
-        Ok(Text::from(std::str::from_utf8(&text[..len]).unwrap_or_default()))
+        Ok(etag_from(&self.random_bytes()?))
     }
 
     fn register(
@@ -595,12 +588,16 @@ impl<S: ProvisioningStore> Provisioner<S> {
         if attested.enrollment.status() == Some(ProvisioningStatus::Disabled) {
             return Err(AuthError::EnrollmentDisabled.into());
         }
-        let operation_id = self.new_operation_id()?;
+        let random: [u8; 48] = self.random_bytes()?;
+        let (op_random, etag_random) = random.split_at(32);
+        let operation_id = OperationId::from_random(op_random.try_into().unwrap_or(&[0; 32]));
+        let etag_random = etag_random.try_into().unwrap_or(&[0; 16]);
         // A concurrent registration of the same id (another instance) makes the compare-and-swap
         // fail; re-read and decide again. Hub actions are idempotent upserts, so a lost round only
         // repeats work.
         for _ in 0..3 {
-            match self.assign(now, &id, &mut attested, req.body.payload.as_ref(), &operation_id, hub) {
+            let round = Round { now, id: &id, operation_id: &operation_id, etag_random };
+            match self.assign(round, &mut attested, req.body.payload.as_ref(), hub) {
                 Err(Error::Store(StoreError::PreconditionFailed | StoreError::AlreadyExists)) => continue,
                 Err(e @ (Error::Allocation(_) | Error::Hub { .. })) => {
                     self.store.put_operation(&failed_operation(&operation_id, &id, now, &e))?;
@@ -614,20 +611,18 @@ impl<S: ProvisioningStore> Provisioner<S> {
 
     fn assign(
         &self,
-        now: Timestamp,
-        id: &RegistrationId,
+        round: Round<'_>,
         attested: &mut Attested,
         payload: Option<&Value>,
-        operation_id: &OperationId,
         hub: &mut dyn HubRegistry,
     ) -> Result<(), Error> {
+        let id = round.id;
         let previous = self.store.registration_shared(id)?;
         let previous = previous.as_deref();
         // The credentials move into the hub action; a round lost to a concurrent registration
         // hands them back for the next one (below).
         let auth = std::mem::replace(&mut attested.auth, DeviceAuth::CertificateAuthority);
         let mut plan = self.plan(id, attested, auth, payload, previous)?;
-        let round = Round { now, id, operation_id };
         let result = self.carry_out(round, attested, &plan, previous, hub);
         if result.is_err() {
             if let Some(auth) = plan.take_auth() {
@@ -647,7 +642,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         previous: Option<&RegistrationRecord>,
         hub: &mut dyn HubRegistry,
     ) -> Result<(), Error> {
-        let Round { now, id, operation_id } = round;
+        let Round { now, id, operation_id, .. } = round;
         let mut pre = match previous.map(|r| r.etag_bare().unwrap_or_default()) {
             Some(etag) => Precondition::Matches(etag.to_owned()),
             None => Precondition::MustNotExist,
@@ -713,7 +708,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         initial_hub: &Text,
         pre: &Precondition,
     ) -> Result<(), Error> {
-        let Round { now, id, operation_id } = round;
+        let Round { now, id, operation_id, etag_random } = round;
         let record = RegistrationRecord {
             registration_id: id.clone(),
             state: DeviceRegistrationState {
@@ -726,7 +721,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 error_code: None,
                 error_message: None,
                 last_updated_date_time_utc: Some(now),
-                etag: Some(self.new_etag()?),
+                etag: Some(etag_from(etag_random)),
                 payload: plan.payload.clone(),
             },
             enrollment: attested.enrollment.reference(),
@@ -1221,7 +1216,6 @@ impl<S: ProvisioningStore> Provisioner<S> {
     }
 }
 
-/// The device-facing registration result of a record.
 /// Standard base64 of `bytes` in a string of exactly its size. (`Engine::encode` zeroes a
 /// buffer with `calloc` first, which costs more than the encoding for the few dozen bytes of a key
 /// or an etag, on every registration.)
@@ -1229,6 +1223,17 @@ fn base64_text(bytes: &[u8]) -> String {
     let mut text = String::with_capacity(base64::encoded_len(bytes.len(), true).unwrap_or_default());
     STANDARD.encode_string(bytes, &mut text);
     text
+}
+
+/// A registration etag from 16 random bytes.
+fn etag_from(random: &[u8; 16]) -> Text {
+    // Real DPS registration etags are base64 of a quoted GUID-like string (spec §1.4).
+    let mut quoted = [b'"'; 38];
+    quoted[1..37].copy_from_slice(&uuid_text(random));
+    let mut text = [0u8; 52];
+    let len = STANDARD.encode_slice(quoted, &mut text).unwrap_or_default();
+    // Base64 is ASCII: always UTF-8.
+    Text::from(std::str::from_utf8(&text[..len]).unwrap_or_default())
 }
 
 fn failed_operation(op: &OperationId, id: &RegistrationId, now: Timestamp, e: &Error) -> OperationRecord {
