@@ -226,6 +226,10 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 /// Reader connections of a file database (the writer is separate).
 const READERS: usize = 4;
 
+/// Bytes of the database file a reader maps (pages past it, and pages in the WAL, are read
+/// with `pread` as before).
+const READER_MMAP_BYTES: i64 = 1 << 30;
+
 /// WAL pages (4 KiB) after which a commit checkpoints the WAL into the database file.
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 16_384;
 
@@ -420,6 +424,11 @@ impl SqliteStore {
                 let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
                 let conn = Connection::open_with_flags(path, flags).db()?;
                 tune(&conn)?;
+                // A reader's page cache is dropped whenever another connection has committed
+                // since its last read, which under load is every read: the authentication of
+                // each request then re-read its pages with `pread` into freshly allocated cache
+                // entries. Mapped, the pages of the database file are read in place.
+                conn.pragma_update(None, "mmap_size", READER_MMAP_BYTES).db()?;
                 Ok(Mutex::new(conn))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
