@@ -915,6 +915,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// of its twin with the identity's fields.
     pub fn set_lifecycle_events(&mut self, on: bool) {
         self.lifecycle_events = on;
+        self.core.registry.set_lifecycle_events(on);
         if !on {
             drop(self.take_lifecycle_events());
         }
