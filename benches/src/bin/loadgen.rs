@@ -90,6 +90,11 @@ struct Args {
     /// server's CPU per device, read from `/proc`, beside the load generator's own.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Rounds of the two phases, alternating (connect, register, connect, register, ...), each
+    /// round with new devices: every round's ratios are printed, then their medians, so that a
+    /// run is not one sample of the machine's noise. Round 1 uses the ids of a one-round run.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
 }
 
 /// CPU seconds (user + system) a process has used so far, from `/proc/{pid}/stat` (Linux; the
@@ -286,7 +291,7 @@ impl Session {
         pkid: u16,
         topic: String,
         payload: Vec<u8>,
-    ) -> Result<(ResponseTopic, Vec<u8>), String> {
+    ) -> Result<(ResponseTopic, bytes::Bytes), String> {
         let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload);
         publish.pkid = pkid;
         self.send(Packet::Publish(publish)).await?;
@@ -298,7 +303,7 @@ impl Session {
                         self.send(Packet::PubAck(PubAck::new(reply.pkid))).await?;
                     }
                     let topic = ResponseTopic::parse(&reply.topic).map_err(|e| e.to_string())?;
-                    return Ok((topic, reply.payload.to_vec()));
+                    return Ok((topic, reply.payload));
                 }
                 other => return Err(format!("unexpected {other:?}")),
             }
@@ -340,7 +345,9 @@ async fn register_once(
         Packet::SubAck(_) => {}
         other => return Err(format!("expected SUBACK, got {other:?}")),
     }
-    let body = serde_json::to_vec(&serde_json::json!({ "registrationId": id })).map_err(|e| e.to_string())?;
+    // Registration ids need no JSON escaping (lower-case letters, digits, `-._:`), and `login`
+    // has checked this one.
+    let body = format!("{{\"registrationId\":\"{id}\"}}").into_bytes();
     let register = DeviceRequest::Register { rid: "1".to_owned() }.to_string();
     let (mut topic, mut payload) = s.request(2, register, body).await?;
     let mut pkid = 2;
@@ -414,28 +421,41 @@ impl RawDevices {
     }
 }
 
-async fn connect_phase(target: &Arc<Target>, args: &Args) -> Phase {
+/// Registration id prefix of round `round` (from 1) of a phase: `{prefix}-{tag}` in the first
+/// round, `{prefix}-{tag}{round}` after it, so every round brings new devices.
+fn round_prefix(args: &Args, tag: &str, round: u32) -> String {
+    match (tag, round) {
+        ("", 1) => args.prefix.clone(),
+        (_, 1) => format!("{}-{tag}", args.prefix),
+        ("", _) => format!("{}-r{round}", args.prefix),
+        _ => format!("{}-{tag}{round}", args.prefix),
+    }
+}
+
+async fn connect_phase(target: &Arc<Target>, args: &Args, round: u32) -> Phase {
     let raw = RawDevices::new(target);
+    let prefix = round_prefix(args, "c", round);
     run_phase(args.devices, args.concurrency, |n| {
-        let id = format!("{}-c-{n}", args.prefix);
+        let id = format!("{prefix}-{n}");
         let (username, token) = raw.login(target, &id);
         connect_once(target.host.clone(), raw.server_name.clone(), raw.tls.clone(), id, username, token)
     })
     .await
 }
 
-async fn register_phase(target: &Arc<Target>, args: &Args) -> Phase {
+async fn register_phase(target: &Arc<Target>, args: &Args, round: u32) -> Phase {
+    let prefix = round_prefix(args, "", round);
     if args.client == "raw" {
         let raw = RawDevices::new(target);
         return run_phase(args.devices, args.concurrency, |n| {
-            let id = format!("{}-{n}", args.prefix);
+            let id = format!("{prefix}-{n}");
             let (username, token) = raw.login(target, &id);
             register_once(target.host.clone(), raw.server_name.clone(), raw.tls.clone(), id, username, token)
         })
         .await;
     }
     run_phase(args.devices, args.concurrency, |n| {
-        let id = format!("{}-{n}", args.prefix);
+        let id = format!("{prefix}-{n}");
         let target = Arc::clone(target);
         async move {
             let client = ProvisioningClient::builder(target.id_scope.as_str(), id.as_str())
@@ -497,35 +517,106 @@ async fn main() {
             String::new()
         }
     );
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds {
+        if args.rounds > 1 {
+            println!("round {round} of {}", args.rounds);
+        }
+        rounds.push(run_round(&target, &args, round).await);
+    }
+    if rounds.len() > 1 {
+        report_rounds(&rounds);
+    }
+}
+
+/// What one round measured: rates and CPU per device of both processes, by phase.
+#[derive(Default)]
+struct Round {
+    connects_per_s: Option<f64>,
+    registrations_per_s: Option<f64>,
+    connect_cpu_ms: Option<f64>,
+    register_cpu_ms: Option<f64>,
+}
+
+impl Round {
+    fn rate_ratio(&self) -> Option<f64> {
+        Some(self.registrations_per_s? / self.connects_per_s?)
+    }
+
+    fn cpu_ratio(&self) -> Option<f64> {
+        Some(self.connect_cpu_ms? / self.register_cpu_ms?)
+    }
+}
+
+/// The phases of one round (those not skipped), each reported as it ends, then its ratios.
+async fn run_round(target: &Arc<Target>, args: &Args, round: u32) -> Round {
     let connect = if args.skip_connect {
         None
     } else {
         let meter = CpuMeter::start(args.server_pid);
-        let mut p = connect_phase(&target, &args).await;
+        let mut p = connect_phase(target, args, round).await;
         p.cpu_ms = meter.per_device(p.ok + p.failed);
         p.report("connect");
         Some(p)
     };
-    if args.skip_register {
-        return;
-    }
-    let meter = CpuMeter::start(args.server_pid);
-    let mut register = register_phase(&target, &args).await;
-    register.cpu_ms = meter.per_device(register.ok + register.failed);
-    register.report("register");
-    if let Some(c) = connect {
+    let register = if args.skip_register {
+        None
+    } else {
+        let meter = CpuMeter::start(args.server_pid);
+        let mut p = register_phase(target, args, round).await;
+        p.cpu_ms = meter.per_device(p.ok + p.failed);
+        p.report("register");
+        Some(p)
+    };
+    let out = Round {
+        connects_per_s: connect.as_ref().map(Phase::rate),
+        registrations_per_s: register.as_ref().map(Phase::rate),
+        connect_cpu_ms: connect.as_ref().and_then(Phase::cpu_total_ms),
+        register_cpu_ms: register.as_ref().and_then(Phase::cpu_total_ms),
+    };
+    if let (Some(c), Some(r)) = (connect, register) {
         println!(
             "ratio registrations/s : connects/s = {:.1} : {:.1} = {:.3}",
-            register.rate(),
+            r.rate(),
             c.rate(),
-            register.rate() / c.rate()
+            r.rate() / c.rate()
         );
         // Both processes share the machine's cores: when they are the limit, the ratio tends to
         // what a connect costs both over what a registration costs both.
-        if let (Some(c), Some(r)) = (c.cpu_total_ms(), register.cpu_total_ms()) {
+        if let (Some(c), Some(r)) = (c.cpu_total_ms(), r.cpu_total_ms()) {
             println!("ratio by CPU per device (both processes) = {c:.3} ms : {r:.3} ms = {:.3}", c / r);
         }
     }
+    out
+}
+
+/// The median of what `value` gives for the rounds that measured it.
+fn median(rounds: &[Round], value: impl Fn(&Round) -> Option<f64>) -> Option<f64> {
+    let mut values: Vec<f64> = rounds.iter().filter_map(value).collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len().is_multiple_of(2) { (values[mid - 1] + values[mid]) / 2.0 } else { values[mid] })
+}
+
+/// One line per measure over all rounds: each round's value, then their median.
+fn report_rounds(rounds: &[Round]) {
+    let line = |name: &str, digits: usize, value: &dyn Fn(&Round) -> Option<f64>| {
+        let Some(m) = median(rounds, value) else { return };
+        let each: Vec<String> = rounds
+            .iter()
+            .map(|r| value(r).map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}")))
+            .collect();
+        println!("rounds {name:<34} {}  median {m:.digits$}", each.join(" "));
+    };
+    line("connects/s", 1, &|r| r.connects_per_s);
+    line("registrations/s", 1, &|r| r.registrations_per_s);
+    line("connect cpu per device (both), ms", 3, &|r| r.connect_cpu_ms);
+    line("register cpu per device (both), ms", 3, &|r| r.register_cpu_ms);
+    line("ratio registrations/s : connects/s", 3, &Round::rate_ratio);
+    line("ratio by CPU per device", 3, &Round::cpu_ratio);
 }
 
 /// A self-contained server: `serve_mqtt` over `EngineService` with the provisioning store and

@@ -475,6 +475,8 @@ pub struct EmbeddedHub<
     methods: MethodCalls,
     now: Timestamp,
     queued: Mutex<Vec<LifecycleEvent>>,
+    /// Whether lifecycle events are built and queued (see [`EmbeddedHub::set_lifecycle_events`]).
+    lifecycle_events: bool,
     /// Bumped by every call that may write the stores; a query snapshot older than it is rebuilt.
     generation: AtomicU64,
     /// Per collection (devices, modules, jobs): the generation it was built at and the
@@ -530,6 +532,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
             methods,
             now: Timestamp::EPOCH,
             queued: Mutex::new(Vec::new()),
+            lifecycle_events: true,
             generation: AtomicU64::new(0),
             snapshots: Mutex::new([None, None, None]),
         })
@@ -547,6 +550,9 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     }
 
     fn queue(&self, events: Vec<LifecycleEvent>) {
+        if !self.lifecycle_events {
+            return;
+        }
         self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(events);
     }
 
@@ -797,10 +803,12 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
                 match self.core.twins.put_twin(&key, &doc, &Precondition::MustNotExist) {
                     // The events carry the twin just written and the identity as created: no
                     // reading either back (what `settle` does for twins it did not write).
+                    Ok(()) if !self.lifecycle_events => {}
                     Ok(()) => {
                         let twin = device_twin_value(&applied.value, &doc)?;
                         self.queue(applied.events.into_iter().map(|e| e.with_twin(twin.clone())).collect());
                     }
+                    Err(StoreError::AlreadyExists) if !self.lifecycle_events => {}
                     Err(StoreError::AlreadyExists) => self.queue(self.core.settle(applied.events, now)?),
                     Err(e) => return Err(e.into()),
                 }
@@ -864,7 +872,9 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         }
         let applied = self.core.registry.create_device(body, now)?;
         put_new_twin(&self.core.twins, &TwinKey::device(device.device_id.clone()), &doc)?;
-        self.queue(self.core.settle(applied.events, now)?);
+        if self.lifecycle_events {
+            self.queue(self.core.settle(applied.events, now)?);
+        }
         Ok(())
     }
 
@@ -896,6 +906,18 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
             }
             HubAction::Provision { hub, .. } | HubAction::Remove { hub, .. } => Err(self.not_owned(hub)),
             HubAction::Migrate { to_hub, .. } => Err(self.not_owned(to_hub)),
+        }
+    }
+
+    /// Whether what [`HubRegistry`] applies (provisioning, migration, removal) queues lifecycle
+    /// events for [`EmbeddedHub::take_lifecycle_events`]; on by default. A host that routes no
+    /// events turns them off, and each provisioned device then skips building the event's copy
+    /// of its twin with the identity's fields.
+    pub fn set_lifecycle_events(&mut self, on: bool) {
+        self.lifecycle_events = on;
+        self.core.registry.set_lifecycle_events(on);
+        if !on {
+            drop(self.take_lifecycle_events());
         }
     }
 }
@@ -1037,6 +1059,45 @@ mod tests {
     use super::*;
     use crate::crypto::RingCrypto;
     use crate::query::{execute, execute_shared, parse};
+
+    fn provision(hub: &mut EmbeddedHub, name: &str) {
+        let action = HubAction::Provision {
+            hub: hub.host_name().to_owned().into(),
+            device: ProvisionedDevice {
+                device_id: DeviceId::new(name).unwrap(),
+                auth: DeviceAuth::SymmetricKey {
+                    primary_key: "cHJpbWFyeS1rZXktb2YtdGhlLWRldmljZQ==".to_owned(),
+                    secondary_key: "c2Vjb25kYXJ5LWtleS1vZi10aGUtZGV2aWNl".to_owned(),
+                },
+                iot_edge: false,
+            },
+            twin: TwinSetup::KeepOrInitial(InitialTwin {
+                tags: Some(json!({ "site": "north" })),
+                ..InitialTwin::default()
+            }),
+        };
+        hub.apply_at(&action, Timestamp::from_unix_secs(1_767_225_600)).unwrap();
+    }
+
+    #[test]
+    fn a_hub_with_lifecycle_events_off_provisions_devices_and_queues_no_events() {
+        let mut hub = EmbeddedHub::in_memory("quiet.example", Arc::new(RingCrypto::new())).unwrap();
+        provision(&mut hub, "queued-before");
+        hub.set_lifecycle_events(false);
+        assert!(hub.take_lifecycle_events().is_empty(), "turning events off drops the queued ones");
+        provision(&mut hub, "quiet");
+        assert!(hub.take_lifecycle_events().is_empty());
+        let twin = hub.device_twin(&DeviceId::new("quiet").unwrap()).unwrap();
+        assert_eq!(twin["tags"]["site"], "north");
+        assert!(hub.registry().device(&DeviceId::new("quiet").unwrap()).is_ok());
+
+        hub.set_lifecycle_events(true);
+        provision(&mut hub, "announced");
+        let events = hub.take_lifecycle_events();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].device_id.as_str(), "announced");
+        assert_eq!(events[0].body["tags"]["site"], "north");
+    }
 
     #[test]
     fn a_shared_query_over_the_hub_sees_the_twins_a_copied_one_sees_and_the_next_write() {

@@ -226,6 +226,10 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 /// Reader connections of a file database (the writer is separate).
 const READERS: usize = 4;
 
+/// Bytes of the database file a reader maps (pages past it, and pages in the WAL, are read
+/// with `pread` as before).
+const READER_MMAP_BYTES: i64 = 1 << 30;
+
 /// WAL pages (4 KiB) after which a commit checkpoints the WAL into the database file.
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 16_384;
 
@@ -339,6 +343,10 @@ struct Writer {
     units: Cell<u32>,
     /// A unit could not be undone: the batch must be rolled back, not committed.
     poisoned: Cell<bool>,
+    /// A store call nested in the running top-level unit failed after changing rows. Nested
+    /// calls run without a savepoint of their own, so their writes cannot be undone alone: the
+    /// top-level unit is rolled back and fails, whatever its closure made of the error.
+    tainted: Cell<bool>,
     /// Whether units wait to be committed together (file databases; an in-memory database has
     /// no readers, so an open batch would block every read).
     batching: bool,
@@ -420,6 +428,11 @@ impl SqliteStore {
                 let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
                 let conn = Connection::open_with_flags(path, flags).db()?;
                 tune(&conn)?;
+                // A reader's page cache is dropped whenever another connection has committed
+                // since its last read, which under load is every read: the authentication of
+                // each request then re-read its pages with `pread` into freshly allocated cache
+                // entries. Mapped, the pages of the database file are read in place.
+                conn.pragma_update(None, "mmap_size", READER_MMAP_BYTES).db()?;
                 Ok(Mutex::new(conn))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -445,6 +458,7 @@ impl SqliteStore {
             batch: Cell::new(0),
             units: Cell::new(0),
             poisoned: Cell::new(false),
+            tainted: Cell::new(false),
             batching: !readers.is_empty(),
             staged: RefCell::new(Vec::new()),
         };
@@ -540,7 +554,12 @@ impl SqliteStore {
     /// Runs `f` as one unit of writes: committed when `f` succeeds (possibly together with
     /// other threads' units), undone when it fails. Returns only once the unit is committed.
     /// Called again from inside `f` on the same thread (a store method inside
-    /// [`RegistrationStore::atomically`]), it nests as a savepoint of the enclosing unit.
+    /// [`RegistrationStore::atomically`]), it runs inside the enclosing unit (see [`nested`]).
+    ///
+    /// Savepoints cost a copy of every page a unit changes (the statement journal), so only
+    /// a unit that joins an open batch gets one, to be undone without its batch-mates. The unit
+    /// that opens a batch runs without: while it runs it is the batch's only unit, so when it
+    /// fails the whole transaction is rolled back instead.
     ///
     /// [`RegistrationStore::atomically`]: zerotouch_engine::store::RegistrationStore::atomically
     fn unit<T, E: From<StoreError>>(&self, f: impl FnOnce(&Connection) -> Result<T, E>) -> Result<T, E> {
@@ -548,12 +567,13 @@ impl SqliteStore {
         let inner = &*self.inner;
         if inner.writer.is_owned_by_current_thread() {
             let writer = inner.writer.lock();
-            return savepoint(&writer, f);
+            return if writer.open.get() { nested(&writer, f) } else { savepoint(&writer, f) };
         }
         inner.waiting.fetch_add(1, Ordering::SeqCst);
         let writer = inner.writer.lock();
         inner.waiting.fetch_sub(1, Ordering::SeqCst);
-        if !writer.open.get() {
+        let opens = !writer.open.get();
+        if opens {
             exec(&writer.conn, "BEGIN IMMEDIATE")?;
             writer.open.set(true);
             writer.poisoned.set(false);
@@ -562,8 +582,20 @@ impl SqliteStore {
         }
         let batch = writer.batch.get();
         writer.units.set(writer.units.get() + 1);
+        writer.tainted.set(false);
         let finish = FinishBatch { store: self, writer: &writer, batch };
-        let out = savepoint(&writer, f);
+        let out = if opens {
+            let out = untainted(&writer, f(&writer.conn));
+            if out.is_err() {
+                // The batch holds this unit only: rolling it back undoes exactly the unit.
+                writer.poisoned.set(true);
+                drop(finish);
+                return out;
+            }
+            out
+        } else {
+            savepoint(&writer, f)
+        };
         let leave_open = writer.batching
             && !writer.poisoned.get()
             && writer.units.get() < MAX_BATCH_UNITS
@@ -784,7 +816,7 @@ fn savepoint<T, E: From<StoreError>>(
 ) -> Result<T, E> {
     exec(&writer.conn, "SAVEPOINT unit")?;
     let staged_before = writer.staged.borrow().len();
-    let out = f(&writer.conn);
+    let out = untainted(writer, f(&writer.conn));
     let end = if out.is_ok() {
         exec(&writer.conn, "RELEASE unit")
     } else {
@@ -795,6 +827,35 @@ fn savepoint<T, E: From<StoreError>>(
         // The unit's writes may be half in the transaction: it must not be committed.
         writer.poisoned.set(true);
         return Err(StoreError::Backend(format!("ending a unit: {e}")).into());
+    }
+    out
+}
+
+/// Runs `f`, a store call made inside a unit of this thread, on the unit's transaction without a
+/// savepoint of its own: its writes are undone with its enclosing unit. The engine may go on
+/// after a failed call (a refused `MustNotExist` twin write, say); such refusals come before
+/// any write, and a call that failed after changing rows (or after SQLite rolled the whole
+/// transaction back) taints the enclosing unit, which then fails (see [`untainted`]).
+fn nested<T, E: From<StoreError>>(
+    writer: &Writer,
+    f: impl FnOnce(&Connection) -> Result<T, E>,
+) -> Result<T, E> {
+    // A failed statement leaves no changes and does not count in `total_changes`.
+    let before = writer.conn.total_changes();
+    let out = f(&writer.conn);
+    if out.is_err() && (writer.conn.total_changes() != before || writer.conn.is_autocommit()) {
+        writer.tainted.set(true);
+    }
+    out
+}
+
+/// A top-level unit's result, turned into a failure when a nested call tainted it.
+fn untainted<T, E: From<StoreError>>(writer: &Writer, out: Result<T, E>) -> Result<T, E> {
+    if out.is_ok() && writer.tainted.get() {
+        return Err(StoreError::Backend(
+            "sqlite: a write inside the unit failed after changing rows, so the unit was undone".to_owned(),
+        )
+        .into());
     }
     out
 }
@@ -882,6 +943,71 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// A unit that inserts `name`, then makes a nested store call that writes and fails, and
+    /// carries on as if the call's failure did not matter.
+    fn unit_ignoring_a_half_written_nested_call(store: &SqliteStore, name: &str) -> Result<(), StoreError> {
+        store.unit(|c| {
+            c.execute("INSERT INTO hubs (name) VALUES (?1)", [name]).db()?;
+            let nested: Result<(), StoreError> = store.unit(|c| {
+                c.execute("INSERT INTO hubs (name) VALUES (?1)", [format!("{name}-half")]).db()?;
+                Err(StoreError::Backend("refused after a write".to_owned()))
+            });
+            assert!(nested.is_err());
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn a_unit_whose_nested_call_failed_after_writing_keeps_none_of_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        for store in
+            [SqliteStore::open_in_memory().unwrap(), SqliteStore::open(dir.path().join("t.db")).unwrap()]
+        {
+            assert!(unit_ignoring_a_half_written_nested_call(&store, "first").is_err());
+            assert_eq!(store.hub_names().unwrap(), Vec::<String>::new());
+        }
+    }
+
+    #[test]
+    fn a_nested_call_refused_before_writing_leaves_its_unit_good() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        store
+            .unit(|c| {
+                c.execute("INSERT INTO hubs (name) VALUES ('kept')", []).db()?;
+                let refused: Result<(), StoreError> =
+                    store.unit(|_| Err(StoreError::Backend("refused before writing".to_owned())));
+                assert!(refused.is_err());
+                Ok::<(), StoreError>(())
+            })
+            .unwrap();
+        assert_eq!(store.hub_names().unwrap(), vec!["kept".to_owned()]);
+    }
+
+    #[test]
+    fn a_unit_joining_a_batch_fails_alone_when_its_nested_call_failed_after_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db")).unwrap();
+        let started = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            let opener = s.spawn(|| {
+                store.unit(|c| {
+                    c.execute("INSERT INTO hubs (name) VALUES ('opener')", []).db()?;
+                    started.wait();
+                    // Hold the batch open until the other unit waits for it, so it joins.
+                    while store.inner.waiting.load(Ordering::SeqCst) == 0 {
+                        std::thread::yield_now();
+                    }
+                    Ok::<(), StoreError>(())
+                })
+            });
+            started.wait();
+            let joiner = unit_ignoring_a_half_written_nested_call(&store, "joiner");
+            assert!(joiner.is_err());
+            opener.join().unwrap().unwrap();
+        });
+        assert_eq!(store.hub_names().unwrap(), vec!["opener".to_owned()]);
+    }
 
     #[test]
     fn a_version_1_database_keeps_its_hub_rows_under_the_unnamed_hub() {

@@ -12,6 +12,7 @@ pub mod heartbeat;
 pub mod jobs;
 pub mod store;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -154,6 +155,8 @@ pub struct Registry<S> {
     crypto: Arc<dyn CryptoProvider>,
     config: RegistryConfig,
     last_sequence: Mutex<(i64, u64)>,
+    /// Whether writes return lifecycle events (see [`Registry::set_lifecycle_events`]).
+    lifecycle_events: AtomicBool,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Registry<S> {
@@ -168,7 +171,13 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Registry<S> {
 impl<S: IdentityStore> Registry<S> {
     /// A registry over `store`.
     pub fn new(store: S, crypto: Arc<dyn CryptoProvider>, config: RegistryConfig) -> Self {
-        Self { store, crypto, config, last_sequence: Mutex::new((0, 0)) }
+        Self {
+            store,
+            crypto,
+            config,
+            last_sequence: Mutex::new((0, 0)),
+            lifecycle_events: AtomicBool::new(true),
+        }
     }
 
     /// The underlying store.
@@ -258,8 +267,8 @@ impl<S: IdentityStore> Registry<S> {
             ),
             other => other.into(),
         })?;
-        let event = self.lifecycle(true, &device.device_id, None, now);
-        Ok(Applied { value: device, events: vec![event] })
+        let events = self.lifecycle_events(|| vec![self.lifecycle(true, &device.device_id, None, now)]);
+        Ok(Applied { value: device, events })
     }
 
     /// Updates an existing device if `if_match` holds (`Absent` behaves like `*` here).
@@ -344,9 +353,12 @@ impl<S: IdentityStore> Registry<S> {
             IfMatch::Tag(t) => Precondition::Matches(t.clone()),
         };
         let (device, modules) = self.store.delete_device(id, &pre).map_err(|e| device_store_error(e, id))?;
-        let mut events: Vec<LifecycleEvent> =
-            modules.iter().map(|m| self.lifecycle(false, id, Some(&m.module_id), now)).collect();
-        events.push(self.lifecycle(false, id, None, now));
+        let events = self.lifecycle_events(|| {
+            let mut events: Vec<LifecycleEvent> =
+                modules.iter().map(|m| self.lifecycle(false, id, Some(&m.module_id), now)).collect();
+            events.push(self.lifecycle(false, id, None, now));
+            events
+        });
         Ok(Applied { value: device, events })
     }
 
@@ -539,8 +551,9 @@ impl<S: IdentityStore> Registry<S> {
             StoreError::NotFound => device_not_found(&module.device_id),
             other => other.into(),
         })?;
-        let event = self.lifecycle(true, &module.device_id, Some(&module.module_id), now);
-        Ok(Applied { value: module, events: vec![event] })
+        let events = self
+            .lifecycle_events(|| vec![self.lifecycle(true, &module.device_id, Some(&module.module_id), now)]);
+        Ok(Applied { value: module, events })
     }
 
     /// Updates an existing module if `if_match` holds (`Absent` behaves like `*`).
@@ -592,11 +605,20 @@ impl<S: IdentityStore> Registry<S> {
             .store
             .delete_module(device_id, module_id, &pre)
             .map_err(|e| module_store_error(e, device_id, module_id))?;
-        let event = self.lifecycle(false, device_id, Some(module_id), now);
-        Ok(Applied { value: module, events: vec![event] })
+        let events = self.lifecycle_events(|| vec![self.lifecycle(false, device_id, Some(module_id), now)]);
+        Ok(Applied { value: module, events })
     }
 
     // ---- helpers -------------------------------------------------------------------------
+
+    /// The events `make` builds, when lifecycle events are on.
+    fn lifecycle_events(&self, make: impl FnOnce() -> Vec<LifecycleEvent>) -> Vec<LifecycleEvent> {
+        if self.lifecycle_events.load(Ordering::Relaxed) {
+            make()
+        } else {
+            Vec::new()
+        }
+    }
 
     fn lifecycle(
         &self,
@@ -723,6 +745,12 @@ impl<S: IdentityStore> Registry<S> {
         let counter = counter.wrapping_add(1);
         *guard = (ticks, counter);
         format!("{:016X}{:016X}{:032X}", 0u64, ticks, counter)
+    }
+
+    /// Whether identity creations and deletions return lifecycle events in
+    /// [`Applied::events`]; on by default. Off, writes return none and skip building them.
+    pub fn set_lifecycle_events(&self, on: bool) {
+        self.lifecycle_events.store(on, Ordering::Relaxed);
     }
 }
 
