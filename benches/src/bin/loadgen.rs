@@ -548,25 +548,26 @@ impl Round {
     }
 }
 
+/// Runs one phase with both processes' CPU metered, and reports it as it ends.
+async fn metered(args: &Args, label: &str, phase: impl std::future::Future<Output = Phase>) -> Phase {
+    let meter = CpuMeter::start(args.server_pid);
+    let mut p = phase.await;
+    p.cpu_ms = meter.per_device(p.ok + p.failed);
+    p.report(label);
+    p
+}
+
 /// The phases of one round (those not skipped), each reported as it ends, then its ratios.
 async fn run_round(target: &Arc<Target>, args: &Args, round: u32) -> Round {
     let connect = if args.skip_connect {
         None
     } else {
-        let meter = CpuMeter::start(args.server_pid);
-        let mut p = connect_phase(target, args, round).await;
-        p.cpu_ms = meter.per_device(p.ok + p.failed);
-        p.report("connect");
-        Some(p)
+        Some(metered(args, "connect", connect_phase(target, args, round)).await)
     };
     let register = if args.skip_register {
         None
     } else {
-        let meter = CpuMeter::start(args.server_pid);
-        let mut p = register_phase(target, args, round).await;
-        p.cpu_ms = meter.per_device(p.ok + p.failed);
-        p.report("register");
-        Some(p)
+        Some(metered(args, "register", register_phase(target, args, round)).await)
     };
     let out = Round {
         connects_per_s: connect.as_ref().map(Phase::rate),
