@@ -31,16 +31,23 @@ fn seen(store: &SqliteStore) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Two handles on one database file, as a running server and an admin command have them (the
+/// directory lives as long as the returned guard).
+fn server_and_cli() -> (tempfile::TempDir, SqliteStore, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zerotouch.sqlite");
+    let server = SqliteStore::open(&path).unwrap();
+    let cli = SqliteStore::open(&path).unwrap();
+    (dir, server, cli)
+}
+
 fn pair(id: &str, key: &str) -> (String, String) {
     (id.to_owned(), key.to_owned())
 }
 
 #[test]
 fn a_group_changed_through_another_handle_of_the_file_is_seen_by_the_next_authentication() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("zerotouch.sqlite");
-    let server = SqliteStore::open(&path).unwrap();
-    let cli = SqliteStore::open(&path).unwrap();
+    let (_dir, server, cli) = server_and_cli();
 
     cli.put_enrollment_group(&group("g1", "a2V5LW9uZQ=="), &Precondition::None).unwrap();
     assert_eq!(seen(&server), [pair("g1", "a2V5LW9uZQ==")]);
@@ -85,10 +92,7 @@ fn a_group_change_that_rolls_back_is_never_seen() {
 
 #[test]
 fn a_group_changed_between_two_authentications_is_seen_by_the_second() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("zerotouch.sqlite");
-    let server = SqliteStore::open(&path).unwrap();
-    let cli = SqliteStore::open(&path).unwrap();
+    let (_dir, server, cli) = server_and_cli();
     let device = RegistrationId::new("meter-1").unwrap();
     cli.put_enrollment_group(&group("g1", "a2V5LW9uZQ=="), &Precondition::None).unwrap();
 
