@@ -610,6 +610,9 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
 
     /// Closes this thread's innermost unit (see [`HubRegistry::end_unit`]).
     fn end(&self, committed: bool) {
+        if !self.lifecycle_events {
+            return;
+        }
         let thread = std::thread::current().id();
         let staged = {
             let mut announcements = self.announcements();
