@@ -186,7 +186,7 @@ pub trait HubRegistry {
         actions.iter().try_for_each(|action| self.apply(action))
     }
 
-    /// A store unit (see `RegistrationStore::atomically`) begins on this thread: what the
+    /// A store unit ([`crate::store::RegistrationStore::atomically`]) begins on this thread: what the
     /// following actions would announce (lifecycle events) waits for the unit's end, since the
     /// unit may still be rolled back and take the actions' writes with it. Units nest; every
     /// call is matched by one [`HubRegistry::end_unit`] on the same thread. A registry that
