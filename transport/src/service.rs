@@ -155,6 +155,20 @@ impl<H: HubRegistry + TimedHubs> HubRegistry for LockedHubs<'_, H> {
     fn apply_all(&mut self, actions: &[HubAction]) -> Result<(), HubError> {
         self.lock()?.apply_all(actions)
     }
+
+    /// Locks only to begin: the registry tells this thread's unit from those of registrations
+    /// running beside it, so the lock need not be held through the store's unit.
+    fn begin_unit(&mut self) {
+        if let Ok(mut hubs) = self.hubs.lock() {
+            hubs.begin_unit();
+        }
+    }
+
+    fn end_unit(&mut self, committed: bool) {
+        if let Ok(mut hubs) = self.hubs.lock() {
+            hubs.end_unit(committed);
+        }
+    }
 }
 
 impl<S, H> DpsService for EngineService<S, H>

@@ -185,6 +185,65 @@ pub trait HubRegistry {
     fn apply_all(&mut self, actions: &[HubAction]) -> Result<(), HubError> {
         actions.iter().try_for_each(|action| self.apply(action))
     }
+
+    /// A store unit ([`crate::store::RegistrationStore::atomically`]) begins on this thread: what the
+    /// following actions would announce (lifecycle events) waits for the unit's end, since the
+    /// unit may still be rolled back and take the actions' writes with it. Units nest; every
+    /// call is matched by one [`HubRegistry::end_unit`] on the same thread. A registry that
+    /// announces nothing keeps the default, which does nothing; one that forwards to another
+    /// registry forwards this too.
+    fn begin_unit(&mut self) {}
+
+    /// The innermost unit this thread began ended: `committed` tells whether its writes were
+    /// kept. A committed unit's announcements go out (once, in order) when no outer unit is
+    /// still open, or join the outer unit's; a rolled-back unit's are dropped, except those
+    /// whose write this registry still sees (its stores were not part of the unit, as an
+    /// in-memory hub beside a database store).
+    fn end_unit(&mut self, committed: bool) {
+        let _ = committed;
+    }
+}
+
+/// A unit of a [`HubRegistry`] that ends when dropped: begun by [`HubUnit::begin`], ended by
+/// [`HubUnit::end`] with its outcome, or as rolled back when dropped without (an early return,
+/// a panic inside the store's unit), so no unit is left open on a thread that runs more.
+pub struct HubUnit<'a> {
+    hub: &'a mut dyn HubRegistry,
+    open: bool,
+}
+
+impl std::fmt::Debug for HubUnit<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubUnit").field("open", &self.open).finish_non_exhaustive()
+    }
+}
+
+impl<'a> HubUnit<'a> {
+    /// Begins a unit on `hub` ([`HubRegistry::begin_unit`]).
+    pub fn begin(hub: &'a mut dyn HubRegistry) -> Self {
+        hub.begin_unit();
+        Self { hub, open: true }
+    }
+
+    /// The registry, to apply the unit's actions.
+    pub fn hub(&mut self) -> &mut dyn HubRegistry {
+        &mut *self.hub
+    }
+
+    /// Ends the unit ([`HubRegistry::end_unit`]) as committed or rolled back.
+    pub fn end(mut self, committed: bool) {
+        self.open = false;
+        self.hub.end_unit(committed);
+    }
+}
+
+impl Drop for HubUnit<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.open = false;
+            self.hub.end_unit(false);
+        }
+    }
 }
 
 /// A hub registry that records every action and accepts them all (for embedding without a hub,

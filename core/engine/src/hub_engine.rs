@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 
 use serde_json::{json, Map, Value};
 use zerotouch_proto::hub::{
@@ -463,6 +464,24 @@ fn hub_err(error: &Error) -> HubError {
 /// The documents of one collection as of a generation of [`EmbeddedHub`] writes.
 type Snapshot = (u64, Arc<IndexedSource>);
 
+/// A lifecycle event waiting for the end of the unit it was written in, with the generation id
+/// of the identity it names when known: after a rollback it tells the identity the event is
+/// about from one another registration wrote since under the same id.
+struct Staged {
+    event: LifecycleEvent,
+    generation: Option<String>,
+}
+
+/// Lifecycle events ready for [`EmbeddedHub::take_lifecycle_events`], and those written in
+/// units still open.
+#[derive(Default)]
+struct Announcements {
+    queued: Vec<LifecycleEvent>,
+    /// Per thread with an open unit (a store runs a unit on the thread that asks for it, so
+    /// concurrent registrations sharing the hub stage apart), per depth, outermost first.
+    units: Vec<(ThreadId, Vec<Vec<Staged>>)>,
+}
+
 /// One embedded hub: registry, twins, jobs and direct methods behind one sans-I/O API.
 pub struct EmbeddedHub<
     I: IdentityStore = MemoryIdentityStore,
@@ -474,7 +493,7 @@ pub struct EmbeddedHub<
     planner: JobPlanner<J, Arc<HubCore<I, T>>>,
     methods: MethodCalls,
     now: Timestamp,
-    queued: Mutex<Vec<LifecycleEvent>>,
+    announcements: Mutex<Announcements>,
     /// Whether lifecycle events are built and queued (see [`EmbeddedHub::set_lifecycle_events`]).
     lifecycle_events: bool,
     /// Bumped by every call that may write the stores; a query snapshot older than it is rebuilt.
@@ -531,7 +550,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
             planner,
             methods,
             now: Timestamp::EPOCH,
-            queued: Mutex::new(Vec::new()),
+            announcements: Mutex::new(Announcements::default()),
             lifecycle_events: true,
             generation: AtomicU64::new(0),
             snapshots: Mutex::new([None, None, None]),
@@ -544,16 +563,103 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     }
 
     /// Takes the lifecycle events of identities created or deleted through [`HubRegistry`]
-    /// (provisioning, migration, removal), oldest first, for the transport to route.
+    /// (provisioning, migration, removal), oldest first, for the transport to route. Events
+    /// written inside a unit ([`HubRegistry::begin_unit`]) come once the unit committed, never
+    /// when it was rolled back.
     pub fn take_lifecycle_events(&self) -> Vec<LifecycleEvent> {
-        std::mem::take(&mut *self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        std::mem::take(&mut self.announcements().queued)
     }
 
-    fn queue(&self, events: Vec<LifecycleEvent>) {
+    fn announcements(&self) -> std::sync::MutexGuard<'_, Announcements> {
+        self.announcements.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues `events`, or stages them in this thread's innermost open unit. `generation` is
+    /// the generation id of the device the device-level events are about.
+    fn queue(&self, events: Vec<LifecycleEvent>, generation: Option<&str>) {
+        if !self.lifecycle_events || events.is_empty() {
+            return;
+        }
+        let mut announcements = self.announcements();
+        let Announcements { queued, units } = &mut *announcements;
+        if !units.is_empty() {
+            let thread = std::thread::current().id();
+            if let Some(unit) = units.iter_mut().find(|(t, _)| *t == thread).and_then(|(_, d)| d.last_mut()) {
+                unit.extend(events.into_iter().map(|event| Staged {
+                    generation: generation.filter(|_| event.module_id.is_none()).map(str::to_owned),
+                    event,
+                }));
+                return;
+            }
+        }
+        queued.extend(events);
+    }
+
+    /// Opens a unit on this thread (see [`HubRegistry::begin_unit`]).
+    fn begin(&self) {
         if !self.lifecycle_events {
             return;
         }
-        self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(events);
+        let thread = std::thread::current().id();
+        let mut announcements = self.announcements();
+        match announcements.units.iter_mut().find(|(t, _)| *t == thread) {
+            Some((_, depths)) => depths.push(Vec::new()),
+            None => announcements.units.push((thread, vec![Vec::new()])),
+        }
+    }
+
+    /// Closes this thread's innermost unit (see [`HubRegistry::end_unit`]).
+    fn end(&self, committed: bool) {
+        if !self.lifecycle_events {
+            return;
+        }
+        let thread = std::thread::current().id();
+        let staged = {
+            let mut announcements = self.announcements();
+            let units = &mut announcements.units;
+            let Some(at) = units.iter().position(|(t, _)| *t == thread) else {
+                return;
+            };
+            let staged = units[at].1.pop().unwrap_or_default();
+            if units[at].1.is_empty() {
+                units.swap_remove(at);
+            }
+            staged
+        };
+        if staged.is_empty() {
+            return;
+        }
+        // Read outside the lock: the stores may be a database.
+        let kept: Vec<Staged> =
+            if committed { staged } else { staged.into_iter().filter(|s| self.still_holds(s)).collect() };
+        let mut announcements = self.announcements();
+        let Announcements { queued, units } = &mut *announcements;
+        match units.iter_mut().find(|(t, _)| *t == thread).and_then(|(_, d)| d.last_mut()) {
+            Some(outer) => outer.extend(kept),
+            None => queued.extend(kept.into_iter().map(|s| s.event)),
+        }
+    }
+
+    /// Whether the write `staged` announces is still in the stores after its unit was rolled
+    /// back: stores outside the unit (an in-memory hub beside a database store) kept it, a
+    /// store sharing the unit's database undid it. A failed read counts as undone.
+    fn still_holds(&self, staged: &Staged) -> bool {
+        let store = self.core.registry.store();
+        let event = &staged.event;
+        let found = match &event.module_id {
+            None => store.device(&event.device_id).map(|d| d.map(|d| d.generation_id)),
+            Some(m) => store.module(&event.device_id, m).map(|m| m.map(|m| m.generation_id)),
+        };
+        let Ok(found) = found else {
+            return false;
+        };
+        // The identity the event names is there: the same one, unless its generation differs.
+        let present = match (found, &staged.generation) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(found), Some(witness)) => found.as_ref() == Some(witness),
+        };
+        present == is_create(event.op_type)
     }
 
     /// Marks the query snapshots stale. Called by everything that writes, or hands out access
@@ -806,10 +912,16 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
                     Ok(()) if !self.lifecycle_events => {}
                     Ok(()) => {
                         let twin = device_twin_value(&applied.value, &doc)?;
-                        self.queue(applied.events.into_iter().map(|e| e.with_twin(twin.clone())).collect());
+                        self.queue(
+                            applied.events.into_iter().map(|e| e.with_twin(twin.clone())).collect(),
+                            applied.value.generation_id.as_deref(),
+                        );
                     }
                     Err(StoreError::AlreadyExists) if !self.lifecycle_events => {}
-                    Err(StoreError::AlreadyExists) => self.queue(self.core.settle(applied.events, now)?),
+                    Err(StoreError::AlreadyExists) => self.queue(
+                        self.core.settle(applied.events, now)?,
+                        applied.value.generation_id.as_deref(),
+                    ),
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -868,12 +980,13 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         .map_err(|e| Error::BadRequest(e.to_string()))?;
         let body = Device { authentication: Some(auth_mechanism(&device.auth)), ..body };
         if self.core.registry.device(&device.device_id).is_ok() {
-            self.queue(self.delete_device(&device.device_id, &IfMatch::Any, now)?.events);
+            let deleted = self.delete_device(&device.device_id, &IfMatch::Any, now)?;
+            self.queue(deleted.events, deleted.value.generation_id.as_deref());
         }
         let applied = self.core.registry.create_device(body, now)?;
         put_new_twin(&self.core.twins, &TwinKey::device(device.device_id.clone()), &doc)?;
         if self.lifecycle_events {
-            self.queue(self.core.settle(applied.events, now)?);
+            self.queue(self.core.settle(applied.events, now)?, applied.value.generation_id.as_deref());
         }
         Ok(())
     }
@@ -898,7 +1011,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
             HubAction::Remove { hub, device_id } if *hub == self.host_name => {
                 match self.delete_device(device_id, &IfMatch::Any, now) {
                     Ok(applied) => {
-                        self.queue(applied.events);
+                        self.queue(applied.events, applied.value.generation_id.as_deref());
                         Ok(())
                     }
                     Err(e) => Err(hub_err(&e)),
@@ -917,7 +1030,10 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         self.lifecycle_events = on;
         self.core.registry.set_lifecycle_events(on);
         if !on {
-            drop(self.take_lifecycle_events());
+            // Units open now announce nothing, whatever their outcome.
+            let mut announcements = self.announcements();
+            announcements.queued.clear();
+            announcements.units.clear();
         }
     }
 }
@@ -925,6 +1041,17 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
 impl<I: IdentityStore, T: TwinStore, J: JobStore> HubRegistry for EmbeddedHub<I, T, J> {
     fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
         self.apply_at(action, self.now)
+    }
+
+    /// Lifecycle events written until the matching [`HubRegistry::end_unit`] wait for it.
+    fn begin_unit(&mut self) {
+        self.begin();
+    }
+
+    /// Queues the unit's events when it committed (or hands them to the outer unit); after a
+    /// rollback keeps only those whose write the stores still hold (stores outside the unit).
+    fn end_unit(&mut self, committed: bool) {
+        self.end(committed);
     }
 }
 
@@ -1026,7 +1153,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHubs<I, T, J> {
         let old = self.hubs.get(from_hub).ok_or_else(|| Self::unknown(from_hub))?;
         match old.delete_device(from_device_id, &IfMatch::Any, now) {
             Ok(applied) => {
-                old.queue(applied.events);
+                old.queue(applied.events, applied.value.generation_id.as_deref());
                 Ok(())
             }
             Err(Error::Hub { code, .. }) if code == HubErrorCode::DeviceNotFound.code() => Ok(()),
@@ -1046,6 +1173,15 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> HubRegistry for EmbeddedHubs<I
                 self.migrate(from_hub, from_device_id, to_hub, device)
             }
         }
+    }
+
+    /// Begins the unit in every hub (an action of the unit may reach any of them).
+    fn begin_unit(&mut self) {
+        self.hubs.values().for_each(EmbeddedHub::begin);
+    }
+
+    fn end_unit(&mut self, committed: bool) {
+        self.hubs.values().for_each(|hub| hub.end(committed));
     }
 }
 

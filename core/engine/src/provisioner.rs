@@ -683,8 +683,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
 
         // The hub actions and the record are one unit: a crash or a failure in between leaves
         // neither the device without its record nor a record naming a device never created.
-        self.store.atomically(&mut || {
-            hub.apply_all(plan.actions.as_slice()).map_err(|e| {
+        // The hub learns how the unit ended, so it announces only identities that stayed.
+        let mut unit = crate::hub::HubUnit::begin(hub);
+        let result = self.store.atomically(&mut || {
+            unit.hub().apply_all(plan.actions.as_slice()).map_err(|e| {
                 if e.is_conflict() {
                     // The hub's state changed under the round (a concurrent registration, a
                     // transaction conflict in a shared database): decide again, as for a record
@@ -695,7 +697,9 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 }
             })?;
             self.commit_assigned(round, attested, plan, created, initial_hub, &pre)
-        })
+        });
+        unit.end(result.is_ok());
+        result
     }
 
     /// Writes the final `assigned` record and its operation.

@@ -6,28 +6,39 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 use zerotouch_engine::allocation::Allocator;
+use zerotouch_engine::attestation::symmetric::registration_token;
+use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::enrollments;
+use zerotouch_engine::error::{Error, StoreError};
 use zerotouch_engine::hub::{DeviceAuth, HubAction, HubRegistry, LinkedHub, ProvisionedDevice, TwinSetup};
 use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs, HUB_NOT_FOUND};
+use zerotouch_engine::jobs::{JobLimits, MemoryJobStore};
 use zerotouch_engine::memory::MemoryStore;
-use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
+use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
 use zerotouch_engine::query::{execute, parse};
 use zerotouch_engine::registry::LifecycleOperation;
-use zerotouch_engine::registry::TwinSink;
-use zerotouch_engine::store::PageRequest;
-use zerotouch_engine::twin::{TwinOperation, TwinStore};
+use zerotouch_engine::registry::{IdentityStore, MemoryIdentityStore, TwinSink};
+use zerotouch_engine::store::{
+    CaCertificate, CaCertificateStore, EnrollmentGroupStore, EnrollmentStore, OperationRecord, Page,
+    PageRequest, Precondition, RegistrationRecord, RegistrationStore,
+};
+use zerotouch_engine::twin::{MemoryTwinStore, TwinOperation, TwinStore};
+use zerotouch_proto::device::{DeviceRegistration, RegistrationStatus};
 use zerotouch_proto::hub::{DeviceStatus, ExportImportDevice};
 use zerotouch_proto::jobs::{JobRequest, JobStatus};
-use zerotouch_proto::service::{AllocationPolicy, InitialTwin};
-use zerotouch_proto::{DeviceId, IdScope, IfMatch};
+use zerotouch_proto::service::{AllocationPolicy, EnrollmentGroup, IndividualEnrollment, InitialTwin};
+use zerotouch_proto::{
+    DeviceId, EnrollmentGroupId, IdScope, IfMatch, OperationId, RegistrationId, Timestamp,
+};
 use zerotouch_testkit::sim::Simulator;
 
 use common::{assigned, individual, symmetric_attestation, symmetric_device, EnrollOptions, SCOPE};
@@ -430,4 +441,362 @@ fn a_device_provisioned_again_with_its_keys_keeps_its_identity_and_new_keys_repl
     assert_eq!(keys.primary_key, Some(STANDARD.encode([1u8; 32])));
     assert_eq!(keys.secondary_key, Some(STANDARD.encode([2u8; 32])));
     assert!(hub.take_lifecycle_events().is_empty(), "updates are not lifecycle events");
+}
+
+// Lifecycle events of registrations whose store unit commits or is rolled back.
+
+type SharedHub = EmbeddedHub<Arc<MemoryIdentityStore>, Arc<MemoryTwinStore>, MemoryJobStore>;
+type SharedHubs = EmbeddedHubs<Arc<MemoryIdentityStore>, Arc<MemoryTwinStore>, MemoryJobStore>;
+
+/// A provisioning store over memory whose units fail on request. When it holds the hub's
+/// stores it plays a database holding both: a failed unit undoes the identities (and their
+/// twins) it created, which is every hub write these tests make.
+#[derive(Default)]
+struct FaultyUnits {
+    inner: MemoryStore,
+    /// Commits of a record still to refuse as lost to a concurrent registration.
+    lost_commits: AtomicUsize,
+    /// Units still to fail once their work is done (a failed group-commit batch).
+    failed_units: AtomicUsize,
+    hub_stores: Option<(Arc<MemoryIdentityStore>, Arc<MemoryTwinStore>)>,
+}
+
+impl FaultyUnits {
+    fn device_ids(identities: &MemoryIdentityStore) -> Vec<DeviceId> {
+        let page = PageRequest { continuation: None, max_items: 1000 };
+        identities.devices(&page).unwrap().items.into_iter().map(|d| d.device_id).collect()
+    }
+
+    fn take_one(counter: &AtomicUsize) -> bool {
+        counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+}
+
+impl EnrollmentStore for FaultyUnits {
+    fn enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, StoreError> {
+        self.inner.enrollment(id)
+    }
+    fn put_enrollment(&self, e: &IndividualEnrollment, pre: &Precondition) -> Result<(), StoreError> {
+        self.inner.put_enrollment(e, pre)
+    }
+    fn delete_enrollment(&self, id: &RegistrationId, pre: &Precondition) -> Result<(), StoreError> {
+        self.inner.delete_enrollment(id, pre)
+    }
+    fn enrollments(&self, page: &PageRequest) -> Result<Page<IndividualEnrollment>, StoreError> {
+        self.inner.enrollments(page)
+    }
+}
+
+impl EnrollmentGroupStore for FaultyUnits {
+    fn enrollment_group(&self, id: &EnrollmentGroupId) -> Result<Option<EnrollmentGroup>, StoreError> {
+        self.inner.enrollment_group(id)
+    }
+    fn put_enrollment_group(&self, g: &EnrollmentGroup, pre: &Precondition) -> Result<(), StoreError> {
+        self.inner.put_enrollment_group(g, pre)
+    }
+    fn delete_enrollment_group(&self, id: &EnrollmentGroupId, pre: &Precondition) -> Result<(), StoreError> {
+        self.inner.delete_enrollment_group(id, pre)
+    }
+    fn enrollment_groups(&self, page: &PageRequest) -> Result<Page<EnrollmentGroup>, StoreError> {
+        self.inner.enrollment_groups(page)
+    }
+    fn symmetric_key_groups(&self) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
+        self.inner.symmetric_key_groups()
+    }
+    fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
+        self.inner.groups_by_ca_subject(subject_name)
+    }
+}
+
+impl CaCertificateStore for FaultyUnits {
+    fn ca_certificate(&self, name: &str) -> Result<Option<CaCertificate>, StoreError> {
+        self.inner.ca_certificate(name)
+    }
+    fn put_ca_certificate(&self, cert: &CaCertificate, pre: &Precondition) -> Result<(), StoreError> {
+        self.inner.put_ca_certificate(cert, pre)
+    }
+    fn delete_ca_certificate(&self, name: &str, pre: &Precondition) -> Result<(), StoreError> {
+        self.inner.delete_ca_certificate(name, pre)
+    }
+}
+
+impl RegistrationStore for FaultyUnits {
+    fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationRecord>, StoreError> {
+        self.inner.registration(id)
+    }
+    fn commit_registration(
+        &self,
+        record: Arc<RegistrationRecord>,
+        pre: &Precondition,
+        operation: OperationRecord,
+    ) -> Result<(), StoreError> {
+        if Self::take_one(&self.lost_commits) {
+            return Err(StoreError::PreconditionFailed);
+        }
+        self.inner.commit_registration(record, pre, operation)
+    }
+    fn delete_registration(&self, id: &RegistrationId, pre: &Precondition) -> Result<(), StoreError> {
+        self.inner.delete_registration(id, pre)
+    }
+    fn registrations_by_group(
+        &self,
+        group: &EnrollmentGroupId,
+        page: &PageRequest,
+    ) -> Result<Page<RegistrationRecord>, StoreError> {
+        self.inner.registrations_by_group(group, page)
+    }
+    fn put_operation(&self, operation: &OperationRecord) -> Result<(), StoreError> {
+        self.inner.put_operation(operation)
+    }
+    fn operation(&self, id: &OperationId) -> Result<Option<OperationRecord>, StoreError> {
+        self.inner.operation(id)
+    }
+    fn purge_operations(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
+        self.inner.purge_operations(cutoff)
+    }
+    fn atomically(&self, unit: &mut dyn FnMut() -> Result<(), Error>) -> Result<(), Error> {
+        let before = self.hub_stores.as_ref().map(|(identities, _)| Self::device_ids(identities));
+        let mut result = unit();
+        if result.is_ok() && Self::take_one(&self.failed_units) {
+            result = Err(Error::Store(StoreError::Backend("the batch failed to commit".into())));
+        }
+        if let (Err(_), Some((identities, twins)), Some(before)) = (&result, &self.hub_stores, before) {
+            for created in Self::device_ids(identities).into_iter().filter(|d| !before.contains(d)) {
+                identities.delete_device(&created, &Precondition::None).unwrap();
+                for twin in twins.device_twins(&created).unwrap() {
+                    twins.delete_twin(&twin.key, &Precondition::None).unwrap();
+                }
+            }
+        }
+        result
+    }
+}
+
+/// A provisioner over `store` with the plant hub, and the plant hub over memory stores that
+/// `store` may share.
+struct UnitWorld {
+    provisioner: Provisioner<Arc<FaultyUnits>>,
+    hubs: SharedHubs,
+    crypto: RingCrypto,
+}
+
+impl UnitWorld {
+    /// `shared`: whether the hub's stores are part of the provisioning store's units.
+    fn new(shared: bool) -> Self {
+        let crypto = RingCrypto::new();
+        let identities = Arc::new(MemoryIdentityStore::new());
+        let twins = Arc::new(MemoryTwinStore::new());
+        let store = FaultyUnits {
+            hub_stores: shared.then(|| (identities.clone(), twins.clone())),
+            ..FaultyUnits::default()
+        };
+        let provisioner = Provisioner::new(
+            ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
+            Arc::new(store),
+            Arc::new(RingCrypto::new()),
+            Allocator::new(vec![LinkedHub::new(PLANT)]),
+        );
+        let hub = SharedHub::new(
+            PLANT,
+            identities,
+            twins,
+            MemoryJobStore::new(),
+            Arc::new(RingCrypto::new()),
+            JobLimits::default(),
+        )
+        .unwrap();
+        let mut hubs = SharedHubs::new();
+        hubs.insert(hub);
+        hubs.set_now(zerotouch_testkit::sim::START);
+        Self { provisioner, hubs, crypto }
+    }
+
+    fn store(&self) -> &FaultyUnits {
+        self.provisioner.store()
+    }
+
+    fn plant(&self) -> &SharedHub {
+        self.hubs.hub(PLANT).unwrap()
+    }
+
+    /// Enrolls `id` for the plant hub and sends its register request; returns the reply status.
+    fn register(&mut self, id: &str) -> u16 {
+        let now = zerotouch_testkit::sim::START;
+        let o = EnrollOptions {
+            policy: Some(AllocationPolicy::Static),
+            hubs: Some(vec![PLANT.to_owned()]),
+            ..Default::default()
+        };
+        let enrollment = match self.store().enrollment(&RegistrationId::new(id).unwrap()).unwrap() {
+            Some(e) => e,
+            None => enrollments::put_enrollment(
+                self.provisioner.store(),
+                &self.crypto,
+                now,
+                individual(id, symmetric_attestation(), &o),
+                &IfMatch::Absent,
+            )
+            .unwrap(),
+        };
+        let key =
+            STANDARD.decode(enrollment.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap();
+        let token = registration_token(&self.crypto, &key, SCOPE, id, now.unix_secs() + 60).to_string();
+        let request = RegisterRequest {
+            id_scope: SCOPE.into(),
+            registration_id: id.into(),
+            body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
+            credential: Credential::Sas(token),
+        };
+        self.provisioner.handle_register(now, request, &mut self.hubs).status
+    }
+
+    fn assigned(&self, id: &str) -> bool {
+        let record = self.store().registration(&RegistrationId::new(id).unwrap()).unwrap();
+        record.and_then(|r| r.state.status) == Some(RegistrationStatus::Assigned)
+    }
+}
+
+fn created_ids(events: &[zerotouch_engine::registry::LifecycleEvent]) -> Vec<&str> {
+    events
+        .iter()
+        .filter(|e| e.op_type == LifecycleOperation::CreateDeviceIdentity)
+        .map(|e| e.device_id.as_str())
+        .collect()
+}
+
+#[test]
+fn a_registration_whose_round_is_lost_after_the_hub_wrote_announces_its_device_once() {
+    // Hub in the unit's database (the lost round's identity is undone and written again), and
+    // hub beside it (the identity stays and the next round finds it).
+    for shared in [true, false] {
+        let mut w = UnitWorld::new(shared);
+        w.store().lost_commits.store(1, Ordering::SeqCst);
+        assert_eq!(w.register("press-7"), 202);
+        assert!(w.assigned("press-7"), "shared: {shared}");
+        assert!(w.plant().registry().device(&id("press-7")).is_ok());
+        let events = w.plant().take_lifecycle_events();
+        assert_eq!(created_ids(&events), ["press-7"], "shared: {shared}");
+        assert_eq!(events.len(), 1, "shared: {shared}");
+        assert_eq!(events[0].body["tags"], json!({ "plan": "pilot", "floor": 3 }));
+    }
+}
+
+#[test]
+fn a_registration_whose_unit_is_rolled_back_queues_no_lifecycle_event() {
+    let mut w = UnitWorld::new(true);
+    w.store().failed_units.store(1, Ordering::SeqCst);
+    assert_eq!(w.register("press-8"), 500);
+    assert!(w.plant().registry().device(&id("press-8")).is_err(), "the unit took the identity with it");
+    assert!(w.plant().take_lifecycle_events().is_empty());
+
+    // The device tries again: now the identity stays, and is announced once.
+    assert_eq!(w.register("press-8"), 202);
+    assert!(w.assigned("press-8"));
+    assert_eq!(created_ids(&w.plant().take_lifecycle_events()), ["press-8"]);
+    assert!(w.plant().take_lifecycle_events().is_empty());
+}
+
+#[test]
+fn a_failed_unit_still_announces_a_device_its_hub_outside_the_unit_kept() {
+    let mut w = UnitWorld::new(false);
+    w.store().failed_units.store(1, Ordering::SeqCst);
+    assert_eq!(w.register("press-9"), 500);
+    assert!(w.plant().registry().device(&id("press-9")).is_ok(), "the hub's memory is not in the unit");
+    assert_eq!(created_ids(&w.plant().take_lifecycle_events()), ["press-9"]);
+
+    // Registering again updates the identity it has: nothing new to announce.
+    assert_eq!(w.register("press-9"), 202);
+    assert!(w.assigned("press-9"));
+    assert!(w.plant().take_lifecycle_events().is_empty());
+}
+
+fn provision_action(device: &str) -> HubAction {
+    HubAction::Provision {
+        hub: PLANT.into(),
+        device: sas_device(device),
+        twin: TwinSetup::KeepOrInitial(initial(json!({ "line": 4 }), json!({}))),
+    }
+}
+
+#[test]
+fn a_unit_inside_a_unit_announces_nothing_before_the_outer_one_commits() {
+    let mut hub = EmbeddedHub::in_memory(PLANT, Arc::new(RingCrypto::new())).unwrap();
+    hub.begin_unit();
+    hub.apply(&provision_action("lathe-1")).unwrap();
+    hub.begin_unit();
+    hub.apply(&provision_action("lathe-2")).unwrap();
+    hub.end_unit(true);
+    assert!(hub.take_lifecycle_events().is_empty(), "the outer unit may still roll back");
+    hub.apply(&provision_action("lathe-3")).unwrap();
+    hub.end_unit(true);
+    assert_eq!(created_ids(&hub.take_lifecycle_events()), ["lathe-1", "lathe-2", "lathe-3"]);
+
+    // The outer unit rolls back (its writes undone as a database would): the inner unit's
+    // committed device goes with it.
+    hub.begin_unit();
+    hub.begin_unit();
+    hub.apply(&provision_action("lathe-4")).unwrap();
+    hub.end_unit(true);
+    hub.registry().store().delete_device(&id("lathe-4"), &Precondition::None).unwrap();
+    hub.end_unit(false);
+    assert!(hub.take_lifecycle_events().is_empty());
+
+    // Outside a unit an action is announced at once, as before.
+    hub.apply(&provision_action("lathe-5")).unwrap();
+    assert_eq!(created_ids(&hub.take_lifecycle_events()), ["lathe-5"]);
+}
+
+#[test]
+fn a_removal_rolled_back_with_its_unit_announces_no_deletion() {
+    let mut hub = EmbeddedHub::in_memory(PLANT, Arc::new(RingCrypto::new())).unwrap();
+    hub.apply(&provision_action("drill-1")).unwrap();
+    hub.apply(&provision_action("drill-2")).unwrap();
+    drop(hub.take_lifecycle_events());
+    let kept = hub.registry().device(&id("drill-1")).unwrap();
+
+    hub.begin_unit();
+    hub.apply(&HubAction::Remove { hub: PLANT.into(), device_id: id("drill-1") }).unwrap();
+    hub.apply(&HubAction::Remove { hub: PLANT.into(), device_id: id("drill-2") }).unwrap();
+    // The rollback brings drill-1 back as it was; drill-2's removal stays (a store outside the
+    // unit), so only that one is announced.
+    hub.registry().store().put_device(&kept, &Precondition::MustNotExist).unwrap();
+    hub.end_unit(false);
+    let events = hub.take_lifecycle_events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].op_type, LifecycleOperation::DeleteDeviceIdentity);
+    assert_eq!(events[0].device_id.as_str(), "drill-2");
+}
+
+#[test]
+fn registrations_on_two_threads_announce_only_their_own_committed_devices() {
+    let hub = Arc::new(Mutex::new(EmbeddedHub::in_memory(PLANT, Arc::new(RingCrypto::new())).unwrap()));
+    hub.lock().unwrap().begin_unit();
+    hub.lock().unwrap().apply(&provision_action("mill-1")).unwrap();
+
+    // Another registration runs its whole unit while this one is open.
+    let other = Arc::clone(&hub);
+    std::thread::spawn(move || {
+        other.lock().unwrap().begin_unit();
+        other.lock().unwrap().apply(&provision_action("mill-2")).unwrap();
+        other.lock().unwrap().end_unit(true);
+    })
+    .join()
+    .unwrap();
+    assert_eq!(created_ids(&hub.lock().unwrap().take_lifecycle_events()), ["mill-2"]);
+
+    // A third one is rolled back: its device goes, this unit's stays staged.
+    let other = Arc::clone(&hub);
+    std::thread::spawn(move || {
+        let mut hub = other.lock().unwrap();
+        hub.begin_unit();
+        hub.apply(&provision_action("mill-3")).unwrap();
+        hub.registry().store().delete_device(&id("mill-3"), &Precondition::None).unwrap();
+        hub.end_unit(false);
+    })
+    .join()
+    .unwrap();
+    assert!(hub.lock().unwrap().take_lifecycle_events().is_empty());
+
+    hub.lock().unwrap().end_unit(true);
+    assert_eq!(created_ids(&hub.lock().unwrap().take_lifecycle_events()), ["mill-1"]);
 }

@@ -163,6 +163,14 @@ impl HubRegistry for WatchingHub {
         }
         self.inner.apply(action)
     }
+
+    fn begin_unit(&mut self) {
+        self.inner.begin_unit();
+    }
+
+    fn end_unit(&mut self, committed: bool) {
+        self.inner.end_unit(committed);
+    }
 }
 
 #[test]
