@@ -138,11 +138,12 @@ pub async fn start_with_limits<B: Backend>(
         .map_err(|e| ServerError::Certificate(e.to_string()))?;
     let tls_config = Arc::new(tls_config);
 
-    let bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr).await.map_err(|source| ServerError::Listen { addr: addr.to_string(), source })
+    let bind = |addr: SocketAddr| {
+        zerotouch_transport::limits::listen(addr)
+            .map_err(|source| ServerError::Listen { addr: addr.to_string(), source })
     };
-    let mqtt = bind(config.mqtt_listen).await?;
-    let https = bind(config.https_listen).await?;
+    let mqtt = bind(config.mqtt_listen)?;
+    let https = bind(config.https_listen)?;
     let local = |l: &TcpListener, a: SocketAddr| {
         l.local_addr().map_err(|source| ServerError::Listen { addr: a.to_string(), source })
     };

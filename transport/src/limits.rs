@@ -1,11 +1,33 @@
 //! Limits that keep a device endpoint alive under bad or excessive input, shared by MQTT, HTTPS and WebSockets.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinError;
+
+/// Connections the kernel holds for a listener before it accepts them; the kernel caps it at
+/// `net.core.somaxconn` (4096 on current Linux). `TcpListener::bind` asks for 1024, and a fleet
+/// reconnecting at once overflows that: every SYN beyond it is dropped and its device waits for
+/// its retransmission (1 s, then 3 s, 7 s, …) before the server ever sees it.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `addr` for a device endpoint, with a [`LISTEN_BACKLOG`] long accept queue
+/// (and, as `TcpListener::bind`, `SO_REUSEADDR` on Unix, so a restarted server gets its port back
+/// while old connections linger in `TIME_WAIT`).
+///
+/// # Errors
+/// The socket, bind or listen error.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Resource limits of the device endpoints.
 ///
@@ -181,6 +203,26 @@ impl Drop for AdmissionPermit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn connections_made_before_the_server_accepts_wait_in_the_listen_queue() {
+        let listener = listen(([127, 0, 0, 1], 0).into()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // None accepted yet: each connect completes in the kernel's queue (a dropped SYN would
+        // leave it waiting a second for its retransmission, past the timeout).
+        let mut clients = Vec::new();
+        for _ in 0..200 {
+            let client =
+                tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr));
+            clients.push(client.await.expect("queued, not dropped").unwrap());
+        }
+        for _ in 0..clients.len() {
+            listener.accept().await.unwrap();
+        }
+        // The port can be bound again as soon as the listener is gone, connections or not.
+        drop(listener);
+        drop(listen(addr).unwrap());
+    }
 
     #[test]
     fn admission_refuses_beyond_the_cap_and_frees_on_drop() {

@@ -630,7 +630,6 @@ mod in_process {
     use base64::Engine as _;
     use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair};
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-    use tokio::net::TcpListener;
     use tokio::sync::oneshot;
     use zerotouch_engine::allocation::Allocator;
     use zerotouch_engine::crypto::RingCrypto;
@@ -732,7 +731,7 @@ mod in_process {
         )
         .expect("server TLS config");
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = zerotouch_transport::limits::listen(([127, 0, 0, 1], 0).into()).expect("bind");
         let host = listener.local_addr().unwrap().to_string();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(zerotouch_transport::mqtt::serve_mqtt(
