@@ -914,6 +914,11 @@ fn insert_devices<'a>(
 }
 
 impl IdentityStore for PgStore {
+    /// A unit of this pool is open on this thread: the hub's writes go through its connection.
+    fn in_open_unit(&self) -> bool {
+        unit::is_open(self.key)
+    }
+
     fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
         let hub: &str = &self.hub;
         DEVICES.get(&mut *self.conn()?, &[&hub, &id.as_str()])

@@ -1,8 +1,9 @@
-//! Lifecycle events of registrations whose SQLite unit is rolled back: the embedded hub writes
-//! its identity inside the registration's unit, and a unit that does not commit takes the
-//! identity and its "created" event with it.
+//! Lifecycle events of hub writes made inside a SQLite unit: the embedded hub writes its
+//! identities in the registration's unit, a unit that does not commit takes them and their
+//! events with it, and a hub on another database (outside the unit) keeps both.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::path::Path;
 use std::sync::Arc;
 
 use zerotouch_engine::allocation::Allocator;
@@ -10,13 +11,16 @@ use zerotouch_engine::attestation::symmetric::{decode_key, derive_device_key, re
 use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::enrollments;
-use zerotouch_engine::hub::{HubAction, HubError, HubRegistry, LinkedHub};
+use zerotouch_engine::hub::{
+    DeviceAuth, HubAction, HubError, HubRegistry, LinkedHub, ProvisionedDevice, TwinSetup,
+};
 use zerotouch_engine::hub_engine::EmbeddedHub;
 use zerotouch_engine::jobs::JobLimits;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
 use zerotouch_engine::registry::events::LifecycleOperation;
-use zerotouch_engine::registry::IdentityStore;
+use zerotouch_engine::registry::{IdentityStore, LifecycleEvent};
 use zerotouch_engine::store::RegistrationStore;
+use zerotouch_engine::{Error, StoreError};
 use zerotouch_proto::device::{DeviceRegistration, RegistrationStatus};
 use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup};
 use zerotouch_proto::{DeviceId, EnrollmentGroupId, IdScope, IfMatch, RegistrationId, Timestamp};
@@ -27,20 +31,46 @@ const HUB: &str = "plant.example.net";
 
 type SqliteHub = EmbeddedHub<SqliteStore, SqliteStore, SqliteStore>;
 
-/// The embedded hub, refusing the registration's actions as a concurrent change (`412`) after
-/// writing them, as many times as `conflicts` says: the provisioner then decides the round again,
-/// and the store rolls back the unit that holds the hub's writes.
-struct ConflictAfterWrite<'a> {
-    hub: &'a mut SqliteHub,
-    conflicts: usize,
+fn now() -> Timestamp {
+    Timestamp::from_unix_secs(1_767_225_600)
 }
 
-impl HubRegistry for ConflictAfterWrite<'_> {
+/// The embedded hub `HUB` over the hub tables of `store`'s database.
+fn hub_on(store: &SqliteStore) -> SqliteHub {
+    let view = store.hub(HUB).unwrap();
+    let mut hub = SqliteHub::new(
+        HUB,
+        view.clone(),
+        view.clone(),
+        view,
+        Arc::new(RingCrypto::new()),
+        JobLimits::default(),
+    )
+    .unwrap();
+    hub.set_now(now());
+    hub
+}
+
+fn open(dir: &Path, file: &str) -> SqliteStore {
+    SqliteStore::open(dir.join(file)).unwrap()
+}
+
+/// The embedded hub, refusing the registration's actions after writing them, as many times as
+/// `refusals` says, with `code`: `412…` (a concurrent change) makes the provisioner decide the
+/// round again, anything else fails the registration. Either way the store rolls back the unit
+/// that holds the hub's writes.
+struct RefuseAfterWrite<'a> {
+    hub: &'a mut SqliteHub,
+    refusals: usize,
+    code: u32,
+}
+
+impl HubRegistry for RefuseAfterWrite<'_> {
     fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
         self.hub.apply(action)?;
-        if self.conflicts > 0 {
-            self.conflicts -= 1;
-            return Err(HubError { code: 412_002, message: "changed concurrently".into() });
+        if self.refusals > 0 {
+            self.refusals -= 1;
+            return Err(HubError { code: self.code, message: "refused after the write".into() });
         }
         Ok(())
     }
@@ -54,63 +84,152 @@ impl HubRegistry for ConflictAfterWrite<'_> {
     }
 }
 
+/// A provisioner over `store` with one symmetric-key group, and register requests for it.
+struct Plant {
+    provisioner: Provisioner<SqliteStore>,
+    group_key: Vec<u8>,
+}
+
+impl Plant {
+    fn new(store: &SqliteStore) -> Self {
+        let provisioner = Provisioner::new(
+            ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
+            store.clone(),
+            Arc::new(RingCrypto::new()),
+            Allocator::new(vec![LinkedHub::new(HUB)]),
+        );
+        let group = EnrollmentGroup::new(
+            EnrollmentGroupId::new("presses").unwrap(),
+            AttestationMechanism::symmetric_key(),
+        );
+        let group = enrollments::put_enrollment_group(
+            provisioner.store(),
+            &RingCrypto::new(),
+            now(),
+            group,
+            &IfMatch::Absent,
+        )
+        .unwrap();
+        let group_key = decode_key(&group.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap();
+        Self { provisioner, group_key }
+    }
+
+    fn register(&self, id: &str, hub: &mut dyn HubRegistry) -> u16 {
+        let crypto = RingCrypto::new();
+        let device_key = derive_device_key(&crypto, &self.group_key, id);
+        let token = registration_token(&crypto, &device_key, SCOPE, id, now().unix_secs() + 600);
+        let request = RegisterRequest {
+            id_scope: SCOPE.into(),
+            registration_id: id.into(),
+            body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
+            credential: Credential::Sas(token.to_string()),
+        };
+        self.provisioner.handle_register(now(), request, hub).status
+    }
+
+    fn status(&self, id: &str) -> Option<RegistrationStatus> {
+        let record = self.provisioner.store().registration(&RegistrationId::new(id).unwrap()).unwrap();
+        record.and_then(|r| r.state.status)
+    }
+}
+
+fn ops(events: &[LifecycleEvent]) -> Vec<(LifecycleOperation, &str)> {
+    events.iter().map(|e| (e.op_type, e.device_id.as_str())).collect()
+}
+
+fn device(hub: &SqliteHub, id: &str) -> Option<zerotouch_proto::hub::Device> {
+    hub.core().registry().store().device(&DeviceId::new(id).unwrap()).unwrap()
+}
+
 #[test]
 fn a_registration_retried_after_its_sqlite_unit_rolled_back_announces_its_device_once() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path().join("zerotouch.sqlite")).unwrap();
-    let crypto = RingCrypto::new();
-    let now = Timestamp::from_unix_secs(1_767_225_600);
-    let view = store.hub(HUB).unwrap();
-    let mut hub = SqliteHub::new(
-        HUB,
-        view.clone(),
-        view.clone(),
-        view,
-        Arc::new(RingCrypto::new()),
-        JobLimits::default(),
-    )
-    .unwrap();
-    hub.set_now(now);
-    let provisioner = Provisioner::new(
-        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
-        store.clone(),
-        Arc::new(RingCrypto::new()),
-        Allocator::new(vec![LinkedHub::new(HUB)]),
-    );
-    let group = enrollments::put_enrollment_group(
-        provisioner.store(),
-        &crypto,
-        now,
-        EnrollmentGroup::new(
-            EnrollmentGroupId::new("presses").unwrap(),
-            AttestationMechanism::symmetric_key(),
-        ),
-        &IfMatch::Absent,
-    )
-    .unwrap();
-    let group_key = decode_key(&group.attestation.symmetric_key.unwrap().primary_key.unwrap()).unwrap();
-    let id = "press-12";
-    let device_key = derive_device_key(&crypto, &group_key, id);
-    let request = RegisterRequest {
-        id_scope: SCOPE.into(),
-        registration_id: id.into(),
-        body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
-        credential: Credential::Sas(
-            registration_token(&crypto, &device_key, SCOPE, id, now.unix_secs() + 600).to_string(),
-        ),
-    };
+    let store = open(dir.path(), "zerotouch.sqlite");
+    let plant = Plant::new(&store);
+    let mut hub = hub_on(&store);
 
-    let reply =
-        provisioner.handle_register(now, request, &mut ConflictAfterWrite { hub: &mut hub, conflicts: 1 });
+    let status =
+        plant.register("press-12", &mut RefuseAfterWrite { hub: &mut hub, refusals: 1, code: 412_002 });
 
-    assert_eq!(reply.status, 202);
-    let record = store.registration(&RegistrationId::new(id).unwrap()).unwrap().unwrap();
-    assert_eq!(record.state.status, Some(RegistrationStatus::Assigned));
-    let device = hub.core().registry().store().device(&DeviceId::new(id).unwrap()).unwrap().unwrap();
+    assert_eq!(status, 202);
+    assert_eq!(plant.status("press-12"), Some(RegistrationStatus::Assigned));
+    let kept = device(&hub, "press-12").unwrap();
     let events = hub.take_lifecycle_events();
-    assert_eq!(events.len(), 1, "one identity was kept, so one event: {events:?}");
-    assert_eq!(events[0].op_type, LifecycleOperation::CreateDeviceIdentity);
-    assert_eq!(events[0].device_id.as_str(), id);
-    let kept_etag = serde_json::to_value(&device.etag).unwrap();
+    assert_eq!(ops(&events), [(LifecycleOperation::CreateDeviceIdentity, "press-12")]);
+    let kept_etag = serde_json::to_value(&kept.etag).unwrap();
     assert_eq!(events[0].body["deviceEtag"], kept_etag, "the event is about the identity that stayed");
+}
+
+#[test]
+fn a_registration_whose_sqlite_unit_fails_leaves_no_device_and_no_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), "zerotouch.sqlite");
+    let plant = Plant::new(&store);
+    let mut hub = hub_on(&store);
+
+    // The hub fails after writing: the registration is recorded as failed, the unit with the
+    // identity is rolled back.
+    let status =
+        plant.register("press-13", &mut RefuseAfterWrite { hub: &mut hub, refusals: 1, code: 500_001 });
+    assert_eq!(status, 202);
+    assert_eq!(plant.status("press-13"), None, "no record: the failure is only the operation's");
+    assert!(device(&hub, "press-13").is_none());
+    assert!(hub.take_lifecycle_events().is_empty());
+
+    // The device tries again: announced once.
+    assert_eq!(plant.register("press-13", &mut hub), 202);
+    assert_eq!(plant.status("press-13"), Some(RegistrationStatus::Assigned));
+    assert_eq!(ops(&hub.take_lifecycle_events()), [(LifecycleOperation::CreateDeviceIdentity, "press-13")]);
+}
+
+#[test]
+fn a_removal_rolled_back_with_its_sqlite_unit_announces_no_deletion() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), "zerotouch.sqlite");
+    let mut hub = hub_on(&store);
+    let provision = |id: &str| HubAction::Provision {
+        hub: HUB.into(),
+        device: ProvisionedDevice {
+            device_id: DeviceId::new(id).unwrap(),
+            auth: DeviceAuth::CertificateAuthority,
+            iot_edge: false,
+        },
+        twin: TwinSetup::KeepOrInitial(Default::default()),
+    };
+    let remove = |id: &str| HubAction::Remove { hub: HUB.into(), device_id: DeviceId::new(id).unwrap() };
+    hub.apply(&provision("drill-1")).unwrap();
+    drop(hub.take_lifecycle_events());
+
+    hub.begin_unit();
+    let result = store.atomically(&mut || {
+        hub.apply(&remove("drill-1")).map_err(|e| Error::BadRequest(e.message))?;
+        Err(Error::Store(StoreError::Backend("the batch failed to commit".into())))
+    });
+    hub.end_unit(result.is_ok());
+    assert!(result.is_err());
+    assert!(device(&hub, "drill-1").is_some(), "the rollback brought the identity back");
+    assert!(hub.take_lifecycle_events().is_empty());
+
+    hub.begin_unit();
+    let result =
+        store.atomically(&mut || hub.apply(&remove("drill-1")).map_err(|e| Error::BadRequest(e.message)));
+    hub.end_unit(result.is_ok());
+    assert!(result.is_ok());
+    assert_eq!(ops(&hub.take_lifecycle_events()), [(LifecycleOperation::DeleteDeviceIdentity, "drill-1")]);
+}
+
+#[test]
+fn a_hub_on_another_database_keeps_what_it_wrote_in_a_failed_unit_and_announces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), "provisioning.sqlite");
+    let hub_store = open(dir.path(), "hub.sqlite");
+    let plant = Plant::new(&store);
+    let mut hub = hub_on(&hub_store);
+
+    // The provisioning unit fails, but the hub's database was never part of it.
+    let status =
+        plant.register("press-14", &mut RefuseAfterWrite { hub: &mut hub, refusals: 1, code: 500_001 });
+    assert_eq!(status, 202);
+    assert!(device(&hub, "press-14").is_some());
+    assert_eq!(ops(&hub.take_lifecycle_events()), [(LifecycleOperation::CreateDeviceIdentity, "press-14")]);
 }

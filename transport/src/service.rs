@@ -85,7 +85,8 @@ fn tracking_id() -> String {
 }
 
 /// A [`DpsService`] over the engine's [`Provisioner`] and a [`HubRegistry`] shared by all
-/// connections. The hub registry is locked only while one action is applied.
+/// connections. The hub registry is locked while a registration's actions are applied, and
+/// briefly when its store unit begins and ends.
 pub struct EngineService<S, H> {
     provisioner: Provisioner<S>,
     hubs: Arc<Mutex<H>>,
@@ -157,17 +158,14 @@ impl<H: HubRegistry + TimedHubs> HubRegistry for LockedHubs<'_, H> {
     }
 
     /// Locks only to begin: the registry tells this thread's unit from those of registrations
-    /// running beside it, so the lock need not be held through the store's unit.
+    /// running beside it, so the lock need not be held through the store's unit. A poisoned
+    /// lock is taken anyway: a unit begun must end, or its thread's later events stay staged.
     fn begin_unit(&mut self) {
-        if let Ok(mut hubs) = self.hubs.lock() {
-            hubs.begin_unit();
-        }
+        self.hubs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).begin_unit();
     }
 
     fn end_unit(&mut self, committed: bool) {
-        if let Ok(mut hubs) = self.hubs.lock() {
-            hubs.end_unit(committed);
-        }
+        self.hubs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).end_unit(committed);
     }
 }
 

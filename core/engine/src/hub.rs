@@ -197,8 +197,8 @@ pub trait HubRegistry {
     /// The innermost unit this thread began ended: `committed` tells whether its writes were
     /// kept. A committed unit's announcements go out (once, in order) when no outer unit is
     /// still open, or join the outer unit's; a rolled-back unit's are dropped, except those
-    /// whose write this registry still sees (its stores were not part of the unit, as an
-    /// in-memory hub beside a database store).
+    /// whose write did not join the unit (stores outside it, as an in-memory hub beside a
+    /// database store: see `IdentityStore::in_open_unit`), since that write stands.
     fn end_unit(&mut self, committed: bool) {
         let _ = committed;
     }

@@ -464,12 +464,12 @@ fn hub_err(error: &Error) -> HubError {
 /// The documents of one collection as of a generation of [`EmbeddedHub`] writes.
 type Snapshot = (u64, Arc<IndexedSource>);
 
-/// A lifecycle event waiting for the end of the unit it was written in, with the generation id
-/// of the identity it names when known: after a rollback it tells the identity the event is
-/// about from one another registration wrote since under the same id.
+/// A lifecycle event waiting for the end of the unit it was written in, and whether its write
+/// joined that unit (see [`IdentityStore::in_open_unit`]): only such a write is undone, and its
+/// event dropped, when the unit rolls back.
 struct Staged {
     event: LifecycleEvent,
-    generation: Option<String>,
+    undone_with_unit: bool,
 }
 
 /// Lifecycle events ready for [`EmbeddedHub::take_lifecycle_events`], and those written in
@@ -574,9 +574,9 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         self.announcements.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues `events`, or stages them in this thread's innermost open unit. `generation` is
-    /// the generation id of the device the device-level events are about.
-    fn queue(&self, events: Vec<LifecycleEvent>, generation: Option<&str>) {
+    /// Queues `events`, or stages them in this thread's innermost open unit. Called right after
+    /// the write they announce, on the thread that made it.
+    fn queue(&self, events: Vec<LifecycleEvent>) {
         if !self.lifecycle_events || events.is_empty() {
             return;
         }
@@ -585,10 +585,8 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         if !units.is_empty() {
             let thread = std::thread::current().id();
             if let Some(unit) = units.iter_mut().find(|(t, _)| *t == thread).and_then(|(_, d)| d.last_mut()) {
-                unit.extend(events.into_iter().map(|event| Staged {
-                    generation: generation.filter(|_| event.module_id.is_none()).map(str::to_owned),
-                    event,
-                }));
+                let undone_with_unit = self.core.registry.store().in_open_unit();
+                unit.extend(events.into_iter().map(|event| Staged { event, undone_with_unit }));
                 return;
             }
         }
@@ -614,52 +612,22 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
             return;
         }
         let thread = std::thread::current().id();
-        let staged = {
-            let mut announcements = self.announcements();
-            let units = &mut announcements.units;
-            let Some(at) = units.iter().position(|(t, _)| *t == thread) else {
-                return;
-            };
-            let staged = units[at].1.pop().unwrap_or_default();
-            if units[at].1.is_empty() {
-                units.swap_remove(at);
-            }
-            staged
-        };
-        if staged.is_empty() {
-            return;
-        }
-        // Read outside the lock: the stores may be a database.
-        let kept: Vec<Staged> =
-            if committed { staged } else { staged.into_iter().filter(|s| self.still_holds(s)).collect() };
         let mut announcements = self.announcements();
         let Announcements { queued, units } = &mut *announcements;
-        match units.iter_mut().find(|(t, _)| *t == thread).and_then(|(_, d)| d.last_mut()) {
+        let Some(at) = units.iter().position(|(t, _)| *t == thread) else {
+            return;
+        };
+        let staged = units[at].1.pop().unwrap_or_default();
+        // A rolled-back unit took its own writes with it; writes outside it (stores that are not
+        // part of the unit, as in-memory ones beside a database store) stand.
+        let kept = staged.into_iter().filter(|s| committed || !s.undone_with_unit);
+        match units[at].1.last_mut() {
             Some(outer) => outer.extend(kept),
-            None => queued.extend(kept.into_iter().map(|s| s.event)),
+            None => {
+                units.swap_remove(at);
+                queued.extend(kept.map(|s| s.event));
+            }
         }
-    }
-
-    /// Whether the write `staged` announces is still in the stores after its unit was rolled
-    /// back: stores outside the unit (an in-memory hub beside a database store) kept it, a
-    /// store sharing the unit's database undid it. A failed read counts as undone.
-    fn still_holds(&self, staged: &Staged) -> bool {
-        let store = self.core.registry.store();
-        let event = &staged.event;
-        let found = match &event.module_id {
-            None => store.device(&event.device_id).map(|d| d.map(|d| d.generation_id)),
-            Some(m) => store.module(&event.device_id, m).map(|m| m.map(|m| m.generation_id)),
-        };
-        let Ok(found) = found else {
-            return false;
-        };
-        // The identity the event names is there: the same one, unless its generation differs.
-        let present = match (found, &staged.generation) {
-            (None, _) => false,
-            (Some(_), None) => true,
-            (Some(found), Some(witness)) => found.as_ref() == Some(witness),
-        };
-        present == is_create(event.op_type)
     }
 
     /// Marks the query snapshots stale. Called by everything that writes, or hands out access
@@ -912,16 +880,10 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
                     Ok(()) if !self.lifecycle_events => {}
                     Ok(()) => {
                         let twin = device_twin_value(&applied.value, &doc)?;
-                        self.queue(
-                            applied.events.into_iter().map(|e| e.with_twin(twin.clone())).collect(),
-                            applied.value.generation_id.as_deref(),
-                        );
+                        self.queue(applied.events.into_iter().map(|e| e.with_twin(twin.clone())).collect());
                     }
                     Err(StoreError::AlreadyExists) if !self.lifecycle_events => {}
-                    Err(StoreError::AlreadyExists) => self.queue(
-                        self.core.settle(applied.events, now)?,
-                        applied.value.generation_id.as_deref(),
-                    ),
+                    Err(StoreError::AlreadyExists) => self.queue(self.core.settle(applied.events, now)?),
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -980,13 +942,12 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         .map_err(|e| Error::BadRequest(e.to_string()))?;
         let body = Device { authentication: Some(auth_mechanism(&device.auth)), ..body };
         if self.core.registry.device(&device.device_id).is_ok() {
-            let deleted = self.delete_device(&device.device_id, &IfMatch::Any, now)?;
-            self.queue(deleted.events, deleted.value.generation_id.as_deref());
+            self.queue(self.delete_device(&device.device_id, &IfMatch::Any, now)?.events);
         }
         let applied = self.core.registry.create_device(body, now)?;
         put_new_twin(&self.core.twins, &TwinKey::device(device.device_id.clone()), &doc)?;
         if self.lifecycle_events {
-            self.queue(self.core.settle(applied.events, now)?, applied.value.generation_id.as_deref());
+            self.queue(self.core.settle(applied.events, now)?);
         }
         Ok(())
     }
@@ -1011,7 +972,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
             HubAction::Remove { hub, device_id } if *hub == self.host_name => {
                 match self.delete_device(device_id, &IfMatch::Any, now) {
                     Ok(applied) => {
-                        self.queue(applied.events, applied.value.generation_id.as_deref());
+                        self.queue(applied.events);
                         Ok(())
                     }
                     Err(e) => Err(hub_err(&e)),
@@ -1030,7 +991,8 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         self.lifecycle_events = on;
         self.core.registry.set_lifecycle_events(on);
         if !on {
-            // Units open now announce nothing, whatever their outcome.
+            // What units open now staged is dropped with the queue; writes made after events
+            // are turned back on are announced at once, as outside a unit.
             let mut announcements = self.announcements();
             announcements.queued.clear();
             announcements.units.clear();
@@ -1049,7 +1011,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> HubRegistry for EmbeddedHub<I,
     }
 
     /// Queues the unit's events when it committed (or hands them to the outer unit); after a
-    /// rollback keeps only those whose write the stores still hold (stores outside the unit).
+    /// rollback keeps only those whose write did not join the unit (stores outside it).
     fn end_unit(&mut self, committed: bool) {
         self.end(committed);
     }
@@ -1153,7 +1115,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHubs<I, T, J> {
         let old = self.hubs.get(from_hub).ok_or_else(|| Self::unknown(from_hub))?;
         match old.delete_device(from_device_id, &IfMatch::Any, now) {
             Ok(applied) => {
-                old.queue(applied.events, applied.value.generation_id.as_deref());
+                old.queue(applied.events);
                 Ok(())
             }
             Err(Error::Hub { code, .. }) if code == HubErrorCode::DeviceNotFound.code() => Ok(()),

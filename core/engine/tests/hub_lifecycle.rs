@@ -26,7 +26,7 @@ use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
 use zerotouch_engine::query::{execute, parse};
 use zerotouch_engine::registry::LifecycleOperation;
-use zerotouch_engine::registry::{IdentityStore, MemoryIdentityStore, TwinSink};
+use zerotouch_engine::registry::{MemoryIdentityStore, TwinSink};
 use zerotouch_engine::store::{
     CaCertificate, CaCertificateStore, EnrollmentGroupStore, EnrollmentStore, OperationRecord, Page,
     PageRequest, Precondition, RegistrationRecord, RegistrationStore,
@@ -448,9 +448,10 @@ fn a_device_provisioned_again_with_its_keys_keeps_its_identity_and_new_keys_repl
 type SharedHub = EmbeddedHub<Arc<MemoryIdentityStore>, Arc<MemoryTwinStore>, MemoryJobStore>;
 type SharedHubs = EmbeddedHubs<Arc<MemoryIdentityStore>, Arc<MemoryTwinStore>, MemoryJobStore>;
 
-/// A provisioning store over memory whose units fail on request. When it holds the hub's
-/// stores it plays a database holding both: a failed unit undoes the identities (and their
-/// twins) it created, which is every hub write these tests make.
+/// A provisioning store over memory whose units fail on request. The hub's in-memory stores are
+/// not part of its units, so what the hub wrote stands whatever a unit's outcome (the
+/// database case, where a rollback takes the hub's writes with it, is tested on SQLite in
+/// `store/tests/sqlite_hub_units.rs`).
 #[derive(Default)]
 struct FaultyUnits {
     inner: MemoryStore,
@@ -458,15 +459,9 @@ struct FaultyUnits {
     lost_commits: AtomicUsize,
     /// Units still to fail once their work is done (a failed group-commit batch).
     failed_units: AtomicUsize,
-    hub_stores: Option<(Arc<MemoryIdentityStore>, Arc<MemoryTwinStore>)>,
 }
 
 impl FaultyUnits {
-    fn device_ids(identities: &MemoryIdentityStore) -> Vec<DeviceId> {
-        let page = PageRequest { continuation: None, max_items: 1000 };
-        identities.devices(&page).unwrap().items.into_iter().map(|d| d.device_id).collect()
-    }
-
     fn take_one(counter: &AtomicUsize) -> bool {
         counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
     }
@@ -555,25 +550,15 @@ impl RegistrationStore for FaultyUnits {
         self.inner.purge_operations(cutoff)
     }
     fn atomically(&self, unit: &mut dyn FnMut() -> Result<(), Error>) -> Result<(), Error> {
-        let before = self.hub_stores.as_ref().map(|(identities, _)| Self::device_ids(identities));
-        let mut result = unit();
+        let result = unit();
         if result.is_ok() && Self::take_one(&self.failed_units) {
-            result = Err(Error::Store(StoreError::Backend("the batch failed to commit".into())));
-        }
-        if let (Err(_), Some((identities, twins)), Some(before)) = (&result, &self.hub_stores, before) {
-            for created in Self::device_ids(identities).into_iter().filter(|d| !before.contains(d)) {
-                identities.delete_device(&created, &Precondition::None).unwrap();
-                for twin in twins.device_twins(&created).unwrap() {
-                    twins.delete_twin(&twin.key, &Precondition::None).unwrap();
-                }
-            }
+            return Err(Error::Store(StoreError::Backend("the batch failed to commit".into())));
         }
         result
     }
 }
 
-/// A provisioner over `store` with the plant hub, and the plant hub over memory stores that
-/// `store` may share.
+/// A provisioner over a [`FaultyUnits`] store with the plant hub over memory stores.
 struct UnitWorld {
     provisioner: Provisioner<Arc<FaultyUnits>>,
     hubs: SharedHubs,
@@ -581,15 +566,11 @@ struct UnitWorld {
 }
 
 impl UnitWorld {
-    /// `shared`: whether the hub's stores are part of the provisioning store's units.
-    fn new(shared: bool) -> Self {
+    fn new() -> Self {
         let crypto = RingCrypto::new();
         let identities = Arc::new(MemoryIdentityStore::new());
         let twins = Arc::new(MemoryTwinStore::new());
-        let store = FaultyUnits {
-            hub_stores: shared.then(|| (identities.clone(), twins.clone())),
-            ..FaultyUnits::default()
-        };
+        let store = FaultyUnits::default();
         let provisioner = Provisioner::new(
             ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
             Arc::new(store),
@@ -666,39 +647,21 @@ fn created_ids(events: &[zerotouch_engine::registry::LifecycleEvent]) -> Vec<&st
 
 #[test]
 fn a_registration_whose_round_is_lost_after_the_hub_wrote_announces_its_device_once() {
-    // Hub in the unit's database (the lost round's identity is undone and written again), and
-    // hub beside it (the identity stays and the next round finds it).
-    for shared in [true, false] {
-        let mut w = UnitWorld::new(shared);
-        w.store().lost_commits.store(1, Ordering::SeqCst);
-        assert_eq!(w.register("press-7"), 202);
-        assert!(w.assigned("press-7"), "shared: {shared}");
-        assert!(w.plant().registry().device(&id("press-7")).is_ok());
-        let events = w.plant().take_lifecycle_events();
-        assert_eq!(created_ids(&events), ["press-7"], "shared: {shared}");
-        assert_eq!(events.len(), 1, "shared: {shared}");
-        assert_eq!(events[0].body["tags"], json!({ "plan": "pilot", "floor": 3 }));
-    }
-}
-
-#[test]
-fn a_registration_whose_unit_is_rolled_back_queues_no_lifecycle_event() {
-    let mut w = UnitWorld::new(true);
-    w.store().failed_units.store(1, Ordering::SeqCst);
-    assert_eq!(w.register("press-8"), 500);
-    assert!(w.plant().registry().device(&id("press-8")).is_err(), "the unit took the identity with it");
-    assert!(w.plant().take_lifecycle_events().is_empty());
-
-    // The device tries again: now the identity stays, and is announced once.
-    assert_eq!(w.register("press-8"), 202);
-    assert!(w.assigned("press-8"));
-    assert_eq!(created_ids(&w.plant().take_lifecycle_events()), ["press-8"]);
-    assert!(w.plant().take_lifecycle_events().is_empty());
+    // The lost round's identity stays in the hub's memory; the next round finds and keeps it.
+    let mut w = UnitWorld::new();
+    w.store().lost_commits.store(1, Ordering::SeqCst);
+    assert_eq!(w.register("press-7"), 202);
+    assert!(w.assigned("press-7"));
+    assert!(w.plant().registry().device(&id("press-7")).is_ok());
+    let events = w.plant().take_lifecycle_events();
+    assert_eq!(created_ids(&events), ["press-7"]);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].body["tags"], json!({ "plan": "pilot", "floor": 3 }));
 }
 
 #[test]
 fn a_failed_unit_still_announces_a_device_its_hub_outside_the_unit_kept() {
-    let mut w = UnitWorld::new(false);
+    let mut w = UnitWorld::new();
     w.store().failed_units.store(1, Ordering::SeqCst);
     assert_eq!(w.register("press-9"), 500);
     assert!(w.plant().registry().device(&id("press-9")).is_ok(), "the hub's memory is not in the unit");
@@ -731,40 +694,20 @@ fn a_unit_inside_a_unit_announces_nothing_before_the_outer_one_commits() {
     hub.end_unit(true);
     assert_eq!(created_ids(&hub.take_lifecycle_events()), ["lathe-1", "lathe-2", "lathe-3"]);
 
-    // The outer unit rolls back (its writes undone as a database would): the inner unit's
-    // committed device goes with it.
+    // The outer unit rolls back, but the hub's memory is not part of it: the inner unit's
+    // device stands, and is announced when the outer unit ends, not before.
     hub.begin_unit();
     hub.begin_unit();
     hub.apply(&provision_action("lathe-4")).unwrap();
     hub.end_unit(true);
-    hub.registry().store().delete_device(&id("lathe-4"), &Precondition::None).unwrap();
-    hub.end_unit(false);
     assert!(hub.take_lifecycle_events().is_empty());
+    hub.end_unit(false);
+    assert!(hub.registry().device(&id("lathe-4")).is_ok());
+    assert_eq!(created_ids(&hub.take_lifecycle_events()), ["lathe-4"]);
 
     // Outside a unit an action is announced at once, as before.
     hub.apply(&provision_action("lathe-5")).unwrap();
     assert_eq!(created_ids(&hub.take_lifecycle_events()), ["lathe-5"]);
-}
-
-#[test]
-fn a_removal_rolled_back_with_its_unit_announces_no_deletion() {
-    let mut hub = EmbeddedHub::in_memory(PLANT, Arc::new(RingCrypto::new())).unwrap();
-    hub.apply(&provision_action("drill-1")).unwrap();
-    hub.apply(&provision_action("drill-2")).unwrap();
-    drop(hub.take_lifecycle_events());
-    let kept = hub.registry().device(&id("drill-1")).unwrap();
-
-    hub.begin_unit();
-    hub.apply(&HubAction::Remove { hub: PLANT.into(), device_id: id("drill-1") }).unwrap();
-    hub.apply(&HubAction::Remove { hub: PLANT.into(), device_id: id("drill-2") }).unwrap();
-    // The rollback brings drill-1 back as it was; drill-2's removal stays (a store outside the
-    // unit), so only that one is announced.
-    hub.registry().store().put_device(&kept, &Precondition::MustNotExist).unwrap();
-    hub.end_unit(false);
-    let events = hub.take_lifecycle_events();
-    assert_eq!(events.len(), 1, "{events:?}");
-    assert_eq!(events[0].op_type, LifecycleOperation::DeleteDeviceIdentity);
-    assert_eq!(events[0].device_id.as_str(), "drill-2");
 }
 
 #[test]
@@ -784,18 +727,17 @@ fn registrations_on_two_threads_announce_only_their_own_committed_devices() {
     .unwrap();
     assert_eq!(created_ids(&hub.lock().unwrap().take_lifecycle_events()), ["mill-2"]);
 
-    // A third one is rolled back: its device goes, this unit's stays staged.
+    // A third one ends while this unit is still open: only its own device is announced.
     let other = Arc::clone(&hub);
     std::thread::spawn(move || {
         let mut hub = other.lock().unwrap();
         hub.begin_unit();
         hub.apply(&provision_action("mill-3")).unwrap();
-        hub.registry().store().delete_device(&id("mill-3"), &Precondition::None).unwrap();
-        hub.end_unit(false);
+        hub.end_unit(true);
     })
     .join()
     .unwrap();
-    assert!(hub.lock().unwrap().take_lifecycle_events().is_empty());
+    assert_eq!(created_ids(&hub.lock().unwrap().take_lifecycle_events()), ["mill-3"]);
 
     hub.lock().unwrap().end_unit(true);
     assert_eq!(created_ids(&hub.lock().unwrap().take_lifecycle_events()), ["mill-1"]);

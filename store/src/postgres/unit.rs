@@ -71,6 +71,11 @@ pub(super) fn active() -> bool {
     SLOTS.with(|slots| !slots.borrow().is_empty())
 }
 
+/// Whether a unit is open for `pool` on this thread.
+pub(super) fn is_open(pool: u64) -> bool {
+    depth(pool).is_some()
+}
+
 /// Nesting depth of the unit open for `pool` on this thread (`None` when none is open).
 fn depth(pool: u64) -> Option<u32> {
     SLOTS.with(|slots| slots.borrow().iter().rev().find(|s| s.pool == pool).map(|s| s.depth))

@@ -134,6 +134,12 @@ fn device_exists(conn: &Connection, hub: &str, id: &str) -> Result<bool, StoreEr
 }
 
 impl IdentityStore for SqliteStore {
+    /// A unit of this database is open on this thread when the thread holds its writer: every
+    /// hub view of the database writes through that writer, in the unit.
+    fn in_open_unit(&self) -> bool {
+        self.inner.writer.is_owned_by_current_thread()
+    }
+
     fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
         self.read_one(|c| {
             one_doc(c, "SELECT doc FROM devices WHERE id = ?1 AND hub = ?2", &[&id.as_str(), &&*self.hub])

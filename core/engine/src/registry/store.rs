@@ -80,10 +80,22 @@ pub trait IdentityStore: Send + Sync {
     /// # Errors
     /// Backend failures.
     fn modules(&self, device: &DeviceId) -> Result<Vec<Module>, StoreError>;
+
+    /// Whether a write this thread makes now joins a store unit that is still open (and is
+    /// undone if that unit rolls back): true inside a unit of the database this store writes to
+    /// (`RegistrationStore::atomically` of the same SQLite file or PostgreSQL pool), false for
+    /// stores outside any unit, as the in-memory ones. The embedded hub asks it to tell which
+    /// lifecycle events a rolled-back unit takes with it, without reading the store back.
+    fn in_open_unit(&self) -> bool {
+        false
+    }
 }
 
 /// Shared identity stores: a registry and a hub engine can hold one store through an `Arc`.
 impl<T: IdentityStore + ?Sized> IdentityStore for std::sync::Arc<T> {
+    fn in_open_unit(&self) -> bool {
+        (**self).in_open_unit()
+    }
     fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
         (**self).device(id)
     }

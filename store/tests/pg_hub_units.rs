@@ -1,0 +1,69 @@
+//! Lifecycle events of hub writes made inside a PostgreSQL unit: a unit that is rolled back
+//! takes the identity it created and the event with it; a committed one announces it once.
+#![cfg(feature = "postgres")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod pg_support;
+
+use std::sync::Arc;
+
+use zerotouch_engine::crypto::RingCrypto;
+use zerotouch_engine::hub::{DeviceAuth, HubAction, HubRegistry, ProvisionedDevice, TwinSetup};
+use zerotouch_engine::hub_engine::EmbeddedHub;
+use zerotouch_engine::jobs::JobLimits;
+use zerotouch_engine::registry::events::LifecycleOperation;
+use zerotouch_engine::registry::IdentityStore;
+use zerotouch_engine::store::RegistrationStore;
+use zerotouch_engine::{Error, StoreError};
+use zerotouch_proto::{DeviceId, Timestamp};
+use zerotouch_store::postgres::PgStore;
+
+use pg_support::TestDb;
+
+const HUB: &str = "plant.example.net";
+
+#[test]
+fn an_identity_created_in_a_rolled_back_postgres_unit_is_never_announced() {
+    let db = TestDb::new();
+    let store = db.store();
+    let view = store.hub(HUB).unwrap();
+    let mut hub = EmbeddedHub::<PgStore, PgStore, PgStore>::new(
+        HUB,
+        view.clone(),
+        view.clone(),
+        view,
+        Arc::new(RingCrypto::new()),
+        JobLimits::default(),
+    )
+    .unwrap();
+    hub.set_now(Timestamp::from_unix_secs(1_767_225_600));
+    let lathe = DeviceId::new("lathe-1").unwrap();
+    let provision = HubAction::Provision {
+        hub: HUB.into(),
+        device: ProvisionedDevice {
+            device_id: lathe.clone(),
+            auth: DeviceAuth::CertificateAuthority,
+            iot_edge: false,
+        },
+        twin: TwinSetup::KeepOrInitial(Default::default()),
+    };
+
+    hub.begin_unit();
+    let result = store.atomically(&mut || {
+        hub.apply(&provision).map_err(|e| Error::BadRequest(e.message))?;
+        Err(Error::Store(StoreError::Backend("the unit fails after the hub wrote".into())))
+    });
+    hub.end_unit(result.is_ok());
+    assert!(result.is_err());
+    assert!(hub.core().registry().store().device(&lathe).unwrap().is_none());
+    assert!(hub.take_lifecycle_events().is_empty());
+
+    hub.begin_unit();
+    let result = store.atomically(&mut || hub.apply(&provision).map_err(|e| Error::BadRequest(e.message)));
+    hub.end_unit(result.is_ok());
+    assert!(result.is_ok());
+    assert!(hub.core().registry().store().device(&lathe).unwrap().is_some());
+    let events = hub.take_lifecycle_events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].op_type, LifecycleOperation::CreateDeviceIdentity);
+}
