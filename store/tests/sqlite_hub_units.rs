@@ -182,6 +182,21 @@ fn a_registration_whose_sqlite_unit_fails_leaves_no_device_and_no_event() {
     assert_eq!(ops(&hub.take_lifecycle_events()), [(LifecycleOperation::CreateDeviceIdentity, "press-13")]);
 }
 
+/// Applies `action` in a unit of `store`, which fails after it when `fail`, as an embedder
+/// would; returns whether the unit committed.
+fn in_unit(store: &SqliteStore, hub: &mut SqliteHub, action: &HubAction, fail: bool) -> bool {
+    hub.begin_unit();
+    let result = store.atomically(&mut || {
+        hub.apply(action).map_err(|e| Error::BadRequest(e.message))?;
+        if fail {
+            return Err(Error::Store(StoreError::Backend("the batch failed to commit".into())));
+        }
+        Ok(())
+    });
+    hub.end_unit(result.is_ok());
+    result.is_ok()
+}
+
 #[test]
 fn a_removal_rolled_back_with_its_sqlite_unit_announces_no_deletion() {
     let dir = tempfile::tempdir().unwrap();
@@ -200,21 +215,11 @@ fn a_removal_rolled_back_with_its_sqlite_unit_announces_no_deletion() {
     hub.apply(&provision("drill-1")).unwrap();
     drop(hub.take_lifecycle_events());
 
-    hub.begin_unit();
-    let result = store.atomically(&mut || {
-        hub.apply(&remove("drill-1")).map_err(|e| Error::BadRequest(e.message))?;
-        Err(Error::Store(StoreError::Backend("the batch failed to commit".into())))
-    });
-    hub.end_unit(result.is_ok());
-    assert!(result.is_err());
+    assert!(!in_unit(&store, &mut hub, &remove("drill-1"), true));
     assert!(device(&hub, "drill-1").is_some(), "the rollback brought the identity back");
     assert!(hub.take_lifecycle_events().is_empty());
 
-    hub.begin_unit();
-    let result =
-        store.atomically(&mut || hub.apply(&remove("drill-1")).map_err(|e| Error::BadRequest(e.message)));
-    hub.end_unit(result.is_ok());
-    assert!(result.is_ok());
+    assert!(in_unit(&store, &mut hub, &remove("drill-1"), false));
     assert_eq!(ops(&hub.take_lifecycle_events()), [(LifecycleOperation::DeleteDeviceIdentity, "drill-1")]);
 }
 

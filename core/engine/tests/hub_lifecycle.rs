@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,27 +17,22 @@ use zerotouch_engine::attestation::symmetric::registration_token;
 use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::enrollments;
-use zerotouch_engine::error::{Error, StoreError};
-use zerotouch_engine::hub::{DeviceAuth, HubAction, HubRegistry, LinkedHub, ProvisionedDevice, TwinSetup};
+use zerotouch_engine::hub::{
+    DeviceAuth, HubAction, HubError, HubRegistry, LinkedHub, ProvisionedDevice, TwinSetup,
+};
 use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs, HUB_NOT_FOUND};
-use zerotouch_engine::jobs::{JobLimits, MemoryJobStore};
 use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
 use zerotouch_engine::query::{execute, parse};
 use zerotouch_engine::registry::LifecycleOperation;
-use zerotouch_engine::registry::{MemoryIdentityStore, TwinSink};
-use zerotouch_engine::store::{
-    CaCertificate, CaCertificateStore, EnrollmentGroupStore, EnrollmentStore, OperationRecord, Page,
-    PageRequest, Precondition, RegistrationRecord, RegistrationStore,
-};
-use zerotouch_engine::twin::{MemoryTwinStore, TwinOperation, TwinStore};
+use zerotouch_engine::registry::TwinSink;
+use zerotouch_engine::store::{EnrollmentStore, PageRequest, RegistrationStore};
+use zerotouch_engine::twin::{TwinOperation, TwinStore};
 use zerotouch_proto::device::{DeviceRegistration, RegistrationStatus};
 use zerotouch_proto::hub::{DeviceStatus, ExportImportDevice};
 use zerotouch_proto::jobs::{JobRequest, JobStatus};
-use zerotouch_proto::service::{AllocationPolicy, EnrollmentGroup, IndividualEnrollment, InitialTwin};
-use zerotouch_proto::{
-    DeviceId, EnrollmentGroupId, IdScope, IfMatch, OperationId, RegistrationId, Timestamp,
-};
+use zerotouch_proto::service::{AllocationPolicy, InitialTwin};
+use zerotouch_proto::{DeviceId, IdScope, IfMatch, RegistrationId};
 use zerotouch_testkit::sim::Simulator;
 
 use common::{assigned, individual, symmetric_attestation, symmetric_device, EnrollOptions, SCOPE};
@@ -443,175 +437,78 @@ fn a_device_provisioned_again_with_its_keys_keeps_its_identity_and_new_keys_repl
     assert!(hub.take_lifecycle_events().is_empty(), "updates are not lifecycle events");
 }
 
-// Lifecycle events of registrations whose store unit commits or is rolled back.
+// Lifecycle events of registrations whose store unit commits or is rolled back. The hub's
+// in-memory stores are not part of the provisioning store's units, so what the hub wrote stands
+// whatever a unit's outcome; the database case, where a rollback takes the hub's writes and
+// their events with it, is tested on SQLite and PostgreSQL in `store/tests/*_hub_units.rs`.
 
-type SharedHub = EmbeddedHub<Arc<MemoryIdentityStore>, Arc<MemoryTwinStore>, MemoryJobStore>;
-type SharedHubs = EmbeddedHubs<Arc<MemoryIdentityStore>, Arc<MemoryTwinStore>, MemoryJobStore>;
-
-/// A provisioning store over memory whose units fail on request. The hub's in-memory stores are
-/// not part of its units, so what the hub wrote stands whatever a unit's outcome (the
-/// database case, where a rollback takes the hub's writes with it, is tested on SQLite in
-/// `store/tests/sqlite_hub_units.rs`).
-#[derive(Default)]
-struct FaultyUnits {
-    inner: MemoryStore,
-    /// Commits of a record still to refuse as lost to a concurrent registration.
-    lost_commits: AtomicUsize,
-    /// Units still to fail once their work is done (a failed group-commit batch).
-    failed_units: AtomicUsize,
+/// The plant hubs, refusing a registration's actions after writing them, as many times as
+/// `refusals` says, with `code`: `412…` (a concurrent change) makes the provisioner decide the
+/// round again, anything else fails the registration. Either way its unit ends rolled back.
+struct RefuseAfterWrite<'a> {
+    hubs: &'a mut EmbeddedHubs,
+    refusals: usize,
+    code: u32,
 }
 
-impl FaultyUnits {
-    fn take_one(counter: &AtomicUsize) -> bool {
-        counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
-    }
-}
-
-impl EnrollmentStore for FaultyUnits {
-    fn enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, StoreError> {
-        self.inner.enrollment(id)
-    }
-    fn put_enrollment(&self, e: &IndividualEnrollment, pre: &Precondition) -> Result<(), StoreError> {
-        self.inner.put_enrollment(e, pre)
-    }
-    fn delete_enrollment(&self, id: &RegistrationId, pre: &Precondition) -> Result<(), StoreError> {
-        self.inner.delete_enrollment(id, pre)
-    }
-    fn enrollments(&self, page: &PageRequest) -> Result<Page<IndividualEnrollment>, StoreError> {
-        self.inner.enrollments(page)
-    }
-}
-
-impl EnrollmentGroupStore for FaultyUnits {
-    fn enrollment_group(&self, id: &EnrollmentGroupId) -> Result<Option<EnrollmentGroup>, StoreError> {
-        self.inner.enrollment_group(id)
-    }
-    fn put_enrollment_group(&self, g: &EnrollmentGroup, pre: &Precondition) -> Result<(), StoreError> {
-        self.inner.put_enrollment_group(g, pre)
-    }
-    fn delete_enrollment_group(&self, id: &EnrollmentGroupId, pre: &Precondition) -> Result<(), StoreError> {
-        self.inner.delete_enrollment_group(id, pre)
-    }
-    fn enrollment_groups(&self, page: &PageRequest) -> Result<Page<EnrollmentGroup>, StoreError> {
-        self.inner.enrollment_groups(page)
-    }
-    fn symmetric_key_groups(&self) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
-        self.inner.symmetric_key_groups()
-    }
-    fn groups_by_ca_subject(&self, subject_name: &str) -> Result<Vec<Arc<EnrollmentGroup>>, StoreError> {
-        self.inner.groups_by_ca_subject(subject_name)
-    }
-}
-
-impl CaCertificateStore for FaultyUnits {
-    fn ca_certificate(&self, name: &str) -> Result<Option<CaCertificate>, StoreError> {
-        self.inner.ca_certificate(name)
-    }
-    fn put_ca_certificate(&self, cert: &CaCertificate, pre: &Precondition) -> Result<(), StoreError> {
-        self.inner.put_ca_certificate(cert, pre)
-    }
-    fn delete_ca_certificate(&self, name: &str, pre: &Precondition) -> Result<(), StoreError> {
-        self.inner.delete_ca_certificate(name, pre)
-    }
-}
-
-impl RegistrationStore for FaultyUnits {
-    fn registration(&self, id: &RegistrationId) -> Result<Option<RegistrationRecord>, StoreError> {
-        self.inner.registration(id)
-    }
-    fn commit_registration(
-        &self,
-        record: Arc<RegistrationRecord>,
-        pre: &Precondition,
-        operation: OperationRecord,
-    ) -> Result<(), StoreError> {
-        if Self::take_one(&self.lost_commits) {
-            return Err(StoreError::PreconditionFailed);
+impl HubRegistry for RefuseAfterWrite<'_> {
+    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
+        self.hubs.apply(action)?;
+        if self.refusals > 0 {
+            self.refusals -= 1;
+            return Err(HubError { code: self.code, message: "refused after the write".into() });
         }
-        self.inner.commit_registration(record, pre, operation)
+        Ok(())
     }
-    fn delete_registration(&self, id: &RegistrationId, pre: &Precondition) -> Result<(), StoreError> {
-        self.inner.delete_registration(id, pre)
+
+    fn begin_unit(&mut self) {
+        self.hubs.begin_unit();
     }
-    fn registrations_by_group(
-        &self,
-        group: &EnrollmentGroupId,
-        page: &PageRequest,
-    ) -> Result<Page<RegistrationRecord>, StoreError> {
-        self.inner.registrations_by_group(group, page)
-    }
-    fn put_operation(&self, operation: &OperationRecord) -> Result<(), StoreError> {
-        self.inner.put_operation(operation)
-    }
-    fn operation(&self, id: &OperationId) -> Result<Option<OperationRecord>, StoreError> {
-        self.inner.operation(id)
-    }
-    fn purge_operations(&self, cutoff: Timestamp) -> Result<usize, StoreError> {
-        self.inner.purge_operations(cutoff)
-    }
-    fn atomically(&self, unit: &mut dyn FnMut() -> Result<(), Error>) -> Result<(), Error> {
-        let result = unit();
-        if result.is_ok() && Self::take_one(&self.failed_units) {
-            return Err(Error::Store(StoreError::Backend("the batch failed to commit".into())));
-        }
-        result
+
+    fn end_unit(&mut self, committed: bool) {
+        self.hubs.end_unit(committed);
     }
 }
 
-/// A provisioner over a [`FaultyUnits`] store with the plant hub over memory stores.
+/// A provisioner over the memory store with the plant hub over memory stores.
 struct UnitWorld {
-    provisioner: Provisioner<Arc<FaultyUnits>>,
-    hubs: SharedHubs,
+    provisioner: Provisioner<MemoryStore>,
+    hubs: EmbeddedHubs,
     crypto: RingCrypto,
 }
 
 impl UnitWorld {
     fn new() -> Self {
-        let crypto = RingCrypto::new();
-        let identities = Arc::new(MemoryIdentityStore::new());
-        let twins = Arc::new(MemoryTwinStore::new());
-        let store = FaultyUnits::default();
         let provisioner = Provisioner::new(
             ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
-            Arc::new(store),
+            MemoryStore::new(),
             Arc::new(RingCrypto::new()),
             Allocator::new(vec![LinkedHub::new(PLANT)]),
         );
-        let hub = SharedHub::new(
-            PLANT,
-            identities,
-            twins,
-            MemoryJobStore::new(),
-            Arc::new(RingCrypto::new()),
-            JobLimits::default(),
-        )
-        .unwrap();
-        let mut hubs = SharedHubs::new();
-        hubs.insert(hub);
+        let mut hubs = EmbeddedHubs::new();
+        hubs.insert(EmbeddedHub::in_memory(PLANT, Arc::new(RingCrypto::new())).unwrap());
         hubs.set_now(zerotouch_testkit::sim::START);
-        Self { provisioner, hubs, crypto }
+        Self { provisioner, hubs, crypto: RingCrypto::new() }
     }
 
-    fn store(&self) -> &FaultyUnits {
-        self.provisioner.store()
-    }
-
-    fn plant(&self) -> &SharedHub {
+    fn plant(&self) -> &EmbeddedHub {
         self.hubs.hub(PLANT).unwrap()
     }
 
-    /// Enrolls `id` for the plant hub and sends its register request; returns the reply status.
-    fn register(&mut self, id: &str) -> u16 {
+    /// Enrolls `id` for the plant hub and sends its register request through the plant hubs,
+    /// refused `refusals` times with `code` after they wrote; returns the reply status.
+    fn register(&mut self, id: &str, refusals: usize, code: u32) -> u16 {
         let now = zerotouch_testkit::sim::START;
         let o = EnrollOptions {
             policy: Some(AllocationPolicy::Static),
             hubs: Some(vec![PLANT.to_owned()]),
             ..Default::default()
         };
-        let enrollment = match self.store().enrollment(&RegistrationId::new(id).unwrap()).unwrap() {
+        let store = self.provisioner.store();
+        let enrollment = match store.enrollment(&RegistrationId::new(id).unwrap()).unwrap() {
             Some(e) => e,
             None => enrollments::put_enrollment(
-                self.provisioner.store(),
+                store,
                 &self.crypto,
                 now,
                 individual(id, symmetric_attestation(), &o),
@@ -628,12 +525,13 @@ impl UnitWorld {
             body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
             credential: Credential::Sas(token),
         };
-        self.provisioner.handle_register(now, request, &mut self.hubs).status
+        let mut hubs = RefuseAfterWrite { hubs: &mut self.hubs, refusals, code };
+        self.provisioner.handle_register(now, request, &mut hubs).status
     }
 
-    fn assigned(&self, id: &str) -> bool {
-        let record = self.store().registration(&RegistrationId::new(id).unwrap()).unwrap();
-        record.and_then(|r| r.state.status) == Some(RegistrationStatus::Assigned)
+    fn status(&self, id: &str) -> Option<RegistrationStatus> {
+        let record = self.provisioner.store().registration(&RegistrationId::new(id).unwrap()).unwrap();
+        record.and_then(|r| r.state.status)
     }
 }
 
@@ -649,9 +547,8 @@ fn created_ids(events: &[zerotouch_engine::registry::LifecycleEvent]) -> Vec<&st
 fn a_registration_whose_round_is_lost_after_the_hub_wrote_announces_its_device_once() {
     // The lost round's identity stays in the hub's memory; the next round finds and keeps it.
     let mut w = UnitWorld::new();
-    w.store().lost_commits.store(1, Ordering::SeqCst);
-    assert_eq!(w.register("press-7"), 202);
-    assert!(w.assigned("press-7"));
+    assert_eq!(w.register("press-7", 1, 412_002), 202);
+    assert_eq!(w.status("press-7"), Some(RegistrationStatus::Assigned));
     assert!(w.plant().registry().device(&id("press-7")).is_ok());
     let events = w.plant().take_lifecycle_events();
     assert_eq!(created_ids(&events), ["press-7"]);
@@ -662,14 +559,14 @@ fn a_registration_whose_round_is_lost_after_the_hub_wrote_announces_its_device_o
 #[test]
 fn a_failed_unit_still_announces_a_device_its_hub_outside_the_unit_kept() {
     let mut w = UnitWorld::new();
-    w.store().failed_units.store(1, Ordering::SeqCst);
-    assert_eq!(w.register("press-9"), 500);
+    assert_eq!(w.register("press-9", 1, 500_001), 202);
+    assert_eq!(w.status("press-9"), None, "the registration failed: no record");
     assert!(w.plant().registry().device(&id("press-9")).is_ok(), "the hub's memory is not in the unit");
     assert_eq!(created_ids(&w.plant().take_lifecycle_events()), ["press-9"]);
 
     // Registering again updates the identity it has: nothing new to announce.
-    assert_eq!(w.register("press-9"), 202);
-    assert!(w.assigned("press-9"));
+    assert_eq!(w.register("press-9", 0, 0), 202);
+    assert_eq!(w.status("press-9"), Some(RegistrationStatus::Assigned));
     assert!(w.plant().take_lifecycle_events().is_empty());
 }
 
