@@ -9,7 +9,7 @@ use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::crypto::CryptoProvider;
 use zerotouch_engine::hub::LinkedHub;
 use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
-use zerotouch_engine::jobs::{JobLimits, JobStore};
+use zerotouch_engine::jobs::JobStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
 use zerotouch_engine::registry::IdentityStore;
 use zerotouch_engine::store::ProvisioningStore;
@@ -39,14 +39,7 @@ where
     let mut embedded = EmbeddedHubs::new();
     for name in hubs {
         let stores = view(name);
-        embedded.insert(EmbeddedHub::new(
-            *name,
-            stores.clone(),
-            stores.clone(),
-            stores,
-            Arc::clone(crypto),
-            JobLimits::default(),
-        )?);
+        embedded.insert(EmbeddedHub::over(*name, stores, Arc::clone(crypto))?);
     }
     let provisioner = Provisioner::new(
         ProvisionerConfig::new(IdScope::new(scope)?),

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use serde_json::json;
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::hub_engine::EmbeddedHub;
-use zerotouch_engine::jobs::JobLimits;
 use zerotouch_engine::registry::{ExportJob, ImportJob};
 use zerotouch_proto::hub::JobProperties;
 use zerotouch_proto::Timestamp;
@@ -33,15 +32,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path().join("zerotouch.sqlite")).unwrap();
     let view = store.hub("plant.example.net").unwrap();
-    let hub = EmbeddedHub::new(
-        "plant.example.net",
-        view.clone(),
-        view.clone(),
-        view,
-        Arc::new(RingCrypto::new()),
-        JobLimits::default(),
-    )
-    .unwrap();
+    let hub = EmbeddedHub::over("plant.example.net", view, Arc::new(RingCrypto::new())).unwrap();
     let now = Timestamp::from_unix_secs(1_800_000_000);
 
     // devices.txt: one JSON object per line, as IoT Hub's import reads it from blob storage.

@@ -25,7 +25,7 @@ use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::enrollments;
 use zerotouch_engine::hub::{HubAction, HubError, HubRegistry, LinkedHub};
 use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
-use zerotouch_engine::jobs::{JobLimits, JobStore};
+use zerotouch_engine::jobs::JobStore;
 use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
 use zerotouch_engine::query::{execute, parse, Query, QueryPage, QuerySource};
@@ -457,9 +457,7 @@ fn concurrent_registrations(c: &mut Criterion) {
     let durable = |name: &str, durability: Durability| {
         let store = SqliteStore::open_with(dir.path().join(name), durability).unwrap();
         let view = store.hub(HUB).unwrap();
-        let hub =
-            EmbeddedHub::new(HUB, view.clone(), view.clone(), view, crypto.clone(), JobLimits::default())
-                .unwrap();
+        let hub = EmbeddedHub::over(HUB, view, crypto.clone()).unwrap();
         service(store, hub)
     };
     let normal = durable("normal.db", Durability::ProcessCrash);

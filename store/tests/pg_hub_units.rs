@@ -10,7 +10,6 @@ use std::sync::Arc;
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::hub::{DeviceAuth, HubAction, HubRegistry, ProvisionedDevice, TwinSetup};
 use zerotouch_engine::hub_engine::EmbeddedHub;
-use zerotouch_engine::jobs::JobLimits;
 use zerotouch_engine::registry::events::LifecycleOperation;
 use zerotouch_engine::registry::IdentityStore;
 use zerotouch_engine::store::RegistrationStore;
@@ -26,14 +25,10 @@ const HUB: &str = "plant.example.net";
 fn an_identity_created_in_a_rolled_back_postgres_unit_is_never_announced() {
     let db = TestDb::new();
     let store = db.store();
-    let view = store.hub(HUB).unwrap();
-    let mut hub = EmbeddedHub::<PgStore, PgStore, PgStore>::new(
+    let mut hub = EmbeddedHub::<PgStore, PgStore, PgStore>::over(
         HUB,
-        view.clone(),
-        view.clone(),
-        view,
+        store.hub(HUB).unwrap(),
         Arc::new(RingCrypto::new()),
-        JobLimits::default(),
     )
     .unwrap();
     hub.set_now(Timestamp::from_unix_secs(1_767_225_600));

@@ -15,7 +15,6 @@ use zerotouch_engine::hub::{
     DeviceAuth, HubAction, HubError, HubRegistry, LinkedHub, ProvisionedDevice, TwinSetup,
 };
 use zerotouch_engine::hub_engine::EmbeddedHub;
-use zerotouch_engine::jobs::JobLimits;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
 use zerotouch_engine::registry::events::LifecycleOperation;
 use zerotouch_engine::registry::{IdentityStore, LifecycleEvent};
@@ -37,16 +36,7 @@ fn now() -> Timestamp {
 
 /// The embedded hub `HUB` over the hub tables of `store`'s database.
 fn hub_on(store: &SqliteStore) -> SqliteHub {
-    let view = store.hub(HUB).unwrap();
-    let mut hub = SqliteHub::new(
-        HUB,
-        view.clone(),
-        view.clone(),
-        view,
-        Arc::new(RingCrypto::new()),
-        JobLimits::default(),
-    )
-    .unwrap();
+    let mut hub = SqliteHub::over(HUB, store.hub(HUB).unwrap(), Arc::new(RingCrypto::new())).unwrap();
     hub.set_now(now());
     hub
 }

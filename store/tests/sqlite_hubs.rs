@@ -7,7 +7,6 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::hub_engine::EmbeddedHub;
-use zerotouch_engine::jobs::JobLimits;
 use zerotouch_engine::query::{execute, parse};
 use zerotouch_engine::registry::IdentityStore;
 use zerotouch_engine::store::{PageRequest, Precondition};
@@ -17,16 +16,7 @@ use zerotouch_proto::{DeviceId, IfMatch, Timestamp};
 use zerotouch_store::sqlite::SqliteStore;
 
 fn hub(store: &SqliteStore, name: &str) -> EmbeddedHub<SqliteStore, SqliteStore, SqliteStore> {
-    let view = store.hub(name).unwrap();
-    EmbeddedHub::new(
-        name,
-        view.clone(),
-        view.clone(),
-        view,
-        Arc::new(RingCrypto::new()),
-        JobLimits::default(),
-    )
-    .unwrap()
+    EmbeddedHub::over(name, store.hub(name).unwrap(), Arc::new(RingCrypto::new())).unwrap()
 }
 
 fn tags(v: Value) -> Map<String, Value> {

@@ -636,7 +636,6 @@ mod in_process {
     use zerotouch_engine::enrollments;
     use zerotouch_engine::hub::LinkedHub;
     use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
-    use zerotouch_engine::jobs::JobLimits;
     use zerotouch_engine::memory::MemoryStore;
     use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
     use zerotouch_engine::store::{EnrollmentGroupStore, ProvisioningStore};
@@ -697,17 +696,7 @@ mod in_process {
             let store = SqliteStore::open(dir.path().join("zerotouch.db")).expect("SQLite store");
             let key = enroll(&store, &crypto);
             let mut hubs = EmbeddedHubs::new();
-            hubs.insert(
-                EmbeddedHub::new(
-                    HUB,
-                    store.clone(),
-                    store.clone(),
-                    store.clone(),
-                    crypto.clone(),
-                    JobLimits::default(),
-                )
-                .expect("embedded hub"),
-            );
+            hubs.insert(EmbeddedHub::over(HUB, store.clone(), crypto.clone()).expect("embedded hub"));
             let provisioner = provisioner(store, crypto, retry_after);
             (Arc::new(EngineService::new(provisioner, Arc::new(Mutex::new(hubs)))), key)
         };

@@ -526,6 +526,22 @@ impl EmbeddedHub {
     }
 }
 
+impl<S: IdentityStore + TwinStore + JobStore + Clone> EmbeddedHub<S, S, S> {
+    /// A hub called `host_name` with default job limits over one store that keeps identities,
+    /// twins and jobs alike (a database's hub view, as `zerotouch-store`'s SQLite and PostgreSQL
+    /// stores give).
+    ///
+    /// # Errors
+    /// Crypto failures while setting up method calls.
+    pub fn over(
+        host_name: impl Into<String>,
+        stores: S,
+        crypto: Arc<dyn CryptoProvider>,
+    ) -> Result<Self, Error> {
+        Self::new(host_name, stores.clone(), stores.clone(), stores, crypto, JobLimits::default())
+    }
+}
+
 impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// A hub called `host_name` (also the `hubName` of its notifications) over these stores.
     ///

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::hub_engine::EmbeddedHub;
-use zerotouch_engine::jobs::{JobLimits, JobStore};
+use zerotouch_engine::jobs::JobStore;
 use zerotouch_engine::query::{execute, parse, QuerySource};
 use zerotouch_engine::registry::IdentityStore;
 use zerotouch_engine::store::PageRequest;
@@ -26,15 +26,7 @@ pub fn fleet<S>(store: S, colliding_tags: bool) -> EmbeddedHub<S, S, S>
 where
     S: IdentityStore + TwinStore + JobStore + Clone,
 {
-    let hub = EmbeddedHub::new(
-        "plant.example.net",
-        store.clone(),
-        store.clone(),
-        store.clone(),
-        Arc::new(RingCrypto::new()),
-        JobLimits::default(),
-    )
-    .unwrap();
+    let hub = EmbeddedHub::over("plant.example.net", store.clone(), Arc::new(RingCrypto::new())).unwrap();
     let now = Timestamp::from_unix_secs(1_700_000_000);
     for i in 0..120 {
         let id = DeviceId::new(format!("dev-{i:03}")).unwrap();
