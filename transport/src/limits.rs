@@ -57,7 +57,10 @@ pub struct Limits {
     /// Requests admitted at once, over all connections sharing this `Limits`: running in the
     /// engine or waiting for one of its [`Limits::max_engine_threads`]; beyond it a request is
     /// answered 429 with `retry-after`. A waiting request holds no thread, only its decoded
-    /// form, so the cap can absorb the burst of a fleet reconnecting at once. Default 4096.
+    /// form, so the cap can absorb the burst of a fleet reconnecting at once. Default 10 000, as
+    /// many as [`Limits::max_connections`]: a burst in which every open connection sends its one
+    /// request (CONNECT's check, a register) queues instead of being refused; only connections
+    /// with several requests in flight can reach it.
     pub max_concurrent_requests: usize,
     /// Engine calls running at once, each on a thread of tokio's blocking pool (stores block);
     /// admitted requests beyond it wait, in arrival order, without a thread. On a few cores a
@@ -89,7 +92,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_in_flight_per_connection: 8,
-            max_concurrent_requests: 4096,
+            max_concurrent_requests: 10_000,
             max_engine_threads: 32,
             throttle_retry_after_secs: 3,
             shutdown_grace: Duration::from_secs(10),
