@@ -11,9 +11,7 @@ use zerotouch_engine::attestation::symmetric::{decode_key, derive_device_key, re
 use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::enrollments;
-use zerotouch_engine::hub::{
-    DeviceAuth, HubAction, HubError, HubRegistry, LinkedHub, ProvisionedDevice, TwinSetup,
-};
+use zerotouch_engine::hub::{DeviceAuth, HubAction, HubRegistry, LinkedHub, ProvisionedDevice, TwinSetup};
 use zerotouch_engine::hub_engine::EmbeddedHub;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
 use zerotouch_engine::registry::events::LifecycleOperation;
@@ -24,6 +22,7 @@ use zerotouch_proto::device::{DeviceRegistration, RegistrationStatus};
 use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup};
 use zerotouch_proto::{DeviceId, EnrollmentGroupId, IdScope, IfMatch, RegistrationId, Timestamp};
 use zerotouch_store::sqlite::SqliteStore;
+use zerotouch_testkit::hubs::RefuseAfterWrite;
 
 const SCOPE: &str = "0ne00FAB001";
 const HUB: &str = "plant.example.net";
@@ -43,35 +42,6 @@ fn hub_on(store: &SqliteStore) -> SqliteHub {
 
 fn open(dir: &Path, file: &str) -> SqliteStore {
     SqliteStore::open(dir.join(file)).unwrap()
-}
-
-/// The embedded hub, refusing the registration's actions after writing them, as many times as
-/// `refusals` says, with `code`: `412…` (a concurrent change) makes the provisioner decide the
-/// round again, anything else fails the registration. Either way the store rolls back the unit
-/// that holds the hub's writes.
-struct RefuseAfterWrite<'a> {
-    hub: &'a mut SqliteHub,
-    refusals: usize,
-    code: u32,
-}
-
-impl HubRegistry for RefuseAfterWrite<'_> {
-    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
-        self.hub.apply(action)?;
-        if self.refusals > 0 {
-            self.refusals -= 1;
-            return Err(HubError { code: self.code, message: "refused after the write".into() });
-        }
-        Ok(())
-    }
-
-    fn begin_unit(&mut self) {
-        self.hub.begin_unit();
-    }
-
-    fn end_unit(&mut self, committed: bool) {
-        self.hub.end_unit(committed);
-    }
 }
 
 /// A provisioner over `store` with one symmetric-key group, and register requests for it.

@@ -17,9 +17,7 @@ use zerotouch_engine::attestation::symmetric::registration_token;
 use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::enrollments;
-use zerotouch_engine::hub::{
-    DeviceAuth, HubAction, HubError, HubRegistry, LinkedHub, ProvisionedDevice, TwinSetup,
-};
+use zerotouch_engine::hub::{DeviceAuth, HubAction, HubRegistry, LinkedHub, ProvisionedDevice, TwinSetup};
 use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs, HUB_NOT_FOUND};
 use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
@@ -33,6 +31,7 @@ use zerotouch_proto::hub::{DeviceStatus, ExportImportDevice};
 use zerotouch_proto::jobs::{JobRequest, JobStatus};
 use zerotouch_proto::service::{AllocationPolicy, InitialTwin};
 use zerotouch_proto::{DeviceId, IdScope, IfMatch, RegistrationId};
+use zerotouch_testkit::hubs::RefuseAfterWrite;
 use zerotouch_testkit::sim::Simulator;
 
 use common::{assigned, individual, symmetric_attestation, symmetric_device, EnrollOptions, SCOPE};
@@ -442,34 +441,6 @@ fn a_device_provisioned_again_with_its_keys_keeps_its_identity_and_new_keys_repl
 // whatever a unit's outcome; the database case, where a rollback takes the hub's writes and
 // their events with it, is tested on SQLite and PostgreSQL in `store/tests/*_hub_units.rs`.
 
-/// The plant hubs, refusing a registration's actions after writing them, as many times as
-/// `refusals` says, with `code`: `412…` (a concurrent change) makes the provisioner decide the
-/// round again, anything else fails the registration. Either way its unit ends rolled back.
-struct RefuseAfterWrite<'a> {
-    hubs: &'a mut EmbeddedHubs,
-    refusals: usize,
-    code: u32,
-}
-
-impl HubRegistry for RefuseAfterWrite<'_> {
-    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
-        self.hubs.apply(action)?;
-        if self.refusals > 0 {
-            self.refusals -= 1;
-            return Err(HubError { code: self.code, message: "refused after the write".into() });
-        }
-        Ok(())
-    }
-
-    fn begin_unit(&mut self) {
-        self.hubs.begin_unit();
-    }
-
-    fn end_unit(&mut self, committed: bool) {
-        self.hubs.end_unit(committed);
-    }
-}
-
 /// A provisioner over the memory store with the plant hub over memory stores.
 struct UnitWorld {
     provisioner: Provisioner<MemoryStore>,
@@ -525,7 +496,7 @@ impl UnitWorld {
             body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
             credential: Credential::Sas(token),
         };
-        let mut hubs = RefuseAfterWrite { hubs: &mut self.hubs, refusals, code };
+        let mut hubs = RefuseAfterWrite { hub: &mut self.hubs, refusals, code };
         self.provisioner.handle_register(now, request, &mut hubs).status
     }
 

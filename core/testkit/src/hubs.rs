@@ -147,3 +147,37 @@ impl HubRegistry for SimHubs {
         Ok(())
     }
 }
+
+/// A hub registry that carries out each action on `hub` and then refuses it, as many times as
+/// `refusals` says, with `code`: a hub failing after its write. A `412…` code (a concurrent
+/// change) makes the provisioner decide the round again, any other fails the registration; in
+/// both cases the provisioner's store unit ends rolled back, which is what tests of unit
+/// outcomes need. Units are forwarded to `hub`.
+#[derive(Debug)]
+pub struct RefuseAfterWrite<'a, H: HubRegistry + ?Sized> {
+    /// The registry that writes.
+    pub hub: &'a mut H,
+    /// Refusals still to come.
+    pub refusals: usize,
+    /// The hub error code of each refusal.
+    pub code: u32,
+}
+
+impl<H: HubRegistry + ?Sized> HubRegistry for RefuseAfterWrite<'_, H> {
+    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
+        self.hub.apply(action)?;
+        if self.refusals > 0 {
+            self.refusals -= 1;
+            return Err(HubError { code: self.code, message: "refused after the write".into() });
+        }
+        Ok(())
+    }
+
+    fn begin_unit(&mut self) {
+        self.hub.begin_unit();
+    }
+
+    fn end_unit(&mut self, committed: bool) {
+        self.hub.end_unit(committed);
+    }
+}
