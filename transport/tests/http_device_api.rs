@@ -221,6 +221,12 @@ async fn unknown_operation_is_404202_and_unknown_scope_is_404() {
     let reply = client.send("GET", &operation_path("sensor-13", unknown), Some(&token), b"").await;
     assert_eq!(reply.status, 404, "{}", reply.body);
     assert_eq!(reply.error_code(), 404202);
+    // An id no register reply could have given names no operation either.
+    for malformed in ["bad_op", "UPPER.case", &"x".repeat(300)] {
+        let reply = client.send("GET", &operation_path("sensor-13", malformed), Some(&token), b"").await;
+        assert_eq!(reply.status, 404, "{malformed}: {}", reply.body);
+        assert_eq!(reply.error_code(), 404202, "{malformed}");
+    }
 
     let other_scope = "/0ne00000001/registrations/sensor-13/register?api-version=2021-06-01";
     let body = json!({ "registrationId": "sensor-13" }).to_string();

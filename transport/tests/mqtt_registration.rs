@@ -60,6 +60,29 @@ async fn register_reply_is_202_assigning_with_retry_after_like_real_dps() {
 }
 
 #[tokio::test]
+async fn a_poll_for_a_malformed_or_missing_operation_id_is_answered_404202_not_left_hanging() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("sensor-3");
+    let opts = DeviceOptions::new("sensor-3", Auth::SasPython(key));
+    let (client, mut events) = mqtt_support::connect(&server, &opts).await.unwrap();
+    client.subscribe(zerotouch_proto::mqtt::SUBSCRIBE_FILTER, rumqttc::QoS::AtLeastOnce).await.unwrap();
+    let long = "x".repeat(300);
+    for (rid, query) in [
+        ("1", "&operationId=bad_op".to_owned()),
+        ("2", "&operationId=".to_owned()),
+        ("3", String::new()),
+        ("4", format!("&operationId={long}")),
+    ] {
+        let poll = format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}{query}");
+        client.publish(poll, rumqttc::QoS::AtLeastOnce, false, " ").await.unwrap();
+        let reply = mqtt_support::reply(&mut events, rid).await;
+        assert_eq!(reply.status, 404, "{query}: {reply:?}");
+        assert_eq!(reply.body["errorCode"], 404202, "{query}: {reply:?}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn individual_x509_device_presenting_its_certificate_is_assigned() {
     let server = Server::start().await;
     let root = TestCa::root("Fabrikam Root");

@@ -366,7 +366,7 @@ async fn register_once(
         }
         tokio::time::sleep(Duration::from_secs(u64::from(topic.retry_after.unwrap_or(2).clamp(1, 300))))
             .await;
-        let operation_id = OperationId::new(status.operation_id).map_err(|e| e.to_string())?;
+        let operation_id = OperationId::new(status.operation_id).map_err(|e| e.to_string())?.to_string();
         let request = DeviceRequest::PollStatus { rid: poll.to_string(), operation_id }.to_string();
         pkid += 1;
         (topic, payload) = s.request(pkid, request, POLL_PAYLOAD.as_bytes().to_vec()).await?;

@@ -6,7 +6,7 @@ use std::fmt;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use crate::error::ProtoError;
-use crate::ids::{EnrollmentGroupId, IdScope, OperationId, RegistrationId};
+use crate::ids::{EnrollmentGroupId, IdScope, RegistrationId};
 
 /// Every api-version seen on the wire or in the swagger (spec §1.1), oldest first.
 pub const KNOWN_API_VERSIONS: &[&str] = &[
@@ -163,8 +163,10 @@ pub enum Route {
         id_scope: IdScope,
         /// Registration id.
         registration_id: RegistrationId,
-        /// Operation id from the register reply.
-        operation_id: OperationId,
+        /// Operation id from the register reply, percent-decoded, as sent: an id that breaks
+        /// the rules of [`OperationId`](crate::OperationId) names no operation and is answered 404 `404202` like any
+        /// unknown one (spec §11), so it is not refused here.
+        operation_id: String,
     },
     /// `POST /{idScope}/registrations/{registrationId}`: registration status lookup.
     RegistrationStatusLookup {
@@ -400,7 +402,7 @@ impl Route {
                 (Get, 5) if is(3, OPERATIONS) => Route::OperationStatus {
                     id_scope: scope()?,
                     registration_id: rid(2)?,
-                    operation_id: OperationId::new(segs[4].as_str())?,
+                    operation_id: segs[4].clone(),
                 },
                 (Post, 3) => Route::RegistrationStatusLookup { id_scope: scope()?, registration_id: rid(2)? },
                 _ => return Err(not_found()),

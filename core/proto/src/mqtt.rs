@@ -8,7 +8,7 @@ use std::fmt;
 
 use crate::error::ProtoError;
 use crate::http::{encode_component, query_pairs};
-use crate::ids::{IdScope, OperationId, RegistrationId};
+use crate::ids::{IdScope, RegistrationId};
 
 /// The only topic filter DPS grants: every reply arrives below it.
 pub const SUBSCRIBE_FILTER: &str = "$dps/registrations/res/#";
@@ -133,8 +133,11 @@ pub enum DeviceRequest {
     PollStatus {
         /// Request id, echoed verbatim in the reply topic.
         rid: String,
-        /// The operation to report on (percent-decoded: Python url-quotes it).
-        operation_id: OperationId,
+        /// The operation to report on, percent-decoded (Python url-quotes it), as sent: not
+        /// checked against the rules of [`OperationId`](crate::OperationId) here, because an id that breaks them
+        /// names no operation and is answered 404 `404202` like any unknown one (spec §11), not
+        /// left without a reply.
+        operation_id: String,
     },
 }
 
@@ -143,8 +146,9 @@ impl DeviceRequest {
     ///
     /// # Errors
     /// [`ProtoError::InvalidTopic`] for any topic that is neither a register nor a poll, lacks
-    /// `$rid` (or `operationId` on a poll) or repeats one of them; [`ProtoError::InvalidId`]
-    /// when the operation id breaks its rules.
+    /// `$rid` or repeats `$rid` or `operationId`, or whose `operationId` is not UTF-8 once
+    /// percent-decoded. A poll without `operationId` asks for the operation `""`, which exists
+    /// no more than a malformed one.
     pub fn parse_topic(topic: &str) -> Result<Self, ProtoError> {
         let invalid = |why: &str| ProtoError::InvalidTopic(format!("{why}: {topic:?}"));
         let (path, query) = topic.split_once('?').ok_or_else(|| invalid("no `?$rid=` part"))?;
@@ -174,11 +178,10 @@ impl DeviceRequest {
         if is_register {
             return Ok(DeviceRequest::Register { rid });
         }
-        let raw = operation_id.ok_or_else(|| invalid("missing operationId"))?;
-        let decoded = percent_encoding::percent_decode_str(raw)
+        let decoded = percent_encoding::percent_decode_str(operation_id.unwrap_or_default())
             .decode_utf8()
             .map_err(|_| invalid("operationId is not UTF-8 after percent-decoding"))?;
-        Ok(DeviceRequest::PollStatus { rid, operation_id: OperationId::new(decoded.into_owned())? })
+        Ok(DeviceRequest::PollStatus { rid, operation_id: decoded.into_owned() })
     }
 
     /// The request id to echo.
@@ -303,13 +306,30 @@ mod tests {
     }
 
     #[test]
+    fn a_poll_for_a_malformed_or_missing_operation_id_is_still_a_poll_to_answer() {
+        for (query, id) in [
+            ("&operationId=bad_op", "bad_op"),
+            ("&operationId=", ""),
+            ("", ""),
+            ("&operationId=A%2FB", "A/B"),
+        ] {
+            let t = format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=9{query}");
+            assert_eq!(
+                DeviceRequest::parse_topic(&t).unwrap(),
+                DeviceRequest::PollStatus { rid: "9".into(), operation_id: id.into() },
+                "{t}"
+            );
+        }
+    }
+
+    #[test]
     fn other_topics_are_rejected() {
         for t in [
             "$dps/registrations/PUT/iotdps-register/",
             "$dps/registrations/PUT/iotdps-other/?$rid=1",
             "devices/d1/messages/events/",
-            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=1",
             "$dps/registrations/PUT/iotdps-register/?$rid=1&$rid=2",
+            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=1&operationId=a&operationId=b",
         ] {
             assert!(matches!(DeviceRequest::parse_topic(t), Err(ProtoError::InvalidTopic(_))), "{t}");
         }

@@ -180,7 +180,7 @@ proptest! {
 
     #[test]
     fn poll_topic_round_trips(rid in rid(), operation_id in operation_id()) {
-        let req = DeviceRequest::PollStatus { rid, operation_id };
+        let req = DeviceRequest::PollStatus { rid, operation_id: operation_id.to_string() };
         prop_assert_eq!(DeviceRequest::parse_topic(&req.to_string()).unwrap(), req);
     }
 
@@ -188,7 +188,7 @@ proptest! {
     fn python_url_quoted_operation_id_is_decoded(rid in rid(), operation_id in operation_id()) {
         let quoted: String = operation_id.as_str().bytes().map(|b| format!("%{b:02X}")).collect();
         let topic = format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={quoted}");
-        prop_assert_eq!(DeviceRequest::parse_topic(&topic).unwrap(), DeviceRequest::PollStatus { rid, operation_id });
+        prop_assert_eq!(DeviceRequest::parse_topic(&topic).unwrap(), DeviceRequest::PollStatus { rid, operation_id: operation_id.to_string() });
     }
 
     #[test]
@@ -312,7 +312,7 @@ fn route() -> impl Strategy<Value = Route> {
         (id_scope(), rid())
             .prop_map(|(id_scope, registration_id)| Route::Register { id_scope, registration_id }),
         (id_scope(), rid(), operation_id()).prop_map(|(id_scope, registration_id, operation_id)| {
-            Route::OperationStatus { id_scope, registration_id, operation_id }
+            Route::OperationStatus { id_scope, registration_id, operation_id: operation_id.to_string() }
         }),
         (id_scope(), rid()).prop_map(|(id_scope, registration_id)| Route::RegistrationStatusLookup {
             id_scope,

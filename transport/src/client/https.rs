@@ -81,7 +81,7 @@ impl HttpsLink {
                 (Route::Register { id_scope, registration_id }, Method::PUT, Bytes::from(json), authorization)
             }
             Transmit::PollStatus { operation_id, authorization } => (
-                Route::OperationStatus { id_scope, registration_id, operation_id: operation_id.clone() },
+                Route::OperationStatus { id_scope, registration_id, operation_id: operation_id.to_string() },
                 Method::GET,
                 Bytes::new(),
                 authorization,

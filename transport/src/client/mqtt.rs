@@ -122,7 +122,7 @@ impl Link for MqttLink {
                 (DeviceRequest::Register { rid: rid.clone() }, payload)
             }
             Transmit::PollStatus { operation_id, .. } => (
-                DeviceRequest::PollStatus { rid: rid.clone(), operation_id: operation_id.clone() },
+                DeviceRequest::PollStatus { rid: rid.clone(), operation_id: operation_id.to_string() },
                 POLL_PAYLOAD.as_bytes().to_vec(),
             ),
         };

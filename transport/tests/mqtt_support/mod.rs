@@ -32,9 +32,7 @@ use zerotouch_engine::provisioner::{
 use zerotouch_proto::mqtt::{DeviceRequest, ResponseTopic, SUBSCRIBE_FILTER};
 use zerotouch_proto::sas::{encode_resource, registration_resource, string_to_sign};
 use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup, IndividualEnrollment};
-use zerotouch_proto::{
-    DeviceId, EnrollmentGroupId, IdScope, IfMatch, OperationId, RegistrationId, Timestamp,
-};
+use zerotouch_proto::{DeviceId, EnrollmentGroupId, IdScope, IfMatch, RegistrationId, Timestamp};
 use zerotouch_transport::limits::Limits;
 use zerotouch_transport::mqtt::serve_mqtt;
 use zerotouch_transport::service::{now, DpsService, EngineService};
@@ -362,10 +360,7 @@ pub async fn register_on(client: &AsyncClient, events: &mut EventLoop, registrat
         }
         let operation_id = outcome.body["operationId"].as_str().unwrap().to_owned();
         let rid = format!("r{n}");
-        let poll = DeviceRequest::PollStatus {
-            rid: rid.clone(),
-            operation_id: OperationId::new(operation_id).unwrap(),
-        };
+        let poll = DeviceRequest::PollStatus { rid: rid.clone(), operation_id };
         client.publish(poll.to_string(), QoS::AtLeastOnce, false, " ").await.unwrap();
         outcome = reply(events, &rid).await;
     }
