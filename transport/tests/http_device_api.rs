@@ -163,6 +163,49 @@ async fn registration_id_in_body_must_match_the_path() {
 }
 
 #[tokio::test]
+async fn status_lookup_body_must_name_the_path_registration_and_carry_no_csr() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("sensor-15");
+    let token = sas(&key, "sensor-15");
+    let mut client = server.connect(None).await;
+    let lookup = format!("/{SCOPE}/registrations/sensor-15?api-version={API}");
+    let body = json!({ "registrationId": "sensor-15" }).to_string();
+    let reply = client.send("PUT", &register_path("sensor-15"), Some(&token), body.as_bytes()).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+
+    let other = json!({ "registrationId": "someone-else" }).to_string();
+    let reply = client.send("POST", &lookup, Some(&token), other.as_bytes()).await;
+    assert_eq!((reply.status.as_u16(), reply.error_code()), (400, 400004), "{}", reply.body);
+
+    let with_csr = json!({ "registrationId": "sensor-15", "csr": "MIIB" }).to_string();
+    let reply = client.send("POST", &lookup, Some(&token), with_csr.as_bytes()).await;
+    assert_eq!((reply.status.as_u16(), reply.error_code()), (400, 400000), "{}", reply.body);
+
+    // The same body in another spelling of the id, and no body at all, are looked up.
+    let upper = json!({ "registrationId": "SENSOR-15" }).to_string();
+    for body in [upper.as_bytes(), b""] {
+        let reply = client.send("POST", &lookup, Some(&token), body).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.body["assignedHub"], HUB);
+    }
+}
+
+#[tokio::test]
+async fn a_register_asking_for_a_certificate_is_refused_400_not_assigned_without_one() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("sensor-16");
+    let mut client = server.connect(None).await;
+    let body = json!({ "registrationId": "sensor-16", "csr": "MIIBCjCBsQIBADBPMQswCQYD" }).to_string();
+    for api in ["2019-03-31", "2025-07-01-preview"] {
+        let path = format!("/{SCOPE}/registrations/sensor-16/register?api-version={api}");
+        let reply = client.send("PUT", &path, Some(&sas(&key, "sensor-16")), body.as_bytes()).await;
+        assert_eq!((reply.status.as_u16(), reply.error_code()), (400, 400000), "{api}: {}", reply.body);
+        assert!(reply.body["message"].as_str().unwrap().contains("csr"), "{}", reply.body);
+    }
+    assert!(!server.hub_has_device("sensor-16"));
+}
+
+#[tokio::test]
 async fn oversized_body_is_413() {
     let limits = Limits { max_body_size: 1024, ..Limits::default() };
     let server = Server::start_with(limits).await;

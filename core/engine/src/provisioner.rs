@@ -101,6 +101,8 @@ pub struct StatusLookupRequest {
     pub id_scope: String,
     /// Registration id from the path.
     pub registration_id: String,
+    /// The body, when one was sent: it must name the path's registration and carry no `csr`.
+    pub body: Option<DeviceRegistration>,
     /// Credential.
     pub credential: Credential,
 }
@@ -478,6 +480,16 @@ impl<S: ProvisioningStore> Provisioner<S> {
     pub fn handle_status_lookup(&self, now: Timestamp, req: StatusLookupRequest) -> Response {
         let result = (|| {
             let (scope, id) = self.check_ids(&req.id_scope, &req.registration_id)?;
+            if let Some(body) = &req.body {
+                check_body_names(body, &id)?;
+                if body.csr.is_some() {
+                    return Err(Error::BadRequest(
+                        "A registration status lookup takes no csr: certificates are requested by \
+                         register."
+                            .into(),
+                    ));
+                }
+            }
             self.authenticate(now, scope, &id, &req.credential)?;
             let record =
                 self.store.registration(&id)?.ok_or_else(|| Error::EnrollmentNotFound(id.to_string()))?;
@@ -568,20 +580,22 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // valid as that one is, and needs no validated copy of its own.
         if req.body.registration_id != req.registration_id {
             let (_, id) = self.check_ids(&req.id_scope, req.registration_id.as_str())?;
-            let body_id = RegistrationId::new(req.body.registration_id.as_str())
-                .map_err(|e| Error::InvalidRegistrationId(e.to_string()))?;
-            if !body_id.same_registration(&id) {
-                return Err(Error::InvalidRegistrationId(format!(
-                    "body registrationId {:?} differs from {:?}",
-                    body_id.as_str(),
-                    id.as_str()
-                )));
-            }
+            check_body_names(&req.body, &id)?;
         }
         let (scope, id) = self.check_ids(&req.id_scope, req.registration_id)?;
         if req.body.tpm.is_some() && matches!(req.credential, Credential::None) {
             return Err(Error::BadRequest(
                 "TPM attestation is not supported by this version of zerotouch".into(),
+            ));
+        }
+        // DPS refuses a csr before api-version 2025-07-01-preview and issues a certificate for
+        // it from then on. This server issues none, and a device that asked for one cannot
+        // connect to its hub without it: refused at every api-version, not assigned without it.
+        if req.body.csr.is_some() {
+            return Err(Error::BadRequest(
+                "Certificate issuance (csr) is not supported by this server; register without a csr \
+                 and authenticate with a symmetric key or an X.509 certificate."
+                    .into(),
             ));
         }
         let mut attested = self.authenticate(now, scope, &id, &req.credential)?;
@@ -1223,6 +1237,21 @@ impl<S: ProvisioningStore> Provisioner<S> {
 /// Standard base64 of `bytes` in a string of exactly its size. (`Engine::encode` zeroes a
 /// buffer with `calloc` first, which costs more than the encoding for the few dozen bytes of a key
 /// or an etag, on every registration.)
+/// Checks that a request body names the registration of its path (or MQTT username), in any
+/// spelling of it: DPS answers another one 400 `400004` (spec §11).
+fn check_body_names(body: &DeviceRegistration, id: &RegistrationId) -> Result<(), Error> {
+    let body_id = RegistrationId::new(body.registration_id.as_str())
+        .map_err(|e| Error::InvalidRegistrationId(e.to_string()))?;
+    if body_id.same_registration(id) {
+        return Ok(());
+    }
+    Err(Error::InvalidRegistrationId(format!(
+        "body registrationId {:?} differs from {:?}",
+        body_id.as_str(),
+        id.as_str()
+    )))
+}
+
 fn base64_text(bytes: &[u8]) -> String {
     let mut text = String::with_capacity(base64::encoded_len(bytes.len(), true).unwrap_or_default());
     STANDARD.encode_string(bytes, &mut text);

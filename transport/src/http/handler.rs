@@ -98,20 +98,24 @@ async fn device_api(conn: &Connection, req: Request<Incoming>) -> Reply {
             EngineCall::OperationStatus(OperationStatusRequest {
                 id_scope: id_scope.as_str().to_owned(),
                 registration_id: registration_id.as_str().to_owned(),
-                operation_id: operation_id.as_str().to_owned(),
+                operation_id,
                 credential,
             })
         }
         Route::RegistrationStatusLookup { id_scope, registration_id } => {
-            // A body, when sent, must at least be JSON; its content adds nothing to the path.
-            if !bytes.iter().all(u8::is_ascii_whitespace) {
-                if let Err(e) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-                    return malformed_json(&e);
+            // A body is optional; when sent it is a DeviceRegistration, checked by the engine.
+            let body = if bytes.iter().all(u8::is_ascii_whitespace) {
+                None
+            } else {
+                match serde_json::from_slice::<DeviceRegistration>(&bytes) {
+                    Ok(b) => Some(b),
+                    Err(e) => return malformed_json(&e),
                 }
-            }
+            };
             EngineCall::StatusLookup(StatusLookupRequest {
                 id_scope: id_scope.as_str().to_owned(),
                 registration_id: registration_id.as_str().to_owned(),
+                body,
                 credential,
             })
         }

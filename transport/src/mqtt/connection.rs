@@ -320,6 +320,7 @@ async fn authenticate(
         let req = StatusLookupRequest {
             id_scope: id_scope.clone(),
             registration_id: registration_id.clone(),
+            body: None,
             credential: credential.clone(),
         };
         let accepted = limits
