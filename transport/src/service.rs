@@ -39,9 +39,10 @@ pub trait DpsService: Send + Sync + 'static {
     /// Whether the credential in `req` authenticates its registration id, for endpoints that
     /// authenticate before any request (MQTT CONNECT answers a bad SAS token with return code 5).
     ///
-    /// Only a definite refusal (401) counts: an unknown enrollment or registration still lets the
-    /// device connect and learn the precise error from its register reply. The default asks
-    /// [`DpsService::status_lookup`]; implementations with a cheaper check may override it.
+    /// Only a bad token should count (spec §2.1): an unknown, disabled or mismatched enrollment
+    /// still lets the device connect and learn the precise error from its register reply. The
+    /// default asks [`DpsService::status_lookup`] and refuses on any 401, as a reply cannot tell
+    /// the two apart; implementations that can (as [`EngineService`] does) override it.
     fn accepts_credential(&self, now: Timestamp, req: StatusLookupRequest) -> bool {
         self.status_lookup(now, req).status != 401
     }
@@ -191,11 +192,13 @@ where
         self.provisioner.handle_status_lookup(now, req)
     }
 
-    /// Authentication alone, without the registration-record read of a status lookup.
+    /// Authentication alone, without the registration-record read of a status lookup. Only a
+    /// bad token is refused: a disabled enrollment, or one of another attestation type, lets the
+    /// device connect and hear 401 in its register reply (spec §2.1).
     fn accepts_credential(&self, now: Timestamp, req: StatusLookupRequest) -> bool {
         match self.provisioner.check_credential(now, &req.id_scope, &req.registration_id, &req.credential) {
-            Ok(()) => true,
-            Err(e) => e.to_wire().http_status != 401,
+            Err(zerotouch_engine::Error::Auth(e)) => !e.is_bad_token(),
+            Ok(()) | Err(_) => true,
         }
     }
 }

@@ -87,6 +87,20 @@ async fn device_without_token_or_certificate_is_refused() {
 }
 
 #[tokio::test]
+async fn sas_for_an_enrollment_of_another_attestation_connects_but_register_answers_401() {
+    let server = Server::start().await;
+    let camera = TestCa::root("Camera Root").device("camera-7");
+    server.enroll_x509("camera-7", camera.pem());
+    // A well-formed token for a registration whose enrollment wants a certificate: an
+    // enrollment problem, told in the register reply, not a bad token refused at CONNACK.
+    let opts = DeviceOptions::new("camera-7", Auth::SasPython(vec![7u8; 32]));
+    let outcome = register(&server, &opts).await.unwrap();
+    assert_eq!((outcome.status, outcome.error_code()), (401, Some(401_002)), "{outcome:?}");
+    assert!(!server.hub_has_device("camera-7"));
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn unenrolled_certificate_connects_but_register_answers_401() {
     let server = Server::start().await;
     let stranger = TestCa::root("Unknown Root").device("camera-9");

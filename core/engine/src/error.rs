@@ -106,6 +106,24 @@ pub enum AuthError {
     AttestationMismatch,
 }
 
+impl AuthError {
+    /// Whether the presented token itself is refused (none presented, a signature that matches
+    /// no key, expired, addressed to another registration or key name) rather than the
+    /// enrollment it names (disabled, of another attestation type) or a certificate. An MQTT
+    /// endpoint refuses the former at CONNECT (return code 5) and accepts the latter, to answer
+    /// the register with 401 (spec §2.1).
+    pub fn is_bad_token(&self) -> bool {
+        matches!(
+            self,
+            AuthError::MissingCredential
+                | AuthError::SignatureMismatch
+                | AuthError::TokenExpired
+                | AuthError::WrongResource(_)
+                | AuthError::WrongKeyName(_)
+        )
+    }
+}
+
 /// Why allocation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

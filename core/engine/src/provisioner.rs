@@ -992,11 +992,12 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 .ok_or(AuthError::AttestationMismatch)?;
             let primary = symmetric::decode_key(keys.primary_key.as_deref().unwrap_or_default())?;
             let secondary = symmetric::decode_key(keys.secondary_key.as_deref().unwrap_or_default())?;
-            if enrollment.provisioning_status == Some(ProvisioningStatus::Disabled) {
-                return Err(AuthError::EnrollmentDisabled.into());
-            }
+            // The signature first: only a device holding the key learns that it is disabled.
             if !(signed_with(&primary) || signed_with(&secondary)) {
                 return Err(AuthError::SignatureMismatch.into());
+            }
+            if enrollment.provisioning_status == Some(ProvisioningStatus::Disabled) {
+                return Err(AuthError::EnrollmentDisabled.into());
             }
             return Ok(Attested {
                 auth: DeviceAuth::SymmetricKey {
