@@ -939,14 +939,23 @@ impl<S: ProvisioningStore> Provisioner<S> {
         find: impl FnOnce(&OperationId) -> Result<Option<OperationRecord>, Error>,
     ) -> Result<RegistrationOperationStatus, Error> {
         let (scope, id) = self.check_ids(&req.id_scope, req.registration_id.as_str())?;
-        // Signatures are checked on every request (spec §11).
-        self.authenticate(now, scope, &id, &req.credential)?;
-        let not_found = || Error::OperationNotFound(req.operation_id.clone());
-        let op_id = OperationId::new(req.operation_id.as_str()).map_err(|_| not_found())?;
-        let op = find(&op_id)?.ok_or_else(not_found)?;
-        if !op.registration_id.same_registration(&id) || op.created + self.config.operation_retention < now {
-            return Err(not_found());
-        }
+        let op = match OperationId::new(req.operation_id.as_str()) {
+            Ok(op_id) => find(&op_id)?,
+            Err(_) => None,
+        };
+        // Only this registration's operations, within their retention, exist for the poll.
+        let op = op.filter(|op| {
+            op.registration_id.same_registration(&id) && op.created + self.config.operation_retention >= now
+        });
+        // Signatures are checked on every request, but a token is not expired mid-poll (spec
+        // §11): a token valid when its operation began may poll it to the end (the Rust
+        // identity service's tokens live 30 s and are reused for every poll). The signature and
+        // the enrollment's state are checked as they are now; only the expiry and certificate
+        // validity are judged at the operation's start. Nothing about the operation is told
+        // before the device is authenticated.
+        let checked_at = op.as_ref().map_or(now, |op| op.created.min(now));
+        self.authenticate(checked_at, scope, &id, &req.credential)?;
+        let op = op.ok_or_else(|| Error::OperationNotFound(req.operation_id.clone()))?;
         Ok(op.into_status())
     }
 
@@ -1235,9 +1244,6 @@ impl<S: ProvisioningStore> Provisioner<S> {
     }
 }
 
-/// Standard base64 of `bytes` in a string of exactly its size. (`Engine::encode` zeroes a
-/// buffer with `calloc` first, which costs more than the encoding for the few dozen bytes of a key
-/// or an etag, on every registration.)
 /// Checks that a request body names the registration of its path (or MQTT username), in any
 /// spelling of it: DPS answers another one 400 `400004` (spec §11).
 fn check_body_names(body: &DeviceRegistration, id: &RegistrationId) -> Result<(), Error> {
@@ -1253,6 +1259,9 @@ fn check_body_names(body: &DeviceRegistration, id: &RegistrationId) -> Result<()
     )))
 }
 
+/// Standard base64 of `bytes` in a string of exactly its size. (`Engine::encode` zeroes a
+/// buffer with `calloc` first, which costs more than the encoding for the few dozen bytes of a key
+/// or an etag, on every registration.)
 fn base64_text(bytes: &[u8]) -> String {
     let mut text = String::with_capacity(base64::encoded_len(bytes.len(), true).unwrap_or_default());
     STANDARD.encode_string(bytes, &mut text);

@@ -11,10 +11,13 @@ use std::time::Duration;
 use common::*;
 use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_token};
 use zerotouch_engine::attestation::Credential;
-use zerotouch_engine::provisioner::{RegisterRequest, Response};
+use zerotouch_engine::enrollments;
+use zerotouch_engine::provisioner::{OperationStatusRequest, RegisterRequest, Response, ResponseBody};
 use zerotouch_engine::registration::FailureKind;
+use zerotouch_engine::store::EnrollmentStore as _;
 use zerotouch_proto::device::DeviceRegistration;
-use zerotouch_proto::IfMatch;
+use zerotouch_proto::service::ProvisioningStatus;
+use zerotouch_proto::{IfMatch, RegistrationId, Timestamp};
 use zerotouch_testkit::certs::{CertSpec, TestCa};
 
 fn register(w: &mut World, id: &str, credential: Credential) -> Response {
@@ -95,6 +98,58 @@ fn an_expired_token_is_unauthorized() {
         202,
         "within the skew"
     );
+}
+
+fn poll(w: &World, id: &str, operation_id: &str, credential: Credential) -> Response {
+    w.provisioner.handle_operation_status(
+        w.now,
+        OperationStatusRequest {
+            id_scope: SCOPE.into(),
+            registration_id: id.into(),
+            operation_id: operation_id.into(),
+            credential,
+        },
+    )
+}
+
+fn operation_id(r: &Response) -> String {
+    match &r.body {
+        ResponseBody::Operation(op) => op.operation_id.to_string(),
+        other => panic!("not an operation: {other:?}"),
+    }
+}
+
+#[test]
+fn a_token_that_expires_while_its_operation_is_polled_still_polls_that_operation_only() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, "dev-1", &EnrollOptions::default());
+    // The Rust identity service signs for 30 s and reuses the token for every poll.
+    let token = sas(&w, &key, "dev-1", 30);
+    let first = register(&mut w, "dev-1", token.clone());
+    assert_eq!(first.status, 202, "{first:?}");
+    let first = operation_id(&first);
+
+    // Long past the token's expiry and the five-minute skew.
+    w.now = Timestamp::from_unix_secs(w.now.unix_secs() + 30 + 300 + 60);
+    let r = poll(&w, "dev-1", &first, token.clone());
+    assert_eq!(r.status, 200, "the operation begun with the token: {r:?}");
+    // Not a licence for anything else: a new registration, an operation begun after the
+    // token expired, a forged signature, a disabled enrollment.
+    assert_rejected(&register(&mut w, "dev-1", token.clone()), 401, 401002);
+    let fresh = sas(&w, &key, "dev-1", 60);
+    let second = operation_id(&register(&mut w, "dev-1", fresh.clone()));
+    assert_rejected(&poll(&w, "dev-1", &second, token.clone()), 401, 401002);
+    assert_eq!(poll(&w, "dev-1", &second, fresh).status, 200);
+    let forged = Credential::Sas(
+        registration_token(&crypto(), &[7u8; 32], SCOPE, "dev-1", w.now.unix_secs() - 400).to_string(),
+    );
+    assert_rejected(&poll(&w, "dev-1", &first, forged), 401, 401002);
+    let mut enrollment =
+        w.provisioner.store().enrollment(&RegistrationId::new("dev-1").unwrap()).unwrap().unwrap();
+    enrollment.provisioning_status = Some(ProvisioningStatus::Disabled);
+    enrollments::put_enrollment(w.provisioner.store(), &crypto(), w.now, enrollment, &IfMatch::Absent)
+        .unwrap();
+    assert_rejected(&poll(&w, "dev-1", &first, token), 401, 401002);
 }
 
 #[test]
