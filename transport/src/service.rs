@@ -59,7 +59,8 @@ pub fn endpoint_error(status: u16, message: &str, retry_after: Option<u32>) -> R
             tracking_id: tracking_id(),
             message: message.to_owned(),
             timestamp_utc: Some(now()),
-            info: None,
+            // Real DPS sends `"info": null` (spec §1.6).
+            info: Some(serde_json::Value::Null),
         }),
     }
 }

@@ -264,6 +264,12 @@ async fn unknown_operation_is_404202_and_unknown_scope_is_404() {
     let reply = client.send("GET", &operation_path("sensor-13", unknown), Some(&token), b"").await;
     assert_eq!(reply.status, 404, "{}", reply.body);
     assert_eq!(reply.error_code(), 404202);
+    // The error body in the shape real DPS sends, `"info": null` included (spec §1.6).
+    let body = reply.body.as_object().unwrap();
+    for field in ["errorCode", "trackingId", "message", "timestampUtc", "info"] {
+        assert!(body.contains_key(field), "{field} missing: {}", reply.body);
+    }
+    assert!(body["info"].is_null());
     // An id no register reply could have given names no operation either.
     for malformed in ["bad_op", "UPPER.case", &"x".repeat(300)] {
         let reply = client.send("GET", &operation_path("sensor-13", malformed), Some(&token), b"").await;

@@ -543,7 +543,8 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 tracking_id: uuid_from_bytes(&random),
                 message: wire.message,
                 timestamp_utc: Some(now),
-                info: None,
+                // Real DPS sends `"info": null` (spec §1.6).
+                info: Some(serde_json::Value::Null),
             }),
         }
     }
