@@ -25,6 +25,12 @@ async fn symmetric_key_device_registers_polls_and_is_assigned() {
     assert_eq!(accepted.header("retry-after"), Some("3"));
     assert_eq!(accepted.header("content-type"), Some("application/json; charset=utf-8"));
     assert!(accepted.header("x-ms-request-id").is_some());
+    let location = accepted.header("location").expect("Location on the register's 202");
+    assert!(
+        location.starts_with("https://")
+            && location.ends_with(&format!("/{SCOPE}/registrations/sensor-7/register")),
+        "{location}"
+    );
     let operation_id = accepted.body["operationId"].as_str().unwrap().to_owned();
 
     // Node sends `{}` with the poll; the body is ignored.

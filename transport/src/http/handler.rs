@@ -7,7 +7,9 @@ use axum::body::Body;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use ring::rand::{SecureRandom as _, SystemRandom};
 use zerotouch_engine::attestation::Credential;
@@ -79,6 +81,10 @@ async fn device_api(conn: &Connection, req: Request<Incoming>) -> Reply {
         }
     };
     let credential = credential(&parts.headers, &conn.client_chain);
+    let location = match &matched.route {
+        Route::Register { .. } => register_location(&parts, &matched.route),
+        _ => None,
+    };
     let call = match matched.route {
         Route::Register { id_scope, registration_id } => {
             let body = match serde_json::from_slice::<DeviceRegistration>(&bytes) {
@@ -134,12 +140,29 @@ async fn device_api(conn: &Connection, req: Request<Incoming>) -> Reply {
         })
         .await;
     match answered {
-        Ok(response) => engine_reply(&response),
+        Ok(response) => {
+            let mut reply = engine_reply(&response);
+            if let (202, Some(location)) = (response.status, location) {
+                reply.headers_mut().insert(LOCATION, location);
+            }
+            reply
+        }
         Err(e) => {
             tracing::error!(error = %e, "provisioning call failed");
             error_reply(500, 500000, "Internal server error", None)
         }
     }
+}
+
+/// The `Location` real DPS sends with a register's 202 (spec §1.2): the register URL, on the
+/// host the client named. None without a host to name.
+fn register_location(parts: &hyper::http::request::Parts, route: &Route) -> Option<HeaderValue> {
+    let host = parts
+        .headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or(parts.uri.authority().map(|a| a.as_str()))?;
+    HeaderValue::from_str(&format!("https://{host}{}", route.path())).ok()
 }
 
 /// A decoded request on its way to the blocking pool.
