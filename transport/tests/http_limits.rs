@@ -49,6 +49,22 @@ async fn silent_and_garbage_connections_are_cut_off_while_a_device_registers() {
 }
 
 #[tokio::test]
+async fn a_client_that_completes_the_handshake_but_sends_no_request_is_cut_off() {
+    let limits = Limits { connect_timeout: Duration::from_millis(300), ..Limits::default() };
+    let server = Server::start_with(limits).await;
+    let key = server.enroll_symmetric("sensor-22");
+    let mut silent = server.connect(None).await;
+    // A device that does send its request in time is served.
+    let mut client = server.connect(None).await;
+    let body = json!({ "registrationId": "sensor-22" }).to_string();
+    let reply =
+        client.send("PUT", &register_path("sensor-22"), Some(&sas(&key, "sensor-22")), body.as_bytes()).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    tokio::time::timeout(Duration::from_secs(5), silent.closed()).await.expect("silent connection closed");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let limits = Limits { idle_timeout: Duration::from_millis(300), ..Limits::default() };
     let server = Server::start_with(limits).await;

@@ -3,11 +3,16 @@
 mod handler;
 
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -40,7 +45,9 @@ pub(crate) struct Connection {
 /// /$iothub/websocket` upgraded to a WebSocket with subprotocol `mqtt` that carries the DPS MQTT
 /// protocol. The credential is the `Authorization: SharedAccessSignature …` header, else the
 /// client certificate chain of the TLS handshake (requested, not required, by `tls`).
-/// [`Limits::connect_timeout`] bounds the TLS handshake, [`Limits::max_body_size`] every request
+/// [`Limits::connect_timeout`] bounds the TLS handshake and then the wait for the first request,
+/// [`Limits::idle_timeout`] a request's headers and the wait between requests,
+/// [`Limits::max_body_size`] every request
 /// body (413 beyond it), [`Limits::max_concurrent_requests`] the engine calls (429 beyond it).
 pub async fn serve_https<F>(
     listener: TcpListener,
@@ -68,9 +75,9 @@ pub async fn serve_https<F>(
 /// hyper to finish the request in progress and close.
 async fn serve_connection<IO>(io: IO, conn: Arc<Connection>, stop: &mut watch::Receiver<bool>)
 where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let idle = conn.limits.idle_timeout;
+    let (first_request, idle) = (conn.limits.connect_timeout, conn.limits.idle_timeout);
     let in_flight = u32::try_from(conn.limits.max_in_flight_per_connection).unwrap_or(u32::MAX);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // An idle keep-alive connection and a client slow to send its headers are cut off alike.
@@ -78,6 +85,11 @@ where
     // HTTP/1.1 answers one request at a time; HTTP/2 gets the same per-connection cap as MQTT.
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(in_flight);
     let service = hyper::service::service_fn(move |req| handler::handle(Arc::clone(&conn), req));
+    // hyper's header timeout starts only once the auto builder has read enough to tell HTTP/1
+    // from HTTP/2; a client that sends nothing at all after the handshake would hold its
+    // connection for ever. It gets the CONNECT deadline of MQTT devices to start a request.
+    let io = FirstByte { io, seen: Arc::new(AtomicBool::new(false)) };
+    let seen = Arc::clone(&io.seen);
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
     tokio::select! {
@@ -87,6 +99,14 @@ where
             }
         }
         () = async {
+            tokio::time::sleep(first_request).await;
+            if seen.load(Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::debug!("https connection sent no request in time; closed");
+        }
+        () = async {
             let _ = stop.wait_for(|s| *s).await;
         } => {
             served.as_mut().graceful_shutdown();
@@ -94,5 +114,49 @@ where
                 tracing::debug!(error = %e, "https connection ended with an error during shutdown");
             }
         }
+    }
+}
+
+/// A connection's stream that notes when its first byte comes in.
+struct FirstByte<IO> {
+    io: IO,
+    seen: Arc<AtomicBool>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for FirstByte<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.seen.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstByte<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
