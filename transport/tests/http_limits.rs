@@ -53,7 +53,7 @@ async fn a_client_that_completes_the_handshake_but_sends_no_request_is_cut_off()
     let limits = Limits { connect_timeout: Duration::from_millis(300), ..Limits::default() };
     let server = Server::start_with(limits).await;
     let key = server.enroll_symmetric("sensor-22");
-    let mut silent = server.connect(None).await;
+    let silent = server.connect(None).await;
     // A device that does send its request in time is served.
     let mut client = server.connect(None).await;
     let body = json!({ "registrationId": "sensor-22" }).to_string();
