@@ -12,7 +12,9 @@ use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::registry::IdentityStore;
 use zerotouch_engine::store::{EnrollmentGroupStore, EnrollmentStore, PageRequest, RegistrationStore};
 use zerotouch_proto::hub::Device;
-use zerotouch_proto::service::{EnrollmentGroup, IndividualEnrollment};
+use zerotouch_proto::service::{
+    AttestationMechanism, AttestationType, EnrollmentGroup, IndividualEnrollment,
+};
 use zerotouch_proto::{DeviceId, IfMatch, Timestamp};
 
 use crate::error::ServerError;
@@ -27,13 +29,34 @@ pub enum ImportEntry {
 }
 
 /// What an import wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ImportSummary {
     /// Individual enrollments created or replaced.
     pub individual_enrollments: usize,
     /// Enrollment groups created or replaced.
     pub enrollment_groups: usize,
+    /// The keys generated for symmetric-key entries that gave none and replaced no enrollment
+    /// with keys: shown once, here, as DPS returns them from the PUT that made them (its reads
+    /// leave keys out, spec §0 trap 13).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub generated_keys: Vec<GeneratedKeys>,
+}
+
+/// The generated keys of one imported enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GeneratedKeys {
+    /// The individual enrollment's registration id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registration_id: Option<String>,
+    /// The group's id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+    /// Base64 primary key.
+    pub primary_key: String,
+    /// Base64 secondary key.
+    pub secondary_key: String,
 }
 
 /// Parses an import file: a JSON array of enrollments in the DPS service API schema, each an
@@ -91,20 +114,28 @@ fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String>
 }
 
 /// Imports `entries`: every entry is first checked by the engine against a scratch store
-/// (attestation, keys, certificates), and only when all pass are they written, as upserts.
+/// (attestation, keys, certificates), and only when all pass are they written, as upserts, in
+/// one store unit (a failure while writing leaves nothing written either).
+///
+/// A symmetric-key entry without keys keeps the keys of the enrollment it replaces (the output
+/// of [`list_enrollments`] leaves keys out, and importing it back must not change them); a new
+/// one gets generated keys, reported in the summary.
 ///
 /// # Errors
 /// [`ServerError::Import`] for the first entry the engine refuses (nothing written), or
-/// [`ServerError::Engine`] when the store fails while writing.
+/// [`ServerError::Engine`] when the store fails while writing (nothing written).
 pub fn import<S>(
     store: &S,
     crypto: &dyn CryptoProvider,
     now: Timestamp,
-    entries: Vec<ImportEntry>,
+    mut entries: Vec<ImportEntry>,
 ) -> Result<ImportSummary, ServerError>
 where
     S: EnrollmentStore + EnrollmentGroupStore + RegistrationStore + ?Sized,
 {
+    for entry in &mut entries {
+        keep_keys(store, entry)?;
+    }
     let scratch = MemoryStore::new();
     for (index, entry) in entries.iter().enumerate() {
         let checked = match entry.clone() {
@@ -117,34 +148,125 @@ where
         };
         checked.map_err(|e| ServerError::Import { index, message: e.to_string() })?;
     }
-    let mut summary = ImportSummary { individual_enrollments: 0, enrollment_groups: 0 };
-    for entry in entries {
-        match entry {
-            ImportEntry::Individual(e) => {
-                enrollments::put_enrollment(store, crypto, now, *e, &IfMatch::Absent)?;
-                summary.individual_enrollments += 1;
-            }
-            ImportEntry::Group(g) => {
-                enrollments::put_enrollment_group(store, crypto, now, *g, &IfMatch::Absent)?;
-                summary.enrollment_groups += 1;
+    let empty =
+        || ImportSummary { individual_enrollments: 0, enrollment_groups: 0, generated_keys: Vec::new() };
+    let mut summary = empty();
+    store.atomically(&mut || {
+        // A unit may be run again (a backend's retry): count afresh.
+        summary = empty();
+        for entry in &entries {
+            match entry {
+                ImportEntry::Individual(e) => {
+                    let keyless = lacks_keys(&e.attestation);
+                    let stored =
+                        enrollments::put_enrollment(store, crypto, now, (**e).clone(), &IfMatch::Absent)?;
+                    if keyless {
+                        summary.generated_keys.push(generated(
+                            &stored.attestation,
+                            Some(&stored.registration_id),
+                            None,
+                        ));
+                    }
+                    summary.individual_enrollments += 1;
+                }
+                ImportEntry::Group(g) => {
+                    let keyless = lacks_keys(&g.attestation);
+                    let stored = enrollments::put_enrollment_group(
+                        store,
+                        crypto,
+                        now,
+                        (**g).clone(),
+                        &IfMatch::Absent,
+                    )?;
+                    if keyless {
+                        summary.generated_keys.push(generated(
+                            &stored.attestation,
+                            None,
+                            Some(&stored.enrollment_group_id),
+                        ));
+                    }
+                    summary.enrollment_groups += 1;
+                }
             }
         }
-    }
+        Ok(())
+    })?;
     Ok(summary)
 }
 
-/// Every enrollment without keys, individual enrollments first, in the import file's shape.
+/// Whether `attestation` is a symmetric-key one that names neither key (the engine generates
+/// them).
+fn lacks_keys(attestation: &AttestationMechanism) -> bool {
+    attestation.kind == AttestationType::SymmetricKey
+        && attestation
+            .symmetric_key
+            .as_ref()
+            .is_none_or(|k| k.primary_key.is_none() && k.secondary_key.is_none())
+}
+
+/// Gives a keyless symmetric-key `entry` the keys of the enrollment it replaces, if that one is
+/// a symmetric-key enrollment too.
+fn keep_keys<S>(store: &S, entry: &mut ImportEntry) -> Result<(), ServerError>
+where
+    S: EnrollmentStore + EnrollmentGroupStore + ?Sized,
+{
+    let engine = |e: zerotouch_engine::StoreError| ServerError::from(zerotouch_engine::Error::from(e));
+    let (attestation, existing) = match entry {
+        ImportEntry::Individual(e) => {
+            if !lacks_keys(&e.attestation) {
+                return Ok(());
+            }
+            let existing = store.enrollment(&e.registration_id).map_err(engine)?.map(|old| old.attestation);
+            (&mut e.attestation, existing)
+        }
+        ImportEntry::Group(g) => {
+            if !lacks_keys(&g.attestation) {
+                return Ok(());
+            }
+            let existing =
+                store.enrollment_group(&g.enrollment_group_id).map_err(engine)?.map(|old| old.attestation);
+            (&mut g.attestation, existing)
+        }
+    };
+    if let Some(old) = existing.filter(|old| old.kind == AttestationType::SymmetricKey) {
+        if old.symmetric_key.as_ref().is_some_and(|k| k.primary_key.is_some() || k.secondary_key.is_some()) {
+            attestation.symmetric_key = old.symmetric_key;
+        }
+    }
+    Ok(())
+}
+
+fn generated(
+    attestation: &AttestationMechanism,
+    registration_id: Option<&zerotouch_proto::RegistrationId>,
+    enrollment_group_id: Option<&zerotouch_proto::EnrollmentGroupId>,
+) -> GeneratedKeys {
+    let keys = attestation.symmetric_key.clone().unwrap_or_default();
+    GeneratedKeys {
+        registration_id: registration_id.map(|id| id.as_str().to_owned()),
+        enrollment_group_id: enrollment_group_id.map(|id| id.as_str().to_owned()),
+        primary_key: keys.primary_key.unwrap_or_default(),
+        secondary_key: keys.secondary_key.unwrap_or_default(),
+    }
+}
+
+/// Every enrollment, individual enrollments first, in the import file's shape; symmetric keys
+/// only `with_keys` (as DPS reads leave them out).
 ///
 /// # Errors
 /// Store failures.
-pub fn list_enrollments<S>(store: &S) -> Result<Vec<Value>, ServerError>
+pub fn list_enrollments<S>(store: &S, with_keys: bool) -> Result<Vec<Value>, ServerError>
 where
     S: EnrollmentStore + EnrollmentGroupStore + RegistrationStore + ?Sized,
 {
     let mut out = Vec::new();
     let mut page = PageRequest::default();
     loop {
-        let p = enrollments::query_enrollments(store, &page)?;
+        let p = if with_keys {
+            store.enrollments(&page).map_err(zerotouch_engine::Error::from)?
+        } else {
+            enrollments::query_enrollments(store, &page)?
+        };
         out.extend(p.items.iter().map(to_json));
         match p.continuation {
             Some(c) => page.continuation = Some(c),
@@ -153,7 +275,11 @@ where
     }
     let mut page = PageRequest::default();
     loop {
-        let p = enrollments::query_enrollment_groups(store, &page)?;
+        let p = if with_keys {
+            store.enrollment_groups(&page).map_err(zerotouch_engine::Error::from)?
+        } else {
+            enrollments::query_enrollment_groups(store, &page)?
+        };
         out.extend(p.items.iter().map(to_json));
         match p.continuation {
             Some(c) => page.continuation = Some(c),
@@ -215,11 +341,67 @@ mod tests {
         )
         .unwrap();
         let summary = import(&store, &RingCrypto::new(), NOW, entries).unwrap();
-        assert_eq!(summary, ImportSummary { individual_enrollments: 1, enrollment_groups: 1 });
-        let listed = list_enrollments(&store).unwrap();
+        assert_eq!((summary.individual_enrollments, summary.enrollment_groups), (1, 1));
+        assert_eq!(summary.generated_keys.len(), 2, "{summary:?}");
+        let listed = list_enrollments(&store, false).unwrap();
         assert_eq!(listed[0]["registrationId"], "dev-1");
         assert_eq!(listed[1]["enrollmentGroupId"], "sensors");
         assert!(listed[0]["attestation"]["symmetricKey"]["primaryKey"].is_null(), "keys are not listed");
+    }
+
+    fn stored_keys(store: &MemoryStore) -> Vec<Option<zerotouch_proto::service::SymmetricKeyAttestation>> {
+        let individual = store.enrollment(&RegistrationId::new("dev-1").unwrap()).unwrap().unwrap();
+        let group = store
+            .enrollment_group(&zerotouch_proto::EnrollmentGroupId::new("sensors").unwrap())
+            .unwrap()
+            .unwrap();
+        vec![individual.attestation.symmetric_key, group.attestation.symmetric_key]
+    }
+
+    const KEYLESS: &str = r#"[
+      {"registrationId": "dev-1", "attestation": {"type": "symmetricKey"}},
+      {"enrollmentGroupId": "sensors", "attestation": {"type": "symmetricKey"}}
+    ]"#;
+
+    #[test]
+    fn generated_keys_are_reported_once_and_importing_the_list_back_keeps_them() {
+        let store = MemoryStore::new();
+        let summary = import(&store, &RingCrypto::new(), NOW, parse_import(KEYLESS).unwrap()).unwrap();
+        let keys = stored_keys(&store);
+        let [individual, group] = [&keys[0], &keys[1]].map(|k| k.clone().unwrap());
+        assert_eq!(summary.generated_keys[0].registration_id.as_deref(), Some("dev-1"));
+        assert_eq!(Some(&summary.generated_keys[0].primary_key), individual.primary_key.as_ref());
+        assert_eq!(Some(&summary.generated_keys[0].secondary_key), individual.secondary_key.as_ref());
+        assert_eq!(summary.generated_keys[1].enrollment_group_id.as_deref(), Some("sensors"));
+        assert_eq!(Some(&summary.generated_keys[1].primary_key), group.primary_key.as_ref());
+
+        // `enrollments list` leaves the keys out; importing its output changes none of them.
+        let listed = serde_json::to_string(&list_enrollments(&store, false).unwrap()).unwrap();
+        let again = import(&store, &RingCrypto::new(), NOW, parse_import(&listed).unwrap()).unwrap();
+        assert!(again.generated_keys.is_empty(), "{again:?}");
+        assert_eq!(stored_keys(&store), keys);
+    }
+
+    #[test]
+    fn enrollments_listed_with_keys_move_to_another_store_unchanged() {
+        let store = MemoryStore::new();
+        import(&store, &RingCrypto::new(), NOW, parse_import(KEYLESS).unwrap()).unwrap();
+        let listed = serde_json::to_string(&list_enrollments(&store, true).unwrap()).unwrap();
+        let other = MemoryStore::new();
+        let summary = import(&other, &RingCrypto::new(), NOW, parse_import(&listed).unwrap()).unwrap();
+        assert!(summary.generated_keys.is_empty(), "{summary:?}");
+        assert_eq!(stored_keys(&other), stored_keys(&store));
+    }
+
+    #[test]
+    fn a_keyless_entry_replacing_a_certificate_enrollment_gets_new_keys() {
+        let store = MemoryStore::new();
+        let ca = zerotouch_testkit::certs::TestCa::root("Line Root");
+        let x509 = serde_json::json!([{"enrollmentGroupId": "sensors",
+            "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": ca.pem()}}}}}]);
+        import(&store, &RingCrypto::new(), NOW, parse_import(&x509.to_string()).unwrap()).unwrap();
+        let summary = import(&store, &RingCrypto::new(), NOW, parse_import(KEYLESS).unwrap()).unwrap();
+        assert_eq!(summary.generated_keys.len(), 2, "{summary:?}");
     }
 
     #[test]

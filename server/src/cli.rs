@@ -99,6 +99,9 @@ impl StoreArgs {
 #[derive(Debug, Subcommand)]
 pub enum EnrollmentsCommand {
     /// Import a JSON array of enrollments (DPS service API schema); all or nothing.
+    ///
+    /// A symmetric-key entry without keys keeps the keys of the enrollment it replaces; a new
+    /// one gets generated keys, printed once in the output (`generatedKeys`).
     Import {
         /// The store.
         #[command(flatten)]
@@ -106,11 +109,14 @@ pub enum EnrollmentsCommand {
         /// The file: individual enrollments have `registrationId`, groups `enrollmentGroupId`.
         file: PathBuf,
     },
-    /// Print every enrollment (without keys) as a JSON array in the import file's shape.
+    /// Print every enrollment as a JSON array in the import file's shape, keys left out.
     List {
         /// The store.
         #[command(flatten)]
         store: StoreArgs,
+        /// Include the symmetric keys (to move enrollments to another store).
+        #[arg(long)]
+        with_keys: bool,
     },
 }
 
@@ -207,7 +213,9 @@ pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Res
                 admin::import(&store, &RingCrypto::new(), zerotouch_transport::service::now(), entries)?;
             Ok(json!({ "imported": summary }))
         }
-        EnrollmentsCommand::List { .. } => Ok(Value::Array(admin::list_enrollments(&store)?)),
+        EnrollmentsCommand::List { with_keys, .. } => {
+            Ok(Value::Array(admin::list_enrollments(&store, *with_keys)?))
+        }
     }
 }
 
@@ -262,7 +270,7 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
         Command::Serve(args) => runtime()?.block_on(serve(args)),
         Command::Enrollments(command) => {
             let store = match &command {
-                EnrollmentsCommand::Import { store, .. } | EnrollmentsCommand::List { store } => store,
+                EnrollmentsCommand::Import { store, .. } | EnrollmentsCommand::List { store, .. } => store,
             };
             print(&on_backend!(store.location(), |b| enrollments(&b, &command))?)
         }
