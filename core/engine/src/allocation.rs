@@ -408,6 +408,12 @@ impl Allocator {
         &self.hubs
     }
 
+    /// Whether `hub` is one of the linked hubs (host names compare case-insensitively). With
+    /// no hubs listed, every hub counts as linked: nothing says otherwise.
+    pub fn is_linked(&self, hub: &str) -> bool {
+        self.hubs.is_empty() || self.hubs.iter().any(|h| h.name.eq_ignore_ascii_case(hub))
+    }
+
     /// The latency measurements.
     pub fn latency(&self) -> &LatencyTable {
         &self.latency

@@ -821,6 +821,31 @@ impl<S: ProvisioningStore> Provisioner<S> {
         let initial_twin = webhook_twin.unwrap_or_else(|| enrollment.initial_twin());
         let new_hub = decision.hub;
 
+        // A hub no longer linked (taken out of the service's hubs) can be neither read nor
+        // written: the device is provisioned afresh where allocation puts it, with the initial
+        // twin, and the old hub is left alone (its identity there is the operator's to remove).
+        if current.as_ref().is_some_and(|(hub, _)| !self.allocator.is_linked(hub)) {
+            let device_id = new_device_id();
+            let back_to_initial = previous
+                .and_then(|r| r.initial_hub.as_deref())
+                .is_some_and(|h| h.eq_ignore_ascii_case(&new_hub));
+            return Ok(Plan {
+                hub: new_hub.clone(),
+                device_id: device_id.clone(),
+                substatus: if back_to_initial {
+                    Substatus::ReprovisionedToInitialAssignment
+                } else {
+                    Substatus::DeviceDataReset
+                },
+                actions: Actions::One([HubAction::Provision {
+                    hub: new_hub,
+                    device: device(device_id),
+                    twin: TwinSetup::Reset(initial_twin),
+                }]),
+                moves: false,
+                payload: decision.payload,
+            });
+        }
         let Some((old_hub, old_device)) = current else {
             let device_id = new_device_id();
             return Ok(Plan {

@@ -9,12 +9,15 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use serde_json::json;
-use zerotouch_engine::hub::{HubAction, HubError, HubRegistry};
+use zerotouch_engine::allocation::Allocator;
+use zerotouch_engine::crypto::RingCrypto;
+use zerotouch_engine::hub::{HubAction, HubError, HubRegistry, LinkedHub};
 use zerotouch_engine::memory::MemoryStore;
+use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
 use zerotouch_engine::store::RegistrationStore;
 use zerotouch_proto::device::{RegistrationStatus, Substatus};
 use zerotouch_proto::service::{AllocationPolicy, ReprovisionPolicy};
-use zerotouch_proto::RegistrationId;
+use zerotouch_proto::{IdScope, RegistrationId};
 
 const ID: &str = "fridge-17";
 
@@ -51,6 +54,33 @@ fn reprovision_and_migrate_moves_the_twin_to_the_new_hub() {
         (HUB_A, Some(Substatus::ReprovisionedToInitialAssignment))
     );
     assert_eq!(w.hubs.hubs_of(ID), vec![HUB_A.to_owned()]);
+}
+
+#[test]
+fn a_device_whose_hub_was_taken_out_of_the_linked_hubs_is_provisioned_afresh_on_a_linked_one() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &EnrollOptions::default());
+    let first = assigned(w.register(symmetric_device(ID, &key, None), None));
+    let old = first.assigned_hub.clone();
+    w.hubs.device_mut(&old, ID).unwrap().reported.insert("firmware".into(), json!("1.2.3"));
+
+    // The operator unlinks that hub; the service can no longer read or write it.
+    let remaining: Vec<LinkedHub> = linked_hubs().into_iter().filter(|h| h.name.as_str() != old).collect();
+    w.provisioner = Provisioner::new(
+        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
+        Arc::clone(w.provisioner.store()),
+        Arc::new(RingCrypto::new()),
+        Allocator::new(remaining),
+    );
+    let actions_before = w.hubs.log.len();
+    let again = assigned(w.register(symmetric_device(ID, &key, None), None));
+    assert_ne!(again.assigned_hub, old);
+    assert_eq!(again.substatus, Some(Substatus::DeviceDataReset), "nothing could be migrated");
+    let twin = w.hubs.device(&again.assigned_hub, ID).unwrap();
+    assert!(twin.reported.is_empty(), "a fresh twin");
+    assert_eq!(twin.tags.get("plan"), Some(&json!("pilot")), "the enrollment's initial twin");
+    let touched_old = w.hubs.log[actions_before..].iter().any(|a| format!("{a:?}").contains(&old));
+    assert!(!touched_old, "no action on the unlinked hub: {:?}", &w.hubs.log[actions_before..]);
 }
 
 #[test]
