@@ -291,10 +291,16 @@ fn runtime() -> Result<tokio::runtime::Runtime, ServerError> {
         .map_err(|e| ServerError::io("tokio runtime", e))
 }
 
+/// Prints `value` as pretty JSON on stdout. A reader that stops early (`| head`) is not an
+/// error: the output it wanted was written.
 fn print(value: &Value) -> Result<(), ServerError> {
+    use std::io::Write as _;
     let text = serde_json::to_string_pretty(value).map_err(|e| ServerError::Store(e.to_string()))?;
-    println!("{text}");
-    Ok(())
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(ServerError::io("standard output", e)),
+        _ => Ok(()),
+    }
 }
 
 /// `zerotouch serve`: starts the server and runs it until SIGINT or SIGTERM.

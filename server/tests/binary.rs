@@ -160,3 +160,32 @@ fn device_register_prints_the_registration_state_and_devices_get_finds_the_ident
     Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
     assert!(server.wait().unwrap().success());
 }
+
+#[test]
+fn a_listing_piped_into_a_reader_that_stops_early_ends_quietly() {
+    use std::io::Read as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let file = dir.path().join("enrollments.json");
+    let entries: Vec<serde_json::Value> = (0..3000)
+        .map(|i| serde_json::json!({ "registrationId": format!("dev-{i}"), "attestation": { "type": "symmetricKey" } }))
+        .collect();
+    std::fs::write(&file, serde_json::to_string(&entries).unwrap()).unwrap();
+    assert!(zerotouch(&["enrollments", "import", "--data-dir", data, file.to_str().unwrap()])
+        .status
+        .success());
+
+    // Like `zerotouch enrollments list | head -c 10`: far more than a pipe holds, read 10 bytes.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+        .args(["enrollments", "list", "--data-dir", data])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 10];
+    child.stdout.take().unwrap().read_exact(&mut head).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
