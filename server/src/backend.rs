@@ -134,6 +134,7 @@ impl SqliteBackend {
         }
         crate::datadir::ensure_dir(&self.dir)?;
         let path = self.dir.join(Self::DATABASE_FILE);
+        crate::datadir::create_private(&path)?;
         let store = zerotouch_store::sqlite::SqliteStore::open(&path)
             .map_err(|e| ServerError::Store(format!("{}: {e}", path.display())))?;
         self.import_legacy_hubs(&store)?;
@@ -282,6 +283,22 @@ mod tests {
         // A second backend on the same directory finds nothing left to move and the same devices.
         let again = SqliteBackend::new(dir.path());
         assert!(again.hub("north.localhost").unwrap().identities.device(&id).unwrap().is_some());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_database_and_its_journal_are_readable_by_the_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SqliteBackend::new(dir.path());
+        let hub = backend.hub("north.localhost").unwrap();
+        hub.identities
+            .put_device(&Device::new(DeviceId::new("unit-2").unwrap()), &Precondition::MustNotExist)
+            .unwrap();
+        for file in [SqliteBackend::DATABASE_FILE, "zerotouch.sqlite-wal"] {
+            let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{file}: {mode:o}");
+        }
     }
 
     #[test]

@@ -142,6 +142,27 @@ pub fn dev_certificates(dir: &Path) -> Result<DevCertificates, ServerError> {
     Ok(DevCertificates { generated: true, ..certs })
 }
 
+/// Creates `path` as an empty file readable by the owner only, unless it exists. For the SQLite
+/// database, which holds every enrollment and device key: SQLite gives its journal and WAL
+/// files the database's permissions, and would create the database itself world-readable.
+///
+/// # Errors
+/// [`ServerError::Io`].
+pub fn create_private(path: &Path) -> Result<(), ServerError> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(ServerError::io(path, e)),
+    }
+}
+
 /// Writes a private key readable by the owner only.
 fn write_private(path: &Path, pem: &str) -> Result<(), ServerError> {
     use std::io::Write as _;
