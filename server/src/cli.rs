@@ -80,7 +80,7 @@ pub struct ServeArgs {
 /// Which store a store command acts on.
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
-    /// Data directory of the server (SQLite).
+    /// Data directory of the server (SQLite; default `./zerotouch-data`).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// PostgreSQL URL of the server's database instead.
@@ -92,6 +92,27 @@ impl StoreArgs {
     /// The store these flags name.
     pub fn location(&self) -> StoreLocation {
         StoreLocation::new(self.data_dir.clone(), self.database_url.clone())
+    }
+
+    /// The store these flags name, which must exist already: a command that only reads would
+    /// otherwise create an empty store at a mistyped path and report nothing found in it.
+    ///
+    /// # Errors
+    /// [`ServerError::Config`] when the data directory holds no database (PostgreSQL URLs are
+    /// checked when connecting).
+    pub fn existing_location(&self) -> Result<StoreLocation, ServerError> {
+        let location = self.location();
+        if location.database_url.is_none() {
+            let database = location.data_dir.join(crate::backend::SqliteBackend::DATABASE_FILE);
+            if !database.is_file() {
+                return Err(ServerError::Config(format!(
+                    "no zerotouch database in {} (is --data-dir right? `zerotouch serve --data-dir DIR` or \
+                     `zerotouch enrollments import --data-dir DIR FILE` creates one)",
+                    location.data_dir.display()
+                )));
+            }
+        }
+        Ok(location)
     }
 }
 
@@ -269,16 +290,19 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
     match cli.command {
         Command::Serve(args) => runtime()?.block_on(serve(args)),
         Command::Enrollments(command) => {
-            let store = match &command {
-                EnrollmentsCommand::Import { store, .. } | EnrollmentsCommand::List { store, .. } => store,
+            // An import may create the store (enrollments before the first `serve`); a listing
+            // reads one that exists.
+            let location = match &command {
+                EnrollmentsCommand::Import { store, .. } => store.location(),
+                EnrollmentsCommand::List { store, .. } => store.existing_location()?,
             };
-            print(&on_backend!(store.location(), |b| enrollments(&b, &command))?)
+            print(&on_backend!(location, |b| enrollments(&b, &command))?)
         }
         Command::Devices(command) => {
             let store = match &command {
                 DevicesCommand::Get { store, .. } | DevicesCommand::List { store, .. } => store,
             };
-            print(&on_backend!(store.location(), |b| devices(&b, &command))?)
+            print(&on_backend!(store.existing_location()?, |b| devices(&b, &command))?)
         }
         Command::Device(DeviceCommand::Register(args)) => print(&runtime()?.block_on(register(&args))?),
     }

@@ -37,7 +37,13 @@ fn import_of_a_bad_file_names_the_entry_and_writes_nothing() {
 #[test]
 fn a_device_id_in_no_hub_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let out = zerotouch(&["devices", "get", "--data-dir", dir.path().to_str().unwrap(), "nobody"]);
+    let data = dir.path().to_str().unwrap();
+    let empty = dir.path().join("none.json");
+    std::fs::write(&empty, "[]").unwrap();
+    assert!(zerotouch(&["enrollments", "import", "--data-dir", data, empty.to_str().unwrap()])
+        .status
+        .success());
+    let out = zerotouch(&["devices", "get", "--data-dir", data, "nobody"]);
     assert!(!out.status.success());
     assert!(String::from_utf8(out.stderr).unwrap().contains("nobody"));
 }
@@ -188,4 +194,22 @@ fn a_listing_piped_into_a_reader_that_stops_early_ends_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn reading_commands_on_a_data_directory_without_a_database_say_so_and_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("zerotouch-dta");
+    let typo_arg = typo.to_str().unwrap();
+    for args in [
+        &["enrollments", "list", "--data-dir", typo_arg][..],
+        &["devices", "list", "--data-dir", typo_arg],
+        &["devices", "get", "--data-dir", typo_arg, "dev-1"],
+    ] {
+        let out = zerotouch(args);
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("no zerotouch database in"), "{args:?}: {stderr}");
+    }
+    assert!(!typo.exists(), "nothing created at the mistyped path");
 }
