@@ -53,8 +53,17 @@ pub fn id_scope(dir: &Path) -> Result<IdScope, ServerError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             ensure_dir(dir)?;
             let scope = generate_id_scope()?;
-            fs::write(&path, format!("{}\n", scope.as_str())).map_err(|e| ServerError::io(&path, e))?;
-            Ok(scope)
+            // Written aside and linked into place, which fails when another process starting on
+            // the same directory got there first: then its scope is the directory's.
+            let aside = dir.join(aside_name(ID_SCOPE_FILE));
+            fs::write(&aside, format!("{}\n", scope.as_str())).map_err(|e| ServerError::io(&aside, e))?;
+            let linked = fs::hard_link(&aside, &path);
+            let _ = fs::remove_file(&aside);
+            match linked {
+                Ok(()) => Ok(scope),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => id_scope(dir),
+                Err(e) => Err(ServerError::io(path, e)),
+            }
         }
         Err(e) => Err(ServerError::io(path, e)),
     }
@@ -104,7 +113,43 @@ pub fn dev_certificates(dir: &Path) -> Result<DevCertificates, ServerError> {
     if present.iter().all(|p| p.is_file()) {
         return Ok(certs);
     }
-    ensure_dir(&tls)?;
+    ensure_dir(dir)?;
+    if tls.exists() {
+        // Some files are missing (removed by hand): make them again in place.
+        write_dev_certificates(&certs)?;
+        return Ok(DevCertificates { generated: true, ..certs });
+    }
+    // A first start writes the set into a directory of its own and renames it into place, which
+    // fails when another process starting on the same data directory got there first: then that
+    // one's set is the directory's, and both serve the CA that `tls/ca.pem` holds.
+    let aside = dir.join(aside_name(TLS_DIR));
+    ensure_dir(&aside)?;
+    let aside_certs = DevCertificates {
+        ca_cert: aside.join("ca.pem"),
+        ca_key: aside.join("ca-key.pem"),
+        server_cert: aside.join("server.pem"),
+        server_key: aside.join("server-key.pem"),
+        generated: true,
+    };
+    let written = write_dev_certificates(&aside_certs)
+        .and_then(|()| fs::rename(&aside, &tls).map_err(|e| ServerError::io(&tls, e)));
+    let _ = fs::remove_dir_all(&aside);
+    match written {
+        Ok(()) => Ok(DevCertificates { generated: true, ..certs }),
+        Err(_) if present.iter().all(|p| p.is_file()) => Ok(certs),
+        Err(e) => Err(e),
+    }
+}
+
+/// A hidden name next to `name` that no other start uses, in this process or another.
+fn aside_name(name: &str) -> String {
+    static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(".{name}.{}.{n}", std::process::id())
+}
+
+/// Generates a development CA and a server certificate signed by it into the paths of `certs`.
+fn write_dev_certificates(certs: &DevCertificates) -> Result<(), ServerError> {
     let cert_err = |e: rcgen::Error| ServerError::Certificate(e.to_string());
 
     let ca_key = KeyPair::generate().map_err(cert_err)?;
@@ -138,8 +183,7 @@ pub fn dev_certificates(dir: &Path) -> Result<DevCertificates, ServerError> {
     write_private(&certs.server_key, &server_key.serialize_pem())?;
     fs::write(&certs.ca_cert, ca_cert.pem()).map_err(|e| ServerError::io(&certs.ca_cert, e))?;
     let chain = format!("{}{}", server_cert.pem(), ca_cert.pem());
-    fs::write(&certs.server_cert, chain).map_err(|e| ServerError::io(&certs.server_cert, e))?;
-    Ok(DevCertificates { generated: true, ..certs })
+    fs::write(&certs.server_cert, chain).map_err(|e| ServerError::io(&certs.server_cert, e))
 }
 
 /// Creates `path` as an empty file readable by the owner only, unless it exists. For the SQLite
@@ -190,6 +234,44 @@ mod tests {
         assert!(first.as_str().starts_with("0ne") && first.as_str().len() == 11, "{first}");
         assert!(first.as_str()[3..].chars().all(|c| c.is_ascii_hexdigit()));
         assert_eq!(id_scope(dir.path()).unwrap(), first);
+    }
+
+    #[test]
+    fn processes_starting_together_on_a_new_directory_agree_on_scope_and_certificates() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let together = std::sync::Barrier::new(4);
+            let results: Vec<(IdScope, String, String)> = std::thread::scope(|s| {
+                let starts: Vec<_> = (0..4)
+                    .map(|_| {
+                        s.spawn(|| {
+                            together.wait();
+                            let scope = id_scope(dir.path()).unwrap();
+                            let certs = dev_certificates(dir.path()).unwrap();
+                            let chain = fs::read_to_string(&certs.server_cert).unwrap();
+                            let key = fs::read_to_string(&certs.server_key).unwrap();
+                            (scope, chain, key)
+                        })
+                    })
+                    .collect();
+                starts.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            assert!(results.windows(2).all(|w| w[0] == w[1]), "starts disagree");
+            // What each start serves is what the directory holds, and its key fits its chain.
+            let on_disk = fs::read_to_string(dir.path().join(TLS_DIR).join("server.pem")).unwrap();
+            assert_eq!(results[0].1, on_disk);
+            let files = TlsFiles {
+                cert: dir.path().join(TLS_DIR).join("server.pem"),
+                key: dir.path().join(TLS_DIR).join("server-key.pem"),
+            };
+            zerotouch_transport::tls::server_config_from_files(&files.cert, &files.key).unwrap();
+            let leftovers: Vec<_> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect();
+            assert!(leftovers.is_empty(), "{leftovers:?}");
+        }
     }
 
     #[test]
