@@ -101,6 +101,23 @@ pub fn parse_import(text: &str) -> Result<Vec<ImportEntry>, ServerError> {
     Ok(entries)
 }
 
+/// The top-level fields of each entry that are not part of the enrollment schema this server
+/// knows, by entry index: kept (a newer DPS API version may add fields) but unused, and most
+/// often a misspelling (`deviceID`) whose setting silently did not apply.
+pub fn unknown_fields(entries: &[ImportEntry]) -> Vec<(usize, Vec<String>)> {
+    entries
+        .iter()
+        .enumerate()
+        .filter_map(|(index, entry)| {
+            let extra = match entry {
+                ImportEntry::Individual(e) => &e.extra,
+                ImportEntry::Group(g) => &g.extra,
+            };
+            (!extra.is_empty()).then(|| (index, extra.keys().cloned().collect()))
+        })
+        .collect()
+}
+
 /// Deserializes with the path of the offending field in the message.
 fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String> {
     serde_path_to_error::deserialize(value).map_err(|e| {
@@ -420,6 +437,24 @@ mod tests {
 
         let err = parse_import(r#"[{"attestation": {"type": "symmetricKey"}}]"#).unwrap_err();
         assert!(err.to_string().contains("needs registrationId"), "{err}");
+    }
+
+    #[test]
+    fn misspelled_fields_are_reported_by_entry() {
+        let entries = parse_import(
+            r#"[{"registrationId": "ok", "deviceId": "d-1", "attestation": {"type": "symmetricKey"}},
+                {"registrationId": "typo", "deviceID": "d-2", "provisioningstatus": "disabled",
+                 "attestation": {"type": "symmetricKey"}},
+                {"enrollmentGroupId": "g", "iotHub": "h", "attestation": {"type": "symmetricKey"}}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            unknown_fields(&entries),
+            vec![
+                (1, vec!["deviceID".to_owned(), "provisioningstatus".to_owned()]),
+                (2, vec!["iotHub".to_owned()])
+            ]
+        );
     }
 
     #[test]
