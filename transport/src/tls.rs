@@ -264,12 +264,17 @@ pub(crate) async fn serve_listener<F, H, Fut>(
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let deadline = tokio::time::Instant::now() + limits.connect_timeout;
-                let stop = stop_rx.clone();
+                let mut stop = stop_rx.clone();
                 let handle = handle.clone();
                 connections.spawn(
                     async move {
                         let _slot = slot;
-                        let Some((tls, chain)) = accept_by(&acceptor, tcp, deadline).await else { return };
+                        // A handshake still under way when the server stops is not waited for.
+                        let accepted = tokio::select! {
+                            accepted = accept_by(&acceptor, tcp, deadline) => accepted,
+                            _ = stop.wait_for(|stopping| *stopping) => None,
+                        };
+                        let Some((tls, chain)) = accepted else { return };
                         handle(tls, chain, deadline, stop).await;
                     }
                     .instrument(span(peer)),

@@ -429,3 +429,18 @@ async fn an_mqtt_5_connect_is_refused_with_unacceptable_protocol_version() {
     assert!(device.closed_within(Duration::from_secs(5)).await, "refused connection left open");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_devices_that_have_not_finished_their_handshake_or_sent_their_connect() {
+    let limits = Limits {
+        connect_timeout: Duration::from_secs(120),
+        shutdown_grace: Duration::from_secs(120),
+        ..Limits::default()
+    };
+    let server = Server::start_with(limits).await;
+    let _quiet = RawDevice::open(&server).await;
+    let _no_handshake = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // Shutdown must sit out neither the CONNECT deadline nor the grace it gives connections
+    // that are doing something (`shutdown` gives up after 20 s).
+    server.shutdown().await;
+}

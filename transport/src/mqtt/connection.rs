@@ -164,9 +164,13 @@ async fn serve<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let first = timeout_at(connect_deadline, wire.read())
-        .await
-        .map_err(|_| "no CONNECT before the deadline".to_owned())?;
+    // A device that has not sent its CONNECT when the server stops is not waited for.
+    let first = tokio::select! {
+        read = timeout_at(connect_deadline, wire.read()) => {
+            read.map_err(|_| "no CONNECT before the deadline".to_owned())?
+        }
+        () = stopped(&mut stop) => return Ok(()),
+    };
     if let (Err(reason), Some(level)) = (&first, wire.unsupported_level) {
         // MQTT 3.1.1 §3.1.2.2: answer an unsupported level with return code 1, then close
         // (MQTT 5 clients read this as "server speaks an older version").
