@@ -440,6 +440,8 @@ async fn shutdown_does_not_wait_for_devices_that_have_not_finished_their_handsha
     let server = Server::start_with(limits).await;
     let _quiet = RawDevice::open(&server).await;
     let _no_handshake = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // Let the accept loop take both in before the stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // Shutdown must sit out neither the CONNECT deadline nor the grace it gives connections
     // that are doing something (`shutdown` gives up after 20 s).
     server.shutdown().await;
