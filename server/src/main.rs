@@ -14,7 +14,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // tungstenite's trace output dumps whole WebSocket frames, and the frame that carries an
+    // MQTT CONNECT carries the device's SAS token (client and server alike): whatever RUST_LOG
+    // asks, it logs no lower than debug.
+    for ceiling in ["tungstenite=debug", "tokio_tungstenite=debug"] {
+        if let Ok(directive) = ceiling.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),

@@ -9,7 +9,11 @@ use std::process::{Command, Output, Stdio};
 use serde_json::Value;
 
 fn zerotouch(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zerotouch")).args(args).env("RUST_LOG", "warn").output().unwrap()
+    zerotouch_logging(args, "warn")
+}
+
+fn zerotouch_logging(args: &[&str], rust_log: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zerotouch")).args(args).env("RUST_LOG", rust_log).output().unwrap()
 }
 
 #[test]
@@ -61,14 +65,16 @@ fn serve_with_a_config_file_prints_its_endpoints_and_stops_cleanly_on_sigterm() 
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
-        .args(["serve", "--config", config.to_str().unwrap(), "--id-scope", "0ne0000BEEF"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Served(
+        Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+            .args(["serve", "--config", config.to_str().unwrap(), "--id-scope", "0ne0000BEEF"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut printed = Vec::new();
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+    for line in BufReader::new(child.0.stdout.take().unwrap()).lines() {
         let line = line.unwrap();
         let done = line.trim_start().starts_with("data");
         printed.push(line);
@@ -81,14 +87,31 @@ fn serve_with_a_config_file_prints_its_endpoints_and_stops_cleanly_on_sigterm() 
     assert!(text.contains("embedded hub      plant.localhost (weight 2)"), "{text}");
     assert!(text.contains(dir.path().join("tls").join("ca.pem").to_str().unwrap()), "{text}");
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let exit = child.wait().unwrap();
-    assert!(exit.success(), "{exit}");
+    assert!(child.terminate(), "serve did not stop cleanly on SIGTERM");
+}
+
+/// A `zerotouch serve` child, killed when dropped so that a failing test leaves no server behind.
+struct Served(std::process::Child);
+
+impl Served {
+    /// Stops the server with SIGTERM and waits: whether it exited cleanly.
+    fn terminate(mut self) -> bool {
+        let sent = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status().unwrap();
+        sent.success() && self.0.wait().unwrap().success()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Starts `zerotouch serve` on ephemeral ports; returns the child, the MQTT and HTTPS ports.
-fn serve(data: &str, scope: &str) -> (std::process::Child, u16, u16) {
+fn serve(data: &str, scope: &str) -> (Served, u16, u16) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
         .args(["serve", "--data-dir", data, "--id-scope", scope])
         .args(["--mqtt-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"])
@@ -107,14 +130,14 @@ fn serve(data: &str, scope: &str) -> (std::process::Child, u16, u16) {
             _ => {}
         }
     }
-    (child, mqtt, https)
+    (Served(child), mqtt, https)
 }
 
 #[test]
 fn device_register_prints_the_registration_state_and_devices_get_finds_the_identity() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
-    let (mut server, mqtt, https) = serve(data, "0ne0000CAFE");
+    let (server, mqtt, https) = serve(data, "0ne0000CAFE");
     let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
     let file = dir.path().join("enrollments.json");
     std::fs::write(
@@ -133,25 +156,34 @@ fn device_register_prints_the_registration_state_and_devices_get_finds_the_ident
     for (transport, port, id) in
         [("mqtt", mqtt, "pump-1"), ("https", https, "pump-2"), ("mqtt-ws", https, "pump-3")]
     {
-        let out = zerotouch(&[
-            "device",
-            "register",
-            "--provisioning-host",
-            &format!("localhost:{port}"),
-            "--id-scope",
-            "0ne0000CAFE",
-            "--registration-id",
-            id,
-            "--group-key",
-            key,
-            "--transport",
-            transport,
-            "--ca",
-            ca.to_str().unwrap(),
-            "--payload",
-            r#"{"model": "p100"}"#,
-        ]);
-        assert!(out.status.success(), "{transport}: {}", String::from_utf8_lossy(&out.stderr));
+        // At the most verbose level, no log line carries the token or a key.
+        let out = zerotouch_logging(
+            &[
+                "device",
+                "register",
+                "--provisioning-host",
+                &format!("localhost:{port}"),
+                "--id-scope",
+                "0ne0000CAFE",
+                "--registration-id",
+                id,
+                "--group-key",
+                key,
+                "--transport",
+                transport,
+                "--ca",
+                ca.to_str().unwrap(),
+                "--payload",
+                r#"{"model": "p100"}"#,
+            ],
+            "trace",
+        );
+        let logs = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{transport}: {logs}");
+        assert!(!logs.is_empty(), "{transport}: trace logs expected");
+        for secret in ["sig=", "SharedAccessSignature", key] {
+            assert!(!logs.contains(secret), "{transport}: the logs show {secret:?}");
+        }
         let state: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(state["assignedHub"], "localhost", "{transport}");
         assert_eq!(state["deviceId"], id);
@@ -163,8 +195,7 @@ fn device_register_prints_the_registration_state_and_devices_get_finds_the_ident
         assert_eq!(identity["deviceId"], id);
     }
 
-    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
-    assert!(server.wait().unwrap().success());
+    assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
 }
 
 #[test]
