@@ -207,7 +207,7 @@ pub struct RegisterArgs {
     #[arg(long, value_name = "PEM", requires = "key")]
     pub cert: Option<PathBuf>,
     /// The device certificate's private key (PEM).
-    #[arg(long, value_name = "PEM", requires = "cert")]
+    #[arg(long, value_name = "PEM", requires = "cert", conflicts_with_all = ["symmetric_key", "group_key"])]
     pub key: Option<PathBuf>,
     /// Protocol.
     #[arg(long, value_enum, default_value_t = Transport::Mqtt)]
@@ -259,7 +259,7 @@ pub fn devices<B: Backend>(backend: &B, command: &DevicesCommand) -> Result<Valu
     let names = backend.hub_names()?;
     let names = match hub {
         Some(h) if names.iter().any(|n| n.eq_ignore_ascii_case(h)) => vec![h.clone()],
-        Some(h) => return Err(ServerError::Config(format!("no embedded hub {h:?} in this store"))),
+        Some(h) => return Err(ServerError::NotFound(format!("no embedded hub {h:?} in this store"))),
         None => names,
     };
     match wanted {
@@ -271,7 +271,7 @@ pub fn devices<B: Backend>(backend: &B, command: &DevicesCommand) -> Result<Valu
                     return device_json(&device);
                 }
             }
-            Err(ServerError::Config(format!("device {id} is in no embedded hub")))
+            Err(ServerError::NotFound(format!("device {id} is in no embedded hub")))
         }
         None => {
             let mut all = Vec::new();
@@ -452,4 +452,33 @@ pub async fn register(args: &RegisterArgs) -> Result<Value, ServerError> {
     let client = builder.build().map_err(|e| ServerError::Registration(e.to_string()))?;
     let assignment = client.register().await.map_err(|e| ServerError::Registration(e.to_string()))?;
     serde_json::to_value(&assignment.state).map_err(|e| ServerError::Registration(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::Parser as _;
+
+    use super::Cli;
+
+    #[test]
+    fn a_private_key_beside_a_symmetric_key_is_refused_not_ignored() {
+        let base = [
+            "zerotouch",
+            "device",
+            "register",
+            "--provisioning-host",
+            "localhost",
+            "--id-scope",
+            "0ne00000001",
+        ];
+        let with = |extra: &[&str]| {
+            Cli::try_parse_from(base.iter().chain(["--registration-id", "d1"].iter()).chain(extra))
+        };
+        assert!(with(&["--symmetric-key", "a2V5", "--key", "k.pem"]).is_err());
+        assert!(with(&["--group-key", "a2V5", "--key", "k.pem"]).is_err());
+        assert!(with(&["--cert", "c.pem", "--key", "k.pem"]).is_ok());
+        assert!(with(&["--symmetric-key", "a2V5"]).is_ok());
+    }
 }

@@ -76,7 +76,10 @@ impl Settings {
     /// [`ServerError::Io`] when unreadable, [`ServerError::Config`] for bad TOML or unknown keys.
     pub fn from_file(path: &Path) -> Result<Self, ServerError> {
         let text = std::fs::read_to_string(path).map_err(|e| ServerError::io(path, e))?;
-        Self::from_toml(&text).map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))
+        Self::from_toml(&text).map_err(|e| match e {
+            ServerError::Config(m) => ServerError::Config(format!("{}: {m}", path.display())),
+            other => other,
+        })
     }
 
     /// Parses TOML config text.
@@ -333,6 +336,13 @@ mod tests {
     fn a_config_file_with_an_unknown_key_is_refused() {
         let err = Settings::from_toml("mqtt-port = 1883").unwrap_err();
         assert!(err.to_string().contains("mqtt-port"), "{err}");
+        // From a file: the file named once, the kind of error said once.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("zerotouch.toml");
+        std::fs::write(&file, "mqtt-port = 1883").unwrap();
+        let text = Settings::from_file(&file).unwrap_err().to_string();
+        assert!(text.starts_with(&format!("configuration: {}: ", file.display())), "{text}");
+        assert_eq!(text.matches("configuration:").count(), 1, "{text}");
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub enum ServerError {
     /// A store could not be opened.
     #[error("store: {0}")]
     Store(String),
+    /// What a store command asked for does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
     /// A device registration through the client failed.
     #[error("registration: {0}")]
     Registration(String),
