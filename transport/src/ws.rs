@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::http::{error_reply, Connection};
 use crate::mqtt::run_mqtt_connection;
+use tracing::Instrument as _;
 
 /// The WebSocket subprotocol of MQTT (Python and Node send `mqtt`, the C SDK `MQTT`).
 pub const MQTT_SUBPROTOCOL: &str = "mqtt";
@@ -123,16 +124,22 @@ pub(crate) async fn upgrade(conn: &Arc<Connection>, req: Request<Incoming>) -> R
     let mut stop = conn.stop.clone();
     // One message may carry a whole packet (or a few); the MQTT endpoint enforces the packet limit.
     let max_message = limits.max_packet_size.saturating_mul(2);
-    ws.max_message_size(max_message).max_frame_size(max_message).on_upgrade(move |socket| async move {
-        let grace = limits.shutdown_grace;
-        tokio::select! {
-            () = run_mqtt_connection(WsStream::new(socket), client_chain, service, &limits) => {}
-            () = async {
-                let _ = stop.wait_for(|s| *s).await;
-                tokio::time::sleep(grace).await;
-            } => {
-                tracing::info!("shutdown grace over; closing an MQTT over WebSockets connection");
+    // The upgraded connection runs in a task of its own: it keeps the HTTPS connection's span,
+    // so its log lines name the peer.
+    let span = tracing::Span::current();
+    ws.max_message_size(max_message).max_frame_size(max_message).on_upgrade(move |socket| {
+        async move {
+            let grace = limits.shutdown_grace;
+            tokio::select! {
+                () = run_mqtt_connection(WsStream::new(socket), client_chain, service, &limits) => {}
+                () = async {
+                    let _ = stop.wait_for(|s| *s).await;
+                    tokio::time::sleep(grace).await;
+                } => {
+                    tracing::info!("shutdown grace over; closing an MQTT over WebSockets connection");
+                }
             }
         }
+        .instrument(span)
     })
 }

@@ -41,7 +41,14 @@ pub(super) async fn handle(conn: Arc<Connection>, req: Request<Incoming>) -> Res
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let reply = device_api(&conn, req).await;
-    tracing::debug!(%method, path, status = reply.status().as_u16(), "https request");
+    let status = reply.status().as_u16();
+    // Refusals are what an operator looks for (as MQTT's refused CONNECTs); successes are many.
+    if status >= 400 {
+        let error_code = reply.headers().get("x-ms-error-code").and_then(|v| v.to_str().ok()).unwrap_or("");
+        tracing::info!(%method, path, status, error_code, "https request refused");
+    } else {
+        tracing::debug!(%method, path, status, "https request");
+    }
     Ok(reply)
 }
 

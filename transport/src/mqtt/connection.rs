@@ -227,6 +227,7 @@ where
                         continue;
                     }
                 };
+                log_refusal(&response);
                 last_pkid = next_pkid(last_pkid);
                 wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
                 flush_by = None;
@@ -243,6 +244,7 @@ where
                         if let Some((rid, response)) =
                             on_publish(wire, publish, &session, &service, limits, &mut in_flight)?
                         {
+                            log_refusal(&response);
                             last_pkid = next_pkid(last_pkid);
                             wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
                             flush_by = None;
@@ -439,6 +441,13 @@ fn reply(rid: &str, response: &Response, qos: QoS, pkid: u16) -> Publish {
 /// Packet ids of our replies: 1..=65535, wrapping (0 is not a valid id).
 fn next_pkid(last: u16) -> u16 {
     last.checked_add(1).unwrap_or(1)
+}
+
+/// Logs a refused request at info, as a refused CONNECT is: what an operator looks for.
+fn log_refusal(response: &Response) {
+    if response.status >= 400 {
+        tracing::info!(status = response.status, error_code = response.error_code(), "request refused");
+    }
 }
 
 /// Completes once the server asks connections to finish; never without a stop signal.
