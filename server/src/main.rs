@@ -16,11 +16,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // tungstenite's trace output dumps whole WebSocket frames, and the frame that carries an
-    // MQTT CONNECT carries the device's SAS token (client and server alike): whatever RUST_LOG
-    // asks, it logs no lower than debug.
-    for ceiling in ["tungstenite=debug", "tokio_tungstenite=debug"] {
-        if let Ok(directive) = ceiling.parse() {
-            filter = filter.add_directive(directive);
+    // MQTT CONNECT carries the device's SAS token (client and server alike): when RUST_LOG
+    // reaches trace anywhere, tungstenite is held at debug. (Only then: the directive would
+    // otherwise raise it above what RUST_LOG asks.)
+    if filter.max_level_hint().is_none_or(|max| max >= tracing::level_filters::LevelFilter::TRACE) {
+        for ceiling in ["tungstenite=debug", "tokio_tungstenite=debug"] {
+            if let Ok(directive) = ceiling.parse() {
+                filter = filter.add_directive(directive);
+            }
         }
     }
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
