@@ -134,9 +134,9 @@ fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String>
 /// (attestation, keys, certificates), and only when all pass are they written, as upserts, in
 /// one store unit (a failure while writing leaves nothing written either).
 ///
-/// A symmetric-key entry without keys keeps the keys of the enrollment it replaces (the output
-/// of [`list_enrollments`] leaves keys out, and importing it back must not change them); a new
-/// one gets generated keys, reported in the summary.
+/// A symmetric-key entry without keys (or with one) keeps the keys it lacks from the enrollment
+/// it replaces (the output of [`list_enrollments`] leaves keys out, and importing it back must
+/// not change them); keys still missing are generated and reported in the summary.
 ///
 /// # Errors
 /// [`ServerError::Import`] for the first entry the engine refuses (nothing written), or
@@ -211,18 +211,17 @@ where
     Ok(summary)
 }
 
-/// Whether `attestation` is a symmetric-key one that names neither key (the engine generates
-/// them).
+/// Whether `attestation` is a symmetric-key one that lacks a key (the engine generates it).
 fn lacks_keys(attestation: &AttestationMechanism) -> bool {
     attestation.kind == AttestationType::SymmetricKey
         && attestation
             .symmetric_key
             .as_ref()
-            .is_none_or(|k| k.primary_key.is_none() && k.secondary_key.is_none())
+            .is_none_or(|k| k.primary_key.is_none() || k.secondary_key.is_none())
 }
 
-/// Gives a keyless symmetric-key `entry` the keys of the enrollment it replaces, if that one is
-/// a symmetric-key enrollment too.
+/// Gives a symmetric-key `entry` each key it lacks from the enrollment it replaces, if that one
+/// is a symmetric-key enrollment too.
 fn keep_keys<S>(store: &S, entry: &mut ImportEntry) -> Result<(), ServerError>
 where
     S: EnrollmentStore + EnrollmentGroupStore + ?Sized,
@@ -245,10 +244,12 @@ where
             (&mut g.attestation, existing)
         }
     };
-    if let Some(old) = existing.filter(|old| old.kind == AttestationType::SymmetricKey) {
-        if old.symmetric_key.as_ref().is_some_and(|k| k.primary_key.is_some() || k.secondary_key.is_some()) {
-            attestation.symmetric_key = old.symmetric_key;
-        }
+    let old =
+        existing.filter(|old| old.kind == AttestationType::SymmetricKey).and_then(|old| old.symmetric_key);
+    if let Some(old) = old {
+        let keys = attestation.symmetric_key.get_or_insert_with(Default::default);
+        keys.primary_key = keys.primary_key.take().or(old.primary_key);
+        keys.secondary_key = keys.secondary_key.take().or(old.secondary_key);
     }
     Ok(())
 }
@@ -397,6 +398,26 @@ mod tests {
         let again = import(&store, &RingCrypto::new(), NOW, parse_import(&listed).unwrap()).unwrap();
         assert!(again.generated_keys.is_empty(), "{again:?}");
         assert_eq!(stored_keys(&store), keys);
+    }
+
+    #[test]
+    fn an_entry_with_one_key_keeps_the_other_or_reports_it_generated() {
+        let store = MemoryStore::new();
+        import(&store, &RingCrypto::new(), NOW, parse_import(KEYLESS).unwrap()).unwrap();
+        let before = stored_keys(&store)[0].clone().unwrap();
+        let primary = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
+        let one_key = format!(
+            r#"[{{"registrationId": "dev-1", "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": "{primary}"}}}}}},
+                {{"registrationId": "dev-2", "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": "{primary}"}}}}}}]"#
+        );
+        let summary = import(&store, &RingCrypto::new(), NOW, parse_import(&one_key).unwrap()).unwrap();
+        let after = stored_keys(&store)[0].clone().unwrap();
+        assert_eq!(after.primary_key.as_deref(), Some(primary));
+        assert_eq!(after.secondary_key, before.secondary_key, "the secondary key stays");
+        // The new enrollment's secondary key was generated: reported.
+        assert_eq!(summary.generated_keys.len(), 1, "{summary:?}");
+        assert_eq!(summary.generated_keys[0].registration_id.as_deref(), Some("dev-2"));
+        assert_eq!(summary.generated_keys[0].primary_key, primary);
     }
 
     #[test]

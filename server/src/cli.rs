@@ -121,8 +121,9 @@ impl StoreArgs {
 pub enum EnrollmentsCommand {
     /// Import a JSON array of enrollments (DPS service API schema); all or nothing.
     ///
-    /// A symmetric-key entry without keys keeps the keys of the enrollment it replaces; a new
-    /// one gets generated keys, printed once in the output (`generatedKeys`).
+    /// A symmetric-key entry without keys (or with one) keeps the keys it lacks from the
+    /// enrollment it replaces; keys still missing are generated and printed once in the output
+    /// (`generatedKeys`).
     Import {
         /// The store.
         #[command(flatten)]
