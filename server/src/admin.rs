@@ -101,21 +101,49 @@ pub fn parse_import(text: &str) -> Result<Vec<ImportEntry>, ServerError> {
     Ok(entries)
 }
 
-/// The top-level fields of each entry that are not part of the enrollment schema this server
-/// knows, by entry index: kept (a newer DPS API version may add fields) but unused, and most
-/// often a misspelling (`deviceID`) whose setting silently did not apply.
-pub fn unknown_fields(entries: &[ImportEntry]) -> Vec<(usize, Vec<String>)> {
-    entries
+/// The fields of each entry, by entry index and path (`reprovisionPolicy.updatehubassignment`),
+/// that are not part of the enrollment schema this server knows: at the top level kept (a newer
+/// DPS API version may add fields) but unused, deeper down dropped. Most often a misspelling whose
+/// setting silently did not apply. Fields set to `null` are not reported.
+pub fn unknown_fields(text: &str, entries: &[ImportEntry]) -> Vec<(usize, Vec<String>)> {
+    let Ok(items) = serde_json::from_str::<Vec<Value>>(text) else { return Vec::new() };
+    items
         .iter()
+        .zip(entries)
         .enumerate()
-        .filter_map(|(index, entry)| {
-            let extra = match entry {
-                ImportEntry::Individual(e) => &e.extra,
-                ImportEntry::Group(g) => &g.extra,
+        .filter_map(|(index, (given, entry))| {
+            let (kept, extra) = match entry {
+                ImportEntry::Individual(e) => (to_json(e), &e.extra),
+                ImportEntry::Group(g) => (to_json(g), &g.extra),
             };
-            (!extra.is_empty()).then(|| (index, extra.keys().cloned().collect()))
+            let mut fields: Vec<String> = extra.keys().cloned().collect();
+            dropped(given, &kept, "", &mut fields);
+            (!fields.is_empty()).then_some((index, fields))
         })
         .collect()
+}
+
+/// Collects the paths of `given` that `kept` (what was parsed from it, serialized again) lacks.
+fn dropped(given: &Value, kept: &Value, path: &str, out: &mut Vec<String>) {
+    match (given, kept) {
+        (Value::Object(given), Value::Object(kept)) => {
+            for (key, value) in given {
+                let at = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                match kept.get(key) {
+                    Some(k) => dropped(value, k, &at, out),
+                    // A null is what the schema's absent fields serialize to, as much as nothing.
+                    None if !value.is_null() => out.push(at),
+                    None => {}
+                }
+            }
+        }
+        (Value::Array(given), Value::Array(kept)) => {
+            for (n, (g, k)) in given.iter().zip(kept).enumerate() {
+                dropped(g, k, &format!("{path}[{n}]"), out);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Deserializes with the path of the offending field in the message.
@@ -461,21 +489,47 @@ mod tests {
     }
 
     #[test]
-    fn misspelled_fields_are_reported_by_entry() {
-        let entries = parse_import(
-            r#"[{"registrationId": "ok", "deviceId": "d-1", "attestation": {"type": "symmetricKey"}},
+    fn misspelled_fields_are_reported_by_entry_and_path() {
+        let text = r#"[{"registrationId": "ok", "deviceId": "d-1", "attestation": {"type": "symmetricKey"},
+                 "capabilities": {"iotEdge": false}, "initialTwin": {"tags": {"site": "a"}}},
                 {"registrationId": "typo", "deviceID": "d-2", "provisioningstatus": "disabled",
-                 "attestation": {"type": "symmetricKey"}},
-                {"enrollmentGroupId": "g", "iotHub": "h", "attestation": {"type": "symmetricKey"}}]"#,
-        )
-        .unwrap();
+                 "attestation": {"type": "symmetricKey", "symmetricKey": {"primarykey": "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE="}}},
+                {"enrollmentGroupId": "g", "attestation": {"type": "symmetricKey"},
+                 "reprovisionPolicy": {"updatehubassignment": false, "migrateDeviceData": true},
+                 "initialTwin": {"tag": {"site": "b"}}}]"#;
+        let entries = parse_import(text).unwrap();
         assert_eq!(
-            unknown_fields(&entries),
+            unknown_fields(text, &entries),
             vec![
-                (1, vec!["deviceID".to_owned(), "provisioningstatus".to_owned()]),
-                (2, vec!["iotHub".to_owned()])
+                (
+                    1,
+                    vec![
+                        "deviceID".to_owned(),
+                        "provisioningstatus".to_owned(),
+                        "attestation.symmetricKey.primarykey".to_owned()
+                    ]
+                ),
+                (2, vec!["reprovisionPolicy.updatehubassignment".to_owned(), "initialTwin.tag".to_owned()]),
             ]
         );
+    }
+
+    #[test]
+    fn the_enrollments_the_sdks_send_have_no_unknown_fields() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/dps");
+        for name in [
+            "service_enrollment_symkey.json",
+            "service_enrollment_tpm.json",
+            "service_enrollment_x509.json",
+            "service_enrollment_x509_reply.json",
+            "service_group_symkey.json",
+            "service_group_x509_ca_references.json",
+            "service_group_x509_signing.json",
+        ] {
+            let text = format!("[{}]", std::fs::read_to_string(dir.join(name)).unwrap());
+            let entries = parse_import(&text).unwrap();
+            assert_eq!(unknown_fields(&text, &entries), Vec::new(), "{name}");
+        }
     }
 
     #[test]

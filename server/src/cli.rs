@@ -231,7 +231,7 @@ pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Res
         EnrollmentsCommand::Import { file, .. } => {
             let text = std::fs::read_to_string(file).map_err(|e| ServerError::io(file, e))?;
             let entries = admin::parse_import(&text)?;
-            for (index, fields) in admin::unknown_fields(&entries) {
+            for (index, fields) in admin::unknown_fields(&text, &entries) {
                 eprintln!(
                     "zerotouch: warning: entry {index}: {} not part of the enrollment schema; kept but unused \
                      (misspelled?)",
