@@ -621,7 +621,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 other => return other.map(|()| operation_id),
             }
         }
-        Err(Error::Conflict(format!("registration {id} is being changed concurrently; retry")))
+        // Registrations of the same id racing each other: the device is to try again shortly.
+        // 409 would end it (the SDKs treat every status from 300 to 428 as final, spec §1.7);
+        // 429 with retry-after is what every one of them retries.
+        Err(Error::Throttled { retry_after_secs: self.config.retry_after_secs })
     }
 
     fn assign(

@@ -213,7 +213,8 @@ fn a_hub_conflict_during_registration_is_retried_instead_of_failing_the_device()
     // A hub that keeps conflicting is not retried forever: the device is told to try again later.
     let mut hub = ConflictOnceHub { conflicts_left: usize::MAX, applied: 0 };
     let reply = provisioner.handle_register(now, request(), &mut hub);
-    assert_eq!(reply.status, 409, "{reply:?}");
+    assert_eq!((reply.status, reply.error_code()), (429, Some(429_001)), "{reply:?}");
+    assert!(reply.retry_after.is_some(), "a retry-after the SDKs wait before retrying");
     assert_eq!(hub.applied, 0);
 }
 
