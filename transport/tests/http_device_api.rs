@@ -176,6 +176,10 @@ async fn status_lookup_body_must_name_the_path_registration_and_carry_no_csr() {
     let mut client = server.connect(None).await;
     let lookup = format!("/{SCOPE}/registrations/sensor-15?api-version={API}");
     let body = json!({ "registrationId": "sensor-15" }).to_string();
+    // Enrolled but not registered yet: 404 404201, saying so.
+    let reply = client.send("POST", &lookup, Some(&token), body.as_bytes()).await;
+    assert_eq!((reply.status.as_u16(), reply.error_code()), (404, 404201), "{}", reply.body);
+    assert!(reply.body["message"].as_str().unwrap().contains("has not registered"), "{}", reply.body);
     let reply = client.send("PUT", &register_path("sensor-15"), Some(&token), body.as_bytes()).await;
     assert_eq!(reply.status, 202, "{}", reply.body);
 

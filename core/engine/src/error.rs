@@ -21,6 +21,10 @@ pub enum Error {
     /// Nothing is enrolled for this registration (HTTP 404, 404201).
     #[error("no enrollment found for registration {0:?}")]
     EnrollmentNotFound(String),
+    /// The registration is enrolled but has no registration record: it has not registered
+    /// (HTTP 404, 404201).
+    #[error("registration {0:?} has not registered yet")]
+    RegistrationNotFound(String),
     /// The operation id is unknown or expired (HTTP 404, 404202).
     #[error("operation {0:?} not found")]
     OperationNotFound(String),
@@ -180,7 +184,7 @@ impl Error {
                 let w = p.to_wire();
                 (w.http_status, w.error_code, w.message)
             }
-            Error::EnrollmentNotFound(_) => (404, 404201, self.to_string()),
+            Error::EnrollmentNotFound(_) | Error::RegistrationNotFound(_) => (404, 404201, self.to_string()),
             Error::OperationNotFound(_) => (404, 404202, self.to_string()),
             Error::NotFound(_) => (404, 404000, self.to_string()),
             Error::Conflict(_) => (409, 409000, self.to_string()),

@@ -36,7 +36,7 @@ use crate::attestation::x509::{Certificate, PresentedChain};
 use crate::attestation::Credential;
 use crate::crypto::{constant_time_eq, CryptoProvider};
 use crate::enrollments::strip_enrollment_secrets;
-use crate::error::{AuthError, Error, StoreError};
+use crate::error::{AllocationError, AuthError, Error, StoreError};
 use crate::hub::{DeviceAuth, HubAction, HubRegistry, ProvisionedDevice, TwinSetup};
 use crate::store::{
     AttestedVia, EnrollmentRef, OperationRecord, OperationStatus, Precondition, ProvisioningStore,
@@ -492,7 +492,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             }
             self.authenticate(now, scope, &id, &req.credential)?;
             let record =
-                self.store.registration(&id)?.ok_or_else(|| Error::EnrollmentNotFound(id.to_string()))?;
+                self.store.registration(&id)?.ok_or_else(|| Error::RegistrationNotFound(id.to_string()))?;
             Ok::<_, Error>(record.result(None))
         })();
         match result {
@@ -793,6 +793,11 @@ impl<S: ProvisioningStore> Provisioner<S> {
 
         // Never re-provision: keep the current hub and device, refresh its credentials.
         if let (Some((hub, old_device)), false) = (&current, policy.update_hub_assignment) {
+            // Its hub taken out of the linked hubs, the device has nowhere it may go: the same
+            // refusal as an enrollment naming a hub that is not linked.
+            if !self.allocator.is_linked(hub) {
+                return Err(AllocationError::UnknownHub(hub.to_string()).into());
+            }
             let substatus = previous.and_then(|r| r.state.substatus).unwrap_or(Substatus::InitialAssignment);
             return Ok(Plan {
                 hub: (*hub).to_owned(),

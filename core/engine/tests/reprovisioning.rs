@@ -84,6 +84,27 @@ fn a_device_whose_hub_was_taken_out_of_the_linked_hubs_is_provisioned_afresh_on_
 }
 
 #[test]
+fn a_never_reprovisioned_device_whose_hub_was_unlinked_fails_as_for_an_unlinked_hub() {
+    let mut w = world();
+    let never = EnrollOptions {
+        reprovision: Some(ReprovisionPolicy { update_hub_assignment: false, migrate_device_data: false }),
+        ..Default::default()
+    };
+    let key = enroll_symmetric(&w, ID, &never);
+    let first = assigned(w.register(symmetric_device(ID, &key, None), None));
+    let remaining: Vec<LinkedHub> =
+        linked_hubs().into_iter().filter(|h| h.name.as_str() != first.assigned_hub).collect();
+    w.provisioner = Provisioner::new(
+        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
+        Arc::clone(w.provisioner.store()),
+        Arc::new(RingCrypto::new()),
+        Allocator::new(remaining),
+    );
+    let f = failed(w.register(symmetric_device(ID, &key, None), None));
+    assert_eq!(f.error_code, Some(400_209), "{f:?}");
+}
+
+#[test]
 fn reprovision_and_reset_gives_the_new_hub_the_initial_twin() {
     let mut w = world();
     let key = enroll_symmetric(&w, ID, &custom(true, false));
