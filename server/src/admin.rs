@@ -123,6 +123,21 @@ pub fn unknown_fields(text: &str, entries: &[ImportEntry]) -> Vec<(usize, Vec<St
         .collect()
 }
 
+/// The entries whose allocation policy is `custom`: `zerotouch serve` installs no custom
+/// allocator (it calls no webhook), so their registrations can only fail.
+pub fn custom_allocation_entries(entries: &[ImportEntry]) -> Vec<usize> {
+    let custom = Some(zerotouch_proto::service::AllocationPolicy::Custom);
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(_, entry)| match entry {
+            ImportEntry::Individual(e) => e.allocation_policy == custom,
+            ImportEntry::Group(g) => g.allocation_policy == custom,
+        })
+        .map(|(index, _)| index)
+        .collect()
+}
+
 /// Collects the paths of `given` that `kept` (what was parsed from it, serialized again) lacks.
 fn dropped(given: &Value, kept: &Value, path: &str, out: &mut Vec<String>) {
     match (given, kept) {
@@ -530,6 +545,16 @@ mod tests {
             let entries = parse_import(&text).unwrap();
             assert_eq!(unknown_fields(&text, &entries), Vec::new(), "{name}");
         }
+    }
+
+    #[test]
+    fn entries_asking_for_custom_allocation_are_named() {
+        let entries = parse_import(
+            r#"[{"registrationId": "a", "attestation": {"type": "symmetricKey"}},
+                {"registrationId": "b", "allocationPolicy": "custom", "attestation": {"type": "symmetricKey"}}]"#,
+        )
+        .unwrap();
+        assert_eq!(custom_allocation_entries(&entries), vec![1]);
     }
 
     #[test]

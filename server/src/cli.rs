@@ -238,6 +238,12 @@ pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Res
                     fields.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", ")
                 );
             }
+            for index in admin::custom_allocation_entries(&entries) {
+                eprintln!(
+                    "zerotouch: warning: entry {index}: allocationPolicy \"custom\": `zerotouch serve` calls no \
+                     allocation webhook, so its registrations will fail"
+                );
+            }
             let summary =
                 admin::import(&store, &RingCrypto::new(), zerotouch_transport::service::now(), entries)?;
             Ok(json!({ "imported": summary }))
