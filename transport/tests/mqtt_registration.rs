@@ -42,10 +42,7 @@ async fn group_symmetric_key_device_with_node_token_gets_its_derived_key_accepte
 #[tokio::test]
 async fn register_reply_is_202_assigning_with_retry_after_like_real_dps() {
     let server = Server::start().await;
-    let key = server.enroll_symmetric("sensor-2");
-    let opts = DeviceOptions::new("sensor-2", Auth::SasPython(key));
-    let (client, mut events) = mqtt_support::connect(&server, &opts).await.unwrap();
-    client.subscribe(zerotouch_proto::mqtt::SUBSCRIBE_FILTER, rumqttc::QoS::AtLeastOnce).await.unwrap();
+    let (client, mut events) = mqtt_support::enrolled_and_subscribed(&server, "sensor-2").await;
     let topic = "$dps/registrations/PUT/iotdps-register/?$rid=42";
     client
         .publish(topic, rumqttc::QoS::AtLeastOnce, false, r#"{"registrationId":"sensor-2"}"#)
@@ -62,10 +59,7 @@ async fn register_reply_is_202_assigning_with_retry_after_like_real_dps() {
 #[tokio::test]
 async fn a_poll_for_a_malformed_or_missing_operation_id_is_answered_404202_not_left_hanging() {
     let server = Server::start().await;
-    let key = server.enroll_symmetric("sensor-3");
-    let opts = DeviceOptions::new("sensor-3", Auth::SasPython(key));
-    let (client, mut events) = mqtt_support::connect(&server, &opts).await.unwrap();
-    client.subscribe(zerotouch_proto::mqtt::SUBSCRIBE_FILTER, rumqttc::QoS::AtLeastOnce).await.unwrap();
+    let (client, mut events) = mqtt_support::enrolled_and_subscribed(&server, "sensor-3").await;
     let long = "x".repeat(300);
     for (rid, query) in [
         ("1", "&operationId=bad_op".to_owned()),
@@ -140,10 +134,7 @@ async fn tls_1_2_only_x509_client_registers() {
 #[tokio::test]
 async fn c_sdk_style_qos0_publishes_with_integer_rids_get_their_replies() {
     let server = Server::start().await;
-    let key = server.enroll_symmetric("c-device");
-    let opts = DeviceOptions::new("c-device", Auth::SasPython(key));
-    let (client, mut events) = mqtt_support::connect(&server, &opts).await.unwrap();
-    client.subscribe(zerotouch_proto::mqtt::SUBSCRIBE_FILTER, rumqttc::QoS::AtLeastOnce).await.unwrap();
+    let (client, mut events) = mqtt_support::enrolled_and_subscribed(&server, "c-device").await;
     let body = r#"{"registrationId":"c-device"}"#;
     let register = "$dps/registrations/PUT/iotdps-register/?$rid=1";
     client.publish(register, rumqttc::QoS::AtMostOnce, false, body).await.unwrap();

@@ -829,22 +829,24 @@ impl<S: ProvisioningStore> Provisioner<S> {
         let initial_twin = webhook_twin.unwrap_or_else(|| enrollment.initial_twin());
         let new_hub = decision.hub;
 
+        let back_to_initial =
+            previous.and_then(|r| r.initial_hub.as_deref()).is_some_and(|h| h.eq_ignore_ascii_case(&new_hub));
+        // The substatus of a device that moves to another hub without its data.
+        let reset_elsewhere = if back_to_initial {
+            Substatus::ReprovisionedToInitialAssignment
+        } else {
+            Substatus::DeviceDataReset
+        };
+
         // A hub no longer linked (taken out of the service's hubs) can be neither read nor
         // written: the device is provisioned afresh where allocation puts it, with the initial
         // twin, and the old hub is left alone (its identity there is the operator's to remove).
         if current.as_ref().is_some_and(|(hub, _)| !self.allocator.is_linked(hub)) {
             let device_id = new_device_id();
-            let back_to_initial = previous
-                .and_then(|r| r.initial_hub.as_deref())
-                .is_some_and(|h| h.eq_ignore_ascii_case(&new_hub));
             return Ok(Plan {
                 hub: new_hub.clone(),
                 device_id: device_id.clone(),
-                substatus: if back_to_initial {
-                    Substatus::ReprovisionedToInitialAssignment
-                } else {
-                    Substatus::DeviceDataReset
-                },
+                substatus: reset_elsewhere,
                 actions: Actions::One([HubAction::Provision {
                     hub: new_hub,
                     device: device(device_id),
@@ -871,8 +873,6 @@ impl<S: ProvisioningStore> Provisioner<S> {
         };
 
         let same_hub = old_hub.eq_ignore_ascii_case(&new_hub);
-        let back_to_initial =
-            previous.and_then(|r| r.initial_hub.as_deref()).is_some_and(|h| h.eq_ignore_ascii_case(&new_hub));
         let (device_id, substatus, actions, moves) = if same_hub && migrate {
             // The device stays where it is, under its id, with its data.
             let substatus = previous.and_then(|r| r.state.substatus).unwrap_or(Substatus::InitialAssignment);
@@ -911,11 +911,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             };
             (device_id, substatus, Actions::One([action]), true)
         } else {
-            let substatus = if back_to_initial {
-                Substatus::ReprovisionedToInitialAssignment
-            } else {
-                Substatus::DeviceDataReset
-            };
+            let substatus = reset_elsewhere;
             let device_id = new_device_id();
             let actions = Actions::Two([
                 HubAction::Provision {

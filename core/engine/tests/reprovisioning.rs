@@ -56,6 +56,17 @@ fn reprovision_and_migrate_moves_the_twin_to_the_new_hub() {
     assert_eq!(w.hubs.hubs_of(ID), vec![HUB_A.to_owned()]);
 }
 
+/// Serves the same store with `hub` taken out of the linked hubs.
+fn unlink(w: &mut World, hub: &str) {
+    let remaining: Vec<LinkedHub> = linked_hubs().into_iter().filter(|h| h.name.as_str() != hub).collect();
+    w.provisioner = Provisioner::new(
+        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
+        Arc::clone(w.provisioner.store()),
+        Arc::new(RingCrypto::new()),
+        Allocator::new(remaining),
+    );
+}
+
 #[test]
 fn a_device_whose_hub_was_taken_out_of_the_linked_hubs_is_provisioned_afresh_on_a_linked_one() {
     let mut w = world();
@@ -65,13 +76,7 @@ fn a_device_whose_hub_was_taken_out_of_the_linked_hubs_is_provisioned_afresh_on_
     w.hubs.device_mut(&old, ID).unwrap().reported.insert("firmware".into(), json!("1.2.3"));
 
     // The operator unlinks that hub; the service can no longer read or write it.
-    let remaining: Vec<LinkedHub> = linked_hubs().into_iter().filter(|h| h.name.as_str() != old).collect();
-    w.provisioner = Provisioner::new(
-        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
-        Arc::clone(w.provisioner.store()),
-        Arc::new(RingCrypto::new()),
-        Allocator::new(remaining),
-    );
+    unlink(&mut w, &old);
     let actions_before = w.hubs.log.len();
     let again = assigned(w.register(symmetric_device(ID, &key, None), None));
     assert_ne!(again.assigned_hub, old);
@@ -92,14 +97,7 @@ fn a_never_reprovisioned_device_whose_hub_was_unlinked_fails_as_for_an_unlinked_
     };
     let key = enroll_symmetric(&w, ID, &never);
     let first = assigned(w.register(symmetric_device(ID, &key, None), None));
-    let remaining: Vec<LinkedHub> =
-        linked_hubs().into_iter().filter(|h| h.name.as_str() != first.assigned_hub).collect();
-    w.provisioner = Provisioner::new(
-        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
-        Arc::clone(w.provisioner.store()),
-        Arc::new(RingCrypto::new()),
-        Allocator::new(remaining),
-    );
+    unlink(&mut w, &first.assigned_hub);
     let f = failed(w.register(symmetric_device(ID, &key, None), None));
     assert_eq!(f.error_code, Some(400_209), "{f:?}");
 }

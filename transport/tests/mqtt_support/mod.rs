@@ -367,6 +367,16 @@ pub async fn register_on(client: &AsyncClient, events: &mut EventLoop, registrat
     panic!("still assigning after 18 polls: {outcome:?}");
 }
 
+/// Enrolls `registration_id` with a generated key, connects with a Python-style token and
+/// subscribes to the replies, as every SDK does before its first publish.
+pub async fn enrolled_and_subscribed(server: &Server, registration_id: &str) -> (AsyncClient, EventLoop) {
+    let key = server.enroll_symmetric(registration_id);
+    let opts = DeviceOptions::new(registration_id, Auth::SasPython(key));
+    let (client, events) = connect(server, &opts).await.unwrap();
+    client.subscribe(SUBSCRIBE_FILTER, QoS::AtLeastOnce).await.unwrap();
+    (client, events)
+}
+
 /// Connects and registers; `Err` when CONNECT is refused.
 pub async fn register(server: &Server, opts: &DeviceOptions) -> Result<Outcome, ConnectionError> {
     let (client, mut events) = connect(server, opts).await?;
