@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod datadir;
 pub mod error;
+pub mod logging;
 pub mod server;
 pub mod service;
 

@@ -146,3 +146,36 @@ fn a_server_with_two_hubs_on_postgres_keeps_each_hubs_devices_apart() {
     let got = zerotouch(&["devices", "get", "--database-url", &schema.url, "--hub", other, "meter-7"]);
     assert_eq!(got["deviceId"], "meter-7");
 }
+
+#[test]
+fn keys_written_to_postgres_never_reach_the_log_even_at_trace() {
+    let schema = Schema::new();
+    let dir = tempfile::tempdir().unwrap();
+    let key = STANDARD.encode([0x5au8; 32]);
+    let file = dir.path().join("enrollments.json");
+    let sym = json!({"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}});
+    std::fs::write(&file, json!([{"enrollmentGroupId": "secretive", "attestation": sym}]).to_string())
+        .unwrap();
+    // The first run creates the schema; later ones get the server's notices about it (logged
+    // at debug), which shows that verbose logging is on while the keys stay out.
+    for (command, level) in [("import", "warn"), ("import", "trace"), ("list", "trace"), ("import", "debug")]
+    {
+        let mut args = vec!["enrollments", command, "--database-url", &schema.url];
+        if command == "import" {
+            args.push(file.to_str().unwrap());
+        } else {
+            args.push("--with-keys");
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+            .args(&args)
+            .env("RUST_LOG", level)
+            .output()
+            .unwrap();
+        let logs = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{command}: {logs}");
+        if level != "warn" {
+            assert!(logs.contains("PostgreSQL notice"), "{command} at {level}: debug logs expected:\n{logs}");
+        }
+        assert!(!logs.contains(&key), "{command} at {level}: the logs show the group key:\n{logs}");
+    }
+}

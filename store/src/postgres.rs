@@ -107,8 +107,13 @@ impl PgStore {
     /// [`StoreError::Backend`] when the URL is malformed, the server cannot be reached, a
     /// migration fails, or the database's schema is newer than this build knows.
     pub fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
-        let config: postgres::Config =
+        let mut config: postgres::Config =
             url.parse().map_err(|e| StoreError::Backend(format!("bad PostgreSQL URL: {e}")))?;
+        // The server's notices are its remarks on our own statements (the migrations' `IF NOT
+        // EXISTS` on every start): not news to an operator. postgres logs them at info.
+        config.notice_callback(|notice| {
+            tracing::debug!(severity = notice.severity(), "PostgreSQL notice: {}", notice.message());
+        });
         // One direct connection first: it fails fast with the server's own error (the pool
         // would retry until its timeout), and it runs the migrations.
         let mut client = config
