@@ -158,9 +158,27 @@ impl<I: IdentityStore, T: TwinStore> HubCore<I, T> {
         }
     }
 
-    /// Creates the twin of each created identity and deletes the twin of each deleted one,
-    /// returning the events with the twin as their body.
-    fn settle(&self, events: Vec<LifecycleEvent>, now: Timestamp) -> Result<Vec<LifecycleEvent>, Error> {
+    /// Creates the twin of each created identity and deletes the twin of each deleted one. With
+    /// `announce`, returns the events with the twin as their body; without, returns none (and
+    /// reads no twin to fill them), the twins kept in step all the same.
+    fn settle(
+        &self,
+        events: Vec<LifecycleEvent>,
+        now: Timestamp,
+        announce: bool,
+    ) -> Result<Vec<LifecycleEvent>, Error> {
+        if !announce {
+            for event in &events {
+                let key = twin_key(&event.device_id, event.module_id.as_ref());
+                if is_create(event.op_type) {
+                    put_new_twin(&self.twins, &key, &TwinDocument::new(now))?;
+                } else {
+                    delete_twin(&self.twins, &key)?;
+                }
+            }
+            self.sweep_orphans(&events)?;
+            return Ok(Vec::new());
+        }
         events
             .into_iter()
             .map(|event| {
@@ -181,10 +199,7 @@ impl<I: IdentityStore, T: TwinStore> HubCore<I, T> {
                         Some(doc) => {
                             let twin = doc.to_twin(&key.device_id, key.module_id.as_ref());
                             let twin = to_value(&twin)?;
-                            match self.twins.delete_twin(&key, &Precondition::MustExist) {
-                                Ok(()) | Err(StoreError::NotFound) => {}
-                                Err(e) => return Err(e.into()),
-                            }
+                            delete_twin(&self.twins, &key)?;
                             Ok(event.with_twin(twin))
                         }
                         None => Ok(event),
@@ -203,10 +218,7 @@ impl<I: IdentityStore, T: TwinStore> HubCore<I, T> {
                 continue;
             }
             for stored in self.twins.device_twins(&event.device_id)? {
-                match self.twins.delete_twin(&stored.key, &Precondition::MustExist) {
-                    Ok(()) | Err(StoreError::NotFound) => {}
-                    Err(e) => return Err(e.into()),
-                }
+                delete_twin(&self.twins, &stored.key)?;
             }
         }
         Ok(())
@@ -284,6 +296,21 @@ pub fn module_twin_value(module: &Module, doc: &TwinDocument) -> Result<Value, E
     let mut twin = to_value(&doc.to_twin(&module.device_id, Some(&module.module_id)))?;
     fill_identity(&mut twin, &to_value(module)?, MODULE_TWIN_FIELDS);
     Ok(twin)
+}
+
+/// Writes the twin of an identity just created. A twin already under its key belonged to an
+/// earlier identity of that id (left behind before twins followed every removal): the new
+/// identity starts from `doc` all the same.
+fn put_twin_of_new_identity(store: &dyn TwinStore, key: &TwinKey, doc: &TwinDocument) -> Result<(), Error> {
+    Ok(store.put_twin(key, doc, &Precondition::None)?)
+}
+
+/// Deletes the twin at `key`, if there is one.
+fn delete_twin(store: &dyn TwinStore, key: &TwinKey) -> Result<(), Error> {
+    match store.delete_twin(key, &Precondition::MustExist) {
+        Ok(()) | Err(StoreError::NotFound) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn put_new_twin(store: &dyn TwinStore, key: &TwinKey, doc: &TwinDocument) -> Result<(), Error> {
@@ -724,8 +751,8 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         let empty = Map::new();
         let doc = TwinDocument::with_initial(now, tags.unwrap_or(&empty), desired.unwrap_or(&empty))?;
         let applied = self.core.registry.create_device(body, now)?;
-        put_new_twin(&self.core.twins, &TwinKey::device(applied.value.device_id.clone()), &doc)?;
-        let events = self.core.settle(applied.events, now)?;
+        put_twin_of_new_identity(&self.core.twins, &TwinKey::device(applied.value.device_id.clone()), &doc)?;
+        let events = self.core.settle(applied.events, now, self.lifecycle_events)?;
         Ok(Applied { value: applied.value, events })
     }
 
@@ -736,7 +763,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     pub fn create_module(&self, body: Module, now: Timestamp) -> Result<Applied<Module>, Error> {
         self.touched();
         let applied = self.core.registry.create_module(body, now)?;
-        let events = self.core.settle(applied.events, now)?;
+        let events = self.core.settle(applied.events, now, self.lifecycle_events)?;
         Ok(Applied { value: applied.value, events })
     }
 
@@ -752,7 +779,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     ) -> Result<Applied<Device>, Error> {
         self.touched();
         let applied = self.core.registry.delete_device(id, if_match, now)?;
-        let events = self.core.settle(applied.events, now)?;
+        let events = self.core.settle(applied.events, now, self.lifecycle_events)?;
         Ok(Applied { value: applied.value, events })
     }
 
@@ -769,7 +796,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     ) -> Result<Applied<Module>, Error> {
         self.touched();
         let applied = self.core.registry.delete_module(device_id, module_id, if_match, now)?;
-        let events = self.core.settle(applied.events, now)?;
+        let events = self.core.settle(applied.events, now, self.lifecycle_events)?;
         Ok(Applied { value: applied.value, events })
     }
 
@@ -784,7 +811,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     ) -> Result<Applied<BulkRegistryOperationResult>, Error> {
         self.touched();
         let applied = self.core.registry.bulk(entries, self.core.as_ref(), now)?;
-        let events = self.core.settle(applied.events, now)?;
+        let events = self.core.settle(applied.events, now, self.lifecycle_events)?;
         Ok(Applied { value: applied.value, events })
     }
 
@@ -800,7 +827,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         now: Timestamp,
     ) -> Result<Vec<LifecycleEvent>, Error> {
         self.touched();
-        self.core.settle(events, now)
+        self.core.settle(events, now, self.lifecycle_events)
     }
 
     /// The device twin document (hub spec §5.1) with its identity fields.
@@ -889,18 +916,12 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
                 };
                 let doc = TwinDocument::from_initial_twin(now, initial)?;
                 let applied = self.core.registry.create_device(body, now)?;
-                let key = TwinKey::device(device.device_id.clone());
-                match self.core.twins.put_twin(&key, &doc, &Precondition::MustNotExist) {
-                    // The events carry the twin just written and the identity as created: no
-                    // reading either back (what `settle` does for twins it did not write).
-                    Ok(()) if !self.lifecycle_events => {}
-                    Ok(()) => {
-                        let twin = device_twin_value(&applied.value, &doc)?;
-                        self.queue(applied.events.into_iter().map(|e| e.with_twin(twin.clone())).collect());
-                    }
-                    Err(StoreError::AlreadyExists) if !self.lifecycle_events => {}
-                    Err(StoreError::AlreadyExists) => self.queue(self.core.settle(applied.events, now)?),
-                    Err(e) => return Err(e.into()),
+                put_twin_of_new_identity(&self.core.twins, &TwinKey::device(device.device_id.clone()), &doc)?;
+                // The events carry the twin just written and the identity as created: no
+                // reading either back (what `settle` does for twins it did not write).
+                if self.lifecycle_events {
+                    let twin = device_twin_value(&applied.value, &doc)?;
+                    self.queue(applied.events.into_iter().map(|e| e.with_twin(twin.clone())).collect());
                 }
             }
             Some(mut body) => {
@@ -961,10 +982,8 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
             self.queue(self.delete_device(&device.device_id, &IfMatch::Any, now)?.events);
         }
         let applied = self.core.registry.create_device(body, now)?;
-        put_new_twin(&self.core.twins, &TwinKey::device(device.device_id.clone()), &doc)?;
-        if self.lifecycle_events {
-            self.queue(self.core.settle(applied.events, now)?);
-        }
+        put_twin_of_new_identity(&self.core.twins, &TwinKey::device(device.device_id.clone()), &doc)?;
+        self.queue(self.core.settle(applied.events, now, self.lifecycle_events)?);
         Ok(())
     }
 
@@ -1211,6 +1230,83 @@ mod tests {
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].device_id.as_str(), "announced");
         assert_eq!(events[0].body["tags"]["site"], "north");
+    }
+
+    #[test]
+    fn twins_follow_identities_whether_or_not_lifecycle_events_are_on() {
+        let now = Timestamp::from_unix_secs(1_767_225_600);
+        for events in [true, false] {
+            let mut hub = EmbeddedHub::in_memory("twins.example", Arc::new(RingCrypto::new())).unwrap();
+            hub.set_lifecycle_events(events);
+            let gone = DeviceId::new("gone").unwrap();
+            let twin_of = |hub: &EmbeddedHub, module: Option<&str>| {
+                let key = match module {
+                    None => TwinKey::device(gone.clone()),
+                    Some(m) => TwinKey::module(gone.clone(), ModuleId::new(m).unwrap()),
+                };
+                hub.core().twins().twin(&key).unwrap()
+            };
+
+            // Provisioned, then removed as a device that moves away is: its twin goes with it.
+            provision(&mut hub, "gone");
+            assert!(twin_of(&hub, None).is_some(), "events {events}");
+            let remove =
+                HubAction::Remove { hub: hub.host_name().to_owned().into(), device_id: gone.clone() };
+            hub.apply_at(&remove, now).unwrap();
+            assert!(twin_of(&hub, None).is_none(), "events {events}: the removed device's twin is left");
+
+            // A new identity under the same id starts from its own initial twin.
+            let action = HubAction::Provision {
+                hub: hub.host_name().to_owned().into(),
+                device: ProvisionedDevice {
+                    device_id: gone.clone(),
+                    auth: DeviceAuth::SymmetricKey {
+                        primary_key: "cHJpbWFyeS1rZXktb2YtdGhlLWRldmljZQ==".to_owned(),
+                        secondary_key: "c2Vjb25kYXJ5LWtleS1vZi10aGUtZGV2aWNl".to_owned(),
+                    },
+                    iot_edge: false,
+                },
+                twin: TwinSetup::KeepOrInitial(InitialTwin {
+                    tags: Some(json!({ "site": "south" })),
+                    ..InitialTwin::default()
+                }),
+            };
+            hub.apply_at(&action, now).unwrap();
+            assert_eq!(
+                hub.device_twin(&gone).unwrap()["tags"],
+                json!({ "site": "south" }),
+                "events {events}"
+            );
+
+            // A twin left behind under an id without identity (by a build before twins
+            // followed removals) does not become the next identity's.
+            let leftover = DeviceId::new("leftover").unwrap();
+            let stale =
+                TwinDocument::with_initial(now, json!({ "stale": true }).as_object().unwrap(), &Map::new())
+                    .unwrap();
+            hub.core()
+                .twins()
+                .put_twin(&TwinKey::device(leftover.clone()), &stale, &Precondition::None)
+                .unwrap();
+            provision(&mut hub, "leftover");
+            assert_eq!(
+                hub.device_twin(&leftover).unwrap()["tags"],
+                json!({ "site": "north" }),
+                "events {events}"
+            );
+
+            // Modules get a twin when created and lose it when deleted, alone or with the device.
+            let module: Module =
+                serde_json::from_value(json!({ "deviceId": "gone", "moduleId": "m1" })).unwrap();
+            hub.create_module(module.clone(), now).unwrap();
+            assert!(twin_of(&hub, Some("m1")).is_some(), "events {events}: no module twin");
+            hub.delete_module(&gone, &ModuleId::new("m1").unwrap(), &IfMatch::Any, now).unwrap();
+            assert!(twin_of(&hub, Some("m1")).is_none(), "events {events}: module twin left");
+            hub.create_module(module, now).unwrap();
+            hub.delete_device(&gone, &IfMatch::Any, now).unwrap();
+            assert!(twin_of(&hub, None).is_none() && twin_of(&hub, Some("m1")).is_none(), "events {events}");
+            assert_eq!(hub.take_lifecycle_events().is_empty(), !events);
+        }
     }
 
     #[test]

@@ -73,6 +73,7 @@ impl LifecycleEvent {
         device_id: &DeviceId,
         module_id: Option<&ModuleId>,
         now: Timestamp,
+        with_body: bool,
     ) -> Self {
         let module_style = module_id.is_some() && style == ModuleEventStyle::ModuleEvents;
         let op_type = match (created, module_style) {
@@ -94,7 +95,7 @@ impl LifecycleEvent {
             device_id: device_id.clone(),
             module_id: module_id.cloned(),
             operation_timestamp: now,
-            body: fresh_twin(device_id, module_id, now),
+            body: if with_body { fresh_twin(device_id, module_id, now) } else { Value::Null },
         }
     }
 

@@ -155,7 +155,7 @@ pub struct Registry<S> {
     crypto: Arc<dyn CryptoProvider>,
     config: RegistryConfig,
     last_sequence: Mutex<(i64, u64)>,
-    /// Whether writes return lifecycle events (see [`Registry::set_lifecycle_events`]).
+    /// Whether lifecycle events carry their twin body (see [`Registry::set_lifecycle_events`]).
     lifecycle_events: AtomicBool,
 }
 
@@ -267,7 +267,7 @@ impl<S: IdentityStore> Registry<S> {
             ),
             other => other.into(),
         })?;
-        let events = self.lifecycle_events(|| vec![self.lifecycle(true, &device.device_id, None, now)]);
+        let events = vec![self.lifecycle(true, &device.device_id, None, now)];
         Ok(Applied { value: device, events })
     }
 
@@ -353,12 +353,9 @@ impl<S: IdentityStore> Registry<S> {
             IfMatch::Tag(t) => Precondition::Matches(t.clone()),
         };
         let (device, modules) = self.store.delete_device(id, &pre).map_err(|e| device_store_error(e, id))?;
-        let events = self.lifecycle_events(|| {
-            let mut events: Vec<LifecycleEvent> =
-                modules.iter().map(|m| self.lifecycle(false, id, Some(&m.module_id), now)).collect();
-            events.push(self.lifecycle(false, id, None, now));
-            events
-        });
+        let mut events: Vec<LifecycleEvent> =
+            modules.iter().map(|m| self.lifecycle(false, id, Some(&m.module_id), now)).collect();
+        events.push(self.lifecycle(false, id, None, now));
         Ok(Applied { value: device, events })
     }
 
@@ -551,8 +548,7 @@ impl<S: IdentityStore> Registry<S> {
             StoreError::NotFound => device_not_found(&module.device_id),
             other => other.into(),
         })?;
-        let events = self
-            .lifecycle_events(|| vec![self.lifecycle(true, &module.device_id, Some(&module.module_id), now)]);
+        let events = vec![self.lifecycle(true, &module.device_id, Some(&module.module_id), now)];
         Ok(Applied { value: module, events })
     }
 
@@ -605,20 +601,11 @@ impl<S: IdentityStore> Registry<S> {
             .store
             .delete_module(device_id, module_id, &pre)
             .map_err(|e| module_store_error(e, device_id, module_id))?;
-        let events = self.lifecycle_events(|| vec![self.lifecycle(false, device_id, Some(module_id), now)]);
+        let events = vec![self.lifecycle(false, device_id, Some(module_id), now)];
         Ok(Applied { value: module, events })
     }
 
     // ---- helpers -------------------------------------------------------------------------
-
-    /// The events `make` builds, when lifecycle events are on.
-    fn lifecycle_events(&self, make: impl FnOnce() -> Vec<LifecycleEvent>) -> Vec<LifecycleEvent> {
-        if self.lifecycle_events.load(Ordering::Relaxed) {
-            make()
-        } else {
-            Vec::new()
-        }
-    }
 
     fn lifecycle(
         &self,
@@ -634,6 +621,7 @@ impl<S: IdentityStore> Registry<S> {
             device_id,
             module_id,
             now,
+            self.lifecycle_events.load(Ordering::Relaxed),
         )
     }
 
@@ -747,8 +735,10 @@ impl<S: IdentityStore> Registry<S> {
         format!("{:016X}{:016X}{:032X}", 0u64, ticks, counter)
     }
 
-    /// Whether identity creations and deletions return lifecycle events in
-    /// [`Applied::events`]; on by default. Off, writes return none and skip building them.
+    /// Whether the lifecycle events that identity creations and deletions return in
+    /// [`Applied::events`] carry the identity's fresh twin as their body; on by default. Off, the
+    /// events are bare (`null` body): enough for the caller to keep twins in step with the
+    /// identities, not to announce, and they skip building the twin.
     pub fn set_lifecycle_events(&self, on: bool) {
         self.lifecycle_events.store(on, Ordering::Relaxed);
     }
