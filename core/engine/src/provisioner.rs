@@ -32,7 +32,7 @@ use zerotouch_proto::{DeviceId, IdScope, OperationId, RegistrationId, Text, Time
 
 use crate::allocation::{AllocationRequest, Allocator};
 use crate::attestation::symmetric::{self, check_registration_token, derive_device_key};
-use crate::attestation::x509::{Certificate, PresentedChain};
+use crate::attestation::x509::{check_may_issue, Certificate, PresentedChain};
 use crate::attestation::Credential;
 use crate::crypto::{constant_time_eq, CryptoProvider};
 use crate::enrollments::strip_enrollment_secrets;
@@ -1149,8 +1149,12 @@ impl<S: ProvisioningStore> Provisioner<S> {
         for (i, cert) in presented.iter().enumerate() {
             for group in self.store.groups_by_ca_subject(cert.issuer_name())? {
                 for anchor in self.group_anchors(&group)? {
+                    // A presented anchor was checked with the chain; an enrolled one that was not
+                    // sent must be a CA allowed to sign the `i` intermediates below it all the same.
                     let already_verified = presented.get(i + 1).is_some_and(|p| p.der() == anchor.der());
-                    let issued = already_verified || cert.verify_issued_by(&anchor, crypto).is_ok();
+                    let issued = already_verified
+                        || (cert.verify_issued_by(&anchor, crypto).is_ok()
+                            && check_may_issue(&anchor, i).is_ok());
                     if !issued || anchor.check_validity(now).is_err() {
                         continue;
                     }

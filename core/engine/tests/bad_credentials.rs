@@ -364,3 +364,47 @@ fn a_rotated_group_key_admits_with_the_new_key_and_refuses_the_old_one() {
     let c = sas(&w, &derive_device_key(&crypto(), &new_secondary, "dev-1"), "dev-1", 60);
     assert_eq!(register(&mut w, "dev-1", c).status, 202, "the new secondary key admits");
 }
+
+#[test]
+fn a_group_ca_whose_path_length_forbids_the_devices_intermediate_is_unauthorized() {
+    let mut w = world();
+    // pathLen 0: this root may sign devices, not intermediates.
+    let strict = TestCa::root_with(CertSpec::new("Strict Root").path_len(0));
+    enroll_x509_group(&w, "strict", strict.pem(), &EnrollOptions::default());
+    let direct = strict.device("cam-1");
+    assert_eq!(register(&mut w, "cam-1", Credential::X509(direct.chain_der())).status, 202);
+    let below = strict.intermediate("Line Under Strict").device("cam-2");
+    // Refused whether or not the device sends the root along.
+    assert_rejected(&register(&mut w, "cam-2", Credential::X509(below.chain_der())), 401, 401002);
+    assert_rejected(&register(&mut w, "cam-2", Credential::X509(below.full_chain_der())), 401, 401002);
+}
+
+#[test]
+fn a_group_signing_certificate_that_is_not_a_ca_admits_no_one() {
+    let mut w = world();
+    let not_ca = TestCa::root_with(CertSpec::new("Just A Leaf").ca(false));
+    enroll_x509_group(&w, "not-ca", not_ca.pem(), &EnrollOptions::default());
+    let r = register(&mut w, "cam-1", Credential::X509(not_ca.device("cam-1").chain_der()));
+    assert_rejected(&r, 401, 401002);
+    let ca = TestCa::root("A Real CA");
+    enroll_x509_group(&w, "ca", ca.pem(), &EnrollOptions::default());
+    assert_eq!(register(&mut w, "cam-2", Credential::X509(ca.device("cam-2").chain_der())).status, 202);
+}
+
+#[test]
+fn a_chain_sent_out_of_order_or_with_unrelated_certificates_is_admitted() {
+    let mut w = world();
+    let root = TestCa::root("Ordered Root");
+    let line = root.intermediate("Ordered Line");
+    enroll_x509_group(&w, "ordered", root.pem(), &EnrollOptions::default());
+    let unrelated = TestCa::root("Unrelated").der().to_vec();
+    for (n, order) in [[0, 2, 1, 3], [0, 1, 3, 2], [0, 3, 1, 2]].into_iter().enumerate() {
+        let id = format!("cam-{n}");
+        let device = line.device(&id);
+        let mut sent = device.full_chain_der();
+        sent.push(unrelated.clone());
+        let reordered: Vec<Vec<u8>> = order.iter().map(|&i| sent[i].clone()).collect();
+        let r = register(&mut w, &id, Credential::X509(reordered));
+        assert_eq!(r.status, 202, "order {order:?}: {r:?}");
+    }
+}

@@ -382,16 +382,27 @@ impl PresentedChain {
         Self::from_certificates(certificates)
     }
 
-    /// Builds a chain from parsed certificates, leaf first.
+    /// Builds a chain from parsed certificates, leaf first. The certificates after the leaf may
+    /// come in any order and include some that are not on the leaf's path, as TLS lets clients
+    /// send them (RFC 8446 §4.4.2): the chain keeps the leaf, then the issuer of each certificate
+    /// found among them by name, up to a self-issued one or one whose issuer was not sent, and
+    /// drops the rest. Signatures are checked by [`PresentedChain::verify_internal`].
     ///
     /// # Errors
     /// [`AuthError::InvalidCertificate`] when the chain is empty or longer than [`MAX_CHAIN_LEN`].
-    pub fn from_certificates(certificates: Vec<Certificate>) -> Result<Self, AuthError> {
+    pub fn from_certificates(mut certificates: Vec<Certificate>) -> Result<Self, AuthError> {
         if certificates.is_empty() {
             return Err(invalid("no client certificate presented"));
         }
         if certificates.len() > MAX_CHAIN_LEN {
             return Err(invalid(format!("chain of {} certificates is too long", certificates.len())));
+        }
+        // Chains sent in order, as nearly all are, are left as they are.
+        let in_order = certificates
+            .windows(2)
+            .all(|pair| !pair[0].is_self_issued() && pair[0].issuer_name() == pair[1].subject_name());
+        if !in_order {
+            certificates = issuance_order(certificates);
         }
         Ok(Self { certificates })
     }
@@ -461,6 +472,18 @@ impl PresentedChain {
     }
 }
 
+/// The first certificate, then the issuer of each certificate found among the others by name,
+/// until a self-issued certificate or one whose issuer is not among them; the others are left
+/// out.
+fn issuance_order(mut rest: Vec<Certificate>) -> Vec<Certificate> {
+    let mut path = vec![rest.remove(0)];
+    while let Some(current) = path.last().filter(|c| !c.is_self_issued()) {
+        let Some(at) = rest.iter().position(|c| c.subject_name() == current.issuer_name()) else { break };
+        path.push(rest.remove(at));
+    }
+    path
+}
+
 /// Extensions a certificate may mark critical and still be accepted: the constraints and key
 /// usages checked here, and identifiers and names that restrict nothing this verifier relies on
 /// (the registration id comes from the subject CN).
@@ -474,8 +497,12 @@ const UNDERSTOOD_CRITICAL: [x509_cert::der::oid::ObjectIdentifier; 6] = [
 ];
 
 /// Whether `cert` may sign the certificate below it, with `intermediates_below` CA certificates
-/// between it and the leaf.
-fn check_may_issue(cert: &Certificate, intermediates_below: usize) -> Result<(), AuthError> {
+/// between it and the leaf: a CA (basicConstraints), allowed to sign certificates (keyUsage, when
+/// present), within its path length constraint.
+///
+/// # Errors
+/// [`AuthError::InvalidCertificate`] saying which rule `cert` breaks.
+pub fn check_may_issue(cert: &Certificate, intermediates_below: usize) -> Result<(), AuthError> {
     let Some(bc) = cert.inner.basic_constraints.as_ref().filter(|bc| bc.ca) else {
         return Err(invalid(format!("issuing certificate {:?} is not a CA", cert.subject_name())));
     };
