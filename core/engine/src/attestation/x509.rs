@@ -1153,7 +1153,7 @@ mod tests {
     }
 
     #[test]
-    fn chain_checks_issuers_are_cas_and_links_are_in_order() {
+    fn chain_checks_issuers_are_cas_and_links_verify() {
         let crypto = RingCrypto::new();
         let root = TestCa::root("root");
         let not_ca = root.intermediate_with(CertSpec::new("not a CA").ca(false));
@@ -1169,13 +1169,23 @@ mod tests {
         let direct = strict.device("dev");
         chain(&direct).verify_internal(NOW, &crypto).unwrap();
 
-        // Out of order: intermediate is not the issuer of the root.
+        // Sent out of order, with an unrelated certificate: put in issuance order, the stranger
+        // left out.
         let int = root.intermediate("int");
         let dev = int.device("dev");
         let mut ders = dev.full_chain_der();
         ders.swap(1, 2);
-        let swapped = PresentedChain::from_der(&ders).unwrap();
-        assert_eq!(swapped.verify_internal(NOW, &crypto), Err(AuthError::UntrustedChain));
+        ders.insert(1, TestCa::root("stranger").der().to_vec());
+        let sorted = PresentedChain::from_der(&ders).unwrap();
+        let subjects: Vec<&str> = sorted.certificates().iter().map(Certificate::subject_name).collect();
+        assert_eq!(subjects, ["CN=dev", "CN=int", "CN=root"]);
+        sorted.verify_internal(NOW, &crypto).unwrap();
+
+        // Order by name is no trust: an intermediate of the same name from another key fails.
+        let impostor = TestCa::root("other root").intermediate("int");
+        let forged = vec![dev.der().to_vec(), impostor.der().to_vec()];
+        let forged = PresentedChain::from_der(&forged).unwrap();
+        assert!(forged.verify_internal(NOW, &crypto).is_err());
     }
 
     #[test]
