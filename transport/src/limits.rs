@@ -46,8 +46,13 @@ pub struct Limits {
     /// Time from accepting the TCP connection to a complete CONNECT (TLS handshake included).
     /// Default 10 s.
     pub connect_timeout: Duration,
-    /// How long a connection may stay silent when the client asked for no keep-alive (MQTT
-    /// keep-alive 0, the C SDK's default) or speaks HTTP. When the client sets a keep-alive,
+    /// HTTPS: how long a client may take to send a request's headers, counted from the TLS
+    /// handshake or from the previous reply (so it also bounds a silent connection and an idle
+    /// kept-alive one), and then its body. A client that misses it is answered 408 or cut off.
+    /// Default 10 s, as [`Limits::connect_timeout`] gives an MQTT device for its CONNECT.
+    pub request_timeout: Duration,
+    /// How long an MQTT connection may stay silent when the client asked for no keep-alive
+    /// (keep-alive 0, the C SDK's default). When the client sets a keep-alive,
     /// [`Limits::idle_timeout_for`] uses 1.5 × that instead, as MQTT 3.1.1 §3.1.2.10 says.
     /// Default 300 s.
     pub idle_timeout: Duration,
@@ -90,6 +95,7 @@ impl Default for Limits {
             max_packet_size: 96 * 1024 + 1024,
             max_body_size: 96 * 1024,
             connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_in_flight_per_connection: 8,
             max_concurrent_requests: 10_000,

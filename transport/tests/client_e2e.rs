@@ -109,7 +109,7 @@ async fn world() -> World {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.clone()));
     let tls = zerotouch_transport::tls::server_config(cert.chain.clone(), key).unwrap();
     let mut https_tls = tls.clone();
-    https_tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    https_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let limits = Limits::default();
     let (stop, stopped) = oneshot::channel::<()>();
     let mqtt = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use zerotouch_transport::limits::Limits;
 
 /// Reads until the server closes the connection; fails the test if it takes longer than `within`.
-async fn closed_by_server(mut tcp: TcpStream, within: Duration) {
+async fn closed_by_server<S: tokio::io::AsyncRead + Unpin>(mut tcp: S, within: Duration) {
     let mut buf = [0u8; 1024];
     tokio::time::timeout(within, async {
         loop {
@@ -29,7 +29,11 @@ async fn closed_by_server(mut tcp: TcpStream, within: Duration) {
 
 #[tokio::test]
 async fn silent_and_garbage_connections_are_cut_off_while_a_device_registers() {
-    let limits = Limits { connect_timeout: Duration::from_millis(300), ..Limits::default() };
+    let limits = Limits {
+        connect_timeout: Duration::from_millis(300),
+        request_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
     let server = Server::start_with(limits).await;
     let key = server.enroll_symmetric("sensor-20");
 
@@ -50,7 +54,7 @@ async fn silent_and_garbage_connections_are_cut_off_while_a_device_registers() {
 
 #[tokio::test]
 async fn a_client_that_completes_the_handshake_but_sends_no_request_is_cut_off() {
-    let limits = Limits { connect_timeout: Duration::from_millis(300), ..Limits::default() };
+    let limits = Limits { request_timeout: Duration::from_millis(300), ..Limits::default() };
     let server = Server::start_with(limits).await;
     let key = server.enroll_symmetric("sensor-22");
     let silent = server.connect(None).await;
@@ -65,8 +69,8 @@ async fn a_client_that_completes_the_handshake_but_sends_no_request_is_cut_off()
 }
 
 #[tokio::test]
-async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
-    let limits = Limits { idle_timeout: Duration::from_millis(300), ..Limits::default() };
+async fn idle_keep_alive_connection_is_closed_after_the_request_timeout() {
+    let limits = Limits { request_timeout: Duration::from_millis(300), ..Limits::default() };
     let server = Server::start_with(limits).await;
     let key = server.enroll_symmetric("sensor-21");
     let mut client = server.connect(None).await;
@@ -75,4 +79,60 @@ async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
         client.send("PUT", &register_path("sensor-21"), Some(&sas(&key, "sensor-21")), body.as_bytes()).await;
     assert_eq!(reply.status, 202);
     tokio::time::timeout(Duration::from_secs(5), client.closed()).await.expect("idle connection closed");
+}
+
+#[tokio::test]
+async fn requests_sent_too_slowly_are_cut_off_while_a_device_registers() {
+    let limits = Limits { request_timeout: Duration::from_millis(400), ..Limits::default() };
+    let server = Server::start_with(limits).await;
+    let key = server.enroll_symmetric("sensor-23");
+    let path = register_path("sensor-23");
+    let stalled: [&[u8]; 5] = [
+        // Headers begun and never finished.
+        format!("PUT {path} HTTP/1.1\r\nHost: localhost\r\n").leak().as_bytes(),
+        // A body announced and never sent in full.
+        format!("PUT {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 40\r\n\r\n{{\"reg")
+            .leak()
+            .as_bytes(),
+        // One byte, then nothing.
+        b"P",
+        // HTTP/2 with prior knowledge, then silence.
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+        // Half the HTTP/2 preface.
+        b"PRI * HTTP/2.0\r\n",
+    ];
+    let mut held = Vec::new();
+    for bytes in stalled {
+        let mut tls = server.connect_raw().await;
+        tls.write_all(bytes).await.unwrap();
+        tls.flush().await.unwrap();
+        held.push(tls);
+    }
+    let mut client = server.connect(None).await;
+    let body = json!({ "registrationId": "sensor-23" }).to_string();
+    let reply = client.send("PUT", &path, Some(&sas(&key, "sensor-23")), body.as_bytes()).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    for tls in held {
+        closed_by_server(tls, Duration::from_secs(5)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_is_answered_408_and_the_connection_closed() {
+    let limits = Limits { request_timeout: Duration::from_millis(300), ..Limits::default() };
+    let server = Server::start_with(limits).await;
+    let mut tls = server.connect_raw().await;
+    let head = format!(
+        "PUT {} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 40\r\n\r\n{{",
+        register_path("sensor-24")
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut reply)).await.unwrap().ok();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("\"errorCode\":408000"), "{reply}");
+    server.stop().await;
 }

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderMap, HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION,
+    HeaderMap, HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST,
+    LOCATION,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use ring::rand::{SecureRandom as _, SystemRandom};
@@ -80,9 +81,15 @@ async fn device_api(conn: &Connection, req: Request<Incoming>) -> Reply {
         );
     }
     let max = conn.limits.max_body_size;
-    let bytes = match read_body(&parts.headers, body, max).await {
+    let bytes = match read_body(&parts.headers, body, max, conn.limits.request_timeout).await {
         Ok(b) => b,
         Err(BodyError::TooLarge) => return too_large(max),
+        Err(BodyError::TooSlow) => {
+            let mut reply = error_reply(408, 408000, "The request body did not arrive in time.", None);
+            // The rest of the body may still come: the connection cannot carry another request.
+            reply.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            return reply;
+        }
         Err(BodyError::Unreadable) => {
             return error_reply(400, 400000, "The request body could not be read.", None);
         }
@@ -190,17 +197,27 @@ enum BodyError {
     TooLarge,
     /// The client broke off or sent a malformed body (400).
     Unreadable,
+    /// Not all of it came within [`Limits::request_timeout`](crate::limits::Limits::request_timeout) (408).
+    TooSlow,
 }
 
 /// Reads the whole body, refusing (413) more than `max` bytes before reading them when the
 /// length is announced, and as soon as they arrive otherwise.
-async fn read_body(headers: &HeaderMap, body: Incoming, max: usize) -> Result<Bytes, BodyError> {
+async fn read_body(
+    headers: &HeaderMap,
+    body: Incoming,
+    max: usize,
+    deadline: std::time::Duration,
+) -> Result<Bytes, BodyError> {
     let announced =
         headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     if announced.is_some_and(|n| n > max as u64) {
         return Err(BodyError::TooLarge);
     }
-    match Limited::new(body, max).collect().await {
+    let Ok(collected) = tokio::time::timeout(deadline, Limited::new(body, max).collect()).await else {
+        return Err(BodyError::TooSlow);
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(BodyError::TooLarge),
         Err(e) => {

@@ -148,6 +148,13 @@ impl Server {
         }
     }
 
+    /// Opens a TLS connection and nothing more, for tests that write their own bytes.
+    pub async fn connect_raw(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let connector = TlsConnector::from(Arc::new(self.client_config(None)));
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap()
+    }
+
     /// Opens an HTTP/1.1 connection over TLS.
     pub async fn connect(&self, client: Option<&TestCert>) -> Client {
         let connector = TlsConnector::from(Arc::new(self.client_config(client)));
