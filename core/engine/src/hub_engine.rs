@@ -1001,10 +1001,10 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     pub fn apply_at(&mut self, action: &HubAction, now: Timestamp) -> Result<(), HubError> {
         self.touched();
         match action {
-            HubAction::Provision { hub, device, twin } if *hub == self.host_name => {
+            HubAction::Provision { hub, device, twin } if hub.eq_ignore_ascii_case(&self.host_name) => {
                 self.provision(device, twin, now).map_err(|e| hub_err(&e))
             }
-            HubAction::Remove { hub, device_id } if *hub == self.host_name => {
+            HubAction::Remove { hub, device_id } if hub.eq_ignore_ascii_case(&self.host_name) => {
                 match self.delete_device(device_id, &IfMatch::Any, now) {
                     Ok(applied) => {
                         self.queue(applied.events);
@@ -1106,14 +1106,24 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHubs<I, T, J> {
         self.hubs.insert(hub.host_name.clone(), hub);
     }
 
-    /// The hub called `host_name`.
+    /// The hub called `host_name` (host names compare without case).
     pub fn hub(&self, host_name: &str) -> Option<&EmbeddedHub<I, T, J>> {
-        self.hubs.get(host_name)
+        self.hubs.get(self.key(host_name)?)
     }
 
     /// The hub called `host_name`, mutably (jobs, methods).
     pub fn hub_mut(&mut self, host_name: &str) -> Option<&mut EmbeddedHub<I, T, J>> {
-        self.hubs.get_mut(host_name)
+        let key = self.key(host_name)?.to_owned();
+        self.hubs.get_mut(&key)
+    }
+
+    /// The key of the hub called `host_name`: the name as written first, then without case (a
+    /// device assigned to `Hub.Example` stays on it when the hub is linked as `hub.example`).
+    fn key(&self, host_name: &str) -> Option<&str> {
+        match self.hubs.get_key_value(host_name) {
+            Some((key, _)) => Some(key),
+            None => self.hubs.keys().find(|k| k.eq_ignore_ascii_case(host_name)).map(String::as_str),
+        }
     }
 
     /// Sets the time stamped on what [`HubRegistry::apply`] writes, here and in every hub.
@@ -1136,18 +1146,18 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHubs<I, T, J> {
         device: &ProvisionedDevice,
     ) -> Result<(), HubError> {
         let now = self.now;
-        let old = self.hubs.get(from_hub).ok_or_else(|| Self::unknown(from_hub))?;
+        let old = self.hub(from_hub).ok_or_else(|| Self::unknown(from_hub))?;
         let twin = match old.core.twin(from_device_id, None) {
             Ok(t) => t,
             Err(Error::NotFound(_)) => TwinDocument::new(now),
             Err(e) => return Err(hub_err(&e)),
         };
-        let new = self.hubs.get(to_hub).ok_or_else(|| Self::unknown(to_hub))?;
+        let new = self.hub(to_hub).ok_or_else(|| Self::unknown(to_hub))?;
         new.adopt(device, &twin, now).map_err(|e| hub_err(&e))?;
-        if from_hub == to_hub && *from_device_id == device.device_id {
+        if from_hub.eq_ignore_ascii_case(to_hub) && *from_device_id == device.device_id {
             return Ok(());
         }
-        let old = self.hubs.get(from_hub).ok_or_else(|| Self::unknown(from_hub))?;
+        let old = self.hub(from_hub).ok_or_else(|| Self::unknown(from_hub))?;
         match old.delete_device(from_device_id, &IfMatch::Any, now) {
             Ok(applied) => {
                 old.queue(applied.events);
@@ -1164,7 +1174,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> HubRegistry for EmbeddedHubs<I
         let now = self.now;
         match action {
             HubAction::Provision { hub, .. } | HubAction::Remove { hub, .. } => {
-                self.hubs.get_mut(hub.as_str()).ok_or_else(|| Self::unknown(hub))?.apply_at(action, now)
+                self.hub_mut(hub).ok_or_else(|| Self::unknown(hub))?.apply_at(action, now)
             }
             HubAction::Migrate { from_hub, from_device_id, to_hub, device } => {
                 self.migrate(from_hub, from_device_id, to_hub, device)
@@ -1230,6 +1240,32 @@ mod tests {
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].device_id.as_str(), "announced");
         assert_eq!(events[0].body["tags"]["site"], "north");
+    }
+
+    #[test]
+    fn a_device_assigned_to_a_hub_reaches_it_whatever_the_case_of_its_name() {
+        let mut hubs: EmbeddedHubs = EmbeddedHubs::new();
+        hubs.insert(EmbeddedHub::in_memory("Hub.Example", Arc::new(RingCrypto::new())).unwrap());
+        hubs.set_now(Timestamp::from_unix_secs(1_767_225_600));
+        let device = ProvisionedDevice {
+            device_id: DeviceId::new("cased").unwrap(),
+            auth: DeviceAuth::SymmetricKey {
+                primary_key: "cHJpbWFyeS1rZXktb2YtdGhlLWRldmljZQ==".to_owned(),
+                secondary_key: "c2Vjb25kYXJ5LWtleS1vZi10aGUtZGV2aWNl".to_owned(),
+            },
+            iot_edge: false,
+        };
+        let twin = TwinSetup::KeepOrInitial(InitialTwin::default());
+        let action = HubAction::Provision { hub: "hub.example".into(), device, twin };
+        hubs.apply(&action).unwrap();
+        let hub = hubs.hub("HUB.EXAMPLE").unwrap();
+        assert!(hub.registry().device(&DeviceId::new("cased").unwrap()).is_ok());
+        let remove =
+            HubAction::Remove { hub: "hub.EXAMPLE".into(), device_id: DeviceId::new("cased").unwrap() };
+        hubs.apply(&remove).unwrap();
+        assert!(hubs
+            .apply(&HubAction::Remove { hub: "other.example".into(), device_id: DeviceId::new("x").unwrap() })
+            .is_err());
     }
 
     #[test]
