@@ -60,7 +60,10 @@ pub fn build<B: Backend>(
         backend.provisioning()?,
         crypto,
         Allocator::new(hubs.iter().map(HubSpec::linked).collect()),
-    );
+    )
+    // The device hears only "Internal server error"; the operator needs the cause. Logged in
+    // the span of the connection that met it, next to its "request refused" line.
+    .on_internal_error(|e| tracing::warn!(error = %e, "request failed inside the server"));
     Ok(EngineService::new(provisioner, Arc::new(Mutex::new(embedded))))
 }
 

@@ -55,8 +55,13 @@ type Manager = PostgresConnectionManager<NoTls>;
 type Conn = PooledConnection<Manager>;
 type Param<'a> = &'a (dyn ToSql + Sync);
 
-/// How long a caller waits for a pooled connection before the call fails.
-const POOL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a caller waits for a pooled connection before the call fails. Short: when the
+/// database is down, devices and shutdown wait this long for their error, and the SDKs give up
+/// on a reply after 30 s.
+const POOL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long opening one connection to the database may take (an unreachable host).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Rows per statement of a bulk import (a multi-row `INSERT`); PostgreSQL allows 65535
 /// parameters per statement, and a device row takes 5.
@@ -111,6 +116,9 @@ impl PgStore {
             url.parse().map_err(|e| StoreError::Backend(format!("bad PostgreSQL URL: {e}")))?;
         // The server's notices are its remarks on our own statements (the migrations' `IF NOT
         // EXISTS` on every start): not news to an operator. postgres logs them at info.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
         config.notice_callback(|notice| {
             tracing::debug!(severity = notice.severity(), "PostgreSQL notice: {}", notice.message());
         });

@@ -321,7 +321,13 @@ pub struct Provisioner<S> {
     /// Hashed fast with a fixed seed (no clock or RNG in the core): the keys are an
     /// administrator's, not a client's, to choose.
     group_keys: Mutex<HashMap<String, Arc<GroupKeys>, foldhash::fast::FixedState>>,
+    /// Told of every failure answered 5xx, whose cause the reply leaves out (see
+    /// [`Provisioner::on_internal_error`]).
+    on_internal_error: Option<InternalErrorObserver>,
 }
+
+/// A callback told of failures that the wire answer hides (store, crypto).
+type InternalErrorObserver = Arc<dyn Fn(&Error) + Send + Sync>;
 
 /// A group's two keys, ready to derive device keys.
 struct GroupKeys {
@@ -410,7 +416,16 @@ impl<S: ProvisioningStore> Provisioner<S> {
             anchors: Mutex::new(HashMap::new()),
             issuers: Mutex::new(HashMap::new()),
             group_keys: Mutex::new(HashMap::default()),
+            on_internal_error: None,
         }
+    }
+
+    /// Calls `observer` with every failure answered 5xx. The reply says only "Internal server
+    /// error", as DPS does; the host logs the cause (a store that is down, a full disk) here.
+    #[must_use]
+    pub fn on_internal_error(mut self, observer: impl Fn(&Error) + Send + Sync + 'static) -> Self {
+        self.on_internal_error = Some(Arc::new(observer));
+        self
     }
 
     /// The store.
@@ -530,6 +545,11 @@ impl<S: ProvisioningStore> Provisioner<S> {
     /// The error reply for `e`, in the DPS error body shape.
     pub fn error_response(&self, now: Timestamp, e: &Error) -> Response {
         let wire = e.to_wire();
+        if wire.http_status >= 500 {
+            if let Some(observer) = &self.on_internal_error {
+                observer(e);
+            }
+        }
         // A failed random source only costs the tracking id its uniqueness.
         let random: [u8; 16] = self.random_bytes().unwrap_or_default();
         Response {
@@ -1355,5 +1375,32 @@ mod tests {
         assert_eq!(prepared.derive(&ring, id).to_vec(), expected);
         assert_eq!(raw.derive(&ring, id).to_vec(), expected);
         assert!(DerivingKey::new(&ring, "not base64!").is_err());
+    }
+
+    #[test]
+    fn the_cause_of_an_internal_error_reaches_the_host_and_not_the_device() {
+        use crate::error::StoreError;
+        use std::sync::Mutex as StdMutex;
+
+        let seen = Arc::new(StdMutex::new(Vec::<String>::new()));
+        let heard = Arc::clone(&seen);
+        let provisioner = Provisioner::new(
+            ProvisionerConfig::new(IdScope::new("0ne00000001").unwrap()),
+            crate::memory::MemoryStore::new(),
+            Arc::new(RingCrypto::new()),
+            Allocator::new(Vec::new()),
+        )
+        .on_internal_error(move |e| heard.lock().unwrap().push(e.to_string()));
+        let now = Timestamp::from_unix_secs(1_767_225_600);
+
+        let down = Error::Store(StoreError::Backend("sqlite: database or disk is full".to_owned()));
+        let reply = provisioner.error_response(now, &down);
+        assert_eq!((reply.status, reply.error_code()), (500, Some(500_000)));
+        assert!(!String::from_utf8(reply.body_json()).unwrap().contains("disk is full"));
+        // A refusal the device caused is its own business, not the host's.
+        provisioner.error_response(now, &Error::BadRequest("no".to_owned()));
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert!(seen[0].contains("database or disk is full"), "{seen:?}");
     }
 }
