@@ -8,6 +8,7 @@ use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::registry::{IdentityStore, MemoryIdentityStore};
 use zerotouch_engine::store::ProvisioningStore;
 use zerotouch_engine::twin::{MemoryTwinStore, TwinStore};
+use zerotouch_proto::IdScope;
 
 use crate::error::ServerError;
 
@@ -54,6 +55,17 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     /// [`ServerError::Io`] or [`ServerError::Store`].
     fn hub_names(&self) -> Result<Vec<String>, ServerError>;
+
+    /// The ID scope of every server on this store when several share it (PostgreSQL): the one
+    /// stored, or `proposed` (this server's data directory's), which is then stored. `None` for a
+    /// store only one data directory uses (its `id-scope` file decides).
+    ///
+    /// # Errors
+    /// [`ServerError::Store`], or [`ServerError::Config`] for a stored value that is not a scope.
+    fn shared_id_scope(&self, proposed: &IdScope) -> Result<Option<IdScope>, ServerError> {
+        let _ = proposed;
+        Ok(None)
+    }
 }
 
 /// Everything in memory: for tests and throw-away servers. Enrollments are shared by every
@@ -247,6 +259,13 @@ impl Backend for PgBackend {
 
     fn hub_names(&self) -> Result<Vec<String>, ServerError> {
         self.store.hub_names().map_err(pg_error)
+    }
+
+    fn shared_id_scope(&self, proposed: &IdScope) -> Result<Option<IdScope>, ServerError> {
+        let stored = self.store.setting_or_insert("id-scope", proposed.as_str()).map_err(pg_error)?;
+        IdScope::new(stored.as_str())
+            .map(Some)
+            .map_err(|e| ServerError::Config(format!("the database's ID scope {stored:?}: {e}")))
     }
 }
 

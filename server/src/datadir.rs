@@ -69,6 +69,17 @@ pub fn id_scope(dir: &Path) -> Result<IdScope, ServerError> {
     }
 }
 
+/// Replaces the data directory's ID scope with `scope` (written aside, then renamed into place).
+///
+/// # Errors
+/// [`ServerError::Io`].
+pub fn set_id_scope(dir: &Path, scope: &IdScope) -> Result<(), ServerError> {
+    let path = dir.join(ID_SCOPE_FILE);
+    let aside = dir.join(aside_name(ID_SCOPE_FILE));
+    fs::write(&aside, format!("{}\n", scope.as_str())).map_err(|e| ServerError::io(&aside, e))?;
+    fs::rename(&aside, &path).map_err(|e| ServerError::io(path, e))
+}
+
 /// Paths of the development certificates in a data directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DevCertificates {

@@ -115,14 +115,37 @@ pub async fn start<B: Backend>(config: &ServeConfig, backend: B) -> Result<Serve
 /// As [`start`].
 pub async fn start_with_limits<B: Backend>(
     config: &ServeConfig,
-    backend: B,
+    mut backend: B,
     limits: Limits,
 ) -> Result<ServerHandle<B>, ServerError> {
     let data_dir = &config.store.data_dir;
     datadir::ensure_dir(data_dir)?;
     let id_scope = match &config.id_scope {
         Some(s) => s.clone(),
-        None => datadir::id_scope(data_dir)?,
+        None => {
+            let local = datadir::id_scope(data_dir)?;
+            // Reading a database blocks.
+            let proposed = local.clone();
+            let (returned, shared) = tokio::task::spawn_blocking(move || {
+                let shared = backend.shared_id_scope(&proposed);
+                (backend, shared)
+            })
+            .await
+            .map_err(|e| ServerError::Store(format!("reading the shared ID scope: {e}")))?;
+            backend = returned;
+            match shared? {
+                Some(shared) if shared != local => {
+                    tracing::info!(
+                        id_scope = %shared,
+                        replaced = %local,
+                        "serving the ID scope of the shared database; the data directory's id-scope follows it"
+                    );
+                    datadir::set_id_scope(data_dir, &shared)?;
+                    shared
+                }
+                _ => local,
+            }
+        }
     };
     let (tls, ca_cert) = match &config.tls {
         Some(files) => (files.clone(), None),
@@ -130,6 +153,13 @@ pub async fn start_with_limits<B: Backend>(
             let dev = datadir::dev_certificates(data_dir)?;
             if dev.generated {
                 tracing::info!(ca = %dev.ca_cert.display(), "generated a development CA and server certificate");
+            }
+            if config.store.database_url.is_some() {
+                tracing::warn!(
+                    "the development certificates are this data directory's: servers sharing the \
+                     database serve one ID scope but other certificates unless every one is given \
+                     the same --tls-cert and --tls-key"
+                );
             }
             (dev.tls_files(), Some(dev.ca_cert))
         }

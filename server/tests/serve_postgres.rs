@@ -179,3 +179,33 @@ fn keys_written_to_postgres_never_reach_the_log_even_at_trace() {
         assert!(!logs.contains(&key), "{command} at {level}: the logs show the group key:\n{logs}");
     }
 }
+
+#[test]
+fn servers_sharing_a_database_serve_one_id_scope_whatever_their_data_directories() {
+    let schema = Schema::new();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let scopes: Vec<String> = dirs
+        .iter()
+        .map(|dir| {
+            let url = schema.url.clone();
+            runtime.block_on(async {
+                let mut config = ServeConfig::new(dir.path());
+                config.mqtt_listen = "127.0.0.1:0".parse().unwrap();
+                config.https_listen = "127.0.0.1:0".parse().unwrap();
+                let backend =
+                    tokio::task::spawn_blocking(move || PgBackend::connect(&url).unwrap()).await.unwrap();
+                let handle = server::start(&config, backend).await.unwrap();
+                let scope = handle.id_scope().to_string();
+                handle.shutdown().await;
+                scope
+            })
+        })
+        .collect();
+    assert_eq!(scopes[0], scopes[1], "a device of one server must be able to use the other");
+    for dir in &dirs {
+        // The data directory says what is served, for scripts that read it.
+        let file = std::fs::read_to_string(dir.path().join("id-scope")).unwrap();
+        assert_eq!(file.trim(), scopes[0]);
+    }
+}

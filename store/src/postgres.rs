@@ -216,6 +216,22 @@ impl PgStore {
         rows.iter().map(|r| r.try_get::<_, String>(0).map_err(backend)).collect()
     }
 
+    /// The value of the shared setting `name`: the one stored, or `proposed` when none is, which
+    /// is then stored. Instances starting together agree: the first to store wins.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn setting_or_insert(&self, name: &str, proposed: &str) -> Result<String, StoreError> {
+        let mut conn = self.conn()?;
+        conn.execute(
+            "INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            &[&name, &proposed],
+        )
+        .map_err(backend)?;
+        let row = conn.query_one("SELECT value FROM settings WHERE name = $1", &[&name]).map_err(backend)?;
+        row.try_get(0).map_err(backend)
+    }
+
     /// Host name of the hub this store's hub stores are scoped to (`""` for the unnamed one).
     pub fn hub_name(&self) -> &str {
         &self.hub

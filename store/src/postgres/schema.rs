@@ -135,10 +135,20 @@ DROP INDEX device_jobs_by_device;
 CREATE INDEX device_jobs_by_device ON device_jobs (hub, device_id, job_id);
 "#,
     },
+    Migration {
+        version: 3,
+        description: "service settings every instance on the database shares (the ID scope)",
+        sql: r#"
+CREATE TABLE settings (
+    name text COLLATE "C" PRIMARY KEY,
+    value text NOT NULL
+);
+"#,
+    },
 ];
 
 /// The schema version this build creates and understands.
-pub const LATEST_SCHEMA_VERSION: i32 = 2;
+pub const LATEST_SCHEMA_VERSION: i32 = 3;
 
 /// The SQL that migration `version` runs (`None` for a version this build does not have): what
 /// a database at an earlier version is made of, for tests and tools that need one.
