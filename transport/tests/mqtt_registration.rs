@@ -7,7 +7,7 @@ mod mqtt_support;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use mqtt_support::{derived_key, register, Auth, DeviceOptions, Server, HUB};
+use mqtt_support::{derived_key, register, Auth, DeviceOptions, Server, HUB, SCOPE};
 use zerotouch_engine::provisioner::{OperationStatusRequest, RegisterRequest, Response, StatusLookupRequest};
 use zerotouch_proto::Timestamp;
 use zerotouch_testkit::certs::TestCa;
@@ -215,5 +215,23 @@ async fn a_poll_the_engine_holds_in_memory_is_answered_without_a_blocking_thread
     assert_eq!(outcome.device_id(), Some("meter-7"));
     assert!(server.hub_has_device("meter-7"));
     assert_eq!(blocking_polls.load(Ordering::SeqCst), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_device_naming_an_unknown_api_version_is_told_so_as_over_https() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("dev-api");
+    for (version, status) in [("2099-01-01", 400), ("", 400), ("2021-06-01", 202), ("2019-03-31", 202)] {
+        let mut opts = DeviceOptions::new("dev-api", Auth::SasPython(key.clone()));
+        opts.username = Some(format!("{SCOPE}/registrations/dev-api/api-version={version}"));
+        let outcome = register(&server, &opts).await.unwrap();
+        let outcome_status = if outcome.status == 200 { 202 } else { outcome.status };
+        assert_eq!(outcome_status, status, "api-version {version:?}: {outcome:?}");
+        if status == 400 {
+            assert_eq!(outcome.error_code(), Some(400_000));
+            assert!(outcome.body["message"].as_str().unwrap().contains("api-version"), "{outcome:?}");
+        }
+    }
     server.shutdown().await;
 }

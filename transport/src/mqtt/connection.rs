@@ -18,6 +18,7 @@ use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::provisioner::{OperationStatusRequest, RegisterRequest, Response, StatusLookupRequest};
 use zerotouch_proto::device::DeviceRegistration;
+use zerotouch_proto::http::is_known_api_version;
 use zerotouch_proto::mqtt::{ConnectUsername, DeviceRequest, ResponseTopic, SUBSCRIBE_FILTER};
 
 use crate::limits::Limits;
@@ -35,6 +36,10 @@ struct Session {
     registration_id: String,
     credential: Credential,
     keep_alive: u16,
+    /// The username's api-version when this server does not know it: every request is then
+    /// answered 400, as HTTPS answers such a request (the CONNECT itself is accepted, so the
+    /// device hears why).
+    unknown_api_version: Option<String>,
 }
 
 /// The byte stream with its read and write buffers.
@@ -337,7 +342,8 @@ async fn authenticate(
             return Err(ConnectReturnCode::NotAuthorized);
         }
     }
-    Ok(Session { id_scope, registration_id, credential, keep_alive: connect.keep_alive })
+    let unknown_api_version = (!is_known_api_version(&username.api_version)).then_some(username.api_version);
+    Ok(Session { id_scope, registration_id, credential, keep_alive: connect.keep_alive, unknown_api_version })
 }
 
 /// Queues the acknowledgement of a publish and starts its request; returns a reply to send at
@@ -368,6 +374,12 @@ where
     let rid = request.rid().to_owned();
     if publish.payload.len() > limits.max_body_size {
         return Ok(Some((rid, endpoint_error(413, "Request body too large", None))));
+    }
+    if let Some(version) = &session.unknown_api_version {
+        return Ok(Some((
+            rid,
+            endpoint_error(400, &format!("The api-version {version:?} is not supported."), None),
+        )));
     }
     let (id_scope, registration_id) = (session.id_scope.clone(), session.registration_id.clone());
     let credential = session.credential.clone();
