@@ -25,6 +25,7 @@ async fn symmetric_key_device_registers_polls_and_is_assigned() {
     assert_eq!(accepted.header("retry-after"), Some("3"));
     assert_eq!(accepted.header("content-type"), Some("application/json; charset=utf-8"));
     assert!(accepted.header("x-ms-request-id").is_some());
+    assert!(accepted.header("strict-transport-security").is_some_and(|v| v.starts_with("max-age=")));
     let location = accepted.header("location").expect("Location on the register's 202");
     assert!(
         location.starts_with("https://")

@@ -33,15 +33,22 @@ type Reply = Response<Body>;
 
 /// Routes one request. Never fails: every problem becomes a DPS error reply.
 pub(super) async fn handle(conn: Arc<Connection>, req: Request<Incoming>) -> Result<Reply, Infallible> {
-    if is_websocket_path(req.uri().path()) {
-        #[cfg(feature = "ws")]
-        return Ok(crate::ws::upgrade(&conn, req).await);
-        #[cfg(not(feature = "ws"))]
-        return Ok(error_reply(404, 404000, "MQTT over WebSockets is not enabled on this server.", None));
-    }
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let reply = device_api(&conn, req).await;
+    let mut reply = if is_websocket_path(&path) {
+        #[cfg(feature = "ws")]
+        let reply = crate::ws::upgrade(&conn, req).await;
+        #[cfg(not(feature = "ws"))]
+        let reply = error_reply(404, 404000, "MQTT over WebSockets is not enabled on this server.", None);
+        reply
+    } else {
+        device_api(&conn, req).await
+    };
+    // As real DPS sends it (spec §1.2): this host is HTTPS only.
+    reply.headers_mut().insert(
+        HeaderName::from_static("strict-transport-security"),
+        HeaderValue::from_static("max-age=31536000; includeSubDomains"),
+    );
     let status = reply.status().as_u16();
     // Refusals are what an operator looks for (as MQTT's refused CONNECTs); successes are many.
     if status >= 400 {
