@@ -198,11 +198,13 @@ pub struct RegisterArgs {
     /// Registration id of this device.
     #[arg(long, value_name = "ID")]
     pub registration_id: String,
-    /// The device's own symmetric key (base64), individual enrollment.
-    #[arg(long, value_name = "BASE64")]
+    /// The device's own symmetric key (base64), individual enrollment. Also read from the
+    /// environment, where other users' `ps` cannot see it.
+    #[arg(long, value_name = "BASE64", env = "ZEROTOUCH_SYMMETRIC_KEY", hide_env_values = true)]
     pub symmetric_key: Option<String>,
-    /// The enrollment group's key (base64): the device key is derived from it.
-    #[arg(long, value_name = "BASE64")]
+    /// The enrollment group's key (base64): the device key is derived from it. Also read from
+    /// the environment.
+    #[arg(long, value_name = "BASE64", env = "ZEROTOUCH_GROUP_KEY", hide_env_values = true)]
     pub group_key: Option<String>,
     /// The device certificate chain (PEM, leaf first).
     #[arg(long, value_name = "PEM", requires = "key")]

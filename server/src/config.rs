@@ -76,10 +76,20 @@ impl Settings {
     /// [`ServerError::Io`] when unreadable, [`ServerError::Config`] for bad TOML or unknown keys.
     pub fn from_file(path: &Path) -> Result<Self, ServerError> {
         let text = std::fs::read_to_string(path).map_err(|e| ServerError::io(path, e))?;
-        Self::from_toml(&text).map_err(|e| match e {
+        let mut settings = Self::from_toml(&text).map_err(|e| match e {
             ServerError::Config(m) => ServerError::Config(format!("{}: {m}", path.display())),
             other => other,
-        })
+        })?;
+        // Relative paths in a file mean the file's folder (as in most tools' config files), so
+        // the file works from any working directory.
+        let folder = path.parent().unwrap_or(Path::new(""));
+        for p in [&mut settings.data_dir, &mut settings.tls_cert, &mut settings.tls_key].into_iter().flatten()
+        {
+            if p.is_relative() {
+                *p = folder.join(&*p);
+            }
+        }
+        Ok(settings)
     }
 
     /// Parses TOML config text.
@@ -87,7 +97,13 @@ impl Settings {
     /// # Errors
     /// [`ServerError::Config`] for bad TOML, bad values or unknown keys.
     pub fn from_toml(text: &str) -> Result<Self, ServerError> {
-        toml::from_str(text).map_err(|e| ServerError::Config(e.to_string()))
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            // Not the error's own text: it quotes the offending line, which may be the
+            // database URL with its password.
+            let line = e.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+            let at = line.map(|n| format!("line {n}: ")).unwrap_or_default();
+            ServerError::Config(format!("{at}{}", e.message().trim_end()))
+        })
     }
 
     /// These settings where set, `file` where not (flags win over the config file).
@@ -221,8 +237,15 @@ impl HubSpec {
             }
             None => (s, 1),
         };
-        let host_chars = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.';
-        if name.is_empty() || name.len() > 253 || !name.chars().all(host_chars) {
+        // A host name (RFC 1123): dot-separated labels of 1 to 63 letters, digits and inner
+        // hyphens; devices are sent this name as their hub.
+        let label_ok = |l: &str| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if name.len() > 253 || !name.split('.').all(label_ok) {
             return Err(ServerError::Config(format!("hub {s:?}: the name must be a host name")));
         }
         Ok(Self { name: name.to_owned(), weight })
@@ -352,6 +375,40 @@ mod tests {
         assert!(HubSpec::parse("bad/name").is_err());
         let dup = Settings { hub: vec!["a.example".into(), "A.example:2".into()], ..Settings::default() };
         assert!(dup.resolve().unwrap_err().to_string().contains("twice"));
+    }
+
+    #[test]
+    fn hub_names_must_be_host_names() {
+        for bad in ["..", "a..b", "-a", "a-", "a.example.", ".a", "a.-b.example", &"x".repeat(64)] {
+            assert!(HubSpec::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["localhost", "hub-1.example.net", "HUB.Example", "a1.b2", &"x".repeat(63)] {
+            assert!(HubSpec::parse(good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn paths_in_a_config_file_are_relative_to_its_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        let file = dir.path().join("etc").join("zerotouch.toml");
+        let text = "data-dir = \"data\"\ntls-cert = \"tls/c.pem\"\ntls-key = \"/abs/k.pem\"\n";
+        std::fs::write(&file, text).unwrap();
+        let s = Settings::from_file(&file).unwrap();
+        assert_eq!(s.data_dir, Some(dir.path().join("etc").join("data")));
+        assert_eq!(s.tls_cert, Some(dir.path().join("etc").join("tls/c.pem")));
+        assert_eq!(s.tls_key, Some(PathBuf::from("/abs/k.pem")));
+    }
+
+    #[test]
+    fn a_bad_config_line_is_named_without_echoing_it() {
+        let text = "database-url = \"postgres://admin:S3cret@db/zt\"\nretry-after = \"soon\"\n";
+        let err = Settings::from_toml(text).unwrap_err().to_string();
+        assert!(!err.contains("S3cret"), "{err}");
+        let text = "database-url = postgres://admin:S3cret@db/zt\n";
+        let err = Settings::from_toml(text).unwrap_err().to_string();
+        assert!(!err.contains("S3cret"), "{err}");
+        assert!(err.contains("line 1"), "{err}");
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub const TLS_DIR: &str = "tls";
 /// # Errors
 /// [`ServerError::Io`].
 pub fn ensure_dir(dir: &Path) -> Result<(), ServerError> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(ServerError::Config(format!("data directory {}: not a directory", dir.display())));
+    }
     fs::create_dir_all(dir).map_err(|e| ServerError::io(dir, e))
 }
 

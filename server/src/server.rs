@@ -164,8 +164,15 @@ pub async fn start_with_limits<B: Backend>(
             (dev.tls_files(), Some(dev.ca_cert))
         }
     };
-    let tls_config = zerotouch_transport::tls::server_config_from_files(&tls.cert, &tls.key)
-        .map_err(|e| ServerError::Certificate(e.to_string()))?;
+    let tls_config =
+        zerotouch_transport::tls::server_config_from_files(&tls.cert, &tls.key).map_err(|e| {
+            ServerError::Certificate(format!("{} with {}: {e}", tls.cert.display(), tls.key.display()))
+        })?;
+    if let Some(warning) =
+        std::fs::read_to_string(&tls.cert).ok().and_then(|pem| validity_warning(&pem, now()))
+    {
+        tracing::warn!(cert = %tls.cert.display(), "{warning}");
+    }
     let tls_config = Arc::new(tls_config);
 
     let bind = |addr: SocketAddr| {
@@ -260,5 +267,48 @@ async fn maintenance<B: Backend>(
         if let Err(e) = work.await {
             tracing::warn!(error = %e, "maintenance failed");
         }
+    }
+}
+
+/// What is wrong with the validity window of the first certificate of `pem` at `now`, if
+/// anything: devices refuse a server certificate that has expired or is not valid yet.
+fn validity_warning(pem: &str, now: zerotouch_proto::Timestamp) -> Option<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let first = &pem[..pem.find(END)? + END.len()];
+    let cert = zerotouch_engine::attestation::x509::Certificate::from_text(first).ok()?;
+    if now > cert.not_after() {
+        Some(format!("the server certificate expired at {}: devices will refuse it", cert.not_after()))
+    } else if now < cert.not_before() {
+        Some(format!(
+            "the server certificate is valid only from {}: devices will refuse it",
+            cert.not_before()
+        ))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use zerotouch_proto::Timestamp;
+    use zerotouch_testkit::certs::{CertSpec, TestCa};
+
+    use super::validity_warning;
+
+    #[test]
+    fn a_server_certificate_outside_its_validity_is_reported() {
+        let now = Timestamp::from_unix_secs(1_780_272_000);
+        let ca = TestCa::root("Server CA");
+        let chain = |spec: CertSpec| {
+            let leaf = ca.device_with(spec);
+            format!("{}{}", leaf.pem(), ca.pem())
+        };
+        assert_eq!(validity_warning(&chain(CertSpec::new("localhost")), now), None);
+        let expired = validity_warning(&chain(CertSpec::new("localhost").expired_at(now)), now).unwrap();
+        assert!(expired.contains("expired"), "{expired}");
+        let early = CertSpec::new("localhost").not_yet_valid_at(now + std::time::Duration::from_secs(60));
+        assert!(validity_warning(&chain(early), now).unwrap().contains("valid only from"));
     }
 }

@@ -200,6 +200,20 @@ fn device_register_prints_the_registration_state_and_devices_get_finds_the_ident
         assert_eq!(identity["deviceId"], id);
     }
 
+    // The key may come from the environment instead, out of sight of `ps`.
+    let port = format!("localhost:{mqtt}");
+    let args = ["device", "register", "--provisioning-host", &port, "--id-scope", "0ne0000CAFE"];
+    let out = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+        .args(args)
+        .args(["--registration-id", "pump-4", "--ca", ca.to_str().unwrap()])
+        .env("ZEROTOUCH_GROUP_KEY", key)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let state: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(state["deviceId"], "pump-4");
+
     assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
 }
 
