@@ -268,9 +268,53 @@ async fn shutdown_lets_a_request_in_progress_finish_and_deliver_its_reply() {
     assert!(matches!(device.next().await, Some(Packet::PubAck(_))));
     // The register is now in the (slow) engine; stop the server meanwhile.
     let stopping = tokio::spawn(server.shutdown());
-    assert_eq!(reply_statuses(&mut device, 1).await, vec![("9".to_owned(), 202)]);
+    let operation_id = assigning_reply(&mut device, "9").await;
+    // The device, told to poll, may still do so while the server drains, and hears the result.
+    device.send(poll_publish("10", &operation_id, 2)).await;
+    assert_eq!(reply_statuses(&mut device, 1).await, vec![("10".to_owned(), 200)]);
     assert!(device.closed_within(Duration::from_secs(5)).await, "connection not closed after draining");
     stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_device_between_register_and_poll_finish_its_registration() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("mid-1");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("mid-1", &key, 60).await;
+    device.send(register_publish("1", "mid-1", 1)).await;
+    let operation_id = assigning_reply(&mut device, "1").await;
+    // SIGTERM while the device waits out its retry-after.
+    let stopping = tokio::spawn(server.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    device.send(poll_publish("2", &operation_id, 2)).await;
+    assert_eq!(reply_statuses(&mut device, 1).await, vec![("2".to_owned(), 200)]);
+    assert!(device.closed_within(Duration::from_secs(5)).await, "connection not closed once registered");
+    tokio::time::timeout(Duration::from_secs(5), stopping).await.expect("shutdown ends").unwrap();
+}
+
+fn poll_publish(rid: &str, operation_id: &str, pkid: u16) -> Packet {
+    let topic =
+        format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={operation_id}");
+    let mut publish = Publish::new(topic, QoS::AtLeastOnce, b" ".to_vec());
+    publish.pkid = pkid;
+    Packet::Publish(publish)
+}
+
+/// Waits for the `202 assigning` reply to `rid` (PUBACKs skipped); returns its operation id.
+async fn assigning_reply(device: &mut RawDevice, rid: &str) -> String {
+    loop {
+        match device.next().await {
+            Some(Packet::Publish(p)) => {
+                let topic = zerotouch_proto::mqtt::ResponseTopic::parse(&p.topic).unwrap();
+                assert_eq!((topic.rid.as_str(), topic.status), (rid, 202));
+                let body: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                return body["operationId"].as_str().unwrap().to_owned();
+            }
+            Some(_) => {}
+            None => panic!("connection closed before the reply to {rid}"),
+        }
+    }
 }
 
 #[tokio::test]

@@ -208,6 +208,11 @@ where
     let mut reply_qos = QoS::AtLeastOnce;
     let mut last_pkid = 0u16;
     let mut draining = false;
+    // Shutdown asked while the device was told to poll (its last reply was `202 assigning`), or
+    // while a request is in progress whose reply may tell it so: it may still poll, within the
+    // listener's grace, and the connection drains once its answer is final.
+    let mut stop_asked = false;
+    let mut awaiting_poll = false;
     // When queued PUBACKs must go out even if their requests are still being processed.
     let mut flush_by: Option<Instant> = None;
     // One timer each for the whole connection, moved rather than made anew on every pass of
@@ -236,6 +241,8 @@ where
                 last_pkid = next_pkid(last_pkid);
                 wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
                 flush_by = None;
+                awaiting_poll = response.status == 202;
+                draining |= stop_asked && !awaiting_poll && in_flight.is_empty();
             }
             () = &mut flush_timer, if flush_by.is_some() => {
                 wire.flush().await?;
@@ -253,6 +260,8 @@ where
                             last_pkid = next_pkid(last_pkid);
                             wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
                             flush_by = None;
+                            awaiting_poll = response.status == 202;
+                            draining |= stop_asked && !awaiting_poll && in_flight.is_empty();
                         } else if wire.has_queued() && flush_by.is_none() {
                             let deadline = Instant::now() + PUBACK_HOLD;
                             flush_by = Some(deadline);
@@ -288,8 +297,9 @@ where
                 }
                 idle_timer.as_mut().reset(idle_deadline);
             }
-            () = &mut stop_signal, if !draining => {
-                draining = true;
+            () = &mut stop_signal, if !draining && !stop_asked => {
+                stop_asked = true;
+                draining = !awaiting_poll && in_flight.is_empty();
             }
         }
     }

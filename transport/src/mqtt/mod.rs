@@ -30,7 +30,9 @@ use crate::tls::serve_listener;
 
 /// Accepts MQTT-over-TLS device connections on `listener` until `shutdown` completes, then stops
 /// accepting and gives open connections [`Limits::shutdown_grace`] to finish the requests they
-/// are processing (their replies are still sent) before closing them.
+/// are processing (their replies are still sent) before closing them. A device whose last reply
+/// was `202 assigning` may still poll within the grace and hear its result; idle connections
+/// are closed at once.
 ///
 /// Each connection gets [`Limits::connect_timeout`] for the TLS handshake plus CONNECT together.
 pub async fn serve_mqtt<F>(
