@@ -33,7 +33,8 @@ pub const DEFAULT_HUB: &str = "localhost";
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, clap::Args)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Settings {
-    /// Directory of the SQLite database, the ID scope and the development certificates.
+    /// Directory of the SQLite database, the ID scope and the development certificates
+    /// (default ./zerotouch-data).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// ID scope devices must name (generated once and kept in the data directory otherwise).
@@ -45,13 +46,14 @@ pub struct Settings {
     /// PEM private key of `--tls-cert`.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Address of the MQTT/TLS listener (port 0 picks a free one).
+    /// Address of the MQTT/TLS listener (default 127.0.0.1:8883; port 0 picks a free one).
     #[arg(long, value_name = "ADDR")]
     pub mqtt_listen: Option<SocketAddr>,
-    /// Address of the HTTPS listener, also serving MQTT over WebSockets.
+    /// Address of the HTTPS listener, also serving MQTT over WebSockets (default 127.0.0.1:8443).
     #[arg(long, value_name = "ADDR")]
     pub https_listen: Option<SocketAddr>,
-    /// An embedded hub `NAME[:WEIGHT]` devices are allocated to; repeat for several.
+    /// An embedded hub `NAME[:WEIGHT]` devices are allocated to; repeat for several (default
+    /// one hub, `localhost`).
     #[arg(long = "hub", value_name = "NAME[:WEIGHT]")]
     #[serde(default)]
     pub hub: Vec<String>,

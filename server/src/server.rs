@@ -120,6 +120,16 @@ pub async fn start_with_limits<B: Backend>(
 ) -> Result<ServerHandle<B>, ServerError> {
     let data_dir = &config.store.data_dir;
     datadir::ensure_dir(data_dir)?;
+    if let Some(limit) = open_files_limit() {
+        // Each connection holds a descriptor; the stores, listeners and logs a few more.
+        if config.max_connections.saturating_add(64) > limit {
+            tracing::warn!(
+                max_connections = config.max_connections,
+                open_files = limit,
+                "more connections are allowed than this process may open files (ulimit -n): raise the limit or lower --max-connections"
+            );
+        }
+    }
     let id_scope = match &config.id_scope {
         Some(s) => s.clone(),
         None => {
@@ -270,6 +280,13 @@ async fn maintenance<B: Backend>(
     }
 }
 
+/// The soft limit on open files of this process, where the system says (Linux).
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..].split_whitespace().next()?.parse().ok()
+}
+
 /// What is wrong with the validity window of the first certificate of `pem` at `now`, if
 /// anything: devices refuse a server certificate that has expired or is not valid yet.
 fn validity_warning(pem: &str, now: zerotouch_proto::Timestamp) -> Option<String> {
@@ -296,6 +313,13 @@ mod tests {
     use zerotouch_testkit::certs::{CertSpec, TestCa};
 
     use super::validity_warning;
+
+    #[test]
+    fn the_open_files_limit_is_read_where_the_system_tells_it() {
+        if std::path::Path::new("/proc/self/limits").exists() {
+            assert!(super::open_files_limit().is_some_and(|n| n > 0));
+        }
+    }
 
     #[test]
     fn a_server_certificate_outside_its_validity_is_reported() {
