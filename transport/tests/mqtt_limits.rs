@@ -289,6 +289,17 @@ async fn shutdown_lets_a_device_between_register_and_poll_finish_its_registratio
     tokio::time::sleep(Duration::from_millis(300)).await;
     device.send(poll_publish("2", &operation_id, 2)).await;
     assert_eq!(reply_statuses(&mut device, 1).await, vec![("2".to_owned(), 200)]);
+    // As the Node SDK does: it unsubscribes before it disconnects, and must be answered (it
+    // never reports its result when the connection drops first).
+    device.send(Packet::Unsubscribe(rumqttc::Unsubscribe::new("$dps/registrations/res/#"))).await;
+    loop {
+        match device.next().await {
+            Some(Packet::UnsubAck(_)) => break,
+            Some(_) => {}
+            None => panic!("connection closed before the UNSUBACK"),
+        }
+    }
+    device.send(Packet::Disconnect).await;
     assert!(device.closed_within(Duration::from_secs(5)).await, "connection not closed once registered");
     tokio::time::timeout(Duration::from_secs(5), stopping).await.expect("shutdown ends").unwrap();
 }

@@ -125,6 +125,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
     }
 }
 
+/// On shutdown, how long a device that has just had its final answer may still send its
+/// UNSUBSCRIBE and DISCONNECT before the connection is closed.
+const DRAIN_LINGER: Duration = Duration::from_secs(2);
+
 /// How long the PUBACK of a request may wait to go out together with the request's reply.
 /// A device cannot tell the difference (the PUBACK still comes first), and sending both in one
 /// write saves a TLS record, a system call and a wake-up of the device per request; a slower
@@ -213,6 +217,9 @@ where
     // listener's grace, and the connection drains once its answer is final.
     let mut stop_asked = false;
     let mut awaiting_poll = false;
+    // Once such a device has its final answer: how long it still gets to unsubscribe and
+    // disconnect itself (the Node SDK reports nothing when the connection drops first).
+    let mut linger: Option<Instant> = None;
     // When queued PUBACKs must go out even if their requests are still being processed.
     let mut flush_by: Option<Instant> = None;
     // One timer each for the whole connection, moved rather than made anew on every pass of
@@ -221,8 +228,9 @@ where
     // it fires early, catches up with it.
     let idle_timer = sleep_until(idle_deadline);
     let flush_timer = sleep_until(idle_deadline);
+    let linger_timer = sleep_until(idle_deadline);
     let stop_signal = stopped(&mut stop);
-    tokio::pin!(idle_timer, flush_timer, stop_signal);
+    tokio::pin!(idle_timer, flush_timer, linger_timer, stop_signal);
     loop {
         if draining && in_flight.is_empty() {
             return wire.flush().await;
@@ -242,7 +250,10 @@ where
                 wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
                 flush_by = None;
                 awaiting_poll = response.status == 202;
-                draining |= stop_asked && !awaiting_poll && in_flight.is_empty();
+                if stop_asked && !awaiting_poll && in_flight.is_empty() && linger.is_none() {
+                    linger = Some(Instant::now() + DRAIN_LINGER);
+                    linger_timer.as_mut().reset(Instant::now() + DRAIN_LINGER);
+                }
             }
             () = &mut flush_timer, if flush_by.is_some() => {
                 wire.flush().await?;
@@ -261,7 +272,10 @@ where
                             wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
                             flush_by = None;
                             awaiting_poll = response.status == 202;
-                            draining |= stop_asked && !awaiting_poll && in_flight.is_empty();
+                            if stop_asked && !awaiting_poll && in_flight.is_empty() && linger.is_none() {
+                                linger = Some(Instant::now() + DRAIN_LINGER);
+                                linger_timer.as_mut().reset(Instant::now() + DRAIN_LINGER);
+                            }
                         } else if wire.has_queued() && flush_by.is_none() {
                             let deadline = Instant::now() + PUBACK_HOLD;
                             flush_by = Some(deadline);
@@ -296,6 +310,9 @@ where
                     return Err(format!("silent for {idle:?}"));
                 }
                 idle_timer.as_mut().reset(idle_deadline);
+            }
+            () = &mut linger_timer, if linger.is_some() && !draining => {
+                draining = true;
             }
             () = &mut stop_signal, if !draining && !stop_asked => {
                 stop_asked = true;
