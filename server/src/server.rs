@@ -130,32 +130,39 @@ pub async fn start_with_limits<B: Backend>(
             );
         }
     }
-    let id_scope = match &config.id_scope {
-        Some(s) => s.clone(),
-        None => {
-            let local = datadir::id_scope(data_dir)?;
-            // Reading a database blocks.
-            let proposed = local.clone();
-            let (returned, shared) = tokio::task::spawn_blocking(move || {
-                let shared = backend.shared_id_scope(&proposed);
-                (backend, shared)
-            })
-            .await
-            .map_err(|e| ServerError::Store(format!("reading the shared ID scope: {e}")))?;
-            backend = returned;
-            match shared? {
-                Some(shared) if shared != local => {
-                    tracing::info!(
-                        id_scope = %shared,
-                        replaced = %local,
-                        "serving the ID scope of the shared database; the data directory's id-scope follows it"
-                    );
-                    datadir::set_id_scope(data_dir, &shared)?;
-                    shared
-                }
-                _ => local,
-            }
+    // Servers sharing a database serve its ID scope: the first one's, given or generated.
+    let proposed = match &config.id_scope {
+        Some(given) => given.clone(),
+        None => datadir::id_scope(data_dir)?,
+    };
+    let asked = proposed.clone();
+    // Reading a database blocks.
+    let (returned, shared) = tokio::task::spawn_blocking(move || {
+        let shared = backend.shared_id_scope(&asked);
+        (backend, shared)
+    })
+    .await
+    .map_err(|e| ServerError::Store(format!("reading the shared ID scope: {e}")))?;
+    backend = returned;
+    let id_scope = match shared? {
+        Some(shared) if shared != proposed && config.id_scope.is_some() => {
+            tracing::warn!(
+                id_scope = %proposed,
+                database = %shared,
+                "--id-scope differs from the ID scope of the shared database: devices of the other servers cannot use this one"
+            );
+            proposed
         }
+        Some(shared) if shared != proposed => {
+            tracing::info!(
+                id_scope = %shared,
+                replaced = %proposed,
+                "serving the ID scope of the shared database; the data directory's id-scope follows it"
+            );
+            datadir::set_id_scope(data_dir, &shared)?;
+            shared
+        }
+        _ => proposed,
     };
     let (tls, ca_cert) = match &config.tls {
         Some(files) => (files.clone(), None),
