@@ -104,7 +104,7 @@ impl Settings {
             // database URL with its password.
             let line = e.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
             let at = line.map(|n| format!("line {n}: ")).unwrap_or_default();
-            ServerError::Config(format!("{at}{}", e.message().trim_end()))
+            ServerError::Config(format!("{at}{}", without_quoted_values(e.message().trim_end())))
         })
     }
 
@@ -297,6 +297,26 @@ impl ServeConfig {
     }
 }
 
+/// `message` with every double-quoted value replaced by `"…"`: the parser quotes the value it
+/// could not use, which may be a password.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    let rest: Vec<&str> = parts.collect();
+    for (i, part) in rest.iter().enumerate() {
+        // Odd parts were inside quotes; an unmatched last quote keeps what follows hidden too.
+        if i % 2 == 0 {
+            out.push_str("\"…\"");
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -411,6 +431,11 @@ mod tests {
         let err = Settings::from_toml(text).unwrap_err().to_string();
         assert!(!err.contains("S3cret"), "{err}");
         assert!(err.contains("line 1"), "{err}");
+        // Nor a value of the wrong type, which the parser's message would quote.
+        for text in ["hub = \"postgres://u:S3cret@h/db\"\n", "retry-after = \"S3cret\"\n"] {
+            let err = Settings::from_toml(text).unwrap_err().to_string();
+            assert!(!err.contains("S3cret") && err.contains("line 1"), "{err}");
+        }
     }
 
     #[test]
