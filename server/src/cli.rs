@@ -187,7 +187,7 @@ pub enum Transport {
 
 /// `zerotouch device register`.
 #[derive(Debug, Clone, Args)]
-#[command(group(clap::ArgGroup::new("credential").required(true).args(["symmetric_key", "group_key", "cert"])))]
+#[command(group(clap::ArgGroup::new("credential").args(["symmetric_key", "group_key", "cert"])))]
 pub struct RegisterArgs {
     /// Provisioning service host, with a port when not the protocol's default.
     #[arg(long, value_name = "HOST[:PORT]", default_value = "global.azure-devices-provisioning.net")]
@@ -198,13 +198,13 @@ pub struct RegisterArgs {
     /// Registration id of this device.
     #[arg(long, value_name = "ID")]
     pub registration_id: String,
-    /// The device's own symmetric key (base64), individual enrollment. Also read from the
-    /// environment, where other users' `ps` cannot see it.
-    #[arg(long, value_name = "BASE64", env = "ZEROTOUCH_SYMMETRIC_KEY", hide_env_values = true)]
+    /// The device's own symmetric key (base64), individual enrollment. Without any credential
+    /// flag, `ZEROTOUCH_SYMMETRIC_KEY` is read instead (out of sight of other users' `ps`).
+    #[arg(long, value_name = "BASE64")]
     pub symmetric_key: Option<String>,
-    /// The enrollment group's key (base64): the device key is derived from it. Also read from
-    /// the environment.
-    #[arg(long, value_name = "BASE64", env = "ZEROTOUCH_GROUP_KEY", hide_env_values = true)]
+    /// The enrollment group's key (base64): the device key is derived from it. Without any
+    /// credential flag, `ZEROTOUCH_GROUP_KEY` is read instead.
+    #[arg(long, value_name = "BASE64")]
     pub group_key: Option<String>,
     /// The device certificate chain (PEM, leaf first).
     #[arg(long, value_name = "PEM", requires = "key")]
@@ -426,6 +426,42 @@ impl ShutdownSignal {
     }
 }
 
+/// The credential `device register` proves itself with.
+#[derive(Debug, PartialEq, Eq)]
+enum DeviceCredential {
+    SymmetricKey(String),
+    GroupKey(String),
+    X509 { cert: PathBuf, key: PathBuf },
+}
+
+/// The credential of the flags, else of the key variables in `env` (one of them).
+fn device_credential(
+    args: &RegisterArgs,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<DeviceCredential, ServerError> {
+    if let Some(key) = &args.symmetric_key {
+        return Ok(DeviceCredential::SymmetricKey(key.clone()));
+    }
+    if let Some(key) = &args.group_key {
+        return Ok(DeviceCredential::GroupKey(key.clone()));
+    }
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        return Ok(DeviceCredential::X509 { cert: cert.clone(), key: key.clone() });
+    }
+    match (env("ZEROTOUCH_SYMMETRIC_KEY"), env("ZEROTOUCH_GROUP_KEY")) {
+        (Some(key), None) => Ok(DeviceCredential::SymmetricKey(key)),
+        (None, Some(key)) => Ok(DeviceCredential::GroupKey(key)),
+        (Some(_), Some(_)) => Err(ServerError::Config(
+            "both ZEROTOUCH_SYMMETRIC_KEY and ZEROTOUCH_GROUP_KEY are set: unset one, or give a flag".into(),
+        )),
+        (None, None) => Err(ServerError::Config(
+            "no credential: give --symmetric-key, --group-key or --cert with --key (or set \
+             ZEROTOUCH_SYMMETRIC_KEY or ZEROTOUCH_GROUP_KEY)"
+                .into(),
+        )),
+    }
+}
+
 /// `zerotouch device register`: registers with our client and returns the registration state.
 ///
 /// # Errors
@@ -442,14 +478,14 @@ pub async fn register(args: &RegisterArgs) -> Result<Value, ServerError> {
     let mut builder = ProvisioningClient::builder(&args.id_scope, &args.registration_id)
         .provisioning_host(&args.provisioning_host)
         .transport(transport);
-    if let Some(key) = &args.symmetric_key {
-        builder = builder.symmetric_key(key.as_str());
-    } else if let Some(key) = &args.group_key {
-        builder = builder.group_key(key.as_str());
-    } else if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
-        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| ServerError::io(p, e));
-        builder = builder.x509_pem(read(cert)?, read(key)?);
-    }
+    builder = match device_credential(args, |name| std::env::var(name).ok())? {
+        DeviceCredential::SymmetricKey(key) => builder.symmetric_key(key.as_str()),
+        DeviceCredential::GroupKey(key) => builder.group_key(key.as_str()),
+        DeviceCredential::X509 { cert, key } => {
+            let read = |p: &PathBuf| std::fs::read(p).map_err(|e| ServerError::io(p, e));
+            builder.x509_pem(read(&cert)?, read(&key)?)
+        }
+    };
     if let Some(ca) = &args.ca {
         builder = builder.ca_pem(std::fs::read(ca).map_err(|e| ServerError::io(ca, e))?);
     }
@@ -489,5 +525,35 @@ mod tests {
         assert!(with(&["--group-key", "a2V5", "--key", "k.pem"]).is_err());
         assert!(with(&["--cert", "c.pem", "--key", "k.pem"]).is_ok());
         assert!(with(&["--symmetric-key", "a2V5"]).is_ok());
+    }
+
+    #[test]
+    fn a_key_in_the_environment_is_used_only_when_no_credential_flag_is_given() {
+        use std::path::PathBuf;
+
+        use super::{device_credential, Command, DeviceCommand, DeviceCredential};
+        let args = |extra: &[&str]| {
+            let base =
+                ["zerotouch", "device", "register", "--id-scope", "0ne00000001", "--registration-id", "d1"];
+            let cli = Cli::try_parse_from(base.iter().chain(extra)).unwrap();
+            match cli.command {
+                Command::Device(DeviceCommand::Register(a)) => a,
+                other => panic!("{other:?}"),
+            }
+        };
+        let group_env = |name: &str| (name == "ZEROTOUCH_GROUP_KEY").then(|| "Z3JvdXA=".to_owned());
+        let x509 = args(&["--cert", "c.pem", "--key", "k.pem"]);
+        assert_eq!(
+            device_credential(&x509, group_env).unwrap(),
+            DeviceCredential::X509 { cert: PathBuf::from("c.pem"), key: PathBuf::from("k.pem") }
+        );
+        let bare = args(&[]);
+        assert_eq!(
+            device_credential(&bare, group_env).unwrap(),
+            DeviceCredential::GroupKey("Z3JvdXA=".into())
+        );
+        let both = |_: &str| Some("a2V5".to_owned());
+        assert!(device_credential(&bare, both).unwrap_err().to_string().contains("both"));
+        assert!(device_credential(&bare, |_| None).unwrap_err().to_string().contains("no credential"));
     }
 }
