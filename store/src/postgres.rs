@@ -56,9 +56,10 @@ type Conn = PooledConnection<Manager>;
 type Param<'a> = &'a (dyn ToSql + Sync);
 
 /// How long a caller waits for a pooled connection before the call fails. Short: when the
-/// database is down, devices and shutdown wait this long for their error, and the SDKs give up
-/// on a reply after 30 s.
-const POOL_TIMEOUT: Duration = Duration::from_secs(5);
+/// database is down, devices and shutdown wait this long for their error, and MQTT clients give
+/// up on a CONNACK after 5 s (rumqttc's network timeout), which the CONNECT's credential check
+/// must answer before.
+const POOL_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long opening one connection to the database may take (an unreachable host).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
