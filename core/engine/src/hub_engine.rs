@@ -1203,19 +1203,29 @@ mod tests {
     use crate::crypto::RingCrypto;
     use crate::query::{execute, execute_shared, parse};
 
+    /// A device `name` with symmetric keys, as provisioning hands it to a hub.
+    fn keyed_device(name: &str) -> ProvisionedDevice {
+        ProvisionedDevice {
+            device_id: DeviceId::new(name).unwrap(),
+            auth: DeviceAuth::SymmetricKey {
+                primary_key: "cHJpbWFyeS1rZXktb2YtdGhlLWRldmljZQ==".to_owned(),
+                secondary_key: "c2Vjb25kYXJ5LWtleS1vZi10aGUtZGV2aWNl".to_owned(),
+            },
+            iot_edge: false,
+        }
+    }
+
     fn provision(hub: &mut EmbeddedHub, name: &str) {
+        provision_at_site(hub, name, "north");
+    }
+
+    /// Provisions `name` into `hub` with the initial twin tag `site`.
+    fn provision_at_site(hub: &mut EmbeddedHub, name: &str, site: &str) {
         let action = HubAction::Provision {
             hub: hub.host_name().to_owned().into(),
-            device: ProvisionedDevice {
-                device_id: DeviceId::new(name).unwrap(),
-                auth: DeviceAuth::SymmetricKey {
-                    primary_key: "cHJpbWFyeS1rZXktb2YtdGhlLWRldmljZQ==".to_owned(),
-                    secondary_key: "c2Vjb25kYXJ5LWtleS1vZi10aGUtZGV2aWNl".to_owned(),
-                },
-                iot_edge: false,
-            },
+            device: keyed_device(name),
             twin: TwinSetup::KeepOrInitial(InitialTwin {
-                tags: Some(json!({ "site": "north" })),
+                tags: Some(json!({ "site": site })),
                 ..InitialTwin::default()
             }),
         };
@@ -1247,14 +1257,7 @@ mod tests {
         let mut hubs: EmbeddedHubs = EmbeddedHubs::new();
         hubs.insert(EmbeddedHub::in_memory("Hub.Example", Arc::new(RingCrypto::new())).unwrap());
         hubs.set_now(Timestamp::from_unix_secs(1_767_225_600));
-        let device = ProvisionedDevice {
-            device_id: DeviceId::new("cased").unwrap(),
-            auth: DeviceAuth::SymmetricKey {
-                primary_key: "cHJpbWFyeS1rZXktb2YtdGhlLWRldmljZQ==".to_owned(),
-                secondary_key: "c2Vjb25kYXJ5LWtleS1vZi10aGUtZGV2aWNl".to_owned(),
-            },
-            iot_edge: false,
-        };
+        let device = keyed_device("cased");
         let twin = TwinSetup::KeepOrInitial(InitialTwin::default());
         let action = HubAction::Provision { hub: "hub.example".into(), device, twin };
         hubs.apply(&action).unwrap();
@@ -1292,22 +1295,7 @@ mod tests {
             assert!(twin_of(&hub, None).is_none(), "events {events}: the removed device's twin is left");
 
             // A new identity under the same id starts from its own initial twin.
-            let action = HubAction::Provision {
-                hub: hub.host_name().to_owned().into(),
-                device: ProvisionedDevice {
-                    device_id: gone.clone(),
-                    auth: DeviceAuth::SymmetricKey {
-                        primary_key: "cHJpbWFyeS1rZXktb2YtdGhlLWRldmljZQ==".to_owned(),
-                        secondary_key: "c2Vjb25kYXJ5LWtleS1vZi10aGUtZGV2aWNl".to_owned(),
-                    },
-                    iot_edge: false,
-                },
-                twin: TwinSetup::KeepOrInitial(InitialTwin {
-                    tags: Some(json!({ "site": "south" })),
-                    ..InitialTwin::default()
-                }),
-            };
-            hub.apply_at(&action, now).unwrap();
+            provision_at_site(&mut hub, "gone", "south");
             assert_eq!(
                 hub.device_twin(&gone).unwrap()["tags"],
                 json!({ "site": "south" }),
