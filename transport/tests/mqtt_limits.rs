@@ -113,6 +113,64 @@ async fn unenrolled_certificate_connects_but_register_answers_401() {
 }
 
 #[tokio::test]
+async fn a_certificate_nobody_enrolled_cannot_hold_a_connection() {
+    let limits = Limits { connect_timeout: Duration::from_millis(500), ..Limits::default() };
+    let server = Server::start_with(limits).await;
+    let stranger = TestCa::root("Squatter Root").device("camera-13");
+    let auth = Auth::X509(stranger.chain_der(), stranger.key_der().to_vec());
+
+    // Connected, then only pinging: its certificate was never accepted, so pings buy no time.
+    let mut squatter = RawDevice::open_with(&server, &auth).await;
+    assert!(matches!(squatter.connect_x509("camera-13", u16::MAX).await, Packet::ConnAck(_)));
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        // PINGREQ, written by hand: the connection may be gone already.
+        if tokio::io::AsyncWriteExt::write_all(&mut squatter.stream, &[0xC0, 0x00]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        squatter.closed_within(Duration::from_secs(3)).await,
+        "a never-accepted certificate held its slot"
+    );
+
+    // Told 401, a device has nothing more to do on its connection: it gets the CONNECT deadline
+    // to read the answer and leave.
+    let mut refused = RawDevice::open_with(&server, &auth).await;
+    refused.connect_x509("camera-13", 60).await;
+    refused.send(register_publish("1", "camera-13", 1)).await;
+    loop {
+        match refused.next().await {
+            Some(Packet::Publish(p)) => {
+                assert!(p.topic.starts_with("$dps/registrations/res/401/"), "{}", p.topic);
+                break;
+            }
+            Some(_) => {}
+            None => panic!("closed before the 401"),
+        }
+    }
+    assert!(refused.closed_within(Duration::from_secs(3)).await, "open after its 401");
+
+    // The same for a token: accepted at CONNECT, refused later (here: another registration's
+    // enrollment kind), it holds its slot no longer than the CONNECT deadline after the 401.
+    let key = server.enroll_symmetric("camera-14");
+    let mut expired = RawDevice::open(&server).await;
+    expired.connect("camera-14", &key, u16::MAX).await;
+    server.enroll_x509("camera-14", stranger.pem());
+    expired.send(register_publish("2", "camera-14", 1)).await;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        if tokio::io::AsyncWriteExt::write_all(&mut expired.stream, &[0xC0, 0x00]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(expired.closed_within(Duration::from_secs(3)).await, "a refused token held its slot");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn certificate_whose_cn_is_not_the_registration_id_is_answered_401() {
     let server = Server::start().await;
     let root = TestCa::root("Fabrikam Root");

@@ -205,7 +205,12 @@ where
     wire.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
 
     let idle = limits.idle_timeout_for(session.keep_alive);
-    let mut idle_deadline = Instant::now() + idle;
+    // A SAS token was checked at CONNECT; a certificate only by the first request. Until a
+    // request is answered without error (and again after a 401), the connection has the CONNECT
+    // deadline and nothing it sends (pings) buys it more: a certificate nobody enrolled, or a
+    // token that has expired, holds no slot.
+    let mut accepted = matches!(session.credential, Credential::Sas(_));
+    let mut idle_deadline = Instant::now() + if accepted { idle } else { limits.connect_timeout };
     let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     // Replies go out even before (or without) a SUBSCRIBE: Python never re-subscribes after a
     // reconnect (spec §2.4), so the requesting connection is where the answer belongs.
@@ -231,6 +236,28 @@ where
     let linger_timer = sleep_until(idle_deadline);
     let stop_signal = stopped(&mut stop);
     tokio::pin!(idle_timer, flush_timer, linger_timer, stop_signal);
+    // What a reply sent to the device changes for its connection.
+    macro_rules! after_reply {
+        ($response:expr) => {
+            let status = $response.status;
+            awaiting_poll = status == 202;
+            if status == 401 {
+                // Its credential will not do: the device gets the CONNECT deadline to read its
+                // answer and leave (closing at once loses the answer for some SDKs), no more.
+                accepted = false;
+                idle_deadline = Instant::now() + limits.connect_timeout;
+                // The timer may be set later (a keep-alive's deadline): bring it forward.
+                idle_timer.as_mut().reset(idle_deadline);
+            } else if status < 400 && !accepted {
+                accepted = true;
+                idle_deadline = Instant::now() + idle;
+            }
+            if stop_asked && !awaiting_poll && in_flight.is_empty() && linger.is_none() {
+                linger = Some(Instant::now() + DRAIN_LINGER);
+                linger_timer.as_mut().reset(Instant::now() + DRAIN_LINGER);
+            }
+        };
+    }
     loop {
         if draining && in_flight.is_empty() {
             return wire.flush().await;
@@ -249,18 +276,16 @@ where
                 last_pkid = next_pkid(last_pkid);
                 wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
                 flush_by = None;
-                awaiting_poll = response.status == 202;
-                if stop_asked && !awaiting_poll && in_flight.is_empty() && linger.is_none() {
-                    linger = Some(Instant::now() + DRAIN_LINGER);
-                    linger_timer.as_mut().reset(Instant::now() + DRAIN_LINGER);
-                }
+                after_reply!(response);
             }
             () = &mut flush_timer, if flush_by.is_some() => {
                 wire.flush().await?;
                 flush_by = None;
             }
             read = wire.read(), if can_read => {
-                idle_deadline = Instant::now() + idle;
+                if accepted {
+                    idle_deadline = Instant::now() + idle;
+                }
                 let Some(packet) = read? else { return wire.flush().await };
                 match packet {
                     Packet::Publish(publish) => {
@@ -271,11 +296,7 @@ where
                             last_pkid = next_pkid(last_pkid);
                             wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
                             flush_by = None;
-                            awaiting_poll = response.status == 202;
-                            if stop_asked && !awaiting_poll && in_flight.is_empty() && linger.is_none() {
-                                linger = Some(Instant::now() + DRAIN_LINGER);
-                                linger_timer.as_mut().reset(Instant::now() + DRAIN_LINGER);
-                            }
+                            after_reply!(response);
                         } else if wire.has_queued() && flush_by.is_none() {
                             let deadline = Instant::now() + PUBACK_HOLD;
                             flush_by = Some(deadline);

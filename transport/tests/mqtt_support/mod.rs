@@ -394,10 +394,14 @@ pub struct RawDevice {
 impl RawDevice {
     /// Opens TLS to the server (no client certificate).
     pub async fn open(server: &Server) -> RawDevice {
+        Self::open_with(server, &Auth::Password(String::new())).await
+    }
+
+    /// Opens TLS to the server, with the client certificate of `auth` when it has one.
+    pub async fn open_with(server: &Server, auth: &Auth) -> RawDevice {
         use tokio_rustls::TlsConnector;
         let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-        let connector =
-            TlsConnector::from(Arc::new(client_tls(&server.ca_pem, &Auth::Password(String::new()), false)));
+        let connector = TlsConnector::from(Arc::new(client_tls(&server.ca_pem, auth, false)));
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let stream = connector.connect(name, tcp).await.unwrap();
         RawDevice { stream, inbound: bytes::BytesMut::new() }
@@ -411,6 +415,15 @@ impl RawDevice {
             format!("{SCOPE}/registrations/{registration_id}/api-version={API}"),
             python_token(key, registration_id, in_an_hour()),
         );
+        self.send(Packet::Connect(connect)).await;
+        self.next().await.expect("CONNACK")
+    }
+
+    /// Sends a CONNECT without a password (the certificate of the TLS handshake is the credential).
+    pub async fn connect_x509(&mut self, registration_id: &str, keep_alive: u16) -> Packet {
+        let mut connect = rumqttc::Connect::new(registration_id);
+        connect.keep_alive = keep_alive;
+        connect.set_login(format!("{SCOPE}/registrations/{registration_id}/api-version={API}"), "");
         self.send(Packet::Connect(connect)).await;
         self.next().await.expect("CONNACK")
     }
