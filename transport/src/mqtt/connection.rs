@@ -356,8 +356,13 @@ async fn authenticate(
         return Err(ConnectReturnCode::RefusedProtocolVersion);
     }
     let login = connect.login.ok_or(ConnectReturnCode::BadUserNamePassword)?;
-    let username = ConnectUsername::parse(&login.username).map_err(|e| {
-        tracing::debug!(error = %e, "bad CONNECT username");
+    let username = ConnectUsername::parse(&login.username).map_err(|_| {
+        // Not the parser's message: it quotes the username, which a client that swapped its
+        // username and password fills with its SAS token.
+        tracing::debug!(
+            length = login.username.len(),
+            "bad CONNECT username (not {{idScope}}/registrations/{{registrationId}}/api-version=…)"
+        );
         ConnectReturnCode::BadUserNamePassword
     })?;
     let registration_id = username.registration_id.as_str().to_owned();
