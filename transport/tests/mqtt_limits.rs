@@ -112,6 +112,18 @@ async fn unenrolled_certificate_connects_but_register_answers_401() {
     server.shutdown().await;
 }
 
+/// Sends a PINGREQ every 100 ms for `how_long`, or until the server has closed the connection.
+async fn keep_pinging(device: &mut RawDevice, how_long: Duration) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < how_long {
+        // Written by hand: the connection may be gone already.
+        if tokio::io::AsyncWriteExt::write_all(&mut device.stream, &[0xC0, 0x00]).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_certificate_nobody_enrolled_cannot_hold_a_connection() {
     let limits = Limits { connect_timeout: Duration::from_millis(500), ..Limits::default() };
@@ -122,14 +134,7 @@ async fn a_certificate_nobody_enrolled_cannot_hold_a_connection() {
     // Connected, then only pinging: its certificate was never accepted, so pings buy no time.
     let mut squatter = RawDevice::open_with(&server, &auth).await;
     assert!(matches!(squatter.connect_x509("camera-13", u16::MAX).await, Packet::ConnAck(_)));
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(3) {
-        // PINGREQ, written by hand: the connection may be gone already.
-        if tokio::io::AsyncWriteExt::write_all(&mut squatter.stream, &[0xC0, 0x00]).await.is_err() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    keep_pinging(&mut squatter, Duration::from_secs(3)).await;
     assert!(
         squatter.closed_within(Duration::from_secs(3)).await,
         "a never-accepted certificate held its slot"
@@ -159,13 +164,7 @@ async fn a_certificate_nobody_enrolled_cannot_hold_a_connection() {
     expired.connect("camera-14", &key, u16::MAX).await;
     server.enroll_x509("camera-14", stranger.pem());
     expired.send(register_publish("2", "camera-14", 1)).await;
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(3) {
-        if tokio::io::AsyncWriteExt::write_all(&mut expired.stream, &[0xC0, 0x00]).await.is_err() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    keep_pinging(&mut expired, Duration::from_secs(3)).await;
     assert!(expired.closed_within(Duration::from_secs(3)).await, "a refused token held its slot");
     server.shutdown().await;
 }
