@@ -252,9 +252,7 @@ async fn silent_device_is_cut_after_one_and_a_half_keep_alives_and_pings_keep_it
 #[tokio::test]
 async fn subscribe_grants_the_dps_filter_at_most_qos_1_and_refuses_others() {
     let server = Server::start().await;
-    let key = server.enroll_symmetric("sub-1");
-    let mut device = RawDevice::open(&server).await;
-    device.connect("sub-1", &key, 60).await;
+    let mut device = RawDevice::enrolled_and_connected(&server, "sub-1").await;
     let mut subscribe = Subscribe::new("$dps/registrations/res/#", QoS::ExactlyOnce);
     subscribe.pkid = 5;
     subscribe.add("devices/sub-1/messages/devicebound/#".to_owned(), QoS::AtLeastOnce);
@@ -318,9 +316,7 @@ async fn reply_statuses(device: &mut RawDevice, n: usize) -> Vec<(String, u16)> 
 async fn shutdown_lets_a_request_in_progress_finish_and_deliver_its_reply() {
     let delay = Duration::from_millis(600);
     let server = Server::start_slow(Limits::default(), delay).await;
-    let key = server.enroll_symmetric("late-1");
-    let mut device = RawDevice::open(&server).await;
-    device.connect("late-1", &key, 60).await;
+    let mut device = RawDevice::enrolled_and_connected(&server, "late-1").await;
     device.send(register_publish("9", "late-1", 1)).await;
     assert!(matches!(device.next().await, Some(Packet::PubAck(_))));
     // The register is now in the (slow) engine; stop the server meanwhile.
@@ -336,9 +332,7 @@ async fn shutdown_lets_a_request_in_progress_finish_and_deliver_its_reply() {
 #[tokio::test]
 async fn shutdown_lets_a_device_between_register_and_poll_finish_its_registration() {
     let server = Server::start().await;
-    let key = server.enroll_symmetric("mid-1");
-    let mut device = RawDevice::open(&server).await;
-    device.connect("mid-1", &key, 60).await;
+    let mut device = RawDevice::enrolled_and_connected(&server, "mid-1").await;
     device.send(register_publish("1", "mid-1", 1)).await;
     let operation_id = assigning_reply(&mut device, "1").await;
     // SIGTERM while the device waits out its retry-after.
@@ -398,9 +392,7 @@ async fn a_register_is_acknowledged_before_its_reply_and_a_slow_one_without_wait
 
     let delay = Duration::from_secs(2);
     let server = Server::start_slow(Limits::default(), delay).await;
-    let key = server.enroll_symmetric("ack-2");
-    let mut device = RawDevice::open(&server).await;
-    device.connect("ack-2", &key, 60).await;
+    let mut device = RawDevice::enrolled_and_connected(&server, "ack-2").await;
     let sent = std::time::Instant::now();
     device.send(register_publish("5", "ack-2", 8)).await;
     assert!(matches!(device.next().await, Some(Packet::PubAck(ack)) if ack.pkid == 8));
@@ -414,9 +406,7 @@ async fn requests_beyond_the_in_flight_cap_wait_instead_of_being_dropped() {
     let delay = Duration::from_millis(300);
     let limits = Limits { max_in_flight_per_connection: 1, ..Limits::default() };
     let server = Server::start_slow(limits, delay).await;
-    let key = server.enroll_symmetric("busy-1");
-    let mut device = RawDevice::open(&server).await;
-    device.connect("busy-1", &key, 60).await;
+    let mut device = RawDevice::enrolled_and_connected(&server, "busy-1").await;
     let started = std::time::Instant::now();
     for (pkid, rid) in [(1, "a"), (2, "b"), (3, "c")] {
         device.send(register_publish(rid, "busy-1", pkid)).await;
@@ -434,9 +424,7 @@ async fn requests_beyond_the_in_flight_cap_wait_instead_of_being_dropped() {
 async fn register_body_over_the_body_limit_is_answered_413_and_the_connection_stays_usable() {
     let limits = Limits { max_body_size: 256, ..Limits::default() };
     let server = Server::start_with(limits).await;
-    let key = server.enroll_symmetric("chatty-1");
-    let mut device = RawDevice::open(&server).await;
-    device.connect("chatty-1", &key, 60).await;
+    let mut device = RawDevice::enrolled_and_connected(&server, "chatty-1").await;
     let topic = "$dps/registrations/PUT/iotdps-register/?$rid=big";
     let body = format!(r#"{{"registrationId":"chatty-1","payload":"{}"}}"#, "x".repeat(1024));
     let mut publish = Publish::new(topic, QoS::AtMostOnce, body.into_bytes());
@@ -451,9 +439,7 @@ async fn register_body_over_the_body_limit_is_answered_413_and_the_connection_st
 #[tokio::test]
 async fn publish_to_a_non_dps_topic_is_ignored_and_register_still_works() {
     let server = Server::start().await;
-    let key = server.enroll_symmetric("lost-1");
-    let mut device = RawDevice::open(&server).await;
-    device.connect("lost-1", &key, 60).await;
+    let mut device = RawDevice::enrolled_and_connected(&server, "lost-1").await;
     let mut stray = Publish::new("devices/lost-1/messages/events/", QoS::AtLeastOnce, b"{}".to_vec());
     stray.pkid = 1;
     device.send(Packet::Publish(stray)).await;
@@ -465,9 +451,7 @@ async fn publish_to_a_non_dps_topic_is_ignored_and_register_still_works() {
 #[tokio::test]
 async fn register_body_that_is_not_json_is_answered_400() {
     let server = Server::start().await;
-    let key = server.enroll_symmetric("typo-1");
-    let mut device = RawDevice::open(&server).await;
-    device.connect("typo-1", &key, 60).await;
+    let mut device = RawDevice::enrolled_and_connected(&server, "typo-1").await;
     let mut publish = Publish::new(
         "$dps/registrations/PUT/iotdps-register/?$rid=7",
         QoS::AtLeastOnce,

@@ -397,6 +397,15 @@ impl RawDevice {
         Self::open_with(server, &Auth::Password(String::new())).await
     }
 
+    /// Enrolls `registration_id` with a generated symmetric key, opens TLS and connects with a
+    /// Python-form token and a keep-alive of 60 s (CONNACK read).
+    pub async fn enrolled_and_connected(server: &Server, registration_id: &str) -> RawDevice {
+        let key = server.enroll_symmetric(registration_id);
+        let mut device = Self::open(server).await;
+        device.connect(registration_id, &key, 60).await;
+        device
+    }
+
     /// Opens TLS to the server, with the client certificate of `auth` when it has one.
     pub async fn open_with(server: &Server, auth: &Auth) -> RawDevice {
         use tokio_rustls::TlsConnector;
