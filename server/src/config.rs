@@ -102,7 +102,7 @@ impl Settings {
         toml::from_str(text).map_err(|e: toml::de::Error| {
             // Not the error's own text: it quotes the offending line, which may be the
             // database URL with its password.
-            let line = e.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+            let line = e.span().map(|span| text.get(..span.start).unwrap_or(text).matches('\n').count() + 1);
             let at = line.map(|n| format!("line {n}: ")).unwrap_or_default();
             ServerError::Config(format!("{at}{}", without_quoted_values(e.message().trim_end())))
         })
