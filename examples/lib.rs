@@ -65,5 +65,6 @@ pub fn group_device_request(
         registration_id: id.into(),
         body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
         credential: Credential::Sas(token.to_string()),
+        api_version: None,
     }
 }

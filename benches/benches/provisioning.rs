@@ -64,6 +64,7 @@ fn request(id: &str, credential: Credential) -> RegisterRequest {
         registration_id: id.into(),
         body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
         credential,
+        api_version: None,
     }
 }
 

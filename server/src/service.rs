@@ -97,6 +97,7 @@ mod tests {
                 csr: None,
             },
             credential: credential.clone(),
+            api_version: None,
         }
     }
 

@@ -118,6 +118,7 @@ fn register_request(id: &str) -> RegisterRequest {
         registration_id: id.into(),
         body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
         credential: Credential::Sas(token.to_string()),
+        api_version: None,
     }
 }
 

@@ -83,6 +83,7 @@ impl Plant {
             registration_id: id.into(),
             body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
             credential: Credential::Sas(token.to_string()),
+            api_version: None,
         };
         self.provisioner.handle_register(now(), request, hub).status
     }

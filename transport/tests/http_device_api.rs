@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod http_support;
+mod recording;
 
 use http_support::{node_sas, operation_path, register_path, sas, Server, API, HUB, SCOPE};
 use serde_json::json;
@@ -57,6 +58,22 @@ async fn symmetric_key_device_registers_polls_and_is_assigned() {
     assert_eq!(lookup.status, 200, "{}", lookup.body);
     assert_eq!(lookup.body["registrationId"], "sensor-7");
     assert_eq!(lookup.body["assignedHub"], HUB);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_engine_is_told_the_api_version_of_the_query() {
+    // Devices on 2018-04-01 and before keep their hub under an enrollment without a reprovision
+    // policy (spec §8.3): the engine can only apply that if it hears the version.
+    let (wrap, seen) = recording::ApiVersions::recorder();
+    let server = Server::start_wrapped(Limits::default(), wrap).await;
+    let key = server.enroll_symmetric("sensor-old");
+    let mut client = server.connect(None).await;
+    let body = json!({ "registrationId": "sensor-old" }).to_string();
+    let path = format!("/{SCOPE}/registrations/sensor-old/register?api-version=2018-04-01");
+    let accepted = client.send("PUT", &path, Some(&sas(&key, "sensor-old")), body.as_bytes()).await;
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    assert_eq!(*seen.lock().unwrap(), vec![Some("2018-04-01".to_owned())]);
     server.stop().await;
 }
 

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod mqtt_support;
+mod recording;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -215,6 +216,21 @@ async fn a_poll_the_engine_holds_in_memory_is_answered_without_a_blocking_thread
     assert_eq!(outcome.device_id(), Some("meter-7"));
     assert!(server.hub_has_device("meter-7"));
     assert_eq!(blocking_polls.load(Ordering::SeqCst), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_engine_is_told_the_api_version_of_the_username() {
+    // Devices on 2018-04-01 and before keep their hub under an enrollment without a reprovision
+    // policy (spec §8.3): the engine can only apply that if it hears the version.
+    let (wrap, seen) = recording::ApiVersions::recorder();
+    let server = Server::start_wrapped(Limits::default(), wrap).await;
+    let key = server.enroll_symmetric("dev-old");
+    let mut opts = DeviceOptions::new("dev-old", Auth::SasPython(key));
+    opts.username = Some(format!("{SCOPE}/registrations/dev-old/api-version=2018-04-01&ClientVersion=c%2F1"));
+    let outcome = register(&server, &opts).await.unwrap();
+    assert_eq!(outcome.status, 200, "{outcome:?}");
+    assert_eq!(*seen.lock().unwrap(), vec![Some("2018-04-01".to_owned())]);
     server.shutdown().await;
 }
 

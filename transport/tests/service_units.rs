@@ -102,6 +102,7 @@ fn registrations_on_parallel_threads_each_announce_their_device_once_after_their
                             csr: None,
                         },
                         credential: Credential::Sas(token.to_string()),
+                        api_version: None,
                     },
                 );
                 assert_eq!(reply.status, 202, "{reply:?}");

@@ -21,6 +21,7 @@ use zerotouch_proto::device::{
     DeviceRegistration, DeviceRegistrationResult, ErrorDetails, RegistrationOperationStatus,
     RegistrationStatus, Substatus, TpmChallenge,
 };
+use zerotouch_proto::http::predates_reprovisioning;
 use zerotouch_proto::ids::{uuid_from_bytes, uuid_text};
 use zerotouch_proto::sas::SasToken;
 use zerotouch_proto::service::{
@@ -79,6 +80,10 @@ pub struct RegisterRequest {
     pub body: DeviceRegistration,
     /// Credential from the TLS handshake, `Authorization` header or MQTT password.
     pub credential: Credential,
+    /// The api-version of the query string or MQTT username; `None` is taken as a current one.
+    /// Devices on `2018-04-01` or before stay on their hub when the enrollment sets no
+    /// reprovision policy (spec §8.3).
+    pub api_version: Option<String>,
 }
 
 /// An operation-status poll.
@@ -171,12 +176,20 @@ impl Enrollment {
         }
     }
 
-    fn reprovision_policy(&self) -> ReprovisionPolicy {
-        match self {
+    /// The enrollment's reprovision policy; without one, the default (re-provision and migrate)
+    /// or, for a device older than reprovision policies, never re-provision (spec §8.3).
+    fn reprovision_policy(&self, predates_reprovisioning: bool) -> ReprovisionPolicy {
+        let set = match self {
             Enrollment::Individual(e) => e.reprovision_policy,
             Enrollment::Group(g) => g.reprovision_policy,
+        };
+        match set {
+            Some(policy) => policy,
+            None if predates_reprovisioning => {
+                ReprovisionPolicy { update_hub_assignment: false, migrate_device_data: true }
+            }
+            None => ReprovisionPolicy::default(),
         }
-        .unwrap_or_default()
     }
 
     fn allocation_policy(&self) -> Option<AllocationPolicy> {
@@ -286,6 +299,8 @@ struct Round<'a> {
     /// from the pool a registration). A round that loses to a concurrent registration commits
     /// nothing, so the next round may use them again.
     etag_random: &'a [u8; 16],
+    /// The device speaks an api-version older than reprovision policies.
+    predates_reprovisioning: bool,
 }
 
 impl Plan {
@@ -604,6 +619,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             check_body_names(&req.body, &id)?;
         }
         let (scope, id) = self.check_ids(&req.id_scope, req.registration_id)?;
+        let predates_reprovisioning = req.api_version.as_deref().is_some_and(predates_reprovisioning);
         if req.body.tpm.is_some() && matches!(req.credential, Credential::None) {
             return Err(Error::BadRequest(
                 "TPM attestation is not supported by this version of zerotouch".into(),
@@ -631,7 +647,8 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // fail; re-read and decide again. Hub actions are idempotent upserts, so a lost round only
         // repeats work.
         for _ in 0..3 {
-            let round = Round { now, id: &id, operation_id: &operation_id, etag_random };
+            let round =
+                Round { now, id: &id, operation_id: &operation_id, etag_random, predates_reprovisioning };
             match self.assign(round, &mut attested, req.body.payload.as_ref(), hub) {
                 Err(Error::Store(StoreError::PreconditionFailed | StoreError::AlreadyExists)) => continue,
                 Err(e @ (Error::Allocation(_) | Error::Hub { .. })) => {
@@ -660,7 +677,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // The credentials move into the hub action; a round lost to a concurrent registration
         // hands them back for the next one (below).
         let auth = std::mem::replace(&mut attested.auth, DeviceAuth::CertificateAuthority);
-        let mut plan = self.plan(id, attested, auth, payload, previous)?;
+        let mut plan = self.plan(id, attested, auth, payload, previous, round.predates_reprovisioning)?;
         let result = self.carry_out(round, attested, &plan, previous, hub);
         if result.is_err() {
             if let Some(auth) = plan.take_auth() {
@@ -750,7 +767,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         initial_hub: &Text,
         pre: &Precondition,
     ) -> Result<(), Error> {
-        let Round { now, id, operation_id, etag_random } = round;
+        let Round { now, id, operation_id, etag_random, .. } = round;
         let record = RegistrationRecord {
             registration_id: id.clone(),
             state: DeviceRegistrationState {
@@ -790,9 +807,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
         auth: DeviceAuth,
         payload: Option<&Value>,
         previous: Option<&RegistrationRecord>,
+        predates_reprovisioning: bool,
     ) -> Result<Plan, Error> {
         let enrollment = &attested.enrollment;
-        let policy = enrollment.reprovision_policy();
+        let policy = enrollment.reprovision_policy(predates_reprovisioning);
         // The device id a new identity gets: the enrollment's, or the registration id. Made only
         // by the branches that create an identity (a device that keeps its identity keeps its id).
         let new_device_id = || match enrollment {

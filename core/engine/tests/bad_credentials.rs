@@ -29,6 +29,7 @@ fn register(w: &mut World, id: &str, credential: Credential) -> Response {
             registration_id: id.into(),
             body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
             credential,
+            api_version: None,
         },
         &mut w.hubs,
     )
@@ -317,6 +318,7 @@ fn a_body_registration_id_that_differs_from_the_path_is_a_bad_request() {
             registration_id: "dev-1".into(),
             body: DeviceRegistration { payload: None, registration_id: "dev-2".into(), tpm: None, csr: None },
             credential: sas(&w, &key, "dev-1", 60),
+            api_version: None,
         },
         &mut w.hubs,
     );

@@ -109,6 +109,7 @@ fn a_registration_that_loses_a_race_to_another_instance_is_decided_again_with_th
                     csr: None,
                 },
                 credential: Credential::Sas(token.clone()),
+                api_version: None,
             },
             hub,
         )
@@ -188,6 +189,7 @@ fn a_hub_conflict_during_registration_is_retried_instead_of_failing_the_device()
         registration_id: "dev-7".into(),
         body: DeviceRegistration { payload: None, registration_id: "dev-7".into(), tpm: None, csr: None },
         credential: Credential::Sas(token.clone()),
+        api_version: None,
     };
     let poll = |operation_id: String| {
         let reply = provisioner.handle_operation_status(
@@ -232,6 +234,7 @@ fn a_poll_answered_from_memory_matches_the_stored_answer_and_still_checks_the_de
         registration_id: "dev-9".into(),
         body: DeviceRegistration { payload: None, registration_id: "dev-9".into(), tpm: None, csr: None },
         credential: Credential::Sas(token_for("dev-9")),
+        api_version: None,
     };
     let reply =
         provisioner.handle_register(now, request, &mut ConflictOnceHub { conflicts_left: 0, applied: 0 });

@@ -495,6 +495,7 @@ impl UnitWorld {
             registration_id: id.into(),
             body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
             credential: Credential::Sas(token),
+            api_version: None,
         };
         let mut hubs = RefuseAfterWrite { hub: &mut self.hubs, refusals, code };
         self.provisioner.handle_register(now, request, &mut hubs).status

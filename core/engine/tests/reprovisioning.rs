@@ -182,6 +182,37 @@ fn never_reprovision_keeps_the_device_on_its_hub() {
     assert_eq!(w.hubs.hubs_of(ID), vec![HUB_A.to_owned()]);
 }
 
+/// A device speaking `api_version`, with the registration's custom payload naming `site`.
+fn device_on(api_version: &str, key: &[u8], s: &str) -> zerotouch_engine::registration::RegistrationConfig {
+    let mut config = symmetric_device(ID, key, site(s));
+    config.api_version = api_version.to_owned();
+    config
+}
+
+#[test]
+fn a_device_older_than_reprovision_policies_stays_on_its_hub_when_the_enrollment_sets_none() {
+    let mut w = world();
+    let options = EnrollOptions { policy: Some(AllocationPolicy::Custom), ..Default::default() };
+    let key = enroll_symmetric(&w, ID, &options);
+    assigned(w.register(device_on("2018-04-01", &key, "a"), None));
+    let again = assigned(w.register(device_on("2018-04-01", &key, "b"), None));
+    assert_eq!((again.assigned_hub.as_str(), again.substatus), (HUB_A, Some(Substatus::InitialAssignment)));
+    assert_eq!(w.hubs.hubs_of(ID), vec![HUB_A.to_owned()]);
+
+    // The same device on a current api-version gets the default: re-provision and migrate.
+    let moved = assigned(w.register(device_on("2019-03-31", &key, "b"), None));
+    assert_eq!((moved.assigned_hub.as_str(), moved.substatus), (HUB_B, Some(Substatus::DeviceDataMigrated)));
+}
+
+#[test]
+fn a_reprovision_policy_the_enrollment_sets_applies_to_devices_older_than_policies_too() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &custom(true, true));
+    assigned(w.register(device_on("2018-04-01", &key, "a"), None));
+    let moved = assigned(w.register(device_on("2018-04-01", &key, "b"), None));
+    assert_eq!((moved.assigned_hub.as_str(), moved.substatus), (HUB_B, Some(Substatus::DeviceDataMigrated)));
+}
+
 #[test]
 fn deleting_the_registration_record_makes_the_next_registration_initial() {
     let mut w = world();

@@ -32,13 +32,26 @@ pub fn is_known_api_version(version: &str) -> bool {
     KNOWN_API_VERSIONS.contains(&version)
 }
 
+/// The `YYYY-MM-DD` an api-version starts with, if it starts with one.
+fn version_date(api_version: &str) -> Option<&str> {
+    let date = api_version.get(..10)?;
+    date.bytes()
+        .enumerate()
+        .all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() })
+        .then_some(date)
+}
+
 /// Whether `api_version` may carry a certificate signing request (`csr`) and receive an issued
 /// certificate chain: `2025-07-01-preview` and later (spec §1.3, §1.5).
 pub fn supports_certificate_issuance(api_version: &str) -> bool {
-    let Some(date) = api_version.get(..10) else { return false };
-    let shaped =
-        date.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
-    shaped && date >= "2025-07-01"
+    version_date(api_version).is_some_and(|date| date >= "2025-07-01")
+}
+
+/// Whether a device speaking `api_version` predates reprovisioning policies (`2018-04-01` and
+/// earlier): DPS then keeps it on its hub when its enrollment sets no `reprovisionPolicy`
+/// (spec §8.3, the legacy "sticky" rule). A policy the enrollment does set applies as to anyone.
+pub fn predates_reprovisioning(api_version: &str) -> bool {
+    version_date(api_version).is_some_and(|date| date <= "2018-04-01")
 }
 
 /// Continuation token of a query page; present only when more pages exist.
@@ -533,6 +546,17 @@ mod tests {
         assert!(supports_certificate_issuance("2026-04-01"));
         assert!(!supports_certificate_issuance("garbage"));
         assert!(!supports_certificate_issuance("zzzz-zz-zz-preview"));
+    }
+
+    #[test]
+    fn only_2018_04_01_and_before_predate_reprovisioning() {
+        assert!(predates_reprovisioning("2018-04-01"));
+        assert!(predates_reprovisioning("2017-11-15"));
+        assert!(!predates_reprovisioning("2018-09-01-preview"));
+        assert!(!predates_reprovisioning("2018-11-01"));
+        assert!(!predates_reprovisioning("2019-03-31"));
+        assert!(!predates_reprovisioning("garbage"));
+        assert!(!predates_reprovisioning(""));
     }
 
     #[test]

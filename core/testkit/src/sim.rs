@@ -65,6 +65,7 @@ impl<S: ProvisioningStore, H: HubRegistry> Simulator<S, H> {
     ) -> RegistrationEvent {
         let id_scope = config.id_scope.to_string();
         let registration_id = config.registration_id.to_string();
+        let api_version = config.api_version.clone();
         let mut machine = Registration::new(config, self.crypto.clone());
         for _ in 0..10_000 {
             if let Some(event) = machine.poll_event() {
@@ -85,6 +86,7 @@ impl<S: ProvisioningStore, H: HubRegistry> Simulator<S, H> {
                             registration_id: registration_id.clone(),
                             body,
                             credential: credential(authorization),
+                            api_version: Some(api_version.clone()),
                         },
                         &mut self.hubs,
                     ),

@@ -117,6 +117,7 @@ async fn device_api(conn: &Connection, req: Request<Incoming>) -> Reply {
                 registration_id: registration_id.as_str().to_owned(),
                 body,
                 credential,
+                api_version: Some(matched.api_version.clone()),
             };
             EngineCall::Register(req)
         }

@@ -36,10 +36,12 @@ struct Session {
     registration_id: String,
     credential: Credential,
     keep_alive: u16,
-    /// The username's api-version when this server does not know it: every request is then
-    /// answered 400, as HTTPS answers such a request (the CONNECT itself is accepted, so the
-    /// device hears why).
-    unknown_api_version: Option<String>,
+    /// The username's api-version.
+    api_version: String,
+    /// Whether this server knows `api_version`. When it does not, every request is answered
+    /// 400, as HTTPS answers such a request (the CONNECT itself is accepted, so the device hears
+    /// why).
+    api_version_known: bool,
 }
 
 /// The byte stream with its read and write buffers.
@@ -395,8 +397,15 @@ async fn authenticate(
             return Err(ConnectReturnCode::NotAuthorized);
         }
     }
-    let unknown_api_version = (!is_known_api_version(&username.api_version)).then_some(username.api_version);
-    Ok(Session { id_scope, registration_id, credential, keep_alive: connect.keep_alive, unknown_api_version })
+    let api_version_known = is_known_api_version(&username.api_version);
+    Ok(Session {
+        id_scope,
+        registration_id,
+        credential,
+        keep_alive: connect.keep_alive,
+        api_version: username.api_version,
+        api_version_known,
+    })
 }
 
 /// Queues the acknowledgement of a publish and starts its request; returns a reply to send at
@@ -428,11 +437,9 @@ where
     if publish.payload.len() > limits.max_body_size {
         return Ok(Some((rid, endpoint_error(413, "Request body too large", None))));
     }
-    if let Some(version) = &session.unknown_api_version {
-        return Ok(Some((
-            rid,
-            endpoint_error(400, &format!("The api-version {version:?} is not supported."), None),
-        )));
+    if !session.api_version_known {
+        let message = format!("The api-version {:?} is not supported.", session.api_version);
+        return Ok(Some((rid, endpoint_error(400, &message, None))));
     }
     let (id_scope, registration_id) = (session.id_scope.clone(), session.registration_id.clone());
     let credential = session.credential.clone();
@@ -470,7 +477,8 @@ where
                     return Ok(Some((rid, endpoint_error(400, &message, None))));
                 }
             };
-            let req = RegisterRequest { id_scope, registration_id, body, credential };
+            let api_version = Some(session.api_version.clone());
+            let req = RegisterRequest { id_scope, registration_id, body, credential, api_version };
             let limits = limits.clone();
             Box::pin(
                 async move { limits.run_engine(permit, move || (rid, service.register(now(), req))).await },

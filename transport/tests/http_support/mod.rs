@@ -31,7 +31,7 @@ use zerotouch_proto::{DeviceId, IdScope, IfMatch, RegistrationId};
 use zerotouch_testkit::certs::TestCert;
 use zerotouch_transport::http::serve_https;
 use zerotouch_transport::limits::Limits;
-use zerotouch_transport::service::{now, EngineService};
+use zerotouch_transport::service::{now, DpsService, EngineService};
 use zerotouch_transport::tls;
 
 pub const SCOPE: &str = "0ne00C0FFEE";
@@ -54,6 +54,14 @@ impl Server {
     }
 
     pub async fn start_with(limits: Limits) -> Server {
+        Self::start_wrapped(limits, |service| service).await
+    }
+
+    /// A server whose engine service is wrapped by `wrap` (to record or alter requests).
+    pub async fn start_wrapped(
+        limits: Limits,
+        wrap: impl FnOnce(Arc<dyn DpsService>) -> Arc<dyn DpsService>,
+    ) -> Server {
         let crypto = Arc::new(RingCrypto::new());
         let store = Arc::new(MemoryStore::new());
         let provisioner = Provisioner::new(
@@ -65,7 +73,7 @@ impl Server {
         let mut hubs = EmbeddedHubs::new();
         hubs.insert(EmbeddedHub::in_memory(HUB, crypto).unwrap());
         let hubs = Arc::new(Mutex::new(hubs));
-        let service = Arc::new(EngineService::new(provisioner, hubs.clone()));
+        let service = wrap(Arc::new(EngineService::new(provisioner, hubs.clone())));
 
         let server_key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
         let config = tls::server_config_from_pem(
