@@ -112,11 +112,17 @@ impl Drop for Served {
 
 /// Starts `zerotouch serve` on ephemeral ports; returns the child, the MQTT and HTTPS ports.
 fn serve(data: &str, scope: &str) -> (Served, u16, u16) {
+    serve_logging(data, scope, "warn", Stdio::inherit())
+}
+
+/// [`serve`] with `RUST_LOG=rust_log`, JSON log lines written to `logs`.
+fn serve_logging(data: &str, scope: &str, rust_log: &str, logs: Stdio) -> (Served, u16, u16) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
-        .args(["serve", "--data-dir", data, "--id-scope", scope])
+        .args(["serve", "--data-dir", data, "--id-scope", scope, "--log-format", "json"])
         .args(["--mqtt-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", rust_log)
         .stdout(Stdio::piped())
+        .stderr(logs)
         .spawn()
         .unwrap();
     let (mut mqtt, mut https) = (0, 0);
@@ -262,4 +268,69 @@ fn reading_commands_on_a_data_directory_without_a_database_say_so_and_create_not
         assert!(stderr.contains("no zerotouch database in"), "{args:?}: {stderr}");
     }
     assert!(!typo.exists(), "nothing created at the mistyped path");
+}
+
+#[test]
+fn a_flood_of_refused_requests_writes_a_bounded_number_of_log_lines_and_counts_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log_path = dir.path().join("serve.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let (server, _, https) = serve_logging(data.to_str().unwrap(), "0ne0000F00D", "info", log.into());
+    let ca = std::fs::read(data.join("tls").join("ca.pem")).unwrap();
+
+    // Devices nobody enrolled, with a key of their own: each register is refused (404), and each
+    // refusal is a line the client chose to cause.
+    let refused = |n: usize| {
+        let ca = ca.clone();
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let tasks = (0..4).map(|task| {
+                let ca = ca.clone();
+                tokio::spawn(async move {
+                    for i in (task..n).step_by(4) {
+                        let client = zerotouch_transport::client::ProvisioningClient::builder(
+                            "0ne0000F00D",
+                            format!("stranger-{i}"),
+                        )
+                        .provisioning_host(format!("localhost:{https}"))
+                        .transport(zerotouch_transport::client::Transport::Https)
+                        .ca_pem(ca.clone())
+                        .symmetric_key("c3RyYW5nZXJzIG93biBrZXkgb2YgMzIgYnl0ZXMhISE=")
+                        .build()
+                        .unwrap();
+                        let refused = client.register().await.unwrap_err();
+                        assert_eq!(refused.status(), Some(404), "{refused}");
+                    }
+                })
+            });
+            for task in tasks.collect::<Vec<_>>() {
+                task.await.unwrap();
+            }
+        });
+    };
+    let started = std::time::Instant::now();
+    let flood = 200;
+    refused(flood);
+    let seconds = started.elapsed().as_secs();
+    // The next refusal, in a later window, reports how many were held back.
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    refused(1);
+    assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
+
+    let lines: Vec<Value> = std::fs::read_to_string(&log_path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let message = |line: &Value| line["fields"]["message"].as_str().unwrap_or_default().to_owned();
+    let logged = lines.iter().filter(|l| message(l) == "https request refused").count();
+    let held_back: u64 = lines
+        .iter()
+        .filter(|l| message(l).contains("held back"))
+        .map(|l| l["fields"]["held_back"].as_u64().unwrap())
+        .sum();
+    let bound = 20 * (usize::try_from(seconds).unwrap() + 3);
+    assert!(logged <= bound, "{logged} refusal lines in {seconds} s, at most {bound} expected");
+    assert_eq!(logged + usize::try_from(held_back).unwrap(), flood + 1, "every refusal logged or counted");
 }

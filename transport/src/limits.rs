@@ -150,10 +150,8 @@ impl Limits {
     pub fn admit_connection(&self, peer: std::net::SocketAddr) -> Option<AdmissionPermit> {
         let permit = self.connections.try_admit(self.max_connections);
         if permit.is_none() {
-            static LAST_WARNING: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
-            let mut last = LAST_WARNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                *last = Some(std::time::Instant::now());
+            static LIMIT_WARNINGS: LogBudget = LogBudget::new(1, "connection-limit warnings held back");
+            if LIMIT_WARNINGS.allows() {
                 tracing::warn!(%peer, max = self.max_connections, "connection limit reached; closing new connections");
             }
         }
@@ -212,9 +210,93 @@ impl Drop for AdmissionPermit {
     }
 }
 
+/// Lines a second that clients may cause in the log (refused requests and CONNECTs, cut
+/// connections), all endpoints together. Each is one info line an operator wants to see; a flood
+/// of bogus requests would otherwise write one per request (40 MB in 25 s) and fill the disk.
+pub const CLIENT_LOG_LINES_PER_SECOND: u32 = 20;
+
+/// The budget of the lines clients cause, shared by every endpoint of the process.
+pub(crate) static CLIENT_LOG: LogBudget =
+    LogBudget::new(CLIENT_LOG_LINES_PER_SECOND, "log lines about refused requests and connections held back");
+
+/// A cap of log lines a second. Lines over it are held back and counted; the count is logged
+/// before the next line that fits (a flood followed by silence leaves its count unreported
+/// until the next line).
+#[derive(Debug)]
+pub(crate) struct LogBudget {
+    per_second: u32,
+    /// The message of the line that reports the lines held back.
+    held_back_message: &'static str,
+    state: std::sync::Mutex<BudgetState>,
+}
+
+#[derive(Debug, Default)]
+struct BudgetState {
+    /// Start of the current one-second window.
+    window: Option<std::time::Instant>,
+    /// Lines logged in it.
+    logged: u32,
+    /// Lines held back since the last one logged.
+    held_back: u64,
+}
+
+impl LogBudget {
+    pub(crate) const fn new(per_second: u32, held_back_message: &'static str) -> Self {
+        Self {
+            per_second,
+            held_back_message,
+            state: std::sync::Mutex::new(BudgetState { window: None, logged: 0, held_back: 0 }),
+        }
+    }
+
+    /// Whether a line may be logged at `now`: `Some(n)` with the `n` lines held back before
+    /// it, `None` when it is to be held back (and counted).
+    fn take_at(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if state.window.is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1)) {
+            state.window = Some(now);
+            state.logged = 0;
+        }
+        if state.logged >= self.per_second {
+            state.held_back += 1;
+            return None;
+        }
+        state.logged += 1;
+        Some(std::mem::take(&mut state.held_back))
+    }
+
+    /// Whether a line may be logged now; first logs how many were held back, if any.
+    pub(crate) fn allows(&self) -> bool {
+        match self.take_at(std::time::Instant::now()) {
+            Some(0) => true,
+            Some(held_back) => {
+                tracing::info!(held_back, per_second = self.per_second, "{}", self.held_back_message);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_budget_holds_back_what_exceeds_its_rate_and_counts_it() {
+        let budget = LogBudget::new(3, "held back");
+        let start = std::time::Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let taken: Vec<_> = (0..5).map(|i| budget.take_at(at(i * 10))).collect();
+        assert_eq!(taken, [Some(0), Some(0), Some(0), None, None]);
+        // The next window starts a second after the last one did, and hears of the two.
+        assert_eq!(budget.take_at(at(999)), None);
+        assert_eq!(budget.take_at(at(1_000)), Some(3));
+        assert_eq!(budget.take_at(at(1_001)), Some(0));
+        // A clock that seems to go back (another thread's `now`) does not open a window.
+        assert_eq!(budget.take_at(at(500)), Some(0));
+        assert_eq!(budget.take_at(at(500)), None);
+    }
 
     #[tokio::test]
     async fn connections_made_before_the_server_accepts_wait_in_the_listen_queue() {

@@ -23,6 +23,7 @@ use zerotouch_proto::ids::uuid_from_bytes;
 use zerotouch_proto::{ProtoError, WireError};
 
 use super::Connection;
+use crate::limits::CLIENT_LOG;
 use crate::service::{endpoint_error, now, throttled};
 
 /// Path of MQTT over WebSockets (the IoT Hub path, which DPS shares).
@@ -51,10 +52,11 @@ pub(super) async fn handle(conn: Arc<Connection>, req: Request<Incoming>) -> Res
     );
     let status = reply.status().as_u16();
     // Refusals are what an operator looks for (as MQTT's refused CONNECTs); successes are many.
-    if status >= 400 {
+    // Clients choose how many refusals there are: the lines they cause have a budget.
+    if status >= 400 && CLIENT_LOG.allows() {
         let error_code = reply.headers().get("x-ms-error-code").and_then(|v| v.to_str().ok()).unwrap_or("");
         tracing::info!(%method, path, status, error_code, "https request refused");
-    } else {
+    } else if status < 400 {
         tracing::debug!(%method, path, status, "https request");
     }
     Ok(reply)

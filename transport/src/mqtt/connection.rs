@@ -21,7 +21,7 @@ use zerotouch_proto::device::DeviceRegistration;
 use zerotouch_proto::http::is_known_api_version;
 use zerotouch_proto::mqtt::{ConnectUsername, DeviceRequest, ResponseTopic, SUBSCRIBE_FILTER};
 
-use crate::limits::Limits;
+use crate::limits::{Limits, CLIENT_LOG};
 use crate::service::{endpoint_error, now, throttled, DpsService};
 
 /// Why the server closed a connection without a DISCONNECT from the client.
@@ -158,7 +158,8 @@ pub(super) async fn run<IO>(
     };
     match serve(&mut wire, client_chain, service, limits, connect_deadline, stop).await {
         Ok(()) => tracing::debug!("connection closed"),
-        Err(reason) => tracing::info!(%reason, "connection cut"),
+        Err(reason) if CLIENT_LOG.allows() => tracing::info!(%reason, "connection cut"),
+        Err(_) => {}
     }
     // Best effort: a TLS close_notify for clients that wait for it.
     let _ = timeout(Duration::from_secs(1), wire.io.shutdown()).await;
@@ -185,7 +186,9 @@ where
     if let (Err(reason), Some(level)) = (&first, wire.unsupported_level) {
         // MQTT 3.1.1 §3.1.2.2: answer an unsupported level with return code 1, then close
         // (MQTT 5 clients read this as "server speaks an older version").
-        tracing::info!(%reason, level, "CONNECT refused");
+        if CLIENT_LOG.allows() {
+            tracing::info!(%reason, level, "CONNECT refused");
+        }
         wire.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false))).await?;
         return Ok(());
     }
@@ -198,7 +201,9 @@ where
     let session = match authenticate(connect, client_chain, &service, limits).await {
         Ok(session) => session,
         Err(code) => {
-            tracing::info!(?code, "CONNECT refused");
+            if CLIENT_LOG.allows() {
+                tracing::info!(?code, "CONNECT refused");
+            }
             wire.send(Packet::ConnAck(ConnAck::new(code, false))).await?;
             return Ok(());
         }
@@ -516,9 +521,10 @@ fn next_pkid(last: u16) -> u16 {
     last.checked_add(1).unwrap_or(1)
 }
 
-/// Logs a refused request at info, as a refused CONNECT is: what an operator looks for.
+/// Logs a refused request at info, as a refused CONNECT is: what an operator looks for (within
+/// the budget of lines clients may cause).
 fn log_refusal(response: &Response) {
-    if response.status >= 400 {
+    if response.status >= 400 && CLIENT_LOG.allows() {
         tracing::info!(status = response.status, error_code = response.error_code(), "request refused");
     }
 }
