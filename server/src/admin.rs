@@ -194,6 +194,7 @@ where
     S: EnrollmentStore + EnrollmentGroupStore + RegistrationStore + ?Sized,
 {
     for entry in &mut entries {
+        forget_blank_keys(entry);
         keep_keys(store, entry)?;
     }
     let scratch = MemoryStore::new();
@@ -252,6 +253,22 @@ where
         Ok(())
     })?;
     Ok(summary)
+}
+
+/// Takes a blank symmetric key (`""`, spaces) for an absent one, as the engine does: kept from
+/// the enrollment replaced, or generated and reported.
+fn forget_blank_keys(entry: &mut ImportEntry) {
+    let attestation = match entry {
+        ImportEntry::Individual(e) => &mut e.attestation,
+        ImportEntry::Group(g) => &mut g.attestation,
+    };
+    if let Some(keys) = &mut attestation.symmetric_key {
+        for key in [&mut keys.primary_key, &mut keys.secondary_key] {
+            if key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+                *key = None;
+            }
+        }
+    }
 }
 
 /// Whether `attestation` is a symmetric-key one that lacks a key (the engine generates it).
@@ -461,6 +478,59 @@ mod tests {
         assert_eq!(summary.generated_keys.len(), 1, "{summary:?}");
         assert_eq!(summary.generated_keys[0].registration_id.as_deref(), Some("dev-2"));
         assert_eq!(summary.generated_keys[0].primary_key, primary);
+    }
+
+    #[test]
+    fn blank_keys_are_absent_ones_kept_from_the_enrollment_replaced_or_generated_and_reported() {
+        let store = MemoryStore::new();
+        let blank = r#"[
+          {"registrationId": "dev-1", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "", "secondaryKey": " "}}},
+          {"enrollmentGroupId": "sensors", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": ""}}}
+        ]"#;
+        let summary = import(&store, &RingCrypto::new(), NOW, parse_import(blank).unwrap()).unwrap();
+        assert_eq!(summary.generated_keys.len(), 2, "{summary:?}");
+        let keys = stored_keys(&store);
+        assert_eq!(
+            Some(&summary.generated_keys[0].primary_key),
+            keys[0].as_ref().unwrap().primary_key.as_ref()
+        );
+        let again = import(&store, &RingCrypto::new(), NOW, parse_import(blank).unwrap()).unwrap();
+        assert!(again.generated_keys.is_empty(), "{again:?}");
+        assert_eq!(stored_keys(&store), keys, "importing blank keys again changes no key");
+    }
+
+    #[test]
+    fn a_key_with_spaces_around_it_is_stored_as_it_is_used() {
+        let store = MemoryStore::new();
+        let key = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
+        let spaced = format!(
+            r#"[{{"registrationId": "dev-1", "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": " {key} ", "secondaryKey": "{key}\n"}}}}}}]"#
+        );
+        import(&store, &RingCrypto::new(), NOW, parse_import(&spaced).unwrap()).unwrap();
+        let stored = store.enrollment(&RegistrationId::new("dev-1").unwrap()).unwrap().unwrap();
+        let keys = stored.attestation.symmetric_key.unwrap();
+        assert_eq!((keys.primary_key.as_deref(), keys.secondary_key.as_deref()), (Some(key), Some(key)));
+    }
+
+    #[test]
+    fn an_initial_twin_the_hub_would_refuse_is_refused_at_import() {
+        for (twin, expected) in [
+            (r#"{"tags": [1, 2]}"#, "tags must be a JSON object"),
+            (r#"{"properties": {"desired": {"$bad": 1}}}"#, "`$`"),
+            (r#"{"tags": {"a.b": 1}}"#, "`.`"),
+            (r#"{"properties": {"desired": {"a b": 1}}}"#, "space"),
+        ] {
+            let store = MemoryStore::new();
+            let file = format!(
+                r#"[{{"registrationId": "ok", "attestation": {{"type": "symmetricKey"}}}},
+                    {{"enrollmentGroupId": "g", "attestation": {{"type": "symmetricKey"}}, "initialTwin": {twin}}}]"#
+            );
+            let err = import(&store, &RingCrypto::new(), NOW, parse_import(&file).unwrap()).unwrap_err();
+            let text = err.to_string();
+            assert!(text.starts_with("entry 1: ") && text.contains("initialTwin"), "{twin}: {text}");
+            assert!(text.contains(expected), "{twin}: {text}");
+            assert!(list_enrollments(&store, false).unwrap().is_empty(), "nothing imported");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use zerotouch_proto::service::{
     AttestationMechanism, AttestationType, BulkEnrollmentGroupOperation, BulkEnrollmentGroupOperationError,
     BulkEnrollmentGroupOperationResult, BulkEnrollmentMode, BulkEnrollmentOperation,
     BulkEnrollmentOperationError, BulkEnrollmentOperationResult, DeviceRegistrationState, EnrollmentGroup,
-    IndividualEnrollment, SymmetricKeyAttestation, X509Certificates,
+    IndividualEnrollment, InitialTwin, SymmetricKeyAttestation, X509Certificates,
 };
 use zerotouch_proto::{ETag, EnrollmentGroupId, IfMatch, RegistrationId, Timestamp};
 
@@ -23,6 +23,7 @@ use crate::store::{
     CaCertificate, CaCertificateStore, EnrollmentGroupStore, EnrollmentRef, EnrollmentStore, Page,
     PageRequest, Precondition, RegistrationStore,
 };
+use crate::twin::TwinDocument;
 
 /// Most items one bulk operation may carry (spec §9).
 pub const MAX_BULK_ITEMS: usize = 10;
@@ -54,6 +55,19 @@ fn store_error(e: StoreError, what: impl Into<String>) -> Error {
     }
 }
 
+/// Refuses an initial twin that the hub would refuse at every assignment: tags or desired
+/// properties that are not objects, or that break a twin rule (reserved or illegal key
+/// characters, depth, size; hub-registry-twin §5.5).
+fn check_initial_twin(now: Timestamp, initial: Option<&InitialTwin>) -> Result<(), Error> {
+    let Some(initial) = initial else { return Ok(()) };
+    TwinDocument::from_initial_twin(now, initial).map(drop).map_err(|e| match e {
+        Error::BadRequest(m) if !m.starts_with("initialTwin") => {
+            Error::BadRequest(format!("initialTwin: {m}"))
+        }
+        other => other,
+    })
+}
+
 /// Fills generated keys and certificate info; rejects attestation that cannot work.
 fn normalize_attestation(
     crypto: &dyn CryptoProvider,
@@ -63,11 +77,15 @@ fn normalize_attestation(
     match attestation.kind {
         AttestationType::SymmetricKey => {
             let keys = attestation.symmetric_key.get_or_insert_with(SymmetricKeyAttestation::default);
+            // A blank key is an absent one (generated); a key is stored as it is used, trimmed.
             for key in [&mut keys.primary_key, &mut keys.secondary_key] {
                 match key.as_deref().map(str::trim) {
                     None | Some("") => *key = Some(generated_key(crypto)?),
                     Some(k) => {
                         symmetric::decode_key(k)?;
+                        if k.len() != key.as_deref().map_or(0, str::len) {
+                            *key = Some(k.to_owned());
+                        }
                     }
                 }
             }
@@ -186,6 +204,7 @@ pub fn put_enrollment<S: EnrollmentStore + RegistrationStore + ?Sized>(
     if_match: &IfMatch,
 ) -> Result<IndividualEnrollment, Error> {
     normalize_attestation(crypto, &mut enrollment.attestation, true)?;
+    check_initial_twin(now, enrollment.initial_twin.as_ref())?;
     let existing = store.enrollment(&enrollment.registration_id)?;
     enrollment.registration_state = None;
     enrollment.created_date_time_utc =
@@ -362,6 +381,7 @@ fn put_group_with<S: EnrollmentGroupStore + ?Sized>(
         return Err(Error::BadRequest("an enrollment group needs x509 or symmetricKey attestation".into()));
     }
     normalize_attestation(crypto, &mut group.attestation, false)?;
+    check_initial_twin(now, group.initial_twin.as_ref())?;
     let existing = store.enrollment_group(&group.enrollment_group_id)?;
     group.created_date_time_utc =
         Some(existing.as_ref().and_then(|g| g.created_date_time_utc).unwrap_or(now));
