@@ -123,6 +123,50 @@ pub fn unknown_fields(text: &str, entries: &[ImportEntry]) -> Vec<(usize, Vec<St
         .collect()
 }
 
+/// The warnings `enrollments import` prints for an import file: fields outside the schema (kept
+/// at the top level, dropped deeper down) and attestation members of another type than the
+/// entry's (dropped).
+pub fn import_warnings(text: &str, entries: &[ImportEntry]) -> Vec<String> {
+    let quoted = |fields: &[&String]| fields.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", ");
+    let mut warnings = Vec::new();
+    for (index, fields) in unknown_fields(text, entries) {
+        let (top, nested): (Vec<&String>, Vec<&String>) =
+            fields.iter().partition(|f| !f.contains('.') && !f.contains('['));
+        if !top.is_empty() {
+            warnings.push(format!(
+                "entry {index}: {} not part of the enrollment schema; kept but unused (misspelled?)",
+                quoted(&top)
+            ));
+        }
+        if !nested.is_empty() {
+            warnings.push(format!(
+                "entry {index}: {} not part of the enrollment schema; ignored (misspelled?)",
+                quoted(&nested)
+            ));
+        }
+    }
+    for (index, entry) in entries.iter().enumerate() {
+        let attestation = match entry {
+            ImportEntry::Individual(e) => &e.attestation,
+            ImportEntry::Group(g) => &g.attestation,
+        };
+        let members = [
+            ("symmetricKey", attestation.symmetric_key.is_some(), AttestationType::SymmetricKey),
+            ("x509", attestation.x509.is_some(), AttestationType::X509),
+            ("tpm", attestation.tpm.is_some(), AttestationType::Tpm),
+        ];
+        for (name, present, kind) in members {
+            if present && attestation.kind != kind {
+                warnings.push(format!(
+                    "entry {index}: attestation.{name} ignored: the attestation type is {}",
+                    attestation.kind
+                ));
+            }
+        }
+    }
+    warnings
+}
+
 /// The entries whose allocation policy is `custom`: `zerotouch serve` installs no custom
 /// allocator (it calls no webhook), so their registrations can only fail.
 pub fn custom_allocation_entries(entries: &[ImportEntry]) -> Vec<usize> {
@@ -571,6 +615,32 @@ mod tests {
 
         let err = parse_import(r#"[{"attestation": {"type": "symmetricKey"}}]"#).unwrap_err();
         assert!(err.to_string().contains("needs registrationId"), "{err}");
+    }
+
+    #[test]
+    fn import_warnings_say_which_fields_are_kept_and_which_are_ignored() {
+        let text = r#"[{"registrationId": "a", "attestation": {"type": "symmetricKey"}, "deviceID": "d",
+                        "reprovisionPolicy": {"updatehubassignment": false},
+                        "initialTwin": {"properties": {"reported": {"x": 1}}}},
+                       {"enrollmentGroupId": "g", "attestation": {"type": "symmetricKey",
+                        "x509": {"signingCertificates": {"primary": {"certificate": "PEM"}}}}}]"#;
+        let warnings = import_warnings(text, &parse_import(text).unwrap());
+        assert_eq!(
+            warnings,
+            vec![
+                r#"entry 0: "deviceID" not part of the enrollment schema; kept but unused (misspelled?)"#,
+                r#"entry 0: "reprovisionPolicy.updatehubassignment", "initialTwin.properties.reported" not part of the enrollment schema; ignored (misspelled?)"#,
+                "entry 1: attestation.x509 ignored: the attestation type is symmetricKey",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_x509_enrollment_as_dps_reads_return_it_is_refused_with_what_to_put_back() {
+        let reply = include_str!("../../testdata/dps/service_enrollment_x509_reply.json");
+        let entries = parse_import(&format!("[{reply}]")).unwrap();
+        let err = import(&MemoryStore::new(), &RingCrypto::new(), NOW, entries).unwrap_err().to_string();
+        assert!(err.starts_with("entry 0: ") && err.contains("no `certificate`"), "{err}");
     }
 
     #[test]

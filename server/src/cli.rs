@@ -233,12 +233,8 @@ pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Res
         EnrollmentsCommand::Import { file, .. } => {
             let text = std::fs::read_to_string(file).map_err(|e| ServerError::io(file, e))?;
             let entries = admin::parse_import(&text)?;
-            for (index, fields) in admin::unknown_fields(&text, &entries) {
-                eprintln!(
-                    "zerotouch: warning: entry {index}: {} not part of the enrollment schema; kept but unused \
-                     (misspelled?)",
-                    fields.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", ")
-                );
+            for warning in admin::import_warnings(&text, &entries) {
+                eprintln!("zerotouch: warning: {warning}");
             }
             for index in admin::custom_allocation_entries(&entries) {
                 eprintln!(

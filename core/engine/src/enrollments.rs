@@ -157,8 +157,17 @@ fn normalize_attestation(
 }
 
 fn fill_certificate_info(crypto: &dyn CryptoProvider, certs: &mut X509Certificates) -> Result<(), Error> {
-    if certs.primary.as_ref().and_then(|c| c.certificate.as_ref()).is_none() {
-        return Err(Error::BadRequest("x509 certificates need a primary certificate".into()));
+    match &certs.primary {
+        Some(primary) if primary.certificate.is_some() => {}
+        // What DPS reads return: `info` only. The certificate itself must come back to enroll.
+        Some(primary) if primary.info.is_some() => {
+            return Err(Error::BadRequest(
+                "x509 primary has `info` but no `certificate`; DPS reads leave the certificate out, so \
+                 put the certificate (PEM or base64 DER) back into `certificate`"
+                    .into(),
+            ))
+        }
+        _ => return Err(Error::BadRequest("x509 certificates need a primary `certificate`".into())),
     }
     for slot in [&mut certs.primary, &mut certs.secondary].into_iter().flatten() {
         if let Some(text) = &slot.certificate {
