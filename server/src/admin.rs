@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use serde_json::Value;
+use zerotouch_engine::attestation::x509::Certificate;
 use zerotouch_engine::crypto::CryptoProvider;
 use zerotouch_engine::enrollments;
 use zerotouch_engine::memory::MemoryStore;
@@ -160,6 +161,59 @@ pub fn import_warnings(text: &str, entries: &[ImportEntry]) -> Vec<String> {
                 warnings.push(format!(
                     "entry {index}: attestation.{name} ignored: the attestation type is {}",
                     attestation.kind
+                ));
+            }
+        }
+    }
+    warnings
+}
+
+/// Warnings about entries whose devices cannot be provisioned as the store stands: hubs named in
+/// `iotHubs`/`iotHubHostName` that are not among `known_hubs` (only said when the store knows
+/// some: a fresh store links its hubs when a server first starts on it), `caReferences` (no
+/// command here registers a CA certificate by name), and individual X.509 enrollments whose
+/// registration id is not their certificate's CN (spec §5.2: the device's id is its CN).
+pub fn provisioning_warnings(entries: &[ImportEntry], known_hubs: &[String]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (index, entry) in entries.iter().enumerate() {
+        let (hubs, host_name, attestation) = match entry {
+            ImportEntry::Individual(e) => (&e.iot_hubs, &e.iot_hub_host_name, &e.attestation),
+            ImportEntry::Group(g) => (&g.iot_hubs, &g.iot_hub_host_name, &g.attestation),
+        };
+        if !known_hubs.is_empty() {
+            let unknown: Vec<String> = hubs
+                .iter()
+                .flatten()
+                .chain(host_name)
+                .filter(|hub| !known_hubs.iter().any(|k| k.eq_ignore_ascii_case(hub)))
+                .map(|hub| format!("{hub:?}"))
+                .collect();
+            if !unknown.is_empty() {
+                warnings.push(format!(
+                    "entry {index}: {} not among the hubs of this store ({}); its devices fail until a \
+                     server links it (--hub)",
+                    unknown.join(", "),
+                    known_hubs.join(", ")
+                ));
+            }
+        }
+        let x509 = attestation.x509.as_ref().filter(|_| attestation.kind == AttestationType::X509);
+        if x509.is_some_and(|x| x.ca_references.is_some()) {
+            warnings.push(format!(
+                "entry {index}: caReferences name CA certificates registered with a DPS instance, which \
+                 zerotouch cannot register; its devices fail. Enroll the CA in signingCertificates instead"
+            ));
+        }
+        if let ImportEntry::Individual(e) = entry {
+            let leaf = x509.and_then(|x| x.client_certificates.as_ref()).and_then(|c| c.primary.as_ref());
+            let cert =
+                leaf.and_then(|c| c.certificate.as_deref()).and_then(|t| Certificate::from_text(t).ok());
+            let cn = cert.as_ref().and_then(|c| c.common_name().map(str::to_owned));
+            if let Some(cn) = cn.filter(|cn| !cn.eq_ignore_ascii_case(e.registration_id.as_str())) {
+                warnings.push(format!(
+                    "entry {index}: registrationId {:?} is not the certificate's CN {cn:?}; a device \
+                     registers under its CN, so it will not find this enrollment",
+                    e.registration_id.as_str()
                 ));
             }
         }
@@ -641,6 +695,31 @@ mod tests {
         let entries = parse_import(&format!("[{reply}]")).unwrap();
         let err = import(&MemoryStore::new(), &RingCrypto::new(), NOW, entries).unwrap_err().to_string();
         assert!(err.starts_with("entry 0: ") && err.contains("no `certificate`"), "{err}");
+    }
+
+    #[test]
+    fn entries_whose_devices_cannot_be_provisioned_are_named() {
+        let ca = zerotouch_testkit::certs::TestCa::root("Line Root");
+        let device = ca.device("meter-1");
+        let text = serde_json::json!([
+            {"registrationId": "a", "attestation": {"type": "symmetricKey"}, "iotHubs": ["Hub-1.example", "azure.example"]},
+            {"enrollmentGroupId": "g", "attestation": {"type": "symmetricKey"}, "iotHubHostName": "hub-1.example"},
+            {"enrollmentGroupId": "r", "attestation": {"type": "x509", "x509": {"caReferences": {"primary": "line-ca"}}}},
+            {"registrationId": "meter-2", "attestation": {"type": "x509",
+                "x509": {"clientCertificates": {"primary": {"certificate": device.pem()}}}}},
+            {"registrationId": "meter-1", "attestation": {"type": "x509",
+                "x509": {"clientCertificates": {"primary": {"certificate": device.pem()}}}}}
+        ])
+        .to_string();
+        let entries = parse_import(&text).unwrap();
+        let warnings = provisioning_warnings(&entries, &["hub-1.example".to_owned()]);
+        assert_eq!(warnings.len(), 3, "{warnings:#?}");
+        assert!(warnings[0].starts_with(r#"entry 0: "azure.example" not among the hubs"#), "{}", warnings[0]);
+        assert!(warnings[1].starts_with("entry 2: caReferences"), "{}", warnings[1]);
+        assert!(warnings[2]
+            .starts_with(r#"entry 3: registrationId "meter-2" is not the certificate's CN "meter-1""#));
+        // A store that knows no hub yet says nothing of them.
+        assert_eq!(provisioning_warnings(&entries, &[]).len(), 2);
     }
 
     #[test]

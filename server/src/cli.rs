@@ -233,7 +233,11 @@ pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Res
         EnrollmentsCommand::Import { file, .. } => {
             let text = std::fs::read_to_string(file).map_err(|e| ServerError::io(file, e))?;
             let entries = admin::parse_import(&text)?;
-            for warning in admin::import_warnings(&text, &entries) {
+            let known_hubs = backend.hub_names()?;
+            let warnings = admin::import_warnings(&text, &entries)
+                .into_iter()
+                .chain(admin::provisioning_warnings(&entries, &known_hubs));
+            for warning in warnings {
                 eprintln!("zerotouch: warning: {warning}");
             }
             for index in admin::custom_allocation_entries(&entries) {
