@@ -494,7 +494,10 @@ pub async fn register(args: &RegisterArgs) -> Result<Value, ServerError> {
             serde_json::from_str(payload).map_err(|e| ServerError::Config(format!("--payload: {e}")))?;
         builder = builder.payload(value);
     }
-    let client = builder.build().map_err(|e| ServerError::Registration(e.to_string()))?;
+    let client = builder.build().map_err(|e| match e {
+        zerotouch_transport::client::ClientError::Config(message) => ServerError::Config(message),
+        other => ServerError::Registration(other.to_string()),
+    })?;
     let assignment = client.register().await.map_err(|e| ServerError::Registration(e.to_string()))?;
     serde_json::to_value(&assignment.state).map_err(|e| ServerError::Registration(e.to_string()))
 }

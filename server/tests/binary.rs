@@ -220,6 +220,41 @@ fn device_register_prints_the_registration_state_and_devices_get_finds_the_ident
     let state: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(state["deviceId"], "pump-4");
 
+    // A refusal reads with the service's status and error code; a bad host is the user's setting.
+    let https_host = format!("localhost:{https}");
+    let wrong_key = zerotouch(&[
+        "device",
+        "register",
+        "--provisioning-host",
+        &https_host,
+        "--transport",
+        "https",
+        "--id-scope",
+        "0ne0000CAFE",
+        "--registration-id",
+        "pump-5",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--symmetric-key",
+        "d3Jvbmc=",
+    ]);
+    let stderr = String::from_utf8_lossy(&wrong_key.stderr);
+    assert!(stderr.contains("HTTP 401, error 401002"), "{stderr}");
+    let bad_host = zerotouch(&[
+        "device",
+        "register",
+        "--provisioning-host",
+        "localhost:",
+        "--id-scope",
+        "0ne0000CAFE",
+        "--registration-id",
+        "pump-6",
+        "--symmetric-key",
+        "d3Jvbmc=",
+    ]);
+    let stderr = String::from_utf8_lossy(&bad_host.stderr);
+    assert!(stderr.starts_with("zerotouch: configuration: "), "{stderr}");
+
     assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
 }
 

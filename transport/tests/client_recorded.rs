@@ -17,7 +17,7 @@ use zerotouch_transport::client::{
     ClientError, FailureKind, ProvisioningClient, ProvisioningClientBuilder, Transport,
 };
 
-use client_support::{azure_dir, scenario, ScriptedPeer, ServerCert};
+use client_support::{azure_dir, scenario, Exchange, ScriptedPeer, ServerCert};
 
 const SCOPE: &str = "0ne00111111";
 const DEVICE_KEY: &str =
@@ -226,6 +226,106 @@ async fn mqtt_connect_refused_with_not_authorized_is_an_auth_error() {
     assert!(e.is_unauthorized());
     let username = peer.usernames.lock().unwrap()[0].clone();
     assert!(username.starts_with("0ne00111111/registrations/my-symkey-device/api-version=2021-06-01&ClientVersion=zerotouch-device%2F"), "{username}");
+}
+
+/// A register reply `assigning` with `retry-after: {retry_after}`, then `polls` poll replies: all
+/// `assigning` (retry-after 1 s) but the last, which is `assigned` when `assigned_at_last`.
+fn assigning_script(retry_after: &str, polls: usize, assigned_at_last: bool) -> Vec<Exchange> {
+    let op = "5.316aac5bdc130deb.b1e02da8-c3a0-4ff2-a121-7ea7a6b7f550";
+    let assigning = json!({"operationId": op, "status": "assigning",
+        "registrationState": {"registrationId": "my-symkey-device", "status": "assigning"}});
+    let assigned = json!({"operationId": op, "status": "assigned", "registrationState": {
+        "registrationId": "my-symkey-device", "assignedHub": "hub.example", "deviceId": "my-symkey-device",
+        "status": "assigned", "substatus": "initialAssignment"}});
+    let exchange = |request: &str, retry_after: Option<&str>, body: &Value| Exchange {
+        request: request.to_owned(),
+        status: 202,
+        retry_after: retry_after.map(str::to_owned),
+        body: body.clone(),
+    };
+    let mut script = vec![exchange("register", Some(retry_after), &assigning)];
+    for n in 1..=polls {
+        script.push(if n == polls && assigned_at_last {
+            Exchange { status: 200, ..exchange("poll", None, &assigned) }
+        } else {
+            exchange("poll", Some("1"), &assigning)
+        });
+    }
+    script
+}
+
+async fn scripted(transport: Transport, cert: &ServerCert, script: Vec<Exchange>) -> ScriptedPeer {
+    match transport {
+        Transport::Https => ScriptedPeer::https(cert, script).await,
+        _ => ScriptedPeer::mqtt(cert, script, ConnectReturnCode::Success).await,
+    }
+}
+
+#[tokio::test]
+async fn a_retry_after_that_is_not_a_number_means_the_default_wait_on_every_transport() {
+    for t in TRANSPORTS {
+        for odd in ["abc", "-1", "1.5"] {
+            let cert = ServerCert::new();
+            let peer = scripted(t, &cert, assigning_script(odd, 1, true)).await;
+            let started = Instant::now();
+            let assignment = client(t, &cert, &peer, "my-symkey-device").register().await;
+            assert_eq!(assignment.unwrap().assigned_hub, "hub.example", "{t}, retry-after {odd}");
+            // The reply counted (no 10 s reply timeout) and the poll came after the default 2 s.
+            let waited = started.elapsed();
+            assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(8), "{t}: {waited:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_service_that_keeps_answering_assigning_is_given_up_at_the_registration_timeout() {
+    for t in TRANSPORTS {
+        let cert = ServerCert::new();
+        let peer = scripted(t, &cert, assigning_script("1", 30, false)).await;
+        let started = Instant::now();
+        let e = client_builder(t, &cert, &peer, "my-symkey-device")
+            .registration_timeout(Duration::from_secs(3))
+            .build()
+            .unwrap()
+            .register()
+            .await
+            .unwrap_err();
+        assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{t}: {e}");
+        assert!(e.to_string().contains("registration timeout"), "{t}: {e}");
+        assert!(started.elapsed() < Duration::from_secs(6), "{t}: {:?}", started.elapsed());
+        assert!(peer.seen().len() <= 4, "{t}: {} requests", peer.seen().len());
+    }
+}
+
+#[tokio::test]
+async fn an_mqtt_connect_waits_the_whole_connect_timeout_and_names_the_server() {
+    let cert = ServerCert::new();
+    // Accepts TLS, reads the CONNECT and never answers it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut sink = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut sink).await;
+    });
+    let started = Instant::now();
+    let e = ProvisioningClient::builder(SCOPE, "my-symkey-device")
+        .provisioning_host(addr.to_string())
+        .transport(Transport::Mqtt)
+        .symmetric_key(DEVICE_KEY)
+        .ca_pem(cert.ca_pem.clone())
+        .connect_timeout(Duration::from_secs(7))
+        .build()
+        .unwrap()
+        .register()
+        .await
+        .unwrap_err();
+    // rumqttc's own limit is 5 s; the documented setting decides.
+    assert!(started.elapsed() >= Duration::from_millis(6_500), "{:?}: {e}", started.elapsed());
+    assert!(e.to_string().contains(&addr.to_string()), "{e}");
+    server.abort();
 }
 
 #[tokio::test]

@@ -94,11 +94,16 @@ pub struct RegistrationConfig {
     /// How many times in a row a throttled (429) or failed (5xx) request is resent before the
     /// machine gives up with [`FailureKind::Throttled`].
     pub max_throttle_retries: u32,
+    /// How long the whole registration may take, from the first request to the outcome, before
+    /// it fails with [`FailureKind::Timeout`]: a service that answers `assigning` for ever, or
+    /// keeps throttling, does not hold the device for ever.
+    pub registration_timeout: Duration,
 }
 
 impl RegistrationConfig {
     /// A configuration with the defaults: api-version `2021-06-01`, 3600 s tokens, 30 s request
-    /// timeout, 2 s default retry-after and 5 throttle retries.
+    /// timeout, 2 s default retry-after, 5 throttle retries and 15 min for the whole
+    /// registration.
     pub fn new(id_scope: IdScope, registration_id: RegistrationId, credential: DeviceCredential) -> Self {
         Self {
             id_scope,
@@ -110,12 +115,13 @@ impl RegistrationConfig {
             request_timeout: Duration::from_secs(30),
             default_retry_after: Duration::from_secs(2),
             max_throttle_retries: 5,
+            registration_timeout: Duration::from_secs(900),
         }
     }
 }
 
-/// A request the transport must send now.
-#[derive(Debug, Clone, PartialEq)]
+/// A request the transport must send now. `Debug` leaves the SAS token out.
+#[derive(Clone, PartialEq)]
 pub enum Transmit {
     /// Register: HTTP `PUT {scope}/registrations/{id}/register`, or MQTT
     /// `$dps/registrations/PUT/iotdps-register/?$rid=..` with `body` as JSON.
@@ -134,6 +140,24 @@ pub enum Transmit {
         /// The full SAS token, as for [`Transmit::Register`]; `None` for X.509.
         authorization: Option<String>,
     },
+}
+
+impl fmt::Debug for Transmit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let token = |authorization: &Option<String>| authorization.as_ref().map(|_| "<redacted>");
+        match self {
+            Self::Register { body, authorization } => f
+                .debug_struct("Register")
+                .field("body", body)
+                .field("authorization", &token(authorization))
+                .finish(),
+            Self::PollStatus { operation_id, authorization } => f
+                .debug_struct("PollStatus")
+                .field("operation_id", operation_id)
+                .field("authorization", &token(authorization))
+                .finish(),
+        }
+    }
 }
 
 /// A reply from DPS, whatever the transport: the HTTP status and `Retry-After` header, or the
@@ -188,7 +212,8 @@ pub enum FailureKind {
     Service,
     /// The operation finished with `status: "failed"` (see `error_code`), or `"disabled"`.
     Failed,
-    /// No reply arrived within [`RegistrationConfig::request_timeout`].
+    /// No reply arrived within [`RegistrationConfig::request_timeout`], or no outcome within
+    /// [`RegistrationConfig::registration_timeout`].
     Timeout,
     /// The reply could not be understood (unparsable body, unknown status, missing fields).
     Protocol,
@@ -212,9 +237,11 @@ impl fmt::Display for FailureKind {
     }
 }
 
-/// Why a registration ended without an assignment.
+/// Why a registration ended without an assignment. Displayed with the status and error code
+/// the service sent, e.g. `registration failed (unauthorized; HTTP 401, error 401002):
+/// Unauthorized`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("registration failed ({kind}): {message}")]
+#[error("registration failed ({kind}{}): {message}", wire_suffix(*.status, *.error_code))]
 pub struct RegistrationFailure {
     /// The category of the failure.
     pub kind: FailureKind,
@@ -224,6 +251,16 @@ pub struct RegistrationFailure {
     pub error_code: Option<u32>,
     /// The service's message, or ours when the service sent none.
     pub message: String,
+}
+
+/// `; HTTP 401, error 401002` (what of it the service sent).
+fn wire_suffix(status: Option<u16>, error_code: Option<u32>) -> String {
+    match (status, error_code) {
+        (Some(status), Some(code)) => format!("; HTTP {status}, error {code}"),
+        (Some(status), None) => format!("; HTTP {status}"),
+        (None, Some(code)) => format!("; error {code}"),
+        (None, None) => String::new(),
+    }
 }
 
 /// The outcome of a registration.
@@ -289,6 +326,8 @@ pub struct Registration {
     throttle_retries: u32,
     token: Option<CachedToken>,
     event: Option<RegistrationEvent>,
+    /// When the whole registration must have an outcome (set by the first request).
+    gives_up_at: Option<Timestamp>,
 }
 
 impl fmt::Debug for Registration {
@@ -313,6 +352,7 @@ impl Registration {
             throttle_retries: 0,
             token: None,
             event: None,
+            gives_up_at: None,
         }
     }
 
@@ -330,12 +370,18 @@ impl Registration {
         }
     }
 
-    /// The next request to send, if one is due at `now`. The reply deadline starts now.
+    /// The next request to send, if one is due at `now`. The reply deadline starts now (the
+    /// whole registration's at the first request).
     pub fn poll_transmit(&mut self, now: Timestamp) -> Option<Transmit> {
         let request = match &self.state {
             State::Ready { request, not_before } if not_before.is_none_or(|t| now >= t) => request.clone(),
             _ => return None,
         };
+        let gives_up_at = *self.gives_up_at.get_or_insert(now + self.config.registration_timeout);
+        if now >= gives_up_at {
+            self.give_up();
+            return None;
+        }
         let authorization = self.authorization(now);
         let transmit = match &request {
             Request::Register => Transmit::Register {
@@ -387,10 +433,14 @@ impl Registration {
     /// deadline) or can send again (the end of a retry-after wait). `None` when finished or when
     /// a request is due immediately.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        match &self.state {
+        let next = match &self.state {
             State::Ready { not_before, .. } => *not_before,
             State::AwaitingReply { deadline, .. } => Some(*deadline),
-            State::Finished => None,
+            State::Finished => return None,
+        };
+        match (next, self.gives_up_at) {
+            (Some(next), Some(end)) => Some(next.min(end)),
+            (next, _) => next,
         }
     }
 
@@ -398,6 +448,9 @@ impl Registration {
     /// A finished retry-after wait needs nothing here; the next
     /// [`poll_transmit`](Registration::poll_transmit) sends.
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        if !matches!(self.state, State::Finished) && self.gives_up_at.is_some_and(|end| now >= end) {
+            return self.give_up();
+        }
         if let State::AwaitingReply { request, deadline } = &self.state {
             if now >= *deadline {
                 let what = match request {
@@ -490,6 +543,20 @@ impl Registration {
         };
         self.throttle_retries += 1;
         self.state = State::Ready { request, not_before: Some(now + wait) };
+    }
+
+    /// Ends the registration that ran out of [`RegistrationConfig::registration_timeout`].
+    fn give_up(&mut self) {
+        let message = format!(
+            "no outcome within {} s (the registration timeout)",
+            self.config.registration_timeout.as_secs_f64()
+        );
+        self.fail_with(RegistrationFailure {
+            kind: FailureKind::Timeout,
+            status: None,
+            error_code: None,
+            message,
+        });
     }
 
     fn fail_with(&mut self, failure: RegistrationFailure) {

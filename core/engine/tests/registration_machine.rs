@@ -596,3 +596,61 @@ mod any_reply_sequence {
         }
     }
 }
+
+#[test]
+fn a_service_that_answers_assigning_for_ever_ends_in_a_timeout_at_the_registration_deadline() {
+    let mut config = config();
+    config.registration_timeout = secs(60);
+    let mut reg = registered(config);
+    let mut now = t0();
+    let mut polls = 0;
+    while !reg.is_finished() {
+        let due = reg.poll_timeout().expect("a wait or a deadline while running");
+        assert!(due <= t0() + secs(60), "nothing is scheduled past the registration deadline");
+        now = due;
+        reg.handle_timeout(now);
+        if reg.poll_transmit(now).is_some() {
+            polls += 1;
+            reg.handle_response(now, assigning_poll_reply());
+        }
+    }
+    let failure = expect_failure(&mut reg);
+    assert_eq!(failure.kind, FailureKind::Timeout, "{failure:?}");
+    assert!(failure.message.contains("60 s"), "{failure:?}");
+    assert_eq!(now, t0() + secs(60));
+    assert_eq!(polls, 19, "a poll every 3 s until the deadline");
+}
+
+#[test]
+fn a_throttled_resend_waiting_past_the_registration_deadline_is_cut_at_the_deadline() {
+    let mut config = config();
+    config.registration_timeout = secs(100);
+    let mut reg = machine(config);
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(429, Some(300), error_body(429001, "Too many requests")));
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(100)));
+    assert!(reg.poll_transmit(t0() + secs(99)).is_none());
+    reg.handle_timeout(t0() + secs(100));
+    assert_eq!(expect_failure(&mut reg).kind, FailureKind::Timeout);
+}
+
+#[test]
+fn a_failure_reads_with_the_status_and_error_code_the_service_sent() {
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(401, None, error_body(401002, "Unauthorized")));
+    let failure = expect_failure(&mut reg);
+    assert_eq!(
+        failure.to_string(),
+        "registration failed (unauthorized; HTTP 401, error 401002): Unauthorized"
+    );
+}
+
+#[test]
+fn a_request_in_debug_output_shows_no_token() {
+    let mut reg = machine(config());
+    let transmit = reg.poll_transmit(t0()).unwrap();
+    let shown = format!("{transmit:?}");
+    assert!(shown.contains("Register") && shown.contains("<redacted>"), "{shown}");
+    assert!(!shown.contains("sig=") && !shown.contains("SharedAccessSignature"), "{shown}");
+}

@@ -221,11 +221,13 @@ impl ResponseTopic {
         Self { status, rid: request.rid().to_owned(), retry_after }
     }
 
-    /// Parses a reply topic as our device client receives it. Unknown properties are ignored.
+    /// Parses a reply topic as our device client receives it. Unknown properties are ignored,
+    /// and so is a `retry-after` that is not a whole number of seconds (`None`: the device waits
+    /// its default, as the SDKs do, spec §1.7); the reply itself still counts.
     ///
     /// # Errors
-    /// [`ProtoError::InvalidTopic`] when the prefix, status, `$rid` or `retry-after` is missing
-    /// or malformed, or a property repeats.
+    /// [`ProtoError::InvalidTopic`] when the prefix, status or `$rid` is missing or malformed,
+    /// or a property repeats.
     pub fn parse(topic: &str) -> Result<Self, ProtoError> {
         let invalid = |why: &str| ProtoError::InvalidTopic(format!("{why}: {topic:?}"));
         let rest =
@@ -252,9 +254,7 @@ impl ResponseTopic {
         }
         let rid = rid.ok_or_else(|| invalid("missing $rid"))?;
         check_rid(rid, topic)?;
-        let retry_after = retry_after
-            .map(|v| v.parse::<u32>().map_err(|_| invalid("retry-after is not a whole number of seconds")))
-            .transpose()?;
+        let retry_after = retry_after.and_then(|v| v.parse::<u32>().ok());
         Ok(Self { status, rid: rid.to_owned(), retry_after })
     }
 }
@@ -341,7 +341,11 @@ mod tests {
         assert_eq!(t, ResponseTopic { status: 202, rid: "1".into(), retry_after: Some(3) });
         assert_eq!(t.to_string(), "$dps/registrations/res/202/?$rid=1&retry-after=3");
         assert!(ResponseTopic::parse("$dps/registrations/res/200/").is_err());
-        assert!(ResponseTopic::parse("$dps/registrations/res/202/?$rid=1&retry-after=soon").is_err());
+        for odd in ["soon", "-1", "", "1.5", "99999999999"] {
+            let t = ResponseTopic::parse(&format!("$dps/registrations/res/202/?$rid=1&retry-after={odd}"))
+                .unwrap();
+            assert_eq!((t.status, t.rid.as_str(), t.retry_after), (202, "1", None), "retry-after={odd}");
+        }
         let req =
             DeviceRequest::parse_topic("$dps/registrations/PUT/iotdps-register/?$rid=2a6c1e77-5b1a").unwrap();
         assert_eq!(

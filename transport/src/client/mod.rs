@@ -119,6 +119,7 @@ pub struct ProvisioningClientBuilder {
     connect_timeout: Duration,
     token_ttl: Option<Duration>,
     max_throttle_retries: Option<u32>,
+    registration_timeout: Option<Duration>,
 }
 
 impl ProvisioningClientBuilder {
@@ -222,6 +223,13 @@ impl ProvisioningClientBuilder {
         self
     }
 
+    /// How long the whole registration may take, connection and waits included, before it fails
+    /// with a timeout (default 15 min).
+    pub fn registration_timeout(mut self, timeout: Duration) -> Self {
+        self.registration_timeout = Some(timeout);
+        self
+    }
+
     /// Checks the settings, derives the device key of a group member and builds the TLS
     /// configuration.
     ///
@@ -273,6 +281,9 @@ impl ProvisioningClientBuilder {
         }
         if let Some(n) = self.max_throttle_retries {
             config.max_throttle_retries = n;
+        }
+        if let Some(timeout) = self.registration_timeout {
+            config.registration_timeout = timeout;
         }
         config.request_timeout = self.request_timeout;
         Ok(ProvisioningClient {
@@ -380,6 +391,7 @@ impl ProvisioningClient {
             connect_timeout: Duration::from_secs(30),
             token_ttl: None,
             max_throttle_retries: None,
+            registration_timeout: None,
         }
     }
 
@@ -403,18 +415,19 @@ impl ProvisioningClient {
     /// could not be set up or was lost.
     pub async fn register(&self) -> Result<Assignment, ClientError> {
         let mut registration = Registration::new(self.config.clone(), self.crypto.clone());
+        let clock = Clock::start();
         // The first transmit carries the SAS token that MQTT needs as its CONNECT password.
         let first = registration
-            .poll_transmit(now())
+            .poll_transmit(clock.now())
             .ok_or_else(|| ClientError::Connection("the registration produced no register request".into()))?;
         match self.transport {
             Transport::Mqtt | Transport::MqttWs => {
                 let link = mqtt::MqttLink::connect(self, &first).await?;
-                drive(registration, link, first).await
+                drive(registration, link, first, clock).await
             }
             Transport::Https => {
                 let link = https::HttpsLink::new(self);
-                drive(registration, link, first).await
+                drive(registration, link, first, clock).await
             }
         }
     }
@@ -436,10 +449,12 @@ async fn drive<L: Link>(
     mut registration: Registration,
     mut link: L,
     first: Transmit,
+    clock: Clock,
 ) -> Result<Assignment, ClientError> {
     let mut pending = Some(first);
     let outcome = loop {
-        while let Some(transmit) = pending.take().or_else(|| registration.poll_transmit(now())) {
+        while let Some(transmit) = pending.take().or_else(|| registration.poll_transmit(clock.now())) {
+            tracing::debug!(request = request_name(&transmit), "sending");
             if let Err(e) = link.send(&transmit).await {
                 link.close().await;
                 return Err(e);
@@ -448,7 +463,7 @@ async fn drive<L: Link>(
         if let Some(event) = registration.poll_event() {
             break event;
         }
-        let wait = registration.poll_timeout().map(|t| t.saturating_since(now()));
+        let wait = registration.poll_timeout().map(|t| t.saturating_since(clock.now()));
         let timer = async {
             match wait {
                 Some(d) => tokio::time::sleep(d).await,
@@ -460,12 +475,18 @@ async fn drive<L: Link>(
             () = timer => None,
         };
         match reply {
-            Some(Ok(response)) => registration.handle_response(now(), response),
+            Some(Ok(response)) => {
+                tracing::debug!(status = response.status, retry_after = ?response.retry_after, "reply");
+                registration.handle_response(clock.now(), response);
+            }
             Some(Err(e)) => {
                 link.close().await;
                 return Err(e);
             }
-            None => registration.handle_timeout(now()),
+            None => registration.handle_timeout(clock.now()),
+        }
+        if let Some(wait) = registration.poll_timeout().map(|t| t.saturating_since(clock.now())) {
+            tracing::debug!(wait_secs = wait.as_secs_f64(), "waiting");
         }
         if let Some(event) = registration.poll_event() {
             break event;
@@ -478,9 +499,30 @@ async fn drive<L: Link>(
     }
 }
 
-/// The wall clock as the engine's timestamp: SAS expiries are absolute Unix times.
-fn now() -> Timestamp {
-    crate::service::now()
+fn request_name(transmit: &Transmit) -> &'static str {
+    match transmit {
+        Transmit::Register { .. } => "register",
+        Transmit::PollStatus { .. } => "operation status",
+    }
+}
+
+/// A registration's clock: the wall clock read once at the start (SAS expiries are absolute Unix
+/// times), advanced by the monotonic clock, so that a wall clock stepped back or forth (NTP)
+/// neither stretches nor cuts the waits and deadlines of a running registration.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    start: Timestamp,
+    started: tokio::time::Instant,
+}
+
+impl Clock {
+    fn start() -> Self {
+        Self { start: crate::service::now(), started: tokio::time::Instant::now() }
+    }
+
+    fn now(&self) -> Timestamp {
+        self.start + self.started.elapsed()
+    }
 }
 
 #[cfg(test)]

@@ -75,9 +75,14 @@ impl MqttLink {
             .set_clean_session(true)
             .set_max_packet_size(MAX_PACKET, MAX_PACKET)
             .set_credentials(username.to_string(), password);
-        let (mqtt, eventloop) = AsyncClient::new(options, 8);
+        let (mqtt, mut eventloop) = AsyncClient::new(options, 8);
+        // rumqttc gives up connecting after its own 5 s unless told otherwise; the whole
+        // handshake is bounded by `connect_timeout` below, so its part may take as long.
+        let mut network = eventloop.network_options();
+        network.set_connection_timeout(client.connect_timeout.as_secs().max(1) + 1);
+        eventloop.set_network_options(network);
         let (tx, inbound) = mpsc::unbounded_channel();
-        let task = tokio::spawn(pump(eventloop, tx));
+        let task = tokio::spawn(pump(eventloop, tx, client.endpoint.authority()));
         let mut link = Self { client: mqtt, inbound, task, next_rid: 1, awaited_rid: None };
         match tokio::time::timeout(client.connect_timeout, link.handshake()).await {
             Ok(Ok(())) => Ok(link),
@@ -88,7 +93,8 @@ impl MqttLink {
             Err(_) => {
                 link.task.abort();
                 Err(ClientError::Connection(format!(
-                    "no CONNACK and SUBACK within {} s",
+                    "no CONNACK and SUBACK from {} within {} s",
+                    client.endpoint.authority(),
                     client.connect_timeout.as_secs_f64()
                 )))
             }
@@ -167,8 +173,9 @@ impl Drop for MqttLink {
 }
 
 /// Drives rumqttc's event loop (it connects, sends and acknowledges) and forwards what the link
-/// needs. Ends at the first connection error: DPS sessions are not resumed.
-async fn pump(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Inbound>) {
+/// needs. Ends at the first connection error (named with `authority`, the server's host and
+/// port): DPS sessions are not resumed.
+async fn pump(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Inbound>, authority: String) {
     loop {
         let inbound = match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => Inbound::Connected,
@@ -191,7 +198,7 @@ async fn pump(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Inbound>) {
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => continue,
             Err(e) => {
-                let _ = tx.send(Inbound::Closed(connection_error(e)));
+                let _ = tx.send(Inbound::Closed(connection_error(e, &authority)));
                 return;
             }
         };
@@ -201,7 +208,7 @@ async fn pump(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Inbound>) {
     }
 }
 
-fn connection_error(e: ConnectionError) -> ClientError {
+fn connection_error(e: ConnectionError, authority: &str) -> ClientError {
     match e {
         ConnectionError::ConnectionRefused(code) => {
             let (return_code, reason) = match code {
@@ -214,7 +221,7 @@ fn connection_error(e: ConnectionError) -> ClientError {
             };
             ClientError::ConnectRefused { return_code, reason }
         }
-        other => ClientError::Connection(other.to_string()),
+        other => ClientError::Connection(format!("{authority}: {other}")),
     }
 }
 

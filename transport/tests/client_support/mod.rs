@@ -71,7 +71,8 @@ pub struct Exchange {
     /// `register` or `poll`.
     pub request: String,
     pub status: u16,
-    pub retry_after: Option<u32>,
+    /// The `retry-after` value as sent: seconds, or any text a faulty service might send.
+    pub retry_after: Option<String>,
     pub body: Value,
 }
 
@@ -97,7 +98,7 @@ pub fn scenario(name: &str) -> Scenario {
         .map(|e| Exchange {
             request: e["request"].as_str().unwrap().to_owned(),
             status: u16::try_from(e["status"].as_u64().unwrap()).unwrap(),
-            retry_after: e.get("retryAfter").and_then(Value::as_u64).map(|s| u32::try_from(s).unwrap()),
+            retry_after: e.get("retryAfter").map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned)),
             body: e["body"].clone(),
         })
         .collect();
@@ -222,8 +223,8 @@ async fn answer_http(
     let exchange = next_reply(script, request);
     let mut response =
         Response::builder().status(exchange.status).header("content-type", "application/json; charset=utf-8");
-    if let Some(secs) = exchange.retry_after {
-        response = response.header("retry-after", secs.to_string());
+    if let Some(value) = &exchange.retry_after {
+        response = response.header("retry-after", value.as_str());
     }
     response.body(Full::new(Bytes::from(serde_json::to_vec(&exchange.body).unwrap()))).unwrap()
 }
@@ -286,13 +287,13 @@ async fn serve_mqtt<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                     body: publish.payload.clone(),
                 });
                 let exchange = next_reply(&script, kind);
-                let topic = ResponseTopic::reply_to(&request, exchange.status, exchange.retry_after);
+                let mut topic = ResponseTopic::reply_to(&request, exchange.status, None).to_string();
+                if let Some(value) = &exchange.retry_after {
+                    topic = format!("{topic}&retry-after={value}");
+                }
                 pkid = pkid % 60_000 + 1;
-                let mut reply = Publish::new(
-                    topic.to_string(),
-                    QoS::AtLeastOnce,
-                    serde_json::to_vec(&exchange.body).unwrap(),
-                );
+                let mut reply =
+                    Publish::new(topic, QoS::AtLeastOnce, serde_json::to_vec(&exchange.body).unwrap());
                 reply.pkid = pkid;
                 Packet::Publish(reply).write(&mut out, MAX).unwrap();
             }
