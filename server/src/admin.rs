@@ -60,6 +60,31 @@ pub struct GeneratedKeys {
     pub secondary_key: String,
 }
 
+/// The text of an import file: UTF-8, with or without a byte-order mark (Windows editors write
+/// one).
+///
+/// # Errors
+/// [`ServerError::Config`] for UTF-16 (what PowerShell 5's `>` writes) and for bytes that are not
+/// UTF-8, naming the line and byte offset of the first one.
+pub fn import_text(bytes: Vec<u8>) -> Result<String, ServerError> {
+    if bytes.starts_with(&[0xFF, 0xFE]) || bytes.starts_with(&[0xFE, 0xFF]) {
+        return Err(ServerError::Config(
+            "the import file is UTF-16 (PowerShell's `>` writes that); save it as UTF-8".into(),
+        ));
+    }
+    let bytes = match bytes.strip_prefix(&[0xEF, 0xBB, 0xBF]) {
+        Some(rest) => rest.to_vec(),
+        None => bytes,
+    };
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|b| **b == b'\n').count() + 1;
+        ServerError::Config(format!(
+            "the import file is not UTF-8: line {line}, byte {at} (save it as UTF-8)"
+        ))
+    })
+}
+
 /// Parses an import file: a JSON array of enrollments in the DPS service API schema, each an
 /// individual enrollment (`registrationId`) or an enrollment group (`enrollmentGroupId`).
 ///
@@ -720,6 +745,16 @@ mod tests {
             .starts_with(r#"entry 3: registrationId "meter-2" is not the certificate's CN "meter-1""#));
         // A store that knows no hub yet says nothing of them.
         assert_eq!(provisioning_warnings(&entries, &[]).len(), 2);
+    }
+
+    #[test]
+    fn an_import_file_may_start_with_a_byte_order_mark_but_must_be_utf8() {
+        let text = import_text(b"\xEF\xBB\xBF[]".to_vec()).unwrap();
+        assert!(parse_import(&text).unwrap().is_empty());
+        let utf16 = import_text(b"\xFF\xFE[\0]\0".to_vec()).unwrap_err().to_string();
+        assert!(utf16.contains("UTF-16"), "{utf16}");
+        let latin1 = import_text(b"[\n{\"registrationId\": \"caf\xE9\"}]".to_vec()).unwrap_err().to_string();
+        assert!(latin1.contains("not UTF-8: line 2, byte 25"), "{latin1}");
     }
 
     #[test]

@@ -231,7 +231,7 @@ pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Res
     let store = backend.provisioning()?;
     match command {
         EnrollmentsCommand::Import { file, .. } => {
-            let text = std::fs::read_to_string(file).map_err(|e| ServerError::io(file, e))?;
+            let text = admin::import_text(std::fs::read(file).map_err(|e| ServerError::io(file, e))?)?;
             let entries = admin::parse_import(&text)?;
             let known_hubs = backend.hub_names()?;
             let warnings = admin::import_warnings(&text, &entries)
