@@ -92,13 +92,16 @@ pub fn import_text(bytes: Vec<u8>) -> Result<String, ServerError> {
 /// [`ServerError::Import`] naming the first bad entry and its field; [`ServerError::Config`]
 /// when the text is not a JSON array.
 pub fn parse_import(text: &str) -> Result<Vec<ImportEntry>, ServerError> {
-    let items: Vec<Value> = serde_json::from_str(text).map_err(|e| {
+    let items = raw_items(text).map_err(|e| {
         ServerError::Config(format!("the import file must be a JSON array of enrollments: {e}"))
     })?;
     let mut seen: HashMap<(bool, String), usize> = HashMap::new();
     let mut entries = Vec::with_capacity(items.len());
-    for (index, item) in items.into_iter().enumerate() {
+    for (index, raw) in items.into_iter().enumerate() {
         let bad = |message: String| ServerError::Import { index, message };
+        // One entry's tree at a time: a file of a million entries as one tree of values would
+        // take many times the file's size.
+        let item: Value = serde_json::from_str(raw.get()).map_err(|e| bad(e.to_string()))?;
         let Some(object) = item.as_object() else {
             return Err(bad("expected a JSON object".into()));
         };
@@ -127,23 +130,29 @@ pub fn parse_import(text: &str) -> Result<Vec<ImportEntry>, ServerError> {
     Ok(entries)
 }
 
+/// The entries of an import file, each as its text.
+fn raw_items(text: &str) -> Result<Vec<&serde_json::value::RawValue>, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
 /// The fields of each entry, by entry index and path (`reprovisionPolicy.updatehubassignment`),
 /// that are not part of the enrollment schema this server knows: at the top level kept (a newer
 /// DPS API version may add fields) but unused, deeper down dropped. Most often a misspelling whose
 /// setting silently did not apply. Fields set to `null` are not reported.
 pub fn unknown_fields(text: &str, entries: &[ImportEntry]) -> Vec<(usize, Vec<String>)> {
-    let Ok(items) = serde_json::from_str::<Vec<Value>>(text) else { return Vec::new() };
+    let Ok(items) = raw_items(text) else { return Vec::new() };
     items
         .iter()
         .zip(entries)
         .enumerate()
-        .filter_map(|(index, (given, entry))| {
+        .filter_map(|(index, (raw, entry))| {
+            let given: Value = serde_json::from_str(raw.get()).ok()?;
             let (kept, extra) = match entry {
                 ImportEntry::Individual(e) => (to_json(e), &e.extra),
                 ImportEntry::Group(g) => (to_json(g), &g.extra),
             };
             let mut fields: Vec<String> = extra.keys().cloned().collect();
-            dropped(given, &kept, "", &mut fields);
+            dropped(&given, &kept, "", &mut fields);
             (!fields.is_empty()).then_some((index, fields))
         })
         .collect()
@@ -320,8 +329,9 @@ where
         forget_blank_keys(entry);
         keep_keys(store, entry)?;
     }
-    let scratch = MemoryStore::new();
     for (index, entry) in entries.iter().enumerate() {
+        // Each entry on its own: a store holding every entry would double the import's memory.
+        let scratch = MemoryStore::new();
         let checked = match entry.clone() {
             ImportEntry::Individual(e) => {
                 enrollments::put_enrollment(&scratch, crypto, now, *e, &IfMatch::Absent).map(drop)
