@@ -221,6 +221,10 @@ pub struct RegisterArgs {
     /// Custom JSON payload sent with the registration.
     #[arg(long, value_name = "JSON")]
     pub payload: Option<String>,
+    /// Give up when the registration has no outcome after this many seconds (a service that
+    /// keeps answering `assigning` or throttling).
+    #[arg(long, value_name = "SECS", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
+    pub registration_timeout: u64,
 }
 
 /// Runs an enrollments command on `backend`; returns what to print.
@@ -477,7 +481,8 @@ pub async fn register(args: &RegisterArgs) -> Result<Value, ServerError> {
     };
     let mut builder = ProvisioningClient::builder(&args.id_scope, &args.registration_id)
         .provisioning_host(&args.provisioning_host)
-        .transport(transport);
+        .transport(transport)
+        .registration_timeout(std::time::Duration::from_secs(args.registration_timeout));
     builder = match device_credential(args, |name| std::env::var(name).ok())? {
         DeviceCredential::SymmetricKey(key) => builder.symmetric_key(key.as_str()),
         DeviceCredential::GroupKey(key) => builder.group_key(key.as_str()),
@@ -528,6 +533,8 @@ mod tests {
         assert!(with(&["--group-key", "a2V5", "--key", "k.pem"]).is_err());
         assert!(with(&["--cert", "c.pem", "--key", "k.pem"]).is_ok());
         assert!(with(&["--symmetric-key", "a2V5"]).is_ok());
+        assert!(with(&["--symmetric-key", "a2V5", "--registration-timeout", "60"]).is_ok());
+        assert!(with(&["--symmetric-key", "a2V5", "--registration-timeout", "0"]).is_err());
     }
 
     #[test]
