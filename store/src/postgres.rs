@@ -64,6 +64,37 @@ const POOL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long opening one connection to the database may take (an unreachable host).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long data sent to the database may stay unacknowledged before the connection counts as
+/// broken (`TCP_USER_TIMEOUT`), and when an idle connection starts to probe: without them a
+/// database behind a network partition holds a query for the kernel's ~15 min of retransmissions,
+/// or for ever while waiting for its reply.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// `config` with this store's timeouts where the URL sets none: connect, keep-alive probes and
+/// the TCP user timeout (see [`TCP_USER_TIMEOUT`]).
+fn with_timeouts(mut config: postgres::Config) -> postgres::Config {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    // The library's default idle time is 2 h; a URL that asks for exactly that keeps it too.
+    if config.get_keepalives() && config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(KEEPALIVE_IDLE);
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(KEEPALIVE_INTERVAL);
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(KEEPALIVE_RETRIES);
+    }
+    config
+}
+
 /// Rows per statement of a bulk import (a multi-row `INSERT`); PostgreSQL allows 65535
 /// parameters per statement, and a device row takes 5.
 const IMPORT_ROWS_PER_STATEMENT: usize = 1000;
@@ -113,13 +144,11 @@ impl PgStore {
     /// [`StoreError::Backend`] when the URL is malformed, the server cannot be reached, a
     /// migration fails, or the database's schema is newer than this build knows.
     pub fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
-        let mut config: postgres::Config =
+        let config: postgres::Config =
             url.parse().map_err(|e| StoreError::Backend(format!("bad PostgreSQL URL: {e}")))?;
+        let mut config = with_timeouts(config);
         // The server's notices are its remarks on our own statements (the migrations' `IF NOT
         // EXISTS` on every start): not news to an operator. postgres logs them at info.
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
         config.notice_callback(|notice| {
             tracing::debug!(severity = notice.severity(), "PostgreSQL notice: {}", notice.message());
         });
@@ -1333,5 +1362,34 @@ impl JobStore for PgStore {
             }
             Ok(ids.len())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_url_without_timeouts_gets_the_stores_and_its_own_are_kept() {
+        let bare = with_timeouts("postgres://u@db.example/zt".parse().unwrap());
+        assert_eq!(bare.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(bare.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        assert_eq!(bare.get_keepalives_idle(), KEEPALIVE_IDLE);
+        assert_eq!(bare.get_keepalives_interval(), Some(KEEPALIVE_INTERVAL));
+        assert_eq!(bare.get_keepalives_retries(), Some(KEEPALIVE_RETRIES));
+
+        let own = with_timeouts(
+            "host=db.example user=u connect_timeout=9 tcp_user_timeout=7 keepalives_idle=60 \
+             keepalives_interval=2 keepalives_retries=9"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(own.get_connect_timeout(), Some(&Duration::from_secs(9)));
+        assert_eq!(own.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
+        assert_eq!(own.get_keepalives_idle(), Duration::from_secs(60));
+        assert_eq!(own.get_keepalives_interval(), Some(Duration::from_secs(2)));
+        assert_eq!(own.get_keepalives_retries(), Some(9));
     }
 }

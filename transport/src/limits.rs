@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinError;
 
 /// Connections the kernel holds for a listener before it accepts them; the kernel caps it at
 /// `net.core.somaxconn` (4096 on Linux since 5.4). `TcpListener::bind` asks for 128, as std does,
@@ -72,6 +71,12 @@ pub struct Limits {
     /// few dozen threads keep the engine busy, and hundreds only add context switches and
     /// contention on the store's locks. Default 32.
     pub max_engine_threads: usize,
+    /// How long an engine call may take, waiting for a thread included, before its request is
+    /// answered 500: a store that hangs (a database behind a network partition) then costs each
+    /// device one late error, which the SDKs retry, instead of a request that never ends. Below
+    /// the SDKs' own 30 s. The call itself cannot be stopped and keeps its thread until it
+    /// returns. Default 20 s.
+    pub engine_timeout: Duration,
     /// The `retry-after` seconds of a 429 reply. Default 3.
     pub throttle_retry_after_secs: u32,
     /// On shutdown, how long open connections get to finish the request they are processing.
@@ -100,6 +105,7 @@ impl Default for Limits {
             max_in_flight_per_connection: 8,
             max_concurrent_requests: 10_000,
             max_engine_threads: 32,
+            engine_timeout: Duration::from_secs(20),
             throttle_retry_after_secs: 3,
             shutdown_grace: Duration::from_secs(10),
             max_connections: 10_000,
@@ -128,21 +134,39 @@ impl Limits {
 
     /// Runs the engine call `f` of an admitted request on the blocking pool once one of the
     /// [`Limits::max_engine_threads`] is free (waiting without a thread until then), and returns
-    /// its result. The request's `permit` is held until `f` returns.
-    ///
-    /// # Errors
-    /// The [`JoinError`] of `f` when it panicked (or the runtime is shutting down).
+    /// its result; `None` (the cause logged) when `f` panicked or did not return within
+    /// [`Limits::engine_timeout`]. The request's `permit` is held until `f` returns.
     pub async fn run_engine<T: Send + 'static>(
         &self,
         permit: AdmissionPermit,
         f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, JoinError> {
-        let thread = self.engine_threads.acquire(self.max_engine_threads).await;
-        tokio::task::spawn_blocking(move || {
-            let _held = (permit, thread);
-            f()
-        })
-        .await
+    ) -> Option<T> {
+        let call = async {
+            let thread = self.engine_threads.acquire(self.max_engine_threads).await;
+            tokio::task::spawn_blocking(move || {
+                let _held = (permit, thread);
+                f()
+            })
+            .await
+        };
+        match tokio::time::timeout(self.engine_timeout, call).await {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "provisioning call failed");
+                None
+            }
+            Err(_) => {
+                static SLOW_CALLS: LogBudget =
+                    LogBudget::new(1, "warnings about slow provisioning calls held back");
+                if SLOW_CALLS.allows() {
+                    tracing::warn!(
+                        secs = self.engine_timeout.as_secs_f64(),
+                        "a provisioning call did not finish in time (is the store reachable?); answered 500"
+                    );
+                }
+                None
+            }
+        }
     }
 
     /// Admits one accepted connection if fewer than `max_connections` are open; it counts until

@@ -65,6 +65,12 @@ pub fn endpoint_error(status: u16, message: &str, retry_after: Option<u32>) -> R
     }
 }
 
+/// The reply when the engine call failed or did not finish in time (the cause is logged where
+/// it is known): 500 500000, as the engine's own internal errors.
+pub fn internal_error() -> Response {
+    endpoint_error(500, "Internal server error", None)
+}
+
 /// The reply when admission refuses a request: 429 with `retry-after` (errorCode 429001).
 pub fn throttled(retry_after_secs: u32) -> Response {
     let mut reply = endpoint_error(429, "Too many requests", Some(retry_after_secs));

@@ -78,6 +78,28 @@ async fn the_engine_is_told_the_api_version_of_the_query() {
 }
 
 #[tokio::test]
+async fn a_request_the_engine_does_not_finish_in_time_is_answered_500() {
+    let limits = Limits { engine_timeout: std::time::Duration::from_millis(300), ..Limits::default() };
+    let server =
+        Server::start_wrapped(limits, recording::Stalled::by(std::time::Duration::from_secs(3))).await;
+    let key = server.enroll_symmetric("sensor-stuck");
+    let mut client = server.connect(None).await;
+    let body = json!({ "registrationId": "sensor-stuck" }).to_string();
+    let started = std::time::Instant::now();
+    let reply = client
+        .send("PUT", &register_path("sensor-stuck"), Some(&sas(&key, "sensor-stuck")), body.as_bytes())
+        .await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.body["errorCode"].as_u64()),
+        (500, Some(500_000)),
+        "{}",
+        reply.body
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn node_http_group_device_with_derived_key_and_raw_sr_token_is_assigned() {
     let server = Server::start().await;
     let group_key = server.enroll_symmetric_group("thermostats");

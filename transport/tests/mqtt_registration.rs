@@ -235,6 +235,18 @@ async fn the_engine_is_told_the_api_version_of_the_username() {
 }
 
 #[tokio::test]
+async fn a_request_the_engine_does_not_finish_in_time_is_answered_500() {
+    let limits = Limits { engine_timeout: std::time::Duration::from_millis(300), ..Limits::default() };
+    let server = Server::start_slow(limits, std::time::Duration::from_secs(3)).await;
+    let key = server.enroll_symmetric("dev-stuck");
+    let started = std::time::Instant::now();
+    let outcome = register(&server, &DeviceOptions::new("dev-stuck", Auth::SasPython(key))).await.unwrap();
+    assert_eq!((outcome.status, outcome.error_code()), (500, Some(500_000)), "{outcome:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_device_naming_an_unknown_api_version_is_told_so_as_over_https() {
     let server = Server::start().await;
     let key = server.enroll_symmetric("dev-api");

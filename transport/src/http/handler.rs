@@ -24,7 +24,7 @@ use zerotouch_proto::{ProtoError, WireError};
 
 use super::Connection;
 use crate::limits::CLIENT_LOG;
-use crate::service::{endpoint_error, now, throttled};
+use crate::service::{endpoint_error, internal_error, now, throttled};
 
 /// Path of MQTT over WebSockets (the IoT Hub path, which DPS shares).
 pub const WEBSOCKET_PATH: &str = "/$iothub/websocket";
@@ -163,19 +163,12 @@ async fn device_api(conn: &Connection, req: Request<Incoming>) -> Reply {
             EngineCall::StatusLookup(r) => service.status_lookup(now(), r),
         })
         .await;
-    match answered {
-        Ok(response) => {
-            let mut reply = engine_reply(&response);
-            if let (202, Some(location)) = (response.status, location) {
-                reply.headers_mut().insert(LOCATION, location);
-            }
-            reply
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "provisioning call failed");
-            error_reply(500, 500000, "Internal server error", None)
-        }
+    let response = answered.unwrap_or_else(internal_error);
+    let mut reply = engine_reply(&response);
+    if let (202, Some(location)) = (response.status, location) {
+        reply.headers_mut().insert(LOCATION, location);
     }
+    reply
 }
 
 /// The `Location` real DPS sends with a register's 202 (spec §1.2): the register URL, on the

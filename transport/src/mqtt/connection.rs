@@ -13,7 +13,6 @@ use rumqttc::mqttbytes::v4::{
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
-use tokio::task::JoinError;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::provisioner::{OperationStatusRequest, RegisterRequest, Response, StatusLookupRequest};
@@ -22,13 +21,13 @@ use zerotouch_proto::http::is_known_api_version;
 use zerotouch_proto::mqtt::{ConnectUsername, DeviceRequest, ResponseTopic, SUBSCRIBE_FILTER};
 
 use crate::limits::{Limits, CLIENT_LOG};
-use crate::service::{endpoint_error, now, throttled, DpsService};
+use crate::service::{endpoint_error, internal_error, now, throttled, DpsService};
 
 /// Why the server closed a connection without a DISCONNECT from the client.
 type Cut = String;
 
 /// A request of the connection being answered by the engine: its `rid` and the reply.
-type InFlight = Pin<Box<dyn Future<Output = Result<(String, Response), JoinError>> + Send>>;
+type InFlight = Pin<Box<dyn Future<Output = (String, Response)> + Send>>;
 
 /// What CONNECT established.
 struct Session {
@@ -272,13 +271,7 @@ where
         let can_read = !draining && in_flight.len() < limits.max_in_flight_per_connection.max(1);
         tokio::select! {
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                let (rid, response) = match done {
-                    Ok(done) => done,
-                    Err(e) => {
-                        tracing::error!(error = %e, "request task failed");
-                        continue;
-                    }
-                };
+                let (rid, response) = done;
                 log_refusal(&response);
                 last_pkid = next_pkid(last_pkid);
                 wire.send(Packet::Publish(reply(&rid, &response, reply_qos, last_pkid))).await?;
@@ -397,7 +390,7 @@ async fn authenticate(
         let accepted = limits
             .run_engine(permit, move || service.accepts_credential(now(), req))
             .await
-            .map_err(|_| ConnectReturnCode::ServiceUnavailable)?;
+            .ok_or(ConnectReturnCode::ServiceUnavailable)?;
         if !accepted {
             return Err(ConnectReturnCode::NotAuthorized);
         }
@@ -485,14 +478,16 @@ where
             let api_version = Some(session.api_version.clone());
             let req = RegisterRequest { id_scope, registration_id, body, credential, api_version };
             let limits = limits.clone();
-            Box::pin(
-                async move { limits.run_engine(permit, move || (rid, service.register(now(), req))).await },
-            ) as InFlight
+            Box::pin(async move {
+                let response = limits.run_engine(permit, move || service.register(now(), req)).await;
+                (rid, response.unwrap_or_else(internal_error))
+            }) as InFlight
         }
         Request::Poll(req) => {
             let limits = limits.clone();
             Box::pin(async move {
-                limits.run_engine(permit, move || (rid, service.operation_status(now(), req))).await
+                let response = limits.run_engine(permit, move || service.operation_status(now(), req)).await;
+                (rid, response.unwrap_or_else(internal_error))
             }) as InFlight
         }
     };

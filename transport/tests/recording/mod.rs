@@ -1,4 +1,5 @@
-//! An engine service wrapper that records what each register request carried.
+//! Engine service wrappers for endpoint tests: one records what each register request carried,
+//! one stalls every call (a store that hangs).
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -46,5 +47,35 @@ impl DpsService for ApiVersions {
 
     fn accepts_credential(&self, now: Timestamp, req: StatusLookupRequest) -> bool {
         self.inner.accepts_credential(now, req)
+    }
+}
+
+/// Answers nothing until `stall` has passed, on every call (a store behind a partition).
+pub struct Stalled {
+    pub inner: Arc<dyn DpsService>,
+    pub stall: std::time::Duration,
+}
+
+impl Stalled {
+    /// A wrapper for `Server::start_wrapped` stalling each call by `stall`.
+    pub fn by(stall: std::time::Duration) -> impl FnOnce(Arc<dyn DpsService>) -> Arc<dyn DpsService> {
+        move |inner| Arc::new(Stalled { inner, stall }) as Arc<dyn DpsService>
+    }
+}
+
+impl DpsService for Stalled {
+    fn register(&self, now: Timestamp, req: RegisterRequest) -> Response {
+        std::thread::sleep(self.stall);
+        self.inner.register(now, req)
+    }
+
+    fn operation_status(&self, now: Timestamp, req: OperationStatusRequest) -> Response {
+        std::thread::sleep(self.stall);
+        self.inner.operation_status(now, req)
+    }
+
+    fn status_lookup(&self, now: Timestamp, req: StatusLookupRequest) -> Response {
+        std::thread::sleep(self.stall);
+        self.inner.status_lookup(now, req)
     }
 }
