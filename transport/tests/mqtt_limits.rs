@@ -542,3 +542,51 @@ async fn shutdown_does_not_wait_for_devices_that_have_not_finished_their_handsha
     // that are doing something (`shutdown` gives up after 20 s).
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn packets_mqtt_3_1_1_forbids_cut_the_connection() {
+    let server = Server::start().await;
+    // SUBSCRIBE must carry header flags 0010 (§2.2.2): here 0000.
+    let mut device = RawDevice::enrolled_and_connected(&server, "strict-1").await;
+    let filter = b"$dps/registrations/res/#";
+    let mut subscribe = vec![0x80, u8::try_from(2 + 2 + filter.len() + 1).unwrap(), 0, 1, 0, 24];
+    subscribe.extend_from_slice(filter);
+    subscribe.push(1);
+    device.write(&subscribe).await;
+    assert!(device.closed_within(Duration::from_secs(3)).await, "SUBSCRIBE with wrong flags not cut");
+
+    // A PUBLISH topic may not hold a wildcard (§3.3.2.1).
+    let mut device = RawDevice::enrolled_and_connected(&server, "strict-2").await;
+    device
+        .send(Packet::Publish(rumqttc::Publish::new(
+            "$dps/registrations/PUT/iotdps-register/#",
+            rumqttc::QoS::AtMostOnce,
+            "{}",
+        )))
+        .await;
+    assert!(device.closed_within(Duration::from_secs(3)).await, "wildcard PUBLISH not cut");
+
+    // CONNECT's reserved flag must be 0 (§3.1.2.3).
+    let key = server.enroll_symmetric("strict-3");
+    let mut connect = rumqttc::Connect::new("strict-3");
+    connect.set_login(
+        format!("{SCOPE}/registrations/strict-3/api-version={API}"),
+        python_token(&key, "strict-3", in_an_hour()),
+    );
+    let mut bytes = bytes::BytesMut::new();
+    Packet::Connect(connect).write(&mut bytes, usize::MAX).unwrap();
+    // Fixed header (type, then the remaining length in one or two bytes here), "MQTT", level.
+    let length_bytes = if bytes[1] & 0x80 == 0 { 1 } else { 2 };
+    let flags_at = 1 + length_bytes + 2 + 4 + 1;
+    bytes[flags_at] |= 1;
+    let mut device = RawDevice::open(&server).await;
+    device.write(&bytes).await;
+    assert_eq!(device.next().await, None, "CONNECT with the reserved flag was answered");
+
+    // A well-formed device still registers.
+    let mut good = RawDevice::enrolled_and_connected(&server, "strict-4").await;
+    good.send(register_publish("1", "strict-4", 1)).await;
+    assert!(matches!(good.next().await, Some(Packet::PubAck(_))));
+    drop(good);
+    server.shutdown().await;
+}

@@ -26,6 +26,38 @@ use crate::service::{endpoint_error, internal_error, now, throttled, DpsService}
 /// Why the server closed a connection without a DISCONNECT from the client.
 type Cut = String;
 
+/// Checks the flags of the packet at the front of `bytes`, as far as it has arrived, where the
+/// codec does not: the fixed header's flags that MQTT 3.1.1 §2.2.2 fixes for each packet type
+/// (a receiver must close the connection on others) and CONNECT's reserved flag (§3.1.2.3).
+fn check_flags(bytes: &[u8]) -> Result<(), Cut> {
+    let Some(&first) = bytes.first() else { return Ok(()) };
+    let (kind, flags) = (first >> 4, first & 0x0F);
+    let required = match kind {
+        // PUBLISH carries DUP, QoS and RETAIN there (QoS 3 the codec refuses).
+        3 => None,
+        // PUBREL, SUBSCRIBE, UNSUBSCRIBE.
+        6 | 8 | 10 => Some(0b0010),
+        _ => Some(0),
+    };
+    if required.is_some_and(|required| flags != required) {
+        return Err(format!("packet type {kind} with header flags {flags:#06b} (MQTT 3.1.1 §2.2.2)"));
+    }
+    if kind == 1 {
+        // After the remaining length (1 to 4 bytes): the protocol name (length-prefixed), the
+        // level, then the connect flags.
+        let Some(length_bytes) = bytes.iter().skip(1).take(4).position(|b| b & 0x80 == 0) else {
+            return Ok(());
+        };
+        let name_at = 2 + length_bytes;
+        let Some(name) = bytes.get(name_at..name_at + 2) else { return Ok(()) };
+        let flags_at = name_at + 2 + usize::from(u16::from_be_bytes([name[0], name[1]])) + 1;
+        if bytes.get(flags_at).is_some_and(|f| f & 1 != 0) {
+            return Err("CONNECT with its reserved flag set (MQTT 3.1.1 §3.1.2.3)".to_owned());
+        }
+    }
+    Ok(())
+}
+
 /// A request of the connection being answered by the engine: its `rid` and the reply.
 type InFlight = Pin<Box<dyn Future<Output = (String, Response)> + Send>>;
 
@@ -59,6 +91,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
     /// `inbound`, so it can sit in a `select!` beside the request completions.
     async fn read(&mut self) -> Result<Option<Packet>, Cut> {
         loop {
+            check_flags(&self.inbound)?;
             match Packet::read(&mut self.inbound, self.max_packet_size) {
                 Ok(packet) => return Ok(Some(packet)),
                 Err(CodecError::InsufficientBytes(missing)) => {
@@ -419,6 +452,9 @@ fn on_publish<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    if publish.topic.contains(['+', '#']) {
+        return Err("a PUBLISH topic with a wildcard (MQTT 3.1.1 §3.3.2.1)".to_owned());
+    }
     match publish.qos {
         QoS::AtMostOnce => {}
         QoS::AtLeastOnce => wire.queue(Packet::PubAck(PubAck::new(publish.pkid)))?,
