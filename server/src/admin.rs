@@ -85,189 +85,252 @@ pub fn import_text(bytes: Vec<u8>) -> Result<String, ServerError> {
     })
 }
 
-/// Parses an import file: a JSON array of enrollments in the DPS service API schema, each an
-/// individual enrollment (`registrationId`) or an enrollment group (`enrollmentGroupId`).
-///
-/// # Errors
-/// [`ServerError::Import`] naming the first bad entry and its field; [`ServerError::Config`]
-/// when the text is not a JSON array.
-pub fn parse_import(text: &str) -> Result<Vec<ImportEntry>, ServerError> {
-    let items = raw_items(text).map_err(|e| {
-        ServerError::Config(format!("the import file must be a JSON array of enrollments: {e}"))
-    })?;
-    let mut seen: HashMap<(bool, String), usize> = HashMap::new();
-    let mut entries = Vec::with_capacity(items.len());
-    for (index, raw) in items.into_iter().enumerate() {
+/// An import file: a JSON array of enrollments in the DPS service API schema, each an
+/// individual enrollment (`registrationId`) or an enrollment group (`enrollmentGroupId`), held
+/// as the text of each entry. Entries are parsed one at a time when needed, so that a file of a
+/// million enrollments never exists as a million parsed entries at once.
+#[derive(Debug)]
+pub struct ImportFile<'t> {
+    items: Vec<&'t serde_json::value::RawValue>,
+}
+
+impl<'t> ImportFile<'t> {
+    /// Splits `text` into its entries.
+    ///
+    /// # Errors
+    /// [`ServerError::Config`] when the text is not a JSON array.
+    pub fn parse(text: &'t str) -> Result<Self, ServerError> {
+        let items = serde_json::from_str(text).map_err(|e| {
+            ServerError::Config(format!("the import file must be a JSON array of enrollments: {e}"))
+        })?;
+        Ok(Self { items })
+    }
+
+    /// How many entries the file has.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether the file is an empty array.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Entry `index`: its JSON as given and as parsed.
+    fn entry(&self, index: usize) -> Result<(Value, ImportEntry), ServerError> {
         let bad = |message: String| ServerError::Import { index, message };
-        // One entry's tree at a time: a file of a million entries as one tree of values would
-        // take many times the file's size.
-        let item: Value = serde_json::from_str(raw.get()).map_err(|e| bad(e.to_string()))?;
-        let Some(object) = item.as_object() else {
+        let raw = self.items.get(index).ok_or_else(|| bad("no such entry".into()))?;
+        let given: Value = serde_json::from_str(raw.get()).map_err(|e| bad(e.to_string()))?;
+        let Some(object) = given.as_object() else {
             return Err(bad("expected a JSON object".into()));
         };
         let entry =
             match (object.contains_key("registrationId"), object.contains_key("enrollmentGroupId")) {
-                (true, false) => ImportEntry::Individual(from_value(item).map_err(bad)?),
-                (false, true) => ImportEntry::Group(from_value(item).map_err(bad)?),
+                (true, false) => ImportEntry::Individual(from_value(given.clone()).map_err(bad)?),
+                (false, true) => ImportEntry::Group(from_value(given.clone()).map_err(bad)?),
                 (true, true) => {
-                    return Err(bad("has both registrationId and enrollmentGroupId; give one".into()));
+                    return Err(bad("has both registrationId and enrollmentGroupId; give one".into()))
                 }
                 (false, false) => return Err(bad(
                     "needs registrationId (individual enrollment) or enrollmentGroupId (enrollment group)"
                         .into(),
                 )),
             };
-        let key = match &entry {
+        Ok((given, entry))
+    }
+
+    /// Every entry, parsed.
+    ///
+    /// # Errors
+    /// [`ServerError::Import`] naming the first bad entry and its field, or an id that repeats.
+    pub fn entries(&self) -> Result<Vec<ImportEntry>, ServerError> {
+        let mut ids = Ids::default();
+        (0..self.len())
+            .map(|index| {
+                let (_, entry) = self.entry(index)?;
+                ids.check(index, &entry)?;
+                Ok(entry)
+            })
+            .collect()
+    }
+}
+
+/// The ids of the entries seen so far, to refuse one that repeats (ids compare as DPS compares
+/// them: case-insensitively).
+#[derive(Default)]
+struct Ids(HashMap<(bool, String), usize>);
+
+impl Ids {
+    fn check(&mut self, index: usize, entry: &ImportEntry) -> Result<(), ServerError> {
+        let key = match entry {
             ImportEntry::Individual(e) => (true, e.registration_id.key()),
             ImportEntry::Group(g) => (false, g.enrollment_group_id.key()),
         };
-        if let Some(first) = seen.insert(key.clone(), index) {
+        if let Some(first) = self.0.insert(key.clone(), index) {
             let field = if key.0 { "registrationId" } else { "enrollmentGroupId" };
-            return Err(bad(format!("{field} {:?} repeats entry {first}", key.1)));
+            let message = format!("{field} {:?} repeats entry {first}", key.1);
+            return Err(ServerError::Import { index, message });
         }
-        entries.push(entry);
+        Ok(())
     }
-    Ok(entries)
 }
 
-/// The entries of an import file, each as its text.
-fn raw_items(text: &str) -> Result<Vec<&serde_json::value::RawValue>, serde_json::Error> {
-    serde_json::from_str(text)
+/// Parses an import file (see [`ImportFile`]) into its entries.
+///
+/// # Errors
+/// [`ServerError::Import`] naming the first bad entry and its field; [`ServerError::Config`]
+/// when the text is not a JSON array.
+pub fn parse_import(text: &str) -> Result<Vec<ImportEntry>, ServerError> {
+    ImportFile::parse(text)?.entries()
 }
 
-/// The fields of each entry, by entry index and path (`reprovisionPolicy.updatehubassignment`),
-/// that are not part of the enrollment schema this server knows: at the top level kept (a newer
-/// DPS API version may add fields) but unused, deeper down dropped. Most often a misspelling whose
-/// setting silently did not apply. Fields set to `null` are not reported.
-pub fn unknown_fields(text: &str, entries: &[ImportEntry]) -> Vec<(usize, Vec<String>)> {
-    let Ok(items) = raw_items(text) else { return Vec::new() };
-    items
-        .iter()
-        .zip(entries)
-        .enumerate()
-        .filter_map(|(index, (raw, entry))| {
-            let given: Value = serde_json::from_str(raw.get()).ok()?;
-            let (kept, extra) = match entry {
-                ImportEntry::Individual(e) => (to_json(e), &e.extra),
-                ImportEntry::Group(g) => (to_json(g), &g.extra),
-            };
-            let mut fields: Vec<String> = extra.keys().cloned().collect();
-            dropped(&given, &kept, "", &mut fields);
-            (!fields.is_empty()).then_some((index, fields))
-        })
-        .collect()
+/// Checks every entry of `file` as [`import_file`] will write it, writing nothing: its fields,
+/// ids that repeat, and what the engine refuses (attestation, keys, certificates, initial twin).
+/// Returns the warnings `enrollments import` prints: fields outside the schema (kept at the top
+/// level, dropped deeper down), attestation members of another type than the entry's (dropped),
+/// custom allocation (no webhook here), hubs not among `known_hubs` (said only when the store
+/// knows some: a fresh store links its hubs when a server first starts on it), `caReferences`
+/// (no command here registers a CA certificate by name), and individual X.509 enrollments whose
+/// registration id is not their certificate's CN (spec §5.2: a device registers under its CN).
+///
+/// # Errors
+/// [`ServerError::Import`] for the first entry that is malformed, repeats an id, or is refused
+/// by the engine.
+pub fn check_import(
+    file: &ImportFile<'_>,
+    crypto: &dyn CryptoProvider,
+    now: Timestamp,
+    known_hubs: &[String],
+) -> Result<Vec<String>, ServerError> {
+    let mut ids = Ids::default();
+    let mut warnings = Vec::new();
+    for index in 0..file.len() {
+        let (given, entry) = file.entry(index)?;
+        ids.check(index, &entry)?;
+        engine_check(index, &entry, crypto, now)?;
+        entry_warnings(index, &given, &entry, known_hubs, &mut warnings);
+    }
+    Ok(warnings)
 }
 
-/// The warnings `enrollments import` prints for an import file: fields outside the schema (kept
-/// at the top level, dropped deeper down) and attestation members of another type than the
-/// entry's (dropped).
-pub fn import_warnings(text: &str, entries: &[ImportEntry]) -> Vec<String> {
+/// What the engine says of `entry`, written to a scratch store of its own.
+fn engine_check(
+    index: usize,
+    entry: &ImportEntry,
+    crypto: &dyn CryptoProvider,
+    now: Timestamp,
+) -> Result<(), ServerError> {
+    let scratch = MemoryStore::new();
+    let checked = match entry.clone() {
+        ImportEntry::Individual(e) => {
+            enrollments::put_enrollment(&scratch, crypto, now, *e, &IfMatch::Absent).map(drop)
+        }
+        ImportEntry::Group(g) => {
+            enrollments::put_enrollment_group(&scratch, crypto, now, *g, &IfMatch::Absent).map(drop)
+        }
+    };
+    checked.map_err(|e| ServerError::Import { index, message: e.to_string() })
+}
+
+/// The warnings of [`check_import`] for one entry, `given` being its JSON as in the file.
+fn entry_warnings(
+    index: usize,
+    given: &Value,
+    entry: &ImportEntry,
+    known_hubs: &[String],
+    warnings: &mut Vec<String>,
+) {
     let quoted = |fields: &[&String]| fields.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", ");
-    let mut warnings = Vec::new();
-    for (index, fields) in unknown_fields(text, entries) {
-        let (top, nested): (Vec<&String>, Vec<&String>) =
-            fields.iter().partition(|f| !f.contains('.') && !f.contains('['));
-        if !top.is_empty() {
-            warnings.push(format!(
-                "entry {index}: {} not part of the enrollment schema; kept but unused (misspelled?)",
-                quoted(&top)
-            ));
+    let fields = unknown_fields(given, entry);
+    let (top, nested): (Vec<&String>, Vec<&String>) =
+        fields.iter().partition(|f| !f.contains('.') && !f.contains('['));
+    if !top.is_empty() {
+        warnings.push(format!(
+            "entry {index}: {} not part of the enrollment schema; kept but unused (misspelled?)",
+            quoted(&top)
+        ));
+    }
+    if !nested.is_empty() {
+        warnings.push(format!(
+            "entry {index}: {} not part of the enrollment schema; ignored (misspelled?)",
+            quoted(&nested)
+        ));
+    }
+    let (attestation, allocation, hubs, host_name) = match entry {
+        ImportEntry::Individual(e) => {
+            (&e.attestation, e.allocation_policy, &e.iot_hubs, &e.iot_hub_host_name)
         }
-        if !nested.is_empty() {
+        ImportEntry::Group(g) => (&g.attestation, g.allocation_policy, &g.iot_hubs, &g.iot_hub_host_name),
+    };
+    let members = [
+        ("symmetricKey", attestation.symmetric_key.is_some(), AttestationType::SymmetricKey),
+        ("x509", attestation.x509.is_some(), AttestationType::X509),
+        ("tpm", attestation.tpm.is_some(), AttestationType::Tpm),
+    ];
+    for (name, present, kind) in members {
+        if present && attestation.kind != kind {
             warnings.push(format!(
-                "entry {index}: {} not part of the enrollment schema; ignored (misspelled?)",
-                quoted(&nested)
+                "entry {index}: attestation.{name} ignored: the attestation type is {}",
+                attestation.kind
             ));
         }
     }
-    for (index, entry) in entries.iter().enumerate() {
-        let attestation = match entry {
-            ImportEntry::Individual(e) => &e.attestation,
-            ImportEntry::Group(g) => &g.attestation,
-        };
-        let members = [
-            ("symmetricKey", attestation.symmetric_key.is_some(), AttestationType::SymmetricKey),
-            ("x509", attestation.x509.is_some(), AttestationType::X509),
-            ("tpm", attestation.tpm.is_some(), AttestationType::Tpm),
-        ];
-        for (name, present, kind) in members {
-            if present && attestation.kind != kind {
-                warnings.push(format!(
-                    "entry {index}: attestation.{name} ignored: the attestation type is {}",
-                    attestation.kind
-                ));
-            }
+    if allocation == Some(zerotouch_proto::service::AllocationPolicy::Custom) {
+        warnings.push(format!(
+            "entry {index}: allocationPolicy \"custom\": `zerotouch serve` calls no allocation webhook, so its \
+             registrations will fail"
+        ));
+    }
+    if !known_hubs.is_empty() {
+        let unknown: Vec<String> = hubs
+            .iter()
+            .flatten()
+            .chain(host_name)
+            .filter(|hub| !known_hubs.iter().any(|k| k.eq_ignore_ascii_case(hub)))
+            .map(|hub| format!("{hub:?}"))
+            .collect();
+        if !unknown.is_empty() {
+            warnings.push(format!(
+                "entry {index}: {} not among the hubs of this store ({}); its devices fail until a server \
+                 links it (--hub)",
+                unknown.join(", "),
+                known_hubs.join(", ")
+            ));
         }
     }
-    warnings
+    let x509 = attestation.x509.as_ref().filter(|_| attestation.kind == AttestationType::X509);
+    if x509.is_some_and(|x| x.ca_references.is_some()) {
+        warnings.push(format!(
+            "entry {index}: caReferences name CA certificates registered with a DPS instance, which zerotouch \
+             cannot register; its devices fail. Enroll the CA in signingCertificates instead"
+        ));
+    }
+    if let ImportEntry::Individual(e) = entry {
+        let leaf = x509.and_then(|x| x.client_certificates.as_ref()).and_then(|c| c.primary.as_ref());
+        let cert = leaf.and_then(|c| c.certificate.as_deref()).and_then(|t| Certificate::from_text(t).ok());
+        let cn = cert.as_ref().and_then(|c| c.common_name().map(str::to_owned));
+        if let Some(cn) = cn.filter(|cn| !cn.eq_ignore_ascii_case(e.registration_id.as_str())) {
+            warnings.push(format!(
+                "entry {index}: registrationId {:?} is not the certificate's CN {cn:?}; a device registers \
+                 under its CN, so it will not find this enrollment",
+                e.registration_id.as_str()
+            ));
+        }
+    }
 }
 
-/// Warnings about entries whose devices cannot be provisioned as the store stands: hubs named in
-/// `iotHubs`/`iotHubHostName` that are not among `known_hubs` (only said when the store knows
-/// some: a fresh store links its hubs when a server first starts on it), `caReferences` (no
-/// command here registers a CA certificate by name), and individual X.509 enrollments whose
-/// registration id is not their certificate's CN (spec §5.2: the device's id is its CN).
-pub fn provisioning_warnings(entries: &[ImportEntry], known_hubs: &[String]) -> Vec<String> {
-    let mut warnings = Vec::new();
-    for (index, entry) in entries.iter().enumerate() {
-        let (hubs, host_name, attestation) = match entry {
-            ImportEntry::Individual(e) => (&e.iot_hubs, &e.iot_hub_host_name, &e.attestation),
-            ImportEntry::Group(g) => (&g.iot_hubs, &g.iot_hub_host_name, &g.attestation),
-        };
-        if !known_hubs.is_empty() {
-            let unknown: Vec<String> = hubs
-                .iter()
-                .flatten()
-                .chain(host_name)
-                .filter(|hub| !known_hubs.iter().any(|k| k.eq_ignore_ascii_case(hub)))
-                .map(|hub| format!("{hub:?}"))
-                .collect();
-            if !unknown.is_empty() {
-                warnings.push(format!(
-                    "entry {index}: {} not among the hubs of this store ({}); its devices fail until a \
-                     server links it (--hub)",
-                    unknown.join(", "),
-                    known_hubs.join(", ")
-                ));
-            }
-        }
-        let x509 = attestation.x509.as_ref().filter(|_| attestation.kind == AttestationType::X509);
-        if x509.is_some_and(|x| x.ca_references.is_some()) {
-            warnings.push(format!(
-                "entry {index}: caReferences name CA certificates registered with a DPS instance, which \
-                 zerotouch cannot register; its devices fail. Enroll the CA in signingCertificates instead"
-            ));
-        }
-        if let ImportEntry::Individual(e) = entry {
-            let leaf = x509.and_then(|x| x.client_certificates.as_ref()).and_then(|c| c.primary.as_ref());
-            let cert =
-                leaf.and_then(|c| c.certificate.as_deref()).and_then(|t| Certificate::from_text(t).ok());
-            let cn = cert.as_ref().and_then(|c| c.common_name().map(str::to_owned));
-            if let Some(cn) = cn.filter(|cn| !cn.eq_ignore_ascii_case(e.registration_id.as_str())) {
-                warnings.push(format!(
-                    "entry {index}: registrationId {:?} is not the certificate's CN {cn:?}; a device \
-                     registers under its CN, so it will not find this enrollment",
-                    e.registration_id.as_str()
-                ));
-            }
-        }
-    }
-    warnings
-}
-
-/// The entries whose allocation policy is `custom`: `zerotouch serve` installs no custom
-/// allocator (it calls no webhook), so their registrations can only fail.
-pub fn custom_allocation_entries(entries: &[ImportEntry]) -> Vec<usize> {
-    let custom = Some(zerotouch_proto::service::AllocationPolicy::Custom);
-    entries
-        .iter()
-        .enumerate()
-        .filter(|(_, entry)| match entry {
-            ImportEntry::Individual(e) => e.allocation_policy == custom,
-            ImportEntry::Group(g) => g.allocation_policy == custom,
-        })
-        .map(|(index, _)| index)
-        .collect()
+/// The fields of an entry, by path (`reprovisionPolicy.updatehubassignment`), that are not part
+/// of the enrollment schema this server knows: at the top level kept (a newer DPS API version
+/// may add fields) but unused, deeper down dropped. Most often a misspelling whose setting
+/// silently did not apply. Fields set to `null` are not reported.
+fn unknown_fields(given: &Value, entry: &ImportEntry) -> Vec<String> {
+    let (kept, extra) = match entry {
+        ImportEntry::Individual(e) => (to_json(e), &e.extra),
+        ImportEntry::Group(g) => (to_json(g), &g.extra),
+    };
+    let mut fields: Vec<String> = extra.keys().cloned().collect();
+    dropped(given, &kept, "", &mut fields);
+    fields
 }
 
 /// Collects the paths of `given` that `kept` (what was parsed from it, serialized again) lacks.
@@ -320,40 +383,65 @@ pub fn import<S>(
     store: &S,
     crypto: &dyn CryptoProvider,
     now: Timestamp,
-    mut entries: Vec<ImportEntry>,
+    entries: Vec<ImportEntry>,
 ) -> Result<ImportSummary, ServerError>
 where
     S: EnrollmentStore + EnrollmentGroupStore + RegistrationStore + ?Sized,
 {
-    for entry in &mut entries {
-        forget_blank_keys(entry);
-        keep_keys(store, entry)?;
-    }
     for (index, entry) in entries.iter().enumerate() {
-        // Each entry on its own: a store holding every entry would double the import's memory.
-        let scratch = MemoryStore::new();
-        let checked = match entry.clone() {
-            ImportEntry::Individual(e) => {
-                enrollments::put_enrollment(&scratch, crypto, now, *e, &IfMatch::Absent).map(drop)
-            }
-            ImportEntry::Group(g) => {
-                enrollments::put_enrollment_group(&scratch, crypto, now, *g, &IfMatch::Absent).map(drop)
-            }
-        };
-        checked.map_err(|e| ServerError::Import { index, message: e.to_string() })?;
+        engine_check(index, entry, crypto, now)?;
     }
+    write_all(store, crypto, now, entries.len(), &|index| Ok(entries[index].clone()))
+}
+
+/// Imports the entries of `file` as [`import`] does, parsing each as it is written: call
+/// [`check_import`] first, which checks them all (an entry that still fails here fails the whole
+/// unit, and nothing is written).
+///
+/// # Errors
+/// [`ServerError::Engine`] when an entry is refused or the store fails (nothing written).
+pub fn import_file<S>(
+    store: &S,
+    crypto: &dyn CryptoProvider,
+    now: Timestamp,
+    file: &ImportFile<'_>,
+) -> Result<ImportSummary, ServerError>
+where
+    S: EnrollmentStore + EnrollmentGroupStore + RegistrationStore + ?Sized,
+{
+    let entry = |index| {
+        file.entry(index)
+            .map(|(_, entry)| entry)
+            .map_err(|e| zerotouch_engine::Error::BadRequest(e.to_string()))
+    };
+    write_all(store, crypto, now, file.len(), &entry)
+}
+
+/// Writes entries `0..count` as `entry` gives them, in one store unit.
+fn write_all<S>(
+    store: &S,
+    crypto: &dyn CryptoProvider,
+    now: Timestamp,
+    count: usize,
+    entry: &dyn Fn(usize) -> Result<ImportEntry, zerotouch_engine::Error>,
+) -> Result<ImportSummary, ServerError>
+where
+    S: EnrollmentStore + EnrollmentGroupStore + RegistrationStore + ?Sized,
+{
     let empty =
         || ImportSummary { individual_enrollments: 0, enrollment_groups: 0, generated_keys: Vec::new() };
     let mut summary = empty();
     store.atomically(&mut || {
         // A unit may be run again (a backend's retry): count afresh.
         summary = empty();
-        for entry in &entries {
+        for index in 0..count {
+            let mut entry = entry(index)?;
+            forget_blank_keys(&mut entry);
+            keep_keys(store, &mut entry)?;
             match entry {
                 ImportEntry::Individual(e) => {
                     let keyless = lacks_keys(&e.attestation);
-                    let stored =
-                        enrollments::put_enrollment(store, crypto, now, (**e).clone(), &IfMatch::Absent)?;
+                    let stored = enrollments::put_enrollment(store, crypto, now, *e, &IfMatch::Absent)?;
                     if keyless {
                         summary.generated_keys.push(generated(
                             &stored.attestation,
@@ -365,13 +453,7 @@ where
                 }
                 ImportEntry::Group(g) => {
                     let keyless = lacks_keys(&g.attestation);
-                    let stored = enrollments::put_enrollment_group(
-                        store,
-                        crypto,
-                        now,
-                        (**g).clone(),
-                        &IfMatch::Absent,
-                    )?;
+                    let stored = enrollments::put_enrollment_group(store, crypto, now, *g, &IfMatch::Absent)?;
                     if keyless {
                         summary.generated_keys.push(generated(
                             &stored.attestation,
@@ -415,11 +497,11 @@ fn lacks_keys(attestation: &AttestationMechanism) -> bool {
 
 /// Gives a symmetric-key `entry` each key it lacks from the enrollment it replaces, if that one
 /// is a symmetric-key enrollment too.
-fn keep_keys<S>(store: &S, entry: &mut ImportEntry) -> Result<(), ServerError>
+fn keep_keys<S>(store: &S, entry: &mut ImportEntry) -> Result<(), zerotouch_engine::Error>
 where
     S: EnrollmentStore + EnrollmentGroupStore + ?Sized,
 {
-    let engine = |e: zerotouch_engine::StoreError| ServerError::from(zerotouch_engine::Error::from(e));
+    let engine = zerotouch_engine::Error::from;
     let (attestation, existing) = match entry {
         ImportEntry::Individual(e) => {
             if !lacks_keys(&e.attestation) {
@@ -713,7 +795,7 @@ mod tests {
                         "initialTwin": {"properties": {"reported": {"x": 1}}}},
                        {"enrollmentGroupId": "g", "attestation": {"type": "symmetricKey",
                         "x509": {"signingCertificates": {"primary": {"certificate": "PEM"}}}}}]"#;
-        let warnings = import_warnings(text, &parse_import(text).unwrap());
+        let warnings = check_import(&ImportFile::parse(text).unwrap(), &RingCrypto::new(), NOW, &[]).unwrap();
         assert_eq!(
             warnings,
             vec![
@@ -746,15 +828,15 @@ mod tests {
                 "x509": {"clientCertificates": {"primary": {"certificate": device.pem()}}}}}
         ])
         .to_string();
-        let entries = parse_import(&text).unwrap();
-        let warnings = provisioning_warnings(&entries, &["hub-1.example".to_owned()]);
+        let file = ImportFile::parse(&text).unwrap();
+        let warnings = check_import(&file, &RingCrypto::new(), NOW, &["hub-1.example".to_owned()]).unwrap();
         assert_eq!(warnings.len(), 3, "{warnings:#?}");
         assert!(warnings[0].starts_with(r#"entry 0: "azure.example" not among the hubs"#), "{}", warnings[0]);
         assert!(warnings[1].starts_with("entry 2: caReferences"), "{}", warnings[1]);
         assert!(warnings[2]
             .starts_with(r#"entry 3: registrationId "meter-2" is not the certificate's CN "meter-1""#));
         // A store that knows no hub yet says nothing of them.
-        assert_eq!(provisioning_warnings(&entries, &[]).len(), 2);
+        assert_eq!(check_import(&file, &RingCrypto::new(), NOW, &[]).unwrap().len(), 2);
     }
 
     #[test]
@@ -776,9 +858,8 @@ mod tests {
                 {"enrollmentGroupId": "g", "attestation": {"type": "symmetricKey"},
                  "reprovisionPolicy": {"updatehubassignment": false, "migrateDeviceData": true},
                  "initialTwin": {"tag": {"site": "b"}}}]"#;
-        let entries = parse_import(text).unwrap();
         assert_eq!(
-            unknown_fields(text, &entries),
+            unknown_by_entry(text),
             vec![
                 (
                     1,
@@ -806,19 +887,54 @@ mod tests {
             "service_group_x509_signing.json",
         ] {
             let text = format!("[{}]", std::fs::read_to_string(dir.join(name)).unwrap());
-            let entries = parse_import(&text).unwrap();
-            assert_eq!(unknown_fields(&text, &entries), Vec::new(), "{name}");
+            assert_eq!(unknown_by_entry(&text), Vec::new(), "{name}");
         }
+    }
+
+    /// The unknown fields of each entry of `text` that has some.
+    fn unknown_by_entry(text: &str) -> Vec<(usize, Vec<String>)> {
+        let file = ImportFile::parse(text).unwrap();
+        (0..file.len())
+            .filter_map(|index| {
+                let (given, entry) = file.entry(index).unwrap();
+                let fields = unknown_fields(&given, &entry);
+                (!fields.is_empty()).then_some((index, fields))
+            })
+            .collect()
     }
 
     #[test]
     fn entries_asking_for_custom_allocation_are_named() {
-        let entries = parse_import(
-            r#"[{"registrationId": "a", "attestation": {"type": "symmetricKey"}},
-                {"registrationId": "b", "allocationPolicy": "custom", "attestation": {"type": "symmetricKey"}}]"#,
-        )
-        .unwrap();
-        assert_eq!(custom_allocation_entries(&entries), vec![1]);
+        let text = r#"[{"registrationId": "a", "attestation": {"type": "symmetricKey"}},
+                {"registrationId": "b", "allocationPolicy": "custom", "attestation": {"type": "symmetricKey"}}]"#;
+        let warnings = check_import(&ImportFile::parse(text).unwrap(), &RingCrypto::new(), NOW, &[]).unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].starts_with(r#"entry 1: allocationPolicy "custom""#), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_checked_file_is_imported_entry_by_entry_all_or_nothing() {
+        let text = r#"[{"registrationId": "a", "attestation": {"type": "symmetricKey"}},
+                       {"enrollmentGroupId": "g", "attestation": {"type": "symmetricKey"}}]"#;
+        let file = ImportFile::parse(text).unwrap();
+        assert!(check_import(&file, &RingCrypto::new(), NOW, &[]).unwrap().is_empty());
+        let store = MemoryStore::new();
+        let summary = import_file(&store, &RingCrypto::new(), NOW, &file).unwrap();
+        assert_eq!((summary.individual_enrollments, summary.enrollment_groups), (1, 1));
+        assert_eq!(summary.generated_keys.len(), 2);
+
+        let repeated = r#"[{"registrationId": "a", "attestation": {"type": "symmetricKey"}},
+                          {"registrationId": "A", "attestation": {"type": "symmetricKey"}}]"#;
+        let err =
+            check_import(&ImportFile::parse(repeated).unwrap(), &RingCrypto::new(), NOW, &[]).unwrap_err();
+        assert!(err.to_string().starts_with("entry 1: registrationId"), "{err}");
+        // An entry the engine refuses while writing undoes the whole unit (of a store with
+        // transactions: the in-memory store has none).
+        let bad = r#"[{"registrationId": "b", "attestation": {"type": "symmetricKey"}},
+                      {"registrationId": "c", "attestation": {"type": "x509", "x509": {}}}]"#;
+        let other = zerotouch_store::sqlite::SqliteStore::open_in_memory().unwrap();
+        assert!(import_file(&other, &RingCrypto::new(), NOW, &ImportFile::parse(bad).unwrap()).is_err());
+        assert!(list_enrollments(&other, false).unwrap().is_empty());
     }
 
     #[test]

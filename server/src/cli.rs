@@ -236,22 +236,12 @@ pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Res
     match command {
         EnrollmentsCommand::Import { file, .. } => {
             let text = admin::import_text(std::fs::read(file).map_err(|e| ServerError::io(file, e))?)?;
-            let entries = admin::parse_import(&text)?;
-            let known_hubs = backend.hub_names()?;
-            let warnings = admin::import_warnings(&text, &entries)
-                .into_iter()
-                .chain(admin::provisioning_warnings(&entries, &known_hubs));
-            for warning in warnings {
+            let file = admin::ImportFile::parse(&text)?;
+            let (crypto, now) = (RingCrypto::new(), zerotouch_transport::service::now());
+            for warning in admin::check_import(&file, &crypto, now, &backend.hub_names()?)? {
                 eprintln!("zerotouch: warning: {warning}");
             }
-            for index in admin::custom_allocation_entries(&entries) {
-                eprintln!(
-                    "zerotouch: warning: entry {index}: allocationPolicy \"custom\": `zerotouch serve` calls no \
-                     allocation webhook, so its registrations will fail"
-                );
-            }
-            let summary =
-                admin::import(&store, &RingCrypto::new(), zerotouch_transport::service::now(), entries)?;
+            let summary = admin::import_file(&store, &crypto, now, &file)?;
             Ok(json!({ "imported": summary }))
         }
         EnrollmentsCommand::List { with_keys, .. } => {
