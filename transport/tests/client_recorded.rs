@@ -329,6 +329,35 @@ async fn an_mqtt_connect_waits_the_whole_connect_timeout_and_names_the_server() 
 }
 
 #[tokio::test]
+async fn a_self_signed_server_certificate_given_as_the_ca_is_trusted_for_its_names_only() {
+    for t in TRANSPORTS {
+        // As `openssl req -x509` makes it: self-signed and marked CA; OpenSSL (so the Python SDK)
+        // accepts it as the server's own when it is the trusted certificate.
+        let cert = ServerCert::self_signed_ca(&["localhost", "127.0.0.1"]);
+        let peer = scripted(t, &cert, assigning_script("1", 1, true)).await;
+        let assignment = client_builder(t, &cert, &peer, "my-symkey-device")
+            .provisioning_host(format!("localhost:{}", peer.addr.port()))
+            .build()
+            .unwrap()
+            .register()
+            .await;
+        assert_eq!(assignment.unwrap().assigned_hub, "hub.example", "{t}");
+
+        // The same kind of certificate for another name is refused.
+        let other = ServerCert::self_signed_ca(&["elsewhere.example"]);
+        let peer = scripted(t, &other, Vec::new()).await;
+        let e = client_builder(t, &other, &peer, "my-symkey-device")
+            .provisioning_host(format!("localhost:{}", peer.addr.port()))
+            .build()
+            .unwrap()
+            .register()
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not valid for name"), "{t}: {e}");
+    }
+}
+
+#[tokio::test]
 async fn silent_service_ends_in_a_timeout() {
     let cert = ServerCert::new();
     // A script with no replies: the peer accepts the request and never answers.

@@ -2,9 +2,14 @@
 
 use std::sync::Arc;
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use zerotouch_engine::attestation::x509::Certificate;
+use zerotouch_proto::Timestamp;
 
 use super::ClientError;
 
@@ -29,11 +34,13 @@ pub(crate) fn client_config(
     alpn: &[&[u8]],
 ) -> Result<Arc<ClientConfig>, ClientError> {
     let mut store = RootCertStore::empty();
+    let mut pinned = Vec::new();
     match roots {
         Roots::Pem(pem) => {
             for cert in CertificateDer::pem_slice_iter(pem) {
                 let cert = cert.map_err(|e| ClientError::Config(format!("CA PEM: {e}")))?;
-                store.add(cert).map_err(|e| ClientError::Config(format!("CA certificate: {e}")))?;
+                store.add(cert.clone()).map_err(|e| ClientError::Config(format!("CA certificate: {e}")))?;
+                pinned.push(cert);
             }
         }
         Roots::Native => {
@@ -48,10 +55,14 @@ pub(crate) fn client_config(
         ));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(store), Arc::clone(&provider))
+        .build()
+        .map_err(|e| ClientError::Config(format!("CA certificates: {e}")))?;
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Config(format!("TLS versions: {e}")))?
-        .with_root_certificates(store);
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(TrustedOrChained { webpki, pinned }));
     let mut config = match identity {
         None => builder.with_no_client_auth(),
         Some(id) => {
@@ -70,4 +81,65 @@ pub(crate) fn client_config(
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// The server certificate check: a chain to one of the trusted CAs (webpki), or, as OpenSSL and
+/// so the Python SDK accept it, the very certificate given as trusted presented as the server's
+/// own, as `openssl req -x509` makes one (a self-signed certificate marked CA, which webpki
+/// refuses as an end entity). Either way the host name and the validity period must fit, and
+/// the handshake's signature is checked with the presented key.
+#[derive(Debug)]
+struct TrustedOrChained {
+    webpki: Arc<WebPkiServerVerifier>,
+    /// The certificates of the CA PEM, as given.
+    pinned: Vec<CertificateDer<'static>>,
+}
+
+impl ServerCertVerifier for TrustedOrChained {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if !self.pinned.iter().any(|trusted| trusted.as_ref() == end_entity.as_ref()) {
+            return self.webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            );
+        }
+        rustls::client::verify_server_name(&ParsedCertificate::try_from(end_entity)?, server_name)?;
+        let cert = Certificate::from_der(end_entity.as_ref())
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let now = Timestamp::from_unix_secs(i64::try_from(now.as_secs()).unwrap_or(i64::MAX));
+        cert.check_validity(now).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::Expired))?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
 }

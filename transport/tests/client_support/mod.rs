@@ -50,6 +50,17 @@ impl ServerCert {
         Self { ca_pem: ca.pem(), chain: vec![leaf.der().clone()], key_der: key.serialize_der() }
     }
 
+    /// One self-signed certificate marked as a CA, for `names`, serving as the server's own and
+    /// given to the client as its trusted CA (what `openssl req -x509` makes).
+    pub fn self_signed_ca(names: &[&str]) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Self { ca_pem: cert.pem(), chain: vec![cert.der().clone()], key_der: key.serialize_der() }
+    }
+
     /// A rustls server config (ring) that asks for, but does not require, a client certificate.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
