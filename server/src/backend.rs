@@ -66,6 +66,16 @@ pub trait Backend: Send + Sync + 'static {
         let _ = proposed;
         Ok(None)
     }
+
+    /// Leaves `store` complete in its files when the server stops (SQLite: the write-ahead log
+    /// moved into the database file, so that copying `zerotouch.sqlite` is a backup). Blocks.
+    ///
+    /// # Errors
+    /// [`ServerError::Store`] when that fails; nothing is lost (the log stays).
+    fn close(store: &Self::Provisioning) -> Result<(), ServerError> {
+        let _ = store;
+        Ok(())
+    }
 }
 
 /// Everything in memory: for tests and throw-away servers. Enrollments are shared by every
@@ -185,6 +195,10 @@ impl Backend for SqliteBackend {
     type Identities = zerotouch_store::sqlite::SqliteStore;
     type Twins = zerotouch_store::sqlite::SqliteStore;
     type Jobs = zerotouch_store::sqlite::SqliteStore;
+
+    fn close(store: &Self::Provisioning) -> Result<(), ServerError> {
+        store.checkpoint().map_err(|e| ServerError::Store(e.to_string()))
+    }
 
     fn provisioning(&self) -> Result<Self::Provisioning, ServerError> {
         self.store().cloned()

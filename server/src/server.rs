@@ -88,8 +88,15 @@ impl<B: Backend> ServerHandle<B> {
             }
         }
         // The last reference closes the stores, and a database client may block doing so.
-        if let Err(e) = tokio::task::spawn_blocking(move || drop(service)).await {
-            tracing::warn!(error = %e, "closing the stores failed");
+        let closed = tokio::task::spawn_blocking(move || {
+            let closed = B::close(service.provisioner().store());
+            drop(service);
+            closed
+        });
+        match closed.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "closing the stores failed"),
+            Err(e) => tracing::warn!(error = %e, "closing the stores failed"),
         }
         tracing::info!("stopped");
     }

@@ -369,3 +369,52 @@ fn a_flood_of_refused_requests_writes_a_bounded_number_of_log_lines_and_counts_t
     assert!(logged <= bound, "{logged} refusal lines in {seconds} s, at most {bound} expected");
     assert_eq!(logged + usize::try_from(held_back).unwrap(), flood + 1, "every refusal logged or counted");
 }
+
+#[test]
+fn a_stopped_server_leaves_everything_in_the_database_file_so_copying_it_is_a_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let (server, _, https) = serve(data, "0ne0000D00D");
+    let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let file = dir.path().join("enrollments.json");
+    std::fs::write(
+        &file,
+        format!(r#"[{{"registrationId": "valve-1", "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": "{key}", "secondaryKey": "{key}"}}}}}}]"#),
+    )
+    .unwrap();
+    assert!(zerotouch(&["enrollments", "import", "--data-dir", data, file.to_str().unwrap()])
+        .status
+        .success());
+    let ca = dir.path().join("data").join("tls").join("ca.pem");
+    let host = format!("localhost:{https}");
+    let registered = zerotouch(&[
+        "device",
+        "register",
+        "--provisioning-host",
+        &host,
+        "--transport",
+        "https",
+        "--id-scope",
+        "0ne0000D00D",
+        "--registration-id",
+        "valve-1",
+        "--symmetric-key",
+        key,
+        "--ca",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(registered.status.success(), "{}", String::from_utf8_lossy(&registered.stderr));
+    assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
+
+    // Only the database file, without its write-ahead log.
+    let copy = dir.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    std::fs::copy(dir.path().join("data").join("zerotouch.sqlite"), copy.join("zerotouch.sqlite")).unwrap();
+    let copy = copy.to_str().unwrap();
+    let listed = zerotouch(&["enrollments", "list", "--data-dir", copy]);
+    let enrollments: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(enrollments[0]["registrationId"], "valve-1", "{enrollments}");
+    let device = zerotouch(&["devices", "get", "--data-dir", copy, "valve-1"]);
+    assert!(device.status.success(), "{}", String::from_utf8_lossy(&device.stderr));
+}
