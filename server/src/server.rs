@@ -171,6 +171,11 @@ pub async fn start_with_limits<B: Backend>(
         }
         _ => proposed,
     };
+    if config.id_scope.is_some() {
+        // The data directory's `id-scope` names what this server serves, given or not, so that
+        // scripts reading it (and the next start without --id-scope) use the same.
+        datadir::set_id_scope(data_dir, &id_scope)?;
+    }
     let (tls, ca_cert) = match &config.tls {
         Some(files) => (files.clone(), None),
         None => {
