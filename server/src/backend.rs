@@ -67,6 +67,12 @@ pub trait Backend: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// The kind of store the data directory should record, when it is not the directory's own
+    /// SQLite file (see [`crate::datadir::mark_store`]).
+    fn store_kind(&self) -> Option<&'static str> {
+        None
+    }
+
     /// Leaves `store` complete in its files when the server stops (SQLite: the write-ahead log
     /// moved into the database file, so that copying `zerotouch.sqlite` is a backup). Blocks.
     ///
@@ -252,6 +258,10 @@ impl Backend for PgBackend {
     type Identities = zerotouch_store::postgres::PgStore;
     type Twins = zerotouch_store::postgres::PgStore;
     type Jobs = zerotouch_store::postgres::PgStore;
+
+    fn store_kind(&self) -> Option<&'static str> {
+        Some("postgresql")
+    }
 
     fn provisioning(&self) -> Result<Self::Provisioning, ServerError> {
         Ok(self.store.clone())

@@ -18,6 +18,7 @@ macro_rules! on_backend {
         let location: StoreLocation = $location;
         match location.database_url {
             None => {
+                crate::datadir::refuse_other_store(&location.data_dir)?;
                 let $b = crate::backend::SqliteBackend::new(location.data_dir);
                 $body
             }

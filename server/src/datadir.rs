@@ -18,6 +18,41 @@ use crate::error::ServerError;
 pub const ID_SCOPE_FILE: &str = "id-scope";
 /// Sub-directory of the data directory holding the development certificates.
 pub const TLS_DIR: &str = "tls";
+/// File in the data directory of a server whose store is not the directory's SQLite file, naming
+/// that store's kind (`postgresql`; never its URL, which may hold a password).
+pub const STORE_FILE: &str = "store";
+
+/// Records in `dir` that its server keeps its store in `kind` (e.g. `postgresql`).
+///
+/// # Errors
+/// [`ServerError::Io`].
+pub fn mark_store(dir: &Path, kind: &str) -> Result<(), ServerError> {
+    let path = dir.join(STORE_FILE);
+    if fs::read_to_string(&path).is_ok_and(|text| text.trim() == kind) {
+        return Ok(());
+    }
+    fs::write(&path, format!("{kind}\n")).map_err(|e| ServerError::io(path, e))
+}
+
+/// Refuses to use `dir`'s SQLite store when a server there keeps its store elsewhere (see
+/// [`mark_store`]): an admin command without `--database-url` would otherwise create an empty
+/// SQLite store beside it, and write or read there while the server never sees it.
+///
+/// # Errors
+/// [`ServerError::Config`] naming the marker.
+pub fn refuse_other_store(dir: &Path) -> Result<(), ServerError> {
+    let path = dir.join(STORE_FILE);
+    match fs::read_to_string(&path) {
+        Ok(kind) => Err(ServerError::Config(format!(
+            "{} is the data directory of a server whose store is {} (see {}): give --database-url \
+             (remove that file to keep a SQLite store here instead)",
+            dir.display(),
+            kind.trim(),
+            path.display()
+        ))),
+        Err(_) => Ok(()),
+    }
+}
 
 /// Creates the data directory (and parents) when missing.
 ///

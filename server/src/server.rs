@@ -127,6 +127,10 @@ pub async fn start_with_limits<B: Backend>(
 ) -> Result<ServerHandle<B>, ServerError> {
     let data_dir = &config.store.data_dir;
     datadir::ensure_dir(data_dir)?;
+    match backend.store_kind() {
+        Some(kind) => datadir::mark_store(data_dir, kind)?,
+        None => datadir::refuse_other_store(data_dir)?,
+    }
     if let Some(limit) = open_files_limit() {
         // Each connection holds a descriptor; the stores, listeners and logs a few more.
         if config.max_connections.saturating_add(64) > limit {

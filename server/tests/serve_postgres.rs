@@ -112,6 +112,19 @@ fn a_device_provisions_into_the_postgres_store_and_devices_get_reads_it_back() {
     assert_eq!(identity["deviceId"], "meter-9");
     let all = zerotouch(&["devices", "list", "--database-url", &schema.url]);
     assert_eq!(all[0]["hub"], "localhost");
+
+    // The data directory says where its server's store is: a command given only the directory
+    // is refused instead of working on a new, empty SQLite store beside it.
+    let marker = std::fs::read_to_string(dir.path().join("store")).unwrap();
+    assert_eq!(marker.trim(), "postgresql");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+        .args(["enrollments", "import", "--data-dir", dir.path().to_str().unwrap()])
+        .arg(dir.path().join("enrollments.json"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("give --database-url"), "{stderr}");
+    assert!(!dir.path().join("zerotouch.sqlite").exists());
 }
 
 #[test]
