@@ -84,8 +84,9 @@ pub struct StoreArgs {
     /// Data directory of the server (SQLite; default `./zerotouch-data`).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// PostgreSQL URL of the server's database instead.
-    #[arg(long, value_name = "URL")]
+    /// PostgreSQL URL of the server's database instead; also read from
+    /// `ZEROTOUCH_DATABASE_URL`, out of sight of `ps`.
+    #[arg(long, value_name = "URL", env = "ZEROTOUCH_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 }
 

@@ -57,8 +57,10 @@ pub struct Settings {
     #[arg(long = "hub", value_name = "NAME[:WEIGHT]")]
     #[serde(default)]
     pub hub: Vec<String>,
-    /// PostgreSQL URL (`postgres://…`) instead of the SQLite database in the data directory.
-    #[arg(long, value_name = "URL")]
+    /// PostgreSQL URL (`postgres://…`) instead of the SQLite database in the data directory;
+    /// also read from `ZEROTOUCH_DATABASE_URL`, out of sight of `ps` (plain TCP: no TLS to the
+    /// database).
+    #[arg(long, value_name = "URL", env = "ZEROTOUCH_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Seconds devices are told to wait before polling an `assigning` registration (1 to 300;
     /// default 3 like Azure DPS). Smaller values make registrations finish sooner.

@@ -420,3 +420,22 @@ fn a_stopped_server_leaves_everything_in_the_database_file_so_copying_it_is_a_ba
     let device = zerotouch(&["devices", "get", "--data-dir", copy, "valve-1"]);
     assert!(device.status.success(), "{}", String::from_utf8_lossy(&device.stderr));
 }
+
+#[test]
+fn the_database_url_may_come_from_the_environment_and_is_not_shown_in_help() {
+    let out = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+        .args(["enrollments", "list"])
+        .env("ZEROTOUCH_DATABASE_URL", "postgres://nobody:S3cret@127.0.0.1:1/none")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("PostgreSQL"), "{stderr}");
+    assert!(!stderr.contains("S3cret"), "{stderr}");
+    let help = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+        .args(["serve", "--help"])
+        .env("ZEROTOUCH_DATABASE_URL", "postgres://nobody:S3cret@127.0.0.1:1/none")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("ZEROTOUCH_DATABASE_URL") && !help.contains("S3cret"), "{help}");
+}
