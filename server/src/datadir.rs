@@ -164,6 +164,10 @@ pub fn dev_certificates(dir: &Path) -> Result<DevCertificates, ServerError> {
     }
     ensure_dir(dir)?;
     if tls.exists() {
+        // Another start may have renamed its complete set into place since the check above.
+        if present.iter().all(|p| p.is_file()) {
+            return Ok(certs);
+        }
         // Some files are missing (removed by hand): make them again in place.
         write_dev_certificates(&certs)?;
         return Ok(DevCertificates { generated: true, ..certs });
