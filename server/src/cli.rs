@@ -255,7 +255,8 @@ pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Res
 /// Runs a devices command on `backend`; returns what to print.
 ///
 /// # Errors
-/// [`ServerError::Config`] for an unknown hub or device id; store failures.
+/// [`ServerError::NotFound`] for a hub or device that is not there, [`ServerError::Config`] for a
+/// malformed device id; store failures.
 pub fn devices<B: Backend>(backend: &B, command: &DevicesCommand) -> Result<Value, ServerError> {
     let (hub, wanted) = match command {
         DevicesCommand::Get { hub, device_id, .. } => (hub, Some(device_id)),
@@ -276,7 +277,10 @@ pub fn devices<B: Backend>(backend: &B, command: &DevicesCommand) -> Result<Valu
                     return device_json(&device);
                 }
             }
-            Err(ServerError::NotFound(format!("device {id} is in no embedded hub")))
+            Err(ServerError::NotFound(match hub {
+                Some(h) => format!("device {id} is not in hub {h}"),
+                None => format!("device {id} is in no embedded hub"),
+            }))
         }
         None => {
             let mut all = Vec::new();

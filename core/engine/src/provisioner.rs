@@ -461,8 +461,9 @@ impl<S: ProvisioningStore> Provisioner<S> {
     /// Handles `PUT …/register` (or the MQTT `iotdps-register` publish).
     ///
     /// Answers `202 assigning` with an operation id when the device is authenticated (the
-    /// assignment, or its failure, is recorded under that operation), or an error reply
-    /// (401 / 400 / 404) when it is not.
+    /// assignment, or its failure, is recorded under that operation), or an error reply when it
+    /// is not: 401, 400 or 404 for the device's credential and request, 429 when registrations
+    /// of the same id race, 500 when the store fails.
     pub fn handle_register(
         &self,
         now: Timestamp,

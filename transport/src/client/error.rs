@@ -12,7 +12,8 @@ pub enum ClientError {
     /// TCP connect, TLS handshake or WebSocket upgrade failed, or the connection dropped.
     #[error("connection to the provisioning service failed: {0}")]
     Connection(String),
-    /// The MQTT broker refused the CONNECT (return code 4 or 5: bad SAS token or certificate).
+    /// The MQTT broker refused the CONNECT with a non-zero return code (4 or 5 for a bad SAS
+    /// token, 3 when the service is unavailable, 1 or 2 for a protocol or client id it refuses).
     #[error(
         "the provisioning service refused the MQTT connection (CONNACK return code {return_code}: {reason})"
     )]
