@@ -811,7 +811,6 @@ impl<S: ProvisioningStore> Provisioner<S> {
         predates_reprovisioning: bool,
     ) -> Result<Plan, Error> {
         let enrollment = &attested.enrollment;
-        let policy = enrollment.reprovision_policy(predates_reprovisioning);
         // The device id a new identity gets: the enrollment's, or the registration id. Made only
         // by the branches that create an identity (a device that keeps its identity keeps its id).
         let new_device_id = || match enrollment {
@@ -829,6 +828,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 _ => None,
             }
         });
+        // The legacy rule keeps a device on its hub, which a hub taken out of the linked hubs
+        // cannot do: then the enrollment's policy, or the default, decides.
+        let may_stay = current.as_ref().is_none_or(|(hub, _)| self.allocator.is_linked(hub));
+        let policy = enrollment.reprovision_policy(predates_reprovisioning && may_stay);
 
         // Never re-provision: keep the current hub and device, refresh its credentials.
         if let (Some((hub, old_device)), false) = (&current, policy.update_hub_assignment) {

@@ -205,6 +205,19 @@ fn a_device_older_than_reprovision_policies_stays_on_its_hub_when_the_enrollment
 }
 
 #[test]
+fn a_device_older_than_reprovision_policies_whose_hub_was_unlinked_is_provisioned_afresh() {
+    // The legacy rule keeps a device on its hub; a hub that is gone cannot keep it, and with no
+    // policy of the enrollment's own to say otherwise it gets the default (spec §8.3).
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &EnrollOptions::default());
+    let first = assigned(w.register(device_on("2018-04-01", &key, "a"), None));
+    unlink(&mut w, &first.assigned_hub);
+    let again = assigned(w.register(device_on("2018-04-01", &key, "a"), None));
+    assert_ne!(again.assigned_hub, first.assigned_hub);
+    assert_eq!(again.substatus, Some(Substatus::DeviceDataReset));
+}
+
+#[test]
 fn a_reprovision_policy_the_enrollment_sets_applies_to_devices_older_than_policies_too() {
     let mut w = world();
     let key = enroll_symmetric(&w, ID, &custom(true, true));
