@@ -67,9 +67,15 @@ pub struct GeneratedKeys {
 /// [`ServerError::Config`] for UTF-16 (what PowerShell 5's `>` writes) and for bytes that are not
 /// UTF-8, naming the line and byte offset of the first one.
 pub fn import_text(bytes: Vec<u8>) -> Result<String, ServerError> {
-    if bytes.starts_with(&[0xFF, 0xFE]) || bytes.starts_with(&[0xFE, 0xFF]) {
+    // A byte-order mark of UTF-16 or UTF-32, or a NUL among the first two bytes (JSON starts with
+    // ASCII, which those encodings pad with NULs).
+    let wide = bytes.starts_with(&[0xFF, 0xFE])
+        || bytes.starts_with(&[0xFE, 0xFF])
+        || bytes.starts_with(&[0, 0, 0xFE, 0xFF])
+        || bytes.iter().take(2).any(|b| *b == 0);
+    if wide {
         return Err(ServerError::Config(
-            "the import file is UTF-16 (PowerShell's `>` writes that); save it as UTF-8".into(),
+            "the import file is UTF-16 or UTF-32 (PowerShell's `>` writes UTF-16); save it as UTF-8".into(),
         ));
     }
     let bytes = match bytes.strip_prefix(&[0xEF, 0xBB, 0xBF]) {
@@ -843,8 +849,10 @@ mod tests {
     fn an_import_file_may_start_with_a_byte_order_mark_but_must_be_utf8() {
         let text = import_text(b"\xEF\xBB\xBF[]".to_vec()).unwrap();
         assert!(parse_import(&text).unwrap().is_empty());
-        let utf16 = import_text(b"\xFF\xFE[\0]\0".to_vec()).unwrap_err().to_string();
-        assert!(utf16.contains("UTF-16"), "{utf16}");
+        for wide in [&b"\xFF\xFE[\0]\0"[..], b"[\0]\0", b"\0[\0]", b"\xFF\xFE\0\0[\0\0\0"] {
+            let refused = import_text(wide.to_vec()).unwrap_err().to_string();
+            assert!(refused.contains("UTF-16"), "{wide:?}: {refused}");
+        }
         let latin1 = import_text(b"[\n{\"registrationId\": \"caf\xE9\"}]".to_vec()).unwrap_err().to_string();
         assert!(latin1.contains("not UTF-8: line 2, byte 25"), "{latin1}");
     }
