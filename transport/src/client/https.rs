@@ -140,9 +140,11 @@ impl Link for HttpsLink {
     async fn send(&mut self, transmit: &Transmit) -> Result<(), ClientError> {
         let request = self.request(transmit)?;
         let response = self.sender().await?.send_request(request);
+        let authority = self.endpoint.authority();
         self.pending = Some(Box::pin(async move {
-            let response =
-                response.await.map_err(|e| ClientError::Connection(format!("HTTP request failed: {e}")))?;
+            let response = response
+                .await
+                .map_err(|e| ClientError::Connection(format!("HTTP request to {authority} failed: {e}")))?;
             let status = response.status().as_u16();
             let retry_after = response
                 .headers()
@@ -152,7 +154,9 @@ impl Link for HttpsLink {
             let body = Limited::new(response.into_body(), MAX_BODY)
                 .collect()
                 .await
-                .map_err(|e| ClientError::Connection(format!("reading the reply body failed: {e}")))?
+                .map_err(|e| {
+                    ClientError::Connection(format!("reading the reply body from {authority} failed: {e}"))
+                })?
                 .to_bytes();
             Ok(ServiceResponse { status, retry_after, body: body.to_vec() })
         }));
