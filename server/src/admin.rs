@@ -212,11 +212,26 @@ pub fn check_import(
     let mut warnings = Vec::new();
     for index in 0..file.len() {
         let (given, entry) = file.entry(index)?;
+        // In a file of thousands the index alone is hard to find: name the entry by its id too.
+        let named = |e: ServerError| match e {
+            ServerError::Import { index, message } => {
+                ServerError::Import { index, message: format!("{}: {message}", entry_name(&entry)) }
+            }
+            other => other,
+        };
         ids.check(index, &entry)?;
-        engine_check(index, &entry, crypto, now)?;
+        engine_check(index, &entry, crypto, now).map_err(named)?;
         entry_warnings(index, &given, &entry, known_hubs, &mut warnings);
     }
     Ok(warnings)
+}
+
+/// `registrationId "dev-1"` or `enrollmentGroupId "line-3"`.
+fn entry_name(entry: &ImportEntry) -> String {
+    match entry {
+        ImportEntry::Individual(e) => format!("registrationId {:?}", e.registration_id.as_str()),
+        ImportEntry::Group(g) => format!("enrollmentGroupId {:?}", g.enrollment_group_id.as_str()),
+    }
 }
 
 /// What the engine says of `entry`, written to a scratch store of its own.

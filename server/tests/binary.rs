@@ -30,7 +30,7 @@ fn import_of_a_bad_file_names_the_entry_and_writes_nothing() {
     let out = zerotouch(&["enrollments", "import", "--data-dir", data, file.to_str().unwrap()]);
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(stderr.contains("entry 1: "), "{stderr}");
+    assert!(stderr.contains(r#"entry 1: enrollmentGroupId "bad": "#), "{stderr}");
 
     let out = zerotouch(&["enrollments", "list", "--data-dir", data]);
     assert!(out.status.success());
