@@ -608,6 +608,41 @@ fn to_json<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
+/// Deletes the individual enrollment `registration_id` or the group `enrollment_group_id`
+/// (exactly one is given); returns what was deleted, as JSON.
+///
+/// # Errors
+/// [`ServerError::NotFound`] when there is no such enrollment, [`ServerError::Config`] for a
+/// malformed id or not exactly one id, store failures.
+pub fn delete_enrollment<S>(
+    store: &S,
+    registration_id: Option<&str>,
+    enrollment_group_id: Option<&str>,
+) -> Result<Value, ServerError>
+where
+    S: EnrollmentStore + EnrollmentGroupStore + ?Sized,
+{
+    let not_found = |e: zerotouch_engine::Error| match e {
+        zerotouch_engine::Error::NotFound(what) => ServerError::NotFound(what),
+        other => ServerError::Engine(other),
+    };
+    match (registration_id, enrollment_group_id) {
+        (Some(id), None) => {
+            let id = zerotouch_proto::RegistrationId::new(id)
+                .map_err(|e| ServerError::Config(format!("registration id: {e}")))?;
+            enrollments::delete_enrollment(store, &id, &IfMatch::Absent).map_err(not_found)?;
+            Ok(serde_json::json!({ "deleted": { "registrationId": id.as_str() } }))
+        }
+        (None, Some(id)) => {
+            let id = zerotouch_proto::EnrollmentGroupId::new(id)
+                .map_err(|e| ServerError::Config(format!("enrollment group id: {e}")))?;
+            enrollments::delete_enrollment_group(store, &id, &IfMatch::Absent).map_err(not_found)?;
+            Ok(serde_json::json!({ "deleted": { "enrollmentGroupId": id.as_str() } }))
+        }
+        _ => Err(ServerError::Config("give one of --registration-id and --enrollment-group-id".into())),
+    }
+}
+
 /// A device identity in a hub registry, credentials included.
 ///
 /// # Errors
@@ -870,6 +905,22 @@ mod tests {
         }
         let latin1 = import_text(b"[\n{\"registrationId\": \"caf\xE9\"}]".to_vec()).unwrap_err().to_string();
         assert!(latin1.contains("not UTF-8: line 2, byte 25"), "{latin1}");
+    }
+
+    #[test]
+    fn an_enrollment_is_deleted_once_and_then_not_found() {
+        let store = MemoryStore::new();
+        import(&store, &RingCrypto::new(), NOW, parse_import(KEYLESS).unwrap()).unwrap();
+        let deleted = delete_enrollment(&store, Some("dev-1"), None).unwrap();
+        assert_eq!(deleted["deleted"]["registrationId"], "dev-1");
+        assert_eq!(
+            delete_enrollment(&store, None, Some("sensors")).unwrap()["deleted"]["enrollmentGroupId"],
+            "sensors"
+        );
+        assert!(list_enrollments(&store, false).unwrap().is_empty());
+        assert!(matches!(delete_enrollment(&store, Some("dev-1"), None), Err(ServerError::NotFound(_))));
+        assert!(matches!(delete_enrollment(&store, Some("bad id"), None), Err(ServerError::Config(_))));
+        assert!(matches!(delete_enrollment(&store, None, None), Err(ServerError::Config(_))));
     }
 
     #[test]

@@ -142,6 +142,21 @@ pub enum EnrollmentsCommand {
         #[arg(long)]
         with_keys: bool,
     },
+    /// Delete an individual enrollment or an enrollment group. Its devices' hub identities and
+    /// registration records stay (as in DPS); their next registration is refused, unless a
+    /// group still covers them.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["registration_id", "enrollment_group_id"])))]
+    Delete {
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The individual enrollment's registration id.
+        #[arg(long, value_name = "ID")]
+        registration_id: Option<String>,
+        /// The enrollment group's id.
+        #[arg(long, value_name = "ID")]
+        enrollment_group_id: Option<String>,
+    },
 }
 
 /// `zerotouch devices …`.
@@ -249,6 +264,9 @@ pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Res
         EnrollmentsCommand::List { with_keys, .. } => {
             Ok(Value::Array(admin::list_enrollments(&store, *with_keys)?))
         }
+        EnrollmentsCommand::Delete { registration_id, enrollment_group_id, .. } => {
+            admin::delete_enrollment(&store, registration_id.as_deref(), enrollment_group_id.as_deref())
+        }
     }
 }
 
@@ -310,7 +328,9 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
             // reads one that exists.
             let location = match &command {
                 EnrollmentsCommand::Import { store, .. } => store.location(),
-                EnrollmentsCommand::List { store, .. } => store.existing_location()?,
+                EnrollmentsCommand::List { store, .. } | EnrollmentsCommand::Delete { store, .. } => {
+                    store.existing_location()?
+                }
             };
             print(&on_backend!(location, |b| enrollments(&b, &command))?)
         }

@@ -439,3 +439,33 @@ fn the_database_url_may_come_from_the_environment_and_is_not_shown_in_help() {
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("ZEROTOUCH_DATABASE_URL") && !help.contains("S3cret"), "{help}");
 }
+
+#[test]
+fn enrollments_delete_removes_one_enrollment_and_says_when_there_is_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let file = dir.path().join("enrollments.json");
+    std::fs::write(
+        &file,
+        r#"[{"registrationId": "pump-1", "attestation": {"type": "symmetricKey"}},
+            {"enrollmentGroupId": "pumps", "attestation": {"type": "symmetricKey"}}]"#,
+    )
+    .unwrap();
+    assert!(zerotouch(&["enrollments", "import", "--data-dir", data, file.to_str().unwrap()])
+        .status
+        .success());
+    let out = zerotouch(&["enrollments", "delete", "--data-dir", data, "--enrollment-group-id", "pumps"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: Value =
+        serde_json::from_slice(&zerotouch(&["enrollments", "list", "--data-dir", data]).stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["registrationId"], "pump-1");
+    let again = zerotouch(&["enrollments", "delete", "--data-dir", data, "--enrollment-group-id", "pumps"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(!zerotouch(&["enrollments", "delete", "--data-dir", data]).status.success(), "an id is required");
+}
