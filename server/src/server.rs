@@ -98,6 +98,7 @@ impl<B: Backend> ServerHandle<B> {
             Ok(Err(e)) => tracing::warn!(error = %e, "closing the stores failed"),
             Err(e) => tracing::warn!(error = %e, "closing the stores failed"),
         }
+        zerotouch_transport::limits::report_held_back_log_lines();
         tracing::info!("stopped");
     }
 }

@@ -243,6 +243,15 @@ pub const CLIENT_LOG_LINES_PER_SECOND: u32 = 20;
 pub(crate) static CLIENT_LOG: LogBudget =
     LogBudget::new(CLIENT_LOG_LINES_PER_SECOND, "log lines about refused requests and connections held back");
 
+/// Logs how many lines about refused requests and connections were held back since the last
+/// one logged: for a server that stops, whose last held-back count no later line would report.
+pub fn report_held_back_log_lines() {
+    let held_back = CLIENT_LOG.take_held_back();
+    if held_back > 0 {
+        tracing::info!(held_back, per_second = CLIENT_LOG.per_second, "{}", CLIENT_LOG.held_back_message);
+    }
+}
+
 /// A cap of log lines a second. Lines over it are held back and counted; the count is logged
 /// before the next line that fits (a flood followed by silence leaves its count unreported
 /// until the next line).
@@ -289,6 +298,11 @@ impl LogBudget {
         Some(std::mem::take(&mut state.held_back))
     }
 
+    /// Takes the count of lines held back since the last one logged.
+    fn take_held_back(&self) -> u64 {
+        std::mem::take(&mut self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).held_back)
+    }
+
     /// Whether a line may be logged now; first logs how many were held back, if any.
     pub(crate) fn allows(&self) -> bool {
         match self.take_at(std::time::Instant::now()) {
@@ -320,6 +334,9 @@ mod tests {
         // A clock that seems to go back (another thread's `now`) does not open a window.
         assert_eq!(budget.take_at(at(500)), Some(0));
         assert_eq!(budget.take_at(at(500)), None);
+        // What is held back when nothing more comes can be taken (a server that stops).
+        assert_eq!(budget.take_held_back(), 1);
+        assert_eq!(budget.take_held_back(), 0);
     }
 
     #[tokio::test]
