@@ -581,7 +581,10 @@ where
         } else {
             enrollments::query_enrollments(store, &page)?
         };
-        out.extend(p.items.iter().map(to_json));
+        // With the device's registration state, as DPS reads show it (an import ignores it).
+        for enrollment in p.items {
+            out.push(to_json(&enrollments::with_registration_state(store, enrollment)?));
+        }
         match p.continuation {
             Some(c) => page.continuation = Some(c),
             None => break,

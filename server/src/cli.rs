@@ -133,7 +133,9 @@ pub enum EnrollmentsCommand {
         /// The file: individual enrollments have `registrationId`, groups `enrollmentGroupId`.
         file: PathBuf,
     },
-    /// Print every enrollment as a JSON array in the import file's shape, keys left out.
+    /// Print every enrollment as a JSON array in the import file's shape, keys left out; an
+    /// individual enrollment whose device registered carries its `registrationState` (why a
+    /// registration failed, where it was assigned), as DPS reads show it.
     List {
         /// The store.
         #[command(flatten)]

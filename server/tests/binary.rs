@@ -415,6 +415,9 @@ fn a_stopped_server_leaves_everything_in_the_database_file_so_copying_it_is_a_ba
     let listed = zerotouch(&["enrollments", "list", "--data-dir", copy]);
     let enrollments: Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(enrollments[0]["registrationId"], "valve-1", "{enrollments}");
+    // As a DPS read of the enrollment shows it: with its device's registration.
+    assert_eq!(enrollments[0]["registrationState"]["status"], "assigned", "{enrollments}");
+    assert_eq!(enrollments[0]["registrationState"]["deviceId"], "valve-1", "{enrollments}");
     let device = zerotouch(&["devices", "get", "--data-dir", copy, "valve-1"]);
     assert!(device.status.success(), "{}", String::from_utf8_lossy(&device.stderr));
 }

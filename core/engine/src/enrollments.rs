@@ -227,7 +227,12 @@ pub fn put_enrollment<S: EnrollmentStore + RegistrationStore + ?Sized>(
     with_registration_state(store, enrollment)
 }
 
-fn with_registration_state<S: RegistrationStore + ?Sized>(
+/// `enrollment` with the state of its device's registration, if the device registered under it
+/// (`registrationState`, as DPS reads of an individual enrollment carry it).
+///
+/// # Errors
+/// Store failures.
+pub fn with_registration_state<S: RegistrationStore + ?Sized>(
     store: &S,
     mut enrollment: IndividualEnrollment,
 ) -> Result<IndividualEnrollment, Error> {
