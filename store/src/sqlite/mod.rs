@@ -545,13 +545,17 @@ impl SqliteStore {
 
     /// Moves everything in the write-ahead log into the database file and empties the log
     /// (`wal_checkpoint(TRUNCATE)`), so that the database file alone holds every commit: what a
-    /// server does when it stops, for backups that copy the file. Waits for the writer; readers
-    /// of other processes may keep it from finishing, which is reported.
+    /// server does when it stops, for backups that copy the file. Waits up to 5 s for the
+    /// writer; readers of other processes may keep it from finishing, which is reported.
     ///
     /// # Errors
     /// [`StoreError::Backend`] when the checkpoint fails or could not copy the whole log.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
-        let writer = self.inner.writer.lock();
+        // A write that never ends (a call still stuck when the server stops) must not hold the
+        // stop: then the log keeps what it holds, as it would without a checkpoint.
+        let writer = self.inner.writer.try_lock_for(std::time::Duration::from_secs(5)).ok_or_else(|| {
+            StoreError::Backend("sqlite: a write still running kept the checkpoint from starting".into())
+        })?;
         if writer.open.get() {
             return Err(StoreError::Backend("sqlite: cannot checkpoint while writes are pending".into()));
         }
