@@ -324,7 +324,14 @@ fn device_json(device: &zerotouch_proto::hub::Device) -> Result<Value, ServerErr
 /// Whatever the command failed with; `main` prints it and exits non-zero.
 pub fn run(cli: Cli) -> Result<(), ServerError> {
     match cli.command {
-        Command::Serve(args) => runtime()?.block_on(serve(args)),
+        Command::Serve(args) => {
+            let runtime = runtime()?;
+            let served = runtime.block_on(serve(args));
+            // Dropping a runtime waits for every blocking task; an engine call stuck in a store
+            // (answered 500 long ago) would hold the process after its graceful stop for ever.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+            served
+        }
         Command::Enrollments(command) => {
             // An import may create the store (enrollments before the first `serve`); a listing
             // reads one that exists.
