@@ -300,22 +300,9 @@ async fn a_service_that_keeps_answering_assigning_is_given_up_at_the_registratio
 #[tokio::test]
 async fn an_mqtt_connect_waits_the_whole_connect_timeout_and_names_the_server() {
     let cert = ServerCert::new();
-    // Accepts TLS, reads the CONNECT and never answers it.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
-    let server = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut tls = acceptor.accept(tcp).await.unwrap();
-        let mut sink = Vec::new();
-        let _ = tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut sink).await;
-    });
+    let (addr, server) = silent_peer(&cert).await;
     let started = Instant::now();
-    let e = ProvisioningClient::builder(SCOPE, "my-symkey-device")
-        .provisioning_host(addr.to_string())
-        .transport(Transport::Mqtt)
-        .symmetric_key(DEVICE_KEY)
-        .ca_pem(cert.ca_pem.clone())
+    let e = silent_client(&cert, addr, Transport::Mqtt)
         .connect_timeout(Duration::from_secs(7))
         .build()
         .unwrap()
@@ -357,24 +344,39 @@ async fn a_self_signed_server_certificate_given_as_the_ca_is_trusted_for_its_nam
     }
 }
 
-#[tokio::test]
-async fn silent_service_ends_in_a_timeout() {
-    let cert = ServerCert::new();
-    // A script with no replies: the peer accepts the request and never answers.
+/// A TLS peer that accepts one connection, reads what comes and never answers.
+async fn silent_peer(cert: &ServerCert) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
     let server = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        let tls = acceptor.accept(tcp).await.unwrap();
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        drop(tls);
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut sink = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut sink).await;
     });
-    let e = ProvisioningClient::builder(SCOPE, "my-symkey-device")
+    (addr, server)
+}
+
+/// A client of the peer at `addr` over `transport`, trusting `cert`'s CA.
+fn silent_client(
+    cert: &ServerCert,
+    addr: std::net::SocketAddr,
+    transport: Transport,
+) -> ProvisioningClientBuilder {
+    ProvisioningClient::builder(SCOPE, "my-symkey-device")
         .provisioning_host(addr.to_string())
-        .transport(Transport::Https)
+        .transport(transport)
         .symmetric_key(DEVICE_KEY)
         .ca_pem(cert.ca_pem.clone())
+}
+
+#[tokio::test]
+async fn silent_service_ends_in_a_timeout() {
+    let cert = ServerCert::new();
+    // The peer accepts the request and never answers.
+    let (addr, server) = silent_peer(&cert).await;
+    let e = silent_client(&cert, addr, Transport::Https)
         .request_timeout(Duration::from_secs(1))
         .build()
         .unwrap()
