@@ -92,8 +92,22 @@ pub struct StoreArgs {
 
 impl StoreArgs {
     /// The store these flags name.
-    pub fn location(&self) -> StoreLocation {
-        StoreLocation::new(self.data_dir.clone(), self.database_url.clone())
+    ///
+    /// # Errors
+    /// [`ServerError::Config`] when `--data-dir` is given while the URL comes only from
+    /// `ZEROTOUCH_DATABASE_URL`.
+    pub fn location(&self) -> Result<StoreLocation, ServerError> {
+        // An exported ZEROTOUCH_DATABASE_URL must not quietly win over a --data-dir typed for
+        // this command (a SQLite store, say, in a lab directory).
+        let url_flag = std::env::args().any(|a| a == "--database-url" || a.starts_with("--database-url="));
+        if self.data_dir.is_some() && self.database_url.is_some() && !url_flag {
+            return Err(ServerError::Config(
+                "--data-dir was given and ZEROTOUCH_DATABASE_URL is set: unset the variable to use the \
+                 data directory's SQLite store, or drop --data-dir to use the database"
+                    .into(),
+            ));
+        }
+        Ok(StoreLocation::new(self.data_dir.clone(), self.database_url.clone()))
     }
 
     /// The store these flags name, which must exist already: a command that only reads would
@@ -103,8 +117,9 @@ impl StoreArgs {
     /// [`ServerError::Config`] when the data directory holds no database (PostgreSQL URLs are
     /// checked when connecting).
     pub fn existing_location(&self) -> Result<StoreLocation, ServerError> {
-        let location = self.location();
+        let location = self.location()?;
         if location.database_url.is_none() {
+            crate::datadir::refuse_other_store(&location.data_dir)?;
             let database = location.data_dir.join(crate::backend::SqliteBackend::DATABASE_FILE);
             if !database.is_file() {
                 return Err(ServerError::Config(format!(
@@ -336,7 +351,7 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
             // An import may create the store (enrollments before the first `serve`); a listing
             // reads one that exists.
             let location = match &command {
-                EnrollmentsCommand::Import { store, .. } => store.location(),
+                EnrollmentsCommand::Import { store, .. } => store.location()?,
                 EnrollmentsCommand::List { store, .. } | EnrollmentsCommand::Delete { store, .. } => {
                     store.existing_location()?
                 }

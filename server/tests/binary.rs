@@ -439,6 +439,28 @@ fn the_database_url_may_come_from_the_environment_and_is_not_shown_in_help() {
         .unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("ZEROTOUCH_DATABASE_URL") && !help.contains("S3cret"), "{help}");
+
+    // An exported URL does not quietly win over a data directory typed for the command.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+        .args(["enrollments", "list", "--data-dir", dir.path().to_str().unwrap()])
+        .env("ZEROTOUCH_DATABASE_URL", "postgres://nobody:S3cret@127.0.0.1:1/none")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("unset the variable"), "{stderr}");
+
+    // A directory whose server keeps its store in PostgreSQL says so to every store command.
+    std::fs::write(dir.path().join("store"), "postgresql\n").unwrap();
+    for args in [
+        &["enrollments", "list"][..],
+        &["devices", "list"],
+        &["enrollments", "delete", "--registration-id", "d"],
+    ] {
+        let out = zerotouch(&[args, &["--data-dir", dir.path().to_str().unwrap()]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("give --database-url"), "{args:?}: {stderr}");
+    }
 }
 
 #[test]

@@ -546,7 +546,7 @@ impl SqliteStore {
     /// Moves everything in the write-ahead log into the database file and empties the log
     /// (`wal_checkpoint(TRUNCATE)`), so that the database file alone holds every commit: what a
     /// server does when it stops, for backups that copy the file. Waits up to 5 s for the
-    /// writer; readers of other processes may keep it from finishing, which is reported.
+    /// writer and 1 s for readers of other processes, which may keep it from finishing (reported).
     ///
     /// # Errors
     /// [`StoreError::Backend`] when the checkpoint fails or could not copy the whole log.
@@ -559,10 +559,14 @@ impl SqliteStore {
         if writer.open.get() {
             return Err(StoreError::Backend("sqlite: cannot checkpoint while writes are pending".into()));
         }
-        let (busy, _, _): (i64, i64, i64) = writer
+        // Readers of other processes are waited for a second at most, not the busy timeout.
+        writer.conn.busy_timeout(std::time::Duration::from_secs(1)).db()?;
+        let checkpointed = writer
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .db()?;
+            .db();
+        writer.conn.busy_timeout(BUSY_TIMEOUT).db()?;
+        let (busy, _, _): (i64, i64, i64) = checkpointed?;
         if busy != 0 {
             return Err(StoreError::Backend(
                 "sqlite: the checkpoint was blocked by another connection; the log keeps the rest".into(),

@@ -283,6 +283,9 @@ impl ProvisioningClientBuilder {
             config.max_throttle_retries = n;
         }
         if let Some(timeout) = self.registration_timeout {
+            if timeout.is_zero() {
+                return Err(ClientError::Config("the registration timeout must be longer than zero".into()));
+            }
             config.registration_timeout = timeout;
         }
         config.request_timeout = self.request_timeout;
@@ -558,6 +561,17 @@ mod tests {
             DeviceCredential::symmetric_key_base64("Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc=").unwrap();
         assert_eq!(client.config().credential, expected);
         assert!(!format!("{client:?}").contains("Jsm0"));
+    }
+
+    #[test]
+    fn a_registration_timeout_of_zero_is_refused() {
+        let ca = zerotouch_testkit::certs::TestCa::root("test root");
+        let built = ProvisioningClient::builder("0ne00111111", "dev1")
+            .symmetric_key("c2VjcmV0")
+            .ca_pem(ca.pem())
+            .registration_timeout(Duration::ZERO)
+            .build();
+        assert!(matches!(built, Err(ClientError::Config(_))));
     }
 
     #[test]

@@ -79,7 +79,7 @@ impl MqttLink {
         // rumqttc gives up connecting after its own 5 s unless told otherwise; the whole
         // handshake is bounded by `connect_timeout` below, so its part may take as long.
         let mut network = eventloop.network_options();
-        network.set_connection_timeout(client.connect_timeout.as_secs().max(1) + 1);
+        network.set_connection_timeout(client.connect_timeout.as_secs().max(1).saturating_add(1));
         eventloop.set_network_options(network);
         let (tx, inbound) = mpsc::unbounded_channel();
         let task = tokio::spawn(pump(eventloop, tx, client.endpoint.authority()));

@@ -117,7 +117,12 @@ impl ServerCertVerifier for TrustedOrChained {
         let cert = Certificate::from_der(end_entity.as_ref())
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         let now = Timestamp::from_unix_secs(i64::try_from(now.as_secs()).unwrap_or(i64::MAX));
-        cert.check_validity(now).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::Expired))?;
+        cert.check_validity(now).map_err(|e| {
+            rustls::Error::InvalidCertificate(match e {
+                zerotouch_engine::AuthError::CertificateNotYetValid => CertificateError::NotValidYet,
+                _ => CertificateError::Expired,
+            })
+        })?;
         Ok(ServerCertVerified::assertion())
     }
 
