@@ -81,7 +81,7 @@ async fn the_engine_is_told_the_api_version_of_the_query() {
 async fn a_request_the_engine_does_not_finish_in_time_is_answered_500() {
     let limits = Limits { engine_timeout: std::time::Duration::from_millis(300), ..Limits::default() };
     let server =
-        Server::start_wrapped(limits, recording::Stalled::by(std::time::Duration::from_secs(3))).await;
+        Server::start_wrapped(limits, recording::SlowService::by(std::time::Duration::from_secs(3))).await;
     let key = server.enroll_symmetric("sensor-stuck");
     let mut client = server.connect(None).await;
     let body = json!({ "registrationId": "sensor-stuck" }).to_string();

@@ -3,7 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod mqtt_support;
-mod recording;
+
+use mqtt_support::recording;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -461,12 +461,7 @@ impl Registration {
                     "no reply to the {what} request within {} s",
                     self.config.request_timeout.as_secs_f64()
                 );
-                self.fail_with(RegistrationFailure {
-                    kind: FailureKind::Timeout,
-                    status: None,
-                    error_code: None,
-                    message,
-                });
+                self.time_out(message);
             }
         }
     }
@@ -551,6 +546,11 @@ impl Registration {
             "no outcome within {} s (the registration timeout)",
             self.config.registration_timeout.as_secs_f64()
         );
+        self.time_out(message);
+    }
+
+    /// Ends the registration with [`FailureKind::Timeout`] (no reply from the service).
+    fn time_out(&mut self, message: String) {
         self.fail_with(RegistrationFailure {
             kind: FailureKind::Timeout,
             status: None,

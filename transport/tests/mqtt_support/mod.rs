@@ -3,6 +3,9 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../recording/mod.rs"]
+pub mod recording;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,13 +29,11 @@ use zerotouch_engine::enrollments;
 use zerotouch_engine::hub::LinkedHub;
 use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
 use zerotouch_engine::memory::MemoryStore;
-use zerotouch_engine::provisioner::{
-    OperationStatusRequest, Provisioner, ProvisionerConfig, RegisterRequest, Response, StatusLookupRequest,
-};
+use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
 use zerotouch_proto::mqtt::{DeviceRequest, ResponseTopic, SUBSCRIBE_FILTER};
 use zerotouch_proto::sas::{encode_resource, registration_resource, string_to_sign};
 use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup, IndividualEnrollment};
-use zerotouch_proto::{DeviceId, EnrollmentGroupId, IdScope, IfMatch, RegistrationId, Timestamp};
+use zerotouch_proto::{DeviceId, EnrollmentGroupId, IdScope, IfMatch, RegistrationId};
 use zerotouch_transport::limits::Limits;
 use zerotouch_transport::mqtt::serve_mqtt;
 use zerotouch_transport::service::{now, DpsService, EngineService};
@@ -64,7 +65,7 @@ impl Server {
 
     /// A server whose engine answers every request `delay` late.
     pub async fn start_slow(limits: Limits, delay: std::time::Duration) -> Server {
-        Self::start_wrapped(limits, |inner| Arc::new(SlowService { inner, delay })).await
+        Self::start_wrapped(limits, recording::SlowService::by(delay)).await
     }
 
     /// A server whose engine service is wrapped by `wrap` (to slow it down, count calls, ...).
@@ -148,28 +149,6 @@ impl Server {
     pub fn hub_has_device(&self, device_id: &str) -> bool {
         let hubs = self.hubs.lock().unwrap();
         hubs.hub(HUB).unwrap().registry().device(&DeviceId::new(device_id).unwrap()).is_ok()
-    }
-}
-
-/// An engine service that takes `delay` for every register and poll, as a busy database would.
-pub struct SlowService {
-    pub inner: Arc<dyn DpsService>,
-    pub delay: Duration,
-}
-
-impl DpsService for SlowService {
-    fn register(&self, now: Timestamp, req: RegisterRequest) -> Response {
-        std::thread::sleep(self.delay);
-        self.inner.register(now, req)
-    }
-
-    fn operation_status(&self, now: Timestamp, req: OperationStatusRequest) -> Response {
-        std::thread::sleep(self.delay);
-        self.inner.operation_status(now, req)
-    }
-
-    fn status_lookup(&self, now: Timestamp, req: StatusLookupRequest) -> Response {
-        self.inner.status_lookup(now, req)
     }
 }
 

@@ -1,5 +1,5 @@
 //! Engine service wrappers for endpoint tests: one records what each register request carried,
-//! one stalls every call (a store that hangs).
+//! one answers late (a store that hangs).
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -50,32 +50,32 @@ impl DpsService for ApiVersions {
     }
 }
 
-/// Answers nothing until `stall` has passed, on every call (a store behind a partition).
-pub struct Stalled {
+/// An engine that answers every register and poll `delay` late (a store that hangs); status
+/// lookups, and so MQTT's CONNECT check, are not delayed.
+pub struct SlowService {
     pub inner: Arc<dyn DpsService>,
-    pub stall: std::time::Duration,
+    pub delay: std::time::Duration,
 }
 
-impl Stalled {
-    /// A wrapper for `Server::start_wrapped` stalling each call by `stall`.
-    pub fn by(stall: std::time::Duration) -> impl FnOnce(Arc<dyn DpsService>) -> Arc<dyn DpsService> {
-        move |inner| Arc::new(Stalled { inner, stall }) as Arc<dyn DpsService>
+impl SlowService {
+    /// A wrapper for `Server::start_wrapped` delaying calls by `delay`.
+    pub fn by(delay: std::time::Duration) -> impl FnOnce(Arc<dyn DpsService>) -> Arc<dyn DpsService> {
+        move |inner| Arc::new(SlowService { inner, delay }) as Arc<dyn DpsService>
     }
 }
 
-impl DpsService for Stalled {
+impl DpsService for SlowService {
     fn register(&self, now: Timestamp, req: RegisterRequest) -> Response {
-        std::thread::sleep(self.stall);
+        std::thread::sleep(self.delay);
         self.inner.register(now, req)
     }
 
     fn operation_status(&self, now: Timestamp, req: OperationStatusRequest) -> Response {
-        std::thread::sleep(self.stall);
+        std::thread::sleep(self.delay);
         self.inner.operation_status(now, req)
     }
 
     fn status_lookup(&self, now: Timestamp, req: StatusLookupRequest) -> Response {
-        std::thread::sleep(self.stall);
         self.inner.status_lookup(now, req)
     }
 }
