@@ -7,7 +7,9 @@ use zerotouch_engine::allocation::Allocator;
 use zerotouch_engine::crypto::CryptoProvider;
 use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
 use zerotouch_engine::jobs::JobLimits;
-use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
+use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegistrationOutcome};
+use zerotouch_engine::store::EnrollmentRef;
+use zerotouch_proto::device::Substatus;
 use zerotouch_proto::IdScope;
 use zerotouch_transport::service::EngineService;
 
@@ -63,8 +65,38 @@ pub fn build<B: Backend>(
     )
     // The device hears only "Internal server error"; the operator needs the cause. Logged in
     // the span of the connection that met it, next to its "request refused" line.
-    .on_internal_error(|e| tracing::warn!(error = %e, "request failed inside the server"));
+    .on_internal_error(|e| tracing::warn!(error = %e, "request failed inside the server"))
+    .on_registration(log_registration);
     Ok(EngineService::new(provisioner, Arc::new(Mutex::new(embedded))))
+}
+
+/// One info line per registration the engine accepted: where the device landed, or why it
+/// failed after its credential was accepted (a poll reads `failed` with status 200, so the
+/// endpoints' refusal lines never show it). Only devices with valid credentials cause these
+/// lines, so they have no budget; the registration id and hub names are not secret.
+fn log_registration(outcome: &RegistrationOutcome<'_>) {
+    match outcome {
+        RegistrationOutcome::Assigned(record) => {
+            let state = &record.state;
+            let (enrollment_kind, enrollment) = match &record.enrollment {
+                EnrollmentRef::Individual(id) => ("individual", id.as_str()),
+                EnrollmentRef::Group(id) => ("group", id.as_str()),
+            };
+            tracing::info!(
+                registration_id = %record.registration_id,
+                hub = state.assigned_hub.as_deref().unwrap_or_default(),
+                device_id = state.device_id.as_deref().unwrap_or_default(),
+                substatus = state.substatus.map(Substatus::as_str).unwrap_or_default(),
+                enrollment_kind,
+                enrollment,
+                "device assigned"
+            );
+        }
+        RegistrationOutcome::Failed { registration_id, error_code, message } => {
+            tracing::info!(%registration_id, error_code, message, "registration failed");
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]

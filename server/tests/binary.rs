@@ -145,7 +145,9 @@ fn serve_logging(data: &str, scope: &str, rust_log: &str, logs: Stdio) -> (Serve
 fn device_register_prints_the_registration_state_and_devices_get_finds_the_identity() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
-    let (server, mqtt, https) = serve(data, "0ne0000CAFE");
+    let log_path = dir.path().join("serve.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let (server, mqtt, https) = serve_logging(data, "0ne0000CAFE", "info", Stdio::from(log));
     let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
     let file = dir.path().join("enrollments.json");
     std::fs::write(
@@ -258,6 +260,23 @@ fn device_register_prints_the_registration_state_and_devices_get_finds_the_ident
     assert!(stderr.starts_with("zerotouch: configuration: "), "{stderr}");
 
     assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
+    // The operator's log shows each device where it landed, and the refusal, at info.
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<Value> = logs.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let assigned: Vec<&Value> =
+        lines.iter().filter(|l| l["fields"]["message"] == "device assigned").map(|l| &l["fields"]).collect();
+    let ids: Vec<&str> = assigned.iter().map(|f| f["registration_id"].as_str().unwrap()).collect();
+    // pump-3 registered twice (the second time with the client's logs quiet).
+    assert_eq!(ids, ["pump-1", "pump-2", "pump-3", "pump-3", "pump-4"], "{logs}");
+    assert_eq!(assigned[0]["hub"], "localhost");
+    assert_eq!(assigned[0]["device_id"], "pump-1");
+    assert_eq!(assigned[0]["substatus"], "initialAssignment");
+    assert_eq!(
+        (&assigned[0]["enrollment_kind"], &assigned[0]["enrollment"]),
+        (&"group".into(), &"pumps".into())
+    );
+    assert!(logs.contains("401002") && logs.contains("pump-5"), "the refusal names its device: {logs}");
+    assert!(!logs.contains(key), "no key in the server's log");
 }
 
 #[test]

@@ -339,10 +339,34 @@ pub struct Provisioner<S> {
     /// Told of every failure answered 5xx, whose cause the reply leaves out (see
     /// [`Provisioner::on_internal_error`]).
     on_internal_error: Option<InternalErrorObserver>,
+    /// Told how every accepted registration ended (see [`Provisioner::on_registration`]).
+    on_registration: Option<RegistrationObserver>,
 }
 
 /// A callback told of failures that the wire answer hides (store, crypto).
 type InternalErrorObserver = Arc<dyn Fn(&Error) + Send + Sync>;
+
+/// A callback told how each accepted registration ended.
+type RegistrationObserver = Arc<dyn Fn(&RegistrationOutcome<'_>) + Send + Sync>;
+
+/// How a registration the provisioner accepted (answered `202` with an operation id) ended, as
+/// its first poll will report it.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum RegistrationOutcome<'a> {
+    /// The device was assigned: its record as stored (hub, device id, substatus, enrollment).
+    Assigned(&'a RegistrationRecord),
+    /// The registration failed after its credential was accepted (no hub to allocate, a custom
+    /// allocation that failed, a hub that refused the identity): what the device's poll reads.
+    Failed {
+        /// The device's registration id.
+        registration_id: &'a RegistrationId,
+        /// The DPS error code of the failure.
+        error_code: u32,
+        /// The error message the device reads.
+        message: &'a str,
+    },
+}
 
 /// A group's two keys, ready to derive device keys.
 struct GroupKeys {
@@ -432,6 +456,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             issuers: Mutex::new(HashMap::new()),
             group_keys: Mutex::new(HashMap::default()),
             on_internal_error: None,
+            on_registration: None,
         }
     }
 
@@ -440,6 +465,18 @@ impl<S: ProvisioningStore> Provisioner<S> {
     #[must_use]
     pub fn on_internal_error(mut self, observer: impl Fn(&Error) + Send + Sync + 'static) -> Self {
         self.on_internal_error = Some(Arc::new(observer));
+        self
+    }
+
+    /// Calls `observer` once for every registration the provisioner accepted, with how it
+    /// ended: what an operator's log shows per device. Refused requests (bad credentials,
+    /// unknown ids, throttling) are answered with an error and never reach it.
+    #[must_use]
+    pub fn on_registration(
+        mut self,
+        observer: impl Fn(&RegistrationOutcome<'_>) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_registration = Some(Arc::new(observer));
         self
     }
 
@@ -653,10 +690,25 @@ impl<S: ProvisioningStore> Provisioner<S> {
             match self.assign(round, &mut attested, req.body.payload.as_ref(), hub) {
                 Err(Error::Store(StoreError::PreconditionFailed | StoreError::AlreadyExists)) => continue,
                 Err(e @ (Error::Allocation(_) | Error::Hub { .. })) => {
-                    self.store.put_operation(&failed_operation(&operation_id, &id, now, &e))?;
+                    let failed = failed_operation(&operation_id, &id, now, &e);
+                    self.store.put_operation(&failed)?;
+                    if let Some(observer) = &self.on_registration {
+                        let wire = e.to_wire();
+                        observer(&RegistrationOutcome::Failed {
+                            registration_id: &id,
+                            error_code: wire.error_code,
+                            message: &wire.message,
+                        });
+                    }
                     return Ok(operation_id);
                 }
-                other => return other.map(|()| operation_id),
+                Err(e) => return Err(e),
+                Ok(record) => {
+                    if let Some(observer) = &self.on_registration {
+                        observer(&RegistrationOutcome::Assigned(&record));
+                    }
+                    return Ok(operation_id);
+                }
             }
         }
         // Registrations of the same id racing each other: the device is to try again shortly.
@@ -671,7 +723,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         attested: &mut Attested,
         payload: Option<&Value>,
         hub: &mut dyn HubRegistry,
-    ) -> Result<(), Error> {
+    ) -> Result<Arc<RegistrationRecord>, Error> {
         let id = round.id;
         let previous = self.store.registration_shared(id)?;
         let previous = previous.as_deref();
@@ -697,7 +749,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         plan: &Plan,
         previous: Option<&RegistrationRecord>,
         hub: &mut dyn HubRegistry,
-    ) -> Result<(), Error> {
+    ) -> Result<Arc<RegistrationRecord>, Error> {
         let Round { now, id, operation_id, .. } = round;
         let mut pre = match previous.map(|r| r.etag_bare().unwrap_or_default()) {
             Some(etag) => Precondition::Matches(etag.to_owned()),
@@ -741,6 +793,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // neither the device without its record nor a record naming a device never created.
         // The hub learns how the unit ended, so it announces only identities that stayed.
         let mut unit = crate::hub::HubUnit::begin(hub);
+        let mut committed = None;
         let result = self.store.atomically(&mut || {
             unit.hub().apply_all(plan.actions.as_slice()).map_err(|e| {
                 if e.is_conflict() {
@@ -752,13 +805,17 @@ impl<S: ProvisioningStore> Provisioner<S> {
                     Error::Hub { code: e.code, message: e.message }
                 }
             })?;
-            self.commit_assigned(round, attested, plan, created, initial_hub, &pre)
+            committed = Some(self.commit_assigned(round, attested, plan, created, initial_hub, &pre)?);
+            Ok(())
         });
         unit.end(result.is_ok());
-        result
+        result?;
+        committed.ok_or_else(|| {
+            Error::Store(StoreError::Backend("the store reported a unit done that it never ran".into()))
+        })
     }
 
-    /// Writes the final `assigned` record and its operation.
+    /// Writes the final `assigned` record and its operation; returns the record.
     fn commit_assigned(
         &self,
         round: Round<'_>,
@@ -767,7 +824,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         created: Timestamp,
         initial_hub: &Text,
         pre: &Precondition,
-    ) -> Result<(), Error> {
+    ) -> Result<Arc<RegistrationRecord>, Error> {
         let Round { now, id, operation_id, etag_random, .. } = round;
         let record = RegistrationRecord {
             registration_id: id.clone(),
@@ -795,8 +852,8 @@ impl<S: ProvisioningStore> Provisioner<S> {
             created: now,
             status: OperationStatus::Registered { record: Arc::clone(&record), via: Some(attested.via()) },
         };
-        self.store.commit_registration(record, pre, op)?;
-        Ok(())
+        self.store.commit_registration(Arc::clone(&record), pre, op)?;
+        Ok(record)
     }
 
     /// Decides hub, device id, substatus and hub actions from the enrollment, the reprovision

@@ -210,3 +210,44 @@ fn group_devices_registering_with_a_lower_cased_id_are_admitted() {
     let a = assigned(w.register(symmetric_device("DEV-ABC", &derived, None), None));
     assert_eq!(a.device_id, "DEV-ABC");
 }
+
+#[test]
+fn the_operator_hears_of_every_assignment_and_every_failed_registration() {
+    use std::sync::{Arc, Mutex};
+    use zerotouch_engine::provisioner::RegistrationOutcome;
+
+    let heard = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = Arc::clone(&heard);
+    let mut w = world_with(|p| {
+        p.on_registration(move |outcome| {
+            let line = match outcome {
+                RegistrationOutcome::Assigned(record) => format!(
+                    "assigned {} -> {} as {} ({:?})",
+                    record.registration_id,
+                    record.state.assigned_hub.as_deref().unwrap_or("?"),
+                    record.state.device_id.as_deref().unwrap_or("?"),
+                    record.state.substatus,
+                ),
+                RegistrationOutcome::Failed { registration_id, error_code, message } => {
+                    format!("failed {registration_id} {error_code}: {message}")
+                }
+                other => format!("{other:?}"),
+            };
+            log.lock().unwrap().push(line);
+        })
+    });
+    let o = EnrollOptions { policy: Some(AllocationPolicy::Custom), ..Default::default() };
+    let key = enroll_symmetric_group(&w, "line-3", &o);
+    assigned(w.register(group_device("sensor-a1", &key, Some(json!({ "site": "a" }))), None));
+    // The custom allocator knows no site "z": the registration is accepted, then fails.
+    failed(w.register(group_device("sensor-z1", &key, Some(json!({ "site": "z" }))), None));
+    // A refused credential never becomes a registration: the endpoint logs that refusal.
+    let wrong = zerotouch_engine::attestation::symmetric::derive_device_key(&crypto(), b"not the key", "x");
+    let _ = w.register(symmetric_device("sensor-a2", &wrong, None), None);
+
+    let heard = heard.lock().unwrap();
+    assert_eq!(heard.len(), 2, "{heard:?}");
+    assert_eq!(heard[0], format!("assigned sensor-a1 -> {HUB_A} as sensor-a1 (Some(InitialAssignment))"));
+    assert!(heard[1].starts_with("failed sensor-z1 400"), "{heard:?}");
+    assert!(heard[1].contains("no hub for site z"), "{heard:?}");
+}

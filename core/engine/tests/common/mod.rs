@@ -72,6 +72,13 @@ pub fn linked_hubs() -> Vec<LinkedHub> {
 pub type World = Simulator<Arc<MemoryStore>, SimHubs>;
 
 pub fn world() -> World {
+    world_with(|p| p)
+}
+
+/// The world with its provisioner configured by `configure` (e.g. to add observers).
+pub fn world_with(
+    configure: impl FnOnce(Provisioner<Arc<MemoryStore>>) -> Provisioner<Arc<MemoryStore>>,
+) -> World {
     let mut latency = LatencyTable::default();
     latency.insert(HUB_A, Duration::from_millis(80));
     latency.insert(HUB_B, Duration::from_millis(12));
@@ -83,7 +90,7 @@ pub fn world() -> World {
         Arc::new(RingCrypto::new()),
         allocator,
     );
-    Simulator::new(provisioner, SimHubs::new())
+    Simulator::new(configure(provisioner), SimHubs::new())
 }
 
 pub fn crypto() -> RingCrypto {
