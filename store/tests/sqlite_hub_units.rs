@@ -133,7 +133,11 @@ fn a_registration_whose_sqlite_unit_fails_leaves_no_device_and_no_event() {
     let status =
         plant.register("press-13", &mut RefuseAfterWrite { hub: &mut hub, refusals: 1, code: 500_001 });
     assert_eq!(status, 202);
-    assert_eq!(plant.status("press-13"), None, "no record: the failure is only the operation's");
+    assert_eq!(
+        plant.status("press-13"),
+        Some(RegistrationStatus::Failed),
+        "the record says failed; the unit with the identity was rolled back"
+    );
     assert!(device(&hub, "press-13").is_none());
     assert!(hub.take_lifecycle_events().is_empty());
 

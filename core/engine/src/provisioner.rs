@@ -690,8 +690,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             match self.assign(round, &mut attested, req.body.payload.as_ref(), hub) {
                 Err(Error::Store(StoreError::PreconditionFailed | StoreError::AlreadyExists)) => continue,
                 Err(e @ (Error::Allocation(_) | Error::Hub { .. })) => {
-                    let failed = failed_operation(&operation_id, &id, now, &e);
-                    self.store.put_operation(&failed)?;
+                    self.commit_failed(now, &id, &operation_id, &attested, &e)?;
                     if let Some(observer) = &self.on_registration {
                         let wire = e.to_wire();
                         observer(&RegistrationOutcome::Failed {
@@ -815,6 +814,64 @@ impl<S: ProvisioningStore> Provisioner<S> {
         })
     }
 
+    /// Records a registration that failed after its credential was accepted: the record says
+    /// `failed` with the error (as DPS's registration state does), keeping the hub and device id
+    /// the device's identity still has (the failed unit applied none of its hub actions), so the
+    /// next registration moves it from there; the operation answers with the record's times and
+    /// etag. A record that a concurrent registration keeps changing is left to it: then only the
+    /// operation is stored.
+    fn commit_failed(
+        &self,
+        now: Timestamp,
+        id: &RegistrationId,
+        operation_id: &OperationId,
+        attested: &Attested,
+        e: &Error,
+    ) -> Result<(), Error> {
+        let wire = e.to_wire();
+        for _ in 0..3 {
+            let previous = self.store.registration_shared(id)?;
+            let previous = previous.as_deref();
+            let pre = match previous.map(|r| r.etag_bare().unwrap_or_default()) {
+                Some(etag) => Precondition::Matches(etag.to_owned()),
+                None => Precondition::MustNotExist,
+            };
+            let created = previous.and_then(|r| r.state.created_date_time_utc).unwrap_or(now);
+            let etag = self.new_etag()?;
+            let record = RegistrationRecord {
+                registration_id: id.clone(),
+                state: DeviceRegistrationState {
+                    registration_id: id.into(),
+                    created_date_time_utc: Some(created),
+                    assigned_hub: previous.and_then(|r| r.state.assigned_hub.clone()),
+                    device_id: previous.and_then(|r| r.state.device_id.clone()),
+                    status: Some(RegistrationStatus::Failed),
+                    substatus: None,
+                    error_code: Some(wire.error_code),
+                    error_message: Some(wire.message.clone()),
+                    last_updated_date_time_utc: Some(now),
+                    etag: Some(etag.clone()),
+                    payload: None,
+                },
+                enrollment: attested.enrollment.reference(),
+                initial_hub: previous.and_then(|r| r.initial_hub.clone()),
+            };
+            let mut op = failed_operation(operation_id, id, now, e);
+            if let OperationStatus::Fixed(status) = &mut op.status {
+                if let Some(state) = &mut status.registration_state {
+                    state.created_date_time_utc = Some(created);
+                    state.etag = Some(etag.clone());
+                }
+            }
+            match self.store.commit_registration(Arc::new(record), &pre, op) {
+                Err(StoreError::PreconditionFailed | StoreError::AlreadyExists) => continue,
+                other => return Ok(other?),
+            }
+        }
+        self.store.put_operation(&failed_operation(operation_id, id, now, e))?;
+        Ok(())
+    }
+
     /// Writes the final `assigned` record and its operation; returns the record.
     fn commit_assigned(
         &self,
@@ -877,9 +934,15 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // The identity the hub gets, under the device id each branch settles on.
         let iot_edge = enrollment.capabilities().iot_edge;
         let device = |device_id: DeviceId| ProvisionedDevice { device_id, auth, iot_edge };
+        // Where the device's identity is: an assignment, a move in progress, or a failed
+        // registration that kept the identity of an earlier one (see `commit_failed`).
         let current = previous.and_then(|r| {
-            let assigned = r.state.status == Some(RegistrationStatus::Assigned)
-                || r.state.status == Some(RegistrationStatus::Assigning);
+            let assigned = matches!(
+                r.state.status,
+                Some(
+                    RegistrationStatus::Assigned | RegistrationStatus::Assigning | RegistrationStatus::Failed
+                )
+            );
             match (assigned, &r.state.assigned_hub, &r.state.device_id) {
                 (true, Some(h), Some(d)) => DeviceId::new(d.clone()).ok().map(|d| (h, d)),
                 _ => None,

@@ -532,7 +532,7 @@ fn a_registration_whose_round_is_lost_after_the_hub_wrote_announces_its_device_o
 fn a_failed_unit_still_announces_a_device_its_hub_outside_the_unit_kept() {
     let mut w = UnitWorld::new();
     assert_eq!(w.register("press-9", 1, 500_001), 202);
-    assert_eq!(w.status("press-9"), None, "the registration failed: no record");
+    assert_eq!(w.status("press-9"), Some(RegistrationStatus::Failed), "the registration failed");
     assert!(w.plant().registry().device(&id("press-9")).is_ok(), "the hub's memory is not in the unit");
     assert_eq!(created_ids(&w.plant().take_lifecycle_events()), ["press-9"]);
 

@@ -292,3 +292,77 @@ fn a_hub_failure_fails_the_registration_with_the_hub_error() {
     assert_eq!(f.error_code, Some(401002));
     assert!(f.message.contains("IotHubUnauthorizedAccess"));
 }
+
+fn record_of(w: &World) -> zerotouch_engine::store::RegistrationRecord {
+    w.provisioner.store().registration(&RegistrationId::new(ID).unwrap()).unwrap().expect("a record")
+}
+
+#[test]
+fn a_move_the_new_hub_refuses_leaves_the_record_failed_on_the_old_hub_and_a_later_move_succeeds() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &custom(true, true));
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    let assigned_record = record_of(&w);
+    w.hubs.fail_with = Some(HubError { code: 401002, message: "IotHubUnauthorizedAccess".into() });
+    let f = failed(w.register(symmetric_device(ID, &key, site("b")), None));
+    assert_eq!(f.error_code, Some(401002));
+
+    // Not left `assigning` for ever: the record says the registration failed, and why, and still
+    // names the hub and device id the identity has (the move's hub actions were not applied).
+    let record = record_of(&w);
+    assert_eq!(record.state.status, Some(RegistrationStatus::Failed));
+    assert_eq!(record.state.error_code, Some(401002));
+    assert!(record.state.error_message.as_deref().unwrap().contains("IotHubUnauthorizedAccess"));
+    assert_eq!(record.state.assigned_hub.as_deref(), Some(HUB_A));
+    assert_eq!(record.state.device_id.as_deref(), Some(ID));
+    assert_eq!(record.state.substatus, None, "substatus is for assigned registrations");
+    assert_eq!(record.state.created_date_time_utc, assigned_record.state.created_date_time_utc);
+    assert_ne!(record.state.etag, assigned_record.state.etag);
+    assert_eq!(w.hubs.hubs_of(ID), vec![HUB_A.to_owned()]);
+
+    // Once the hub accepts again, the device moves from where its identity is, with its data.
+    w.hubs.fail_with = None;
+    let moved = assigned(w.register(symmetric_device(ID, &key, site("b")), None));
+    assert_eq!((moved.assigned_hub.as_str(), moved.substatus), (HUB_B, Some(Substatus::DeviceDataMigrated)));
+    assert_eq!(w.hubs.hubs_of(ID), vec![HUB_B.to_owned()]);
+    let record = record_of(&w);
+    assert_eq!((record.state.status, record.state.error_code), (Some(RegistrationStatus::Assigned), None));
+}
+
+#[test]
+fn a_first_registration_that_fails_leaves_a_failed_record_with_the_error() {
+    let mut w = world();
+    // Static allocation with two hubs: no hub to assign (400208).
+    let o = EnrollOptions {
+        policy: Some(AllocationPolicy::Static),
+        hubs: Some(vec![HUB_A.to_owned(), HUB_B.to_owned()]),
+        ..Default::default()
+    };
+    let key = enroll_symmetric(&w, ID, &o);
+    let f = failed(w.register(symmetric_device(ID, &key, None), None));
+    assert_eq!(f.error_code, Some(400208));
+    let record = record_of(&w);
+    assert_eq!(record.state.status, Some(RegistrationStatus::Failed));
+    assert_eq!(record.state.error_code, Some(400208));
+    assert_eq!(record.state.error_message.as_deref(), Some(f.message.as_str()));
+    assert!(record.state.created_date_time_utc.is_some() && record.state.etag.is_some());
+    assert_eq!((record.state.assigned_hub, record.state.device_id), (None, None));
+
+    // A failed first registration is not an assignment: the next one is initial.
+    let o = EnrollOptions { policy: Some(AllocationPolicy::Static), hubs: Some(vec![HUB_B.to_owned()]), ..o };
+    let e = zerotouch_engine::enrollments::put_enrollment(
+        w.provisioner.store(),
+        &crypto(),
+        w.now,
+        individual(ID, symmetric_attestation(), &o),
+        &zerotouch_proto::IfMatch::Any,
+    )
+    .unwrap();
+    let key = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        e.attestation.symmetric_key.unwrap().primary_key.unwrap(),
+    )
+    .unwrap();
+    let a = assigned(w.register(symmetric_device(ID, &key, None), None));
+    assert_eq!((a.assigned_hub.as_str(), a.substatus), (HUB_B, Some(Substatus::InitialAssignment)));
+}
