@@ -432,7 +432,7 @@ impl Allocator {
     /// The hubs an enrollment may be assigned to: its `iotHubs` if non-empty, else its legacy
     /// `iotHubHostName`, else every linked hub. Names match linked hubs case-insensitively and a
     /// hub named twice counts once. Hubs with `apply_allocation_policy == false` are kept here
-    /// (static and custom allocation may use them).
+    /// (static allocation, and custom allocation when the enrollment names them, may use them).
     ///
     /// # Errors
     /// [`AllocationError::UnknownHub`] when the enrollment names a hub that is not linked.
@@ -476,8 +476,9 @@ impl Allocator {
     /// - hashed: weighted rendezvous hash over the candidates that apply allocation policies;
     /// - geoLatency: the lowest measured latency among them, ties and missing data hashed;
     /// - static: the single candidate, even one that does not apply allocation policies;
-    /// - custom: the custom allocator's choice, which must be one of the candidates (it sees them
-    ///   all, as the webhook's `linkedHubs`).
+    /// - custom: the custom allocator's choice among the candidates it is offered as the
+    ///   webhook's `linkedHubs`: the hubs the enrollment names, else those that apply allocation
+    ///   policies.
     ///
     /// # Errors
     /// - [`AllocationError::UnknownHub`]: the enrollment names a hub that is not linked;
@@ -518,7 +519,16 @@ impl Allocator {
         candidates: &Candidates,
     ) -> Result<AllocationDecision, AllocationError> {
         let allocator = self.custom.as_ref().ok_or(AllocationError::NoCustomAllocator)?;
-        if candidates.len() == 0 {
+        // The webhook's `linkedHubs` are the enrollment's candidates (spec §8.2): the hubs it
+        // names, opted out of allocation or not (§7.6), else the linked hubs that apply
+        // allocation policies (§8.1).
+        let offered: Vec<usize> = match candidates {
+            Candidates::Named(named) => named.clone(),
+            Candidates::All(_) => {
+                candidates.iter().filter(|&i| self.hubs[i].apply_allocation_policy).collect()
+            }
+        };
+        if offered.is_empty() {
             return Err(AllocationError::NoHub);
         }
         let mut custom = request.custom_request.map(|c| *c).unwrap_or_else(|| CustomAllocationRequest {
@@ -530,11 +540,11 @@ impl Allocator {
             },
             linked_hubs: Vec::new(),
         });
-        custom.linked_hubs = candidates.iter().map(|i| self.hubs[i].name.to_string()).collect();
+        custom.linked_hubs = offered.iter().map(|&i| self.hubs[i].name.to_string()).collect();
         let response = allocator.allocate(&custom).map_err(AllocationError::Custom)?;
-        let chosen = candidates
+        let chosen = offered
             .iter()
-            .map(|i| &self.hubs[i])
+            .map(|&i| &self.hubs[i])
             .find(|hub| hub.name.eq_ignore_ascii_case(&response.iot_hub_host_name))
             .ok_or_else(|| {
                 AllocationError::Custom(format!(
@@ -1053,7 +1063,7 @@ mod tests {
     }
 
     #[test]
-    fn custom_allocator_is_offered_opted_out_hubs_too() {
+    fn custom_allocator_is_offered_opted_out_hubs_only_when_the_enrollment_names_them() {
         let seen: Arc<Mutex<Vec<String>>> = Arc::default();
         let log = Arc::clone(&seen);
         let custom = move |req: &CustomAllocationRequest| {
@@ -1064,8 +1074,24 @@ mod tests {
             Allocator::new(vec![LinkedHub::new("in.azure-devices.net"), opted_out("out.azure-devices.net")])
                 .with_custom(Arc::new(custom));
         let rid = id("dev-1");
-        assert_eq!(hub_of(&allocator, custom_request(&rid)), "out.azure-devices.net");
+        // Spec §8.1: without hubs of its own, the candidates leave out hubs that opted out of
+        // allocation, and the allocator may not pick one.
+        let refused = allocator.allocate(custom_request(&rid)).unwrap_err();
+        assert!(
+            matches!(&refused, AllocationError::Custom(m) if m.contains("not one of linkedHubs")),
+            "{refused}"
+        );
+        assert_eq!(*seen.lock().unwrap(), ["in.azure-devices.net"]);
+        // Spec §7.6: an enrollment may still name such a hub, and then it is offered.
+        let named = vec!["in.azure-devices.net".to_owned(), "OUT.azure-devices.net".to_owned()];
+        let request = AllocationRequest { iot_hubs: Some(&named), ..custom_request(&rid) };
+        assert_eq!(hub_of(&allocator, request), "out.azure-devices.net");
         assert_eq!(*seen.lock().unwrap(), ["in.azure-devices.net", "out.azure-devices.net"]);
+        // Only opted-out hubs and no names: nothing to offer.
+        let none = Allocator::new(vec![opted_out("out.azure-devices.net")]).with_custom(Arc::new(
+            |_: &CustomAllocationRequest| -> Result<CustomAllocationResponse, String> { unreachable!() },
+        ));
+        assert_eq!(none.allocate(custom_request(&rid)), Err(AllocationError::NoHub));
     }
 
     #[test]
