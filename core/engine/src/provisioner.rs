@@ -51,7 +51,8 @@ pub struct ProvisionerConfig {
     pub id_scope: IdScope,
     /// Seconds sent in `retry-after` with every `assigning` reply (real DPS sends 3).
     pub retry_after_secs: u32,
-    /// Allowed clock skew when checking SAS expiry and certificate validity.
+    /// Allowed clock skew when checking SAS expiry and certificate validity (both ends of every
+    /// presented and enrolled certificate's window).
     pub clock_skew: Duration,
     /// How long operations stay pollable after creation (at least an hour, spec §11).
     pub operation_retention: Duration,
@@ -1264,7 +1265,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
     ) -> Result<Attested, Error> {
         let crypto = self.crypto.as_ref();
         let chain = self.presented_chain(chain)?;
-        chain.verify_internal(now, crypto)?;
+        chain.verify_internal_within(now, self.config.clock_skew, crypto)?;
         let leaf = chain.leaf();
         let cn = leaf.common_name().unwrap_or_default();
         if !cn.eq_ignore_ascii_case(id.as_str()) || cn.len() > 64 {
@@ -1317,7 +1318,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                     let issued = already_verified
                         || (cert.verify_issued_by(&anchor, crypto).is_ok()
                             && check_may_issue(&anchor, i).is_ok());
-                    if !issued || anchor.check_validity(now).is_err() {
+                    if !issued || anchor.check_validity_within(now, self.config.clock_skew).is_err() {
                         continue;
                     }
                     if group.provisioning_status == Some(ProvisioningStatus::Disabled) {

@@ -410,3 +410,26 @@ fn a_chain_sent_out_of_order_or_with_unrelated_certificates_is_admitted() {
         assert_eq!(r.status, 202, "order {order:?}: {r:?}");
     }
 }
+
+#[test]
+fn a_certificate_issued_moments_ahead_of_the_server_clock_is_accepted_within_the_clock_skew() {
+    // A factory station mints the certificate with a clock a minute ahead of the server's.
+    let mut w = world();
+    let ca = TestCa::root("Root").intermediate("Line");
+    enroll_x509_group(&w, "line", ca.pem(), &EnrollOptions::default());
+    let year = Duration::from_secs(365 * 86_400);
+    let now = w.now;
+    let minted = |ahead: Duration| CertSpec::new("cam-1").validity(now + ahead, now + ahead + year);
+    let ahead = ca.device_with(minted(Duration::from_secs(60)));
+    assert_eq!(register(&mut w, "cam-1", Credential::X509(ahead.chain_der())).status, 202);
+    // Beyond the configured skew (5 minutes) it is not valid yet.
+    let later = ca.device_with(minted(Duration::from_secs(301)));
+    assert_rejected(&register(&mut w, "cam-1", Credential::X509(later.chain_der())), 401, 401002);
+    // And one that expired a minute ago still counts within the skew, as an expired SAS token does.
+    let ended =
+        ca.device_with(CertSpec::new("cam-1").validity(w.now - year, w.now - Duration::from_secs(60)));
+    assert_eq!(register(&mut w, "cam-1", Credential::X509(ended.chain_der())).status, 202);
+    let long_ended =
+        ca.device_with(CertSpec::new("cam-1").validity(w.now - year, w.now - Duration::from_secs(301)));
+    assert_rejected(&register(&mut w, "cam-1", Credential::X509(long_ended.chain_der())), 401, 401002);
+}

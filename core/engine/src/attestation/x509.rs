@@ -8,6 +8,7 @@
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
@@ -292,9 +293,18 @@ impl Certificate {
     /// [`AuthError::CertificateNotYetValid`] before `notBefore`, [`AuthError::CertificateExpired`]
     /// after `notAfter`.
     pub fn check_validity(&self, now: Timestamp) -> Result<(), AuthError> {
-        if now < self.inner.not_before {
+        self.check_validity_within(now, Duration::ZERO)
+    }
+
+    /// [`Certificate::check_validity`] allowing `skew` between the issuer's clock and ours on
+    /// both ends of the window (a certificate minted moments ago by a clock a little ahead).
+    ///
+    /// # Errors
+    /// As [`Certificate::check_validity`], outside the widened window.
+    pub fn check_validity_within(&self, now: Timestamp, skew: Duration) -> Result<(), AuthError> {
+        if now + skew < self.inner.not_before {
             Err(AuthError::CertificateNotYetValid)
-        } else if now > self.inner.not_after {
+        } else if now - skew > self.inner.not_after {
             Err(AuthError::CertificateExpired)
         } else {
             Ok(())
@@ -432,8 +442,22 @@ impl PresentedChain {
     /// intermediate, [`AuthError::UntrustedChain`] or [`AuthError::BadSignature`] when a link
     /// does not verify (see [`Certificate::verify_issued_by`]).
     pub fn verify_internal(&self, now: Timestamp, crypto: &dyn CryptoProvider) -> Result<(), AuthError> {
+        self.verify_internal_within(now, Duration::ZERO, crypto)
+    }
+
+    /// [`PresentedChain::verify_internal`] with validity windows widened by `skew` (see
+    /// [`Certificate::check_validity_within`]).
+    ///
+    /// # Errors
+    /// As [`PresentedChain::verify_internal`].
+    pub fn verify_internal_within(
+        &self,
+        now: Timestamp,
+        skew: Duration,
+        crypto: &dyn CryptoProvider,
+    ) -> Result<(), AuthError> {
         for (i, cert) in self.certificates.iter().enumerate() {
-            cert.check_validity(now)?;
+            cert.check_validity_within(now, skew)?;
             if let Some(oid) = &cert.inner.unknown_critical {
                 return Err(invalid(format!(
                     "{:?} carries critical extension {oid}, which this verifier does not process",
