@@ -1,12 +1,13 @@
 //! Limits that keep a device endpoint alive under bad or excessive input, shared by MQTT, HTTPS and WebSockets.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Connections the kernel holds for a listener before it accepts them; the kernel caps it at
 /// `net.core.somaxconn` (4096 on Linux since 5.4). `TcpListener::bind` asks for 128, as std does,
@@ -92,6 +93,8 @@ pub struct Limits {
     pub connections: Admission,
     /// The engine threads in use (shared by clones).
     pub engine_threads: EngineThreads,
+    /// The MQTT clients connected now, by client id (shared by clones).
+    pub mqtt_clients: ClientIds,
 }
 
 impl Default for Limits {
@@ -112,6 +115,7 @@ impl Default for Limits {
             admission: Admission::default(),
             connections: Admission::default(),
             engine_threads: EngineThreads::default(),
+            mqtt_clients: ClientIds::default(),
         }
     }
 }
@@ -219,6 +223,65 @@ impl EngineThreads {
         // The semaphore is never closed, so this only fails if that changes; then the call
         // runs unthrottled rather than not at all.
         Arc::clone(slots).acquire_owned().await.ok()
+    }
+}
+
+/// The MQTT clients connected now, by ID scope and client id (the registration id, matched
+/// case-insensitively as registration ids are), shared by the clones of one [`Limits`]: a client
+/// that connects with the id of a connected client takes over from it, and the older connection
+/// is closed (MQTT 3.1.1 §3.1.4-2), as a device that reconnects after losing its network would
+/// otherwise leave a half-open connection holding a slot until its keep-alive ran out.
+#[derive(Debug, Clone, Default)]
+pub struct ClientIds {
+    connected: Arc<Mutex<HashMap<String, (u64, Arc<Notify>)>>>,
+    next: Arc<AtomicU64>,
+}
+
+impl ClientIds {
+    /// Records the connection of `client_id` in `id_scope`, which `taken_over` will tell when a
+    /// newer connection claims the same id, and tells the connection that held it before (if any)
+    /// through its own. The claim lasts until the returned [`ClientClaim`] is dropped.
+    pub fn claim(&self, id_scope: &str, client_id: &str, taken_over: &Arc<Notify>) -> ClientClaim {
+        let key = format!("{}/{}", id_scope.to_ascii_lowercase(), client_id.to_ascii_lowercase());
+        let serial = self.next.fetch_add(1, Ordering::Relaxed);
+        let previous = self
+            .connected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone(), (serial, Arc::clone(taken_over)));
+        if let Some((_, earlier)) = previous {
+            // Stored if that connection is not waiting yet: it sees it on its next pass.
+            earlier.notify_one();
+        }
+        ClientClaim { clients: self.clone(), key, serial }
+    }
+
+    /// Clients connected now.
+    pub fn len(&self) -> usize {
+        self.connected.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Whether no client is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A connection's hold on its client id (see [`ClientIds::claim`]); dropping it releases the id
+/// unless a newer connection has taken it over.
+#[derive(Debug)]
+pub struct ClientClaim {
+    clients: ClientIds,
+    key: String,
+    serial: u64,
+}
+
+impl Drop for ClientClaim {
+    fn drop(&mut self) {
+        let mut connected = self.clients.connected.lock().unwrap_or_else(PoisonError::into_inner);
+        if connected.get(&self.key).is_some_and(|(serial, _)| *serial == self.serial) {
+            connected.remove(&self.key);
+        }
     }
 }
 

@@ -590,3 +590,49 @@ async fn packets_mqtt_3_1_1_forbids_cut_the_connection() {
     drop(good);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_device_that_connects_again_takes_over_from_its_stale_connection() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("pump-7");
+    // Its first connection went silent (a dropped network, say) but the server still holds it.
+    let mut stale = RawDevice::open(&server).await;
+    assert!(matches!(stale.connect("pump-7", &key, 60).await, Packet::ConnAck(_)));
+    // MQTT 3.1.1 §3.1.4-2: a CONNECT with the client id of a connected client disconnects the
+    // existing one. The client id is the registration id, matched as registration ids are.
+    let mut fresh = RawDevice::open(&server).await;
+    assert!(matches!(fresh.connect("PUMP-7", &key, 60).await, Packet::ConnAck(_)));
+    assert!(stale.closed_within(Duration::from_secs(3)).await, "the stale connection stayed open");
+    fresh.send(register_publish("1", "PUMP-7", 1)).await;
+    assert_eq!(reply_statuses(&mut fresh, 1).await, [("1".to_owned(), 202)]);
+
+    // A connection that never proved itself takes over nothing: a certificate nobody enrolled,
+    // naming the device, leaves the device's connection alone.
+    let stranger = TestCa::root("Squatter Root").device("pump-7");
+    let mut squatter =
+        RawDevice::open_with(&server, &Auth::X509(stranger.chain_der(), stranger.key_der().to_vec())).await;
+    assert!(matches!(squatter.connect_x509("pump-7", 60).await, Packet::ConnAck(_)));
+    squatter.send(register_publish("2", "pump-7", 1)).await;
+    assert_eq!(reply_statuses(&mut squatter, 1).await, [("2".to_owned(), 401)]);
+    fresh.send(register_publish("3", "PUMP-7", 2)).await;
+    assert_eq!(
+        reply_statuses(&mut fresh, 1).await,
+        [("3".to_owned(), 202)],
+        "the device kept its connection"
+    );
+
+    // Other devices are not affected, and a device may connect again after it disconnected.
+    let other_key = server.enroll_symmetric("pump-8");
+    let mut other = RawDevice::open(&server).await;
+    assert!(matches!(other.connect("pump-8", &other_key, 60).await, Packet::ConnAck(_)));
+    other.send(Packet::Disconnect).await;
+    let mut again = RawDevice::open(&server).await;
+    assert!(matches!(again.connect("pump-8", &other_key, 60).await, Packet::ConnAck(_)));
+    again.send(register_publish("4", "pump-8", 1)).await;
+    assert_eq!(reply_statuses(&mut again, 1).await, [("4".to_owned(), 202)]);
+    fresh.send(register_publish("5", "PUMP-7", 3)).await;
+    assert_eq!(reply_statuses(&mut fresh, 1).await, [("5".to_owned(), 202)]);
+    // Told to poll, they would hold the shutdown for its grace.
+    drop((fresh, again, squatter));
+    server.shutdown().await;
+}

@@ -12,7 +12,7 @@ use rumqttc::mqttbytes::v4::{
 };
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::provisioner::{OperationStatusRequest, RegisterRequest, Response, StatusLookupRequest};
@@ -249,6 +249,11 @@ where
     // deadline and nothing it sends (pings) buys it more: a certificate nobody enrolled, or a
     // token that has expired, holds no slot.
     let mut accepted = matches!(session.credential, Credential::Sas(_));
+    // The client id is this connection's once its credential has been accepted (a connection
+    // that proved nothing takes over nothing); a newer connection that claims it closes this one.
+    let taken_over = Arc::new(Notify::new());
+    let claim_id = || limits.mqtt_clients.claim(&session.id_scope, &session.registration_id, &taken_over);
+    let mut claim = accepted.then(claim_id);
     let mut idle_deadline = Instant::now() + if accepted { idle } else { limits.connect_timeout };
     let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     // Replies go out even before (or without) a SUBSCRIBE: Python never re-subscribes after a
@@ -274,7 +279,8 @@ where
     let flush_timer = sleep_until(idle_deadline);
     let linger_timer = sleep_until(idle_deadline);
     let stop_signal = stopped(&mut stop);
-    tokio::pin!(idle_timer, flush_timer, linger_timer, stop_signal);
+    let newer_connection = taken_over.notified();
+    tokio::pin!(idle_timer, flush_timer, linger_timer, stop_signal, newer_connection);
     // What a reply sent to the device changes for its connection.
     macro_rules! after_reply {
         ($response:expr) => {
@@ -290,6 +296,9 @@ where
             } else if status < 400 && !accepted {
                 accepted = true;
                 idle_deadline = Instant::now() + idle;
+            }
+            if accepted && claim.is_none() {
+                claim = Some(claim_id());
             }
             if stop_asked && !awaiting_poll && in_flight.is_empty() && linger.is_none() {
                 linger = Some(Instant::now() + DRAIN_LINGER);
@@ -367,6 +376,9 @@ where
             }
             () = &mut linger_timer, if linger.is_some() && !draining => {
                 draining = true;
+            }
+            () = &mut newer_connection => {
+                return Err("a newer connection with the same client id took over (MQTT 3.1.1 §3.1.4-2)".to_owned());
             }
             () = &mut stop_signal, if !draining && !stop_asked => {
                 stop_asked = true;

@@ -11,7 +11,9 @@
 //! expired, wrong `sr`) → 5; admission full while checking the token → 3. A client certificate
 //! is judged by the register request instead, which answers 401 with the engine's details.
 //! Sessions are never kept (CONNACK session-present is always 0), and replies go to the
-//! requesting connection even without a SUBSCRIBE, because Python never re-subscribes.
+//! requesting connection even without a SUBSCRIBE, because Python never re-subscribes. A
+//! connection whose credential was accepted holds its client id: a later one with the same id
+//! closes it (MQTT 3.1.1 §3.1.4-2; see [`crate::limits::ClientIds`]).
 
 mod connection;
 
