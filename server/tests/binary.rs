@@ -511,3 +511,48 @@ fn enrollments_delete_removes_one_enrollment_and_says_when_there_is_none() {
     );
     assert!(!zerotouch(&["enrollments", "delete", "--data-dir", data]).status.success(), "an id is required");
 }
+
+#[test]
+fn a_registration_that_cannot_be_allocated_shows_as_failed_in_the_enrollment_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let (server, mqtt, _) = serve(data, "0ne0000FA11");
+    let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let file = dir.path().join("enrollments.json");
+    // Static allocation to a hub this server does not have.
+    std::fs::write(
+        &file,
+        format!(
+            r#"[{{"registrationId": "gate-1", "allocationPolicy": "static", "iotHubs": ["elsewhere.example.net"],
+                  "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": "{key}", "secondaryKey": "{key}"}}}}}}]"#
+        ),
+    )
+    .unwrap();
+    assert!(zerotouch(&["enrollments", "import", "--data-dir", data, file.to_str().unwrap()])
+        .status
+        .success());
+    let ca = dir.path().join("tls").join("ca.pem");
+    let host = format!("localhost:{mqtt}");
+    let args = ["device", "register", "--provisioning-host", &host, "--id-scope", "0ne0000FA11"];
+    let out = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+        .args(args)
+        .args(["--registration-id", "gate-1", "--symmetric-key", key, "--ca", ca.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("400209"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let listed = zerotouch(&["enrollments", "list", "--data-dir", data]);
+    let enrollments: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let state = &enrollments[0]["registrationState"];
+    assert_eq!(state["status"], "failed", "{enrollments}");
+    assert_eq!(state["errorCode"], 400209, "{enrollments}");
+    assert!(state["errorMessage"].as_str().unwrap().contains("elsewhere.example.net"), "{enrollments}");
+    assert!(state.get("assignedHub").is_none(), "{enrollments}");
+    assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
+}
