@@ -233,7 +233,7 @@ impl EngineThreads {
 /// otherwise leave a half-open connection holding a slot until its keep-alive ran out.
 #[derive(Debug, Clone, Default)]
 pub struct ClientIds {
-    connected: Arc<Mutex<HashMap<String, (u64, Arc<Notify>)>>>,
+    connected: Arc<Mutex<HashMap<String, Holder>>>,
     next: Arc<AtomicU64>,
 }
 
@@ -266,6 +266,9 @@ impl ClientIds {
         self.len() == 0
     }
 }
+
+/// The connection holding a client id: its serial number, and how to tell it to close.
+type Holder = (u64, Arc<Notify>);
 
 /// A connection's hold on its client id (see [`ClientIds::claim`]); dropping it releases the id
 /// unless a newer connection has taken it over.
