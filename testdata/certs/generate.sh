@@ -49,3 +49,16 @@ openssl x509 -req -in "$tmp/leaf.csr" -CA pss-intermediate.pem -CAkey "$tmp/int.
     -days 36500 $(pss sha512) -extfile "$tmp/ext.cnf" -extensions leaf -out pss-leaf.pem
 
 openssl verify -CAfile pss-root.pem -untrusted pss-intermediate.pem pss-leaf.pem
+
+# A version 1 device certificate (no extensions), as `openssl x509 -req` without `-extfile`
+# makes with OpenSSL up to 3.1: ECDSA P-256 root (v3, CA) -> leaf CN=v1-device (v1).
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$tmp/v1-root.key"
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out v1-device.key.pem
+openssl req -x509 -new -key "$tmp/v1-root.key" -subj "/O=zerotouch/CN=zerotouch v1 test root" \
+    -days 36500 -set_serial 0x0400 \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -out v1-root.pem
+openssl req -new -key v1-device.key.pem -subj "/CN=v1-device" -out "$tmp/v1-device.csr"
+openssl x509 -req -in "$tmp/v1-device.csr" -CA v1-root.pem -CAkey "$tmp/v1-root.key" -set_serial 0x0500 \
+    -days 36500 -out v1-device.pem
+openssl verify -CAfile v1-root.pem v1-device.pem

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, SubjectPublicKeyInfoDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
+use zerotouch_engine::attestation::x509::Certificate;
 
 /// Why a TLS server configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +158,7 @@ impl ClientCertVerifier for EngineClientCertVerifier {
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+            .or_else(|e| verify_with_certificate_key(e, message, cert, dss, &self.algorithms, false))
     }
 
     fn verify_tls13_signature(
@@ -166,11 +168,45 @@ impl ClientCertVerifier for EngineClientCertVerifier {
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+            .or_else(|e| verify_with_certificate_key(e, message, cert, dss, &self.algorithms, true))
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
     }
+}
+
+/// The handshake signature check for a client certificate that webpki would not read as an end
+/// entity (`error` is why): a version 1 certificate, without extensions, which OpenSSL up to 3.1
+/// issues by default (`openssl x509 -req` without `-extfile`) and devices present as they were
+/// made. Its key is read with the engine's parser and checks the signature as webpki would; whether
+/// the certificate is trusted is the engine's decision, against the enrollments. A signature that
+/// does not verify, or a certificate neither parser reads, is refused with webpki's `error`.
+fn verify_with_certificate_key(
+    error: rustls::Error,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+    algorithms: &WebPkiSupportedAlgorithms,
+    tls13: bool,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    if !matches!(&error, rustls::Error::InvalidCertificate(e) if *e != CertificateError::BadSignature) {
+        return Err(error);
+    }
+    let Ok(parsed) = Certificate::from_der(cert.as_ref()) else { return Err(error) };
+    let spki = SubjectPublicKeyInfoDer::from(parsed.spki_der());
+    if tls13 {
+        return rustls::crypto::verify_tls13_signature_with_raw_key(message, &spki, dss, algorithms);
+    }
+    // As rustls's TLS 1.2 check: the scheme may map to several algorithms; one must verify.
+    let Ok(key) = webpki::RawPublicKeyEntity::try_from(&spki) else { return Err(error) };
+    let candidates = algorithms.mapping.iter().filter(|(scheme, _)| *scheme == dss.scheme);
+    for algorithm in candidates.flat_map(|(_, algorithms)| algorithms.iter()) {
+        if key.verify_signature(*algorithm, message, dss.signature()).is_ok() {
+            return Ok(HandshakeSignatureValid::assertion());
+        }
+    }
+    Err(rustls::Error::InvalidCertificate(CertificateError::BadSignature))
 }
 
 /// The certificates the client presented in the handshake, leaf first, as DER (empty when it

@@ -24,7 +24,7 @@ use zerotouch_proto::service::{
     AttestationMechanism, EnrollmentGroup, IndividualEnrollment, ProvisioningStatus,
 };
 use zerotouch_proto::{DeviceId, EnrollmentGroupId, IdScope, IfMatch, RegistrationId};
-use zerotouch_testkit::certs::TestCa;
+use zerotouch_testkit::certs::{x509_v1, TestCa};
 use zerotouch_transport::client::{ClientError, FailureKind, ProvisioningClient, Transport};
 use zerotouch_transport::limits::Limits;
 use zerotouch_transport::service::{now, DpsService, EngineService};
@@ -90,6 +90,18 @@ async fn world() -> World {
         EnrollmentGroup::new(
             EnrollmentGroupId::new("cameras").unwrap(),
             AttestationMechanism::x509_signing_certificate(line_ca.pem()),
+        ),
+        &IfMatch::Absent,
+    )
+    .unwrap();
+    // Devices whose certificates are version 1 (OpenSSL up to 3.1 makes them by default).
+    enrollments::put_enrollment_group(
+        store.as_ref(),
+        crypto.as_ref(),
+        at,
+        EnrollmentGroup::new(
+            EnrollmentGroupId::new("legacy-cameras").unwrap(),
+            AttestationMechanism::x509_signing_certificate(x509_v1::ROOT_PEM),
         ),
         &IfMatch::Absent,
     )
@@ -215,6 +227,18 @@ async fn every_attestation_provisions_over(transport: Transport) {
         .unwrap();
     assert_eq!((a.assigned_hub.as_str(), a.device_id.as_str()), (HUB, "camera-3"), "{transport}");
     assert!(w.identity_exists("camera-3"));
+
+    // A version 1 certificate gets through TLS, both ours and the server's, to the engine.
+    let a = w
+        .client(transport, x509_v1::REGISTRATION_ID)
+        .x509_pem(x509_v1::DEVICE_PEM, x509_v1::DEVICE_KEY_PEM)
+        .build()
+        .unwrap()
+        .register()
+        .await
+        .unwrap();
+    assert_eq!(a.device_id, x509_v1::REGISTRATION_ID, "{transport}");
+    assert!(w.identity_exists(x509_v1::REGISTRATION_ID));
 }
 
 /// A group member that signs with the group key itself instead of its derived key is refused.

@@ -134,6 +134,42 @@ async fn tls_1_2_only_x509_client_registers() {
 }
 
 #[tokio::test]
+async fn a_version_1_device_certificate_registers_over_tls_1_2_and_1_3_and_a_wrong_key_is_refused() {
+    use zerotouch_testkit::certs::{pem_to_der, x509_v1};
+
+    let server = Server::start().await;
+    server.enroll_x509_group("legacy", x509_v1::ROOT_PEM);
+    let chain = vec![pem_to_der(x509_v1::DEVICE_PEM)];
+    let key = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(x509_v1::DEVICE_KEY_PEM.as_bytes())
+            .unwrap()
+            .secret_der()
+            .to_vec()
+    };
+    for tls12_only in [true, false] {
+        let mut opts = DeviceOptions::new(x509_v1::REGISTRATION_ID, Auth::X509(chain.clone(), key.clone()));
+        opts.tls12_only = tls12_only;
+        let outcome = register(&server, &opts).await.unwrap();
+        assert_eq!(outcome.status, 200, "TLS 1.2 only: {tls12_only}: {outcome:?}");
+        assert_eq!(outcome.device_id(), Some(x509_v1::REGISTRATION_ID));
+    }
+    // Another key than the certificate's cannot sign the handshake for it.
+    let other = TestCa::root("Other Root").device("x");
+    for tls12_only in [true, false] {
+        let auth = Auth::X509(chain.clone(), other.key_der().to_vec());
+        let mut opts = DeviceOptions::new(x509_v1::REGISTRATION_ID, auth);
+        opts.tls12_only = tls12_only;
+        assert!(
+            register(&server, &opts).await.is_err(),
+            "TLS 1.2 only: {tls12_only}: a foreign key was taken"
+        );
+    }
+    assert!(server.hub_has_device(x509_v1::REGISTRATION_ID));
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn c_sdk_style_qos0_publishes_with_integer_rids_get_their_replies() {
     let server = Server::start().await;
     let (client, mut events) = mqtt_support::enrolled_and_subscribed(&server, "c-device").await;

@@ -470,6 +470,23 @@ pub mod rsa_pss {
     }
 }
 
+/// A fixed version 1 device certificate (no extensions) under an ECDSA P-256 root: what
+/// `openssl x509 -req` without `-extfile` makes up to OpenSSL 3.1 (see `testdata/certs/`).
+pub mod x509_v1 {
+    use zerotouch_proto::Timestamp;
+
+    /// The self-signed root (version 3, a CA).
+    pub const ROOT_PEM: &str = include_str!("../../../testdata/certs/v1-root.pem");
+    /// The version 1 device certificate.
+    pub const DEVICE_PEM: &str = include_str!("../../../testdata/certs/v1-device.pem");
+    /// The device's private key (PKCS#8 PEM).
+    pub const DEVICE_KEY_PEM: &str = include_str!("../../../testdata/certs/v1-device.key.pem");
+    /// The device certificate's CN, i.e. the registration id.
+    pub const REGISTRATION_ID: &str = "v1-device";
+    /// An instant inside both certificates' validity (2027-01-01T00:00:00Z).
+    pub const VALID_AT: Timestamp = Timestamp::from_unix_secs(1_798_761_600);
+}
+
 #[cfg(test)]
 mod tests {
     use zerotouch_engine::attestation::x509::{Certificate, PresentedChain};

@@ -3,10 +3,12 @@
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
+use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use zerotouch_engine::attestation::x509::Certificate;
 use zerotouch_proto::Timestamp;
@@ -58,7 +60,7 @@ pub(crate) fn client_config(
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(store), Arc::clone(&provider))
         .build()
         .map_err(|e| ClientError::Config(format!("CA certificates: {e}")))?;
-    let builder = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Config(format!("TLS versions: {e}")))?
         .dangerous()
@@ -74,13 +76,54 @@ pub(crate) fn client_config(
             }
             let key = PrivateKeyDer::from_pem_slice(id.key_pem)
                 .map_err(|e| ClientError::Config(format!("device key PEM: {e}")))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| ClientError::Config(format!("device certificate and key: {e}")))?
+            builder.with_client_cert_resolver(Arc::new(DeviceIdentity::new(chain, key, &provider)?))
         }
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// The device's certificate chain and key, offered to every server that asks. Built here rather
+/// than by `with_client_auth_cert`, whose key check reads the leaf with webpki and so refuses a
+/// version 1 certificate (no extensions), which OpenSSL up to 3.1 issues by default and which a
+/// DPS service takes; the key is checked against the leaf's public key instead.
+#[derive(Debug)]
+struct DeviceIdentity(Arc<CertifiedKey>);
+
+impl DeviceIdentity {
+    fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        provider: &CryptoProvider,
+    ) -> Result<Self, ClientError> {
+        let signing = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| ClientError::Config(format!("device key: {e}")))?;
+        let leaf = chain.first().map(|c| Certificate::from_der(c.as_ref()));
+        let leaf = leaf
+            .transpose()
+            .map_err(|e| ClientError::Config(format!("device certificate: {e}")))?
+            .ok_or_else(|| ClientError::Config("the device certificate PEM holds no certificate".into()))?;
+        // A key type whose public half rustls cannot derive goes unchecked here; the server's
+        // check of the handshake signature still refuses a key that does not match.
+        if signing.public_key().is_some_and(|public| public.as_ref() != leaf.spki_der()) {
+            return Err(ClientError::Config(
+                "device certificate and key: the key is not the certificate's".into(),
+            ));
+        }
+        Ok(Self(Arc::new(CertifiedKey::new(chain, signing))))
+    }
+}
+
+impl ResolvesClientCert for DeviceIdentity {
+    fn resolve(&self, _root_hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// The server certificate check: a chain to one of the trusted CAs (webpki), or, as OpenSSL and
@@ -146,5 +189,33 @@ impl ServerCertVerifier for TrustedOrChained {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.webpki.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use zerotouch_testkit::certs::{x509_v1, TestCa};
+
+    use super::*;
+
+    fn config(chain_pem: &str, key_pem: &str) -> Result<Arc<ClientConfig>, ClientError> {
+        let ca = TestCa::root("server root");
+        let identity = Identity { chain_pem: chain_pem.as_bytes(), key_pem: key_pem.as_bytes() };
+        client_config(Roots::Pem(ca.pem().as_bytes()), Some(identity), &[])
+    }
+
+    #[test]
+    fn a_version_1_certificate_with_its_key_is_accepted_and_a_foreign_key_is_named() {
+        assert!(config(x509_v1::DEVICE_PEM, x509_v1::DEVICE_KEY_PEM).is_ok());
+        let other = TestCa::root("other").device("d");
+        let Err(ClientError::Config(message)) = config(x509_v1::DEVICE_PEM, other.key_pem()) else {
+            panic!("a key that is not the certificate's was accepted");
+        };
+        assert!(message.contains("the key is not the certificate's"), "{message}");
+        // The same for a version 3 certificate.
+        assert!(config(other.pem(), other.key_pem()).is_ok());
+        assert!(config(other.pem(), x509_v1::DEVICE_KEY_PEM).is_err());
     }
 }

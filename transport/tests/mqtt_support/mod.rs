@@ -18,6 +18,7 @@ use rumqttc::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -241,13 +242,31 @@ pub fn client_tls(ca_pem: &str, auth: &Auth, tls12_only: bool) -> rustls::Client
         .unwrap()
         .with_root_certificates(roots);
     match auth {
-        Auth::X509(chain, key) => builder
-            .with_client_auth_cert(
-                chain.iter().map(|c| CertificateDer::from(c.clone())).collect(),
-                PrivateKeyDer::try_from(key.clone()).unwrap(),
-            )
-            .unwrap(),
+        Auth::X509(chain, key) => {
+            // Not `with_client_auth_cert`: its key check reads the leaf with webpki, which refuses
+            // version 1 certificates, and a test may present a key that is not the leaf's.
+            let key = rustls::crypto::ring::default_provider()
+                .key_provider
+                .load_private_key(PrivateKeyDer::try_from(key.clone()).unwrap())
+                .unwrap();
+            let chain = chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
+            builder.with_client_cert_resolver(Arc::new(Presents(Arc::new(CertifiedKey::new(chain, key)))))
+        }
         _ => builder.with_no_client_auth(),
+    }
+}
+
+/// A device that presents its certificate to every server that asks.
+#[derive(Debug)]
+struct Presents(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Presents {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 

@@ -311,6 +311,11 @@ impl Certificate {
         }
     }
 
+    /// The certificate's `SubjectPublicKeyInfo`, DER.
+    pub fn spki_der(&self) -> &[u8] {
+        &self.inner.spki_der
+    }
+
     /// Whether `other` has the same subject name and the same public key: the same issuing
     /// identity even if it was re-issued with another serial or validity.
     pub fn same_subject_and_key(&self, other: &Certificate) -> bool {
