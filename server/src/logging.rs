@@ -1,5 +1,7 @@
 //! Log set-up: `RUST_LOG` as asked, under ceilings for libraries whose verbose output carries secrets.
 
+use std::io::IsTerminal as _;
+
 use tracing::Level;
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -43,12 +45,15 @@ pub fn env_filter(rust_log: Option<&str>) -> (EnvFilter, Option<String>) {
     }
 }
 
-/// Installs the process's logger on stderr: `RUST_LOG` (default `info`) in `format`, with the
+/// Installs the process's logger on stderr: `RUST_LOG` (default `info`) in `format` (text in
+/// colour only on a terminal, and not with `NO_COLOR` set), with the
 /// ceilings of [`within_ceilings`] applied on top (they only ever hide, never raise).
 pub fn init(format: LogFormat) {
     let (filter, warning) = env_filter(std::env::var("RUST_LOG").ok().as_deref());
     let ceilings = filter_fn(|meta| within_ceilings(meta.target(), *meta.level()));
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: a log file or a journal gets plain text.
+    let colours = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(colours);
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Text => registry.with(logs.with_filter(ceilings)).init(),

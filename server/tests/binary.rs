@@ -68,8 +68,9 @@ fn serve_with_a_config_file_prints_its_endpoints_and_stops_cleanly_on_sigterm() 
     let mut child = Served(
         Command::new(env!("CARGO_BIN_EXE_zerotouch"))
             .args(["serve", "--config", config.to_str().unwrap(), "--id-scope", "0ne0000BEEF"])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(dir.path().join("serve.log")).unwrap()))
             .spawn()
             .unwrap(),
     );
@@ -90,6 +91,10 @@ fn serve_with_a_config_file_prints_its_endpoints_and_stops_cleanly_on_sigterm() 
     assert_eq!(stored.trim(), "0ne0000BEEF", "the data directory names the scope served");
 
     assert!(child.terminate(), "serve did not stop cleanly on SIGTERM");
+    // Text logs written to a file carry no terminal colour codes.
+    let logs = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    assert!(logs.contains("serving") && logs.contains("stopped"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "escape codes in a log file: {logs:?}");
 }
 
 /// A `zerotouch serve` child, killed when dropped so that a failing test leaves no server behind.
