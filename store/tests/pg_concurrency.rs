@@ -175,3 +175,97 @@ fn one_device_registering_through_two_instances_at_once_gets_exactly_one_assignm
         }
     }
 }
+
+/// One instance's embedded hub that, once it has applied a registration's hub actions, lets the
+/// other instance start and holds its unit's transaction open a while before it commits.
+struct HoldingHub<'a> {
+    hub: zerotouch_engine::hub_engine::EmbeddedHub<PgStore, PgStore, PgStore>,
+    applied: Option<&'a Barrier>,
+    hold: Duration,
+}
+
+impl zerotouch_engine::hub::HubRegistry for HoldingHub<'_> {
+    fn apply(
+        &mut self,
+        action: &zerotouch_engine::hub::HubAction,
+    ) -> Result<(), zerotouch_engine::hub::HubError> {
+        self.hub.apply(action)
+    }
+
+    fn apply_all(
+        &mut self,
+        actions: &[zerotouch_engine::hub::HubAction],
+    ) -> Result<(), zerotouch_engine::hub::HubError> {
+        self.hub.apply_all(actions)?;
+        if let Some(applied) = self.applied.take() {
+            applied.wait();
+            std::thread::sleep(self.hold);
+        }
+        Ok(())
+    }
+
+    fn begin_unit(&mut self) {
+        self.hub.begin_unit();
+    }
+
+    fn end_unit(&mut self, committed: bool) {
+        self.hub.end_unit(committed);
+    }
+}
+
+#[test]
+fn a_device_registering_through_a_second_instance_while_the_first_creates_its_identity_is_assigned_by_both() {
+    const HUB: &str = "plant.example.net";
+    let db = TestDb::new();
+    let (_, [a, b]) = two_instances(&db);
+    let mut group =
+        EnrollmentGroup::new(EnrollmentGroupId::new("race").unwrap(), AttestationMechanism::symmetric_key());
+    group.attestation.symmetric_key = Some(SymmetricKeyAttestation {
+        primary_key: Some(GROUP_KEY_B64.to_owned()),
+        secondary_key: Some(GROUP_KEY_B64.to_owned()),
+    });
+    enrollments::put_enrollment_group(&a, &RingCrypto::new(), now(), group, &IfMatch::Absent).unwrap();
+    let instance = |store: PgStore| {
+        let mut hub = zerotouch_engine::hub_engine::EmbeddedHub::<PgStore, PgStore, PgStore>::over(
+            HUB,
+            store.hub(HUB).unwrap(),
+            Arc::new(RingCrypto::new()),
+        )
+        .unwrap();
+        hub.set_now(now());
+        let provisioner = Provisioner::new(
+            ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
+            store,
+            Arc::new(RingCrypto::new()),
+            Allocator::new(vec![LinkedHub::new(HUB)]),
+        );
+        (provisioner, hub)
+    };
+    let ((first, first_hub), (second, mut second_hub)) = (instance(a), instance(b));
+
+    // The first instance has written the identity, uncommitted; the second reads no identity,
+    // creates one, and its insert waits for the first to commit.
+    let applied = Barrier::new(2);
+    let mut holding =
+        HoldingHub { hub: first_hub, applied: Some(&applied), hold: Duration::from_millis(500) };
+    let operations: Vec<zerotouch_proto::Text> = std::thread::scope(|s| {
+        let one = s.spawn(|| first.handle_register(now(), register_request("press-4"), &mut holding));
+        let two = s.spawn(|| {
+            applied.wait();
+            second.handle_register(now(), register_request("press-4"), &mut second_hub)
+        });
+        [one.join().unwrap(), two.join().unwrap()]
+            .into_iter()
+            .map(|r| match r.body {
+                zerotouch_engine::provisioner::ResponseBody::Operation(op) => op.operation_id,
+                other => panic!("not an operation: {other:?}"),
+            })
+            .collect()
+    });
+    for op in &operations {
+        let stored = second.store().operation(&OperationId::new(op).unwrap()).unwrap().unwrap().into_status();
+        let state = stored.registration_state.clone().unwrap();
+        assert_eq!(stored.status, RegistrationStatus::Assigned, "operation {op}: {state:?}");
+        assert_eq!(state.device_id.as_deref(), Some("press-4"));
+    }
+}

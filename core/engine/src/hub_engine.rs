@@ -915,7 +915,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
                     ..Device::new(device.device_id.clone())
                 };
                 let doc = TwinDocument::from_initial_twin(now, initial)?;
-                let applied = self.core.registry.create_device(body, now)?;
+                let applied = self.create_absent(body, now)?;
                 put_twin_of_new_identity(&self.core.twins, &TwinKey::device(device.device_id.clone()), &doc)?;
                 // The events carry the twin just written and the identity as created: no
                 // reading either back (what `settle` does for twins it did not write).
@@ -981,10 +981,25 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         if self.core.registry.device(&device.device_id).is_ok() {
             self.queue(self.delete_device(&device.device_id, &IfMatch::Any, now)?.events);
         }
-        let applied = self.core.registry.create_device(body, now)?;
+        let applied = self.create_absent(body, now)?;
         put_twin_of_new_identity(&self.core.twins, &TwinKey::device(device.device_id.clone()), &doc)?;
         self.queue(self.core.settle(applied.events, now, self.lifecycle_events)?);
         Ok(())
+    }
+
+    /// Creates a device this provisioning action found absent. One that exists by now was
+    /// created by a concurrent registration of the same device (another thread, or another
+    /// server instance whose transaction committed after our read, as PostgreSQL's read-committed
+    /// units allow): a conflict the provisioner decides again (`412`), not a failure of the device
+    /// (`409 DeviceAlreadyExists`, which would end its registration).
+    fn create_absent(&self, body: Device, now: Timestamp) -> Result<Applied<Device>, Error> {
+        self.core.registry.create_device(body, now).map_err(|e| match e {
+            Error::Hub { code, .. } if code == HubErrorCode::DeviceAlreadyExists.code() => Error::Hub {
+                code: HubErrorCode::PreconditionFailed.code(),
+                message: "The device was created by a concurrent registration.".into(),
+            },
+            other => other,
+        })
     }
 
     fn not_owned(&self, hub: &str) -> HubError {
