@@ -140,6 +140,7 @@ impl Backend for MemoryBackend {
 #[derive(Debug, Clone)]
 pub struct SqliteBackend {
     dir: std::path::PathBuf,
+    durability: zerotouch_store::sqlite::Durability,
     store: Arc<std::sync::OnceLock<zerotouch_store::sqlite::SqliteStore>>,
 }
 
@@ -152,7 +153,19 @@ impl SqliteBackend {
 
     /// The backend of data directory `dir` (created when missing, on first open).
     pub fn new(dir: impl Into<std::path::PathBuf>) -> Self {
-        Self { dir: dir.into(), store: Arc::default() }
+        Self { dir: dir.into(), durability: Default::default(), store: Arc::default() }
+    }
+
+    /// The backend with its database opened for `durability` (see `--sqlite-durability`).
+    #[must_use]
+    pub fn with_durability(mut self, durability: crate::config::SqliteDurability) -> Self {
+        self.durability = match durability {
+            crate::config::SqliteDurability::ProcessCrash => {
+                zerotouch_store::sqlite::Durability::ProcessCrash
+            }
+            crate::config::SqliteDurability::PowerLoss => zerotouch_store::sqlite::Durability::PowerLoss,
+        };
+        self
     }
 
     /// The database, opened on first use.
@@ -163,7 +176,7 @@ impl SqliteBackend {
         crate::datadir::ensure_dir(&self.dir)?;
         let path = self.dir.join(Self::DATABASE_FILE);
         crate::datadir::create_private(&path)?;
-        let store = zerotouch_store::sqlite::SqliteStore::open(&path)
+        let store = zerotouch_store::sqlite::SqliteStore::open_with(&path, self.durability)
             .map_err(|e| ServerError::Store(format!("{}: {e}", path.display())))?;
         self.import_legacy_hubs(&store)?;
         // Another thread may have opened it meanwhile; both handles work, the first one wins.
@@ -326,6 +339,18 @@ mod tests {
         // A second backend on the same directory finds nothing left to move and the same devices.
         let again = SqliteBackend::new(dir.path());
         assert!(again.hub("north.localhost").unwrap().identities.device(&id).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_backend_asked_for_power_loss_durability_syncs_every_commit() {
+        use crate::config::SqliteDurability;
+        use zerotouch_store::sqlite::Durability;
+
+        let dir = tempfile::tempdir().unwrap();
+        let default = SqliteBackend::new(dir.path().join("a"));
+        assert_eq!(default.store().unwrap().durability().unwrap(), Durability::ProcessCrash);
+        let synced = SqliteBackend::new(dir.path().join("b")).with_durability(SqliteDurability::PowerLoss);
+        assert_eq!(synced.store().unwrap().durability().unwrap(), Durability::PowerLoss);
     }
 
     #[cfg(unix)]

@@ -398,7 +398,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServerError> {
     };
     let config = args.settings.or(file).resolve()?;
     match config.store.database_url.clone() {
-        None => serve_on(&config, crate::backend::SqliteBackend::new(&config.store.data_dir)).await,
+        None => {
+            let backend = crate::backend::SqliteBackend::new(&config.store.data_dir)
+                .with_durability(config.sqlite_durability);
+            serve_on(&config, backend).await
+        }
         Some(url) => {
             // The PostgreSQL client blocks (it drives its own runtime).
             let backend = tokio::task::spawn_blocking(move || crate::backend::PgBackend::connect(&url))

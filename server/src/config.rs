@@ -71,6 +71,23 @@ pub struct Settings {
     /// descriptor limit (`ulimit -n`).
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// What a committed registration survives with the SQLite store: `process-crash` (the
+    /// default: the process killed; a power loss may roll back the last commits) or `power-loss`
+    /// (every commit synced to disk, at some cost in registrations per second). PostgreSQL's is
+    /// the database server's `synchronous_commit`.
+    #[arg(long, value_name = "WHAT", value_enum)]
+    pub sqlite_durability: Option<SqliteDurability>,
+}
+
+/// What a commit of the SQLite store survives (`--sqlite-durability`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SqliteDurability {
+    /// The process being killed or crashing (SQLite `synchronous=NORMAL` in WAL mode).
+    #[default]
+    ProcessCrash,
+    /// A power loss or an operating-system crash too (`synchronous=FULL`).
+    PowerLoss,
 }
 
 impl Settings {
@@ -129,6 +146,7 @@ impl Settings {
             database_url: self.database_url.or(file.database_url),
             retry_after: self.retry_after.or(file.retry_after),
             max_connections: self.max_connections.or(file.max_connections),
+            sqlite_durability: self.sqlite_durability.or(file.sqlite_durability),
         }
     }
 
@@ -169,6 +187,13 @@ impl Settings {
             Some(n) => n,
             None => DEFAULT_MAX_CONNECTIONS,
         };
+        if self.sqlite_durability.is_some() && self.database_url.is_some() {
+            return Err(ServerError::Config(
+                "sqlite-durability applies to the SQLite store; with database-url, PostgreSQL's \
+                 synchronous_commit decides"
+                    .into(),
+            ));
+        }
         let default_addr = |s: &str| s.parse::<SocketAddr>().map_err(|e| ServerError::Config(e.to_string()));
         Ok(ServeConfig {
             store: StoreLocation::new(self.data_dir, self.database_url),
@@ -185,6 +210,7 @@ impl Settings {
             hubs,
             retry_after_secs,
             max_connections,
+            sqlite_durability: self.sqlite_durability.unwrap_or_default(),
         })
     }
 }
@@ -280,6 +306,8 @@ pub struct ServeConfig {
     pub retry_after_secs: u32,
     /// Open device connections at most.
     pub max_connections: usize,
+    /// What a commit of the SQLite store survives.
+    pub sqlite_durability: SqliteDurability,
 }
 
 impl ServeConfig {
@@ -295,6 +323,7 @@ impl ServeConfig {
             hubs: vec![HubSpec { name: DEFAULT_HUB.to_owned(), weight: 1 }],
             retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            sqlite_durability: SqliteDurability::default(),
         }
     }
 }
@@ -347,6 +376,28 @@ mod tests {
             let s = Settings { retry_after: Some(bad), ..Settings::default() };
             assert!(s.resolve().unwrap_err().to_string().contains("retry-after"), "{bad}");
         }
+    }
+
+    #[test]
+    fn sqlite_durability_comes_from_the_flag_or_the_config_file_and_not_with_postgres() {
+        assert_eq!(Settings::default().resolve().unwrap().sqlite_durability, SqliteDurability::ProcessCrash);
+        let file = Settings::from_toml("sqlite-durability = \"power-loss\"").unwrap();
+        assert_eq!(
+            Settings::default().or(file.clone()).resolve().unwrap().sqlite_durability,
+            SqliteDurability::PowerLoss
+        );
+        let flags =
+            Settings { sqlite_durability: Some(SqliteDurability::ProcessCrash), ..Settings::default() };
+        assert_eq!(
+            flags.or(file.clone()).resolve().unwrap().sqlite_durability,
+            SqliteDurability::ProcessCrash
+        );
+        assert!(Settings::from_toml("sqlite-durability = \"paranoid\"").is_err());
+        let postgres = Settings { database_url: Some("postgres://db/zt".into()), ..file };
+        let Err(ServerError::Config(message)) = postgres.resolve() else {
+            panic!("accepted with PostgreSQL")
+        };
+        assert!(message.contains("synchronous_commit"), "{message}");
     }
 
     #[test]

@@ -575,6 +575,17 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// What a commit survives, as the writer connection is set (its `synchronous` pragma:
+    /// `FULL` or stronger is [`Durability::PowerLoss`]).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the pragma cannot be read.
+    pub fn durability(&self) -> Result<Durability, StoreError> {
+        let writer = self.inner.writer.lock();
+        let level: i64 = writer.conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).db()?;
+        Ok(if level >= 2 { Durability::PowerLoss } else { Durability::ProcessCrash })
+    }
+
     /// The schema version of the open database.
     ///
     /// # Errors
