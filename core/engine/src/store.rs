@@ -482,8 +482,11 @@ pub trait RegistrationStore: Send + Sync {
     /// several concurrent units together (group commit); this returns only once the unit is
     /// durable.
     ///
-    /// The default runs `unit` directly, which suits stores a crash cannot leave half-written
-    /// (the in-memory store loses everything at once).
+    /// The default runs `unit` directly and undoes nothing: it suits stores a crash cannot leave
+    /// half-written (the in-memory store loses everything at once), but a unit that fails keeps
+    /// the writes it made before failing. With [`crate::memory::MemoryStore`] and in-memory hubs,
+    /// a failed registration unit can so leave a hub identity it created (its record is written
+    /// last, so never a record without its identity); the SQLite and PostgreSQL stores undo it.
     ///
     /// # Errors
     /// The error of `unit`, or a backend failure to begin or commit.
