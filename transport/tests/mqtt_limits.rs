@@ -598,13 +598,16 @@ async fn a_device_that_connects_again_takes_over_from_its_stale_connection() {
     // Its first connection went silent (a dropped network, say) but the server still holds it.
     let mut stale = RawDevice::open(&server).await;
     assert!(matches!(stale.connect("pump-7", &key, 60).await, Packet::ConnAck(_)));
-    // MQTT 3.1.1 §3.1.4-2: a CONNECT with the client id of a connected client disconnects the
-    // existing one. The client id is the registration id, matched as registration ids are.
+    stale.send(register_publish("0", "pump-7", 1)).await;
+    assert_eq!(reply_statuses(&mut stale, 1).await, [("0".to_owned(), 202)]);
+    // MQTT 3.1.1 §3.1.4-2: a client that connects with the client id of a connected client
+    // disconnects the existing one; here once the engine has answered it (authenticated it).
+    // The client id is the registration id, matched as registration ids are.
     let mut fresh = RawDevice::open(&server).await;
     assert!(matches!(fresh.connect("PUMP-7", &key, 60).await, Packet::ConnAck(_)));
-    assert!(stale.closed_within(Duration::from_secs(3)).await, "the stale connection stayed open");
     fresh.send(register_publish("1", "PUMP-7", 1)).await;
     assert_eq!(reply_statuses(&mut fresh, 1).await, [("1".to_owned(), 202)]);
+    assert!(stale.closed_within(Duration::from_secs(3)).await, "the stale connection stayed open");
 
     // A connection that never proved itself takes over nothing: a certificate nobody enrolled,
     // naming the device, leaves the device's connection alone.
@@ -621,6 +624,22 @@ async fn a_device_that_connects_again_takes_over_from_its_stale_connection() {
         "the device kept its connection"
     );
 
+    // Nor does a token with a made-up signature for a device enrolled with a certificate: the
+    // CONNECT is accepted (its register will answer 401), but proves nothing.
+    let camera = TestCa::root("Camera Root").device("cam-7");
+    server.enroll_x509("cam-7", camera.pem());
+    let mut device =
+        RawDevice::open_with(&server, &Auth::X509(camera.chain_der(), camera.key_der().to_vec())).await;
+    assert!(matches!(device.connect_x509("cam-7", 60).await, Packet::ConnAck(_)));
+    device.send(register_publish("6", "cam-7", 1)).await;
+    assert_eq!(reply_statuses(&mut device, 1).await, [("6".to_owned(), 202)]);
+    let mut forger = RawDevice::open(&server).await;
+    assert!(matches!(forger.connect("cam-7", &[9u8; 32], 60).await, Packet::ConnAck(_)));
+    forger.send(register_publish("7", "cam-7", 1)).await;
+    assert_eq!(reply_statuses(&mut forger, 1).await, [("7".to_owned(), 401)]);
+    device.send(register_publish("8", "cam-7", 2)).await;
+    assert_eq!(reply_statuses(&mut device, 1).await, [("8".to_owned(), 202)], "a forged token took over");
+
     // Other devices are not affected, and a device may connect again after it disconnected.
     let other_key = server.enroll_symmetric("pump-8");
     let mut other = RawDevice::open(&server).await;
@@ -633,6 +652,6 @@ async fn a_device_that_connects_again_takes_over_from_its_stale_connection() {
     fresh.send(register_publish("5", "PUMP-7", 3)).await;
     assert_eq!(reply_statuses(&mut fresh, 1).await, [("5".to_owned(), 202)]);
     // Told to poll, they would hold the shutdown for its grace.
-    drop((fresh, again, squatter));
+    drop((fresh, again, squatter, device, forger));
     server.shutdown().await;
 }

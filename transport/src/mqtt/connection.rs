@@ -249,11 +249,14 @@ where
     // deadline and nothing it sends (pings) buys it more: a certificate nobody enrolled, or a
     // token that has expired, holds no slot.
     let mut accepted = matches!(session.credential, Credential::Sas(_));
-    // The client id is this connection's once its credential has been accepted (a connection
-    // that proved nothing takes over nothing); a newer connection that claims it closes this one.
+    // The client id is this connection's once the engine has answered one of its requests
+    // without error, which only an authenticated device gets: a SAS token is accepted at
+    // CONNECT for more than a proven signature (an enrollment of another attestation type, an
+    // unknown scope: register answers those), so CONNECT alone proves nothing and takes over
+    // nothing. A newer connection that claims the id closes this one.
     let taken_over = Arc::new(Notify::new());
     let claim_id = || limits.mqtt_clients.claim(&session.id_scope, &session.registration_id, &taken_over);
-    let mut claim = accepted.then(claim_id);
+    let mut claim = None;
     let mut idle_deadline = Instant::now() + if accepted { idle } else { limits.connect_timeout };
     let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     // Replies go out even before (or without) a SUBSCRIBE: Python never re-subscribes after a
@@ -297,7 +300,7 @@ where
                 accepted = true;
                 idle_deadline = Instant::now() + idle;
             }
-            if accepted && claim.is_none() {
+            if status < 400 && claim.is_none() {
                 claim = Some(claim_id());
             }
             if stop_asked && !awaiting_poll && in_flight.is_empty() && linger.is_none() {

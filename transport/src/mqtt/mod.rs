@@ -12,8 +12,9 @@
 //! is judged by the register request instead, which answers 401 with the engine's details.
 //! Sessions are never kept (CONNACK session-present is always 0), and replies go to the
 //! requesting connection even without a SUBSCRIBE, because Python never re-subscribes. A
-//! connection whose credential was accepted holds its client id: a later one with the same id
-//! closes it (MQTT 3.1.1 §3.1.4-2; see [`crate::limits::ClientIds`]).
+//! connection holds its client id once a request of it was answered without error (which proves
+//! its credential): a later one with the same id that gets that far closes it (MQTT 3.1.1
+//! §3.1.4-2; see [`crate::limits::ClientIds`]).
 
 mod connection;
 
