@@ -350,6 +350,14 @@ type InternalErrorObserver = Arc<dyn Fn(&Error) + Send + Sync>;
 /// A callback told how each accepted registration ended.
 type RegistrationObserver = Arc<dyn Fn(&RegistrationOutcome<'_>) + Send + Sync>;
 
+/// What a registration round found: the record it began from, and the precondition that finds
+/// the record as the round last left it (that record, or the round's own `assigning` record).
+#[derive(Default)]
+struct Seen {
+    previous: Option<Arc<RegistrationRecord>>,
+    pre: Precondition,
+}
+
 /// How a registration the provisioner accepted (answered `202` with an operation id) ended, as
 /// its first poll will report it.
 #[derive(Debug, Clone, Copy)]
@@ -688,10 +696,11 @@ impl<S: ProvisioningStore> Provisioner<S> {
         for _ in 0..3 {
             let round =
                 Round { now, id: &id, operation_id: &operation_id, etag_random, predates_reprovisioning };
-            match self.assign(round, &mut attested, req.body.payload.as_ref(), hub) {
+            let mut seen = Seen::default();
+            match self.assign(round, &mut attested, req.body.payload.as_ref(), hub, &mut seen) {
                 Err(Error::Store(StoreError::PreconditionFailed | StoreError::AlreadyExists)) => continue,
                 Err(e @ (Error::Allocation(_) | Error::Hub { .. })) => {
-                    self.commit_failed(now, &id, &operation_id, &attested, &e)?;
+                    self.commit_failed(now, &id, &operation_id, &attested, &e, &seen)?;
                     if let Some(observer) = &self.on_registration {
                         let wire = e.to_wire();
                         observer(&RegistrationOutcome::Failed {
@@ -723,15 +732,21 @@ impl<S: ProvisioningStore> Provisioner<S> {
         attested: &mut Attested,
         payload: Option<&Value>,
         hub: &mut dyn HubRegistry,
+        seen: &mut Seen,
     ) -> Result<Arc<RegistrationRecord>, Error> {
         let id = round.id;
         let previous = self.store.registration_shared(id)?;
+        seen.pre = match previous.as_deref().map(|r| r.etag_bare().unwrap_or_default()) {
+            Some(etag) => Precondition::Matches(etag.to_owned()),
+            None => Precondition::MustNotExist,
+        };
+        seen.previous.clone_from(&previous);
         let previous = previous.as_deref();
         // The credentials move into the hub action; a round lost to a concurrent registration
         // hands them back for the next one (below).
         let auth = std::mem::replace(&mut attested.auth, DeviceAuth::CertificateAuthority);
         let mut plan = self.plan(id, attested, auth, payload, previous, round.predates_reprovisioning)?;
-        let result = self.carry_out(round, attested, &plan, previous, hub);
+        let result = self.carry_out(round, attested, &plan, previous, hub, &mut seen.pre);
         if result.is_err() {
             if let Some(auth) = plan.take_auth() {
                 attested.auth = auth;
@@ -749,12 +764,9 @@ impl<S: ProvisioningStore> Provisioner<S> {
         plan: &Plan,
         previous: Option<&RegistrationRecord>,
         hub: &mut dyn HubRegistry,
+        pre: &mut Precondition,
     ) -> Result<Arc<RegistrationRecord>, Error> {
         let Round { now, id, operation_id, .. } = round;
-        let mut pre = match previous.map(|r| r.etag_bare().unwrap_or_default()) {
-            Some(etag) => Precondition::Matches(etag.to_owned()),
-            None => Precondition::MustNotExist,
-        };
         let created = previous.and_then(|r| r.state.created_date_time_utc).unwrap_or(now);
         let initial_hub = previous.and_then(|r| r.initial_hub.as_ref()).unwrap_or(&plan.hub);
 
@@ -785,8 +797,8 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 }
                 .into(),
             };
-            self.store.commit_registration(record.into(), &pre, op)?;
-            pre = Precondition::Matches(etag.to_string());
+            self.store.commit_registration(record.into(), pre, op)?;
+            *pre = Precondition::Matches(etag.to_string());
         }
 
         // The hub actions and the record are one unit: a crash or a failure in between leaves
@@ -805,7 +817,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                     Error::Hub { code: e.code, message: e.message }
                 }
             })?;
-            committed = Some(self.commit_assigned(round, attested, plan, created, initial_hub, &pre)?);
+            committed = Some(self.commit_assigned(round, attested, plan, created, initial_hub, pre)?);
             Ok(())
         });
         unit.end(result.is_ok());
@@ -816,11 +828,13 @@ impl<S: ProvisioningStore> Provisioner<S> {
     }
 
     /// Records a registration that failed after its credential was accepted: the record says
-    /// `failed` with the error (as DPS's registration state does), keeping the hub and device id
-    /// the device's identity still has (the failed unit applied none of its hub actions), so the
-    /// next registration moves it from there; the operation answers with the record's times and
-    /// etag. A record that a concurrent registration keeps changing is left to it: then only the
-    /// operation is stored.
+    /// `failed` with the error (as DPS's registration state does), keeping what the record the
+    /// round began from says of the device's last assignment (hub, device id, substatus,
+    /// payload: its identity is still there, since the failed unit applied none of its hub
+    /// actions), so the next registration moves it from there; the operation answers with the
+    /// record's times and etag. Written only over the record the round began from (or its own
+    /// `assigning` record): one that a concurrent registration has written since stands, and
+    /// only the operation is stored.
     fn commit_failed(
         &self,
         now: Timestamp,
@@ -828,49 +842,45 @@ impl<S: ProvisioningStore> Provisioner<S> {
         operation_id: &OperationId,
         attested: &Attested,
         e: &Error,
+        seen: &Seen,
     ) -> Result<(), Error> {
         let wire = e.to_wire();
-        for _ in 0..3 {
-            let previous = self.store.registration_shared(id)?;
-            let previous = previous.as_deref();
-            let pre = match previous.map(|r| r.etag_bare().unwrap_or_default()) {
-                Some(etag) => Precondition::Matches(etag.to_owned()),
-                None => Precondition::MustNotExist,
-            };
-            let created = previous.and_then(|r| r.state.created_date_time_utc).unwrap_or(now);
-            let etag = self.new_etag()?;
-            let record = RegistrationRecord {
-                registration_id: id.clone(),
-                state: DeviceRegistrationState {
-                    registration_id: id.into(),
-                    created_date_time_utc: Some(created),
-                    assigned_hub: previous.and_then(|r| r.state.assigned_hub.clone()),
-                    device_id: previous.and_then(|r| r.state.device_id.clone()),
-                    status: Some(RegistrationStatus::Failed),
-                    substatus: None,
-                    error_code: Some(wire.error_code),
-                    error_message: Some(wire.message.clone()),
-                    last_updated_date_time_utc: Some(now),
-                    etag: Some(etag.clone()),
-                    payload: None,
-                },
-                enrollment: attested.enrollment.reference(),
-                initial_hub: previous.and_then(|r| r.initial_hub.clone()),
-            };
-            let mut op = failed_operation(operation_id, id, now, e);
-            if let OperationStatus::Fixed(status) = &mut op.status {
-                if let Some(state) = &mut status.registration_state {
-                    state.created_date_time_utc = Some(created);
-                    state.etag = Some(etag.clone());
-                }
-            }
-            match self.store.commit_registration(Arc::new(record), &pre, op) {
-                Err(StoreError::PreconditionFailed | StoreError::AlreadyExists) => continue,
-                other => return Ok(other?),
+        let previous = seen.previous.as_deref();
+        let created = previous.and_then(|r| r.state.created_date_time_utc).unwrap_or(now);
+        let etag = self.new_etag()?;
+        let last = previous.map(|r| &r.state);
+        let record = RegistrationRecord {
+            registration_id: id.clone(),
+            state: DeviceRegistrationState {
+                registration_id: id.into(),
+                created_date_time_utc: Some(created),
+                assigned_hub: last.and_then(|s| s.assigned_hub.clone()),
+                device_id: last.and_then(|s| s.device_id.clone()),
+                status: Some(RegistrationStatus::Failed),
+                substatus: last.and_then(|s| s.substatus),
+                error_code: Some(wire.error_code),
+                error_message: Some(wire.message.clone()),
+                last_updated_date_time_utc: Some(now),
+                etag: Some(etag.clone()),
+                payload: last.and_then(|s| s.payload.clone()),
+            },
+            enrollment: attested.enrollment.reference(),
+            initial_hub: previous.and_then(|r| r.initial_hub.clone()),
+        };
+        let mut op = failed_operation(operation_id, id, now, e);
+        if let OperationStatus::Fixed(status) = &mut op.status {
+            if let Some(state) = &mut status.registration_state {
+                state.created_date_time_utc = Some(created);
+                state.etag = Some(etag);
             }
         }
-        self.store.put_operation(&failed_operation(operation_id, id, now, e))?;
-        Ok(())
+        match self.store.commit_registration(Arc::new(record), &seen.pre, op) {
+            Err(StoreError::PreconditionFailed | StoreError::AlreadyExists) => {
+                self.store.put_operation(&failed_operation(operation_id, id, now, e))?;
+                Ok(())
+            }
+            other => Ok(other?),
+        }
     }
 
     /// Writes the final `assigned` record and its operation; returns the record.

@@ -147,6 +147,7 @@ impl RegistrationRecord {
     /// `{}` for individual enrollments), `symmetricKey` with the group id for groups.
     pub fn result(&self, via: Option<AttestedVia>) -> DeviceRegistrationResult {
         let s = &self.state;
+        let assigned = s.status == Some(RegistrationStatus::Assigned);
         let group = match &self.enrollment {
             EnrollmentRef::Group(g) => Some(g.as_text().clone()),
             EnrollmentRef::Individual(_) => None,
@@ -170,12 +171,14 @@ impl RegistrationRecord {
             assigned_hub: s.assigned_hub.clone(),
             device_id: s.device_id.clone(),
             status: s.status,
-            substatus: s.substatus,
+            // A failed record keeps these of its last assignment for the next registration;
+            // a device hears them only with an assignment (spec §1.5).
+            substatus: s.substatus.filter(|_| assigned),
             error_code: s.error_code,
             error_message: s.error_message.clone(),
             last_updated_date_time_utc: s.last_updated_date_time_utc,
             etag: s.etag.clone(),
-            payload: s.payload.clone(),
+            payload: s.payload.clone().filter(|_| assigned),
             issued_certificate_chain: None,
         }
     }

@@ -315,7 +315,10 @@ fn a_move_the_new_hub_refuses_leaves_the_record_failed_on_the_old_hub_and_a_late
     assert!(record.state.error_message.as_deref().unwrap().contains("IotHubUnauthorizedAccess"));
     assert_eq!(record.state.assigned_hub.as_deref(), Some(HUB_A));
     assert_eq!(record.state.device_id.as_deref(), Some(ID));
-    assert_eq!(record.state.substatus, None, "substatus is for assigned registrations");
+    // The record keeps the last assignment's substatus for the next registration; a device
+    // hears a substatus only with an assignment.
+    assert_eq!(record.state.substatus, Some(Substatus::InitialAssignment));
+    assert_eq!(record.result(None).substatus, None);
     assert_eq!(record.state.created_date_time_utc, assigned_record.state.created_date_time_utc);
     assert_ne!(record.state.etag, assigned_record.state.etag);
     assert_eq!(w.hubs.hubs_of(ID), vec![HUB_A.to_owned()]);
@@ -365,4 +368,78 @@ fn a_first_registration_that_fails_leaves_a_failed_record_with_the_error() {
     .unwrap();
     let a = assigned(w.register(symmetric_device(ID, &key, None), None));
     assert_eq!((a.assigned_hub.as_str(), a.substatus), (HUB_B, Some(Substatus::InitialAssignment)));
+}
+
+/// A hub whose first action lets another registration of the device run to its end, then
+/// refuses: the failed registration's record write comes after a newer registration's.
+struct OvertakenHub<'a> {
+    inner: zerotouch_testkit::hubs::SimHubs,
+    provisioner: &'a Provisioner<Arc<MemoryStore>>,
+    overtaking: Option<zerotouch_engine::provisioner::RegisterRequest>,
+    now: zerotouch_proto::Timestamp,
+}
+
+impl HubRegistry for OvertakenHub<'_> {
+    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
+        if let Some(request) = self.overtaking.take() {
+            let reply = self.provisioner.handle_register(self.now, request, &mut self.inner);
+            assert_eq!(reply.status, 202, "{reply:?}");
+            return Err(HubError { code: 401_002, message: "IotHubUnauthorizedAccess".into() });
+        }
+        self.inner.apply(action)
+    }
+}
+
+#[test]
+fn a_failed_registration_does_not_overwrite_the_record_of_a_newer_one_that_succeeded() {
+    use zerotouch_engine::attestation::symmetric::registration_token;
+    use zerotouch_engine::attestation::Credential;
+    use zerotouch_engine::provisioner::RegisterRequest;
+    use zerotouch_proto::device::DeviceRegistration;
+
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &custom(true, true));
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    let now = w.now;
+    let request = |s: &str| {
+        let token = registration_token(&crypto(), &key, SCOPE, ID, now.unix_secs() + 3600);
+        RegisterRequest {
+            id_scope: SCOPE.into(),
+            registration_id: ID.into(),
+            body: DeviceRegistration { payload: site(s), registration_id: ID.into(), tpm: None, csr: None },
+            credential: Credential::Sas(token.to_string()),
+            api_version: None,
+        }
+    };
+    // The device moves to b; while the move's hub actions run, it registers again (another
+    // connection, another instance) and stays on a; then the move fails.
+    let mut hub = OvertakenHub {
+        inner: std::mem::take(&mut w.hubs),
+        provisioner: &w.provisioner,
+        overtaking: Some(request("a")),
+        now,
+    };
+    let reply = w.provisioner.handle_register(now, request("b"), &mut hub);
+    assert_eq!(reply.status, 202, "{reply:?}");
+    let record = record_of(&w);
+    assert_eq!(record.state.status, Some(RegistrationStatus::Assigned), "{record:?}");
+    assert_eq!(record.state.assigned_hub.as_deref(), Some(HUB_A));
+}
+
+#[test]
+fn a_failed_registration_keeps_the_substatus_of_the_assignment_the_device_still_has() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &custom(true, true));
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    let moved = assigned(w.register(symmetric_device(ID, &key, site("b")), None));
+    assert_eq!(moved.substatus, Some(Substatus::DeviceDataMigrated));
+    w.hubs.fail_with = Some(HubError { code: 500_001, message: "hub down".into() });
+    failed(w.register(symmetric_device(ID, &key, site("b")), None));
+    w.hubs.fail_with = None;
+    // It stays where it is, with its data: still the substatus of its move, not a first one.
+    let stayed = assigned(w.register(symmetric_device(ID, &key, site("b")), None));
+    assert_eq!(
+        (stayed.assigned_hub.as_str(), stayed.substatus),
+        (HUB_B, Some(Substatus::DeviceDataMigrated))
+    );
 }
