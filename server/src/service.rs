@@ -93,7 +93,8 @@ fn log_registration(outcome: &RegistrationOutcome<'_>) {
             );
         }
         RegistrationOutcome::Failed { registration_id, error_code, message } => {
-            tracing::info!(%registration_id, error_code, message, "registration failed");
+            // Not `message`: a JSON log line's text is its `message` field.
+            tracing::info!(%registration_id, error_code, error_message = message, "registration failed");
         }
         _ => {}
     }

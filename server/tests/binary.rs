@@ -521,7 +521,9 @@ fn enrollments_delete_removes_one_enrollment_and_says_when_there_is_none() {
 fn a_registration_that_cannot_be_allocated_shows_as_failed_in_the_enrollment_listing() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
-    let (server, mqtt, _) = serve(data, "0ne0000FA11");
+    let log_path = dir.path().join("serve.log");
+    let log = Stdio::from(std::fs::File::create(&log_path).unwrap());
+    let (server, mqtt, _) = serve_logging(data, "0ne0000FA11", "info", log);
     let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
     let file = dir.path().join("enrollments.json");
     // Static allocation to a hub this server does not have.
@@ -560,4 +562,18 @@ fn a_registration_that_cannot_be_allocated_shows_as_failed_in_the_enrollment_lis
     assert!(state["errorMessage"].as_str().unwrap().contains("elsewhere.example.net"), "{enrollments}");
     assert!(state.get("assignedHub").is_none(), "{enrollments}");
     assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
+    // The operator's log says why, in a line whose text is still "registration failed".
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    let failed: Vec<Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["fields"]["message"] == "registration failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{logs}");
+    assert_eq!(failed[0]["fields"]["registration_id"], "gate-1");
+    assert_eq!(failed[0]["fields"]["error_code"], 400209);
+    assert!(
+        failed[0]["fields"]["error_message"].as_str().unwrap().contains("elsewhere.example.net"),
+        "{logs}"
+    );
 }
