@@ -510,6 +510,10 @@ struct Announcements {
 }
 
 /// One embedded hub: registry, twins, jobs and direct methods behind one sans-I/O API.
+///
+/// Queries read a snapshot rebuilt after each write through this value. Writes to the same
+/// stores through another `EmbeddedHub` (another process on the same SQLite file, another server
+/// on the same PostgreSQL database) show in its queries only after its own next write.
 pub struct EmbeddedHub<
     I: IdentityStore = MemoryIdentityStore,
     T: TwinStore = MemoryTwinStore,
@@ -683,7 +687,9 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     }
 
     /// The documents of `collection` as of the last write through this hub, built at most once
-    /// per write.
+    /// per write. Writes to the same stores through another hub instance (another process on the
+    /// same SQLite file, another server on the same PostgreSQL database) do not mark it stale:
+    /// such a hub's queries see them after its own next write.
     fn snapshot(&self, collection: Collection) -> Result<Arc<IndexedSource>, Error> {
         let slot = match collection {
             Collection::Devices => 0,
