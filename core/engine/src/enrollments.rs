@@ -21,7 +21,7 @@ use crate::crypto::CryptoProvider;
 use crate::error::{Error, StoreError};
 use crate::store::{
     CaCertificate, CaCertificateStore, EnrollmentGroupStore, EnrollmentRef, EnrollmentStore, Page,
-    PageRequest, Precondition, RegistrationStore,
+    PageRequest, Precondition, RegistrationRecord, RegistrationStore,
 };
 use crate::twin::TwinDocument;
 
@@ -239,7 +239,7 @@ pub fn with_registration_state<S: RegistrationStore + ?Sized>(
     enrollment.registration_state = store
         .registration(&enrollment.registration_id)?
         .filter(|r| matches!(&r.enrollment, EnrollmentRef::Individual(_)))
-        .map(|r| r.state);
+        .map(RegistrationRecord::into_state);
     Ok(enrollment)
 }
 
@@ -600,7 +600,7 @@ pub fn get_registration_state<S: RegistrationStore + ?Sized>(
     store: &S,
     id: &RegistrationId,
 ) -> Result<DeviceRegistrationState, Error> {
-    Ok(store.registration(id)?.ok_or_else(|| Error::NotFound(format!("registration {id}")))?.state)
+    Ok(store.registration(id)?.ok_or_else(|| Error::NotFound(format!("registration {id}")))?.into_state())
 }
 
 /// Deletes a registration record (`DELETE /registrations/{id}`); the device's next
@@ -628,5 +628,8 @@ pub fn query_group_registrations<S: RegistrationStore + ?Sized>(
     page: &PageRequest,
 ) -> Result<Page<DeviceRegistrationState>, Error> {
     let p = store.registrations_by_group(group, page)?;
-    Ok(Page { items: p.items.into_iter().map(|r| r.state).collect(), continuation: p.continuation })
+    Ok(Page {
+        items: p.items.into_iter().map(RegistrationRecord::into_state).collect(),
+        continuation: p.continuation,
+    })
 }

@@ -698,7 +698,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 Round { now, id: &id, operation_id: &operation_id, etag_random, predates_reprovisioning };
             let mut seen = Seen::default();
             match self.assign(round, &mut attested, req.body.payload.as_ref(), hub, &mut seen) {
-                Err(Error::Store(StoreError::PreconditionFailed | StoreError::AlreadyExists)) => continue,
+                // The record changed, or was deleted, under the round: decide again.
+                Err(Error::Store(
+                    StoreError::PreconditionFailed | StoreError::AlreadyExists | StoreError::NotFound,
+                )) => continue,
                 Err(e @ (Error::Allocation(_) | Error::Hub { .. })) => {
                     self.commit_failed(now, &id, &operation_id, &attested, &e, &seen)?;
                     if let Some(observer) = &self.on_registration {
@@ -833,8 +836,8 @@ impl<S: ProvisioningStore> Provisioner<S> {
     /// payload: its identity is still there, since the failed unit applied none of its hub
     /// actions), so the next registration moves it from there; the operation answers with the
     /// record's times and etag. Written only over the record the round began from (or its own
-    /// `assigning` record): one that a concurrent registration has written since stands, and
-    /// only the operation is stored.
+    /// `assigning` record): one that a concurrent registration has written since, or that was
+    /// deleted since, stands, and only the operation is stored.
     fn commit_failed(
         &self,
         now: Timestamp,
@@ -875,7 +878,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             }
         }
         match self.store.commit_registration(Arc::new(record), &seen.pre, op) {
-            Err(StoreError::PreconditionFailed | StoreError::AlreadyExists) => {
+            Err(StoreError::PreconditionFailed | StoreError::AlreadyExists | StoreError::NotFound) => {
                 self.store.put_operation(&failed_operation(operation_id, id, now, e))?;
                 Ok(())
             }

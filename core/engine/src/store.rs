@@ -142,6 +142,18 @@ pub enum AttestedVia {
 }
 
 impl RegistrationRecord {
+    /// The state the service API shows for this record (registration reads, an enrollment's
+    /// `registrationState`): a failed record keeps its last assignment's substatus and payload
+    /// for the next registration, but they are shown only with an assignment (spec §1.5).
+    pub fn into_state(self) -> DeviceRegistrationState {
+        let mut state = self.state;
+        if state.status != Some(RegistrationStatus::Assigned) {
+            state.substatus = None;
+            state.payload = None;
+        }
+        state
+    }
+
     /// The registration result a device is answered with for this record: its state, and the
     /// attestation member that tells the device how it was admitted (spec §1.5): `x509` (observed
     /// `{}` for individual enrollments), `symmetricKey` with the group id for groups.

@@ -318,7 +318,11 @@ fn a_move_the_new_hub_refuses_leaves_the_record_failed_on_the_old_hub_and_a_late
     // The record keeps the last assignment's substatus for the next registration; a device
     // hears a substatus only with an assignment.
     assert_eq!(record.state.substatus, Some(Substatus::InitialAssignment));
-    assert_eq!(record.result(None).substatus, None);
+    assert!(record.state.payload.is_some(), "the custom allocator's payload of the assignment");
+    let shown = record.result(None);
+    assert_eq!((shown.substatus, shown.payload), (None, None));
+    let shown = record.clone().into_state();
+    assert_eq!((shown.substatus, shown.payload), (None, None));
     assert_eq!(record.state.created_date_time_utc, assigned_record.state.created_date_time_utc);
     assert_ne!(record.state.etag, assigned_record.state.etag);
     assert_eq!(w.hubs.hubs_of(ID), vec![HUB_A.to_owned()]);
@@ -442,4 +446,52 @@ fn a_failed_registration_keeps_the_substatus_of_the_assignment_the_device_still_
         (stayed.assigned_hub.as_str(), stayed.substatus),
         (HUB_B, Some(Substatus::DeviceDataMigrated))
     );
+}
+
+/// A hub whose first action has the device's registration record deleted (an operator, through
+/// the service API), then fails or goes on.
+struct DeletingHub<'a> {
+    inner: zerotouch_testkit::hubs::SimHubs,
+    store: &'a MemoryStore,
+    delete_first: bool,
+    then_fail: bool,
+}
+
+impl HubRegistry for DeletingHub<'_> {
+    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
+        if std::mem::take(&mut self.delete_first) {
+            zerotouch_engine::enrollments::delete_registration_state(
+                self.store,
+                &RegistrationId::new(ID).unwrap(),
+                &zerotouch_proto::IfMatch::Any,
+            )
+            .unwrap();
+            if self.then_fail {
+                return Err(HubError { code: 401_002, message: "IotHubUnauthorizedAccess".into() });
+            }
+        }
+        self.inner.apply(action)
+    }
+}
+
+#[test]
+fn a_record_deleted_while_its_device_registers_ends_in_an_answer_not_a_404() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &custom(true, true));
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    let store = w.provisioner.store().clone();
+    // Deleted, then the hub refuses: the device hears its registration failed.
+    let hubs = std::mem::take(&mut w.hubs);
+    let mut w = zerotouch_testkit::sim::Simulator::new(
+        w.provisioner,
+        DeletingHub { inner: hubs, store: &store, delete_first: true, then_fail: true },
+    );
+    let f = failed(w.register(symmetric_device(ID, &key, site("b")), None));
+    assert_eq!(f.error_code, Some(401_002));
+    // Deleted, then the hub writes: the registration is decided again, as a first one.
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    w.hubs.delete_first = true;
+    w.hubs.then_fail = false;
+    let a = assigned(w.register(symmetric_device(ID, &key, site("b")), None));
+    assert_eq!((a.assigned_hub.as_str(), a.substatus), (HUB_B, Some(Substatus::InitialAssignment)));
 }
