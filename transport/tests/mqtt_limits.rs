@@ -593,7 +593,8 @@ async fn packets_mqtt_3_1_1_forbids_cut_the_connection() {
 
 #[tokio::test]
 async fn a_device_that_connects_again_takes_over_from_its_stale_connection() {
-    let server = Server::start().await;
+    let limits = Limits::default();
+    let server = Server::start_with(limits.clone()).await;
     let key = server.enroll_symmetric("pump-7");
     // Its first connection went silent (a dropped network, say) but the server still holds it.
     let mut stale = RawDevice::open(&server).await;
@@ -644,11 +645,17 @@ async fn a_device_that_connects_again_takes_over_from_its_stale_connection() {
     let other_key = server.enroll_symmetric("pump-8");
     let mut other = RawDevice::open(&server).await;
     assert!(matches!(other.connect("pump-8", &other_key, 60).await, Packet::ConnAck(_)));
+    other.send(register_publish("9", "pump-8", 1)).await;
+    assert_eq!(reply_statuses(&mut other, 1).await, [("9".to_owned(), 202)]);
     other.send(Packet::Disconnect).await;
+    assert!(other.closed_within(Duration::from_secs(3)).await);
+    let connected = limits.mqtt_clients.len();
     let mut again = RawDevice::open(&server).await;
     assert!(matches!(again.connect("pump-8", &other_key, 60).await, Packet::ConnAck(_)));
     again.send(register_publish("4", "pump-8", 1)).await;
     assert_eq!(reply_statuses(&mut again, 1).await, [("4".to_owned(), 202)]);
+    // The id its closed connection held was released, and is held again.
+    assert_eq!(limits.mqtt_clients.len(), connected + 1);
     fresh.send(register_publish("5", "PUMP-7", 3)).await;
     assert_eq!(reply_statuses(&mut fresh, 1).await, [("5".to_owned(), 202)]);
     // Told to poll, they would hold the shutdown for its grace.
