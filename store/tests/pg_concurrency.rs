@@ -122,17 +122,22 @@ fn register_request(id: &str) -> RegisterRequest {
     }
 }
 
-#[test]
-fn one_device_registering_through_two_instances_at_once_gets_exactly_one_assignment_record() {
-    let db = TestDb::new();
-    let (url, [a, b]) = two_instances(&db);
+/// The symmetric-key group `race` with the fixed [`GROUP_KEY_B64`] as both keys.
+fn enroll_race_group(store: &PgStore) {
     let mut group =
         EnrollmentGroup::new(EnrollmentGroupId::new("race").unwrap(), AttestationMechanism::symmetric_key());
     group.attestation.symmetric_key = Some(SymmetricKeyAttestation {
         primary_key: Some(GROUP_KEY_B64.to_owned()),
         secondary_key: Some(GROUP_KEY_B64.to_owned()),
     });
-    enrollments::put_enrollment_group(&a, &RingCrypto::new(), now(), group, &IfMatch::Absent).unwrap();
+    enrollments::put_enrollment_group(store, &RingCrypto::new(), now(), group, &IfMatch::Absent).unwrap();
+}
+
+#[test]
+fn one_device_registering_through_two_instances_at_once_gets_exactly_one_assignment_record() {
+    let db = TestDb::new();
+    let (url, [a, b]) = two_instances(&db);
+    enroll_race_group(&a);
     let instances = [provisioner(a), provisioner(b)];
 
     for round in 0..20 {
@@ -218,13 +223,7 @@ fn a_device_registering_through_a_second_instance_while_the_first_creates_its_id
     const HUB: &str = "plant.example.net";
     let db = TestDb::new();
     let (_, [a, b]) = two_instances(&db);
-    let mut group =
-        EnrollmentGroup::new(EnrollmentGroupId::new("race").unwrap(), AttestationMechanism::symmetric_key());
-    group.attestation.symmetric_key = Some(SymmetricKeyAttestation {
-        primary_key: Some(GROUP_KEY_B64.to_owned()),
-        secondary_key: Some(GROUP_KEY_B64.to_owned()),
-    });
-    enrollments::put_enrollment_group(&a, &RingCrypto::new(), now(), group, &IfMatch::Absent).unwrap();
+    enroll_race_group(&a);
     let instance = |store: PgStore| {
         let mut hub = zerotouch_engine::hub_engine::EmbeddedHub::<PgStore, PgStore, PgStore>::over(
             HUB,
