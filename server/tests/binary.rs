@@ -16,6 +16,14 @@ fn zerotouch_logging(args: &[&str], rust_log: &str) -> Output {
     Command::new(env!("CARGO_BIN_EXE_zerotouch")).args(args).env("RUST_LOG", rust_log).output().unwrap()
 }
 
+/// Writes `json` to `enrollments.json` in `dir` and imports it into `data`, which must succeed.
+fn import(dir: &std::path::Path, data: &str, json: &str) {
+    let file = dir.join("enrollments.json");
+    std::fs::write(&file, json).unwrap();
+    let out = zerotouch(&["enrollments", "import", "--data-dir", data, file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn import_of_a_bad_file_names_the_entry_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -154,18 +162,14 @@ fn device_register_prints_the_registration_state_and_devices_get_finds_the_ident
     let log = std::fs::File::create(&log_path).unwrap();
     let (server, mqtt, https) = serve_logging(data, "0ne0000CAFE", "info", Stdio::from(log));
     let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
-    let file = dir.path().join("enrollments.json");
-    std::fs::write(
-        &file,
-        format!(
+    import(
+        dir.path(),
+        data,
+        &format!(
             r#"[{{"enrollmentGroupId": "pumps",
                   "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": "{key}", "secondaryKey": "{key}"}}}}}}]"#
         ),
-    )
-    .unwrap();
-    assert!(zerotouch(&["enrollments", "import", "--data-dir", data, file.to_str().unwrap()])
-        .status
-        .success());
+    );
 
     let ca = dir.path().join("tls").join("ca.pem");
     for (transport, port, id) in
@@ -289,14 +293,10 @@ fn a_listing_piped_into_a_reader_that_stops_early_ends_quietly() {
     use std::io::Read as _;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
-    let file = dir.path().join("enrollments.json");
     let entries: Vec<serde_json::Value> = (0..3000)
         .map(|i| serde_json::json!({ "registrationId": format!("dev-{i}"), "attestation": { "type": "symmetricKey" } }))
         .collect();
-    std::fs::write(&file, serde_json::to_string(&entries).unwrap()).unwrap();
-    assert!(zerotouch(&["enrollments", "import", "--data-dir", data, file.to_str().unwrap()])
-        .status
-        .success());
+    import(dir.path(), data, &serde_json::to_string(&entries).unwrap());
 
     // Like `zerotouch enrollments list | head -c 10`: far more than a pipe holds, read 10 bytes.
     let mut child = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
@@ -401,15 +401,13 @@ fn a_stopped_server_leaves_everything_in_the_database_file_so_copying_it_is_a_ba
     let data = data.to_str().unwrap();
     let (server, _, https) = serve(data, "0ne0000D00D");
     let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
-    let file = dir.path().join("enrollments.json");
-    std::fs::write(
-        &file,
-        format!(r#"[{{"registrationId": "valve-1", "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": "{key}", "secondaryKey": "{key}"}}}}}}]"#),
-    )
-    .unwrap();
-    assert!(zerotouch(&["enrollments", "import", "--data-dir", data, file.to_str().unwrap()])
-        .status
-        .success());
+    import(
+        dir.path(),
+        data,
+        &format!(
+            r#"[{{"registrationId": "valve-1", "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": "{key}", "secondaryKey": "{key}"}}}}}}]"#
+        ),
+    );
     let ca = dir.path().join("data").join("tls").join("ca.pem");
     let host = format!("localhost:{https}");
     let registered = zerotouch(&[
@@ -491,16 +489,12 @@ fn the_database_url_may_come_from_the_environment_and_is_not_shown_in_help() {
 fn enrollments_delete_removes_one_enrollment_and_says_when_there_is_none() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
-    let file = dir.path().join("enrollments.json");
-    std::fs::write(
-        &file,
+    import(
+        dir.path(),
+        data,
         r#"[{"registrationId": "pump-1", "attestation": {"type": "symmetricKey"}},
             {"enrollmentGroupId": "pumps", "attestation": {"type": "symmetricKey"}}]"#,
-    )
-    .unwrap();
-    assert!(zerotouch(&["enrollments", "import", "--data-dir", data, file.to_str().unwrap()])
-        .status
-        .success());
+    );
     let out = zerotouch(&["enrollments", "delete", "--data-dir", data, "--enrollment-group-id", "pumps"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let listed: Value =
@@ -525,19 +519,15 @@ fn a_registration_that_cannot_be_allocated_shows_as_failed_in_the_enrollment_lis
     let log = Stdio::from(std::fs::File::create(&log_path).unwrap());
     let (server, mqtt, _) = serve_logging(data, "0ne0000FA11", "info", log);
     let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
-    let file = dir.path().join("enrollments.json");
     // Static allocation to a hub this server does not have.
-    std::fs::write(
-        &file,
-        format!(
+    import(
+        dir.path(),
+        data,
+        &format!(
             r#"[{{"registrationId": "gate-1", "allocationPolicy": "static", "iotHubs": ["elsewhere.example.net"],
                   "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": "{key}", "secondaryKey": "{key}"}}}}}}]"#
         ),
-    )
-    .unwrap();
-    assert!(zerotouch(&["enrollments", "import", "--data-dir", data, file.to_str().unwrap()])
-        .status
-        .success());
+    );
     let ca = dir.path().join("tls").join("ca.pem");
     let host = format!("localhost:{mqtt}");
     let args = ["device", "register", "--provisioning-host", &host, "--id-scope", "0ne0000FA11"];

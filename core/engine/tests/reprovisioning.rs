@@ -374,21 +374,24 @@ fn a_first_registration_that_fails_leaves_a_failed_record_with_the_error() {
     assert_eq!((a.assigned_hub.as_str(), a.substatus), (HUB_B, Some(Substatus::InitialAssignment)));
 }
 
-/// A hub whose first action lets another registration of the device run to its end, then
-/// refuses: the failed registration's record write comes after a newer registration's.
-struct OvertakenHub<'a> {
+/// Something that happens to the device while a registration's hub actions run.
+type Interference<'a> = Box<dyn FnOnce(&mut zerotouch_testkit::hubs::SimHubs) + 'a>;
+
+/// A hub whose first action first lets an interference happen (another registration of the
+/// device, an operator deleting its record), then refuses the action (`then_fail`) or goes on.
+struct InterferingHub<'a> {
     inner: zerotouch_testkit::hubs::SimHubs,
-    provisioner: &'a Provisioner<Arc<MemoryStore>>,
-    overtaking: Option<zerotouch_engine::provisioner::RegisterRequest>,
-    now: zerotouch_proto::Timestamp,
+    interference: Option<Interference<'a>>,
+    then_fail: bool,
 }
 
-impl HubRegistry for OvertakenHub<'_> {
+impl HubRegistry for InterferingHub<'_> {
     fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
-        if let Some(request) = self.overtaking.take() {
-            let reply = self.provisioner.handle_register(self.now, request, &mut self.inner);
-            assert_eq!(reply.status, 202, "{reply:?}");
-            return Err(HubError { code: 401_002, message: "IotHubUnauthorizedAccess".into() });
+        if let Some(interfere) = self.interference.take() {
+            interfere(&mut self.inner);
+            if self.then_fail {
+                return Err(HubError { code: 401_002, message: "IotHubUnauthorizedAccess".into() });
+            }
         }
         self.inner.apply(action)
     }
@@ -417,11 +420,14 @@ fn a_failed_registration_does_not_overwrite_the_record_of_a_newer_one_that_succe
     };
     // The device moves to b; while the move's hub actions run, it registers again (another
     // connection, another instance) and stays on a; then the move fails.
-    let mut hub = OvertakenHub {
+    let (provisioner, overtaking) = (&w.provisioner, request("a"));
+    let mut hub = InterferingHub {
         inner: std::mem::take(&mut w.hubs),
-        provisioner: &w.provisioner,
-        overtaking: Some(request("a")),
-        now,
+        interference: Some(Box::new(move |hubs| {
+            let reply = provisioner.handle_register(now, overtaking, hubs);
+            assert_eq!(reply.status, 202, "{reply:?}");
+        })),
+        then_fail: true,
     };
     let reply = w.provisioner.handle_register(now, request("b"), &mut hub);
     assert_eq!(reply.status, 202, "{reply:?}");
@@ -448,49 +454,34 @@ fn a_failed_registration_keeps_the_substatus_of_the_assignment_the_device_still_
     );
 }
 
-/// A hub whose first action has the device's registration record deleted (an operator, through
-/// the service API), then fails or goes on.
-struct DeletingHub<'a> {
-    inner: zerotouch_testkit::hubs::SimHubs,
-    store: &'a MemoryStore,
-    delete_first: bool,
-    then_fail: bool,
-}
-
-impl HubRegistry for DeletingHub<'_> {
-    fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
-        if std::mem::take(&mut self.delete_first) {
-            zerotouch_engine::enrollments::delete_registration_state(
-                self.store,
-                &RegistrationId::new(ID).unwrap(),
-                &zerotouch_proto::IfMatch::Any,
-            )
-            .unwrap();
-            if self.then_fail {
-                return Err(HubError { code: 401_002, message: "IotHubUnauthorizedAccess".into() });
-            }
-        }
-        self.inner.apply(action)
-    }
-}
-
 #[test]
 fn a_record_deleted_while_its_device_registers_ends_in_an_answer_not_a_404() {
     let mut w = world();
     let key = enroll_symmetric(&w, ID, &custom(true, true));
     assigned(w.register(symmetric_device(ID, &key, site("a")), None));
     let store = w.provisioner.store().clone();
+    let delete = || -> Interference<'_> {
+        Box::new(|_| {
+            let id = RegistrationId::new(ID).unwrap();
+            zerotouch_engine::enrollments::delete_registration_state(
+                &*store,
+                &id,
+                &zerotouch_proto::IfMatch::Any,
+            )
+            .unwrap();
+        })
+    };
     // Deleted, then the hub refuses: the device hears its registration failed.
     let hubs = std::mem::take(&mut w.hubs);
     let mut w = zerotouch_testkit::sim::Simulator::new(
         w.provisioner,
-        DeletingHub { inner: hubs, store: &store, delete_first: true, then_fail: true },
+        InterferingHub { inner: hubs, interference: Some(delete()), then_fail: true },
     );
     let f = failed(w.register(symmetric_device(ID, &key, site("b")), None));
     assert_eq!(f.error_code, Some(401_002));
     // Deleted, then the hub writes: the registration is decided again, as a first one.
     assigned(w.register(symmetric_device(ID, &key, site("a")), None));
-    w.hubs.delete_first = true;
+    w.hubs.interference = Some(delete());
     w.hubs.then_fail = false;
     let a = assigned(w.register(symmetric_device(ID, &key, site("b")), None));
     assert_eq!((a.assigned_hub.as_str(), a.substatus), (HUB_B, Some(Substatus::InitialAssignment)));
