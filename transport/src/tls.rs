@@ -247,7 +247,9 @@ pub async fn accept_by(
 /// The accept loop both device listeners (MQTT/TLS and HTTPS) share: accepts on `listener`
 /// until `shutdown` completes, closes connections beyond [`Limits::max_connections`], gives each
 /// one [`Limits::connect_timeout`] for its TLS handshake, then runs `handle` (stream, client
-/// chain, the CONNECT deadline, a receiver that turns `true` at shutdown) in a task of its own,
+/// chain, the CONNECT deadline, a receiver that turns `true` at shutdown, the connection's slot
+/// of [`Limits::max_connections`], which frees when dropped: a handler whose connection lives on
+/// elsewhere, as an upgraded WebSocket does, moves it there) in a task of its own,
 /// inside the span `span` makes. At shutdown it stops accepting and gives open connections, and
 /// whatever else holds a shutdown receiver (WebSocket bridges), [`Limits::shutdown_grace`].
 ///
@@ -270,6 +272,7 @@ pub(crate) async fn serve_listener<F, H, Fut>(
             Vec<Vec<u8>>,
             tokio::time::Instant,
             tokio::sync::watch::Receiver<bool>,
+            crate::limits::AdmissionPermit,
         ) -> Fut
         + Clone
         + Send
@@ -304,14 +307,13 @@ pub(crate) async fn serve_listener<F, H, Fut>(
                 let handle = handle.clone();
                 connections.spawn(
                     async move {
-                        let _slot = slot;
                         // A handshake still under way when the server stops is not waited for.
                         let accepted = tokio::select! {
                             accepted = accept_by(&acceptor, tcp, deadline) => accepted,
                             _ = stop.wait_for(|stopping| *stopping) => None,
                         };
                         let Some((tls, chain)) = accepted else { return };
-                        handle(tls, chain, deadline, stop).await;
+                        handle(tls, chain, deadline, stop, slot).await;
                     }
                     .instrument(span(peer)),
                 );

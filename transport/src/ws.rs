@@ -122,6 +122,9 @@ pub(crate) async fn upgrade(conn: &Arc<Connection>, req: Request<Incoming>) -> R
     let limits = conn.limits.clone();
     let client_chain = conn.client_chain.clone();
     let mut stop = conn.stop.clone();
+    // The session counts against the connection limit until it ends, not until hyper lets go
+    // of the HTTP connection after the 101.
+    let slot = conn.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     // One message may carry a whole packet (or a few); the MQTT endpoint enforces the packet limit.
     let max_message = limits.max_packet_size.saturating_mul(2);
     // The upgraded connection runs in a task of its own: it keeps the HTTPS connection's span,
@@ -129,6 +132,7 @@ pub(crate) async fn upgrade(conn: &Arc<Connection>, req: Request<Incoming>) -> R
     let span = tracing::Span::current();
     ws.max_message_size(max_message).max_frame_size(max_message).on_upgrade(move |socket| {
         async move {
+            let _slot = slot;
             let grace = limits.shutdown_grace;
             tokio::select! {
                 () = run_mqtt_connection(WsStream::new(socket), client_chain, service, &limits) => {}

@@ -254,3 +254,42 @@ async fn shutdown_closes_websocket_connections_after_the_grace_period() {
     .await;
     assert!(ended.is_ok(), "the bridged MQTT connection is closed");
 }
+
+#[tokio::test]
+async fn an_upgraded_websocket_connection_keeps_its_connection_slot() {
+    let limits = zerotouch_transport::limits::Limits { max_connections: 1, ..Default::default() };
+    let server = Server::start_with(limits).await;
+    let key = server.enroll_symmetric("ws-sensor-4");
+    let mut options = options(&server, "ws-sensor-4", None);
+    options.set_credentials(
+        format!("{SCOPE}/registrations/ws-sensor-4/api-version=2019-03-31"),
+        sas(&key, "ws-sensor-4"),
+    );
+    let (client, mut events) = AsyncClient::new(options, 10);
+    client.subscribe(RESPONSES, QoS::AtLeastOnce).await.unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await.unwrap() {
+            break;
+        }
+    }
+    // The WebSocket session is the one connection the limit allows: the next is closed before
+    // its handshake completes, however long after the upgrade it comes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(server.client_config(None)));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await;
+    assert!(!matches!(second, Ok(Ok(_))), "a second connection got past a limit of one");
+    // The session itself is still served.
+    client
+        .publish(
+            "$dps/registrations/PUT/iotdps-register/?$rid=1",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"registrationId":"ws-sensor-4"}"#,
+        )
+        .await
+        .unwrap();
+    let (topic, _) = next_response(&mut events).await;
+    assert!(topic.starts_with("$dps/registrations/res/202/"), "{topic}");
+}

@@ -29,6 +29,10 @@ pub(crate) struct Connection {
     pub(crate) client_chain: Vec<Vec<u8>>,
     #[cfg_attr(not(feature = "ws"), allow(dead_code))]
     pub(crate) stop: watch::Receiver<bool>,
+    /// The connection's slot of [`Limits::max_connections`]: an upgrade to a WebSocket takes
+    /// it along, since the MQTT session outlives the HTTP connection it came from.
+    #[cfg_attr(not(feature = "ws"), allow(dead_code))]
+    pub(crate) slot: std::sync::Mutex<Option<crate::limits::AdmissionPermit>>,
 }
 
 /// Accepts HTTPS device connections on `listener` until `shutdown` completes, then stops
@@ -55,11 +59,12 @@ pub async fn serve_https<F>(
     F: Future<Output = ()> + Send,
 {
     let shared = limits.clone();
-    let handle = move |tls, client_chain, _deadline, stop: watch::Receiver<bool>| {
+    let handle = move |tls, client_chain, _deadline, stop: watch::Receiver<bool>, slot| {
         let (service, limits) = (Arc::clone(&service), shared.clone());
         async move {
             let mut stop_conn = stop.clone();
-            let conn = Arc::new(Connection { service, limits, client_chain, stop });
+            let slot = std::sync::Mutex::new(Some(slot));
+            let conn = Arc::new(Connection { service, limits, client_chain, stop, slot });
             serve_connection(tls, conn, &mut stop_conn).await;
         }
     };

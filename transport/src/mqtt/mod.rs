@@ -48,9 +48,12 @@ pub async fn serve_mqtt<F>(
     F: Future<Output = ()> + Send,
 {
     let shared = limits.clone();
-    let handle = move |tls, chain, deadline, stop| {
+    let handle = move |tls, chain, deadline, stop, slot| {
         let (service, limits) = (Arc::clone(&service), shared.clone());
-        async move { connection::run(tls, chain, service, &limits, deadline, Some(stop)).await }
+        async move {
+            let _slot = slot;
+            connection::run(tls, chain, service, &limits, deadline, Some(stop)).await;
+        }
     };
     let span = |peer| tracing::info_span!("mqtt", %peer, registration_id = tracing::field::Empty);
     serve_listener("mqtt", listener, tls, &limits, shutdown, span, handle).await;
