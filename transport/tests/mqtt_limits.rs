@@ -233,6 +233,74 @@ async fn oversized_packet_garbage_and_slow_connect_are_cut_while_a_good_device_r
 }
 
 #[tokio::test]
+async fn a_token_for_an_unknown_scope_cannot_hold_a_connection_by_pinging() {
+    let limits = Limits { connect_timeout: Duration::from_millis(500), ..Limits::default() };
+    let server = Server::start_with(limits).await;
+    // CONNACK 0 (the register reply is what tells a mistyped scope from a wrong key), but the
+    // garbage token proved nothing: pings buy no time beyond the CONNECT deadline.
+    let mut forger = RawDevice::open(&server).await;
+    let mut connect = rumqttc::Connect::new("dev-404");
+    connect.keep_alive = u16::MAX;
+    connect.set_login(
+        "0ne00000000/registrations/dev-404/api-version=2021-06-01",
+        "SharedAccessSignature sr=x&sig=AAAA&se=1",
+    );
+    forger.send(Packet::Connect(connect)).await;
+    match forger.next().await {
+        Some(Packet::ConnAck(ack)) => assert_eq!(ack.code, ConnectReturnCode::Success),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    keep_pinging(&mut forger, Duration::from_secs(3)).await;
+    assert!(forger.closed_within(Duration::from_secs(3)).await, "an unproven token held its slot");
+
+    // A valid token that never asks for anything is no different.
+    let key = server.enroll_symmetric("idle-1");
+    let mut idle = RawDevice::open(&server).await;
+    idle.connect("idle-1", &key, u16::MAX).await;
+    keep_pinging(&mut idle, Duration::from_secs(3)).await;
+    assert!(idle.closed_within(Duration::from_secs(3)).await, "a device that never registered held its slot");
+
+    // A device whose register was answered keeps its connection for as long as it pings.
+    let key = server.enroll_symmetric("busy-1");
+    let mut busy = RawDevice::open(&server).await;
+    busy.connect("busy-1", &key, 60).await;
+    busy.send(register_publish("1", "busy-1", 1)).await;
+    assert_eq!(reply_statuses(&mut busy, 1).await, [("1".to_owned(), 202)]);
+    keep_pinging(&mut busy, Duration::from_secs(2)).await;
+    busy.send(Packet::PingReq).await;
+    assert_eq!(busy.next().await, Some(Packet::PingResp), "an accepted device was cut off");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_throttled_device_keeps_its_connection_for_the_retry_after_it_was_given() {
+    let limits = Limits {
+        connect_timeout: Duration::from_millis(500),
+        max_concurrent_requests: 0,
+        throttle_retry_after_secs: 1,
+        ..Limits::default()
+    };
+    let server = Server::start_with(limits).await;
+    // A certificate (a token is checked at CONNECT, which admission refuses here too).
+    let cert = TestCa::root("Late Root").device("late-1");
+    server.enroll_x509("late-1", cert.pem());
+    let mut device =
+        RawDevice::open_with(&server, &Auth::X509(cert.chain_der(), cert.key_der().to_vec())).await;
+    device.connect_x509("late-1", 60).await;
+    device.send(register_publish("1", "late-1", 1)).await;
+    assert_eq!(reply_statuses(&mut device, 1).await, [("1".to_owned(), 429)]);
+    // Told to come back in a second, it may: past the CONNECT deadline, within retry-after
+    // plus that deadline.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    device.send(Packet::PingReq).await;
+    assert_eq!(device.next().await, Some(Packet::PingResp), "cut off while waiting as told");
+    // Nothing proven by then: no more time than that.
+    keep_pinging(&mut device, Duration::from_secs(2)).await;
+    assert!(device.closed_within(Duration::from_secs(2)).await, "a throttled, unproven device held its slot");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn silent_device_is_cut_after_one_and_a_half_keep_alives_and_pings_keep_it_open() {
     let server = Server::start().await;
     let key = server.enroll_symmetric("quiet-1");

@@ -244,11 +244,14 @@ where
     wire.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
 
     let idle = limits.idle_timeout_for(session.keep_alive);
-    // A SAS token was checked at CONNECT; a certificate only by the first request. Until a
-    // request is answered without error (and again after a 401), the connection has the CONNECT
-    // deadline and nothing it sends (pings) buys it more: a certificate nobody enrolled, or a
-    // token that has expired, holds no slot.
-    let mut accepted = matches!(session.credential, Credential::Sas(_));
+    // CONNECT proves little: a certificate is judged by the first request, and a token is let
+    // in for more than a proven signature (an unknown scope, an enrollment of another kind: the
+    // register reply explains those). Until a request is answered without error (and again
+    // after a 401), the connection is unproven: it is closed at `unproven_until` (the CONNECT
+    // deadline; after a reply that asks it to come back later, that wait plus the deadline)
+    // and nothing it sends (pings) buys it more, so garbage credentials hold no slot.
+    let mut accepted = false;
+    let mut unproven_until = Instant::now() + limits.connect_timeout;
     // The client id is this connection's once the engine has answered one of its requests
     // without error, which only an authenticated device gets: a SAS token is accepted at
     // CONNECT for more than a proven signature (an enrollment of another attestation type, an
@@ -257,7 +260,7 @@ where
     let taken_over = Arc::new(Notify::new());
     let claim_id = || limits.mqtt_clients.claim(&session.id_scope, &session.registration_id, &taken_over);
     let mut claim = None;
-    let mut idle_deadline = Instant::now() + if accepted { idle } else { limits.connect_timeout };
+    let mut idle_deadline = (Instant::now() + idle).min(unproven_until);
     let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     // Replies go out even before (or without) a SUBSCRIBE: Python never re-subscribes after a
     // reconnect (spec §2.4), so the requesting connection is where the answer belongs.
@@ -293,12 +296,21 @@ where
                 // Its credential will not do: the device gets the CONNECT deadline to read its
                 // answer and leave (closing at once loses the answer for some SDKs), no more.
                 accepted = false;
-                idle_deadline = Instant::now() + limits.connect_timeout;
+                unproven_until = Instant::now() + limits.connect_timeout;
+                idle_deadline = unproven_until;
                 // The timer may be set later (a keep-alive's deadline): bring it forward.
                 idle_timer.as_mut().reset(idle_deadline);
             } else if status < 400 && !accepted {
                 accepted = true;
                 idle_deadline = Instant::now() + idle;
+            } else if !accepted {
+                // Throttled or a server error before anything was proven: the device is to
+                // come back after `retry-after` (on this connection, as the SDKs do).
+                if let Some(secs) = $response.retry_after {
+                    let back = Instant::now() + Duration::from_secs(u64::from(secs)) + limits.connect_timeout;
+                    unproven_until = unproven_until.max(back);
+                    idle_deadline = (Instant::now() + idle).min(unproven_until);
+                }
             }
             if status < 400 && claim.is_none() {
                 claim = Some(claim_id());
@@ -328,9 +340,7 @@ where
                 flush_by = None;
             }
             read = wire.read(), if can_read => {
-                if accepted {
-                    idle_deadline = Instant::now() + idle;
-                }
+                idle_deadline = if accepted { Instant::now() + idle } else { (Instant::now() + idle).min(unproven_until) };
                 let Some(packet) = read? else { return wire.flush().await };
                 match packet {
                     Packet::Publish(publish) => {
@@ -373,6 +383,9 @@ where
             }
             () = &mut idle_timer, if !draining && in_flight.is_empty() => {
                 if Instant::now() >= idle_deadline {
+                    if !accepted && idle_deadline >= unproven_until {
+                        return Err("no request answered without error before the CONNECT deadline".to_owned());
+                    }
                     return Err(format!("silent for {idle:?}"));
                 }
                 idle_timer.as_mut().reset(idle_deadline);
