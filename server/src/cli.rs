@@ -190,7 +190,8 @@ pub enum DevicesCommand {
         /// The device id.
         device_id: String,
     },
-    /// Print the device identities of every hub (or one) as a JSON array.
+    /// Print the device identities of every hub (or one) as a JSON array, symmetric keys left
+    /// out (null) unless asked for.
     List {
         /// The store.
         #[command(flatten)]
@@ -198,6 +199,10 @@ pub enum DevicesCommand {
         /// Only list this hub.
         #[arg(long, value_name = "NAME")]
         hub: Option<String>,
+        /// Include the devices' symmetric keys (their hub credentials; for an individual
+        /// enrollment, the enrollment's own key).
+        #[arg(long)]
+        with_keys: bool,
     },
 }
 
@@ -293,9 +298,9 @@ pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Res
 /// [`ServerError::NotFound`] for a hub or device that is not there, [`ServerError::Config`] for a
 /// malformed device id; store failures.
 pub fn devices<B: Backend>(backend: &B, command: &DevicesCommand) -> Result<Value, ServerError> {
-    let (hub, wanted) = match command {
-        DevicesCommand::Get { hub, device_id, .. } => (hub, Some(device_id)),
-        DevicesCommand::List { hub, .. } => (hub, None),
+    let (hub, wanted, with_keys) = match command {
+        DevicesCommand::Get { hub, device_id, .. } => (hub, Some(device_id), true),
+        DevicesCommand::List { hub, with_keys, .. } => (hub, None, *with_keys),
     };
     let names = backend.hub_names()?;
     let names = match hub {
@@ -321,10 +326,23 @@ pub fn devices<B: Backend>(backend: &B, command: &DevicesCommand) -> Result<Valu
             let mut all = Vec::new();
             for name in &names {
                 for device in admin::devices(&backend.hub(name)?.identities)? {
-                    all.push(json!({ "hub": name, "identity": device_json(&device)? }));
+                    let mut identity = device_json(&device)?;
+                    if !with_keys {
+                        without_keys(&mut identity);
+                    }
+                    all.push(json!({ "hub": name, "identity": identity }));
                 }
             }
             Ok(Value::Array(all))
+        }
+    }
+}
+
+/// Nulls an identity's symmetric keys, keeping the JSON's shape (as for a certificate device).
+fn without_keys(identity: &mut Value) {
+    if let Some(Value::Object(keys)) = identity.pointer_mut("/authentication/symmetricKey") {
+        for key in keys.values_mut() {
+            *key = Value::Null;
         }
     }
 }

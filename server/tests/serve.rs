@@ -115,6 +115,16 @@ async fn imported_devices_provision_over_every_transport_and_land_in_the_hub_reg
         all.as_array().unwrap().iter().map(|d| d["identity"]["deviceId"].as_str().unwrap()).collect();
     assert_eq!(ids, ["boiler-1", "camera-3", "thermostat-7"]);
     assert!(all.as_array().unwrap().iter().all(|d| d["hub"] == "localhost"));
+    // The list leaves the devices' keys out unless asked for them (`get` shows one device's).
+    let keys = |d: &Value| d["identity"]["authentication"]["symmetricKey"].clone();
+    assert!(all
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| keys(d) == json!({"primaryKey": null, "secondaryKey": null})));
+    let with_keys = zerotouch(&["devices", "list", "--with-keys", "--data-dir", data]);
+    assert_eq!(keys(&with_keys[0]), boiler["authentication"]["symmetricKey"]);
+    assert!(boiler["authentication"]["symmetricKey"]["primaryKey"].is_string());
 
     handle.shutdown().await;
 }
