@@ -136,3 +136,38 @@ async fn a_body_that_does_not_arrive_in_time_is_answered_408_and_the_connection_
     assert!(reply.contains("\"errorCode\":408000"), "{reply}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn oversized_request_headers_are_refused_at_once() {
+    // Default limits: the request timeout (10 s) is not what cuts this client off.
+    let server = Server::start().await;
+    let mut tls = server.connect_raw().await;
+    tls.write_all(b"PUT /x HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
+    // 64 KiB of headers, never finished: a SAS token is under 1 KiB, so no device sends this.
+    let header = format!("x-filler: {}\r\n", "a".repeat(4000));
+    for _ in 0..16 {
+        if tls.write_all(header.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let _ = tls.flush().await;
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), tls.read_to_end(&mut reply)).await;
+    assert!(read.is_ok(), "the server kept buffering 64 KiB of headers");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(reply.is_empty() || text.starts_with("HTTP/1.1 431"), "{text}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_larger_than_the_header_buffer_is_still_served() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("sensor-23");
+    let mut client = server.connect(None).await;
+    let body =
+        json!({ "registrationId": "sensor-23", "payload": { "blob": "b".repeat(64 * 1024) } }).to_string();
+    let reply =
+        client.send("PUT", &register_path("sensor-23"), Some(&sas(&key, "sensor-23")), body.as_bytes()).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    server.stop().await;
+}

@@ -72,6 +72,9 @@ pub async fn serve_https<F>(
     serve_listener("https", listener, tls, &limits, shutdown, span, handle).await;
 }
 
+/// hyper's read buffer per connection, headers included.
+const MAX_HEADER_BUFFER: usize = 16 * 1024;
+
 /// Serves HTTP on one TLS stream until the client closes it, it idles out, or shutdown asks
 /// hyper to finish the request in progress and close.
 async fn serve_connection<IO>(io: IO, conn: Arc<Connection>, stop: &mut watch::Receiver<bool>)
@@ -83,6 +86,10 @@ where
     // nothing, dribbles its headers, or idles between requests is cut off alike. (The body has
     // its own deadline, in the handler.)
     builder.timer(TokioTimer::new()).header_read_timeout(conn.limits.request_timeout);
+    // A device's headers (a SAS token is under 1 KiB) fit many times over; hyper's default
+    // (~400 KiB a connection) would let a client pin gigabytes across `max_connections`. Larger
+    // headers are answered 431. Bodies stream through it in chunks (their limit is their own).
+    builder.max_buf_size(MAX_HEADER_BUFFER);
     let service = hyper::service::service_fn(move |req| handler::handle(Arc::clone(&conn), req));
     let served = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(served);
