@@ -445,6 +445,20 @@ fn a_stopped_server_leaves_everything_in_the_database_file_so_copying_it_is_a_ba
 }
 
 #[test]
+fn an_import_with_no_server_running_leaves_its_enrollments_in_the_database_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    import(dir.path(), data, r#"[{"enrollmentGroupId": "line-9", "attestation": {"type": "symmetricKey"}}]"#);
+    let copy = dir.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    std::fs::copy(dir.path().join("data").join("zerotouch.sqlite"), copy.join("zerotouch.sqlite")).unwrap();
+    let listed = zerotouch(&["enrollments", "list", "--data-dir", copy.to_str().unwrap()]);
+    let enrollments: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(enrollments[0]["enrollmentGroupId"], "line-9", "{enrollments}");
+}
+
+#[test]
 fn the_database_url_may_come_from_the_environment_and_is_not_shown_in_help() {
     let out = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
         .args(["enrollments", "list"])

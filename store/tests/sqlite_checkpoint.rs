@@ -54,3 +54,22 @@ fn a_checkpoint_gives_up_on_a_write_that_does_not_end() {
     writer.join().unwrap();
     store.checkpoint().unwrap();
 }
+
+#[test]
+fn the_last_handle_to_close_leaves_every_commit_in_the_database_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zerotouch.sqlite");
+    let store = SqliteStore::open(&path).unwrap();
+    store.put_enrollment_group(&group("line-2"), &Precondition::None).unwrap();
+    // A read, so that reader connections are open too (they cannot checkpoint).
+    assert!(store.enrollment_group(&EnrollmentGroupId::new("line-2").unwrap()).unwrap().is_some());
+    let clone = store.clone();
+    drop(store);
+    drop(clone);
+    // As a command that wrote and exited leaves it: the file alone holds the group.
+    assert_eq!(std::fs::metadata(dir.path().join("zerotouch.sqlite-wal")).map(|m| m.len()).unwrap_or(0), 0);
+    let copy = dir.path().join("copy.sqlite");
+    std::fs::copy(&path, &copy).unwrap();
+    let copied = SqliteStore::open(&copy).unwrap();
+    assert!(copied.enrollment_group(&EnrollmentGroupId::new("line-2").unwrap()).unwrap().is_some());
+}

@@ -284,6 +284,16 @@ struct Inner {
     operations: parking_lot::Mutex<OperationCache>,
 }
 
+impl Drop for Inner {
+    /// Closes the readers before the writer: SQLite checkpoints the log into the database file
+    /// when the last connection to it closes, which a read-only connection cannot do. So a
+    /// process that wrote and let go of its store (an admin command) leaves every commit in the
+    /// file, as a server's checkpoint at its stop does.
+    fn drop(&mut self) {
+        self.readers.clear();
+    }
+}
+
 /// Operations kept in memory at most (a few seconds of registrations at full speed; about a
 /// kilobyte each).
 const OPERATIONS_CACHED: usize = 16_384;
