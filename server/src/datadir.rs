@@ -84,11 +84,9 @@ pub fn generate_id_scope() -> Result<IdScope, ServerError> {
 /// [`ServerError::Io`], or [`ServerError::Config`] when the file holds no valid scope.
 pub fn id_scope(dir: &Path) -> Result<IdScope, ServerError> {
     let path = dir.join(ID_SCOPE_FILE);
-    match fs::read_to_string(&path) {
-        Ok(text) => {
-            IdScope::new(text.trim()).map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    match kept_id_scope(dir)? {
+        Some(scope) => Ok(scope),
+        None => {
             ensure_dir(dir)?;
             let scope = generate_id_scope()?;
             // Written aside and linked into place, which fails when another process starting on
@@ -103,6 +101,20 @@ pub fn id_scope(dir: &Path) -> Result<IdScope, ServerError> {
                 Err(e) => Err(ServerError::io(path, e)),
             }
         }
+    }
+}
+
+/// The data directory's ID scope, if it has one (nothing is generated).
+///
+/// # Errors
+/// [`ServerError::Io`], or [`ServerError::Config`] when the file holds no valid scope.
+pub fn kept_id_scope(dir: &Path) -> Result<Option<IdScope>, ServerError> {
+    let path = dir.join(ID_SCOPE_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => IdScope::new(text.trim())
+            .map(Some)
+            .map_err(|e| ServerError::Config(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(ServerError::io(path, e)),
     }
 }

@@ -178,7 +178,16 @@ pub async fn start_with_limits<B: Backend>(
     };
     if config.id_scope.is_some() {
         // The data directory's `id-scope` names what this server serves, given or not, so that
-        // scripts reading it (and the next start without --id-scope) use the same.
+        // scripts reading it (and the next start without --id-scope) use the same. Replacing
+        // another one is worth a warning: its devices are answered 404 from now on.
+        match datadir::kept_id_scope(data_dir)? {
+            Some(kept) if kept != id_scope => tracing::warn!(
+                id_scope = %id_scope,
+                kept = %kept,
+                "--id-scope {id_scope} replaces the data directory's ID scope {kept}: devices that name {kept} are refused (404) from now on"
+            ),
+            _ => {}
+        }
         datadir::set_id_scope(data_dir, &id_scope)?;
     }
     let (tls, ca_cert) = match &config.tls {

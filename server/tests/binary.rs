@@ -445,6 +445,24 @@ fn a_stopped_server_leaves_everything_in_the_database_file_so_copying_it_is_a_ba
 }
 
 #[test]
+fn an_id_scope_flag_that_replaces_the_kept_one_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let (first, _, _) = serve(data, "0ne0000AAAA");
+    assert!(first.terminate());
+    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+    let (second, _, _) = serve_logging(data, "0ne0000BBBB", "warn", log.into());
+    assert!(second.terminate());
+    let logs = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    let warned =
+        logs.lines().any(|l| l.contains("0ne0000AAAA") && l.contains("0ne0000BBBB") && l.contains("WARN"));
+    assert!(warned, "{logs}");
+    let kept = std::fs::read_to_string(dir.path().join("data").join("id-scope")).unwrap();
+    assert_eq!(kept.trim(), "0ne0000BBBB");
+}
+
+#[test]
 fn an_import_with_no_server_running_leaves_its_enrollments_in_the_database_file() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
