@@ -89,11 +89,15 @@ pub struct RegistrationConfig {
     /// How long to wait for each reply before failing with [`FailureKind::Timeout`].
     pub request_timeout: Duration,
     /// Wait before polling when the service gives no `retry-after`; also the base of the
-    /// exponential back-off on 429 and 5xx.
+    /// exponential back-off on 429 and 5xx replies that carry no `retry-after`.
     pub default_retry_after: Duration,
-    /// How many times in a row a throttled (429) or failed (5xx) request is resent before the
-    /// machine gives up with [`FailureKind::Throttled`].
-    pub max_throttle_retries: u32,
+    /// How many times in a row a throttled (429) or failed (5xx) request may be resent
+    /// before the machine gives up with [`FailureKind::Throttled`]. `None` (the default) sets no
+    /// count: the machine keeps resending until
+    /// [`registration_timeout`](RegistrationConfig::registration_timeout), as the Python, Node
+    /// MQTT and C SDKs do (spec §1.7), because a fleet that reboots together is throttled for
+    /// minutes, not for a handful of retries.
+    pub max_throttle_retries: Option<u32>,
     /// How long the whole registration may take, from the first request to the outcome, before
     /// it fails with [`FailureKind::Timeout`]: a service that answers `assigning` for ever, or
     /// keeps throttling, does not hold the device for ever.
@@ -102,8 +106,8 @@ pub struct RegistrationConfig {
 
 impl RegistrationConfig {
     /// A configuration with the defaults: api-version `2021-06-01`, 3600 s tokens, 30 s request
-    /// timeout, 2 s default retry-after, 5 throttle retries and 15 min for the whole
-    /// registration.
+    /// timeout, 2 s default retry-after, throttle retries bounded only by the 15 min allowed for
+    /// the whole registration.
     pub fn new(id_scope: IdScope, registration_id: RegistrationId, credential: DeviceCredential) -> Self {
         Self {
             id_scope,
@@ -114,7 +118,7 @@ impl RegistrationConfig {
             token_ttl: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(30),
             default_retry_after: Duration::from_secs(2),
-            max_throttle_retries: 5,
+            max_throttle_retries: None,
             registration_timeout: Duration::from_secs(900),
         }
     }
@@ -218,7 +222,9 @@ pub enum FailureKind {
     /// The reply could not be understood (unparsable body, unknown status, missing fields).
     Protocol,
     /// The service kept answering 429 or 5xx; gave up after
-    /// [`RegistrationConfig::max_throttle_retries`] resends.
+    /// [`RegistrationConfig::max_throttle_retries`] resends (only when that is set: by default
+    /// a registration that stays throttled ends with [`FailureKind::Timeout`] at
+    /// [`RegistrationConfig::registration_timeout`]).
     Throttled,
 }
 
@@ -315,9 +321,14 @@ struct CachedToken {
 /// The flow: register, expect `202 assigning` with an `operationId` (an immediate `200 assigned`
 /// is accepted too), wait `retry-after` (clamped to 1–300 s, else
 /// [`RegistrationConfig::default_retry_after`]) and poll with the operation id kept from the
-/// register reply until `assigned` or `failed`. 429 and 5xx replies resend the same request
-/// after `retry-after` or an exponential back-off. Replies that arrive while no request is
+/// register reply until `assigned` or `failed`. 429 and 5xx replies resend the same request,
+/// until the registration deadline, after a jittered wait (see
+/// [`handle_response`](Registration::handle_response)). Replies that arrive while no request is
 /// outstanding are ignored.
+///
+/// The machine draws the jitter from its [`CryptoProvider`]'s
+/// [`fill_random`](CryptoProvider::fill_random), so it stays deterministic given its inputs: a
+/// provider with fixed random bytes gives fixed waits.
 pub struct Registration {
     config: RegistrationConfig,
     crypto: Arc<dyn CryptoProvider>,
@@ -401,6 +412,15 @@ impl Registration {
 
     /// Feeds the reply to the request last returned by
     /// [`poll_transmit`](Registration::poll_transmit).
+    ///
+    /// A 429 or 5xx reply schedules the same request again, so that devices throttled together
+    /// do not come back together:
+    /// - with a `retry-after` (clamped to 1–300 s), after that wait plus a random extra of up to
+    ///   half of it; never sooner than the service asked;
+    /// - without one, after "equal jitter" of the exponential back-off: uniform in `(b/2, b]`
+    ///   for `b = default_retry_after × 2^n` (n = resends so far, capped at 300 s).
+    ///
+    /// If the random source fails, the wait is the one without jitter (`retry-after`, or `b`).
     pub fn handle_response(&mut self, now: Timestamp, response: ServiceResponse) {
         let request = match &self.state {
             State::AwaitingReply { request, .. } => request.clone(),
@@ -524,20 +544,45 @@ impl Registration {
     }
 
     fn on_transient(&mut self, now: Timestamp, request: Request, response: &ServiceResponse) {
-        if self.throttle_retries >= self.config.max_throttle_retries {
-            let mut failure = error_reply(FailureKind::Throttled, response);
-            failure.message = format!(
-                "gave up after {} retries; last reply HTTP {}: {}",
-                self.throttle_retries, response.status, failure.message
+        if self.config.max_throttle_retries.is_some_and(|max| self.throttle_retries >= max) {
+            let (error_code, message) = error_details(&response.body);
+            let mut message_text = format!(
+                "gave up after {} retries; last reply HTTP {}",
+                self.throttle_retries, response.status
             );
-            return self.fail_with(failure);
+            if let Some(message) = message {
+                message_text = format!("{message_text}: {message}");
+            }
+            return self.fail_with(RegistrationFailure {
+                kind: FailureKind::Throttled,
+                status: Some(response.status),
+                error_code,
+                message: message_text,
+            });
         }
         let wait = match response.retry_after {
-            Some(d) => clamp_retry_after(d),
-            None => backoff(self.config.default_retry_after, self.throttle_retries),
+            Some(asked) => {
+                let asked = clamp_retry_after(asked);
+                asked + self.random_part_of(asked / 2)
+            }
+            None => {
+                let b = backoff(self.config.default_retry_after, self.throttle_retries);
+                b - self.random_part_of(b / 2)
+            }
         };
-        self.throttle_retries += 1;
+        self.throttle_retries = self.throttle_retries.saturating_add(1);
         self.state = State::Ready { request, not_before: Some(now + wait) };
+    }
+
+    /// A random duration in `[0, span)` from the provider's randomness (`span × r / 2^64` for a
+    /// random 64-bit `r`); zero when the random source fails.
+    fn random_part_of(&self, span: Duration) -> Duration {
+        let mut bytes = [0u8; 8];
+        if self.crypto.fill_random(&mut bytes).is_err() {
+            return Duration::ZERO;
+        }
+        let nanos = span.as_nanos().saturating_mul(u128::from(u64::from_le_bytes(bytes))) >> 64;
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 
     /// Ends the registration that ran out of [`RegistrationConfig::registration_timeout`].
@@ -627,22 +672,24 @@ fn assignment(state: Option<DeviceRegistrationResult>) -> Result<Assignment, Str
 
 /// A failure from an error reply, with the code and message of its body when it has them.
 fn error_reply(kind: FailureKind, response: &ServiceResponse) -> RegistrationFailure {
-    let (error_code, message) = match serde_json::from_slice::<ErrorDetails>(&response.body) {
-        Ok(details) => (Some(details.error_code), details.message),
+    let (error_code, message) = error_details(&response.body);
+    let message = message.unwrap_or_else(|| format!("HTTP {}", response.status));
+    RegistrationFailure { kind, status: Some(response.status), error_code, message }
+}
+
+/// The error code and message of an error body, as far as it has them.
+fn error_details(body: &[u8]) -> (Option<u32>, Option<String>) {
+    match serde_json::from_slice::<ErrorDetails>(body) {
+        Ok(details) => (Some(details.error_code), Some(details.message)),
         // Tolerate bodies that miss `trackingId` or spell the message `errorMessage`.
-        Err(_) => match serde_json::from_slice::<Value>(&response.body) {
+        Err(_) => match serde_json::from_slice::<Value>(body) {
             Ok(v) => (
                 v.get("errorCode").and_then(Value::as_u64).and_then(|c| u32::try_from(c).ok()),
-                v.get("message")
-                    .or_else(|| v.get("errorMessage"))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| format!("HTTP {}", response.status)),
+                v.get("message").or_else(|| v.get("errorMessage")).and_then(Value::as_str).map(str::to_owned),
             ),
-            Err(_) => (None, format!("HTTP {}", response.status)),
+            Err(_) => (None, None),
         },
-    };
-    RegistrationFailure { kind, status: Some(response.status), error_code, message }
+    }
 }
 
 fn is_tpm_challenge(body: &[u8]) -> bool {

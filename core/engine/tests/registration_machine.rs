@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde_json::json;
-use zerotouch_engine::crypto::{CryptoProvider, RingCrypto};
+use zerotouch_engine::crypto::{BadSignature, CryptoProvider, RandomFailure, RingCrypto, SignatureAlgorithm};
 use zerotouch_engine::registration::{
     DeviceCredential, FailureKind, Registration, RegistrationConfig, RegistrationEvent, RegistrationFailure,
     ServiceResponse, Transmit,
@@ -40,6 +40,54 @@ fn config() -> RegistrationConfig {
 
 fn machine(config: RegistrationConfig) -> Registration {
     Registration::new(config, Arc::new(RingCrypto::new()))
+}
+
+/// Ring's crypto with a random source that fills every byte with the given value (`None`: the
+/// source fails), so that the jitter of retry waits is known.
+struct FixedRandom(Option<u8>);
+
+impl CryptoProvider for FixedRandom {
+    fn hmac_sha256(&self, key: &[u8], msg: &[u8]) -> [u8; 32] {
+        RingCrypto::new().hmac_sha256(key, msg)
+    }
+    fn sha256(&self, data: &[u8]) -> [u8; 32] {
+        RingCrypto::new().sha256(data)
+    }
+    fn sha1(&self, data: &[u8]) -> [u8; 20] {
+        RingCrypto::new().sha1(data)
+    }
+    fn verify_signature(
+        &self,
+        algorithm: SignatureAlgorithm,
+        public_key: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), BadSignature> {
+        RingCrypto::new().verify_signature(algorithm, public_key, message, signature)
+    }
+    fn fill_random(&self, out: &mut [u8]) -> Result<(), RandomFailure> {
+        let byte = self.0.ok_or(RandomFailure)?;
+        out.fill(byte);
+        Ok(())
+    }
+}
+
+fn machine_with_random(config: RegistrationConfig, random: Option<u8>) -> Registration {
+    Registration::new(config, Arc::new(FixedRandom(random)))
+}
+
+/// When the machine resends after a throttled reply at `replied`: checks that it is within
+/// `replied + min ..= replied + max` and that nothing goes out before it.
+fn resend_at(reg: &mut Registration, replied: Timestamp, min: Duration, max: Duration) -> Timestamp {
+    let at = reg.poll_timeout().expect("a resend is scheduled");
+    let wait = at.saturating_since(replied);
+    assert!(min <= wait && wait <= max, "resend after {wait:?}, expected {min:?}..={max:?}");
+    assert_eq!(reg.poll_transmit(at - Duration::from_nanos(1)), None, "sent before the wait ended");
+    at
+}
+
+fn millis(ms: u64) -> Duration {
+    Duration::from_millis(ms)
 }
 
 fn reply(status: u16, retry_after: Option<u64>, body: serde_json::Value) -> ServiceResponse {
@@ -207,12 +255,12 @@ fn throttled_register_is_resent_after_retry_after_then_succeeds() {
     expect_register(&mut reg, t0());
     reg.handle_response(t0(), reply(429, Some(5), error_body(429001, "Too many requests")));
     assert!(!reg.is_finished());
-    assert_eq!(reg.poll_timeout(), Some(t0() + secs(5)));
-    assert_eq!(reg.poll_transmit(t0() + secs(4)), None);
-    expect_register(&mut reg, t0() + secs(5));
-    reg.handle_response(t0() + secs(5), assigning_register_reply());
-    expect_poll(&mut reg, t0() + secs(8));
-    reg.handle_response(t0() + secs(8), reply(200, None, assigned_body()));
+    // The wait the service asked for, plus up to half of it again.
+    let resent = resend_at(&mut reg, t0(), secs(5), millis(7500));
+    expect_register(&mut reg, resent);
+    reg.handle_response(resent, assigning_register_reply());
+    expect_poll(&mut reg, resent + secs(3));
+    reg.handle_response(resent + secs(3), reply(200, None, assigned_body()));
     assert!(matches!(reg.poll_event(), Some(RegistrationEvent::Assigned(_))));
 }
 
@@ -221,11 +269,10 @@ fn throttling_without_retry_after_backs_off_exponentially() {
     let mut reg = machine(config());
     let mut now = t0();
     expect_register(&mut reg, now);
-    for expected_wait in [2, 4, 8, 16] {
+    for ceiling in [2, 4, 8, 16, 32, 64, 128, 256, 300, 300] {
         reg.handle_response(now, reply(429, None, error_body(429001, "Too many requests")));
-        assert_eq!(reg.poll_timeout(), Some(now + secs(expected_wait)));
-        assert_eq!(reg.poll_transmit(now + secs(expected_wait - 1)), None);
-        now = now + secs(expected_wait);
+        // "Equal jitter": uniform in (b/2, b] of the doubling back-off b, capped at 300 s.
+        now = resend_at(&mut reg, now, secs(ceiling) / 2, secs(ceiling));
         expect_register(&mut reg, now);
     }
     reg.handle_response(now, reply(200, None, assigned_body()));
@@ -238,24 +285,24 @@ fn throttled_poll_without_operation_id_is_resent_with_the_kept_operation_id() {
     expect_poll(&mut reg, t0() + secs(3));
     // Error replies carry no operationId (spec §10.2); the poll must keep the register's id.
     reg.handle_response(t0() + secs(3), reply(429, Some(4), error_body(429001, "Too many requests")));
-    assert_eq!(reg.poll_transmit(t0() + secs(6)), None);
-    expect_poll(&mut reg, t0() + secs(7));
+    let resent = resend_at(&mut reg, t0() + secs(3), secs(4), secs(6));
+    expect_poll(&mut reg, resent);
     // A 202 poll reply without operationId is accepted too.
-    reg.handle_response(t0() + secs(7), reply(202, Some(3), json!({"status": "assigning"})));
-    expect_poll(&mut reg, t0() + secs(10));
+    reg.handle_response(resent, reply(202, Some(3), json!({"status": "assigning"})));
+    expect_poll(&mut reg, resent + secs(3));
 }
 
 #[test]
-fn service_errors_that_persist_end_as_throttled_after_the_retry_budget() {
+fn service_errors_that_persist_end_as_throttled_after_a_configured_retry_budget() {
     let mut cfg = config();
-    cfg.max_throttle_retries = 3;
+    cfg.max_throttle_retries = Some(3);
     let mut reg = machine(cfg);
     let mut now = t0();
     expect_register(&mut reg, now);
     for _ in 0..3 {
         reg.handle_response(now, reply(503, Some(1), error_body(503000, "Service unavailable")));
         assert!(!reg.is_finished());
-        now = now + secs(1);
+        now = resend_at(&mut reg, now, secs(1), millis(1500));
         expect_register(&mut reg, now);
     }
     reg.handle_response(now, reply(500, Some(1), error_body(500000, "Internal server error")));
@@ -263,22 +310,106 @@ fn service_errors_that_persist_end_as_throttled_after_the_retry_budget() {
     assert_eq!(f.kind, FailureKind::Throttled);
     assert_eq!(f.status, Some(500));
     assert_eq!(f.error_code, Some(500000));
+    assert_eq!(f.message, "gave up after 3 retries; last reply HTTP 500: Internal server error");
     assert_eq!(reg.poll_transmit(now + secs(10)), None);
+}
+
+#[test]
+fn giving_up_on_a_throttled_reply_without_a_message_does_not_repeat_the_status() {
+    let mut cfg = config();
+    cfg.max_throttle_retries = Some(0);
+    let mut reg = machine(cfg);
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), ServiceResponse { status: 429, retry_after: Some(secs(1)), body: Vec::new() });
+    let f = expect_failure(&mut reg);
+    assert_eq!(
+        f.to_string(),
+        "registration failed (throttled; HTTP 429): gave up after 0 retries; last reply HTTP 429"
+    );
 }
 
 #[test]
 fn retry_budget_restarts_after_the_service_makes_progress() {
     let mut cfg = config();
-    cfg.max_throttle_retries = 1;
+    cfg.max_throttle_retries = Some(1);
     let mut reg = machine(cfg);
     expect_register(&mut reg, t0());
     reg.handle_response(t0(), reply(429, Some(1), error_body(429001, "Too many requests")));
-    expect_register(&mut reg, t0() + secs(1));
-    reg.handle_response(t0() + secs(1), assigning_register_reply());
-    expect_poll(&mut reg, t0() + secs(4));
-    reg.handle_response(t0() + secs(4), reply(429, Some(1), error_body(429001, "Too many requests")));
+    let resent = resend_at(&mut reg, t0(), secs(1), millis(1500));
+    expect_register(&mut reg, resent);
+    reg.handle_response(resent, assigning_register_reply());
+    expect_poll(&mut reg, resent + secs(3));
+    reg.handle_response(resent + secs(3), reply(429, Some(1), error_body(429001, "Too many requests")));
     assert!(!reg.is_finished(), "the register's retry does not count against the poll");
-    expect_poll(&mut reg, t0() + secs(5));
+    let polled = resend_at(&mut reg, resent + secs(3), secs(1), millis(1500));
+    expect_poll(&mut reg, polled);
+}
+
+/// The reviewer's probe (D1): a service answering `429, Retry-After: 1` made the device give up
+/// after five resends, about 5 s into a registration allowed 900 s.
+#[test]
+fn a_device_throttled_or_failing_keeps_resending_until_the_registration_deadline() {
+    for (status, retry_after) in [(429, Some(1)), (503, None), (500, Some(30))] {
+        let mut reg = machine(config());
+        let mut now = t0();
+        let mut sent = 0;
+        while !reg.is_finished() {
+            if reg.poll_transmit(now).is_some() {
+                sent += 1;
+                reg.handle_response(now, reply(status, retry_after, error_body(503000, "busy")));
+                continue;
+            }
+            now = reg.poll_timeout().expect("a resend or the deadline is scheduled");
+            reg.handle_timeout(now);
+        }
+        let f = expect_failure(&mut reg);
+        assert_eq!(f.kind, FailureKind::Timeout, "HTTP {status}: {f}");
+        assert_eq!(now, t0() + secs(900), "HTTP {status}");
+        assert!(sent > 10, "HTTP {status}: only {sent} requests in 900 s");
+    }
+}
+
+#[test]
+fn retry_jitter_comes_from_the_crypto_provider_and_never_undercuts_the_service() {
+    let ns = Duration::from_nanos;
+    // (random bytes, wait after `429, retry-after: 10`, the three waits after 503s without one)
+    let cases = [
+        // No jitter: what the service asked for, and the full back-off b = 2, 4, 8 s.
+        (Some(0x00), secs(10), [secs(2), secs(4), secs(8)]),
+        // The most jitter: half of the retry-after again, and just over b/2.
+        (Some(0xff), secs(15) - ns(1), [secs(1) + ns(1), secs(2) + ns(1), secs(4) + ns(1)]),
+        // A failing random source waits as if there were no jitter.
+        (None, secs(10), [secs(2), secs(4), secs(8)]),
+    ];
+    for (random, after_429, backoffs) in cases {
+        let mut reg = machine_with_random(config(), random);
+        expect_register(&mut reg, t0());
+        reg.handle_response(t0(), reply(429, Some(10), error_body(429001, "Too many requests")));
+        assert_eq!(reg.poll_timeout(), Some(t0() + after_429), "random {random:?}");
+
+        let mut reg = machine_with_random(config(), random);
+        let mut now = t0();
+        for wait in backoffs {
+            expect_register(&mut reg, now);
+            reg.handle_response(now, reply(503, None, error_body(503000, "Service unavailable")));
+            assert_eq!(reg.poll_timeout(), Some(now + wait), "random {random:?}");
+            now = now + wait;
+        }
+    }
+}
+
+#[test]
+fn devices_throttled_together_come_back_at_different_times() {
+    let resends: std::collections::BTreeSet<Timestamp> = (0..8)
+        .map(|_| {
+            let mut reg = machine(config());
+            expect_register(&mut reg, t0());
+            reg.handle_response(t0(), reply(429, Some(60), error_body(429001, "Too many requests")));
+            reg.poll_timeout().unwrap()
+        })
+        .collect();
+    assert!(resends.len() > 1, "eight devices all resend at {resends:?}");
+    assert!(resends.iter().all(|&at| at >= t0() + secs(60) && at < t0() + secs(90)), "{resends:?}");
 }
 
 #[test]
@@ -526,7 +657,8 @@ fn default_configuration_matches_the_documented_defaults() {
     assert_eq!(cfg.token_ttl, secs(3600));
     assert_eq!(cfg.request_timeout, secs(30));
     assert_eq!(cfg.default_retry_after, secs(2));
-    assert_eq!(cfg.max_throttle_retries, 5);
+    assert_eq!(cfg.max_throttle_retries, None, "no count: throttling is bounded by the registration timeout");
+    assert_eq!(cfg.registration_timeout, secs(900));
     assert_eq!(cfg.payload, None);
     let printed = format!("{cfg:?}");
     assert!(!printed.contains(KEY) && printed.contains("<redacted>"), "{printed}");
