@@ -91,7 +91,7 @@ pub struct RegistrationConfig {
     /// Wait before polling when the service gives no `retry-after`; also the base of the
     /// exponential back-off on 429 and 5xx replies that carry no `retry-after`.
     pub default_retry_after: Duration,
-    /// How many times in a row a throttled (429) or failed (5xx) request may be resent
+    /// How many times in a row a throttled (429) or failed (408, 5xx) request may be resent
     /// before the machine gives up with [`FailureKind::Throttled`]. `None` (the default) sets no
     /// count: the machine keeps resending until
     /// [`registration_timeout`](RegistrationConfig::registration_timeout), as the Python, Node
@@ -212,16 +212,17 @@ pub enum FailureKind {
     NotFound,
     /// HTTP 400: the service rejected the request as malformed.
     BadRequest,
-    /// Any other 4xx status (403, 409, 412, 415, ...).
+    /// Any other 4xx status (403, 409, 412, 415, ...); 408 and 429 are retried instead.
     Service,
     /// The operation finished with `status: "failed"` (see `error_code`), or `"disabled"`.
     Failed,
     /// No reply arrived within [`RegistrationConfig::request_timeout`], or no outcome within
     /// [`RegistrationConfig::registration_timeout`].
     Timeout,
-    /// The reply could not be understood (unparsable body, unknown status, missing fields).
+    /// The reply could not be understood (unparsable body, unknown status, missing fields), or its
+    /// status is not one a DPS reply can have (1xx, 3xx, or 600 and above: not HTTP).
     Protocol,
-    /// The service kept answering 429 or 5xx; gave up after
+    /// The service kept answering 429, 408 or 5xx; gave up after
     /// [`RegistrationConfig::max_throttle_retries`] resends (only when that is set: by default
     /// a registration that stays throttled ends with [`FailureKind::Timeout`] at
     /// [`RegistrationConfig::registration_timeout`]).
@@ -413,8 +414,8 @@ impl Registration {
     /// Feeds the reply to the request last returned by
     /// [`poll_transmit`](Registration::poll_transmit).
     ///
-    /// A 429 or 5xx reply schedules the same request again, so that devices throttled together
-    /// do not come back together:
+    /// A 429, 408 or 5xx reply schedules the same request again, after a wait with jitter so
+    /// that devices throttled together do not come back together:
     /// - with a `retry-after` (clamped to 1–300 s), after that wait plus a random extra of up to
     ///   half of it; never sooner than the service asked;
     /// - without one, after "equal jitter" of the exponential back-off: uniform in `(b/2, b]`
@@ -428,7 +429,9 @@ impl Registration {
         };
         match response.status {
             200..=299 => self.on_success_status(now, request, &response),
-            429 | 500.. => self.on_transient(now, request, &response),
+            // 408 (the service timed the request out) is transient like 5xx; statuses of 600 and
+            // above are not HTTP and fall to the protocol failure below.
+            408 | 429 | 500..=599 => self.on_transient(now, request, &response),
             401 => {
                 let mut failure = error_reply(FailureKind::Unauthorized, &response);
                 if is_tpm_challenge(&response.body) {
@@ -684,11 +687,20 @@ fn error_details(body: &[u8]) -> (Option<u32>, Option<String>) {
         // Tolerate bodies that miss `trackingId` or spell the message `errorMessage`.
         Err(_) => match serde_json::from_slice::<Value>(body) {
             Ok(v) => (
-                v.get("errorCode").and_then(Value::as_u64).and_then(|c| u32::try_from(c).ok()),
+                v.get("errorCode").and_then(error_code_value),
                 v.get("message").or_else(|| v.get("errorMessage")).and_then(Value::as_str).map(str::to_owned),
             ),
             Err(_) => (None, None),
         },
+    }
+}
+
+/// An `errorCode` given as a JSON number or as a string of digits (`"401002"`).
+fn error_code_value(code: &Value) -> Option<u32> {
+    match code {
+        Value::Number(n) => n.as_u64().and_then(|c| u32::try_from(c).ok()),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
     }
 }
 

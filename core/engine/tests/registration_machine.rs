@@ -457,6 +457,46 @@ fn unknown_registration_and_bad_requests_fail_by_category() {
     }
 }
 
+/// Reviewer's probe `status600` (D7): a status of 600 or more was backed off as a 5xx for 63 s.
+#[test]
+fn statuses_that_are_not_http_are_protocol_failures_not_retried() {
+    for status in [600, 700, 999, 1000, 100, 302] {
+        let mut reg = machine(config());
+        expect_register(&mut reg, t0());
+        reg.handle_response(t0(), reply(status, Some(1), error_body(503000, "odd")));
+        let f = expect_failure(&mut reg);
+        assert_eq!((f.kind, f.status), (FailureKind::Protocol, Some(status)), "HTTP {status}");
+    }
+}
+
+#[test]
+fn request_timeout_from_the_service_is_retried_like_a_server_error() {
+    let mut reg = registered(config());
+    expect_poll(&mut reg, t0() + secs(3));
+    reg.handle_response(t0() + secs(3), reply(408, None, error_body(408000, "Request timed out")));
+    assert!(!reg.is_finished(), "408 is transient");
+    let resent = resend_at(&mut reg, t0() + secs(3), secs(1), secs(2));
+    expect_poll(&mut reg, resent);
+    reg.handle_response(resent, reply(200, None, assigned_body()));
+    assert!(matches!(reg.poll_event(), Some(RegistrationEvent::Assigned(_))));
+}
+
+#[test]
+fn error_code_given_as_a_string_of_digits_is_read() {
+    for code in [json!("401002"), json!(401002)] {
+        let mut reg = machine(config());
+        expect_register(&mut reg, t0());
+        reg.handle_response(t0(), reply(401, None, json!({"errorCode": code, "message": "Unauthorized"})));
+        let f = expect_failure(&mut reg);
+        assert_eq!((f.kind, f.error_code), (FailureKind::Unauthorized, Some(401002)), "errorCode {code}");
+        assert_eq!(f.message, "Unauthorized");
+    }
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(401, None, json!({"errorCode": "soon", "message": "Unauthorized"})));
+    assert_eq!(expect_failure(&mut reg).error_code, None);
+}
+
 #[test]
 fn error_reply_that_is_not_json_still_fails_with_its_status() {
     let mut reg = machine(config());
@@ -674,7 +714,8 @@ mod any_reply_sequence {
     use super::*;
 
     fn any_reply() -> impl Strategy<Value = ServiceResponse> {
-        let status = prop::sample::select(vec![200u16, 202, 204, 302, 400, 401, 404, 409, 429, 500, 503]);
+        let status =
+            prop::sample::select(vec![200u16, 202, 204, 302, 400, 401, 404, 408, 409, 429, 500, 503, 600]);
         let body = prop::sample::select(vec![
             assigning_register_reply().body,
             assigning_poll_reply().body,
