@@ -7,10 +7,10 @@ use std::time::Duration;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::{Map, Value};
 use zerotouch_proto::device::{
-    DeviceRegistration, DeviceRegistrationResult, ErrorDetails, RegistrationOperationStatus,
-    RegistrationStatus, Substatus,
+    DeviceRegistration, DeviceRegistrationResult, ErrorDetails, RegistrationStatus, Substatus,
 };
 use zerotouch_proto::sas::{
     encode_resource, registration_resource, string_to_sign, SasToken, REGISTRATION_KEY_NAME,
@@ -191,14 +191,22 @@ pub struct Assignment {
     pub assigned_hub: String,
     /// Device id in that hub.
     pub device_id: String,
-    /// Why this assignment happened (first assignment, migrated, reset, ...).
+    /// Why this assignment happened (first assignment, migrated, reset, ...); `None` when the
+    /// service sent none or a value this version does not know (see
+    /// [`raw_state`](Assignment::raw_state) for it).
     pub substatus: Option<Substatus>,
     /// Payload returned by custom allocation.
     pub payload: Option<Value>,
     /// TPM only: base64 activation blob carrying the hub key (spec §6.1).
     pub tpm_authentication_key: Option<String>,
-    /// The full `registrationState` as the service sent it.
+    /// The `registrationState` as far as this version understands it: a member whose value it
+    /// cannot read (an unknown `substatus`, an `x509` detail with fields missing) is left out
+    /// here rather than failing the registration, and is kept in
+    /// [`raw_state`](Assignment::raw_state).
     pub state: DeviceRegistrationResult,
+    /// The `registrationState` exactly as the service sent it, members unknown to this version
+    /// included.
+    pub raw_state: Value,
 }
 
 /// Which way a registration failed.
@@ -501,7 +509,7 @@ impl Registration {
     }
 
     fn on_success_status(&mut self, now: Timestamp, request: Request, response: &ServiceResponse) {
-        let reply = match parse_operation_status(&response.body, &request) {
+        let reply = match parse_reply(&response.body) {
             Ok(reply) => reply,
             Err(message) => return self.fail_with(protocol(response.status, message)),
         };
@@ -511,10 +519,14 @@ impl Registration {
                 // The C SDK keeps the first operation id; poll replies may carry none (spec §10.2).
                 let operation_id = match request {
                     Request::Poll(id) => id,
-                    Request::Register => match OperationId::new(reply.operation_id) {
-                        Ok(id) => id,
-                        Err(e) => {
+                    Request::Register => match reply.operation_id.as_deref().map(OperationId::new) {
+                        Some(Ok(id)) => id,
+                        Some(Err(e)) => {
                             return self.fail_with(protocol(response.status, format!("register reply: {e}")));
+                        }
+                        None => {
+                            let message = "register reply `assigning` has no operationId".to_owned();
+                            return self.fail_with(protocol(response.status, message));
                         }
                     },
                 };
@@ -523,20 +535,23 @@ impl Registration {
                     State::Ready { request: Request::Poll(operation_id), not_before: Some(now + wait) };
             }
             RegistrationStatus::Assigned => {
-                let event = match assignment(reply.registration_state) {
+                let registration_id = self.config.registration_id.as_str();
+                let event = match assignment(reply.registration_state, registration_id) {
                     Ok(a) => RegistrationEvent::Assigned(a),
                     Err(message) => RegistrationEvent::Failed(protocol(response.status, message)),
                 };
                 self.finish(event);
             }
             RegistrationStatus::Failed | RegistrationStatus::Disabled => {
-                let state = reply.registration_state.unwrap_or_default();
-                let message =
-                    state.error_message.unwrap_or_else(|| format!("registration status is {}", reply.status));
+                let raw = reply.registration_state.unwrap_or(Value::Null);
+                let message = raw
+                    .get("errorMessage")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| format!("registration status is {}", reply.status), str::to_owned);
                 self.fail_with(RegistrationFailure {
                     kind: FailureKind::Failed,
                     status: Some(response.status),
-                    error_code: state.error_code,
+                    error_code: raw.get("errorCode").and_then(error_code_value),
                     message,
                 });
             }
@@ -646,19 +661,73 @@ impl Registration {
     }
 }
 
-/// Parses a 2xx body. Poll replies without `operationId` get the one being polled (spec §10.2).
-fn parse_operation_status(body: &[u8], request: &Request) -> Result<RegistrationOperationStatus, String> {
-    let mut value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("reply body is not JSON: {e}"))?;
-    if let (Request::Poll(id), Value::Object(map)) = (request, &mut value) {
-        map.entry("operationId").or_insert_with(|| Value::String(id.as_str().to_owned()));
-    }
+/// A 2xx reply as the device reads it: a lenient view of `RegistrationOperationStatus`.
+///
+/// The server writes replies with the strict, closed types of [`zerotouch_proto::device`],
+/// whose JSON must stay byte-exact; the device reads strictly only what decides the outcome
+/// (`status`, plus `operationId` when a register reply asks to poll and `assignedHub` +
+/// `deviceId` when assigned, checked where they are used) and everything else leniently. A service newer than this client
+/// may send a `substatus` it does not know yet, or an `x509` detail with fewer fields: such a
+/// member is left out of [`Assignment::state`] (and kept in [`Assignment::raw_state`]) instead
+/// of failing a registration that succeeded. A lenient view here, rather than an
+/// `Other(String)` variant in the closed proto enums, keeps those enums `Copy` and exhaustive
+/// for the server, which never needs an unknown value.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Reply {
+    /// The operation status: the one member whose unknown values fail the reply.
+    status: RegistrationStatus,
+    /// Needed on register replies only: polls keep the id they polled (spec §10.2).
+    #[serde(default)]
+    operation_id: Option<String>,
+    /// Read member by member by [`lenient_state`].
+    #[serde(default)]
+    registration_state: Option<Value>,
+}
+
+/// Parses a 2xx body as a [`Reply`].
+fn parse_reply(body: &[u8]) -> Result<Reply, String> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| format!("reply body is not JSON: {e}"))?;
     serde_json::from_value(value)
         .map_err(|e| format!("reply body is not a registration operation status: {e}"))
 }
 
-fn assignment(state: Option<DeviceRegistrationResult>) -> Result<Assignment, String> {
-    let state = state.ok_or("assigned reply has no registrationState")?;
+/// The members of a `registrationState` that parse as [`DeviceRegistrationResult`] members,
+/// each tried on its own, so that one unreadable member drops only itself. A missing or
+/// unreadable `registrationId` is the device's own. `None` when the state is not an object.
+fn lenient_state(raw: &Value, registration_id: &str) -> Option<DeviceRegistrationResult> {
+    let members = raw.as_object()?;
+    if let Ok(state) = serde_json::from_value(raw.clone()) {
+        return Some(state);
+    }
+    let id = match members.get("registrationId") {
+        Some(Value::String(id)) => id.as_str(),
+        _ => registration_id,
+    };
+    let alone = |name: &String, value: &Value| {
+        let mut map = Map::new();
+        map.insert("registrationId".to_owned(), Value::String(id.to_owned()));
+        map.insert(name.clone(), value.clone());
+        Value::Object(map)
+    };
+    let mut kept = Map::new();
+    for (name, value) in members.iter().filter(|(name, _)| name.as_str() != "registrationId") {
+        if serde_json::from_value::<DeviceRegistrationResult>(alone(name, value)).is_ok() {
+            kept.insert(name.clone(), value.clone());
+        }
+    }
+    kept.insert("registrationId".to_owned(), Value::String(id.to_owned()));
+    // Members that parse one by one parse together; the fallback is for safety only.
+    Some(serde_json::from_value(Value::Object(kept)).unwrap_or_else(|_| DeviceRegistrationResult {
+        registration_id: id.into(),
+        ..DeviceRegistrationResult::default()
+    }))
+}
+
+fn assignment(raw_state: Option<Value>, registration_id: &str) -> Result<Assignment, String> {
+    let raw_state = raw_state.unwrap_or(Value::Null);
+    let state =
+        lenient_state(&raw_state, registration_id).ok_or("assigned reply has no registrationState")?;
     let assigned_hub =
         state.assigned_hub.clone().filter(|s| !s.is_empty()).ok_or("assigned reply has no assignedHub")?;
     let device_id =
@@ -670,6 +739,7 @@ fn assignment(state: Option<DeviceRegistrationResult>) -> Result<Assignment, Str
         payload: state.payload.clone(),
         tpm_authentication_key: state.tpm.as_ref().map(|t| t.authentication_key.clone()),
         state,
+        raw_state,
     })
 }
 

@@ -547,6 +547,111 @@ fn assigned_reply_without_device_id_is_a_protocol_failure() {
     assert_eq!(expect_failure(&mut reg).kind, FailureKind::Protocol);
 }
 
+fn expect_assignment(reg: &mut Registration) -> zerotouch_engine::registration::Assignment {
+    assert!(reg.is_finished());
+    match reg.poll_event() {
+        Some(RegistrationEvent::Assigned(a)) => a,
+        other => panic!("expected an assignment, got {other:?}"),
+    }
+}
+
+/// The body of the reviewer's fake DPS (D4): an assigned reply as ours sends it.
+fn probe_assigned_body() -> serde_json::Value {
+    json!({"operationId": OP, "status": "assigned", "registrationState": {
+        "registrationId": DEVICE, "assignedHub": "h.example", "deviceId": DEVICE, "status": "assigned",
+        "substatus": "initialAssignment", "payload": {"echo": "{}"}}})
+}
+
+/// Reviewer's probe `newsub` (D4): a substatus newer than this client failed the registration
+/// as a protocol error although the device was assigned.
+#[test]
+fn assigned_reply_with_a_substatus_this_version_does_not_know_is_an_assignment() {
+    let mut body = probe_assigned_body();
+    body["registrationState"]["substatus"] = json!("hubMovedV2");
+    let mut reg = registered(config());
+    expect_poll(&mut reg, t0() + secs(3));
+    reg.handle_response(t0() + secs(3), reply(200, None, body.clone()));
+    let a = expect_assignment(&mut reg);
+    assert_eq!((a.assigned_hub.as_str(), a.device_id.as_str()), ("h.example", DEVICE));
+    assert_eq!(a.substatus, None, "an unknown substatus is no known one");
+    assert_eq!(a.raw_state, body["registrationState"], "the reply as sent is kept");
+    assert_eq!(a.raw_state["substatus"], "hubMovedV2");
+    assert_eq!(a.payload, Some(json!({"echo": "{}"})), "the other members are read");
+    assert_eq!(a.state.status, Some(zerotouch_proto::device::RegistrationStatus::Assigned));
+}
+
+/// Reviewer's probe `extra` (D4): an `x509` detail with only some certificate fields (and a
+/// member this version does not know) failed with "missing field `sha1Thumbprint`".
+#[test]
+fn assigned_reply_with_partial_x509_detail_is_an_assignment() {
+    let mut body = probe_assigned_body();
+    body["registrationState"]["trust"] = json!({"x": 1});
+    body["registrationState"]["x509"] =
+        json!({"certificateInfo": {"subjectName": "CN=x"}, "enrollmentGroupId": "g"});
+    let mut cfg = config();
+    cfg.credential = DeviceCredential::X509;
+    let mut reg = machine(cfg);
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(200, None, body.clone()));
+    let a = expect_assignment(&mut reg);
+    assert_eq!((a.assigned_hub.as_str(), a.device_id.as_str()), ("h.example", DEVICE));
+    assert_eq!(a.substatus, Some(Substatus::InitialAssignment));
+    assert_eq!(a.state.x509, None, "the unreadable detail is left out of the typed state");
+    assert_eq!(a.raw_state["x509"]["certificateInfo"]["subjectName"], "CN=x", "and kept as sent");
+    assert_eq!(a.raw_state["trust"], json!({"x": 1}));
+}
+
+#[test]
+fn unreadable_optional_members_of_the_registration_state_do_not_fail_an_assignment() {
+    let mut body = probe_assigned_body();
+    let state = body["registrationState"].as_object_mut().unwrap();
+    state.insert("status".into(), json!("assignedV2"));
+    state.insert("createdDateTimeUtc".into(), json!("yesterday"));
+    state.insert("errorCode".into(), json!("none"));
+    state.insert("tpm".into(), json!({}));
+    state.remove("registrationId");
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(200, None, body));
+    let a = expect_assignment(&mut reg);
+    assert_eq!(a.assigned_hub, "h.example");
+    assert_eq!((a.state.status, a.state.created_date_time_utc, a.state.error_code), (None, None, None));
+    assert_eq!(a.tpm_authentication_key, None);
+    assert_eq!(a.state.registration_id.as_str(), DEVICE, "the device's own id fills a missing one");
+    assert_eq!(a.state.substatus, Some(Substatus::InitialAssignment));
+}
+
+#[test]
+fn assigned_reply_still_needs_hub_and_device_id_and_a_known_status() {
+    let mut body = probe_assigned_body();
+    body["registrationState"]["substatus"] = json!("hubMovedV2");
+    body["registrationState"]["assignedHub"] = json!(42);
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(200, None, body));
+    let f = expect_failure(&mut reg);
+    assert_eq!(f.kind, FailureKind::Protocol);
+    assert!(f.message.contains("assignedHub"), "{f}");
+
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(200, None, json!({"operationId": OP, "status": "assignedV2"})));
+    assert_eq!(expect_failure(&mut reg).kind, FailureKind::Protocol);
+}
+
+#[test]
+fn failed_reply_with_unreadable_members_still_reports_its_error() {
+    let mut reg = registered(config());
+    expect_poll(&mut reg, t0() + secs(3));
+    let failed = json!({"operationId": OP, "status": "failed", "registrationState": {
+        "registrationId": DEVICE, "status": "failedV2", "substatus": "hubMovedV2",
+        "errorCode": "400209", "errorMessage": "Hub not specified."}});
+    reg.handle_response(t0() + secs(3), reply(200, None, failed));
+    let f = expect_failure(&mut reg);
+    assert_eq!((f.kind, f.error_code), (FailureKind::Failed, Some(400209)));
+    assert_eq!(f.message, "Hub not specified.");
+}
+
 #[test]
 fn unexpected_registration_status_values_are_protocol_failures() {
     for status in ["unassigned", "registering", "Assigned-ish"] {
