@@ -7,10 +7,10 @@ use std::time::Duration;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::{Map, Value};
 use zerotouch_proto::device::{
-    DeviceRegistration, DeviceRegistrationResult, ErrorDetails, RegistrationOperationStatus,
-    RegistrationStatus, Substatus,
+    DeviceRegistration, DeviceRegistrationResult, ErrorDetails, RegistrationStatus, Substatus,
 };
 use zerotouch_proto::sas::{
     encode_resource, registration_resource, string_to_sign, SasToken, REGISTRATION_KEY_NAME,
@@ -89,11 +89,15 @@ pub struct RegistrationConfig {
     /// How long to wait for each reply before failing with [`FailureKind::Timeout`].
     pub request_timeout: Duration,
     /// Wait before polling when the service gives no `retry-after`; also the base of the
-    /// exponential back-off on 429 and 5xx.
+    /// exponential back-off on 429 and 5xx replies that carry no `retry-after`.
     pub default_retry_after: Duration,
-    /// How many times in a row a throttled (429) or failed (5xx) request is resent before the
-    /// machine gives up with [`FailureKind::Throttled`].
-    pub max_throttle_retries: u32,
+    /// How many times in a row a throttled (429) or failed (408, 5xx) request may be resent
+    /// before the machine gives up with [`FailureKind::Throttled`]. `None` (the default) sets no
+    /// count: the machine keeps resending until
+    /// [`registration_timeout`](RegistrationConfig::registration_timeout), as the Python, Node
+    /// MQTT and C SDKs do (spec §1.7), because a fleet that reboots together is throttled for
+    /// minutes, not for a handful of retries.
+    pub max_throttle_retries: Option<u32>,
     /// How long the whole registration may take, from the first request to the outcome, before
     /// it fails with [`FailureKind::Timeout`]: a service that answers `assigning` for ever, or
     /// keeps throttling, does not hold the device for ever.
@@ -102,8 +106,8 @@ pub struct RegistrationConfig {
 
 impl RegistrationConfig {
     /// A configuration with the defaults: api-version `2021-06-01`, 3600 s tokens, 30 s request
-    /// timeout, 2 s default retry-after, 5 throttle retries and 15 min for the whole
-    /// registration.
+    /// timeout, 2 s default retry-after, throttle retries bounded only by the 15 min allowed for
+    /// the whole registration.
     pub fn new(id_scope: IdScope, registration_id: RegistrationId, credential: DeviceCredential) -> Self {
         Self {
             id_scope,
@@ -114,7 +118,7 @@ impl RegistrationConfig {
             token_ttl: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(30),
             default_retry_after: Duration::from_secs(2),
-            max_throttle_retries: 5,
+            max_throttle_retries: None,
             registration_timeout: Duration::from_secs(900),
         }
     }
@@ -187,14 +191,22 @@ pub struct Assignment {
     pub assigned_hub: String,
     /// Device id in that hub.
     pub device_id: String,
-    /// Why this assignment happened (first assignment, migrated, reset, ...).
+    /// Why this assignment happened (first assignment, migrated, reset, ...); `None` when the
+    /// service sent none or a value this version does not know (see
+    /// [`raw_state`](Assignment::raw_state) for it).
     pub substatus: Option<Substatus>,
     /// Payload returned by custom allocation.
     pub payload: Option<Value>,
     /// TPM only: base64 activation blob carrying the hub key (spec §6.1).
     pub tpm_authentication_key: Option<String>,
-    /// The full `registrationState` as the service sent it.
+    /// The `registrationState` as far as this version understands it: a member whose value it
+    /// cannot read (an unknown `substatus`, an `x509` detail with fields missing) is left out
+    /// here rather than failing the registration, and is kept in
+    /// [`raw_state`](Assignment::raw_state).
     pub state: DeviceRegistrationResult,
+    /// The `registrationState` exactly as the service sent it, members unknown to this version
+    /// included.
+    pub raw_state: Value,
 }
 
 /// Which way a registration failed.
@@ -208,17 +220,20 @@ pub enum FailureKind {
     NotFound,
     /// HTTP 400: the service rejected the request as malformed.
     BadRequest,
-    /// Any other 4xx status (403, 409, 412, 415, ...).
+    /// Any other 4xx status (403, 409, 412, 415, ...); 408 and 429 are retried instead.
     Service,
     /// The operation finished with `status: "failed"` (see `error_code`), or `"disabled"`.
     Failed,
     /// No reply arrived within [`RegistrationConfig::request_timeout`], or no outcome within
     /// [`RegistrationConfig::registration_timeout`].
     Timeout,
-    /// The reply could not be understood (unparsable body, unknown status, missing fields).
+    /// The reply could not be understood (unparsable body, unknown status, missing fields), or its
+    /// status is not one a DPS reply can have (1xx, 3xx, or 600 and above: not HTTP).
     Protocol,
-    /// The service kept answering 429 or 5xx; gave up after
-    /// [`RegistrationConfig::max_throttle_retries`] resends.
+    /// The service kept answering 429, 408 or 5xx; gave up after
+    /// [`RegistrationConfig::max_throttle_retries`] resends (only when that is set: by default
+    /// a registration that stays throttled ends with [`FailureKind::Timeout`] at
+    /// [`RegistrationConfig::registration_timeout`]).
     Throttled,
 }
 
@@ -315,9 +330,14 @@ struct CachedToken {
 /// The flow: register, expect `202 assigning` with an `operationId` (an immediate `200 assigned`
 /// is accepted too), wait `retry-after` (clamped to 1–300 s, else
 /// [`RegistrationConfig::default_retry_after`]) and poll with the operation id kept from the
-/// register reply until `assigned` or `failed`. 429 and 5xx replies resend the same request
-/// after `retry-after` or an exponential back-off. Replies that arrive while no request is
+/// register reply until `assigned` or `failed`. 429 and 5xx replies resend the same request,
+/// until the registration deadline, after a jittered wait (see
+/// [`handle_response`](Registration::handle_response)). Replies that arrive while no request is
 /// outstanding are ignored.
+///
+/// The machine draws the jitter from its [`CryptoProvider`]'s
+/// [`fill_random`](CryptoProvider::fill_random), so it stays deterministic given its inputs: a
+/// provider with fixed random bytes gives fixed waits.
 pub struct Registration {
     config: RegistrationConfig,
     crypto: Arc<dyn CryptoProvider>,
@@ -401,6 +421,15 @@ impl Registration {
 
     /// Feeds the reply to the request last returned by
     /// [`poll_transmit`](Registration::poll_transmit).
+    ///
+    /// A 429, 408 or 5xx reply schedules the same request again, after a wait with jitter so
+    /// that devices throttled together do not come back together:
+    /// - with a `retry-after` (clamped to 1–300 s), after that wait plus a random extra of up to
+    ///   half of it; never sooner than the service asked;
+    /// - without one, after "equal jitter" of the exponential back-off: uniform in `(b/2, b]`
+    ///   for `b = default_retry_after × 2^n` (n = resends so far, capped at 300 s).
+    ///
+    /// If the random source fails, the wait is the one without jitter (`retry-after`, or `b`).
     pub fn handle_response(&mut self, now: Timestamp, response: ServiceResponse) {
         let request = match &self.state {
             State::AwaitingReply { request, .. } => request.clone(),
@@ -408,7 +437,9 @@ impl Registration {
         };
         match response.status {
             200..=299 => self.on_success_status(now, request, &response),
-            429 | 500.. => self.on_transient(now, request, &response),
+            // 408 (the service timed the request out) is transient like 5xx; statuses of 600 and
+            // above are not HTTP and fall to the protocol failure below.
+            408 | 429 | 500..=599 => self.on_transient(now, request, &response),
             401 => {
                 let mut failure = error_reply(FailureKind::Unauthorized, &response);
                 if is_tpm_challenge(&response.body) {
@@ -478,7 +509,7 @@ impl Registration {
     }
 
     fn on_success_status(&mut self, now: Timestamp, request: Request, response: &ServiceResponse) {
-        let reply = match parse_operation_status(&response.body, &request) {
+        let reply = match parse_reply(&response.body) {
             Ok(reply) => reply,
             Err(message) => return self.fail_with(protocol(response.status, message)),
         };
@@ -488,10 +519,14 @@ impl Registration {
                 // The C SDK keeps the first operation id; poll replies may carry none (spec §10.2).
                 let operation_id = match request {
                     Request::Poll(id) => id,
-                    Request::Register => match OperationId::new(reply.operation_id) {
-                        Ok(id) => id,
-                        Err(e) => {
+                    Request::Register => match reply.operation_id.as_deref().map(OperationId::new) {
+                        Some(Ok(id)) => id,
+                        Some(Err(e)) => {
                             return self.fail_with(protocol(response.status, format!("register reply: {e}")));
+                        }
+                        None => {
+                            let message = "register reply `assigning` has no operationId".to_owned();
+                            return self.fail_with(protocol(response.status, message));
                         }
                     },
                 };
@@ -500,20 +535,23 @@ impl Registration {
                     State::Ready { request: Request::Poll(operation_id), not_before: Some(now + wait) };
             }
             RegistrationStatus::Assigned => {
-                let event = match assignment(reply.registration_state) {
+                let registration_id = self.config.registration_id.as_str();
+                let event = match assignment(reply.registration_state, registration_id) {
                     Ok(a) => RegistrationEvent::Assigned(a),
                     Err(message) => RegistrationEvent::Failed(protocol(response.status, message)),
                 };
                 self.finish(event);
             }
             RegistrationStatus::Failed | RegistrationStatus::Disabled => {
-                let state = reply.registration_state.unwrap_or_default();
-                let message =
-                    state.error_message.unwrap_or_else(|| format!("registration status is {}", reply.status));
+                let raw = reply.registration_state.unwrap_or(Value::Null);
+                let message = raw
+                    .get("errorMessage")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| format!("registration status is {}", reply.status), str::to_owned);
                 self.fail_with(RegistrationFailure {
                     kind: FailureKind::Failed,
                     status: Some(response.status),
-                    error_code: state.error_code,
+                    error_code: raw.get("errorCode").and_then(error_code_value),
                     message,
                 });
             }
@@ -524,20 +562,45 @@ impl Registration {
     }
 
     fn on_transient(&mut self, now: Timestamp, request: Request, response: &ServiceResponse) {
-        if self.throttle_retries >= self.config.max_throttle_retries {
-            let mut failure = error_reply(FailureKind::Throttled, response);
-            failure.message = format!(
-                "gave up after {} retries; last reply HTTP {}: {}",
-                self.throttle_retries, response.status, failure.message
+        if self.config.max_throttle_retries.is_some_and(|max| self.throttle_retries >= max) {
+            let (error_code, message) = error_details(&response.body);
+            let mut message_text = format!(
+                "gave up after {} retries; last reply HTTP {}",
+                self.throttle_retries, response.status
             );
-            return self.fail_with(failure);
+            if let Some(message) = message {
+                message_text = format!("{message_text}: {message}");
+            }
+            return self.fail_with(RegistrationFailure {
+                kind: FailureKind::Throttled,
+                status: Some(response.status),
+                error_code,
+                message: message_text,
+            });
         }
         let wait = match response.retry_after {
-            Some(d) => clamp_retry_after(d),
-            None => backoff(self.config.default_retry_after, self.throttle_retries),
+            Some(asked) => {
+                let asked = clamp_retry_after(asked);
+                asked + self.random_part_of(asked / 2)
+            }
+            None => {
+                let b = backoff(self.config.default_retry_after, self.throttle_retries);
+                b - self.random_part_of(b / 2)
+            }
         };
-        self.throttle_retries += 1;
+        self.throttle_retries = self.throttle_retries.saturating_add(1);
         self.state = State::Ready { request, not_before: Some(now + wait) };
+    }
+
+    /// A random duration in `[0, span)` from the provider's randomness (`span × r / 2^64` for a
+    /// random 64-bit `r`); zero when the random source fails.
+    fn random_part_of(&self, span: Duration) -> Duration {
+        let mut bytes = [0u8; 8];
+        if self.crypto.fill_random(&mut bytes).is_err() {
+            return Duration::ZERO;
+        }
+        let nanos = span.as_nanos().saturating_mul(u128::from(u64::from_le_bytes(bytes))) >> 64;
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 
     /// Ends the registration that ran out of [`RegistrationConfig::registration_timeout`].
@@ -598,19 +661,73 @@ impl Registration {
     }
 }
 
-/// Parses a 2xx body. Poll replies without `operationId` get the one being polled (spec §10.2).
-fn parse_operation_status(body: &[u8], request: &Request) -> Result<RegistrationOperationStatus, String> {
-    let mut value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("reply body is not JSON: {e}"))?;
-    if let (Request::Poll(id), Value::Object(map)) = (request, &mut value) {
-        map.entry("operationId").or_insert_with(|| Value::String(id.as_str().to_owned()));
-    }
+/// A 2xx reply as the device reads it: a lenient view of `RegistrationOperationStatus`.
+///
+/// The server writes replies with the strict, closed types of [`zerotouch_proto::device`],
+/// whose JSON must stay byte-exact; the device reads strictly only what decides the outcome
+/// (`status`, plus `operationId` when a register reply asks to poll and `assignedHub` +
+/// `deviceId` when assigned, checked where they are used) and everything else leniently. A service newer than this client
+/// may send a `substatus` it does not know yet, or an `x509` detail with fewer fields: such a
+/// member is left out of [`Assignment::state`] (and kept in [`Assignment::raw_state`]) instead
+/// of failing a registration that succeeded. A lenient view here, rather than an
+/// `Other(String)` variant in the closed proto enums, keeps those enums `Copy` and exhaustive
+/// for the server, which never needs an unknown value.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Reply {
+    /// The operation status: the one member whose unknown values fail the reply.
+    status: RegistrationStatus,
+    /// Needed on register replies only: polls keep the id they polled (spec §10.2).
+    #[serde(default)]
+    operation_id: Option<String>,
+    /// Read member by member by [`lenient_state`].
+    #[serde(default)]
+    registration_state: Option<Value>,
+}
+
+/// Parses a 2xx body as a [`Reply`].
+fn parse_reply(body: &[u8]) -> Result<Reply, String> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| format!("reply body is not JSON: {e}"))?;
     serde_json::from_value(value)
         .map_err(|e| format!("reply body is not a registration operation status: {e}"))
 }
 
-fn assignment(state: Option<DeviceRegistrationResult>) -> Result<Assignment, String> {
-    let state = state.ok_or("assigned reply has no registrationState")?;
+/// The members of a `registrationState` that parse as [`DeviceRegistrationResult`] members,
+/// each tried on its own, so that one unreadable member drops only itself. A missing or
+/// unreadable `registrationId` is the device's own. `None` when the state is not an object.
+fn lenient_state(raw: &Value, registration_id: &str) -> Option<DeviceRegistrationResult> {
+    let members = raw.as_object()?;
+    if let Ok(state) = serde_json::from_value(raw.clone()) {
+        return Some(state);
+    }
+    let id = match members.get("registrationId") {
+        Some(Value::String(id)) => id.as_str(),
+        _ => registration_id,
+    };
+    let alone = |name: &String, value: &Value| {
+        let mut map = Map::new();
+        map.insert("registrationId".to_owned(), Value::String(id.to_owned()));
+        map.insert(name.clone(), value.clone());
+        Value::Object(map)
+    };
+    let mut kept = Map::new();
+    for (name, value) in members.iter().filter(|(name, _)| name.as_str() != "registrationId") {
+        if serde_json::from_value::<DeviceRegistrationResult>(alone(name, value)).is_ok() {
+            kept.insert(name.clone(), value.clone());
+        }
+    }
+    kept.insert("registrationId".to_owned(), Value::String(id.to_owned()));
+    // Members that parse one by one parse together; the fallback is for safety only.
+    Some(serde_json::from_value(Value::Object(kept)).unwrap_or_else(|_| DeviceRegistrationResult {
+        registration_id: id.into(),
+        ..DeviceRegistrationResult::default()
+    }))
+}
+
+fn assignment(raw_state: Option<Value>, registration_id: &str) -> Result<Assignment, String> {
+    let raw_state = raw_state.unwrap_or(Value::Null);
+    let state =
+        lenient_state(&raw_state, registration_id).ok_or("assigned reply has no registrationState")?;
     let assigned_hub =
         state.assigned_hub.clone().filter(|s| !s.is_empty()).ok_or("assigned reply has no assignedHub")?;
     let device_id =
@@ -622,27 +739,39 @@ fn assignment(state: Option<DeviceRegistrationResult>) -> Result<Assignment, Str
         payload: state.payload.clone(),
         tpm_authentication_key: state.tpm.as_ref().map(|t| t.authentication_key.clone()),
         state,
+        raw_state,
     })
 }
 
 /// A failure from an error reply, with the code and message of its body when it has them.
 fn error_reply(kind: FailureKind, response: &ServiceResponse) -> RegistrationFailure {
-    let (error_code, message) = match serde_json::from_slice::<ErrorDetails>(&response.body) {
-        Ok(details) => (Some(details.error_code), details.message),
-        // Tolerate bodies that miss `trackingId` or spell the message `errorMessage`.
-        Err(_) => match serde_json::from_slice::<Value>(&response.body) {
-            Ok(v) => (
-                v.get("errorCode").and_then(Value::as_u64).and_then(|c| u32::try_from(c).ok()),
-                v.get("message")
-                    .or_else(|| v.get("errorMessage"))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| format!("HTTP {}", response.status)),
-            ),
-            Err(_) => (None, format!("HTTP {}", response.status)),
-        },
-    };
+    let (error_code, message) = error_details(&response.body);
+    let message = message.unwrap_or_else(|| format!("HTTP {}", response.status));
     RegistrationFailure { kind, status: Some(response.status), error_code, message }
+}
+
+/// The error code and message of an error body, as far as it has them.
+fn error_details(body: &[u8]) -> (Option<u32>, Option<String>) {
+    match serde_json::from_slice::<ErrorDetails>(body) {
+        Ok(details) => (Some(details.error_code), Some(details.message)),
+        // Tolerate bodies that miss `trackingId` or spell the message `errorMessage`.
+        Err(_) => match serde_json::from_slice::<Value>(body) {
+            Ok(v) => (
+                v.get("errorCode").and_then(error_code_value),
+                v.get("message").or_else(|| v.get("errorMessage")).and_then(Value::as_str).map(str::to_owned),
+            ),
+            Err(_) => (None, None),
+        },
+    }
+}
+
+/// An `errorCode` given as a JSON number or as a string of digits (`"401002"`).
+fn error_code_value(code: &Value) -> Option<u32> {
+    match code {
+        Value::Number(n) => n.as_u64().and_then(|c| u32::try_from(c).ok()),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
 }
 
 fn is_tpm_challenge(body: &[u8]) -> bool {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde_json::json;
-use zerotouch_engine::crypto::{CryptoProvider, RingCrypto};
+use zerotouch_engine::crypto::{BadSignature, CryptoProvider, RandomFailure, RingCrypto, SignatureAlgorithm};
 use zerotouch_engine::registration::{
     DeviceCredential, FailureKind, Registration, RegistrationConfig, RegistrationEvent, RegistrationFailure,
     ServiceResponse, Transmit,
@@ -40,6 +40,54 @@ fn config() -> RegistrationConfig {
 
 fn machine(config: RegistrationConfig) -> Registration {
     Registration::new(config, Arc::new(RingCrypto::new()))
+}
+
+/// Ring's crypto with a random source that fills every byte with the given value (`None`: the
+/// source fails), so that the jitter of retry waits is known.
+struct FixedRandom(Option<u8>);
+
+impl CryptoProvider for FixedRandom {
+    fn hmac_sha256(&self, key: &[u8], msg: &[u8]) -> [u8; 32] {
+        RingCrypto::new().hmac_sha256(key, msg)
+    }
+    fn sha256(&self, data: &[u8]) -> [u8; 32] {
+        RingCrypto::new().sha256(data)
+    }
+    fn sha1(&self, data: &[u8]) -> [u8; 20] {
+        RingCrypto::new().sha1(data)
+    }
+    fn verify_signature(
+        &self,
+        algorithm: SignatureAlgorithm,
+        public_key: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), BadSignature> {
+        RingCrypto::new().verify_signature(algorithm, public_key, message, signature)
+    }
+    fn fill_random(&self, out: &mut [u8]) -> Result<(), RandomFailure> {
+        let byte = self.0.ok_or(RandomFailure)?;
+        out.fill(byte);
+        Ok(())
+    }
+}
+
+fn machine_with_random(config: RegistrationConfig, random: Option<u8>) -> Registration {
+    Registration::new(config, Arc::new(FixedRandom(random)))
+}
+
+/// When the machine resends after a throttled reply at `replied`: checks that it is within
+/// `replied + min ..= replied + max` and that nothing goes out before it.
+fn resend_at(reg: &mut Registration, replied: Timestamp, min: Duration, max: Duration) -> Timestamp {
+    let at = reg.poll_timeout().expect("a resend is scheduled");
+    let wait = at.saturating_since(replied);
+    assert!(min <= wait && wait <= max, "resend after {wait:?}, expected {min:?}..={max:?}");
+    assert_eq!(reg.poll_transmit(at - Duration::from_nanos(1)), None, "sent before the wait ended");
+    at
+}
+
+fn millis(ms: u64) -> Duration {
+    Duration::from_millis(ms)
 }
 
 fn reply(status: u16, retry_after: Option<u64>, body: serde_json::Value) -> ServiceResponse {
@@ -207,25 +255,27 @@ fn throttled_register_is_resent_after_retry_after_then_succeeds() {
     expect_register(&mut reg, t0());
     reg.handle_response(t0(), reply(429, Some(5), error_body(429001, "Too many requests")));
     assert!(!reg.is_finished());
-    assert_eq!(reg.poll_timeout(), Some(t0() + secs(5)));
-    assert_eq!(reg.poll_transmit(t0() + secs(4)), None);
-    expect_register(&mut reg, t0() + secs(5));
-    reg.handle_response(t0() + secs(5), assigning_register_reply());
-    expect_poll(&mut reg, t0() + secs(8));
-    reg.handle_response(t0() + secs(8), reply(200, None, assigned_body()));
+    // The wait the service asked for, plus up to half of it again.
+    let resent = resend_at(&mut reg, t0(), secs(5), millis(7500));
+    expect_register(&mut reg, resent);
+    reg.handle_response(resent, assigning_register_reply());
+    expect_poll(&mut reg, resent + secs(3));
+    reg.handle_response(resent + secs(3), reply(200, None, assigned_body()));
     assert!(matches!(reg.poll_event(), Some(RegistrationEvent::Assigned(_))));
 }
 
 #[test]
 fn throttling_without_retry_after_backs_off_exponentially() {
-    let mut reg = machine(config());
+    let mut cfg = config();
+    // Up to 1110 s of waits below: more than the default 900 s for the whole registration.
+    cfg.registration_timeout = secs(3600);
+    let mut reg = machine(cfg);
     let mut now = t0();
     expect_register(&mut reg, now);
-    for expected_wait in [2, 4, 8, 16] {
+    for ceiling in [2, 4, 8, 16, 32, 64, 128, 256, 300, 300] {
         reg.handle_response(now, reply(429, None, error_body(429001, "Too many requests")));
-        assert_eq!(reg.poll_timeout(), Some(now + secs(expected_wait)));
-        assert_eq!(reg.poll_transmit(now + secs(expected_wait - 1)), None);
-        now = now + secs(expected_wait);
+        // "Equal jitter": uniform in (b/2, b] of the doubling back-off b, capped at 300 s.
+        now = resend_at(&mut reg, now, secs(ceiling) / 2, secs(ceiling));
         expect_register(&mut reg, now);
     }
     reg.handle_response(now, reply(200, None, assigned_body()));
@@ -238,24 +288,24 @@ fn throttled_poll_without_operation_id_is_resent_with_the_kept_operation_id() {
     expect_poll(&mut reg, t0() + secs(3));
     // Error replies carry no operationId (spec §10.2); the poll must keep the register's id.
     reg.handle_response(t0() + secs(3), reply(429, Some(4), error_body(429001, "Too many requests")));
-    assert_eq!(reg.poll_transmit(t0() + secs(6)), None);
-    expect_poll(&mut reg, t0() + secs(7));
+    let resent = resend_at(&mut reg, t0() + secs(3), secs(4), secs(6));
+    expect_poll(&mut reg, resent);
     // A 202 poll reply without operationId is accepted too.
-    reg.handle_response(t0() + secs(7), reply(202, Some(3), json!({"status": "assigning"})));
-    expect_poll(&mut reg, t0() + secs(10));
+    reg.handle_response(resent, reply(202, Some(3), json!({"status": "assigning"})));
+    expect_poll(&mut reg, resent + secs(3));
 }
 
 #[test]
-fn service_errors_that_persist_end_as_throttled_after_the_retry_budget() {
+fn service_errors_that_persist_end_as_throttled_after_a_configured_retry_budget() {
     let mut cfg = config();
-    cfg.max_throttle_retries = 3;
+    cfg.max_throttle_retries = Some(3);
     let mut reg = machine(cfg);
     let mut now = t0();
     expect_register(&mut reg, now);
     for _ in 0..3 {
         reg.handle_response(now, reply(503, Some(1), error_body(503000, "Service unavailable")));
         assert!(!reg.is_finished());
-        now = now + secs(1);
+        now = resend_at(&mut reg, now, secs(1), millis(1500));
         expect_register(&mut reg, now);
     }
     reg.handle_response(now, reply(500, Some(1), error_body(500000, "Internal server error")));
@@ -263,22 +313,107 @@ fn service_errors_that_persist_end_as_throttled_after_the_retry_budget() {
     assert_eq!(f.kind, FailureKind::Throttled);
     assert_eq!(f.status, Some(500));
     assert_eq!(f.error_code, Some(500000));
+    assert_eq!(f.message, "gave up after 3 retries; last reply HTTP 500: Internal server error");
     assert_eq!(reg.poll_transmit(now + secs(10)), None);
+}
+
+#[test]
+fn giving_up_on_a_throttled_reply_without_a_message_does_not_repeat_the_status() {
+    let mut cfg = config();
+    cfg.max_throttle_retries = Some(0);
+    let mut reg = machine(cfg);
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), ServiceResponse { status: 429, retry_after: Some(secs(1)), body: Vec::new() });
+    let f = expect_failure(&mut reg);
+    assert_eq!(
+        f.to_string(),
+        "registration failed (throttled; HTTP 429): gave up after 0 retries; last reply HTTP 429"
+    );
 }
 
 #[test]
 fn retry_budget_restarts_after_the_service_makes_progress() {
     let mut cfg = config();
-    cfg.max_throttle_retries = 1;
+    cfg.max_throttle_retries = Some(1);
     let mut reg = machine(cfg);
     expect_register(&mut reg, t0());
     reg.handle_response(t0(), reply(429, Some(1), error_body(429001, "Too many requests")));
-    expect_register(&mut reg, t0() + secs(1));
-    reg.handle_response(t0() + secs(1), assigning_register_reply());
-    expect_poll(&mut reg, t0() + secs(4));
-    reg.handle_response(t0() + secs(4), reply(429, Some(1), error_body(429001, "Too many requests")));
+    let resent = resend_at(&mut reg, t0(), secs(1), millis(1500));
+    expect_register(&mut reg, resent);
+    reg.handle_response(resent, assigning_register_reply());
+    expect_poll(&mut reg, resent + secs(3));
+    reg.handle_response(resent + secs(3), reply(429, Some(1), error_body(429001, "Too many requests")));
     assert!(!reg.is_finished(), "the register's retry does not count against the poll");
-    expect_poll(&mut reg, t0() + secs(5));
+    let polled = resend_at(&mut reg, resent + secs(3), secs(1), millis(1500));
+    expect_poll(&mut reg, polled);
+}
+
+/// The reviewer's probe (D1): a service answering `429, Retry-After: 1` made the device give up
+/// after five resends, about 5 s into a registration allowed 900 s.
+#[test]
+fn a_device_throttled_or_failing_keeps_resending_until_the_registration_deadline() {
+    for (status, retry_after) in [(429, Some(1)), (503, None), (500, Some(30))] {
+        let mut reg = machine(config());
+        let mut now = t0();
+        let mut sent = 0;
+        while !reg.is_finished() {
+            if reg.poll_transmit(now).is_some() {
+                sent += 1;
+                reg.handle_response(now, reply(status, retry_after, error_body(503000, "busy")));
+                continue;
+            }
+            now = reg.poll_timeout().expect("a resend or the deadline is scheduled");
+            reg.handle_timeout(now);
+        }
+        let f = expect_failure(&mut reg);
+        assert_eq!(f.kind, FailureKind::Timeout, "HTTP {status}: {f}");
+        assert_eq!(now, t0() + secs(900), "HTTP {status}");
+        // The old budget allowed the first request and five resends.
+        assert!(sent > 6, "HTTP {status}: only {sent} requests in 900 s");
+    }
+}
+
+#[test]
+fn retry_jitter_comes_from_the_crypto_provider_and_never_undercuts_the_service() {
+    let ns = Duration::from_nanos;
+    // (random bytes, wait after `429, retry-after: 10`, the three waits after 503s without one)
+    let cases = [
+        // No jitter: what the service asked for, and the full back-off b = 2, 4, 8 s.
+        (Some(0x00), secs(10), [secs(2), secs(4), secs(8)]),
+        // The most jitter: half of the retry-after again, and just over b/2.
+        (Some(0xff), secs(15) - ns(1), [secs(1) + ns(1), secs(2) + ns(1), secs(4) + ns(1)]),
+        // A failing random source waits as if there were no jitter.
+        (None, secs(10), [secs(2), secs(4), secs(8)]),
+    ];
+    for (random, after_429, backoffs) in cases {
+        let mut reg = machine_with_random(config(), random);
+        expect_register(&mut reg, t0());
+        reg.handle_response(t0(), reply(429, Some(10), error_body(429001, "Too many requests")));
+        assert_eq!(reg.poll_timeout(), Some(t0() + after_429), "random {random:?}");
+
+        let mut reg = machine_with_random(config(), random);
+        let mut now = t0();
+        for wait in backoffs {
+            expect_register(&mut reg, now);
+            reg.handle_response(now, reply(503, None, error_body(503000, "Service unavailable")));
+            assert_eq!(reg.poll_timeout(), Some(now + wait), "random {random:?}");
+            now = now + wait;
+        }
+    }
+}
+
+#[test]
+fn devices_throttled_together_come_back_at_different_times() {
+    let resends: std::collections::BTreeSet<Timestamp> = (0..8)
+        .map(|_| {
+            let mut reg = machine(config());
+            expect_register(&mut reg, t0());
+            reg.handle_response(t0(), reply(429, Some(60), error_body(429001, "Too many requests")));
+            reg.poll_timeout().unwrap()
+        })
+        .collect();
+    assert!(resends.len() > 1, "eight devices all resend at {resends:?}");
+    assert!(resends.iter().all(|&at| at >= t0() + secs(60) && at < t0() + secs(90)), "{resends:?}");
 }
 
 #[test]
@@ -320,6 +455,46 @@ fn unknown_registration_and_bad_requests_fail_by_category() {
         let f = expect_failure(&mut reg);
         assert_eq!((f.kind, f.status, f.error_code), (kind, Some(status), Some(code)), "HTTP {status}");
     }
+}
+
+/// Reviewer's probe `status600` (D7): a status of 600 or more was backed off as a 5xx for 63 s.
+#[test]
+fn statuses_that_are_not_http_are_protocol_failures_not_retried() {
+    for status in [600, 700, 999, 1000, 100, 302] {
+        let mut reg = machine(config());
+        expect_register(&mut reg, t0());
+        reg.handle_response(t0(), reply(status, Some(1), error_body(503000, "odd")));
+        let f = expect_failure(&mut reg);
+        assert_eq!((f.kind, f.status), (FailureKind::Protocol, Some(status)), "HTTP {status}");
+    }
+}
+
+#[test]
+fn request_timeout_from_the_service_is_retried_like_a_server_error() {
+    let mut reg = registered(config());
+    expect_poll(&mut reg, t0() + secs(3));
+    reg.handle_response(t0() + secs(3), reply(408, None, error_body(408000, "Request timed out")));
+    assert!(!reg.is_finished(), "408 is transient");
+    let resent = resend_at(&mut reg, t0() + secs(3), secs(1), secs(2));
+    expect_poll(&mut reg, resent);
+    reg.handle_response(resent, reply(200, None, assigned_body()));
+    assert!(matches!(reg.poll_event(), Some(RegistrationEvent::Assigned(_))));
+}
+
+#[test]
+fn error_code_given_as_a_string_of_digits_is_read() {
+    for code in [json!("401002"), json!(401002)] {
+        let mut reg = machine(config());
+        expect_register(&mut reg, t0());
+        reg.handle_response(t0(), reply(401, None, json!({"errorCode": code, "message": "Unauthorized"})));
+        let f = expect_failure(&mut reg);
+        assert_eq!((f.kind, f.error_code), (FailureKind::Unauthorized, Some(401002)), "errorCode {code}");
+        assert_eq!(f.message, "Unauthorized");
+    }
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(401, None, json!({"errorCode": "soon", "message": "Unauthorized"})));
+    assert_eq!(expect_failure(&mut reg).error_code, None);
 }
 
 #[test]
@@ -370,6 +545,111 @@ fn assigned_reply_without_device_id_is_a_protocol_failure() {
     body["registrationState"].as_object_mut().unwrap().remove("deviceId");
     reg.handle_response(t0(), reply(200, None, body));
     assert_eq!(expect_failure(&mut reg).kind, FailureKind::Protocol);
+}
+
+fn expect_assignment(reg: &mut Registration) -> zerotouch_engine::registration::Assignment {
+    assert!(reg.is_finished());
+    match reg.poll_event() {
+        Some(RegistrationEvent::Assigned(a)) => a,
+        other => panic!("expected an assignment, got {other:?}"),
+    }
+}
+
+/// The body of the reviewer's fake DPS (D4): an assigned reply as ours sends it.
+fn probe_assigned_body() -> serde_json::Value {
+    json!({"operationId": OP, "status": "assigned", "registrationState": {
+        "registrationId": DEVICE, "assignedHub": "h.example", "deviceId": DEVICE, "status": "assigned",
+        "substatus": "initialAssignment", "payload": {"echo": "{}"}}})
+}
+
+/// Reviewer's probe `newsub` (D4): a substatus newer than this client failed the registration
+/// as a protocol error although the device was assigned.
+#[test]
+fn assigned_reply_with_a_substatus_this_version_does_not_know_is_an_assignment() {
+    let mut body = probe_assigned_body();
+    body["registrationState"]["substatus"] = json!("hubMovedV2");
+    let mut reg = registered(config());
+    expect_poll(&mut reg, t0() + secs(3));
+    reg.handle_response(t0() + secs(3), reply(200, None, body.clone()));
+    let a = expect_assignment(&mut reg);
+    assert_eq!((a.assigned_hub.as_str(), a.device_id.as_str()), ("h.example", DEVICE));
+    assert_eq!(a.substatus, None, "an unknown substatus is no known one");
+    assert_eq!(a.raw_state, body["registrationState"], "the reply as sent is kept");
+    assert_eq!(a.raw_state["substatus"], "hubMovedV2");
+    assert_eq!(a.payload, Some(json!({"echo": "{}"})), "the other members are read");
+    assert_eq!(a.state.status, Some(zerotouch_proto::device::RegistrationStatus::Assigned));
+}
+
+/// Reviewer's probe `extra` (D4): an `x509` detail with only some certificate fields (and a
+/// member this version does not know) failed with "missing field `sha1Thumbprint`".
+#[test]
+fn assigned_reply_with_partial_x509_detail_is_an_assignment() {
+    let mut body = probe_assigned_body();
+    body["registrationState"]["trust"] = json!({"x": 1});
+    body["registrationState"]["x509"] =
+        json!({"certificateInfo": {"subjectName": "CN=x"}, "enrollmentGroupId": "g"});
+    let mut cfg = config();
+    cfg.credential = DeviceCredential::X509;
+    let mut reg = machine(cfg);
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(200, None, body.clone()));
+    let a = expect_assignment(&mut reg);
+    assert_eq!((a.assigned_hub.as_str(), a.device_id.as_str()), ("h.example", DEVICE));
+    assert_eq!(a.substatus, Some(Substatus::InitialAssignment));
+    assert_eq!(a.state.x509, None, "the unreadable detail is left out of the typed state");
+    assert_eq!(a.raw_state["x509"]["certificateInfo"]["subjectName"], "CN=x", "and kept as sent");
+    assert_eq!(a.raw_state["trust"], json!({"x": 1}));
+}
+
+#[test]
+fn unreadable_optional_members_of_the_registration_state_do_not_fail_an_assignment() {
+    let mut body = probe_assigned_body();
+    let state = body["registrationState"].as_object_mut().unwrap();
+    state.insert("status".into(), json!("assignedV2"));
+    state.insert("createdDateTimeUtc".into(), json!("yesterday"));
+    state.insert("errorCode".into(), json!("none"));
+    state.insert("tpm".into(), json!({}));
+    state.remove("registrationId");
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(200, None, body));
+    let a = expect_assignment(&mut reg);
+    assert_eq!(a.assigned_hub, "h.example");
+    assert_eq!((a.state.status, a.state.created_date_time_utc, a.state.error_code), (None, None, None));
+    assert_eq!(a.tpm_authentication_key, None);
+    assert_eq!(a.state.registration_id.as_str(), DEVICE, "the device's own id fills a missing one");
+    assert_eq!(a.state.substatus, Some(Substatus::InitialAssignment));
+}
+
+#[test]
+fn assigned_reply_still_needs_hub_and_device_id_and_a_known_status() {
+    let mut body = probe_assigned_body();
+    body["registrationState"]["substatus"] = json!("hubMovedV2");
+    body["registrationState"]["assignedHub"] = json!(42);
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(200, None, body));
+    let f = expect_failure(&mut reg);
+    assert_eq!(f.kind, FailureKind::Protocol);
+    assert!(f.message.contains("assignedHub"), "{f}");
+
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), reply(200, None, json!({"operationId": OP, "status": "assignedV2"})));
+    assert_eq!(expect_failure(&mut reg).kind, FailureKind::Protocol);
+}
+
+#[test]
+fn failed_reply_with_unreadable_members_still_reports_its_error() {
+    let mut reg = registered(config());
+    expect_poll(&mut reg, t0() + secs(3));
+    let failed = json!({"operationId": OP, "status": "failed", "registrationState": {
+        "registrationId": DEVICE, "status": "failedV2", "substatus": "hubMovedV2",
+        "errorCode": "400209", "errorMessage": "Hub not specified."}});
+    reg.handle_response(t0() + secs(3), reply(200, None, failed));
+    let f = expect_failure(&mut reg);
+    assert_eq!((f.kind, f.error_code), (FailureKind::Failed, Some(400209)));
+    assert_eq!(f.message, "Hub not specified.");
 }
 
 #[test]
@@ -526,7 +806,8 @@ fn default_configuration_matches_the_documented_defaults() {
     assert_eq!(cfg.token_ttl, secs(3600));
     assert_eq!(cfg.request_timeout, secs(30));
     assert_eq!(cfg.default_retry_after, secs(2));
-    assert_eq!(cfg.max_throttle_retries, 5);
+    assert_eq!(cfg.max_throttle_retries, None, "no count: throttling is bounded by the registration timeout");
+    assert_eq!(cfg.registration_timeout, secs(900));
     assert_eq!(cfg.payload, None);
     let printed = format!("{cfg:?}");
     assert!(!printed.contains(KEY) && printed.contains("<redacted>"), "{printed}");
@@ -538,7 +819,8 @@ mod any_reply_sequence {
     use super::*;
 
     fn any_reply() -> impl Strategy<Value = ServiceResponse> {
-        let status = prop::sample::select(vec![200u16, 202, 204, 302, 400, 401, 404, 409, 429, 500, 503]);
+        let status =
+            prop::sample::select(vec![200u16, 202, 204, 302, 400, 401, 404, 408, 409, 429, 500, 503, 600]);
         let body = prop::sample::select(vec![
             assigning_register_reply().body,
             assigning_poll_reply().body,

@@ -1,6 +1,8 @@
 //! The simulator: drives device-side [`Registration`] state machines against a service-side
 //! [`Provisioner`] on a virtual clock, with a fixed one-way network delay. Everything is in
-//! process and deterministic apart from the random operation ids and etags.
+//! process and deterministic apart from the random operation ids and etags, and the jitter of
+//! the devices' waits after 429/5xx replies (it comes from [`Simulator::crypto`]; give it a
+//! provider with fixed random bytes to fix those waits too).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -217,7 +217,8 @@ impl ProvisioningClientBuilder {
         self
     }
 
-    /// How many 429/5xx replies in a row the client sits out before giving up (default 5).
+    /// How many 429/5xx replies in a row the client sits out before giving up (default: no
+    /// count; the client keeps retrying until the registration timeout).
     pub fn max_throttle_retries(mut self, retries: u32) -> Self {
         self.max_throttle_retries = Some(retries);
         self
@@ -280,7 +281,7 @@ impl ProvisioningClientBuilder {
             config.token_ttl = ttl;
         }
         if let Some(n) = self.max_throttle_retries {
-            config.max_throttle_retries = n;
+            config.max_throttle_retries = Some(n);
         }
         if let Some(timeout) = self.registration_timeout {
             if timeout.is_zero() {

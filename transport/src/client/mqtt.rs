@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
-    SubscribeReasonCode, TlsConfiguration,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet,
+    Publish, QoS, SubscribeReasonCode, TlsConfiguration,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -149,6 +149,13 @@ impl Link for MqttLink {
                         self.awaited_rid = None;
                         return Ok(response);
                     }
+                    // Said, so that a registration that then times out shows replies did arrive.
+                    tracing::debug!(
+                        rid,
+                        awaited_rid = self.awaited_rid.as_deref(),
+                        status = response.status,
+                        "dropped an MQTT reply whose $rid is not the one awaited"
+                    );
                 }
                 Some(Inbound::Connected | Inbound::Subscribed(_)) => {}
                 Some(Inbound::Closed(e)) => return Err(e),
@@ -183,17 +190,9 @@ async fn pump(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Inbound>, auth
                 !ack.return_codes.is_empty()
                     && ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))),
             ),
-            Ok(Event::Incoming(Packet::Publish(publish))) => match ResponseTopic::parse(&publish.topic) {
-                Ok(topic) => Inbound::Reply {
-                    rid: topic.rid,
-                    response: ServiceResponse {
-                        status: topic.status,
-                        retry_after: topic.retry_after.map(|s| Duration::from_secs(u64::from(s))),
-                        body: publish.payload.to_vec(),
-                    },
-                },
-                // Not a DPS reply: nothing waits for it.
-                Err(_) => continue,
+            Ok(Event::Incoming(Packet::Publish(publish))) => match reply(&publish) {
+                Some(reply) => reply,
+                None => continue,
             },
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => continue,
@@ -204,6 +203,25 @@ async fn pump(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Inbound>, auth
         };
         if tx.send(inbound).is_err() {
             return;
+        }
+    }
+}
+
+/// The DPS reply a PUBLISH carries; `None` (said at debug level, with the topic) when its topic
+/// is not a reply topic that parses: nothing waits for it.
+fn reply(publish: &Publish) -> Option<Inbound> {
+    match ResponseTopic::parse(&publish.topic) {
+        Ok(topic) => Some(Inbound::Reply {
+            rid: topic.rid,
+            response: ServiceResponse {
+                status: topic.status,
+                retry_after: topic.retry_after.map(|s| Duration::from_secs(u64::from(s))),
+                body: publish.payload.to_vec(),
+            },
+        }),
+        Err(e) => {
+            tracing::debug!(topic = %publish.topic, error = %e, "dropped an MQTT message that is not a DPS reply");
+            None
         }
     }
 }
@@ -227,4 +245,92 @@ fn connection_error(e: ConnectionError, authority: &str) -> ClientError {
 
 fn request_failed(e: rumqttc::ClientError) -> ClientError {
     ClientError::Connection(format!("the MQTT event loop stopped: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Log lines written while it is the default subscriber of this thread.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn start() -> (Self, tracing::subscriber::DefaultGuard) {
+            let captured = Self::default();
+            let writer = captured.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish();
+            (captured, tracing::subscriber::set_default(subscriber))
+        }
+
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    fn publish(topic: &str) -> Publish {
+        Publish::new(topic, QoS::AtLeastOnce, b"{}".to_vec())
+    }
+
+    /// Reviewer's probes `noq` and `radup` (D5): replies on topics that do not parse were
+    /// dropped without a word, and the registration ended in a bare timeout.
+    #[test]
+    fn a_message_on_a_topic_that_is_not_a_reply_is_dropped_with_a_debug_line() {
+        let (log, _guard) = Captured::start();
+        assert!(reply(&publish("$dps/registrations/res/202/")).is_none());
+        assert!(reply(&publish("$dps/registrations/res/202/?$rid=1&retry-after=3&retry-after=4")).is_none());
+        let Some(Inbound::Reply { rid, response }) =
+            reply(&publish("$dps/registrations/res/202/?$rid=7&retry-after=3"))
+        else {
+            panic!("a reply topic is a reply");
+        };
+        assert_eq!(
+            (rid.as_str(), response.status, response.retry_after),
+            ("7", 202, Some(Duration::from_secs(3)))
+        );
+        let text = log.text();
+        assert_eq!(text.matches("dropped an MQTT message that is not a DPS reply").count(), 2, "{text}");
+        assert!(text.contains("DEBUG") && text.contains("topic=$dps/registrations/res/202/ "), "{text}");
+        assert!(text.contains("retry-after=4"), "{text}");
+    }
+
+    /// Reviewer's probe `ridmismatch` (D5).
+    #[tokio::test]
+    async fn a_reply_whose_rid_is_not_awaited_is_dropped_with_a_debug_line() {
+        let (log, _guard) = Captured::start();
+        let (client, _eventloop) = AsyncClient::new(MqttOptions::new("dev", "localhost", 8883), 1);
+        let (tx, inbound) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async {});
+        let mut link = MqttLink { client, inbound, task, next_rid: 2, awaited_rid: Some("1".into()) };
+        let response = |status| ServiceResponse { status, retry_after: None, body: Vec::new() };
+        for (rid, status) in [("1x", 202), ("1", 200)] {
+            let _ = tx.send(Inbound::Reply { rid: rid.to_owned(), response: response(status) });
+        }
+        assert_eq!(link.recv().await.unwrap().status, 200, "the awaited reply still arrives");
+        let text = log.text();
+        assert!(text.contains("dropped an MQTT reply whose $rid is not the one awaited"), "{text}");
+        assert!(
+            text.contains("rid=\"1x\"") && text.contains("awaited_rid=\"1\"") && text.contains("status=202"),
+            "{text}"
+        );
+    }
 }
