@@ -9,6 +9,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use ring::rand::{SecureRandom, SystemRandom};
+use time::{Duration, OffsetDateTime};
 use zerotouch_proto::IdScope;
 
 use crate::config::TlsFiles;
@@ -62,7 +63,15 @@ pub fn ensure_dir(dir: &Path) -> Result<(), ServerError> {
     if dir.exists() && !dir.is_dir() {
         return Err(ServerError::Config(format!("data directory {}: not a directory", dir.display())));
     }
-    fs::create_dir_all(dir).map_err(|e| ServerError::io(dir, e))
+    // Owner-only: it holds the database (every key) and the development CA's key.
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        builder.mode(0o700);
+    }
+    builder.create(dir).map_err(|e| ServerError::io(dir, e))
 }
 
 /// A new ID scope in the shape DPS hands out: `0ne` and eight upper-case hex digits.
@@ -135,14 +144,19 @@ pub fn set_id_scope(dir: &Path, scope: &IdScope) -> Result<(), ServerError> {
 pub struct DevCertificates {
     /// The development CA certificate devices must trust (`--ca`, `server_verification_cert`).
     pub ca_cert: PathBuf,
-    /// The CA's private key (kept so the server certificate can be re-issued).
+    /// The CA's private key, kept so that the server certificate can be re-issued (when its
+    /// files are removed, or near the end of its validity) without a new CA.
     pub ca_key: PathBuf,
     /// The server certificate chain (server certificate, then the CA).
     pub server_cert: PathBuf,
     /// The server certificate's private key.
     pub server_key: PathBuf,
-    /// Whether this call generated them (false: reused from an earlier start).
+    /// Whether this call generated them all, a new CA included (false: reused from an earlier
+    /// start).
     pub generated: bool,
+    /// Whether this call issued a new server certificate from the kept CA (devices that trust
+    /// the CA need nothing new).
+    pub reissued: bool,
 }
 
 impl DevCertificates {
@@ -150,60 +164,111 @@ impl DevCertificates {
     pub fn tls_files(&self) -> TlsFiles {
         TlsFiles { cert: self.server_cert.clone(), key: self.server_key.clone() }
     }
+
+    fn in_dir(tls: &Path) -> Self {
+        DevCertificates {
+            ca_cert: tls.join("ca.pem"),
+            ca_key: tls.join("ca-key.pem"),
+            server_cert: tls.join("server.pem"),
+            server_key: tls.join("server-key.pem"),
+            generated: false,
+            reissued: false,
+        }
+    }
 }
 
 /// Host names and addresses the development server certificate is valid for.
 pub const DEV_SERVER_NAMES: [&str; 4] = ["localhost", "*.localhost", "127.0.0.1", "::1"];
 
+/// How long a new development CA is valid.
+pub const DEV_CA_VALIDITY_DAYS: i64 = 3653;
+
+/// How long a development server certificate is valid; it is re-issued from the kept CA at a
+/// start less than [`DEV_SERVER_RENEW_DAYS`] before its end.
+pub const DEV_SERVER_VALIDITY_DAYS: i64 = 825;
+
+/// See [`DEV_SERVER_VALIDITY_DAYS`].
+pub const DEV_SERVER_RENEW_DAYS: i64 = 30;
+
 /// The development CA and server certificate of `dir`, generated when missing. The server
-/// certificate is valid for [`DEV_SERVER_NAMES`] and chains to the CA.
+/// certificate is valid for [`DEV_SERVER_NAMES`] and chains to the CA. A missing server
+/// certificate or key, or one that ends within [`DEV_SERVER_RENEW_DAYS`], is issued anew from
+/// the kept CA; a missing CA certificate or key is an error (devices trust that CA: a new one
+/// would lock them out without a word).
 ///
 /// # Errors
 /// [`ServerError::Io`] for file failures, [`ServerError::Certificate`] when generation fails
-/// or existing files cannot be parsed.
+/// or existing files cannot be parsed, [`ServerError::Config`] when the CA is missing from a
+/// `tls` directory that exists.
 pub fn dev_certificates(dir: &Path) -> Result<DevCertificates, ServerError> {
     let tls = dir.join(TLS_DIR);
-    let certs = DevCertificates {
-        ca_cert: tls.join("ca.pem"),
-        ca_key: tls.join("ca-key.pem"),
-        server_cert: tls.join("server.pem"),
-        server_key: tls.join("server-key.pem"),
-        generated: false,
-    };
-    let present = [&certs.ca_cert, &certs.ca_key, &certs.server_cert, &certs.server_key];
-    if present.iter().all(|p| p.is_file()) {
+    let certs = DevCertificates::in_dir(&tls);
+    if !tls.exists() {
+        return first_dev_certificates(dir, &tls, certs);
+    }
+    if !certs.ca_cert.is_file() || !certs.ca_key.is_file() {
+        return Err(ServerError::Config(format!(
+            "{} or {} is missing: devices trust the development CA they held. Restore them, or remove \
+             {} to generate a new CA (devices then need the new ca.pem)",
+            certs.ca_cert.display(),
+            certs.ca_key.display(),
+            tls.display()
+        )));
+    }
+    if certs.server_cert.is_file() && certs.server_key.is_file() && !ends_soon(&certs.server_cert)? {
         return Ok(certs);
     }
+    // Two starts re-issuing at once may pair one's key with the other's certificate (each file
+    // is replaced whole); the TLS set-up then refuses the pair, and a restart issues again.
+    let ca_key = read(&certs.ca_key)?;
+    let ca_key = KeyPair::from_pem(&ca_key).map_err(|e| cert_error(&certs.ca_key, &e))?;
+    let ca_pem = read(&certs.ca_cert)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| cert_error(&certs.ca_cert, &e))?;
+    write_server_certificate(&certs, &issuer, &ca_pem)?;
+    Ok(DevCertificates { reissued: true, ..certs })
+}
+
+/// A first start writes the set into a directory of its own and renames it into place, which
+/// fails when another process starting on the same data directory got there first: then that
+/// one's set is the directory's, and both serve the CA that `tls/ca.pem` holds.
+fn first_dev_certificates(
+    dir: &Path,
+    tls: &Path,
+    certs: DevCertificates,
+) -> Result<DevCertificates, ServerError> {
     ensure_dir(dir)?;
-    if tls.exists() {
-        // Another start may have renamed its complete set into place since the check above.
-        if present.iter().all(|p| p.is_file()) {
-            return Ok(certs);
-        }
-        // Some files are missing (removed by hand): make them again in place.
-        write_dev_certificates(&certs)?;
-        return Ok(DevCertificates { generated: true, ..certs });
-    }
-    // A first start writes the set into a directory of its own and renames it into place, which
-    // fails when another process starting on the same data directory got there first: then that
-    // one's set is the directory's, and both serve the CA that `tls/ca.pem` holds.
     let aside = dir.join(aside_name(TLS_DIR));
-    ensure_dir(&aside)?;
-    let aside_certs = DevCertificates {
-        ca_cert: aside.join("ca.pem"),
-        ca_key: aside.join("ca-key.pem"),
-        server_cert: aside.join("server.pem"),
-        server_key: aside.join("server-key.pem"),
-        generated: true,
-    };
-    let written = write_dev_certificates(&aside_certs)
-        .and_then(|()| fs::rename(&aside, &tls).map_err(|e| ServerError::io(&tls, e)));
+    create_private_dir(&aside)?;
+    let written = write_dev_certificates(&DevCertificates::in_dir(&aside))
+        .and_then(|()| fs::rename(&aside, tls).map_err(|e| ServerError::io(tls, e)));
     let _ = fs::remove_dir_all(&aside);
     match written {
         Ok(()) => Ok(DevCertificates { generated: true, ..certs }),
-        Err(_) if present.iter().all(|p| p.is_file()) => Ok(certs),
+        Err(_) if certs.server_cert.is_file() && certs.ca_cert.is_file() => dev_certificates(dir),
         Err(e) => Err(e),
     }
+}
+
+fn read(path: &Path) -> Result<String, ServerError> {
+    fs::read_to_string(path).map_err(|e| ServerError::io(path, e))
+}
+
+fn cert_error(path: &Path, e: &rcgen::Error) -> ServerError {
+    ServerError::Certificate(format!("{}: {e}", path.display()))
+}
+
+/// Whether the first certificate of `path` ends within [`DEV_SERVER_RENEW_DAYS`].
+fn ends_soon(path: &Path) -> Result<bool, ServerError> {
+    Ok(not_after(path)? < OffsetDateTime::now_utc() + Duration::days(DEV_SERVER_RENEW_DAYS))
+}
+
+/// The end of the validity of the first certificate in the PEM file `path`.
+fn not_after(path: &Path) -> Result<OffsetDateTime, ServerError> {
+    let bad = |e: &dyn std::fmt::Display| ServerError::Certificate(format!("{}: {e}", path.display()));
+    let pem = read(path)?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(&e))?;
+    let cert = pem.parse_x509().map_err(|e| bad(&e))?;
+    Ok(cert.validity().not_after.to_datetime())
 }
 
 /// A hidden name next to `name` that no other start uses, in this process or another.
@@ -211,6 +276,13 @@ fn aside_name(name: &str) -> String {
     static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!(".{name}.{}.{n}", std::process::id())
+}
+
+/// Validity from an hour ago (clocks of devices run behind) for `days`.
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(days);
 }
 
 /// Generates a development CA and a server certificate signed by it into the paths of `certs`.
@@ -224,9 +296,24 @@ fn write_dev_certificates(certs: &DevCertificates) -> Result<(), ServerError> {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages =
         vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    // No name constraints: webpki refuses the `*.localhost` name under any (a wildcard is
+    // not matched against constraints), and our client and every rustls device use webpki.
+    validity(&mut ca_params, DEV_CA_VALIDITY_DAYS);
     let ca_cert = ca_params.self_signed(&ca_key).map_err(cert_err)?;
-    let issuer = Issuer::new(ca_params, &ca_key);
+    write_private(&certs.ca_key, &ca_key.serialize_pem())?;
+    let ca_pem = ca_cert.pem();
+    fs::write(&certs.ca_cert, &ca_pem).map_err(|e| ServerError::io(&certs.ca_cert, e))?;
+    write_server_certificate(certs, &Issuer::new(ca_params, &ca_key), &ca_pem)
+}
 
+/// Issues a server certificate for [`DEV_SERVER_NAMES`] from `issuer` into the server paths of
+/// `certs` (the chain ends with `ca_pem`).
+fn write_server_certificate<S: rcgen::SigningKey>(
+    certs: &DevCertificates,
+    issuer: &Issuer<'_, S>,
+    ca_pem: &str,
+) -> Result<(), ServerError> {
+    let cert_err = |e: rcgen::Error| ServerError::Certificate(e.to_string());
     let server_key = KeyPair::generate().map_err(cert_err)?;
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
@@ -242,13 +329,22 @@ fn write_dev_certificates(certs: &DevCertificates) -> Result<(), ServerError> {
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
-    let server_cert = params.signed_by(&server_key, &issuer).map_err(cert_err)?;
-
-    write_private(&certs.ca_key, &ca_key.serialize_pem())?;
+    validity(&mut params, DEV_SERVER_VALIDITY_DAYS);
+    let server_cert = params.signed_by(&server_key, issuer).map_err(cert_err)?;
     write_private(&certs.server_key, &server_key.serialize_pem())?;
-    fs::write(&certs.ca_cert, ca_cert.pem()).map_err(|e| ServerError::io(&certs.ca_cert, e))?;
-    let chain = format!("{}{}", server_cert.pem(), ca_cert.pem());
-    fs::write(&certs.server_cert, chain).map_err(|e| ServerError::io(&certs.server_cert, e))
+    let chain = format!("{}{ca_pem}", server_cert.pem());
+    replace(&certs.server_cert, chain.as_bytes(), false)
+}
+
+/// A directory only the owner may enter (the aside directory keys are written in).
+fn create_private_dir(path: &Path) -> Result<(), ServerError> {
+    let mut builder = fs::DirBuilder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        builder.mode(0o700);
+    }
+    builder.create(path).map_err(|e| ServerError::io(path, e))
 }
 
 /// Creates `path` as an empty file readable by the owner only, unless it exists. For the SQLite
@@ -274,16 +370,31 @@ pub fn create_private(path: &Path) -> Result<(), ServerError> {
 
 /// Writes a private key readable by the owner only.
 fn write_private(path: &Path, pem: &str) -> Result<(), ServerError> {
+    replace(path, pem.as_bytes(), true)
+}
+
+/// Replaces `path` with `bytes` whole: written to a new file beside it (owner-only when
+/// `private`), then renamed over it, so that a reader never sees half a file and a key never
+/// inherits the mode of the file it replaces.
+fn replace(path: &Path, bytes: &[u8], private: bool) -> Result<(), ServerError> {
     use std::io::Write as _;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let aside = path.with_file_name(aside_name(name));
     let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
+        options.mode(if private { 0o600 } else { 0o644 });
     }
-    let mut file = options.open(path).map_err(|e| ServerError::io(path, e))?;
-    file.write_all(pem.as_bytes()).map_err(|e| ServerError::io(path, e))
+    let written = options
+        .open(&aside)
+        .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_all()))
+        .and_then(|()| fs::rename(&aside, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&aside);
+    }
+    written.map_err(|e| ServerError::io(path, e))
 }
 
 #[cfg(test)]
@@ -337,6 +448,100 @@ mod tests {
                 .collect();
             assert!(leftovers.is_empty(), "{leftovers:?}");
         }
+    }
+
+    /// Issuer, subject and validity of the first certificate in `path`.
+    fn read_cert(path: &Path) -> (String, String, OffsetDateTime, OffsetDateTime) {
+        let pem = fs::read_to_string(path).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let validity = cert.validity();
+        (
+            cert.issuer().to_string(),
+            cert.subject().to_string(),
+            validity.not_before.to_datetime(),
+            validity.not_after.to_datetime(),
+        )
+    }
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_removed_server_certificate_is_issued_again_from_the_kept_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dev_certificates(dir.path()).unwrap();
+        let ca = fs::read_to_string(&first.ca_cert).unwrap();
+        let server = fs::read_to_string(&first.server_cert).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            fs::set_permissions(&first.server_key, fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        fs::remove_file(&first.server_cert).unwrap();
+        let again = dev_certificates(dir.path()).unwrap();
+        assert!(again.reissued && !again.generated);
+        assert_eq!(fs::read_to_string(&again.ca_cert).unwrap(), ca, "the CA devices trust was replaced");
+        let chain = fs::read_to_string(&again.server_cert).unwrap();
+        assert_ne!(chain, server);
+        assert!(chain.ends_with(&ca), "the new chain ends with the kept CA");
+        #[cfg(unix)]
+        assert_eq!(mode(&again.server_key), 0o600, "the new key kept the old file's mode");
+        // Issued by the kept CA: same issuer name, and a TLS server accepts the pair.
+        assert_eq!(read_cert(&again.server_cert).0, read_cert(&again.ca_cert).1);
+        let third = dev_certificates(dir.path()).unwrap();
+        assert!(!third.reissued && !third.generated);
+    }
+
+    #[test]
+    fn a_removed_ca_is_an_error_not_a_new_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dev_certificates(dir.path()).unwrap();
+        let server = fs::read_to_string(&first.server_cert).unwrap();
+        fs::remove_file(&first.ca_key).unwrap();
+        let refused = dev_certificates(dir.path()).unwrap_err().to_string();
+        assert!(refused.contains("ca-key.pem") && refused.contains("remove"), "{refused}");
+        assert_eq!(fs::read_to_string(&first.server_cert).unwrap(), server);
+        assert!(!first.ca_key.exists());
+    }
+
+    #[test]
+    fn development_certificates_have_bounded_validity() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dev_certificates(dir.path()).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (_, _, ca_from, ca_until) = read_cert(&certs.ca_cert);
+        assert!(ca_from < now && ca_until < now + Duration::days(3660), "{ca_until:?}");
+        let (_, _, _, until) = read_cert(&certs.server_cert);
+        assert!(until > now + Duration::days(800) && until < now + Duration::days(830));
+        #[cfg(unix)]
+        {
+            assert_eq!(mode(&certs.ca_key), 0o600);
+            assert_eq!(mode(dir.path().join(TLS_DIR).as_path()) & 0o077, 0);
+        }
+    }
+
+    #[test]
+    fn a_server_certificate_near_its_end_is_issued_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dev_certificates(dir.path()).unwrap();
+        // Replace the server certificate by one of the same CA that ends in ten days.
+        let ca_key = KeyPair::from_pem(&fs::read_to_string(&certs.ca_key).unwrap()).unwrap();
+        let ca_pem = fs::read_to_string(&certs.ca_cert).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut short = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        short.not_after = OffsetDateTime::now_utc() + Duration::days(10);
+        let cert = short.signed_by(&key, &issuer).unwrap();
+        fs::write(&certs.server_cert, format!("{}{ca_pem}", cert.pem())).unwrap();
+        fs::write(&certs.server_key, key.serialize_pem()).unwrap();
+        let again = dev_certificates(dir.path()).unwrap();
+        assert!(again.reissued);
+        assert!(read_cert(&again.server_cert).3 > OffsetDateTime::now_utc() + Duration::days(800));
+        assert_eq!(fs::read_to_string(&again.ca_cert).unwrap(), ca_pem);
     }
 
     #[test]

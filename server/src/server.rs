@@ -196,6 +196,11 @@ pub async fn start_with_limits<B: Backend>(
             let dev = datadir::dev_certificates(data_dir)?;
             if dev.generated {
                 tracing::info!(ca = %dev.ca_cert.display(), "generated a development CA and server certificate");
+            } else if dev.reissued {
+                tracing::info!(
+                    server_cert = %dev.server_cert.display(),
+                    "issued a new development server certificate from the kept CA (devices keep trusting it)"
+                );
             }
             if config.store.database_url.is_some() {
                 tracing::warn!(
