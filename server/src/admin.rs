@@ -377,16 +377,35 @@ fn dropped(given: &Value, kept: &Value, path: &str, out: &mut Vec<String>) {
     }
 }
 
-/// Deserializes with the path of the offending field in the message.
+/// Deserializes with the path of the offending field in the message, and without the value
+/// serde quotes for a field of the wrong type or value (`invalid type: string "…"`): that is
+/// where a key given in the wrong shape lands, and these messages go to logs.
 fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
+        let message = without_invalid_value(&e.into_inner().to_string());
         if path == "." {
-            e.into_inner().to_string()
+            message
         } else {
-            format!("field {path}: {}", e.into_inner())
+            format!("field {path}: {message}")
         }
     })
+}
+
+/// serde's `invalid type: string "VALUE", expected …` (and `invalid value: …`) with the value
+/// left out.
+fn without_invalid_value(message: &str) -> String {
+    let Some(rest) =
+        message.strip_prefix("invalid type: ").or_else(|| message.strip_prefix("invalid value: "))
+    else {
+        return message.to_owned();
+    };
+    let kind = &message[..message.len() - rest.len()];
+    match (rest.strip_prefix("string \""), rest.rfind(", expected")) {
+        (Some(_), Some(end)) => format!("{kind}string{}", &rest[end..]),
+        (Some(_), None) => format!("{kind}string"),
+        _ => message.to_owned(),
+    }
 }
 
 /// Imports `entries`: every entry is first checked by the engine against a scratch store
@@ -681,6 +700,22 @@ mod tests {
     use super::*;
 
     const NOW: Timestamp = Timestamp::EPOCH;
+
+    #[test]
+    fn a_malformed_entry_is_named_without_echoing_its_values() {
+        let secret = "VE9QU0VDUkVUS0VZVE9QU0VDUkVUS0VZ";
+        let text = format!(
+            r#"[{{"registrationId": "dev-1", "attestation": {{"type": "symmetricKey", "symmetricKey": "{secret}"}}}}]"#
+        );
+        let refused = parse_import(&text).unwrap_err().to_string();
+        assert!(refused.contains("entry 0") && refused.contains("attestation.symmetricKey"), "{refused}");
+        assert!(refused.contains("invalid type: string"), "{refused}");
+        assert!(!refused.contains(secret), "{refused}");
+        // A misspelt attestation type is quoted: it is what the file got wrong.
+        let typo = r#"[{"registrationId": "dev-2", "attestation": {"type": "symetricKey"}}]"#;
+        let refused = parse_import(typo).unwrap_err().to_string();
+        assert!(refused.contains("symetricKey"), "{refused}");
+    }
 
     #[test]
     fn import_writes_individual_enrollments_and_groups() {

@@ -231,7 +231,8 @@ async fn read_body(
 }
 
 fn malformed_json(e: &serde_json::Error) -> Reply {
-    // serde's message names the position and the expected field, never the data.
+    // serde's message names the position and the expected field, and may quote a value of the
+    // wrong type: only back to the client that sent it, never into a log.
     error_reply(400, 400000, &format!("The request body is not a valid DeviceRegistration: {e}"), None)
 }
 
