@@ -23,7 +23,7 @@ macro_rules! on_backend {
                 $body
             }
             Some(url) => {
-                let $b = crate::backend::PgBackend::connect(&url)?;
+                let $b = crate::backend::PgBackend::connect(url.as_str())?;
                 $body
             }
         }
@@ -87,7 +87,7 @@ pub struct StoreArgs {
     /// PostgreSQL URL of the server's database instead; also read from
     /// `ZEROTOUCH_DATABASE_URL`, out of sight of `ps`.
     #[arg(long, value_name = "URL", env = "ZEROTOUCH_DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
+    pub database_url: Option<crate::config::DatabaseUrl>,
 }
 
 impl StoreArgs {
@@ -423,9 +423,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServerError> {
         }
         Some(url) => {
             // The PostgreSQL client blocks (it drives its own runtime).
-            let backend = tokio::task::spawn_blocking(move || crate::backend::PgBackend::connect(&url))
-                .await
-                .map_err(|e| ServerError::Store(e.to_string()))??;
+            let backend =
+                tokio::task::spawn_blocking(move || crate::backend::PgBackend::connect(url.as_str()))
+                    .await
+                    .map_err(|e| ServerError::Store(e.to_string()))??;
             serve_on(&config, backend).await
         }
     }

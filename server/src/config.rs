@@ -62,7 +62,7 @@ pub struct Settings {
     /// also read from `ZEROTOUCH_DATABASE_URL`, out of sight of `ps` (plain TCP: no TLS to the
     /// database).
     #[arg(long, value_name = "URL", env = "ZEROTOUCH_DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
+    pub database_url: Option<DatabaseUrl>,
     /// Seconds devices are told to wait before polling an `assigning` registration (1 to 300;
     /// default 3 like Azure DPS). Smaller values make registrations finish sooner.
     #[arg(long, value_name = "SECS")]
@@ -223,12 +223,43 @@ pub struct StoreLocation {
     /// The data directory.
     pub data_dir: PathBuf,
     /// PostgreSQL URL; `None` means SQLite in the data directory.
-    pub database_url: Option<String>,
+    pub database_url: Option<DatabaseUrl>,
+}
+
+/// A PostgreSQL URL, which may hold a password: its `Debug` shows none of it, so that no
+/// `{:?}` of a configuration ever logs it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The URL, password included.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(url: String) -> Self {
+        Self(url)
+    }
+}
+
+impl From<&str> for DatabaseUrl {
+    fn from(url: &str) -> Self {
+        Self(url.to_owned())
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(<redacted>)")
+    }
 }
 
 impl StoreLocation {
     /// `data_dir` (default [`DEFAULT_DATA_DIR`]) and an optional database URL.
-    pub fn new(data_dir: Option<PathBuf>, database_url: Option<String>) -> Self {
+    pub fn new(data_dir: Option<PathBuf>, database_url: Option<DatabaseUrl>) -> Self {
         Self { data_dir: data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)), database_url }
     }
 }
@@ -354,6 +385,17 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_configuration_printed_for_debugging_shows_no_database_password() {
+        let settings =
+            Settings { database_url: Some("postgres://zt:S3cretPw@db/zt".into()), ..Settings::default() };
+        let config = settings.clone().resolve().unwrap();
+        for printed in [format!("{settings:?}"), format!("{config:?}")] {
+            assert!(!printed.contains("S3cretPw") && printed.contains("<redacted>"), "{printed}");
+        }
+        assert_eq!(config.store.database_url.unwrap().as_str(), "postgres://zt:S3cretPw@db/zt");
+    }
 
     #[test]
     fn no_settings_mean_the_embedded_default() {
