@@ -437,17 +437,29 @@ async fn serve_on<B: Backend>(config: &crate::config::ServeConfig, backend: B) -
     // the endpoints still gets a graceful stop.
     let stop = ShutdownSignal::register()?;
     let handle = crate::server::start(config, backend).await?;
-    println!("zerotouch serving id scope {}", handle.id_scope());
-    println!("  MQTT/TLS          {}", handle.mqtt_addr());
-    println!("  HTTPS, MQTT/WS    {}", handle.https_addr());
+    let mut banner = format!(
+        "zerotouch serving id scope {}\n  MQTT/TLS          {}\n  HTTPS, MQTT/WS    {}\n",
+        handle.id_scope(),
+        handle.mqtt_addr(),
+        handle.https_addr()
+    );
     for hub in &config.hubs {
-        println!("  embedded hub      {} (weight {})", hub.name, hub.weight);
+        banner.push_str(&format!("  embedded hub      {} (weight {})\n", hub.name, hub.weight));
     }
     match handle.ca_cert() {
-        Some(ca) => println!("  development CA    {}", ca.display()),
-        None => println!("  certificate       {}", handle.tls_files().cert.display()),
+        Some(ca) => banner.push_str(&format!("  development CA    {}\n", ca.display())),
+        None => banner.push_str(&format!("  certificate       {}\n", handle.tls_files().cert.display())),
     }
-    println!("  data              {}", config.store.data_dir.display());
+    banner.push_str(&format!("  data              {}\n", config.store.data_dir.display()));
+    // A closed standard output (`serve | head -1`, a supervisor that closed it) costs the
+    // banner, not the server.
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out.write_all(banner.as_bytes()).and_then(|()| out.flush()) {
+            tracing::debug!(error = %e, "the start-up banner could not be written to standard output");
+        }
+    }
     stop.recv().await;
     tracing::info!("shutting down");
     handle.shutdown().await;

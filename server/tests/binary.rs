@@ -463,6 +463,32 @@ fn an_id_scope_flag_that_replaces_the_kept_one_says_so() {
 }
 
 #[test]
+fn serve_keeps_running_when_its_standard_output_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+        .args(["serve", "--data-dir", data.to_str().unwrap()])
+        .args(["--mqtt-listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    // Started once the data directory has its certificates; then give it a moment to print.
+    for _ in 0..100 {
+        if data.join("tls").join("server.pem").is_file() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(matches!(child.try_wait(), Ok(None)), "serve ended when its standard output closed");
+    let server = Served(child);
+    assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
+}
+
+#[test]
 fn an_import_with_no_server_running_leaves_its_enrollments_in_the_database_file() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
