@@ -625,3 +625,36 @@ fn a_registration_that_cannot_be_allocated_shows_as_failed_in_the_enrollment_lis
         "{logs}"
     );
 }
+
+#[test]
+fn a_device_that_refuses_the_server_certificate_shows_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let log_path = dir.path().join("serve.log");
+    let log = Stdio::from(std::fs::File::create(&log_path).unwrap());
+    let (server, mqtt, _) = serve_logging(data, "0ne0000FA12", "info", log);
+    let host = format!("localhost:{mqtt}");
+    // No --ca: the device checks the development certificate against the system's roots.
+    let out = zerotouch(&[
+        "device",
+        "register",
+        "--provisioning-host",
+        &host,
+        "--id-scope",
+        "0ne0000FA12",
+        "--registration-id",
+        "gate-2",
+        "--symmetric-key",
+        "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+    ]);
+    assert!(!out.status.success());
+    assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    let refused = logs
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("TLS handshake refused")));
+    let refused = refused.unwrap_or_else(|| panic!("no line about the refused handshake in {logs}"));
+    assert_eq!(refused["level"], "INFO");
+    assert!(refused["fields"]["error"].as_str().unwrap().contains("alert"), "{refused}");
+}

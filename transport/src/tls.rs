@@ -234,7 +234,18 @@ pub async fn accept_by(
             Some((tls, chain))
         }
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "TLS handshake failed");
+            // A device that refuses the server's certificate (wrong name, CA it does not trust)
+            // or shares no protocol version or cipher suite with it is what an operator looks
+            // for when devices cannot connect: at info, within the log budget. Connections that
+            // just close (port probes, health checks) stay at debug.
+            match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+                Some(tls @ (rustls::Error::AlertReceived(_) | rustls::Error::PeerIncompatible(_)))
+                    if crate::limits::CLIENT_LOG.allows() =>
+                {
+                    tracing::info!(error = %tls, "TLS handshake refused by the client, or without a common protocol");
+                }
+                _ => tracing::debug!(error = %e, "TLS handshake failed"),
+            }
             None
         }
         Err(_) => {
