@@ -73,7 +73,7 @@ pub fn server_config_from_files(cert_chain: &Path, key: &Path) -> Result<ServerC
 /// A server configuration from DER certificates (leaf first) and a private key: ring, TLS 1.2
 /// and 1.3, client certificates requested but optional (see [`EngineClientCertVerifier`]).
 ///
-/// Callers add ALPN protocols themselves (the HTTPS listener wants `http/1.1`, MQTT none).
+/// No ALPN protocols: the HTTPS listener sets `http/1.1` on its copy, MQTT needs none.
 ///
 /// # Errors
 /// [`TlsError::Rustls`] when the key does not match the certificate or is unsupported.

@@ -171,3 +171,26 @@ async fn a_body_larger_than_the_header_buffer_is_still_served() {
     assert_eq!(reply.status, 202, "{}", reply.body);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_https_listener_speaks_http_1_1_and_refuses_clients_that_offer_only_other_protocols() {
+    let server = Server::start().await;
+    let handshake = |alpn: Vec<Vec<u8>>| {
+        let mut config = server.client_config(None);
+        config.alpn_protocols = alpn;
+        let addr = server.addr;
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            connector.connect(name, tcp).await.map(|tls| tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec))
+        }
+    };
+    assert_eq!(
+        handshake(vec![b"h2".to_vec(), b"http/1.1".to_vec()]).await.unwrap(),
+        Some(b"http/1.1".to_vec())
+    );
+    assert_eq!(handshake(Vec::new()).await.unwrap(), None, "a client offering nothing is served");
+    assert!(handshake(vec![b"h2".to_vec()]).await.is_err(), "an h2-only client got a connection");
+    server.stop().await;
+}

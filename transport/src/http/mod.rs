@@ -69,7 +69,11 @@ pub async fn serve_https<F>(
         }
     };
     let span = |peer| tracing::info_span!("https", %peer);
-    serve_listener("https", listener, tls, &limits, shutdown, span, handle).await;
+    // HTTP/1.1 is what this listener speaks: a client that offers only other protocols (h2, or
+    // another service's) is refused at the handshake instead of being answered in the wrong one.
+    let mut tls = Arc::unwrap_or_clone(tls);
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    serve_listener("https", listener, Arc::new(tls), &limits, shutdown, span, handle).await;
 }
 
 /// hyper's read buffer per connection, headers included.
