@@ -490,8 +490,13 @@ where
     }
     let request = match DeviceRequest::parse_topic(&publish.topic) {
         Ok(request) => request,
-        Err(e) => {
-            tracing::debug!(error = %e, "publish to an unknown topic ignored");
+        Err(_) => {
+            // The topic is the client's (up to a packet's size): its start is enough to see.
+            tracing::debug!(
+                topic = clip(&publish.topic, 128),
+                length = publish.topic.len(),
+                "publish to an unknown topic ignored"
+            );
             return Ok(None);
         }
     };
@@ -617,5 +622,25 @@ fn packet_name(packet: &Packet) -> &'static str {
         Packet::PingReq => "PINGREQ",
         Packet::PingResp => "PINGRESP",
         Packet::Disconnect => "DISCONNECT",
+    }
+}
+
+/// At most `max` bytes of the start of `text`, cut at a character boundary.
+fn clip(text: &str, max: usize) -> &str {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod clip_tests {
+    #[test]
+    fn clipping_keeps_whole_characters() {
+        assert_eq!(super::clip("abc", 128), "abc");
+        assert_eq!(super::clip("abcdef", 3), "abc");
+        assert_eq!(super::clip("aé", 2), "a", "é is two bytes");
+        assert_eq!(super::clip("", 4), "");
     }
 }
