@@ -363,8 +363,32 @@ pub fn create_private(path: &Path) -> Result<(), ServerError> {
     }
     match options.open(path) {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // One from an older build, restored from a backup, or made by `sqlite3`: left as it
+            // is (it is the operator's file), but they should know.
+            if others_may_read(path) {
+                tracing::warn!(
+                    path = %path.display(),
+                    "this file holds every enrollment and device key and other users may read it: chmod 600 it"
+                );
+            }
+            Ok(())
+        }
         Err(e) => Err(ServerError::io(path, e)),
+    }
+}
+
+/// Whether users other than the owner may read `path` (false where there are no such modes).
+fn others_may_read(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o044 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
     }
 }
 
@@ -542,6 +566,21 @@ mod tests {
         assert!(again.reissued);
         assert!(read_cert(&again.server_cert).3 > OffsetDateTime::now_utc() + Duration::days(800));
         assert_eq!(fs::read_to_string(&again.ca_cert).unwrap(), ca_pem);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_database_file_others_may_read_is_noticed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zerotouch.sqlite");
+        create_private(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert!(!others_may_read(&path));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(others_may_read(&path));
+        create_private(&path).unwrap();
+        assert_eq!(mode(&path), 0o644, "the operator's file is left as it is");
     }
 
     #[test]
