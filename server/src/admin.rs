@@ -37,6 +37,9 @@ pub struct ImportSummary {
     pub individual_enrollments: usize,
     /// Enrollment groups created or replaced.
     pub enrollment_groups: usize,
+    /// How many of them replaced an enrollment (or group) of the same id, whole: a field the
+    /// entry left out is gone from the enrollment (keys aside, which are kept).
+    pub replaced: usize,
     /// The keys generated for symmetric-key entries that gave none and replaced no enrollment
     /// with keys: shown once, here, as DPS returns them from the PUT that made them (its reads
     /// leave keys out, spec §0 trap 13).
@@ -468,8 +471,12 @@ fn write_all<S>(
 where
     S: EnrollmentStore + EnrollmentGroupStore + RegistrationStore + ?Sized,
 {
-    let empty =
-        || ImportSummary { individual_enrollments: 0, enrollment_groups: 0, generated_keys: Vec::new() };
+    let empty = || ImportSummary {
+        individual_enrollments: 0,
+        enrollment_groups: 0,
+        replaced: 0,
+        generated_keys: Vec::new(),
+    };
     let mut summary = empty();
     store.atomically(&mut || {
         // A unit may be run again (a backend's retry): count afresh.
@@ -481,6 +488,10 @@ where
             match entry {
                 ImportEntry::Individual(e) => {
                     let keyless = lacks_keys(&e.attestation);
+                    if store.enrollment(&e.registration_id).map_err(zerotouch_engine::Error::from)?.is_some()
+                    {
+                        summary.replaced += 1;
+                    }
                     let stored = enrollments::put_enrollment(store, crypto, now, *e, &IfMatch::Absent)?;
                     if keyless {
                         summary.generated_keys.push(generated(
@@ -493,6 +504,13 @@ where
                 }
                 ImportEntry::Group(g) => {
                     let keyless = lacks_keys(&g.attestation);
+                    if store
+                        .enrollment_group(&g.enrollment_group_id)
+                        .map_err(zerotouch_engine::Error::from)?
+                        .is_some()
+                    {
+                        summary.replaced += 1;
+                    }
                     let stored = enrollments::put_enrollment_group(store, crypto, now, *g, &IfMatch::Absent)?;
                     if keyless {
                         summary.generated_keys.push(generated(
@@ -730,9 +748,20 @@ mod tests {
         let summary = import(&store, &RingCrypto::new(), NOW, entries).unwrap();
         assert_eq!((summary.individual_enrollments, summary.enrollment_groups), (1, 1));
         assert_eq!(summary.generated_keys.len(), 2, "{summary:?}");
+        assert_eq!(summary.replaced, 0);
+        // Imported again: the same two, each replacing what was there.
+        let again = parse_import(
+            r#"[{"registrationId": "dev-1", "attestation": {"type": "symmetricKey"}},
+            {"enrollmentGroupId": "sensors", "attestation": {"type": "symmetricKey"}},
+            {"registrationId": "dev-2", "attestation": {"type": "symmetricKey"}}]"#,
+        )
+        .unwrap();
+        let summary_again = import(&store, &RingCrypto::new(), NOW, again).unwrap();
+        assert_eq!(summary_again.replaced, 2, "{summary_again:?}");
         let listed = list_enrollments(&store, false).unwrap();
         assert_eq!(listed[0]["registrationId"], "dev-1");
-        assert_eq!(listed[1]["enrollmentGroupId"], "sensors");
+        assert_eq!(listed[1]["registrationId"], "dev-2");
+        assert_eq!(listed[2]["enrollmentGroupId"], "sensors");
         assert!(listed[0]["attestation"]["symmetricKey"]["primaryKey"].is_null(), "keys are not listed");
     }
 

@@ -83,7 +83,10 @@ async fn imported_devices_provision_over_every_transport_and_land_in_the_hub_reg
     let file = write_enrollments(dir.path(), &line);
 
     let imported = zerotouch(&["enrollments", "import", "--data-dir", data, &file]);
-    assert_eq!(imported["imported"], json!({"individualEnrollments": 1, "enrollmentGroups": 2}));
+    assert_eq!(
+        imported["imported"],
+        json!({"individualEnrollments": 1, "enrollmentGroups": 2, "replaced": 0})
+    );
     let listed = zerotouch(&["enrollments", "list", "--data-dir", data]);
     assert_eq!(listed.as_array().unwrap().len(), 3);
 
