@@ -197,7 +197,7 @@ pub fn parse_import(text: &str) -> Result<Vec<ImportEntry>, ServerError> {
 /// ids that repeat, and what the engine refuses (attestation, keys, certificates, initial twin).
 /// Returns the warnings `enrollments import` prints: fields outside the schema (kept at the top
 /// level, dropped deeper down), attestation members of another type than the entry's (dropped),
-/// custom allocation (no webhook here), hubs not among `known_hubs` (said only when the store
+/// TPM attestation and custom allocation (refused, and no webhook, here), hubs not among `known_hubs` (said only when the store
 /// knows some: a fresh store links its hubs when a server first starts on it), `caReferences`
 /// (no command here registers a CA certificate by name), and individual X.509 enrollments whose
 /// registration id is not their certificate's CN (spec §5.2: a device registers under its CN).
@@ -298,6 +298,12 @@ fn entry_warnings(
                 attestation.kind
             ));
         }
+    }
+    if attestation.kind == AttestationType::Tpm {
+        warnings.push(format!(
+            "entry {index}: TPM attestation: `zerotouch serve` refuses TPM registrations (400), so its devices \
+             cannot register"
+        ));
     }
     if allocation == Some(zerotouch_proto::service::AllocationPolicy::Custom) {
         warnings.push(format!(
@@ -1051,6 +1057,19 @@ mod tests {
         let warnings = check_import(&ImportFile::parse(text).unwrap(), &RingCrypto::new(), NOW, &[]).unwrap();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].starts_with(r#"entry 1: allocationPolicy "custom""#), "{warnings:?}");
+    }
+
+    #[test]
+    fn tpm_entries_are_named_since_serve_refuses_their_devices() {
+        use base64::Engine as _;
+        let ek = base64::engine::general_purpose::STANDARD.encode([0u8; 300]);
+        let text = format!(
+            r#"[{{"registrationId": "tpm-1", "attestation": {{"type": "tpm", "tpm": {{"endorsementKey": "{ek}"}}}}}}]"#
+        );
+        let warnings =
+            check_import(&ImportFile::parse(&text).unwrap(), &RingCrypto::new(), NOW, &[]).unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].starts_with("entry 0: TPM attestation"), "{warnings:?}");
     }
 
     #[test]
