@@ -617,6 +617,26 @@ where
     S: EnrollmentStore + EnrollmentGroupStore + RegistrationStore + ?Sized,
 {
     let mut out = Vec::new();
+    for_each_enrollment(store, with_keys, &mut |entry| {
+        out.push(entry);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Hands `visit` every enrollment as [`list_enrollments`] lists them, a page at a time, so that
+/// a store of a million enrollments is never in memory at once.
+///
+/// # Errors
+/// Store failures, and whatever `visit` fails with (which ends the walk).
+pub fn for_each_enrollment<S>(
+    store: &S,
+    with_keys: bool,
+    visit: &mut dyn FnMut(Value) -> Result<(), ServerError>,
+) -> Result<(), ServerError>
+where
+    S: EnrollmentStore + EnrollmentGroupStore + RegistrationStore + ?Sized,
+{
     let mut page = PageRequest::default();
     loop {
         let p = if with_keys {
@@ -626,7 +646,7 @@ where
         };
         // With the device's registration state, as DPS reads show it (an import ignores it).
         for enrollment in p.items {
-            out.push(to_json(&enrollments::with_registration_state(store, enrollment)?));
+            visit(to_json(&enrollments::with_registration_state(store, enrollment)?))?;
         }
         match p.continuation {
             Some(c) => page.continuation = Some(c),
@@ -640,13 +660,14 @@ where
         } else {
             enrollments::query_enrollment_groups(store, &page)?
         };
-        out.extend(p.items.iter().map(to_json));
+        for group in &p.items {
+            visit(to_json(group))?;
+        }
         match p.continuation {
             Some(c) => page.continuation = Some(c),
-            None => break,
+            None => return Ok(()),
         }
     }
-    Ok(out)
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Value {
@@ -703,13 +724,30 @@ pub fn device<I: IdentityStore + ?Sized>(store: &I, id: &DeviceId) -> Result<Opt
 /// Store failures.
 pub fn devices<I: IdentityStore + ?Sized>(store: &I) -> Result<Vec<Device>, ServerError> {
     let mut out = Vec::new();
+    for_each_device(store, &mut |device| {
+        out.push(device);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Hands `visit` every device identity of a hub registry, ordered by id, a page at a time.
+///
+/// # Errors
+/// Store failures, and whatever `visit` fails with (which ends the walk).
+pub fn for_each_device<I: IdentityStore + ?Sized>(
+    store: &I,
+    visit: &mut dyn FnMut(Device) -> Result<(), ServerError>,
+) -> Result<(), ServerError> {
     let mut page = PageRequest { continuation: None, max_items: 1000 };
     loop {
         let p = store.devices(&page).map_err(zerotouch_engine::Error::from)?;
-        out.extend(p.items);
+        for device in p.items {
+            visit(device)?;
+        }
         match p.continuation {
             Some(c) => page.continuation = Some(c),
-            None => return Ok(out),
+            None => return Ok(()),
         }
     }
 }

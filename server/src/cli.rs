@@ -271,6 +271,20 @@ pub struct RegisterArgs {
 /// # Errors
 /// Invalid import files ([`ServerError::Import`]), unreadable files, store failures.
 pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Result<Value, ServerError> {
+    let mut listing = Vec::new();
+    let whole = run_enrollments(backend, command, &mut |entry| {
+        listing.push(entry);
+        Ok(())
+    })?;
+    Ok(whole.unwrap_or(Value::Array(listing)))
+}
+
+/// [`enrollments`], with a listing's entries handed to `element` one by one (then `None`).
+fn run_enrollments<B: Backend>(
+    backend: &B,
+    command: &EnrollmentsCommand,
+    element: &mut dyn FnMut(Value) -> Result<(), ServerError>,
+) -> Result<Option<Value>, ServerError> {
     let store = backend.provisioning()?;
     match command {
         EnrollmentsCommand::Import { file, .. } => {
@@ -281,13 +295,15 @@ pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Res
                 eprintln!("zerotouch: warning: {warning}");
             }
             let summary = admin::import_file(&store, &crypto, now, &file)?;
-            Ok(json!({ "imported": summary }))
+            Ok(Some(json!({ "imported": summary })))
         }
         EnrollmentsCommand::List { with_keys, .. } => {
-            Ok(Value::Array(admin::list_enrollments(&store, *with_keys)?))
+            admin::for_each_enrollment(&store, *with_keys, element)?;
+            Ok(None)
         }
         EnrollmentsCommand::Delete { registration_id, enrollment_group_id, .. } => {
             admin::delete_enrollment(&store, registration_id.as_deref(), enrollment_group_id.as_deref())
+                .map(Some)
         }
     }
 }
@@ -298,6 +314,20 @@ pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Res
 /// [`ServerError::NotFound`] for a hub or device that is not there, [`ServerError::Config`] for a
 /// malformed device id; store failures.
 pub fn devices<B: Backend>(backend: &B, command: &DevicesCommand) -> Result<Value, ServerError> {
+    let mut listing = Vec::new();
+    let whole = run_devices(backend, command, &mut |entry| {
+        listing.push(entry);
+        Ok(())
+    })?;
+    Ok(whole.unwrap_or(Value::Array(listing)))
+}
+
+/// [`devices`], with a listing's entries handed to `element` one by one (then `None`).
+fn run_devices<B: Backend>(
+    backend: &B,
+    command: &DevicesCommand,
+    element: &mut dyn FnMut(Value) -> Result<(), ServerError>,
+) -> Result<Option<Value>, ServerError> {
     let (hub, wanted, with_keys) = match command {
         DevicesCommand::Get { hub, device_id, .. } => (hub, Some(device_id), true),
         DevicesCommand::List { hub, with_keys, .. } => (hub, None, *with_keys),
@@ -314,7 +344,7 @@ pub fn devices<B: Backend>(backend: &B, command: &DevicesCommand) -> Result<Valu
                 DeviceId::new(id.as_str()).map_err(|e| ServerError::Config(format!("device id: {e}")))?;
             for name in &names {
                 if let Some(device) = admin::device(&backend.hub(name)?.identities, &id)? {
-                    return device_json(&device);
+                    return device_json(&device).map(Some);
                 }
             }
             Err(ServerError::NotFound(match hub {
@@ -323,17 +353,16 @@ pub fn devices<B: Backend>(backend: &B, command: &DevicesCommand) -> Result<Valu
             }))
         }
         None => {
-            let mut all = Vec::new();
             for name in &names {
-                for device in admin::devices(&backend.hub(name)?.identities)? {
+                admin::for_each_device(&backend.hub(name)?.identities, &mut |device| {
                     let mut identity = device_json(&device)?;
                     if !with_keys {
                         without_keys(&mut identity);
                     }
-                    all.push(json!({ "hub": name, "identity": identity }));
-                }
+                    element(json!({ "hub": name, "identity": identity }))
+                })?;
             }
-            Ok(Value::Array(all))
+            Ok(None)
         }
     }
 }
@@ -374,13 +403,18 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
                     store.existing_location()?
                 }
             };
-            print(&on_backend!(location, |b| enrollments(&b, &command))?)
+            let mut out = JsonOut::new(std::io::stdout().lock());
+            let whole = on_backend!(location, |b| run_enrollments(&b, &command, &mut |v| out.element(&v)))?;
+            out.finish(whole.as_ref())
         }
         Command::Devices(command) => {
             let store = match &command {
                 DevicesCommand::Get { store, .. } | DevicesCommand::List { store, .. } => store,
             };
-            print(&on_backend!(store.existing_location()?, |b| devices(&b, &command))?)
+            let mut out = JsonOut::new(std::io::stdout().lock());
+            let whole = on_backend!(store.existing_location()?, |b| run_devices(&b, &command, &mut |v| out
+                .element(&v)))?;
+            out.finish(whole.as_ref())
         }
         Command::Device(DeviceCommand::Register(args)) => print(&runtime()?.block_on(register(&args))?),
     }
@@ -391,6 +425,74 @@ fn runtime() -> Result<tokio::runtime::Runtime, ServerError> {
         .enable_all()
         .build()
         .map_err(|e| ServerError::io("tokio runtime", e))
+}
+
+/// A command's JSON output: one value, or a listing written element by element exactly as
+/// `serde_json::to_string_pretty` writes the whole array, so that a listing of a million
+/// entries never exists as one value. A reader that stops early (`| head`) ends the output
+/// quietly: what it wanted was written.
+struct JsonOut<W: std::io::Write> {
+    out: W,
+    elements: usize,
+    closed: bool,
+}
+
+impl<W: std::io::Write> JsonOut<W> {
+    fn new(out: W) -> Self {
+        Self { out, elements: 0, closed: false }
+    }
+
+    fn write(&mut self, text: &str) -> Result<(), ServerError> {
+        if self.closed {
+            return Ok(());
+        }
+        match self.out.write_all(text.as_bytes()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            other => other.map_err(|e| ServerError::io("standard output", e)),
+        }
+    }
+
+    /// Writes the next element of the listing.
+    fn element(&mut self, value: &Value) -> Result<(), ServerError> {
+        let text = serde_json::to_string_pretty(value).map_err(|e| ServerError::Store(e.to_string()))?;
+        let mut chunk = String::with_capacity(text.len() + text.len() / 8 + 4);
+        chunk.push_str(if self.elements == 0 { "[\n" } else { ",\n" });
+        for (n, line) in text.lines().enumerate() {
+            if n > 0 {
+                chunk.push('\n');
+            }
+            chunk.push_str("  ");
+            chunk.push_str(line);
+        }
+        self.elements += 1;
+        self.write(&chunk)
+    }
+
+    /// Writes `whole` when the command had one value to say, else closes the listing.
+    fn finish(mut self, whole: Option<&Value>) -> Result<(), ServerError> {
+        match whole {
+            Some(value) => {
+                let text =
+                    serde_json::to_string_pretty(value).map_err(|e| ServerError::Store(e.to_string()))?;
+                self.write(&text)?;
+                self.write("\n")?;
+            }
+            None if self.elements == 0 => self.write("[]\n")?,
+            None => self.write("\n]\n")?,
+        }
+        if self.closed {
+            return Ok(());
+        }
+        match self.out.flush() {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                Err(ServerError::io("standard output", e))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Prints `value` as pretty JSON on stdout. A reader that stops early (`| head`) is not an
@@ -640,5 +742,37 @@ mod tests {
         let both = |_: &str| Some("a2V5".to_owned());
         assert!(device_credential(&bare, both).unwrap_err().to_string().contains("both"));
         assert!(device_credential(&bare, |_| None).unwrap_err().to_string().contains("no credential"));
+    }
+}
+
+#[cfg(test)]
+mod json_out_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use serde_json::{json, Value};
+
+    use super::JsonOut;
+
+    fn streamed(elements: &[Value]) -> String {
+        let mut bytes = Vec::new();
+        let mut out = JsonOut::new(&mut bytes);
+        for element in elements {
+            out.element(element).unwrap();
+        }
+        out.finish(None).unwrap();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn a_streamed_listing_is_the_pretty_json_of_the_whole_array() {
+        let elements = [
+            json!({"registrationId": "a", "attestation": {"type": "symmetricKey", "x": [1, 2, {"y": null}]}}),
+            json!({"enrollmentGroupId": "g", "text": "line\nbreak", "empty": {}, "list": []}),
+            json!("plain"),
+        ];
+        for n in 0..=elements.len() {
+            let whole = serde_json::to_string_pretty(&Value::Array(elements[..n].to_vec())).unwrap() + "\n";
+            assert_eq!(streamed(&elements[..n]), whole, "{n} elements");
+        }
     }
 }
