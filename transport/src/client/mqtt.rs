@@ -102,7 +102,9 @@ impl MqttLink {
     }
 
     async fn handshake(&mut self) -> Result<(), ClientError> {
-        self.client.subscribe(SUBSCRIBE_FILTER, QoS::AtLeastOnce).await.map_err(request_failed)?;
+        if let Err(e) = self.client.subscribe(SUBSCRIBE_FILTER, QoS::AtLeastOnce).await {
+            return Err(self.why_stopped(e).await);
+        }
         let mut connected = false;
         loop {
             match self.inbound.recv().await {
@@ -114,6 +116,22 @@ impl MqttLink {
                 None => return Err(ClientError::Connection("the MQTT event loop stopped".into())),
             }
         }
+    }
+}
+
+impl MqttLink {
+    /// Why the event loop refused a request (`e`, rumqttc's "Failed to send mqtt requests to
+    /// eventloop"): the pump task sends the connection error that ended it before it drops the
+    /// event loop, so that error is already in `inbound` and is the real cause (a TLS or CONNACK
+    /// failure). Reading up to the end of the channel, which the ending task closes, needs no
+    /// timing luck.
+    async fn why_stopped(&mut self, e: rumqttc::ClientError) -> ClientError {
+        while let Some(inbound) = self.inbound.recv().await {
+            if let Inbound::Closed(cause) = inbound {
+                return cause;
+            }
+        }
+        request_failed(e)
     }
 }
 
@@ -132,10 +150,9 @@ impl Link for MqttLink {
                 POLL_PAYLOAD.as_bytes().to_vec(),
             ),
         };
-        self.client
-            .publish(topic.to_string(), QoS::AtLeastOnce, false, payload)
-            .await
-            .map_err(request_failed)?;
+        if let Err(e) = self.client.publish(topic.to_string(), QoS::AtLeastOnce, false, payload).await {
+            return Err(self.why_stopped(e).await);
+        }
         self.awaited_rid = Some(rid);
         Ok(())
     }
@@ -332,5 +349,53 @@ mod tests {
             text.contains("rid=\"1x\"") && text.contains("awaited_rid=\"1\"") && text.contains("status=202"),
             "{text}"
         );
+    }
+
+    /// A link whose pump task already ended with `cause` and dropped its event loop, as after a
+    /// failed TLS handshake: the channel holds the cause and is closed.
+    fn link_whose_pump_ended_with(cause: ClientError) -> MqttLink {
+        let (client, eventloop) = AsyncClient::new(MqttOptions::new("dev", "localhost", 8883), 1);
+        let (tx, inbound) = mpsc::unbounded_channel();
+        tx.send(Inbound::Closed(cause)).unwrap();
+        drop((tx, eventloop));
+        let task = tokio::spawn(async {});
+        MqttLink { client, inbound, task, next_rid: 1, awaited_rid: None }
+    }
+
+    fn tls_error() -> ClientError {
+        ClientError::Connection("127.0.0.1:8883: TLS: I/O: invalid peer certificate: UnknownIssuer".into())
+    }
+
+    /// Operator review #4: in about 5 runs of 12, a client that did not trust the server's
+    /// certificate said "the MQTT event loop stopped: Failed to send mqtt requests to eventloop",
+    /// because SUBSCRIBE was refused by the dropped event loop before the TLS error was read.
+    /// Here the event loop is gone before SUBSCRIBE, every time.
+    #[tokio::test]
+    async fn a_subscribe_refused_by_the_stopped_event_loop_reports_the_connection_error() {
+        let mut link = link_whose_pump_ended_with(tls_error());
+        let e = link.handshake().await.unwrap_err();
+        assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_publish_refused_by_the_stopped_event_loop_reports_the_connection_error() {
+        let mut link = link_whose_pump_ended_with(tls_error());
+        let transmit = Transmit::PollStatus {
+            operation_id: zerotouch_proto::OperationId::new("4.abc").unwrap(),
+            authorization: None,
+        };
+        let e = link.send(&transmit).await.unwrap_err();
+        assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_stopped_event_loop_without_a_cause_still_says_so() {
+        let (client, eventloop) = AsyncClient::new(MqttOptions::new("dev", "localhost", 8883), 1);
+        let (tx, inbound) = mpsc::unbounded_channel::<Inbound>();
+        drop((tx, eventloop));
+        let mut link =
+            MqttLink { client, inbound, task: tokio::spawn(async {}), next_rid: 1, awaited_rid: None };
+        let e = link.handshake().await.unwrap_err();
+        assert!(e.to_string().contains("the MQTT event loop stopped"), "{e}");
     }
 }
