@@ -428,6 +428,77 @@ async fn an_untrusted_server_certificate_is_named_on_every_mqtt_attempt() {
     }
 }
 
+/// Review D2: a server that never sends CONNACK held the device for the 30 s connect timeout
+/// although the whole registration was allowed 3 s.
+#[tokio::test]
+async fn the_registration_timeout_bounds_an_mqtt_connect_that_never_completes() {
+    let cert = ServerCert::new();
+    let (addr, server) = silent_peer(&cert).await;
+    let started = Instant::now();
+    let e = silent_client(&cert, addr, Transport::Mqtt)
+        .registration_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+        .register()
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(5), "{took:?}: {e}");
+    assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{e}");
+    assert!(e.to_string().contains("registration timeout"), "{e}");
+    assert!(e.to_string().contains(&format!("no CONNACK and SUBACK from {addr}")), "{e}");
+    server.abort();
+}
+
+/// Review D2: the same over HTTPS, to a socket that accepts TCP and never speaks TLS.
+#[tokio::test]
+async fn the_registration_timeout_bounds_an_https_connect_that_never_completes() {
+    let cert = ServerCert::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut sink = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut sink).await;
+    });
+    let started = Instant::now();
+    let e = silent_client(&cert, addr, Transport::Https)
+        .registration_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+        .register()
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(5), "{took:?}: {e}");
+    assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{e}");
+    assert!(e.to_string().contains(&format!("no TLS connection to {addr}")), "{e}");
+    server.abort();
+}
+
+/// Review D2 (probe `slowconnack`): the wait for the register reply started before connecting,
+/// so a slow CONNACK used it up and a reply that came promptly after the request was too late.
+#[tokio::test]
+async fn a_slow_connack_does_not_use_up_the_wait_for_the_register_reply() {
+    let cert = ServerCert::new();
+    let peer = ScriptedPeer::mqtt_with_connack_delay(
+        &cert,
+        assigning_script("1", 1, true),
+        ConnectReturnCode::Success,
+        Duration::from_millis(2_500),
+    )
+    .await;
+    let assignment = client_builder(Transport::Mqtt, &cert, &peer, "my-symkey-device")
+        .request_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap()
+        .register()
+        .await;
+    assert_eq!(assignment.unwrap().assigned_hub, "hub.example");
+}
+
 #[test]
 fn every_recorded_scenario_is_documented() {
     let readme = std::fs::read_to_string(azure_dir().join("README.md")).unwrap();

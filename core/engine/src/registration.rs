@@ -316,7 +316,9 @@ struct CachedToken {
 ///
 /// Call order, in a loop until [`Registration::is_finished`] and the outcome was taken:
 /// 1. [`poll_transmit`](Registration::poll_transmit)`(now)`: when it returns a [`Transmit`],
-///    send it (HTTP request or MQTT publish); call again until it returns `None`.
+///    send it (HTTP request or MQTT publish), connecting first if need be (within
+///    [`deadline`](Registration::deadline)), then tell the machine with
+///    [`handle_sent`](Registration::handle_sent)`(now)`; call again until it returns `None`.
 /// 2. When the reply arrives, [`handle_response`](Registration::handle_response)`(now, reply)`.
 /// 3. Otherwise wait until [`poll_timeout`](Registration::poll_timeout) (a retry-after wait or
 ///    the reply deadline) and call [`handle_timeout`](Registration::handle_timeout)`(now)`.
@@ -390,8 +392,9 @@ impl Registration {
         }
     }
 
-    /// The next request to send, if one is due at `now`. The reply deadline starts now (the
-    /// whole registration's at the first request).
+    /// The next request to send, if one is due at `now`. The reply deadline starts now, and again
+    /// at [`handle_sent`](Registration::handle_sent); the whole registration's deadline starts at
+    /// the first request.
     pub fn poll_transmit(&mut self, now: Timestamp) -> Option<Transmit> {
         let request = match &self.state {
             State::Ready { request, not_before } if not_before.is_none_or(|t| now >= t) => request.clone(),
@@ -417,6 +420,25 @@ impl Registration {
         };
         self.state = State::AwaitingReply { request, deadline: now + self.config.request_timeout };
         Some(transmit)
+    }
+
+    /// The request last returned by [`poll_transmit`](Registration::poll_transmit) went on the
+    /// wire at `now`: its reply deadline
+    /// ([`request_timeout`](RegistrationConfig::request_timeout)) starts again from here, so that
+    /// the time a transport spends connecting between the two calls is not taken from the wait
+    /// for the reply. Does nothing when no request is outstanding.
+    pub fn handle_sent(&mut self, now: Timestamp) {
+        if let State::AwaitingReply { deadline, .. } = &mut self.state {
+            *deadline = now + self.config.request_timeout;
+        }
+    }
+
+    /// When the whole registration gives up
+    /// ([`registration_timeout`](RegistrationConfig::registration_timeout) after the first
+    /// request); `None` before the first [`poll_transmit`](Registration::poll_transmit). A
+    /// transport bounds its connection setup by it.
+    pub fn deadline(&self) -> Option<Timestamp> {
+        self.gives_up_at
     }
 
     /// Feeds the reply to the request last returned by

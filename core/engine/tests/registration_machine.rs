@@ -698,6 +698,37 @@ fn service_that_never_answers_times_out() {
     assert_eq!(reg.poll_event(), None);
 }
 
+/// Review D2: the reply deadline started at `poll_transmit`, before the transport connected, so
+/// a slow connection ate into the wait for the reply.
+#[test]
+fn the_reply_deadline_starts_when_the_request_is_sent() {
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    assert_eq!(reg.deadline(), Some(t0() + secs(900)), "the registration deadline runs from the start");
+    // Connecting took 26 s.
+    reg.handle_sent(t0() + secs(26));
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(56)));
+    reg.handle_timeout(t0() + secs(30));
+    assert!(!reg.is_finished(), "the reply is not late 4 s after the request went out");
+    reg.handle_response(t0() + secs(32), assigning_register_reply());
+    assert_eq!(reg.deadline(), Some(t0() + secs(900)), "sending does not move the registration deadline");
+    // Nothing is outstanding while waiting to poll: a stray call changes nothing.
+    reg.handle_sent(t0() + secs(33));
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(35)));
+}
+
+#[test]
+fn the_reply_deadline_never_outlasts_the_registration_deadline() {
+    let mut cfg = config();
+    cfg.registration_timeout = secs(40);
+    let mut reg = machine(cfg);
+    expect_register(&mut reg, t0());
+    reg.handle_sent(t0() + secs(20));
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(40)));
+    reg.handle_timeout(t0() + secs(40));
+    assert!(expect_failure(&mut reg).message.contains("registration timeout"));
+}
+
 #[test]
 fn reply_without_an_outstanding_request_is_ignored() {
     let mut reg = registered(config());

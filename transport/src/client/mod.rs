@@ -418,20 +418,14 @@ impl ProvisioningClient {
     /// [`ClientError::ConnectRefused`] or [`ClientError::SubscribeRefused`] when the connection
     /// could not be set up or was lost.
     pub async fn register(&self) -> Result<Assignment, ClientError> {
-        let mut registration = Registration::new(self.config.clone(), self.crypto.clone());
+        let registration = Registration::new(self.config.clone(), self.crypto.clone());
         let clock = Clock::start();
-        // The first transmit carries the SAS token that MQTT needs as its CONNECT password.
-        let first = registration
-            .poll_transmit(clock.now())
-            .ok_or_else(|| ClientError::Connection("the registration produced no register request".into()))?;
         match self.transport {
             Transport::Mqtt | Transport::MqttWs => {
-                let link = mqtt::MqttLink::connect(self, &first).await?;
-                drive(registration, link, first, clock).await
+                drive(registration, mqtt::MqttLink::new(self), self.connect_timeout, clock).await
             }
             Transport::Https => {
-                let link = https::HttpsLink::new(self);
-                drive(registration, link, first, clock).await
+                drive(registration, https::HttpsLink::new(self), self.connect_timeout, clock).await
             }
         }
     }
@@ -439,7 +433,13 @@ impl ProvisioningClient {
 
 /// One connection to the service as the driver sees it.
 pub(crate) trait Link {
-    /// Starts sending `transmit`.
+    /// Makes sure a connection is open before `transmit` is sent: keeps a usable one, else opens
+    /// one (MQTT signs in with the SAS token of `transmit`). The driver bounds how long it takes
+    /// and drops the future when it takes too long, so it must be cancel-safe.
+    async fn connect(&mut self, transmit: &Transmit) -> Result<(), ClientError>;
+    /// The error of a [`connect`](Link::connect) the driver stopped after `within`.
+    fn connect_timed_out(&self, within: Duration) -> ClientError;
+    /// Starts sending `transmit` on the connection [`connect`](Link::connect) opened.
     async fn send(&mut self, transmit: &Transmit) -> Result<(), ClientError>;
     /// The reply to the request last sent; pending forever when none is outstanding. Must be
     /// cancel-safe: the driver races it against the state machine's timer.
@@ -452,16 +452,25 @@ pub(crate) trait Link {
 async fn drive<L: Link>(
     mut registration: Registration,
     mut link: L,
-    first: Transmit,
+    connect_timeout: Duration,
     clock: Clock,
 ) -> Result<Assignment, ClientError> {
-    let mut pending = Some(first);
+    // The error of a connection attempt the registration deadline cut short: said with the
+    // timeout, which alone would not tell that the service was never reached.
+    let mut connection_error: Option<ClientError> = None;
     let outcome = loop {
-        while let Some(transmit) = pending.take().or_else(|| registration.poll_transmit(clock.now())) {
+        while let Some(transmit) = registration.poll_transmit(clock.now()) {
             tracing::debug!(request = request_name(&transmit), "sending");
-            if let Err(e) = link.send(&transmit).await {
-                link.close().await;
-                return Err(e);
+            if let Err(e) =
+                connect_and_send(&mut link, &mut registration, &transmit, connect_timeout, clock).await
+            {
+                registration.handle_timeout(clock.now());
+                if !registration.is_finished() {
+                    link.close().await;
+                    return Err(e);
+                }
+                connection_error = Some(e);
+                break;
             }
         }
         if let Some(event) = registration.poll_event() {
@@ -499,8 +508,33 @@ async fn drive<L: Link>(
     link.close().await;
     match outcome {
         RegistrationEvent::Assigned(assignment) => Ok(assignment),
-        RegistrationEvent::Failed(failure) => Err(ClientError::Registration(failure)),
+        RegistrationEvent::Failed(mut failure) => {
+            if let Some(e) = connection_error {
+                failure.message = format!("{}; last connection error: {e}", failure.message);
+            }
+            Err(ClientError::Registration(failure))
+        }
     }
+}
+
+/// Connects if need be, within the connect timeout and the time left before the registration
+/// deadline, sends `transmit` and starts its reply deadline.
+async fn connect_and_send<L: Link>(
+    link: &mut L,
+    registration: &mut Registration,
+    transmit: &Transmit,
+    connect_timeout: Duration,
+    clock: Clock,
+) -> Result<(), ClientError> {
+    let left = registration.deadline().map_or(connect_timeout, |end| end.saturating_since(clock.now()));
+    let within = connect_timeout.min(left);
+    match tokio::time::timeout(within, link.connect(transmit)).await {
+        Ok(connected) => connected?,
+        Err(_) => return Err(link.connect_timed_out(within)),
+    }
+    link.send(transmit).await?;
+    registration.handle_sent(clock.now());
+    Ok(())
 }
 
 fn request_name(transmit: &Transmit) -> &'static str {

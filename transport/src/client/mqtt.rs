@@ -30,25 +30,36 @@ enum Inbound {
     Closed(ClientError),
 }
 
-/// A connected, subscribed MQTT session of one registration.
+/// The MQTT side of one registration: a session opened before the first request and again
+/// after a lost one.
 pub(crate) struct MqttLink {
-    client: AsyncClient,
-    inbound: mpsc::UnboundedReceiver<Inbound>,
-    task: JoinHandle<()>,
+    client: ProvisioningClient,
+    session: Option<Session>,
+    /// The `$rid` of the next request; it keeps counting across sessions.
     next_rid: u64,
-    awaited_rid: Option<String>,
 }
 
 impl MqttLink {
-    /// Connects with the credentials of `first` (the register transmit) and subscribes to the
-    /// reply topics.
-    pub(crate) async fn connect(client: &ProvisioningClient, first: &Transmit) -> Result<Self, ClientError> {
+    /// A link that connects before its first request.
+    pub(crate) fn new(client: &ProvisioningClient) -> Self {
+        Self { client: client.clone(), session: None, next_rid: 1 }
+    }
+}
+
+/// A connected, subscribed MQTT session.
+struct Session {
+    client: AsyncClient,
+    inbound: mpsc::UnboundedReceiver<Inbound>,
+    task: JoinHandle<()>,
+    awaited_rid: Option<String>,
+}
+
+impl Session {
+    /// Connects with `password` (the SAS token of the request about to be sent) and subscribes
+    /// to the reply topics. Not bounded in time here: the driver bounds it (dropping the future
+    /// aborts the session's task).
+    async fn open(client: &ProvisioningClient, password: String) -> Result<Self, ClientError> {
         let config = &client.config;
-        let password = match first {
-            Transmit::Register { authorization, .. } | Transmit::PollStatus { authorization, .. } => {
-                authorization.clone().unwrap_or_default()
-            }
-        };
         let username = ConnectUsername {
             id_scope: config.id_scope.clone(),
             registration_id: config.registration_id.clone(),
@@ -76,29 +87,17 @@ impl MqttLink {
             .set_max_packet_size(MAX_PACKET, MAX_PACKET)
             .set_credentials(username.to_string(), password);
         let (mqtt, mut eventloop) = AsyncClient::new(options, 8);
-        // rumqttc gives up connecting after its own 5 s unless told otherwise; the whole
-        // handshake is bounded by `connect_timeout` below, so its part may take as long.
+        // rumqttc gives up connecting after its own 5 s unless told otherwise; the driver bounds
+        // the whole handshake by the connect timeout, so rumqttc's part may take as long.
         let mut network = eventloop.network_options();
         network.set_connection_timeout(client.connect_timeout.as_secs().max(1).saturating_add(1));
         eventloop.set_network_options(network);
         let (tx, inbound) = mpsc::unbounded_channel();
         let task = tokio::spawn(pump(eventloop, tx, client.endpoint.authority()));
-        let mut link = Self { client: mqtt, inbound, task, next_rid: 1, awaited_rid: None };
-        match tokio::time::timeout(client.connect_timeout, link.handshake()).await {
-            Ok(Ok(())) => Ok(link),
-            Ok(Err(e)) => {
-                link.task.abort();
-                Err(e)
-            }
-            Err(_) => {
-                link.task.abort();
-                Err(ClientError::Connection(format!(
-                    "no CONNACK and SUBACK from {} within {} s",
-                    client.endpoint.authority(),
-                    client.connect_timeout.as_secs_f64()
-                )))
-            }
-        }
+        // Dropped (so the task aborted) if the handshake fails or the driver gives up on it.
+        let mut session = Self { client: mqtt, inbound, task, awaited_rid: None };
+        session.handshake().await?;
+        Ok(session)
     }
 
     async fn handshake(&mut self) -> Result<(), ClientError> {
@@ -117,9 +116,7 @@ impl MqttLink {
             }
         }
     }
-}
 
-impl MqttLink {
     /// Why the event loop refused a request (`e`, rumqttc's "Failed to send mqtt requests to
     /// eventloop"): the pump task sends the connection error that ended it before it drops the
     /// event loop, so that error is already in `inbound` and is the real cause (a TLS or CONNACK
@@ -133,12 +130,8 @@ impl MqttLink {
         }
         request_failed(e)
     }
-}
 
-impl Link for MqttLink {
-    async fn send(&mut self, transmit: &Transmit) -> Result<(), ClientError> {
-        let rid = self.next_rid.to_string();
-        self.next_rid += 1;
+    async fn send(&mut self, transmit: &Transmit, rid: String) -> Result<(), ClientError> {
         let (topic, payload) = match transmit {
             Transmit::Register { body, .. } => {
                 let payload = serde_json::to_vec(body)
@@ -189,10 +182,54 @@ impl Link for MqttLink {
     }
 }
 
-impl Drop for MqttLink {
+impl Drop for Session {
     fn drop(&mut self) {
-        // A cancelled register() must not leave the connection running.
+        // A cancelled register() or connect must not leave the connection running.
         self.task.abort();
+    }
+}
+
+impl Link for MqttLink {
+    async fn connect(&mut self, transmit: &Transmit) -> Result<(), ClientError> {
+        if self.session.is_none() {
+            let password = match transmit {
+                Transmit::Register { authorization, .. } | Transmit::PollStatus { authorization, .. } => {
+                    authorization.clone().unwrap_or_default()
+                }
+            };
+            self.session = Some(Session::open(&self.client, password).await?);
+        }
+        Ok(())
+    }
+
+    fn connect_timed_out(&self, within: Duration) -> ClientError {
+        ClientError::Connection(format!(
+            "no CONNACK and SUBACK from {} within {} s",
+            self.client.endpoint.authority(),
+            within.as_secs_f64()
+        ))
+    }
+
+    async fn send(&mut self, transmit: &Transmit) -> Result<(), ClientError> {
+        let rid = self.next_rid.to_string();
+        self.next_rid += 1;
+        match self.session.as_mut() {
+            Some(session) => session.send(transmit, rid).await,
+            None => Err(ClientError::Connection("no MQTT session".into())),
+        }
+    }
+
+    async fn recv(&mut self) -> Result<ServiceResponse, ClientError> {
+        match self.session.as_mut() {
+            Some(session) => session.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn close(self) {
+        if let Some(session) = self.session {
+            session.close().await;
+        }
     }
 }
 
@@ -337,7 +374,7 @@ mod tests {
         let (client, _eventloop) = AsyncClient::new(MqttOptions::new("dev", "localhost", 8883), 1);
         let (tx, inbound) = mpsc::unbounded_channel();
         let task = tokio::spawn(async {});
-        let mut link = MqttLink { client, inbound, task, next_rid: 2, awaited_rid: Some("1".into()) };
+        let mut link = Session { client, inbound, task, awaited_rid: Some("1".into()) };
         let response = |status| ServiceResponse { status, retry_after: None, body: Vec::new() };
         for (rid, status) in [("1x", 202), ("1", 200)] {
             let _ = tx.send(Inbound::Reply { rid: rid.to_owned(), response: response(status) });
@@ -353,13 +390,13 @@ mod tests {
 
     /// A link whose pump task already ended with `cause` and dropped its event loop, as after a
     /// failed TLS handshake: the channel holds the cause and is closed.
-    fn link_whose_pump_ended_with(cause: ClientError) -> MqttLink {
+    fn link_whose_pump_ended_with(cause: ClientError) -> Session {
         let (client, eventloop) = AsyncClient::new(MqttOptions::new("dev", "localhost", 8883), 1);
         let (tx, inbound) = mpsc::unbounded_channel();
         tx.send(Inbound::Closed(cause)).unwrap();
         drop((tx, eventloop));
         let task = tokio::spawn(async {});
-        MqttLink { client, inbound, task, next_rid: 1, awaited_rid: None }
+        Session { client, inbound, task, awaited_rid: None }
     }
 
     fn tls_error() -> ClientError {
@@ -384,7 +421,7 @@ mod tests {
             operation_id: zerotouch_proto::OperationId::new("4.abc").unwrap(),
             authorization: None,
         };
-        let e = link.send(&transmit).await.unwrap_err();
+        let e = link.send(&transmit, "1".into()).await.unwrap_err();
         assert!(e.to_string().contains("UnknownIssuer"), "{e}");
     }
 
@@ -393,8 +430,7 @@ mod tests {
         let (client, eventloop) = AsyncClient::new(MqttOptions::new("dev", "localhost", 8883), 1);
         let (tx, inbound) = mpsc::unbounded_channel::<Inbound>();
         drop((tx, eventloop));
-        let mut link =
-            MqttLink { client, inbound, task: tokio::spawn(async {}), next_rid: 1, awaited_rid: None };
+        let mut link = Session { client, inbound, task: tokio::spawn(async {}), awaited_rid: None };
         let e = link.handshake().await.unwrap_err();
         assert!(e.to_string().contains("the MQTT event loop stopped"), "{e}");
     }

@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
@@ -190,6 +191,17 @@ impl ScriptedPeer {
 
     /// The MQTT device API, replaying `exchanges`; CONNECT is accepted with `connack`.
     pub async fn mqtt(cert: &ServerCert, exchanges: Vec<Exchange>, connack: ConnectReturnCode) -> Self {
+        Self::mqtt_with_connack_delay(cert, exchanges, connack, Duration::ZERO).await
+    }
+
+    /// [`mqtt`](Self::mqtt), with CONNACK sent `connack_delay` after CONNECT (a slow or far
+    /// service).
+    pub async fn mqtt_with_connack_delay(
+        cert: &ServerCert,
+        exchanges: Vec<Exchange>,
+        connack: ConnectReturnCode,
+        connack_delay: Duration,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = TlsAcceptor::from(cert.server_config());
@@ -202,7 +214,7 @@ impl ScriptedPeer {
                 let (tcp, _) = listener.accept().await.unwrap();
                 let Ok(tls) = acceptor.accept(tcp).await else { continue };
                 let (script, seen, usernames) = (script.clone(), seen2.clone(), usernames2.clone());
-                tokio::spawn(serve_mqtt(tls, script, seen, usernames, connack));
+                tokio::spawn(serve_mqtt(tls, script, seen, usernames, connack, connack_delay));
             }
         });
         Self { addr, seen, usernames, task }
@@ -246,6 +258,7 @@ async fn serve_mqtt<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     seen: Arc<Mutex<Vec<Seen>>>,
     usernames: Arc<Mutex<Vec<String>>>,
     connack: ConnectReturnCode,
+    connack_delay: Duration,
 ) {
     const MAX: usize = 256 * 1024;
     let mut buf = BytesMut::new();
@@ -274,6 +287,7 @@ async fn serve_mqtt<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                 );
                 usernames.lock().unwrap().push(login.username);
                 password = Some(login.password).filter(|p| !p.is_empty());
+                tokio::time::sleep(connack_delay).await;
                 Packet::ConnAck(ConnAck::new(connack, false)).write(&mut out, MAX).unwrap();
                 refused = connack != ConnectReturnCode::Success;
             }
