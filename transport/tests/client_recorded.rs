@@ -17,7 +17,7 @@ use zerotouch_transport::client::{
     ClientError, FailureKind, ProvisioningClient, ProvisioningClientBuilder, Transport,
 };
 
-use client_support::{azure_dir, scenario, Exchange, ScriptedPeer, ServerCert};
+use client_support::{azure_dir, scenario, Exchange, Fault, ScriptedPeer, ServerCert};
 
 const SCOPE: &str = "0ne00111111";
 const DEVICE_KEY: &str =
@@ -242,6 +242,7 @@ fn assigning_script(retry_after: &str, polls: usize, assigned_at_last: bool) -> 
         status: 202,
         retry_after: retry_after.map(str::to_owned),
         body: body.clone(),
+        fault: None,
     };
     let mut script = vec![exchange("register", Some(retry_after), &assigning)];
     for n in 1..=polls {
@@ -497,6 +498,68 @@ async fn a_slow_connack_does_not_use_up_the_wait_for_the_register_reply() {
         .register()
         .await;
     assert_eq!(assignment.unwrap().assigned_hub, "hub.example");
+}
+
+/// Register `assigning`, then a poll answered by breaking the connection with `fault` as many
+/// as `broken` times, then (when `broken` is 1) a poll answered `assigned`.
+fn script_with_broken_polls(fault: Fault, broken: usize) -> Vec<Exchange> {
+    let mut script = assigning_script("1", broken + 1, true);
+    for exchange in &mut script[1..=broken] {
+        exchange.fault = Some(fault);
+    }
+    script
+}
+
+const FAULTS: [(Transport, Fault); 3] =
+    [(Transport::Mqtt, Fault::Close), (Transport::Mqtt, Fault::Disconnect), (Transport::Https, Fault::Close)];
+
+/// Review D3 (probes `disc`, `serverdisconnect`, `closepoll`): a connection the service dropped
+/// during a poll ended the registration, although the operation id was known and a poll works
+/// from any new connection.
+#[tokio::test]
+async fn a_poll_whose_connection_the_service_drops_is_sent_again_on_a_new_connection() {
+    for (t, fault) in FAULTS {
+        let cert = ServerCert::new();
+        let peer = scripted(t, &cert, script_with_broken_polls(fault, 1)).await;
+        let assignment = client(t, &cert, &peer, "my-symkey-device").register().await;
+        assert_eq!(assignment.unwrap().assigned_hub, "hub.example", "{t}, {fault:?}");
+        let seen = peer.seen();
+        let kinds: Vec<&str> = seen.iter().map(|s| s.request.as_str()).collect();
+        assert_eq!(kinds, ["register", "poll", "poll"], "{t}, {fault:?}");
+        assert_eq!(seen[1].target.split("operationId").nth(1), seen[2].target.split("operationId").nth(1));
+        assert!(seen[2].target.contains("5.316aac5bdc130deb"), "{t}: the poll keeps the operation id");
+        if t == Transport::Mqtt {
+            assert_eq!(peer.usernames.lock().unwrap().len(), 2, "{fault:?}: one CONNECT, then another");
+        }
+    }
+}
+
+/// Review D3 and D8: when the connection keeps being dropped, the registration ends at its
+/// deadline and says the service closed the connection, not rustls's or rumqttc's text.
+#[tokio::test]
+async fn a_service_that_keeps_dropping_the_connection_is_named_at_the_registration_timeout() {
+    for (t, fault) in FAULTS {
+        let cert = ServerCert::new();
+        let peer = scripted(t, &cert, script_with_broken_polls(fault, 10)).await;
+        let started = Instant::now();
+        let e = client_builder(t, &cert, &peer, "my-symkey-device")
+            .registration_timeout(Duration::from_secs(4))
+            .build()
+            .unwrap()
+            .register()
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(7), "{t}, {fault:?}: {took:?}");
+        assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{t}, {fault:?}: {e}");
+        let text = e.to_string();
+        assert!(text.contains("the service closed the connection"), "{t}, {fault:?}: {text}");
+        assert!(!text.contains("docs.rs") && !text.contains("wrong packet"), "{t}, {fault:?}: {text}");
+        if fault == Fault::Disconnect {
+            assert!(text.contains("MQTT DISCONNECT"), "{text}");
+        }
+        assert!(peer.seen().len() >= 3, "{t}, {fault:?}: the poll was sent again");
+    }
 }
 
 #[test]

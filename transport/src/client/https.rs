@@ -19,7 +19,7 @@ use tokio_rustls::TlsConnector;
 use zerotouch_engine::registration::{RegistrationConfig, ServiceResponse, Transmit};
 use zerotouch_proto::http::{Route, RouteMatch, CONTENT_TYPE_JSON};
 
-use super::{ClientError, Endpoint, Link, ProvisioningClient, USER_AGENT};
+use super::{closed_by_peer, ClientError, Endpoint, Link, ProvisioningClient, CLOSED_BY_SERVICE, USER_AGENT};
 
 /// Largest reply body accepted (DPS caps messages at 96 KB).
 const MAX_BODY: usize = 1024 * 1024;
@@ -142,9 +142,15 @@ impl Link for HttpsLink {
         let response = sender.send_request(request);
         let authority = self.endpoint.authority();
         self.pending = Some(Box::pin(async move {
-            let response = response
-                .await
-                .map_err(|e| ClientError::Connection(format!("HTTP request to {authority} failed: {e}")))?;
+            let response = response.await.map_err(|e| {
+                if e.is_incomplete_message() || e.is_closed() || closed_by_peer(&e) {
+                    ClientError::Connection(format!(
+                        "HTTP request to {authority} failed: {CLOSED_BY_SERVICE}"
+                    ))
+                } else {
+                    ClientError::Connection(format!("HTTP request to {authority} failed: {e}"))
+                }
+            })?;
             let status = response.status().as_u16();
             let retry_after = response
                 .headers()
@@ -172,6 +178,11 @@ impl Link for HttpsLink {
             }
             None => std::future::pending().await,
         }
+    }
+
+    fn reset(&mut self) {
+        self.sender = None;
+        self.pending = None;
     }
 
     async fn close(self) {

@@ -415,8 +415,11 @@ impl ProvisioningClient {
     /// # Errors
     /// [`ClientError::Registration`] when the service refused or failed the registration (with
     /// its status and error code) or did not answer in time; [`ClientError::Connection`],
-    /// [`ClientError::ConnectRefused`] or [`ClientError::SubscribeRefused`] when the connection
-    /// could not be set up or was lost.
+    /// [`ClientError::ConnectRefused`] or [`ClientError::SubscribeRefused`] when the first
+    /// connection could not be set up, or the service refused a later CONNECT or SUBSCRIBE. A
+    /// connection lost after the first one was set up is opened again, after a back-off, and the
+    /// outstanding request sent again until the registration timeout, which then fails with
+    /// [`FailureKind::Timeout`] naming the last connection error.
     pub async fn register(&self) -> Result<Assignment, ClientError> {
         let registration = Registration::new(self.config.clone(), self.crypto.clone());
         let clock = Clock::start();
@@ -441,36 +444,58 @@ pub(crate) trait Link {
     fn connect_timed_out(&self, within: Duration) -> ClientError;
     /// Starts sending `transmit` on the connection [`connect`](Link::connect) opened.
     async fn send(&mut self, transmit: &Transmit) -> Result<(), ClientError>;
-    /// The reply to the request last sent; pending forever when none is outstanding. Must be
-    /// cancel-safe: the driver races it against the state machine's timer.
+    /// The reply to the request last sent; pending forever when none is outstanding or the
+    /// connection was [`reset`](Link::reset). Must be cancel-safe: the driver races it against
+    /// the state machine's timer.
     async fn recv(&mut self) -> Result<ServiceResponse, ClientError>;
+    /// Forgets a connection that failed, so that the next [`connect`](Link::connect) opens a new
+    /// one.
+    fn reset(&mut self);
     /// Closes the connection politely.
     async fn close(self);
 }
 
 /// Pumps requests, replies and timers between `link` and the state machine until it decides.
+///
+/// A connection that fails after the first one was set up (closed by the service, reset, or
+/// not opened again) is a transient failure: the machine sends the outstanding request again
+/// after a back-off, on a new connection, until the registration deadline. A first connection
+/// that cannot be set up fails the registration at once (wrong host, untrusted certificate,
+/// refused credentials are not cured by waiting), and so does a refused CONNECT or SUBSCRIBE
+/// at any time.
 async fn drive<L: Link>(
     mut registration: Registration,
     mut link: L,
     connect_timeout: Duration,
     clock: Clock,
 ) -> Result<Assignment, ClientError> {
-    // The error of a connection attempt the registration deadline cut short: said with the
-    // timeout, which alone would not tell that the service was never reached.
+    // Whether a connection was set up once: failures after that are worth a new connection.
+    let mut connected = false;
+    // The last connection failure since the last reply: said with a timeout, which alone would
+    // not tell that the service could not be reached.
     let mut connection_error: Option<ClientError> = None;
     let outcome = loop {
         while let Some(transmit) = registration.poll_transmit(clock.now()) {
             tracing::debug!(request = request_name(&transmit), "sending");
-            if let Err(e) =
-                connect_and_send(&mut link, &mut registration, &transmit, connect_timeout, clock).await
-            {
-                registration.handle_timeout(clock.now());
-                if !registration.is_finished() {
-                    link.close().await;
-                    return Err(e);
-                }
+            let sent = connect_and_send(
+                &mut link,
+                &mut registration,
+                &transmit,
+                connect_timeout,
+                clock,
+                &mut connected,
+            )
+            .await;
+            let Err(e) = sent else { continue };
+            registration.handle_timeout(clock.now());
+            if registration.is_finished() {
+                // The registration deadline cut the attempt short.
                 connection_error = Some(e);
-                break;
+            } else if connected && is_transient(&e) {
+                connection_lost(&mut registration, &mut link, clock.now(), e, &mut connection_error);
+            } else {
+                link.close().await;
+                return Err(e);
             }
         }
         if let Some(event) = registration.poll_event() {
@@ -490,7 +515,11 @@ async fn drive<L: Link>(
         match reply {
             Some(Ok(response)) => {
                 tracing::debug!(status = response.status, retry_after = ?response.retry_after, "reply");
+                connection_error = None;
                 registration.handle_response(clock.now(), response);
+            }
+            Some(Err(e)) if is_transient(&e) => {
+                connection_lost(&mut registration, &mut link, clock.now(), e, &mut connection_error);
             }
             Some(Err(e)) => {
                 link.close().await;
@@ -509,7 +538,7 @@ async fn drive<L: Link>(
     match outcome {
         RegistrationEvent::Assigned(assignment) => Ok(assignment),
         RegistrationEvent::Failed(mut failure) => {
-            if let Some(e) = connection_error {
+            if let (FailureKind::Timeout, Some(e)) = (failure.kind, connection_error) {
                 failure.message = format!("{}; last connection error: {e}", failure.message);
             }
             Err(ClientError::Registration(failure))
@@ -518,23 +547,78 @@ async fn drive<L: Link>(
 }
 
 /// Connects if need be, within the connect timeout and the time left before the registration
-/// deadline, sends `transmit` and starts its reply deadline.
+/// deadline (setting `connected` once a connection is up), sends `transmit` and starts its
+/// reply deadline.
 async fn connect_and_send<L: Link>(
     link: &mut L,
     registration: &mut Registration,
     transmit: &Transmit,
     connect_timeout: Duration,
     clock: Clock,
+    connected: &mut bool,
 ) -> Result<(), ClientError> {
     let left = registration.deadline().map_or(connect_timeout, |end| end.saturating_since(clock.now()));
     let within = connect_timeout.min(left);
     match tokio::time::timeout(within, link.connect(transmit)).await {
-        Ok(connected) => connected?,
+        Ok(done) => done?,
         Err(_) => return Err(link.connect_timed_out(within)),
     }
+    *connected = true;
     link.send(transmit).await?;
     registration.handle_sent(clock.now());
     Ok(())
+}
+
+/// Whether a connection failure may pass with a new connection: a lost or unreachable
+/// connection may; a refused CONNECT or SUBSCRIBE or a bad setting does not.
+fn is_transient(e: &ClientError) -> bool {
+    matches!(e, ClientError::Connection(_))
+}
+
+/// Drops the failed connection and lets the machine schedule the outstanding request again.
+fn connection_lost<L: Link>(
+    registration: &mut Registration,
+    link: &mut L,
+    now: Timestamp,
+    error: ClientError,
+    last_error: &mut Option<ClientError>,
+) {
+    link.reset();
+    registration.handle_connection_lost(now);
+    match registration.poll_timeout() {
+        Some(at) => tracing::info!(
+            %error,
+            retry_in_secs = at.saturating_since(now).as_secs_f64(),
+            "the connection to the provisioning service failed; the request goes out again on a new one"
+        ),
+        None => tracing::info!(%error, "the connection to the provisioning service failed"),
+    }
+    *last_error = Some(error);
+}
+
+/// How a connection the service closed or reset is described, instead of the texts of the
+/// TLS and MQTT libraries (which carry links to their manuals).
+pub(crate) const CLOSED_BY_SERVICE: &str = "the service closed the connection";
+
+/// Whether `e`, or an error it wraps, is an I/O error of a connection the other side closed or
+/// reset.
+pub(crate) fn closed_by_peer(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
 }
 
 fn request_name(transmit: &Transmit) -> &'static str {

@@ -4,14 +4,17 @@ use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet,
-    Publish, QoS, SubscribeReasonCode, TlsConfiguration,
+    Publish, QoS, StateError, SubscribeReasonCode, TlsConfiguration,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use zerotouch_engine::registration::{ServiceResponse, Transmit};
 use zerotouch_proto::mqtt::{ConnectUsername, DeviceRequest, ResponseTopic, POLL_PAYLOAD, SUBSCRIBE_FILTER};
 
-use super::{ClientError, Link, ProvisioningClient, Transport, USER_AGENT, WEBSOCKET_PATH};
+use super::{
+    closed_by_peer, ClientError, Link, ProvisioningClient, Transport, CLOSED_BY_SERVICE, USER_AGENT,
+    WEBSOCKET_PATH,
+};
 
 /// Keep-alive of the MQTT session (Python's value).
 const KEEP_ALIVE: Duration = Duration::from_secs(60);
@@ -226,6 +229,11 @@ impl Link for MqttLink {
         }
     }
 
+    fn reset(&mut self) {
+        // Dropping the session aborts its task.
+        self.session = None;
+    }
+
     async fn close(self) {
         if let Some(session) = self.session {
             session.close().await;
@@ -251,7 +259,11 @@ async fn pump(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Inbound>, auth
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => continue,
             Err(e) => {
-                let _ = tx.send(Inbound::Closed(connection_error(e, &authority)));
+                // rumqttc queues the packet it refuses before failing: a DISCONNECT from the
+                // service reads as "Received a wrong packet while waiting for another packet".
+                let disconnected =
+                    eventloop.state.events.iter().any(|e| matches!(e, Event::Incoming(Packet::Disconnect)));
+                let _ = tx.send(Inbound::Closed(connection_error(e, &authority, disconnected)));
                 return;
             }
         };
@@ -280,7 +292,15 @@ fn reply(publish: &Publish) -> Option<Inbound> {
     }
 }
 
-fn connection_error(e: ConnectionError, authority: &str) -> ClientError {
+/// The client error of the connection error that ended a session with `authority`;
+/// `disconnected` when the service had sent an MQTT DISCONNECT.
+fn connection_error(e: ConnectionError, authority: &str, disconnected: bool) -> ClientError {
+    if disconnected {
+        return ClientError::Connection(format!("{authority}: {CLOSED_BY_SERVICE} (MQTT DISCONNECT)"));
+    }
+    if matches!(e, ConnectionError::MqttState(StateError::ConnectionAborted)) || closed_by_peer(&e) {
+        return ClientError::Connection(format!("{authority}: {CLOSED_BY_SERVICE}"));
+    }
     match e {
         ConnectionError::ConnectionRefused(code) => {
             let (return_code, reason) = match code {
