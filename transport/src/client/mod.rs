@@ -24,7 +24,7 @@ mod mqtt;
 mod tls;
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,6 +113,8 @@ pub struct ProvisioningClientBuilder {
     transport: Transport,
     credential: Option<Credential>,
     ca_pem: Option<Vec<u8>>,
+    /// The file `ca_pem` was read from, named in errors about its content.
+    ca_file: Option<PathBuf>,
     payload: Option<Value>,
     api_version: Option<String>,
     request_timeout: Duration,
@@ -175,16 +177,20 @@ impl ProvisioningClientBuilder {
     /// instead of the operating system's store.
     pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.ca_pem = Some(pem.into());
+        self.ca_file = None;
         self
     }
 
-    /// [`ca_pem`](Self::ca_pem) from a file.
+    /// [`ca_pem`](Self::ca_pem) from a file; [`build`](Self::build) names the file when it
+    /// holds no usable certificate.
     ///
     /// # Errors
     /// [`ClientError::Config`] when the file cannot be read.
     pub fn ca_file(self, path: impl AsRef<Path>) -> Result<Self, ClientError> {
         let pem = read_file(path.as_ref(), "CA certificate")?;
-        Ok(self.ca_pem(pem))
+        let mut builder = self.ca_pem(pem);
+        builder.ca_file = Some(path.as_ref().to_owned());
+        Ok(builder)
     }
 
     /// A custom JSON payload for the allocation webhook.
@@ -248,13 +254,20 @@ impl ProvisioningClientBuilder {
             )
         })?;
         let crypto: Arc<dyn CryptoProvider> = Arc::new(RingCrypto::new());
-        let engine_key = |b64: &str| {
-            DeviceCredential::symmetric_key_base64(b64).map_err(|e| ClientError::Config(e.to_string()))
+        // The engine's message without its "bad request:" (wire) prefix, for the key given.
+        let engine_key = |b64: &str, what: &str| {
+            DeviceCredential::symmetric_key_base64(b64).map_err(|e| {
+                let message = match e {
+                    zerotouch_engine::Error::BadRequest(message) => message,
+                    other => other.to_string(),
+                };
+                ClientError::Config(message.replacen("the symmetric key", what, 1))
+            })
         };
         let (device_credential, identity) = match &credential {
-            Credential::SymmetricKey(key) => (engine_key(key)?, None),
+            Credential::SymmetricKey(key) => (engine_key(key, "the symmetric key")?, None),
             Credential::GroupKey(key) => {
-                let DeviceCredential::SymmetricKey(group) = engine_key(key)? else {
+                let DeviceCredential::SymmetricKey(group) = engine_key(key, "the group key")? else {
                     return Err(ClientError::Config("the group key is not a symmetric key".into()));
                 };
                 let derived = derive_device_key(crypto.as_ref(), &group, registration_id.as_str());
@@ -266,7 +279,7 @@ impl ProvisioningClientBuilder {
         };
         let endpoint = Endpoint::parse(&self.host, self.transport.default_port())?;
         let roots = match &self.ca_pem {
-            Some(pem) => tls::Roots::Pem(pem),
+            Some(pem) => tls::Roots::Pem { pem, file: self.ca_file.as_deref() },
             None => tls::Roots::Native,
         };
         let alpn: &[&[u8]] = if self.transport == Transport::Https { &[b"http/1.1"] } else { &[] };
@@ -389,6 +402,7 @@ impl ProvisioningClient {
             transport: Transport::default(),
             credential: None,
             ca_pem: None,
+            ca_file: None,
             payload: None,
             api_version: None,
             request_timeout: Duration::from_secs(30),
@@ -691,6 +705,41 @@ mod tests {
             .registration_timeout(Duration::ZERO)
             .build();
         assert!(matches!(built, Err(ClientError::Config(_))));
+    }
+
+    /// Review D8: the engine's wire prefix "bad request:" leaked into configuration errors.
+    #[test]
+    fn a_bad_key_is_a_configuration_error_without_the_wire_prefix() {
+        let ca = zerotouch_testkit::certs::TestCa::root("test root");
+        let builder = || ProvisioningClient::builder("0ne00111111", "dev1").ca_pem(ca.pem());
+        for (built, expected) in [
+            (builder().symmetric_key("no!").build(), "the symmetric key is not valid base64"),
+            (builder().symmetric_key("").build(), "the symmetric key is empty"),
+            (builder().group_key("no!").build(), "the group key is not valid base64"),
+        ] {
+            let Err(ClientError::Config(message)) = built else { panic!("{built:?}") };
+            assert_eq!(message, expected);
+        }
+    }
+
+    /// Operator review #13: a `--ca` file that holds no certificate was not named.
+    #[test]
+    fn a_ca_file_without_a_certificate_is_named() {
+        let path = std::env::temp_dir().join(format!("zerotouch-ca-test-{}.json", std::process::id()));
+        std::fs::write(&path, "{\"not\": \"a certificate\"}").unwrap();
+        let built = ProvisioningClient::builder("0ne00111111", "dev1")
+            .symmetric_key("c2VjcmV0")
+            .ca_file(&path)
+            .unwrap()
+            .build();
+        std::fs::remove_file(&path).unwrap();
+        let Err(ClientError::Config(message)) = built else { panic!("{built:?}") };
+        assert_eq!(message, format!("the CA file {} holds no PEM certificate", path.display()));
+        // Given as bytes, it is "the CA PEM".
+        let built =
+            ProvisioningClient::builder("0ne00111111", "dev1").symmetric_key("c2VjcmV0").ca_pem("{}").build();
+        let Err(ClientError::Config(message)) = built else { panic!("{built:?}") };
+        assert_eq!(message, "the CA PEM holds no certificate");
     }
 
     #[test]
