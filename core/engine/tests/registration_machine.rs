@@ -970,15 +970,16 @@ mod any_reply_sequence {
     proptest! {
         #[test]
         fn machine_never_sends_early_and_always_ends_quiet(
-            replies in prop::collection::vec((any_reply(), prop::bool::ANY), 1..40)
+            replies in prop::collection::vec((any_reply(), 0u8..3), 1..40)
         ) {
             let mut reg = machine(config());
             let mut now = t0();
             let mut outcomes = 0;
-            for (response, time_out) in replies {
+            for (response, input) in replies {
                 // Advance to the next timer without skipping past it, as a driver would.
                 if let Some(at) = reg.poll_timeout() {
                     prop_assert!(at >= now);
+                    prop_assert!(reg.deadline().is_none_or(|end| at <= end), "nothing past the deadline");
                     if at > now {
                         prop_assert_eq!(reg.poll_transmit(at - Duration::from_nanos(1)), None);
                     }
@@ -987,8 +988,16 @@ mod any_reply_sequence {
                 }
                 let sent = reg.poll_transmit(now).is_some();
                 prop_assert_eq!(reg.poll_transmit(now), None, "one request in flight at a time");
-                if sent && !time_out {
-                    reg.handle_response(now, response);
+                if sent {
+                    reg.handle_sent(now);
+                    match input {
+                        // The reply arrives.
+                        0 => reg.handle_response(now, response),
+                        // The connection drops: the request is scheduled again, or the deadline ends it.
+                        1 => reg.handle_connection_lost(now),
+                        // No reply: the next timer is the reply deadline.
+                        _ => {}
+                    }
                 }
                 if let Some(event) = reg.poll_event() {
                     outcomes += 1;
