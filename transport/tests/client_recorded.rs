@@ -562,6 +562,31 @@ async fn a_service_that_keeps_dropping_the_connection_is_named_at_the_registrati
     }
 }
 
+/// Review D3: a connection that cannot be opened again after a loss is retried with a back-off
+/// too, and the timeout at the end names why the service could not be reached.
+#[tokio::test]
+async fn a_service_that_cannot_be_reached_again_after_a_loss_is_named_at_the_registration_timeout() {
+    for t in TRANSPORTS {
+        let cert = ServerCert::new();
+        let peer = scripted(t, &cert, script_with_broken_polls(Fault::Close, 1)).await;
+        let client = client_builder(t, &cert, &peer, "my-symkey-device")
+            .registration_timeout(Duration::from_secs(4))
+            .build()
+            .unwrap();
+        let registering = tokio::spawn(async move { client.register().await });
+        // The register reply asks for a 1 s wait; stop listening before the poll, whose
+        // connection is then dropped: every new connection is refused.
+        while peer.seen().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(peer);
+        let e = registering.await.unwrap().unwrap_err();
+        assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{t}: {e}");
+        let text = e.to_string();
+        assert!(text.contains("last connection error") && text.contains("refused"), "{t}: {text}");
+    }
+}
+
 #[test]
 fn every_recorded_scenario_is_documented() {
     let readme = std::fs::read_to_string(azure_dir().join("README.md")).unwrap();
