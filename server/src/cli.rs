@@ -643,13 +643,18 @@ fn device_credential(
     }
 }
 
+/// The content of the file a flag names; an error names the flag and the file.
+fn read_flag_file(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(|e| ServerError::Config(format!("{flag} {}: {e}", path.display())))
+}
+
 /// `zerotouch device register`: registers with our client and returns the registration state.
 ///
 /// # Errors
 /// [`ServerError::Registration`] with the service's status and error code when it refuses;
 /// unreadable certificate files; an invalid payload.
 pub async fn register(args: &RegisterArgs) -> Result<Value, ServerError> {
-    use zerotouch_transport::client::{ProvisioningClient, Transport as ClientTransport};
+    use zerotouch_transport::client::{ClientError, ProvisioningClient, Transport as ClientTransport};
 
     let transport = match args.transport {
         Transport::Mqtt => ClientTransport::Mqtt,
@@ -664,12 +669,15 @@ pub async fn register(args: &RegisterArgs) -> Result<Value, ServerError> {
         DeviceCredential::SymmetricKey(key) => builder.symmetric_key(key.as_str()),
         DeviceCredential::GroupKey(key) => builder.group_key(key.as_str()),
         DeviceCredential::X509 { cert, key } => {
-            let read = |p: &PathBuf| std::fs::read(p).map_err(|e| ServerError::io(p, e));
-            builder.x509_pem(read(&cert)?, read(&key)?)
+            builder.x509_pem(read_flag_file("--cert", &cert)?, read_flag_file("--key", &key)?)
         }
     };
     if let Some(ca) = &args.ca {
-        builder = builder.ca_pem(std::fs::read(ca).map_err(|e| ServerError::io(ca, e))?);
+        // Read by the client, so that it names the file when it holds no certificate.
+        builder = builder.ca_file(ca).map_err(|e| match e {
+            ClientError::Config(message) => ServerError::Config(format!("--ca: {message}")),
+            other => ServerError::Config(format!("--ca: {other}")),
+        })?;
     }
     if let Some(payload) = &args.payload {
         let value =
@@ -677,7 +685,7 @@ pub async fn register(args: &RegisterArgs) -> Result<Value, ServerError> {
         builder = builder.payload(value);
     }
     let client = builder.build().map_err(|e| match e {
-        zerotouch_transport::client::ClientError::Config(message) => ServerError::Config(message),
+        ClientError::Config(message) => ServerError::Config(message),
         other => ServerError::Registration(other.to_string()),
     })?;
     let assignment = client.register().await.map_err(|e| ServerError::Registration(e.to_string()))?;
@@ -712,6 +720,56 @@ mod tests {
         assert!(with(&["--symmetric-key", "a2V5"]).is_ok());
         assert!(with(&["--symmetric-key", "a2V5", "--registration-timeout", "60"]).is_ok());
         assert!(with(&["--symmetric-key", "a2V5", "--registration-timeout", "0"]).is_err());
+    }
+
+    fn register_args(extra: &[&str]) -> super::RegisterArgs {
+        use super::{Command, DeviceCommand};
+        let base =
+            ["zerotouch", "device", "register", "--id-scope", "0ne00000001", "--registration-id", "d1"];
+        match Cli::try_parse_from(base.iter().chain(extra)).unwrap().command {
+            Command::Device(DeviceCommand::Register(a)) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The configuration error `device register` stops with before connecting.
+    fn config_error(extra: &[&str]) -> String {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        match runtime.block_on(super::register(&register_args(extra))) {
+            Err(e @ super::ServerError::Config(_)) => e.to_string(),
+            other => panic!("{extra:?}: {other:?}"),
+        }
+    }
+
+    /// Device review D8: the engine's "bad request:" prefix leaked into the CLI's configuration
+    /// errors.
+    #[test]
+    fn a_bad_symmetric_key_is_a_plain_configuration_error() {
+        assert_eq!(
+            config_error(&["--symmetric-key", "no!"]),
+            "configuration: the symmetric key is not valid base64"
+        );
+        assert_eq!(config_error(&["--group-key", "no!"]), "configuration: the group key is not valid base64");
+    }
+
+    /// Device review D8 and operator review #13: a missing file said only its path, and a `--ca`
+    /// file without a certificate did not say which file.
+    #[test]
+    fn a_missing_or_empty_credential_or_ca_file_names_its_flag_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nonexist.pem");
+        let missing = missing.to_str().unwrap();
+        let json = dir.path().join("en.json");
+        std::fs::write(&json, "{}").unwrap();
+        let json = json.to_str().unwrap();
+        let cert = config_error(&["--cert", missing, "--key", json]);
+        assert!(cert.starts_with(&format!("configuration: --cert {missing}: ")), "{cert}");
+        let key = config_error(&["--cert", json, "--key", missing]);
+        assert!(key.starts_with(&format!("configuration: --key {missing}: ")), "{key}");
+        let ca = config_error(&["--symmetric-key", "a2V5", "--ca", missing]);
+        assert!(ca.starts_with("configuration: --ca: ") && ca.contains(missing), "{ca}");
+        let ca = config_error(&["--symmetric-key", "a2V5", "--ca", json]);
+        assert_eq!(ca, format!("configuration: the CA file {json} holds no PEM certificate"));
     }
 
     #[test]

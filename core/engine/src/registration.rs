@@ -316,7 +316,9 @@ struct CachedToken {
 ///
 /// Call order, in a loop until [`Registration::is_finished`] and the outcome was taken:
 /// 1. [`poll_transmit`](Registration::poll_transmit)`(now)`: when it returns a [`Transmit`],
-///    send it (HTTP request or MQTT publish); call again until it returns `None`.
+///    send it (HTTP request or MQTT publish), connecting first if need be (within
+///    [`deadline`](Registration::deadline)), then tell the machine with
+///    [`handle_sent`](Registration::handle_sent)`(now)`; call again until it returns `None`.
 /// 2. When the reply arrives, [`handle_response`](Registration::handle_response)`(now, reply)`.
 /// 3. Otherwise wait until [`poll_timeout`](Registration::poll_timeout) (a retry-after wait or
 ///    the reply deadline) and call [`handle_timeout`](Registration::handle_timeout)`(now)`.
@@ -324,8 +326,11 @@ struct CachedToken {
 ///    [`RegistrationEvent::Assigned`] or [`RegistrationEvent::Failed`]; if there is none yet,
 ///    go back to 1.
 ///
-/// One request is in flight at a time; a transport that loses it (dropped connection) simply
-/// waits for the reply deadline, which ends the registration with [`FailureKind::Timeout`].
+/// One request is in flight at a time. A transport that loses its connection while a request
+/// is outstanding calls [`handle_connection_lost`](Registration::handle_connection_lost)`(now)`:
+/// the machine sends the same request again (a poll keeps its operation id) after a back-off,
+/// until the registration deadline, and the transport connects again to send it. A loss the
+/// transport does not notice ends at the reply deadline with [`FailureKind::Timeout`].
 ///
 /// The flow: register, expect `202 assigning` with an `operationId` (an immediate `200 assigned`
 /// is accepted too), wait `retry-after` (clamped to 1–300 s, else
@@ -344,6 +349,8 @@ pub struct Registration {
     state: State,
     /// Resends of the current request after 429/5xx, in a row.
     throttle_retries: u32,
+    /// Connections lost in a row, without a reply in between.
+    connection_losses: u32,
     token: Option<CachedToken>,
     event: Option<RegistrationEvent>,
     /// When the whole registration must have an outcome (set by the first request).
@@ -356,6 +363,7 @@ impl fmt::Debug for Registration {
             .field("config", &self.config)
             .field("state", &self.state)
             .field("throttle_retries", &self.throttle_retries)
+            .field("connection_losses", &self.connection_losses)
             .field("event", &self.event)
             .finish_non_exhaustive()
     }
@@ -370,6 +378,7 @@ impl Registration {
             crypto,
             state: State::Ready { request: Request::Register, not_before: None },
             throttle_retries: 0,
+            connection_losses: 0,
             token: None,
             event: None,
             gives_up_at: None,
@@ -390,8 +399,9 @@ impl Registration {
         }
     }
 
-    /// The next request to send, if one is due at `now`. The reply deadline starts now (the
-    /// whole registration's at the first request).
+    /// The next request to send, if one is due at `now`. The reply deadline starts now, and again
+    /// at [`handle_sent`](Registration::handle_sent); the whole registration's deadline starts at
+    /// the first request.
     pub fn poll_transmit(&mut self, now: Timestamp) -> Option<Transmit> {
         let request = match &self.state {
             State::Ready { request, not_before } if not_before.is_none_or(|t| now >= t) => request.clone(),
@@ -419,6 +429,51 @@ impl Registration {
         Some(transmit)
     }
 
+    /// The request last returned by [`poll_transmit`](Registration::poll_transmit) went on the
+    /// wire at `now`: its reply deadline
+    /// ([`request_timeout`](RegistrationConfig::request_timeout)) starts again from here, so that
+    /// the time a transport spends connecting between the two calls is not taken from the wait
+    /// for the reply. Does nothing when no request is outstanding.
+    pub fn handle_sent(&mut self, now: Timestamp) {
+        if let State::AwaitingReply { deadline, .. } = &mut self.state {
+            *deadline = now + self.config.request_timeout;
+        }
+    }
+
+    /// When the whole registration gives up
+    /// ([`registration_timeout`](RegistrationConfig::registration_timeout) after the first
+    /// request); `None` before the first [`poll_transmit`](Registration::poll_transmit). A
+    /// transport bounds its connection setup by it.
+    pub fn deadline(&self) -> Option<Timestamp> {
+        self.gives_up_at
+    }
+
+    /// The connection that carried (or was to carry) the outstanding request was lost at `now`:
+    /// closed by the service, reset, or it could not be opened again. DPS keeps no sessions and
+    /// a poll is idempotent, so the same request is scheduled again (the poll with the operation
+    /// id kept from the register reply, or the register) after the "equal jitter" back-off of
+    /// [`handle_response`](Registration::handle_response): uniform in `(b/2, b]` for
+    /// `b = default_retry_after × 2^n`, n = connections lost since the last reply, capped at
+    /// 300 s. Losses do not count against
+    /// [`max_throttle_retries`](RegistrationConfig::max_throttle_retries); the registration
+    /// deadline bounds them. Does nothing when no request is outstanding (a connection dropped
+    /// during a retry-after wait is simply opened again for the next request) or when the
+    /// registration is finished; fails with [`FailureKind::Timeout`] once the deadline has
+    /// passed.
+    pub fn handle_connection_lost(&mut self, now: Timestamp) {
+        if !matches!(self.state, State::Finished) && self.gives_up_at.is_some_and(|end| now >= end) {
+            return self.give_up();
+        }
+        let State::AwaitingReply { request, .. } = &self.state else {
+            return;
+        };
+        let request = request.clone();
+        let b = backoff(self.config.default_retry_after, self.connection_losses);
+        let wait = b - self.random_part_of(b / 2);
+        self.connection_losses = self.connection_losses.saturating_add(1);
+        self.state = State::Ready { request, not_before: Some(now + wait) };
+    }
+
     /// Feeds the reply to the request last returned by
     /// [`poll_transmit`](Registration::poll_transmit).
     ///
@@ -435,6 +490,7 @@ impl Registration {
             State::AwaitingReply { request, .. } => request.clone(),
             _ => return,
         };
+        self.connection_losses = 0;
         match response.status {
             200..=299 => self.on_success_status(now, request, &response),
             // 408 (the service timed the request out) is transient like 5xx; statuses of 600 and

@@ -698,6 +698,134 @@ fn service_that_never_answers_times_out() {
     assert_eq!(reg.poll_event(), None);
 }
 
+/// Review D2: the reply deadline started at `poll_transmit`, before the transport connected, so
+/// a slow connection ate into the wait for the reply.
+#[test]
+fn the_reply_deadline_starts_when_the_request_is_sent() {
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    assert_eq!(reg.deadline(), Some(t0() + secs(900)), "the registration deadline runs from the start");
+    // Connecting took 26 s.
+    reg.handle_sent(t0() + secs(26));
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(56)));
+    reg.handle_timeout(t0() + secs(30));
+    assert!(!reg.is_finished(), "the reply is not late 4 s after the request went out");
+    reg.handle_response(t0() + secs(32), assigning_register_reply());
+    assert_eq!(reg.deadline(), Some(t0() + secs(900)), "sending does not move the registration deadline");
+    // Nothing is outstanding while waiting to poll: a stray call changes nothing.
+    reg.handle_sent(t0() + secs(33));
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(35)));
+}
+
+#[test]
+fn the_reply_deadline_never_outlasts_the_registration_deadline() {
+    let mut cfg = config();
+    cfg.registration_timeout = secs(40);
+    let mut reg = machine(cfg);
+    expect_register(&mut reg, t0());
+    reg.handle_sent(t0() + secs(20));
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(40)));
+    reg.handle_timeout(t0() + secs(40));
+    assert!(expect_failure(&mut reg).message.contains("registration timeout"));
+}
+
+/// Review D3: a dropped connection ended the registration although DPS keeps no sessions and a
+/// poll with the kept operation id works from any new connection.
+#[test]
+fn a_poll_lost_with_its_connection_is_sent_again_with_the_kept_operation_id() {
+    let mut reg = machine_with_random(config(), Some(0x00));
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), assigning_register_reply());
+    let sent = t0() + secs(3);
+    expect_poll(&mut reg, sent);
+    reg.handle_connection_lost(sent + secs(1));
+    assert!(!reg.is_finished());
+    assert_eq!(reg.poll_event(), None);
+    assert_eq!(reg.operation_id().map(|id| id.as_str()), Some(OP));
+    // No jitter: the full back-off of 2 s.
+    let resend = resend_at(&mut reg, sent + secs(1), secs(2), secs(2));
+    expect_poll(&mut reg, resend);
+    reg.handle_response(resend, reply(200, None, assigned_body()));
+    assert!(matches!(reg.poll_event(), Some(RegistrationEvent::Assigned(_))));
+}
+
+#[test]
+fn a_register_lost_with_its_connection_is_sent_again() {
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_connection_lost(t0() + secs(1));
+    let resend = resend_at(&mut reg, t0() + secs(1), secs(1), secs(2));
+    expect_register(&mut reg, resend);
+}
+
+#[test]
+fn connections_lost_in_a_row_back_off_with_jitter_and_a_reply_starts_again() {
+    let mut cfg = config();
+    cfg.registration_timeout = secs(3600);
+    let mut reg = machine(cfg);
+    let mut now = t0();
+    expect_register(&mut reg, now);
+    for ceiling in [2, 4, 8, 16, 32, 64, 128, 256, 300, 300] {
+        reg.handle_connection_lost(now);
+        now = resend_at(&mut reg, now, secs(ceiling) / 2, secs(ceiling));
+        expect_register(&mut reg, now);
+    }
+    reg.handle_response(now, assigning_register_reply());
+    now = now + secs(3);
+    expect_poll(&mut reg, now);
+    reg.handle_connection_lost(now);
+    resend_at(&mut reg, now, secs(1), secs(2));
+}
+
+#[test]
+fn connections_lost_do_not_use_the_throttle_budget_but_end_at_the_registration_deadline() {
+    let mut cfg = config();
+    cfg.max_throttle_retries = Some(1);
+    cfg.registration_timeout = secs(60);
+    let mut reg = machine(cfg);
+    let mut now = t0();
+    let mut sent = 0;
+    while !reg.is_finished() {
+        if reg.poll_transmit(now).is_some() {
+            sent += 1;
+            reg.handle_connection_lost(now + secs(1));
+            continue;
+        }
+        now = reg.poll_timeout().expect("a resend or the deadline is scheduled");
+        reg.handle_timeout(now);
+    }
+    let f = expect_failure(&mut reg);
+    assert_eq!(f.kind, FailureKind::Timeout, "{f}");
+    assert!(f.message.contains("registration timeout"), "{f}");
+    assert_eq!(now, t0() + secs(60));
+    assert!(sent > 2, "only {sent} attempts in 60 s");
+}
+
+#[test]
+fn a_connection_lost_with_nothing_outstanding_changes_nothing() {
+    let mut reg = machine(config());
+    expect_register(&mut reg, t0());
+    reg.handle_response(t0(), assigning_register_reply());
+    // Lost during the 3 s retry-after wait: the poll goes out when the wait ends, as planned.
+    reg.handle_connection_lost(t0() + secs(1));
+    assert_eq!(reg.poll_timeout(), Some(t0() + secs(3)));
+    expect_poll(&mut reg, t0() + secs(3));
+    reg.handle_response(t0() + secs(3), reply(200, None, assigned_body()));
+    reg.handle_connection_lost(t0() + secs(4));
+    assert!(matches!(reg.poll_event(), Some(RegistrationEvent::Assigned(_))));
+    assert_eq!(reg.poll_transmit(t0() + secs(10)), None);
+}
+
+#[test]
+fn a_connection_lost_after_the_registration_deadline_ends_in_a_timeout() {
+    let mut cfg = config();
+    cfg.registration_timeout = secs(10);
+    let mut reg = machine(cfg);
+    expect_register(&mut reg, t0());
+    reg.handle_connection_lost(t0() + secs(10));
+    assert_eq!(expect_failure(&mut reg).kind, FailureKind::Timeout);
+}
+
 #[test]
 fn reply_without_an_outstanding_request_is_ignored() {
     let mut reg = registered(config());
@@ -842,15 +970,16 @@ mod any_reply_sequence {
     proptest! {
         #[test]
         fn machine_never_sends_early_and_always_ends_quiet(
-            replies in prop::collection::vec((any_reply(), prop::bool::ANY), 1..40)
+            replies in prop::collection::vec((any_reply(), 0u8..3), 1..40)
         ) {
             let mut reg = machine(config());
             let mut now = t0();
             let mut outcomes = 0;
-            for (response, time_out) in replies {
+            for (response, input) in replies {
                 // Advance to the next timer without skipping past it, as a driver would.
                 if let Some(at) = reg.poll_timeout() {
                     prop_assert!(at >= now);
+                    prop_assert!(reg.deadline().is_none_or(|end| at <= end), "nothing past the deadline");
                     if at > now {
                         prop_assert_eq!(reg.poll_transmit(at - Duration::from_nanos(1)), None);
                     }
@@ -859,8 +988,16 @@ mod any_reply_sequence {
                 }
                 let sent = reg.poll_transmit(now).is_some();
                 prop_assert_eq!(reg.poll_transmit(now), None, "one request in flight at a time");
-                if sent && !time_out {
-                    reg.handle_response(now, response);
+                if sent {
+                    reg.handle_sent(now);
+                    match input {
+                        // The reply arrives.
+                        0 => reg.handle_response(now, response),
+                        // The connection drops: the request is scheduled again, or the deadline ends it.
+                        1 => reg.handle_connection_lost(now),
+                        // No reply: the next timer is the reply deadline.
+                        _ => {}
+                    }
                 }
                 if let Some(event) = reg.poll_event() {
                     outcomes += 1;

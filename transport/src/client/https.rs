@@ -19,7 +19,7 @@ use tokio_rustls::TlsConnector;
 use zerotouch_engine::registration::{RegistrationConfig, ServiceResponse, Transmit};
 use zerotouch_proto::http::{Route, RouteMatch, CONTENT_TYPE_JSON};
 
-use super::{ClientError, Endpoint, Link, ProvisioningClient, USER_AGENT};
+use super::{closed_by_peer, ClientError, Endpoint, Link, ProvisioningClient, CLOSED_BY_SERVICE, USER_AGENT};
 
 /// Largest reply body accepted (DPS caps messages at 96 KB).
 const MAX_BODY: usize = 1024 * 1024;
@@ -31,7 +31,6 @@ pub(crate) struct HttpsLink {
     config: RegistrationConfig,
     endpoint: Endpoint,
     tls: Arc<ClientConfig>,
-    connect_timeout: Duration,
     sender: Option<SendRequest<Full<Bytes>>>,
     pending: Option<Pending>,
 }
@@ -43,32 +42,9 @@ impl HttpsLink {
             config: client.config.clone(),
             endpoint: client.endpoint.clone(),
             tls: client.tls.clone(),
-            connect_timeout: client.connect_timeout,
             sender: None,
             pending: None,
         }
-    }
-
-    /// A ready sender: the kept-alive connection, or a new one when the server closed it.
-    async fn sender(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, ClientError> {
-        let alive = match self.sender.as_mut() {
-            Some(s) => s.ready().await.is_ok(),
-            None => false,
-        };
-        if !alive {
-            let sender =
-                tokio::time::timeout(self.connect_timeout, connect(self.endpoint.clone(), self.tls.clone()))
-                    .await
-                    .map_err(|_| {
-                        ClientError::Connection(format!(
-                            "no TLS connection to {} within {} s",
-                            self.endpoint.authority(),
-                            self.connect_timeout.as_secs_f64()
-                        ))
-                    })??;
-            self.sender = Some(sender);
-        }
-        self.sender.as_mut().ok_or_else(|| ClientError::Connection("no HTTPS connection".into()))
     }
 
     fn request(&self, transmit: &Transmit) -> Result<Request<Full<Bytes>>, ClientError> {
@@ -137,14 +113,44 @@ async fn connect(
 }
 
 impl Link for HttpsLink {
+    /// Keeps the kept-alive connection, or opens a new one when there is none or the server
+    /// closed it.
+    async fn connect(&mut self, _transmit: &Transmit) -> Result<(), ClientError> {
+        let alive = match self.sender.as_mut() {
+            Some(s) => s.ready().await.is_ok(),
+            None => false,
+        };
+        if !alive {
+            self.sender = None;
+            self.sender = Some(connect(self.endpoint.clone(), self.tls.clone()).await?);
+        }
+        Ok(())
+    }
+
+    fn connect_timed_out(&self, within: Duration) -> ClientError {
+        ClientError::Connection(format!(
+            "no TLS connection to {} within {} s",
+            self.endpoint.authority(),
+            within.as_secs_f64()
+        ))
+    }
+
     async fn send(&mut self, transmit: &Transmit) -> Result<(), ClientError> {
         let request = self.request(transmit)?;
-        let response = self.sender().await?.send_request(request);
+        let sender =
+            self.sender.as_mut().ok_or_else(|| ClientError::Connection("no HTTPS connection".into()))?;
+        let response = sender.send_request(request);
         let authority = self.endpoint.authority();
         self.pending = Some(Box::pin(async move {
-            let response = response
-                .await
-                .map_err(|e| ClientError::Connection(format!("HTTP request to {authority} failed: {e}")))?;
+            let response = response.await.map_err(|e| {
+                if e.is_incomplete_message() || e.is_closed() || closed_by_peer(&e) {
+                    ClientError::Connection(format!(
+                        "HTTP request to {authority} failed: {CLOSED_BY_SERVICE}"
+                    ))
+                } else {
+                    ClientError::Connection(format!("HTTP request to {authority} failed: {e}"))
+                }
+            })?;
             let status = response.status().as_u16();
             let retry_after = response
                 .headers()
@@ -172,6 +178,11 @@ impl Link for HttpsLink {
             }
             None => std::future::pending().await,
         }
+    }
+
+    fn reset(&mut self) {
+        self.sender = None;
+        self.pending = None;
     }
 
     async fn close(self) {

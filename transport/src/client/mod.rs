@@ -24,7 +24,7 @@ mod mqtt;
 mod tls;
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,6 +113,8 @@ pub struct ProvisioningClientBuilder {
     transport: Transport,
     credential: Option<Credential>,
     ca_pem: Option<Vec<u8>>,
+    /// The file `ca_pem` was read from, named in errors about its content.
+    ca_file: Option<PathBuf>,
     payload: Option<Value>,
     api_version: Option<String>,
     request_timeout: Duration,
@@ -175,16 +177,20 @@ impl ProvisioningClientBuilder {
     /// instead of the operating system's store.
     pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.ca_pem = Some(pem.into());
+        self.ca_file = None;
         self
     }
 
-    /// [`ca_pem`](Self::ca_pem) from a file.
+    /// [`ca_pem`](Self::ca_pem) from a file; [`build`](Self::build) names the file when it
+    /// holds no usable certificate.
     ///
     /// # Errors
     /// [`ClientError::Config`] when the file cannot be read.
     pub fn ca_file(self, path: impl AsRef<Path>) -> Result<Self, ClientError> {
         let pem = read_file(path.as_ref(), "CA certificate")?;
-        Ok(self.ca_pem(pem))
+        let mut builder = self.ca_pem(pem);
+        builder.ca_file = Some(path.as_ref().to_owned());
+        Ok(builder)
     }
 
     /// A custom JSON payload for the allocation webhook.
@@ -248,13 +254,20 @@ impl ProvisioningClientBuilder {
             )
         })?;
         let crypto: Arc<dyn CryptoProvider> = Arc::new(RingCrypto::new());
-        let engine_key = |b64: &str| {
-            DeviceCredential::symmetric_key_base64(b64).map_err(|e| ClientError::Config(e.to_string()))
+        // The engine's message without its "bad request:" (wire) prefix, for the key given.
+        let engine_key = |b64: &str, what: &str| {
+            DeviceCredential::symmetric_key_base64(b64).map_err(|e| {
+                let message = match e {
+                    zerotouch_engine::Error::BadRequest(message) => message,
+                    other => other.to_string(),
+                };
+                ClientError::Config(message.replacen("the symmetric key", what, 1))
+            })
         };
         let (device_credential, identity) = match &credential {
-            Credential::SymmetricKey(key) => (engine_key(key)?, None),
+            Credential::SymmetricKey(key) => (engine_key(key, "the symmetric key")?, None),
             Credential::GroupKey(key) => {
-                let DeviceCredential::SymmetricKey(group) = engine_key(key)? else {
+                let DeviceCredential::SymmetricKey(group) = engine_key(key, "the group key")? else {
                     return Err(ClientError::Config("the group key is not a symmetric key".into()));
                 };
                 let derived = derive_device_key(crypto.as_ref(), &group, registration_id.as_str());
@@ -266,7 +279,7 @@ impl ProvisioningClientBuilder {
         };
         let endpoint = Endpoint::parse(&self.host, self.transport.default_port())?;
         let roots = match &self.ca_pem {
-            Some(pem) => tls::Roots::Pem(pem),
+            Some(pem) => tls::Roots::Pem { pem, file: self.ca_file.as_deref() },
             None => tls::Roots::Native,
         };
         let alpn: &[&[u8]] = if self.transport == Transport::Https { &[b"http/1.1"] } else { &[] };
@@ -389,6 +402,7 @@ impl ProvisioningClient {
             transport: Transport::default(),
             credential: None,
             ca_pem: None,
+            ca_file: None,
             payload: None,
             api_version: None,
             request_timeout: Duration::from_secs(30),
@@ -415,23 +429,20 @@ impl ProvisioningClient {
     /// # Errors
     /// [`ClientError::Registration`] when the service refused or failed the registration (with
     /// its status and error code) or did not answer in time; [`ClientError::Connection`],
-    /// [`ClientError::ConnectRefused`] or [`ClientError::SubscribeRefused`] when the connection
-    /// could not be set up or was lost.
+    /// [`ClientError::ConnectRefused`] or [`ClientError::SubscribeRefused`] when the first
+    /// connection could not be set up, or the service refused a later CONNECT or SUBSCRIBE. A
+    /// connection lost after the first one was set up is opened again, after a back-off, and the
+    /// outstanding request sent again until the registration timeout, which then fails with
+    /// [`FailureKind::Timeout`] naming the last connection error.
     pub async fn register(&self) -> Result<Assignment, ClientError> {
-        let mut registration = Registration::new(self.config.clone(), self.crypto.clone());
+        let registration = Registration::new(self.config.clone(), self.crypto.clone());
         let clock = Clock::start();
-        // The first transmit carries the SAS token that MQTT needs as its CONNECT password.
-        let first = registration
-            .poll_transmit(clock.now())
-            .ok_or_else(|| ClientError::Connection("the registration produced no register request".into()))?;
         match self.transport {
             Transport::Mqtt | Transport::MqttWs => {
-                let link = mqtt::MqttLink::connect(self, &first).await?;
-                drive(registration, link, first, clock).await
+                drive(registration, mqtt::MqttLink::new(self), self.connect_timeout, clock).await
             }
             Transport::Https => {
-                let link = https::HttpsLink::new(self);
-                drive(registration, link, first, clock).await
+                drive(registration, https::HttpsLink::new(self), self.connect_timeout, clock).await
             }
         }
     }
@@ -439,27 +450,64 @@ impl ProvisioningClient {
 
 /// One connection to the service as the driver sees it.
 pub(crate) trait Link {
-    /// Starts sending `transmit`.
+    /// Makes sure a connection is open before `transmit` is sent: keeps a usable one, else opens
+    /// one (MQTT signs in with the SAS token of `transmit`). The driver bounds how long it takes
+    /// and drops the future when it takes too long, so it must be cancel-safe.
+    async fn connect(&mut self, transmit: &Transmit) -> Result<(), ClientError>;
+    /// The error of a [`connect`](Link::connect) the driver stopped after `within`.
+    fn connect_timed_out(&self, within: Duration) -> ClientError;
+    /// Starts sending `transmit` on the connection [`connect`](Link::connect) opened.
     async fn send(&mut self, transmit: &Transmit) -> Result<(), ClientError>;
-    /// The reply to the request last sent; pending forever when none is outstanding. Must be
-    /// cancel-safe: the driver races it against the state machine's timer.
+    /// The reply to the request last sent; pending forever when none is outstanding or the
+    /// connection was [`reset`](Link::reset). Must be cancel-safe: the driver races it against
+    /// the state machine's timer.
     async fn recv(&mut self) -> Result<ServiceResponse, ClientError>;
+    /// Forgets a connection that failed, so that the next [`connect`](Link::connect) opens a new
+    /// one.
+    fn reset(&mut self);
     /// Closes the connection politely.
     async fn close(self);
 }
 
 /// Pumps requests, replies and timers between `link` and the state machine until it decides.
+///
+/// A connection that fails after the first one was set up (closed by the service, reset, or
+/// not opened again) is a transient failure: the machine sends the outstanding request again
+/// after a back-off, on a new connection, until the registration deadline. A first connection
+/// that cannot be set up fails the registration at once (wrong host, untrusted certificate,
+/// refused credentials are not cured by waiting), and so does a refused CONNECT or SUBSCRIBE
+/// at any time.
 async fn drive<L: Link>(
     mut registration: Registration,
     mut link: L,
-    first: Transmit,
+    connect_timeout: Duration,
     clock: Clock,
 ) -> Result<Assignment, ClientError> {
-    let mut pending = Some(first);
+    // Whether a connection was set up once: failures after that are worth a new connection.
+    let mut connected = false;
+    // The last connection failure since the last reply: said with a timeout, which alone would
+    // not tell that the service could not be reached.
+    let mut connection_error: Option<ClientError> = None;
     let outcome = loop {
-        while let Some(transmit) = pending.take().or_else(|| registration.poll_transmit(clock.now())) {
+        while let Some(transmit) = registration.poll_transmit(clock.now()) {
             tracing::debug!(request = request_name(&transmit), "sending");
-            if let Err(e) = link.send(&transmit).await {
+            let sent = connect_and_send(
+                &mut link,
+                &mut registration,
+                &transmit,
+                connect_timeout,
+                clock,
+                &mut connected,
+            )
+            .await;
+            let Err(e) = sent else { continue };
+            registration.handle_timeout(clock.now());
+            if registration.is_finished() {
+                // The registration deadline cut the attempt short.
+                connection_error = Some(e);
+            } else if connected && is_transient(&e) {
+                connection_lost(&mut registration, &mut link, clock.now(), e, &mut connection_error);
+            } else {
                 link.close().await;
                 return Err(e);
             }
@@ -481,7 +529,11 @@ async fn drive<L: Link>(
         match reply {
             Some(Ok(response)) => {
                 tracing::debug!(status = response.status, retry_after = ?response.retry_after, "reply");
+                connection_error = None;
                 registration.handle_response(clock.now(), response);
+            }
+            Some(Err(e)) if is_transient(&e) => {
+                connection_lost(&mut registration, &mut link, clock.now(), e, &mut connection_error);
             }
             Some(Err(e)) => {
                 link.close().await;
@@ -499,8 +551,88 @@ async fn drive<L: Link>(
     link.close().await;
     match outcome {
         RegistrationEvent::Assigned(assignment) => Ok(assignment),
-        RegistrationEvent::Failed(failure) => Err(ClientError::Registration(failure)),
+        RegistrationEvent::Failed(mut failure) => {
+            if let (FailureKind::Timeout, Some(e)) = (failure.kind, connection_error) {
+                failure.message = format!("{}; last connection error: {e}", failure.message);
+            }
+            Err(ClientError::Registration(failure))
+        }
     }
+}
+
+/// Connects if need be, within the connect timeout and the time left before the registration
+/// deadline (setting `connected` once a connection is up), sends `transmit` and starts its
+/// reply deadline.
+async fn connect_and_send<L: Link>(
+    link: &mut L,
+    registration: &mut Registration,
+    transmit: &Transmit,
+    connect_timeout: Duration,
+    clock: Clock,
+    connected: &mut bool,
+) -> Result<(), ClientError> {
+    let left = registration.deadline().map_or(connect_timeout, |end| end.saturating_since(clock.now()));
+    let within = connect_timeout.min(left);
+    match tokio::time::timeout(within, link.connect(transmit)).await {
+        Ok(done) => done?,
+        Err(_) => return Err(link.connect_timed_out(within)),
+    }
+    *connected = true;
+    link.send(transmit).await?;
+    registration.handle_sent(clock.now());
+    Ok(())
+}
+
+/// Whether a connection failure may pass with a new connection: a lost or unreachable
+/// connection may; a refused CONNECT or SUBSCRIBE or a bad setting does not.
+fn is_transient(e: &ClientError) -> bool {
+    matches!(e, ClientError::Connection(_))
+}
+
+/// Drops the failed connection and lets the machine schedule the outstanding request again.
+fn connection_lost<L: Link>(
+    registration: &mut Registration,
+    link: &mut L,
+    now: Timestamp,
+    error: ClientError,
+    last_error: &mut Option<ClientError>,
+) {
+    link.reset();
+    registration.handle_connection_lost(now);
+    match registration.poll_timeout() {
+        Some(at) => tracing::info!(
+            %error,
+            retry_in_secs = at.saturating_since(now).as_secs_f64(),
+            "the connection to the provisioning service failed; the request goes out again on a new one"
+        ),
+        None => tracing::info!(%error, "the connection to the provisioning service failed"),
+    }
+    *last_error = Some(error);
+}
+
+/// How a connection the service closed or reset is described, instead of the texts of the
+/// TLS and MQTT libraries (which carry links to their manuals).
+pub(crate) const CLOSED_BY_SERVICE: &str = "the service closed the connection";
+
+/// Whether `e`, or an error it wraps, is an I/O error of a connection the other side closed or
+/// reset.
+pub(crate) fn closed_by_peer(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
 }
 
 fn request_name(transmit: &Transmit) -> &'static str {
@@ -573,6 +705,41 @@ mod tests {
             .registration_timeout(Duration::ZERO)
             .build();
         assert!(matches!(built, Err(ClientError::Config(_))));
+    }
+
+    /// Review D8: the engine's wire prefix "bad request:" leaked into configuration errors.
+    #[test]
+    fn a_bad_key_is_a_configuration_error_without_the_wire_prefix() {
+        let ca = zerotouch_testkit::certs::TestCa::root("test root");
+        let builder = || ProvisioningClient::builder("0ne00111111", "dev1").ca_pem(ca.pem());
+        for (built, expected) in [
+            (builder().symmetric_key("no!").build(), "the symmetric key is not valid base64"),
+            (builder().symmetric_key("").build(), "the symmetric key is empty"),
+            (builder().group_key("no!").build(), "the group key is not valid base64"),
+        ] {
+            let Err(ClientError::Config(message)) = built else { panic!("{built:?}") };
+            assert_eq!(message, expected);
+        }
+    }
+
+    /// Operator review #13: a `--ca` file that holds no certificate was not named.
+    #[test]
+    fn a_ca_file_without_a_certificate_is_named() {
+        let path = std::env::temp_dir().join(format!("zerotouch-ca-test-{}.json", std::process::id()));
+        std::fs::write(&path, "{\"not\": \"a certificate\"}").unwrap();
+        let built = ProvisioningClient::builder("0ne00111111", "dev1")
+            .symmetric_key("c2VjcmV0")
+            .ca_file(&path)
+            .unwrap()
+            .build();
+        std::fs::remove_file(&path).unwrap();
+        let Err(ClientError::Config(message)) = built else { panic!("{built:?}") };
+        assert_eq!(message, format!("the CA file {} holds no PEM certificate", path.display()));
+        // Given as bytes, it is "the CA PEM".
+        let built =
+            ProvisioningClient::builder("0ne00111111", "dev1").symmetric_key("c2VjcmV0").ca_pem("{}").build();
+        let Err(ClientError::Config(message)) = built else { panic!("{built:?}") };
+        assert_eq!(message, "the CA PEM holds no certificate");
     }
 
     #[test]

@@ -4,14 +4,17 @@ use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet,
-    Publish, QoS, SubscribeReasonCode, TlsConfiguration,
+    Publish, QoS, StateError, SubscribeReasonCode, TlsConfiguration,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use zerotouch_engine::registration::{ServiceResponse, Transmit};
 use zerotouch_proto::mqtt::{ConnectUsername, DeviceRequest, ResponseTopic, POLL_PAYLOAD, SUBSCRIBE_FILTER};
 
-use super::{ClientError, Link, ProvisioningClient, Transport, USER_AGENT, WEBSOCKET_PATH};
+use super::{
+    closed_by_peer, ClientError, Link, ProvisioningClient, Transport, CLOSED_BY_SERVICE, USER_AGENT,
+    WEBSOCKET_PATH,
+};
 
 /// Keep-alive of the MQTT session (Python's value).
 const KEEP_ALIVE: Duration = Duration::from_secs(60);
@@ -30,25 +33,36 @@ enum Inbound {
     Closed(ClientError),
 }
 
-/// A connected, subscribed MQTT session of one registration.
+/// The MQTT side of one registration: a session opened before the first request and again
+/// after a lost one.
 pub(crate) struct MqttLink {
-    client: AsyncClient,
-    inbound: mpsc::UnboundedReceiver<Inbound>,
-    task: JoinHandle<()>,
+    client: ProvisioningClient,
+    session: Option<Session>,
+    /// The `$rid` of the next request; it keeps counting across sessions.
     next_rid: u64,
-    awaited_rid: Option<String>,
 }
 
 impl MqttLink {
-    /// Connects with the credentials of `first` (the register transmit) and subscribes to the
-    /// reply topics.
-    pub(crate) async fn connect(client: &ProvisioningClient, first: &Transmit) -> Result<Self, ClientError> {
+    /// A link that connects before its first request.
+    pub(crate) fn new(client: &ProvisioningClient) -> Self {
+        Self { client: client.clone(), session: None, next_rid: 1 }
+    }
+}
+
+/// A connected, subscribed MQTT session.
+struct Session {
+    client: AsyncClient,
+    inbound: mpsc::UnboundedReceiver<Inbound>,
+    task: JoinHandle<()>,
+    awaited_rid: Option<String>,
+}
+
+impl Session {
+    /// Connects with `password` (the SAS token of the request about to be sent) and subscribes
+    /// to the reply topics. Not bounded in time here: the driver bounds it (dropping the future
+    /// aborts the session's task).
+    async fn open(client: &ProvisioningClient, password: String) -> Result<Self, ClientError> {
         let config = &client.config;
-        let password = match first {
-            Transmit::Register { authorization, .. } | Transmit::PollStatus { authorization, .. } => {
-                authorization.clone().unwrap_or_default()
-            }
-        };
         let username = ConnectUsername {
             id_scope: config.id_scope.clone(),
             registration_id: config.registration_id.clone(),
@@ -76,33 +90,23 @@ impl MqttLink {
             .set_max_packet_size(MAX_PACKET, MAX_PACKET)
             .set_credentials(username.to_string(), password);
         let (mqtt, mut eventloop) = AsyncClient::new(options, 8);
-        // rumqttc gives up connecting after its own 5 s unless told otherwise; the whole
-        // handshake is bounded by `connect_timeout` below, so its part may take as long.
+        // rumqttc gives up connecting after its own 5 s unless told otherwise; the driver bounds
+        // the whole handshake by the connect timeout, so rumqttc's part may take as long.
         let mut network = eventloop.network_options();
         network.set_connection_timeout(client.connect_timeout.as_secs().max(1).saturating_add(1));
         eventloop.set_network_options(network);
         let (tx, inbound) = mpsc::unbounded_channel();
         let task = tokio::spawn(pump(eventloop, tx, client.endpoint.authority()));
-        let mut link = Self { client: mqtt, inbound, task, next_rid: 1, awaited_rid: None };
-        match tokio::time::timeout(client.connect_timeout, link.handshake()).await {
-            Ok(Ok(())) => Ok(link),
-            Ok(Err(e)) => {
-                link.task.abort();
-                Err(e)
-            }
-            Err(_) => {
-                link.task.abort();
-                Err(ClientError::Connection(format!(
-                    "no CONNACK and SUBACK from {} within {} s",
-                    client.endpoint.authority(),
-                    client.connect_timeout.as_secs_f64()
-                )))
-            }
-        }
+        // Dropped (so the task aborted) if the handshake fails or the driver gives up on it.
+        let mut session = Self { client: mqtt, inbound, task, awaited_rid: None };
+        session.handshake().await?;
+        Ok(session)
     }
 
     async fn handshake(&mut self) -> Result<(), ClientError> {
-        self.client.subscribe(SUBSCRIBE_FILTER, QoS::AtLeastOnce).await.map_err(request_failed)?;
+        if let Err(e) = self.client.subscribe(SUBSCRIBE_FILTER, QoS::AtLeastOnce).await {
+            return Err(self.why_stopped(e).await);
+        }
         let mut connected = false;
         loop {
             match self.inbound.recv().await {
@@ -115,12 +119,22 @@ impl MqttLink {
             }
         }
     }
-}
 
-impl Link for MqttLink {
-    async fn send(&mut self, transmit: &Transmit) -> Result<(), ClientError> {
-        let rid = self.next_rid.to_string();
-        self.next_rid += 1;
+    /// Why the event loop refused a request (`e`, rumqttc's "Failed to send mqtt requests to
+    /// eventloop"): the pump task sends the connection error that ended it before it drops the
+    /// event loop, so that error is already in `inbound` and is the real cause (a TLS or CONNACK
+    /// failure). Reading up to the end of the channel, which the ending task closes, needs no
+    /// timing luck.
+    async fn why_stopped(&mut self, e: rumqttc::ClientError) -> ClientError {
+        while let Some(inbound) = self.inbound.recv().await {
+            if let Inbound::Closed(cause) = inbound {
+                return cause;
+            }
+        }
+        request_failed(e)
+    }
+
+    async fn send(&mut self, transmit: &Transmit, rid: String) -> Result<(), ClientError> {
         let (topic, payload) = match transmit {
             Transmit::Register { body, .. } => {
                 let payload = serde_json::to_vec(body)
@@ -132,10 +146,9 @@ impl Link for MqttLink {
                 POLL_PAYLOAD.as_bytes().to_vec(),
             ),
         };
-        self.client
-            .publish(topic.to_string(), QoS::AtLeastOnce, false, payload)
-            .await
-            .map_err(request_failed)?;
+        if let Err(e) = self.client.publish(topic.to_string(), QoS::AtLeastOnce, false, payload).await {
+            return Err(self.why_stopped(e).await);
+        }
         self.awaited_rid = Some(rid);
         Ok(())
     }
@@ -172,10 +185,59 @@ impl Link for MqttLink {
     }
 }
 
-impl Drop for MqttLink {
+impl Drop for Session {
     fn drop(&mut self) {
-        // A cancelled register() must not leave the connection running.
+        // A cancelled register() or connect must not leave the connection running.
         self.task.abort();
+    }
+}
+
+impl Link for MqttLink {
+    async fn connect(&mut self, transmit: &Transmit) -> Result<(), ClientError> {
+        if self.session.is_none() {
+            let password = match transmit {
+                Transmit::Register { authorization, .. } | Transmit::PollStatus { authorization, .. } => {
+                    authorization.clone().unwrap_or_default()
+                }
+            };
+            self.session = Some(Session::open(&self.client, password).await?);
+        }
+        Ok(())
+    }
+
+    fn connect_timed_out(&self, within: Duration) -> ClientError {
+        ClientError::Connection(format!(
+            "no CONNACK and SUBACK from {} within {} s",
+            self.client.endpoint.authority(),
+            within.as_secs_f64()
+        ))
+    }
+
+    async fn send(&mut self, transmit: &Transmit) -> Result<(), ClientError> {
+        let rid = self.next_rid.to_string();
+        self.next_rid += 1;
+        match self.session.as_mut() {
+            Some(session) => session.send(transmit, rid).await,
+            None => Err(ClientError::Connection("no MQTT session".into())),
+        }
+    }
+
+    async fn recv(&mut self) -> Result<ServiceResponse, ClientError> {
+        match self.session.as_mut() {
+            Some(session) => session.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn reset(&mut self) {
+        // Dropping the session aborts its task.
+        self.session = None;
+    }
+
+    async fn close(self) {
+        if let Some(session) = self.session {
+            session.close().await;
+        }
     }
 }
 
@@ -197,7 +259,11 @@ async fn pump(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Inbound>, auth
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => continue,
             Err(e) => {
-                let _ = tx.send(Inbound::Closed(connection_error(e, &authority)));
+                // rumqttc queues the packet it refuses before failing: a DISCONNECT from the
+                // service reads as "Received a wrong packet while waiting for another packet".
+                let disconnected =
+                    eventloop.state.events.iter().any(|e| matches!(e, Event::Incoming(Packet::Disconnect)));
+                let _ = tx.send(Inbound::Closed(connection_error(e, &authority, disconnected)));
                 return;
             }
         };
@@ -226,7 +292,15 @@ fn reply(publish: &Publish) -> Option<Inbound> {
     }
 }
 
-fn connection_error(e: ConnectionError, authority: &str) -> ClientError {
+/// The client error of the connection error that ended a session with `authority`;
+/// `disconnected` when the service had sent an MQTT DISCONNECT.
+fn connection_error(e: ConnectionError, authority: &str, disconnected: bool) -> ClientError {
+    if disconnected {
+        return ClientError::Connection(format!("{authority}: {CLOSED_BY_SERVICE} (MQTT DISCONNECT)"));
+    }
+    if matches!(e, ConnectionError::MqttState(StateError::ConnectionAborted)) || closed_by_peer(&e) {
+        return ClientError::Connection(format!("{authority}: {CLOSED_BY_SERVICE}"));
+    }
     match e {
         ConnectionError::ConnectionRefused(code) => {
             let (return_code, reason) = match code {
@@ -320,7 +394,7 @@ mod tests {
         let (client, _eventloop) = AsyncClient::new(MqttOptions::new("dev", "localhost", 8883), 1);
         let (tx, inbound) = mpsc::unbounded_channel();
         let task = tokio::spawn(async {});
-        let mut link = MqttLink { client, inbound, task, next_rid: 2, awaited_rid: Some("1".into()) };
+        let mut link = Session { client, inbound, task, awaited_rid: Some("1".into()) };
         let response = |status| ServiceResponse { status, retry_after: None, body: Vec::new() };
         for (rid, status) in [("1x", 202), ("1", 200)] {
             let _ = tx.send(Inbound::Reply { rid: rid.to_owned(), response: response(status) });
@@ -332,5 +406,52 @@ mod tests {
             text.contains("rid=\"1x\"") && text.contains("awaited_rid=\"1\"") && text.contains("status=202"),
             "{text}"
         );
+    }
+
+    /// A link whose pump task already ended with `cause` and dropped its event loop, as after a
+    /// failed TLS handshake: the channel holds the cause and is closed.
+    fn link_whose_pump_ended_with(cause: ClientError) -> Session {
+        let (client, eventloop) = AsyncClient::new(MqttOptions::new("dev", "localhost", 8883), 1);
+        let (tx, inbound) = mpsc::unbounded_channel();
+        tx.send(Inbound::Closed(cause)).unwrap();
+        drop((tx, eventloop));
+        let task = tokio::spawn(async {});
+        Session { client, inbound, task, awaited_rid: None }
+    }
+
+    fn tls_error() -> ClientError {
+        ClientError::Connection("127.0.0.1:8883: TLS: I/O: invalid peer certificate: UnknownIssuer".into())
+    }
+
+    /// Operator review #4: in about 5 runs of 12, a client that did not trust the server's
+    /// certificate said "the MQTT event loop stopped: Failed to send mqtt requests to eventloop",
+    /// because SUBSCRIBE was refused by the dropped event loop before the TLS error was read.
+    /// Here the event loop is gone before SUBSCRIBE, every time.
+    #[tokio::test]
+    async fn a_subscribe_refused_by_the_stopped_event_loop_reports_the_connection_error() {
+        let mut link = link_whose_pump_ended_with(tls_error());
+        let e = link.handshake().await.unwrap_err();
+        assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_publish_refused_by_the_stopped_event_loop_reports_the_connection_error() {
+        let mut link = link_whose_pump_ended_with(tls_error());
+        let transmit = Transmit::PollStatus {
+            operation_id: zerotouch_proto::OperationId::new("4.abc").unwrap(),
+            authorization: None,
+        };
+        let e = link.send(&transmit, "1".into()).await.unwrap_err();
+        assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_stopped_event_loop_without_a_cause_still_says_so() {
+        let (client, eventloop) = AsyncClient::new(MqttOptions::new("dev", "localhost", 8883), 1);
+        let (tx, inbound) = mpsc::unbounded_channel::<Inbound>();
+        drop((tx, eventloop));
+        let mut link = Session { client, inbound, task: tokio::spawn(async {}), awaited_rid: None };
+        let e = link.handshake().await.unwrap_err();
+        assert!(e.to_string().contains("the MQTT event loop stopped"), "{e}");
     }
 }

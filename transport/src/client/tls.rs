@@ -1,5 +1,6 @@
 //! The rustls client configuration of the device client (ring provider, TLS 1.2 and 1.3).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -17,8 +18,9 @@ use super::ClientError;
 
 /// Trust anchors for the server certificate.
 pub(crate) enum Roots<'a> {
-    /// Only the certificates of this PEM (a self-hosted server's CA).
-    Pem(&'a [u8]),
+    /// Only the certificates of this PEM (a self-hosted server's CA), read from `file` when
+    /// given (named in errors).
+    Pem { pem: &'a [u8], file: Option<&'a Path> },
     /// The operating system's store (real Azure).
     Native,
 }
@@ -38,11 +40,22 @@ pub(crate) fn client_config(
     let mut store = RootCertStore::empty();
     let mut pinned = Vec::new();
     match roots {
-        Roots::Pem(pem) => {
+        Roots::Pem { pem, file } => {
+            let source =
+                file.map_or_else(|| "the CA PEM".to_owned(), |f| format!("the CA file {}", f.display()));
             for cert in CertificateDer::pem_slice_iter(pem) {
-                let cert = cert.map_err(|e| ClientError::Config(format!("CA PEM: {e}")))?;
-                store.add(cert.clone()).map_err(|e| ClientError::Config(format!("CA certificate: {e}")))?;
+                let cert = cert.map_err(|e| ClientError::Config(format!("{source}: {e}")))?;
+                store
+                    .add(cert.clone())
+                    .map_err(|e| ClientError::Config(format!("{source}: CA certificate: {e}")))?;
                 pinned.push(cert);
+            }
+            if store.is_empty() {
+                let message = match file {
+                    Some(_) => format!("{source} holds no PEM certificate"),
+                    None => format!("{source} holds no certificate"),
+                };
+                return Err(ClientError::Config(message));
             }
         }
         Roots::Native => {
@@ -203,7 +216,7 @@ mod tests {
     fn config(chain_pem: &str, key_pem: &str) -> Result<Arc<ClientConfig>, ClientError> {
         let ca = TestCa::root("server root");
         let identity = Identity { chain_pem: chain_pem.as_bytes(), key_pem: key_pem.as_bytes() };
-        client_config(Roots::Pem(ca.pem().as_bytes()), Some(identity), &[])
+        client_config(Roots::Pem { pem: ca.pem().as_bytes(), file: None }, Some(identity), &[])
     }
 
     #[test]

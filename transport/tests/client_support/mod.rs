@@ -4,10 +4,10 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
@@ -85,7 +85,26 @@ pub struct Exchange {
     /// The `retry-after` value as sent: seconds, or any text a faulty service might send.
     pub retry_after: Option<String>,
     pub body: Value,
+    /// Instead of replying, the peer breaks the connection this way.
+    pub fault: Option<Fault>,
 }
+
+/// How a scripted peer breaks a connection instead of replying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Drop the connection without a word (no TLS close_notify, no HTTP reply).
+    Close,
+    /// MQTT only: send DISCONNECT, then drop the connection.
+    Disconnect,
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+impl std::error::Error for Fault {}
 
 /// A recorded scenario from testdata/azure.
 #[derive(Debug, Clone)]
@@ -111,6 +130,7 @@ pub fn scenario(name: &str) -> Scenario {
             status: u16::try_from(e["status"].as_u64().unwrap()).unwrap(),
             retry_after: e.get("retryAfter").map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned)),
             body: e["body"].clone(),
+            fault: None,
         })
         .collect();
     Scenario {
@@ -177,7 +197,8 @@ impl ScriptedPeer {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (script, seen) = (script.clone(), seen.clone());
-                        async move { Ok::<_, Infallible>(answer_http(req, &script, &seen).await) }
+                        // An error makes hyper drop the connection without a reply.
+                        async move { answer_http(req, &script, &seen).await.ok_or(Fault::Close) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), service)
@@ -190,6 +211,17 @@ impl ScriptedPeer {
 
     /// The MQTT device API, replaying `exchanges`; CONNECT is accepted with `connack`.
     pub async fn mqtt(cert: &ServerCert, exchanges: Vec<Exchange>, connack: ConnectReturnCode) -> Self {
+        Self::mqtt_with_connack_delay(cert, exchanges, connack, Duration::ZERO).await
+    }
+
+    /// [`mqtt`](Self::mqtt), with CONNACK sent `connack_delay` after CONNECT (a slow or far
+    /// service).
+    pub async fn mqtt_with_connack_delay(
+        cert: &ServerCert,
+        exchanges: Vec<Exchange>,
+        connack: ConnectReturnCode,
+        connack_delay: Duration,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = TlsAcceptor::from(cert.server_config());
@@ -202,7 +234,7 @@ impl ScriptedPeer {
                 let (tcp, _) = listener.accept().await.unwrap();
                 let Ok(tls) = acceptor.accept(tcp).await else { continue };
                 let (script, seen, usernames) = (script.clone(), seen2.clone(), usernames2.clone());
-                tokio::spawn(serve_mqtt(tls, script, seen, usernames, connack));
+                tokio::spawn(serve_mqtt(tls, script, seen, usernames, connack, connack_delay));
             }
         });
         Self { addr, seen, usernames, task }
@@ -221,7 +253,7 @@ async fn answer_http(
     req: Request<Incoming>,
     script: &Script,
     seen: &Mutex<Vec<Seen>>,
-) -> Response<Full<Bytes>> {
+) -> Option<Response<Full<Bytes>>> {
     let target = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
     let request = match (req.method().as_str(), req.uri().path()) {
         ("PUT", p) if p.ends_with("/register") => "register",
@@ -232,12 +264,15 @@ async fn answer_http(
     let body = req.into_body().collect().await.unwrap().to_bytes();
     seen.lock().unwrap().push(Seen { request: request.to_owned(), target, authorization, body });
     let exchange = next_reply(script, request);
+    if exchange.fault.is_some() {
+        return None;
+    }
     let mut response =
         Response::builder().status(exchange.status).header("content-type", "application/json; charset=utf-8");
     if let Some(value) = &exchange.retry_after {
         response = response.header("retry-after", value.as_str());
     }
-    response.body(Full::new(Bytes::from(serde_json::to_vec(&exchange.body).unwrap()))).unwrap()
+    Some(response.body(Full::new(Bytes::from(serde_json::to_vec(&exchange.body).unwrap()))).unwrap())
 }
 
 async fn serve_mqtt<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
@@ -246,6 +281,7 @@ async fn serve_mqtt<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     seen: Arc<Mutex<Vec<Seen>>>,
     usernames: Arc<Mutex<Vec<String>>>,
     connack: ConnectReturnCode,
+    connack_delay: Duration,
 ) {
     const MAX: usize = 256 * 1024;
     let mut buf = BytesMut::new();
@@ -274,6 +310,7 @@ async fn serve_mqtt<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                 );
                 usernames.lock().unwrap().push(login.username);
                 password = Some(login.password).filter(|p| !p.is_empty());
+                tokio::time::sleep(connack_delay).await;
                 Packet::ConnAck(ConnAck::new(connack, false)).write(&mut out, MAX).unwrap();
                 refused = connack != ConnectReturnCode::Success;
             }
@@ -298,6 +335,18 @@ async fn serve_mqtt<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                     body: publish.payload.clone(),
                 });
                 let exchange = next_reply(&script, kind);
+                match exchange.fault {
+                    // Dropping the stream sends no close_notify: the client reads an unexpected EOF.
+                    Some(Fault::Close) => return,
+                    Some(Fault::Disconnect) => {
+                        let mut bye = BytesMut::new();
+                        Packet::Disconnect.write(&mut bye, MAX).unwrap();
+                        let _ = stream.write_all(&bye).await;
+                        let _ = stream.flush().await;
+                        return;
+                    }
+                    None => {}
+                }
                 let mut topic = ResponseTopic::reply_to(&request, exchange.status, None).to_string();
                 if let Some(value) = &exchange.retry_after {
                     topic = format!("{topic}&retry-after={value}");
