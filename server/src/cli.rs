@@ -10,7 +10,7 @@ use zerotouch_proto::DeviceId;
 use crate::admin;
 use crate::backend::Backend;
 use crate::config::{Settings, StoreLocation};
-use crate::error::ServerError;
+use crate::error::{RegistrationErrorKind, ServerError};
 
 /// Runs `$body` with `$b` bound to the backend a [`StoreLocation`] names.
 macro_rules! on_backend {
@@ -210,6 +210,12 @@ pub enum DevicesCommand {
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
     /// Register with a provisioning service and print the registration result as JSON.
+    #[command(
+        after_help = "Exit codes: 0 assigned; 2 usage; 3 invalid configuration or input; 4 ID scope or \
+                            enrollment not found; 5 refused (credential, failed or disabled registration); \
+                            6 throttled, timed out or no connection (try again later); 7 answers not \
+                            understood; 1 anything else."
+    )]
     Register(RegisterArgs),
 }
 
@@ -684,12 +690,33 @@ pub async fn register(args: &RegisterArgs) -> Result<Value, ServerError> {
             serde_json::from_str(payload).map_err(|e| ServerError::Config(format!("--payload: {e}")))?;
         builder = builder.payload(value);
     }
-    let client = builder.build().map_err(|e| match e {
-        ClientError::Config(message) => ServerError::Config(message),
-        other => ServerError::Registration(other.to_string()),
-    })?;
-    let assignment = client.register().await.map_err(|e| ServerError::Registration(e.to_string()))?;
-    serde_json::to_value(&assignment.state).map_err(|e| ServerError::Registration(e.to_string()))
+    let client = builder.build().map_err(registration_error)?;
+    let assignment = client.register().await.map_err(registration_error)?;
+    serde_json::to_value(&assignment.state).map_err(|e| ServerError::Registration {
+        message: e.to_string(),
+        kind: RegistrationErrorKind::Protocol,
+    })
+}
+
+/// A client error as the error `device register` ends with, classed for its exit code.
+fn registration_error(e: zerotouch_transport::client::ClientError) -> ServerError {
+    use zerotouch_engine::registration::FailureKind;
+    use zerotouch_transport::client::ClientError;
+    let kind = match &e {
+        ClientError::Config(message) => return ServerError::Config(message.clone()),
+        ClientError::Connection(_) | ClientError::ConnectRefused { return_code: 3, .. } => {
+            RegistrationErrorKind::Retryable
+        }
+        ClientError::ConnectRefused { return_code: 4 | 5, .. } => RegistrationErrorKind::Refused,
+        ClientError::Registration(failure) => match failure.kind {
+            FailureKind::NotFound => RegistrationErrorKind::NotFound,
+            FailureKind::Timeout | FailureKind::Throttled => RegistrationErrorKind::Retryable,
+            FailureKind::Protocol => RegistrationErrorKind::Protocol,
+            _ => RegistrationErrorKind::Refused,
+        },
+        _ => RegistrationErrorKind::Protocol,
+    };
+    ServerError::Registration { message: e.to_string(), kind }
 }
 
 #[cfg(test)]

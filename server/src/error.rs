@@ -48,12 +48,55 @@ pub enum ServerError {
     #[error("not found: {0}")]
     NotFound(String),
     /// A device registration through the client failed.
-    #[error("registration: {0}")]
-    Registration(String),
+    #[error("registration: {message}")]
+    Registration {
+        /// What happened, with the service's status and error code when it answered.
+        message: String,
+        /// Whether trying again may help, for the exit code.
+        kind: RegistrationErrorKind,
+    },
+}
+
+/// How a `device register` failed, as its exit code tells scripts (see
+/// [`ServerError::exit_code`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegistrationErrorKind {
+    /// The service refused the device as it is (credential, disabled or failed registration,
+    /// a request it calls bad): trying again unchanged will not help.
+    Refused,
+    /// The ID scope or enrollment is unknown to the service.
+    NotFound,
+    /// Throttled, timed out, or the connection failed: trying again later may help.
+    Retryable,
+    /// The service's answers could not be understood.
+    Protocol,
 }
 
 impl ServerError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { path: path.into(), source }
+    }
+
+    /// The process exit code for this error: 3 invalid configuration or input, 4 not found,
+    /// 5 registration refused, 6 registration may succeed if tried again later (throttled,
+    /// timed out, no connection), 7 the service's answers were not understood, 1 anything else
+    /// (I/O, store, certificates, listeners). clap's usage errors exit with 2.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) | Self::Import { .. } => 3,
+            Self::NotFound(_) => 4,
+            Self::Registration { kind, .. } => match kind {
+                RegistrationErrorKind::NotFound => 4,
+                RegistrationErrorKind::Refused => 5,
+                RegistrationErrorKind::Retryable => 6,
+                RegistrationErrorKind::Protocol => 7,
+            },
+            Self::Io { .. }
+            | Self::Listen { .. }
+            | Self::Certificate(_)
+            | Self::Engine(_)
+            | Self::Store(_) => 1,
+        }
     }
 }

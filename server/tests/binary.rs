@@ -56,7 +56,7 @@ fn a_device_id_in_no_hub_is_an_error() {
         .status
         .success());
     let out = zerotouch(&["devices", "get", "--data-dir", data, "nobody"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(4), "not found has its own exit code");
     assert!(String::from_utf8(out.stderr).unwrap().contains("nobody"));
 }
 
@@ -657,4 +657,35 @@ fn a_device_that_refuses_the_server_certificate_shows_in_the_log() {
     let refused = refused.unwrap_or_else(|| panic!("no line about the refused handshake in {logs}"));
     assert_eq!(refused["level"], "INFO");
     assert!(refused["fields"]["error"].as_str().unwrap().contains("alert"), "{refused}");
+}
+
+#[test]
+fn device_register_exit_codes_tell_refused_from_not_found_from_try_again_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    import(
+        dir.path(),
+        data,
+        &format!(
+            r#"[{{"registrationId": "exit-1", "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": "{key}", "secondaryKey": "{key}"}}}}}}]"#
+        ),
+    );
+    let (server, _, https) = serve(data, "0ne0000E417");
+    let ca = dir.path().join("tls").join("ca.pem");
+    let host = format!("localhost:{https}");
+    let register = |scope: &str, key: &str, host: &str, extra: &[&str]| {
+        let mut args = vec!["device", "register", "--transport", "https", "--provisioning-host", host];
+        args.extend(["--id-scope", scope, "--registration-id", "exit-1", "--symmetric-key", key]);
+        args.extend(["--ca", ca.to_str().unwrap(), "--registration-timeout", "20"]);
+        args.extend(extra);
+        zerotouch(&args).status.code()
+    };
+    let wrong = "MTExMTExMTExMTExMTExMTExMTExMTExMTExMTExMTE=";
+    assert_eq!(register("0ne0000E417", key, &host, &[]), Some(0));
+    assert_eq!(register("0ne0000E417", wrong, &host, &[]), Some(5), "a refused key");
+    assert_eq!(register("0ne00000000", key, &host, &[]), Some(4), "an unknown ID scope");
+    assert_eq!(register("0ne0000E417", key, &host, &["--payload", "{not json"]), Some(3), "bad input");
+    assert!(server.terminate());
+    assert_eq!(register("0ne0000E417", key, &host, &[]), Some(6), "nothing listening any more");
 }
