@@ -301,6 +301,28 @@ async fn a_throttled_device_keeps_its_connection_for_the_retry_after_it_was_give
 }
 
 #[tokio::test]
+async fn a_device_answered_500_late_keeps_its_connection_to_send_again() {
+    // The engine answers after 1.5 s; the endpoint gives up on it after 0.8 s with a 500, past
+    // the CONNECT deadline (0.5 s) of the still unproven connection.
+    let limits = Limits {
+        connect_timeout: Duration::from_millis(500),
+        engine_timeout: Duration::from_millis(800),
+        ..Limits::default()
+    };
+    let server = Server::start_slow(limits, Duration::from_millis(1500)).await;
+    let key = server.enroll_symmetric("slow-1");
+    let mut device = RawDevice::open(&server).await;
+    device.connect("slow-1", &key, 60).await;
+    device.send(register_publish("1", "slow-1", 1)).await;
+    assert_eq!(reply_statuses(&mut device, 1).await, [("1".to_owned(), 500)]);
+    // As the SDKs do: wait a little, then go on on the same connection.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    device.send(Packet::PingReq).await;
+    assert_eq!(device.next().await, Some(Packet::PingResp), "cut off right after its 500");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn silent_device_is_cut_after_one_and_a_half_keep_alives_and_pings_keep_it_open() {
     let server = Server::start().await;
     let key = server.enroll_symmetric("quiet-1");

@@ -304,13 +304,17 @@ where
                 accepted = true;
                 idle_deadline = Instant::now() + idle;
             } else if !accepted {
-                // Throttled or a server error before anything was proven: the device is to
-                // come back after `retry-after` (on this connection, as the SDKs do).
-                if let Some(secs) = $response.retry_after {
-                    let back = Instant::now() + Duration::from_secs(u64::from(secs)) + limits.connect_timeout;
-                    unproven_until = unproven_until.max(back);
-                    idle_deadline = (Instant::now() + idle).min(unproven_until);
+                // Any other refusal before anything was proven: the device gets the CONNECT
+                // deadline from now to read it, however late it came (a slow store). Throttled,
+                // timed out or a server error, it is to come back on this connection, as the
+                // SDKs do: after `retry-after`, or their own wait when there is none.
+                let mut back = Instant::now() + limits.connect_timeout;
+                if status == 429 || status == 408 || status >= 500 {
+                    back +=
+                        $response.retry_after.map_or(SDK_RETRY_WAIT, |s| Duration::from_secs(u64::from(s)));
                 }
+                unproven_until = unproven_until.max(back);
+                idle_deadline = (Instant::now() + idle).min(unproven_until);
             }
             if status < 400 && claim.is_none() {
                 claim = Some(claim_id());
@@ -624,6 +628,11 @@ fn packet_name(packet: &Packet) -> &'static str {
         Packet::Disconnect => "DISCONNECT",
     }
 }
+
+/// How long an unproven connection may wait before it re-sends after a refusal that carries no
+/// `retry-after` (a 5xx): the SDKs wait 1–2 s (spec §1.7), our client a jittered back-off from
+/// 2 s; the CONNECT deadline comes on top.
+const SDK_RETRY_WAIT: Duration = Duration::from_secs(5);
 
 /// At most `max` bytes of the start of `text`, cut at a character boundary.
 fn clip(text: &str, max: usize) -> &str {
