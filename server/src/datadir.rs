@@ -206,26 +206,88 @@ pub fn dev_certificates(dir: &Path) -> Result<DevCertificates, ServerError> {
     if !tls.exists() {
         return first_dev_certificates(dir, &tls, certs);
     }
-    if !certs.ca_cert.is_file() || !certs.ca_key.is_file() {
+    if !certs.ca_cert.is_file() {
         return Err(ServerError::Config(format!(
-            "{} or {} is missing: devices trust the development CA they held. Restore them, or remove \
-             {} to generate a new CA (devices then need the new ca.pem)",
+            "{} is missing: devices trust the development CA it held. Restore it, or remove {} to \
+             generate a new CA (devices then need the new ca.pem)",
             certs.ca_cert.display(),
-            certs.ca_key.display(),
             tls.display()
         )));
     }
-    if certs.server_cert.is_file() && certs.server_key.is_file() && !ends_soon(&certs.server_cert)? {
-        return Ok(certs);
+    let now = OffsetDateTime::now_utc();
+    let current = if certs.server_cert.is_file() && certs.server_key.is_file() {
+        Some(inspect_server_pair(&certs)?)
+    } else {
+        None
+    };
+    if let Some(pair) = &current {
+        // A certificate the operator put here (not issued by this CA) is theirs to renew.
+        if pair.key_matches
+            && (!pair.issued_by_ca || pair.not_after >= now + Duration::days(DEV_SERVER_RENEW_DAYS))
+        {
+            return Ok(certs);
+        }
     }
-    // Two starts re-issuing at once may pair one's key with the other's certificate (each file
-    // is replaced whole); the TLS set-up then refuses the pair, and a restart issues again.
+    // A pair that still works is served if a new one cannot be issued (the CA key kept
+    // offline, a read-only directory), with a warning.
+    let usable = current.as_ref().is_some_and(|pair| pair.key_matches && pair.not_after > now);
+    match reissue_server_certificate(&certs) {
+        Ok(()) => Ok(DevCertificates { reissued: true, ..certs }),
+        Err(e) if usable => {
+            tracing::warn!(
+                server_cert = %certs.server_cert.display(),
+                error = %e,
+                "the development server certificate ends within 30 days and could not be issued again"
+            );
+            Ok(certs)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What [`dev_certificates`] needs to know of the server certificate and key in place.
+struct ServerPair {
+    not_after: OffsetDateTime,
+    /// Whether the certificate's issuer is the development CA's subject.
+    issued_by_ca: bool,
+    /// Whether the key is the certificate's (two starts re-issuing at once may each have
+    /// replaced one file of the pair).
+    key_matches: bool,
+}
+
+fn inspect_server_pair(certs: &DevCertificates) -> Result<ServerPair, ServerError> {
+    let bad =
+        |path: &Path, e: &dyn std::fmt::Display| ServerError::Certificate(format!("{}: {e}", path.display()));
+    let server_pem = read(&certs.server_cert)?;
+    let (_, server) =
+        x509_parser::pem::parse_x509_pem(server_pem.as_bytes()).map_err(|e| bad(&certs.server_cert, &e))?;
+    let server = server.parse_x509().map_err(|e| bad(&certs.server_cert, &e))?;
+    let ca_pem = read(&certs.ca_cert)?;
+    let (_, ca) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes()).map_err(|e| bad(&certs.ca_cert, &e))?;
+    let ca = ca.parse_x509().map_err(|e| bad(&certs.ca_cert, &e))?;
+    let key_matches = KeyPair::from_pem(&read(&certs.server_key)?)
+        .is_ok_and(|key| key.public_key_raw() == &*server.public_key().subject_public_key.data);
+    Ok(ServerPair {
+        not_after: server.validity().not_after.to_datetime(),
+        issued_by_ca: server.issuer().as_raw() == ca.subject().as_raw(),
+        key_matches,
+    })
+}
+
+/// Issues a new server certificate and key from the kept CA.
+fn reissue_server_certificate(certs: &DevCertificates) -> Result<(), ServerError> {
+    if !certs.ca_key.is_file() {
+        return Err(ServerError::Config(format!(
+            "{} is missing: a new development server certificate cannot be issued without it. Restore \
+             it, or give --tls-cert and --tls-key",
+            certs.ca_key.display()
+        )));
+    }
     let ca_key = read(&certs.ca_key)?;
     let ca_key = KeyPair::from_pem(&ca_key).map_err(|e| cert_error(&certs.ca_key, &e))?;
     let ca_pem = read(&certs.ca_cert)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| cert_error(&certs.ca_cert, &e))?;
-    write_server_certificate(&certs, &issuer, &ca_pem)?;
-    Ok(DevCertificates { reissued: true, ..certs })
+    write_server_certificate(certs, &issuer, &ca_pem)
 }
 
 /// A first start writes the set into a directory of its own and renames it into place, which
@@ -255,20 +317,6 @@ fn read(path: &Path) -> Result<String, ServerError> {
 
 fn cert_error(path: &Path, e: &rcgen::Error) -> ServerError {
     ServerError::Certificate(format!("{}: {e}", path.display()))
-}
-
-/// Whether the first certificate of `path` ends within [`DEV_SERVER_RENEW_DAYS`].
-fn ends_soon(path: &Path) -> Result<bool, ServerError> {
-    Ok(not_after(path)? < OffsetDateTime::now_utc() + Duration::days(DEV_SERVER_RENEW_DAYS))
-}
-
-/// The end of the validity of the first certificate in the PEM file `path`.
-fn not_after(path: &Path) -> Result<OffsetDateTime, ServerError> {
-    let bad = |e: &dyn std::fmt::Display| ServerError::Certificate(format!("{}: {e}", path.display()));
-    let pem = read(path)?;
-    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(&e))?;
-    let cert = pem.parse_x509().map_err(|e| bad(&e))?;
-    Ok(cert.validity().not_after.to_datetime())
 }
 
 /// A hidden name next to `name` that no other start uses, in this process or another.
@@ -525,11 +573,54 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = dev_certificates(dir.path()).unwrap();
         let server = fs::read_to_string(&first.server_cert).unwrap();
-        fs::remove_file(&first.ca_key).unwrap();
+        fs::remove_file(&first.ca_cert).unwrap();
         let refused = dev_certificates(dir.path()).unwrap_err().to_string();
-        assert!(refused.contains("ca-key.pem") && refused.contains("remove"), "{refused}");
+        assert!(refused.contains("ca.pem") && refused.contains("remove"), "{refused}");
         assert_eq!(fs::read_to_string(&first.server_cert).unwrap(), server);
-        assert!(!first.ca_key.exists());
+        assert!(!first.ca_cert.exists());
+    }
+
+    #[test]
+    fn the_ca_key_is_needed_only_to_issue_a_server_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dev_certificates(dir.path()).unwrap();
+        // Kept offline: the server starts on the pair it has.
+        fs::remove_file(&first.ca_key).unwrap();
+        let again = dev_certificates(dir.path()).unwrap();
+        assert!(!again.reissued && !again.generated);
+        // Without a server pair, it is needed, and the error says so.
+        fs::remove_file(&first.server_cert).unwrap();
+        let refused = dev_certificates(dir.path()).unwrap_err().to_string();
+        assert!(refused.contains("ca-key.pem") && refused.contains("--tls-cert"), "{refused}");
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_replaced_by_a_new_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dev_certificates(dir.path()).unwrap();
+        // As two starts re-issuing at once may leave it: one's key, the other's certificate.
+        fs::write(&first.server_key, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        let again = dev_certificates(dir.path()).unwrap();
+        assert!(again.reissued);
+        let third = dev_certificates(dir.path()).unwrap();
+        assert!(!third.reissued, "the new pair matches");
+    }
+
+    #[test]
+    fn a_server_certificate_of_another_issuer_is_left_to_its_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dev_certificates(dir.path()).unwrap();
+        // The operator's own certificate, copied in, ending in ten days.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "operator's own");
+        params.not_after = OffsetDateTime::now_utc() + Duration::days(10);
+        let cert = params.self_signed(&key).unwrap();
+        fs::write(&first.server_cert, cert.pem()).unwrap();
+        fs::write(&first.server_key, key.serialize_pem()).unwrap();
+        let again = dev_certificates(dir.path()).unwrap();
+        assert!(!again.reissued);
+        assert_eq!(fs::read_to_string(&again.server_cert).unwrap(), cert.pem());
     }
 
     #[test]
