@@ -180,12 +180,17 @@ pub async fn start_with_limits<B: Backend>(
         // The data directory's `id-scope` names what this server serves, given or not, so that
         // scripts reading it (and the next start without --id-scope) use the same. Replacing
         // another one is worth a warning: its devices are answered 404 from now on.
-        match datadir::kept_id_scope(data_dir)? {
-            Some(kept) if kept != id_scope => tracing::warn!(
+        match datadir::kept_id_scope(data_dir) {
+            // Scopes are matched case-insensitively: a difference in case refuses nobody.
+            Ok(Some(kept)) if !kept.as_str().eq_ignore_ascii_case(id_scope.as_str()) => tracing::warn!(
                 id_scope = %id_scope,
                 kept = %kept,
                 "--id-scope {id_scope} replaces the data directory's ID scope {kept}: devices that name {kept} are refused (404) from now on"
             ),
+            // An unreadable kept scope is what the flag repairs.
+            Err(e) => {
+                tracing::warn!(error = %e, "--id-scope {id_scope} replaces the data directory's unreadable ID scope")
+            }
             _ => {}
         }
         datadir::set_id_scope(data_dir, &id_scope)?;

@@ -460,6 +460,18 @@ fn an_id_scope_flag_that_replaces_the_kept_one_says_so() {
     assert!(warned, "{logs}");
     let kept = std::fs::read_to_string(dir.path().join("data").join("id-scope")).unwrap();
     assert_eq!(kept.trim(), "0ne0000BBBB");
+
+    // A difference in case only is the same scope: no warning. A broken file is repaired.
+    let log = std::fs::File::create(dir.path().join("serve2.log")).unwrap();
+    let (third, _, _) = serve_logging(data, "0NE0000BBBB", "warn", log.into());
+    assert!(third.terminate());
+    let logs = std::fs::read_to_string(dir.path().join("serve2.log")).unwrap();
+    assert!(!logs.contains("replaces"), "{logs}");
+    std::fs::write(dir.path().join("data").join("id-scope"), "garbage\n").unwrap();
+    let (fourth, _, _) = serve(data, "0ne0000CCCC");
+    assert!(fourth.terminate(), "the flag did not repair a broken id-scope file");
+    let kept = std::fs::read_to_string(dir.path().join("data").join("id-scope")).unwrap();
+    assert_eq!(kept.trim(), "0ne0000CCCC");
 }
 
 #[test]
