@@ -239,9 +239,11 @@ pub async fn accept_by(
             // for when devices cannot connect: at info, within the log budget. Connections that
             // just close (port probes, health checks) stay at debug.
             match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
-                Some(tls @ (rustls::Error::AlertReceived(_) | rustls::Error::PeerIncompatible(_)))
-                    if crate::limits::CLIENT_LOG.allows() =>
-                {
+                Some(
+                    tls @ (rustls::Error::AlertReceived(_)
+                    | rustls::Error::PeerIncompatible(_)
+                    | rustls::Error::NoApplicationProtocol),
+                ) if crate::limits::CLIENT_LOG.allows() => {
                     tracing::info!(error = %tls, "TLS handshake refused by the client, or without a common protocol");
                 }
                 _ => tracing::debug!(error = %e, "TLS handshake failed"),

@@ -191,6 +191,33 @@ async fn the_https_listener_speaks_http_1_1_and_refuses_clients_that_offer_only_
         Some(b"http/1.1".to_vec())
     );
     assert_eq!(handshake(Vec::new()).await.unwrap(), None, "a client offering nothing is served");
+    // What an operator sees of it, at info.
+    let captured = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let writer = CapturedLog(captured.clone());
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
     assert!(handshake(vec![b"h2".to_vec()]).await.is_err(), "an h2-only client got a connection");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(guard);
+    let logged = String::from_utf8_lossy(&captured.lock().unwrap()).into_owned();
+    assert!(logged.contains("TLS handshake refused"), "{logged}");
     server.stop().await;
+}
+
+/// Log output gathered by a test's subscriber.
+#[derive(Clone)]
+struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
