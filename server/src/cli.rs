@@ -410,17 +410,17 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
                 }
             };
             let mut out = JsonOut::new(std::io::stdout().lock());
-            let whole = on_backend!(location, |b| run_enrollments(&b, &command, &mut |v| out.element(&v)))?;
-            out.finish(whole.as_ref())
+            let result = on_backend!(location, |b| run_enrollments(&b, &command, &mut |v| out.element(&v)));
+            out.end(result)
         }
         Command::Devices(command) => {
             let store = match &command {
                 DevicesCommand::Get { store, .. } | DevicesCommand::List { store, .. } => store,
             };
             let mut out = JsonOut::new(std::io::stdout().lock());
-            let whole = on_backend!(store.existing_location()?, |b| run_devices(&b, &command, &mut |v| out
-                .element(&v)))?;
-            out.finish(whole.as_ref())
+            let result = on_backend!(store.existing_location()?, |b| run_devices(&b, &command, &mut |v| out
+                .element(&v)));
+            out.end(result)
         }
         Command::Device(DeviceCommand::Register(args)) => print(&runtime()?.block_on(register(&args))?),
     }
@@ -461,8 +461,12 @@ impl<W: std::io::Write> JsonOut<W> {
         }
     }
 
-    /// Writes the next element of the listing.
+    /// Writes the next element of the listing. Once the reader has gone, fails with
+    /// [`reader_gone`]'s error, which ends the walk over the store (see [`JsonOut::end`]).
     fn element(&mut self, value: &Value) -> Result<(), ServerError> {
+        if self.closed {
+            return Err(reader_gone());
+        }
         let text = serde_json::to_string_pretty(value).map_err(|e| ServerError::Store(e.to_string()))?;
         let mut chunk = String::with_capacity(text.len() + text.len() / 8 + 4);
         chunk.push_str(if self.elements == 0 { "[\n" } else { ",\n" });
@@ -475,6 +479,21 @@ impl<W: std::io::Write> JsonOut<W> {
         }
         self.elements += 1;
         self.write(&chunk)
+    }
+
+    /// Ends the output of a command that returned `result`: a walk ended because the reader
+    /// went away is a success (it had what it wanted); another error leaves the listing
+    /// unfinished (the exit code and the message on stderr say so).
+    fn end(self, result: Result<Option<Value>, ServerError>) -> Result<(), ServerError> {
+        match result {
+            Ok(whole) => self.finish(whole.as_ref()),
+            Err(ServerError::Io { source, .. })
+                if self.closed && source.kind() == std::io::ErrorKind::BrokenPipe =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes `whole` when the command had one value to say, else closes the listing.
@@ -499,6 +518,11 @@ impl<W: std::io::Write> JsonOut<W> {
             _ => Ok(()),
         }
     }
+}
+
+/// The error a listing's walk ends with once standard output's reader has gone.
+fn reader_gone() -> ServerError {
+    ServerError::io("standard output", std::io::Error::from(std::io::ErrorKind::BrokenPipe))
 }
 
 /// Prints `value` as pretty JSON on stdout. A reader that stops early (`| head`) is not an
@@ -846,6 +870,40 @@ mod json_out_tests {
         }
         out.finish(None).unwrap();
         String::from_utf8(bytes).unwrap()
+    }
+
+    /// A reader that takes `left` bytes, then is gone.
+    struct Closing {
+        left: usize,
+    }
+
+    impl std::io::Write for Closing {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.left == 0 {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            let n = buf.len().min(self.left);
+            self.left -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_listing_stops_walking_once_its_reader_is_gone_and_ends_quietly() {
+        let mut out = JsonOut::new(Closing { left: 10 });
+        let mut visited = 0;
+        let result = (|| -> Result<Option<Value>, crate::error::ServerError> {
+            for n in 0..1000 {
+                visited += 1;
+                out.element(&json!({ "n": n }))?;
+            }
+            Ok(None)
+        })();
+        assert!(visited < 5, "the walk went on after the reader left: {visited}");
+        out.end(result).unwrap();
     }
 
     #[test]
