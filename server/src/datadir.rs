@@ -63,7 +63,11 @@ pub fn ensure_dir(dir: &Path) -> Result<(), ServerError> {
     if dir.exists() && !dir.is_dir() {
         return Err(ServerError::Config(format!("data directory {}: not a directory", dir.display())));
     }
-    // Owner-only: it holds the database (every key) and the development CA's key.
+    // Owner-only: it holds the database (every key) and the development CA's key. Missing
+    // parents are made as `mkdir -p` makes them; only the directory itself is private.
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(|e| ServerError::io(parent, e))?;
+    }
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -672,6 +676,16 @@ mod tests {
         assert!(others_may_read(&path));
         create_private(&path).unwrap();
         assert_eq!(mode(&path), 0o644, "the operator's file is left as it is");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_data_directory_is_private_and_its_new_parents_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("var").join("zerotouch");
+        ensure_dir(&data).unwrap();
+        assert_eq!(mode(&data), 0o700);
+        assert_ne!(mode(&dir.path().join("var")), 0o700, "a parent made private too");
     }
 
     #[test]
