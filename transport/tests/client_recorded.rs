@@ -17,7 +17,7 @@ use zerotouch_transport::client::{
     ClientError, FailureKind, ProvisioningClient, ProvisioningClientBuilder, Transport,
 };
 
-use client_support::{azure_dir, scenario, Exchange, Fault, ScriptedPeer, ServerCert};
+use client_support::{azure_dir, scenario, Accept, Exchange, Fault, ScriptedPeer, ServerCert};
 
 const SCOPE: &str = "0ne00111111";
 const DEVICE_KEY: &str =
@@ -584,6 +584,48 @@ async fn a_service_that_cannot_be_reached_again_after_a_loss_is_named_at_the_reg
         assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{t}: {e}");
         let text = e.to_string();
         assert!(text.contains("last connection error") && text.contains("refused"), "{t}: {text}");
+    }
+}
+
+/// A peer over `transport` replaying `script` and treating its connections as `plan` says.
+async fn planned(
+    transport: Transport,
+    cert: &ServerCert,
+    script: Vec<Exchange>,
+    plan: Vec<Accept>,
+) -> ScriptedPeer {
+    match transport {
+        Transport::Https => ScriptedPeer::https_with_plan(cert, script, plan).await,
+        _ => {
+            ScriptedPeer::mqtt_with_plan(cert, script, ConnectReturnCode::Success, Duration::ZERO, plan).await
+        }
+    }
+}
+
+/// Review diff13 #2: after a lost connection, a new connection that took the whole connect
+/// timeout ended the registration with "no reply to the operation status request", because the
+/// driver checked the reply deadline set before connecting. The registration deadline bounds
+/// reconnects: the next connection is served and the device is assigned.
+#[tokio::test]
+async fn a_reconnect_that_times_out_is_retried_until_the_registration_deadline() {
+    for t in TRANSPORTS {
+        let cert = ServerCert::new();
+        // The first connection carries the register and breaks at the poll; the second is
+        // accepted and never answered; the third is served.
+        let plan = vec![Accept::Serve, Accept::Silent];
+        let peer = planned(t, &cert, script_with_broken_polls(Fault::Close, 1), plan).await;
+        let started = Instant::now();
+        let assignment = client_builder(t, &cert, &peer, "my-symkey-device")
+            .connect_timeout(Duration::from_secs(1))
+            .request_timeout(Duration::from_secs(1))
+            .registration_timeout(Duration::from_secs(20))
+            .build()
+            .unwrap()
+            .register()
+            .await;
+        assert_eq!(assignment.unwrap().assigned_hub, "hub.example", "{t} after {:?}", started.elapsed());
+        let kinds: Vec<String> = peer.seen().into_iter().map(|s| s.request).collect();
+        assert_eq!(kinds, ["register", "poll", "poll"], "{t}");
     }
 }
 

@@ -501,12 +501,16 @@ async fn drive<L: Link>(
             )
             .await;
             let Err(e) = sent else { continue };
-            registration.handle_timeout(clock.now());
-            if registration.is_finished() {
+            // The request never went out, so its reply deadline (set by `poll_transmit`, before
+            // connecting) is not the one to check: only the registration deadline bounds a
+            // connection attempt, as `handle_sent` promises.
+            let now = clock.now();
+            if registration.deadline().is_some_and(|end| now >= end) {
                 // The registration deadline cut the attempt short.
+                registration.handle_timeout(now);
                 connection_error = Some(e);
             } else if connected && is_transient(&e) {
-                connection_lost(&mut registration, &mut link, clock.now(), e, &mut connection_error);
+                connection_lost(&mut registration, &mut link, now, e, &mut connection_error);
             } else {
                 link.close().await;
                 return Err(e);
