@@ -629,6 +629,47 @@ async fn a_reconnect_that_times_out_is_retried_until_the_registration_deadline()
     }
 }
 
+/// Review diff13 #3: `zerotouch serve` refuses a CONNECT with CONNACK 3 "server unavailable"
+/// when it is overloaded; on a reconnect that ended the registration, though the CLI calls it
+/// "try again later". It is retried until the registration deadline, like a lost connection.
+#[tokio::test]
+async fn a_reconnect_refused_as_server_unavailable_is_retried() {
+    let cert = ServerCert::new();
+    let unavailable = Accept::Connack(ConnectReturnCode::ServiceUnavailable);
+    let plan = vec![Accept::Serve, unavailable, unavailable];
+    let peer = planned(Transport::Mqtt, &cert, script_with_broken_polls(Fault::Close, 1), plan).await;
+    let assignment = client_builder(Transport::Mqtt, &cert, &peer, "my-symkey-device")
+        .registration_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+        .register()
+        .await;
+    assert_eq!(assignment.unwrap().assigned_hub, "hub.example");
+    assert_eq!(peer.usernames.lock().unwrap().len(), 4, "served, refused twice, served");
+    let kinds: Vec<String> = peer.seen().into_iter().map(|s| s.request).collect();
+    assert_eq!(kinds, ["register", "poll", "poll"]);
+}
+
+/// Review diff13 #3: when the service stays unavailable, the registration ends at its deadline
+/// and names the refusal.
+#[tokio::test]
+async fn a_service_that_stays_unavailable_is_named_at_the_registration_timeout() {
+    let cert = ServerCert::new();
+    let mut plan = vec![Accept::Serve];
+    plan.extend([Accept::Connack(ConnectReturnCode::ServiceUnavailable); 20]);
+    let peer = planned(Transport::Mqtt, &cert, script_with_broken_polls(Fault::Close, 1), plan).await;
+    let e = client_builder(Transport::Mqtt, &cert, &peer, "my-symkey-device")
+        .registration_timeout(Duration::from_secs(4))
+        .build()
+        .unwrap()
+        .register()
+        .await
+        .unwrap_err();
+    assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{e}");
+    let text = e.to_string();
+    assert!(text.contains("last connection error") && text.contains("server unavailable"), "{text}");
+}
+
 #[test]
 fn every_recorded_scenario_is_documented() {
     let readme = std::fs::read_to_string(azure_dir().join("README.md")).unwrap();

@@ -430,10 +430,12 @@ impl ProvisioningClient {
     /// [`ClientError::Registration`] when the service refused or failed the registration (with
     /// its status and error code) or did not answer in time; [`ClientError::Connection`],
     /// [`ClientError::ConnectRefused`] or [`ClientError::SubscribeRefused`] when the first
-    /// connection could not be set up, or the service refused a later CONNECT or SUBSCRIBE. A
-    /// connection lost after the first one was set up is opened again, after a back-off, and the
-    /// outstanding request sent again until the registration timeout, which then fails with
-    /// [`FailureKind::Timeout`] naming the last connection error.
+    /// connection could not be set up, or the service refused a later CONNECT (other than with
+    /// CONNACK 3, "server unavailable") or SUBSCRIBE. A connection lost after the first one was
+    /// set up is opened again, after a back-off, and the outstanding request sent again until
+    /// the registration timeout, which then fails with [`FailureKind::Timeout`] naming the last
+    /// connection error; a new connection refused as "server unavailable" is retried the same
+    /// way.
     pub async fn register(&self) -> Result<Assignment, ClientError> {
         let registration = Registration::new(self.config.clone(), self.crypto.clone());
         let clock = Clock::start();
@@ -476,7 +478,8 @@ pub(crate) trait Link {
 /// after a back-off, on a new connection, until the registration deadline. A first connection
 /// that cannot be set up fails the registration at once (wrong host, untrusted certificate,
 /// refused credentials are not cured by waiting), and so does a refused CONNECT or SUBSCRIBE
-/// at any time.
+/// at any time, except a new connection's CONNECT refused as "server unavailable" (CONNACK 3),
+/// which an overloaded service answers: that one is retried like a lost connection.
 async fn drive<L: Link>(
     mut registration: Registration,
     mut link: L,
@@ -588,9 +591,11 @@ async fn connect_and_send<L: Link>(
 }
 
 /// Whether a connection failure may pass with a new connection: a lost or unreachable
-/// connection may; a refused CONNECT or SUBSCRIBE or a bad setting does not.
+/// connection may, and so may a CONNECT refused with CONNACK 3 "server unavailable" (what an
+/// overloaded service answers); a CONNECT refused otherwise, a refused SUBSCRIBE or a bad
+/// setting does not.
 fn is_transient(e: &ClientError) -> bool {
-    matches!(e, ClientError::Connection(_))
+    matches!(e, ClientError::Connection(_) | ClientError::ConnectRefused { return_code: 3, .. })
 }
 
 /// Drops the failed connection and lets the machine schedule the outstanding request again.
