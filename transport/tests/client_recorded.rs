@@ -342,6 +342,7 @@ async fn a_self_signed_server_certificate_given_as_the_ca_is_trusted_for_its_nam
             .await
             .unwrap_err();
         assert!(e.to_string().contains("not valid for name"), "{t}: {e}");
+        assert!(matches!(e, ClientError::UntrustedServer(_)), "{t}: {e:?}");
     }
 }
 
@@ -388,22 +389,57 @@ async fn silent_service_ends_in_a_timeout() {
     server.abort();
 }
 
+/// Review diff13 #9: an untrusted server certificate was a `Connection` error, which the CLI
+/// calls "try again later"; it is its own error, naming the server and the reason.
 #[tokio::test]
 async fn server_not_signed_by_the_given_ca_is_refused() {
+    for t in TRANSPORTS {
+        let cert = ServerCert::new();
+        let other = ServerCert::new();
+        let peer = scripted(t, &cert, Vec::new()).await;
+        let e = ProvisioningClient::builder(SCOPE, "my-symkey-device")
+            .provisioning_host(peer.host())
+            .transport(t)
+            .symmetric_key(DEVICE_KEY)
+            .ca_pem(other.ca_pem.clone())
+            .build()
+            .unwrap()
+            .register()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::UntrustedServer(_)), "{t}: {e:?}");
+        let text = e.to_string();
+        assert!(text.contains(&peer.host()) && text.contains("invalid peer certificate"), "{t}: {text}");
+    }
+}
+
+/// Review diff13 #9: a host name that does not exist was a `Connection` error ("try again
+/// later"); it is `UnknownHost`, naming the host.
+#[tokio::test]
+async fn a_provisioning_host_that_does_not_resolve_is_named() {
+    // `.invalid` never resolves (RFC 6761); a resolver that cannot be reached says so as a
+    // temporary failure, which stays a connection error, and the test has nothing to check.
+    if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs("zerotouch-test.invalid:443") {
+        if e.to_string().to_ascii_lowercase().contains("temporary failure") {
+            eprintln!("skipped: the name service is unreachable here ({e})");
+            return;
+        }
+    }
     let cert = ServerCert::new();
-    let other = ServerCert::new();
-    let peer = ScriptedPeer::https(&cert, Vec::new()).await;
-    let e = ProvisioningClient::builder(SCOPE, "my-symkey-device")
-        .provisioning_host(peer.host())
-        .transport(Transport::Https)
-        .symmetric_key(DEVICE_KEY)
-        .ca_pem(other.ca_pem.clone())
-        .build()
-        .unwrap()
-        .register()
-        .await
-        .unwrap_err();
-    assert!(matches!(e, ClientError::Connection(_)), "{e}");
+    for t in [Transport::Mqtt, Transport::MqttWs, Transport::Https] {
+        let e = ProvisioningClient::builder(SCOPE, "my-symkey-device")
+            .provisioning_host("zerotouch-test.invalid:8883")
+            .transport(t)
+            .symmetric_key(DEVICE_KEY)
+            .ca_pem(cert.ca_pem.clone())
+            .build()
+            .unwrap()
+            .register()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::UnknownHost(_)), "{t}: {e:?}");
+        assert!(e.to_string().contains("zerotouch-test.invalid:8883"), "{t}: {e}");
+    }
 }
 
 /// Operator review #4: over MQTT, 5 runs in 12 reported "the MQTT event loop stopped" instead

@@ -428,7 +428,9 @@ impl ProvisioningClient {
     ///
     /// # Errors
     /// [`ClientError::Registration`] when the service refused or failed the registration (with
-    /// its status and error code) or did not answer in time; [`ClientError::Connection`],
+    /// its status and error code) or did not answer in time; [`ClientError::UntrustedServer`]
+    /// when the client refused the service's certificate and [`ClientError::UnknownHost`] when
+    /// the host name does not exist; [`ClientError::Connection`],
     /// [`ClientError::ConnectRefused`] or [`ClientError::SubscribeRefused`] when the first
     /// connection could not be set up, or the service refused a later CONNECT (other than with
     /// CONNACK 3, "server unavailable") or SUBSCRIBE. A connection lost after the first one was
@@ -642,6 +644,38 @@ pub(crate) fn closed_by_peer(e: &(dyn std::error::Error + 'static)) -> bool {
         next = e.source();
     }
     false
+}
+
+/// The error of a connection to `authority` that failed with `e` because the client refused
+/// the server's certificate ([`ClientError::UntrustedServer`]) or the host name does not exist
+/// ([`ClientError::UnknownHost`]): failures that waiting does not cure. `None` for any other
+/// failure.
+pub(crate) fn permanent_connect_error(
+    e: &(dyn std::error::Error + 'static),
+    authority: &str,
+) -> Option<ClientError> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        // An `io::Error`'s `source` skips the error it wraps, so that one is looked at here.
+        let wrapped = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        for e in std::iter::once(e).chain(wrapped.map(|w| w as &(dyn std::error::Error + 'static))) {
+            if let Some(tls @ rustls::Error::InvalidCertificate(_)) = e.downcast_ref::<rustls::Error>() {
+                return Some(ClientError::UntrustedServer(format!("{authority}: {tls}")));
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            // What std says when getaddrinfo fails; its temporary failure (EAI_AGAIN: no answer
+            // from the name server) may pass.
+            let text = io.to_string();
+            if text.starts_with("failed to lookup address information")
+                && !text.to_ascii_lowercase().contains("temporary failure")
+            {
+                return Some(ClientError::UnknownHost(format!("{authority}: {text}")));
+            }
+        }
+        next = e.source();
+    }
+    None
 }
 
 fn request_name(transmit: &Transmit) -> &'static str {
