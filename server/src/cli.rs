@@ -728,6 +728,9 @@ fn registration_error(e: zerotouch_transport::client::ClientError) -> ServerErro
     use zerotouch_transport::client::ClientError;
     let kind = match &e {
         ClientError::Config(message) => return ServerError::Config(message.clone()),
+        // Waiting cures neither a host name that does not exist nor a certificate not trusted.
+        ClientError::UnknownHost(_) => return ServerError::Config(format!("--provisioning-host: {e}")),
+        ClientError::UntrustedServer(_) => RegistrationErrorKind::Refused,
         ClientError::Connection(_) | ClientError::ConnectRefused { return_code: 3, .. } => {
             RegistrationErrorKind::Retryable
         }
@@ -790,6 +793,61 @@ mod tests {
             Err(e @ super::ServerError::Config(_)) => e.to_string(),
             other => panic!("{extra:?}: {other:?}"),
         }
+    }
+
+    /// Review diff13 #9: an untrusted server certificate and a host that does not resolve
+    /// exited 6 ("try again later"), so scripts retried them for ever.
+    #[test]
+    fn client_errors_that_waiting_does_not_cure_are_not_try_again_later() {
+        use zerotouch_engine::registration::{FailureKind, RegistrationFailure};
+        use zerotouch_transport::client::ClientError;
+
+        let code = |e: ClientError| super::registration_error(e).exit_code();
+        let untrusted =
+            ClientError::UntrustedServer("localhost:8883: invalid peer certificate: UnknownIssuer".into());
+        assert_eq!(code(untrusted), 5, "refused: the certificate is not trusted");
+        let unknown = ClientError::UnknownHost(
+            "nosuch.example:8883: failed to lookup address information: Name or service not known".into(),
+        );
+        let e = super::registration_error(unknown);
+        assert_eq!(e.exit_code(), 3, "configuration: the host does not exist");
+        assert!(e.to_string().starts_with("configuration: --provisioning-host: "), "{e}");
+        assert!(e.to_string().contains("nosuch.example:8883"), "{e}");
+        // What waiting may cure stays 6.
+        assert_eq!(code(ClientError::Connection("127.0.0.1:8883: connection refused".into())), 6);
+        assert_eq!(code(ClientError::ConnectRefused { return_code: 3, reason: "server unavailable" }), 6);
+        let timeout = RegistrationFailure {
+            kind: FailureKind::Timeout,
+            status: None,
+            error_code: None,
+            message: "no outcome within 900 s (the registration timeout)".into(),
+        };
+        assert_eq!(code(ClientError::Registration(timeout)), 6);
+        assert_eq!(code(ClientError::ConnectRefused { return_code: 5, reason: "not authorized" }), 5);
+    }
+
+    /// Review diff13 #9, end to end: a provisioning host that does not resolve is a
+    /// configuration error naming the flag.
+    #[test]
+    fn a_provisioning_host_that_does_not_resolve_is_a_configuration_error() {
+        // `.invalid` never resolves (RFC 6761); an unreachable name service answers a temporary
+        // failure instead, which is "try again later", and there is nothing to check.
+        if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs("zerotouch-test.invalid:443") {
+            if e.to_string().to_ascii_lowercase().contains("temporary failure") {
+                eprintln!("skipped: the name service is unreachable here ({e})");
+                return;
+            }
+        }
+        let message = config_error(&[
+            "--symmetric-key",
+            "a2V5",
+            "--provisioning-host",
+            "zerotouch-test.invalid:18883",
+            "--registration-timeout",
+            "5",
+        ]);
+        assert!(message.starts_with("configuration: --provisioning-host: "), "{message}");
+        assert!(message.contains("zerotouch-test.invalid:18883"), "{message}");
     }
 
     /// Device review D8: the engine's "bad request:" prefix leaked into the CLI's configuration

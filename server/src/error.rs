@@ -63,7 +63,8 @@ pub enum ServerError {
 #[non_exhaustive]
 pub enum RegistrationErrorKind {
     /// The service refused the device as it is (credential, disabled or failed registration,
-    /// a request it calls bad): trying again unchanged will not help.
+    /// a request it calls bad), or the device refused the service's TLS certificate: trying
+    /// again unchanged will not help.
     Refused,
     /// The ID scope or enrollment is unknown to the service.
     NotFound,
@@ -78,10 +79,12 @@ impl ServerError {
         Self::Io { path: path.into(), source }
     }
 
-    /// The process exit code for this error: 3 invalid configuration or input, 4 not found,
-    /// 5 registration refused, 6 registration may succeed if tried again later (throttled,
-    /// timed out, no connection), 7 the service's answers were not understood, 1 anything else
-    /// (I/O, store, certificates, listeners). clap's usage errors exit with 2.
+    /// The process exit code for this error: 3 invalid configuration or input (a provisioning
+    /// host that does not resolve included), 4 not found, 5 registration refused (by the
+    /// service, or the service's certificate is not trusted), 6 registration may succeed if
+    /// tried again later (throttled, timed out, no connection), 7 the service's answers were not
+    /// understood, 1 anything else (I/O, store, certificates, listeners). clap's usage errors
+    /// exit with 2.
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Config(_) | Self::Import { .. } => 3,

@@ -686,18 +686,31 @@ fn device_register_exit_codes_tell_refused_from_not_found_from_try_again_later()
     let (server, _, https) = serve(data, "0ne0000E417");
     let ca = dir.path().join("tls").join("ca.pem");
     let host = format!("localhost:{https}");
-    let register = |scope: &str, key: &str, host: &str, extra: &[&str]| {
+    let register_trusting = |ca: &std::path::Path, scope: &str, key: &str, host: &str, extra: &[&str]| {
         let mut args = vec!["device", "register", "--transport", "https", "--provisioning-host", host];
         args.extend(["--id-scope", scope, "--registration-id", "exit-1", "--symmetric-key", key]);
         args.extend(["--ca", ca.to_str().unwrap(), "--registration-timeout", "20"]);
         args.extend(extra);
         zerotouch(&args).status.code()
     };
+    let register =
+        |scope: &str, key: &str, host: &str, extra: &[&str]| register_trusting(&ca, scope, key, host, extra);
     let wrong = "MTExMTExMTExMTExMTExMTExMTExMTExMTExMTExMTE=";
     assert_eq!(register("0ne0000E417", key, &host, &[]), Some(0));
     assert_eq!(register("0ne0000E417", wrong, &host, &[]), Some(5), "a refused key");
     assert_eq!(register("0ne00000000", key, &host, &[]), Some(4), "an unknown ID scope");
     assert_eq!(register("0ne0000E417", key, &host, &["--payload", "{not json"]), Some(3), "bad input");
+    // Review diff13 #9: neither is cured by waiting, so neither is "try again later" (6).
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, zerotouch_testkit::certs::TestCa::root("another root").pem()).unwrap();
+    let untrusted = register_trusting(&other_ca, "0ne0000E417", key, &host, &[]);
+    assert_eq!(untrusted, Some(5), "a certificate not trusted");
+    let nowhere = "zerotouch-test.invalid:8443";
+    let resolver_down = std::net::ToSocketAddrs::to_socket_addrs(nowhere)
+        .is_err_and(|e| e.to_string().to_ascii_lowercase().contains("temporary failure"));
+    if !resolver_down {
+        assert_eq!(register("0ne0000E417", key, nowhere, &[]), Some(3), "a host that does not resolve");
+    }
     assert!(server.terminate());
     assert_eq!(register("0ne0000E417", key, &host, &[]), Some(6), "nothing listening any more");
 }

@@ -17,7 +17,7 @@ use zerotouch_transport::client::{
     ClientError, FailureKind, ProvisioningClient, ProvisioningClientBuilder, Transport,
 };
 
-use client_support::{azure_dir, scenario, Exchange, Fault, ScriptedPeer, ServerCert};
+use client_support::{azure_dir, scenario, Accept, Exchange, Fault, ScriptedPeer, ServerCert};
 
 const SCOPE: &str = "0ne00111111";
 const DEVICE_KEY: &str =
@@ -342,6 +342,7 @@ async fn a_self_signed_server_certificate_given_as_the_ca_is_trusted_for_its_nam
             .await
             .unwrap_err();
         assert!(e.to_string().contains("not valid for name"), "{t}: {e}");
+        assert!(matches!(e, ClientError::UntrustedServer(_)), "{t}: {e:?}");
     }
 }
 
@@ -388,22 +389,57 @@ async fn silent_service_ends_in_a_timeout() {
     server.abort();
 }
 
+/// Review diff13 #9: an untrusted server certificate was a `Connection` error, which the CLI
+/// calls "try again later"; it is its own error, naming the server and the reason.
 #[tokio::test]
 async fn server_not_signed_by_the_given_ca_is_refused() {
+    for t in TRANSPORTS {
+        let cert = ServerCert::new();
+        let other = ServerCert::new();
+        let peer = scripted(t, &cert, Vec::new()).await;
+        let e = ProvisioningClient::builder(SCOPE, "my-symkey-device")
+            .provisioning_host(peer.host())
+            .transport(t)
+            .symmetric_key(DEVICE_KEY)
+            .ca_pem(other.ca_pem.clone())
+            .build()
+            .unwrap()
+            .register()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::UntrustedServer(_)), "{t}: {e:?}");
+        let text = e.to_string();
+        assert!(text.contains(&peer.host()) && text.contains("invalid peer certificate"), "{t}: {text}");
+    }
+}
+
+/// Review diff13 #9: a host name that does not exist was a `Connection` error ("try again
+/// later"); it is `UnknownHost`, naming the host.
+#[tokio::test]
+async fn a_provisioning_host_that_does_not_resolve_is_named() {
+    // `.invalid` never resolves (RFC 6761); a resolver that cannot be reached says so as a
+    // temporary failure, which stays a connection error, and the test has nothing to check.
+    if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs("zerotouch-test.invalid:443") {
+        if e.to_string().to_ascii_lowercase().contains("temporary failure") {
+            eprintln!("skipped: the name service is unreachable here ({e})");
+            return;
+        }
+    }
     let cert = ServerCert::new();
-    let other = ServerCert::new();
-    let peer = ScriptedPeer::https(&cert, Vec::new()).await;
-    let e = ProvisioningClient::builder(SCOPE, "my-symkey-device")
-        .provisioning_host(peer.host())
-        .transport(Transport::Https)
-        .symmetric_key(DEVICE_KEY)
-        .ca_pem(other.ca_pem.clone())
-        .build()
-        .unwrap()
-        .register()
-        .await
-        .unwrap_err();
-    assert!(matches!(e, ClientError::Connection(_)), "{e}");
+    for t in [Transport::Mqtt, Transport::MqttWs, Transport::Https] {
+        let e = ProvisioningClient::builder(SCOPE, "my-symkey-device")
+            .provisioning_host("zerotouch-test.invalid:8883")
+            .transport(t)
+            .symmetric_key(DEVICE_KEY)
+            .ca_pem(cert.ca_pem.clone())
+            .build()
+            .unwrap()
+            .register()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::UnknownHost(_)), "{t}: {e:?}");
+        assert!(e.to_string().contains("zerotouch-test.invalid:8883"), "{t}: {e}");
+    }
 }
 
 /// Operator review #4: over MQTT, 5 runs in 12 reported "the MQTT event loop stopped" instead
@@ -585,6 +621,89 @@ async fn a_service_that_cannot_be_reached_again_after_a_loss_is_named_at_the_reg
         let text = e.to_string();
         assert!(text.contains("last connection error") && text.contains("refused"), "{t}: {text}");
     }
+}
+
+/// A peer over `transport` replaying `script` and treating its connections as `plan` says.
+async fn planned(
+    transport: Transport,
+    cert: &ServerCert,
+    script: Vec<Exchange>,
+    plan: Vec<Accept>,
+) -> ScriptedPeer {
+    match transport {
+        Transport::Https => ScriptedPeer::https_with_plan(cert, script, plan).await,
+        _ => {
+            ScriptedPeer::mqtt_with_plan(cert, script, ConnectReturnCode::Success, Duration::ZERO, plan).await
+        }
+    }
+}
+
+/// Review diff13 #2: after a lost connection, a new connection that took the whole connect
+/// timeout ended the registration with "no reply to the operation status request", because the
+/// driver checked the reply deadline set before connecting. The registration deadline bounds
+/// reconnects: the next connection is served and the device is assigned.
+#[tokio::test]
+async fn a_reconnect_that_times_out_is_retried_until_the_registration_deadline() {
+    for t in TRANSPORTS {
+        let cert = ServerCert::new();
+        // The first connection carries the register and breaks at the poll; the second is
+        // accepted and never answered; the third is served.
+        let plan = vec![Accept::Serve, Accept::Silent];
+        let peer = planned(t, &cert, script_with_broken_polls(Fault::Close, 1), plan).await;
+        let started = Instant::now();
+        let assignment = client_builder(t, &cert, &peer, "my-symkey-device")
+            .connect_timeout(Duration::from_secs(1))
+            .request_timeout(Duration::from_secs(1))
+            .registration_timeout(Duration::from_secs(20))
+            .build()
+            .unwrap()
+            .register()
+            .await;
+        assert_eq!(assignment.unwrap().assigned_hub, "hub.example", "{t} after {:?}", started.elapsed());
+        let kinds: Vec<String> = peer.seen().into_iter().map(|s| s.request).collect();
+        assert_eq!(kinds, ["register", "poll", "poll"], "{t}");
+    }
+}
+
+/// Review diff13 #3: `zerotouch serve` refuses a CONNECT with CONNACK 3 "server unavailable"
+/// when it is overloaded; on a reconnect that ended the registration, though the CLI calls it
+/// "try again later". It is retried until the registration deadline, like a lost connection.
+#[tokio::test]
+async fn a_reconnect_refused_as_server_unavailable_is_retried() {
+    let cert = ServerCert::new();
+    let unavailable = Accept::Connack(ConnectReturnCode::ServiceUnavailable);
+    let plan = vec![Accept::Serve, unavailable, unavailable];
+    let peer = planned(Transport::Mqtt, &cert, script_with_broken_polls(Fault::Close, 1), plan).await;
+    let assignment = client_builder(Transport::Mqtt, &cert, &peer, "my-symkey-device")
+        .registration_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+        .register()
+        .await;
+    assert_eq!(assignment.unwrap().assigned_hub, "hub.example");
+    assert_eq!(peer.usernames.lock().unwrap().len(), 4, "served, refused twice, served");
+    let kinds: Vec<String> = peer.seen().into_iter().map(|s| s.request).collect();
+    assert_eq!(kinds, ["register", "poll", "poll"]);
+}
+
+/// Review diff13 #3: when the service stays unavailable, the registration ends at its deadline
+/// and names the refusal.
+#[tokio::test]
+async fn a_service_that_stays_unavailable_is_named_at_the_registration_timeout() {
+    let cert = ServerCert::new();
+    let mut plan = vec![Accept::Serve];
+    plan.extend([Accept::Connack(ConnectReturnCode::ServiceUnavailable); 20]);
+    let peer = planned(Transport::Mqtt, &cert, script_with_broken_polls(Fault::Close, 1), plan).await;
+    let e = client_builder(Transport::Mqtt, &cert, &peer, "my-symkey-device")
+        .registration_timeout(Duration::from_secs(4))
+        .build()
+        .unwrap()
+        .register()
+        .await
+        .unwrap_err();
+    assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{e}");
+    let text = e.to_string();
+    assert!(text.contains("last connection error") && text.contains("server unavailable"), "{text}");
 }
 
 #[test]

@@ -319,6 +319,10 @@ struct CachedToken {
 ///    send it (HTTP request or MQTT publish), connecting first if need be (within
 ///    [`deadline`](Registration::deadline)), then tell the machine with
 ///    [`handle_sent`](Registration::handle_sent)`(now)`; call again until it returns `None`.
+///    A request that could not be sent because its connection could not be set up is a
+///    [`handle_connection_lost`](Registration::handle_connection_lost)`(now)`, not a
+///    [`handle_timeout`](Registration::handle_timeout): its reply deadline only counts once it
+///    is sent, and the registration deadline bounds the attempts to connect.
 /// 2. When the reply arrives, [`handle_response`](Registration::handle_response)`(now, reply)`.
 /// 3. Otherwise wait until [`poll_timeout`](Registration::poll_timeout) (a retry-after wait or
 ///    the reply deadline) and call [`handle_timeout`](Registration::handle_timeout)`(now)`.

@@ -968,35 +968,60 @@ mod any_reply_sequence {
     }
 
     proptest! {
+        /// Replies, lost connections and silences in any order, with a transport that takes a
+        /// while to connect (`delay`) between `poll_transmit` and `handle_sent`, as a real one
+        /// does, and sometimes cannot connect at all. The jitter comes from a fixed random byte
+        /// (or a failing source), so that a failing case shrinks and replays the same.
         #[test]
         fn machine_never_sends_early_and_always_ends_quiet(
-            replies in prop::collection::vec((any_reply(), 0u8..3), 1..40)
+            replies in prop::collection::vec((any_reply(), 0u8..4, 0u64..70), 1..40),
+            random in prop::option::of(any::<u8>()),
+            registration_timeout in 40u64..900,
         ) {
-            let mut reg = machine(config());
+            let mut config = config();
+            config.registration_timeout = secs(registration_timeout);
+            let request_timeout = config.request_timeout;
+            let mut reg = machine_with_random(config, random);
             let mut now = t0();
+            // When the outstanding request went on the wire.
+            let mut sent_at: Option<Timestamp> = None;
             let mut outcomes = 0;
-            for (response, input) in replies {
+            for (response, input, delay) in replies {
                 // Advance to the next timer without skipping past it, as a driver would.
                 if let Some(at) = reg.poll_timeout() {
-                    prop_assert!(at >= now);
-                    prop_assert!(reg.deadline().is_none_or(|end| at <= end), "nothing past the deadline");
+                    prop_assert!(at >= now, "a timer in the past: {:?} < {:?}", at, now);
                     if at > now {
                         prop_assert_eq!(reg.poll_transmit(at - Duration::from_nanos(1)), None);
                     }
                     now = at;
                     reg.handle_timeout(now);
                 }
-                let sent = reg.poll_transmit(now).is_some();
+                let polled = reg.poll_transmit(now).is_some();
                 prop_assert_eq!(reg.poll_transmit(now), None, "one request in flight at a time");
-                if sent {
-                    reg.handle_sent(now);
-                    match input {
-                        // The reply arrives.
-                        0 => reg.handle_response(now, response),
-                        // The connection drops: the request is scheduled again, or the deadline ends it.
-                        1 => reg.handle_connection_lost(now),
-                        // No reply: the next timer is the reply deadline.
-                        _ => {}
+                if polled {
+                    sent_at = None;
+                    // The transport connects for `delay`, bounded by the registration deadline
+                    // as the driver bounds it.
+                    let end = reg.deadline().expect("set by the first request");
+                    now = (now + secs(delay)).min(end);
+                    if input == 3 {
+                        // The connection could not be set up: the request never went out.
+                        reg.handle_connection_lost(now);
+                    } else {
+                        reg.handle_sent(now);
+                        sent_at = Some(now);
+                        // The reply deadline counts from the send, however long connecting took.
+                        prop_assert_eq!(reg.poll_timeout(), Some((now + request_timeout).min(end)));
+                        reg.handle_timeout(now);
+                        prop_assert!(reg.is_finished() == (now >= end), "ended at the send");
+                        match input {
+                            // The reply arrives.
+                            0 => reg.handle_response(now, response),
+                            // The connection drops: the request is scheduled again, or the deadline ends it.
+                            1 => reg.handle_connection_lost(now),
+                            // No reply: the next timer is the reply deadline.
+                            _ => {}
+                        }
                     }
                 }
                 if let Some(event) = reg.poll_event() {
@@ -1004,6 +1029,14 @@ mod any_reply_sequence {
                     prop_assert!(reg.is_finished());
                     if let RegistrationEvent::Failed(f) = event {
                         prop_assert!(!f.message.is_empty());
+                        if f.kind == FailureKind::Timeout {
+                            let end = reg.deadline().unwrap();
+                            let reply_late = sent_at.is_some_and(|s| now >= s + request_timeout);
+                            prop_assert!(now >= end || reply_late, "timed out early: {}", f.message);
+                            if f.message.starts_with("no reply") {
+                                prop_assert!(reply_late, "{} {:?} after the send", f.message, sent_at.map(|s| now.saturating_since(s)));
+                            }
+                        }
                     }
                 }
                 if reg.is_finished() {

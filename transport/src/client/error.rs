@@ -12,6 +12,17 @@ pub enum ClientError {
     /// TCP connect, TLS handshake or WebSocket upgrade failed, or the connection dropped.
     #[error("connection to the provisioning service failed: {0}")]
     Connection(String),
+    /// The client refused the service's TLS certificate: not issued by a trusted CA (see
+    /// [`ca_pem`](super::ProvisioningClientBuilder::ca_pem)), not valid for the provisioning
+    /// host's name, or outside its validity period. Waiting does not cure it. The text names
+    /// the server (`host:port`) and what rustls found wrong.
+    #[error("the provisioning service's TLS certificate is not trusted: {0}")]
+    UntrustedServer(String),
+    /// The provisioning host's name does not exist for the name service (a temporary failure of
+    /// the name service is a [`Connection`](Self::Connection) error instead). The text names the
+    /// host (`host:port`) and the resolver's answer.
+    #[error("the provisioning host cannot be resolved: {0}")]
+    UnknownHost(String),
     /// The MQTT broker refused the CONNECT with a non-zero return code (4 or 5 for a bad SAS
     /// token, 3 when the service is unavailable, 1 or 2 for a protocol or client id it refuses).
     #[error(

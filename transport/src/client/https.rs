@@ -19,7 +19,10 @@ use tokio_rustls::TlsConnector;
 use zerotouch_engine::registration::{RegistrationConfig, ServiceResponse, Transmit};
 use zerotouch_proto::http::{Route, RouteMatch, CONTENT_TYPE_JSON};
 
-use super::{closed_by_peer, ClientError, Endpoint, Link, ProvisioningClient, CLOSED_BY_SERVICE, USER_AGENT};
+use super::{
+    closed_by_peer, permanent_connect_error, ClientError, Endpoint, Link, ProvisioningClient,
+    CLOSED_BY_SERVICE, USER_AGENT,
+};
 
 /// Largest reply body accepted (DPS caps messages at 96 KB).
 const MAX_BODY: usize = 1024 * 1024;
@@ -96,12 +99,11 @@ async fn connect(
         .map_err(|e| ClientError::Config(format!("bad server name {:?}: {e}", endpoint.host)))?;
     let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
         .await
-        .map_err(|e| fail("TCP connect to", &e))?;
+        .map_err(|e| permanent_connect_error(&e, &authority).unwrap_or_else(|| fail("TCP connect to", &e)))?;
     let _ = tcp.set_nodelay(true);
-    let tls = TlsConnector::from(tls)
-        .connect(server_name, tcp)
-        .await
-        .map_err(|e| fail("TLS handshake with", &e))?;
+    let tls = TlsConnector::from(tls).connect(server_name, tcp).await.map_err(|e| {
+        permanent_connect_error(&e, &authority).unwrap_or_else(|| fail("TLS handshake with", &e))
+    })?;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|e| fail("HTTP/1.1 handshake with", &e))?;

@@ -428,12 +428,16 @@ impl ProvisioningClient {
     ///
     /// # Errors
     /// [`ClientError::Registration`] when the service refused or failed the registration (with
-    /// its status and error code) or did not answer in time; [`ClientError::Connection`],
+    /// its status and error code) or did not answer in time; [`ClientError::UntrustedServer`]
+    /// when the client refused the service's certificate and [`ClientError::UnknownHost`] when
+    /// the host name does not exist; [`ClientError::Connection`],
     /// [`ClientError::ConnectRefused`] or [`ClientError::SubscribeRefused`] when the first
-    /// connection could not be set up, or the service refused a later CONNECT or SUBSCRIBE. A
-    /// connection lost after the first one was set up is opened again, after a back-off, and the
-    /// outstanding request sent again until the registration timeout, which then fails with
-    /// [`FailureKind::Timeout`] naming the last connection error.
+    /// connection could not be set up, or the service refused a later CONNECT (other than with
+    /// CONNACK 3, "server unavailable") or SUBSCRIBE. A connection lost after the first one was
+    /// set up is opened again, after a back-off, and the outstanding request sent again until
+    /// the registration timeout, which then fails with [`FailureKind::Timeout`] naming the last
+    /// connection error; a new connection refused as "server unavailable" is retried the same
+    /// way.
     pub async fn register(&self) -> Result<Assignment, ClientError> {
         let registration = Registration::new(self.config.clone(), self.crypto.clone());
         let clock = Clock::start();
@@ -476,7 +480,8 @@ pub(crate) trait Link {
 /// after a back-off, on a new connection, until the registration deadline. A first connection
 /// that cannot be set up fails the registration at once (wrong host, untrusted certificate,
 /// refused credentials are not cured by waiting), and so does a refused CONNECT or SUBSCRIBE
-/// at any time.
+/// at any time, except a new connection's CONNECT refused as "server unavailable" (CONNACK 3),
+/// which an overloaded service answers: that one is retried like a lost connection.
 async fn drive<L: Link>(
     mut registration: Registration,
     mut link: L,
@@ -501,12 +506,16 @@ async fn drive<L: Link>(
             )
             .await;
             let Err(e) = sent else { continue };
-            registration.handle_timeout(clock.now());
-            if registration.is_finished() {
+            // The request never went out, so its reply deadline (set by `poll_transmit`, before
+            // connecting) is not the one to check: only the registration deadline bounds a
+            // connection attempt, as `handle_sent` promises.
+            let now = clock.now();
+            if registration.deadline().is_some_and(|end| now >= end) {
                 // The registration deadline cut the attempt short.
+                registration.handle_timeout(now);
                 connection_error = Some(e);
             } else if connected && is_transient(&e) {
-                connection_lost(&mut registration, &mut link, clock.now(), e, &mut connection_error);
+                connection_lost(&mut registration, &mut link, now, e, &mut connection_error);
             } else {
                 link.close().await;
                 return Err(e);
@@ -584,9 +593,11 @@ async fn connect_and_send<L: Link>(
 }
 
 /// Whether a connection failure may pass with a new connection: a lost or unreachable
-/// connection may; a refused CONNECT or SUBSCRIBE or a bad setting does not.
+/// connection may, and so may a CONNECT refused with CONNACK 3 "server unavailable" (what an
+/// overloaded service answers); a CONNECT refused otherwise, a refused SUBSCRIBE or a bad
+/// setting does not.
 fn is_transient(e: &ClientError) -> bool {
-    matches!(e, ClientError::Connection(_))
+    matches!(e, ClientError::Connection(_) | ClientError::ConnectRefused { return_code: 3, .. })
 }
 
 /// Drops the failed connection and lets the machine schedule the outstanding request again.
@@ -633,6 +644,38 @@ pub(crate) fn closed_by_peer(e: &(dyn std::error::Error + 'static)) -> bool {
         next = e.source();
     }
     false
+}
+
+/// The error of a connection to `authority` that failed with `e` because the client refused
+/// the server's certificate ([`ClientError::UntrustedServer`]) or the host name does not exist
+/// ([`ClientError::UnknownHost`]): failures that waiting does not cure. `None` for any other
+/// failure.
+pub(crate) fn permanent_connect_error(
+    e: &(dyn std::error::Error + 'static),
+    authority: &str,
+) -> Option<ClientError> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        // An `io::Error`'s `source` skips the error it wraps, so that one is looked at here.
+        let wrapped = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        for e in std::iter::once(e).chain(wrapped.map(|w| w as &(dyn std::error::Error + 'static))) {
+            if let Some(tls @ rustls::Error::InvalidCertificate(_)) = e.downcast_ref::<rustls::Error>() {
+                return Some(ClientError::UntrustedServer(format!("{authority}: {tls}")));
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            // What std says when getaddrinfo fails; its temporary failure (EAI_AGAIN: no answer
+            // from the name server) may pass.
+            let text = io.to_string();
+            if text.starts_with("failed to lookup address information")
+                && !text.to_ascii_lowercase().contains("temporary failure")
+            {
+                return Some(ClientError::UnknownHost(format!("{authority}: {text}")));
+            }
+        }
+        next = e.source();
+    }
+    None
 }
 
 fn request_name(transmit: &Transmit) -> &'static str {

@@ -12,8 +12,8 @@ use zerotouch_engine::registration::{ServiceResponse, Transmit};
 use zerotouch_proto::mqtt::{ConnectUsername, DeviceRequest, ResponseTopic, POLL_PAYLOAD, SUBSCRIBE_FILTER};
 
 use super::{
-    closed_by_peer, ClientError, Link, ProvisioningClient, Transport, CLOSED_BY_SERVICE, USER_AGENT,
-    WEBSOCKET_PATH,
+    closed_by_peer, permanent_connect_error, ClientError, Link, ProvisioningClient, Transport,
+    CLOSED_BY_SERVICE, USER_AGENT, WEBSOCKET_PATH,
 };
 
 /// Keep-alive of the MQTT session (Python's value).
@@ -297,6 +297,9 @@ fn reply(publish: &Publish) -> Option<Inbound> {
 fn connection_error(e: ConnectionError, authority: &str, disconnected: bool) -> ClientError {
     if disconnected {
         return ClientError::Connection(format!("{authority}: {CLOSED_BY_SERVICE} (MQTT DISCONNECT)"));
+    }
+    if let Some(permanent) = permanent_connect_error(&e, authority) {
+        return permanent;
     }
     if matches!(e, ConnectionError::MqttState(StateError::ConnectionAborted)) || closed_by_peer(&e) {
         return ClientError::Connection(format!("{authority}: {CLOSED_BY_SERVICE}"));

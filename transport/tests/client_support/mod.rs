@@ -152,6 +152,32 @@ pub struct Seen {
     pub body: Bytes,
 }
 
+/// What a scripted peer does with one connection it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accept {
+    /// TLS, then the device API (MQTT: CONNECT answered with the peer's CONNACK code).
+    Serve,
+    /// Keep the TCP connection open and never answer (no TLS, no CONNACK): a service that holds
+    /// connections it cannot serve.
+    Silent,
+    /// MQTT only: answer CONNECT with this CONNACK code and close, instead of the peer's code.
+    Connack(ConnectReturnCode),
+}
+
+/// How the peer treats its `n`-th accepted connection (from 0): `plan[n]`, or `Serve` past the
+/// end of the plan.
+fn planned(plan: &[Accept], n: usize) -> Accept {
+    plan.get(n).copied().unwrap_or(Accept::Serve)
+}
+
+/// Holds a connection the peer does not answer until the client drops it.
+fn hold_silently(mut tcp: tokio::net::TcpStream) {
+    tokio::spawn(async move {
+        let mut sink = Vec::new();
+        let _ = tcp.read_to_end(&mut sink).await;
+    });
+}
+
 /// A scripted DPS on an ephemeral port; it answers requests in script order.
 pub struct ScriptedPeer {
     pub addr: SocketAddr,
@@ -183,6 +209,11 @@ fn next_reply(script: &Script, request: &str) -> Exchange {
 impl ScriptedPeer {
     /// The HTTPS device API, replaying `exchanges`.
     pub async fn https(cert: &ServerCert, exchanges: Vec<Exchange>) -> Self {
+        Self::https_with_plan(cert, exchanges, Vec::new()).await
+    }
+
+    /// [`https`](Self::https), treating the accepted connections as `plan` says.
+    pub async fn https_with_plan(cert: &ServerCert, exchanges: Vec<Exchange>, plan: Vec<Accept>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = TlsAcceptor::from(cert.server_config());
@@ -190,8 +221,12 @@ impl ScriptedPeer {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
         let task = tokio::spawn(async move {
-            loop {
+            for n in 0.. {
                 let (tcp, _) = listener.accept().await.unwrap();
+                if planned(&plan, n) == Accept::Silent {
+                    hold_silently(tcp);
+                    continue;
+                }
                 let Ok(tls) = acceptor.accept(tcp).await else { continue };
                 let (script, seen) = (script.clone(), seen2.clone());
                 tokio::spawn(async move {
@@ -222,6 +257,18 @@ impl ScriptedPeer {
         connack: ConnectReturnCode,
         connack_delay: Duration,
     ) -> Self {
+        Self::mqtt_with_plan(cert, exchanges, connack, connack_delay, Vec::new()).await
+    }
+
+    /// [`mqtt_with_connack_delay`](Self::mqtt_with_connack_delay), treating the accepted
+    /// connections as `plan` says.
+    pub async fn mqtt_with_plan(
+        cert: &ServerCert,
+        exchanges: Vec<Exchange>,
+        connack: ConnectReturnCode,
+        connack_delay: Duration,
+        plan: Vec<Accept>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = TlsAcceptor::from(cert.server_config());
@@ -230,8 +277,16 @@ impl ScriptedPeer {
         let usernames = Arc::new(Mutex::new(Vec::new()));
         let (seen2, usernames2) = (seen.clone(), usernames.clone());
         let task = tokio::spawn(async move {
-            loop {
+            for n in 0.. {
                 let (tcp, _) = listener.accept().await.unwrap();
+                let connack = match planned(&plan, n) {
+                    Accept::Serve => connack,
+                    Accept::Silent => {
+                        hold_silently(tcp);
+                        continue;
+                    }
+                    Accept::Connack(code) => code,
+                };
                 let Ok(tls) = acceptor.accept(tcp).await else { continue };
                 let (script, seen, usernames) = (script.clone(), seen2.clone(), usernames2.clone());
                 tokio::spawn(serve_mqtt(tls, script, seen, usernames, connack, connack_delay));
