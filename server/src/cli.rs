@@ -298,7 +298,7 @@ fn run_enrollments<B: Backend>(
             let file = admin::ImportFile::parse(&text)?;
             let (crypto, now) = (RingCrypto::new(), zerotouch_transport::service::now());
             for warning in admin::check_import(&file, &crypto, now, &backend.hub_names()?)? {
-                eprintln!("zerotouch: warning: {warning}");
+                crate::logging::report(&warning, false);
             }
             let summary = admin::import_file(&store, &crypto, now, &file)?;
             Ok(Some(json!({ "imported": summary })))

@@ -45,10 +45,26 @@ pub fn env_filter(rust_log: Option<&str>) -> (EnvFilter, Option<String>) {
     }
 }
 
+/// Whether [`init`] chose JSON lines.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says `message` on stderr as the command-line's own line (`zerotouch: …`), or, with
+/// `--log-format json`, as a JSON log line at `warn` (`fatal == false`) or `error`, so that a
+/// pipeline reading JSON lines never gets one it cannot parse.
+pub fn report(message: &str, fatal: bool) {
+    match (JSON.load(std::sync::atomic::Ordering::Relaxed), fatal) {
+        (true, true) => tracing::error!("{message}"),
+        (true, false) => tracing::warn!("{message}"),
+        (false, true) => eprintln!("zerotouch: {message}"),
+        (false, false) => eprintln!("zerotouch: warning: {message}"),
+    }
+}
+
 /// Installs the process's logger on stderr: `RUST_LOG` (default `info`) in `format` (text in
 /// colour only on a terminal, and not with `NO_COLOR` set), with the
 /// ceilings of [`within_ceilings`] applied on top (they only ever hide, never raise).
 pub fn init(format: LogFormat) {
+    JSON.store(format == LogFormat::Json, std::sync::atomic::Ordering::Relaxed);
     let (filter, warning) = env_filter(std::env::var("RUST_LOG").ok().as_deref());
     let ceilings = filter_fn(|meta| within_ceilings(meta.target(), *meta.level()));
     // Colours only for a person at a terminal: a log file or a journal gets plain text.

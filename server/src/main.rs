@@ -18,7 +18,7 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("zerotouch: {e}");
+            logging::report(&e.to_string(), true);
             ExitCode::from(e.exit_code())
         }
     }

@@ -714,3 +714,46 @@ fn device_register_exit_codes_tell_refused_from_not_found_from_try_again_later()
     assert!(server.terminate());
     assert_eq!(register("0ne0000E417", key, &host, &[]), Some(6), "nothing listening any more");
 }
+
+#[test]
+fn with_json_logs_every_line_on_stderr_is_json_errors_and_import_warnings_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let file = dir.path().join("enrollments.json");
+    let json_lines = |stderr: &[u8]| -> Vec<Value> {
+        String::from_utf8_lossy(stderr).lines().map(|l| serde_json::from_str(l).expect(l)).collect()
+    };
+    // A warning (custom allocation), then success.
+    std::fs::write(&file, r#"[{"registrationId": "c-1", "allocationPolicy": "custom", "attestation": {"type": "symmetricKey"}}]"#)
+        .unwrap();
+    let out = zerotouch(&[
+        "--log-format",
+        "json",
+        "enrollments",
+        "import",
+        "--data-dir",
+        data,
+        file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let lines = json_lines(&out.stderr);
+    assert!(lines
+        .iter()
+        .any(|l| l["level"] == "WARN" && l["fields"]["message"].as_str().unwrap().contains("custom")));
+    // A fatal error.
+    std::fs::write(&file, r#"[{"registrationId": "c-2"}]"#).unwrap();
+    let out = zerotouch(&[
+        "--log-format",
+        "json",
+        "enrollments",
+        "import",
+        "--data-dir",
+        data,
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let lines = json_lines(&out.stderr);
+    assert!(lines
+        .iter()
+        .any(|l| l["level"] == "ERROR" && l["fields"]["message"].as_str().unwrap().contains("entry 0")));
+}
