@@ -88,6 +88,10 @@ pub struct StoreArgs {
     /// `ZEROTOUCH_DATABASE_URL`, out of sight of `ps`.
     #[arg(long, value_name = "URL", env = "ZEROTOUCH_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<crate::config::DatabaseUrl>,
+    /// The server's TOML configuration file (`serve --config`): its `data-dir` and
+    /// `database-url`, where the flags above give none.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 impl StoreArgs {
@@ -107,7 +111,14 @@ impl StoreArgs {
                     .into(),
             ));
         }
-        Ok(StoreLocation::new(self.data_dir.clone(), self.database_url.clone()))
+        let file = match &self.config {
+            Some(path) => crate::config::Settings::from_file(path)?,
+            None => crate::config::Settings::default(),
+        };
+        Ok(StoreLocation::new(
+            self.data_dir.clone().or(file.data_dir),
+            self.database_url.clone().or(file.database_url),
+        ))
     }
 
     /// The store these flags name, which must exist already: a command that only reads would

@@ -757,3 +757,27 @@ fn with_json_logs_every_line_on_stderr_is_json_errors_and_import_warnings_includ
         .iter()
         .any(|l| l["level"] == "ERROR" && l["fields"]["message"].as_str().unwrap().contains("entry 0")));
 }
+
+#[test]
+fn store_commands_read_the_store_from_the_servers_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let config = etc.join("zerotouch.toml");
+    // Relative to the file's folder, as for serve.
+    std::fs::write(&config, "data-dir = \"state\"\n").unwrap();
+    let file = dir.path().join("enrollments.json");
+    std::fs::write(&file, r#"[{"registrationId": "cfg-1", "attestation": {"type": "symmetricKey"}}]"#)
+        .unwrap();
+    let config = config.to_str().unwrap();
+    let out = zerotouch(&["enrollments", "import", "--config", config, file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(etc.join("state").join("zerotouch.sqlite").is_file());
+    let listed: Value =
+        serde_json::from_slice(&zerotouch(&["enrollments", "list", "--config", config]).stdout).unwrap();
+    assert_eq!(listed[0]["registrationId"], "cfg-1");
+    // A flag still wins over the file.
+    let other = dir.path().join("other");
+    let out = zerotouch(&["devices", "list", "--config", config, "--data-dir", other.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "no store in the flag's directory");
+}
