@@ -97,6 +97,13 @@ async fn replay(transport: Transport, name: &str) -> (ScriptedPeer, Result<(), C
 
 const TRANSPORTS: [Transport; 2] = [Transport::Mqtt, Transport::Https];
 
+/// Registers with the client `builder` makes, which must fail: the error, and how long it took.
+async fn failure(builder: zerotouch_transport::client::ProvisioningClientBuilder) -> (ClientError, Duration) {
+    let started = Instant::now();
+    let e = builder.build().unwrap().register().await.unwrap_err();
+    (e, started.elapsed())
+}
+
 #[tokio::test]
 async fn device_is_assigned_after_one_assigning_poll() {
     for t in TRANSPORTS {
@@ -283,17 +290,13 @@ async fn a_service_that_keeps_answering_assigning_is_given_up_at_the_registratio
     for t in TRANSPORTS {
         let cert = ServerCert::new();
         let peer = scripted(t, &cert, assigning_script("1", 30, false)).await;
-        let started = Instant::now();
-        let e = client_builder(t, &cert, &peer, "my-symkey-device")
-            .registration_timeout(Duration::from_secs(3))
-            .build()
-            .unwrap()
-            .register()
-            .await
-            .unwrap_err();
+        let (e, took) = failure(
+            client_builder(t, &cert, &peer, "my-symkey-device").registration_timeout(Duration::from_secs(3)),
+        )
+        .await;
         assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{t}: {e}");
         assert!(e.to_string().contains("registration timeout"), "{t}: {e}");
-        assert!(started.elapsed() < Duration::from_secs(6), "{t}: {:?}", started.elapsed());
+        assert!(took < Duration::from_secs(6), "{t}: {:?}", took);
         assert!(peer.seen().len() <= 4, "{t}: {} requests", peer.seen().len());
     }
 }
@@ -302,16 +305,10 @@ async fn a_service_that_keeps_answering_assigning_is_given_up_at_the_registratio
 async fn an_mqtt_connect_waits_the_whole_connect_timeout_and_names_the_server() {
     let cert = ServerCert::new();
     let (addr, server) = silent_peer(&cert).await;
-    let started = Instant::now();
-    let e = silent_client(&cert, addr, Transport::Mqtt)
-        .connect_timeout(Duration::from_secs(7))
-        .build()
-        .unwrap()
-        .register()
-        .await
-        .unwrap_err();
+    let (e, took) =
+        failure(silent_client(&cert, addr, Transport::Mqtt).connect_timeout(Duration::from_secs(7))).await;
     // rumqttc's own limit is 5 s; the documented setting decides.
-    assert!(started.elapsed() >= Duration::from_millis(6_500), "{:?}: {e}", started.elapsed());
+    assert!(took >= Duration::from_millis(6_500), "{:?}: {e}", took);
     assert!(e.to_string().contains(&addr.to_string()), "{e}");
     server.abort();
 }
@@ -334,13 +331,11 @@ async fn a_self_signed_server_certificate_given_as_the_ca_is_trusted_for_its_nam
         // The same kind of certificate for another name is refused.
         let other = ServerCert::self_signed_ca(&["elsewhere.example"]);
         let peer = scripted(t, &other, Vec::new()).await;
-        let e = client_builder(t, &other, &peer, "my-symkey-device")
-            .provisioning_host(format!("localhost:{}", peer.addr.port()))
-            .build()
-            .unwrap()
-            .register()
-            .await
-            .unwrap_err();
+        let (e, _) = failure(
+            client_builder(t, &other, &peer, "my-symkey-device")
+                .provisioning_host(format!("localhost:{}", peer.addr.port())),
+        )
+        .await;
         assert!(e.to_string().contains("not valid for name"), "{t}: {e}");
         assert!(matches!(e, ClientError::UntrustedServer(_)), "{t}: {e:?}");
     }
@@ -378,13 +373,8 @@ async fn silent_service_ends_in_a_timeout() {
     let cert = ServerCert::new();
     // The peer accepts the request and never answers.
     let (addr, server) = silent_peer(&cert).await;
-    let e = silent_client(&cert, addr, Transport::Https)
-        .request_timeout(Duration::from_secs(1))
-        .build()
-        .unwrap()
-        .register()
-        .await
-        .unwrap_err();
+    let (e, _) =
+        failure(silent_client(&cert, addr, Transport::Https).request_timeout(Duration::from_secs(1))).await;
     assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{e}");
     server.abort();
 }
@@ -397,16 +387,14 @@ async fn server_not_signed_by_the_given_ca_is_refused() {
         let cert = ServerCert::new();
         let other = ServerCert::new();
         let peer = scripted(t, &cert, Vec::new()).await;
-        let e = ProvisioningClient::builder(SCOPE, "my-symkey-device")
-            .provisioning_host(peer.host())
-            .transport(t)
-            .symmetric_key(DEVICE_KEY)
-            .ca_pem(other.ca_pem.clone())
-            .build()
-            .unwrap()
-            .register()
-            .await
-            .unwrap_err();
+        let (e, _) = failure(
+            ProvisioningClient::builder(SCOPE, "my-symkey-device")
+                .provisioning_host(peer.host())
+                .transport(t)
+                .symmetric_key(DEVICE_KEY)
+                .ca_pem(other.ca_pem.clone()),
+        )
+        .await;
         assert!(matches!(e, ClientError::UntrustedServer(_)), "{t}: {e:?}");
         let text = e.to_string();
         assert!(text.contains(&peer.host()) && text.contains("invalid peer certificate"), "{t}: {text}");
@@ -427,16 +415,14 @@ async fn a_provisioning_host_that_does_not_resolve_is_named() {
     }
     let cert = ServerCert::new();
     for t in [Transport::Mqtt, Transport::MqttWs, Transport::Https] {
-        let e = ProvisioningClient::builder(SCOPE, "my-symkey-device")
-            .provisioning_host("zerotouch-test.invalid:8883")
-            .transport(t)
-            .symmetric_key(DEVICE_KEY)
-            .ca_pem(cert.ca_pem.clone())
-            .build()
-            .unwrap()
-            .register()
-            .await
-            .unwrap_err();
+        let (e, _) = failure(
+            ProvisioningClient::builder(SCOPE, "my-symkey-device")
+                .provisioning_host("zerotouch-test.invalid:8883")
+                .transport(t)
+                .symmetric_key(DEVICE_KEY)
+                .ca_pem(cert.ca_pem.clone()),
+        )
+        .await;
         assert!(matches!(e, ClientError::UnknownHost(_)), "{t}: {e:?}");
         assert!(e.to_string().contains("zerotouch-test.invalid:8883"), "{t}: {e}");
     }
@@ -451,16 +437,14 @@ async fn an_untrusted_server_certificate_is_named_on_every_mqtt_attempt() {
     let other = ServerCert::new();
     let peer = ScriptedPeer::mqtt(&cert, Vec::new(), ConnectReturnCode::Success).await;
     for run in 0..12 {
-        let e = ProvisioningClient::builder(SCOPE, "my-symkey-device")
-            .provisioning_host(peer.host())
-            .transport(Transport::Mqtt)
-            .symmetric_key(DEVICE_KEY)
-            .ca_pem(other.ca_pem.clone())
-            .build()
-            .unwrap()
-            .register()
-            .await
-            .unwrap_err();
+        let (e, _) = failure(
+            ProvisioningClient::builder(SCOPE, "my-symkey-device")
+                .provisioning_host(peer.host())
+                .transport(Transport::Mqtt)
+                .symmetric_key(DEVICE_KEY)
+                .ca_pem(other.ca_pem.clone()),
+        )
+        .await;
         assert!(e.to_string().contains("invalid peer certificate"), "run {run}: {e}");
     }
 }
@@ -471,16 +455,12 @@ async fn an_untrusted_server_certificate_is_named_on_every_mqtt_attempt() {
 async fn the_registration_timeout_bounds_an_mqtt_connect_that_never_completes() {
     let cert = ServerCert::new();
     let (addr, server) = silent_peer(&cert).await;
-    let started = Instant::now();
-    let e = silent_client(&cert, addr, Transport::Mqtt)
-        .registration_timeout(Duration::from_secs(2))
-        .connect_timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-        .register()
-        .await
-        .unwrap_err();
-    let took = started.elapsed();
+    let (e, took) = failure(
+        silent_client(&cert, addr, Transport::Mqtt)
+            .registration_timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(20)),
+    )
+    .await;
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(5), "{took:?}: {e}");
     assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{e}");
     assert!(e.to_string().contains("registration timeout"), "{e}");
@@ -499,16 +479,12 @@ async fn the_registration_timeout_bounds_an_https_connect_that_never_completes()
         let mut sink = Vec::new();
         let _ = tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut sink).await;
     });
-    let started = Instant::now();
-    let e = silent_client(&cert, addr, Transport::Https)
-        .registration_timeout(Duration::from_secs(2))
-        .connect_timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-        .register()
-        .await
-        .unwrap_err();
-    let took = started.elapsed();
+    let (e, took) = failure(
+        silent_client(&cert, addr, Transport::Https)
+            .registration_timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(20)),
+    )
+    .await;
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(5), "{took:?}: {e}");
     assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{e}");
     assert!(e.to_string().contains(&format!("no TLS connection to {addr}")), "{e}");
@@ -577,15 +553,10 @@ async fn a_service_that_keeps_dropping_the_connection_is_named_at_the_registrati
     for (t, fault) in FAULTS {
         let cert = ServerCert::new();
         let peer = scripted(t, &cert, script_with_broken_polls(fault, 10)).await;
-        let started = Instant::now();
-        let e = client_builder(t, &cert, &peer, "my-symkey-device")
-            .registration_timeout(Duration::from_secs(4))
-            .build()
-            .unwrap()
-            .register()
-            .await
-            .unwrap_err();
-        let took = started.elapsed();
+        let (e, took) = failure(
+            client_builder(t, &cert, &peer, "my-symkey-device").registration_timeout(Duration::from_secs(4)),
+        )
+        .await;
         assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(7), "{t}, {fault:?}: {took:?}");
         assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{t}, {fault:?}: {e}");
         let text = e.to_string();
@@ -694,13 +665,11 @@ async fn a_service_that_stays_unavailable_is_named_at_the_registration_timeout()
     let mut plan = vec![Accept::Serve];
     plan.extend([Accept::Connack(ConnectReturnCode::ServiceUnavailable); 20]);
     let peer = planned(Transport::Mqtt, &cert, script_with_broken_polls(Fault::Close, 1), plan).await;
-    let e = client_builder(Transport::Mqtt, &cert, &peer, "my-symkey-device")
-        .registration_timeout(Duration::from_secs(4))
-        .build()
-        .unwrap()
-        .register()
-        .await
-        .unwrap_err();
+    let (e, _) = failure(
+        client_builder(Transport::Mqtt, &cert, &peer, "my-symkey-device")
+            .registration_timeout(Duration::from_secs(4)),
+    )
+    .await;
     assert_eq!(e.failure_kind(), Some(FailureKind::Timeout), "{e}");
     let text = e.to_string();
     assert!(text.contains("last connection error") && text.contains("server unavailable"), "{text}");
