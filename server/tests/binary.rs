@@ -720,42 +720,33 @@ fn with_json_logs_every_line_on_stderr_is_json_errors_and_import_warnings_includ
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
     let file = dir.path().join("enrollments.json");
-    let json_lines = |stderr: &[u8]| -> Vec<Value> {
-        String::from_utf8_lossy(stderr).lines().map(|l| serde_json::from_str(l).expect(l)).collect()
+    // Imports `entries` with JSON logs: the exit code and the (level, message) of each line.
+    let import_json = |entries: &str| -> (Option<i32>, Vec<(String, String)>) {
+        std::fs::write(&file, entries).unwrap();
+        let args = ["--log-format", "json", "enrollments", "import", "--data-dir", data];
+        let out = zerotouch(&[&args[..], &[file.to_str().unwrap()]].concat());
+        let lines = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect(l))
+            .map(|l| {
+                (l["level"].as_str().unwrap().to_owned(), l["fields"]["message"].as_str().unwrap().to_owned())
+            })
+            .collect();
+        (out.status.code(), lines)
     };
     // A warning (custom allocation), then success.
-    std::fs::write(&file, r#"[{"registrationId": "c-1", "allocationPolicy": "custom", "attestation": {"type": "symmetricKey"}}]"#)
-        .unwrap();
-    let out = zerotouch(&[
-        "--log-format",
-        "json",
-        "enrollments",
-        "import",
-        "--data-dir",
-        data,
-        file.to_str().unwrap(),
-    ]);
-    assert!(out.status.success());
-    let lines = json_lines(&out.stderr);
-    assert!(lines
-        .iter()
-        .any(|l| l["level"] == "WARN" && l["fields"]["message"].as_str().unwrap().contains("custom")));
+    let (code, lines) = import_json(
+        r#"[{"registrationId": "c-1", "allocationPolicy": "custom", "attestation": {"type": "symmetricKey"}}]"#,
+    );
+    assert_eq!(code, Some(0));
+    assert!(lines.iter().any(|(level, message)| level == "WARN" && message.contains("custom")), "{lines:?}");
     // A fatal error.
-    std::fs::write(&file, r#"[{"registrationId": "c-2"}]"#).unwrap();
-    let out = zerotouch(&[
-        "--log-format",
-        "json",
-        "enrollments",
-        "import",
-        "--data-dir",
-        data,
-        file.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(3));
-    let lines = json_lines(&out.stderr);
-    assert!(lines
-        .iter()
-        .any(|l| l["level"] == "ERROR" && l["fields"]["message"].as_str().unwrap().contains("entry 0")));
+    let (code, lines) = import_json(r#"[{"registrationId": "c-2"}]"#);
+    assert_eq!(code, Some(3));
+    assert!(
+        lines.iter().any(|(level, message)| level == "ERROR" && message.contains("entry 0")),
+        "{lines:?}"
+    );
 }
 
 #[test]
