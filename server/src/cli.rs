@@ -288,8 +288,16 @@ pub struct RegisterArgs {
 /// # Errors
 /// Invalid import files ([`ServerError::Import`]), unreadable files, store failures.
 pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Result<Value, ServerError> {
+    collected(|element| run_enrollments(backend, command, element))
+}
+
+/// The output of a command run by `run` as one value: a listing's elements gathered into an
+/// array.
+fn collected(
+    run: impl FnOnce(&mut dyn FnMut(Value) -> Result<(), ServerError>) -> Result<Option<Value>, ServerError>,
+) -> Result<Value, ServerError> {
     let mut listing = Vec::new();
-    let whole = run_enrollments(backend, command, &mut |entry| {
+    let whole = run(&mut |entry| {
         listing.push(entry);
         Ok(())
     })?;
@@ -331,12 +339,7 @@ fn run_enrollments<B: Backend>(
 /// [`ServerError::NotFound`] for a hub or device that is not there, [`ServerError::Config`] for a
 /// malformed device id; store failures.
 pub fn devices<B: Backend>(backend: &B, command: &DevicesCommand) -> Result<Value, ServerError> {
-    let mut listing = Vec::new();
-    let whole = run_devices(backend, command, &mut |entry| {
-        listing.push(entry);
-        Ok(())
-    })?;
-    Ok(whole.unwrap_or(Value::Array(listing)))
+    collected(|element| run_devices(backend, command, element))
 }
 
 /// [`devices`], with a listing's entries handed to `element` one by one (then `None`).
