@@ -223,6 +223,24 @@ async fn mqtt_packets_spanning_websocket_frames_are_reassembled() {
     }
 }
 
+/// Enrolls `registration_id` with a symmetric key and connects it over WebSockets, subscribed to
+/// the reply topics (SUBACK read).
+async fn enrolled_and_subscribed(server: &Server, registration_id: &str) -> (AsyncClient, EventLoop) {
+    let key = server.enroll_symmetric(registration_id);
+    let mut options = options(server, registration_id, None);
+    options.set_credentials(
+        format!("{SCOPE}/registrations/{registration_id}/api-version=2019-03-31"),
+        sas(&key, registration_id),
+    );
+    let (client, mut events) = AsyncClient::new(options, 10);
+    client.subscribe(RESPONSES, QoS::AtLeastOnce).await.unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await.unwrap() {
+            return (client, events);
+        }
+    }
+}
+
 #[tokio::test]
 async fn shutdown_closes_websocket_connections_after_the_grace_period() {
     let limits = zerotouch_transport::limits::Limits {
@@ -230,19 +248,7 @@ async fn shutdown_closes_websocket_connections_after_the_grace_period() {
         ..zerotouch_transport::limits::Limits::default()
     };
     let server = Server::start_with(limits).await;
-    let key = server.enroll_symmetric("ws-sensor-3");
-    let mut options = options(&server, "ws-sensor-3", None);
-    options.set_credentials(
-        format!("{SCOPE}/registrations/ws-sensor-3/api-version=2019-03-31"),
-        sas(&key, "ws-sensor-3"),
-    );
-    let (client, mut events) = AsyncClient::new(options, 10);
-    client.subscribe(RESPONSES, QoS::AtLeastOnce).await.unwrap();
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await.unwrap() {
-            break;
-        }
-    }
+    let (_client, mut events) = enrolled_and_subscribed(&server, "ws-sensor-3").await;
     tokio::time::timeout(Duration::from_secs(5), server.stop()).await.expect("server drained");
     let ended = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
@@ -259,19 +265,7 @@ async fn shutdown_closes_websocket_connections_after_the_grace_period() {
 async fn an_upgraded_websocket_connection_keeps_its_connection_slot() {
     let limits = zerotouch_transport::limits::Limits { max_connections: 1, ..Default::default() };
     let server = Server::start_with(limits).await;
-    let key = server.enroll_symmetric("ws-sensor-4");
-    let mut options = options(&server, "ws-sensor-4", None);
-    options.set_credentials(
-        format!("{SCOPE}/registrations/ws-sensor-4/api-version=2019-03-31"),
-        sas(&key, "ws-sensor-4"),
-    );
-    let (client, mut events) = AsyncClient::new(options, 10);
-    client.subscribe(RESPONSES, QoS::AtLeastOnce).await.unwrap();
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await.unwrap() {
-            break;
-        }
-    }
+    let (client, mut events) = enrolled_and_subscribed(&server, "ws-sensor-4").await;
     // The WebSocket session is the one connection the limit allows: the next is closed before
     // its handshake completes, however long after the upgrade it comes.
     tokio::time::sleep(Duration::from_millis(200)).await;
