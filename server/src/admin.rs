@@ -171,13 +171,14 @@ struct Ids(HashMap<(bool, String), usize>);
 
 impl Ids {
     fn check(&mut self, index: usize, entry: &ImportEntry) -> Result<(), ServerError> {
-        let key = match entry {
-            ImportEntry::Individual(e) => (true, e.registration_id.key()),
-            ImportEntry::Group(g) => (false, g.enrollment_group_id.key()),
+        let (key, given) = match entry {
+            ImportEntry::Individual(e) => ((true, e.registration_id.key()), e.registration_id.as_str()),
+            ImportEntry::Group(g) => ((false, g.enrollment_group_id.key()), g.enrollment_group_id.as_str()),
         };
         if let Some(first) = self.0.insert(key.clone(), index) {
             let field = if key.0 { "registrationId" } else { "enrollmentGroupId" };
-            let message = format!("{field} {:?} repeats entry {first}", key.1);
+            // As the entry spells it (ids compare case-insensitively, but the file says what it says).
+            let message = format!("{field} {given:?} repeats entry {first}");
             return Err(ServerError::Import { index, message });
         }
         Ok(())
@@ -1143,6 +1144,12 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.to_string(), r#"entry 1: registrationId "a" repeats entry 0"#);
+        let err = parse_import(
+            r#"[{"registrationId": "dup", "attestation": {"type": "symmetricKey"}},
+                {"registrationId": "DUP", "attestation": {"type": "symmetricKey"}}]"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), r#"entry 1: registrationId "DUP" repeats entry 0"#);
     }
 
     #[test]
