@@ -316,6 +316,12 @@ fn connection_error(e: ConnectionError, authority: &str, disconnected: bool) -> 
             };
             ClientError::ConnectRefused { return_code, reason }
         }
+        // What comes back from a port that does not speak MQTT, as the HTTPS port's reply read
+        // as MQTT packets.
+        ConnectionError::NotConnAck(_) => ClientError::Connection(format!(
+            "{authority}: the service did not answer as an MQTT server (is this the MQTT port? HTTPS and \
+             MQTT over WebSockets use the other one)"
+        )),
         other => ClientError::Connection(format!("{authority}: {other}")),
     }
 }
@@ -327,6 +333,17 @@ fn request_failed(e: rumqttc::ClientError) -> ClientError {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn a_port_that_does_not_speak_mqtt_is_named_as_such() {
+        let e = super::connection_error(
+            super::ConnectionError::NotConnAck(super::Packet::PingResp),
+            "localhost:8443",
+            false,
+        );
+        let text = e.to_string();
+        assert!(text.contains("localhost:8443") && text.contains("is this the MQTT port?"), "{text}");
+    }
 
     use std::io;
     use std::sync::{Arc, Mutex};
