@@ -7,13 +7,14 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde_json::json;
-use zerotouch_engine::crypto::{BadSignature, CryptoProvider, RandomFailure, RingCrypto, SignatureAlgorithm};
+use zerotouch_engine::crypto::{CryptoProvider as _, RandomFailure, RingCrypto};
 use zerotouch_engine::registration::{
     DeviceCredential, FailureKind, Registration, RegistrationConfig, RegistrationEvent, RegistrationFailure,
     ServiceResponse, Transmit,
 };
 use zerotouch_proto::device::Substatus;
 use zerotouch_proto::{IdScope, SasToken, Timestamp};
+use zerotouch_testkit::crypto::RingWithRandom;
 
 const SCOPE: &str = "0ne00111111";
 const DEVICE: &str = "my-symkey-device";
@@ -42,38 +43,14 @@ fn machine(config: RegistrationConfig) -> Registration {
     Registration::new(config, Arc::new(RingCrypto::new()))
 }
 
-/// Ring's crypto with a random source that fills every byte with the given value (`None`: the
-/// source fails), so that the jitter of retry waits is known.
-struct FixedRandom(Option<u8>);
-
-impl CryptoProvider for FixedRandom {
-    fn hmac_sha256(&self, key: &[u8], msg: &[u8]) -> [u8; 32] {
-        RingCrypto::new().hmac_sha256(key, msg)
-    }
-    fn sha256(&self, data: &[u8]) -> [u8; 32] {
-        RingCrypto::new().sha256(data)
-    }
-    fn sha1(&self, data: &[u8]) -> [u8; 20] {
-        RingCrypto::new().sha1(data)
-    }
-    fn verify_signature(
-        &self,
-        algorithm: SignatureAlgorithm,
-        public_key: &[u8],
-        message: &[u8],
-        signature: &[u8],
-    ) -> Result<(), BadSignature> {
-        RingCrypto::new().verify_signature(algorithm, public_key, message, signature)
-    }
-    fn fill_random(&self, out: &mut [u8]) -> Result<(), RandomFailure> {
-        let byte = self.0.ok_or(RandomFailure)?;
-        out.fill(byte);
-        Ok(())
-    }
-}
-
+/// A machine whose random source fills every byte with `random` (`None`: the source fails), so
+/// that the jitter of retry waits is known.
 fn machine_with_random(config: RegistrationConfig, random: Option<u8>) -> Registration {
-    Registration::new(config, Arc::new(FixedRandom(random)))
+    let crypto = RingWithRandom::new(move |out: &mut [u8]| {
+        out.fill(random.ok_or(RandomFailure)?);
+        Ok(())
+    });
+    Registration::new(config, Arc::new(crypto))
 }
 
 /// When the machine resends after a throttled reply at `replied`: checks that it is within

@@ -96,7 +96,7 @@ fn module_events_default_to_device_events_with_a_module_id() {
 fn module_events_in_the_older_documented_style() {
     let mut config = RegistryConfig::new(HUB);
     config.module_events = ModuleEventStyle::ModuleEvents;
-    let reg = Registry::new(MemoryIdentityStore::new(), Arc::new(CountingCrypto::default()), config);
+    let reg = Registry::new(MemoryIdentityStore::new(), Arc::new(counting_crypto()), config);
     reg.create_device(Device::new(id("gw")), now()).unwrap();
     let created = reg.create_module(Module::new(id("gw"), mid("filter")), now()).unwrap();
     let ev = &created.events[0];

@@ -143,7 +143,7 @@ impl IdentityStore for RacingStore {
 fn racing_registry() -> zerotouch_engine::registry::Registry<RacingStore> {
     zerotouch_engine::registry::Registry::new(
         RacingStore::default(),
-        std::sync::Arc::new(CountingCrypto::default()),
+        std::sync::Arc::new(counting_crypto()),
         zerotouch_engine::registry::RegistryConfig::new(HUB),
     )
 }

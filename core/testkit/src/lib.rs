@@ -7,6 +7,7 @@
 
 pub mod certs;
 pub mod conformance;
+pub mod crypto;
 pub mod enroll;
 pub mod hub_conformance;
 pub mod hubs;

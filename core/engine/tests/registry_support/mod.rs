@@ -6,52 +6,34 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
-use zerotouch_engine::crypto::{BadSignature, CryptoProvider, RandomFailure, RingCrypto, SignatureAlgorithm};
+use zerotouch_engine::crypto::{CryptoProvider, RandomFailure, RingCrypto};
 use zerotouch_engine::registry::{MemoryIdentityStore, Registry, RegistryConfig, TwinSink};
 use zerotouch_engine::Error;
 use zerotouch_proto::hub::ExportImportProperties;
 use zerotouch_proto::{DeviceId, ETag, IfMatch, ModuleId, Timestamp};
+use zerotouch_testkit::crypto::RingWithRandom;
 
 /// Ring for digests, a counter for randomness, so runs are reproducible.
-#[derive(Debug, Default)]
-pub struct CountingCrypto {
-    ring: RingCrypto,
-    counter: AtomicU64,
-}
+pub type CountingCrypto = RingWithRandom<Box<dyn Fn(&mut [u8]) -> Result<(), RandomFailure> + Send + Sync>>;
 
-impl CryptoProvider for CountingCrypto {
-    fn hmac_sha256(&self, key: &[u8], msg: &[u8]) -> [u8; 32] {
-        self.ring.hmac_sha256(key, msg)
-    }
-    fn sha256(&self, data: &[u8]) -> [u8; 32] {
-        self.ring.sha256(data)
-    }
-    fn sha1(&self, data: &[u8]) -> [u8; 20] {
-        self.ring.sha1(data)
-    }
-    fn verify_signature(
-        &self,
-        algorithm: SignatureAlgorithm,
-        public_key: &[u8],
-        message: &[u8],
-        signature: &[u8],
-    ) -> Result<(), BadSignature> {
-        self.ring.verify_signature(algorithm, public_key, message, signature)
-    }
-    fn fill_random(&self, out: &mut [u8]) -> Result<(), RandomFailure> {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let digest = self.ring.sha256(&n.to_be_bytes());
+/// A [`CountingCrypto`] whose counter starts at zero.
+pub fn counting_crypto() -> CountingCrypto {
+    let counter = AtomicU64::new(0);
+    let ring = RingCrypto::new();
+    RingWithRandom::new(Box::new(move |out: &mut [u8]| {
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        let digest = ring.sha256(&n.to_be_bytes());
         for (i, b) in out.iter_mut().enumerate() {
             *b = digest[i % 32];
         }
         Ok(())
-    }
+    }))
 }
 
 pub const HUB: &str = "contoso-hub.azure-devices.net";
 
 pub fn registry() -> Registry<MemoryIdentityStore> {
-    Registry::new(MemoryIdentityStore::new(), Arc::new(CountingCrypto::default()), RegistryConfig::new(HUB))
+    Registry::new(MemoryIdentityStore::new(), Arc::new(counting_crypto()), RegistryConfig::new(HUB))
 }
 
 pub fn now() -> Timestamp {
