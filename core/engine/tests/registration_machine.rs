@@ -96,6 +96,11 @@ fn assigned_body() -> serde_json::Value {
         "etag": "IjEyMDA4NmYyLTAwMDAtMDMwMC0wMDAwLTYzMGE1YTBmMDAwMCI="
     }})
 }
+/// Answers the outstanding request `assigned` at `now` and checks the machine finishes assigned.
+fn assigned_at(reg: &mut Registration, now: Timestamp) {
+    reg.handle_response(now, reply(200, None, assigned_body()));
+    assert!(matches!(reg.poll_event(), Some(RegistrationEvent::Assigned(_))));
+}
 
 fn error_body(code: u32, message: &str) -> serde_json::Value {
     json!({"errorCode": code, "trackingId": "8ad0463c-6427-4479-9dfa-3e8bb7003e9b", "message": message,
@@ -237,8 +242,7 @@ fn throttled_register_is_resent_after_retry_after_then_succeeds() {
     expect_register(&mut reg, resent);
     reg.handle_response(resent, assigning_register_reply());
     expect_poll(&mut reg, resent + secs(3));
-    reg.handle_response(resent + secs(3), reply(200, None, assigned_body()));
-    assert!(matches!(reg.poll_event(), Some(RegistrationEvent::Assigned(_))));
+    assigned_at(&mut reg, resent + secs(3));
 }
 
 #[test]
@@ -255,8 +259,7 @@ fn throttling_without_retry_after_backs_off_exponentially() {
         now = resend_at(&mut reg, now, secs(ceiling) / 2, secs(ceiling));
         expect_register(&mut reg, now);
     }
-    reg.handle_response(now, reply(200, None, assigned_body()));
-    assert!(matches!(reg.poll_event(), Some(RegistrationEvent::Assigned(_))));
+    assigned_at(&mut reg, now);
 }
 
 #[test]
@@ -454,8 +457,7 @@ fn request_timeout_from_the_service_is_retried_like_a_server_error() {
     assert!(!reg.is_finished(), "408 is transient");
     let resent = resend_at(&mut reg, t0() + secs(3), secs(1), secs(2));
     expect_poll(&mut reg, resent);
-    reg.handle_response(resent, reply(200, None, assigned_body()));
-    assert!(matches!(reg.poll_event(), Some(RegistrationEvent::Assigned(_))));
+    assigned_at(&mut reg, resent);
 }
 
 #[test]
@@ -722,8 +724,7 @@ fn a_poll_lost_with_its_connection_is_sent_again_with_the_kept_operation_id() {
     // No jitter: the full back-off of 2 s.
     let resend = resend_at(&mut reg, sent + secs(1), secs(2), secs(2));
     expect_poll(&mut reg, resend);
-    reg.handle_response(resend, reply(200, None, assigned_body()));
-    assert!(matches!(reg.poll_event(), Some(RegistrationEvent::Assigned(_))));
+    assigned_at(&mut reg, resend);
 }
 
 #[test]
