@@ -96,6 +96,7 @@ fn assigned_body() -> serde_json::Value {
         "etag": "IjEyMDA4NmYyLTAwMDAtMDMwMC0wMDAwLTYzMGE1YTBmMDAwMCI="
     }})
 }
+
 /// Answers the outstanding request `assigned` at `now` and checks the machine finishes assigned.
 fn assigned_at(reg: &mut Registration, now: Timestamp) {
     reg.handle_response(now, reply(200, None, assigned_body()));
