@@ -77,7 +77,8 @@ pub struct RegisterRequest {
     pub id_scope: String,
     /// Registration id from the path or MQTT username.
     pub registration_id: String,
-    /// The JSON body.
+    /// The JSON body. Its payload stays text until the device is authenticated; one serde_json
+    /// makes no tree of (see [`DeviceRegistration::parse_payload`]) is then refused 400 `400000`.
     pub body: DeviceRegistration,
     /// Credential from the TLS handshake, `Authorization` header or MQTT password.
     pub credential: Credential,
@@ -686,6 +687,11 @@ impl<S: ProvisioningStore> Provisioner<S> {
         if attested.enrollment.status() == Some(ProvisioningStatus::Disabled) {
             return Err(AuthError::EnrollmentDisabled.into());
         }
+        // Only now, for a device that proved who it is, does the payload become a tree: one
+        // takes tens of times the bytes of its text, which the transport kept as it came.
+        let payload = req.body.parse_payload().map_err(|e| {
+            Error::BadRequest(format!("The request body is not a valid DeviceRegistration: payload: {e}"))
+        })?;
         let random: [u8; 48] = self.random_bytes()?;
         let (op_random, etag_random) = random.split_at(32);
         let operation_id = OperationId::from_random(op_random.try_into().unwrap_or(&[0; 32]));
@@ -697,7 +703,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
             let round =
                 Round { now, id: &id, operation_id: &operation_id, etag_random, predates_reprovisioning };
             let mut seen = Seen::default();
-            match self.assign(round, &mut attested, req.body.payload.as_ref(), hub, &mut seen) {
+            match self.assign(round, &mut attested, payload.as_ref(), hub, &mut seen) {
                 // The record changed, or was deleted, under the round: decide again.
                 Err(Error::Store(
                     StoreError::PreconditionFailed | StoreError::AlreadyExists | StoreError::NotFound,

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use zerotouch_proto::device::{
-    DeviceRegistration, DeviceRegistrationResult, ErrorDetails, RegistrationStatus, Substatus,
+    raw_payload, DeviceRegistration, DeviceRegistrationResult, ErrorDetails, RegistrationStatus, Substatus,
 };
 use zerotouch_proto::sas::{
     encode_resource, registration_resource, string_to_sign, SasToken, REGISTRATION_KEY_NAME,
@@ -420,7 +420,7 @@ impl Registration {
         let transmit = match &request {
             Request::Register => Transmit::Register {
                 body: DeviceRegistration {
-                    payload: self.config.payload.clone(),
+                    payload: self.config.payload.as_ref().map(raw_payload),
                     registration_id: self.config.registration_id.as_str().to_owned(),
                     tpm: None,
                     csr: None,

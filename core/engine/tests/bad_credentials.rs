@@ -14,7 +14,7 @@ use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::enrollments;
 use zerotouch_engine::provisioner::{OperationStatusRequest, RegisterRequest, Response, ResponseBody};
 use zerotouch_engine::registration::FailureKind;
-use zerotouch_engine::store::EnrollmentStore as _;
+use zerotouch_engine::store::{EnrollmentStore as _, RegistrationStore as _};
 use zerotouch_proto::device::DeviceRegistration;
 use zerotouch_proto::service::ProvisioningStatus;
 use zerotouch_proto::{IfMatch, RegistrationId, Timestamp};
@@ -323,6 +323,38 @@ fn a_body_registration_id_that_differs_from_the_path_is_a_bad_request() {
         &mut w.hubs,
     );
     assert_rejected(&r, 400, 400004);
+}
+
+/// The payload is parsed into a tree only for a device that proved who it is: one nested
+/// deeper than a tree is built for is refused as a bad request after a good credential, and is
+/// never looked at for a bad one (a tree of a hostile payload costs tens of times its bytes).
+#[test]
+fn a_payload_is_parsed_only_after_the_device_is_authenticated() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, "dev-1", &EnrollOptions::default());
+    let deep = format!("{}{}", "[".repeat(500), "]".repeat(500));
+    let text = format!(r#"{{"registrationId":"dev-1","payload":{deep}}}"#);
+    let register_deep = |w: &mut World, credential| {
+        let now = w.now;
+        let body: DeviceRegistration = serde_json::from_str(&text).expect("decodes without building a tree");
+        let req = RegisterRequest {
+            id_scope: SCOPE.into(),
+            registration_id: "dev-1".into(),
+            body,
+            credential,
+            api_version: None,
+        };
+        w.provisioner.handle_register(now, req, &mut w.hubs)
+    };
+    let wrong = sas(&w, &[7u8; 32], "dev-1", 60);
+    assert_rejected(&register_deep(&mut w, wrong), 401, 401002);
+    assert_rejected(&register_deep(&mut w, Credential::None), 401, 401002);
+    let good = sas(&w, &key, "dev-1", 60);
+    let r = register_deep(&mut w, good);
+    assert_rejected(&r, 400, 400000);
+    let ResponseBody::Error(e) = &r.body else { panic!("{r:?}") };
+    assert!(e.message.contains("payload"), "{}", e.message);
+    assert!(w.provisioner.store().registration(&RegistrationId::new("dev-1").unwrap()).unwrap().is_none());
 }
 
 #[test]

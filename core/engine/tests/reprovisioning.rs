@@ -402,7 +402,7 @@ fn a_failed_registration_does_not_overwrite_the_record_of_a_newer_one_that_succe
     use zerotouch_engine::attestation::symmetric::registration_token;
     use zerotouch_engine::attestation::Credential;
     use zerotouch_engine::provisioner::RegisterRequest;
-    use zerotouch_proto::device::DeviceRegistration;
+    use zerotouch_proto::device::{raw_payload, DeviceRegistration};
 
     let mut w = world();
     let key = enroll_symmetric(&w, ID, &custom(true, true));
@@ -413,7 +413,12 @@ fn a_failed_registration_does_not_overwrite_the_record_of_a_newer_one_that_succe
         RegisterRequest {
             id_scope: SCOPE.into(),
             registration_id: ID.into(),
-            body: DeviceRegistration { payload: site(s), registration_id: ID.into(), tpm: None, csr: None },
+            body: DeviceRegistration {
+                payload: site(s).as_ref().map(raw_payload),
+                registration_id: ID.into(),
+                tpm: None,
+                csr: None,
+            },
             credential: Credential::Sas(token.to_string()),
             api_version: None,
         }

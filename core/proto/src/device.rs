@@ -2,31 +2,38 @@
 //! registration result, error details and the TPM challenge (spec §1.3–§1.6, §6.1).
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::text::Text;
 use crate::time::Timestamp;
 
 /// Serde helper for members where an explicit `null` differs from an absent member: absent
-/// deserializes to `None`, `null` to `Some(Value::Null)` (the Python SDK always sends
-/// `"payload": null`).
+/// deserializes to `None`, `null` to `Some` of the null (`Value::Null`, or the raw text `null`);
+/// the Python SDK always sends `"payload": null`.
 pub mod nullable {
     use serde::{Deserialize, Deserializer};
-    use serde_json::Value;
 
     /// Deserializes a present member (including `null`) as `Some`.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-        Value::deserialize(d).map(Some)
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+        T::deserialize(d).map(Some)
     }
 }
 
 /// `DeviceRegistration`: the body of a register request (and of the status lookup).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// The service decodes it before the device is authenticated, so it holds nothing whose size
+/// is a multiple of the body's: the payload stays JSON text (syntax-checked, no tree built)
+/// until [`parse_payload`](DeviceRegistration::parse_payload), and the other members are
+/// strings. Two bodies are equal when their members are, payloads compared as text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceRegistration {
-    /// Custom payload for the allocation webhook; kept as sent, `null` included.
+    /// Custom payload for the allocation webhook, as the JSON text the device sent (`null`
+    /// included: `Some` of the text `null`, whereas `None` is a body without the member).
+    /// [`raw_payload`] makes one from a [`Value`].
     #[serde(default, deserialize_with = "nullable::deserialize", skip_serializing_if = "Option::is_none")]
-    pub payload: Option<Value>,
+    pub payload: Option<Box<RawValue>>,
     /// Registration id; must equal the id in the path / username.
     pub registration_id: String,
     /// TPM endorsement and storage root keys (TPM attestation only).
@@ -35,6 +42,39 @@ pub struct DeviceRegistration {
     /// Base64 DER PKCS#10 certificate signing request (api-version 2025-07-01-preview and later).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub csr: Option<String>,
+}
+
+impl DeviceRegistration {
+    /// The payload as a JSON tree: `None` when the body had no `payload` member, `Some(Null)`
+    /// for `"payload": null`.
+    ///
+    /// A tree takes tens of times the memory of its text (a `[[[[…` or `{"a":0,"b":0,…}` of
+    /// the maximal body size, tens of times that size): call it only for an authenticated
+    /// device.
+    ///
+    /// # Errors
+    /// For the well-formed text serde_json makes no tree of, which the body's decoder let
+    /// through: nested deeper than 128 levels, a number beyond `f64` (`1e400`), a `\u` escape
+    /// of a lone surrogate.
+    pub fn parse_payload(&self) -> Result<Option<Value>, serde_json::Error> {
+        self.payload.as_deref().map(|raw| serde_json::from_str(raw.get())).transpose()
+    }
+}
+
+impl PartialEq for DeviceRegistration {
+    fn eq(&self, other: &Self) -> bool {
+        self.payload.as_deref().map(RawValue::get) == other.payload.as_deref().map(RawValue::get)
+            && self.registration_id == other.registration_id
+            && self.tpm == other.tpm
+            && self.csr == other.csr
+    }
+}
+
+/// The JSON text of `value`, for [`DeviceRegistration::payload`].
+pub fn raw_payload(value: &Value) -> Box<RawValue> {
+    // A `Value` always serializes (its map keys are strings, its numbers finite): the fallback
+    // is never taken.
+    serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
 /// `TpmAttestation` as a device sends it.

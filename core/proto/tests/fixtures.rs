@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use zerotouch_proto::device::{
     DeviceRegistration, DeviceRegistrationResult, ErrorDetails, RegistrationOperationStatus,
@@ -105,7 +106,7 @@ fn every_fixture_is_listed_in_the_readme() {
 #[test]
 fn python_register_request_serializes_in_sorted_key_order() {
     let req: DeviceRegistration = serde_json::from_str(&read("device_register_request_python.json")).unwrap();
-    assert_eq!(req.payload, Some(Value::Null));
+    assert_eq!(req.payload.as_deref().map(RawValue::get), Some("null"));
     assert_eq!(
         serde_json::to_string(&req).unwrap(),
         r#"{"payload":null,"registrationId":"my-symkey-device"}"#
@@ -115,7 +116,7 @@ fn python_register_request_serializes_in_sorted_key_order() {
 #[test]
 fn node_register_request_without_payload_sends_no_payload_member() {
     let req: DeviceRegistration = serde_json::from_str(&read("device_register_request_node.json")).unwrap();
-    assert_eq!(req.payload, None);
+    assert!(req.payload.is_none());
     assert!(!serde_json::to_string(&req).unwrap().contains("payload"));
 }
 
@@ -126,9 +127,64 @@ fn register_payload_of_any_json_type_is_kept() {
     {
         let body = json!({"registrationId": "dev1", "payload": payload.clone()});
         let req: DeviceRegistration = serde_json::from_value(body.clone()).unwrap();
-        assert_eq!(req.payload.as_ref(), Some(&payload));
+        assert_eq!(req.parse_payload().unwrap(), Some(payload));
         assert_eq!(serde_json::to_value(&req).unwrap(), body);
     }
+}
+
+/// The payload is not parsed into a tree by the body's decoder (which runs before the device is
+/// authenticated): it stays the very text the device sent, `null` included, until
+/// [`DeviceRegistration::parse_payload`].
+#[test]
+fn register_payload_is_kept_as_the_text_the_device_sent() {
+    let payload = r#"{ "b" : [1, 2.50, 1e3, "\u00e9", -0],"a":{ } ,"b":null}"#;
+    let body = format!("{{\"registrationId\":\"dev1\",\"payload\" :  {payload}  }}");
+    let req: DeviceRegistration = serde_json::from_slice(body.as_bytes()).unwrap();
+    assert_eq!(req.payload.as_deref().map(RawValue::get), Some(payload));
+    // Sent on as it came, byte for byte.
+    assert_eq!(
+        serde_json::to_string(&req).unwrap(),
+        format!("{{\"payload\":{payload},\"registrationId\":\"dev1\"}}")
+    );
+
+    let null: DeviceRegistration =
+        serde_json::from_slice(br#"{"payload":null,"registrationId":"d"}"#).unwrap();
+    assert_eq!(null.payload.as_deref().map(RawValue::get), Some("null"));
+    assert_eq!(null.parse_payload().unwrap(), Some(Value::Null));
+    let absent: DeviceRegistration = serde_json::from_slice(br#"{"registrationId":"d"}"#).unwrap();
+    assert!(absent.payload.is_none());
+    assert_eq!(absent.parse_payload().unwrap(), None);
+    assert_ne!(null, absent);
+}
+
+/// JSON text serde_json makes no tree of (nested deeper than 128 levels, a number beyond
+/// `f64`, a lone surrogate) is only syntax to the decoder: the refusal comes when the payload
+/// is parsed, after authentication.
+#[test]
+fn a_payload_serde_json_makes_no_tree_of_decodes_and_fails_only_when_parsed() {
+    let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+    for (payload, why) in
+        [(deep.as_str(), "recursion limit"), ("1e400", "out of range"), (r#""\ud800""#, "escape")]
+    {
+        let body = format!(r#"{{"registrationId":"dev1","payload":{payload}}}"#);
+        let req: DeviceRegistration = serde_json::from_str(&body).unwrap();
+        assert_eq!(req.payload.as_deref().map(RawValue::get), Some(payload));
+        let e = req.parse_payload().unwrap_err().to_string();
+        assert!(e.contains(why), "{e}");
+    }
+
+    // Malformed text is still refused by the decoder.
+    for bad in [r#"{"registrationId":"d","payload":{"a":}}"#, r#"{"registrationId":"d","payload":[1,]}"#] {
+        assert!(serde_json::from_str::<DeviceRegistration>(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn raw_payload_is_the_json_text_of_a_value() {
+    let value = json!({"modelId": "dtmi:contoso:thermostat;1", "hwVersion": 2});
+    let raw = zerotouch_proto::device::raw_payload(&value);
+    assert_eq!(raw.get(), r#"{"modelId":"dtmi:contoso:thermostat;1","hwVersion":2}"#);
+    assert_eq!(zerotouch_proto::device::raw_payload(&Value::Null).get(), "null");
 }
 
 #[test]
