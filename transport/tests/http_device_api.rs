@@ -196,6 +196,31 @@ async fn malformed_json_is_400() {
     }
 }
 
+/// A register body is decoded before the device is authenticated, so its payload is only
+/// syntax-checked there: a payload nested deeper than serde_json builds trees for is refused
+/// (400 400000, as any body that is not a DeviceRegistration) only once the credential is
+/// good; a bad credential gets its 401 and the payload is never parsed.
+#[tokio::test]
+async fn a_register_payload_is_parsed_only_after_the_device_is_authenticated() {
+    let server = Server::start().await;
+    let key = server.enroll_symmetric("sensor-17");
+    let mut client = server.connect(None).await;
+    let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
+    let body = format!(r#"{{"registrationId":"sensor-17","payload":{deep}}}"#);
+    let path = register_path("sensor-17");
+    let refused = client.send("PUT", &path, Some(&sas(&[7u8; 32], "sensor-17")), body.as_bytes()).await;
+    assert_eq!((refused.status.as_u16(), refused.error_code()), (401, 401002), "{}", refused.body);
+    let refused = client.send("PUT", &path, None, body.as_bytes()).await;
+    assert_eq!((refused.status.as_u16(), refused.error_code()), (401, 401002), "{}", refused.body);
+    let reply = client.send("PUT", &path, Some(&sas(&key, "sensor-17")), body.as_bytes()).await;
+    assert_eq!((reply.status.as_u16(), reply.error_code()), (400, 400000), "{}", reply.body);
+    assert!(!server.hub_has_device("sensor-17"));
+    // The status lookup never parses it either.
+    let lookup = format!("/{SCOPE}/registrations/sensor-17?api-version={API}");
+    let reply = client.send("POST", &lookup, Some(&sas(&key, "sensor-17")), body.as_bytes()).await;
+    assert_eq!((reply.status.as_u16(), reply.error_code()), (404, 404201), "{}", reply.body);
+}
+
 #[tokio::test]
 async fn registration_id_in_body_must_match_the_path() {
     let server = Server::start().await;

@@ -386,6 +386,30 @@ fn register_publish(rid: &str, registration_id: &str, pkid: u16) -> Packet {
     Packet::Publish(publish)
 }
 
+/// A certificate is judged by the register request, so its body is decoded before the device is
+/// authenticated: the payload is only syntax-checked there. One nested deeper than serde_json
+/// builds trees for, from a certificate nobody enrolled, gets the 401; from the enrolled one,
+/// the 400 of a body that is not a DeviceRegistration.
+#[tokio::test]
+async fn a_register_payload_is_parsed_only_after_the_certificate_is_accepted() {
+    let server = Server::start().await;
+    let device = TestCa::root("Payload Root").device("camera-15");
+    server.enroll_x509("camera-15", device.pem());
+    let stranger = TestCa::root("Stranger Root").device("camera-15");
+    let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
+    let body = format!(r#"{{"registrationId":"camera-15","payload":{deep}}}"#);
+    let topic = "$dps/registrations/PUT/iotdps-register/?$rid=1";
+    for (cert, status) in [(&stranger, 401), (&device, 400)] {
+        let auth = Auth::X509(cert.chain_der(), cert.key_der().to_vec());
+        let mut raw = RawDevice::open_with(&server, &auth).await;
+        raw.connect_x509("camera-15", 60).await;
+        raw.send(Packet::Publish(Publish::new(topic, QoS::AtMostOnce, body.clone().into_bytes()))).await;
+        assert_eq!(reply_statuses(&mut raw, 1).await, [("1".to_owned(), status)]);
+    }
+    assert!(!server.hub_has_device("camera-15"));
+    server.shutdown().await;
+}
+
 /// The statuses of the next `n` replies (PUBACKs skipped), in arrival order.
 async fn reply_statuses(device: &mut RawDevice, n: usize) -> Vec<(String, u16)> {
     let mut replies = Vec::new();

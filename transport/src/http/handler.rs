@@ -110,6 +110,9 @@ async fn device_api(conn: &Connection, req: Request<Incoming>) -> Reply {
     };
     let call = match matched.route {
         Route::Register { id_scope, registration_id } => {
+            // Decoded before the device is authenticated: the body holds strings and the
+            // payload's text, never a tree of it (see `DeviceRegistration`), so it costs about
+            // its size; the engine parses the payload once the credential is good.
             let body = match serde_json::from_slice::<DeviceRegistration>(&bytes) {
                 Ok(b) => b,
                 Err(e) => return malformed_json(&e),

@@ -541,6 +541,9 @@ where
     let service = Arc::clone(service);
     let task = match request {
         Request::Register { id_scope, registration_id, credential } => {
+            // Decoded before the device is authenticated (a certificate is judged by the engine):
+            // the body holds strings and the payload's text, never a tree of it (see
+            // `DeviceRegistration`), so it costs about its size.
             let body: DeviceRegistration = match serde_json::from_slice(&publish.payload) {
                 Ok(body) => body,
                 Err(e) => {
