@@ -251,3 +251,88 @@ fn the_operator_hears_of_every_assignment_and_every_failed_registration() {
     assert!(heard[1].starts_with("failed sensor-z1 400"), "{heard:?}");
     assert!(heard[1].contains("no hub for site z"), "{heard:?}");
 }
+
+/// The body's payload travels as the device's JSON text and becomes a tree only after the
+/// device is authenticated: the custom allocator still tells an absent payload from `null` from
+/// a value (its members in the order sent), and what it answers reaches the device.
+#[test]
+fn the_custom_allocator_sees_the_payload_as_sent_absent_null_or_a_value() {
+    use std::sync::{Arc, Mutex};
+
+    use serde_json::Value;
+    use zerotouch_engine::allocation::{Allocator, CustomAllocator};
+    use zerotouch_engine::attestation::symmetric::registration_token;
+    use zerotouch_engine::attestation::Credential;
+    use zerotouch_engine::crypto::RingCrypto;
+    use zerotouch_engine::memory::MemoryStore;
+    use zerotouch_engine::provisioner::{
+        OperationStatusRequest, Provisioner, ProvisionerConfig, RegisterRequest, ResponseBody,
+    };
+    use zerotouch_proto::device::DeviceRegistration;
+    use zerotouch_proto::service::{CustomAllocationRequest, CustomAllocationResponse};
+    use zerotouch_proto::IdScope;
+    use zerotouch_testkit::hubs::SimHubs;
+    use zerotouch_testkit::sim::Simulator;
+
+    /// Records each payload it is given and hands it back to the device.
+    #[derive(Default)]
+    struct Echo(Mutex<Vec<Option<Value>>>);
+    impl CustomAllocator for Echo {
+        fn allocate(&self, request: &CustomAllocationRequest) -> Result<CustomAllocationResponse, String> {
+            let payload = request.device_runtime_context.payload.clone();
+            self.0.lock().unwrap().push(payload.clone());
+            Ok(CustomAllocationResponse {
+                iot_hub_host_name: HUB_B.to_owned(),
+                initial_twin: None,
+                payload: Some(json!({ "echo": payload })),
+            })
+        }
+    }
+
+    let echo = Arc::new(Echo::default());
+    let allocator = Allocator::new(linked_hubs()).with_custom(Arc::clone(&echo) as Arc<dyn CustomAllocator>);
+    let provisioner = Provisioner::new(
+        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
+        Arc::new(MemoryStore::new()),
+        Arc::new(RingCrypto::new()),
+        allocator,
+    );
+    let mut w = Simulator::new(provisioner, SimHubs::new());
+    let value = r#"{"z":[1,{"y":null}],"a":"é","m":-0.5}"#;
+    let members = ["".to_owned(), r#","payload":null"#.to_owned(), format!(r#","payload":{value}"#)];
+    let o = EnrollOptions { policy: Some(AllocationPolicy::Custom), ..Default::default() };
+    for (i, member) in members.iter().enumerate() {
+        let id = format!("dev-{i}");
+        let key = enroll_symmetric(&w, &id, &o);
+        let credential = Credential::Sas(
+            registration_token(&crypto(), &key, SCOPE, &id, w.now.unix_secs() + 60).to_string(),
+        );
+        let body: DeviceRegistration =
+            serde_json::from_str(&format!(r#"{{"registrationId":"{id}"{member}}}"#)).unwrap();
+        let req = RegisterRequest {
+            id_scope: SCOPE.into(),
+            registration_id: id.clone(),
+            body,
+            credential: credential.clone(),
+            api_version: None,
+        };
+        let now = w.now;
+        let reply = w.provisioner.handle_register(now, req, &mut w.hubs);
+        let ResponseBody::Operation(op) = reply.body else { panic!("{reply:?}") };
+        let poll = OperationStatusRequest {
+            id_scope: SCOPE.into(),
+            registration_id: id.clone(),
+            operation_id: op.operation_id.to_string(),
+            credential,
+        };
+        let reply = w.provisioner.handle_operation_status(w.now, poll);
+        let ResponseBody::Operation(op) = reply.body else { panic!("{reply:?}") };
+        let state = op.registration_state.unwrap();
+        assert_eq!(state.assigned_hub.as_deref(), Some(HUB_B), "{id}");
+        let given = echo.0.lock().unwrap()[i].clone();
+        assert_eq!(state.payload, Some(json!({ "echo": given })), "{id}: returned to the device");
+    }
+    let given = echo.0.lock().unwrap();
+    assert_eq!(given[..2], [None, Some(Value::Null)]);
+    assert_eq!(serde_json::to_string(&given[2]).unwrap(), value, "members in the order sent");
+}
