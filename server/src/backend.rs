@@ -136,11 +136,15 @@ impl Backend for MemoryBackend {
 ///
 /// Data directories of zerotouch 0.1 kept each hub in `hubs/<host name>.sqlite`: on first open
 /// those files are moved into the database and renamed `….sqlite.imported`.
+///
+/// [`SqliteBackend::read_only`] opens the database for the commands that only read it.
 #[cfg(feature = "sqlite")]
 #[derive(Debug, Clone)]
 pub struct SqliteBackend {
     dir: std::path::PathBuf,
     durability: zerotouch_store::sqlite::Durability,
+    /// Opened with [`SqliteStore::open_read_only`](zerotouch_store::sqlite::SqliteStore::open_read_only).
+    read_only: bool,
     store: Arc<std::sync::OnceLock<zerotouch_store::sqlite::SqliteStore>>,
 }
 
@@ -153,7 +157,21 @@ impl SqliteBackend {
 
     /// The backend of data directory `dir` (created when missing, on first open).
     pub fn new(dir: impl Into<std::path::PathBuf>) -> Self {
-        Self { dir: dir.into(), durability: Default::default(), store: Arc::default() }
+        Self { dir: dir.into(), durability: Default::default(), read_only: false, store: Arc::default() }
+    }
+
+    /// The backend of data directory `dir` for reading only: the database is opened read-only
+    /// (see [`SqliteStore::open_read_only`]), so nothing in the directory is created, migrated or
+    /// written, and the directory may be read-only (a backup, another user's, a snapshot). Every
+    /// write fails; [`Backend::hub`] records no hub.
+    ///
+    /// Opening fails with [`ServerError::NotFound`] when the directory holds no database, and
+    /// with [`ServerError::Store`] when the database must first be migrated (an older schema, or
+    /// hub files of zerotouch 0.1 not yet moved into it) or needs a newer zerotouch.
+    ///
+    /// [`SqliteStore::open_read_only`]: zerotouch_store::sqlite::SqliteStore::open_read_only
+    pub fn read_only(dir: impl Into<std::path::PathBuf>) -> Self {
+        Self { read_only: true, ..Self::new(dir) }
     }
 
     /// The backend with its database opened for `durability` (see `--sqlite-durability`).
@@ -173,6 +191,10 @@ impl SqliteBackend {
         if let Some(store) = self.store.get() {
             return Ok(store);
         }
+        if self.read_only {
+            let store = self.open_read_only()?;
+            return Ok(self.store.get_or_init(|| store));
+        }
         crate::datadir::ensure_dir(&self.dir)?;
         let path = self.dir.join(Self::DATABASE_FILE);
         crate::datadir::create_private(&path)?;
@@ -183,19 +205,49 @@ impl SqliteBackend {
         Ok(self.store.get_or_init(|| store))
     }
 
-    fn import_legacy_hubs(&self, store: &zerotouch_store::sqlite::SqliteStore) -> Result<(), ServerError> {
+    fn open_read_only(&self) -> Result<zerotouch_store::sqlite::SqliteStore, ServerError> {
+        let path = self.dir.join(Self::DATABASE_FILE);
+        let store = zerotouch_store::sqlite::SqliteStore::open_read_only(&path).map_err(|e| match e {
+            zerotouch_engine::StoreError::NotFound => no_store(&path),
+            e => ServerError::Store(e.to_string()),
+        })?;
+        // What a writer would move into the database first; reading without it would miss
+        // those hubs' devices.
+        if let Some((file, _)) = self.legacy_hub_files()?.first() {
+            return Err(ServerError::Store(format!(
+                "{} is a hub database of zerotouch 0.1 not yet moved into {}, and a read-only command \
+                 does not move it: run `zerotouch serve` (or any command that writes to the store) on \
+                 the data directory once, or on a writable copy",
+                file.display(),
+                path.display()
+            )));
+        }
+        Ok(store)
+    }
+
+    /// The hub databases of zerotouch 0.1 in the data directory, with their hubs' host names.
+    fn legacy_hub_files(&self) -> Result<Vec<(std::path::PathBuf, String)>, ServerError> {
         let dir = self.dir.join(Self::LEGACY_HUBS_DIR);
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(ServerError::io(dir, e)),
         };
+        let mut files = Vec::new();
         for entry in entries {
             let path = entry.map_err(|e| ServerError::io(&dir, e))?.path();
-            let Some(hub) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".sqlite"))
-            else {
-                continue;
-            };
+            let hub = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".sqlite"));
+            if let Some(hub) = hub.map(str::to_owned) {
+                files.push((path, hub));
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+
+    fn import_legacy_hubs(&self, store: &zerotouch_store::sqlite::SqliteStore) -> Result<(), ServerError> {
+        for (path, hub) in self.legacy_hub_files()? {
+            let hub = hub.as_str();
             let moved = store
                 .import_hub_file(&path, hub)
                 .map_err(|e| ServerError::Store(format!("{}: {e}", path.display())))?;
@@ -216,6 +268,10 @@ impl Backend for SqliteBackend {
     type Jobs = zerotouch_store::sqlite::SqliteStore;
 
     fn close(store: &Self::Provisioning) -> Result<(), ServerError> {
+        if store.is_read_only() {
+            // It wrote nothing, and its log (if any) is a writer's to move.
+            return Ok(());
+        }
         store.checkpoint().map_err(|e| ServerError::Store(e.to_string()))
     }
 
@@ -232,6 +288,16 @@ impl Backend for SqliteBackend {
     fn hub_names(&self) -> Result<Vec<String>, ServerError> {
         self.store()?.hub_names().map_err(|e| ServerError::Store(e.to_string()))
     }
+}
+
+/// The error of a command that needs the store at `database` and finds none.
+#[cfg(feature = "sqlite")]
+pub(crate) fn no_store(database: &std::path::Path) -> ServerError {
+    ServerError::NotFound(format!(
+        "no store at {} (is --data-dir right? `zerotouch serve --data-dir DIR` or `zerotouch enrollments \
+         import --data-dir DIR FILE` creates one)",
+        database.display()
+    ))
 }
 
 /// PostgreSQL (`--database-url`): provisioning and every embedded hub in one database that
@@ -339,6 +405,44 @@ mod tests {
         // A second backend on the same directory finds nothing left to move and the same devices.
         let again = SqliteBackend::new(dir.path());
         assert!(again.hub("north.localhost").unwrap().identities.device(&id).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_read_only_backend_opens_no_hub_and_moves_no_hub_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let refused = SqliteBackend::read_only(&missing).provisioning().unwrap_err();
+        assert_eq!(refused.exit_code(), 4, "{refused}");
+        assert!(refused.to_string().contains("no store at"), "{refused}");
+        assert!(!missing.exists(), "the data directory was created");
+
+        let id = DeviceId::new("boiler-9").unwrap();
+        SqliteBackend::new(dir.path())
+            .hub("north.localhost")
+            .unwrap()
+            .identities
+            .put_device(&Device::new(id.clone()), &Precondition::MustNotExist)
+            .unwrap();
+        let reader = SqliteBackend::read_only(dir.path());
+        assert!(reader.hub("north.localhost").unwrap().identities.device(&id).unwrap().is_some());
+        assert!(reader.hub("south.localhost").unwrap().identities.device(&id).unwrap().is_none());
+        assert_eq!(reader.hub_names().unwrap(), ["north.localhost"], "a read-only hub view recorded its hub");
+        let written =
+            reader.hub("north.localhost").unwrap().identities.delete_device(&id, &Precondition::None);
+        assert!(written.unwrap_err().to_string().contains("read-only"));
+        SqliteBackend::close(&reader.provisioning().unwrap()).unwrap();
+
+        // A hub file of zerotouch 0.1 is moved by a writer; a reader says so instead of
+        // reading without it.
+        let legacy = dir.path().join(SqliteBackend::LEGACY_HUBS_DIR);
+        std::fs::create_dir_all(&legacy).unwrap();
+        drop(SqliteStore::open(legacy.join("west.localhost.sqlite")).unwrap());
+        let refused = SqliteBackend::read_only(dir.path()).hub_names().unwrap_err().to_string();
+        assert!(
+            refused.contains("west.localhost.sqlite") && refused.contains("zerotouch serve"),
+            "{refused}"
+        );
+        assert!(legacy.join("west.localhost.sqlite").exists());
     }
 
     #[test]

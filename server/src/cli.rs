@@ -12,14 +12,19 @@ use crate::backend::Backend;
 use crate::config::{Settings, StoreLocation};
 use crate::error::{RegistrationErrorKind, ServerError};
 
-/// Runs `$body` with `$b` bound to the backend a [`StoreLocation`] names.
+/// Runs `$body` with `$b` bound to the backend a [`StoreLocation`] names, a SQLite store opened
+/// read-only when `$read_only` (PostgreSQL is opened as for any command).
 macro_rules! on_backend {
-    ($location:expr, |$b:ident| $body:expr) => {{
+    ($location:expr, read_only: $read_only:expr, |$b:ident| $body:expr) => {{
         let location: StoreLocation = $location;
         match location.database_url {
             None => {
                 crate::datadir::refuse_other_store(&location.data_dir)?;
-                let $b = crate::backend::SqliteBackend::new(location.data_dir);
+                let $b = if $read_only {
+                    crate::backend::SqliteBackend::read_only(location.data_dir)
+                } else {
+                    crate::backend::SqliteBackend::new(location.data_dir)
+                };
                 $body
             }
             Some(url) => {
@@ -125,19 +130,16 @@ impl StoreArgs {
     /// otherwise create an empty store at a mistyped path and report nothing found in it.
     ///
     /// # Errors
-    /// [`ServerError::Config`] when the data directory holds no database (PostgreSQL URLs are
-    /// checked when connecting).
+    /// [`ServerError::NotFound`] when the data directory holds no database (PostgreSQL URLs are
+    /// checked when connecting); [`ServerError::Config`] for a directory whose server keeps its
+    /// store elsewhere.
     pub fn existing_location(&self) -> Result<StoreLocation, ServerError> {
         let location = self.location()?;
         if location.database_url.is_none() {
             crate::datadir::refuse_other_store(&location.data_dir)?;
             let database = location.data_dir.join(crate::backend::SqliteBackend::DATABASE_FILE);
             if !database.is_file() {
-                return Err(ServerError::Config(format!(
-                    "no zerotouch database in {} (is --data-dir right? `zerotouch serve --data-dir DIR` or \
-                     `zerotouch enrollments import --data-dir DIR FILE` creates one)",
-                    location.data_dir.display()
-                )));
+                return Err(crate::backend::no_store(&database));
             }
         }
         Ok(location)
@@ -416,24 +418,30 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
         }
         Command::Enrollments(command) => {
             // An import may create the store (enrollments before the first `serve`); a listing
-            // reads one that exists.
-            let location = match &command {
-                EnrollmentsCommand::Import { store, .. } => store.location()?,
-                EnrollmentsCommand::List { store, .. } | EnrollmentsCommand::Delete { store, .. } => {
-                    store.existing_location()?
-                }
+            // reads one that exists, read-only, so that it works on a backup or a read-only mount
+            // and changes nothing there.
+            let (location, read_only) = match &command {
+                EnrollmentsCommand::Import { store, .. } => (store.location()?, false),
+                EnrollmentsCommand::List { store, .. } => (store.existing_location()?, true),
+                EnrollmentsCommand::Delete { store, .. } => (store.existing_location()?, false),
             };
             let mut out = JsonOut::new(std::io::stdout().lock());
-            let result = on_backend!(location, |b| run_enrollments(&b, &command, &mut |v| out.element(&v)));
+            let result = on_backend!(location, read_only: read_only, |b| run_enrollments(&b, &command, &mut |v| {
+                out.element(&v)
+            }));
             out.end(result)
         }
         Command::Devices(command) => {
+            // Every devices command only reads.
             let store = match &command {
                 DevicesCommand::Get { store, .. } | DevicesCommand::List { store, .. } => store,
             };
             let mut out = JsonOut::new(std::io::stdout().lock());
-            let result = on_backend!(store.existing_location()?, |b| run_devices(&b, &command, &mut |v| out
-                .element(&v)));
+            let result = on_backend!(store.existing_location()?, read_only: true, |b| run_devices(
+                &b,
+                &command,
+                &mut |v| out.element(&v)
+            ));
             out.end(result)
         }
         Command::Device(DeviceCommand::Register(args)) => print(&runtime()?.block_on(register(&args))?),

@@ -317,18 +317,210 @@ fn a_listing_piped_into_a_reader_that_stops_early_ends_quietly() {
 fn reading_commands_on_a_data_directory_without_a_database_say_so_and_create_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let typo = dir.path().join("zerotouch-dta");
-    let typo_arg = typo.to_str().unwrap();
-    for args in [
-        &["enrollments", "list", "--data-dir", typo_arg][..],
-        &["devices", "list", "--data-dir", typo_arg],
-        &["devices", "get", "--data-dir", typo_arg, "dev-1"],
-    ] {
-        let out = zerotouch(args);
-        assert!(!out.status.success(), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("no zerotouch database in"), "{args:?}: {stderr}");
+    // A directory that exists but holds no database (a mount point before the backup is there).
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    for data in [&typo, &empty] {
+        let data_arg = data.to_str().unwrap();
+        for args in [
+            &["enrollments", "list", "--data-dir", data_arg][..],
+            &["devices", "list", "--data-dir", data_arg],
+            &["devices", "get", "--data-dir", data_arg, "dev-1"],
+            &["enrollments", "delete", "--data-dir", data_arg, "--registration-id", "dev-1"],
+        ] {
+            let out = zerotouch(args);
+            assert_eq!(out.status.code(), Some(4), "{args:?}: not found");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let database = data.join("zerotouch.sqlite");
+            assert!(stderr.contains(&format!("no store at {}", database.display())), "{args:?}: {stderr}");
+        }
     }
     assert!(!typo.exists(), "nothing created at the mistyped path");
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "nothing created in the empty directory");
+}
+
+/// Every file under `dir` with its size and modification time.
+fn files(
+    dir: &std::path::Path,
+) -> std::collections::BTreeMap<std::path::PathBuf, (u64, std::time::SystemTime)> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        if meta.is_dir() {
+            out.insert(entry.path(), (0, meta.modified().unwrap()));
+            out.extend(files(&entry.path()));
+        } else {
+            out.insert(entry.path(), (meta.len(), meta.modified().unwrap()));
+        }
+    }
+    out
+}
+
+/// A data directory as enrollment imports and registrations leave it with no server running:
+/// the individual enrollment `valve-1`, the group `line-9`, and the device `valve-1` in hub
+/// `north.localhost`. No `id-scope`, no `tls/`: only `serve` makes those.
+fn stopped_data_dir(dir: &std::path::Path) -> std::path::PathBuf {
+    use zerotouch_engine::registry::IdentityStore as _;
+    use zerotouch_engine::store::Precondition;
+    use zerotouch_server::backend::Backend as _;
+
+    let data = dir.join("data");
+    import(
+        dir,
+        data.to_str().unwrap(),
+        r#"[{"registrationId": "valve-1", "attestation": {"type": "symmetricKey"}},
+            {"enrollmentGroupId": "line-9", "attestation": {"type": "symmetricKey"}}]"#,
+    );
+    let backend = zerotouch_server::backend::SqliteBackend::new(&data);
+    let device = zerotouch_proto::hub::Device::new(zerotouch_proto::DeviceId::new("valve-1").unwrap());
+    backend
+        .hub("north.localhost")
+        .unwrap()
+        .identities
+        .put_device(&device, &Precondition::MustNotExist)
+        .unwrap();
+    drop(backend);
+    data
+}
+
+/// The read commands, each with what its output must show.
+fn read_commands(data: &str) -> Vec<(Vec<&str>, &'static str)> {
+    vec![
+        (vec!["enrollments", "list", "--data-dir", data], "line-9"),
+        (vec!["enrollments", "list", "--with-keys", "--data-dir", data], "primaryKey"),
+        (vec!["devices", "list", "--data-dir", data], "north.localhost"),
+        (vec!["devices", "list", "--hub", "north.localhost", "--data-dir", data], "valve-1"),
+        (vec!["devices", "get", "--data-dir", data, "valve-1"], "valve-1"),
+        (vec!["devices", "get", "--hub", "north.localhost", "--data-dir", data, "valve-1"], "valve-1"),
+    ]
+}
+
+#[test]
+fn read_commands_change_no_file_in_the_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = stopped_data_dir(dir.path());
+    let before = files(&data);
+    assert_eq!(before.keys().collect::<Vec<_>>(), [&data.join("zerotouch.sqlite")], "{before:?}");
+    // Modification times of files written a moment ago could hide a write in the same tick.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+
+    for (args, shown) in read_commands(data.to_str().unwrap()) {
+        let out = zerotouch(&args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains(shown), "{args:?}");
+    }
+    // Not found in a hub, or no such hub: still nothing written.
+    assert_eq!(
+        zerotouch(&["devices", "get", "--data-dir", data.to_str().unwrap(), "nobody"]).status.code(),
+        Some(4)
+    );
+    let out =
+        zerotouch(&["devices", "list", "--hub", "south.localhost", "--data-dir", data.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(files(&data), before, "no -wal, no -shm, no id-scope, no tls/, nothing written");
+}
+
+/// `chattr +i` on paths, undone when dropped (also when a test fails). Tests run as root, for
+/// whom permissions make nothing read-only; an immutable file or directory is read-only to root
+/// too.
+struct Immutable(Vec<std::path::PathBuf>);
+
+impl Immutable {
+    /// Makes `dir` and everything in it immutable, or prints why that cannot be done here.
+    fn set(dir: &std::path::Path) -> Option<Self> {
+        let mut paths: Vec<_> = files(dir).into_keys().collect();
+        paths.push(dir.to_owned());
+        let mut done = Immutable(Vec::new());
+        for path in paths {
+            match Command::new("chattr").arg("+i").arg(&path).output() {
+                Ok(out) if out.status.success() => done.0.push(path),
+                Ok(out) => {
+                    eprintln!(
+                        "skipped: chattr +i {}: {}",
+                        path.display(),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    eprintln!("skipped: chattr cannot run here: {e}");
+                    return None;
+                }
+            }
+        }
+        if std::fs::write(dir.join("probe"), b"").is_ok() {
+            eprintln!("skipped: an immutable directory still took a new file here");
+            return None;
+        }
+        Some(done)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        for path in self.0.iter().rev() {
+            let _ = Command::new("chattr").arg("-i").arg(path).status();
+        }
+    }
+}
+
+#[test]
+fn read_commands_work_on_a_read_only_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = stopped_data_dir(dir.path());
+    let Some(_read_only) = Immutable::set(&data) else { return };
+    for (args, shown) in read_commands(data.to_str().unwrap()) {
+        let out = zerotouch(&args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains(shown), "{args:?}");
+    }
+}
+
+#[test]
+fn read_commands_on_a_store_of_an_older_schema_say_so_and_migrate_nothing() {
+    use zerotouch_store::sqlite::SCHEMA_VERSION;
+    let dir = tempfile::tempdir().unwrap();
+    let data = stopped_data_dir(dir.path());
+    let database = data.join("zerotouch.sqlite");
+    rusqlite::Connection::open(&database)
+        .unwrap()
+        .pragma_update(None, "user_version", SCHEMA_VERSION - 1)
+        .unwrap();
+    let before = files(&data);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+
+    for (args, _) in read_commands(data.to_str().unwrap()) {
+        let out = zerotouch(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("schema version {}", SCHEMA_VERSION - 1)), "{args:?}: {stderr}");
+        assert!(stderr.contains("older") && stderr.contains("zerotouch serve"), "{args:?}: {stderr}");
+    }
+    assert_eq!(files(&data), before, "migrated or written anyway");
+}
+
+#[test]
+fn read_commands_beside_a_running_server_see_its_commits_and_add_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let (server, _, _) = serve(data, "0ne0000F00D");
+    import(dir.path(), data, r#"[{"registrationId": "live-1", "attestation": {"type": "symmetricKey"}}]"#);
+    let names = || files(std::path::Path::new(data)).into_keys().collect::<Vec<_>>();
+    let before = names();
+    let listed: Value =
+        serde_json::from_slice(&zerotouch(&["enrollments", "list", "--data-dir", data]).stdout).unwrap();
+    assert_eq!(listed[0]["registrationId"], "live-1", "{listed}");
+    let out = zerotouch(&["devices", "list", "--data-dir", data]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(names(), before, "a read command beside a server made a file");
+    // The server and writing commands go on.
+    import(dir.path(), data, r#"[{"registrationId": "live-2", "attestation": {"type": "symmetricKey"}}]"#);
+    let listed: Value =
+        serde_json::from_slice(&zerotouch(&["enrollments", "list", "--data-dir", data]).stdout).unwrap();
+    assert_eq!(listed[1]["registrationId"], "live-2", "{listed}");
+    assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
 }
 
 #[test]
@@ -770,5 +962,5 @@ fn store_commands_read_the_store_from_the_servers_config_file() {
     // A flag still wins over the file.
     let other = dir.path().join("other");
     let out = zerotouch(&["devices", "list", "--config", config, "--data-dir", other.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(3), "no store in the flag's directory");
+    assert_eq!(out.status.code(), Some(4), "no store in the flag's directory");
 }

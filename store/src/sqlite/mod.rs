@@ -3,6 +3,7 @@
 //! Every conditional write runs in a `BEGIN IMMEDIATE` transaction, which takes SQLite's write
 //! lock for the whole database (across processes too), so the precondition read and the write
 //! form one compare-and-swap. Readers use their own connections and see every committed write.
+//! A store opened with [`SqliteStore::open_read_only`] has one read-only connection and no writer.
 
 mod hub;
 mod provisioning;
@@ -10,10 +11,10 @@ mod query;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use parking_lot::{Condvar, ReentrantMutex};
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
@@ -282,6 +283,61 @@ struct Inner {
     /// Operations this process committed lately: a device polls its operation a few seconds
     /// after its register wrote it, and answering from here saves the read and the decoding.
     operations: parking_lot::Mutex<OperationCache>,
+    /// Set for a store opened with [`SqliteStore::open_read_only`]: its one connection (in
+    /// `writer`) is read-only, and every unit is refused before it starts.
+    read_only: Option<ReadOnly>,
+}
+
+/// What a store opened read-only knows of its file.
+struct ReadOnly {
+    path: PathBuf,
+    /// For a store read as a snapshot (`immutable=1`, see [`SqliteStore::open_read_only`]): the
+    /// file as it was before it was opened. A read that ends with the file different fails,
+    /// since it may have read pages of two versions.
+    snapshot: Option<FileStamp>,
+}
+
+impl ReadOnly {
+    /// The error every write of a read-only store fails with.
+    fn refusal(&self) -> StoreError {
+        StoreError::Backend(format!(
+            "sqlite: {} was opened read-only, and this call writes",
+            self.path.display()
+        ))
+    }
+
+    /// Fails when the file of a snapshot store is no longer the file that was opened.
+    fn check_unchanged(&self) -> Result<(), StoreError> {
+        let Some(opened) = &self.snapshot else { return Ok(()) };
+        match FileStamp::of(&self.path) {
+            Ok(now) if now == *opened => Ok(()),
+            _ => Err(StoreError::Backend(format!(
+                "sqlite: {} changed while it was read (a server or a command that writes started on \
+                 it): run the command again",
+                self.path.display()
+            ))),
+        }
+    }
+}
+
+/// What tells one version of a file from the next: every write changes the modification time
+/// (and usually the size); a file put in its place has another inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        let meta = std::fs::metadata(path)?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Ok(Self { len: meta.len(), modified: meta.modified().ok(), inode })
+    }
 }
 
 impl Drop for Inner {
@@ -386,6 +442,7 @@ impl std::fmt::Debug for SqliteStore {
         f.debug_struct("SqliteStore")
             .field("hub", &self.hub)
             .field("readers", &self.inner.readers.len())
+            .field("read_only", &self.is_read_only())
             .finish_non_exhaustive()
     }
 }
@@ -446,7 +503,7 @@ impl SqliteStore {
                 Ok(Mutex::new(conn))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(Self::from_parts(writer, readers))
+        Ok(Self::from_parts(writer, readers, None))
     }
 
     /// A private database in memory, for tests and throw-away embedding. Reads and writes share
@@ -458,10 +515,110 @@ impl SqliteStore {
         let mut writer = Connection::open_in_memory().db()?;
         tune(&writer)?;
         migrate(&mut writer)?;
-        Ok(Self::from_parts(writer, Vec::new()))
+        Ok(Self::from_parts(writer, Vec::new(), None))
     }
 
-    fn from_parts(conn: Connection, readers: Vec<Mutex<Connection>>) -> Self {
+    /// Opens the database file at `path` for reading only: nothing is created, migrated or
+    /// written, so a backup on a read-only mount, a copy in a directory of another user's or a
+    /// store a server is writing can all be read. Every write through the store (or a hub view
+    /// of it) fails with [`StoreError::Backend`] saying the store is read-only;
+    /// [`SqliteStore::hub`] records no hub. One connection serves every read.
+    ///
+    /// The database must have this binary's schema version: an older one is not migrated (open it
+    /// once for writing), a newer one needs a newer zerotouch.
+    ///
+    /// How the file is read depends on what is beside it:
+    /// - a write-ahead log (`-wal`): a process has the database open (a running server) or did
+    ///   not close it. It is read as any SQLite reader reads it, with the shared-memory index
+    ///   (`-shm`), so every committed transaction is seen and writers are never blocked. When the
+    ///   index is missing SQLite creates it, which needs a writable directory.
+    /// - no log, and a database in WAL mode (as zerotouch leaves it when no process has it
+    ///   open): the whole database is in the file, and it is read as an immutable snapshot,
+    ///   which creates no `-wal` or `-shm` and works in a read-only directory. A read that finds
+    ///   the file changed since it was opened (a writer started meanwhile) fails.
+    /// - no log, and a database in rollback-journal mode (`VACUUM INTO` copies): read with
+    ///   SQLite's file locks, which create nothing.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when there is no file at `path`; [`StoreError::Backend`] when it
+    /// is not a database SQLite can read, its schema version is not [`SCHEMA_VERSION`], or its
+    /// log cannot be read (a log without its index in a directory that is not writable).
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref();
+        // Stamped before the log is looked for: a writer that moves its log into the file and
+        // goes away in between changes the stamp, and the first read then fails.
+        let stamp = match FileStamp::of(path) {
+            Ok(stamp) => stamp,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::NotFound),
+            Err(e) => return Err(StoreError::Backend(format!("sqlite: {}: {e}", path.display()))),
+        };
+        if !path.is_file() {
+            return Err(StoreError::Backend(format!("sqlite: {}: not a file", path.display())));
+        }
+        let wal = sibling(path, "-wal");
+        let shm = sibling(path, "-shm");
+        // SQLite's plain read-only open of a WAL database opens its log and index read-write,
+        // creating them when missing (https://www.sqlite.org/wal.html, "Read-Only Databases"),
+        // and a read-only connection cannot delete them when it closes: a backup directory would
+        // gain two files, and a read-only one could not be read at all. `immutable=1` reads the
+        // file alone, without locks or a log: right only when the file holds every commit, which
+        // it does when there is no log (every connection to a WAL database keeps the log, and
+        // the last one to close moves it into the file and deletes it). A writer may still start
+        // while the snapshot is read; it changes the file only when it moves its log into it,
+        // which the stamp check after each read catches. With a log present the log must be
+        // read, so the store reads as a normal reader: it sees every commit of a live server
+        // and, in WAL mode, never blocks its writes (nor it theirs).
+        let snapshot = !wal.exists() && wal_mode(path)?;
+        let opened = (|| {
+            let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            let conn = if snapshot {
+                Connection::open_with_flags(immutable_uri(path)?, flags | OpenFlags::SQLITE_OPEN_URI).db()?
+            } else {
+                Connection::open_with_flags(path, flags).db()?
+            };
+            tune(&conn)?;
+            let found = user_version(&conn)?;
+            Ok((conn, found))
+        })();
+        let (conn, found) = opened.map_err(|e| match e {
+            StoreError::Backend(message) if !snapshot && wal.exists() && !shm.exists() => {
+                StoreError::Backend(format!(
+                    "{message} ({}): it has a write-ahead log ({}) but no index beside it ({}), which \
+                     SQLite must create to read the log and cannot here: copy the database and its \
+                     log to a writable directory and read the copy",
+                    path.display(),
+                    wal.display(),
+                    shm.display()
+                ))
+            }
+            StoreError::Backend(message) => StoreError::Backend(format!("{message} ({})", path.display())),
+            other => other,
+        })?;
+        if found < SCHEMA_VERSION {
+            return Err(StoreError::Backend(format!(
+                "{} has schema version {found}, older than the {SCHEMA_VERSION} of this zerotouch, and \
+                 a read-only open does not migrate it: run `zerotouch serve` (or any command that \
+                 writes to the store) on it once, or on a writable copy, to migrate it",
+                path.display()
+            )));
+        }
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::Backend(format!(
+                "{} has schema version {found}, newer than the {SCHEMA_VERSION} this zerotouch \
+                 understands: upgrade zerotouch to read it",
+                path.display()
+            )));
+        }
+        let read_only = ReadOnly { path: path.to_owned(), snapshot: snapshot.then_some(stamp) };
+        Ok(Self::from_parts(conn, Vec::new(), Some(read_only)))
+    }
+
+    /// Whether this store was opened with [`SqliteStore::open_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only.is_some()
+    }
+
+    fn from_parts(conn: Connection, readers: Vec<Mutex<Connection>>, read_only: Option<ReadOnly>) -> Self {
         let writer = Writer {
             conn,
             open: Cell::new(false),
@@ -482,6 +639,7 @@ impl SqliteStore {
                 next_reader: AtomicUsize::new(0),
                 symmetric_groups: parking_lot::Mutex::new(None),
                 operations: parking_lot::Mutex::new(OperationCache::default()),
+                read_only,
             }),
             hub: Arc::from(""),
         }
@@ -491,7 +649,8 @@ impl SqliteStore {
     /// stores and queries hold that hub's devices only (host names compare case-insensitively).
     /// Provisioning stores are shared by every view, and writes through any view of one
     /// database can be one unit ([`RegistrationStore::atomically`]). Records the hub in
-    /// [`SqliteStore::hub_names`].
+    /// [`SqliteStore::hub_names`], except on a read-only store (whose view of a hub never
+    /// recorded reads as empty).
     ///
     /// # Errors
     /// [`StoreError::Backend`] when the hub cannot be recorded; [`StoreError::Backend`] too for
@@ -502,6 +661,9 @@ impl SqliteStore {
         let name = host_name.trim().to_ascii_lowercase();
         if name.is_empty() {
             return Err(StoreError::Backend("a hub needs a host name".to_owned()));
+        }
+        if self.inner.read_only.is_some() {
+            return Ok(Self { inner: Arc::clone(&self.inner), hub: Arc::from(name) });
         }
         self.write(|c| {
             c.prepare_cached("INSERT OR IGNORE INTO hubs (name) VALUES (?1)").db()?.execute([&name]).db()?;
@@ -532,8 +694,11 @@ impl SqliteStore {
     ///
     /// # Errors
     /// [`StoreError::Backend`] when the file cannot be opened or migrated, or a write fails
-    /// (then nothing moved).
+    /// (then nothing moved), or this store is read-only.
     pub fn import_hub_file(&self, path: impl AsRef<Path>, host_name: &str) -> Result<u64, StoreError> {
+        if let Some(read_only) = &self.inner.read_only {
+            return Err(read_only.refusal());
+        }
         let path = path.as_ref();
         // Opening it brings the file to this schema version (its rows under the hub '').
         drop(Self::open(path)?);
@@ -559,8 +724,12 @@ impl SqliteStore {
     /// writer and 1 s for readers of other processes, which may keep it from finishing (reported).
     ///
     /// # Errors
-    /// [`StoreError::Backend`] when the checkpoint fails or could not copy the whole log.
+    /// [`StoreError::Backend`] when the checkpoint fails or could not copy the whole log, or this
+    /// store is read-only.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
+        if let Some(read_only) = &self.inner.read_only {
+            return Err(read_only.refusal());
+        }
         // A write that never ends (a call still stuck when the server stops) must not hold the
         // stop: then the log keeps what it holds, as it would without a checkpoint.
         let writer = self.inner.writer.try_lock_for(std::time::Duration::from_secs(5)).ok_or_else(|| {
@@ -618,6 +787,9 @@ impl SqliteStore {
     fn unit<T, E: From<StoreError>>(&self, f: impl FnOnce(&Connection) -> Result<T, E>) -> Result<T, E> {
         GROUPS_VERSION_SEEN.with(|seen| seen.set(None));
         let inner = &*self.inner;
+        if let Some(read_only) = &inner.read_only {
+            return Err(read_only.refusal().into());
+        }
         if inner.writer.is_owned_by_current_thread() {
             let writer = inner.writer.lock();
             return if writer.open.get() { nested(&writer, f) } else { savepoint(&writer, f) };
@@ -795,11 +967,16 @@ impl SqliteStore {
         let readers = &inner.readers;
         if readers.is_empty() {
             let writer = inner.writer.lock();
-            return if transaction {
+            let out = if transaction {
                 read_transaction(&writer.conn, |c| f(c, false))
             } else {
                 f(&writer.conn, false)
             };
+            if let Some(read_only) = &inner.read_only {
+                // Also when `f` failed: a change under the read is the likelier cause.
+                read_only.check_unchanged()?;
+            }
+            return out;
         }
         let start = inner.next_reader.fetch_add(1, Ordering::Relaxed);
         let conn = match (0..readers.len()).find_map(|i| readers[(start + i) % readers.len()].try_lock().ok())
@@ -813,6 +990,55 @@ impl SqliteStore {
             f(&conn, false)
         }
     }
+}
+
+/// The file SQLite keeps beside the database `path` with `suffix` (`-wal`, `-shm`).
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Whether the header of the database file at `path` says WAL mode (its read and write versions
+/// are 2; a file too short for a header is a new, empty database).
+fn wal_mode(path: &Path) -> Result<bool, StoreError> {
+    use std::io::Read as _;
+    let mut header = [0u8; 20];
+    let read = std::fs::File::open(path).and_then(|mut file| file.read_exact(&mut header));
+    match read {
+        Ok(()) => Ok(header[18] == 2 && header[19] == 2),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(StoreError::Backend(format!("sqlite: {}: {e}", path.display()))),
+    }
+}
+
+/// The URI that opens the database file at `path` read-only as an immutable file (no locks, no
+/// log, no shared memory): `file://` and the absolute path, every byte a URI could give a meaning
+/// to (`?`, `#`, `%`, spaces, ...) percent-encoded.
+fn immutable_uri(path: &Path) -> Result<String, StoreError> {
+    use std::fmt::Write as _;
+    let absolute = std::path::absolute(path)
+        .map_err(|e| StoreError::Backend(format!("sqlite: {}: {e}", path.display())))?;
+    #[cfg(unix)]
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(absolute.as_os_str()).to_vec();
+    #[cfg(not(unix))]
+    let bytes = {
+        let text = absolute.to_str().ok_or_else(|| {
+            StoreError::Backend(format!("sqlite: {}: the path is not valid Unicode", path.display()))
+        })?;
+        let text = text.replace('\\', "/");
+        if text.starts_with('/') { text } else { format!("/{text}") }.into_bytes()
+    };
+    let mut uri = String::from("file://");
+    for b in bytes {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            uri.push(char::from(b));
+        } else {
+            let _ = write!(uri, "%{b:02X}");
+        }
+    }
+    uri.push_str("?mode=ro&immutable=1");
+    Ok(uri)
 }
 
 /// Copies the hub '' rows of the attached database `legacy` into hub `hub`, in one transaction.
@@ -1060,6 +1286,29 @@ mod tests {
             opener.join().unwrap().unwrap();
         });
         assert_eq!(store.hub_names().unwrap(), vec!["opener".to_owned()]);
+    }
+
+    #[test]
+    fn a_writer_commits_while_a_read_only_store_is_inside_a_read_which_keeps_its_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let writer = SqliteStore::open(&path).unwrap();
+        writer.hub("first").unwrap();
+        // The writer keeps its log open: the live case, read with the shared-memory index.
+        let reader = SqliteStore::open_read_only(&path).unwrap();
+        assert!(reader.inner.read_only.as_ref().unwrap().snapshot.is_none());
+        let hubs = |c: &Connection| c.query_row("SELECT count(*) FROM hubs", [], |r| r.get::<_, i64>(0)).db();
+        reader
+            .read(|c| {
+                assert_eq!(hubs(c)?, 1);
+                let asked = std::time::Instant::now();
+                writer.hub("second")?;
+                assert!(asked.elapsed() < Duration::from_secs(2), "the write waited for the read");
+                assert_eq!(hubs(c)?, 1, "one read sees one snapshot");
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(reader.hub_names().unwrap(), ["first", "second"]);
     }
 
     #[test]
