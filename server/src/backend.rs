@@ -174,6 +174,21 @@ impl SqliteBackend {
         Self { read_only: true, ..Self::new(dir) }
     }
 
+    /// The backend of a store sub-command on data directory `dir`: [`SqliteBackend::read_only`]
+    /// for one that only reads, otherwise one that syncs every commit
+    /// ([`SqliteDurability::PowerLoss`](crate::config::SqliteDurability::PowerLoss)), whatever
+    /// `sqlite-durability` the server on the same store runs with. A command's commits are few,
+    /// so the sync costs little; without it an import or a delete (the revocation of a device)
+    /// that printed its summary could still be undone by a power loss, since the server, not the
+    /// exiting command, checkpoints the log into the database when it shares the file.
+    pub fn for_command(dir: impl Into<std::path::PathBuf>, read_only: bool) -> Self {
+        if read_only {
+            Self::read_only(dir)
+        } else {
+            Self::new(dir).with_durability(crate::config::SqliteDurability::PowerLoss)
+        }
+    }
+
     /// The backend with its database opened for `durability` (see `--sqlite-durability`).
     #[must_use]
     pub fn with_durability(mut self, durability: crate::config::SqliteDurability) -> Self {
@@ -455,6 +470,19 @@ mod tests {
         assert_eq!(default.store().unwrap().durability().unwrap(), Durability::ProcessCrash);
         let synced = SqliteBackend::new(dir.path().join("b")).with_durability(SqliteDurability::PowerLoss);
         assert_eq!(synced.store().unwrap().durability().unwrap(), Durability::PowerLoss);
+    }
+
+    #[test]
+    fn a_store_command_that_writes_syncs_every_commit_whatever_the_server_runs_with() {
+        use zerotouch_store::sqlite::Durability;
+
+        let dir = tempfile::tempdir().unwrap();
+        // The server runs with the default (commits synced at checkpoints only).
+        let server = SqliteBackend::new(dir.path());
+        assert_eq!(server.store().unwrap().durability().unwrap(), Durability::ProcessCrash);
+        let command = SqliteBackend::for_command(dir.path(), false);
+        assert_eq!(command.store().unwrap().durability().unwrap(), Durability::PowerLoss);
+        assert!(SqliteBackend::for_command(dir.path(), true).read_only);
     }
 
     #[cfg(unix)]

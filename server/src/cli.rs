@@ -12,19 +12,17 @@ use crate::backend::Backend;
 use crate::config::{Settings, StoreLocation};
 use crate::error::{RegistrationErrorKind, ServerError};
 
-/// Runs `$body` with `$b` bound to the backend a [`StoreLocation`] names, a SQLite store opened
-/// read-only when `$read_only` (PostgreSQL is opened as for any command).
+/// Runs `$body` with `$b` bound to the backend a [`StoreLocation`] names: a SQLite store opened
+/// read-only when `$read_only`, else syncing every commit (see
+/// [`SqliteBackend::for_command`](crate::backend::SqliteBackend::for_command)); PostgreSQL is
+/// opened as for any command.
 macro_rules! on_backend {
     ($location:expr, read_only: $read_only:expr, |$b:ident| $body:expr) => {{
         let location: StoreLocation = $location;
         match location.database_url {
             None => {
                 crate::datadir::refuse_other_store(&location.data_dir)?;
-                let $b = if $read_only {
-                    crate::backend::SqliteBackend::read_only(location.data_dir)
-                } else {
-                    crate::backend::SqliteBackend::new(location.data_dir)
-                };
+                let $b = crate::backend::SqliteBackend::for_command(location.data_dir, $read_only);
                 $body
             }
             Some(url) => {
