@@ -263,16 +263,38 @@ impl SqliteBackend {
     fn import_legacy_hubs(&self, store: &zerotouch_store::sqlite::SqliteStore) -> Result<(), ServerError> {
         for (path, hub) in self.legacy_hub_files()? {
             let hub = hub.as_str();
-            let moved = store
-                .import_hub_file(&path, hub)
-                .map_err(|e| ServerError::Store(format!("{}: {e}", path.display())))?;
-            let mut done = path.clone().into_os_string();
-            done.push(".imported");
-            std::fs::rename(&path, &done).map_err(|e| ServerError::io(&path, e))?;
+            let moved = match store.import_hub_file(&path, hub) {
+                Ok(moved) => moved,
+                // Another process (a store command beside a starting server) moved it first.
+                Err(zerotouch_engine::StoreError::NotFound) => continue,
+                Err(e) => return Err(ServerError::Store(format!("{}: {e}", path.display()))),
+            };
+            keep_imported(&path)?;
             tracing::info!(hub, devices = moved, file = %path.display(), "moved a hub database into the data directory's database");
         }
         Ok(())
     }
+}
+
+/// Renames an imported hub file of zerotouch 0.1 to `….sqlite.imported` (`.imported.1`, `.2`, …
+/// when that name is taken), never over an existing file: a copy kept by an earlier import
+/// stays as it is.
+#[cfg(feature = "sqlite")]
+fn keep_imported(path: &std::path::Path) -> Result<(), ServerError> {
+    for n in 0u32.. {
+        let mut done = path.as_os_str().to_owned();
+        done.push(".imported");
+        if n > 0 {
+            done.push(format!(".{n}"));
+        }
+        // A hard link fails where the name exists, where a rename would replace the file.
+        match std::fs::hard_link(path, &done) {
+            Ok(()) => return std::fs::remove_file(path).map_err(|e| ServerError::io(path, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(ServerError::io(path, e)),
+        }
+    }
+    Err(ServerError::Store(format!("{}: no free name to keep it under", path.display())))
 }
 
 #[cfg(feature = "sqlite")]
@@ -420,6 +442,26 @@ mod tests {
         // A second backend on the same directory finds nothing left to move and the same devices.
         let again = SqliteBackend::new(dir.path());
         assert!(again.hub("north.localhost").unwrap().identities.device(&id).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_hub_file_imported_again_never_replaces_the_copy_kept_of_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join(SqliteBackend::LEGACY_HUBS_DIR);
+        std::fs::create_dir_all(&legacy).unwrap();
+        let kept = legacy.join("north.localhost.sqlite.imported");
+        std::fs::write(&kept, b"the copy kept by the first import").unwrap();
+        {
+            let old = SqliteStore::open(legacy.join("north.localhost.sqlite")).unwrap();
+            old.put_device(&Device::new(DeviceId::new("boiler-9").unwrap()), &Precondition::MustNotExist)
+                .unwrap();
+        }
+
+        let backend = SqliteBackend::new(dir.path());
+        backend.hub("north.localhost").unwrap();
+        assert_eq!(std::fs::read(&kept).unwrap(), b"the copy kept by the first import");
+        assert!(!legacy.join("north.localhost.sqlite").exists());
+        assert!(legacy.join("north.localhost.sqlite.imported.1").exists());
     }
 
     #[test]

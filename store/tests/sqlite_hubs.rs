@@ -87,3 +87,14 @@ fn a_hub_view_reopened_by_another_handle_sees_its_devices() {
     assert!(store.hub("EAST.localhost").unwrap().device(&id).unwrap().is_some());
     assert!(store.hub("west.localhost").unwrap().device(&id).unwrap().is_none());
 }
+
+#[test]
+fn importing_a_hub_file_that_is_not_there_fails_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("zerotouch.sqlite")).unwrap();
+    // Another process imported (and renamed) it meanwhile.
+    let missing = dir.path().join("north.localhost.sqlite");
+    assert_eq!(store.import_hub_file(&missing, "north.localhost"), Err(StoreError::NotFound));
+    assert!(!missing.exists());
+    assert!(store.hub_names().unwrap().is_empty(), "{:?}", store.hub_names());
+}

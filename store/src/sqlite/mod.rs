@@ -693,6 +693,7 @@ impl SqliteStore {
     /// connection, which needs no transaction open.
     ///
     /// # Errors
+    /// [`StoreError::NotFound`] when there is no file at `path` (nothing is created);
     /// [`StoreError::Backend`] when the file cannot be opened or migrated, or a write fails
     /// (then nothing moved), or this store is read-only.
     pub fn import_hub_file(&self, path: impl AsRef<Path>, host_name: &str) -> Result<u64, StoreError> {
@@ -700,6 +701,13 @@ impl SqliteStore {
             return Err(read_only.refusal());
         }
         let path = path.as_ref();
+        // Opening would create a missing file as an empty database, and "import" nothing from
+        // it: a file another process has just imported (and renamed) is not there any more.
+        match path.try_exists() {
+            Ok(true) => {}
+            Ok(false) => return Err(StoreError::NotFound),
+            Err(e) => return Err(StoreError::Backend(format!("sqlite: {}: {e}", path.display()))),
+        }
         // Opening it brings the file to this schema version (its rows under the hub '').
         drop(Self::open(path)?);
         let target = self.hub(host_name)?;
