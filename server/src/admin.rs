@@ -1,22 +1,26 @@
-//! The store sub-commands: enrollment import and listing, device identity lookup.
+//! The store sub-commands: enrollment import and listing, device identity and twin lookup.
 //!
 //! They act on the stores directly (no server needed) and are safe while a server runs on the
 //! same database: every write goes through the engine's enrollment service.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 
 use serde_json::Value;
 use zerotouch_engine::attestation::x509::Certificate;
 use zerotouch_engine::crypto::CryptoProvider;
 use zerotouch_engine::enrollments;
+use zerotouch_engine::hub_engine::{device_twin_value, module_twin_value};
 use zerotouch_engine::memory::MemoryStore;
+use zerotouch_engine::query::{Collection, QuerySource};
 use zerotouch_engine::registry::IdentityStore;
 use zerotouch_engine::store::{EnrollmentGroupStore, EnrollmentStore, PageRequest, RegistrationStore};
+use zerotouch_engine::twin::{TwinDocument, TwinKey, TwinStore};
 use zerotouch_proto::hub::Device;
 use zerotouch_proto::service::{
     AttestationMechanism, AttestationType, EnrollmentGroup, IndividualEnrollment,
 };
-use zerotouch_proto::{DeviceId, IfMatch, Timestamp};
+use zerotouch_proto::{DeviceId, IfMatch, ModuleId, Timestamp};
 
 use crate::error::ServerError;
 
@@ -753,6 +757,97 @@ pub fn for_each_device<I: IdentityStore + ?Sized>(
     }
 }
 
+/// The twin of device `device_id` (of its module `module_id` when given) in a hub, as the IoT
+/// Hub service API returns it (`GET /twins/{id}`, hub spec §5.1): the twin document with the
+/// identity's fields (`deviceEtag`, `status`, `authenticationType`, `capabilities`, …) filled
+/// in. `None` when the hub has no such identity. An identity without a stored twin reads as a
+/// fresh one, as the engine's hub shows it (`HubCore::device_twin_json`).
+///
+/// # Errors
+/// Store failures.
+pub fn twin<I, T>(
+    identities: &I,
+    twins: &T,
+    device_id: &DeviceId,
+    module_id: Option<&ModuleId>,
+) -> Result<Option<Value>, ServerError>
+where
+    I: IdentityStore + ?Sized,
+    T: TwinStore + ?Sized,
+{
+    let engine = zerotouch_engine::Error::from;
+    let stored = |key: TwinKey| -> Result<TwinDocument, ServerError> {
+        Ok(twins.twin(&key).map_err(engine)?.unwrap_or_else(|| TwinDocument::new(Timestamp::EPOCH)))
+    };
+    let value = match module_id {
+        None => match identities.device(device_id).map_err(engine)? {
+            Some(device) => device_twin_value(&device, &stored(TwinKey::device(device_id.clone()))?)?,
+            None => return Ok(None),
+        },
+        Some(m) => match identities.module(device_id, m).map_err(engine)? {
+            Some(module) => {
+                module_twin_value(&module, &stored(TwinKey::module(device_id.clone(), m.clone()))?)?
+            }
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(value))
+}
+
+/// Hands `visit` every device twin of a hub as [`twin`] shows it, ordered by device id, a page
+/// of identities at a time: the documents of the query `SELECT * FROM devices` (a device
+/// without a stored twin is left out, as the query leaves it out). One twin read per device:
+/// stores that answer queries themselves give the same documents with [`scan_device_twins`].
+///
+/// # Errors
+/// Store failures, and whatever `visit` fails with (which ends the walk).
+pub fn for_each_device_twin<I, T>(
+    identities: &I,
+    twins: &T,
+    visit: &mut dyn FnMut(Value) -> Result<(), ServerError>,
+) -> Result<(), ServerError>
+where
+    I: IdentityStore + ?Sized,
+    T: TwinStore + ?Sized,
+{
+    for_each_device(identities, &mut |device| {
+        let key = TwinKey::device(device.device_id.clone());
+        match twins.twin(&key).map_err(zerotouch_engine::Error::from)? {
+            Some(doc) => visit(device_twin_value(&device, &doc)?),
+            None => Ok(()),
+        }
+    })
+}
+
+/// [`for_each_device_twin`] for a hub store that answers queries itself: one read per page
+/// (SQLite and PostgreSQL join identities and twins).
+///
+/// # Errors
+/// Store failures, and whatever `visit` fails with (which ends the walk).
+pub fn scan_device_twins<Q: QuerySource + ?Sized>(
+    source: &Q,
+    visit: &mut dyn FnMut(Value) -> Result<(), ServerError>,
+) -> Result<(), ServerError> {
+    let mut page = PageRequest { continuation: None, max_items: 1000 };
+    loop {
+        let mut failed = None;
+        let next = source.scan(Collection::Devices, None, &page, &mut |doc| match visit(doc.clone()) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                failed = Some(e);
+                ControlFlow::Break(())
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        match next {
+            Some(c) => page.continuation = Some(c),
+            None => return Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1017,6 +1112,83 @@ mod tests {
         }
         let latin1 = import_text(b"[\n{\"registrationId\": \"caf\xE9\"}]".to_vec()).unwrap_err().to_string();
         assert!(latin1.contains("not UTF-8: line 2, byte 25"), "{latin1}");
+    }
+
+    /// A hub with twins in a SQLite store: `boiler-1` (tags, desired, module `pump`) and
+    /// `boiler-2` created through the hub, `bare-3` written to the registry alone (no twin).
+    fn hub_with_twins() -> zerotouch_store::sqlite::SqliteStore {
+        use zerotouch_engine::hub_engine::EmbeddedHub;
+        use zerotouch_engine::store::Precondition;
+
+        let store =
+            zerotouch_store::sqlite::SqliteStore::open_in_memory().unwrap().hub("north.example").unwrap();
+        let hub = EmbeddedHub::over("north.example", store.clone(), std::sync::Arc::new(RingCrypto::new()))
+            .unwrap();
+        let object = |v: Value| v.as_object().unwrap().clone();
+        let now = Timestamp::from_unix_secs(1_700_000_000);
+        let boiler = DeviceId::new("boiler-1").unwrap();
+        let (tags, desired) =
+            (object(serde_json::json!({"site": "oslo"})), object(serde_json::json!({"c": 21})));
+        hub.create_device(Device::new(boiler.clone()), Some(&tags), Some(&desired), now).unwrap();
+        let pump = zerotouch_proto::hub::Module::new(boiler, ModuleId::new("pump").unwrap());
+        hub.create_module(pump, now).unwrap();
+        hub.create_device(Device::new(DeviceId::new("boiler-2").unwrap()), None, None, now).unwrap();
+        store
+            .put_device(&Device::new(DeviceId::new("bare-3").unwrap()), &Precondition::MustNotExist)
+            .unwrap();
+        store
+    }
+
+    #[test]
+    fn a_device_or_module_twin_reads_as_the_service_api_returns_it() {
+        let store = hub_with_twins();
+        let boiler = DeviceId::new("boiler-1").unwrap();
+        let twin = twin(&store, &store, &boiler, None).unwrap().unwrap();
+        assert_eq!(twin["tags"], serde_json::json!({"site": "oslo"}), "{twin:#}");
+        assert_eq!(twin["properties"]["desired"]["c"], 21, "{twin:#}");
+        assert_eq!(twin["status"], "enabled", "{twin:#}");
+        let pump = ModuleId::new("pump").unwrap();
+        let module = super::twin(&store, &store, &boiler, Some(&pump)).unwrap().unwrap();
+        assert_eq!((&module["deviceId"], &module["moduleId"]), (&"boiler-1".into(), &"pump".into()));
+        assert!(module.get("tags").is_none() && module.get("capabilities").is_none(), "{module:#}");
+        assert_eq!(module["properties"]["desired"]["$version"], 1, "{module:#}");
+        let other = ModuleId::new("fan").unwrap();
+        assert_eq!(super::twin(&store, &store, &boiler, Some(&other)).unwrap(), None);
+        assert_eq!(super::twin(&store, &store, &DeviceId::new("nobody").unwrap(), None).unwrap(), None);
+        // An identity without a stored twin reads as a fresh twin, as the engine's hub shows it.
+        let bare = super::twin(&store, &store, &DeviceId::new("bare-3").unwrap(), None).unwrap().unwrap();
+        assert_eq!((&bare["version"], &bare["etag"]), (&2.into(), &"AAAAAAAAAAE=".into()), "{bare:#}");
+    }
+
+    #[test]
+    fn walking_a_hubs_device_twins_gives_what_its_store_answers_to_select_star_from_devices() {
+        let store = hub_with_twins();
+        let mut walked = Vec::new();
+        for_each_device_twin(&store, &store, &mut |t| {
+            walked.push(t);
+            Ok(())
+        })
+        .unwrap();
+        let mut scanned = Vec::new();
+        scan_device_twins(&store, &mut |t| {
+            scanned.push(t);
+            Ok(())
+        })
+        .unwrap();
+        let ids: Vec<&str> = walked.iter().map(|t| t["deviceId"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["boiler-1", "boiler-2"], "device twins only, and only stored ones");
+        assert_eq!(walked, scanned);
+        assert_eq!(
+            walked[0],
+            twin(&store, &store, &DeviceId::new("boiler-1").unwrap(), None).unwrap().unwrap()
+        );
+        // A visit that fails ends the walk with its error.
+        let mut seen = 0;
+        let failed = scan_device_twins(&store, &mut |_| {
+            seen += 1;
+            Err(ServerError::NotFound("stop".into()))
+        });
+        assert!(matches!(failed, Err(ServerError::NotFound(_))) && seen == 1);
     }
 
     #[test]

@@ -322,6 +322,8 @@ fn reading_commands_on_a_data_directory_without_a_database_say_so_and_create_not
         &["enrollments", "list", "--data-dir", typo_arg][..],
         &["devices", "list", "--data-dir", typo_arg],
         &["devices", "get", "--data-dir", typo_arg, "dev-1"],
+        &["twins", "get", "--data-dir", typo_arg, "dev-1"],
+        &["twins", "list", "--data-dir", typo_arg],
     ] {
         let out = zerotouch(args);
         assert!(!out.status.success(), "{args:?}");
@@ -771,4 +773,83 @@ fn store_commands_read_the_store_from_the_servers_config_file() {
     let other = dir.path().join("other");
     let out = zerotouch(&["devices", "list", "--config", config, "--data-dir", other.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3), "no store in the flag's directory");
+}
+
+#[test]
+fn twins_get_prints_the_twin_a_registration_created_from_the_enrollments_initial_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let (server, mqtt, _) = serve(data, "0ne0000A1B2");
+    let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    import(
+        dir.path(),
+        data,
+        &format!(
+            r#"[{{"registrationId": "boiler-1",
+                  "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": "{key}", "secondaryKey": "{key}"}}}},
+                  "initialTwin": {{"tags": {{"site": "oslo"}},
+                                  "properties": {{"desired": {{"setpoint": {{"celsius": 21}}}}}}}}}}]"#
+        ),
+    );
+    let ca = dir.path().join("tls").join("ca.pem");
+    let host = format!("localhost:{mqtt}");
+    let registered = zerotouch(&[
+        "device",
+        "register",
+        "--provisioning-host",
+        &host,
+        "--id-scope",
+        "0ne0000A1B2",
+        "--registration-id",
+        "boiler-1",
+        "--symmetric-key",
+        key,
+        "--ca",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(registered.status.success(), "{}", String::from_utf8_lossy(&registered.stderr));
+    assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
+
+    let out = zerotouch(&["twins", "get", "--data-dir", data, "boiler-1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let twin: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The service API's twin (hub spec §5.1): a fresh twin's versions and etag, the identity's
+    // fields, the initial twin's tags and desired properties with their metadata.
+    assert_eq!(twin["deviceId"], "boiler-1", "{twin:#}");
+    assert_eq!(twin["etag"], "AAAAAAAAAAE=", "{twin:#}");
+    assert_eq!(twin["version"], 2, "{twin:#}");
+    assert_eq!(twin["status"], "enabled", "{twin:#}");
+    assert_eq!(twin["authenticationType"], "sas", "{twin:#}");
+    assert!(twin["deviceEtag"].is_string(), "{twin:#}");
+    assert_eq!(twin["capabilities"], serde_json::json!({"iotEdge": false}), "{twin:#}");
+    assert_eq!(twin["tags"], serde_json::json!({"site": "oslo"}), "{twin:#}");
+    let desired = &twin["properties"]["desired"];
+    assert_eq!(desired["setpoint"], serde_json::json!({"celsius": 21}), "{twin:#}");
+    assert_eq!(desired["$version"], 1, "{twin:#}");
+    assert_eq!(desired["$metadata"]["setpoint"]["celsius"]["$lastUpdatedVersion"], 1, "{twin:#}");
+    assert!(desired["$metadata"]["$lastUpdated"].is_string(), "{twin:#}");
+    let reported = &twin["properties"]["reported"];
+    assert_eq!(reported["$version"], 1, "{twin:#}");
+    assert!(reported["$metadata"]["$lastUpdated"].is_string(), "{twin:#}");
+    assert!(twin.get("moduleId").is_none(), "{twin:#}");
+
+    // Every device twin, with its hub, as `devices list` lists identities.
+    let out = zerotouch(&["twins", "list", "--data-dir", data]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed, serde_json::json!([{"hub": "localhost", "twin": twin}]));
+    let out = zerotouch(&["twins", "list", "--data-dir", data, "--hub", "elsewhere.example"]);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Not found: exit code 4, naming what was looked for.
+    let out = zerotouch(&["twins", "get", "--data-dir", data, "boiler-2"]);
+    assert_eq!(out.status.code(), Some(4), "not found has its own exit code");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end(), "zerotouch: not found: device boiler-2 is in no embedded hub");
+    let out = zerotouch(&["twins", "get", "--data-dir", data, "boiler-1", "--module", "pump"]);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("module pump") && stderr.contains("boiler-1"), "{stderr}");
+    let out = zerotouch(&["twins", "get", "--data-dir", data, "bad id"]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
 }
