@@ -34,16 +34,36 @@ macro_rules! on_backend {
 #[derive(Debug, Parser)]
 #[command(name = "zerotouch", version, about)]
 pub struct Cli {
-    /// Log line format on stderr (filter with `RUST_LOG`, e.g. `RUST_LOG=zerotouch=debug`).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Log line format on stderr (filter with `RUST_LOG`, e.g. `RUST_LOG=zerotouch=debug`);
+    /// default `text`, or for `serve` the `log-format` of its `--config` file.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// Log line formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+impl Cli {
+    /// The log format to start with: `--log-format`, else for `serve` its config file's
+    /// `log-format`, else text.
+    ///
+    /// Logging starts before the command runs, so the file is read here on its own; a file that
+    /// cannot be read or parsed gives no format, and `serve` reports why when it reads the file
+    /// again (by then in the format chosen).
+    pub fn initial_log_format(&self) -> LogFormat {
+        let from_file = || match &self.command {
+            Command::Serve(ServeArgs { config: Some(path), .. }) => {
+                Settings::from_file(path).ok().and_then(|file| file.log_format)
+            }
+            _ => None,
+        };
+        self.log_format.or_else(from_file).unwrap_or(LogFormat::Text)
+    }
+}
+
+/// Log line formats (`--log-format`, `log-format = "json"` in a `serve` config file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
@@ -73,7 +93,8 @@ pub enum Command {
 /// `zerotouch serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TOML file with the same keys as the flags (`data-dir = "…"`); flags win.
+    /// TOML file with the same keys as the flags (`data-dir = "…"`, `log-format = "json"`);
+    /// flags win.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The settings.

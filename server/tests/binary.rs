@@ -853,3 +853,57 @@ fn twins_get_prints_the_twin_a_registration_created_from_the_enrollments_initial
     let out = zerotouch(&["twins", "get", "--data-dir", data, "bad id"]);
     assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn serve_takes_its_log_format_from_the_config_file_unless_the_flag_gives_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("zerotouch.toml");
+    std::fs::write(
+        &config,
+        "data-dir = \"data\"\nmqtt-listen = \"127.0.0.1:0\"\nhttps-listen = \"127.0.0.1:0\"\nlog-format = \"json\"\n",
+    )
+    .unwrap();
+    // Runs serve with `flags` until it has started, stops it; its log lines.
+    let served = |flags: &[&str], name: &str| -> Vec<String> {
+        let log = dir.path().join(name);
+        let mut child = Served(
+            Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+                .args(flags)
+                .args(["serve", "--config", config.to_str().unwrap()])
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+                .spawn()
+                .unwrap(),
+        );
+        for line in BufReader::new(child.0.stdout.take().unwrap()).lines() {
+            if line.unwrap().trim_start().starts_with("data") {
+                break;
+            }
+        }
+        assert!(child.terminate(), "serve did not stop cleanly on SIGTERM");
+        let lines: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(str::to_owned).collect();
+        assert!(lines.len() >= 2, "{lines:?}");
+        lines
+    };
+    for line in served(&[], "file.log") {
+        let parsed: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(parsed["fields"]["message"].is_string(), "{line}");
+    }
+    // The flag wins over the file.
+    for line in served(&["--log-format", "text"], "flag.log") {
+        assert!(serde_json::from_str::<Value>(&line).is_err(), "a JSON line under --log-format text: {line}");
+        assert!(line.contains(" INFO ") || line.contains(" WARN "), "{line}");
+    }
+
+    // A bad value is refused, as a misspelt key still is.
+    for (text, expected) in
+        [("log-format = \"yaml\"\n", "line 1: "), ("log-fromat = \"json\"\n", "log-fromat")]
+    {
+        std::fs::write(&config, text).unwrap();
+        let out = zerotouch(&["serve", "--config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(3), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with("zerotouch: configuration: ") && stderr.contains(expected), "{stderr}");
+    }
+}
