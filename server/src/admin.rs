@@ -649,8 +649,10 @@ where
         } else {
             enrollments::query_enrollments(store, &page)?
         };
-        // With the device's registration state, as DPS reads show it (an import ignores it).
+        // With the device's registration state and the effective provisioning status, as DPS
+        // reads show them (an import ignores the state; the status imports back unchanged).
         for enrollment in p.items {
+            let enrollment = enrollments::as_returned(enrollment);
             visit(to_json(&enrollments::with_registration_state(store, enrollment)?))?;
         }
         match p.continuation {
@@ -665,8 +667,8 @@ where
         } else {
             enrollments::query_enrollment_groups(store, &page)?
         };
-        for group in &p.items {
-            visit(to_json(group))?;
+        for group in p.items {
+            visit(to_json(&enrollments::group_as_returned(group)))?;
         }
         match p.continuation {
             Some(c) => page.continuation = Some(c),
@@ -1189,6 +1191,21 @@ mod tests {
             Err(ServerError::NotFound("stop".into()))
         });
         assert!(matches!(failed, Err(ServerError::NotFound(_))) && seen == 1);
+    }
+
+    #[test]
+    fn enrollments_imported_without_a_provisioning_status_list_as_enabled_as_dps_reads_show_them() {
+        let store = MemoryStore::new();
+        let text = r#"[{"registrationId": "dev-1", "attestation": {"type": "symmetricKey"}},
+                       {"registrationId": "dev-2", "provisioningStatus": "disabled", "attestation": {"type": "symmetricKey"}},
+                       {"enrollmentGroupId": "sensors", "attestation": {"type": "symmetricKey"}}]"#;
+        import(&store, &RingCrypto::new(), NOW, parse_import(text).unwrap()).unwrap();
+        for with_keys in [false, true] {
+            let listed = list_enrollments(&store, with_keys).unwrap();
+            let statuses: Vec<&str> =
+                listed.iter().map(|e| e["provisioningStatus"].as_str().unwrap_or("(absent)")).collect();
+            assert_eq!(statuses, ["enabled", "disabled", "enabled"], "with_keys {with_keys}");
+        }
     }
 
     #[test]

@@ -185,7 +185,8 @@ pub enum EnrollmentsCommand {
     },
     /// Print every enrollment as a JSON array in the import file's shape, keys left out; an
     /// individual enrollment whose device registered carries its `registrationState` (why a
-    /// registration failed, where it was assigned), as DPS reads show it.
+    /// registration failed, where it was assigned), and every enrollment its
+    /// `provisioningStatus` (`enabled` when imported without one), as DPS reads show them.
     List {
         /// The store.
         #[command(flatten)]
