@@ -683,7 +683,9 @@ fn to_json<T: serde::Serialize>(value: &T) -> Value {
 }
 
 /// Deletes the individual enrollment `registration_id` or the group `enrollment_group_id`
-/// (exactly one is given); returns what was deleted, as JSON.
+/// (exactly one is given); returns what was deleted, as JSON, its id spelt as stored (and as
+/// [`list_enrollments`] shows it): ids compare case-insensitively, so `device-a` deletes
+/// `Device-A`.
 ///
 /// # Errors
 /// [`ServerError::NotFound`] when there is no such enrollment, [`ServerError::Config`] for a
@@ -700,18 +702,22 @@ where
         zerotouch_engine::Error::NotFound(what) => ServerError::NotFound(what),
         other => ServerError::Engine(other),
     };
+    let engine = zerotouch_engine::Error::from;
+    // The stored enrollment is read first for the id as it is spelt there.
     match (registration_id, enrollment_group_id) {
         (Some(id), None) => {
             let id = zerotouch_proto::RegistrationId::new(id)
                 .map_err(|e| ServerError::Config(format!("registration id: {e}")))?;
-            enrollments::delete_enrollment(store, &id, &IfMatch::Absent).map_err(not_found)?;
-            Ok(serde_json::json!({ "deleted": { "registrationId": id.as_str() } }))
+            let stored = store.enrollment(&id).map_err(engine)?.map_or(id, |e| e.registration_id);
+            enrollments::delete_enrollment(store, &stored, &IfMatch::Absent).map_err(not_found)?;
+            Ok(serde_json::json!({ "deleted": { "registrationId": stored.as_str() } }))
         }
         (None, Some(id)) => {
             let id = zerotouch_proto::EnrollmentGroupId::new(id)
                 .map_err(|e| ServerError::Config(format!("enrollment group id: {e}")))?;
-            enrollments::delete_enrollment_group(store, &id, &IfMatch::Absent).map_err(not_found)?;
-            Ok(serde_json::json!({ "deleted": { "enrollmentGroupId": id.as_str() } }))
+            let stored = store.enrollment_group(&id).map_err(engine)?.map_or(id, |g| g.enrollment_group_id);
+            enrollments::delete_enrollment_group(store, &stored, &IfMatch::Absent).map_err(not_found)?;
+            Ok(serde_json::json!({ "deleted": { "enrollmentGroupId": stored.as_str() } }))
         }
         _ => Err(ServerError::Config("give one of --registration-id and --enrollment-group-id".into())),
     }
@@ -1222,6 +1228,28 @@ mod tests {
         assert!(matches!(delete_enrollment(&store, Some("dev-1"), None), Err(ServerError::NotFound(_))));
         assert!(matches!(delete_enrollment(&store, Some("bad id"), None), Err(ServerError::Config(_))));
         assert!(matches!(delete_enrollment(&store, None, None), Err(ServerError::Config(_))));
+    }
+
+    #[test]
+    fn a_deleted_enrollment_is_named_as_stored_and_listed_whatever_the_case_it_was_asked_for_in() {
+        let store = MemoryStore::new();
+        let text = r#"[{"registrationId": "Device-A", "attestation": {"type": "symmetricKey"}},
+                       {"enrollmentGroupId": "Line-3", "attestation": {"type": "symmetricKey"}}]"#;
+        import(&store, &RingCrypto::new(), NOW, parse_import(text).unwrap()).unwrap();
+        let listed = list_enrollments(&store, false).unwrap();
+        assert_eq!(
+            (&listed[0]["registrationId"], &listed[1]["enrollmentGroupId"]),
+            (&"Device-A".into(), &"Line-3".into())
+        );
+        let deleted = delete_enrollment(&store, Some("device-a"), None).unwrap();
+        assert_eq!(deleted, serde_json::json!({"deleted": {"registrationId": "Device-A"}}));
+        let deleted = delete_enrollment(&store, None, Some("LINE-3")).unwrap();
+        assert_eq!(deleted, serde_json::json!({"deleted": {"enrollmentGroupId": "Line-3"}}));
+        assert!(list_enrollments(&store, false).unwrap().is_empty());
+        let Err(ServerError::NotFound(message)) = delete_enrollment(&store, Some("DEVICE-A"), None) else {
+            panic!("deleted twice")
+        };
+        assert!(message.contains("DEVICE-A"), "nothing stored: named as asked for: {message}");
     }
 
     #[test]
