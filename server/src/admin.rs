@@ -1,22 +1,26 @@
-//! The store sub-commands: enrollment import and listing, device identity lookup.
+//! The store sub-commands: enrollment import and listing, device identity and twin lookup.
 //!
 //! They act on the stores directly (no server needed) and are safe while a server runs on the
 //! same database: every write goes through the engine's enrollment service.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 
 use serde_json::Value;
 use zerotouch_engine::attestation::x509::Certificate;
 use zerotouch_engine::crypto::CryptoProvider;
 use zerotouch_engine::enrollments;
+use zerotouch_engine::hub_engine::{device_twin_value, module_twin_value};
 use zerotouch_engine::memory::MemoryStore;
+use zerotouch_engine::query::{Collection, QuerySource};
 use zerotouch_engine::registry::IdentityStore;
 use zerotouch_engine::store::{EnrollmentGroupStore, EnrollmentStore, PageRequest, RegistrationStore};
+use zerotouch_engine::twin::{TwinDocument, TwinKey, TwinStore};
 use zerotouch_proto::hub::Device;
 use zerotouch_proto::service::{
     AttestationMechanism, AttestationType, EnrollmentGroup, IndividualEnrollment,
 };
-use zerotouch_proto::{DeviceId, IfMatch, Timestamp};
+use zerotouch_proto::{DeviceId, IfMatch, ModuleId, Timestamp};
 
 use crate::error::ServerError;
 
@@ -645,8 +649,10 @@ where
         } else {
             enrollments::query_enrollments(store, &page)?
         };
-        // With the device's registration state, as DPS reads show it (an import ignores it).
+        // With the device's registration state and the effective provisioning status, as DPS
+        // reads show them (an import ignores the state; the status imports back unchanged).
         for enrollment in p.items {
+            let enrollment = enrollments::as_returned(enrollment);
             visit(to_json(&enrollments::with_registration_state(store, enrollment)?))?;
         }
         match p.continuation {
@@ -661,8 +667,8 @@ where
         } else {
             enrollments::query_enrollment_groups(store, &page)?
         };
-        for group in &p.items {
-            visit(to_json(group))?;
+        for group in p.items {
+            visit(to_json(&enrollments::group_as_returned(group)))?;
         }
         match p.continuation {
             Some(c) => page.continuation = Some(c),
@@ -677,7 +683,9 @@ fn to_json<T: serde::Serialize>(value: &T) -> Value {
 }
 
 /// Deletes the individual enrollment `registration_id` or the group `enrollment_group_id`
-/// (exactly one is given); returns what was deleted, as JSON.
+/// (exactly one is given); returns what was deleted, as JSON, its id spelt as stored (and as
+/// [`list_enrollments`] shows it): ids compare case-insensitively, so `device-a` deletes
+/// `Device-A`.
 ///
 /// # Errors
 /// [`ServerError::NotFound`] when there is no such enrollment, [`ServerError::Config`] for a
@@ -694,18 +702,22 @@ where
         zerotouch_engine::Error::NotFound(what) => ServerError::NotFound(what),
         other => ServerError::Engine(other),
     };
+    let engine = zerotouch_engine::Error::from;
+    // The stored enrollment is read first for the id as it is spelt there.
     match (registration_id, enrollment_group_id) {
         (Some(id), None) => {
             let id = zerotouch_proto::RegistrationId::new(id)
                 .map_err(|e| ServerError::Config(format!("registration id: {e}")))?;
-            enrollments::delete_enrollment(store, &id, &IfMatch::Absent).map_err(not_found)?;
-            Ok(serde_json::json!({ "deleted": { "registrationId": id.as_str() } }))
+            let stored = store.enrollment(&id).map_err(engine)?.map_or(id, |e| e.registration_id);
+            enrollments::delete_enrollment(store, &stored, &IfMatch::Absent).map_err(not_found)?;
+            Ok(serde_json::json!({ "deleted": { "registrationId": stored.as_str() } }))
         }
         (None, Some(id)) => {
             let id = zerotouch_proto::EnrollmentGroupId::new(id)
                 .map_err(|e| ServerError::Config(format!("enrollment group id: {e}")))?;
-            enrollments::delete_enrollment_group(store, &id, &IfMatch::Absent).map_err(not_found)?;
-            Ok(serde_json::json!({ "deleted": { "enrollmentGroupId": id.as_str() } }))
+            let stored = store.enrollment_group(&id).map_err(engine)?.map_or(id, |g| g.enrollment_group_id);
+            enrollments::delete_enrollment_group(store, &stored, &IfMatch::Absent).map_err(not_found)?;
+            Ok(serde_json::json!({ "deleted": { "enrollmentGroupId": stored.as_str() } }))
         }
         _ => Err(ServerError::Config("give one of --registration-id and --enrollment-group-id".into())),
     }
@@ -747,6 +759,97 @@ pub fn for_each_device<I: IdentityStore + ?Sized>(
             visit(device)?;
         }
         match p.continuation {
+            Some(c) => page.continuation = Some(c),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// The twin of device `device_id` (of its module `module_id` when given) in a hub, as the IoT
+/// Hub service API returns it (`GET /twins/{id}`, hub spec §5.1): the twin document with the
+/// identity's fields (`deviceEtag`, `status`, `authenticationType`, `capabilities`, …) filled
+/// in. `None` when the hub has no such identity. An identity without a stored twin reads as a
+/// fresh one, as the engine's hub shows it (`HubCore::device_twin_json`).
+///
+/// # Errors
+/// Store failures.
+pub fn twin<I, T>(
+    identities: &I,
+    twins: &T,
+    device_id: &DeviceId,
+    module_id: Option<&ModuleId>,
+) -> Result<Option<Value>, ServerError>
+where
+    I: IdentityStore + ?Sized,
+    T: TwinStore + ?Sized,
+{
+    let engine = zerotouch_engine::Error::from;
+    let stored = |key: TwinKey| -> Result<TwinDocument, ServerError> {
+        Ok(twins.twin(&key).map_err(engine)?.unwrap_or_else(|| TwinDocument::new(Timestamp::EPOCH)))
+    };
+    let value = match module_id {
+        None => match identities.device(device_id).map_err(engine)? {
+            Some(device) => device_twin_value(&device, &stored(TwinKey::device(device_id.clone()))?)?,
+            None => return Ok(None),
+        },
+        Some(m) => match identities.module(device_id, m).map_err(engine)? {
+            Some(module) => {
+                module_twin_value(&module, &stored(TwinKey::module(device_id.clone(), m.clone()))?)?
+            }
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(value))
+}
+
+/// Hands `visit` every device twin of a hub as [`twin`] shows it, ordered by device id, a page
+/// of identities at a time: the documents of the query `SELECT * FROM devices` (a device
+/// without a stored twin is left out, as the query leaves it out). One twin read per device:
+/// stores that answer queries themselves give the same documents with [`scan_device_twins`].
+///
+/// # Errors
+/// Store failures, and whatever `visit` fails with (which ends the walk).
+pub fn for_each_device_twin<I, T>(
+    identities: &I,
+    twins: &T,
+    visit: &mut dyn FnMut(Value) -> Result<(), ServerError>,
+) -> Result<(), ServerError>
+where
+    I: IdentityStore + ?Sized,
+    T: TwinStore + ?Sized,
+{
+    for_each_device(identities, &mut |device| {
+        let key = TwinKey::device(device.device_id.clone());
+        match twins.twin(&key).map_err(zerotouch_engine::Error::from)? {
+            Some(doc) => visit(device_twin_value(&device, &doc)?),
+            None => Ok(()),
+        }
+    })
+}
+
+/// [`for_each_device_twin`] for a hub store that answers queries itself: one read per page
+/// (SQLite and PostgreSQL join identities and twins).
+///
+/// # Errors
+/// Store failures, and whatever `visit` fails with (which ends the walk).
+pub fn scan_device_twins<Q: QuerySource + ?Sized>(
+    source: &Q,
+    visit: &mut dyn FnMut(Value) -> Result<(), ServerError>,
+) -> Result<(), ServerError> {
+    let mut page = PageRequest { continuation: None, max_items: 1000 };
+    loop {
+        let mut failed = None;
+        let next = source.scan(Collection::Devices, None, &page, &mut |doc| match visit(doc.clone()) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                failed = Some(e);
+                ControlFlow::Break(())
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        match next {
             Some(c) => page.continuation = Some(c),
             None => return Ok(()),
         }
@@ -1019,6 +1122,98 @@ mod tests {
         assert!(latin1.contains("not UTF-8: line 2, byte 25"), "{latin1}");
     }
 
+    /// A hub with twins in a SQLite store: `boiler-1` (tags, desired, module `pump`) and
+    /// `boiler-2` created through the hub, `bare-3` written to the registry alone (no twin).
+    fn hub_with_twins() -> zerotouch_store::sqlite::SqliteStore {
+        use zerotouch_engine::hub_engine::EmbeddedHub;
+        use zerotouch_engine::store::Precondition;
+
+        let store =
+            zerotouch_store::sqlite::SqliteStore::open_in_memory().unwrap().hub("north.example").unwrap();
+        let hub = EmbeddedHub::over("north.example", store.clone(), std::sync::Arc::new(RingCrypto::new()))
+            .unwrap();
+        let object = |v: Value| v.as_object().unwrap().clone();
+        let now = Timestamp::from_unix_secs(1_700_000_000);
+        let boiler = DeviceId::new("boiler-1").unwrap();
+        let (tags, desired) =
+            (object(serde_json::json!({"site": "oslo"})), object(serde_json::json!({"c": 21})));
+        hub.create_device(Device::new(boiler.clone()), Some(&tags), Some(&desired), now).unwrap();
+        let pump = zerotouch_proto::hub::Module::new(boiler, ModuleId::new("pump").unwrap());
+        hub.create_module(pump, now).unwrap();
+        hub.create_device(Device::new(DeviceId::new("boiler-2").unwrap()), None, None, now).unwrap();
+        store
+            .put_device(&Device::new(DeviceId::new("bare-3").unwrap()), &Precondition::MustNotExist)
+            .unwrap();
+        store
+    }
+
+    #[test]
+    fn a_device_or_module_twin_reads_as_the_service_api_returns_it() {
+        let store = hub_with_twins();
+        let boiler = DeviceId::new("boiler-1").unwrap();
+        let twin = twin(&store, &store, &boiler, None).unwrap().unwrap();
+        assert_eq!(twin["tags"], serde_json::json!({"site": "oslo"}), "{twin:#}");
+        assert_eq!(twin["properties"]["desired"]["c"], 21, "{twin:#}");
+        assert_eq!(twin["status"], "enabled", "{twin:#}");
+        let pump = ModuleId::new("pump").unwrap();
+        let module = super::twin(&store, &store, &boiler, Some(&pump)).unwrap().unwrap();
+        assert_eq!((&module["deviceId"], &module["moduleId"]), (&"boiler-1".into(), &"pump".into()));
+        assert!(module.get("tags").is_none() && module.get("capabilities").is_none(), "{module:#}");
+        assert_eq!(module["properties"]["desired"]["$version"], 1, "{module:#}");
+        let other = ModuleId::new("fan").unwrap();
+        assert_eq!(super::twin(&store, &store, &boiler, Some(&other)).unwrap(), None);
+        assert_eq!(super::twin(&store, &store, &DeviceId::new("nobody").unwrap(), None).unwrap(), None);
+        // An identity without a stored twin reads as a fresh twin, as the engine's hub shows it.
+        let bare = super::twin(&store, &store, &DeviceId::new("bare-3").unwrap(), None).unwrap().unwrap();
+        assert_eq!((&bare["version"], &bare["etag"]), (&2.into(), &"AAAAAAAAAAE=".into()), "{bare:#}");
+    }
+
+    #[test]
+    fn walking_a_hubs_device_twins_gives_what_its_store_answers_to_select_star_from_devices() {
+        let store = hub_with_twins();
+        let mut walked = Vec::new();
+        for_each_device_twin(&store, &store, &mut |t| {
+            walked.push(t);
+            Ok(())
+        })
+        .unwrap();
+        let mut scanned = Vec::new();
+        scan_device_twins(&store, &mut |t| {
+            scanned.push(t);
+            Ok(())
+        })
+        .unwrap();
+        let ids: Vec<&str> = walked.iter().map(|t| t["deviceId"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["boiler-1", "boiler-2"], "device twins only, and only stored ones");
+        assert_eq!(walked, scanned);
+        assert_eq!(
+            walked[0],
+            twin(&store, &store, &DeviceId::new("boiler-1").unwrap(), None).unwrap().unwrap()
+        );
+        // A visit that fails ends the walk with its error.
+        let mut seen = 0;
+        let failed = scan_device_twins(&store, &mut |_| {
+            seen += 1;
+            Err(ServerError::NotFound("stop".into()))
+        });
+        assert!(matches!(failed, Err(ServerError::NotFound(_))) && seen == 1);
+    }
+
+    #[test]
+    fn enrollments_imported_without_a_provisioning_status_list_as_enabled_as_dps_reads_show_them() {
+        let store = MemoryStore::new();
+        let text = r#"[{"registrationId": "dev-1", "attestation": {"type": "symmetricKey"}},
+                       {"registrationId": "dev-2", "provisioningStatus": "disabled", "attestation": {"type": "symmetricKey"}},
+                       {"enrollmentGroupId": "sensors", "attestation": {"type": "symmetricKey"}}]"#;
+        import(&store, &RingCrypto::new(), NOW, parse_import(text).unwrap()).unwrap();
+        for with_keys in [false, true] {
+            let listed = list_enrollments(&store, with_keys).unwrap();
+            let statuses: Vec<&str> =
+                listed.iter().map(|e| e["provisioningStatus"].as_str().unwrap_or("(absent)")).collect();
+            assert_eq!(statuses, ["enabled", "disabled", "enabled"], "with_keys {with_keys}");
+        }
+    }
+
     #[test]
     fn an_enrollment_is_deleted_once_and_then_not_found() {
         let store = MemoryStore::new();
@@ -1033,6 +1228,28 @@ mod tests {
         assert!(matches!(delete_enrollment(&store, Some("dev-1"), None), Err(ServerError::NotFound(_))));
         assert!(matches!(delete_enrollment(&store, Some("bad id"), None), Err(ServerError::Config(_))));
         assert!(matches!(delete_enrollment(&store, None, None), Err(ServerError::Config(_))));
+    }
+
+    #[test]
+    fn a_deleted_enrollment_is_named_as_stored_and_listed_whatever_the_case_it_was_asked_for_in() {
+        let store = MemoryStore::new();
+        let text = r#"[{"registrationId": "Device-A", "attestation": {"type": "symmetricKey"}},
+                       {"enrollmentGroupId": "Line-3", "attestation": {"type": "symmetricKey"}}]"#;
+        import(&store, &RingCrypto::new(), NOW, parse_import(text).unwrap()).unwrap();
+        let listed = list_enrollments(&store, false).unwrap();
+        assert_eq!(
+            (&listed[0]["registrationId"], &listed[1]["enrollmentGroupId"]),
+            (&"Device-A".into(), &"Line-3".into())
+        );
+        let deleted = delete_enrollment(&store, Some("device-a"), None).unwrap();
+        assert_eq!(deleted, serde_json::json!({"deleted": {"registrationId": "Device-A"}}));
+        let deleted = delete_enrollment(&store, None, Some("LINE-3")).unwrap();
+        assert_eq!(deleted, serde_json::json!({"deleted": {"enrollmentGroupId": "Line-3"}}));
+        assert!(list_enrollments(&store, false).unwrap().is_empty());
+        let Err(ServerError::NotFound(message)) = delete_enrollment(&store, Some("DEVICE-A"), None) else {
+            panic!("deleted twice")
+        };
+        assert!(message.contains("DEVICE-A"), "nothing stored: named as asked for: {message}");
     }
 
     #[test]

@@ -56,6 +56,21 @@ pub trait Backend: Send + Sync + 'static {
     /// [`ServerError::Io`] or [`ServerError::Store`].
     fn hub_names(&self) -> Result<Vec<String>, ServerError>;
 
+    /// Hands `visit` every device twin of the embedded hub `host_name`, as the IoT Hub service
+    /// API shows it, in device id order (see [`crate::admin::for_each_device_twin`]; backends
+    /// whose stores answer queries read a page of twins at a time instead of one per device).
+    ///
+    /// # Errors
+    /// Store failures, and whatever `visit` fails with (which ends the walk).
+    fn for_each_device_twin(
+        &self,
+        host_name: &str,
+        visit: &mut dyn FnMut(serde_json::Value) -> Result<(), ServerError>,
+    ) -> Result<(), ServerError> {
+        let hub = self.hub(host_name)?;
+        crate::admin::for_each_device_twin(&hub.identities, &hub.twins, visit)
+    }
+
     /// The ID scope of every server on this store when several share it (PostgreSQL): the one
     /// stored, or `proposed` (this server's data directory's), which is then stored. `None` for a
     /// store only one data directory uses (its `id-scope` file decides).
@@ -325,6 +340,14 @@ impl Backend for SqliteBackend {
     fn hub_names(&self) -> Result<Vec<String>, ServerError> {
         self.store()?.hub_names().map_err(|e| ServerError::Store(e.to_string()))
     }
+
+    fn for_each_device_twin(
+        &self,
+        host_name: &str,
+        visit: &mut dyn FnMut(serde_json::Value) -> Result<(), ServerError>,
+    ) -> Result<(), ServerError> {
+        crate::admin::scan_device_twins(&self.hub(host_name)?.twins, visit)
+    }
 }
 
 /// The error of a command that needs the store at `database` and finds none.
@@ -399,6 +422,14 @@ impl Backend for PgBackend {
 
     fn hub_names(&self) -> Result<Vec<String>, ServerError> {
         self.store.hub_names().map_err(pg_error)
+    }
+
+    fn for_each_device_twin(
+        &self,
+        host_name: &str,
+        visit: &mut dyn FnMut(serde_json::Value) -> Result<(), ServerError>,
+    ) -> Result<(), ServerError> {
+        crate::admin::scan_device_twins(&self.hub(host_name)?.twins, visit)
     }
 
     fn shared_id_scope(&self, proposed: &IdScope) -> Result<Option<IdScope>, ServerError> {

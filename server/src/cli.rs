@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use zerotouch_engine::crypto::RingCrypto;
-use zerotouch_proto::DeviceId;
+use zerotouch_proto::{DeviceId, ModuleId};
 
 use crate::admin;
 use crate::backend::Backend;
@@ -37,16 +37,36 @@ macro_rules! on_backend {
 #[derive(Debug, Parser)]
 #[command(name = "zerotouch", version, about)]
 pub struct Cli {
-    /// Log line format on stderr (filter with `RUST_LOG`, e.g. `RUST_LOG=zerotouch=debug`).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Log line format on stderr (filter with `RUST_LOG`, e.g. `RUST_LOG=zerotouch=debug`);
+    /// default `text`, or for `serve` the `log-format` of its `--config` file.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// Log line formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+impl Cli {
+    /// The log format to start with: `--log-format`, else for `serve` its config file's
+    /// `log-format`, else text.
+    ///
+    /// Logging starts before the command runs, so the file is read here on its own; a file that
+    /// cannot be read or parsed gives no format, and `serve` reports why when it reads the file
+    /// again (by then in the format chosen).
+    pub fn initial_log_format(&self) -> LogFormat {
+        let from_file = || match &self.command {
+            Command::Serve(ServeArgs { config: Some(path), .. }) => {
+                Settings::from_file(path).ok().and_then(|file| file.log_format)
+            }
+            _ => None,
+        };
+        self.log_format.or_else(from_file).unwrap_or(LogFormat::Text)
+    }
+}
+
+/// Log line formats (`--log-format`, `log-format = "json"` in a `serve` config file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
@@ -65,6 +85,9 @@ pub enum Command {
     /// Read device identities from the embedded hubs' registries.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// Read device twins from the embedded hubs.
+    #[command(subcommand)]
+    Twins(TwinsCommand),
     /// Act as a device.
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -73,7 +96,8 @@ pub enum Command {
 /// `zerotouch serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TOML file with the same keys as the flags (`data-dir = "…"`); flags win.
+    /// TOML file with the same keys as the flags (`data-dir = "…"`, `log-format = "json"`);
+    /// flags win.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The settings.
@@ -161,7 +185,8 @@ pub enum EnrollmentsCommand {
     },
     /// Print every enrollment as a JSON array in the import file's shape, keys left out; an
     /// individual enrollment whose device registered carries its `registrationState` (why a
-    /// registration failed, where it was assigned), as DPS reads show it.
+    /// registration failed, where it was assigned), and every enrollment its
+    /// `provisioningStatus` (`enabled` when imported without one), as DPS reads show them.
     List {
         /// The store.
         #[command(flatten)]
@@ -214,6 +239,37 @@ pub enum DevicesCommand {
         /// enrollment, the enrollment's own key).
         #[arg(long)]
         with_keys: bool,
+    },
+}
+
+/// `zerotouch twins …`.
+#[derive(Debug, Subcommand)]
+pub enum TwinsCommand {
+    /// Print a device twin (or a module twin) as JSON, as the IoT Hub service API returns it
+    /// (`GET /twins/{id}`): tags, desired and reported properties with `$version` and
+    /// `$metadata`, and the identity's fields (`status`, `deviceEtag`, `capabilities`, …).
+    Get {
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Only look in this hub.
+        #[arg(long, value_name = "NAME")]
+        hub: Option<String>,
+        /// The twin of this module of the device instead.
+        #[arg(long, value_name = "ID")]
+        module: Option<String>,
+        /// The device id.
+        device_id: String,
+    },
+    /// Print the device twins of every hub (or one) as a JSON array of `{"hub": …, "twin": …}`,
+    /// in device id order: what the query `SELECT * FROM devices` returns.
+    List {
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Only list this hub.
+        #[arg(long, value_name = "NAME")]
+        hub: Option<String>,
     },
 }
 
@@ -352,16 +408,10 @@ fn run_devices<B: Backend>(
         DevicesCommand::Get { hub, device_id, .. } => (hub, Some(device_id), true),
         DevicesCommand::List { hub, with_keys, .. } => (hub, None, *with_keys),
     };
-    let names = backend.hub_names()?;
-    let names = match hub {
-        Some(h) if names.iter().any(|n| n.eq_ignore_ascii_case(h)) => vec![h.clone()],
-        Some(h) => return Err(ServerError::NotFound(format!("no embedded hub {h:?} in this store"))),
-        None => names,
-    };
+    let names = hubs_named(backend, hub.as_deref())?;
     match wanted {
         Some(id) => {
-            let id =
-                DeviceId::new(id.as_str()).map_err(|e| ServerError::Config(format!("device id: {e}")))?;
+            let id = device_id(id)?;
             for name in &names {
                 if let Some(device) = admin::device(&backend.hub(name)?.identities, &id)? {
                     return device_json(&device).map(Some);
@@ -381,6 +431,71 @@ fn run_devices<B: Backend>(
                     }
                     element(json!({ "hub": name, "identity": identity }))
                 })?;
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// The hubs a command looks in: `hub` (which must exist), or all of them.
+fn hubs_named<B: Backend>(backend: &B, hub: Option<&str>) -> Result<Vec<String>, ServerError> {
+    let names = backend.hub_names()?;
+    match hub {
+        Some(h) if names.iter().any(|n| n.eq_ignore_ascii_case(h)) => Ok(vec![h.to_owned()]),
+        Some(h) => Err(ServerError::NotFound(format!("no embedded hub {h:?} in this store"))),
+        None => Ok(names),
+    }
+}
+
+fn device_id(id: &str) -> Result<DeviceId, ServerError> {
+    DeviceId::new(id).map_err(|e| ServerError::Config(format!("device id: {e}")))
+}
+
+/// Runs a twins command on `backend`; returns what to print.
+///
+/// # Errors
+/// [`ServerError::NotFound`] for a hub, device or module that is not there,
+/// [`ServerError::Config`] for a malformed device or module id; store failures.
+pub fn twins<B: Backend>(backend: &B, command: &TwinsCommand) -> Result<Value, ServerError> {
+    collected(|element| run_twins(backend, command, element))
+}
+
+/// [`twins`], with a listing's entries handed to `element` one by one (then `None`).
+fn run_twins<B: Backend>(
+    backend: &B,
+    command: &TwinsCommand,
+    element: &mut dyn FnMut(Value) -> Result<(), ServerError>,
+) -> Result<Option<Value>, ServerError> {
+    match command {
+        TwinsCommand::Get { hub, module, device_id: id, .. } => {
+            let id = device_id(id)?;
+            let module = module
+                .as_deref()
+                .map(ModuleId::new)
+                .transpose()
+                .map_err(|e| ServerError::Config(format!("module id: {e}")))?;
+            for name in &hubs_named(backend, hub.as_deref())? {
+                let stores = backend.hub(name)?;
+                if admin::device(&stores.identities, &id)?.is_none() {
+                    continue;
+                }
+                return match admin::twin(&stores.identities, &stores.twins, &id, module.as_ref())? {
+                    Some(twin) => Ok(Some(twin)),
+                    None => Err(ServerError::NotFound(format!(
+                        "device {id} in hub {name} has no module {}",
+                        module.as_ref().map_or("", |m| m.as_str())
+                    ))),
+                };
+            }
+            Err(ServerError::NotFound(match hub {
+                Some(h) => format!("device {id} is not in hub {h}"),
+                None => format!("device {id} is in no embedded hub"),
+            }))
+        }
+        TwinsCommand::List { hub, .. } => {
+            for name in &hubs_named(backend, hub.as_deref())? {
+                backend
+                    .for_each_device_twin(name, &mut |twin| element(json!({ "hub": name, "twin": twin })))?;
             }
             Ok(None)
         }
@@ -436,6 +551,19 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
             };
             let mut out = JsonOut::new(std::io::stdout().lock());
             let result = on_backend!(store.existing_location()?, read_only: true, |b| run_devices(
+                &b,
+                &command,
+                &mut |v| out.element(&v)
+            ));
+            out.end(result)
+        }
+        Command::Twins(command) => {
+            let store = match &command {
+                TwinsCommand::Get { store, .. } | TwinsCommand::List { store, .. } => store,
+            };
+            let mut out = JsonOut::new(std::io::stdout().lock());
+            // Every twins command only reads.
+            let result = on_backend!(store.existing_location()?, read_only: true, |b| run_twins(
                 &b,
                 &command,
                 &mut |v| out.element(&v)

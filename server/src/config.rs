@@ -78,6 +78,11 @@ pub struct Settings {
     /// the database server's `synchronous_commit`.
     #[arg(long, value_name = "WHAT", value_enum)]
     pub sqlite_durability: Option<SqliteDurability>,
+    /// Log line format, `text` or `json`: a key of the config file only, since the flag,
+    /// `--log-format`, is global to every command (it wins over the file). Logging starts
+    /// before the command runs: see [`crate::cli::Cli::initial_log_format`].
+    #[arg(skip)]
+    pub log_format: Option<crate::cli::LogFormat>,
 }
 
 /// What a commit of the SQLite store survives (`--sqlite-durability`).
@@ -148,6 +153,7 @@ impl Settings {
             retry_after: self.retry_after.or(file.retry_after),
             max_connections: self.max_connections.or(file.max_connections),
             sqlite_durability: self.sqlite_durability.or(file.sqlite_durability),
+            log_format: self.log_format.or(file.log_format),
         }
     }
 
@@ -471,6 +477,17 @@ mod tests {
         assert_eq!(c.id_scope.unwrap().as_str(), "0ne000000FF");
         assert_eq!(c.mqtt_listen.to_string(), "0.0.0.0:8883");
         assert_eq!(c.hubs[1], HubSpec { name: "south.example".into(), weight: 3 });
+    }
+
+    #[test]
+    fn the_log_format_may_come_from_the_config_file() {
+        use crate::cli::LogFormat;
+        let file = Settings::from_toml("log-format = \"json\"").unwrap();
+        assert_eq!(file.log_format, Some(LogFormat::Json));
+        assert_eq!(Settings::default().or(file).log_format, Some(LogFormat::Json));
+        assert_eq!(Settings::from_toml("log-format = \"text\"").unwrap().log_format, Some(LogFormat::Text));
+        assert!(Settings::from_toml("log-format = \"JSON\"").is_err());
+        assert!(Settings::from_toml("log_format = \"json\"").is_err(), "keys are spelt as the flags");
     }
 
     #[test]

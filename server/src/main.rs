@@ -14,7 +14,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    logging::init(cli.initial_log_format());
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -326,6 +326,8 @@ fn reading_commands_on_a_data_directory_without_a_database_say_so_and_create_not
             &["enrollments", "list", "--data-dir", data_arg][..],
             &["devices", "list", "--data-dir", data_arg],
             &["devices", "get", "--data-dir", data_arg, "dev-1"],
+            &["twins", "get", "--data-dir", data_arg, "dev-1"],
+            &["twins", "list", "--data-dir", data_arg],
             &["enrollments", "delete", "--data-dir", data_arg, "--registration-id", "dev-1"],
         ] {
             let out = zerotouch(args);
@@ -963,4 +965,137 @@ fn store_commands_read_the_store_from_the_servers_config_file() {
     let other = dir.path().join("other");
     let out = zerotouch(&["devices", "list", "--config", config, "--data-dir", other.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(4), "no store in the flag's directory");
+}
+
+#[test]
+fn twins_get_prints_the_twin_a_registration_created_from_the_enrollments_initial_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let (server, mqtt, _) = serve(data, "0ne0000A1B2");
+    let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    import(
+        dir.path(),
+        data,
+        &format!(
+            r#"[{{"registrationId": "boiler-1",
+                  "attestation": {{"type": "symmetricKey", "symmetricKey": {{"primaryKey": "{key}", "secondaryKey": "{key}"}}}},
+                  "initialTwin": {{"tags": {{"site": "oslo"}},
+                                  "properties": {{"desired": {{"setpoint": {{"celsius": 21}}}}}}}}}}]"#
+        ),
+    );
+    let ca = dir.path().join("tls").join("ca.pem");
+    let host = format!("localhost:{mqtt}");
+    let registered = zerotouch(&[
+        "device",
+        "register",
+        "--provisioning-host",
+        &host,
+        "--id-scope",
+        "0ne0000A1B2",
+        "--registration-id",
+        "boiler-1",
+        "--symmetric-key",
+        key,
+        "--ca",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(registered.status.success(), "{}", String::from_utf8_lossy(&registered.stderr));
+    assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
+
+    let out = zerotouch(&["twins", "get", "--data-dir", data, "boiler-1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let twin: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The service API's twin (hub spec §5.1): a fresh twin's versions and etag, the identity's
+    // fields, the initial twin's tags and desired properties with their metadata.
+    assert_eq!(twin["deviceId"], "boiler-1", "{twin:#}");
+    assert_eq!(twin["etag"], "AAAAAAAAAAE=", "{twin:#}");
+    assert_eq!(twin["version"], 2, "{twin:#}");
+    assert_eq!(twin["status"], "enabled", "{twin:#}");
+    assert_eq!(twin["authenticationType"], "sas", "{twin:#}");
+    assert!(twin["deviceEtag"].is_string(), "{twin:#}");
+    assert_eq!(twin["capabilities"], serde_json::json!({"iotEdge": false}), "{twin:#}");
+    assert_eq!(twin["tags"], serde_json::json!({"site": "oslo"}), "{twin:#}");
+    let desired = &twin["properties"]["desired"];
+    assert_eq!(desired["setpoint"], serde_json::json!({"celsius": 21}), "{twin:#}");
+    assert_eq!(desired["$version"], 1, "{twin:#}");
+    assert_eq!(desired["$metadata"]["setpoint"]["celsius"]["$lastUpdatedVersion"], 1, "{twin:#}");
+    assert!(desired["$metadata"]["$lastUpdated"].is_string(), "{twin:#}");
+    let reported = &twin["properties"]["reported"];
+    assert_eq!(reported["$version"], 1, "{twin:#}");
+    assert!(reported["$metadata"]["$lastUpdated"].is_string(), "{twin:#}");
+    assert!(twin.get("moduleId").is_none(), "{twin:#}");
+
+    // Every device twin, with its hub, as `devices list` lists identities.
+    let out = zerotouch(&["twins", "list", "--data-dir", data]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed, serde_json::json!([{"hub": "localhost", "twin": twin}]));
+    let out = zerotouch(&["twins", "list", "--data-dir", data, "--hub", "elsewhere.example"]);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Not found: exit code 4, naming what was looked for.
+    let out = zerotouch(&["twins", "get", "--data-dir", data, "boiler-2"]);
+    assert_eq!(out.status.code(), Some(4), "not found has its own exit code");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end(), "zerotouch: not found: device boiler-2 is in no embedded hub");
+    let out = zerotouch(&["twins", "get", "--data-dir", data, "boiler-1", "--module", "pump"]);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("module pump") && stderr.contains("boiler-1"), "{stderr}");
+    let out = zerotouch(&["twins", "get", "--data-dir", data, "bad id"]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn serve_takes_its_log_format_from_the_config_file_unless_the_flag_gives_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("zerotouch.toml");
+    std::fs::write(
+        &config,
+        "data-dir = \"data\"\nmqtt-listen = \"127.0.0.1:0\"\nhttps-listen = \"127.0.0.1:0\"\nlog-format = \"json\"\n",
+    )
+    .unwrap();
+    // Runs serve with `flags` until it has started, stops it; its log lines.
+    let served = |flags: &[&str], name: &str| -> Vec<String> {
+        let log = dir.path().join(name);
+        let mut child = Served(
+            Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+                .args(flags)
+                .args(["serve", "--config", config.to_str().unwrap()])
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+                .spawn()
+                .unwrap(),
+        );
+        for line in BufReader::new(child.0.stdout.take().unwrap()).lines() {
+            if line.unwrap().trim_start().starts_with("data") {
+                break;
+            }
+        }
+        assert!(child.terminate(), "serve did not stop cleanly on SIGTERM");
+        let lines: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(str::to_owned).collect();
+        assert!(lines.len() >= 2, "{lines:?}");
+        lines
+    };
+    for line in served(&[], "file.log") {
+        let parsed: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(parsed["fields"]["message"].is_string(), "{line}");
+    }
+    // The flag wins over the file.
+    for line in served(&["--log-format", "text"], "flag.log") {
+        assert!(serde_json::from_str::<Value>(&line).is_err(), "a JSON line under --log-format text: {line}");
+        assert!(line.contains(" INFO ") || line.contains(" WARN "), "{line}");
+    }
+
+    // A bad value is refused, as a misspelt key still is.
+    for (text, expected) in
+        [("log-format = \"yaml\"\n", "line 1: "), ("log-fromat = \"json\"\n", "log-fromat")]
+    {
+        std::fs::write(&config, text).unwrap();
+        let out = zerotouch(&["serve", "--config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(3), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with("zerotouch: configuration: ") && stderr.contains(expected), "{stderr}");
+    }
 }

@@ -53,6 +53,7 @@ fn zerotouch(args: &[&str]) -> Value {
     match cli.command {
         Command::Enrollments(c) => cli::enrollments(&backend, &c).unwrap(),
         Command::Devices(c) => cli::devices(&backend, &c).unwrap(),
+        Command::Twins(c) => cli::twins(&backend, &c).unwrap(),
         other => panic!("not a store command: {other:?}"),
     }
 }
@@ -112,6 +113,12 @@ fn a_device_provisions_into_the_postgres_store_and_devices_get_reads_it_back() {
     assert_eq!(identity["deviceId"], "meter-9");
     let all = zerotouch(&["devices", "list", "--database-url", &schema.url]);
     assert_eq!(all[0]["hub"], "localhost");
+    // Its twin, read one device at a time and a page at a time (PostgreSQL's join).
+    let twin = zerotouch(&["twins", "get", "--database-url", &schema.url, "meter-9"]);
+    assert_eq!((&twin["deviceId"], &twin["version"]), (&json!("meter-9"), &json!(2)), "{twin:#}");
+    assert_eq!(twin["deviceEtag"], identity["etag"], "{twin:#}");
+    let twins = zerotouch(&["twins", "list", "--database-url", &schema.url]);
+    assert_eq!(twins, json!([{"hub": "localhost", "twin": twin}]));
 
     // The data directory says where its server's store is: a command given only the directory
     // is refused instead of working on a new, empty SQLite store beside it.

@@ -1,7 +1,8 @@
 //! The DPS service API's logic: create, read, update, delete, query and bulk-edit individual
 //! enrollments and enrollment groups, manage CA certificates with proof of possession, and read
 //! registration records. Fills what the service computes (keys when absent, certificate `info`,
-//! etags, timestamps) and strips secrets from reads (spec §0 trap 13).
+//! etags, timestamps), says the default `provisioningStatus` in replies, and strips secrets from
+//! reads (spec §0 trap 13).
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -10,7 +11,7 @@ use zerotouch_proto::service::{
     AttestationMechanism, AttestationType, BulkEnrollmentGroupOperation, BulkEnrollmentGroupOperationError,
     BulkEnrollmentGroupOperationResult, BulkEnrollmentMode, BulkEnrollmentOperation,
     BulkEnrollmentOperationError, BulkEnrollmentOperationResult, DeviceRegistrationState, EnrollmentGroup,
-    IndividualEnrollment, InitialTwin, SymmetricKeyAttestation, X509Certificates,
+    IndividualEnrollment, InitialTwin, ProvisioningStatus, SymmetricKeyAttestation, X509Certificates,
 };
 use zerotouch_proto::{ETag, EnrollmentGroupId, IfMatch, RegistrationId, Timestamp};
 
@@ -179,6 +180,22 @@ fn fill_certificate_info(crypto: &dyn CryptoProvider, certs: &mut X509Certificat
     Ok(())
 }
 
+/// `enrollment` as the service API returns it: with `provisioningStatus` always said, `enabled`
+/// when it was written without one (the service default, which DPS replies spell out). The wire
+/// type keeps an absent member absent, so that a body round-trips as sent (recorded bodies in
+/// `testdata/dps/` leave it out), and the store keeps what was written: the default is filled
+/// here, on the way out.
+pub fn as_returned(mut enrollment: IndividualEnrollment) -> IndividualEnrollment {
+    enrollment.provisioning_status.get_or_insert(ProvisioningStatus::Enabled);
+    enrollment
+}
+
+/// `group` as the service API returns it (see [`as_returned`]).
+pub fn group_as_returned(mut group: EnrollmentGroup) -> EnrollmentGroup {
+    group.provisioning_status.get_or_insert(ProvisioningStatus::Enabled);
+    group
+}
+
 /// Removes symmetric keys from an enrollment (GET and query replies never carry them).
 pub fn strip_enrollment_secrets(mut e: IndividualEnrollment) -> IndividualEnrollment {
     strip_attestation(&mut e.attestation);
@@ -224,7 +241,7 @@ pub fn put_enrollment<S: EnrollmentStore + RegistrationStore + ?Sized>(
     store
         .put_enrollment(&enrollment, &Precondition::from_if_match(if_match))
         .map_err(|e| store_error(e, what))?;
-    with_registration_state(store, enrollment)
+    with_registration_state(store, as_returned(enrollment))
 }
 
 /// `enrollment` with the state of its device's registration, if the device registered under it
@@ -252,7 +269,7 @@ pub fn get_enrollment<S: EnrollmentStore + RegistrationStore + ?Sized>(
     id: &RegistrationId,
 ) -> Result<IndividualEnrollment, Error> {
     let e = store.enrollment(id)?.ok_or_else(|| Error::NotFound(format!("enrollment {id}")))?;
-    with_registration_state(store, strip_enrollment_secrets(e))
+    with_registration_state(store, as_returned(strip_enrollment_secrets(e)))
 }
 
 /// The attestation mechanism of an enrollment, keys included (`POST …/attestationmechanism`).
@@ -290,7 +307,7 @@ pub fn query_enrollments<S: EnrollmentStore + ?Sized>(
 ) -> Result<Page<IndividualEnrollment>, Error> {
     let p = store.enrollments(page)?;
     Ok(Page {
-        items: p.items.into_iter().map(strip_enrollment_secrets).collect(),
+        items: p.items.into_iter().map(|e| as_returned(strip_enrollment_secrets(e))).collect(),
         continuation: p.continuation,
     })
 }
@@ -381,7 +398,7 @@ pub fn put_enrollment_group<S: EnrollmentGroupStore + ?Sized>(
     if_match: &IfMatch,
 ) -> Result<EnrollmentGroup, Error> {
     put_group_with(store, crypto, now, &mut group, Precondition::from_if_match(if_match))?;
-    Ok(group)
+    Ok(group_as_returned(group))
 }
 
 fn put_group_with<S: EnrollmentGroupStore + ?Sized>(
@@ -414,7 +431,7 @@ pub fn get_enrollment_group<S: EnrollmentGroupStore + ?Sized>(
     id: &EnrollmentGroupId,
 ) -> Result<EnrollmentGroup, Error> {
     let g = store.enrollment_group(id)?.ok_or_else(|| Error::NotFound(format!("enrollment group {id}")))?;
-    Ok(strip_group_secrets(g))
+    Ok(group_as_returned(strip_group_secrets(g)))
 }
 
 /// A group's attestation mechanism, keys included.
@@ -455,7 +472,10 @@ pub fn query_enrollment_groups<S: EnrollmentGroupStore + ?Sized>(
     page: &PageRequest,
 ) -> Result<Page<EnrollmentGroup>, Error> {
     let p = store.enrollment_groups(page)?;
-    Ok(Page { items: p.items.into_iter().map(strip_group_secrets).collect(), continuation: p.continuation })
+    Ok(Page {
+        items: p.items.into_iter().map(|g| group_as_returned(strip_group_secrets(g))).collect(),
+        continuation: p.continuation,
+    })
 }
 
 /// Applies a bulk group operation (≤ 10 items).
@@ -632,4 +652,53 @@ pub fn query_group_registrations<S: RegistrationStore + ?Sized>(
         items: p.items.into_iter().map(RegistrationRecord::into_state).collect(),
         continuation: p.continuation,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::crypto::RingCrypto;
+    use crate::memory::MemoryStore;
+
+    fn symmetric_key() -> AttestationMechanism {
+        serde_json::from_value(serde_json::json!({"type": "symmetricKey"})).unwrap()
+    }
+
+    /// DPS replies always carry `provisioningStatus`; an enrollment PUT without it is `enabled`.
+    #[test]
+    fn reads_and_writes_of_an_enrollment_put_without_a_provisioning_status_return_it_enabled() {
+        let (store, crypto) = (MemoryStore::new(), RingCrypto::new());
+        let enabled = Some(ProvisioningStatus::Enabled);
+        let id = RegistrationId::new("dev-1").unwrap();
+        let put = IndividualEnrollment::new(id.clone(), symmetric_key());
+        let written = put_enrollment(&store, &crypto, Timestamp::EPOCH, put, &IfMatch::Absent).unwrap();
+        assert_eq!(written.provisioning_status, enabled);
+        assert_eq!(get_enrollment(&store, &id).unwrap().provisioning_status, enabled);
+        assert_eq!(
+            query_enrollments(&store, &PageRequest::default()).unwrap().items[0].provisioning_status,
+            enabled
+        );
+
+        let group_id = EnrollmentGroupId::new("sensors").unwrap();
+        let put = EnrollmentGroup::new(group_id.clone(), symmetric_key());
+        let written = put_enrollment_group(&store, &crypto, Timestamp::EPOCH, put, &IfMatch::Absent).unwrap();
+        assert_eq!(written.provisioning_status, enabled);
+        assert_eq!(get_enrollment_group(&store, &group_id).unwrap().provisioning_status, enabled);
+        let page = query_enrollment_groups(&store, &PageRequest::default()).unwrap();
+        assert_eq!(page.items[0].provisioning_status, enabled);
+
+        // What was stored is what was written: the default is the reply's, not the record's.
+        assert_eq!(store.enrollment(&id).unwrap().unwrap().provisioning_status, None);
+        assert_eq!(store.enrollment_group(&group_id).unwrap().unwrap().provisioning_status, None);
+        // A disabled enrollment reads as disabled.
+        let mut put = IndividualEnrollment::new(id.clone(), symmetric_key());
+        put.provisioning_status = Some(ProvisioningStatus::Disabled);
+        put_enrollment(&store, &crypto, Timestamp::EPOCH, put, &IfMatch::Absent).unwrap();
+        assert_eq!(
+            get_enrollment(&store, &id).unwrap().provisioning_status,
+            Some(ProvisioningStatus::Disabled)
+        );
+    }
 }
