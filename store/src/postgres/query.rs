@@ -27,29 +27,43 @@ use super::{backend, limit_of, PgStore};
 use crate::codec::{decode_token, encode_token, from_doc};
 use crate::pushdown::{string_test, verbatim_property_path};
 
-/// The `tags_ci` value of a twin's tags: property names lower-cased at every level. When two
-/// names differ only in case the lower-cased object could not hold both, so the row is marked
-/// and every tag test lets it through (see [`COLLISION`]).
+/// The `tags_ci` value of a twin's tags: property names lower-cased at every level. Some tags
+/// cannot be indexed: when two names differ only in case the lower-cased object could not hold
+/// both, and jsonb cannot hold U+0000 (PostgreSQL refuses `\u0000` in jsonb, SQLSTATE 22P05),
+/// which the engine accepts in tag values. Such a row is marked instead, and every tag test
+/// lets it through (see [`UNINDEXED`]).
 pub(super) fn tags_index(tags: &Map<String, Value>) -> Value {
     fn fold(map: &Map<String, Value>) -> Option<Value> {
         let mut out = Map::new();
         for (k, v) in map {
             let v = match v {
                 Value::Object(inner) => fold(inner)?,
+                other if holds_nul(other) => return None,
                 other => other.clone(),
             };
-            if out.insert(k.to_lowercase(), v).is_some() {
+            if k.contains('\0') || out.insert(k.to_lowercase(), v).is_some() {
                 return None;
             }
         }
         Some(Value::Object(out))
     }
-    fold(tags).unwrap_or_else(|| serde_json::json!({ COLLISION: true }))
+    fold(tags).unwrap_or_else(|| serde_json::json!({ UNINDEXED: true }))
 }
 
-/// Marker member of a `tags_ci` whose names collide when lower-cased (`$` cannot start a tag
-/// name, so no real tags look like it).
-const COLLISION: &str = "$collision";
+/// Whether a JSON value holds U+0000 in a string (or a name) anywhere.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
+/// Marker member of a `tags_ci` that does not hold the row's tags: their names collide when
+/// lower-cased, or they hold U+0000 ([`tags_index`]). `$` cannot start a tag name, so no real
+/// tags look like it. (Named for its first use; databases hold this spelling.)
+const UNINDEXED: &str = "$collision";
 
 /// How one collection is laid out in SQL.
 struct Layout {
@@ -145,9 +159,16 @@ impl Pushdown {
     }
 
     fn push(&mut self, layout: &Layout, path: &Path, values: &[&str]) {
+        // PostgreSQL's text and jsonb cannot hold U+0000: such a constant is left to the
+        // evaluator. (The JSON-quoted constants of the `strpos` tests below spell it `\u0000`,
+        // as the stored documents do, so those still narrow.)
+        let holds_nul = values.iter().any(|v| v.contains('\0'));
         let segments = &path.segments;
         if let [name] = segments.as_slice() {
             if let Some((_, column)) = layout.columns.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                if holds_nul {
+                    return;
+                }
                 let marks: Vec<String> = values.iter().map(|v| self.placeholder((*v).to_owned())).collect();
                 self.sql.push_str(&format!(" AND {column} IN ({})", marks.join(", ")));
                 return;
@@ -155,6 +176,9 @@ impl Pushdown {
         }
         let is_tag = segments.len() >= 2 && segments[0].eq_ignore_ascii_case("tags");
         if let (Some(tags), true) = (layout.tags, is_tag) {
+            if holds_nul {
+                return;
+            }
             let mut tests = Vec::new();
             for v in values {
                 // {"a": {"b": "v"}} for tags.A.b = 'v', names lower-cased like the column.
@@ -167,8 +191,8 @@ impl Pushdown {
                 let mark = self.placeholder(contained.to_string());
                 tests.push(format!("{tags} @> {mark}::text::jsonb"));
             }
-            let collision = self.placeholder(serde_json::json!({ COLLISION: true }).to_string());
-            tests.push(format!("{tags} @> {collision}::text::jsonb"));
+            let unindexed = self.placeholder(serde_json::json!({ UNINDEXED: true }).to_string());
+            tests.push(format!("{tags} @> {unindexed}::text::jsonb"));
             self.sql.push_str(&format!(" AND ({})", tests.join(" OR ")));
             return;
         }
@@ -271,7 +295,37 @@ mod tests {
     #[test]
     fn tags_whose_names_collide_in_lower_case_are_marked_so_no_tag_test_drops_them() {
         let tags = map(json!({ "site": "a", "SITE": "b" }));
-        assert_eq!(tags_index(&tags), json!({ COLLISION: true }));
+        assert_eq!(tags_index(&tags), json!({ UNINDEXED: true }));
+    }
+
+    #[test]
+    fn tags_holding_a_nul_character_anywhere_are_marked_since_jsonb_cannot_hold_it() {
+        for tags in [
+            json!({ "site": "a\u{0}b", "n": 1 }),
+            json!({ "site": { "room": "\u{0}" } }),
+            json!({ "codes": ["x", { "y": "\u{0}" }] }),
+            json!({ "codes": [{ "\u{0}": 1 }] }),
+        ] {
+            assert_eq!(tags_index(&map(tags.clone())), json!({ UNINDEXED: true }), "{tags}");
+        }
+        let kept = json!({ "site": "a\\u0000b" });
+        assert_eq!(tags_index(&map(kept.clone())), kept, "a backslash is no U+0000");
+    }
+
+    #[test]
+    fn a_constant_holding_a_nul_character_is_left_to_the_evaluator_but_a_property_test_stays() {
+        let pushed = |condition: &str| {
+            let query = zerotouch_engine::query::parse(&format!("SELECT * FROM devices WHERE {condition}"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            Pushdown::of(query.filter.as_ref(), &DEVICES, 3)
+        };
+        for condition in [r"tags.a = 'x\u0000'", r"tags.a IN ['x', 'y\u0000']", r"deviceId = 'd\u0000'"] {
+            let p = pushed(condition);
+            assert_eq!((p.sql.as_str(), p.args.len()), ("", 0), "{condition}");
+        }
+        let p = pushed(r"properties.desired.a = 'x\u0000' AND tags.a = 'y'");
+        assert_eq!(p.args[0], r#""x\u0000""#);
+        assert!(p.sql.contains("strpos(t.doc, $3)") && p.sql.contains("t.tags_ci @> $4"), "{}", p.sql);
     }
 
     #[test]
