@@ -230,6 +230,15 @@ impl<'a> HubUnit<'a> {
         &mut *self.hub
     }
 
+    /// Ends the unit as rolled back and begins a new one, for a store unit that runs its work
+    /// again after rolling it back (see [`crate::store::RegistrationStore::atomically`]): what
+    /// the undone attempt staged is not announced, except writes that did not join the store's
+    /// unit, which stand.
+    pub fn restart(&mut self) {
+        self.hub.end_unit(false);
+        self.hub.begin_unit();
+    }
+
     /// Ends the unit ([`HubRegistry::end_unit`]) as committed or rolled back.
     pub fn end(mut self, committed: bool) {
         self.open = false;

@@ -815,7 +815,14 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // The hub learns how the unit ended, so it announces only identities that stayed.
         let mut unit = crate::hub::HubUnit::begin(hub);
         let mut committed = None;
+        let mut runs = 0u32;
         let result = self.store.atomically(&mut || {
+            // A store may roll the unit back and run it again (a transaction conflict): the
+            // hub's unit then starts afresh too, so the undone attempt announces nothing.
+            if runs > 0 {
+                unit.restart();
+            }
+            runs += 1;
             unit.hub().apply_all(plan.actions.as_slice()).map_err(|e| {
                 if e.is_conflict() {
                     // The hub's state changed under the round (a concurrent registration, a

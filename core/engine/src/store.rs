@@ -497,6 +497,12 @@ pub trait RegistrationStore: Send + Sync {
     /// several concurrent units together (group commit); this returns only once the unit is
     /// durable.
     ///
+    /// A backend may also undo `unit` and run it again, more than once: PostgreSQL does when
+    /// its transaction conflicts with concurrent ones (a deadlock, a serialization failure).
+    /// So `unit` must be re-runnable: each run starts afresh from what it reads, and whatever
+    /// it keeps outside the store (counts, results, staged announcements) is reset at the
+    /// start of a run, since only the last run's writes are kept.
+    ///
     /// The default runs `unit` directly and undoes nothing: it suits stores a crash cannot leave
     /// half-written (the in-memory store loses everything at once), but a unit that fails keeps
     /// the writes it made before failing. With [`crate::memory::MemoryStore`] and in-memory hubs,
