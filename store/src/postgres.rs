@@ -291,12 +291,34 @@ impl PgStore {
     }
 
     /// Runs `work` as one transaction, or as a savepoint of the thread's open unit, so that a
-    /// failure undoes `work` alone and never commits or aborts the unit.
+    /// failure undoes `work` alone and never commits or aborts the unit. A transaction of its
+    /// own that conflicts with concurrent ones (deadlock, serialization failure) is rolled back
+    /// and runs again (see [`unit::retrying`]), so `work` may run more than once; a savepoint
+    /// fails instead, and the unit runs again.
     fn transaction<R>(
         &self,
-        work: impl FnOnce(&mut Client) -> Result<R, StoreError>,
+        mut work: impl FnMut(&mut Client) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        let mut lease = self.conn()?;
+        match self.conn()? {
+            lease @ Lease::Unit(_) => Self::transaction_once(lease, &mut work),
+            lease @ Lease::Pooled(_) => {
+                let mut lease = Some(lease);
+                unit::retrying(|| {
+                    let lease = match lease.take() {
+                        Some(lease) => lease,
+                        None => self.conn()?,
+                    };
+                    Self::transaction_once(lease, &mut work)
+                })
+            }
+        }
+    }
+
+    /// One attempt of [`PgStore::transaction`] on `lease`.
+    fn transaction_once<R>(
+        mut lease: Lease,
+        work: &mut impl FnMut(&mut Client) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
         let (begin, commit, rollback) = match lease {
             Lease::Unit(_) => (
                 "SAVEPOINT zt_call",
@@ -498,10 +520,20 @@ impl Drop for Rollback<'_> {
 // -------------------------------------------------------------------------------------------------
 // Shared helpers
 
-/// A failed statement. Inside a unit, a conflict with a concurrent transaction (serialization
-/// failure, deadlock) is [`StoreError::PreconditionFailed`], so the provisioner re-reads and
-/// retries the unit.
+/// A failed statement.
+///
+/// A conflict with a concurrent transaction (serialization failure, deadlock) is noted for the
+/// unit or transaction it happened in, which then runs again ([`unit::retrying`]). Inside a
+/// unit it reads as [`StoreError::PreconditionFailed`] meanwhile, and that must stay: the
+/// code a unit runs takes `PreconditionFailed` for "a concurrent write got in first: give
+/// up this attempt and decide again", which is what a cancelled transaction calls for, while
+/// it takes a backend error for a final failure — the provisioner, for one, turns a hub
+/// conflict into a new round but records any other hub failure as the device's `failed`
+/// registration. What a conflicted unit returns never reaches the caller of `atomically`:
+/// it runs again, and when every attempt conflicted the caller gets a backend error naming
+/// the conflict, not an etag mismatch. Outside units a conflict is a backend error.
 fn backend(e: postgres::Error) -> StoreError {
+    unit::note_conflict(&e);
     if unit::retryable(&e) && unit::active() {
         StoreError::PreconditionFailed
     } else {
@@ -897,10 +929,16 @@ impl RegistrationStore for PgStore {
     /// (a record with its operation, a device with its modules) are savepoints inside a
     /// unit, so a refused one undoes only itself.
     ///
+    /// When PostgreSQL cancels the transaction because it conflicts with concurrent ones
+    /// (deadlock, SQLSTATE 40P01; serialization failure, 40001), it is rolled back and `unit`
+    /// runs again from the start, up to 3 times in all with a short random pause in between:
+    /// `unit` must be re-runnable, as [`RegistrationStore::atomically`] says. A unit inside a
+    /// unit does not run again by itself; its outermost unit does.
+    ///
     /// # Errors
-    /// The error of `unit` (after rolling back), [`StoreError::PreconditionFailed`] when the
-    /// commit conflicts with a concurrent transaction (serialization failure or deadlock: re-read
-    /// and retry), or [`StoreError::Backend`] when the transaction cannot begin or commit.
+    /// The error of `unit` (after rolling back), or [`StoreError::Backend`] when the
+    /// transaction cannot begin or commit, or when every attempt conflicted with concurrent
+    /// transactions (naming the SQLSTATE and PostgreSQL's message).
     fn atomically(&self, unit: &mut dyn FnMut() -> Result<(), Error>) -> Result<(), Error> {
         unit::run(self.key, || self.pooled(), unit)
     }

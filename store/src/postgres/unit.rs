@@ -10,10 +10,19 @@
 //!
 //! Units are per thread on purpose: a store call made on another thread while a unit runs
 //! takes its own connection, outside the unit, and may wait on row locks the unit holds.
+//!
+//! A transaction that PostgreSQL cancels because it conflicts with concurrent ones — a deadlock
+//! (SQLSTATE 40P01) or a serialization failure (40001, routine under `serializable` isolation
+//! and on CockroachDB) — did nothing wrong and succeeds when run again. Every failed statement
+//! notes such a conflict on its thread ([`note_conflict`]); an outermost unit, or a transaction
+//! of its own ([`super::PgStore::transaction`]), that fails after one rolls back and runs again
+//! ([`retrying`]), up to [`ATTEMPTS`] times, and then fails naming the conflict.
 
 use std::cell::RefCell;
+use std::hash::{BuildHasher, RandomState};
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use postgres::error::SqlState;
 use postgres::Client;
@@ -38,6 +47,67 @@ struct Slot {
 
 thread_local! {
     static SLOTS: RefCell<Vec<Slot>> = const { RefCell::new(Vec::new()) };
+    /// The last conflict with a concurrent transaction a statement on this thread failed with
+    /// (SQLSTATE and message), since the innermost [`retrying`] began.
+    static CONFLICT: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// How many times a unit or a transaction of its own runs at most while each attempt conflicts
+/// with concurrent transactions.
+const ATTEMPTS: u32 = 3;
+
+/// The pause before attempt `next` (2, 3, ..): 10 ms, then 20 ms, each plus up to as much
+/// again at random, so the transactions that conflicted do not meet again in step.
+fn backoff(next: u32) -> Duration {
+    let base = Duration::from_millis(10) * 2u32.saturating_pow(next.saturating_sub(2));
+    // A fresh `RandomState` is seeded differently on every call: enough randomness for jitter.
+    let jitter = RandomState::new().hash_one(std::thread::current().id()) % 1000;
+    base + base * u32::try_from(jitter).unwrap_or(0) / 1000
+}
+
+/// Notes `e` on this thread when it is a conflict with a concurrent transaction, for the
+/// innermost [`retrying`] to run its attempt again.
+pub(super) fn note_conflict(e: &postgres::Error) {
+    if retryable(e) {
+        let cause = super::describe(e);
+        CONFLICT.with(|c| *c.borrow_mut() = Some(cause));
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails without a conflict having been noted on this thread
+/// during it ([`note_conflict`]), or has run [`ATTEMPTS`] times, pausing a little between
+/// attempts. Each attempt must begin and end its own transaction: one that PostgreSQL
+/// cancelled is rolled back whole, and running it again is what resolves the conflict.
+///
+/// The error of the last attempt is returned as it is, unless that attempt conflicted: then the
+/// error is [`StoreError::Backend`] naming the conflict (SQLSTATE and message), whatever the
+/// attempt's own code made of it (inside a unit a conflict reads as
+/// [`StoreError::PreconditionFailed`]: see `super::backend`), because no etag was at fault.
+/// Conflicts noted before are kept for the enclosing `retrying`, if any.
+pub(super) fn retrying<R, E: From<StoreError>>(mut attempt: impl FnMut() -> Result<R, E>) -> Result<R, E> {
+    let outer = CONFLICT.with(|c| c.borrow_mut().take());
+    let mut attempts = 1;
+    let result = loop {
+        let result = attempt();
+        let conflict = CONFLICT.with(|c| c.borrow_mut().take());
+        match (result, conflict) {
+            (Err(_), Some(cause)) if attempts < ATTEMPTS => {
+                tracing::debug!(attempts, "PostgreSQL: a transaction conflicted and runs again: {cause}");
+                std::thread::sleep(backoff(attempts + 1));
+                attempts += 1;
+            }
+            (Err(_), Some(cause)) => {
+                break Err(StoreError::Backend(format!(
+                    "PostgreSQL: the transaction conflicted with concurrent ones in each of its {attempts} \
+                     attempts; the last time: {cause}"
+                ))
+                .into());
+            }
+            (result, _) => break result,
+        }
+    };
+    CONFLICT.with(|c| *c.borrow_mut() = outer);
+    result
 }
 
 /// What [`take`] found for a pool on this thread.
@@ -159,15 +229,26 @@ impl Drop for Open {
 }
 
 /// Runs `unit` as one transaction on a connection of `pool_key`'s pool, or as a savepoint of
-/// the unit already open for that pool on this thread.
+/// the unit already open for that pool on this thread. An outermost unit that conflicts with
+/// concurrent transactions runs again ([`retrying`]); a nested one fails, and its outermost
+/// unit runs again.
 pub(super) fn run(
     pool_key: u64,
-    connect: impl FnOnce() -> Result<Conn, StoreError>,
+    connect: impl Fn() -> Result<Conn, StoreError>,
     unit: &mut dyn FnMut() -> Result<(), Error>,
 ) -> Result<(), Error> {
     if let Some(depth) = depth(pool_key) {
         return nested(pool_key, depth, unit);
     }
+    retrying(|| run_once(pool_key, &connect, unit))
+}
+
+/// One attempt of an outermost unit.
+fn run_once(
+    pool_key: u64,
+    connect: &impl Fn() -> Result<Conn, StoreError>,
+    unit: &mut dyn FnMut() -> Result<(), Error>,
+) -> Result<(), Error> {
     let mut conn = connect()?;
     conn.batch_execute("BEGIN").map_err(super::backend)?;
     let mut open = Open::enter(pool_key, conn);
@@ -223,11 +304,10 @@ pub(super) fn retryable(e: &postgres::Error) -> bool {
     matches!(e.code(), Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED)
 }
 
-/// A failed COMMIT: a conflict the caller retries after re-reading, or a backend failure.
+/// A failed COMMIT (a conflict is noted, and the unit runs again: see [`retrying`]).
 fn commit_error(e: &postgres::Error) -> StoreError {
-    if retryable(e) {
-        StoreError::PreconditionFailed
-    } else if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) {
+    note_conflict(e);
+    if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) {
         StoreError::Backend(
             "PostgreSQL: a statement of the unit failed, so the unit was rolled back".to_owned(),
         )

@@ -1,0 +1,308 @@
+//! Conflicts with concurrent transactions on PostgreSQL — deadlocks (SQLSTATE 40P01) and
+//! serialization failures (40001) — are retried: a unit or a multi-statement write runs again,
+//! and when every attempt conflicts the error names the cause instead of an etag mismatch.
+#![cfg(feature = "postgres")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod pg_support;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Barrier};
+
+use pg_support::TestDb;
+use zerotouch_engine::allocation::Allocator;
+use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_token};
+use zerotouch_engine::attestation::Credential;
+use zerotouch_engine::crypto::RingCrypto;
+use zerotouch_engine::enrollments;
+use zerotouch_engine::hub::LinkedHub;
+use zerotouch_engine::hub_engine::EmbeddedHub;
+use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest, ResponseBody};
+use zerotouch_engine::registry::events::LifecycleOperation;
+use zerotouch_engine::registry::IdentityStore;
+use zerotouch_engine::store::{
+    EnrollmentRef, EnrollmentStore, OperationRecord, OperationStatus, Precondition, RegistrationRecord,
+    RegistrationStore,
+};
+use zerotouch_engine::{Error, StoreError};
+use zerotouch_proto::device::{DeviceRegistration, RegistrationOperationStatus, RegistrationStatus};
+use zerotouch_proto::hub::Device;
+use zerotouch_proto::service::{
+    AttestationMechanism, DeviceRegistrationState, EnrollmentGroup, IndividualEnrollment,
+    SymmetricKeyAttestation,
+};
+use zerotouch_proto::{
+    DeviceId, EnrollmentGroupId, IdScope, IfMatch, OperationId, RegistrationId, Timestamp,
+};
+use zerotouch_store::postgres::PgStore;
+
+fn now() -> Timestamp {
+    Timestamp::from_unix_secs(1_767_225_600)
+}
+
+fn enrollment(id: &str) -> IndividualEnrollment {
+    IndividualEnrollment::new(RegistrationId::new(id).unwrap(), AttestationMechanism::symmetric_key())
+}
+
+/// The work of one test unit; told whether this is the unit's first attempt.
+type Unit<'a> = Box<dyn Fn(bool) -> Result<(), Error> + Send + Sync + 'a>;
+
+/// Runs `units` on threads of their own, each as one unit of `store`, and returns each unit's
+/// outcome with how many times the store ran it. `first` runs only in a unit's first attempt
+/// (the point where the threads meet), `rest` in every attempt.
+fn run_units<'a>(store: &PgStore, units: Vec<Unit<'a>>) -> Vec<(Result<(), Error>, u32)> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = units
+            .iter()
+            .map(|unit| {
+                s.spawn(move || {
+                    let mut attempts = 0;
+                    let result = store.atomically(&mut || {
+                        attempts += 1;
+                        unit(attempts == 1)
+                    });
+                    (result, attempts)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn two_units_that_deadlock_both_commit_once_the_one_postgresql_cancelled_runs_again() {
+    let db = TestDb::new();
+    let store = db.store();
+    let barrier = Barrier::new(2);
+    // Each unit writes one enrollment, waits for the other to have written its own, then writes
+    // the other's: each waits for the other's row lock, and PostgreSQL cancels one of them.
+    let crossing = |a: &'static str, b: &'static str| {
+        let (store, barrier) = (&store, &barrier);
+        Box::new(move |first: bool| {
+            store.put_enrollment(&enrollment(a), &Precondition::None)?;
+            if first {
+                barrier.wait();
+            }
+            store.put_enrollment(&enrollment(b), &Precondition::None)?;
+            Ok(())
+        }) as Unit<'_>
+    };
+    let outcomes = run_units(&store, vec![crossing("dev-a", "dev-b"), crossing("dev-b", "dev-a")]);
+    for (result, _) in &outcomes {
+        assert_eq!(result, &Ok(()), "{outcomes:?}");
+    }
+    // PostgreSQL breaks a deadlock by cancelling one of its transactions: that unit ran twice.
+    let attempts: Vec<u32> = outcomes.iter().map(|(_, n)| *n).collect();
+    assert_eq!(attempts.iter().sum::<u32>(), 3, "{attempts:?}");
+    for id in ["dev-a", "dev-b"] {
+        assert!(store.enrollment(&RegistrationId::new(id).unwrap()).unwrap().is_some(), "{id}");
+    }
+}
+
+#[test]
+fn units_that_fail_serialization_on_a_serializable_database_commit_once_run_again() {
+    let db = TestDb::new();
+    // Sessions of this store default to SERIALIZABLE, as on a database (or CockroachDB) set so.
+    let url = format!("{}%20-cdefault_transaction_isolation%3Dserializable", db.fresh_url());
+    assert!(url.contains("?options=-csearch_path"), "{url}");
+    let store = PgStore::connect(&url, 4).unwrap();
+    let level: String =
+        TestDb::client(&url).query_one("SHOW default_transaction_isolation", &[]).unwrap().get(0);
+    assert_eq!(level, "serializable");
+    for id in ["skew-a", "skew-b"] {
+        store.put_enrollment(&enrollment(id), &Precondition::None).unwrap();
+    }
+    let barrier = Barrier::new(2);
+    // Write skew: each unit reads both enrollments, then rewrites one of them. No order of the
+    // two units gives what each read, so PostgreSQL fails one of them with SQLSTATE 40001.
+    let skewed = |mine: &'static str| {
+        let (store, barrier) = (&store, &barrier);
+        Box::new(move |first: bool| {
+            for id in ["skew-a", "skew-b"] {
+                store.enrollment(&RegistrationId::new(id).unwrap())?;
+            }
+            if first {
+                barrier.wait();
+            }
+            store.put_enrollment(&enrollment(mine), &Precondition::None)?;
+            Ok(())
+        }) as Unit<'_>
+    };
+    let outcomes = run_units(&store, vec![skewed("skew-a"), skewed("skew-b")]);
+    for (result, _) in &outcomes {
+        assert_eq!(result, &Ok(()), "{outcomes:?}");
+    }
+    let attempts: u32 = outcomes.iter().map(|(_, n)| *n).sum();
+    assert!(attempts >= 3, "one unit failed serialization and ran again: {outcomes:?}");
+}
+
+/// Makes every write to `table` of the store at `url` fail with SQLSTATE `code`, the first
+/// `times` writes only (`None`: all), as a conflict with a concurrent transaction would.
+/// Returns a function that tells how many writes were tried.
+fn inject_conflicts(url: &str, table: &str, code: &str, times: Option<u32>) -> impl Fn() -> i64 {
+    let limit = times.map_or("NULL".to_owned(), |n| n.to_string());
+    let mut client = TestDb::client(url);
+    client
+        .batch_execute(&format!(
+            "CREATE SEQUENCE injected_writes;
+             CREATE FUNCTION inject_conflict() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF nextval('injected_writes') <= coalesce({limit}, 2147483647) THEN
+                     RAISE EXCEPTION 'injected conflict on {table}' USING ERRCODE = '{code}';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER inject_conflict BEFORE INSERT OR UPDATE ON {table}
+                 FOR EACH ROW EXECUTE FUNCTION inject_conflict();"
+        ))
+        .unwrap();
+    let url = url.to_owned();
+    move || {
+        TestDb::client(&url)
+            .query_one("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM injected_writes", &[])
+            .unwrap()
+            .get(0)
+    }
+}
+
+#[test]
+fn a_unit_that_conflicts_on_every_attempt_fails_naming_the_sqlstate_not_an_etag() {
+    let db = TestDb::new();
+    let url = db.fresh_url();
+    let store = PgStore::connect(&url, 4).unwrap();
+    let writes = inject_conflicts(&url, "enrollments", "40001", None);
+    let runs = AtomicU32::new(0);
+    let result = store.atomically(&mut || {
+        runs.fetch_add(1, Ordering::Relaxed);
+        store.put_enrollment(&enrollment("doomed"), &Precondition::None)?;
+        Ok(())
+    });
+    let Err(Error::Store(StoreError::Backend(message))) = &result else {
+        panic!("expected a backend error naming the conflict, got {result:?}");
+    };
+    assert!(message.contains("40001") && message.contains("injected conflict on enrollments"), "{message}");
+    let runs = runs.into_inner();
+    assert!(runs > 1, "the unit ran again before giving up: {runs}");
+    assert_eq!(writes(), i64::from(runs));
+    assert!(store.enrollment(&RegistrationId::new("doomed").unwrap()).unwrap().is_none());
+}
+
+#[test]
+fn a_commit_that_conflicts_is_run_again_and_one_that_always_does_names_the_sqlstate() {
+    let db = TestDb::new();
+    let url = db.fresh_url();
+    let store = PgStore::connect(&url, 4).unwrap();
+    // Outside units: a registration record with its operation is one transaction of its own.
+    let writes = inject_conflicts(&url, "registrations", "40P01", Some(1));
+    let id = RegistrationId::new("reg-1").unwrap();
+    let record = |etag: &str| RegistrationRecord {
+        registration_id: id.clone(),
+        state: DeviceRegistrationState {
+            registration_id: id.as_str().into(),
+            status: Some(RegistrationStatus::Failed),
+            etag: Some(etag.into()),
+            ..Default::default()
+        },
+        enrollment: EnrollmentRef::Individual(id.clone()),
+        initial_hub: None,
+    };
+    let operation = |op: &str| OperationRecord {
+        operation_id: OperationId::new(op).unwrap(),
+        registration_id: id.clone(),
+        created: now(),
+        status: OperationStatus::Fixed(Box::new(RegistrationOperationStatus {
+            operation_id: op.into(),
+            status: RegistrationStatus::Failed,
+            registration_state: None,
+        })),
+    };
+    store
+        .commit_registration(Arc::new(record("e1")), &Precondition::MustNotExist, operation("op-1"))
+        .unwrap();
+    assert_eq!(writes(), 2, "the deadlocked transaction ran again");
+    assert!(store.operation(&OperationId::new("op-1").unwrap()).unwrap().is_some());
+
+    // A bulk device write (several statements in one transaction) whose every attempt conflicts.
+    let writes = inject_conflicts_again(&url, "devices");
+    let result = store.put_devices(&[Device::new(DeviceId::new("d1").unwrap())]);
+    let Err(StoreError::Backend(message)) = &result else { panic!("{result:?}") };
+    assert!(message.contains("40P01") && message.contains("injected conflict on devices"), "{message}");
+    assert!(writes() > 1, "the transaction ran again before giving up");
+    assert!(store.device(&DeviceId::new("d1").unwrap()).unwrap().is_none());
+}
+
+/// [`inject_conflicts`] on a second table of the same schema: always, SQLSTATE 40P01.
+fn inject_conflicts_again(url: &str, table: &str) -> impl Fn() -> i64 {
+    let mut client = TestDb::client(url);
+    client
+        .batch_execute(&format!(
+            "DROP TRIGGER inject_conflict ON registrations;
+             CREATE SEQUENCE injected_writes_2;
+             CREATE FUNCTION inject_conflict_2() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 PERFORM nextval('injected_writes_2');
+                 RAISE EXCEPTION 'injected conflict on {table}' USING ERRCODE = '40P01';
+             END $$;
+             CREATE TRIGGER inject_conflict_2 BEFORE INSERT OR UPDATE ON {table}
+                 FOR EACH ROW EXECUTE FUNCTION inject_conflict_2();"
+        ))
+        .unwrap();
+    let url = url.to_owned();
+    move || TestDb::client(&url).query_one("SELECT last_value FROM injected_writes_2", &[]).unwrap().get(0)
+}
+
+/// 32 zero bytes in base64: a fixed group key the test can derive device keys from.
+const GROUP_KEY_B64: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+const SCOPE: &str = "0ne00AB1234";
+const HUB: &str = "plant.example.net";
+
+#[test]
+fn a_registration_whose_unit_runs_again_after_a_deadlock_is_assigned_and_announced_once() {
+    let db = TestDb::new();
+    let url = db.fresh_url();
+    let store = PgStore::connect(&url, 4).unwrap();
+    let mut group =
+        EnrollmentGroup::new(EnrollmentGroupId::new("line").unwrap(), AttestationMechanism::symmetric_key());
+    group.attestation.symmetric_key = Some(SymmetricKeyAttestation {
+        primary_key: Some(GROUP_KEY_B64.to_owned()),
+        secondary_key: Some(GROUP_KEY_B64.to_owned()),
+    });
+    enrollments::put_enrollment_group(&store, &RingCrypto::new(), now(), group, &IfMatch::Absent).unwrap();
+    let mut hub = EmbeddedHub::<PgStore, PgStore, PgStore>::over(
+        HUB,
+        store.hub(HUB).unwrap(),
+        Arc::new(RingCrypto::new()),
+    )
+    .unwrap();
+    hub.set_now(now());
+    let provisioner = Provisioner::new(
+        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
+        store.clone(),
+        Arc::new(RingCrypto::new()),
+        Allocator::new(vec![LinkedHub::new(HUB)]),
+    );
+    // The registration record is the unit's last write, after the hub created the identity:
+    // the first attempt is cancelled there, and the unit runs again from the start.
+    let writes = inject_conflicts(&url, "registrations", "40P01", Some(1));
+    let crypto = RingCrypto::new();
+    let key = derive_device_key(&crypto, &[0u8; 32], "press-1");
+    let token = registration_token(&crypto, &key, SCOPE, "press-1", now().unix_secs() + 3600);
+    let request = RegisterRequest {
+        id_scope: SCOPE.into(),
+        registration_id: "press-1".into(),
+        body: DeviceRegistration { payload: None, registration_id: "press-1".into(), tpm: None, csr: None },
+        credential: Credential::Sas(token.to_string()),
+        api_version: None,
+    };
+    let r = provisioner.handle_register(now(), request, &mut hub);
+    let ResponseBody::Operation(op) = r.body else { panic!("not an operation: {:?}", r.body) };
+    let status =
+        store.operation(&OperationId::new(&op.operation_id).unwrap()).unwrap().unwrap().into_status();
+    assert_eq!(status.status, RegistrationStatus::Assigned, "{status:?}");
+    assert_eq!(writes(), 2, "the unit ran twice");
+    assert!(store.hub(HUB).unwrap().device(&DeviceId::new("press-1").unwrap()).unwrap().is_some());
+    let events = hub.take_lifecycle_events();
+    let created: Vec<_> =
+        events.iter().filter(|e| e.op_type == LifecycleOperation::CreateDeviceIdentity).collect();
+    assert_eq!(created.len(), 1, "one identity, one announcement: {events:?}");
+}
