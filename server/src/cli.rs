@@ -50,17 +50,15 @@ impl Cli {
     /// The log format to start with: `--log-format`, else for `serve` its config file's
     /// `log-format`, else text.
     ///
-    /// Logging starts before the command runs, so the file is read here on its own; a file that
-    /// cannot be read or parsed gives no format, and `serve` reports why when it reads the file
-    /// again (by then in the format chosen).
-    pub fn initial_log_format(&self) -> LogFormat {
-        let from_file = || match &self.command {
-            Command::Serve(ServeArgs { config: Some(path), .. }) => {
-                Settings::from_file(path).ok().and_then(|file| file.log_format)
-            }
+    /// Logging starts before the command runs, so `serve` reads its file here, once (a pipe such
+    /// as `--config <(…)` can be read only once), and keeps what it read for [`run`]; a file that
+    /// cannot be read or parsed gives no format, and `serve` reports why once logging runs.
+    pub fn initial_log_format(&mut self) -> LogFormat {
+        let from_file = match &mut self.command {
+            Command::Serve(args) => args.read_config().as_ref().ok().and_then(|file| file.log_format),
             _ => None,
         };
-        self.log_format.or_else(from_file).unwrap_or(LogFormat::Text)
+        self.log_format.or(from_file).unwrap_or(LogFormat::Text)
     }
 }
 
@@ -103,6 +101,20 @@ pub struct ServeArgs {
     /// The settings.
     #[command(flatten)]
     pub settings: Settings,
+    /// The `--config` file as read (once), or why it could not be.
+    #[arg(skip)]
+    read: Option<Result<Settings, ServerError>>,
+}
+
+impl ServeArgs {
+    /// The `--config` file's settings (defaults without `--config`), read on the first call only.
+    fn read_config(&mut self) -> &Result<Settings, ServerError> {
+        let path = self.config.as_deref();
+        self.read.get_or_insert_with(|| match path {
+            Some(path) => Settings::from_file(path),
+            None => Ok(Settings::default()),
+        })
+    }
 }
 
 /// Which store a store command acts on.
@@ -689,11 +701,9 @@ fn print(value: &Value) -> Result<(), ServerError> {
 ///
 /// # Errors
 /// Configuration, start-up and signal-handler failures.
-pub async fn serve(args: ServeArgs) -> Result<(), ServerError> {
-    let file = match &args.config {
-        Some(path) => Settings::from_file(path)?,
-        None => Settings::default(),
-    };
+pub async fn serve(mut args: ServeArgs) -> Result<(), ServerError> {
+    args.read_config();
+    let file = args.read.take().unwrap_or_else(|| Ok(Settings::default()))?;
     let config = args.settings.or(file).resolve()?;
     match config.store.database_url.clone() {
         None => {

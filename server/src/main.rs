@@ -13,7 +13,7 @@ use zerotouch_server::logging;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     logging::init(cli.initial_log_format());
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

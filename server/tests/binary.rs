@@ -1099,3 +1099,43 @@ fn serve_takes_its_log_format_from_the_config_file_unless_the_flag_gives_one() {
         assert!(stderr.starts_with("zerotouch: configuration: ") && stderr.contains(expected), "{stderr}");
     }
 }
+
+#[test]
+fn serve_reads_a_config_file_given_as_a_pipe_once() {
+    use std::io::Write as _;
+    // A pipe (`--config <(…)`, `/dev/stdin`) can be read once: the log format and the settings
+    // must come from that one read. A misspelt key in it is refused as in a plain file.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+        .args(["serve", "--config", "/dev/stdin"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let text = format!(
+        "log-format = \"json\"\ndata-dir = {:?}\nmqtt-listen = \"127.0.0.1:0\"\n\
+         https-listen = \"127.0.0.1:0\"\ndata-drr = \"x\"\n",
+        dir.path().join("data")
+    );
+    stdin.write_all(text.as_bytes()).unwrap();
+    drop(stdin);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("serve started with a config read from a pipe that has a misspelt key");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("data-drr"), "{stderr}");
+}
