@@ -103,16 +103,18 @@ pub struct ServeArgs {
     pub settings: Settings,
     /// The `--config` file as read (once), or why it could not be.
     #[arg(skip)]
-    read: Option<Result<Settings, ServerError>>,
+    read: Option<Box<Result<Settings, ServerError>>>,
 }
 
 impl ServeArgs {
     /// The `--config` file's settings (defaults without `--config`), read on the first call only.
     fn read_config(&mut self) -> &Result<Settings, ServerError> {
         let path = self.config.as_deref();
-        self.read.get_or_insert_with(|| match path {
-            Some(path) => Settings::from_file(path),
-            None => Ok(Settings::default()),
+        self.read.get_or_insert_with(|| {
+            Box::new(match path {
+                Some(path) => Settings::from_file(path),
+                None => Ok(Settings::default()),
+            })
         })
     }
 }
@@ -703,7 +705,7 @@ fn print(value: &Value) -> Result<(), ServerError> {
 /// Configuration, start-up and signal-handler failures.
 pub async fn serve(mut args: ServeArgs) -> Result<(), ServerError> {
     args.read_config();
-    let file = args.read.take().unwrap_or_else(|| Ok(Settings::default()))?;
+    let file = args.read.take().map_or_else(|| Ok(Settings::default()), |read| *read)?;
     let config = args.settings.or(file).resolve()?;
     match config.store.database_url.clone() {
         None => {
