@@ -211,6 +211,26 @@ fn a_read_only_store_beside_a_writer_sees_its_commits_and_does_not_block_it() {
     assert_eq!(group_ids(&reader), ["line-1", "line-2", "line-3"]);
 }
 
+#[cfg(unix)]
+#[test]
+fn a_store_opened_through_a_symbolic_link_sees_the_log_beside_the_real_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("volume");
+    std::fs::create_dir(&real).unwrap();
+    let path = real.join("zerotouch.sqlite");
+    let writer = SqliteStore::open(&path).unwrap();
+    writer.put_enrollment_group(&group("line-1"), &Precondition::MustNotExist).unwrap();
+    // SQLite keeps the log beside the file the link points at, not beside the link.
+    let link = dir.path().join("zerotouch.sqlite");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    assert!(real.join("zerotouch.sqlite-wal").exists());
+
+    let reader = SqliteStore::open_read_only(&link).unwrap();
+    assert_eq!(group_ids(&reader), ["line-1"], "a commit still in the log is seen");
+    writer.put_enrollment_group(&group("line-2"), &Precondition::MustNotExist).unwrap();
+    assert_eq!(group_ids(&reader), ["line-1", "line-2"]);
+}
+
 #[test]
 fn a_stopped_store_changed_under_a_read_only_store_fails_its_reads_rather_than_mix_versions() {
     let dir = tempfile::tempdir().unwrap();

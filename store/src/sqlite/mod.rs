@@ -555,6 +555,12 @@ impl SqliteStore {
         if !path.is_file() {
             return Err(StoreError::Backend(format!("sqlite: {}: not a file", path.display())));
         }
+        // SQLite keeps the log and its index beside the file a symbolic link points at; looking
+        // beside the link would miss a live server's log and read a stale snapshot.
+        let given = path;
+        let real = std::fs::canonicalize(given)
+            .map_err(|e| StoreError::Backend(format!("sqlite: {}: {e}", given.display())))?;
+        let path = real.as_path();
         let wal = sibling(path, "-wal");
         let shm = sibling(path, "-shm");
         // SQLite's plain read-only open of a WAL database opens its log and index read-write,
@@ -586,12 +592,12 @@ impl SqliteStore {
                     "{message} ({}): it has a write-ahead log ({}) but no index beside it ({}), which \
                      SQLite must create to read the log and cannot here: copy the database and its \
                      log to a writable directory and read the copy",
-                    path.display(),
+                    given.display(),
                     wal.display(),
                     shm.display()
                 ))
             }
-            StoreError::Backend(message) => StoreError::Backend(format!("{message} ({})", path.display())),
+            StoreError::Backend(message) => StoreError::Backend(format!("{message} ({})", given.display())),
             other => other,
         })?;
         if found < SCHEMA_VERSION {
@@ -599,17 +605,17 @@ impl SqliteStore {
                 "{} has schema version {found}, older than the {SCHEMA_VERSION} of this zerotouch, and \
                  a read-only open does not migrate it: run `zerotouch serve` (or any command that \
                  writes to the store) on it once, or on a writable copy, to migrate it",
-                path.display()
+                given.display()
             )));
         }
         if found > SCHEMA_VERSION {
             return Err(StoreError::Backend(format!(
                 "{} has schema version {found}, newer than the {SCHEMA_VERSION} this zerotouch \
                  understands: upgrade zerotouch to read it",
-                path.display()
+                given.display()
             )));
         }
-        let read_only = ReadOnly { path: path.to_owned(), snapshot: snapshot.then_some(stamp) };
+        let read_only = ReadOnly { path: given.to_owned(), snapshot: snapshot.then_some(stamp) };
         Ok(Self::from_parts(conn, Vec::new(), Some(read_only)))
     }
 
