@@ -455,8 +455,11 @@ fn run_devices<B: Backend>(
 fn hubs_named<B: Backend>(backend: &B, hub: Option<&str>) -> Result<Vec<String>, ServerError> {
     let names = backend.hub_names()?;
     match hub {
-        Some(h) if names.iter().any(|n| n.eq_ignore_ascii_case(h)) => Ok(vec![h.to_owned()]),
-        Some(h) => Err(ServerError::NotFound(format!("no embedded hub {h:?} in this store"))),
+        // Host names compare without case; listings name the hub as stored.
+        Some(h) => match names.into_iter().find(|n| n.eq_ignore_ascii_case(h)) {
+            Some(stored) => Ok(vec![stored]),
+            None => Err(ServerError::NotFound(format!("no embedded hub {h:?} in this store"))),
+        },
         None => Ok(names),
     }
 }

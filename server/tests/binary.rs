@@ -365,6 +365,7 @@ fn files(
 fn stopped_data_dir(dir: &std::path::Path) -> std::path::PathBuf {
     use zerotouch_engine::registry::IdentityStore as _;
     use zerotouch_engine::store::Precondition;
+    use zerotouch_engine::twin::{TwinDocument, TwinKey, TwinStore as _};
     use zerotouch_server::backend::Backend as _;
 
     let data = dir.join("data");
@@ -375,13 +376,19 @@ fn stopped_data_dir(dir: &std::path::Path) -> std::path::PathBuf {
             {"enrollmentGroupId": "line-9", "attestation": {"type": "symmetricKey"}}]"#,
     );
     let backend = zerotouch_server::backend::SqliteBackend::new(&data);
-    let device = zerotouch_proto::hub::Device::new(zerotouch_proto::DeviceId::new("valve-1").unwrap());
-    backend
-        .hub("north.localhost")
-        .unwrap()
-        .identities
-        .put_device(&device, &Precondition::MustNotExist)
-        .unwrap();
+    let id = zerotouch_proto::DeviceId::new("valve-1").unwrap();
+    let device = zerotouch_proto::hub::Device::new(id.clone());
+    let hub = backend.hub("north.localhost").unwrap();
+    hub.identities.put_device(&device, &Precondition::MustNotExist).unwrap();
+    let tags = serde_json::json!({"site": "north"}).as_object().unwrap().clone();
+    let twin = TwinDocument::with_initial(
+        zerotouch_proto::Timestamp::from_unix_secs(1_767_225_600),
+        &tags,
+        &Default::default(),
+    )
+    .unwrap();
+    hub.twins.put_twin(&TwinKey::device(id), &twin, &Precondition::MustNotExist).unwrap();
+    drop(hub);
     drop(backend);
     data
 }
@@ -395,6 +402,12 @@ fn read_commands(data: &str) -> Vec<(Vec<&str>, &'static str)> {
         (vec!["devices", "list", "--hub", "north.localhost", "--data-dir", data], "valve-1"),
         (vec!["devices", "get", "--data-dir", data, "valve-1"], "valve-1"),
         (vec!["devices", "get", "--hub", "north.localhost", "--data-dir", data, "valve-1"], "valve-1"),
+        (vec!["twins", "get", "--data-dir", data, "valve-1"], "\"site\": \"north\""),
+        (vec!["twins", "list", "--data-dir", data], "\"site\": \"north\""),
+        (
+            vec!["twins", "list", "--hub", "NORTH.localhost", "--data-dir", data],
+            "\"hub\": \"north.localhost\"",
+        ),
     ]
 }
 
