@@ -302,10 +302,18 @@ fn keep_imported(path: &std::path::Path) -> Result<(), ServerError> {
         if n > 0 {
             done.push(format!(".{n}"));
         }
-        // A hard link fails where the name exists, where a rename would replace the file.
+        // A hard link fails where the name exists, where a rename would replace the file. A
+        // file gone meanwhile was kept by another process that imported it too (the import
+        // skips rows already present, so both imports moved the same rows).
         match std::fs::hard_link(path, &done) {
-            Ok(()) => return std::fs::remove_file(path).map_err(|e| ServerError::io(path, e)),
+            Ok(()) => {
+                return match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ServerError::io(path, e)),
+                    _ => Ok(()),
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(ServerError::io(path, e)),
         }
     }
@@ -493,6 +501,18 @@ mod tests {
         assert_eq!(std::fs::read(&kept).unwrap(), b"the copy kept by the first import");
         assert!(!legacy.join("north.localhost.sqlite").exists());
         assert!(legacy.join("north.localhost.sqlite.imported.1").exists());
+    }
+
+    #[test]
+    fn a_hub_file_kept_by_another_process_meanwhile_is_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("north.localhost.sqlite");
+        std::fs::write(&path, b"a hub file").unwrap();
+        // Both processes imported it; the first keeps it, then the second finds it gone.
+        keep_imported(&path).unwrap();
+        keep_imported(&path).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("north.localhost.sqlite.imported")).unwrap(), b"a hub file");
+        assert!(!dir.path().join("north.localhost.sqlite.imported.1").exists());
     }
 
     #[test]
