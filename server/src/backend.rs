@@ -373,6 +373,8 @@ pub(crate) fn no_store(database: &std::path::Path) -> ServerError {
 /// its host name (lower case), so the same device id may exist in two hubs; the names of the
 /// hubs ever opened are stored, so admin commands list them. A database from before hubs had
 /// names (one hub, untagged rows) gives its rows to the first hub opened on it.
+///
+/// [`PgBackend::connect_read_only`] opens the database for the commands that only read it.
 #[cfg(feature = "postgres")]
 #[derive(Debug, Clone)]
 pub struct PgBackend {
@@ -391,6 +393,45 @@ impl PgBackend {
     pub fn connect(url: &str) -> Result<Self, ServerError> {
         let store = zerotouch_store::postgres::PgStore::connect(url, Self::POOL_SIZE).map_err(pg_error)?;
         Ok(Self { store })
+    }
+
+    /// Connects to `url` for reading only (see
+    /// [`PgStore::connect_read_only`](zerotouch_store::postgres::PgStore::connect_read_only)):
+    /// nothing is created, migrated or written, so a command of a newer zerotouch never changes
+    /// the schema under the servers running on the database, and PostgreSQL refuses every write.
+    /// [`Backend::hub`] records no hub and moves no rows of the unnamed hub;
+    /// [`Backend::shared_id_scope`] stores none.
+    ///
+    /// # Errors
+    /// [`ServerError::NotFound`] when the database holds no zerotouch store;
+    /// [`ServerError::Store`] when the server is unreachable or refuses, or when the schema must
+    /// first be migrated or needs a newer zerotouch.
+    pub fn connect_read_only(url: &str) -> Result<Self, ServerError> {
+        let store = zerotouch_store::postgres::PgStore::connect_read_only(url, Self::POOL_SIZE).map_err(
+            |e| match e {
+                zerotouch_engine::StoreError::NotFound => ServerError::NotFound(
+                    "no zerotouch store in the PostgreSQL database (no `zerotouch_schema` table on its \
+                     search path: is --database-url right? `zerotouch serve --database-url URL` or \
+                     `zerotouch enrollments import --database-url URL FILE` creates one)"
+                        .to_owned(),
+                ),
+                e => pg_error(e),
+            },
+        )?;
+        Ok(Self { store })
+    }
+
+    /// The backend of a store sub-command on `url`: [`PgBackend::connect_read_only`] for one
+    /// that only reads, otherwise [`PgBackend::connect`].
+    ///
+    /// # Errors
+    /// As those.
+    pub fn for_command(url: &str, read_only: bool) -> Result<Self, ServerError> {
+        if read_only {
+            Self::connect_read_only(url)
+        } else {
+            Self::connect(url)
+        }
     }
 }
 
@@ -417,13 +458,25 @@ impl Backend for PgBackend {
     fn hub(&self, host_name: &str) -> Result<HubStoresOf<Self>, ServerError> {
         // One view for all three: they share the pool, so a registration's unit covers them.
         let hub = self.store.hub(host_name).map_err(pg_error)?;
-        let moved = hub.claim_unnamed_hub().map_err(pg_error)?;
-        if moved > 0 {
-            tracing::info!(
-                hub = host_name,
-                devices = moved,
-                "moved the devices of the unnamed hub into this hub"
-            );
+        if self.store.is_read_only() {
+            // What a writer would move into the hub first; reading without it would miss those
+            // devices.
+            if hub.would_claim_unnamed_hub().map_err(pg_error)? {
+                return Err(ServerError::Store(format!(
+                    "the database holds devices of the unnamed hub (written before hubs had names), which \
+                     the first server to open hub {host_name} moves into it, and a read-only command does \
+                     not move them: run `zerotouch serve` with that hub on the database once"
+                )));
+            }
+        } else {
+            let moved = hub.claim_unnamed_hub().map_err(pg_error)?;
+            if moved > 0 {
+                tracing::info!(
+                    hub = host_name,
+                    devices = moved,
+                    "moved the devices of the unnamed hub into this hub"
+                );
+            }
         }
         Ok(HubStores { identities: hub.clone(), twins: hub.clone(), jobs: hub })
     }
@@ -440,8 +493,17 @@ impl Backend for PgBackend {
         crate::admin::scan_device_twins(&self.hub(host_name)?.twins, visit)
     }
 
+    /// The stored ID scope, or `proposed`, which is then stored; on a read-only backend the
+    /// stored one only (`None` when none is).
     fn shared_id_scope(&self, proposed: &IdScope) -> Result<Option<IdScope>, ServerError> {
-        let stored = self.store.setting_or_insert("id-scope", proposed.as_str()).map_err(pg_error)?;
+        let stored = if self.store.is_read_only() {
+            match self.store.setting("id-scope").map_err(pg_error)? {
+                Some(stored) => stored,
+                None => return Ok(None),
+            }
+        } else {
+            self.store.setting_or_insert("id-scope", proposed.as_str()).map_err(pg_error)?
+        };
         IdScope::new(stored.as_str())
             .map(Some)
             .map_err(|e| ServerError::Config(format!("the database's ID scope {stored:?}: {e}")))

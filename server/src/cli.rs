@@ -12,10 +12,10 @@ use crate::backend::Backend;
 use crate::config::{Settings, StoreLocation};
 use crate::error::{RegistrationErrorKind, ServerError};
 
-/// Runs `$body` with `$b` bound to the backend a [`StoreLocation`] names: a SQLite store opened
-/// read-only when `$read_only`, else syncing every commit (see
-/// [`SqliteBackend::for_command`](crate::backend::SqliteBackend::for_command)); PostgreSQL is
-/// opened as for any command.
+/// Runs `$body` with `$b` bound to the backend a [`StoreLocation`] names, opened read-only when
+/// `$read_only`: a SQLite store otherwise syncing every commit (see
+/// [`SqliteBackend::for_command`](crate::backend::SqliteBackend::for_command)), a PostgreSQL
+/// database otherwise migrated (see [`PgBackend::for_command`](crate::backend::PgBackend::for_command)).
 macro_rules! on_backend {
     ($location:expr, read_only: $read_only:expr, |$b:ident| $body:expr) => {{
         let location: StoreLocation = $location;
@@ -26,7 +26,7 @@ macro_rules! on_backend {
                 $body
             }
             Some(url) => {
-                let $b = crate::backend::PgBackend::connect(url.as_str())?;
+                let $b = crate::backend::PgBackend::for_command(url.as_str(), $read_only)?;
                 $body
             }
         }

@@ -12,6 +12,9 @@
 //! hub's rows. A registration's unit ([`RegistrationStore::atomically`]) is one transaction
 //! that the provisioning store and the hub views of the same pool all write through.
 //!
+//! [`PgStore::connect_read_only`] opens a database for reading only: it never migrates, its
+//! sessions are read-only (PostgreSQL refuses every write), and its hub views record nothing.
+//!
 //! The SQL sticks to plain tables, text and jsonb columns, arrays, row locks and savepoints, so
 //! it also suits PostgreSQL-compatible clusters (CockroachDB, Citus).
 
@@ -95,6 +98,71 @@ fn with_timeouts(mut config: postgres::Config) -> postgres::Config {
     config
 }
 
+/// The startup option of a read-only store's sessions: every transaction read-only unless it
+/// says otherwise, which no statement of the store does.
+const READ_ONLY_SESSION: &str = "-cdefault_transaction_read_only=on";
+
+/// The connection settings of `url`, with this store's timeouts and notice logging.
+fn config(url: &str) -> Result<postgres::Config, StoreError> {
+    let config: postgres::Config =
+        url.parse().map_err(|e| StoreError::Backend(format!("bad PostgreSQL URL: {e}")))?;
+    let mut config = with_timeouts(config);
+    // The server's notices are its remarks on our own statements (the migrations' `IF NOT
+    // EXISTS` on every start): not news to an operator. postgres logs them at info.
+    config.notice_callback(|notice| {
+        tracing::debug!(severity = notice.severity(), "PostgreSQL notice: {}", notice.message());
+    });
+    Ok(config)
+}
+
+/// One connection outside the pool: it fails fast with the server's own error, where the pool
+/// would retry until its timeout.
+fn connect_directly(config: &postgres::Config) -> Result<Client, StoreError> {
+    config
+        .connect(NoTls)
+        .map_err(|e| StoreError::Backend(format!("cannot connect to PostgreSQL: {}", describe(&e))))
+}
+
+/// The database `config` connects to, for messages: its name and hosts (never the password).
+fn database_name(config: &postgres::Config) -> String {
+    let name = config.get_dbname().or(config.get_user()).unwrap_or("postgres");
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|host| match host {
+            postgres::config::Host::Tcp(name) => name.clone(),
+            #[cfg(unix)]
+            postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    if hosts.is_empty() {
+        format!("the PostgreSQL database {name:?}")
+    } else {
+        format!("the PostgreSQL database {name:?} on {}", hosts.join(","))
+    }
+}
+
+/// Whether hub `hub` may take the unnamed hub's rows, given the `names` of every named hub:
+/// it is the only one, and it holds nothing yet.
+fn may_claim(c: &mut impl GenericClient, names: &[Row], hub: &str) -> Result<bool, StoreError> {
+    let only_this = names.len() == 1 && names[0].try_get::<_, &str>(0).map_err(backend)? == hub;
+    if !only_this {
+        return Ok(false);
+    }
+    let occupied: bool = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM devices WHERE hub = $1) \
+             OR EXISTS (SELECT 1 FROM twins WHERE hub = $1) \
+             OR EXISTS (SELECT 1 FROM jobs WHERE hub = $1) \
+             OR EXISTS (SELECT 1 FROM device_jobs WHERE hub = $1)",
+            &[&hub],
+        )
+        .map_err(backend)?
+        .try_get(0)
+        .map_err(backend)?;
+    Ok(!occupied)
+}
+
 /// Rows per statement of a bulk import (a multi-row `INSERT`); PostgreSQL allows 65535
 /// parameters per statement, and a device row takes 5.
 const IMPORT_ROWS_PER_STATEMENT: usize = 1000;
@@ -112,6 +180,9 @@ const IMPORT_ROWS_PER_STATEMENT: usize = 1000;
 /// [`RegistrationStore::atomically`] opens a transaction for the calling thread: until the unit
 /// returns, every call on that thread through a store sharing this pool (clones and hub views)
 /// joins it. Units are per thread; see [`RegistrationStore::atomically`] on [`PgStore`].
+///
+/// [`PgStore::connect_read_only`] opens a store for reading only: PostgreSQL refuses every
+/// write of its connections.
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool<Manager>,
@@ -119,6 +190,9 @@ pub struct PgStore {
     key: u64,
     /// Host name of the hub the hub stores are scoped to (lower case; `""` unnamed).
     hub: Arc<str>,
+    /// Opened with [`PgStore::connect_read_only`]: every connection of the pool is a read-only
+    /// session, and the store writes nothing of its own accord (no hub name recorded).
+    read_only: bool,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -127,6 +201,7 @@ impl std::fmt::Debug for PgStore {
         let state = self.pool.state();
         f.debug_struct("PgStore")
             .field("hub", &self.hub)
+            .field("read_only", &self.read_only)
             .field("connections", &state.connections)
             .field("idle", &state.idle_connections)
             .finish()
@@ -144,21 +219,78 @@ impl PgStore {
     /// [`StoreError::Backend`] when the URL is malformed, the server cannot be reached, a
     /// migration fails, or the database's schema is newer than this build knows.
     pub fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
-        let config: postgres::Config =
-            url.parse().map_err(|e| StoreError::Backend(format!("bad PostgreSQL URL: {e}")))?;
-        let mut config = with_timeouts(config);
-        // The server's notices are its remarks on our own statements (the migrations' `IF NOT
-        // EXISTS` on every start): not news to an operator. postgres logs them at info.
-        config.notice_callback(|notice| {
-            tracing::debug!(severity = notice.severity(), "PostgreSQL notice: {}", notice.message());
-        });
+        let config = config(url)?;
         // One direct connection first: it fails fast with the server's own error (the pool
         // would retry until its timeout), and it runs the migrations.
-        let mut client = config
-            .connect(NoTls)
-            .map_err(|e| StoreError::Backend(format!("cannot connect to PostgreSQL: {}", describe(&e))))?;
+        let mut client = connect_directly(&config)?;
         schema::migrate(&mut client)?;
         drop(client);
+        Self::with_pool(config, pool_size, false)
+    }
+
+    /// Connects to the database at `url` (as [`PgStore::connect`]) for reading only: nothing is
+    /// created, migrated or written. Every connection of the pool is a read-only session
+    /// (`default_transaction_read_only` set when it starts), so PostgreSQL itself refuses every
+    /// write, which fails with [`StoreError::Backend`] saying the store was opened read-only;
+    /// [`PgStore::hub`] records no hub, and [`PgStore::claim_unnamed_hub`] and
+    /// [`PgStore::setting_or_insert`] refuse to write. Reads see every commit of the servers
+    /// writing to the database, and block none of them.
+    ///
+    /// The database must have this binary's schema version ([`LATEST_SCHEMA_VERSION`]): an older
+    /// one is not migrated (a server or a command that writes migrates it), a newer one needs a
+    /// newer zerotouch.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when the database (in the schemas of its search path) holds no
+    /// zerotouch schema; [`StoreError::Backend`] when the URL is malformed, the server cannot be
+    /// reached, the session could not be made read-only, or the schema version is not
+    /// [`LATEST_SCHEMA_VERSION`].
+    pub fn connect_read_only(url: &str, pool_size: u32) -> Result<Self, StoreError> {
+        let mut config = config(url)?;
+        // Set at the start of every session, after the URL's own options (the last setting of a
+        // parameter wins), so no connection of the pool ever runs a transaction that may write.
+        let options = match config.get_options() {
+            Some(own) if !own.trim().is_empty() => format!("{own} {READ_ONLY_SESSION}"),
+            _ => READ_ONLY_SESSION.to_owned(),
+        };
+        config.options(&options);
+        let mut client = connect_directly(&config)?;
+        // A connection pooler may drop startup options: then the sessions would write.
+        let read_only: String = client
+            .query_one("SHOW default_transaction_read_only", &[])
+            .and_then(|row| row.try_get(0))
+            .map_err(backend)?;
+        if read_only != "on" {
+            return Err(StoreError::Backend(format!(
+                "PostgreSQL: the session was not made read-only (default_transaction_read_only is \
+                 {read_only:?} although the connection asked for on; does a connection pooler drop \
+                 startup options?), so the store is not opened for reading only"
+            )));
+        }
+        let database = database_name(&config);
+        match schema::applied_version(&mut client)? {
+            None => return Err(StoreError::NotFound),
+            Some(found) if found < LATEST_SCHEMA_VERSION => {
+                return Err(StoreError::Backend(format!(
+                    "{database} has schema version {found}, older than the {LATEST_SCHEMA_VERSION} of this \
+                     zerotouch, and a read-only open does not migrate it: run `zerotouch serve` (or any \
+                     command that writes to the store) on it once to migrate it"
+                )));
+            }
+            Some(found) if found > LATEST_SCHEMA_VERSION => {
+                return Err(StoreError::Backend(format!(
+                    "{database} has schema version {found}, newer than the {LATEST_SCHEMA_VERSION} this \
+                     zerotouch understands: upgrade zerotouch to read it"
+                )));
+            }
+            Some(_) => {}
+        }
+        drop(client);
+        Self::with_pool(config, pool_size, true)
+    }
+
+    /// The store over a new pool of up to `pool_size` connections made with `config`.
+    fn with_pool(config: postgres::Config, pool_size: u32, read_only: bool) -> Result<Self, StoreError> {
         let manager = PostgresConnectionManager::new(config, NoTls);
         let pool = Pool::builder()
             .max_size(pool_size.max(1))
@@ -166,12 +298,25 @@ impl PgStore {
             .connection_timeout(POOL_TIMEOUT)
             .build(manager)
             .map_err(|e| StoreError::Backend(format!("cannot connect to PostgreSQL: {e}")))?;
-        Ok(PgStore { pool, key: unit::next_pool_key(), hub: Arc::from("") })
+        Ok(PgStore { pool, key: unit::next_pool_key(), hub: Arc::from(""), read_only })
+    }
+
+    /// Whether this store was opened with [`PgStore::connect_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The error of a write a read-only store refuses before asking the database.
+    fn refusal(&self, what: &str) -> StoreError {
+        StoreError::Backend(format!(
+            "PostgreSQL: the store was opened read-only, and this call writes ({what})"
+        ))
     }
 
     /// The stores of embedded hub `host_name` (compared case-insensitively) over this store's
     /// pool: its identities, twins, jobs and query source hold that hub's rows only, while the
-    /// provisioning stores stay the database's. Records the name for [`PgStore::hub_names`].
+    /// provisioning stores stay the database's. Records the name for [`PgStore::hub_names`],
+    /// except on a read-only store (whose view of a hub never recorded reads as empty).
     ///
     /// # Errors
     /// [`StoreError::Backend`] for an empty name or when the name cannot be recorded.
@@ -180,10 +325,17 @@ impl PgStore {
         if name.is_empty() {
             return Err(StoreError::Backend("a hub needs a host name".to_owned()));
         }
-        self.conn()?
-            .execute("INSERT INTO hubs (name) VALUES ($1) ON CONFLICT (name) DO NOTHING", &[&name])
-            .map_err(backend)?;
-        Ok(PgStore { pool: self.pool.clone(), key: self.key, hub: Arc::from(name) })
+        if !self.read_only {
+            self.conn()?
+                .execute("INSERT INTO hubs (name) VALUES ($1) ON CONFLICT (name) DO NOTHING", &[&name])
+                .map_err(backend)?;
+        }
+        Ok(PgStore {
+            pool: self.pool.clone(),
+            key: self.key,
+            hub: Arc::from(name),
+            read_only: self.read_only,
+        })
     }
 
     /// Moves the rows of the unnamed hub — what a database written before hubs had names
@@ -193,17 +345,15 @@ impl PgStore {
     /// there was nothing to move or the conditions do not hold).
     ///
     /// # Errors
-    /// Backend failures (then nothing moved).
+    /// Backend failures (then nothing moved); [`StoreError::Backend`] on a read-only store.
     pub fn claim_unnamed_hub(&self) -> Result<u64, StoreError> {
         if self.hub.is_empty() {
             return Ok(0);
         }
-        let unnamed = "SELECT EXISTS (SELECT 1 FROM devices WHERE hub = '') \
-                        OR EXISTS (SELECT 1 FROM twins WHERE hub = '') \
-                        OR EXISTS (SELECT 1 FROM jobs WHERE hub = '') \
-                        OR EXISTS (SELECT 1 FROM device_jobs WHERE hub = '')";
-        let any: bool = self.conn()?.query_one(unnamed, &[]).map_err(backend)?.try_get(0).map_err(backend)?;
-        if !any {
+        if self.read_only {
+            return Err(self.refusal("it moves the unnamed hub's rows into this hub"));
+        }
+        if !self.unnamed_hub_occupied()? {
             return Ok(0);
         }
         let hub: &str = &self.hub;
@@ -211,19 +361,7 @@ impl PgStore {
             // Locking the hub names keeps two instances from both claiming (and a new hub from
             // being named meanwhile).
             let names = c.query("SELECT name FROM hubs ORDER BY name FOR UPDATE", &[]).map_err(backend)?;
-            let only_this = names.len() == 1 && names[0].try_get::<_, &str>(0).map_err(backend)? == hub;
-            let occupied: bool = c
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM devices WHERE hub = $1) \
-                     OR EXISTS (SELECT 1 FROM twins WHERE hub = $1) \
-                     OR EXISTS (SELECT 1 FROM jobs WHERE hub = $1) \
-                     OR EXISTS (SELECT 1 FROM device_jobs WHERE hub = $1)",
-                    &[&hub],
-                )
-                .map_err(backend)?
-                .try_get(0)
-                .map_err(backend)?;
-            if !only_this || occupied {
+            if !may_claim(c, &names, hub)? {
                 return Ok(0);
             }
             // Modules follow their devices (the foreign key cascades updates).
@@ -234,6 +372,31 @@ impl PgStore {
             }
             Ok(moved)
         })
+    }
+
+    /// Whether [`PgStore::claim_unnamed_hub`] on this view would move rows now: the unnamed hub
+    /// holds rows, this view's hub is the only named hub of the database, and it holds nothing
+    /// yet. Only reads, so a read-only store can tell that its view of the hub misses the rows
+    /// the first writer to open the hub takes.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn would_claim_unnamed_hub(&self) -> Result<bool, StoreError> {
+        if self.hub.is_empty() || !self.unnamed_hub_occupied()? {
+            return Ok(false);
+        }
+        let mut conn = self.conn()?;
+        let names = conn.query("SELECT name FROM hubs ORDER BY name", &[]).map_err(backend)?;
+        may_claim(&mut *conn, &names, &self.hub)
+    }
+
+    /// Whether the unnamed hub holds any row.
+    fn unnamed_hub_occupied(&self) -> Result<bool, StoreError> {
+        let unnamed = "SELECT EXISTS (SELECT 1 FROM devices WHERE hub = '') \
+                        OR EXISTS (SELECT 1 FROM twins WHERE hub = '') \
+                        OR EXISTS (SELECT 1 FROM jobs WHERE hub = '') \
+                        OR EXISTS (SELECT 1 FROM device_jobs WHERE hub = '')";
+        self.conn()?.query_one(unnamed, &[]).map_err(backend)?.try_get(0).map_err(backend)
     }
 
     /// Host names of the hubs opened with [`PgStore::hub`] on this database, sorted (the
@@ -250,8 +413,13 @@ impl PgStore {
     /// is then stored. Instances starting together agree: the first to store wins.
     ///
     /// # Errors
-    /// Backend failures.
+    /// Backend failures; [`StoreError::Backend`] on a read-only store when none is stored.
     pub fn setting_or_insert(&self, name: &str, proposed: &str) -> Result<String, StoreError> {
+        if self.read_only {
+            return self
+                .setting(name)?
+                .ok_or_else(|| self.refusal(&format!("it stores the setting {name:?}")));
+        }
         let mut conn = self.conn()?;
         conn.execute(
             "INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
@@ -260,6 +428,18 @@ impl PgStore {
         .map_err(backend)?;
         let row = conn.query_one("SELECT value FROM settings WHERE name = $1", &[&name]).map_err(backend)?;
         row.try_get(0).map_err(backend)
+    }
+
+    /// The value of the shared setting `name`, if one is stored.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let row = self
+            .conn()?
+            .query_opt("SELECT value FROM settings WHERE name = $1", &[&name])
+            .map_err(backend)?;
+        row.map(|r| r.try_get(0).map_err(backend)).transpose()
     }
 
     /// Host name of the hub this store's hub stores are scoped to (`""` for the unnamed one).
@@ -532,10 +712,20 @@ impl Drop for Rollback<'_> {
 /// registration. What a conflicted unit returns never reaches the caller of `atomically`:
 /// it runs again, and when every attempt conflicted the caller gets a backend error naming
 /// the conflict, not an etag mismatch. Outside units a conflict is a backend error.
+///
+/// A write refused because the transaction is read-only (SQLSTATE 25006) says so: the store
+/// was opened with [`PgStore::connect_read_only`], or the database itself takes no writes (a
+/// hot standby, or `default_transaction_read_only` set for the database or role).
 fn backend(e: postgres::Error) -> StoreError {
     unit::note_conflict(&e);
     if unit::retryable(&e) && unit::active() {
         StoreError::PreconditionFailed
+    } else if e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) {
+        StoreError::Backend(format!(
+            "PostgreSQL: the store was opened read-only (or the database takes no writes: a standby, or \
+             `default_transaction_read_only` set for it), and this call writes: {}",
+            describe(&e)
+        ))
     } else {
         StoreError::Backend(format!("PostgreSQL: {}", describe(&e)))
     }

@@ -239,6 +239,16 @@ fn migrate_once(client: &mut postgres::Client) -> Result<Result<(), StoreError>,
     Ok(Ok(()))
 }
 
+/// The highest applied version, without creating or changing anything: `None` when the
+/// database has no version table (no zerotouch schema in the schemas of its search path).
+pub(super) fn applied_version(client: &mut impl GenericClient) -> Result<Option<i32>, StoreError> {
+    match max_version(client) {
+        Ok(version) => Ok(Some(version)),
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Ok(None),
+        Err(e) => Err(backend(e)),
+    }
+}
+
 /// The highest applied version (0 for an empty database).
 pub(super) fn current_version(client: &mut impl GenericClient) -> Result<i32, StoreError> {
     max_version(client).map_err(backend)
