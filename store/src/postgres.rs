@@ -1162,6 +1162,11 @@ fn stored_twin(row: &Row) -> Result<StoredTwin, StoreError> {
 }
 
 impl TwinStore for PgStore {
+    /// As the identity side: a unit of this pool is open on this thread.
+    fn in_open_unit(&self) -> bool {
+        unit::is_open(self.key)
+    }
+
     fn twin(&self, key: &TwinKey) -> Result<Option<TwinDocument>, StoreError> {
         let hub: &str = &self.hub;
         TWINS.get(&mut *self.conn()?, &[&hub, &key.device_id.as_str(), &twin_module_column(key)])

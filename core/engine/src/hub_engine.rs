@@ -6,10 +6,16 @@
 //! is a [`QuerySource`]), jobs select devices with the query language and patch twins, and the
 //! provisioner provisions into it through [`HubRegistry`]. [`EmbeddedHubs`] holds several hubs
 //! by host name and also carries out [`HubAction::Migrate`] between them.
+//!
+//! Events for the transport: a twin write through [`EmbeddedHub::update_twin`] returns its
+//! [`TwinEvent`]s in the [`TwinOutcome`]; twin writes whose caller gets no outcome (scheduled
+//! twin jobs, twin data of bulk and import entries, the twin reset of reprovisioning) queue theirs
+//! for [`EmbeddedHub::take_twin_events`], as provisioning queues lifecycle events for
+//! [`EmbeddedHub::take_lifecycle_events`].
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 
@@ -39,7 +45,8 @@ use crate::registry::{
 };
 use crate::store::{PageRequest, Precondition};
 use crate::twin::{
-    update_twin, MemoryTwinStore, TwinDocument, TwinKey, TwinOperation, TwinOutcome, TwinStore,
+    update_twin, MemoryTwinStore, TwinChange, TwinDocument, TwinEvent, TwinKey, TwinOperation, TwinOutcome,
+    TwinStore,
 };
 
 /// Code of a [`HubError`] for an action addressed to a hub this side does not hold (IoT Hub
@@ -73,9 +80,17 @@ const MODULE_TWIN_FIELDS: &[(&str, &str)] = &[
 ];
 
 /// The registry and the twin store of one hub: what jobs, import and query need to share.
+///
+/// As the [`TwinSink`] of bulk and import entries and the [`TwinPatcher`] of scheduled twin
+/// jobs, it queues the [`TwinEvent`]s of the twin writes it makes (their callers get no
+/// [`TwinOutcome`]); [`EmbeddedHub::take_twin_events`] hands them to the transport.
 pub struct HubCore<I, T> {
     registry: Registry<I>,
     twins: T,
+    /// Twin events of writes made for callers that get no [`TwinOutcome`], oldest first.
+    twin_events: Mutex<Vec<TwinEvent>>,
+    /// Whether those events are built and queued (see [`EmbeddedHub::set_twin_events`]).
+    twin_events_on: AtomicBool,
 }
 
 impl<I: std::fmt::Debug, T> std::fmt::Debug for HubCore<I, T> {
@@ -231,6 +246,22 @@ impl<I: IdentityStore, T: TwinStore> HubCore<I, T> {
         }
     }
 
+    /// Whether twin events are queued (see [`EmbeddedHub::set_twin_events`]).
+    fn twin_events_on(&self) -> bool {
+        self.twin_events_on.load(Ordering::Relaxed)
+    }
+
+    fn twin_queue(&self) -> std::sync::MutexGuard<'_, Vec<TwinEvent>> {
+        self.twin_events.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues the events of a twin write just made, for [`EmbeddedHub::take_twin_events`].
+    fn announce_twin(&self, events: Vec<TwinEvent>) {
+        if self.twin_events_on() && !events.is_empty() {
+            self.twin_queue().extend(events);
+        }
+    }
+
     /// Applies a twin write through [`update_twin`].
     fn write_twin(
         &self,
@@ -345,12 +376,13 @@ fn twin_patch(
     serde_json::from_value(Value::Object(body)).map_err(|e| Error::BadRequest(e.to_string()))
 }
 
-/// Sets the reported section to exactly `reported` (keys not in it are removed).
+/// Sets the reported section to exactly `reported` (keys not in it are removed); returns the
+/// change, if there was anything to write.
 fn replace_reported(
     doc: &mut TwinDocument,
     now: Timestamp,
     reported: &Map<String, Value>,
-) -> Result<(), Error> {
+) -> Result<Option<TwinChange>, Error> {
     let mut patch: Map<String, Value> = doc
         .reported()
         .keys()
@@ -358,13 +390,28 @@ fn replace_reported(
         .map(|k| (k.clone(), Value::Null))
         .collect();
     patch.extend(reported.iter().map(|(k, v)| (k.clone(), v.clone())));
-    if !patch.is_empty() {
-        doc.patch_reported(now, &patch, &IfMatch::Any)?;
+    if patch.is_empty() {
+        return Ok(None);
     }
-    Ok(())
+    doc.patch_reported(now, &patch, &IfMatch::Any).map(Some)
+}
+
+/// Adds the events of `change` (made to the twin at `key`, now `doc`) to `events`, when events
+/// are wanted at all (`events` is `None` otherwise, and nothing is built).
+fn collect_events(
+    events: &mut Option<Vec<TwinEvent>>,
+    change: Option<&TwinChange>,
+    key: &TwinKey,
+    doc: &TwinDocument,
+) {
+    if let (Some(events), Some(change)) = (events.as_mut(), change) {
+        events.extend(change.events(key, doc));
+    }
 }
 
 impl<I: IdentityStore, T: TwinStore> TwinSink for HubCore<I, T> {
+    /// As [`TwinSink::update_twin`]; the write's desired pushes and change notifications (one
+    /// set per section written) are queued for [`EmbeddedHub::take_twin_events`].
     fn update_twin(
         &self,
         device_id: &DeviceId,
@@ -382,22 +429,28 @@ impl<I: IdentityStore, T: TwinStore> TwinSink for HubCore<I, T> {
         };
         let mut doc = existing.unwrap_or_else(|| TwinDocument::new(now));
         doc.check_if_match(if_match)?;
+        let mut events = self.twin_events_on().then(Vec::new);
         if let Some(tags) = tags {
             let tags = plain_properties(Some(tags))?;
-            doc.patch(now, &twin_patch(Some(&tags), None)?, &IfMatch::Any)?;
+            let change = doc.patch(now, &twin_patch(Some(&tags), None)?, &IfMatch::Any)?;
+            collect_events(&mut events, Some(&change), &key, &doc);
         }
         if let Some(desired) = properties.and_then(|p| p.desired.as_ref()) {
             let desired = plain_properties(Some(desired))?;
             let tags = doc.tags().clone();
-            doc.replace(now, &twin_patch(Some(&tags), Some(&desired))?, &IfMatch::Any)?;
+            let change = doc.replace(now, &twin_patch(Some(&tags), Some(&desired))?, &IfMatch::Any)?;
+            collect_events(&mut events, Some(&change), &key, &doc);
         }
         if let Some(reported) = properties.and_then(|p| p.reported.as_ref()) {
-            replace_reported(&mut doc, now, &plain_properties(Some(reported))?)?;
+            let change = replace_reported(&mut doc, now, &plain_properties(Some(reported))?)?;
+            collect_events(&mut events, change.as_ref(), &key, &doc);
         }
         self.twins.put_twin(&key, &doc, &pre).map_err(|e| match e {
             StoreError::PreconditionFailed | StoreError::AlreadyExists => Error::PreconditionFailed,
             other => other.into(),
-        })
+        })?;
+        self.announce_twin(events.unwrap_or_default());
+        Ok(())
     }
 
     fn twin_for_export(
@@ -445,13 +498,17 @@ impl<I: IdentityStore, T: TwinStore> DeviceSelector for HubCore<I, T> {
 }
 
 impl<I: IdentityStore, T: TwinStore> TwinPatcher for HubCore<I, T> {
+    /// As [`TwinPatcher::update_twin`]; the desired push and change notification of the patch
+    /// are queued for [`EmbeddedHub::take_twin_events`].
     fn update_twin(&self, now: Timestamp, device: &DeviceId, update: &TwinUpdate) -> Result<(), Error> {
         self.registry.device(device)?;
         let desired = update.properties.as_ref().and_then(|p| p.desired.as_ref());
         let patch = twin_patch(update.tags.as_ref(), desired)?;
         let if_match = IfMatch::from_header(update.etag.as_deref());
         let if_match = if if_match == IfMatch::Absent { IfMatch::Any } else { if_match };
-        self.write_twin(&TwinKey::device(device.clone()), now, &TwinOperation::Patch(patch), &if_match)?;
+        let outcome =
+            self.write_twin(&TwinKey::device(device.clone()), now, &TwinOperation::Patch(patch), &if_match)?;
+        self.announce_twin(outcome.events);
         Ok(())
     }
 }
@@ -491,16 +548,24 @@ fn hub_err(error: &Error) -> HubError {
 /// The documents of one collection as of a generation of [`EmbeddedHub`] writes.
 type Snapshot = (u64, Arc<IndexedSource>);
 
-/// A lifecycle event waiting for the end of the unit it was written in, and whether its write
-/// joined that unit (see [`IdentityStore::in_open_unit`]): only such a write is undone, and its
-/// event dropped, when the unit rolls back.
+/// An event for the transport, of either queue.
+enum Announcement {
+    /// For [`EmbeddedHub::take_lifecycle_events`].
+    Lifecycle(LifecycleEvent),
+    /// For [`EmbeddedHub::take_twin_events`].
+    Twin(TwinEvent),
+}
+
+/// An event waiting for the end of the unit it was written in, and whether its write joined
+/// that unit (see [`IdentityStore::in_open_unit`], [`TwinStore::in_open_unit`]): only such a
+/// write is undone, and its event dropped, when the unit rolls back.
 struct Staged {
-    event: LifecycleEvent,
+    event: Announcement,
     undone_with_unit: bool,
 }
 
-/// Lifecycle events ready for [`EmbeddedHub::take_lifecycle_events`], and those written in
-/// units still open.
+/// Lifecycle events ready for [`EmbeddedHub::take_lifecycle_events`], and the events (lifecycle
+/// and twin) written in units still open. Released twin events go to the queue of [`HubCore`].
 #[derive(Default)]
 struct Announcements {
     queued: Vec<LifecycleEvent>,
@@ -589,7 +654,12 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         let host_name = host_name.into();
         let methods = MethodCalls::new(crypto.as_ref())?;
         let registry = Registry::new(identities, crypto, RegistryConfig::new(host_name.clone()));
-        let core = Arc::new(HubCore { registry, twins });
+        let core = Arc::new(HubCore {
+            registry,
+            twins,
+            twin_events: Mutex::new(Vec::new()),
+            twin_events_on: AtomicBool::new(true),
+        });
         let planner = JobPlanner::new(jobs, Arc::clone(&core), limits);
         Ok(Self {
             host_name,
@@ -621,28 +691,95 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         self.announcements.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues `events`, or stages them in this thread's innermost open unit. Called right after
-    /// the write they announce, on the thread that made it.
+    /// Takes the twin events of writes whose caller got no [`TwinOutcome`], oldest first, for
+    /// the transport to deliver: desired pushes and change notifications of scheduled twin jobs
+    /// ([`EmbeddedHub::run_jobs`]), of twin data in bulk and import entries ([`EmbeddedHub::bulk`],
+    /// an [`crate::registry::ImportJob`] given [`EmbeddedHub::core`] as its [`TwinSink`]) and of
+    /// the twin reset of reprovisioning ([`HubRegistry`]). Writes through
+    /// [`EmbeddedHub::update_twin`] return their events instead and queue none. Events written
+    /// inside a unit ([`HubRegistry::begin_unit`]) come once the unit committed, never when it
+    /// rolled back a write that joined it. A host that delivers none turns them off with
+    /// [`EmbeddedHub::set_twin_events`], so the queue does not grow.
+    pub fn take_twin_events(&self) -> Vec<TwinEvent> {
+        std::mem::take(&mut *self.core.twin_queue())
+    }
+
+    /// Whether twin writes whose caller gets no [`TwinOutcome`] queue their events for
+    /// [`EmbeddedHub::take_twin_events`]; on by default. Turning them off drops the queued ones.
+    pub fn set_twin_events(&mut self, on: bool) {
+        self.core.twin_events_on.store(on, Ordering::Relaxed);
+        if !on {
+            self.core.twin_queue().clear();
+            self.drop_staged(|a| matches!(a, Announcement::Twin(_)));
+        }
+    }
+
+    /// Whether any event is queued, so units must be followed.
+    fn announcing(&self) -> bool {
+        self.lifecycle_events || self.core.twin_events_on()
+    }
+
+    /// Drops the staged events `which` selects; with nothing left to announce, forgets the units.
+    fn drop_staged(&self, which: impl Fn(&Announcement) -> bool) {
+        let announcing = self.announcing();
+        let mut announcements = self.announcements();
+        if !announcing {
+            announcements.units.clear();
+            return;
+        }
+        for (_, depths) in &mut announcements.units {
+            for staged in depths.iter_mut() {
+                staged.retain(|s| !which(&s.event));
+            }
+        }
+    }
+
+    /// Queues lifecycle `events`, or stages them in this thread's innermost open unit. Called
+    /// right after the write they announce, on the thread that made it.
     fn queue(&self, events: Vec<LifecycleEvent>) {
         if !self.lifecycle_events || events.is_empty() {
             return;
         }
+        let joined = self.core.registry.store().in_open_unit();
+        self.stage(events.into_iter().map(Announcement::Lifecycle), joined);
+    }
+
+    /// [`EmbeddedHub::queue`] for twin events.
+    fn queue_twin(&self, events: Vec<TwinEvent>) {
+        if !self.core.twin_events_on() || events.is_empty() {
+            return;
+        }
+        let joined = self.core.twins.in_open_unit();
+        self.stage(events.into_iter().map(Announcement::Twin), joined);
+    }
+
+    /// Stages `events` in this thread's innermost open unit (`undone_with_unit` telling whether
+    /// their write joined it), or releases them when the thread has none open.
+    fn stage(&self, events: impl Iterator<Item = Announcement>, undone_with_unit: bool) {
         let mut announcements = self.announcements();
         let Announcements { queued, units } = &mut *announcements;
-        if !units.is_empty() {
-            let thread = std::thread::current().id();
-            if let Some(unit) = units.iter_mut().find(|(t, _)| *t == thread).and_then(|(_, d)| d.last_mut()) {
-                let undone_with_unit = self.core.registry.store().in_open_unit();
-                unit.extend(events.into_iter().map(|event| Staged { event, undone_with_unit }));
-                return;
+        let thread = std::thread::current().id();
+        match units.iter_mut().find(|(t, _)| *t == thread).and_then(|(_, d)| d.last_mut()) {
+            Some(unit) => unit.extend(events.map(|event| Staged { event, undone_with_unit })),
+            None => self.release(queued, events),
+        }
+    }
+
+    /// Hands events on to their queues: lifecycle events to `queued`, twin events to the core's.
+    fn release(&self, queued: &mut Vec<LifecycleEvent>, events: impl Iterator<Item = Announcement>) {
+        let mut twin = Vec::new();
+        for event in events {
+            match event {
+                Announcement::Lifecycle(e) => queued.push(e),
+                Announcement::Twin(e) => twin.push(e),
             }
         }
-        queued.extend(events);
+        self.core.announce_twin(twin);
     }
 
     /// Opens a unit on this thread (see [`HubRegistry::begin_unit`]).
     fn begin(&self) {
-        if !self.lifecycle_events {
+        if !self.announcing() {
             return;
         }
         let thread = std::thread::current().id();
@@ -655,7 +792,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
 
     /// Closes this thread's innermost unit (see [`HubRegistry::end_unit`]).
     fn end(&self, committed: bool) {
-        if !self.lifecycle_events {
+        if !self.announcing() {
             return;
         }
         let thread = std::thread::current().id();
@@ -672,7 +809,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
             Some(outer) => outer.extend(kept),
             None => {
                 units.swap_remove(at);
-                queued.extend(kept.map(|s| s.event));
+                self.release(queued, kept.map(|s| s.event));
             }
         }
     }
@@ -806,7 +943,9 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         Ok(Applied { value: applied.value, events })
     }
 
-    /// Synchronous bulk registry call; twins follow the created and deleted identities.
+    /// Synchronous bulk registry call; twins follow the created and deleted identities. The
+    /// lifecycle events are returned; the twin events of the entries' twin data are queued for
+    /// [`EmbeddedHub::take_twin_events`].
     ///
     /// # Errors
     /// As [`Registry::bulk`].
@@ -874,8 +1013,9 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         self.planner.create(now, job_id, request)
     }
 
-    /// Runs due jobs: twin updates are applied to this hub's twins, method invocations are
-    /// queued on [`EmbeddedHub::methods`]. Returns completions of method calls that are not
+    /// Runs due jobs: twin updates are applied to this hub's twins (their desired pushes and
+    /// change notifications queued for [`EmbeddedHub::take_twin_events`]), method invocations
+    /// are queued on [`EmbeddedHub::methods`]. Returns completions of method calls that are not
     /// part of a job.
     ///
     /// # Errors
@@ -966,9 +1106,15 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
             return put_new_twin(&self.core.twins, key, &fresh);
         };
         let pre = Precondition::Matches(doc.revision().bare().to_owned());
-        doc.replace(now, &twin_patch(Some(fresh.tags()), Some(fresh.desired()))?, &IfMatch::Any)?;
-        replace_reported(&mut doc, now, &Map::new())?;
-        self.core.twins.put_twin(key, &doc, &pre).map_err(Error::from)
+        let mut events = self.core.twin_events_on().then(Vec::new);
+        let change =
+            doc.replace(now, &twin_patch(Some(fresh.tags()), Some(fresh.desired()))?, &IfMatch::Any)?;
+        collect_events(&mut events, Some(&change), key, &doc);
+        let change = replace_reported(&mut doc, now, &Map::new())?;
+        collect_events(&mut events, change.as_ref(), key, &doc);
+        self.core.twins.put_twin(key, &doc, &pre)?;
+        self.queue_twin(events.unwrap_or_default());
+        Ok(())
     }
 
     /// Creates `device` with the tags, desired and reported properties of `twin` (a migrated
@@ -1049,9 +1195,8 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         if !on {
             // What units open now staged is dropped with the queue; writes made after events
             // are turned back on are announced at once, as outside a unit.
-            let mut announcements = self.announcements();
-            announcements.queued.clear();
-            announcements.units.clear();
+            self.announcements().queued.clear();
+            self.drop_staged(|a| matches!(a, Announcement::Lifecycle(_)));
         }
     }
 }

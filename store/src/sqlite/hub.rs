@@ -366,6 +366,11 @@ fn stored_twins(
 }
 
 impl TwinStore for SqliteStore {
+    /// As the identity side: a unit is open on this thread when it holds the writer.
+    fn in_open_unit(&self) -> bool {
+        self.inner.writer.is_owned_by_current_thread()
+    }
+
     fn twin(&self, key: &TwinKey) -> Result<Option<TwinDocument>, StoreError> {
         let module = codec::twin_module_column(key);
         self.read_one(|c| {
