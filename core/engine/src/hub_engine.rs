@@ -26,7 +26,6 @@ use zerotouch_proto::hub::{
 };
 use zerotouch_proto::jobs::{JobRequest, JobResponse, TwinUpdate};
 use zerotouch_proto::service::InitialTwin;
-use zerotouch_proto::twin::TwinPatch;
 use zerotouch_proto::{DeviceId, ETag, IfMatch, ModuleId, Timestamp};
 
 use crate::crypto::CryptoProvider;
@@ -45,8 +44,8 @@ use crate::registry::{
 };
 use crate::store::{PageRequest, Precondition};
 use crate::twin::{
-    update_twin, MemoryTwinStore, TwinChange, TwinDocument, TwinEvent, TwinKey, TwinOperation, TwinOutcome,
-    TwinStore,
+    apply_import_data, replace_reported, twin_patch, update_twin, MemoryTwinStore, TwinChange, TwinDocument,
+    TwinEvent, TwinKey, TwinOperation, TwinOutcome, TwinStore,
 };
 
 /// Code of a [`HubError`] for an action addressed to a hub this side does not hold (IoT Hub
@@ -351,51 +350,6 @@ fn put_new_twin(store: &dyn TwinStore, key: &TwinKey, doc: &TwinDocument) -> Res
     }
 }
 
-/// Properties without the `$metadata` / `$version` bookkeeping keys.
-fn plain_properties(value: Option<&Value>) -> Result<Map<String, Value>, Error> {
-    match value {
-        None | Some(Value::Null) => Ok(Map::new()),
-        Some(Value::Object(m)) => {
-            Ok(m.iter().filter(|(k, _)| !k.starts_with('$')).map(|(k, v)| (k.clone(), v.clone())).collect())
-        }
-        Some(_) => Err(hub_error(HubErrorCode::ArgumentInvalid, "twin properties must be a JSON object")),
-    }
-}
-
-fn twin_patch(
-    tags: Option<&Map<String, Value>>,
-    desired: Option<&Map<String, Value>>,
-) -> Result<TwinPatch, Error> {
-    let mut body = Map::new();
-    if let Some(t) = tags {
-        body.insert("tags".to_owned(), Value::Object(t.clone()));
-    }
-    if let Some(d) = desired {
-        body.insert("properties".to_owned(), json!({ "desired": d }));
-    }
-    serde_json::from_value(Value::Object(body)).map_err(|e| Error::BadRequest(e.to_string()))
-}
-
-/// Sets the reported section to exactly `reported` (keys not in it are removed); returns the
-/// change, if there was anything to write.
-fn replace_reported(
-    doc: &mut TwinDocument,
-    now: Timestamp,
-    reported: &Map<String, Value>,
-) -> Result<Option<TwinChange>, Error> {
-    let mut patch: Map<String, Value> = doc
-        .reported()
-        .keys()
-        .filter(|k| !reported.contains_key(*k))
-        .map(|k| (k.clone(), Value::Null))
-        .collect();
-    patch.extend(reported.iter().map(|(k, v)| (k.clone(), v.clone())));
-    if patch.is_empty() {
-        return Ok(None);
-    }
-    doc.patch_reported(now, &patch, &IfMatch::Any).map(Some)
-}
-
 /// Adds the events of `change` (made to the twin at `key`, now `doc`) to `events`, when events
 /// are wanted at all (`events` is `None` otherwise, and nothing is built).
 fn collect_events(
@@ -429,27 +383,12 @@ impl<I: IdentityStore, T: TwinStore> TwinSink for HubCore<I, T> {
         };
         let mut doc = existing.unwrap_or_else(|| TwinDocument::new(now));
         doc.check_if_match(if_match)?;
-        let mut events = self.twin_events_on().then(Vec::new);
-        if let Some(tags) = tags {
-            let tags = plain_properties(Some(tags))?;
-            let change = doc.patch(now, &twin_patch(Some(&tags), None)?, &IfMatch::Any)?;
-            collect_events(&mut events, Some(&change), &key, &doc);
-        }
-        if let Some(desired) = properties.and_then(|p| p.desired.as_ref()) {
-            let desired = plain_properties(Some(desired))?;
-            let tags = doc.tags().clone();
-            let change = doc.replace(now, &twin_patch(Some(&tags), Some(&desired))?, &IfMatch::Any)?;
-            collect_events(&mut events, Some(&change), &key, &doc);
-        }
-        if let Some(reported) = properties.and_then(|p| p.reported.as_ref()) {
-            let change = replace_reported(&mut doc, now, &plain_properties(Some(reported))?)?;
-            collect_events(&mut events, change.as_ref(), &key, &doc);
-        }
+        let events = apply_import_data(&mut doc, &key, now, tags, properties, self.twin_events_on())?;
         self.twins.put_twin(&key, &doc, &pre).map_err(|e| match e {
             StoreError::PreconditionFailed | StoreError::AlreadyExists => Error::PreconditionFailed,
             other => other.into(),
         })?;
-        self.announce_twin(events.unwrap_or_default());
+        self.announce_twin(events);
         Ok(())
     }
 

@@ -28,6 +28,7 @@ use zerotouch_proto::{DeviceId, ETag, IfMatch, ModuleId, Timestamp};
 use crate::crypto::CryptoProvider;
 use crate::error::{Error, StoreError};
 use crate::store::{Page, PageRequest, Precondition};
+use crate::twin::{apply_import_data, TwinDocument, TwinKey};
 
 pub use bulk::{device_from_entry, export_device_line, export_module_line, module_from_entry};
 pub use events::{
@@ -111,6 +112,28 @@ pub trait TwinSink {
         if_match: &IfMatch,
         now: Timestamp,
     ) -> Result<(), Error>;
+
+    /// Checks, before the identity of a create entry (or of a `createOrUpdate*` entry whose
+    /// identity does not exist) is written, that the twin of the new identity would accept the
+    /// entry's twin data, so an entry refused for its twin data creates nothing. The default
+    /// applies the data to a fresh twin document ([`crate::twin::apply_import_data`]).
+    ///
+    /// # Errors
+    /// As [`TwinSink::update_twin`] for invalid twin data.
+    fn check_new_twin(
+        &self,
+        device_id: &DeviceId,
+        module_id: Option<&ModuleId>,
+        tags: Option<&Value>,
+        properties: Option<&ExportImportProperties>,
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        let key = match module_id {
+            None => TwinKey::device(device_id.clone()),
+            Some(m) => TwinKey::module(device_id.clone(), m.clone()),
+        };
+        apply_import_data(&mut TwinDocument::new(now), &key, now, tags, properties, false).map(|_| ())
+    }
 
     /// The twin data an export line carries: twin etag, tags and properties. `None` exports the
     /// identity without twin data.

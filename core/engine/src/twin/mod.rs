@@ -13,7 +13,8 @@ mod store;
 
 use std::fmt;
 
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
+use zerotouch_proto::hub::{ExportImportProperties, HubErrorCode};
 use zerotouch_proto::twin::TwinPatch;
 use zerotouch_proto::{DeviceId, IfMatch, ModuleId, Timestamp};
 
@@ -22,6 +23,7 @@ pub use events::{DesiredPropertiesChanged, TwinChangeNotification, TwinEvent};
 pub use store::{MemoryTwinStore, StoredTwin, TwinStore};
 
 use crate::error::{Error, StoreError};
+use crate::registry::hub_error;
 use crate::store::Precondition;
 
 /// Which twin: a device twin (`module_id` is `None`) or a module twin.
@@ -128,4 +130,91 @@ pub fn update_twin(
         }
     }
     Err(Error::Conflict(format!("the twin of {key} kept changing concurrently; retry the request")))
+}
+
+/// Applies the twin data of a bulk entry or import line to `doc`, the twin at `key`, as the
+/// import modes write it (hub spec §3.3): `tags` merged, `properties.desired` and
+/// `properties.reported` each replacing the whole section (their `$metadata` / `$version` keys
+/// are ignored). Returns the events of the writes, one set per section written, when
+/// `with_events`; none (and builds none) otherwise.
+///
+/// # Errors
+/// A hub error when a part is not a JSON object, [`Error::BadRequest`] when the data breaks a
+/// twin limit. `doc` may be partly written on error: apply to a copy when that matters.
+pub fn apply_import_data(
+    doc: &mut TwinDocument,
+    key: &TwinKey,
+    now: Timestamp,
+    tags: Option<&Value>,
+    properties: Option<&ExportImportProperties>,
+    with_events: bool,
+) -> Result<Vec<TwinEvent>, Error> {
+    let mut events = Vec::new();
+    let mut collect = |change: Option<&TwinChange>, doc: &TwinDocument| {
+        if let (true, Some(change)) = (with_events, change) {
+            events.extend(change.events(key, doc));
+        }
+    };
+    if let Some(tags) = tags {
+        let tags = plain_properties(Some(tags))?;
+        let change = doc.patch(now, &twin_patch(Some(&tags), None)?, &IfMatch::Any)?;
+        collect(Some(&change), doc);
+    }
+    if let Some(desired) = properties.and_then(|p| p.desired.as_ref()) {
+        let desired = plain_properties(Some(desired))?;
+        let tags = doc.tags().clone();
+        let change = doc.replace(now, &twin_patch(Some(&tags), Some(&desired))?, &IfMatch::Any)?;
+        collect(Some(&change), doc);
+    }
+    if let Some(reported) = properties.and_then(|p| p.reported.as_ref()) {
+        let change = replace_reported(doc, now, &plain_properties(Some(reported))?)?;
+        collect(change.as_ref(), doc);
+    }
+    Ok(events)
+}
+
+/// Properties without the `$metadata` / `$version` bookkeeping keys.
+fn plain_properties(value: Option<&Value>) -> Result<Map<String, Value>, Error> {
+    match value {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(m)) => {
+            Ok(m.iter().filter(|(k, _)| !k.starts_with('$')).map(|(k, v)| (k.clone(), v.clone())).collect())
+        }
+        Some(_) => Err(hub_error(HubErrorCode::ArgumentInvalid, "twin properties must be a JSON object")),
+    }
+}
+
+/// A service patch of `tags` and desired properties.
+pub(crate) fn twin_patch(
+    tags: Option<&Map<String, Value>>,
+    desired: Option<&Map<String, Value>>,
+) -> Result<TwinPatch, Error> {
+    let mut body = Map::new();
+    if let Some(t) = tags {
+        body.insert("tags".to_owned(), Value::Object(t.clone()));
+    }
+    if let Some(d) = desired {
+        body.insert("properties".to_owned(), json!({ "desired": d }));
+    }
+    serde_json::from_value(Value::Object(body)).map_err(|e| Error::BadRequest(e.to_string()))
+}
+
+/// Sets the reported section to exactly `reported` (keys not in it are removed); returns the
+/// change, if there was anything to write.
+pub(crate) fn replace_reported(
+    doc: &mut TwinDocument,
+    now: Timestamp,
+    reported: &Map<String, Value>,
+) -> Result<Option<TwinChange>, Error> {
+    let mut patch: Map<String, Value> = doc
+        .reported()
+        .keys()
+        .filter(|k| !reported.contains_key(*k))
+        .map(|k| (k.clone(), Value::Null))
+        .collect();
+    patch.extend(reported.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if patch.is_empty() {
+        return Ok(None);
+    }
+    doc.patch_reported(now, &patch, &IfMatch::Any).map(Some)
 }
