@@ -39,13 +39,13 @@ use crate::query::{
     matches, parse_condition, Collection, Expr, IndexedSource, QuerySource, SourceDoc, VecSource,
 };
 use crate::registry::{
-    hub_error, Applied, IdentityStore, LifecycleEvent, LifecycleOperation, MemoryIdentityStore, Registry,
-    RegistryConfig, TwinSink,
+    hub_error, hub_error_code, Applied, IdentityStore, LifecycleEvent, LifecycleOperation,
+    MemoryIdentityStore, Registry, RegistryConfig, TwinSink,
 };
 use crate::store::{PageRequest, Precondition};
 use crate::twin::{
-    apply_import_data, replace_reported, twin_patch, update_twin, MemoryTwinStore, TwinChange, TwinDocument,
-    TwinEvent, TwinKey, TwinOperation, TwinOutcome, TwinStore,
+    apply_import_data, replace_reported, twin_not_found, twin_patch, twin_precondition_failed, update_twin,
+    MemoryTwinStore, TwinChange, TwinDocument, TwinEvent, TwinKey, TwinOperation, TwinOutcome, TwinStore,
 };
 
 /// Code of a [`HubError`] for an action addressed to a hub this side does not hold (IoT Hub
@@ -112,18 +112,18 @@ impl<I: IdentityStore, T: TwinStore> HubCore<I, T> {
     /// The twin of a device (`module_id` `None`) or module.
     ///
     /// # Errors
-    /// [`Error::NotFound`] when there is no such twin, store failures.
+    /// `DeviceNotFound` / `ModuleNotFound` when there is no such twin, store failures.
     pub fn twin(&self, device_id: &DeviceId, module_id: Option<&ModuleId>) -> Result<TwinDocument, Error> {
         let key = twin_key(device_id, module_id);
-        self.twins.twin(&key)?.ok_or_else(|| Error::NotFound(format!("twin of {key}")))
+        self.twins.twin(&key)?.ok_or_else(|| twin_not_found(&key))
     }
 
     /// The device twin as the service API and the query language see it (hub spec §5.1): the
     /// twin with the identity fields of the registry filled in.
     ///
     /// # Errors
-    /// `DeviceNotFound`, [`Error::NotFound`] for an identity without twin (one created through
-    /// the bare registry), store failures.
+    /// `DeviceNotFound`, store failures. An identity without twin (one created through the bare
+    /// registry) shows an empty twin.
     pub fn device_twin_json(&self, device_id: &DeviceId) -> Result<Value, Error> {
         let device = self.registry.device(device_id)?;
         let doc = self
@@ -385,7 +385,7 @@ impl<I: IdentityStore, T: TwinStore> TwinSink for HubCore<I, T> {
         doc.check_if_match(if_match)?;
         let events = apply_import_data(&mut doc, &key, now, tags, properties, self.twin_events_on())?;
         self.twins.put_twin(&key, &doc, &pre).map_err(|e| match e {
-            StoreError::PreconditionFailed | StoreError::AlreadyExists => Error::PreconditionFailed,
+            StoreError::PreconditionFailed | StoreError::AlreadyExists => twin_precondition_failed(),
             other => other.into(),
         })?;
         self.announce_twin(events);
@@ -821,7 +821,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// Creates a device and its twin (with `tags` and `desired` when given).
     ///
     /// # Errors
-    /// As [`Registry::create_device`]; [`Error::BadRequest`] for twin content that breaks a limit.
+    /// As [`Registry::create_device`]; `ArgumentInvalid` for twin content that breaks a limit.
     pub fn create_device(
         &self,
         body: Device,
@@ -1254,7 +1254,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHubs<I, T, J> {
         let old = self.hub(from_hub).ok_or_else(|| Self::unknown(from_hub))?;
         let twin = match old.core.twin(from_device_id, None) {
             Ok(t) => t,
-            Err(Error::NotFound(_)) => TwinDocument::new(now),
+            Err(e) if hub_error_code(&e) == HubErrorCode::DeviceNotFound => TwinDocument::new(now),
             Err(e) => return Err(hub_err(&e)),
         };
         let new = self.hub(to_hub).ok_or_else(|| Self::unknown(to_hub))?;

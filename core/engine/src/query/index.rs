@@ -173,7 +173,7 @@ fn string_equality(filter: &Expr) -> Option<(&Path, &str)> {
 }
 
 fn bad_token() -> Error {
-    Error::BadRequest("invalid continuation token".to_owned())
+    super::bad_continuation("invalid continuation token")
 }
 
 impl QuerySource for IndexedSource {

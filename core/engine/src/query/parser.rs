@@ -65,7 +65,10 @@ impl std::error::Error for ParseError {}
 
 impl From<ParseError> for crate::error::Error {
     fn from(e: ParseError) -> Self {
-        crate::error::Error::BadRequest(format!("The query is invalid: {e}"))
+        crate::registry::hub_error(
+            zerotouch_proto::hub::HubErrorCode::IotHubFormatError,
+            format!("The query is invalid: {e}"),
+        )
     }
 }
 

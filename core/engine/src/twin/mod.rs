@@ -18,6 +18,7 @@ use zerotouch_proto::hub::{ExportImportProperties, HubErrorCode};
 use zerotouch_proto::twin::TwinPatch;
 use zerotouch_proto::{DeviceId, IfMatch, ModuleId, Timestamp};
 
+pub(crate) use document::twin_precondition_failed;
 pub use document::{SectionChange, TwinChange, TwinDocument};
 pub use events::{DesiredPropertiesChanged, TwinChangeNotification, TwinEvent};
 pub use store::{MemoryTwinStore, StoredTwin, TwinStore};
@@ -72,7 +73,7 @@ impl TwinDocument {
     /// [`TwinDocument::patch_reported`].
     ///
     /// # Errors
-    /// [`Error::PreconditionFailed`] or [`Error::BadRequest`]; nothing changes on error.
+    /// `PreconditionFailed` (412001) or `ArgumentInvalid` (400004); nothing changes on error.
     pub fn apply(
         &mut self,
         now: Timestamp,
@@ -105,8 +106,8 @@ pub const MAX_WRITE_ATTEMPTS: usize = 8;
 /// got in between (the `If-Match` is re-checked on every attempt).
 ///
 /// # Errors
-/// [`Error::NotFound`] when there is no such twin; [`Error::PreconditionFailed`] and
-/// [`Error::BadRequest`] from the operation; [`Error::Conflict`] when concurrent writers kept
+/// `DeviceNotFound` or `ModuleNotFound` ([`twin_not_found`]) when there is no such twin;
+/// `PreconditionFailed` and `ArgumentInvalid` from the operation; [`Error::Conflict`] when concurrent writers kept
 /// winning for [`MAX_WRITE_ATTEMPTS`] attempts; store failures.
 pub fn update_twin(
     store: &dyn TwinStore,
@@ -116,7 +117,7 @@ pub fn update_twin(
     if_match: &IfMatch,
 ) -> Result<TwinOutcome, Error> {
     for _ in 0..MAX_WRITE_ATTEMPTS {
-        let mut document = store.twin(key)?.ok_or_else(|| Error::NotFound(format!("twin of {key}")))?;
+        let mut document = store.twin(key)?.ok_or_else(|| twin_not_found(key))?;
         let read_revision = document.revision();
         let change = document.apply(now, op, if_match)?;
         match store.put_twin(key, &document, &Precondition::Matches(read_revision.bare().to_owned())) {
@@ -125,7 +126,7 @@ pub fn update_twin(
                 return Ok(TwinOutcome { document, change, events });
             }
             Err(StoreError::PreconditionFailed) => continue,
-            Err(StoreError::NotFound) => return Err(Error::NotFound(format!("twin of {key}"))),
+            Err(StoreError::NotFound) => return Err(twin_not_found(key)),
             Err(e) => return Err(e.into()),
         }
     }
@@ -139,8 +140,7 @@ pub fn update_twin(
 /// `with_events`; none (and builds none) otherwise.
 ///
 /// # Errors
-/// A hub error when a part is not a JSON object, [`Error::BadRequest`] when the data breaks a
-/// twin limit. `doc` may be partly written on error: apply to a copy when that matters.
+/// `ArgumentInvalid` when a part is not a JSON object or the data breaks a twin limit. `doc` may be partly written on error: apply to a copy when that matters.
 pub fn apply_import_data(
     doc: &mut TwinDocument,
     key: &TwinKey,
@@ -173,6 +173,18 @@ pub fn apply_import_data(
     Ok(events)
 }
 
+/// The error of a write to a twin that is not there: `DeviceNotFound` (404001) for a device
+/// twin, `ModuleNotFound` (404010) for a module twin (hub spec §1.4).
+pub fn twin_not_found(key: &TwinKey) -> Error {
+    match &key.module_id {
+        None => hub_error(HubErrorCode::DeviceNotFound, format!("Device {} not registered", key.device_id)),
+        Some(m) => hub_error(
+            HubErrorCode::ModuleNotFound,
+            format!("Module {m} on device {} not registered", key.device_id),
+        ),
+    }
+}
+
 /// Properties without the `$metadata` / `$version` bookkeeping keys.
 fn plain_properties(value: Option<&Value>) -> Result<Map<String, Value>, Error> {
     match value {
@@ -196,7 +208,8 @@ pub(crate) fn twin_patch(
     if let Some(d) = desired {
         body.insert("properties".to_owned(), json!({ "desired": d }));
     }
-    serde_json::from_value(Value::Object(body)).map_err(|e| Error::BadRequest(e.to_string()))
+    serde_json::from_value(Value::Object(body))
+        .map_err(|e| hub_error(HubErrorCode::ArgumentInvalid, e.to_string()))
 }
 
 /// Sets the reported section to exactly `reported` (keys not in it are removed); returns the
