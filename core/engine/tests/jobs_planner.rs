@@ -336,6 +336,32 @@ fn a_job_that_runs_out_of_execution_time_fails_the_unfinished_devices() {
 }
 
 #[test]
+fn a_job_whose_start_time_lies_in_the_past_gets_its_whole_budget_from_when_it_starts() {
+    // The client's clock is two minutes behind: the start time it sends is already past.
+    let mut hub = Hub::new(building_fleet(), JobLimits::default());
+    let mut request = twin_job("skewed", "*", json!({"mode": "eco"}));
+    request.start_time = Some(t0() - secs(120));
+    request.max_execution_time_in_seconds = Some(60);
+    hub.planner.create(t0(), "skewed", &request).unwrap();
+    hub.run(t0());
+    assert_eq!(hub.planner.job("skewed").unwrap().status, JobStatus::Completed);
+    assert_eq!(hub.stats("skewed"), stats(4, 4, 0, 0, 0));
+    assert_eq!(hub.fleet.desired("sensor-1")["mode"], "eco");
+
+    // A method job that starts late also has its full budget from its start.
+    hub.methods.handle_device_connected(t0(), MethodTarget::device(id("sensor-1")));
+    let mut request = method_job("late", "deviceId = 'sensor-1'", "slowOp", 0, 10);
+    request.start_time = Some(t0() - secs(60));
+    hub.planner.create(t0(), "late", &request).unwrap();
+    hub.run(t0() + secs(5));
+    assert_eq!(hub.planner.job("late").unwrap().status, JobStatus::Running);
+    assert_eq!(hub.device_job("late", "sensor-1").end_time_utc, t0() + secs(15));
+    assert_eq!(hub.planner.poll_timeout(), Some(t0() + secs(15)));
+    hub.run(t0() + secs(15));
+    assert_eq!(hub.planner.job("late").unwrap().status, JobStatus::Failed);
+}
+
+#[test]
 fn a_job_over_no_matching_device_completes_with_zero_devices() {
     let mut hub = Hub::new(building_fleet(), JobLimits::default());
     hub.planner.create(t0(), "none", &twin_job("none", "tags.building = '99'", json!({"a": 1}))).unwrap();
