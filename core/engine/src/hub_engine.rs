@@ -487,6 +487,24 @@ fn hub_err(error: &Error) -> HubError {
 /// The documents of one collection as of a generation of [`EmbeddedHub`] writes.
 type Snapshot = (u64, Arc<IndexedSource>);
 
+/// A write through the hub under way: marks the query snapshots stale when it begins and again
+/// when it ends (dropped). A snapshot built while the write was under way, which may or may not
+/// hold it, is thus never used after the write is done.
+struct Writing<'a>(&'a AtomicU64);
+
+impl<'a> Writing<'a> {
+    fn begin(generation: &'a AtomicU64) -> Self {
+        generation.fetch_add(1, Ordering::AcqRel);
+        Self(generation)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 /// An event for the transport, of either queue.
 enum Announcement {
     /// For [`EmbeddedHub::take_lifecycle_events`].
@@ -531,7 +549,8 @@ pub struct EmbeddedHub<
     announcements: Mutex<Announcements>,
     /// Whether lifecycle events are built and queued (see [`EmbeddedHub::set_lifecycle_events`]).
     lifecycle_events: bool,
-    /// Bumped by every call that may write the stores; a query snapshot older than it is rebuilt.
+    /// Bumped by every call that may write the stores (at the beginning and the end of the
+    /// hub's own writes); a query snapshot older than it is rebuilt.
     generation: AtomicU64,
     /// Per collection (devices, modules, jobs): the generation it was built at and the
     /// documents with their indexes, so a query does not rebuild every document per batch.
@@ -753,11 +772,12 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         }
     }
 
-    /// Marks the query snapshots stale. Called by everything that writes, or hands out access
-    /// that can write (the registry, the core, the planner), so a query sees every change made
-    /// through this hub. A write through such an accessor that races a query on another thread
-    /// may be missed until the next call to the hub: queries are eventually consistent, as in
-    /// IoT Hub itself.
+    /// Marks the query snapshots stale. Called by the accessors that hand out access that can
+    /// write (the registry, the core, the planner), so a query made after such a write sees it;
+    /// the hub's own writes mark them at their beginning and end ([`Writing`]). A write through
+    /// an accessor that races a query on another thread may be missed until the next write
+    /// through the hub or call of an accessor: queries are eventually consistent, as in IoT Hub
+    /// itself.
     fn touched(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
@@ -829,7 +849,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         desired: Option<&Map<String, Value>>,
         now: Timestamp,
     ) -> Result<Applied<Device>, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let empty = Map::new();
         let doc = TwinDocument::with_initial(now, tags.unwrap_or(&empty), desired.unwrap_or(&empty))?;
         let applied = self.core.registry.create_device(body, now)?;
@@ -843,7 +863,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// # Errors
     /// As [`Registry::create_module`].
     pub fn create_module(&self, body: Module, now: Timestamp) -> Result<Applied<Module>, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let applied = self.core.registry.create_module(body, now)?;
         let events = self.core.settle(applied.events, now, self.lifecycle_events)?;
         Ok(Applied { value: applied.value, events })
@@ -859,7 +879,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         if_match: &IfMatch,
         now: Timestamp,
     ) -> Result<Applied<Device>, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let applied = self.core.registry.delete_device(id, if_match, now)?;
         let events = self.core.settle(applied.events, now, self.lifecycle_events)?;
         Ok(Applied { value: applied.value, events })
@@ -876,7 +896,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         if_match: &IfMatch,
         now: Timestamp,
     ) -> Result<Applied<Module>, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let applied = self.core.registry.delete_module(device_id, module_id, if_match, now)?;
         let events = self.core.settle(applied.events, now, self.lifecycle_events)?;
         Ok(Applied { value: applied.value, events })
@@ -893,7 +913,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         entries: &[ExportImportDevice],
         now: Timestamp,
     ) -> Result<Applied<BulkRegistryOperationResult>, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let applied = self.core.registry.bulk(entries, self.core.as_ref(), now)?;
         let events = self.core.settle(applied.events, now, self.lifecycle_events)?;
         Ok(Applied { value: applied.value, events })
@@ -910,7 +930,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         events: Vec<LifecycleEvent>,
         now: Timestamp,
     ) -> Result<Vec<LifecycleEvent>, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         self.core.settle(events, now, self.lifecycle_events)
     }
 
@@ -934,7 +954,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         if_match: &IfMatch,
         now: Timestamp,
     ) -> Result<TwinOutcome, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         self.core.write_twin(&twin_key(device_id, module_id), now, op, if_match)
     }
 
@@ -948,7 +968,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         job_id: &str,
         request: &JobRequest,
     ) -> Result<JobResponse, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         self.planner.create(now, job_id, request)
     }
 
@@ -960,7 +980,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// # Errors
     /// Store failures.
     pub fn run_jobs(&mut self, now: Timestamp) -> Result<Vec<MethodCompletion>, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let core = Arc::clone(&self.core);
         self.planner.run(now, core.as_ref(), &mut self.methods)
     }
@@ -981,7 +1001,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     }
 
     fn provision(&self, device: &ProvisionedDevice, setup: &TwinSetup, now: Timestamp) -> Result<(), Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let authentication = auth_mechanism(&device.auth);
         let capabilities = DeviceCapabilities { iot_edge: device.iot_edge };
         let existing = match self.core.registry.device(&device.device_id) {
@@ -1039,7 +1059,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     }
 
     fn reset_twin(&self, key: &TwinKey, initial: &InitialTwin, now: Timestamp) -> Result<(), Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let fresh = TwinDocument::from_initial_twin(now, initial)?;
         let Some(mut doc) = self.core.twins.twin(key)? else {
             return put_new_twin(&self.core.twins, key, &fresh);
@@ -1059,7 +1079,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// Creates `device` with the tags, desired and reported properties of `twin` (a migrated
     /// device keeps its data).
     fn adopt(&self, device: &ProvisionedDevice, twin: &TwinDocument, now: Timestamp) -> Result<(), Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let mut doc = TwinDocument::with_initial(now, twin.tags(), twin.desired())?;
         replace_reported(&mut doc, now, twin.reported())?;
         let body: Device = serde_json::from_value(json!({
@@ -1105,7 +1125,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// than [`EmbeddedHub::host_name`] and for `Migrate` (which needs two hubs, see
     /// [`EmbeddedHubs`]).
     pub fn apply_at(&mut self, action: &HubAction, now: Timestamp) -> Result<(), HubError> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         match action {
             HubAction::Provision { hub, device, twin } if hub.eq_ignore_ascii_case(&self.host_name) => {
                 self.provision(device, twin, now).map_err(|e| hub_err(&e))
