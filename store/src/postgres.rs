@@ -27,7 +27,7 @@ use r2d2_postgres::PostgresConnectionManager;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use zerotouch_engine::jobs::{DeviceJobFilter, JobFilter, JobRecord, JobStore};
-use zerotouch_engine::registry::{DeviceCounts, IdentityStore};
+use zerotouch_engine::registry::{keep_device_activity, keep_module_activity, DeviceCounts, IdentityStore};
 use zerotouch_engine::store::{
     CaCertificate, CaCertificateStore, EnrollmentGroupStore, EnrollmentStore, OperationRecord, Page,
     PageRequest, Precondition, RegistrationRecord, RegistrationStore,
@@ -989,6 +989,32 @@ impl IdentityStore for PgStore {
         DEVICES.put(&mut *self.conn()?, &[&hub, &r.id, &r.etag, &r.doc, &r.status, &r.connected], pre)
     }
 
+    /// The row is locked (`FOR UPDATE`) from reading its activity to writing the update: a
+    /// connection-state write waits, then finds the new etag and fails its precondition.
+    fn put_device_keeping_activity(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+        let hub: &str = &self.hub;
+        let id = device.device_id.as_str();
+        self.transaction(|tx| {
+            let stored: Option<Device> = tx
+                .query_opt(
+                    "SELECT doc FROM devices WHERE hub = $1 AND device_id = $2 FOR UPDATE",
+                    &[&hub, &id],
+                )
+                .map_err(backend)?
+                .map(|row| doc(&row))
+                .transpose()?;
+            let r = match stored {
+                Some(stored) => {
+                    let mut device = device.clone();
+                    keep_device_activity(&mut device, &stored);
+                    DeviceRow::new(&device)?
+                }
+                None => DeviceRow::new(device)?,
+            };
+            DEVICES.put(tx, &[&hub, &r.id, &r.etag, &r.doc, &r.status, &r.connected], pre)
+        })
+    }
+
     fn delete_device(&self, id: &DeviceId, pre: &Precondition) -> Result<(Device, Vec<Module>), StoreError> {
         let hub: &str = &self.hub;
         let keys: [Param<'_>; 2] = [&hub, &id.as_str()];
@@ -1075,6 +1101,32 @@ impl IdentityStore for PgStore {
                 self.transaction(put)
             }
         }
+    }
+
+    /// As [`IdentityStore::put_device_keeping_activity`] of this store, with the module row.
+    fn put_module_keeping_activity(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
+        let (d, m) = (module.device_id.as_str(), module.module_id.as_str());
+        let hub: &str = &self.hub;
+        self.transaction(|tx| {
+            let stored: Option<Module> = tx
+                .query_opt(
+                    "SELECT doc FROM modules WHERE hub = $1 AND device_id = $2 AND module_id = $3 FOR UPDATE",
+                    &[&hub, &d, &m],
+                )
+                .map_err(backend)?
+                .map(|row| doc(&row))
+                .transpose()?;
+            let written = match stored {
+                Some(stored) => {
+                    let mut module = module.clone();
+                    keep_module_activity(&mut module, &stored);
+                    module
+                }
+                None => module.clone(),
+            };
+            let (etag, doc) = (etag_column(written.etag.as_ref()), to_doc(&written)?);
+            MODULES.put(tx, &[&hub, &d, &m, &etag, &doc], pre)
+        })
     }
 
     fn delete_module(

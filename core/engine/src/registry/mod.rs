@@ -38,7 +38,9 @@ pub use events::{
 };
 pub use heartbeat::{HeartbeatTracker, MissedHeartbeat};
 pub use jobs::{ExportJob, ImportJob, ImportLineOutcome, JobCounts};
-pub use store::{DeviceCounts, IdentityStore, MemoryIdentityStore};
+pub use store::{
+    keep_device_activity, keep_module_activity, DeviceCounts, IdentityStore, MemoryIdentityStore,
+};
 
 /// Most identities one `GET /devices` returns, and the value `top` is clamped to.
 pub const MAX_LIST_TOP: usize = 1000;
@@ -371,7 +373,14 @@ impl<S: IdentityStore> Registry<S> {
             device_scope,
             parent_scopes,
         };
-        self.store.put_device(&device, &pre).map_err(|e| device_store_error(e, &device.device_id))?;
+        // The connection state and activity just read may be stale by the time of the write: a
+        // connection-state write keeps the etag, so `pre` would not notice it. The store keeps
+        // the stored ones instead, read in the same atomic step as the check. (Chosen over a
+        // per-row write version compared by the stores: no new column, no schema migration, and
+        // the write's precondition stays the etag the caller knows.)
+        self.store
+            .put_device_keeping_activity(&device, &pre)
+            .map_err(|e| device_store_error(e, &device.device_id))?;
         Ok(device)
     }
 
@@ -691,8 +700,9 @@ impl<S: IdentityStore> Registry<S> {
             cloud_to_device_message_count: existing.cloud_to_device_message_count,
             ..body
         };
+        // As in `update_device_once`: the activity fields are the store's to keep.
         self.store
-            .put_module(&module, &pre)
+            .put_module_keeping_activity(&module, &pre)
             .map_err(|e| module_store_error(e, &module.device_id, &module.module_id))?;
         Ok(module)
     }
