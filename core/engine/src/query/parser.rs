@@ -266,6 +266,22 @@ impl<'a> Parser<'a> {
                 "devices.jobs does not support aggregates or GROUP BY; query devices instead".to_owned(),
             ));
         }
+        // Spec §9.3: devices.jobs takes only SELECT *, and GROUP BY is for devices only.
+        if q.from == Collection::Jobs && !matches!(q.select, Select::All) {
+            return Err(ParseError::at(
+                self.src,
+                select_at,
+                "devices.jobs only supports SELECT *; select the fields from the results".to_owned(),
+            ));
+        }
+        if q.from == Collection::Modules && q.group_by.is_some() {
+            return Err(ParseError::at(
+                self.src,
+                group_at,
+                "GROUP BY is only supported on devices; count modules without GROUP BY or group device twins"
+                    .to_owned(),
+            ));
+        }
         let Select::Items(items) = &q.select else {
             if q.group_by.is_some() {
                 return Err(ParseError::at(
