@@ -1322,10 +1322,7 @@ impl JobStore for PgStore {
     fn jobs(&self, filter: &JobFilter, page: &PageRequest) -> Result<Page<JobResponse>, StoreError> {
         let (max, limit) = limit_of(page);
         let after = match &page.continuation {
-            Some(t) => decode_token(t, 1)?
-                .into_iter()
-                .next()
-                .ok_or_else(|| StoreError::Backend("bad continuation token".into()))?,
+            Some(t) => decode_token(t, 1)?.into_iter().next().ok_or(StoreError::InvalidContinuation)?,
             None => String::new(),
         };
         let job_type = filter.job_type.map(job_type_column).transpose()?;
@@ -1378,7 +1375,7 @@ impl JobStore for PgStore {
         let (job, device) = match &page.continuation {
             Some(t) => match decode_token(t, 2)?.as_slice() {
                 [j, d] => (j.clone(), d.clone()),
-                _ => return Err(StoreError::Backend("bad continuation token".to_owned())),
+                _ => return Err(StoreError::InvalidContinuation),
             },
             None => (String::new(), String::new()),
         };

@@ -110,6 +110,7 @@ pub fn job_store<S: JobStore>(make: impl Fn() -> S) {
     keyed_cases::<S, Jobs>(make);
     run("jobs: 250 jobs list as 100 + 100 + 50 in id order", make, job_paging);
     run("jobs: listing filters by type and status across pages", make, job_filters);
+    run("jobs: a continuation token the store did not issue is refused as such", make, forged_job_tokens);
     run(
         "jobs: a device job record is created, replaced and found by job and device",
         make,
@@ -1254,6 +1255,32 @@ fn job_paging<S: JobStore>(store: &S) -> Outcome {
         job_name,
         |a, b| a.job_id.as_str() < b.job_id.as_str(),
     )
+}
+
+/// A token a client made up (the job query's `x-ms-continuation` is client input) is
+/// [`StoreError::InvalidContinuation`], which the hub answers with 400, not a backend failure.
+fn forged_job_tokens<S: JobStore>(store: &S) -> Outcome {
+    let record =
+        JobRecord { job: job("job-1", JobType::ScheduleUpdateTwin, JobStatus::Running, 1)?, version: 1 };
+    ok("put", store.put_job(&record, &Precondition::MustNotExist))?;
+    ok(
+        "put of a device job",
+        store.put_device_job(&device_job("job-1", "dev-1", DeviceJobStatus::Running, 1)?),
+    )?;
+    for token in ["not a token!", "", "e30", "5b5d", "7b7d"] {
+        let page = PageRequest { continuation: Some(token.to_owned()), max_items: 10 };
+        fails(
+            &format!("jobs after the token {token:?}"),
+            store.jobs(&JobFilter::default(), &page),
+            &StoreError::InvalidContinuation,
+        )?;
+        fails(
+            &format!("device jobs after the token {token:?}"),
+            store.device_jobs(&DeviceJobFilter::default(), &page),
+            &StoreError::InvalidContinuation,
+        )?;
+    }
+    Ok(())
 }
 
 fn job_filters<S: JobStore>(store: &S) -> Outcome {

@@ -416,7 +416,8 @@ impl<S: JobStore, D: DeviceSelector> JobPlanner<S, D> {
     /// `GET /jobs/v2/query?jobType=&jobStatus=`.
     ///
     /// # Errors
-    /// Store failures or a bad continuation token.
+    /// Store failures; [`StoreError::InvalidContinuation`] (400 / `ArgumentInvalid`) for an
+    /// `x-ms-continuation` the store did not issue.
     pub fn jobs(&self, filter: &JobFilter, page: &PageRequest) -> Result<Page<JobResponse>, Error> {
         Ok(self.store.jobs(filter, page)?)
     }

@@ -71,9 +71,10 @@ pub fn hub_error(code: HubErrorCode, message: impl Into<String>) -> Error {
 pub fn hub_error_code(error: &Error) -> HubErrorCode {
     match error {
         Error::Hub { code, .. } => HubErrorCode::from_code(*code).unwrap_or(HubErrorCode::ServerError),
-        Error::BadRequest(_) | Error::Proto(_) | Error::InvalidRegistrationId(_) => {
-            HubErrorCode::ArgumentInvalid
-        }
+        Error::BadRequest(_)
+        | Error::Proto(_)
+        | Error::InvalidRegistrationId(_)
+        | Error::Store(StoreError::InvalidContinuation) => HubErrorCode::ArgumentInvalid,
         Error::Auth(_) => HubErrorCode::IotHubUnauthorizedAccess,
         Error::PreconditionFailed | Error::Store(StoreError::PreconditionFailed) => {
             HubErrorCode::PreconditionFailed
