@@ -53,6 +53,9 @@ pub fn build<B: Backend>(
         // Nothing routes lifecycle events yet: building each provisioned device's event (its
         // twin with the identity's fields) cost ~4 % of a registration's server CPU.
         hub.set_lifecycle_events(false);
+        // Nor does anything deliver twin events (no hub device routes yet): without this the
+        // twin resets of reprovisioning would queue events nobody takes.
+        hub.set_twin_events(false);
         embedded.insert(hub);
     }
     let mut config = ProvisionerConfig::new(id_scope);

@@ -222,9 +222,9 @@ pub fn encode_token(parts: &[&str]) -> String {
 /// Decodes a token of [`encode_token`] that must have `n` parts.
 ///
 /// # Errors
-/// [`StoreError::Backend`] for a token this store did not issue.
+/// [`StoreError::InvalidContinuation`] for a token this store did not issue.
 pub fn decode_token(token: &str, n: usize) -> Result<Vec<String>, StoreError> {
-    let bad = || StoreError::Backend("bad continuation token".to_owned());
+    let bad = || StoreError::InvalidContinuation;
     let digits = token.as_bytes();
     if digits.len() % 2 != 0 {
         return Err(bad());

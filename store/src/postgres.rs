@@ -30,7 +30,7 @@ use r2d2_postgres::PostgresConnectionManager;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use zerotouch_engine::jobs::{DeviceJobFilter, JobFilter, JobRecord, JobStore};
-use zerotouch_engine::registry::{DeviceCounts, IdentityStore};
+use zerotouch_engine::registry::{keep_device_activity, keep_module_activity, DeviceCounts, IdentityStore};
 use zerotouch_engine::store::{
     CaCertificate, CaCertificateStore, EnrollmentGroupStore, EnrollmentStore, OperationRecord, Page,
     PageRequest, Precondition, RegistrationRecord, RegistrationStore,
@@ -1217,6 +1217,32 @@ impl IdentityStore for PgStore {
         DEVICES.put(&mut *self.conn()?, &[&hub, &r.id, &r.etag, &r.doc, &r.status, &r.connected], pre)
     }
 
+    /// The row is locked (`FOR UPDATE`) from reading its activity to writing the update: a
+    /// connection-state write waits, then finds the new etag and fails its precondition.
+    fn put_device_keeping_activity(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+        let hub: &str = &self.hub;
+        let id = device.device_id.as_str();
+        self.transaction(|tx| {
+            let stored: Option<Device> = tx
+                .query_opt(
+                    "SELECT doc FROM devices WHERE hub = $1 AND device_id = $2 FOR UPDATE",
+                    &[&hub, &id],
+                )
+                .map_err(backend)?
+                .map(|row| doc(&row))
+                .transpose()?;
+            let r = match stored {
+                Some(stored) => {
+                    let mut device = device.clone();
+                    keep_device_activity(&mut device, &stored);
+                    DeviceRow::new(&device)?
+                }
+                None => DeviceRow::new(device)?,
+            };
+            DEVICES.put(tx, &[&hub, &r.id, &r.etag, &r.doc, &r.status, &r.connected], pre)
+        })
+    }
+
     fn delete_device(&self, id: &DeviceId, pre: &Precondition) -> Result<(Device, Vec<Module>), StoreError> {
         let hub: &str = &self.hub;
         let keys: [Param<'_>; 2] = [&hub, &id.as_str()];
@@ -1305,6 +1331,32 @@ impl IdentityStore for PgStore {
         }
     }
 
+    /// As [`IdentityStore::put_device_keeping_activity`] of this store, with the module row.
+    fn put_module_keeping_activity(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
+        let (d, m) = (module.device_id.as_str(), module.module_id.as_str());
+        let hub: &str = &self.hub;
+        self.transaction(|tx| {
+            let stored: Option<Module> = tx
+                .query_opt(
+                    "SELECT doc FROM modules WHERE hub = $1 AND device_id = $2 AND module_id = $3 FOR UPDATE",
+                    &[&hub, &d, &m],
+                )
+                .map_err(backend)?
+                .map(|row| doc(&row))
+                .transpose()?;
+            let written = match stored {
+                Some(stored) => {
+                    let mut module = module.clone();
+                    keep_module_activity(&mut module, &stored);
+                    module
+                }
+                None => module.clone(),
+            };
+            let (etag, doc) = (etag_column(written.etag.as_ref()), to_doc(&written)?);
+            MODULES.put(tx, &[&hub, &d, &m, &etag, &doc], pre)
+        })
+    }
+
     fn delete_module(
         &self,
         device: &DeviceId,
@@ -1390,6 +1442,11 @@ fn stored_twin(row: &Row) -> Result<StoredTwin, StoreError> {
 }
 
 impl TwinStore for PgStore {
+    /// As the identity side: a unit of this pool is open on this thread.
+    fn in_open_unit(&self) -> bool {
+        unit::is_open(self.key)
+    }
+
     fn twin(&self, key: &TwinKey) -> Result<Option<TwinDocument>, StoreError> {
         let hub: &str = &self.hub;
         TWINS.get(&mut *self.conn()?, &[&hub, &key.device_id.as_str(), &twin_module_column(key)])
@@ -1493,10 +1550,7 @@ impl JobStore for PgStore {
     fn jobs(&self, filter: &JobFilter, page: &PageRequest) -> Result<Page<JobResponse>, StoreError> {
         let (max, limit) = limit_of(page);
         let after = match &page.continuation {
-            Some(t) => decode_token(t, 1)?
-                .into_iter()
-                .next()
-                .ok_or_else(|| StoreError::Backend("bad continuation token".into()))?,
+            Some(t) => decode_token(t, 1)?.into_iter().next().ok_or(StoreError::InvalidContinuation)?,
             None => String::new(),
         };
         let job_type = filter.job_type.map(job_type_column).transpose()?;
@@ -1549,7 +1603,7 @@ impl JobStore for PgStore {
         let (job, device) = match &page.continuation {
             Some(t) => match decode_token(t, 2)?.as_slice() {
                 [j, d] => (j.clone(), d.clone()),
-                _ => return Err(StoreError::Backend("bad continuation token".to_owned())),
+                _ => return Err(StoreError::InvalidContinuation),
             },
             None => (String::new(), String::new()),
         };

@@ -18,10 +18,11 @@ use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::enrollments;
 use zerotouch_engine::hub::LinkedHub;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
+use zerotouch_engine::registry::hub_error_code;
 use zerotouch_engine::store::{Precondition, RegistrationStore};
 use zerotouch_engine::twin::{update_twin, TwinDocument, TwinKey, TwinOperation, TwinStore};
-use zerotouch_engine::Error;
 use zerotouch_proto::device::{DeviceRegistration, RegistrationStatus};
+use zerotouch_proto::hub::HubErrorCode;
 use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup, SymmetricKeyAttestation};
 use zerotouch_proto::twin::TwinPatch;
 use zerotouch_proto::{
@@ -78,7 +79,9 @@ fn eight_writers_on_two_instances_updating_one_twin_with_if_match_lose_no_update
                     let if_match = IfMatch::Tag(doc.etag().bare().to_owned());
                     match update_twin(store, key, now(), &TwinOperation::Patch(patch), &if_match) {
                         Ok(_) => accepted.fetch_add(1, Ordering::Relaxed),
-                        Err(Error::PreconditionFailed) => refused.fetch_add(1, Ordering::Relaxed),
+                        Err(e) if hub_error_code(&e) == HubErrorCode::PreconditionFailed => {
+                            refused.fetch_add(1, Ordering::Relaxed)
+                        }
                         Err(e) => panic!("writer {w}: unexpected error {e}"),
                     };
                 }

@@ -62,3 +62,50 @@ fn an_identity_created_in_a_rolled_back_postgres_unit_is_never_announced() {
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0].op_type, LifecycleOperation::CreateDeviceIdentity);
 }
+
+#[test]
+fn a_twin_reset_rolled_back_with_its_postgres_unit_pushes_nothing() {
+    let db = TestDb::new();
+    let store = db.store();
+    let mut hub = EmbeddedHub::<PgStore, PgStore, PgStore>::over(
+        HUB,
+        store.hub(HUB).unwrap(),
+        Arc::new(RingCrypto::new()),
+    )
+    .unwrap();
+    hub.set_now(Timestamp::from_unix_secs(1_767_225_600));
+    let provision = |mode: &str, reset: bool| {
+        let initial: zerotouch_proto::service::InitialTwin =
+            serde_json::from_value(serde_json::json!({ "properties": { "desired": { "mode": mode } } }))
+                .unwrap();
+        HubAction::Provision {
+            hub: HUB.into(),
+            device: ProvisionedDevice {
+                device_id: DeviceId::new("lathe-2").unwrap(),
+                auth: DeviceAuth::CertificateAuthority,
+                iot_edge: false,
+            },
+            twin: if reset { TwinSetup::Reset(initial) } else { TwinSetup::KeepOrInitial(initial) },
+        }
+    };
+    hub.apply(&provision("a", false)).unwrap();
+    assert!(hub.take_twin_events().is_empty());
+
+    let reset = provision("b", true);
+    hub.begin_unit();
+    let result = store.atomically(&mut || {
+        hub.apply(&reset).map_err(|e| Error::BadRequest(e.message))?;
+        Err(Error::Store(StoreError::Backend("the unit fails after the hub wrote".into())))
+    });
+    hub.end_unit(result.is_ok());
+    assert!(result.is_err());
+    let twin = hub.device_twin(&DeviceId::new("lathe-2").unwrap()).unwrap();
+    assert_eq!(twin["properties"]["desired"]["mode"], "a", "the rollback undid the reset");
+    assert!(hub.take_twin_events().is_empty(), "no push of a reset that did not happen");
+
+    hub.begin_unit();
+    let result = store.atomically(&mut || hub.apply(&reset).map_err(|e| Error::BadRequest(e.message)));
+    hub.end_unit(result.is_ok());
+    assert!(result.is_ok());
+    assert!(!hub.take_twin_events().is_empty());
+}

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use zerotouch_engine::registry::hub_error_code;
 use zerotouch_engine::store::{
     EnrollmentRef, OperationRecord, Precondition, RegistrationRecord, RegistrationStore,
 };
 use zerotouch_engine::twin::{update_twin, TwinDocument, TwinKey, TwinOperation, TwinStore};
 use zerotouch_engine::{Error, StoreError};
 use zerotouch_proto::device::{RegistrationOperationStatus, RegistrationStatus};
+use zerotouch_proto::hub::HubErrorCode;
 use zerotouch_proto::service::DeviceRegistrationState;
 use zerotouch_proto::twin::TwinPatch;
 use zerotouch_proto::{DeviceId, IfMatch, OperationId, RegistrationId, Timestamp};
@@ -51,7 +53,8 @@ fn if_match_twin_updates_from_two_instances_lose_no_accepted_update() {
                         let op = TwinOperation::Patch(patch);
                         match update_twin(store, key, now, &op, &IfMatch::Tag(etag.as_str().to_owned())) {
                             Ok(_) => accepted += 1,
-                            Err(Error::PreconditionFailed | Error::Conflict(_)) => {}
+                            Err(Error::Conflict(_)) => {}
+                            Err(e) if hub_error_code(&e) == HubErrorCode::PreconditionFailed => {}
                             Err(e) => panic!("unexpected error {e:?}"),
                         }
                     }

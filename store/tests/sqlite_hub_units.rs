@@ -203,3 +203,45 @@ fn a_hub_on_another_database_keeps_what_it_wrote_in_a_failed_unit_and_announces_
     assert!(device(&hub, "press-14").is_some());
     assert_eq!(ops(&hub.take_lifecycle_events()), [(LifecycleOperation::CreateDeviceIdentity, "press-14")]);
 }
+
+#[test]
+fn a_twin_reset_rolled_back_with_its_sqlite_unit_pushes_nothing_and_a_committed_one_pushes_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), "zerotouch.sqlite");
+    let mut hub = hub_on(&store);
+    let provision = |mode: &str, reset: bool| {
+        let initial: zerotouch_proto::service::InitialTwin =
+            serde_json::from_value(serde_json::json!({ "properties": { "desired": { "mode": mode } } }))
+                .unwrap();
+        HubAction::Provision {
+            hub: HUB.into(),
+            device: ProvisionedDevice {
+                device_id: DeviceId::new("drill-2").unwrap(),
+                auth: DeviceAuth::CertificateAuthority,
+                iot_edge: false,
+            },
+            twin: if reset { TwinSetup::Reset(initial) } else { TwinSetup::KeepOrInitial(initial) },
+        }
+    };
+    hub.apply(&provision("a", false)).unwrap();
+    drop(hub.take_lifecycle_events());
+    assert!(hub.take_twin_events().is_empty());
+
+    assert!(!in_unit(&store, &mut hub, &provision("b", true), true));
+    let twin = hub.device_twin(&DeviceId::new("drill-2").unwrap()).unwrap();
+    assert_eq!(twin["properties"]["desired"]["mode"], "a", "the rollback undid the reset");
+    assert!(hub.take_twin_events().is_empty(), "no push of a reset that did not happen");
+
+    assert!(in_unit(&store, &mut hub, &provision("c", true), false));
+    let pushed: Vec<serde_json::Value> = hub
+        .take_twin_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            zerotouch_engine::twin::TwinEvent::DesiredPropertiesChanged(d) => {
+                Some(serde_json::Value::Object(d.patch.patch))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pushed, [serde_json::json!({ "mode": "c" })]);
+}

@@ -61,9 +61,15 @@ fn store_error(e: StoreError, what: impl Into<String>) -> Error {
 /// characters, depth, size; hub-registry-twin §5.5).
 fn check_initial_twin(now: Timestamp, initial: Option<&InitialTwin>) -> Result<(), Error> {
     let Some(initial) = initial else { return Ok(()) };
+    // The twin raises the hub's errors (400004 ArgumentInvalid); the provisioning service API
+    // answers a bad request its own way (400000), with the part named.
     TwinDocument::from_initial_twin(now, initial).map(drop).map_err(|e| match e {
-        Error::BadRequest(m) if !m.starts_with("initialTwin") => {
-            Error::BadRequest(format!("initialTwin: {m}"))
+        Error::Hub { message: m, .. } | Error::BadRequest(m) => {
+            if m.starts_with("initialTwin") {
+                Error::BadRequest(m)
+            } else {
+                Error::BadRequest(format!("initialTwin: {m}"))
+            }
         }
         other => other,
     })

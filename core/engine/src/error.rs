@@ -162,6 +162,10 @@ pub enum StoreError {
     /// The etag precondition failed.
     #[error("precondition failed")]
     PreconditionFailed,
+    /// A continuation token the store did not issue: client input (the `x-ms-continuation` of
+    /// a listing), so a bad request, not a backend failure.
+    #[error("invalid continuation token")]
+    InvalidContinuation,
     /// The backend failed (I/O, SQL, serialization).
     #[error("backend: {0}")]
     Backend(String),
@@ -205,6 +209,10 @@ impl Error {
             Error::Store(StoreError::NotFound) => (404, 404000, self.to_string()),
             Error::Store(StoreError::AlreadyExists) => (409, 409000, self.to_string()),
             Error::Store(StoreError::PreconditionFailed) => (412, 412000, self.to_string()),
+            // Only the hub's listings take client tokens into a store: its ArgumentInvalid.
+            Error::Store(StoreError::InvalidContinuation) => {
+                (400, 400004, "Invalid continuation token.".to_owned())
+            }
             Error::Store(_) | Error::Crypto(_) => (500, 500000, "Internal server error".to_owned()),
         };
         WireError { http_status, error_code, message }

@@ -6,10 +6,16 @@
 //! is a [`QuerySource`]), jobs select devices with the query language and patch twins, and the
 //! provisioner provisions into it through [`HubRegistry`]. [`EmbeddedHubs`] holds several hubs
 //! by host name and also carries out [`HubAction::Migrate`] between them.
+//!
+//! Events for the transport: a twin write through [`EmbeddedHub::update_twin`] returns its
+//! [`TwinEvent`]s in the [`TwinOutcome`]; twin writes whose caller gets no outcome (scheduled
+//! twin jobs, twin data of bulk and import entries, the twin reset of reprovisioning) queue theirs
+//! for [`EmbeddedHub::take_twin_events`], as provisioning queues lifecycle events for
+//! [`EmbeddedHub::take_lifecycle_events`].
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 
@@ -20,7 +26,6 @@ use zerotouch_proto::hub::{
 };
 use zerotouch_proto::jobs::{JobRequest, JobResponse, TwinUpdate};
 use zerotouch_proto::service::InitialTwin;
-use zerotouch_proto::twin::TwinPatch;
 use zerotouch_proto::{DeviceId, ETag, IfMatch, ModuleId, Timestamp};
 
 use crate::crypto::CryptoProvider;
@@ -34,12 +39,13 @@ use crate::query::{
     matches, parse_condition, Collection, Expr, IndexedSource, QuerySource, SourceDoc, VecSource,
 };
 use crate::registry::{
-    hub_error, Applied, IdentityStore, LifecycleEvent, LifecycleOperation, MemoryIdentityStore, Registry,
-    RegistryConfig, TwinSink,
+    hub_error, hub_error_code, Applied, IdentityStore, LifecycleEvent, LifecycleOperation,
+    MemoryIdentityStore, Registry, RegistryConfig, TwinSink,
 };
 use crate::store::{PageRequest, Precondition};
 use crate::twin::{
-    update_twin, MemoryTwinStore, TwinDocument, TwinKey, TwinOperation, TwinOutcome, TwinStore,
+    apply_import_data, replace_reported, twin_not_found, twin_patch, twin_precondition_failed, update_twin,
+    MemoryTwinStore, TwinChange, TwinDocument, TwinEvent, TwinKey, TwinOperation, TwinOutcome, TwinStore,
 };
 
 /// Code of a [`HubError`] for an action addressed to a hub this side does not hold (IoT Hub
@@ -73,9 +79,17 @@ const MODULE_TWIN_FIELDS: &[(&str, &str)] = &[
 ];
 
 /// The registry and the twin store of one hub: what jobs, import and query need to share.
+///
+/// As the [`TwinSink`] of bulk and import entries and the [`TwinPatcher`] of scheduled twin
+/// jobs, it queues the [`TwinEvent`]s of the twin writes it makes (their callers get no
+/// [`TwinOutcome`]); [`EmbeddedHub::take_twin_events`] hands them to the transport.
 pub struct HubCore<I, T> {
     registry: Registry<I>,
     twins: T,
+    /// Twin events of writes made for callers that get no [`TwinOutcome`], oldest first.
+    twin_events: Mutex<Vec<TwinEvent>>,
+    /// Whether those events are built and queued (see [`EmbeddedHub::set_twin_events`]).
+    twin_events_on: AtomicBool,
 }
 
 impl<I: std::fmt::Debug, T> std::fmt::Debug for HubCore<I, T> {
@@ -98,18 +112,18 @@ impl<I: IdentityStore, T: TwinStore> HubCore<I, T> {
     /// The twin of a device (`module_id` `None`) or module.
     ///
     /// # Errors
-    /// [`Error::NotFound`] when there is no such twin, store failures.
+    /// `DeviceNotFound` / `ModuleNotFound` when there is no such twin, store failures.
     pub fn twin(&self, device_id: &DeviceId, module_id: Option<&ModuleId>) -> Result<TwinDocument, Error> {
         let key = twin_key(device_id, module_id);
-        self.twins.twin(&key)?.ok_or_else(|| Error::NotFound(format!("twin of {key}")))
+        self.twins.twin(&key)?.ok_or_else(|| twin_not_found(&key))
     }
 
     /// The device twin as the service API and the query language see it (hub spec §5.1): the
     /// twin with the identity fields of the registry filled in.
     ///
     /// # Errors
-    /// `DeviceNotFound`, [`Error::NotFound`] for an identity without twin (one created through
-    /// the bare registry), store failures.
+    /// `DeviceNotFound`, store failures. An identity without twin (one created through the bare
+    /// registry) shows an empty twin.
     pub fn device_twin_json(&self, device_id: &DeviceId) -> Result<Value, Error> {
         let device = self.registry.device(device_id)?;
         let doc = self
@@ -231,6 +245,22 @@ impl<I: IdentityStore, T: TwinStore> HubCore<I, T> {
         }
     }
 
+    /// Whether twin events are queued (see [`EmbeddedHub::set_twin_events`]).
+    fn twin_events_on(&self) -> bool {
+        self.twin_events_on.load(Ordering::Relaxed)
+    }
+
+    fn twin_queue(&self) -> std::sync::MutexGuard<'_, Vec<TwinEvent>> {
+        self.twin_events.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues the events of a twin write just made, for [`EmbeddedHub::take_twin_events`].
+    fn announce_twin(&self, events: Vec<TwinEvent>) {
+        if self.twin_events_on() && !events.is_empty() {
+            self.twin_queue().extend(events);
+        }
+    }
+
     /// Applies a twin write through [`update_twin`].
     fn write_twin(
         &self,
@@ -320,51 +350,22 @@ fn put_new_twin(store: &dyn TwinStore, key: &TwinKey, doc: &TwinDocument) -> Res
     }
 }
 
-/// Properties without the `$metadata` / `$version` bookkeeping keys.
-fn plain_properties(value: Option<&Value>) -> Result<Map<String, Value>, Error> {
-    match value {
-        None | Some(Value::Null) => Ok(Map::new()),
-        Some(Value::Object(m)) => {
-            Ok(m.iter().filter(|(k, _)| !k.starts_with('$')).map(|(k, v)| (k.clone(), v.clone())).collect())
-        }
-        Some(_) => Err(hub_error(HubErrorCode::ArgumentInvalid, "twin properties must be a JSON object")),
+/// Adds the events of `change` (made to the twin at `key`, now `doc`) to `events`, when events
+/// are wanted at all (`events` is `None` otherwise, and nothing is built).
+fn collect_events(
+    events: &mut Option<Vec<TwinEvent>>,
+    change: Option<&TwinChange>,
+    key: &TwinKey,
+    doc: &TwinDocument,
+) {
+    if let (Some(events), Some(change)) = (events.as_mut(), change) {
+        events.extend(change.events(key, doc));
     }
-}
-
-fn twin_patch(
-    tags: Option<&Map<String, Value>>,
-    desired: Option<&Map<String, Value>>,
-) -> Result<TwinPatch, Error> {
-    let mut body = Map::new();
-    if let Some(t) = tags {
-        body.insert("tags".to_owned(), Value::Object(t.clone()));
-    }
-    if let Some(d) = desired {
-        body.insert("properties".to_owned(), json!({ "desired": d }));
-    }
-    serde_json::from_value(Value::Object(body)).map_err(|e| Error::BadRequest(e.to_string()))
-}
-
-/// Sets the reported section to exactly `reported` (keys not in it are removed).
-fn replace_reported(
-    doc: &mut TwinDocument,
-    now: Timestamp,
-    reported: &Map<String, Value>,
-) -> Result<(), Error> {
-    let mut patch: Map<String, Value> = doc
-        .reported()
-        .keys()
-        .filter(|k| !reported.contains_key(*k))
-        .map(|k| (k.clone(), Value::Null))
-        .collect();
-    patch.extend(reported.iter().map(|(k, v)| (k.clone(), v.clone())));
-    if !patch.is_empty() {
-        doc.patch_reported(now, &patch, &IfMatch::Any)?;
-    }
-    Ok(())
 }
 
 impl<I: IdentityStore, T: TwinStore> TwinSink for HubCore<I, T> {
+    /// As [`TwinSink::update_twin`]; the write's desired pushes and change notifications (one
+    /// set per section written) are queued for [`EmbeddedHub::take_twin_events`].
     fn update_twin(
         &self,
         device_id: &DeviceId,
@@ -382,22 +383,13 @@ impl<I: IdentityStore, T: TwinStore> TwinSink for HubCore<I, T> {
         };
         let mut doc = existing.unwrap_or_else(|| TwinDocument::new(now));
         doc.check_if_match(if_match)?;
-        if let Some(tags) = tags {
-            let tags = plain_properties(Some(tags))?;
-            doc.patch(now, &twin_patch(Some(&tags), None)?, &IfMatch::Any)?;
-        }
-        if let Some(desired) = properties.and_then(|p| p.desired.as_ref()) {
-            let desired = plain_properties(Some(desired))?;
-            let tags = doc.tags().clone();
-            doc.replace(now, &twin_patch(Some(&tags), Some(&desired))?, &IfMatch::Any)?;
-        }
-        if let Some(reported) = properties.and_then(|p| p.reported.as_ref()) {
-            replace_reported(&mut doc, now, &plain_properties(Some(reported))?)?;
-        }
+        let events = apply_import_data(&mut doc, &key, now, tags, properties, self.twin_events_on())?;
         self.twins.put_twin(&key, &doc, &pre).map_err(|e| match e {
-            StoreError::PreconditionFailed | StoreError::AlreadyExists => Error::PreconditionFailed,
+            StoreError::PreconditionFailed | StoreError::AlreadyExists => twin_precondition_failed(),
             other => other.into(),
-        })
+        })?;
+        self.announce_twin(events);
+        Ok(())
     }
 
     fn twin_for_export(
@@ -445,13 +437,17 @@ impl<I: IdentityStore, T: TwinStore> DeviceSelector for HubCore<I, T> {
 }
 
 impl<I: IdentityStore, T: TwinStore> TwinPatcher for HubCore<I, T> {
+    /// As [`TwinPatcher::update_twin`]; the desired push and change notification of the patch
+    /// are queued for [`EmbeddedHub::take_twin_events`].
     fn update_twin(&self, now: Timestamp, device: &DeviceId, update: &TwinUpdate) -> Result<(), Error> {
         self.registry.device(device)?;
         let desired = update.properties.as_ref().and_then(|p| p.desired.as_ref());
         let patch = twin_patch(update.tags.as_ref(), desired)?;
         let if_match = IfMatch::from_header(update.etag.as_deref());
         let if_match = if if_match == IfMatch::Absent { IfMatch::Any } else { if_match };
-        self.write_twin(&TwinKey::device(device.clone()), now, &TwinOperation::Patch(patch), &if_match)?;
+        let outcome =
+            self.write_twin(&TwinKey::device(device.clone()), now, &TwinOperation::Patch(patch), &if_match)?;
+        self.announce_twin(outcome.events);
         Ok(())
     }
 }
@@ -491,16 +487,42 @@ fn hub_err(error: &Error) -> HubError {
 /// The documents of one collection as of a generation of [`EmbeddedHub`] writes.
 type Snapshot = (u64, Arc<IndexedSource>);
 
-/// A lifecycle event waiting for the end of the unit it was written in, and whether its write
-/// joined that unit (see [`IdentityStore::in_open_unit`]): only such a write is undone, and its
-/// event dropped, when the unit rolls back.
+/// A write through the hub under way: marks the query snapshots stale when it begins and again
+/// when it ends (dropped). A snapshot built while the write was under way, which may or may not
+/// hold it, is thus never used after the write is done.
+struct Writing<'a>(&'a AtomicU64);
+
+impl<'a> Writing<'a> {
+    fn begin(generation: &'a AtomicU64) -> Self {
+        generation.fetch_add(1, Ordering::AcqRel);
+        Self(generation)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// An event for the transport, of either queue.
+enum Announcement {
+    /// For [`EmbeddedHub::take_lifecycle_events`].
+    Lifecycle(LifecycleEvent),
+    /// For [`EmbeddedHub::take_twin_events`].
+    Twin(TwinEvent),
+}
+
+/// An event waiting for the end of the unit it was written in, and whether its write joined
+/// that unit (see [`IdentityStore::in_open_unit`], [`TwinStore::in_open_unit`]): only such a
+/// write is undone, and its event dropped, when the unit rolls back.
 struct Staged {
-    event: LifecycleEvent,
+    event: Announcement,
     undone_with_unit: bool,
 }
 
-/// Lifecycle events ready for [`EmbeddedHub::take_lifecycle_events`], and those written in
-/// units still open.
+/// Lifecycle events ready for [`EmbeddedHub::take_lifecycle_events`], and the events (lifecycle
+/// and twin) written in units still open. Released twin events go to the queue of [`HubCore`].
 #[derive(Default)]
 struct Announcements {
     queued: Vec<LifecycleEvent>,
@@ -527,7 +549,8 @@ pub struct EmbeddedHub<
     announcements: Mutex<Announcements>,
     /// Whether lifecycle events are built and queued (see [`EmbeddedHub::set_lifecycle_events`]).
     lifecycle_events: bool,
-    /// Bumped by every call that may write the stores; a query snapshot older than it is rebuilt.
+    /// Bumped by every call that may write the stores (at the beginning and the end of the
+    /// hub's own writes); a query snapshot older than it is rebuilt.
     generation: AtomicU64,
     /// Per collection (devices, modules, jobs): the generation it was built at and the
     /// documents with their indexes, so a query does not rebuild every document per batch.
@@ -589,7 +612,12 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         let host_name = host_name.into();
         let methods = MethodCalls::new(crypto.as_ref())?;
         let registry = Registry::new(identities, crypto, RegistryConfig::new(host_name.clone()));
-        let core = Arc::new(HubCore { registry, twins });
+        let core = Arc::new(HubCore {
+            registry,
+            twins,
+            twin_events: Mutex::new(Vec::new()),
+            twin_events_on: AtomicBool::new(true),
+        });
         let planner = JobPlanner::new(jobs, Arc::clone(&core), limits);
         Ok(Self {
             host_name,
@@ -621,28 +649,95 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         self.announcements.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues `events`, or stages them in this thread's innermost open unit. Called right after
-    /// the write they announce, on the thread that made it.
+    /// Takes the twin events of writes whose caller got no [`TwinOutcome`], oldest first, for
+    /// the transport to deliver: desired pushes and change notifications of scheduled twin jobs
+    /// ([`EmbeddedHub::run_jobs`]), of twin data in bulk and import entries ([`EmbeddedHub::bulk`],
+    /// an [`crate::registry::ImportJob`] given [`EmbeddedHub::core`] as its [`TwinSink`]) and of
+    /// the twin reset of reprovisioning ([`HubRegistry`]). Writes through
+    /// [`EmbeddedHub::update_twin`] return their events instead and queue none. Events written
+    /// inside a unit ([`HubRegistry::begin_unit`]) come once the unit committed, never when it
+    /// rolled back a write that joined it. A host that delivers none turns them off with
+    /// [`EmbeddedHub::set_twin_events`], so the queue does not grow.
+    pub fn take_twin_events(&self) -> Vec<TwinEvent> {
+        std::mem::take(&mut *self.core.twin_queue())
+    }
+
+    /// Whether twin writes whose caller gets no [`TwinOutcome`] queue their events for
+    /// [`EmbeddedHub::take_twin_events`]; on by default. Turning them off drops the queued ones.
+    pub fn set_twin_events(&mut self, on: bool) {
+        self.core.twin_events_on.store(on, Ordering::Relaxed);
+        if !on {
+            self.core.twin_queue().clear();
+            self.drop_staged(|a| matches!(a, Announcement::Twin(_)));
+        }
+    }
+
+    /// Whether any event is queued, so units must be followed.
+    fn announcing(&self) -> bool {
+        self.lifecycle_events || self.core.twin_events_on()
+    }
+
+    /// Drops the staged events `which` selects; with nothing left to announce, forgets the units.
+    fn drop_staged(&self, which: impl Fn(&Announcement) -> bool) {
+        let announcing = self.announcing();
+        let mut announcements = self.announcements();
+        if !announcing {
+            announcements.units.clear();
+            return;
+        }
+        for (_, depths) in &mut announcements.units {
+            for staged in depths.iter_mut() {
+                staged.retain(|s| !which(&s.event));
+            }
+        }
+    }
+
+    /// Queues lifecycle `events`, or stages them in this thread's innermost open unit. Called
+    /// right after the write they announce, on the thread that made it.
     fn queue(&self, events: Vec<LifecycleEvent>) {
         if !self.lifecycle_events || events.is_empty() {
             return;
         }
+        let joined = self.core.registry.store().in_open_unit();
+        self.stage(events.into_iter().map(Announcement::Lifecycle), joined);
+    }
+
+    /// [`EmbeddedHub::queue`] for twin events.
+    fn queue_twin(&self, events: Vec<TwinEvent>) {
+        if !self.core.twin_events_on() || events.is_empty() {
+            return;
+        }
+        let joined = self.core.twins.in_open_unit();
+        self.stage(events.into_iter().map(Announcement::Twin), joined);
+    }
+
+    /// Stages `events` in this thread's innermost open unit (`undone_with_unit` telling whether
+    /// their write joined it), or releases them when the thread has none open.
+    fn stage(&self, events: impl Iterator<Item = Announcement>, undone_with_unit: bool) {
         let mut announcements = self.announcements();
         let Announcements { queued, units } = &mut *announcements;
-        if !units.is_empty() {
-            let thread = std::thread::current().id();
-            if let Some(unit) = units.iter_mut().find(|(t, _)| *t == thread).and_then(|(_, d)| d.last_mut()) {
-                let undone_with_unit = self.core.registry.store().in_open_unit();
-                unit.extend(events.into_iter().map(|event| Staged { event, undone_with_unit }));
-                return;
+        let thread = std::thread::current().id();
+        match units.iter_mut().find(|(t, _)| *t == thread).and_then(|(_, d)| d.last_mut()) {
+            Some(unit) => unit.extend(events.map(|event| Staged { event, undone_with_unit })),
+            None => self.release(queued, events),
+        }
+    }
+
+    /// Hands events on to their queues: lifecycle events to `queued`, twin events to the core's.
+    fn release(&self, queued: &mut Vec<LifecycleEvent>, events: impl Iterator<Item = Announcement>) {
+        let mut twin = Vec::new();
+        for event in events {
+            match event {
+                Announcement::Lifecycle(e) => queued.push(e),
+                Announcement::Twin(e) => twin.push(e),
             }
         }
-        queued.extend(events);
+        self.core.announce_twin(twin);
     }
 
     /// Opens a unit on this thread (see [`HubRegistry::begin_unit`]).
     fn begin(&self) {
-        if !self.lifecycle_events {
+        if !self.announcing() {
             return;
         }
         let thread = std::thread::current().id();
@@ -655,7 +750,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
 
     /// Closes this thread's innermost unit (see [`HubRegistry::end_unit`]).
     fn end(&self, committed: bool) {
-        if !self.lifecycle_events {
+        if !self.announcing() {
             return;
         }
         let thread = std::thread::current().id();
@@ -672,16 +767,17 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
             Some(outer) => outer.extend(kept),
             None => {
                 units.swap_remove(at);
-                queued.extend(kept.map(|s| s.event));
+                self.release(queued, kept.map(|s| s.event));
             }
         }
     }
 
-    /// Marks the query snapshots stale. Called by everything that writes, or hands out access
-    /// that can write (the registry, the core, the planner), so a query sees every change made
-    /// through this hub. A write through such an accessor that races a query on another thread
-    /// may be missed until the next call to the hub: queries are eventually consistent, as in
-    /// IoT Hub itself.
+    /// Marks the query snapshots stale. Called by the accessors that hand out access that can
+    /// write (the registry, the core, the planner), so a query made after such a write sees it;
+    /// the hub's own writes mark them at their beginning and end ([`Writing`]). A write through
+    /// an accessor that races a query on another thread may be missed until the next write
+    /// through the hub or call of an accessor: queries are eventually consistent, as in IoT Hub
+    /// itself.
     fn touched(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
@@ -745,7 +841,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// Creates a device and its twin (with `tags` and `desired` when given).
     ///
     /// # Errors
-    /// As [`Registry::create_device`]; [`Error::BadRequest`] for twin content that breaks a limit.
+    /// As [`Registry::create_device`]; `ArgumentInvalid` for twin content that breaks a limit.
     pub fn create_device(
         &self,
         body: Device,
@@ -753,7 +849,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         desired: Option<&Map<String, Value>>,
         now: Timestamp,
     ) -> Result<Applied<Device>, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let empty = Map::new();
         let doc = TwinDocument::with_initial(now, tags.unwrap_or(&empty), desired.unwrap_or(&empty))?;
         let applied = self.core.registry.create_device(body, now)?;
@@ -767,7 +863,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// # Errors
     /// As [`Registry::create_module`].
     pub fn create_module(&self, body: Module, now: Timestamp) -> Result<Applied<Module>, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let applied = self.core.registry.create_module(body, now)?;
         let events = self.core.settle(applied.events, now, self.lifecycle_events)?;
         Ok(Applied { value: applied.value, events })
@@ -783,7 +879,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         if_match: &IfMatch,
         now: Timestamp,
     ) -> Result<Applied<Device>, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let applied = self.core.registry.delete_device(id, if_match, now)?;
         let events = self.core.settle(applied.events, now, self.lifecycle_events)?;
         Ok(Applied { value: applied.value, events })
@@ -800,13 +896,15 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         if_match: &IfMatch,
         now: Timestamp,
     ) -> Result<Applied<Module>, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let applied = self.core.registry.delete_module(device_id, module_id, if_match, now)?;
         let events = self.core.settle(applied.events, now, self.lifecycle_events)?;
         Ok(Applied { value: applied.value, events })
     }
 
-    /// Synchronous bulk registry call; twins follow the created and deleted identities.
+    /// Synchronous bulk registry call; twins follow the created and deleted identities. The
+    /// lifecycle events are returned; the twin events of the entries' twin data are queued for
+    /// [`EmbeddedHub::take_twin_events`].
     ///
     /// # Errors
     /// As [`Registry::bulk`].
@@ -815,7 +913,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         entries: &[ExportImportDevice],
         now: Timestamp,
     ) -> Result<Applied<BulkRegistryOperationResult>, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let applied = self.core.registry.bulk(entries, self.core.as_ref(), now)?;
         let events = self.core.settle(applied.events, now, self.lifecycle_events)?;
         Ok(Applied { value: applied.value, events })
@@ -832,7 +930,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         events: Vec<LifecycleEvent>,
         now: Timestamp,
     ) -> Result<Vec<LifecycleEvent>, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         self.core.settle(events, now, self.lifecycle_events)
     }
 
@@ -856,7 +954,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         if_match: &IfMatch,
         now: Timestamp,
     ) -> Result<TwinOutcome, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         self.core.write_twin(&twin_key(device_id, module_id), now, op, if_match)
     }
 
@@ -870,18 +968,19 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         job_id: &str,
         request: &JobRequest,
     ) -> Result<JobResponse, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         self.planner.create(now, job_id, request)
     }
 
-    /// Runs due jobs: twin updates are applied to this hub's twins, method invocations are
-    /// queued on [`EmbeddedHub::methods`]. Returns completions of method calls that are not
+    /// Runs due jobs: twin updates are applied to this hub's twins (their desired pushes and
+    /// change notifications queued for [`EmbeddedHub::take_twin_events`]), method invocations
+    /// are queued on [`EmbeddedHub::methods`]. Returns completions of method calls that are not
     /// part of a job.
     ///
     /// # Errors
     /// Store failures.
     pub fn run_jobs(&mut self, now: Timestamp) -> Result<Vec<MethodCompletion>, Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let core = Arc::clone(&self.core);
         self.planner.run(now, core.as_ref(), &mut self.methods)
     }
@@ -902,7 +1001,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     }
 
     fn provision(&self, device: &ProvisionedDevice, setup: &TwinSetup, now: Timestamp) -> Result<(), Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let authentication = auth_mechanism(&device.auth);
         let capabilities = DeviceCapabilities { iot_edge: device.iot_edge };
         let existing = match self.core.registry.device(&device.device_id) {
@@ -960,21 +1059,27 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     }
 
     fn reset_twin(&self, key: &TwinKey, initial: &InitialTwin, now: Timestamp) -> Result<(), Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let fresh = TwinDocument::from_initial_twin(now, initial)?;
         let Some(mut doc) = self.core.twins.twin(key)? else {
             return put_new_twin(&self.core.twins, key, &fresh);
         };
         let pre = Precondition::Matches(doc.revision().bare().to_owned());
-        doc.replace(now, &twin_patch(Some(fresh.tags()), Some(fresh.desired()))?, &IfMatch::Any)?;
-        replace_reported(&mut doc, now, &Map::new())?;
-        self.core.twins.put_twin(key, &doc, &pre).map_err(Error::from)
+        let mut events = self.core.twin_events_on().then(Vec::new);
+        let change =
+            doc.replace(now, &twin_patch(Some(fresh.tags()), Some(fresh.desired()))?, &IfMatch::Any)?;
+        collect_events(&mut events, Some(&change), key, &doc);
+        let change = replace_reported(&mut doc, now, &Map::new())?;
+        collect_events(&mut events, change.as_ref(), key, &doc);
+        self.core.twins.put_twin(key, &doc, &pre)?;
+        self.queue_twin(events.unwrap_or_default());
+        Ok(())
     }
 
     /// Creates `device` with the tags, desired and reported properties of `twin` (a migrated
     /// device keeps its data).
     fn adopt(&self, device: &ProvisionedDevice, twin: &TwinDocument, now: Timestamp) -> Result<(), Error> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         let mut doc = TwinDocument::with_initial(now, twin.tags(), twin.desired())?;
         replace_reported(&mut doc, now, twin.reported())?;
         let body: Device = serde_json::from_value(json!({
@@ -1020,7 +1125,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// than [`EmbeddedHub::host_name`] and for `Migrate` (which needs two hubs, see
     /// [`EmbeddedHubs`]).
     pub fn apply_at(&mut self, action: &HubAction, now: Timestamp) -> Result<(), HubError> {
-        self.touched();
+        let _writing = Writing::begin(&self.generation);
         match action {
             HubAction::Provision { hub, device, twin } if hub.eq_ignore_ascii_case(&self.host_name) => {
                 self.provision(device, twin, now).map_err(|e| hub_err(&e))
@@ -1049,9 +1154,8 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         if !on {
             // What units open now staged is dropped with the queue; writes made after events
             // are turned back on are announced at once, as outside a unit.
-            let mut announcements = self.announcements();
-            announcements.queued.clear();
-            announcements.units.clear();
+            self.announcements().queued.clear();
+            self.drop_staged(|a| matches!(a, Announcement::Lifecycle(_)));
         }
     }
 }
@@ -1170,7 +1274,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHubs<I, T, J> {
         let old = self.hub(from_hub).ok_or_else(|| Self::unknown(from_hub))?;
         let twin = match old.core.twin(from_device_id, None) {
             Ok(t) => t,
-            Err(Error::NotFound(_)) => TwinDocument::new(now),
+            Err(e) if hub_error_code(&e) == HubErrorCode::DeviceNotFound => TwinDocument::new(now),
             Err(e) => return Err(hub_err(&e)),
         };
         let new = self.hub(to_hub).ok_or_else(|| Self::unknown(to_hub))?;

@@ -11,6 +11,7 @@ use zerotouch_engine::jobs::dm::{
 };
 use zerotouch_engine::jobs::methods::{DeviceMethodRequest, MethodTarget};
 use zerotouch_engine::jobs::MethodCalls;
+use zerotouch_engine::registry::SessionId;
 use zerotouch_proto::{DeviceId, Timestamp};
 
 fn t0() -> Timestamp {
@@ -60,7 +61,7 @@ fn device_answer(request: &DeviceMethodRequest) -> DmReply {
 fn online_device() -> (MethodCalls, MethodTarget) {
     let mut calls = MethodCalls::new(&RingCrypto::new()).unwrap();
     let target = MethodTarget::device(DeviceId::new("kiosk-7").unwrap());
-    calls.handle_device_connected(t0(), target.clone());
+    calls.handle_device_connected(t0(), target.clone(), SessionId::new(1));
     (calls, target)
 }
 

@@ -15,6 +15,7 @@ use zerotouch_engine::jobs::{
     hub_error, DeviceJobFilter, DeviceSelector, JobFilter, JobLimits, JobPlanner, JobStore, MemoryJobStore,
     MethodCalls, TwinPatcher,
 };
+use zerotouch_engine::registry::SessionId;
 use zerotouch_engine::store::PageRequest;
 use zerotouch_proto::jobs::{
     DeviceJob, DeviceJobStatistics, DeviceJobStatus, HubErrorCode, JobId, JobRequest, JobStatus, JobType,
@@ -235,7 +236,7 @@ fn a_twin_update_refused_for_one_device_is_recorded_on_its_device_job() {
 fn a_method_job_collects_each_answer_and_fails_devices_that_stay_offline() {
     let mut hub = Hub::new(building_fleet(), JobLimits::default());
     let online = MethodTarget::device(id("sensor-1"));
-    hub.methods.handle_device_connected(t0(), online.clone());
+    hub.methods.handle_device_connected(t0(), online.clone(), SessionId::new(1));
     hub.planner
         .create(t0(), "reboot-43", &method_job("reboot-43", "tags.building = '43'", "reboot", 15, 600))
         .unwrap();
@@ -260,7 +261,7 @@ fn a_method_job_collects_each_answer_and_fails_devices_that_stay_offline() {
 
     // sensor-3 comes online within the connect timeout and answers with an error status.
     let late = MethodTarget::device(id("sensor-3"));
-    hub.methods.handle_device_connected(t0() + secs(5), late.clone());
+    hub.methods.handle_device_connected(t0() + secs(5), late.clone(), SessionId::new(1));
     let d3 = hub.methods.poll_transmit().unwrap();
     hub.methods.handle_device_response(t0() + secs(6), &late, &d3.rid, 500, b"{}").unwrap();
     hub.run(t0() + secs(6));
@@ -281,7 +282,7 @@ fn a_method_job_collects_each_answer_and_fails_devices_that_stay_offline() {
 fn cancelling_a_running_job_cancels_the_devices_that_have_not_answered() {
     let mut hub = Hub::new(building_fleet(), JobLimits::default());
     for d in ["sensor-1", "sensor-2", "sensor-3"] {
-        hub.methods.handle_device_connected(t0(), MethodTarget::device(id(d)));
+        hub.methods.handle_device_connected(t0(), MethodTarget::device(id(d)), SessionId::new(1));
     }
     hub.planner
         .create(t0(), "long", &method_job("long", "tags.building = '43'", "selfTest", 0, 600))
@@ -317,7 +318,7 @@ fn cancelling_a_running_job_cancels_the_devices_that_have_not_answered() {
 #[test]
 fn a_job_that_runs_out_of_execution_time_fails_the_unfinished_devices() {
     let mut hub = Hub::new(building_fleet(), JobLimits::default());
-    hub.methods.handle_device_connected(t0(), MethodTarget::device(id("sensor-1")));
+    hub.methods.handle_device_connected(t0(), MethodTarget::device(id("sensor-1")), SessionId::new(1));
     hub.planner
         .create(t0(), "short", &method_job("short", "deviceId = 'sensor-1'", "slowOp", 0, 10))
         .unwrap();
@@ -333,6 +334,32 @@ fn a_job_that_runs_out_of_execution_time_fails_the_unfinished_devices() {
     assert_eq!(record.error.unwrap().code, EXECUTION_TIME_EXCEEDED);
     assert_eq!(record.end_time_utc, t0() + secs(10));
     assert_eq!(hub.methods.pending(), 0);
+}
+
+#[test]
+fn a_job_whose_start_time_lies_in_the_past_gets_its_whole_budget_from_when_it_starts() {
+    // The client's clock is two minutes behind: the start time it sends is already past.
+    let mut hub = Hub::new(building_fleet(), JobLimits::default());
+    let mut request = twin_job("skewed", "*", json!({"mode": "eco"}));
+    request.start_time = Some(t0() - secs(120));
+    request.max_execution_time_in_seconds = Some(60);
+    hub.planner.create(t0(), "skewed", &request).unwrap();
+    hub.run(t0());
+    assert_eq!(hub.planner.job("skewed").unwrap().status, JobStatus::Completed);
+    assert_eq!(hub.stats("skewed"), stats(4, 4, 0, 0, 0));
+    assert_eq!(hub.fleet.desired("sensor-1")["mode"], "eco");
+
+    // A method job that starts late also has its full budget from its start.
+    hub.methods.handle_device_connected(t0(), MethodTarget::device(id("sensor-1")), SessionId::new(1));
+    let mut request = method_job("late", "deviceId = 'sensor-1'", "slowOp", 0, 10);
+    request.start_time = Some(t0() - secs(60));
+    hub.planner.create(t0(), "late", &request).unwrap();
+    hub.run(t0() + secs(5));
+    assert_eq!(hub.planner.job("late").unwrap().status, JobStatus::Running);
+    assert_eq!(hub.device_job("late", "sensor-1").end_time_utc, t0() + secs(15));
+    assert_eq!(hub.planner.poll_timeout(), Some(t0() + secs(15)));
+    hub.run(t0() + secs(15));
+    assert_eq!(hub.planner.job("late").unwrap().status, JobStatus::Failed);
 }
 
 #[test]
@@ -538,7 +565,7 @@ fn a_method_job_over_twenty_thousand_devices_that_connect_late_completes() {
     assert_eq!(hub.methods.pending(), 20_000);
     let now = t0() + secs(10);
     for n in &names {
-        hub.methods.handle_device_connected(now, MethodTarget::device(id(n)));
+        hub.methods.handle_device_connected(now, MethodTarget::device(id(n)), SessionId::new(1));
     }
     let deliveries: Vec<_> = std::iter::from_fn(|| hub.methods.poll_transmit()).collect();
     assert_eq!(deliveries.len(), 20_000);

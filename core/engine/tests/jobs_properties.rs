@@ -15,6 +15,7 @@ use zerotouch_engine::jobs::{
     DeviceJobFilter, DeviceSelector, JobLimits, JobPlanner, JobStore, MemoryJobStore, MethodCalls,
     TwinPatcher,
 };
+use zerotouch_engine::registry::SessionId;
 use zerotouch_engine::store::PageRequest;
 use zerotouch_proto::jobs::{DeviceJobStatus, JobId, JobRequest, TwinUpdate};
 use zerotouch_proto::{DeviceId, Timestamp};
@@ -72,7 +73,7 @@ fn scenario(
     let mut methods = MethodCalls::new(&RingCrypto::new()).unwrap();
     for (id, b) in ids.iter().zip(&behaviours) {
         if matches!(b, Behaviour::Answers { .. } | Behaviour::Silent) {
-            methods.handle_device_connected(t0, MethodTarget::device(id.clone()));
+            methods.handle_device_connected(t0, MethodTarget::device(id.clone()), SessionId::new(1));
         }
     }
     let request: JobRequest = serde_json::from_value(json!({
@@ -90,7 +91,7 @@ fn scenario(
         let now = t0 + Duration::from_secs(second);
         for (i, b) in behaviours.iter().enumerate() {
             if matches!(b, Behaviour::ConnectsAt { at } if *at == second) {
-                methods.handle_device_connected(now, MethodTarget::device(ids[i].clone()));
+                methods.handle_device_connected(now, MethodTarget::device(ids[i].clone()), SessionId::new(1));
             }
         }
         if cancel_at == Some(second) {

@@ -91,7 +91,7 @@ fn listing_jobs_pages_through_every_match_once() {
     assert_eq!(pages, 3);
 
     let bad = PageRequest { continuation: Some("not a token!".into()), max_items: 5 };
-    assert!(matches!(store.jobs(&filter, &bad), Err(StoreError::Backend(_))));
+    assert_eq!(store.jobs(&filter, &bad).unwrap_err(), StoreError::InvalidContinuation);
 }
 
 #[test]
@@ -121,4 +121,21 @@ fn device_job_listing_stays_within_the_requested_job() {
     store.put_device_job(&updated).unwrap();
     let got = store.device_job(&JobId::new("b").unwrap(), "dev-3").unwrap().unwrap();
     assert_eq!(got.status, DeviceJobStatus::Completed);
+}
+
+#[test]
+fn a_made_up_job_query_continuation_is_a_bad_request_not_a_server_error() {
+    use std::sync::Arc;
+
+    use zerotouch_engine::crypto::RingCrypto;
+    use zerotouch_engine::hub_engine::EmbeddedHub;
+    use zerotouch_engine::registry::hub_error_code;
+    use zerotouch_proto::hub::HubErrorCode;
+
+    let mut hub = EmbeddedHub::in_memory("h.example", Arc::new(RingCrypto::new())).unwrap();
+    let page = PageRequest { continuation: Some("not a token!".into()), max_items: 10 };
+    let err = hub.planner().jobs(&JobFilter::default(), &page).unwrap_err();
+    let wire = err.to_wire();
+    assert_eq!((wire.http_status, wire.error_code), (400, 400_004), "{err}");
+    assert_eq!(hub_error_code(&err), HubErrorCode::ArgumentInvalid);
 }

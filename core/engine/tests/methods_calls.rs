@@ -10,6 +10,7 @@ use zerotouch_engine::jobs::methods::{
     target_not_found, DeviceMethodRequest, MethodTarget, MAX_METHOD_PAYLOAD_BYTES,
 };
 use zerotouch_engine::jobs::{MethodCalls, MethodFailure, MethodInvocation};
+use zerotouch_engine::registry::SessionId;
 use zerotouch_proto::jobs::{CloudToDeviceMethod, HubErrorCode};
 use zerotouch_proto::{DeviceId, ModuleId, Timestamp};
 
@@ -42,7 +43,7 @@ fn wire(name: &str, payload: Value, response: Option<i64>, connect: Option<i64>)
 fn a_method_to_an_online_device_returns_its_status_and_payload() {
     let mut calls = table();
     let dev = device("thermostat-1");
-    calls.handle_device_connected(t0(), dev.clone());
+    calls.handle_device_connected(t0(), dev.clone(), SessionId::new(1));
     let body: CloudToDeviceMethod = serde_json::from_str(
         r#"{"methodName":"reboot","payload":{"input1":"x"},
             "responseTimeoutInSeconds":30,"connectTimeoutInSeconds":0}"#,
@@ -77,7 +78,7 @@ fn a_method_to_an_online_device_returns_its_status_and_payload() {
 fn a_device_error_status_is_still_a_successful_call() {
     let mut calls = table();
     let dev = device("d1");
-    calls.handle_device_connected(t0(), dev.clone());
+    calls.handle_device_connected(t0(), dev.clone(), SessionId::new(1));
     calls.invoke(t0(), dev.clone(), MethodInvocation::new("setLed", json!(true)).unwrap());
     let d = calls.poll_transmit().unwrap();
     calls.handle_device_response(t0(), &dev, &d.rid, 501, br#"{"error":"no led"}"#).unwrap();
@@ -125,7 +126,7 @@ fn a_device_that_connects_within_the_connect_timeout_gets_the_call() {
     calls.handle_timeout(t0() + secs(10));
     assert_eq!(calls.poll_event(), None);
 
-    calls.handle_device_connected(t0() + secs(10), dev.clone());
+    calls.handle_device_connected(t0() + secs(10), dev.clone(), SessionId::new(1));
     let d = calls.poll_transmit().expect("delivered on connect");
     // From delivery on, the response timeout (default 30 s) counts.
     assert_eq!(calls.poll_timeout(), Some(t0() + secs(40)));
@@ -151,7 +152,7 @@ fn a_device_that_stays_offline_past_the_connect_timeout_yields_404103_with_the_t
 fn a_slow_device_response_yields_504101_and_the_late_answer_is_dropped() {
     let mut calls = table();
     let dev = device("slow");
-    calls.handle_device_connected(t0(), dev.clone());
+    calls.handle_device_connected(t0(), dev.clone(), SessionId::new(1));
     let inv = MethodInvocation::new("calibrate", json!({})).unwrap().with_response_timeout(secs(5)).unwrap();
     calls.invoke(t0(), dev.clone(), inv);
     let d = calls.poll_transmit().unwrap();
@@ -172,10 +173,10 @@ fn a_slow_device_response_yields_504101_and_the_late_answer_is_dropped() {
 fn a_device_that_drops_after_delivery_is_still_waited_for() {
     let mut calls = table();
     let dev = device("flaky");
-    calls.handle_device_connected(t0(), dev.clone());
+    calls.handle_device_connected(t0(), dev.clone(), SessionId::new(1));
     calls.invoke(t0(), dev.clone(), MethodInvocation::new("m", Value::Null).unwrap());
     let d = calls.poll_transmit().unwrap();
-    calls.handle_device_disconnected(t0() + secs(1), &dev);
+    calls.handle_device_disconnected(t0() + secs(1), &dev, SessionId::new(1));
     assert!(!calls.is_online(&dev));
     calls.handle_device_response(t0() + secs(2), &dev, &d.rid, 200, b"").unwrap();
     assert_eq!(calls.poll_event().unwrap().outcome.unwrap().payload, Value::Null);
@@ -228,7 +229,7 @@ fn method_names_with_reserved_characters_are_rejected() {
 fn method_names_with_topic_wildcards_reach_the_device_unchanged() {
     let mut calls = table();
     let dev = device("d");
-    calls.handle_device_connected(t0(), dev.clone());
+    calls.handle_device_connected(t0(), dev.clone(), SessionId::new(1));
     calls.invoke(t0(), dev, MethodInvocation::new("set#1+50%", Value::Null).unwrap());
     let d = calls.poll_transmit().unwrap();
     assert!(!d.topic.contains('#') && !d.topic.contains('+'), "{}", d.topic);
@@ -239,8 +240,8 @@ fn method_names_with_topic_wildcards_reach_the_device_unchanged() {
 fn a_device_cannot_answer_another_devices_request() {
     let mut calls = table();
     let (a, b) = (device("a"), device("b"));
-    calls.handle_device_connected(t0(), a.clone());
-    calls.handle_device_connected(t0(), b.clone());
+    calls.handle_device_connected(t0(), a.clone(), SessionId::new(1));
+    calls.handle_device_connected(t0(), b.clone(), SessionId::new(1));
     calls.invoke(t0(), a.clone(), MethodInvocation::new("m", Value::Null).unwrap());
     let d = calls.poll_transmit().unwrap();
     assert!(calls.handle_device_response(t0(), &b, &d.rid, 200, b"{}").is_err());
@@ -251,7 +252,7 @@ fn a_device_cannot_answer_another_devices_request() {
 fn a_non_json_device_answer_comes_back_as_a_string() {
     let mut calls = table();
     let dev = device("d");
-    calls.handle_device_connected(t0(), dev.clone());
+    calls.handle_device_connected(t0(), dev.clone(), SessionId::new(1));
     calls.invoke(t0(), dev.clone(), MethodInvocation::new("m", Value::Null).unwrap());
     let d = calls.poll_transmit().unwrap();
     calls.handle_device_response(t0(), &dev, &d.rid, 200, b"not json").unwrap();
@@ -262,7 +263,7 @@ fn a_non_json_device_answer_comes_back_as_a_string() {
 fn a_python_service_call_without_payload_delivers_an_empty_string() {
     let mut calls = table();
     let dev = device("d");
-    calls.handle_device_connected(t0(), dev.clone());
+    calls.handle_device_connected(t0(), dev.clone(), SessionId::new(1));
     let body: CloudToDeviceMethod = serde_json::from_str(r#"{"methodName":"ping","payload":""}"#).unwrap();
     calls.invoke(t0(), dev, MethodInvocation::from_wire(&body).unwrap());
     assert_eq!(calls.poll_transmit().unwrap().body, b"\"\"");
@@ -273,11 +274,11 @@ fn module_methods_go_to_the_module_session_only() {
     let mut calls = table();
     let dev = DeviceId::new("edge-1").unwrap();
     let module = MethodTarget::module(dev.clone(), ModuleId::new("camera").unwrap());
-    calls.handle_device_connected(t0(), MethodTarget::device(dev));
+    calls.handle_device_connected(t0(), MethodTarget::device(dev), SessionId::new(1));
     let inv = MethodInvocation::new("snap", Value::Null).unwrap().with_connect_timeout(secs(10)).unwrap();
     calls.invoke(t0(), module.clone(), inv);
     assert_eq!(calls.poll_transmit(), None, "the device session is not the module session");
-    calls.handle_device_connected(t0() + secs(1), module.clone());
+    calls.handle_device_connected(t0() + secs(1), module.clone(), SessionId::new(1));
     assert_eq!(calls.poll_transmit().unwrap().target, module);
 }
 
@@ -285,7 +286,7 @@ fn module_methods_go_to_the_module_session_only() {
 fn many_calls_expire_in_deadline_order() {
     let mut calls = table();
     let dev = device("d");
-    calls.handle_device_connected(t0(), dev.clone());
+    calls.handle_device_connected(t0(), dev.clone(), SessionId::new(1));
     let mut ids = Vec::new();
     for s in [30u64, 5, 17] {
         let inv = MethodInvocation::new("m", Value::Null).unwrap().with_response_timeout(secs(s)).unwrap();
@@ -312,4 +313,23 @@ fn a_404103_is_sent_over_rest_as_the_stringified_numeric_envelope() {
     assert_eq!(inner["errorCode"], 404103);
     assert_eq!(inner["info"]["timeout"], "00:01:30");
     assert_eq!(outer["ExceptionMessage"], "");
+}
+
+#[test]
+fn a_reconnect_that_replaces_a_session_keeps_the_device_online_when_the_old_one_closes() {
+    let mut calls = table();
+    let dev = device("roamer");
+    calls.handle_device_connected(t0(), dev.clone(), SessionId::new(1));
+    // The same client id connects again (NAT timeout, network change): the hub kicks session 1,
+    // and the transport reports its close after the new session's connect.
+    calls.handle_device_connected(t0() + secs(1), dev.clone(), SessionId::new(2));
+    calls.handle_device_disconnected(t0() + secs(1), &dev, SessionId::new(1));
+    assert!(calls.is_online(&dev));
+    calls.invoke(t0() + secs(2), dev.clone(), MethodInvocation::new("reboot", Value::Null).unwrap());
+    assert_eq!(calls.poll_transmit().expect("delivered to the live session").target, dev);
+    assert_eq!(calls.poll_event(), None);
+
+    // The live session closing takes the device offline.
+    calls.handle_device_disconnected(t0() + secs(3), &dev, SessionId::new(2));
+    assert!(!calls.is_online(&dev));
 }

@@ -534,16 +534,26 @@ fn sum_avg_min_max_aggregate_numeric_values_per_group() {
 }
 
 #[test]
-fn group_by_on_modules_counts_modules_per_device() {
-    let p = page("SELECT deviceId, COUNT() AS modules FROM devices.modules GROUP BY deviceId", 100, None);
-    assert_eq!(
-        p.items,
-        vec![
-            json!({"deviceId": "device1", "modules": 1}),
-            json!({"deviceId": "device2", "modules": 2}),
-            json!({"deviceId": "device3", "modules": 1}),
-        ]
+fn group_by_is_only_for_devices_and_device_jobs_take_only_select_star() {
+    // Spec §9.3: GROUP BY only on devices; devices.jobs only SELECT *.
+    let q = "SELECT deviceId, COUNT() AS modules FROM devices.modules GROUP BY deviceId";
+    let e = parse_err(q);
+    assert_eq!(e.offset, q.find("GROUP").unwrap());
+    assert!(e.message.starts_with("GROUP BY is only supported on devices"), "{}", e.message);
+    let e = parse_err(
+        "SELECT properties.reported.s AS s, COUNT() AS n FROM devices.modules GROUP BY properties.reported.s",
     );
+    assert!(e.message.starts_with("GROUP BY is only supported on devices"), "{}", e.message);
+    let e = parse_err("SELECT deviceId FROM devices.jobs");
+    assert_eq!(e.offset, 7);
+    assert!(e.message.starts_with("devices.jobs only supports SELECT *"), "{}", e.message);
+    assert!(parse_err("SELECT TOP 2 jobId, status FROM devices.jobs WHERE status = 'completed'")
+        .message
+        .starts_with("devices.jobs only supports SELECT *"));
+
+    // What stays: aggregates over modules without GROUP BY, and SELECT * (with TOP) over jobs.
+    assert_eq!(page("SELECT COUNT() AS n FROM devices.modules", 100, None).items, vec![json!({"n": 4})]);
+    assert_eq!(run("SELECT TOP 2 * FROM devices.jobs").len(), 2);
 }
 
 #[test]
@@ -615,10 +625,11 @@ fn a_token_replayed_with_another_query_is_refused() {
     let other = parse("SELECT * FROM devices WHERE status = 'enabled'").unwrap();
     let err = execute(&other, &source(), &PageRequest { continuation: first.continuation, max_items: 2 })
         .unwrap_err();
-    assert!(matches!(err, Error::BadRequest(_)), "{err:?}");
+    assert_eq!(err.to_wire().error_code, 400_004, "{err:?}");
     let q = parse("SELECT * FROM devices").unwrap();
     let garbage = PageRequest { continuation: Some("not a token".to_owned()), max_items: 2 };
-    assert!(matches!(execute(&q, &source(), &garbage), Err(Error::BadRequest(_))));
+    let err = execute(&q, &source(), &garbage).unwrap_err();
+    assert_eq!(err.to_wire().error_code, 400_004, "{err:?}");
 }
 
 #[test]
@@ -736,10 +747,11 @@ fn overlong_and_deeply_nested_queries_fail_cleanly() {
 #[test]
 fn a_parse_error_is_a_bad_request_for_the_wire() {
     let err: Error = parse_err("SELECT FROM devices").into();
-    let Error::BadRequest(msg) = &err else { panic!("{err:?}") };
+    let wire = err.to_wire();
+    let msg = &wire.message;
     assert!(msg.starts_with("The query is invalid: expected"), "{msg}");
     assert!(msg.ends_with("(line 1, column 8)"), "{msg}");
-    assert_eq!(err.to_wire().http_status, 400);
+    assert_eq!((wire.http_status, wire.error_code), (400, 400_006), "IotHubFormatError");
 }
 
 #[test]
@@ -755,11 +767,19 @@ fn a_parsed_query_prints_as_canonical_text() {
         "select top 3 DeviceId as id, COUNT() from devices.jobs where devices.jobs.status in ['a', \"b\"] and not x > -1",
     );
     assert!(q.is_err(), "aggregates are refused on devices.jobs");
-    let q = parse("select top 3 DeviceId as id from devices.jobs where devices.jobs.status in ['a', \"it's\"] and not x > -1")
+    let q =
+        parse("select top 3 * from devices.jobs where devices.jobs.status in ['a', \"it's\"] and not x > -1")
+            .unwrap();
+    assert_eq!(
+        q.to_string(),
+        "SELECT TOP 3 * FROM devices.jobs WHERE ((status IN ['a', 'it\\'s']) AND (NOT (x > -1)))"
+    );
+    assert_eq!(parse(&q.to_string()).unwrap(), q);
+    let q = parse("select top 3 DeviceId as id from devices where devices.status in ['a'] and not x > -1")
         .unwrap();
     assert_eq!(
         q.to_string(),
-        "SELECT TOP 3 DeviceId AS id FROM devices.jobs WHERE ((status IN ['a', 'it\\'s']) AND (NOT (x > -1)))"
+        "SELECT TOP 3 DeviceId AS id FROM devices WHERE ((status IN ['a']) AND (NOT (x > -1)))"
     );
     assert_eq!(parse(&q.to_string()).unwrap(), q);
 }

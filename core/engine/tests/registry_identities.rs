@@ -9,7 +9,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use registry_support::*;
-use zerotouch_engine::registry::{hub_error_code, ConnectionOperation, HeartbeatTracker};
+use zerotouch_engine::registry::{hub_error_code, ConnectionOperation, HeartbeatTracker, SessionId};
 use zerotouch_proto::hub::{
     AuthenticationMechanism, AuthenticationType, ConnectionState, Device, DeviceCapabilities, DeviceStatus,
     HubErrorCode, Module, SymmetricKey, X509Thumbprint,
@@ -291,8 +291,8 @@ fn deleting_a_device_removes_its_modules() {
 fn connecting_sets_connection_state_and_counts_as_connected() {
     let reg = registry();
     let d = reg.create_device(Device::new(id("c1")), now()).unwrap().value;
-    let ev =
-        reg.set_connection_state(&id("c1"), None, ConnectionState::Connected, later(3)).unwrap().unwrap();
+    let s1 = SessionId::new(1);
+    let ev = reg.handle_connected(&id("c1"), None, s1, later(3)).unwrap().unwrap();
     assert_eq!(ev.op_type, ConnectionOperation::DeviceConnected);
     let stored = reg.device(&id("c1")).unwrap();
     assert_eq!(stored.connection_state, ConnectionState::Connected);
@@ -300,16 +300,35 @@ fn connecting_sets_connection_state_and_counts_as_connected() {
     assert_eq!(stored.last_activity_time, Some(later(3)));
     assert_eq!(stored.etag, d.etag, "connection state does not change the identity etag");
     assert_eq!(reg.service_statistics().unwrap().connected_device_count, 1);
-    assert!(reg
-        .set_connection_state(&id("c1"), None, ConnectionState::Connected, later(4))
-        .unwrap()
-        .is_none());
+    assert!(reg.handle_connected(&id("c1"), None, s1, later(4)).unwrap().is_none());
 
-    let ev2 =
-        reg.set_connection_state(&id("c1"), None, ConnectionState::Disconnected, later(5)).unwrap().unwrap();
+    let ev2 = reg.handle_disconnected(&id("c1"), None, s1, later(5)).unwrap().unwrap();
     assert_eq!(ev2.op_type, ConnectionOperation::DeviceDisconnected);
     assert!(ev2.sequence_number > ev.sequence_number);
     assert_eq!(ev2.sequence_number.len(), 64);
+    assert_eq!(reg.service_statistics().unwrap().connected_device_count, 0);
+}
+
+#[test]
+fn a_replaced_session_that_closes_late_leaves_the_device_connected() {
+    let reg = registry();
+    reg.create_device(Device::new(id("c2")), now()).unwrap();
+    reg.create_module(Module::new(id("c2"), mid("m1")), now()).unwrap();
+    for module in [None, Some(mid("m1"))] {
+        let m = module.as_ref();
+        assert!(reg.handle_connected(&id("c2"), m, SessionId::new(1), later(1)).unwrap().is_some());
+        // Session 2 of the same identity kicks session 1, whose close the transport reports after.
+        assert!(reg.handle_connected(&id("c2"), m, SessionId::new(2), later(2)).unwrap().is_none());
+        assert!(reg.handle_disconnected(&id("c2"), m, SessionId::new(1), later(2)).unwrap().is_none());
+        let state = match m {
+            None => reg.device(&id("c2")).unwrap().connection_state,
+            Some(m) => reg.module(&id("c2"), m).unwrap().connection_state,
+        };
+        assert_eq!(state, ConnectionState::Connected, "{module:?}");
+
+        let ev = reg.handle_disconnected(&id("c2"), m, SessionId::new(2), later(3)).unwrap().unwrap();
+        assert_eq!(ev.op_type, ConnectionOperation::DeviceDisconnected);
+    }
     assert_eq!(reg.service_statistics().unwrap().connected_device_count, 0);
 }
 

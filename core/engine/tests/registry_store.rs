@@ -94,15 +94,12 @@ impl IdentityStore for RacingStore {
         self.inner.device(id)
     }
     fn put_device(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
-        if matches!(pre, Precondition::Matches(_))
-            && !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            let mut other = self.inner.device(&device.device_id)?.unwrap();
-            other.etag = Some(ETag::new("b3RoZXI="));
-            other.status_reason = Some("other writer".into());
-            self.inner.put_device(&other, &Precondition::None)?;
-        }
+        self.race(device, pre)?;
         self.inner.put_device(device, pre)
+    }
+    fn put_device_keeping_activity(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+        self.race(device, pre)?;
+        self.inner.put_device_keeping_activity(device, pre)
     }
     fn delete_device(
         &self,
@@ -127,6 +124,9 @@ impl IdentityStore for RacingStore {
     fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
         self.inner.put_module(module, pre)
     }
+    fn put_module_keeping_activity(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
+        self.inner.put_module_keeping_activity(module, pre)
+    }
     fn delete_module(
         &self,
         d: &zerotouch_proto::DeviceId,
@@ -137,6 +137,21 @@ impl IdentityStore for RacingStore {
     }
     fn modules(&self, d: &zerotouch_proto::DeviceId) -> Result<Vec<Module>, StoreError> {
         self.inner.modules(d)
+    }
+}
+
+impl RacingStore {
+    /// The other writer, before the first conditional write.
+    fn race(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+        if matches!(pre, Precondition::Matches(_))
+            && !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let mut other = self.inner.device(&device.device_id)?.unwrap();
+            other.etag = Some(ETag::new("b3RoZXI="));
+            other.status_reason = Some("other writer".into());
+            self.inner.put_device(&other, &Precondition::None)?;
+        }
+        Ok(())
     }
 }
 
@@ -167,4 +182,131 @@ fn an_etag_update_that_loses_a_race_is_412() {
     let err = reg.update_device(Device::new(id("r")), &tag, later(1)).unwrap_err();
     assert_eq!(zerotouch_engine::registry::hub_error_code(&err), HubErrorCode::PreconditionFailed);
     assert_eq!(reg.device(&id("r")).unwrap().status_reason.as_deref(), Some("other writer"));
+}
+
+/// Another writer's action on the store.
+type Hook = Box<dyn FnOnce(&MemoryIdentityStore) + Send>;
+
+/// A store whose next device or module read, once armed, runs a hook right after it: another
+/// writer acting between the registry's read and its write.
+#[derive(Default)]
+struct Hooked {
+    inner: MemoryIdentityStore,
+    hook: std::sync::Mutex<Option<Hook>>,
+}
+
+impl Hooked {
+    fn arm(&self, hook: impl FnOnce(&MemoryIdentityStore) + Send + 'static) {
+        *self.hook.lock().unwrap() = Some(Box::new(hook));
+    }
+
+    fn fire(&self) {
+        let hook = self.hook.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook(&self.inner);
+        }
+    }
+}
+
+impl IdentityStore for Hooked {
+    fn device(&self, id: &zerotouch_proto::DeviceId) -> Result<Option<Device>, StoreError> {
+        let found = self.inner.device(id);
+        self.fire();
+        found
+    }
+    fn put_device(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+        self.inner.put_device(device, pre)
+    }
+    fn put_device_keeping_activity(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+        self.inner.put_device_keeping_activity(device, pre)
+    }
+    fn delete_device(
+        &self,
+        id: &zerotouch_proto::DeviceId,
+        pre: &Precondition,
+    ) -> Result<(Device, Vec<Module>), StoreError> {
+        self.inner.delete_device(id, pre)
+    }
+    fn devices(&self, page: &PageRequest) -> Result<zerotouch_engine::store::Page<Device>, StoreError> {
+        self.inner.devices(page)
+    }
+    fn count_devices(&self) -> Result<zerotouch_engine::registry::DeviceCounts, StoreError> {
+        self.inner.count_devices()
+    }
+    fn module(
+        &self,
+        d: &zerotouch_proto::DeviceId,
+        m: &zerotouch_proto::ModuleId,
+    ) -> Result<Option<Module>, StoreError> {
+        let found = self.inner.module(d, m);
+        self.fire();
+        found
+    }
+    fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
+        self.inner.put_module(module, pre)
+    }
+    fn put_module_keeping_activity(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
+        self.inner.put_module_keeping_activity(module, pre)
+    }
+    fn delete_module(
+        &self,
+        d: &zerotouch_proto::DeviceId,
+        m: &zerotouch_proto::ModuleId,
+        pre: &Precondition,
+    ) -> Result<Module, StoreError> {
+        self.inner.delete_module(d, m, pre)
+    }
+    fn modules(&self, d: &zerotouch_proto::DeviceId) -> Result<Vec<Module>, StoreError> {
+        self.inner.modules(d)
+    }
+}
+
+#[test]
+fn a_connection_state_written_during_an_identity_update_is_not_put_back() {
+    use zerotouch_proto::hub::ConnectionState;
+    let store = std::sync::Arc::new(Hooked::default());
+    let reg = zerotouch_engine::registry::Registry::new(
+        std::sync::Arc::clone(&store),
+        std::sync::Arc::new(counting_crypto()),
+        zerotouch_engine::registry::RegistryConfig::new(HUB),
+    );
+    reg.create_device(Device::new(id("d")), now()).unwrap();
+    reg.create_module(Module::new(id("d"), mid("m")), now()).unwrap();
+
+    // The device connects (a write that keeps the etag) between the update's read and write.
+    let connect = |stored: &MemoryIdentityStore| {
+        let mut d = stored.device(&id("d")).unwrap().unwrap();
+        let pre = Precondition::Matches(d.etag.as_ref().unwrap().bare().to_owned());
+        d.connection_state = ConnectionState::Connected;
+        d.connection_state_updated_time = Some(later(1));
+        d.last_activity_time = Some(later(1));
+        stored.put_device(&d, &pre).unwrap();
+    };
+    let mut body = reg.device(&id("d")).unwrap();
+    body.status_reason = Some("maintenance".into());
+    store.arm(connect);
+    let updated = reg.update_device(body, &zerotouch_proto::IfMatch::Any, later(2)).unwrap();
+    let stored = reg.device(&id("d")).unwrap();
+    assert_eq!(stored.status_reason.as_deref(), Some("maintenance"), "the update is applied");
+    assert_eq!(stored.etag, updated.etag);
+    assert_eq!(stored.connection_state, ConnectionState::Connected, "the connection is not lost");
+    assert_eq!(stored.last_activity_time, Some(later(1)));
+    assert_eq!(reg.service_statistics().unwrap().connected_device_count, 1);
+
+    // The same for a module.
+    let connect_module = |stored: &MemoryIdentityStore| {
+        let mut m = stored.module(&id("d"), &mid("m")).unwrap().unwrap();
+        let pre = Precondition::Matches(m.etag.as_ref().unwrap().bare().to_owned());
+        m.connection_state = ConnectionState::Connected;
+        m.last_activity_time = Some(later(3));
+        stored.put_module(&m, &pre).unwrap();
+    };
+    let mut body = reg.module(&id("d"), &mid("m")).unwrap();
+    body.managed_by = Some("me".into());
+    store.arm(connect_module);
+    reg.update_module(body, &zerotouch_proto::IfMatch::Any).unwrap();
+    let stored = reg.module(&id("d"), &mid("m")).unwrap();
+    assert_eq!(stored.managed_by.as_deref(), Some("me"));
+    assert_eq!(stored.connection_state, ConnectionState::Connected, "the module connection is not lost");
+    assert_eq!(stored.last_activity_time, Some(later(3)));
 }

@@ -2,11 +2,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::{json, Map, Value};
+use zerotouch_engine::registry::hub_error_code;
 use zerotouch_engine::store::{PageRequest, Precondition};
 use zerotouch_engine::twin::{
     update_twin, MemoryTwinStore, SectionChange, TwinDocument, TwinEvent, TwinKey, TwinOperation, TwinStore,
 };
 use zerotouch_engine::{Error, StoreError};
+use zerotouch_proto::hub::HubErrorCode;
 use zerotouch_proto::twin::{TwinChangeOperation, TwinPatch};
 use zerotouch_proto::{DeviceId, IfMatch, ModuleId, Timestamp};
 
@@ -159,11 +161,11 @@ fn back_end_with_stale_etag_gets_precondition_failed_and_nothing_changes() {
             &IfMatch::from_header(Some(&format!("\"{}\"", stale.bare()))),
         )
         .unwrap_err();
-    assert_eq!(err, Error::PreconditionFailed);
-    assert_eq!(err.to_wire().http_status, 412);
+    assert_eq!(hub_error_code(&err), HubErrorCode::PreconditionFailed);
+    assert_eq!((err.to_wire().http_status, err.to_wire().error_code), (412, 412_001));
     assert_eq!(doc, before);
     let err = doc.replace(T2, &TwinPatch::default(), &IfMatch::Tag("nope".into())).unwrap_err();
-    assert_eq!(err, Error::PreconditionFailed);
+    assert_eq!(hub_error_code(&err), HubErrorCode::PreconditionFailed);
 }
 
 #[test]
@@ -265,8 +267,8 @@ fn device_reported_patch_with_version_key_is_rejected() {
     let mut doc = TwinDocument::new(T0);
     let before = doc.clone();
     let err = doc.patch_reported(T1, &obj(json!({"a": 1, "$version": 4})), &IfMatch::Absent).unwrap_err();
-    assert!(matches!(&err, Error::BadRequest(m) if m.contains("$version")), "{err}");
-    assert_eq!(err.to_wire().http_status, 400);
+    assert!(matches!(&err, Error::Hub { message, .. } if message.contains("$version")), "{err}");
+    assert_eq!((err.to_wire().http_status, err.to_wire().error_code), (400, 400_004), "observed: 400004");
     assert_eq!(doc, before);
 }
 
@@ -277,7 +279,8 @@ fn property_names_with_dot_space_dollar_or_control_characters_are_rejected() {
         let mut m = Map::new();
         m.insert(bad.to_owned(), json!(1));
         let p = TwinPatch { tags: Some(m), ..TwinPatch::default() };
-        assert!(matches!(doc.patch(T1, &p, &IfMatch::Absent), Err(Error::BadRequest(_))), "{bad:?}");
+        let err = doc.patch(T1, &p, &IfMatch::Absent).unwrap_err();
+        assert_eq!(hub_error_code(&err), HubErrorCode::ArgumentInvalid, "{bad:?}");
     }
     assert_eq!(doc.version(), 2);
 }
@@ -324,7 +327,9 @@ fn desired_properties_over_32_kb_are_rejected_but_arrays_are_fine() {
 fn tags_over_8_kb_are_rejected() {
     let mut doc = TwinDocument::new(T0);
     let p = patch(json!({"tags": {"a": "y".repeat(4000), "b": "y".repeat(4000), "c": "y".repeat(200)}}));
-    assert!(matches!(doc.patch(T1, &p, &IfMatch::Absent), Err(Error::BadRequest(m)) if m.contains("tags")));
+    let err = doc.patch(T1, &p, &IfMatch::Absent).unwrap_err();
+    assert!(matches!(&err, Error::Hub { message, .. } if message.contains("tags")), "{err}");
+    assert_eq!(err.to_wire().error_code, 400_004);
 }
 
 #[test]
@@ -346,8 +351,9 @@ fn updating_the_twin_of_an_unknown_device_is_not_found() {
     let err =
         update_twin(&store, &key("ghost"), T0, &TwinOperation::Patch(TwinPatch::default()), &IfMatch::Any)
             .unwrap_err();
-    assert!(matches!(&err, Error::NotFound(m) if m.contains("ghost")), "{err}");
-    assert_eq!(err.to_wire().http_status, 404);
+    assert!(matches!(&err, Error::Hub { message, .. } if message.contains("ghost")), "{err}");
+    assert_eq!(hub_error_code(&err), HubErrorCode::DeviceNotFound);
+    assert_eq!((err.to_wire().http_status, err.to_wire().error_code), (404, 404_001));
 }
 
 #[test]
@@ -441,7 +447,8 @@ fn dps_enrollment_initial_twin_becomes_the_new_devices_twin() {
     assert_eq!(doc.tags(), &obj(json!({"plant": "b"})));
     assert_eq!(doc.desired(), &obj(json!({"interval": 30})));
     let bad: zerotouch_proto::service::InitialTwin = serde_json::from_value(json!({"tags": [1]})).unwrap();
-    assert!(matches!(TwinDocument::from_initial_twin(T0, &bad), Err(Error::BadRequest(_))));
+    let err = TwinDocument::from_initial_twin(T0, &bad).unwrap_err();
+    assert_eq!(hub_error_code(&err), HubErrorCode::ArgumentInvalid);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{json, Map, Value};
 use zerotouch_engine::jobs::{DeviceJobFilter, JobFilter, JobRecord, JobStore};
-use zerotouch_engine::registry::{DeviceCounts, IdentityStore};
+use zerotouch_engine::registry::{keep_device_activity, keep_module_activity, DeviceCounts, IdentityStore};
 use zerotouch_engine::store::{Page, PageRequest, Precondition};
 use zerotouch_engine::twin::{StoredTwin, TwinDocument, TwinKey, TwinStore};
 use zerotouch_engine::StoreError;
@@ -64,6 +64,16 @@ pub fn identity_store<S: IdentityStore>(make: impl Fn() -> S) {
     );
     run("identities: counts follow status, connection state and deletes", make, device_counts);
     run("identities: 8 threads doing compare-and-swap updates lose no update", make, concurrent_devices);
+    run(
+        "identities: an identity update keeps the activity fields the store holds",
+        make,
+        update_keeps_activity,
+    );
+    run(
+        "identities: identity updates racing connection-state writes lose no activity",
+        make,
+        concurrent_activity,
+    );
 }
 
 /// Device and module twins: lookup, round-trip, every precondition on put and delete checked
@@ -100,6 +110,7 @@ pub fn job_store<S: JobStore>(make: impl Fn() -> S) {
     keyed_cases::<S, Jobs>(make);
     run("jobs: 250 jobs list as 100 + 100 + 50 in id order", make, job_paging);
     run("jobs: listing filters by type and status across pages", make, job_filters);
+    run("jobs: a continuation token the store did not issue is refused as such", make, forged_job_tokens);
     run(
         "jobs: a device job record is created, replaced and found by job and device",
         make,
@@ -787,6 +798,120 @@ fn concurrent_devices<S: IdentityStore>(store: &S) -> Outcome {
     Ok(())
 }
 
+/// `put_*_keeping_activity`: the identity fields are written, the stored activity fields
+/// (connection state and its time, last activity, message count) stay; with nothing stored the
+/// identity is written as given; preconditions are those of `put_*`.
+fn update_keeps_activity<S: IdentityStore>(store: &S) -> Outcome {
+    // rev 2 is enabled and connected; rev 3 is disabled and disconnected, with other times.
+    let stored = device("dev-a", "e1", 2)?;
+    ok("put", store.put_device(&stored, &Precondition::None))?;
+    let update = device("dev-a", "e2", 3)?;
+    ok("update keeping activity", store.put_device_keeping_activity(&update, &must("e1")))?;
+    let mut want = update.clone();
+    keep_device_activity(&mut want, &stored);
+    let got = ok("read", store.device(&dev_id("dev-a")?))?.ok_or("the device vanished")?;
+    ensure!(to_json!(&got)? == to_json!(&want)?, "stored {got:?}, expected {want:?}");
+    let counts = ok("count", store.count_devices())?;
+    ensure!(
+        (counts.connected, counts.disabled) == (1, 1),
+        "the counts follow the kept connection state and the new status: {counts:?}"
+    );
+    fails(
+        "update keeping activity with a superseded etag",
+        store.put_device_keeping_activity(&device("dev-a", "e3", 4)?, &must("e1")),
+        &StoreError::PreconditionFailed,
+    )?;
+    fails(
+        "update keeping activity of a missing device",
+        store.put_device_keeping_activity(&device("dev-b", "e1", 4)?, &Precondition::MustExist),
+        &StoreError::NotFound,
+    )?;
+    let fresh = device("dev-c", "e1", 2)?;
+    ok("create keeping activity", store.put_device_keeping_activity(&fresh, &Precondition::MustNotExist))?;
+    let got = ok("read", store.device(&dev_id("dev-c")?))?.ok_or("the device vanished")?;
+    ensure!(to_json!(&got)? == to_json!(&fresh)?, "a new device is written as given: {got:?}");
+
+    let stored = module("dev-a", "m-1", "e1", 2)?;
+    ok("put of a module", store.put_module(&stored, &Precondition::None))?;
+    let update = module("dev-a", "m-1", "e2", 3)?;
+    ok("module update keeping activity", store.put_module_keeping_activity(&update, &must("e1")))?;
+    let mut want = update.clone();
+    keep_module_activity(&mut want, &stored);
+    let got = ok("read", store.module(&dev_id("dev-a")?, &mod_id("m-1")?))?.ok_or("the module vanished")?;
+    ensure!(to_json!(&got)? == to_json!(&want)?, "stored {got:?}, expected {want:?}");
+    fails(
+        "module update keeping activity with a superseded etag",
+        store.put_module_keeping_activity(&module("dev-a", "m-1", "e3", 4)?, &must("e1")),
+        &StoreError::PreconditionFailed,
+    )?;
+    fails(
+        "module keeping activity under a missing device",
+        store.put_module_keeping_activity(&module("dev-x", "m-1", "e1", 4)?, &Precondition::None),
+        &StoreError::NotFound,
+    )?;
+    Ok(())
+}
+
+/// Connection-state writes (the etag kept, `lastActivityTime` counting them) race identity
+/// updates (a new etag, written keeping the activity): no connection write is undone.
+fn concurrent_activity<S: IdentityStore>(store: &S) -> Outcome {
+    const CONNECTIONS: i64 = 300;
+    let id = dev_id("busy")?;
+    let mut seed = device("busy", "v0", 1)?;
+    seed.last_activity_time = Some(at(0));
+    ok("seed put", store.put_device(&seed, &Precondition::MustNotExist))?;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (connections, updates) = std::thread::scope(|scope| {
+        let connect = scope.spawn(|| -> Result<i64, String> {
+            let mut written = 0;
+            for _ in 0..MAX_ATTEMPTS {
+                if written == CONNECTIONS {
+                    break;
+                }
+                let mut d = ok("read", store.device(&id))?.ok_or("the device vanished")?;
+                let etag = d.etag.clone().ok_or("the device lost its etag")?;
+                let n =
+                    d.last_activity_time.map_or(0, |t| (t.unix_nanos() - at(0).unix_nanos()) / 1_000_000_000);
+                d.last_activity_time = Some(at(n + 1));
+                if swapped(store.put_device(&d, &Precondition::Matches(etag.bare().to_owned())))? {
+                    written += 1;
+                }
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(written)
+        });
+        let update = scope.spawn(|| -> Result<i64, String> {
+            let mut written = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut d = ok("read", store.device(&id))?.ok_or("the device vanished")?;
+                let etag = d.etag.clone().ok_or("the device lost its etag")?;
+                written += 1;
+                d.etag = Some(ETag::new(format!("u{written}")));
+                d.status_reason = Some(format!("update {written}"));
+                let pre = Precondition::Matches(etag.bare().to_owned());
+                if !swapped(store.put_device_keeping_activity(&d, &pre))? {
+                    written -= 1;
+                }
+            }
+            Ok(written)
+        });
+        let join = |r: std::thread::Result<Result<i64, String>>| {
+            r.unwrap_or_else(|_| Err("a writer thread panicked".to_owned()))
+        };
+        (join(connect.join()), join(update.join()))
+    });
+    let (connections, updates) = (connections?, updates?);
+    ensure!(connections == CONNECTIONS, "only {connections} of {CONNECTIONS} connection writes went through");
+    let last = ok("final read", store.device(&id))?.ok_or("the device vanished")?;
+    ensure!(
+        last.last_activity_time == Some(at(CONNECTIONS)),
+        "lastActivityTime ended at {:?} after {CONNECTIONS} connection writes and {updates} updates \
+         (an update put back an older one)",
+        last.last_activity_time
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Twins
 
@@ -1132,6 +1257,32 @@ fn job_paging<S: JobStore>(store: &S) -> Outcome {
     )
 }
 
+/// A token a client made up (the job query's `x-ms-continuation` is client input) is
+/// [`StoreError::InvalidContinuation`], which the hub answers with 400, not a backend failure.
+fn forged_job_tokens<S: JobStore>(store: &S) -> Outcome {
+    let record =
+        JobRecord { job: job("job-1", JobType::ScheduleUpdateTwin, JobStatus::Running, 1)?, version: 1 };
+    ok("put", store.put_job(&record, &Precondition::MustNotExist))?;
+    ok(
+        "put of a device job",
+        store.put_device_job(&device_job("job-1", "dev-1", DeviceJobStatus::Running, 1)?),
+    )?;
+    for token in ["not a token!", "", "e30", "5b5d", "7b7d"] {
+        let page = PageRequest { continuation: Some(token.to_owned()), max_items: 10 };
+        fails(
+            &format!("jobs after the token {token:?}"),
+            store.jobs(&JobFilter::default(), &page),
+            &StoreError::InvalidContinuation,
+        )?;
+        fails(
+            &format!("device jobs after the token {token:?}"),
+            store.device_jobs(&DeviceJobFilter::default(), &page),
+            &StoreError::InvalidContinuation,
+        )?;
+    }
+    Ok(())
+}
+
 fn job_filters<S: JobStore>(store: &S) -> Outcome {
     let statuses = [JobStatus::Running, JobStatus::Completed, JobStatus::Scheduled];
     let mut all = Vec::new();
@@ -1412,6 +1563,9 @@ mod tests {
             std::thread::sleep(Duration::from_micros(200));
             self.inner.put_device(device, &Precondition::None)
         }
+        fn put_device_keeping_activity(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+            self.inner.put_device_keeping_activity(device, pre)
+        }
         fn delete_device(
             &self,
             id: &DeviceId,
@@ -1430,6 +1584,9 @@ mod tests {
         }
         fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
             self.inner.put_module(module, pre)
+        }
+        fn put_module_keeping_activity(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
+            self.inner.put_module_keeping_activity(module, pre)
         }
         fn delete_module(
             &self,

@@ -235,7 +235,7 @@ impl QuerySource for PgStore {
         let after = match &page.continuation {
             None => vec![String::new(); layout.key_parts],
             Some(token) => decode_token(token, layout.key_parts)
-                .map_err(|_| Error::BadRequest("invalid continuation token".to_owned()))?,
+                .map_err(|_| zerotouch_engine::query::bad_continuation("invalid continuation token"))?,
         };
         let (max, limit) = limit_of(page);
         // $1.. the token's parts, then the limit, the hub, and the push-down's arguments.

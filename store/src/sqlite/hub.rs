@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 
 use rusqlite::{params, Connection};
 use zerotouch_engine::jobs::{DeviceJobFilter, JobFilter, JobRecord, JobStore};
-use zerotouch_engine::registry::{DeviceCounts, IdentityStore};
+use zerotouch_engine::registry::{keep_device_activity, keep_module_activity, DeviceCounts, IdentityStore};
 use zerotouch_engine::store::{Page, PageRequest, Precondition};
 use zerotouch_engine::twin::{StoredTwin, TwinDocument, TwinKey, TwinStore};
 use zerotouch_engine::StoreError;
@@ -129,6 +129,55 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// `put_module`, keeping the stored activity fields when `keep_activity`.
+    fn put_module_with(
+        &self,
+        module: &Module,
+        pre: &Precondition,
+        keep_activity: bool,
+    ) -> Result<(), StoreError> {
+        let (device, id) = (module.device_id.as_str(), module.module_id.as_str());
+        let etag = etag_column(module.etag.as_ref());
+        let hub = &*self.hub;
+        self.write(|tx| {
+            if !device_exists(tx, hub, device)? {
+                return Err(StoreError::NotFound);
+            }
+            let current = stored_etag(
+                tx,
+                "SELECT etag FROM modules WHERE device_id = ?1 AND module_id = ?2 AND hub = ?3",
+                &[&device, &id, &hub],
+            )?;
+            check(pre, current.as_deref())?;
+            let stored: Option<Module> = match (keep_activity, &current) {
+                (true, Some(_)) => one_doc(
+                    tx,
+                    "SELECT doc FROM modules WHERE device_id = ?1 AND module_id = ?2 AND hub = ?3",
+                    &[&device, &id, &hub],
+                )?,
+                _ => None,
+            };
+            let doc = match stored {
+                Some(stored) => {
+                    let mut module = module.clone();
+                    keep_module_activity(&mut module, &stored);
+                    to_doc(&module)?
+                }
+                None => to_doc(module)?,
+            };
+            tx.prepare_cached(
+                "INSERT INTO modules (device_id, module_id, etag, doc, hub) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (hub, device_id, module_id) DO UPDATE SET etag = excluded.etag, doc = excluded.doc",
+            )
+            .db()?
+            .execute(params![device, id, etag, doc, hub])
+            .db()?;
+            Ok(())
+        })
+    }
+}
+
 fn device_exists(conn: &Connection, hub: &str, id: &str) -> Result<bool, StoreError> {
     Ok(stored_etag(conn, "SELECT etag FROM devices WHERE id = ?1 AND hub = ?2", &[&id, &hub])?.is_some())
 }
@@ -154,6 +203,29 @@ impl IdentityStore for SqliteStore {
             let current =
                 stored_etag(tx, "SELECT etag FROM devices WHERE id = ?1 AND hub = ?2", &[&id, &hub])?;
             check(pre, current.as_deref())?;
+            row.upsert(tx, hub, id)
+        })
+    }
+
+    /// The stored activity is read in the write transaction (one writer at a time), so no
+    /// connection-state write lands between reading it and writing the update.
+    fn put_device_keeping_activity(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+        let id = device.device_id.as_str();
+        let hub = &*self.hub;
+        self.write(|tx| {
+            let current =
+                stored_etag(tx, "SELECT etag FROM devices WHERE id = ?1 AND hub = ?2", &[&id, &hub])?;
+            check(pre, current.as_deref())?;
+            let stored: Option<Device> =
+                one_doc(tx, "SELECT doc FROM devices WHERE id = ?1 AND hub = ?2", &[&id, &hub])?;
+            let row = match stored {
+                Some(stored) => {
+                    let mut device = device.clone();
+                    keep_device_activity(&mut device, &stored);
+                    DeviceRow::of(&device)?
+                }
+                None => DeviceRow::of(device)?,
+            };
             row.upsert(tx, hub, id)
         })
     }
@@ -222,29 +294,12 @@ impl IdentityStore for SqliteStore {
     }
 
     fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
-        let (device, id) = (module.device_id.as_str(), module.module_id.as_str());
-        let etag = etag_column(module.etag.as_ref());
-        let doc = to_doc(module)?;
-        let hub = &*self.hub;
-        self.write(|tx| {
-            if !device_exists(tx, hub, device)? {
-                return Err(StoreError::NotFound);
-            }
-            let current = stored_etag(
-                tx,
-                "SELECT etag FROM modules WHERE device_id = ?1 AND module_id = ?2 AND hub = ?3",
-                &[&device, &id, &hub],
-            )?;
-            check(pre, current.as_deref())?;
-            tx.prepare_cached(
-                "INSERT INTO modules (device_id, module_id, etag, doc, hub) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (hub, device_id, module_id) DO UPDATE SET etag = excluded.etag, doc = excluded.doc",
-            )
-            .db()?
-            .execute(params![device, id, etag, doc, hub])
-            .db()?;
-            Ok(())
-        })
+        self.put_module_with(module, pre, false)
+    }
+
+    /// As [`IdentityStore::put_device_keeping_activity`] of this store.
+    fn put_module_keeping_activity(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
+        self.put_module_with(module, pre, true)
     }
 
     fn delete_module(
@@ -366,6 +421,11 @@ fn stored_twins(
 }
 
 impl TwinStore for SqliteStore {
+    /// As the identity side: a unit is open on this thread when it holds the writer.
+    fn in_open_unit(&self) -> bool {
+        self.inner.writer.is_owned_by_current_thread()
+    }
+
     fn twin(&self, key: &TwinKey) -> Result<Option<TwinDocument>, StoreError> {
         let module = codec::twin_module_column(key);
         self.read_one(|c| {

@@ -241,7 +241,7 @@ impl QuerySource for SqliteStore {
         let after = match &page.continuation {
             None => vec![String::new(); layout.key_parts],
             Some(token) => decode_token(token, layout.key_parts)
-                .map_err(|_| Error::BadRequest("invalid continuation token".to_owned()))?,
+                .map_err(|_| zerotouch_engine::query::bad_continuation("invalid continuation token"))?,
         };
         let max = page.max_items.max(1);
         let rows = self.scan_rows(layout, filter, &after, max)?;

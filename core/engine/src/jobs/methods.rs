@@ -1,6 +1,6 @@
 //! Direct methods: validated invocations and the sans-I/O pending-call table (hub spec §6.6, §7).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use zerotouch_proto::{DeviceId, ModuleId, Timestamp};
 use super::hub_error;
 use crate::crypto::CryptoProvider;
 use crate::error::Error;
+use crate::registry::SessionId;
 
 /// Largest method payload, request or response, in bytes of serialized JSON (128 KB).
 pub const MAX_METHOD_PAYLOAD_BYTES: usize = 128 * 1024;
@@ -353,7 +354,8 @@ struct Call {
 ///
 /// Call order: report sessions with [`handle_device_connected`](Self::handle_device_connected) /
 /// [`handle_device_disconnected`](Self::handle_device_disconnected) (a device counts as online
-/// once it has subscribed to `$iothub/methods/POST/#`); [`invoke`](Self::invoke) for each REST
+/// once it has subscribed to `$iothub/methods/POST/#`, until the close of that same session: a
+/// session that a reconnect replaced closing late does not take it offline, see [`SessionId`]); [`invoke`](Self::invoke) for each REST
 /// call or job; then drain [`poll_transmit`](Self::poll_transmit) (publish to the device) and
 /// [`poll_event`](Self::poll_event) (answer the REST caller); feed device answers to
 /// [`handle_device_response`](Self::handle_device_response); call
@@ -368,7 +370,8 @@ pub struct MethodCalls {
     next: u64,
     calls: BTreeMap<CallId, Call>,
     deadlines: BTreeSet<(Timestamp, CallId)>,
-    online: HashSet<MethodTarget>,
+    /// The live session of each online target.
+    online: HashMap<MethodTarget, SessionId>,
     waiting: HashMap<MethodTarget, Vec<CallId>>,
     by_rid: HashMap<String, CallId>,
     transmits: VecDeque<MethodDelivery>,
@@ -389,7 +392,7 @@ impl MethodCalls {
             next: 1,
             calls: BTreeMap::new(),
             deadlines: BTreeSet::new(),
-            online: HashSet::new(),
+            online: HashMap::new(),
             waiting: HashMap::new(),
             by_rid: HashMap::new(),
             transmits: VecDeque::new(),
@@ -399,7 +402,7 @@ impl MethodCalls {
 
     /// Whether `target` has a live method subscription.
     pub fn is_online(&self, target: &MethodTarget) -> bool {
-        self.online.contains(target)
+        self.online.contains_key(target)
     }
 
     /// Number of calls not finished yet.
@@ -413,7 +416,7 @@ impl MethodCalls {
     pub fn invoke(&mut self, now: Timestamp, target: MethodTarget, invocation: MethodInvocation) -> CallId {
         let id = CallId(self.next);
         self.next += 1;
-        let online = self.online.contains(&target);
+        let online = self.online.contains_key(&target);
         let deadline = now + invocation.connect_timeout;
         let call = Call { target: target.clone(), invocation, state: CallState::AwaitingConnect, deadline };
         self.calls.insert(id, call);
@@ -428,19 +431,24 @@ impl MethodCalls {
         id
     }
 
-    /// Records that `target` connected and subscribed to method requests, and delivers the
-    /// calls that were waiting for it.
-    pub fn handle_device_connected(&mut self, now: Timestamp, target: MethodTarget) {
+    /// Records that `target` connected in `session` and subscribed to method requests, and
+    /// delivers the calls that were waiting for it. `session` replaces any other live session of
+    /// `target` (one connection per identity).
+    pub fn handle_device_connected(&mut self, now: Timestamp, target: MethodTarget, session: SessionId) {
         let waiting = self.waiting.remove(&target).unwrap_or_default();
-        self.online.insert(target);
+        self.online.insert(target, session);
         for id in waiting {
             self.deliver(now, id);
         }
     }
 
-    /// Records that `target`'s session ended.
-    pub fn handle_device_disconnected(&mut self, _now: Timestamp, target: &MethodTarget) {
-        self.online.remove(target);
+    /// Records that `session` of `target` ended: `target` goes offline unless that session was
+    /// already replaced by a newer one (a reconnect kicks the old connection, whose close the
+    /// transport reports after the new connect).
+    pub fn handle_device_disconnected(&mut self, _now: Timestamp, target: &MethodTarget, session: SessionId) {
+        if self.online.get(target) == Some(&session) {
+            self.online.remove(target);
+        }
     }
 
     /// Feeds a device's answer, received on `$iothub/methods/res/{status}/?$rid={rid}` from the

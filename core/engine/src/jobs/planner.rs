@@ -160,6 +160,10 @@ impl DeviceOutcome {
 struct ActiveJob {
     record: JobRecord,
     start: Timestamp,
+    /// `maxExecutionTimeInSeconds`, counted from when the job actually starts.
+    budget: Duration,
+    /// When the budget runs out: set when the job starts (a start time already past when the
+    /// job is created, as a client clock behind ours sends, takes nothing from the budget).
     deadline: Timestamp,
     invocation: Option<Arc<MethodInvocation>>,
     update: Option<Arc<TwinUpdate>>,
@@ -189,8 +193,8 @@ impl ActiveJob {
 ///
 /// A job whose start time has come resolves its condition once, creates a `pending` device job
 /// per device, dispatches them (throttled by [`JobLimits`]) and completes when every device job
-/// finished; when `maxExecutionTimeInSeconds` runs out first, the unfinished device jobs and the
-/// job fail. Every change is written to the [`JobStore`] at once, so reads see live statistics.
+/// finished; when `maxExecutionTimeInSeconds` (counted from when the job starts, not from its
+/// requested start time) runs out first, the unfinished device jobs and the job fail. Every change is written to the [`JobStore`] at once, so reads see live statistics.
 pub struct JobPlanner<S: JobStore, D: DeviceSelector> {
     store: S,
     selector: D,
@@ -248,6 +252,7 @@ impl<S: JobStore, D: DeviceSelector> JobPlanner<S, D> {
             let mut active = ActiveJob {
                 record,
                 start,
+                budget,
                 deadline: start + budget,
                 update,
                 invocation,
@@ -381,6 +386,7 @@ impl<S: JobStore, D: DeviceSelector> JobPlanner<S, D> {
             ActiveJob {
                 record,
                 start,
+                budget,
                 deadline: start + budget,
                 update: request
                     .update_twin
@@ -410,7 +416,8 @@ impl<S: JobStore, D: DeviceSelector> JobPlanner<S, D> {
     /// `GET /jobs/v2/query?jobType=&jobStatus=`.
     ///
     /// # Errors
-    /// Store failures or a bad continuation token.
+    /// Store failures; [`StoreError::InvalidContinuation`] (400 / `ArgumentInvalid`) for an
+    /// `x-ms-continuation` the store did not issue.
     pub fn jobs(&self, filter: &JobFilter, page: &PageRequest) -> Result<Page<JobResponse>, Error> {
         Ok(self.store.jobs(filter, page)?)
     }
@@ -648,6 +655,7 @@ impl<S: JobStore, D: DeviceSelector> JobPlanner<S, D> {
 
     fn start(&mut self, job: &mut ActiveJob, now: Timestamp) -> Result<(), Error> {
         job.started = true;
+        job.deadline = now.max(job.start) + job.budget;
         let condition = job.record.job.query_condition.clone().unwrap_or_default();
         let devices = match self.selector.select(&condition) {
             Ok(d) => d,

@@ -77,7 +77,8 @@ pub trait JobStore: Send + Sync {
     /// Lists jobs passing `filter`, ordered by job id.
     ///
     /// # Errors
-    /// Backend failures or a bad continuation token.
+    /// Backend failures; [`StoreError::InvalidContinuation`] for a token this store did not
+    /// issue.
     fn jobs(&self, filter: &JobFilter, page: &PageRequest) -> Result<Page<JobResponse>, StoreError>;
     /// Writes (creates or replaces) a device job record.
     ///
@@ -92,7 +93,8 @@ pub trait JobStore: Send + Sync {
     /// Lists device job records passing `filter`, ordered by job id then device id.
     ///
     /// # Errors
-    /// Backend failures or a bad continuation token.
+    /// Backend failures; [`StoreError::InvalidContinuation`] for a token this store did not
+    /// issue.
     fn device_jobs(
         &self,
         filter: &DeviceJobFilter,
@@ -159,10 +161,8 @@ fn encode_token(parts: &[&str]) -> String {
 }
 
 fn decode_token(token: &str) -> Result<Vec<String>, StoreError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| StoreError::Backend("bad continuation token".to_owned()))?;
-    serde_json::from_slice(&bytes).map_err(|_| StoreError::Backend("bad continuation token".to_owned()))
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| StoreError::InvalidContinuation)?;
+    serde_json::from_slice(&bytes).map_err(|_| StoreError::InvalidContinuation)
 }
 
 /// Collects up to `max` accepted items after the cursor; the token names the last one returned
@@ -208,10 +208,7 @@ impl JobStore for MemoryJobStore {
         let start = match &page.continuation {
             Some(t) => {
                 let parts = decode_token(t)?;
-                let last = parts
-                    .first()
-                    .cloned()
-                    .ok_or_else(|| StoreError::Backend("bad continuation token".into()))?;
+                let last = parts.first().cloned().ok_or(StoreError::InvalidContinuation)?;
                 Bound::Excluded(last)
             }
             None => Bound::Unbounded,
@@ -244,7 +241,7 @@ impl JobStore for MemoryJobStore {
         let lower = match &page.continuation {
             Some(t) => match decode_token(t)?.as_slice() {
                 [job, device] => Bound::Excluded((job.clone(), device.clone())),
-                _ => return Err(StoreError::Backend("bad continuation token".to_owned())),
+                _ => return Err(StoreError::InvalidContinuation),
             },
             // Narrow the scan to one job's records when the filter names the job.
             None => match &filter.job_id {

@@ -9,6 +9,7 @@ use base64::Engine as _;
 use serde_json::{Map, Number, Value};
 
 use super::ast::{Aggregate, Collection, Expr, ItemType, Path, Projection, Query, Select, SelectItem};
+use super::bad_continuation;
 use super::eval::{eval, lookup, matches};
 use crate::error::Error;
 use crate::store::PageRequest;
@@ -35,7 +36,7 @@ pub trait QuerySource {
     /// `visit` breaks. Returns the token of the next batch, `None` when the collection ends.
     ///
     /// # Errors
-    /// Backend failures, or [`Error::BadRequest`] for a token the source did not issue.
+    /// Backend failures, or [`super::bad_continuation`] for a token the source did not issue.
     fn scan(
         &self,
         collection: Collection,
@@ -122,7 +123,7 @@ impl QuerySource for VecSource {
                 .parse::<usize>()
                 .ok()
                 .filter(|s| *s <= docs.len())
-                .ok_or_else(|| Error::BadRequest("invalid continuation token".to_owned()))?,
+                .ok_or_else(|| bad_continuation("invalid continuation token"))?,
         };
         let end = start.saturating_add(page.max_items.max(1)).min(docs.len());
         for doc in docs.get(start..end).unwrap_or_default() {
@@ -154,7 +155,8 @@ pub struct QueryPage<T = Value> {
 /// another result exists.
 ///
 /// # Errors
-/// [`Error::BadRequest`] for a token that does not belong to this query; source failures.
+/// `ArgumentInvalid` ([`super::bad_continuation`]) for a token that does not belong to this
+/// query; source failures.
 pub fn execute(query: &Query, source: &dyn QuerySource, page: &PageRequest) -> Result<QueryPage, Error> {
     run(query, source, page, &mut |select, doc| project(select, doc.value()), &mut |row| row)
 }
@@ -438,7 +440,7 @@ impl Cursor {
     }
 
     fn decode(token: &str, hash: u64) -> Result<Cursor, Error> {
-        let bad = || Error::BadRequest("invalid continuation token for this query".to_owned());
+        let bad = || bad_continuation("invalid continuation token for this query");
         let raw = URL_SAFE_NO_PAD.decode(token.trim()).map_err(|_| bad())?;
         let text = String::from_utf8(raw).map_err(|_| bad())?;
         let mut parts = text.splitn(5, '.');

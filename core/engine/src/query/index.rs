@@ -1,13 +1,12 @@
 //! An in-memory query source that answers `path = 'text'` filters from hash indexes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::sync::{Arc, RwLock};
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::ast::{Collection, CompareOp, Expr, Literal, Path};
-use super::eval::lookup;
 use super::exec::{QuerySource, SourceDoc, VecSource};
 use crate::error::Error;
 use crate::store::PageRequest;
@@ -15,8 +14,47 @@ use crate::store::PageRequest;
 /// Positions (ascending) of the documents whose property holds each string value.
 type Postings = HashMap<String, Vec<usize>>;
 
-/// Which collection and property (segments as the query spells them) an index covers.
+/// Most indexes one source keeps; the oldest goes when another is built. Each holds a copy of
+/// the string values of its property, so paths a query client makes up cannot grow memory
+/// without bound.
+const MAX_CACHED_INDEXES: usize = 32;
+
+/// Which collection and property an index covers: the segments ASCII-lower-cased, since names
+/// match without case and every spelling of a property shares its index.
 type IndexKey = (Collection, Vec<String>);
+
+/// The indexes built so far, at most [`MAX_CACHED_INDEXES`], with the order they were built in.
+#[derive(Debug, Default)]
+struct IndexCache {
+    map: HashMap<IndexKey, Arc<Postings>>,
+    built: VecDeque<IndexKey>,
+}
+
+impl IndexCache {
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Keeps `postings` under `key` (or what another thread kept there first), forgetting the
+    /// oldest index when the cache is full.
+    fn keep(&mut self, key: IndexKey, postings: Arc<Postings>) -> Arc<Postings> {
+        if let Some(found) = self.map.get(&key) {
+            return Arc::clone(found);
+        }
+        while self.map.len() >= MAX_CACHED_INDEXES {
+            match self.built.pop_front() {
+                Some(oldest) => {
+                    self.map.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        self.built.push_back(key.clone());
+        self.map.insert(key, Arc::clone(&postings));
+        postings
+    }
+}
 
 /// The collections, each document behind an [`Arc`] so results can share it.
 #[derive(Debug, Default)]
@@ -31,7 +69,9 @@ struct SharedDocs {
 /// documents holding `'x'` instead of every document.
 ///
 /// An index is built the first time a filter names its property (or by [`IndexedSource::index`])
-/// and kept for the life of the source; the documents cannot change underneath it. Indexes only
+/// and kept for the life of the source (the documents cannot change underneath it), at most
+/// 32 of them, the oldest forgotten first. All spellings of a property share one index, which
+/// lists a document under every value it holds at any case variant of the path. Indexes only
 /// narrow the scan: [`super::execute`] still evaluates the whole `WHERE` on each visited document,
 /// so a query gives the same items in the same order as over the plain [`VecSource`].
 ///
@@ -40,7 +80,7 @@ struct SharedDocs {
 #[derive(Debug, Default)]
 pub struct IndexedSource {
     docs: SharedDocs,
-    indexes: RwLock<HashMap<IndexKey, Arc<Postings>>>,
+    indexes: RwLock<IndexCache>,
 }
 
 impl IndexedSource {
@@ -49,7 +89,7 @@ impl IndexedSource {
         let share = |docs: Vec<Value>| docs.into_iter().map(Arc::new).collect();
         let docs =
             SharedDocs { devices: share(docs.devices), modules: share(docs.modules), jobs: share(docs.jobs) };
-        Self { docs, indexes: RwLock::new(HashMap::new()) }
+        Self { docs, indexes: RwLock::new(IndexCache::default()) }
     }
 
     /// The documents of a collection, in scan order.
@@ -123,33 +163,38 @@ impl IndexedSource {
     }
 
     /// Builds the index of `path` in `collection` now (instead of on the first query that
-    /// filters on it); returns how many distinct string values it holds.
+    /// filters on it); returns how many distinct string values it holds (at any case variant
+    /// of the path). An index forgotten to make room is built again the same way, so the
+    /// continuation tokens of its queries stay valid.
     pub fn index(&self, collection: Collection, path: &Path) -> usize {
         self.postings(collection, path).len()
     }
 
     fn postings(&self, collection: Collection, path: &Path) -> Arc<Postings> {
-        let key = (collection, path.segments.clone());
+        let segments: Vec<String> = path.segments.iter().map(|s| s.to_ascii_lowercase()).collect();
+        let key = (collection, segments);
         // A poisoned lock only means another reader panicked; the map itself is always whole.
-        if let Some(found) = self.indexes.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some(found) = self.indexes.read().unwrap_or_else(|e| e.into_inner()).map.get(&key) {
             return Arc::clone(found);
         }
         let mut postings = Postings::new();
         for (i, doc) in self.docs(collection).iter().enumerate() {
-            // Built with the evaluator's own lookup, so the index sees exactly the value the
-            // filter compares (case-insensitive names, exact match first).
-            if let Some((_, Value::String(s))) = lookup(doc, path) {
-                match postings.get_mut(s.as_str()) {
-                    Some(list) => list.push(i),
-                    None => {
-                        postings.insert(s.clone(), vec![i]);
+            // Every value at any case variant of the path: whichever one the evaluator's lookup
+            // picks for a spelling (the exact name first, else one that differs in case), the
+            // document is listed under it.
+            each_value(doc, &key.1, &mut |value| {
+                if let Value::String(s) = value {
+                    match postings.get_mut(s.as_str()) {
+                        Some(list) if list.last() == Some(&i) => {}
+                        Some(list) => list.push(i),
+                        None => {
+                            postings.insert(s.clone(), vec![i]);
+                        }
                     }
                 }
-            }
+            });
         }
-        let postings = Arc::new(postings);
-        let mut indexes = self.indexes.write().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(indexes.entry(key).or_insert(postings))
+        self.indexes.write().unwrap_or_else(|e| e.into_inner()).keep(key, Arc::new(postings))
     }
 }
 
@@ -157,6 +202,30 @@ impl From<VecSource> for IndexedSource {
     fn from(docs: VecSource) -> Self {
         Self::new(docs)
     }
+}
+
+/// Visits the value of every property of `doc` at `segments` (ASCII-lower-cased) matched
+/// without case: ASCII case-insensitively, or by Unicode lower case for names that are not
+/// ASCII (the evaluator's rules, without its preference for an exact match).
+fn each_value(doc: &Value, segments: &[String], visit: &mut dyn FnMut(&Value)) {
+    let Some((first, rest)) = segments.split_first() else {
+        visit(doc);
+        return;
+    };
+    let Some(obj) = doc.as_object() else { return };
+    for (_, child) in matching_keys(obj, first) {
+        each_value(child, rest, visit);
+    }
+}
+
+fn matching_keys<'a>(
+    obj: &'a Map<String, Value>,
+    name: &'a str,
+) -> impl Iterator<Item = (&'a String, &'a Value)> {
+    let lower = (!name.is_ascii()).then(|| name.to_lowercase());
+    obj.iter().filter(move |(k, _)| {
+        k.eq_ignore_ascii_case(name) || lower.as_ref().is_some_and(|l| k.to_lowercase() == *l)
+    })
 }
 
 /// The first conjunct of `filter` of the form `path = 'text'` (either side), if any: every
@@ -173,7 +242,7 @@ fn string_equality(filter: &Expr) -> Option<(&Path, &str)> {
 }
 
 fn bad_token() -> Error {
-    Error::BadRequest("invalid continuation token".to_owned())
+    super::bad_continuation("invalid continuation token")
 }
 
 impl QuerySource for IndexedSource {
@@ -319,6 +388,53 @@ mod tests {
         let indexed = IndexedSource::new(fleet(700));
         let rows = all_pages("SELECT COUNT() AS n FROM devices WHERE tags.site = 's2'", &indexed, 10);
         assert_eq!(rows, vec![json!({"n": 100})]);
+    }
+
+    #[test]
+    fn spellings_of_one_property_share_one_index() {
+        let src = IndexedSource::new(VecSource::with_devices(
+            (0..1000).map(|i| json!({"deviceId": format!("d{i}")})).collect(),
+        ));
+        let page = PageRequest { continuation: None, max_items: 1 };
+        for v in ["deviceId", "DeviceId", "DEVICEID", "deviceID", "DeViCeId"] {
+            let q = parse(&format!("SELECT * FROM devices WHERE {v} = 'd7'")).unwrap();
+            assert_eq!(execute(&q, &src, &page).unwrap().items.len(), 1, "{v}");
+        }
+        assert_eq!(src.indexes.read().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn properties_whose_names_differ_only_in_case_are_all_found_through_a_shared_index() {
+        let docs = VecSource::with_devices(vec![
+            json!({"deviceId": "a", "tags": {"site": "x", "Site": "y"}}),
+            json!({"deviceId": "b", "tags": {"SITE": "y"}}),
+            json!({"deviceId": "c", "tags": {"site": "y"}}),
+        ]);
+        let indexed = IndexedSource::new(docs.clone());
+        for query in [
+            "SELECT deviceId FROM devices WHERE tags.site = 'x'",
+            "SELECT deviceId FROM devices WHERE tags.Site = 'y'",
+            "SELECT deviceId FROM devices WHERE tags.site = 'y'",
+            "SELECT deviceId FROM devices WHERE tags.SITE = 'y'",
+            "SELECT deviceId FROM devices WHERE tags.sItE = 'y'",
+        ] {
+            assert_eq!(all_pages(query, &indexed, 10), all_pages(query, &docs, 10), "{query}");
+        }
+        assert_eq!(indexed.indexes.read().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_number_of_cached_indexes_is_bounded() {
+        let src = IndexedSource::new(fleet(50));
+        let page = PageRequest { continuation: None, max_items: 10 };
+        for k in 0..(MAX_CACHED_INDEXES * 4) {
+            let q = parse(&format!("SELECT * FROM devices WHERE tags.k{k} = 'x'")).unwrap();
+            assert!(execute(&q, &src, &page).unwrap().items.is_empty());
+        }
+        assert_eq!(src.indexes.read().unwrap().len(), MAX_CACHED_INDEXES);
+        // Evicted indexes are built again when asked for, with the same answers.
+        let q = parse("SELECT * FROM devices WHERE tags.site = 's3'").unwrap();
+        assert_eq!(execute(&q, &src, &page).unwrap().items.len(), 7);
     }
 
     #[test]

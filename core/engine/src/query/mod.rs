@@ -37,3 +37,10 @@ pub use eval::{compare, eval, json_eq, lookup, matches, Evaluated};
 pub use exec::{execute, execute_shared, QueryPage, QuerySource, SourceDoc, VecSource, MAX_PAGE_SIZE};
 pub use index::IndexedSource;
 pub use parser::{parse, parse_condition, ParseError, MAX_QUERY_LEN};
+
+/// The error of a continuation token the source did not issue (or issued for another query):
+/// `ArgumentInvalid` (400004), the token being client input. For [`QuerySource`]s outside this
+/// crate (the SQL push-down of the stores) to answer alike.
+pub fn bad_continuation(message: &str) -> crate::Error {
+    crate::registry::hub_error(zerotouch_proto::hub::HubErrorCode::ArgumentInvalid, message)
+}

@@ -65,7 +65,10 @@ impl std::error::Error for ParseError {}
 
 impl From<ParseError> for crate::error::Error {
     fn from(e: ParseError) -> Self {
-        crate::error::Error::BadRequest(format!("The query is invalid: {e}"))
+        crate::registry::hub_error(
+            zerotouch_proto::hub::HubErrorCode::IotHubFormatError,
+            format!("The query is invalid: {e}"),
+        )
     }
 }
 
@@ -261,6 +264,22 @@ impl<'a> Parser<'a> {
                 self.src,
                 if q.group_by.is_some() { group_at } else { from_at },
                 "devices.jobs does not support aggregates or GROUP BY; query devices instead".to_owned(),
+            ));
+        }
+        // Spec §9.3: devices.jobs takes only SELECT *, and GROUP BY is for devices only.
+        if q.from == Collection::Jobs && !matches!(q.select, Select::All) {
+            return Err(ParseError::at(
+                self.src,
+                select_at,
+                "devices.jobs only supports SELECT *; select the fields from the results".to_owned(),
+            ));
+        }
+        if q.from == Collection::Modules && q.group_by.is_some() {
+            return Err(ParseError::at(
+                self.src,
+                group_at,
+                "GROUP BY is only supported on devices; count modules without GROUP BY or group device twins"
+                    .to_owned(),
             ));
         }
         let Select::Items(items) = &q.select else {

@@ -111,15 +111,10 @@ impl<S: IdentityStore> Registry<S> {
                     self.update_from_entry(entry, &if_match, now)?;
                     self.twin_from_entry(entry, twins, &twin_if_match, now)?;
                 } else {
-                    events = self.create_from_entry(entry, now)?;
-                    // A new identity has a new twin: an exported twinETag from elsewhere cannot match it.
-                    self.twin_from_entry(entry, twins, &IfMatch::Any, now)?;
+                    events = self.create_with_twin(entry, twins, now)?;
                 }
             }
-            ImportMode::Create => {
-                events = self.create_from_entry(entry, now)?;
-                self.twin_from_entry(entry, twins, &IfMatch::Any, now)?;
-            }
+            ImportMode::Create => events = self.create_with_twin(entry, twins, now)?,
             ImportMode::Update => {
                 self.update_from_entry(entry, &IfMatch::Any, now)?;
                 self.twin_from_entry(entry, twins, &twin_if_match, now)?;
@@ -177,6 +172,34 @@ impl<S: IdentityStore> Registry<S> {
             None => Ok(self.create_device(device_from_entry(entry), now)?.events),
             Some(m) => Ok(self.create_module(module_from_entry(entry, m), now)?.events),
         }
+    }
+
+    /// Creates the identity of `entry` with its twin data, or nothing: the twin data is checked
+    /// before the identity is written, and should the twin write fail all the same (the store),
+    /// the identity is taken back, so an entry reported as failed is not half-applied.
+    fn create_with_twin(
+        &self,
+        entry: &ExportImportDevice,
+        twins: &dyn TwinSink,
+        now: Timestamp,
+    ) -> Result<Vec<LifecycleEvent>, Error> {
+        if entry.has_twin_data() {
+            twins.check_new_twin(
+                &entry.id,
+                entry.module_id.as_ref(),
+                entry.tags.as_ref(),
+                entry.properties.as_ref(),
+                now,
+            )?;
+        }
+        let events = self.create_from_entry(entry, now)?;
+        // A new identity has a new twin: an exported twinETag from elsewhere cannot match it.
+        if let Err(e) = self.twin_from_entry(entry, twins, &IfMatch::Any, now) {
+            // Best effort: the entry fails with the twin's error whether or not this succeeds.
+            let _ = self.delete_from_entry(entry, &IfMatch::Any, now);
+            return Err(e);
+        }
+        Ok(events)
     }
 
     fn update_from_entry(

@@ -12,8 +12,10 @@ pub mod heartbeat;
 pub mod jobs;
 pub mod store;
 
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -28,6 +30,7 @@ use zerotouch_proto::{DeviceId, ETag, IfMatch, ModuleId, Timestamp};
 use crate::crypto::CryptoProvider;
 use crate::error::{Error, StoreError};
 use crate::store::{Page, PageRequest, Precondition};
+use crate::twin::{apply_import_data, TwinDocument, TwinKey};
 
 pub use bulk::{device_from_entry, export_device_line, export_module_line, module_from_entry};
 pub use events::{
@@ -35,7 +38,9 @@ pub use events::{
 };
 pub use heartbeat::{HeartbeatTracker, MissedHeartbeat};
 pub use jobs::{ExportJob, ImportJob, ImportLineOutcome, JobCounts};
-pub use store::{DeviceCounts, IdentityStore, MemoryIdentityStore};
+pub use store::{
+    keep_device_activity, keep_module_activity, DeviceCounts, IdentityStore, MemoryIdentityStore,
+};
 
 /// Most identities one `GET /devices` returns, and the value `top` is clamped to.
 pub const MAX_LIST_TOP: usize = 1000;
@@ -66,9 +71,10 @@ pub fn hub_error(code: HubErrorCode, message: impl Into<String>) -> Error {
 pub fn hub_error_code(error: &Error) -> HubErrorCode {
     match error {
         Error::Hub { code, .. } => HubErrorCode::from_code(*code).unwrap_or(HubErrorCode::ServerError),
-        Error::BadRequest(_) | Error::Proto(_) | Error::InvalidRegistrationId(_) => {
-            HubErrorCode::ArgumentInvalid
-        }
+        Error::BadRequest(_)
+        | Error::Proto(_)
+        | Error::InvalidRegistrationId(_)
+        | Error::Store(StoreError::InvalidContinuation) => HubErrorCode::ArgumentInvalid,
         Error::Auth(_) => HubErrorCode::IotHubUnauthorizedAccess,
         Error::PreconditionFailed | Error::Store(StoreError::PreconditionFailed) => {
             HubErrorCode::PreconditionFailed
@@ -82,6 +88,34 @@ pub fn hub_error_code(error: &Error) -> HubErrorCode {
 pub fn error_envelope(error: &Error, exception_message: impl Into<String>) -> ErrorEnvelope {
     ErrorEnvelope::new(hub_error_code(error), &error_text(error), exception_message)
 }
+
+/// One connection of a device or module to the hub, named by the transport (a counter of the
+/// connections it accepted will do; two connections alive at once must differ). The hub keeps one
+/// connection per identity: a new one replaces the old (which the transport then closes, spec
+/// §6.1), so the close of the replaced connection, reported after the new one's connect, must
+/// not take the identity offline. [`Registry::handle_connected`] /
+/// [`Registry::handle_disconnected`] and [`crate::jobs::MethodCalls`] tell them apart by this id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(u64);
+
+impl SessionId {
+    /// The session the transport numbered `n`.
+    pub const fn new(n: u64) -> Self {
+        Self(n)
+    }
+
+    /// The transport's number.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+/// Which identity a session belongs to: a device (`None`) or one of its modules.
+type SessionKey = (DeviceId, Option<ModuleId>);
+
+/// Stripes of the live-session table: a connection-state write holds its identity's stripe, so
+/// writes of identities in other stripes go on meanwhile.
+const SESSION_STRIPES: usize = 64;
 
 /// Something an operation did, plus the lifecycle events it caused.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +145,28 @@ pub trait TwinSink {
         if_match: &IfMatch,
         now: Timestamp,
     ) -> Result<(), Error>;
+
+    /// Checks, before the identity of a create entry (or of a `createOrUpdate*` entry whose
+    /// identity does not exist) is written, that the twin of the new identity would accept the
+    /// entry's twin data, so an entry refused for its twin data creates nothing. The default
+    /// applies the data to a fresh twin document ([`crate::twin::apply_import_data`]).
+    ///
+    /// # Errors
+    /// As [`TwinSink::update_twin`] for invalid twin data.
+    fn check_new_twin(
+        &self,
+        device_id: &DeviceId,
+        module_id: Option<&ModuleId>,
+        tags: Option<&Value>,
+        properties: Option<&ExportImportProperties>,
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        let key = match module_id {
+            None => TwinKey::device(device_id.clone()),
+            Some(m) => TwinKey::module(device_id.clone(), m.clone()),
+        };
+        apply_import_data(&mut TwinDocument::new(now), &key, now, tags, properties, false).map(|_| ())
+    }
 
     /// The twin data an export line carries: twin etag, tags and properties. `None` exports the
     /// identity without twin data.
@@ -157,6 +213,8 @@ pub struct Registry<S> {
     last_sequence: Mutex<(i64, u64)>,
     /// Whether lifecycle events carry their twin body (see [`Registry::set_lifecycle_events`]).
     lifecycle_events: AtomicBool,
+    /// The live session of each connected identity, in stripes by identity.
+    sessions: Vec<Mutex<HashMap<SessionKey, SessionId>>>,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Registry<S> {
@@ -177,6 +235,7 @@ impl<S: IdentityStore> Registry<S> {
             config,
             last_sequence: Mutex::new((0, 0)),
             lifecycle_events: AtomicBool::new(true),
+            sessions: (0..SESSION_STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
         }
     }
 
@@ -315,7 +374,14 @@ impl<S: IdentityStore> Registry<S> {
             device_scope,
             parent_scopes,
         };
-        self.store.put_device(&device, &pre).map_err(|e| device_store_error(e, &device.device_id))?;
+        // The connection state and activity just read may be stale by the time of the write: a
+        // connection-state write keeps the etag, so `pre` would not notice it. The store keeps
+        // the stored ones instead, read in the same atomic step as the check. (Chosen over a
+        // per-row write version compared by the stores: no new column, no schema migration, and
+        // the write's precondition stays the etag the caller knows.)
+        self.store
+            .put_device_keeping_activity(&device, &pre)
+            .map_err(|e| device_store_error(e, &device.device_id))?;
         Ok(device)
     }
 
@@ -393,37 +459,97 @@ impl<S: IdentityStore> Registry<S> {
         Ok(ServiceStatistics { connected_device_count: self.store.count_devices()?.connected })
     }
 
-    /// Records that a device (or module) connected or disconnected: sets `connectionState`,
-    /// `connectionStateUpdatedTime` and `lastActivityTime` without changing the etag, and
-    /// returns the notification. A repeated state returns `None`.
+    /// Records that a device (or module) connected in `session`: sets `connectionState`,
+    /// `connectionStateUpdatedTime` and `lastActivityTime` without changing the etag, and returns
+    /// the `deviceConnected` notification. `session` becomes the identity's live session (it
+    /// replaces any other: one connection per identity). An identity already connected returns
+    /// `None`.
+    ///
+    /// Sessions are kept by this value: a deployment whose instances share the identity store
+    /// must report all the connections of one identity to the same instance.
     ///
     /// # Errors
     /// `DeviceNotFound`, `ModuleNotFound`, store failures.
-    pub fn set_connection_state(
+    pub fn handle_connected(
+        &self,
+        device_id: &DeviceId,
+        module_id: Option<&ModuleId>,
+        session: SessionId,
+        now: Timestamp,
+    ) -> Result<Option<ConnectionStateEvent>, Error> {
+        let key = (device_id.clone(), module_id.cloned());
+        // Held across the write, so a close of the same identity cannot land between.
+        let mut sessions = self.sessions_of(&key);
+        let changed = self.write_connection_state(device_id, module_id, ConnectionState::Connected, now)?;
+        sessions.insert(key, session);
+        Ok(changed.then(|| self.connection_event(device_id, module_id, ConnectionState::Connected, now)))
+    }
+
+    /// Records that `session` of a device (or module) closed: unless another session replaced
+    /// it meanwhile (see [`SessionId`]; then nothing changes and this returns `None`), sets
+    /// `connectionState` to `Disconnected` as [`Registry::handle_connected`] sets `Connected`,
+    /// and returns the `deviceDisconnected` notification. An identity already disconnected
+    /// returns `None`. The close of a session this value never saw connect (one of a process
+    /// that ended) disconnects the identity when no other session is live.
+    ///
+    /// # Errors
+    /// `DeviceNotFound`, `ModuleNotFound`, store failures.
+    pub fn handle_disconnected(
+        &self,
+        device_id: &DeviceId,
+        module_id: Option<&ModuleId>,
+        session: SessionId,
+        now: Timestamp,
+    ) -> Result<Option<ConnectionStateEvent>, Error> {
+        let key = (device_id.clone(), module_id.cloned());
+        let mut sessions = self.sessions_of(&key);
+        if sessions.get(&key).is_some_and(|live| *live != session) {
+            return Ok(None);
+        }
+        sessions.remove(&key);
+        let changed =
+            self.write_connection_state(device_id, module_id, ConnectionState::Disconnected, now)?;
+        Ok(changed.then(|| self.connection_event(device_id, module_id, ConnectionState::Disconnected, now)))
+    }
+
+    /// The stripe of the live-session table that holds `key`.
+    fn sessions_of(&self, key: &SessionKey) -> MutexGuard<'_, HashMap<SessionKey, SessionId>> {
+        let mut hasher = DefaultHasher::new();
+        key.hash(&mut hasher);
+        let stripe = usize::try_from(hasher.finish() % SESSION_STRIPES as u64).unwrap_or(0);
+        self.sessions[stripe].lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes `state`; returns whether it changed.
+    fn write_connection_state(
         &self,
         device_id: &DeviceId,
         module_id: Option<&ModuleId>,
         state: ConnectionState,
         now: Timestamp,
-    ) -> Result<Option<ConnectionStateEvent>, Error> {
-        let changed = retry_lost_race(&IfMatch::Any, || {
-            self.set_connection_state_once(device_id, module_id, state, now)
-        })?;
-        if !changed {
-            return Ok(None);
-        }
+    ) -> Result<bool, Error> {
+        retry_lost_race(&IfMatch::Any, || self.set_connection_state_once(device_id, module_id, state, now))
+    }
+
+    fn connection_event(
+        &self,
+        device_id: &DeviceId,
+        module_id: Option<&ModuleId>,
+        state: ConnectionState,
+        now: Timestamp,
+    ) -> ConnectionStateEvent {
         let op_type = match state {
             ConnectionState::Connected => ConnectionOperation::DeviceConnected,
             _ => ConnectionOperation::DeviceDisconnected,
         };
-        Ok(Some(ConnectionStateEvent {
+        ConnectionStateEvent {
             op_type,
             hub_name: self.config.hub_name.clone(),
             device_id: device_id.clone(),
             module_id: module_id.cloned(),
             operation_timestamp: now,
             sequence_number: self.next_sequence_number(now),
-        }))
+        }
     }
 
     fn set_connection_state_once(
@@ -575,8 +701,9 @@ impl<S: IdentityStore> Registry<S> {
             cloud_to_device_message_count: existing.cloud_to_device_message_count,
             ..body
         };
+        // As in `update_device_once`: the activity fields are the store's to keep.
         self.store
-            .put_module(&module, &pre)
+            .put_module_keeping_activity(&module, &pre)
             .map_err(|e| module_store_error(e, &module.device_id, &module.module_id))?;
         Ok(module)
     }

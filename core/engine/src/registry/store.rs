@@ -38,6 +38,15 @@ pub trait IdentityStore: Send + Sync {
     /// # Errors
     /// Precondition failures and backend failures.
     fn put_device(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError>;
+    /// [`IdentityStore::put_device`] of an identity update: the activity fields of a stored
+    /// device ([`keep_device_activity`]) keep their stored values, read atomically with the
+    /// precondition check and the write; `device`'s are written only when nothing is stored.
+    /// Those fields change without a new etag (a connection-state write), so a write
+    /// conditional on the etag alone would put back the values its caller read before them.
+    ///
+    /// # Errors
+    /// Precondition failures and backend failures.
+    fn put_device_keeping_activity(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError>;
     /// Deletes a device and, atomically with it, its modules, if `pre` holds. Returns the
     /// deleted device and modules.
     ///
@@ -65,6 +74,12 @@ pub trait IdentityStore: Send + Sync {
     /// [`StoreError::NotFound`] when the device is missing (or `pre` needs an existing module that
     /// is missing), other precondition failures and backend failures.
     fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError>;
+    /// [`IdentityStore::put_module`] of an identity update, keeping the stored activity fields
+    /// ([`keep_module_activity`]) as [`IdentityStore::put_device_keeping_activity`] does.
+    ///
+    /// # Errors
+    /// As [`IdentityStore::put_module`].
+    fn put_module_keeping_activity(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError>;
     /// Deletes a module if `pre` holds; returns it.
     ///
     /// # Errors
@@ -102,6 +117,9 @@ impl<T: IdentityStore + ?Sized> IdentityStore for std::sync::Arc<T> {
     fn put_device(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
         (**self).put_device(device, pre)
     }
+    fn put_device_keeping_activity(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+        (**self).put_device_keeping_activity(device, pre)
+    }
     fn delete_device(&self, id: &DeviceId, pre: &Precondition) -> Result<(Device, Vec<Module>), StoreError> {
         (**self).delete_device(id, pre)
     }
@@ -116,6 +134,9 @@ impl<T: IdentityStore + ?Sized> IdentityStore for std::sync::Arc<T> {
     }
     fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
         (**self).put_module(module, pre)
+    }
+    fn put_module_keeping_activity(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
+        (**self).put_module_keeping_activity(module, pre)
     }
     fn delete_module(
         &self,
@@ -155,19 +176,25 @@ impl MemoryIdentityStore {
     fn write(&self) -> Result<RwLockWriteGuard<'_, BTreeMap<String, Entry>>, StoreError> {
         self.inner.write().map_err(|_| StoreError::Backend("identity store lock poisoned".into()))
     }
-}
 
-impl IdentityStore for MemoryIdentityStore {
-    fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
-        Ok(self.read()?.get(id.as_str()).map(|e| e.device.clone()))
-    }
-
-    fn put_device(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+    /// `put_device`, keeping the stored activity fields when `keep_activity`.
+    fn put_device_with(
+        &self,
+        device: &Device,
+        pre: &Precondition,
+        keep_activity: bool,
+    ) -> Result<(), StoreError> {
         let mut map = self.write()?;
         let current = map.get(device.device_id.as_str());
         check(pre, current.map(|e| e.device.etag.as_ref()))?;
         match map.get_mut(device.device_id.as_str()) {
-            Some(entry) => entry.device = device.clone(),
+            Some(entry) => {
+                let mut device = device.clone();
+                if keep_activity {
+                    keep_device_activity(&mut device, &entry.device);
+                }
+                entry.device = device;
+            }
             None => {
                 map.insert(
                     device.device_id.as_str().to_owned(),
@@ -176,6 +203,57 @@ impl IdentityStore for MemoryIdentityStore {
             }
         }
         Ok(())
+    }
+
+    /// `put_module`, keeping the stored activity fields when `keep_activity`.
+    fn put_module_with(
+        &self,
+        module: &Module,
+        pre: &Precondition,
+        keep_activity: bool,
+    ) -> Result<(), StoreError> {
+        let mut map = self.write()?;
+        let entry = map.get_mut(module.device_id.as_str()).ok_or(StoreError::NotFound)?;
+        let current = entry.modules.get(module.module_id.as_str());
+        check(pre, current.map(|m| m.etag.as_ref()))?;
+        let mut module = module.clone();
+        if let (true, Some(stored)) = (keep_activity, current) {
+            keep_module_activity(&mut module, stored);
+        }
+        entry.modules.insert(module.module_id.as_str().to_owned(), module);
+        Ok(())
+    }
+}
+
+/// Copies the activity fields of `stored` into `device`: `connectionState`,
+/// `connectionStateUpdatedTime`, `lastActivityTime` and `cloudToDeviceMessageCount`, the fields
+/// written without a new etag (for [`IdentityStore::put_device_keeping_activity`]).
+pub fn keep_device_activity(device: &mut Device, stored: &Device) {
+    device.connection_state = stored.connection_state;
+    device.connection_state_updated_time = stored.connection_state_updated_time;
+    device.last_activity_time = stored.last_activity_time;
+    device.cloud_to_device_message_count = stored.cloud_to_device_message_count;
+}
+
+/// [`keep_device_activity`] for modules.
+pub fn keep_module_activity(module: &mut Module, stored: &Module) {
+    module.connection_state = stored.connection_state;
+    module.connection_state_updated_time = stored.connection_state_updated_time;
+    module.last_activity_time = stored.last_activity_time;
+    module.cloud_to_device_message_count = stored.cloud_to_device_message_count;
+}
+
+impl IdentityStore for MemoryIdentityStore {
+    fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        Ok(self.read()?.get(id.as_str()).map(|e| e.device.clone()))
+    }
+
+    fn put_device(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+        self.put_device_with(device, pre, false)
+    }
+
+    fn put_device_keeping_activity(&self, device: &Device, pre: &Precondition) -> Result<(), StoreError> {
+        self.put_device_with(device, pre, true)
     }
 
     fn delete_device(&self, id: &DeviceId, pre: &Precondition) -> Result<(Device, Vec<Module>), StoreError> {
@@ -225,12 +303,11 @@ impl IdentityStore for MemoryIdentityStore {
     }
 
     fn put_module(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
-        let mut map = self.write()?;
-        let entry = map.get_mut(module.device_id.as_str()).ok_or(StoreError::NotFound)?;
-        let current = entry.modules.get(module.module_id.as_str());
-        check(pre, current.map(|m| m.etag.as_ref()))?;
-        entry.modules.insert(module.module_id.as_str().to_owned(), module.clone());
-        Ok(())
+        self.put_module_with(module, pre, false)
+    }
+
+    fn put_module_keeping_activity(&self, module: &Module, pre: &Precondition) -> Result<(), StoreError> {
+        self.put_module_with(module, pre, true)
     }
 
     fn delete_module(

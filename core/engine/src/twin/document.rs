@@ -5,12 +5,14 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use zerotouch_proto::hub::HubErrorCode;
 use zerotouch_proto::service::InitialTwin;
 use zerotouch_proto::twin::{Twin, TwinChangeOperation, TwinCollection, TwinPatch, TwinProperties};
 use zerotouch_proto::{DeviceId, ETag, IfMatch, ModuleId, Timestamp};
 
 use super::limits::{check_growth, check_size, validate_growth, validate_patch, SectionKind};
 use crate::error::Error;
+use crate::registry::hub_error;
 
 /// The `$metadata` of one object or leaf: when it was last written and, in desired properties,
 /// at which desired `$version`.
@@ -186,7 +188,9 @@ fn initial_part<'a>(
     match value {
         None | Some(Value::Null) => Ok(empty),
         Some(Value::Object(m)) => Ok(m),
-        Some(_) => Err(Error::BadRequest(format!("initialTwin {part} must be a JSON object"))),
+        Some(_) => {
+            Err(hub_error(HubErrorCode::ArgumentInvalid, format!("initialTwin {part} must be a JSON object")))
+        }
     }
 }
 
@@ -291,7 +295,7 @@ impl TwinDocument {
     /// desired leaf's metadata carries `$lastUpdatedVersion` 1.
     ///
     /// # Errors
-    /// [`Error::BadRequest`] when the content breaks a twin limit.
+    /// `ArgumentInvalid` (400004) when the content breaks a twin limit.
     pub fn with_initial(
         now: Timestamp,
         tags: &Map<String, Value>,
@@ -318,7 +322,7 @@ impl TwinDocument {
     /// [`TwinDocument::with_initial`]).
     ///
     /// # Errors
-    /// [`Error::BadRequest`] when `tags` or `properties.desired` is not a JSON object or the
+    /// `ArgumentInvalid` (400004) when `tags` or `properties.desired` is not a JSON object or the
     /// content breaks a twin limit.
     pub fn from_initial_twin(now: Timestamp, initial: &InitialTwin) -> Result<Self, Error> {
         let empty = Map::new();
@@ -372,13 +376,13 @@ impl TwinDocument {
     /// Checks an `If-Match` against the twin etag: absent and `*` always pass.
     ///
     /// # Errors
-    /// [`Error::PreconditionFailed`] when a specific etag differs.
+    /// `PreconditionFailed` (412001) when a specific etag differs.
     pub fn check_if_match(&self, if_match: &IfMatch) -> Result<(), Error> {
         // Only a specific tag needs the etag formatted.
         if matches!(if_match, IfMatch::Absent | IfMatch::Any) || if_match.allows(&self.etag()) {
             Ok(())
         } else {
-            Err(Error::PreconditionFailed)
+            Err(twin_precondition_failed())
         }
     }
 
@@ -386,7 +390,7 @@ impl TwinDocument {
     /// `null` deletes). Tags-only patches leave desired `$version` alone.
     ///
     /// # Errors
-    /// [`Error::PreconditionFailed`] on an etag mismatch; [`Error::BadRequest`] when the patch or
+    /// `PreconditionFailed` (412001) on an etag mismatch; `ArgumentInvalid` (400004) when the patch or
     /// its result breaks a twin limit. Nothing changes on error.
     pub fn patch(
         &mut self,
@@ -470,7 +474,7 @@ impl TwinDocument {
     /// empty; `null` values are dropped). Reported properties are untouched.
     ///
     /// # Errors
-    /// [`Error::PreconditionFailed`] on an etag mismatch; [`Error::BadRequest`] when the new
+    /// `PreconditionFailed` (412001) on an etag mismatch; `ArgumentInvalid` (400004) when the new
     /// content breaks a twin limit. Nothing changes on error.
     pub fn replace(
         &mut self,
@@ -510,7 +514,7 @@ impl TwinDocument {
     /// reported properties. The twin etag stays as it is.
     ///
     /// # Errors
-    /// [`Error::PreconditionFailed`] on an etag mismatch; [`Error::BadRequest`] when the patch
+    /// `PreconditionFailed` (412001) on an etag mismatch; `ArgumentInvalid` (400004) when the patch
     /// (for example one with `"$version"`) or its result breaks a twin limit. Nothing changes on
     /// error.
     pub fn patch_reported(
@@ -592,4 +596,9 @@ impl TwinDocument {
         }
         Value::Object(body)
     }
+}
+
+/// The error of a twin write whose `If-Match` names another etag.
+pub(crate) fn twin_precondition_failed() -> Error {
+    hub_error(HubErrorCode::PreconditionFailed, "The etag does not match the twin's etag.")
 }

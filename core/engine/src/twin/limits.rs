@@ -1,8 +1,10 @@
 //! Twin limits and validation: key rules, nesting depth, value types and section sizes (spec §5.5).
 
 use serde_json::{Map, Value};
+use zerotouch_proto::hub::HubErrorCode;
 
 use crate::error::Error;
+use crate::registry::hub_error;
 
 /// Longest property name, in UTF-8 bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -88,7 +90,7 @@ pub fn key_problem(key: &str) -> Option<String> {
 /// `null` is accepted anywhere (it deletes in a patch and is dropped in a replacement).
 ///
 /// # Errors
-/// [`Error::BadRequest`] naming the section, the property path and the broken rule.
+/// `ArgumentInvalid` (400004) naming the section, the property path and the broken rule.
 pub fn validate_patch(kind: SectionKind, patch: &Map<String, Value>) -> Result<(), Error> {
     check_object(kind, patch, 1, None).map(|_| ())
 }
@@ -178,7 +180,10 @@ fn check_value(kind: SectionKind, value: &Value, depth: usize, here: &Trail<'_>)
 }
 
 fn refuse(kind: SectionKind, here: &Trail<'_>, rule: &str) -> Error {
-    Error::BadRequest(format!("invalid twin {} property `{}`: {rule}", kind.name(), here.dotted()))
+    hub_error(
+        HubErrorCode::ArgumentInvalid,
+        format!("invalid twin {} property `{}`: {rule}", kind.name(), here.dotted()),
+    )
 }
 
 /// The size of a section as the hub counts it against its limit: the sum over properties of
@@ -248,7 +253,7 @@ fn growth_bound(patch: &Map<String, Value>) -> usize {
 /// Checks that merging `patch` into `section` keeps it within its limit.
 ///
 /// # Errors
-/// [`Error::BadRequest`] when the merged section would exceed its limit.
+/// `ArgumentInvalid` (400004) when the merged section would exceed its limit.
 pub fn check_merged_size(
     kind: SectionKind,
     section: &Map<String, Value>,
@@ -261,7 +266,7 @@ pub fn check_merged_size(
 /// [`validate_growth`]).
 ///
 /// # Errors
-/// [`Error::BadRequest`] when the merged section would exceed its limit.
+/// `ArgumentInvalid` (400004) when the merged section would exceed its limit.
 pub(crate) fn check_growth(
     kind: SectionKind,
     section: &Map<String, Value>,
@@ -279,18 +284,21 @@ pub(crate) fn check_growth(
 /// Checks a section's size after a change.
 ///
 /// # Errors
-/// [`Error::BadRequest`] when the section exceeds its limit.
+/// `ArgumentInvalid` (400004) when the section exceeds its limit.
 pub fn check_size(kind: SectionKind, section: &Map<String, Value>) -> Result<(), Error> {
     refuse_size(kind, section_size(section))
 }
 
 fn refuse_size(kind: SectionKind, size: usize) -> Result<(), Error> {
     if size > kind.max_size() {
-        Err(Error::BadRequest(format!(
-            "twin {} would be {size} bytes, over the limit of {} bytes",
-            kind.name(),
-            kind.max_size()
-        )))
+        Err(hub_error(
+            HubErrorCode::ArgumentInvalid,
+            format!(
+                "twin {} would be {size} bytes, over the limit of {} bytes",
+                kind.name(),
+                kind.max_size()
+            ),
+        ))
     } else {
         Ok(())
     }

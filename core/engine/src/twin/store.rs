@@ -52,6 +52,14 @@ pub trait TwinStore: Send + Sync {
     /// # Errors
     /// Backend failures.
     fn device_twins(&self, device_id: &DeviceId) -> Result<Vec<StoredTwin>, StoreError>;
+
+    /// Whether a write this thread makes now joins a store unit that is still open (see
+    /// `IdentityStore::in_open_unit`, which this mirrors): the embedded hub asks it to tell
+    /// which twin events a rolled-back unit takes with it. False for stores outside any unit,
+    /// as the in-memory one.
+    fn in_open_unit(&self) -> bool {
+        false
+    }
 }
 
 /// Shared twin stores: a hub engine and a service API can hold one store through an `Arc`.
@@ -70,6 +78,9 @@ impl<T: TwinStore + ?Sized> TwinStore for std::sync::Arc<T> {
     }
     fn device_twins(&self, device_id: &DeviceId) -> Result<Vec<StoredTwin>, StoreError> {
         (**self).device_twins(device_id)
+    }
+    fn in_open_unit(&self) -> bool {
+        (**self).in_open_unit()
     }
 }
 
