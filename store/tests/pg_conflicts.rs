@@ -15,14 +15,16 @@ use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_t
 use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::enrollments;
-use zerotouch_engine::hub::LinkedHub;
+use zerotouch_engine::hub::{HubAction, HubRegistry, LinkedHub, RecordingHub};
 use zerotouch_engine::hub_engine::EmbeddedHub;
-use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest, ResponseBody};
+use zerotouch_engine::provisioner::{
+    Provisioner, ProvisionerConfig, RegisterRequest, Response, ResponseBody,
+};
 use zerotouch_engine::registry::events::LifecycleOperation;
 use zerotouch_engine::registry::IdentityStore;
 use zerotouch_engine::store::{
-    EnrollmentRef, EnrollmentStore, OperationRecord, OperationStatus, Precondition, RegistrationRecord,
-    RegistrationStore,
+    EnrollmentRef, EnrollmentStore, OperationRecord, OperationStatus, Precondition, ProvisioningStore,
+    RegistrationRecord, RegistrationStore,
 };
 use zerotouch_engine::{Error, StoreError};
 use zerotouch_proto::device::{DeviceRegistration, RegistrationOperationStatus, RegistrationStatus};
@@ -255,54 +257,133 @@ fn inject_conflicts_again(url: &str, table: &str) -> impl Fn() -> i64 {
 const GROUP_KEY_B64: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 const SCOPE: &str = "0ne00AB1234";
 const HUB: &str = "plant.example.net";
+const OTHER_HUB: &str = "annex.example.net";
+const RETRY_AFTER: u32 = 7;
 
-#[test]
-fn a_registration_whose_unit_runs_again_after_a_deadlock_is_assigned_and_announced_once() {
-    let db = TestDb::new();
-    let url = db.fresh_url();
-    let store = PgStore::connect(&url, 4).unwrap();
+/// A provisioning service over a store of its own: the symmetric-key group `line` assigns to
+/// `hub`, and both hubs are linked.
+struct Plant {
+    url: String,
+    store: PgStore,
+    provisioner: Provisioner<PgStore>,
+}
+
+impl Plant {
+    fn new(db: &TestDb) -> Self {
+        let url = db.fresh_url();
+        let store = PgStore::connect(&url, 4).unwrap();
+        let plant_store = store.clone();
+        let mut config = ProvisionerConfig::new(IdScope::new(SCOPE).unwrap());
+        config.retry_after_secs = RETRY_AFTER;
+        let provisioner = Provisioner::new(
+            config,
+            store.clone(),
+            Arc::new(RingCrypto::new()),
+            Allocator::new(vec![LinkedHub::new(HUB), LinkedHub::new(OTHER_HUB)]),
+        );
+        let plant = Plant { url, store: plant_store, provisioner };
+        plant.assign_line_to(HUB, &IfMatch::Absent);
+        plant
+    }
+
+    /// Writes the group `line`, pointing at `hub` alone.
+    fn assign_line_to(&self, hub: &str, if_match: &IfMatch) {
+        write_line_group(&self.store, hub, if_match);
+    }
+
+    /// Registers `press-1` of the group with `hub`.
+    fn register(&self, hub: &mut dyn HubRegistry) -> Response {
+        self.provisioner.handle_register(now(), press_request(), hub)
+    }
+
+    /// The status of the operation `r` answered with.
+    fn operation_status(&self, r: &Response) -> RegistrationOperationStatus {
+        let ResponseBody::Operation(op) = &r.body else { panic!("not an operation: {r:?}") };
+        self.store.operation(&OperationId::new(&op.operation_id).unwrap()).unwrap().unwrap().into_status()
+    }
+}
+
+/// Writes the symmetric-key group `line` to `store`, pointing at `hub` alone.
+fn write_line_group(store: &impl ProvisioningStore, hub: &str, if_match: &IfMatch) {
     let mut group =
         EnrollmentGroup::new(EnrollmentGroupId::new("line").unwrap(), AttestationMechanism::symmetric_key());
     group.attestation.symmetric_key = Some(SymmetricKeyAttestation {
         primary_key: Some(GROUP_KEY_B64.to_owned()),
         secondary_key: Some(GROUP_KEY_B64.to_owned()),
     });
-    enrollments::put_enrollment_group(&store, &RingCrypto::new(), now(), group, &IfMatch::Absent).unwrap();
-    let mut hub = EmbeddedHub::<PgStore, PgStore, PgStore>::over(
-        HUB,
-        store.hub(HUB).unwrap(),
-        Arc::new(RingCrypto::new()),
-    )
-    .unwrap();
-    hub.set_now(now());
-    let provisioner = Provisioner::new(
-        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
-        store.clone(),
-        Arc::new(RingCrypto::new()),
-        Allocator::new(vec![LinkedHub::new(HUB)]),
-    );
-    // The registration record is the unit's last write, after the hub created the identity:
-    // the first attempt is cancelled there, and the unit runs again from the start.
-    let writes = inject_conflicts(&url, "registrations", "40P01", Some(1));
+    group.iot_hubs = Some(vec![hub.to_owned()]);
+    enrollments::put_enrollment_group(store, &RingCrypto::new(), now(), group, if_match).unwrap();
+}
+
+/// The registration of `press-1`, a device of the group `line`.
+fn press_request() -> RegisterRequest {
     let crypto = RingCrypto::new();
     let key = derive_device_key(&crypto, &[0u8; 32], "press-1");
     let token = registration_token(&crypto, &key, SCOPE, "press-1", now().unix_secs() + 3600);
-    let request = RegisterRequest {
+    RegisterRequest {
         id_scope: SCOPE.into(),
         registration_id: "press-1".into(),
         body: DeviceRegistration { payload: None, registration_id: "press-1".into(), tpm: None, csr: None },
         credential: Credential::Sas(token.to_string()),
         api_version: None,
-    };
-    let r = provisioner.handle_register(now(), request, &mut hub);
-    let ResponseBody::Operation(op) = r.body else { panic!("not an operation: {:?}", r.body) };
-    let status =
-        store.operation(&OperationId::new(&op.operation_id).unwrap()).unwrap().unwrap().into_status();
+    }
+}
+
+#[test]
+fn a_registration_whose_unit_runs_again_after_a_deadlock_is_assigned_and_announced_once() {
+    let db = TestDb::new();
+    let plant = Plant::new(&db);
+    let mut hub = EmbeddedHub::<PgStore, PgStore, PgStore>::over(
+        HUB,
+        plant.store.hub(HUB).unwrap(),
+        Arc::new(RingCrypto::new()),
+    )
+    .unwrap();
+    hub.set_now(now());
+    // The registration record is the unit's last write, after the hub created the identity:
+    // the first attempt is cancelled there, and the unit runs again from the start.
+    let writes = inject_conflicts(&plant.url, "registrations", "40P01", Some(1));
+    let r = plant.register(&mut hub);
+    let status = plant.operation_status(&r);
     assert_eq!(status.status, RegistrationStatus::Assigned, "{status:?}");
     assert_eq!(writes(), 2, "the unit ran twice");
-    assert!(store.hub(HUB).unwrap().device(&DeviceId::new("press-1").unwrap()).unwrap().is_some());
+    assert!(plant.store.hub(HUB).unwrap().device(&DeviceId::new("press-1").unwrap()).unwrap().is_some());
     let events = hub.take_lifecycle_events();
     let created: Vec<_> =
         events.iter().filter(|e| e.op_type == LifecycleOperation::CreateDeviceIdentity).collect();
     assert_eq!(created.len(), 1, "one identity, one announcement: {events:?}");
+}
+
+#[test]
+fn a_recording_hub_keeps_the_actions_of_the_run_of_a_unit_that_committed_only() {
+    let db = TestDb::new();
+    let plant = Plant::new(&db);
+    let mut hub = RecordingHub::default();
+    let writes = inject_conflicts(&plant.url, "registrations", "40P01", Some(1));
+    let r = plant.register(&mut hub);
+    assert_eq!(plant.operation_status(&r).status, RegistrationStatus::Assigned);
+    assert_eq!(writes(), 2, "the unit ran twice");
+    // The host carries these out: the cancelled run's copy must not be among them.
+    assert_eq!(hub.actions.len(), 1, "{:?}", hub.actions);
+    let HubAction::Provision { hub: name, device, .. } = &hub.actions[0] else { panic!("{:?}", hub.actions) };
+    assert_eq!((name.as_str(), device.device_id.as_str()), (HUB, "press-1"));
+}
+
+#[test]
+fn an_in_memory_hub_beside_the_store_keeps_one_identity_and_one_announcement_when_the_unit_runs_again() {
+    let db = TestDb::new();
+    let plant = Plant::new(&db);
+    // The hub's writes are not part of the store's unit: the first run's identity stands.
+    let mut hub = EmbeddedHub::in_memory(HUB, Arc::new(RingCrypto::new())).unwrap();
+    hub.set_now(now());
+    let writes = inject_conflicts(&plant.url, "registrations", "40P01", Some(1));
+    let r = plant.register(&mut hub);
+    assert_eq!(plant.operation_status(&r).status, RegistrationStatus::Assigned);
+    assert_eq!(writes(), 2, "the unit ran twice");
+    assert!(hub.registry().device(&DeviceId::new("press-1").unwrap()).is_ok());
+    let events = hub.take_lifecycle_events();
+    let ops: Vec<_> = events.iter().map(|e| e.op_type).collect();
+    // The second run finds the identity the first one made, with the same credentials: it
+    // writes nothing, so no delete and no second create.
+    assert_eq!(ops, [LifecycleOperation::CreateDeviceIdentity], "{events:?}");
 }
