@@ -1,6 +1,7 @@
 //! Conflicts with concurrent transactions on PostgreSQL — deadlocks (SQLSTATE 40P01) and
 //! serialization failures (40001) — are retried: a unit or a multi-statement write runs again,
-//! and when every attempt conflicts the error names the cause instead of an etag mismatch.
+//! and when every attempt conflicts the error is a conflict naming the cause (a device is told
+//! to come back later: 429 with retry-after), not an etag mismatch or an internal error.
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,7 +16,7 @@ use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_t
 use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::enrollments;
-use zerotouch_engine::hub::{HubAction, HubRegistry, LinkedHub, RecordingHub};
+use zerotouch_engine::hub::{HubAction, HubError, HubRegistry, LinkedHub, RecordingHub};
 use zerotouch_engine::hub_engine::EmbeddedHub;
 use zerotouch_engine::provisioner::{
     Provisioner, ProvisionerConfig, RegisterRequest, Response, ResponseBody,
@@ -179,8 +180,8 @@ fn a_unit_that_conflicts_on_every_attempt_runs_3_times_then_fails_naming_the_sql
         store.put_enrollment(&enrollment("doomed"), &Precondition::None)?;
         Ok(())
     });
-    let Err(Error::Store(StoreError::Backend(message))) = &result else {
-        panic!("expected a backend error naming the conflict, got {result:?}");
+    let Err(Error::Store(StoreError::Conflict(message))) = &result else {
+        panic!("expected a conflict error naming its cause, got {result:?}");
     };
     assert!(message.contains("40001") && message.contains("injected conflict on enrollments"), "{message}");
     let runs = runs.into_inner();
@@ -227,7 +228,7 @@ fn a_commit_that_conflicts_is_run_again_and_one_that_always_does_names_the_sqlst
     // A bulk device write (several statements in one transaction) whose every attempt conflicts.
     let writes = inject_conflicts_again(&url, "devices");
     let result = store.put_devices(&[Device::new(DeviceId::new("d1").unwrap())]);
-    let Err(StoreError::Backend(message)) = &result else { panic!("{result:?}") };
+    let Err(StoreError::Conflict(message)) = &result else { panic!("{result:?}") };
     assert!(message.contains("40P01") && message.contains("injected conflict on devices"), "{message}");
     assert_eq!(writes(), 3, "the transaction ran 3 times in all before giving up");
     assert!(store.device(&DeviceId::new("d1").unwrap()).unwrap().is_none());
@@ -266,6 +267,8 @@ struct Plant {
     url: String,
     store: PgStore,
     provisioner: Provisioner<PgStore>,
+    /// Failures the provisioner reported as internal (answered 5xx).
+    internal_errors: Arc<AtomicU32>,
 }
 
 impl Plant {
@@ -273,6 +276,8 @@ impl Plant {
         let url = db.fresh_url();
         let store = PgStore::connect(&url, 4).unwrap();
         let plant_store = store.clone();
+        let internal_errors = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&internal_errors);
         let mut config = ProvisionerConfig::new(IdScope::new(SCOPE).unwrap());
         config.retry_after_secs = RETRY_AFTER;
         let provisioner = Provisioner::new(
@@ -280,8 +285,11 @@ impl Plant {
             store.clone(),
             Arc::new(RingCrypto::new()),
             Allocator::new(vec![LinkedHub::new(HUB), LinkedHub::new(OTHER_HUB)]),
-        );
-        let plant = Plant { url, store: plant_store, provisioner };
+        )
+        .on_internal_error(move |_| {
+            counted.fetch_add(1, Ordering::Relaxed);
+        });
+        let plant = Plant { url, store: plant_store, provisioner, internal_errors };
         plant.assign_line_to(HUB, &IfMatch::Absent);
         plant
     }
@@ -300,6 +308,10 @@ impl Plant {
     fn operation_status(&self, r: &Response) -> RegistrationOperationStatus {
         let ResponseBody::Operation(op) = &r.body else { panic!("not an operation: {r:?}") };
         self.store.operation(&OperationId::new(&op.operation_id).unwrap()).unwrap().unwrap().into_status()
+    }
+
+    fn internal_errors(&self) -> u32 {
+        self.internal_errors.load(Ordering::Relaxed)
     }
 }
 
@@ -327,6 +339,15 @@ fn press_request() -> RegisterRequest {
         credential: Credential::Sas(token.to_string()),
         api_version: None,
     }
+}
+
+/// Asserts that `r` tells the device to come back after the configured pause (429 429001 with
+/// `retry-after`), as the SDKs retry.
+fn assert_told_to_retry_later(r: &Response) {
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.retry_after, Some(RETRY_AFTER), "{r:?}");
+    let ResponseBody::Error(details) = &r.body else { panic!("not an error: {r:?}") };
+    assert_eq!(details.error_code, 429001, "{r:?}");
 }
 
 #[test]
@@ -386,4 +407,107 @@ fn an_in_memory_hub_beside_the_store_keeps_one_identity_and_one_announcement_whe
     // The second run finds the identity the first one made, with the same credentials: it
     // writes nothing, so no delete and no second create.
     assert_eq!(ops, [LifecycleOperation::CreateDeviceIdentity], "{events:?}");
+}
+
+#[test]
+fn a_registration_whose_unit_conflicts_every_time_is_told_to_retry_later() {
+    let db = TestDb::new();
+    let plant = Plant::new(&db);
+    let mut hub = RecordingHub::default();
+    let writes = inject_conflicts(&plant.url, "registrations", "40P01", None);
+    let r = plant.register(&mut hub);
+    assert_told_to_retry_later(&r);
+    assert_eq!(plant.internal_errors(), 0, "a conflict is no internal error");
+    // Each of the provisioner's 3 rounds ran its unit 3 times.
+    assert_eq!(writes(), 9);
+    assert!(hub.actions.is_empty(), "no unit committed: {:?}", hub.actions);
+    assert!(plant.store.registration(&RegistrationId::new("press-1").unwrap()).unwrap().is_none());
+}
+
+/// A hub that refuses every action (a hub error that fails the registration).
+struct RefusingHub;
+
+impl HubRegistry for RefusingHub {
+    fn apply(&mut self, _: &HubAction) -> Result<(), HubError> {
+        Err(HubError { code: 403002, message: "IotHubQuotaExceeded".to_owned() })
+    }
+}
+
+#[test]
+fn a_failed_registration_whose_record_conflicts_every_time_is_told_to_retry_later() {
+    let db = TestDb::new();
+    let plant = Plant::new(&db);
+    // The hub refuses, so the registration is recorded as failed, outside the unit: that
+    // record (with its operation, one transaction) conflicts in each attempt.
+    let writes = inject_conflicts(&plant.url, "registrations", "40001", None);
+    let r = plant.register(&mut RefusingHub);
+    assert_told_to_retry_later(&r);
+    assert_eq!(plant.internal_errors(), 0, "a conflict is no internal error");
+    assert_eq!(writes(), 9, "3 rounds, each recording the failure in 3 attempts");
+    assert!(plant.store.registration(&RegistrationId::new("press-1").unwrap()).unwrap().is_none());
+}
+
+#[test]
+fn a_move_whose_first_record_conflicts_every_time_is_told_to_retry_later() {
+    let db = TestDb::new();
+    let plant = Plant::new(&db);
+    let mut hub = RecordingHub::default();
+    let r = plant.register(&mut hub);
+    assert_eq!(plant.operation_status(&r).status, RegistrationStatus::Assigned);
+    let id = RegistrationId::new("press-1").unwrap();
+    let before = plant.store.registration(&id).unwrap().unwrap();
+    // The group now assigns to the other hub: the device moves, and the `assigning` record
+    // that makes the move visible is written before the unit, as a transaction of its own.
+    plant.assign_line_to(OTHER_HUB, &IfMatch::Any);
+    let writes = inject_conflicts(&plant.url, "registrations", "40P01", None);
+    let r = plant.register(&mut hub);
+    assert_told_to_retry_later(&r);
+    assert_eq!(plant.internal_errors(), 0, "a conflict is no internal error");
+    assert_eq!(writes(), 9, "3 rounds, each writing the move in 3 attempts");
+    assert_eq!(hub.actions.len(), 1, "only the first registration's action: {:?}", hub.actions);
+    assert_eq!(plant.store.registration(&id).unwrap().unwrap(), before);
+}
+
+#[test]
+fn a_single_statement_write_that_conflicts_is_not_run_again_and_fails_as_a_conflict() {
+    let db = TestDb::new();
+    let url = db.fresh_url();
+    let store = PgStore::connect(&url, 4).unwrap();
+    let writes = inject_conflicts(&url, "enrollments", "40001", Some(1));
+    let result = store.put_enrollment(&enrollment("once"), &Precondition::None);
+    let Err(StoreError::Conflict(message)) = &result else { panic!("{result:?}") };
+    assert!(message.contains("40001") && message.contains("injected conflict on enrollments"), "{message}");
+    assert_eq!(writes(), 1, "a single statement outside units is not run again");
+    // Tried again, it succeeds.
+    store.put_enrollment(&enrollment("once"), &Precondition::None).unwrap();
+}
+
+#[cfg(feature = "sqlite")]
+#[test]
+fn a_hub_on_postgresql_whose_writes_conflict_every_time_beside_another_store_tells_the_device_to_retry_later()
+{
+    use zerotouch_store::sqlite::SqliteStore;
+
+    let db = TestDb::new();
+    let url = db.fresh_url();
+    let hub_store = PgStore::connect(&url, 4).unwrap().hub(HUB).unwrap();
+    // The provisioning store is another database: the hub's writes are no part of its units.
+    let store = SqliteStore::open_in_memory().unwrap();
+    write_line_group(&store, HUB, &IfMatch::Absent);
+    let mut config = ProvisionerConfig::new(IdScope::new(SCOPE).unwrap());
+    config.retry_after_secs = RETRY_AFTER;
+    let provisioner = Provisioner::new(
+        config,
+        store.clone(),
+        Arc::new(RingCrypto::new()),
+        Allocator::new(vec![LinkedHub::new(HUB)]),
+    );
+    let mut hub = EmbeddedHub::over(HUB, hub_store, Arc::new(RingCrypto::new())).unwrap();
+    hub.set_now(now());
+    let writes = inject_conflicts(&url, "devices", "40P01", None);
+    let r = provisioner.handle_register(now(), press_request(), &mut hub);
+    // Not a `failed` registration: the hub's state changed under each round.
+    assert_told_to_retry_later(&r);
+    assert_eq!(writes(), 3, "one identity write per round");
+    assert!(store.registration(&RegistrationId::new("press-1").unwrap()).unwrap().is_none());
 }

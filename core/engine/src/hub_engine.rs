@@ -484,6 +484,12 @@ fn auth_mechanism(auth: &DeviceAuth) -> AuthenticationMechanism {
 }
 
 fn hub_err(error: &Error) -> HubError {
+    if let Error::Store(StoreError::Conflict(_)) = error {
+        // The hub's database kept cancelling the write for conflicts with concurrent ones: its
+        // state changed under the action, which the provisioner decides again
+        // (`HubError::is_conflict`) rather than failing the device.
+        return HubError { code: HubErrorCode::PreconditionFailed.code(), message: error.to_string() };
+    }
     let wire = error.to_wire();
     HubError { code: wire.error_code, message: wire.message }
 }
