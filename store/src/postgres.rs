@@ -710,24 +710,25 @@ impl Drop for Rollback<'_> {
 /// it takes a backend error for a final failure — the provisioner, for one, turns a hub
 /// conflict into a new round but records any other hub failure as the device's `failed`
 /// registration. What a conflicted unit returns never reaches the caller of `atomically`:
-/// it runs again, and when every attempt conflicted the caller gets a backend error naming
-/// the conflict, not an etag mismatch. Outside units a conflict is a backend error.
+/// it runs again, and when every attempt conflicted the caller gets [`StoreError::Conflict`]
+/// naming the conflict, not an etag mismatch. Outside units a conflict is
+/// [`StoreError::Conflict`] at once: a transaction of its own ([`PgStore::transaction`]) runs
+/// again before it gives up with one, but a single statement is not run again.
 ///
 /// A write refused because the transaction is read-only (SQLSTATE 25006) says so: the store
 /// was opened with [`PgStore::connect_read_only`], or the database itself takes no writes (a
 /// hot standby, or `default_transaction_read_only` set for the database or role).
 fn backend(e: postgres::Error) -> StoreError {
     unit::note_conflict(&e);
-    if unit::retryable(&e) && unit::active() {
-        StoreError::PreconditionFailed
-    } else if e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) {
-        StoreError::Backend(format!(
+    match (unit::retryable(&e), unit::active()) {
+        (true, true) => StoreError::PreconditionFailed,
+        (true, false) => StoreError::Conflict(format!("PostgreSQL: {}", describe(&e))),
+        (false, _) if e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) => StoreError::Backend(format!(
             "PostgreSQL: the store was opened read-only (or the database takes no writes: a standby, or \
              `default_transaction_read_only` set for it), and this call writes: {}",
             describe(&e)
-        ))
-    } else {
-        StoreError::Backend(format!("PostgreSQL: {}", describe(&e)))
+        )),
+        (false, _) => StoreError::Backend(format!("PostgreSQL: {}", describe(&e))),
     }
 }
 
@@ -1126,9 +1127,9 @@ impl RegistrationStore for PgStore {
     /// unit does not run again by itself; its outermost unit does.
     ///
     /// # Errors
-    /// The error of `unit` (after rolling back), or [`StoreError::Backend`] when the
-    /// transaction cannot begin or commit, or when every attempt conflicted with concurrent
-    /// transactions (naming the SQLSTATE and PostgreSQL's message).
+    /// The error of `unit` (after rolling back); [`StoreError::Backend`] when the transaction
+    /// cannot begin or commit; [`StoreError::Conflict`] when every attempt conflicted with
+    /// concurrent transactions (naming the SQLSTATE and PostgreSQL's message).
     fn atomically(&self, unit: &mut dyn FnMut() -> Result<(), Error>) -> Result<(), Error> {
         unit::run(self.key, || self.pooled(), unit)
     }

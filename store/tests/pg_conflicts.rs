@@ -1,6 +1,7 @@
 //! Conflicts with concurrent transactions on PostgreSQL — deadlocks (SQLSTATE 40P01) and
 //! serialization failures (40001) — are retried: a unit or a multi-statement write runs again,
-//! and when every attempt conflicts the error names the cause instead of an etag mismatch.
+//! and when every attempt conflicts the error is a conflict naming the cause (a device is told
+//! to come back later: 429 with retry-after), not an etag mismatch or an internal error.
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,14 +16,16 @@ use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_t
 use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::enrollments;
-use zerotouch_engine::hub::LinkedHub;
+use zerotouch_engine::hub::{HubAction, HubError, HubRegistry, LinkedHub, RecordingHub};
 use zerotouch_engine::hub_engine::EmbeddedHub;
-use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest, ResponseBody};
+use zerotouch_engine::provisioner::{
+    Provisioner, ProvisionerConfig, RegisterRequest, Response, ResponseBody,
+};
 use zerotouch_engine::registry::events::LifecycleOperation;
 use zerotouch_engine::registry::IdentityStore;
 use zerotouch_engine::store::{
-    EnrollmentRef, EnrollmentStore, OperationRecord, OperationStatus, Precondition, RegistrationRecord,
-    RegistrationStore,
+    EnrollmentRef, EnrollmentStore, OperationRecord, OperationStatus, Precondition, ProvisioningStore,
+    RegistrationRecord, RegistrationStore,
 };
 use zerotouch_engine::{Error, StoreError};
 use zerotouch_proto::device::{DeviceRegistration, RegistrationOperationStatus, RegistrationStatus};
@@ -166,7 +169,7 @@ fn inject_conflicts(url: &str, table: &str, code: &str, times: Option<u32>) -> i
 }
 
 #[test]
-fn a_unit_that_conflicts_on_every_attempt_fails_naming_the_sqlstate_not_an_etag() {
+fn a_unit_that_conflicts_on_every_attempt_runs_3_times_then_fails_naming_the_sqlstate_not_an_etag() {
     let db = TestDb::new();
     let url = db.fresh_url();
     let store = PgStore::connect(&url, 4).unwrap();
@@ -177,12 +180,12 @@ fn a_unit_that_conflicts_on_every_attempt_fails_naming_the_sqlstate_not_an_etag(
         store.put_enrollment(&enrollment("doomed"), &Precondition::None)?;
         Ok(())
     });
-    let Err(Error::Store(StoreError::Backend(message))) = &result else {
-        panic!("expected a backend error naming the conflict, got {result:?}");
+    let Err(Error::Store(StoreError::Conflict(message))) = &result else {
+        panic!("expected a conflict error naming its cause, got {result:?}");
     };
     assert!(message.contains("40001") && message.contains("injected conflict on enrollments"), "{message}");
     let runs = runs.into_inner();
-    assert!(runs > 1, "the unit ran again before giving up: {runs}");
+    assert_eq!(runs, 3, "the unit ran 3 times in all before giving up");
     assert_eq!(writes(), i64::from(runs));
     assert!(store.enrollment(&RegistrationId::new("doomed").unwrap()).unwrap().is_none());
 }
@@ -225,9 +228,9 @@ fn a_commit_that_conflicts_is_run_again_and_one_that_always_does_names_the_sqlst
     // A bulk device write (several statements in one transaction) whose every attempt conflicts.
     let writes = inject_conflicts_again(&url, "devices");
     let result = store.put_devices(&[Device::new(DeviceId::new("d1").unwrap())]);
-    let Err(StoreError::Backend(message)) = &result else { panic!("{result:?}") };
+    let Err(StoreError::Conflict(message)) = &result else { panic!("{result:?}") };
     assert!(message.contains("40P01") && message.contains("injected conflict on devices"), "{message}");
-    assert!(writes() > 1, "the transaction ran again before giving up");
+    assert_eq!(writes(), 3, "the transaction ran 3 times in all before giving up");
     assert!(store.device(&DeviceId::new("d1").unwrap()).unwrap().is_none());
 }
 
@@ -255,54 +258,256 @@ fn inject_conflicts_again(url: &str, table: &str) -> impl Fn() -> i64 {
 const GROUP_KEY_B64: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 const SCOPE: &str = "0ne00AB1234";
 const HUB: &str = "plant.example.net";
+const OTHER_HUB: &str = "annex.example.net";
+const RETRY_AFTER: u32 = 7;
 
-#[test]
-fn a_registration_whose_unit_runs_again_after_a_deadlock_is_assigned_and_announced_once() {
-    let db = TestDb::new();
-    let url = db.fresh_url();
-    let store = PgStore::connect(&url, 4).unwrap();
+/// A provisioning service over a store of its own: the symmetric-key group `line` assigns to
+/// `hub`, and both hubs are linked.
+struct Plant {
+    url: String,
+    store: PgStore,
+    provisioner: Provisioner<PgStore>,
+    /// Failures the provisioner reported as internal (answered 5xx).
+    internal_errors: Arc<AtomicU32>,
+}
+
+impl Plant {
+    fn new(db: &TestDb) -> Self {
+        let url = db.fresh_url();
+        let store = PgStore::connect(&url, 4).unwrap();
+        let plant_store = store.clone();
+        let internal_errors = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&internal_errors);
+        let mut config = ProvisionerConfig::new(IdScope::new(SCOPE).unwrap());
+        config.retry_after_secs = RETRY_AFTER;
+        let provisioner = Provisioner::new(
+            config,
+            store.clone(),
+            Arc::new(RingCrypto::new()),
+            Allocator::new(vec![LinkedHub::new(HUB), LinkedHub::new(OTHER_HUB)]),
+        )
+        .on_internal_error(move |_| {
+            counted.fetch_add(1, Ordering::Relaxed);
+        });
+        let plant = Plant { url, store: plant_store, provisioner, internal_errors };
+        plant.assign_line_to(HUB, &IfMatch::Absent);
+        plant
+    }
+
+    /// Writes the group `line`, pointing at `hub` alone.
+    fn assign_line_to(&self, hub: &str, if_match: &IfMatch) {
+        write_line_group(&self.store, hub, if_match);
+    }
+
+    /// Registers `press-1` of the group with `hub`.
+    fn register(&self, hub: &mut dyn HubRegistry) -> Response {
+        self.provisioner.handle_register(now(), press_request(), hub)
+    }
+
+    /// The status of the operation `r` answered with.
+    fn operation_status(&self, r: &Response) -> RegistrationOperationStatus {
+        let ResponseBody::Operation(op) = &r.body else { panic!("not an operation: {r:?}") };
+        self.store.operation(&OperationId::new(&op.operation_id).unwrap()).unwrap().unwrap().into_status()
+    }
+
+    fn internal_errors(&self) -> u32 {
+        self.internal_errors.load(Ordering::Relaxed)
+    }
+}
+
+/// Writes the symmetric-key group `line` to `store`, pointing at `hub` alone.
+fn write_line_group(store: &impl ProvisioningStore, hub: &str, if_match: &IfMatch) {
     let mut group =
         EnrollmentGroup::new(EnrollmentGroupId::new("line").unwrap(), AttestationMechanism::symmetric_key());
     group.attestation.symmetric_key = Some(SymmetricKeyAttestation {
         primary_key: Some(GROUP_KEY_B64.to_owned()),
         secondary_key: Some(GROUP_KEY_B64.to_owned()),
     });
-    enrollments::put_enrollment_group(&store, &RingCrypto::new(), now(), group, &IfMatch::Absent).unwrap();
-    let mut hub = EmbeddedHub::<PgStore, PgStore, PgStore>::over(
-        HUB,
-        store.hub(HUB).unwrap(),
-        Arc::new(RingCrypto::new()),
-    )
-    .unwrap();
-    hub.set_now(now());
-    let provisioner = Provisioner::new(
-        ProvisionerConfig::new(IdScope::new(SCOPE).unwrap()),
-        store.clone(),
-        Arc::new(RingCrypto::new()),
-        Allocator::new(vec![LinkedHub::new(HUB)]),
-    );
-    // The registration record is the unit's last write, after the hub created the identity:
-    // the first attempt is cancelled there, and the unit runs again from the start.
-    let writes = inject_conflicts(&url, "registrations", "40P01", Some(1));
+    group.iot_hubs = Some(vec![hub.to_owned()]);
+    enrollments::put_enrollment_group(store, &RingCrypto::new(), now(), group, if_match).unwrap();
+}
+
+/// The registration of `press-1`, a device of the group `line`.
+fn press_request() -> RegisterRequest {
     let crypto = RingCrypto::new();
     let key = derive_device_key(&crypto, &[0u8; 32], "press-1");
     let token = registration_token(&crypto, &key, SCOPE, "press-1", now().unix_secs() + 3600);
-    let request = RegisterRequest {
+    RegisterRequest {
         id_scope: SCOPE.into(),
         registration_id: "press-1".into(),
         body: DeviceRegistration { payload: None, registration_id: "press-1".into(), tpm: None, csr: None },
         credential: Credential::Sas(token.to_string()),
         api_version: None,
-    };
-    let r = provisioner.handle_register(now(), request, &mut hub);
-    let ResponseBody::Operation(op) = r.body else { panic!("not an operation: {:?}", r.body) };
-    let status =
-        store.operation(&OperationId::new(&op.operation_id).unwrap()).unwrap().unwrap().into_status();
+    }
+}
+
+/// Asserts that `r` tells the device to come back after the configured pause (429 429001 with
+/// `retry-after`), as the SDKs retry.
+fn assert_told_to_retry_later(r: &Response) {
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.retry_after, Some(RETRY_AFTER), "{r:?}");
+    let ResponseBody::Error(details) = &r.body else { panic!("not an error: {r:?}") };
+    assert_eq!(details.error_code, 429001, "{r:?}");
+}
+
+#[test]
+fn a_registration_whose_unit_runs_again_after_a_deadlock_is_assigned_and_announced_once() {
+    let db = TestDb::new();
+    let plant = Plant::new(&db);
+    let mut hub = EmbeddedHub::<PgStore, PgStore, PgStore>::over(
+        HUB,
+        plant.store.hub(HUB).unwrap(),
+        Arc::new(RingCrypto::new()),
+    )
+    .unwrap();
+    hub.set_now(now());
+    // The registration record is the unit's last write, after the hub created the identity:
+    // the first attempt is cancelled there, and the unit runs again from the start.
+    let writes = inject_conflicts(&plant.url, "registrations", "40P01", Some(1));
+    let r = plant.register(&mut hub);
+    let status = plant.operation_status(&r);
     assert_eq!(status.status, RegistrationStatus::Assigned, "{status:?}");
     assert_eq!(writes(), 2, "the unit ran twice");
-    assert!(store.hub(HUB).unwrap().device(&DeviceId::new("press-1").unwrap()).unwrap().is_some());
+    assert!(plant.store.hub(HUB).unwrap().device(&DeviceId::new("press-1").unwrap()).unwrap().is_some());
     let events = hub.take_lifecycle_events();
     let created: Vec<_> =
         events.iter().filter(|e| e.op_type == LifecycleOperation::CreateDeviceIdentity).collect();
     assert_eq!(created.len(), 1, "one identity, one announcement: {events:?}");
+}
+
+#[test]
+fn a_recording_hub_keeps_the_actions_of_the_run_of_a_unit_that_committed_only() {
+    let db = TestDb::new();
+    let plant = Plant::new(&db);
+    let mut hub = RecordingHub::default();
+    let writes = inject_conflicts(&plant.url, "registrations", "40P01", Some(1));
+    let r = plant.register(&mut hub);
+    assert_eq!(plant.operation_status(&r).status, RegistrationStatus::Assigned);
+    assert_eq!(writes(), 2, "the unit ran twice");
+    // The host carries these out: the cancelled run's copy must not be among them.
+    assert_eq!(hub.actions.len(), 1, "{:?}", hub.actions);
+    let HubAction::Provision { hub: name, device, .. } = &hub.actions[0] else { panic!("{:?}", hub.actions) };
+    assert_eq!((name.as_str(), device.device_id.as_str()), (HUB, "press-1"));
+}
+
+#[test]
+fn an_in_memory_hub_beside_the_store_keeps_one_identity_and_one_announcement_when_the_unit_runs_again() {
+    let db = TestDb::new();
+    let plant = Plant::new(&db);
+    // The hub's writes are not part of the store's unit: the first run's identity stands.
+    let mut hub = EmbeddedHub::in_memory(HUB, Arc::new(RingCrypto::new())).unwrap();
+    hub.set_now(now());
+    let writes = inject_conflicts(&plant.url, "registrations", "40P01", Some(1));
+    let r = plant.register(&mut hub);
+    assert_eq!(plant.operation_status(&r).status, RegistrationStatus::Assigned);
+    assert_eq!(writes(), 2, "the unit ran twice");
+    assert!(hub.registry().device(&DeviceId::new("press-1").unwrap()).is_ok());
+    let events = hub.take_lifecycle_events();
+    let ops: Vec<_> = events.iter().map(|e| e.op_type).collect();
+    // The second run finds the identity the first one made, with the same credentials: it
+    // writes nothing, so no delete and no second create.
+    assert_eq!(ops, [LifecycleOperation::CreateDeviceIdentity], "{events:?}");
+}
+
+#[test]
+fn a_registration_whose_unit_conflicts_every_time_is_told_to_retry_later() {
+    let db = TestDb::new();
+    let plant = Plant::new(&db);
+    let mut hub = RecordingHub::default();
+    let writes = inject_conflicts(&plant.url, "registrations", "40P01", None);
+    let r = plant.register(&mut hub);
+    assert_told_to_retry_later(&r);
+    assert_eq!(plant.internal_errors(), 0, "a conflict is no internal error");
+    // Each of the provisioner's 3 rounds ran its unit 3 times.
+    assert_eq!(writes(), 9);
+    assert!(hub.actions.is_empty(), "no unit committed: {:?}", hub.actions);
+    assert!(plant.store.registration(&RegistrationId::new("press-1").unwrap()).unwrap().is_none());
+}
+
+/// A hub that refuses every action (a hub error that fails the registration).
+struct RefusingHub;
+
+impl HubRegistry for RefusingHub {
+    fn apply(&mut self, _: &HubAction) -> Result<(), HubError> {
+        Err(HubError { code: 403002, message: "IotHubQuotaExceeded".to_owned() })
+    }
+}
+
+#[test]
+fn a_failed_registration_whose_record_conflicts_every_time_is_told_to_retry_later() {
+    let db = TestDb::new();
+    let plant = Plant::new(&db);
+    // The hub refuses, so the registration is recorded as failed, outside the unit: that
+    // record (with its operation, one transaction) conflicts in each attempt.
+    let writes = inject_conflicts(&plant.url, "registrations", "40001", None);
+    let r = plant.register(&mut RefusingHub);
+    assert_told_to_retry_later(&r);
+    assert_eq!(plant.internal_errors(), 0, "a conflict is no internal error");
+    assert_eq!(writes(), 9, "3 rounds, each recording the failure in 3 attempts");
+    assert!(plant.store.registration(&RegistrationId::new("press-1").unwrap()).unwrap().is_none());
+}
+
+#[test]
+fn a_move_whose_first_record_conflicts_every_time_is_told_to_retry_later() {
+    let db = TestDb::new();
+    let plant = Plant::new(&db);
+    let mut hub = RecordingHub::default();
+    let r = plant.register(&mut hub);
+    assert_eq!(plant.operation_status(&r).status, RegistrationStatus::Assigned);
+    let id = RegistrationId::new("press-1").unwrap();
+    let before = plant.store.registration(&id).unwrap().unwrap();
+    // The group now assigns to the other hub: the device moves, and the `assigning` record
+    // that makes the move visible is written before the unit, as a transaction of its own.
+    plant.assign_line_to(OTHER_HUB, &IfMatch::Any);
+    let writes = inject_conflicts(&plant.url, "registrations", "40P01", None);
+    let r = plant.register(&mut hub);
+    assert_told_to_retry_later(&r);
+    assert_eq!(plant.internal_errors(), 0, "a conflict is no internal error");
+    assert_eq!(writes(), 9, "3 rounds, each writing the move in 3 attempts");
+    assert_eq!(hub.actions.len(), 1, "only the first registration's action: {:?}", hub.actions);
+    assert_eq!(plant.store.registration(&id).unwrap().unwrap(), before);
+}
+
+#[test]
+fn a_single_statement_write_that_conflicts_is_not_run_again_and_fails_as_a_conflict() {
+    let db = TestDb::new();
+    let url = db.fresh_url();
+    let store = PgStore::connect(&url, 4).unwrap();
+    let writes = inject_conflicts(&url, "enrollments", "40001", Some(1));
+    let result = store.put_enrollment(&enrollment("once"), &Precondition::None);
+    let Err(StoreError::Conflict(message)) = &result else { panic!("{result:?}") };
+    assert!(message.contains("40001") && message.contains("injected conflict on enrollments"), "{message}");
+    assert_eq!(writes(), 1, "a single statement outside units is not run again");
+    // Tried again, it succeeds.
+    store.put_enrollment(&enrollment("once"), &Precondition::None).unwrap();
+}
+
+#[cfg(feature = "sqlite")]
+#[test]
+fn a_hub_on_postgresql_whose_writes_conflict_every_time_beside_another_store_tells_the_device_to_retry_later()
+{
+    use zerotouch_store::sqlite::SqliteStore;
+
+    let db = TestDb::new();
+    let url = db.fresh_url();
+    let hub_store = PgStore::connect(&url, 4).unwrap().hub(HUB).unwrap();
+    // The provisioning store is another database: the hub's writes are no part of its units.
+    let store = SqliteStore::open_in_memory().unwrap();
+    write_line_group(&store, HUB, &IfMatch::Absent);
+    let mut config = ProvisionerConfig::new(IdScope::new(SCOPE).unwrap());
+    config.retry_after_secs = RETRY_AFTER;
+    let provisioner = Provisioner::new(
+        config,
+        store.clone(),
+        Arc::new(RingCrypto::new()),
+        Allocator::new(vec![LinkedHub::new(HUB)]),
+    );
+    let mut hub = EmbeddedHub::over(HUB, hub_store, Arc::new(RingCrypto::new())).unwrap();
+    hub.set_now(now());
+    let writes = inject_conflicts(&url, "devices", "40P01", None);
+    let r = provisioner.handle_register(now(), press_request(), &mut hub);
+    // Not a `failed` registration: the hub's state changed under each round.
+    assert_told_to_retry_later(&r);
+    assert_eq!(writes(), 3, "one identity write per round");
+    assert!(store.registration(&RegistrationId::new("press-1").unwrap()).unwrap().is_none());
 }

@@ -155,6 +155,30 @@ fn a_query_for_a_value_holding_a_nul_character_answers_on_postgres_as_on_sqlite(
     assert_eq!(visited("tags.serial = 'nothing'"), 4);
 }
 
+#[test]
+fn a_query_naming_a_tag_that_holds_a_nul_character_answers_on_postgres_as_on_sqlite() {
+    let db = TestDb::new();
+    let pg = db.store().hub(HUB).unwrap();
+    let sqlite = SqliteStore::open_in_memory().unwrap().hub(HUB).unwrap();
+    let pg_hub = small_fleet(pg.clone());
+    small_fleet(sqlite.clone());
+    // Names escaped in brackets may hold the character itself (the hub refuses it in the tag
+    // names it stores, so no twin matches); PostgreSQL's jsonb cannot spell it.
+    let cases = [
+        "SELECT deviceId FROM devices WHERE tags.[[s\u{0}]] = 'x'",
+        "SELECT deviceId FROM devices WHERE tags.[[serial\u{0}]] IN ['s1', 's2']",
+        "SELECT deviceId FROM devices WHERE tags.[[floor\u{0}]].n = 'f'",
+        "SELECT deviceId FROM devices WHERE tags.floor.[[n\u{0}]] = 'f'",
+        "SELECT deviceId FROM devices WHERE tags.[[a\u{0}b]] = 'x' OR tags.region = 'eu'",
+    ];
+    for (query, expected) in cases.into_iter().zip([0, 0, 0, 0, 8]) {
+        let from_pg = all_results(query, &pg, 3);
+        assert_eq!(from_pg.len(), expected, "{query:?} over PostgreSQL: {from_pg:?}");
+        assert_eq!(from_pg, all_results(query, &sqlite, 3), "{query:?}: PostgreSQL and SQLite differ");
+        assert_eq!(from_pg, all_results(query, &pg_hub, 3), "{query:?}: PostgreSQL and the hub differ");
+    }
+}
+
 /// 32 zero bytes in base64: a fixed group key the test can derive device keys from.
 const GROUP_KEY_B64: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 const SCOPE: &str = "0ne00AB1234";

@@ -166,6 +166,12 @@ pub enum StoreError {
     /// a listing), so a bad request, not a backend failure.
     #[error("invalid continuation token")]
     InvalidContinuation,
+    /// The write conflicted with concurrent writes (a deadlock, a serialization failure) and
+    /// the database cancelled it, each time the store ran it: nothing was written, and the same
+    /// write may succeed when tried again shortly. The text names the cause (on PostgreSQL its
+    /// SQLSTATE and message) for logs; the wire says only "try again later" (HTTP 429 429001).
+    #[error("conflicted with concurrent writes, try again: {0}")]
+    Conflict(String),
     /// The backend failed (I/O, SQL, serialization).
     #[error("backend: {0}")]
     Backend(String),
@@ -193,7 +199,9 @@ impl Error {
             Error::NotFound(_) => (404, 404000, self.to_string()),
             Error::Conflict(_) => (409, 409000, self.to_string()),
             Error::PreconditionFailed => (412, 412000, self.to_string()),
-            Error::Throttled { .. } => (429, 429001, "Too many requests".to_owned()),
+            Error::Throttled { .. } | Error::Store(StoreError::Conflict(_)) => {
+                (429, 429001, "Too many requests".to_owned())
+            }
             Error::Allocation(a) => {
                 let code = match a {
                     AllocationError::NoHub | AllocationError::StaticNeedsOneHub(_) => 400208,

@@ -167,6 +167,18 @@ impl HubError {
 
 /// Carries out hub actions. The embedded hub implements it over the identity registry; a
 /// connector to remote hubs implements it over their service API.
+///
+/// The same actions may be applied again within one registration, after the unit they were
+/// applied in ended rolled back ([`HubRegistry::end_unit`] with `false`): the store runs its
+/// unit again when its transaction conflicted with concurrent ones (see
+/// [`crate::store::RegistrationStore::atomically`]), and the provisioner decides a round again
+/// when a concurrent registration changed the record. A registry whose writes join the store's
+/// unit (an embedded hub over the same database) has them undone before the repeat, and one
+/// that only stages them until the unit commits ([`RecordingHub`]) drops them. Any other (a
+/// remote hub, in-memory hubs beside a database store) gets the repeat on top of what it
+/// applied: a repeated `Provision` finds the identity it made and leaves it so, but a repeated
+/// `Remove` or `Migrate` finds the old identity gone (see
+/// [`crate::hub_engine::EmbeddedHub`] for what the embedded hub then does).
 pub trait HubRegistry {
     /// Applies one action. Called by the provisioner during the registration, so its result
     /// decides between `assigned` and `failed`.
@@ -198,7 +210,8 @@ pub trait HubRegistry {
     /// kept. A committed unit's announcements go out (once, in order) when no outer unit is
     /// still open, or join the outer unit's; a rolled-back unit's are dropped, except those
     /// whose write did not join the unit (stores outside it, as an in-memory hub beside a
-    /// database store: see `IdentityStore::in_open_unit`), since that write stands.
+    /// database store: see `IdentityStore::in_open_unit`), since that write stands. After a
+    /// rollback the same actions may be applied again, in a new unit (see the trait's doc).
     fn end_unit(&mut self, committed: bool) {
         let _ = committed;
     }
@@ -255,17 +268,83 @@ impl Drop for HubUnit<'_> {
     }
 }
 
-/// A hub registry that records every action and accepts them all (for embedding without a hub,
-/// and for tests that assert which actions happened).
+/// A hub registry that records every action and accepts them all (for embedding without a hub:
+/// the host carries out what [`RecordingHub::actions`] holds; and for tests that assert which
+/// actions happened).
+///
+/// Actions applied inside a unit ([`HubRegistry::begin_unit`]) are recorded only when the unit
+/// commits: a rolled-back unit's actions are dropped, so a store unit that runs again (see
+/// [`crate::store::RegistrationStore::atomically`]) or a provisioner round that is decided
+/// again leaves the actions of the run whose writes were kept, once.
 #[derive(Debug, Default, Clone)]
 pub struct RecordingHub {
-    /// Every action applied, in order.
+    /// Every action applied outside units or in committed ones, in order.
     pub actions: Vec<HubAction>,
+    /// The actions of the units open, outermost first.
+    staged: Vec<Vec<HubAction>>,
 }
 
 impl HubRegistry for RecordingHub {
     fn apply(&mut self, action: &HubAction) -> Result<(), HubError> {
-        self.actions.push(action.clone());
+        self.staged.last_mut().unwrap_or(&mut self.actions).push(action.clone());
         Ok(())
+    }
+
+    /// Actions applied until the matching [`HubRegistry::end_unit`] wait for it.
+    fn begin_unit(&mut self) {
+        self.staged.push(Vec::new());
+    }
+
+    /// Records the unit's actions when it committed (or hands them to the outer unit); drops
+    /// them when it was rolled back.
+    fn end_unit(&mut self, committed: bool) {
+        let Some(unit) = self.staged.pop() else { return };
+        if committed {
+            self.staged.last_mut().unwrap_or(&mut self.actions).extend(unit);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn remove(id: &str) -> HubAction {
+        HubAction::Remove { hub: "hub.example".into(), device_id: DeviceId::new(id).unwrap() }
+    }
+
+    #[test]
+    fn a_recording_hub_records_the_actions_of_committed_units_once_and_drops_rolled_back_ones() {
+        let mut hub = RecordingHub::default();
+        hub.apply(&remove("outside")).unwrap();
+        hub.begin_unit();
+        hub.apply(&remove("kept")).unwrap();
+        // A nested unit joins its outer one when it commits, and is dropped when it does not.
+        hub.begin_unit();
+        hub.apply(&remove("inner-kept")).unwrap();
+        hub.end_unit(true);
+        hub.begin_unit();
+        hub.apply(&remove("inner-undone")).unwrap();
+        hub.end_unit(false);
+        assert_eq!(hub.actions, [remove("outside")], "nothing before the outermost unit commits");
+        hub.end_unit(true);
+        assert_eq!(hub.actions, [remove("outside"), remove("kept"), remove("inner-kept")]);
+
+        // A store unit that runs again: only the run that committed is recorded.
+        let mut hub = RecordingHub::default();
+        let mut unit = HubUnit::begin(&mut hub);
+        unit.hub().apply(&remove("press-1")).unwrap();
+        unit.restart();
+        unit.hub().apply(&remove("press-1")).unwrap();
+        unit.end(true);
+        assert_eq!(hub.actions, [remove("press-1")]);
+
+        // A unit dropped without an end was rolled back.
+        let mut unit = HubUnit::begin(&mut hub);
+        unit.hub().apply(&remove("undone")).unwrap();
+        drop(unit);
+        assert_eq!(hub.actions, [remove("press-1")]);
     }
 }

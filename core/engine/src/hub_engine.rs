@@ -480,6 +480,12 @@ fn auth_mechanism(auth: &DeviceAuth) -> AuthenticationMechanism {
 }
 
 fn hub_err(error: &Error) -> HubError {
+    if let Error::Store(StoreError::Conflict(_)) = error {
+        // The hub's database kept cancelling the write for conflicts with concurrent ones: its
+        // state changed under the action, which the provisioner decides again
+        // (`HubError::is_conflict`) rather than failing the device.
+        return HubError { code: HubErrorCode::PreconditionFailed.code(), message: error.to_string() };
+    }
     let wire = error.to_wire();
     HubError { code: wire.error_code, message: wire.message }
 }
@@ -536,6 +542,18 @@ struct Announcements {
 /// Queries read a snapshot rebuilt after each write through this value. Writes to the same
 /// stores through another `EmbeddedHub` (another process on the same SQLite file, another server
 /// on the same PostgreSQL database) show in its queries only after its own next write.
+///
+/// Over stores that are not part of the provisioning store's units (in-memory stores beside a
+/// SQLite or PostgreSQL provisioning store), what a registration's actions wrote stands when
+/// its unit is rolled back, and their lifecycle events are announced. When the unit then runs
+/// again (PostgreSQL does on a conflict with concurrent transactions) or the provisioner
+/// decides the round again, the actions are applied once more on top of it (see
+/// [`HubRegistry`]): a repeated `Provision` of the same identity changes nothing and announces
+/// nothing, but a repeated `Migrate` finds the old identity gone and creates the new one again
+/// with an empty twin (announcing its delete and create: the data the first run moved is
+/// lost), and a repeated `Remove` fails with `DeviceNotFound`, failing the registration. For
+/// registrations that move devices between hubs, keep the hubs in the provisioning store's
+/// database (the SQLite and PostgreSQL stores' hub views), whose writes the unit undoes.
 pub struct EmbeddedHub<
     I: IdentityStore = MemoryIdentityStore,
     T: TwinStore = MemoryTwinStore,

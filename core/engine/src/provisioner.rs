@@ -509,8 +509,9 @@ impl<S: ProvisioningStore> Provisioner<S> {
     ///
     /// Answers `202 assigning` with an operation id when the device is authenticated (the
     /// assignment, or its failure, is recorded under that operation), or an error reply when it
-    /// is not: 401, 400 or 404 for the device's credential and request, 429 when registrations
-    /// of the same id race, 500 when the store fails.
+    /// is not: 401, 400 or 404 for the device's credential and request, 429 with `retry-after`
+    /// when registrations of the same id race or the store's writes keep conflicting with
+    /// concurrent ones ([`StoreError::Conflict`]), 500 when the store fails.
     pub fn handle_register(
         &self,
         now: Timestamp,
@@ -619,6 +620,8 @@ impl<S: ProvisioningStore> Provisioner<S> {
             status: wire.http_status,
             retry_after: match e {
                 Error::Throttled { retry_after_secs } => Some(*retry_after_secs),
+                // Also 429: the device is to come back after the configured pause.
+                Error::Store(StoreError::Conflict(_)) => Some(self.config.retry_after_secs),
                 _ => None,
             },
             body: ResponseBody::Error(ErrorDetails {
@@ -698,7 +701,8 @@ impl<S: ProvisioningStore> Provisioner<S> {
         let etag_random = etag_random.try_into().unwrap_or(&[0; 16]);
         // A concurrent registration of the same id (another instance) makes the compare-and-swap
         // fail; re-read and decide again. Hub actions are idempotent upserts, so a lost round only
-        // repeats work.
+        // repeats work. So does a write the database cancelled, each time the store ran it, for
+        // conflicting with concurrent ones (`StoreError::Conflict`): nothing of it was kept.
         for _ in 0..3 {
             let round =
                 Round { now, id: &id, operation_id: &operation_id, etag_random, predates_reprovisioning };
@@ -706,10 +710,17 @@ impl<S: ProvisioningStore> Provisioner<S> {
             match self.assign(round, &mut attested, payload.as_ref(), hub, &mut seen) {
                 // The record changed, or was deleted, under the round: decide again.
                 Err(Error::Store(
-                    StoreError::PreconditionFailed | StoreError::AlreadyExists | StoreError::NotFound,
+                    StoreError::PreconditionFailed
+                    | StoreError::AlreadyExists
+                    | StoreError::NotFound
+                    | StoreError::Conflict(_),
                 )) => continue,
                 Err(e @ (Error::Allocation(_) | Error::Hub { .. })) => {
-                    self.commit_failed(now, &id, &operation_id, &attested, &e, &seen)?;
+                    match self.commit_failed(now, &id, &operation_id, &attested, &e, &seen) {
+                        // The failure could not be recorded: decide again, as for a lost round.
+                        Err(Error::Store(StoreError::Conflict(_))) => continue,
+                        other => other?,
+                    }
                     if let Some(observer) = &self.on_registration {
                         let wire = e.to_wire();
                         observer(&RegistrationOutcome::Failed {
@@ -729,9 +740,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 }
             }
         }
-        // Registrations of the same id racing each other: the device is to try again shortly.
-        // 409 would end it (the SDKs treat every status from 300 to 428 as final, spec §1.7);
-        // 429 with retry-after is what every one of them retries.
+        // Registrations of the same id racing each other, or writes the database kept cancelling
+        // for conflicts with concurrent ones: the device is to try again shortly. 409 would end
+        // it (the SDKs treat every status from 300 to 428 as final, spec §1.7); 429 with
+        // retry-after is what every one of them retries.
         Err(Error::Throttled { retry_after_secs: self.config.retry_after_secs })
     }
 
@@ -1571,5 +1583,33 @@ mod tests {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 1);
         assert!(seen[0].contains("database or disk is full"), "{seen:?}");
+    }
+
+    #[test]
+    fn writes_that_keep_conflicting_tell_the_device_to_retry_later_and_are_no_internal_error() {
+        use crate::error::StoreError;
+        use std::sync::atomic::{AtomicU32, Ordering};
+
+        let internal = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&internal);
+        let mut config = ProvisionerConfig::new(IdScope::new("0ne00000001").unwrap());
+        config.retry_after_secs = 9;
+        let provisioner = Provisioner::new(
+            config,
+            crate::memory::MemoryStore::new(),
+            Arc::new(RingCrypto::new()),
+            Allocator::new(Vec::new()),
+        )
+        .on_internal_error(move |_| {
+            counted.fetch_add(1, Ordering::Relaxed);
+        });
+        let now = Timestamp::from_unix_secs(1_767_225_600);
+        let conflict =
+            Error::Store(StoreError::Conflict("PostgreSQL: deadlock detected (SQLSTATE 40P01)".to_owned()));
+        assert!(conflict.to_string().contains("SQLSTATE 40P01"), "the cause stays in the text for logs");
+        let reply = provisioner.error_response(now, &conflict);
+        assert_eq!((reply.status, reply.error_code(), reply.retry_after), (429, Some(429_001), Some(9)));
+        assert!(!String::from_utf8(reply.body_json()).unwrap().contains("40P01"));
+        assert_eq!(internal.load(Ordering::Relaxed), 0);
     }
 }

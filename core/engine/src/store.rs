@@ -501,7 +501,9 @@ pub trait RegistrationStore: Send + Sync {
     /// its transaction conflicts with concurrent ones (a deadlock, a serialization failure).
     /// So `unit` must be re-runnable: each run starts afresh from what it reads, and whatever
     /// it keeps outside the store (counts, results, staged announcements) is reset at the
-    /// start of a run, since only the last run's writes are kept.
+    /// start of a run, since only the last run's writes are kept. When every run conflicted,
+    /// the error is [`StoreError::Conflict`]: nothing was written, and the caller may try
+    /// again later (the provisioner decides the registration again, then answers 429).
     ///
     /// The default runs `unit` directly and undoes nothing: it suits stores a crash cannot leave
     /// half-written (the in-memory store loses everything at once), but a unit that fails keeps

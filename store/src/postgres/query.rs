@@ -159,11 +159,12 @@ impl Pushdown {
     }
 
     fn push(&mut self, layout: &Layout, path: &Path, values: &[&str]) {
-        // PostgreSQL's text and jsonb cannot hold U+0000: such a constant is left to the
-        // evaluator. (The JSON-quoted constants of the `strpos` tests below spell it `\u0000`,
-        // as the stored documents do, so those still narrow.)
-        let holds_nul = values.iter().any(|v| v.contains('\0'));
+        // PostgreSQL's text and jsonb cannot hold U+0000: a test whose constant, or a name of
+        // whose path (`tags.[[a<U+0000>b]]`, which the jsonb containment below would spell),
+        // holds it is left to the evaluator. (The JSON-quoted constants of the `strpos` tests
+        // below spell it `\u0000`, as the stored documents do, so those still narrow.)
         let segments = &path.segments;
+        let holds_nul = values.iter().any(|v| v.contains('\0')) || segments.iter().any(|s| s.contains('\0'));
         if let [name] = segments.as_slice() {
             if let Some((_, column)) = layout.columns.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
                 if holds_nul {

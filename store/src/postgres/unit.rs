@@ -16,7 +16,8 @@
 //! and on CockroachDB) — did nothing wrong and succeeds when run again. Every failed statement
 //! notes such a conflict on its thread ([`note_conflict`]); an outermost unit, or a transaction
 //! of its own ([`super::PgStore::transaction`]), that fails after one rolls back and runs again
-//! ([`retrying`]), up to [`ATTEMPTS`] times, and then fails naming the conflict.
+//! ([`retrying`]), [`ATTEMPTS`] times in all, and then fails with [`StoreError::Conflict`]
+//! naming the conflict.
 
 use std::cell::RefCell;
 use std::hash::{BuildHasher, RandomState};
@@ -80,9 +81,10 @@ pub(super) fn note_conflict(e: &postgres::Error) {
 /// cancelled is rolled back whole, and running it again is what resolves the conflict.
 ///
 /// The error of the last attempt is returned as it is, unless that attempt conflicted: then the
-/// error is [`StoreError::Backend`] naming the conflict (SQLSTATE and message), whatever the
+/// error is [`StoreError::Conflict`] naming the conflict (SQLSTATE and message), whatever the
 /// attempt's own code made of it (inside a unit a conflict reads as
-/// [`StoreError::PreconditionFailed`]: see `super::backend`), because no etag was at fault.
+/// [`StoreError::PreconditionFailed`]: see `super::backend`), because no etag was at fault:
+/// the caller may try again later (a device is told so with 429 and `retry-after`).
 /// Conflicts noted before are kept for the enclosing `retrying`, if any.
 pub(super) fn retrying<R, E: From<StoreError>>(mut attempt: impl FnMut() -> Result<R, E>) -> Result<R, E> {
     let outer = CONFLICT.with(|c| c.borrow_mut().take());
@@ -97,7 +99,8 @@ pub(super) fn retrying<R, E: From<StoreError>>(mut attempt: impl FnMut() -> Resu
                 attempts += 1;
             }
             (Err(_), Some(cause)) => {
-                break Err(StoreError::Backend(format!(
+                tracing::debug!(attempts, "PostgreSQL: a transaction conflicted in each attempt: {cause}");
+                break Err(StoreError::Conflict(format!(
                     "PostgreSQL: the transaction conflicted with concurrent ones in each of its {attempts} \
                      attempts; the last time: {cause}"
                 ))

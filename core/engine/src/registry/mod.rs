@@ -79,7 +79,7 @@ pub fn hub_error_code(error: &Error) -> HubErrorCode {
         Error::PreconditionFailed | Error::Store(StoreError::PreconditionFailed) => {
             HubErrorCode::PreconditionFailed
         }
-        Error::Throttled { .. } => HubErrorCode::ThrottlingException,
+        Error::Throttled { .. } | Error::Store(StoreError::Conflict(_)) => HubErrorCode::ThrottlingException,
         _ => HubErrorCode::ServerError,
     }
 }
