@@ -767,7 +767,9 @@ fn connections_lost_do_not_use_the_throttle_budget_but_end_at_the_registration_d
     while !reg.is_finished() {
         if reg.poll_transmit(now).is_some() {
             sent += 1;
-            reg.handle_connection_lost(now + secs(1));
+            // Each connection drops a second after the request went out.
+            now = now + secs(1);
+            reg.handle_connection_lost(now);
             continue;
         }
         now = reg.poll_timeout().expect("a resend or the deadline is scheduled");
@@ -776,7 +778,9 @@ fn connections_lost_do_not_use_the_throttle_budget_but_end_at_the_registration_d
     let f = expect_failure(&mut reg);
     assert_eq!(f.kind, FailureKind::Timeout, "{f}");
     assert!(f.message.contains("registration timeout"), "{f}");
-    assert_eq!(now, t0() + secs(60));
+    // At the deadline, or at the loss that came after it (a resend jittered into the last
+    // second before it).
+    assert!(now >= t0() + secs(60) && now <= t0() + secs(61), "ended at {now:?}");
     assert!(sent > 2, "only {sent} attempts in 60 s");
 }
 
