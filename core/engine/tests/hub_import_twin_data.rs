@@ -135,3 +135,25 @@ fn a_bulk_create_whose_twin_write_fails_takes_its_identity_back() {
     assert!(applied.events.is_empty());
     assert!(hub.registry().device(&id("d1")).is_err(), "the identity without its twin stayed");
 }
+
+#[test]
+fn a_bulk_update_with_invalid_twin_data_changes_no_identity() {
+    let hub = hub();
+    hub.create_device(Device::new(id("d1")), None, None, t0()).unwrap();
+    let before = hub.registry().device(&id("d1")).unwrap();
+    let etag = before.etag.clone().unwrap();
+    for bad in [
+        json!({"id": "d1", "importMode": "update", "status": "disabled", "tags": {"a.b": 1}}),
+        json!({"id": "d1", "importMode": "updateIfMatchETag", "eTag": etag.to_string(),
+               "status": "disabled", "tags": {"a.b": 1}}),
+        json!({"id": "d1", "importMode": "createOrUpdate", "status": "disabled", "tags": {"a.b": 1}}),
+        json!({"id": "d1", "importMode": "createOrUpdateIfMatchETag", "eTag": etag.to_string(),
+               "status": "disabled", "tags": {"a.b": 1}}),
+    ] {
+        let applied = hub.bulk(&[entry(bad.clone())], t0()).unwrap();
+        assert!(!applied.value.is_successful, "{bad}");
+        assert_eq!(applied.value.errors[0].error_code, HubErrorCode::ArgumentInvalid, "{bad}");
+        // Refused for its twin data, the entry changed nothing: same status, keys and etag.
+        assert_eq!(hub.registry().device(&id("d1")).unwrap(), before, "{bad}");
+    }
+}

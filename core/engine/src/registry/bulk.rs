@@ -108,6 +108,7 @@ impl<S: IdentityStore> Registry<S> {
                 if self.exists(entry)? {
                     let if_match =
                         if mode == ImportMode::CreateOrUpdate { IfMatch::Any } else { identity_tag()? };
+                    check_twin_data(entry, twins, now)?;
                     self.update_from_entry(entry, &if_match, now)?;
                     self.twin_from_entry(entry, twins, &twin_if_match, now)?;
                 } else {
@@ -116,11 +117,14 @@ impl<S: IdentityStore> Registry<S> {
             }
             ImportMode::Create => events = self.create_with_twin(entry, twins, now)?,
             ImportMode::Update => {
+                check_twin_data(entry, twins, now)?;
                 self.update_from_entry(entry, &IfMatch::Any, now)?;
                 self.twin_from_entry(entry, twins, &twin_if_match, now)?;
             }
             ImportMode::UpdateIfMatchETag => {
-                self.update_from_entry(entry, &identity_tag()?, now)?;
+                let if_match = identity_tag()?;
+                check_twin_data(entry, twins, now)?;
+                self.update_from_entry(entry, &if_match, now)?;
                 self.twin_from_entry(entry, twins, &twin_if_match, now)?;
             }
             ImportMode::Delete => events = self.delete_from_entry(entry, &IfMatch::Any, now)?,
@@ -183,15 +187,7 @@ impl<S: IdentityStore> Registry<S> {
         twins: &dyn TwinSink,
         now: Timestamp,
     ) -> Result<Vec<LifecycleEvent>, Error> {
-        if entry.has_twin_data() {
-            twins.check_new_twin(
-                &entry.id,
-                entry.module_id.as_ref(),
-                entry.tags.as_ref(),
-                entry.properties.as_ref(),
-                now,
-            )?;
-        }
+        check_twin_data(entry, twins, now)?;
         let events = self.create_from_entry(entry, now)?;
         // A new identity has a new twin: an exported twinETag from elsewhere cannot match it.
         if let Err(e) = self.twin_from_entry(entry, twins, &IfMatch::Any, now) {
@@ -302,4 +298,21 @@ fn entry_name(entry: &ExportImportDevice) -> String {
         Some(m) => format!("{}/{m}", entry.id),
         None => entry.id.to_string(),
     }
+}
+
+/// Checks an entry's twin data on its own (names, values, depth and sizes of what it carries)
+/// before its identity is written, so that an entry refused for its twin data changes nothing.
+/// What only the stored twin can tell (its etag, the size of the merged twin) is checked by the
+/// twin write itself, after the identity.
+fn check_twin_data(entry: &ExportImportDevice, twins: &dyn TwinSink, now: Timestamp) -> Result<(), Error> {
+    if !entry.has_twin_data() {
+        return Ok(());
+    }
+    twins.check_new_twin(
+        &entry.id,
+        entry.module_id.as_ref(),
+        entry.tags.as_ref(),
+        entry.properties.as_ref(),
+        now,
+    )
 }
