@@ -176,8 +176,8 @@ impl HubError {
 /// unit (an embedded hub over the same database) has them undone before the repeat, and one
 /// that only stages them until the unit commits ([`RecordingHub`]) drops them. Any other (a
 /// remote hub, in-memory hubs beside a database store) gets the repeat on top of what it
-/// applied: a repeated `Provision` finds the identity it made and leaves it so, but a repeated
-/// `Remove` or `Migrate` finds the old identity gone (see
+/// applied: a repeated `Provision` finds the identity it made and leaves it so (a twin reset,
+/// though, is applied again), but a repeated `Remove` or `Migrate` finds the old identity gone (see
 /// [`crate::hub_engine::EmbeddedHub`] for what the embedded hub then does).
 pub trait HubRegistry {
     /// Applies one action. Called by the provisioner during the registration, so its result

@@ -548,8 +548,9 @@ struct Announcements {
 /// its unit is rolled back, and their lifecycle events are announced. When the unit then runs
 /// again (PostgreSQL does on a conflict with concurrent transactions) or the provisioner
 /// decides the round again, the actions are applied once more on top of it (see
-/// [`HubRegistry`]): a repeated `Provision` of the same identity changes nothing and announces
-/// nothing, but a repeated `Migrate` finds the old identity gone and creates the new one again
+/// [`HubRegistry`]): a repeated `Provision` of the same identity that keeps its twin changes
+/// nothing and announces nothing, but one that resets the twin (reprovisioning with reset)
+/// replaces it again, bumping its version and etag and pushing the reset twice; a repeated `Migrate` finds the old identity gone and creates the new one again
 /// with an empty twin (announcing its delete and create: the data the first run moved is
 /// lost), and a repeated `Remove` fails with `DeviceNotFound`, failing the registration. For
 /// registrations that move devices between hubs, keep the hubs in the provisioning store's
@@ -672,9 +673,11 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
     /// ([`EmbeddedHub::run_jobs`]), of twin data in bulk and import entries ([`EmbeddedHub::bulk`],
     /// an [`crate::registry::ImportJob`] given [`EmbeddedHub::core`] as its [`TwinSink`]) and of
     /// the twin reset of reprovisioning ([`HubRegistry`]). Writes through
-    /// [`EmbeddedHub::update_twin`] return their events instead and queue none. Events written
-    /// inside a unit ([`HubRegistry::begin_unit`]) come once the unit committed, never when it
-    /// rolled back a write that joined it. A host that delivers none turns them off with
+    /// [`EmbeddedHub::update_twin`] return their events instead and queue none. The events of
+    /// the reprovisioning reset, written inside a unit ([`HubRegistry::begin_unit`]), come once
+    /// the unit committed, never when it rolled back a write that joined it; those of bulk,
+    /// import and job writes are queued as each write returns, so a host that runs those inside
+    /// a store unit it may roll back gets them even then. A host that delivers none turns them off with
     /// [`EmbeddedHub::set_twin_events`], so the queue does not grow.
     pub fn take_twin_events(&self) -> Vec<TwinEvent> {
         std::mem::take(&mut *self.core.twin_queue())

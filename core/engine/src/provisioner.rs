@@ -700,8 +700,9 @@ impl<S: ProvisioningStore> Provisioner<S> {
         let operation_id = OperationId::from_random(op_random.try_into().unwrap_or(&[0; 32]));
         let etag_random = etag_random.try_into().unwrap_or(&[0; 16]);
         // A concurrent registration of the same id (another instance) makes the compare-and-swap
-        // fail; re-read and decide again. Hub actions are idempotent upserts, so a lost round only
-        // repeats work. So does a write the database cancelled, each time the store ran it, for
+        // fail; re-read and decide again. Hub actions are upserts, so a lost round only repeats
+        // work (except for hubs outside the store's unit, where a twin reset is applied again,
+        // and a move or removal finds the old identity gone: see `HubRegistry`). So does a write the database cancelled, each time the store ran it, for
         // conflicting with concurrent ones (`StoreError::Conflict`): nothing of it was kept.
         for _ in 0..3 {
             let round =

@@ -334,6 +334,10 @@ impl<S: IdentityStore> Registry<S> {
     /// Server-owned fields (generation id, connection state, times, message count) are kept;
     /// absent keys keep the stored keys; a status change sets `statusUpdatedTime`.
     ///
+    /// The device returned carries the connection state and activity as read before the write:
+    /// the store keeps its own, so a connection that changed them meanwhile is not undone, but
+    /// it then shows in the next read, not in what this returns.
+    ///
     /// # Errors
     /// `DeviceNotFound`, `PreconditionFailed`, invalid fields, store failures.
     pub fn update_device(&self, body: Device, if_match: &IfMatch, now: Timestamp) -> Result<Device, Error> {
