@@ -33,6 +33,17 @@ macro_rules! on_backend {
     }};
 }
 
+/// Runs store command `$run` on the backend of `$location` (see [`on_backend!`]), printing what
+/// it gives on stdout as it comes (one value, or a listing element by element).
+macro_rules! printed {
+    ($location:expr, read_only: $read_only:expr, $run:ident($command:expr)) => {{
+        let location: StoreLocation = $location;
+        let mut out = JsonOut::new(std::io::stdout().lock());
+        let result = on_backend!(location, read_only: $read_only, |b| $run(&b, $command, &mut |v| out.element(&v)));
+        out.end(result)
+    }};
+}
+
 /// A self-hosted, wire-compatible Azure IoT Hub Device Provisioning Service with embedded hubs.
 #[derive(Debug, Parser)]
 #[command(name = "zerotouch", version, about)]
@@ -555,37 +566,21 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
                 EnrollmentsCommand::List { store, .. } => (store.existing_location()?, true),
                 EnrollmentsCommand::Delete { store, .. } => (store.existing_location()?, false),
             };
-            let mut out = JsonOut::new(std::io::stdout().lock());
-            let result = on_backend!(location, read_only: read_only, |b| run_enrollments(&b, &command, &mut |v| {
-                out.element(&v)
-            }));
-            out.end(result)
+            printed!(location, read_only: read_only, run_enrollments(&command))
         }
         Command::Devices(command) => {
             // Every devices command only reads.
             let store = match &command {
                 DevicesCommand::Get { store, .. } | DevicesCommand::List { store, .. } => store,
             };
-            let mut out = JsonOut::new(std::io::stdout().lock());
-            let result = on_backend!(store.existing_location()?, read_only: true, |b| run_devices(
-                &b,
-                &command,
-                &mut |v| out.element(&v)
-            ));
-            out.end(result)
+            printed!(store.existing_location()?, read_only: true, run_devices(&command))
         }
         Command::Twins(command) => {
             let store = match &command {
                 TwinsCommand::Get { store, .. } | TwinsCommand::List { store, .. } => store,
             };
-            let mut out = JsonOut::new(std::io::stdout().lock());
             // Every twins command only reads.
-            let result = on_backend!(store.existing_location()?, read_only: true, |b| run_twins(
-                &b,
-                &command,
-                &mut |v| out.element(&v)
-            ));
-            out.end(result)
+            printed!(store.existing_location()?, read_only: true, run_twins(&command))
         }
         Command::Device(DeviceCommand::Register(args)) => print(&runtime()?.block_on(register(&args))?),
     }
