@@ -71,15 +71,7 @@ fn four_instances_starting_together_migrate_the_database_once() {
 #[test]
 fn a_database_newer_than_the_binary_is_refused_with_a_clear_error() {
     let db = TestDb::new();
-    let url = db.fresh_url();
-    drop(PgStore::connect(&url, 1).unwrap());
-    let future = LATEST_SCHEMA_VERSION + 1;
-    TestDb::client(&url)
-        .execute(
-            "INSERT INTO zerotouch_schema (version, description) VALUES ($1, 'from a newer zerotouch')",
-            &[&future],
-        )
-        .unwrap();
+    let (url, future) = db.newer_schema_url();
     let err = PgStore::connect(&url, 1).unwrap_err().to_string();
     assert!(err.contains(&format!("version {future}")) && err.contains("newer"), "unclear error: {err}");
 }

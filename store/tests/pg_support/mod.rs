@@ -98,6 +98,22 @@ impl TestDb {
     pub fn client(url: &str) -> postgres::Client {
         postgres::Client::connect(url, postgres::NoTls).unwrap()
     }
+
+    /// A fresh schema migrated by this zerotouch, then marked as migrated by a newer one; its
+    /// URL and the newer version.
+    #[allow(dead_code)] // not every test binary that includes this module uses it
+    pub fn newer_schema_url(&self) -> (String, i32) {
+        let url = self.fresh_url();
+        drop(PgStore::connect(&url, 1).unwrap());
+        let newer = zerotouch_store::postgres::LATEST_SCHEMA_VERSION + 1;
+        Self::client(&url)
+            .execute(
+                "INSERT INTO zerotouch_schema (version, description) VALUES ($1, 'from a newer zerotouch')",
+                &[&newer],
+            )
+            .unwrap();
+        (url, newer)
+    }
 }
 
 impl Drop for TestDb {
