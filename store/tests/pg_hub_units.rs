@@ -21,17 +21,18 @@ use pg_support::TestDb;
 
 const HUB: &str = "plant.example.net";
 
+/// The embedded hub `HUB` over `store`'s hub view, its clock at a fixed time.
+fn hub_over(store: &PgStore) -> EmbeddedHub<PgStore, PgStore, PgStore> {
+    let mut hub = EmbeddedHub::over(HUB, store.hub(HUB).unwrap(), Arc::new(RingCrypto::new())).unwrap();
+    hub.set_now(Timestamp::from_unix_secs(1_767_225_600));
+    hub
+}
+
 #[test]
 fn an_identity_created_in_a_rolled_back_postgres_unit_is_never_announced() {
     let db = TestDb::new();
     let store = db.store();
-    let mut hub = EmbeddedHub::<PgStore, PgStore, PgStore>::over(
-        HUB,
-        store.hub(HUB).unwrap(),
-        Arc::new(RingCrypto::new()),
-    )
-    .unwrap();
-    hub.set_now(Timestamp::from_unix_secs(1_767_225_600));
+    let mut hub = hub_over(&store);
     let lathe = DeviceId::new("lathe-1").unwrap();
     let provision = HubAction::Provision {
         hub: HUB.into(),
@@ -67,13 +68,7 @@ fn an_identity_created_in_a_rolled_back_postgres_unit_is_never_announced() {
 fn a_twin_reset_rolled_back_with_its_postgres_unit_pushes_nothing() {
     let db = TestDb::new();
     let store = db.store();
-    let mut hub = EmbeddedHub::<PgStore, PgStore, PgStore>::over(
-        HUB,
-        store.hub(HUB).unwrap(),
-        Arc::new(RingCrypto::new()),
-    )
-    .unwrap();
-    hub.set_now(Timestamp::from_unix_secs(1_767_225_600));
+    let mut hub = hub_over(&store);
     let provision = |mode: &str, reset: bool| {
         let initial: zerotouch_proto::service::InitialTwin =
             serde_json::from_value(serde_json::json!({ "properties": { "desired": { "mode": mode } } }))

@@ -33,6 +33,13 @@ fn stopped_store(path: &Path) {
     north.put_device(&Device::new(DeviceId::new("pump-1").unwrap()), &Precondition::MustNotExist).unwrap();
 }
 
+/// Asserts that `store` shows what [`stopped_store`] wrote: the group and the hub's device.
+fn shows_the_stopped_store(store: &SqliteStore) {
+    assert_eq!(group_ids(store), ["line-1"]);
+    let north = store.hub("north.localhost").unwrap();
+    assert!(north.device(&DeviceId::new("pump-1").unwrap()).unwrap().is_some());
+}
+
 /// Every file under `dir` with its size and modification time.
 fn files(dir: &Path) -> BTreeMap<PathBuf, (u64, SystemTime)> {
     let mut out = BTreeMap::new();
@@ -126,13 +133,7 @@ fn opening_a_stopped_store_read_only_changes_no_file() {
     std::thread::sleep(Duration::from_millis(20));
 
     let store = SqliteStore::open_read_only(&path).unwrap();
-    assert_eq!(group_ids(&store), ["line-1"]);
-    assert!(store
-        .hub("north.localhost")
-        .unwrap()
-        .device(&DeviceId::new("pump-1").unwrap())
-        .unwrap()
-        .is_some());
+    shows_the_stopped_store(&store);
     assert!(store.put_enrollment_group(&group("line-2"), &Precondition::None).is_err());
     drop(store);
 
@@ -333,13 +334,7 @@ fn a_stopped_store_in_a_read_only_directory_is_read() {
     stopped_store(&path);
     let Some(_guard) = immutable(dir.path()) else { return };
     let store = SqliteStore::open_read_only(&path).unwrap();
-    assert_eq!(group_ids(&store), ["line-1"]);
-    assert!(store
-        .hub("north.localhost")
-        .unwrap()
-        .device(&DeviceId::new("pump-1").unwrap())
-        .unwrap()
-        .is_some());
+    shows_the_stopped_store(&store);
 }
 
 /// A copy of a store taken while a writer had it open: the database, its log and its index.
