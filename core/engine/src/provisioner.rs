@@ -357,6 +357,8 @@ type RegistrationObserver = Arc<dyn Fn(&RegistrationOutcome<'_>) + Send + Sync>;
 struct Seen {
     previous: Option<Arc<RegistrationRecord>>,
     pre: Precondition,
+    /// The round's own `assigning` record, once the round made its move visible.
+    moved: Option<Arc<RegistrationRecord>>,
 }
 
 /// How a registration the provisioner accepted (answered `202` with an operation id) ended, as
@@ -704,11 +706,18 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // work (except for hubs outside the store's unit, where a twin reset is applied again,
         // and a move or removal finds the old identity gone: see `HubRegistry`). So does a write the database cancelled, each time the store ran it, for
         // conflicting with concurrent ones (`StoreError::Conflict`): nothing of it was kept.
+        // The `assigning` record of the last round that made a move visible: a registration
+        // that ends in an error reply does not leave it standing (see `release_move`).
+        let mut moved = None;
         for _ in 0..3 {
             let round =
                 Round { now, id: &id, operation_id: &operation_id, etag_random, predates_reprovisioning };
             let mut seen = Seen::default();
-            match self.assign(round, &mut attested, payload.as_ref(), hub, &mut seen) {
+            let result = self.assign(round, &mut attested, payload.as_ref(), hub, &mut seen);
+            if let Some(record) = seen.moved.take() {
+                moved = Some(record);
+            }
+            match result {
                 // The record changed, or was deleted, under the round: decide again.
                 Err(Error::Store(
                     StoreError::PreconditionFailed
@@ -732,7 +741,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
                     }
                     return Ok(operation_id);
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.release_move(now, &id, &operation_id, &attested, &e, moved);
+                    return Err(e);
+                }
                 Ok(record) => {
                     if let Some(observer) = &self.on_registration {
                         observer(&RegistrationOutcome::Assigned(&record));
@@ -745,7 +757,32 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // for conflicts with concurrent ones: the device is to try again shortly. 409 would end
         // it (the SDKs treat every status from 300 to 428 as final, spec §1.7); 429 with
         // retry-after is what every one of them retries.
-        Err(Error::Throttled { retry_after_secs: self.config.retry_after_secs })
+        let e = Error::Throttled { retry_after_secs: self.config.retry_after_secs };
+        self.release_move(now, &id, &operation_id, &attested, &e, moved);
+        Err(e)
+    }
+
+    /// A registration answered with an error after one of its rounds made a move visible:
+    /// records it `failed` with that error over the round's `assigning` record, keeping the hub
+    /// and device id the identity still has (the move's hub actions were not kept), so the
+    /// record does not say `assigning` until the device's next registration. Best effort: the
+    /// device gets the error whatever this write does, and a record another registration wrote
+    /// since stands.
+    fn release_move(
+        &self,
+        now: Timestamp,
+        id: &RegistrationId,
+        operation_id: &OperationId,
+        attested: &Attested,
+        e: &Error,
+        moved: Option<Arc<RegistrationRecord>>,
+    ) {
+        let Some(record) = moved else { return };
+        let pre = Precondition::Matches(record.etag_bare().unwrap_or_default().to_owned());
+        let seen = Seen { previous: Some(record), pre, moved: None };
+        // Ignored: the reply already carries the error, and a failing store has told the host
+        // through it (`on_internal_error`).
+        let _ = self.commit_failed(now, id, operation_id, attested, e, &seen);
     }
 
     fn assign(
@@ -768,7 +805,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         // hands them back for the next one (below).
         let auth = std::mem::replace(&mut attested.auth, DeviceAuth::CertificateAuthority);
         let mut plan = self.plan(id, attested, auth, payload, previous, round.predates_reprovisioning)?;
-        let result = self.carry_out(round, attested, &plan, previous, hub, &mut seen.pre);
+        let result = self.carry_out(round, attested, &plan, previous, hub, seen);
         if result.is_err() {
             if let Some(auth) = plan.take_auth() {
                 attested.auth = auth;
@@ -786,7 +823,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
         plan: &Plan,
         previous: Option<&RegistrationRecord>,
         hub: &mut dyn HubRegistry,
-        pre: &mut Precondition,
+        seen: &mut Seen,
     ) -> Result<Arc<RegistrationRecord>, Error> {
         let Round { now, id, operation_id, .. } = round;
         let created = previous.and_then(|r| r.state.created_date_time_utc).unwrap_or(now);
@@ -819,8 +856,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 }
                 .into(),
             };
-            self.store.commit_registration(record.into(), pre, op)?;
-            *pre = Precondition::Matches(etag.to_string());
+            let record = Arc::new(record);
+            self.store.commit_registration(Arc::clone(&record), &seen.pre, op)?;
+            seen.pre = Precondition::Matches(etag.to_string());
+            seen.moved = Some(record);
         }
 
         // The hub actions and the record are one unit: a crash or a failure in between leaves
@@ -846,7 +885,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                     Error::Hub { code: e.code, message: e.message }
                 }
             })?;
-            committed = Some(self.commit_assigned(round, attested, plan, created, initial_hub, pre)?);
+            committed = Some(self.commit_assigned(round, attested, plan, created, initial_hub, &seen.pre)?);
             Ok(())
         });
         unit.end(result.is_ok());

@@ -337,6 +337,34 @@ fn a_move_the_new_hub_refuses_leaves_the_record_failed_on_the_old_hub_and_a_late
 }
 
 #[test]
+fn a_move_whose_hub_keeps_conflicting_is_not_left_assigning_and_a_later_move_succeeds() {
+    let mut w = world();
+    let key = enroll_symmetric(&w, ID, &custom(true, true));
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    let assigned_record = record_of(&w);
+    // Every hub action conflicts (a PostgreSQL deadlock each time): after its rounds, each
+    // register is answered 429, which the device retries until its registration times out.
+    w.hubs.fail_with = Some(HubError { code: 412_000, message: "conflict with a concurrent update".into() });
+    failed(w.register(symmetric_device(ID, &key, site("b")), None));
+
+    // The move's `assigning` record does not outlive the registration: the record says the
+    // registration failed, and why, and still names the identity's hub and device id.
+    let record = record_of(&w);
+    assert_eq!(record.state.status, Some(RegistrationStatus::Failed), "{record:?}");
+    assert_eq!(record.state.error_code, Some(429_001));
+    assert_eq!(record.state.assigned_hub.as_deref(), Some(HUB_A));
+    assert_eq!(record.state.device_id.as_deref(), Some(ID));
+    assert_eq!(record.state.created_date_time_utc, assigned_record.state.created_date_time_utc);
+    assert_eq!(w.hubs.hubs_of(ID), vec![HUB_A.to_owned()]);
+
+    // Once the hub accepts again, the device moves from where its identity is, with its data.
+    w.hubs.fail_with = None;
+    let moved = assigned(w.register(symmetric_device(ID, &key, site("b")), None));
+    assert_eq!((moved.assigned_hub.as_str(), moved.substatus), (HUB_B, Some(Substatus::DeviceDataMigrated)));
+    assert_eq!(w.hubs.hubs_of(ID), vec![HUB_B.to_owned()]);
+}
+
+#[test]
 fn a_first_registration_that_fails_leaves_a_failed_record_with_the_error() {
     let mut w = world();
     // Static allocation with two hubs: no hub to assign (400208).
