@@ -123,7 +123,9 @@ pub enum HubAction {
         twin: TwinSetup,
     },
     /// Copy the twin (tags, desired, reported) of `from_device_id` on `from_hub` to a new
-    /// identity on `to_hub`, then delete the old identity.
+    /// identity on `to_hub`, then delete the old identity. When `from_hub` has no such identity
+    /// (deleted there meanwhile), there is no data to migrate: the new identity gets
+    /// `initial_twin`, as a new device would.
     #[serde(rename_all = "camelCase")]
     Migrate {
         /// Hub the device leaves.
@@ -134,8 +136,14 @@ pub enum HubAction {
         to_hub: Text,
         /// The identity on the new hub.
         device: ProvisionedDevice,
+        /// The twin of the new identity when the old one is gone: the enrollment's initial twin
+        /// (or the custom allocation's).
+        #[serde(default)]
+        initial_twin: InitialTwin,
     },
-    /// Delete the identity from a hub (the device moved away and its data was reset).
+    /// Delete the identity from a hub (the device moved away and its data was reset). An
+    /// identity already gone (deleted in the hub meanwhile) counts as removed: hubs answer
+    /// `Ok`, as DPS moves such a device on instead of failing it for good.
     #[serde(rename_all = "camelCase")]
     Remove {
         /// Hub host name.

@@ -1134,6 +1134,19 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
         })
     }
 
+    /// Deletes a provisioned identity that the device leaves; one already gone (an operator
+    /// deleted it in the hub) counts as removed (see [`HubAction::Remove`]).
+    fn remove_provisioned(&self, device_id: &DeviceId, now: Timestamp) -> Result<(), Error> {
+        match self.delete_device(device_id, &IfMatch::Any, now) {
+            Ok(applied) => {
+                self.queue(applied.events);
+                Ok(())
+            }
+            Err(e) if hub_error_code(&e) == HubErrorCode::DeviceNotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     fn not_owned(&self, hub: &str) -> HubError {
         HubError { code: HUB_NOT_FOUND, message: format!("Hub '{hub}' is not '{}'.", self.host_name) }
     }
@@ -1152,13 +1165,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHub<I, T, J> {
                 self.provision(device, twin, now).map_err(|e| hub_err(&e))
             }
             HubAction::Remove { hub, device_id } if hub.eq_ignore_ascii_case(&self.host_name) => {
-                match self.delete_device(device_id, &IfMatch::Any, now) {
-                    Ok(applied) => {
-                        self.queue(applied.events);
-                        Ok(())
-                    }
-                    Err(e) => Err(hub_err(&e)),
-                }
+                self.remove_provisioned(device_id, now).map_err(|e| hub_err(&e))
             }
             HubAction::Provision { hub, .. } | HubAction::Remove { hub, .. } => Err(self.not_owned(hub)),
             HubAction::Migrate { to_hub, .. } => Err(self.not_owned(to_hub)),
@@ -1290,12 +1297,16 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHubs<I, T, J> {
         from_device_id: &DeviceId,
         to_hub: &str,
         device: &ProvisionedDevice,
+        initial_twin: &InitialTwin,
     ) -> Result<(), HubError> {
         let now = self.now;
         let old = self.hub(from_hub).ok_or_else(|| Self::unknown(from_hub))?;
         let twin = match old.core.twin(from_device_id, None) {
             Ok(t) => t,
-            Err(e) if hub_error_code(&e) == HubErrorCode::DeviceNotFound => TwinDocument::new(now),
+            // Nothing to migrate: the new identity starts from the initial configuration.
+            Err(e) if hub_error_code(&e) == HubErrorCode::DeviceNotFound => {
+                TwinDocument::from_initial_twin(now, initial_twin).map_err(|e| hub_err(&e))?
+            }
             Err(e) => return Err(hub_err(&e)),
         };
         let new = self.hub(to_hub).ok_or_else(|| Self::unknown(to_hub))?;
@@ -1304,14 +1315,7 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHubs<I, T, J> {
             return Ok(());
         }
         let old = self.hub(from_hub).ok_or_else(|| Self::unknown(from_hub))?;
-        match old.delete_device(from_device_id, &IfMatch::Any, now) {
-            Ok(applied) => {
-                old.queue(applied.events);
-                Ok(())
-            }
-            Err(Error::Hub { code, .. }) if code == HubErrorCode::DeviceNotFound.code() => Ok(()),
-            Err(e) => Err(hub_err(&e)),
-        }
+        old.remove_provisioned(from_device_id, now).map_err(|e| hub_err(&e))
     }
 }
 
@@ -1322,8 +1326,8 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> HubRegistry for EmbeddedHubs<I
             HubAction::Provision { hub, .. } | HubAction::Remove { hub, .. } => {
                 self.hub_mut(hub).ok_or_else(|| Self::unknown(hub))?.apply_at(action, now)
             }
-            HubAction::Migrate { from_hub, from_device_id, to_hub, device } => {
-                self.migrate(from_hub, from_device_id, to_hub, device)
+            HubAction::Migrate { from_hub, from_device_id, to_hub, device, initial_twin } => {
+                self.migrate(from_hub, from_device_id, to_hub, device, initial_twin)
             }
         }
     }

@@ -1149,6 +1149,7 @@ impl<S: ProvisioningStore> Provisioner<S> {
                 from_device_id: old_device,
                 to_hub: new_hub.clone(),
                 device: device(device_id.clone()),
+                initial_twin,
             };
             (device_id, substatus, Actions::One([action]), true)
         } else {

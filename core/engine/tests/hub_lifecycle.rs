@@ -245,6 +245,7 @@ fn device_migrated_between_embedded_hubs_keeps_tags_desired_and_reported() {
         from_device_id: id("mover"),
         to_hub: SPARE.into(),
         device: sas_device("mover"),
+        initial_twin: initial(json!({ "unused": true }), json!({})),
     })
     .unwrap();
 
@@ -312,8 +313,10 @@ fn embedded_hub_refuses_actions_for_a_hub_it_does_not_hold() {
         .unwrap_err();
     assert_eq!(err.code, HUB_NOT_FOUND);
     assert!(hub.registry().device(&id("stray")).is_err());
-    let err = hub.apply(&HubAction::Remove { hub: PLANT.into(), device_id: id("stray") }).unwrap_err();
-    assert_eq!(err.code, 404001);
+    let err = hub.apply(&HubAction::Remove { hub: SPARE.into(), device_id: id("stray") }).unwrap_err();
+    assert_eq!(err.code, HUB_NOT_FOUND);
+    // On its own hub, an identity that is not there counts as removed (an operator deleted it).
+    hub.apply(&HubAction::Remove { hub: PLANT.into(), device_id: id("stray") }).unwrap();
 }
 
 #[test]

@@ -12,12 +12,13 @@ use serde_json::json;
 use zerotouch_engine::allocation::Allocator;
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::hub::{HubAction, HubError, HubRegistry, LinkedHub};
+use zerotouch_engine::hub_engine::{EmbeddedHub, EmbeddedHubs};
 use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
-use zerotouch_engine::store::RegistrationStore;
+use zerotouch_engine::store::{EnrollmentStore, RegistrationStore};
 use zerotouch_proto::device::{RegistrationStatus, Substatus};
 use zerotouch_proto::service::{AllocationPolicy, ReprovisionPolicy};
-use zerotouch_proto::{IdScope, RegistrationId};
+use zerotouch_proto::{DeviceId, IdScope, IfMatch, RegistrationId, Timestamp};
 
 const ID: &str = "fridge-17";
 
@@ -518,4 +519,83 @@ fn a_record_deleted_while_its_device_registers_ends_in_an_answer_not_a_404() {
     w.hubs.then_fail = false;
     let a = assigned(w.register(symmetric_device(ID, &key, site("b")), None));
     assert_eq!((a.assigned_hub.as_str(), a.substatus), (HUB_B, Some(Substatus::InitialAssignment)));
+}
+
+/// The world's provisioner over embedded hubs (the hubs `serve` runs), one per linked hub.
+fn embedded_world() -> zerotouch_testkit::sim::Simulator<Arc<MemoryStore>, EmbeddedHubs> {
+    let mut hubs = EmbeddedHubs::new();
+    for hub in [HUB_A, HUB_B, HUB_C] {
+        hubs.insert(EmbeddedHub::in_memory(hub, Arc::new(RingCrypto::new())).unwrap());
+    }
+    zerotouch_testkit::sim::Simulator::new(world().provisioner, hubs)
+}
+
+/// What an operator does in the hub: deletes the device's identity (and its twin).
+fn delete_identity(hubs: &EmbeddedHubs, hub: &str, device: &str) {
+    let hub = hubs.hub(hub).unwrap();
+    hub.delete_device(&DeviceId::new(device).unwrap(), &IfMatch::Any, Timestamp::EPOCH).unwrap();
+}
+
+#[test]
+fn a_device_whose_identity_the_operator_deleted_is_reprovisioned_with_reset_elsewhere() {
+    let mut w = embedded_world();
+    let key = enroll_symmetric_in(&w, &custom(true, false));
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    delete_identity(&w.hubs, HUB_A, ID);
+
+    // The old identity is already gone: nothing to remove, and the device lands on hub b.
+    let moved = assigned(w.register(symmetric_device(ID, &key, site("b")), None));
+    assert_eq!((moved.assigned_hub.as_str(), moved.substatus), (HUB_B, Some(Substatus::DeviceDataReset)));
+    let twin = w.hubs.hub(HUB_B).unwrap().device_twin(&DeviceId::new(ID).unwrap()).unwrap();
+    assert_eq!(twin["tags"], serde_json::to_value(initial_twin().tags).unwrap());
+}
+
+#[test]
+fn a_device_whose_identity_the_operator_deleted_is_reset_on_its_hub_under_a_new_device_id() {
+    let mut w = embedded_world();
+    let key = enroll_symmetric_in(&w, &custom(true, false));
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    delete_identity(&w.hubs, HUB_A, ID);
+    // The enrollment now names another device id: the reset removes the old identity.
+    let mut e = w.provisioner.store().enrollment(&RegistrationId::new(ID).unwrap()).unwrap().unwrap();
+    e.device_id = Some(DeviceId::new("fridge-17-b").unwrap());
+    w.provisioner.store().put_enrollment(&e, &zerotouch_engine::store::Precondition::None).unwrap();
+
+    let again = assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    assert_eq!((again.assigned_hub.as_str(), again.device_id.as_str()), (HUB_A, "fridge-17-b"));
+    assert_eq!(again.substatus, Some(Substatus::DeviceDataReset));
+}
+
+#[test]
+fn a_device_whose_identity_the_operator_deleted_migrates_with_the_initial_twin() {
+    let mut w = embedded_world();
+    let key = enroll_symmetric_in(&w, &custom(true, true));
+    assigned(w.register(symmetric_device(ID, &key, site("a")), None));
+    delete_identity(&w.hubs, HUB_A, ID);
+
+    // No data to migrate: the new identity gets the initial configuration, as a new device does.
+    let moved = assigned(w.register(symmetric_device(ID, &key, site("b")), None));
+    assert_eq!(moved.assigned_hub.as_str(), HUB_B);
+    let twin = w.hubs.hub(HUB_B).unwrap().device_twin(&DeviceId::new(ID).unwrap()).unwrap();
+    assert_eq!(twin["tags"], serde_json::to_value(initial_twin().tags).unwrap());
+    assert_eq!(twin["properties"]["desired"]["telemetryInterval"], 30);
+}
+
+/// `enroll_symmetric` for a simulator over any hubs.
+fn enroll_symmetric_in<H: HubRegistry>(
+    w: &zerotouch_testkit::sim::Simulator<Arc<MemoryStore>, H>,
+    o: &EnrollOptions,
+) -> Vec<u8> {
+    let e = zerotouch_engine::enrollments::put_enrollment(
+        w.provisioner.store(),
+        &crypto(),
+        w.now,
+        individual(ID, symmetric_attestation(), o),
+        &IfMatch::Absent,
+    )
+    .unwrap();
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(e.attestation.symmetric_key.unwrap().primary_key.unwrap())
+        .unwrap()
 }

@@ -118,20 +118,24 @@ impl HubRegistry for SimHubs {
         self.log.push(action.clone());
         match action {
             HubAction::Provision { hub, device, twin } => self.provision(hub, device, twin),
-            HubAction::Migrate { from_hub, from_device_id, to_hub, device } => {
+            HubAction::Migrate { from_hub, from_device_id, to_hub, device, initial_twin } => {
                 let old = self
                     .hubs
                     .get_mut(&from_hub.to_ascii_lowercase())
                     .and_then(|h| h.remove(from_device_id.as_str()));
                 let moved = match old {
                     Some(d) => SimDevice { auth: device.auth.clone(), iot_edge: device.iot_edge, ..d },
-                    None => SimDevice {
-                        auth: device.auth.clone(),
-                        iot_edge: device.iot_edge,
-                        tags: Map::new(),
-                        desired: Map::new(),
-                        reported: Map::new(),
-                    },
+                    // Nothing to migrate: the initial configuration, as the hub action says.
+                    None => {
+                        let (tags, desired) = twin_parts(initial_twin);
+                        SimDevice {
+                            auth: device.auth.clone(),
+                            iot_edge: device.iot_edge,
+                            tags,
+                            desired,
+                            reported: Map::new(),
+                        }
+                    }
                 };
                 self.hubs
                     .entry(to_hub.to_ascii_lowercase())
