@@ -367,6 +367,7 @@ fn put_enrollment_with<S: EnrollmentStore + RegistrationStore + ?Sized>(
     pre: Precondition,
 ) -> Result<(), Error> {
     normalize_attestation(crypto, &mut enrollment.attestation, true)?;
+    check_initial_twin(now, enrollment.initial_twin.as_ref())?;
     enrollment.registration_state = None;
     enrollment.created_date_time_utc = Some(now);
     enrollment.last_updated_date_time_utc = Some(now);
@@ -706,5 +707,30 @@ mod tests {
             get_enrollment(&store, &id).unwrap().provisioning_status,
             Some(ProvisioningStatus::Disabled)
         );
+    }
+
+    /// Every write of an individual enrollment checks its initial twin, bulk create included:
+    /// a twin the hub would refuse fails the item, not each registration of the device later.
+    #[test]
+    fn every_bulk_mode_refuses_an_individual_enrollment_whose_initial_twin_the_hub_would_refuse() {
+        let (store, crypto) = (MemoryStore::new(), RingCrypto::new());
+        for mode in ["create", "update", "updateIfMatchETag"] {
+            let op: BulkEnrollmentOperation = serde_json::from_value(serde_json::json!({
+                "mode": mode,
+                "enrollments": [{
+                    "registrationId": "dev-twin",
+                    "attestation": { "type": "symmetricKey" },
+                    "initialTwin": { "tags": "not an object" },
+                }],
+            }))
+            .unwrap();
+            let result = bulk_enrollments(&store, &crypto, Timestamp::EPOCH, op).unwrap();
+            assert!(!result.is_successful, "{mode}: {result:?}");
+            assert_eq!(result.errors.len(), 1, "{mode}");
+            assert_eq!(result.errors[0].error_code, 400_000, "{mode}: {result:?}");
+            assert!(result.errors[0].error_status.contains("initialTwin"), "{mode}: {result:?}");
+            let stored = store.enrollment(&RegistrationId::new("dev-twin").unwrap()).unwrap();
+            assert!(stored.is_none(), "{mode}: stored {stored:?}");
+        }
     }
 }
