@@ -189,6 +189,33 @@ async fn c_sdk_style_qos0_publishes_with_integer_rids_get_their_replies() {
     server.shutdown().await;
 }
 
+/// The embedded C SDK's provisioning samples (azure-sdk-for-c) publish the register with no
+/// payload at all, and poll with none: the registration id is the connection's.
+#[tokio::test]
+async fn an_embedded_sdk_device_registering_with_an_empty_payload_is_assigned() {
+    let server = Server::start().await;
+    let (client, mut events) = mqtt_support::enrolled_and_subscribed(&server, "embedded-1").await;
+    let register = "$dps/registrations/PUT/iotdps-register/?$rid=1";
+    client.publish(register, rumqttc::QoS::AtLeastOnce, false, Vec::new()).await.unwrap();
+    let first = mqtt_support::reply(&mut events, "1").await;
+    assert_eq!(first.status, 202, "{first:?}");
+    let operation_id = first.body["operationId"].as_str().unwrap();
+    let poll =
+        format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=1&operationId={operation_id}");
+    client.publish(poll, rumqttc::QoS::AtLeastOnce, false, Vec::new()).await.unwrap();
+    let done = mqtt_support::reply(&mut events, "1").await;
+    assert_eq!(done.status, 200, "{done:?}");
+    assert_eq!((done.assigned_hub(), done.device_id()), (Some(HUB), Some("embedded-1")));
+    assert!(server.hub_has_device("embedded-1"));
+    // Whitespace alone is no body either; a body that is not JSON still is refused.
+    client.publish(register.replace("=1", "=2"), rumqttc::QoS::AtLeastOnce, false, " \r\n").await.unwrap();
+    assert_eq!(mqtt_support::reply(&mut events, "2").await.status, 202);
+    client.publish(register.replace("=1", "=3"), rumqttc::QoS::AtLeastOnce, false, "{").await.unwrap();
+    let refused = mqtt_support::reply(&mut events, "3").await;
+    assert_eq!((refused.status, refused.error_code()), (400, Some(400_000)), "{refused:?}");
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn fifty_group_devices_registering_at_once_all_land_in_the_hub() {
     let server = std::sync::Arc::new(Server::start().await);

@@ -544,11 +544,23 @@ where
             // Decoded before the device is authenticated (a certificate is judged by the engine):
             // the body holds strings and the payload's text, never a tree of it (see
             // `DeviceRegistration`), so it costs about its size.
-            let body: DeviceRegistration = match serde_json::from_slice(&publish.payload) {
-                Ok(body) => body,
-                Err(e) => {
-                    let message = format!("The request body is not a DeviceRegistration: {e}");
-                    return Ok(Some((rid, endpoint_error(400, &message, None))));
+            let body: DeviceRegistration = if publish.payload.trim_ascii().is_empty() {
+                // The embedded C SDK's samples register with no payload at all, as DPS accepts
+                // over MQTT: the registration id is the connection's, and there is no custom
+                // payload.
+                DeviceRegistration {
+                    payload: None,
+                    registration_id: registration_id.clone(),
+                    tpm: None,
+                    csr: None,
+                }
+            } else {
+                match serde_json::from_slice(&publish.payload) {
+                    Ok(body) => body,
+                    Err(e) => {
+                        let message = format!("The request body is not a DeviceRegistration: {e}");
+                        return Ok(Some((rid, endpoint_error(400, &message, None))));
+                    }
                 }
             };
             let api_version = Some(session.api_version.clone());
