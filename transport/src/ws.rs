@@ -15,7 +15,7 @@ use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::http::{error_reply, Connection};
-use crate::mqtt::run_mqtt_connection;
+use crate::mqtt::run_mqtt_session;
 use tracing::Instrument as _;
 
 /// The WebSocket subprotocol of MQTT (Python and Node send `mqtt`, the C SDK `MQTT`).
@@ -134,8 +134,11 @@ pub(crate) async fn upgrade(conn: &Arc<Connection>, req: Request<Incoming>) -> R
         async move {
             let _slot = slot;
             let grace = limits.shutdown_grace;
+            // The session drains at shutdown like an MQTT/TLS connection; the grace is the
+            // backstop for one that does not finish.
+            let session_stop = Some(stop.clone());
             tokio::select! {
-                () = run_mqtt_connection(WsStream::new(socket), client_chain, service, &limits) => {}
+                () = run_mqtt_session(WsStream::new(socket), client_chain, service, &limits, session_stop) => {}
                 () = async {
                     let _ = stop.wait_for(|s| *s).await;
                     tokio::time::sleep(grace).await;

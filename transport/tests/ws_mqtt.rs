@@ -261,6 +261,39 @@ async fn shutdown_closes_websocket_connections_after_the_grace_period() {
     assert!(ended.is_ok(), "the bridged MQTT connection is closed");
 }
 
+/// A WebSocket session drains at shutdown as an MQTT/TLS one does: an idle device (assigned,
+/// nothing in flight) is closed at once, not kept for the whole grace period.
+#[tokio::test]
+async fn shutdown_closes_an_idle_websocket_session_at_once_not_after_the_grace_period() {
+    let limits = zerotouch_transport::limits::Limits {
+        shutdown_grace: Duration::from_secs(30),
+        ..zerotouch_transport::limits::Limits::default()
+    };
+    let server = Server::start_with(limits).await;
+    let key = server.enroll_symmetric("ws-sensor-5");
+    let mut options = options(&server, "ws-sensor-5", None);
+    options.set_credentials(
+        format!("{SCOPE}/registrations/ws-sensor-5/api-version=2019-03-31"),
+        sas(&key, "ws-sensor-5"),
+    );
+    let (client, mut events) = AsyncClient::new(options, 10);
+    let (topic, done) = register(&client, &mut events, "ws-sensor-5").await;
+    assert!(topic.starts_with("$dps/registrations/res/200/"), "{topic}: {done}");
+    // The server stops well within the grace (30 s): the idle session did not hold it.
+    tokio::time::timeout(Duration::from_secs(10), server.stop())
+        .await
+        .expect("stopped before the grace ran out");
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if events.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the idle session is closed");
+}
+
 #[tokio::test]
 async fn an_upgraded_websocket_connection_keeps_its_connection_slot() {
     let limits = zerotouch_transport::limits::Limits { max_connections: 1, ..Default::default() };

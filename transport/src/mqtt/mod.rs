@@ -72,7 +72,22 @@ pub async fn run_mqtt_connection<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    run_mqtt_session(io, client_chain, service, limits, None).await;
+}
+
+/// [`run_mqtt_connection`] for a session the server stops: once `stop` says so, the session
+/// drains as an MQTT/TLS connection does (an idle device is closed at once, a device awaiting
+/// its poll is answered first).
+pub(crate) async fn run_mqtt_session<IO>(
+    io: IO,
+    client_chain: Vec<Vec<u8>>,
+    service: Arc<dyn DpsService>,
+    limits: &Limits,
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let deadline = Instant::now() + limits.connect_timeout;
     let span = tracing::info_span!("mqtt", registration_id = tracing::field::Empty);
-    connection::run(io, client_chain, service, limits, deadline, None).instrument(span).await;
+    connection::run(io, client_chain, service, limits, deadline, stop).instrument(span).await;
 }
