@@ -737,7 +737,11 @@ async fn serve_on<B: Backend>(config: &crate::config::ServeConfig, backend: B) -
         banner.push_str(&format!("  embedded hub      {} (weight {})\n", hub.name, hub.weight));
     }
     match handle.ca_cert() {
-        Some(ca) => banner.push_str(&format!("  development CA    {}\n", ca.display())),
+        Some(ca) => banner.push_str(&format!(
+            "  development CA    {}\n  TLS certificate   {}\n",
+            ca.display(),
+            handle.tls_files().cert.display()
+        )),
         None => banner.push_str(&format!("  certificate       {}\n", handle.tls_files().cert.display())),
     }
     banner.push_str(&format!("  data              {}\n", config.store.data_dir.display()));

@@ -95,6 +95,8 @@ fn serve_with_a_config_file_prints_its_endpoints_and_stops_cleanly_on_sigterm() 
     assert!(text.contains("id scope 0ne0000BEEF"), "{text}");
     assert!(text.contains("embedded hub      plant.localhost (weight 2)"), "{text}");
     assert!(text.contains(dir.path().join("tls").join("ca.pem").to_str().unwrap()), "{text}");
+    // The generated server certificate's path too (issue 5: "paths printed").
+    assert!(text.contains(dir.path().join("tls").join("server.pem").to_str().unwrap()), "{text}");
     let stored = std::fs::read_to_string(dir.path().join("id-scope")).unwrap();
     assert_eq!(stored.trim(), "0ne0000BEEF", "the data directory names the scope served");
 
