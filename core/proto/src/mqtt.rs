@@ -7,7 +7,9 @@
 use std::fmt;
 
 use crate::error::ProtoError;
-use crate::http::{encode_component, query_pairs};
+use percent_encoding::percent_decode_str;
+
+use crate::http::encode_component;
 use crate::ids::{IdScope, RegistrationId};
 
 /// The only topic filter DPS grants: every reply arrives below it.
@@ -82,11 +84,18 @@ impl ConnectUsername {
         }
         let query = query.strip_prefix('?').unwrap_or(query);
         let (mut api_version, mut client_version) = (None, None);
-        for (key, value) in query_pairs(query).map_err(bad)? {
-            let slot = if key.eq_ignore_ascii_case(API_VERSION_KEY) {
-                &mut api_version
+        // Only `api-version` must percent-decode to UTF-8: `ClientVersion` is a user-agent
+        // string nobody acts on (decoded lossily), and other keys are never looked at.
+        for part in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').unwrap_or((part, ""));
+            let key = percent_decode_str(key).decode_utf8_lossy();
+            let (slot, value) = if key.eq_ignore_ascii_case(API_VERSION_KEY) {
+                let value = percent_decode_str(value)
+                    .decode_utf8()
+                    .map_err(|_| bad(format!("{value:?} is not UTF-8 after percent-decoding")))?;
+                (&mut api_version, value.into_owned())
             } else if key.eq_ignore_ascii_case(CLIENT_VERSION_KEY) {
-                &mut client_version
+                (&mut client_version, percent_decode_str(value).decode_utf8_lossy().into_owned())
             } else {
                 continue;
             };
@@ -293,6 +302,19 @@ mod tests {
         assert!(ConnectUsername::parse("0ne00111111/registrations/dev1/ClientVersion=1").is_err());
         assert!(ConnectUsername::parse("0ne00111111/devices/dev1/api-version=1").is_err());
         assert!(ConnectUsername::parse("0ne00111111/registrations/dev1").is_err());
+    }
+
+    /// Only `api-version` must decode: the user-agent string and keys nobody reads do not
+    /// refuse a device (spec §2.1: ignore unknown keys).
+    #[test]
+    fn a_client_version_or_unknown_key_that_does_not_decode_does_not_refuse_the_username() {
+        let u = ConnectUsername::parse(
+            "0ne00111111/registrations/dev1/api-version=2019-03-31&ClientVersion=c%2F1.0%E9%ZZ&x%FF=%FE",
+        )
+        .unwrap();
+        assert_eq!(u.api_version, "2019-03-31");
+        assert_eq!(u.client_version.as_deref(), Some("c/1.0\u{fffd}%ZZ"));
+        assert!(ConnectUsername::parse("0ne00111111/registrations/dev1/api-version=%FF").is_err());
     }
 
     #[test]
