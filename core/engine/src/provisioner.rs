@@ -1386,10 +1386,16 @@ impl<S: ProvisioningStore> Provisioner<S> {
             });
         }
 
-        // 2. Groups, from the leaf's issuer upwards; the first group that signed decides.
+        // 2. Groups, from the leaf's issuer upwards; the first level with a group that signed
+        // decides. Several groups there (one CA enrolled twice, e.g. an old batch's group
+        // disabled beside a new one): an enabled group admits the device, the first by id; the
+        // device is refused as disabled only when every one of them is.
         let presented = chain.certificates();
         for (i, cert) in presented.iter().enumerate() {
-            for group in self.store.groups_by_ca_subject(cert.issuer_name())? {
+            let mut groups = self.store.groups_by_ca_subject(cert.issuer_name())?;
+            groups.sort_by_key(|g| g.enrollment_group_id.key());
+            let mut disabled = false;
+            'groups: for group in groups {
                 for anchor in self.group_anchors(&group)? {
                     // A presented anchor was checked with the chain; an enrolled one that was not
                     // sent must be a CA allowed to sign the `i` intermediates below it all the same.
@@ -1401,7 +1407,8 @@ impl<S: ProvisioningStore> Provisioner<S> {
                         continue;
                     }
                     if group.provisioning_status == Some(ProvisioningStatus::Disabled) {
-                        return Err(AuthError::EnrollmentDisabled.into());
+                        disabled = true;
+                        continue 'groups;
                     }
                     return Ok(Attested {
                         enrollment: Enrollment::Group(group),
@@ -1409,6 +1416,9 @@ impl<S: ProvisioningStore> Provisioner<S> {
                         kind: AttestedKind::X509 { leaf_der },
                     });
                 }
+            }
+            if disabled {
+                return Err(AuthError::EnrollmentDisabled.into());
             }
         }
         Err(AuthError::UntrustedChain.into())

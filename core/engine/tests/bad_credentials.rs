@@ -465,3 +465,25 @@ fn a_certificate_issued_moments_ahead_of_the_server_clock_is_accepted_within_the
         ca.device_with(CertSpec::new("cam-1").validity(w.now - year, w.now - Duration::from_secs(301)));
     assert_rejected(&register(&mut w, "cam-1", Credential::X509(long_ended.chain_der())), 401, 401002);
 }
+
+/// Two groups anchored on the same CA, one disabled (the old batch's) and one enabled: the
+/// enabled one admits the device, whichever of the two a store lists first. Disabled only when
+/// every group that signed at that level is.
+#[test]
+fn an_enabled_group_beside_a_disabled_one_on_the_same_ca_admits_the_device() {
+    let disabled = EnrollOptions { disabled: true, ..Default::default() };
+    for (old, new) in [("a-old", "b-new"), ("z-old", "a-new"), ("m-old", "m-new")] {
+        let mut w = world();
+        let ca = TestCa::root("Shared Root").intermediate("Shared Line");
+        enroll_x509_group(&w, old, ca.pem(), &disabled);
+        enroll_x509_group(&w, new, ca.pem(), &EnrollOptions::default());
+        let r = register(&mut w, "cam-1", Credential::X509(ca.device("cam-1").chain_der()));
+        assert_eq!(r.status, 202, "{old} disabled, {new} enabled: {r:?}");
+    }
+    let mut w = world();
+    let ca = TestCa::root("Shared Root").intermediate("Shared Line");
+    enroll_x509_group(&w, "one", ca.pem(), &disabled);
+    enroll_x509_group(&w, "two", ca.pem(), &disabled);
+    let r = register(&mut w, "cam-1", Credential::X509(ca.device("cam-1").chain_der()));
+    assert_rejected(&r, 401, 401002);
+}
