@@ -103,6 +103,11 @@ pub fn registration_group(record: &RegistrationRecord) -> Option<String> {
 }
 
 /// Nanoseconds since the Unix epoch: how timestamps are stored, so they compare as integers.
+///
+/// The unit of these columns since the first schema. They hold clock readings (an operation's
+/// creation, a job's end, a purge cutoff), which lie inside the nanosecond range (1677 to 2262);
+/// an instant beyond it is stored saturated ([`Timestamp::unix_nanos`]), which still orders
+/// correctly against every instant inside it.
 pub fn time_column(t: Timestamp) -> i64 {
     t.unix_nanos()
 }
@@ -268,6 +273,20 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// Databases written before `Timestamp` reached years 1 to 9999 hold nanoseconds: the unit
+    /// stays, and instants beyond it keep their order against every stored value.
+    #[test]
+    fn time_columns_hold_unix_nanoseconds_saturated_outside_their_range() {
+        let t = Timestamp::parse("2023-11-14T22:13:20.1234567Z").unwrap();
+        assert_eq!(time_column(t), 1_700_000_000_123_456_700);
+        assert_eq!(time_column(Timestamp::EPOCH), 0);
+        let never_expires = Timestamp::parse("9999-12-31T23:59:59Z").unwrap();
+        let never = Timestamp::parse("0001-01-01T00:00:00Z").unwrap();
+        assert_eq!(time_column(never_expires), i64::MAX);
+        assert_eq!(time_column(never), i64::MIN);
+        assert!(time_column(never) < time_column(t) && time_column(t) < time_column(never_expires));
+    }
 
     #[test]
     fn a_continuation_token_round_trips_and_a_foreign_one_is_refused() {

@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use common::*;
 use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_token};
+use zerotouch_engine::attestation::x509::Certificate;
 use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::enrollments;
 use zerotouch_engine::provisioner::{OperationStatusRequest, RegisterRequest, Response, ResponseBody};
 use zerotouch_engine::registration::FailureKind;
 use zerotouch_engine::store::{EnrollmentStore as _, RegistrationStore as _};
 use zerotouch_proto::device::DeviceRegistration;
-use zerotouch_proto::service::ProvisioningStatus;
+use zerotouch_proto::service::{IndividualEnrollment, ProvisioningStatus};
 use zerotouch_proto::{IfMatch, RegistrationId, Timestamp};
 use zerotouch_testkit::certs::{CertSpec, TestCa};
 
@@ -441,6 +442,37 @@ fn a_chain_sent_out_of_order_or_with_unrelated_certificates_is_admitted() {
         let r = register(&mut w, &id, Credential::X509(reordered));
         assert_eq!(r.status, 202, "order {order:?}: {r:?}");
     }
+}
+
+#[test]
+fn a_certificate_that_never_expires_is_accepted_and_its_enrollment_keeps_its_date() {
+    // RFC 5280 §4.1.2.5: notAfter 99991231235959Z, as IEEE 802.1AR device certificates carry.
+    let mut w = world();
+    let factory = TestCa::root_with(CertSpec::new("Factory CA").without_expiry());
+    let cam = factory.device_with(CertSpec::new("cam-1").without_expiry());
+
+    // The enrollment as Azure DPS returns it (its `info` with the certificate's own date), PUT
+    // back with the certificate.
+    let attestation = x509_individual_attestation(cam.pem());
+    let mut body = serde_json::to_value(individual("cam-1", attestation, &EnrollOptions::default())).unwrap();
+    let mut info = serde_json::to_value(Certificate::from_der(cam.der()).unwrap().info(&crypto())).unwrap();
+    info["notAfterUtc"] = serde_json::json!("9999-12-31T23:59:59Z");
+    body["attestation"]["x509"]["clientCertificates"]["primary"]["info"] = info;
+    let enrollment: IndividualEnrollment = serde_json::from_value(body).unwrap();
+    let written =
+        enrollments::put_enrollment(w.provisioner.store(), &crypto(), w.now, enrollment, &IfMatch::Absent)
+            .unwrap();
+    let written = serde_json::to_value(&written).unwrap();
+    assert_eq!(
+        written["attestation"]["x509"]["clientCertificates"]["primary"]["info"]["notAfterUtc"],
+        "9999-12-31T23:59:59.0000000Z"
+    );
+    assert_eq!(register(&mut w, "cam-1", Credential::X509(cam.chain_der())).status, 202);
+
+    // Through a group whose CA never expires either.
+    enroll_x509_group(&w, "factory", factory.pem(), &EnrollOptions::default());
+    let cam2 = factory.device_with(CertSpec::new("cam-2").without_expiry());
+    assert_eq!(register(&mut w, "cam-2", Credential::X509(cam2.chain_der())).status, 202);
 }
 
 #[test]

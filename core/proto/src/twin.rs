@@ -8,8 +8,9 @@ use crate::ids::{DeviceId, ETag, IfMatch, ModuleId};
 use crate::service::DeviceCapabilities;
 
 /// The value the hub writes for a time that never happened (`statusUpdateTime`,
-/// `lastActivityTime` of a device that never connected). It is outside the range of
-/// [`crate::Timestamp`], which is why the twin's identity times are carried as strings.
+/// `lastActivityTime` of a device that never connected): .NET `DateTime.MinValue`, which is
+/// [`crate::Timestamp::MIN`]. The twin's identity times are carried as the strings the hub
+/// writes (see [`Twin`]).
 pub const NEVER: &str = "0001-01-01T00:00:00Z";
 
 /// Identity fields a twin repeats use the registry's enums (one definition, in [`crate::hub`]).

@@ -315,3 +315,22 @@ fn manifest_dir() -> PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR")
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }
+
+/// A certificate with no well-defined expiration has notAfter 9999-12-31T23:59:59Z (RFC 5280
+/// §4.1.2.5), and DPS reports it as such: the body it returns can be sent back.
+#[test]
+fn an_x509_enrollment_whose_certificate_never_expires_round_trips() {
+    let mut body: Value = serde_json::from_str(&read("service_enrollment_x509_reply.json")).unwrap();
+    let info = &mut body["attestation"]["x509"]["clientCertificates"]["primary"]["info"];
+    info["notAfterUtc"] = json!("9999-12-31T23:59:59Z");
+    let enrollment: IndividualEnrollment = serde_json::from_value(body.clone()).unwrap();
+    let info = enrollment.attestation.x509.as_ref().unwrap().client_certificates.as_ref().unwrap();
+    let info = info.primary.as_ref().unwrap().info.as_ref().unwrap();
+    assert_eq!(info.not_after_utc.to_string(), "9999-12-31T23:59:59.0000000Z");
+
+    let written = serde_json::to_value(&enrollment).unwrap();
+    let info = &mut body["attestation"]["x509"]["clientCertificates"]["primary"]["info"];
+    info["notAfterUtc"] = json!("9999-12-31T23:59:59.0000000Z");
+    assert_eq!(written, body);
+    assert_eq!(serde_json::from_value::<IndividualEnrollment>(written).unwrap(), enrollment);
+}

@@ -30,6 +30,10 @@ use zerotouch_proto::Timestamp;
 pub const DEFAULT_NOT_BEFORE: Timestamp = Timestamp::from_unix_secs(1_577_836_800);
 /// Default end of validity: 2100-01-01T00:00:00Z.
 pub const DEFAULT_NOT_AFTER: Timestamp = Timestamp::from_unix_secs(4_102_444_800);
+/// `notAfter` of a certificate with no well-defined expiration: 9999-12-31T23:59:59Z, the
+/// GeneralizedTime `99991231235959Z` RFC 5280 §4.1.2.5 prescribes (IEEE 802.1AR device
+/// identity certificates use it).
+pub const NO_EXPIRY: Timestamp = Timestamp::from_unix_secs(253_402_300_799);
 
 const DAY_SECS: i64 = 86_400;
 
@@ -139,6 +143,11 @@ impl CertSpec {
         self.not_before = not_before;
         self.not_after = not_after;
         self
+    }
+
+    /// Never expires: valid from [`DEFAULT_NOT_BEFORE`] until [`NO_EXPIRY`].
+    pub fn without_expiry(self) -> Self {
+        self.validity(DEFAULT_NOT_BEFORE, NO_EXPIRY)
     }
 
     /// Expired at `now`: valid from a year before until a day before.
@@ -545,6 +554,10 @@ mod tests {
             Certificate::from_der(root.device_with(CertSpec::new("new").not_yet_valid_at(NOW)).der())
                 .unwrap();
         assert!(future.not_before() > NOW);
+        // RFC 5280 §4.1.2.5: GeneralizedTime 99991231235959Z, exactly.
+        let forever = root.device_with(CertSpec::new("forever").without_expiry());
+        assert!(forever.der().windows(15).any(|w| w == b"99991231235959Z"));
+        assert_eq!(Certificate::from_der(forever.der()).unwrap().not_after(), NO_EXPIRY);
     }
 
     #[test]

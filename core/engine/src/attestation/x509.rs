@@ -686,6 +686,7 @@ fn directory_string(value: &x509_cert::der::Any) -> Option<String> {
     }
 }
 
+/// Certificate times (1970 to 9999 in `der`) all fit a [`Timestamp`], 99991231235959Z included.
 fn to_timestamp(time: x509_cert::time::Time) -> Timestamp {
     let secs = i64::try_from(time.to_unix_duration().as_secs()).unwrap_or(i64::MAX);
     Timestamp::from_unix_secs(secs)
@@ -1073,6 +1074,27 @@ mod tests {
             cert.check_validity(Timestamp::from_unix_secs(1_800_000_001)),
             Err(AuthError::CertificateExpired)
         );
+    }
+
+    #[test]
+    fn a_certificate_without_expiry_reports_and_keeps_year_9999() {
+        let crypto = RingCrypto::new();
+        let root = TestCa::root_with(CertSpec::new("root").without_expiry());
+        let dev = root.device_with(CertSpec::new("dev").without_expiry());
+        let cert = parse(dev.der());
+        let info = cert.info(&crypto);
+        assert_eq!(info.not_after_utc.to_string(), "9999-12-31T23:59:59.0000000Z");
+        assert_eq!(
+            serde_json::to_value(&info).unwrap()["notAfterUtc"],
+            serde_json::json!("9999-12-31T23:59:59.0000000Z")
+        );
+        assert_eq!(cert.check_validity(NOW), Ok(()));
+        assert_eq!(cert.check_validity(cert.not_after()), Ok(()));
+        assert_eq!(
+            cert.check_validity(cert.not_after() + Duration::from_secs(1)),
+            Err(AuthError::CertificateExpired)
+        );
+        assert_eq!(chain(&dev).verify_internal(NOW, &crypto), Ok(()));
     }
 
     #[test]
