@@ -391,27 +391,51 @@ fn run_enrollments<B: Backend>(
     command: &EnrollmentsCommand,
     element: &mut dyn FnMut(Value) -> Result<(), ServerError>,
 ) -> Result<Option<Value>, ServerError> {
-    let store = backend.provisioning()?;
     match command {
         EnrollmentsCommand::Import { file, .. } => {
-            let text = admin::import_text(std::fs::read(file).map_err(|e| ServerError::io(file, e))?)?;
+            let text = read_import(file)?;
             let file = admin::ImportFile::parse(&text)?;
-            let (crypto, now) = (RingCrypto::new(), zerotouch_transport::service::now());
-            for warning in admin::check_import(&file, &crypto, now, &backend.hub_names()?)? {
-                crate::logging::report(&warning, false);
-            }
-            let summary = admin::import_file(&store, &crypto, now, &file)?;
-            Ok(Some(json!({ "imported": summary })))
+            check_import(&file, &backend.hub_names()?)?;
+            import_checked(backend, &file, element)
         }
         EnrollmentsCommand::List { with_keys, .. } => {
+            let store = backend.provisioning()?;
             admin::for_each_enrollment(&store, *with_keys, element)?;
             Ok(None)
         }
         EnrollmentsCommand::Delete { registration_id, enrollment_group_id, .. } => {
+            let store = backend.provisioning()?;
             admin::delete_enrollment(&store, registration_id.as_deref(), enrollment_group_id.as_deref())
                 .map(Some)
         }
     }
+}
+
+/// The text of an import file.
+fn read_import(file: &std::path::Path) -> Result<String, ServerError> {
+    admin::import_text(std::fs::read(file).map_err(|e| ServerError::io(file, e))?)
+}
+
+/// Checks every entry of an import file (the first bad one is the error) and reports the
+/// warnings; `hubs` are the hubs the store links (none for a store not made yet).
+fn check_import(file: &admin::ImportFile<'_>, hubs: &[String]) -> Result<(), ServerError> {
+    let (crypto, now) = (RingCrypto::new(), zerotouch_transport::service::now());
+    for warning in admin::check_import(file, &crypto, now, hubs)? {
+        crate::logging::report(&warning, false);
+    }
+    Ok(())
+}
+
+/// Imports a file [`check_import`] accepted into `backend`'s store, all or nothing.
+fn import_checked<B: Backend>(
+    backend: &B,
+    file: &admin::ImportFile<'_>,
+    _element: &mut dyn FnMut(Value) -> Result<(), ServerError>,
+) -> Result<Option<Value>, ServerError> {
+    let store = backend.provisioning()?;
+    let (crypto, now) = (RingCrypto::new(), zerotouch_transport::service::now());
+    let summary = admin::import_file(&store, &crypto, now, file)?;
+    Ok(Some(json!({ "imported": summary })))
 }
 
 /// Runs a devices command on `backend`; returns what to print.
@@ -557,10 +581,26 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
             runtime.shutdown_timeout(std::time::Duration::from_secs(5));
             served
         }
+        Command::Enrollments(EnrollmentsCommand::Import { store, file, .. }) => {
+            // An import may create the store (enrollments before the first `serve`), but only
+            // for a file it has read and checked: a missing or malformed one (at a mistyped
+            // --data-dir, or with a URL naming another database) creates and migrates nothing.
+            let text = read_import(&file)?;
+            let parsed = admin::ImportFile::parse(&text)?;
+            // The hubs the store links, for the warnings, read without writing; a store not
+            // made yet (or one that cannot be read so) links none that could be named.
+            let hubs = match store.existing_location() {
+                Ok(existing) => {
+                    (|| on_backend!(existing, read_only: true, |b| b.hub_names()))().unwrap_or_default()
+                }
+                Err(_) => Vec::new(),
+            };
+            check_import(&parsed, &hubs)?;
+            printed!(store.location()?, read_only: false, import_checked(&parsed))
+        }
         Command::Enrollments(command) => {
-            // An import may create the store (enrollments before the first `serve`); a listing
-            // reads one that exists, read-only, so that it works on a backup or a read-only mount
-            // and changes nothing there.
+            // A listing reads a store that exists, read-only, so that it works on a backup or a
+            // read-only mount and changes nothing there.
             let (location, read_only) = match &command {
                 EnrollmentsCommand::Import { store, .. } => (store.location()?, false),
                 EnrollmentsCommand::List { store, .. } => (store.existing_location()?, true),

@@ -28,7 +28,7 @@ fn import(dir: &std::path::Path, data: &str, json: &str) {
 fn import_of_a_bad_file_names_the_entry_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
-    let file = dir.path().join("enrollments.json");
+    let file = dir.path().join("bad-enrollments.json");
     std::fs::write(
         &file,
         r#"[{"registrationId": "good-1", "attestation": {"type": "symmetricKey"}},
@@ -39,11 +39,39 @@ fn import_of_a_bad_file_names_the_entry_and_writes_nothing() {
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains(r#"entry 1: enrollmentGroupId "bad": "#), "{stderr}");
+    // The file was checked before the store was opened: none was made.
+    assert!(!dir.path().join("zerotouch.sqlite").exists());
+    let out = zerotouch(&["enrollments", "list", "--data-dir", data]);
+    assert_eq!(out.status.code(), Some(4), "no store: {}", String::from_utf8_lossy(&out.stderr));
 
+    // Into a store that exists, nothing of a bad file is written either.
+    import(dir.path(), data, "[]");
+    let out = zerotouch(&["enrollments", "import", "--data-dir", data, file.to_str().unwrap()]);
+    assert!(!out.status.success());
     let out = zerotouch(&["enrollments", "list", "--data-dir", data]);
     assert!(out.status.success());
     let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed, Value::Array(Vec::new()));
+}
+
+/// A missing or malformed import file at a mistyped `--data-dir` makes no store there.
+#[test]
+fn an_import_whose_file_is_missing_or_not_json_creates_no_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("typo");
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "[{").unwrap();
+    for file in [dir.path().join("missing.json"), bad] {
+        let out = zerotouch(&[
+            "enrollments",
+            "import",
+            "--data-dir",
+            data.to_str().unwrap(),
+            file.to_str().unwrap(),
+        ]);
+        assert!(!out.status.success(), "{file:?}");
+        assert!(!data.join("zerotouch.sqlite").exists(), "{file:?} made a store");
+    }
 }
 
 #[test]
