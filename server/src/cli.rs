@@ -880,6 +880,23 @@ fn read_flag_file(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, ServerE
     std::fs::read(path).map_err(|e| ServerError::Config(format!("{flag} {}: {e}", path.display())))
 }
 
+/// A PEM file given with `flag`, which must hold a block with one of `labels` (`what` names it
+/// for the error): a certificate and key swapped, or a file of the wrong kind, is told by flag and
+/// file rather than by the TLS library's "no items found".
+fn read_pem_file(
+    flag: &str,
+    path: &std::path::Path,
+    labels: &[&str],
+    what: &str,
+) -> Result<Vec<u8>, ServerError> {
+    let bytes = read_flag_file(flag, path)?;
+    let text = String::from_utf8_lossy(&bytes);
+    if !labels.iter().any(|label| text.contains(&format!("-----BEGIN {label}-----"))) {
+        return Err(ServerError::Config(format!("{flag} {}: holds no PEM {what}", path.display())));
+    }
+    Ok(bytes)
+}
+
 /// `zerotouch device register`: registers with our client and returns the registration state.
 ///
 /// # Errors
@@ -900,9 +917,15 @@ pub async fn register(args: &RegisterArgs) -> Result<Value, ServerError> {
     builder = match device_credential(args, |name| std::env::var(name).ok())? {
         DeviceCredential::SymmetricKey(key) => builder.symmetric_key(key.as_str()),
         DeviceCredential::GroupKey(key) => builder.group_key(key.as_str()),
-        DeviceCredential::X509 { cert, key } => {
-            builder.x509_pem(read_flag_file("--cert", &cert)?, read_flag_file("--key", &key)?)
-        }
+        DeviceCredential::X509 { cert, key } => builder.x509_pem(
+            read_pem_file("--cert", &cert, &["CERTIFICATE"], "a certificate")?,
+            read_pem_file(
+                "--key",
+                &key,
+                &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"],
+                "a private key",
+            )?,
+        ),
     };
     if let Some(ca) = &args.ca {
         // Read by the client, so that it names the file when it holds no certificate.

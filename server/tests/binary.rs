@@ -1182,3 +1182,30 @@ fn serve_reads_a_config_file_given_as_a_pipe_once() {
     assert_eq!(status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("data-drr"), "{stderr}");
 }
+
+/// Certificate and key files swapped, or one of them of the wrong kind: the error names the
+/// flag and the file, before any connection.
+#[test]
+fn device_register_names_the_flag_and_file_of_a_certificate_or_key_of_the_wrong_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = zerotouch_testkit::certs::TestCa::root("Swap Root").device("swap-1");
+    let (cert, key) = (dir.path().join("device.pem"), dir.path().join("device.key"));
+    std::fs::write(&cert, device.chain_pem()).unwrap();
+    std::fs::write(&key, device.key_pem()).unwrap();
+    let register = |cert: &std::path::Path, key: &std::path::Path| {
+        let args = ["device", "register", "--provisioning-host", "localhost:9", "--id-scope", "0ne0000CAFE"];
+        let out = Command::new(env!("CARGO_BIN_EXE_zerotouch"))
+            .args(args)
+            .args(["--registration-id", "swap-1", "--cert", cert.to_str().unwrap(), "--key"])
+            .arg(key)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let swapped = register(&key, &cert);
+    assert!(swapped.contains("--cert") && swapped.contains(key.to_str().unwrap()), "{swapped}");
+    let key_is_cert = register(&cert, &cert);
+    assert!(key_is_cert.contains("--key") && key_is_cert.contains(cert.to_str().unwrap()), "{key_is_cert}");
+}
