@@ -30,19 +30,25 @@ const CAMERAS: usize = 16;
 /// Registrations in flight at once.
 const CONCURRENCY: usize = 32;
 
-/// The `zerotouch` binary next to this example's build output, built first so the example
-/// always runs the current code. `--workspace` resolves features as `cargo test --workspace` does,
-/// so after the tests this reuses their build instead of compiling the server again.
+/// The `zerotouch` binary next to this example's build output, built first (in the example's
+/// own profile: `cargo run --release` runs a release server) so the example always runs the
+/// current code. `--workspace` resolves features as `cargo test --workspace` does, so after the
+/// tests this reuses their build instead of compiling the server again.
 fn zerotouch_binary() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-q", "--workspace", "--bin", "zerotouch"])
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "building zerotouch failed");
     let exe = std::env::current_exe().unwrap();
-    // …/debug/examples/provision_batch → …/debug/zerotouch
-    exe.parent().and_then(Path::parent).unwrap().join(format!("zerotouch{}", std::env::consts::EXE_SUFFIX))
+    // …/debug/examples/provision_batch → …/debug (the profile's output directory)
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build.args(["build", "-q", "--workspace", "--bin", "zerotouch"]);
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some(profile) => {
+            build.args(["--profile", profile]);
+        }
+    }
+    let status = build.status().expect("run cargo build");
+    assert!(status.success(), "building zerotouch failed");
+    profile_dir.join(format!("zerotouch{}", std::env::consts::EXE_SUFFIX))
 }
 
 /// What `zerotouch serve` printed about itself.
