@@ -137,7 +137,7 @@ pub enum HubAction {
         /// The identity on the new hub.
         device: ProvisionedDevice,
         /// The twin of the new identity when the old one is gone: the enrollment's initial twin
-        /// (or the custom allocation's).
+        /// (a custom allocation that returns a twin resets the device instead of migrating it).
         #[serde(default)]
         initial_twin: InitialTwin,
     },
@@ -185,8 +185,9 @@ impl HubError {
 /// that only stages them until the unit commits ([`RecordingHub`]) drops them. Any other (a
 /// remote hub, in-memory hubs beside a database store) gets the repeat on top of what it
 /// applied: a repeated `Provision` finds the identity it made and leaves it so (a twin reset,
-/// though, is applied again), but a repeated `Remove` or `Migrate` finds the old identity gone (see
-/// [`crate::hub_engine::EmbeddedHub`] for what the embedded hub then does).
+/// though, is applied again), and a repeated `Remove` or `Migrate` finds the old identity gone:
+/// a `Remove` counts that as done, and a `Migrate` should keep an identity it finds on the new
+/// hub (see [`crate::hub_engine::EmbeddedHub`] for what the embedded hub does).
 pub trait HubRegistry {
     /// Applies one action. Called by the provisioner during the registration, so its result
     /// decides between `assigned` and `failed`.

@@ -550,9 +550,11 @@ struct Announcements {
 /// decides the round again, the actions are applied once more on top of it (see
 /// [`HubRegistry`]): a repeated `Provision` of the same identity that keeps its twin changes
 /// nothing and announces nothing, but one that resets the twin (reprovisioning with reset)
-/// replaces it again, bumping its version and etag and pushing the reset twice; a repeated `Migrate` finds the old identity gone and creates the new one again
-/// with an empty twin (announcing its delete and create: the data the first run moved is
-/// lost), and a repeated `Remove` fails with `DeviceNotFound`, failing the registration. For
+/// replaces it again, bumping its version and etag and pushing the reset twice; a repeated
+/// `Migrate` finds the old identity gone and the new one there, and keeps it with the data the
+/// first run moved; a repeated `Remove` finds nothing to remove, which counts as done. What
+/// stands, though, is the first run's move itself: a round the provisioner then decides
+/// differently (another hub, a failure recorded) leaves the identity where that run put it. For
 /// registrations that move devices between hubs, keep the hubs in the provisioning store's
 /// database (the SQLite and PostgreSQL stores' hub views), whose writes the unit undoes.
 pub struct EmbeddedHub<
@@ -1303,9 +1305,13 @@ impl<I: IdentityStore, T: TwinStore, J: JobStore> EmbeddedHubs<I, T, J> {
         let old = self.hub(from_hub).ok_or_else(|| Self::unknown(from_hub))?;
         let twin = match old.core.twin(from_device_id, None) {
             Ok(t) => t,
-            // Nothing to migrate: the new identity starts from the initial configuration.
+            // Nothing to migrate. An identity already on the new hub is kept with its data (this
+            // migration ran before, in a unit whose hub writes were not undone); a new one
+            // starts from the initial configuration, as a new device does.
             Err(e) if hub_error_code(&e) == HubErrorCode::DeviceNotFound => {
-                TwinDocument::from_initial_twin(now, initial_twin).map_err(|e| hub_err(&e))?
+                let new = self.hub(to_hub).ok_or_else(|| Self::unknown(to_hub))?;
+                let setup = TwinSetup::KeepOrInitial(initial_twin.clone());
+                return new.provision(device, &setup, now).map_err(|e| hub_err(&e));
             }
             Err(e) => return Err(hub_err(&e)),
         };

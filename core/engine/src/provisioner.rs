@@ -764,8 +764,10 @@ impl<S: ProvisioningStore> Provisioner<S> {
 
     /// A registration answered with an error after one of its rounds made a move visible:
     /// records it `failed` with that error over the round's `assigning` record, keeping the hub
-    /// and device id the identity still has (the move's hub actions were not kept), so the
-    /// record does not say `assigning` until the device's next registration. Best effort: the
+    /// and device id of the last assignment (where the identity still is when the hub's writes
+    /// are part of the store's unit, which undid the move's; see [`HubRegistry`] for hubs whose
+    /// writes stand), so the record does not say `assigning` until the device's next
+    /// registration. Best effort: the
     /// device gets the error whatever this write does, and a record another registration wrote
     /// since stands.
     fn release_move(

@@ -263,6 +263,39 @@ fn device_migrated_between_embedded_hubs_keeps_tags_desired_and_reported() {
     assert_eq!(twin["properties"]["reported"]["temp"], 21);
 }
 
+/// A migration applied twice (a unit run again over hubs outside the store's transaction) finds
+/// the old identity gone and the new one there: it keeps the new one, with the data the first
+/// run moved, instead of starting it over from the initial twin.
+#[test]
+fn a_migration_applied_again_keeps_the_data_the_first_run_moved() {
+    let mut hubs: EmbeddedHubs = EmbeddedHubs::new();
+    let crypto = Arc::new(RingCrypto::new());
+    hubs.insert(EmbeddedHub::in_memory(PLANT, crypto.clone()).unwrap());
+    hubs.insert(EmbeddedHub::in_memory(SPARE, crypto).unwrap());
+    hubs.apply(&HubAction::Provision {
+        hub: PLANT.into(),
+        device: sas_device("twice"),
+        twin: TwinSetup::KeepOrInitial(initial(json!({ "line": 4 }), json!({ "speed": 2 }))),
+    })
+    .unwrap();
+    let Value::Object(reported) = json!({ "temp": 21 }) else { unreachable!() };
+    let now = zerotouch_proto::Timestamp::EPOCH;
+    let plant = hubs.hub(PLANT).unwrap();
+    plant.update_twin(&id("twice"), None, &TwinOperation::Reported(reported), &IfMatch::Any, now).unwrap();
+    let migrate = HubAction::Migrate {
+        from_hub: PLANT.into(),
+        from_device_id: id("twice"),
+        to_hub: SPARE.into(),
+        device: sas_device("twice"),
+        initial_twin: initial(json!({ "fresh": true }), json!({})),
+    };
+    hubs.apply(&migrate).unwrap();
+    hubs.apply(&migrate).unwrap();
+    let twin = hubs.hub(SPARE).unwrap().device_twin(&id("twice")).unwrap();
+    assert_eq!(twin["tags"], json!({ "line": 4 }), "{twin}");
+    assert_eq!(twin["properties"]["reported"]["temp"], 21, "{twin}");
+}
+
 #[test]
 fn reprovision_with_reset_replaces_tags_and_desired_and_clears_reported() {
     let mut hub = EmbeddedHub::in_memory(PLANT, Arc::new(RingCrypto::new())).unwrap();

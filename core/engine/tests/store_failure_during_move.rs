@@ -160,7 +160,8 @@ fn a_move_whose_final_write_fails_is_answered_500_and_not_left_assigning() {
     // (Where the identity is now depends on the store's unit: a durable store rolls the move's
     // hub writes back with the failed write; the memory store undoes nothing.)
 
-    // The store back, the device moves from where its identity is, with its data.
+    // The store back, the device is assigned to hub b (over the memory store, the first try's
+    // migration stood: its identity is there already, and is kept).
     store.down.store(false, Ordering::SeqCst);
     let moved = assigned(w.register(symmetric_device(ID, &key, site("b")), None));
     assert_eq!((moved.assigned_hub.as_str(), moved.substatus), (HUB_B, Some(Substatus::DeviceDataMigrated)));

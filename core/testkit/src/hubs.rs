@@ -123,9 +123,14 @@ impl HubRegistry for SimHubs {
                     .hubs
                     .get_mut(&from_hub.to_ascii_lowercase())
                     .and_then(|h| h.remove(from_device_id.as_str()));
-                let moved = match old {
+                let there = self
+                    .hubs
+                    .get_mut(&to_hub.to_ascii_lowercase())
+                    .and_then(|h| h.remove(device.device_id.as_str()));
+                let moved = match old.or(there) {
                     Some(d) => SimDevice { auth: device.auth.clone(), iot_edge: device.iot_edge, ..d },
-                    // Nothing to migrate: the initial configuration, as the hub action says.
+                    // Nothing to migrate, and nothing there yet (a migration applied again keeps
+                    // what the first run moved): the initial configuration.
                     None => {
                         let (tags, desired) = twin_parts(initial_twin);
                         SimDevice {
