@@ -581,28 +581,11 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
             runtime.shutdown_timeout(std::time::Duration::from_secs(5));
             served
         }
-        Command::Enrollments(EnrollmentsCommand::Import { store, file, .. }) => {
-            // An import may create the store (enrollments before the first `serve`), but only
-            // for a file it has read and checked: a missing or malformed one (at a mistyped
-            // --data-dir, or with a URL naming another database) creates and migrates nothing.
-            let text = read_import(&file)?;
-            let parsed = admin::ImportFile::parse(&text)?;
-            // The hubs the store links, for the warnings, read without writing; a store not
-            // made yet (or one that cannot be read so) links none that could be named.
-            let hubs = match store.existing_location() {
-                Ok(existing) => {
-                    (|| on_backend!(existing, read_only: true, |b| b.hub_names()))().unwrap_or_default()
-                }
-                Err(_) => Vec::new(),
-            };
-            check_import(&parsed, &hubs)?;
-            printed!(store.location()?, read_only: false, import_checked(&parsed))
-        }
         Command::Enrollments(command) => {
             // A listing reads a store that exists, read-only, so that it works on a backup or a
             // read-only mount and changes nothing there.
             let (location, read_only) = match &command {
-                EnrollmentsCommand::Import { store, .. } => (store.location()?, false),
+                EnrollmentsCommand::Import { store, file, .. } => return import_command(store, file),
                 EnrollmentsCommand::List { store, .. } => (store.existing_location()?, true),
                 EnrollmentsCommand::Delete { store, .. } => (store.existing_location()?, false),
             };
@@ -624,6 +607,24 @@ pub fn run(cli: Cli) -> Result<(), ServerError> {
         }
         Command::Device(DeviceCommand::Register(args)) => print(&runtime()?.block_on(register(&args))?),
     }
+}
+
+/// `enrollments import`: the store may be created (enrollments before the first `serve`), but
+/// only for a file that was read and checked.
+fn import_command(store: &StoreArgs, file: &std::path::Path) -> Result<(), ServerError> {
+    // An import may create the store (enrollments before the first `serve`), but only
+    // for a file it has read and checked: a missing or malformed one (at a mistyped
+    // --data-dir, or with a URL naming another database) creates and migrates nothing.
+    let text = read_import(file)?;
+    let parsed = admin::ImportFile::parse(&text)?;
+    // The hubs the store links, for the warnings, read without writing; a store not
+    // made yet (or one that cannot be read so) links none that could be named.
+    let hubs = match store.existing_location() {
+        Ok(existing) => (|| on_backend!(existing, read_only: true, |b| b.hub_names()))().unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    check_import(&parsed, &hubs)?;
+    printed!(store.location()?, read_only: false, import_checked(&parsed))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ServerError> {
@@ -880,21 +881,27 @@ fn read_flag_file(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, ServerE
     std::fs::read(path).map_err(|e| ServerError::Config(format!("{flag} {}: {e}", path.display())))
 }
 
-/// A PEM file given with `flag`, which must hold a block with one of `labels` (`what` names it
-/// for the error): a certificate and key swapped, or a file of the wrong kind, is told by flag and
-/// file rather than by the TLS library's "no items found".
-fn read_pem_file(
+/// Whether `pem` holds a block with one of `labels`.
+fn has_pem(pem: &[u8], labels: &[&str]) -> bool {
+    let text = String::from_utf8_lossy(pem);
+    labels.iter().any(|label| text.contains(&format!("-----BEGIN {label}-----")))
+}
+
+/// Checks that the file given with `flag` holds a PEM block with one of `labels` (`what` names
+/// it for the error): a certificate and key swapped, or a file of the wrong kind, is told by flag
+/// and file rather than by the TLS library's "no items found".
+fn check_pem(
     flag: &str,
     path: &std::path::Path,
+    pem: &[u8],
     labels: &[&str],
     what: &str,
-) -> Result<Vec<u8>, ServerError> {
-    let bytes = read_flag_file(flag, path)?;
-    let text = String::from_utf8_lossy(&bytes);
-    if !labels.iter().any(|label| text.contains(&format!("-----BEGIN {label}-----"))) {
-        return Err(ServerError::Config(format!("{flag} {}: holds no PEM {what}", path.display())));
+) -> Result<(), ServerError> {
+    if has_pem(pem, labels) {
+        Ok(())
+    } else {
+        Err(ServerError::Config(format!("{flag} {}: holds no PEM {what}", path.display())))
     }
-    Ok(bytes)
 }
 
 /// `zerotouch device register`: registers with our client and returns the registration state.
@@ -917,15 +924,20 @@ pub async fn register(args: &RegisterArgs) -> Result<Value, ServerError> {
     builder = match device_credential(args, |name| std::env::var(name).ok())? {
         DeviceCredential::SymmetricKey(key) => builder.symmetric_key(key.as_str()),
         DeviceCredential::GroupKey(key) => builder.group_key(key.as_str()),
-        DeviceCredential::X509 { cert, key } => builder.x509_pem(
-            read_pem_file("--cert", &cert, &["CERTIFICATE"], "a certificate")?,
-            read_pem_file(
-                "--key",
-                &key,
-                &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"],
-                "a private key",
-            )?,
-        ),
+        DeviceCredential::X509 { cert, key } => {
+            let (cert_pem, key_pem) = (read_flag_file("--cert", &cert)?, read_flag_file("--key", &key)?);
+            check_pem("--cert", &cert, &cert_pem, &["CERTIFICATE"], "certificate")?;
+            if has_pem(&key_pem, &["ENCRYPTED PRIVATE KEY"]) {
+                return Err(ServerError::Config(format!(
+                    "--key {}: the private key is encrypted; give it decrypted (openssl pkey -in KEY -out \
+                     KEY.plain)",
+                    key.display()
+                )));
+            }
+            let keys = ["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"];
+            check_pem("--key", &key, &key_pem, &keys, "private key (PKCS#8, PKCS#1 or SEC1)")?;
+            builder.x509_pem(cert_pem, key_pem)
+        }
     };
     if let Some(ca) = &args.ca {
         // Read by the client, so that it names the file when it holds no certificate.

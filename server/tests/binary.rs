@@ -1208,4 +1208,12 @@ fn device_register_names_the_flag_and_file_of_a_certificate_or_key_of_the_wrong_
     assert!(swapped.contains("--cert") && swapped.contains(key.to_str().unwrap()), "{swapped}");
     let key_is_cert = register(&cert, &cert);
     assert!(key_is_cert.contains("--key") && key_is_cert.contains(cert.to_str().unwrap()), "{key_is_cert}");
+    let encrypted = dir.path().join("encrypted.key");
+    std::fs::write(
+        &encrypted,
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let refused = register(&cert, &encrypted);
+    assert!(refused.contains("--key") && refused.contains("encrypted"), "{refused}");
 }
