@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod http_support;
+mod recording;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -241,15 +242,27 @@ async fn enrolled_and_subscribed(server: &Server, registration_id: &str) -> (Asy
     }
 }
 
+/// A session still waiting for the engine when the server stops is cut at the end of the grace
+/// period, not waited for.
 #[tokio::test]
 async fn shutdown_closes_websocket_connections_after_the_grace_period() {
     let limits = zerotouch_transport::limits::Limits {
         shutdown_grace: Duration::from_millis(300),
         ..zerotouch_transport::limits::Limits::default()
     };
-    let server = Server::start_with(limits).await;
-    let (_client, mut events) = enrolled_and_subscribed(&server, "ws-sensor-3").await;
-    tokio::time::timeout(Duration::from_secs(5), server.stop()).await.expect("server drained");
+    let server = Server::start_wrapped(limits, recording::SlowService::by(Duration::from_secs(4))).await;
+    let (client, mut events) = enrolled_and_subscribed(&server, "ws-sensor-3").await;
+    let register = "$dps/registrations/PUT/iotdps-register/?$rid=1";
+    client.publish(register, QoS::AtLeastOnce, false, r#"{"registrationId":"ws-sensor-3"}"#).await.unwrap();
+    // The register is in flight (the engine answers 4 s late) once its PUBACK is back.
+    loop {
+        if let Event::Incoming(Packet::PubAck(_)) = events.poll().await.unwrap() {
+            break;
+        }
+    }
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), server.stop()).await.expect("server drained");
+    assert!(started.elapsed() < Duration::from_secs(3), "waited {:?} for the engine", started.elapsed());
     let ended = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             if events.poll().await.is_err() {
