@@ -303,10 +303,12 @@ pub enum TwinsCommand {
 pub enum DeviceCommand {
     /// Register with a provisioning service and print the registration result as JSON.
     #[command(
-        after_help = "Exit codes: 0 assigned; 2 usage; 3 invalid configuration or input; 4 ID scope or \
-                            enrollment not found; 5 refused (credential, failed or disabled registration); \
-                            6 throttled, timed out or no connection (try again later); 7 answers not \
-                            understood; 1 anything else."
+        after_help = "Exit codes: 0 assigned; 2 usage; 3 invalid configuration or input; 4 ID scope not \
+                      found, or no enrollment for a symmetric-key id where no symmetric-key group could \
+                      cover it (an unenrolled device is otherwise refused, 5, as DPS cannot tell it from \
+                      a wrong key or certificate); 5 refused (credential, failed or disabled \
+                      registration); 6 throttled, timed out or no connection (try again later); 7 \
+                      answers not understood; 1 anything else."
     )]
     Register(RegisterArgs),
 }

@@ -948,6 +948,18 @@ fn device_register_exit_codes_tell_refused_from_not_found_from_try_again_later()
     if !resolver_down {
         assert_eq!(register("0ne0000E417", key, nowhere, &[]), Some(3), "a host that does not resolve");
     }
+    // Review docs15 #3: an unenrolled id is "not found" (4) only while no symmetric-key group
+    // could cover it; once one could, it is refused as a wrong key is (5): DPS cannot tell them
+    // apart.
+    let unenrolled = || {
+        let mut args = vec!["device", "register", "--transport", "https", "--provisioning-host", &host];
+        args.extend(["--id-scope", "0ne0000E417", "--registration-id", "nobody", "--symmetric-key", key]);
+        args.extend(["--ca", ca.to_str().unwrap(), "--registration-timeout", "20"]);
+        zerotouch(&args).status.code()
+    };
+    assert_eq!(unenrolled(), Some(4), "no enrollment, and no group that could cover it");
+    import(dir.path(), data, r#"[{"enrollmentGroupId": "any", "attestation": {"type": "symmetricKey"}}]"#);
+    assert_eq!(unenrolled(), Some(5), "no enrollment, but a group that could cover it");
     assert!(server.terminate());
     assert_eq!(register("0ne0000E417", key, &host, &[]), Some(6), "nothing listening any more");
 }
