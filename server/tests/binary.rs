@@ -54,7 +54,8 @@ fn import_of_a_bad_file_names_the_entry_and_writes_nothing() {
     assert_eq!(listed, Value::Array(Vec::new()));
 }
 
-/// A missing or malformed import file at a mistyped `--data-dir` makes no store there.
+/// A missing or malformed import file at a mistyped `--data-dir` makes no store there; either is
+/// bad input (exit code 3), so a script tells its file's fault from a failing store.
 #[test]
 fn an_import_whose_file_is_missing_or_not_json_creates_no_store() {
     let dir = tempfile::tempdir().unwrap();
@@ -69,7 +70,10 @@ fn an_import_whose_file_is_missing_or_not_json_creates_no_store() {
             data.to_str().unwrap(),
             file.to_str().unwrap(),
         ]);
-        assert!(!out.status.success(), "{file:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{file:?}: {stderr}");
+        let named = if file.ends_with("missing.json") { "missing.json" } else { "JSON array" };
+        assert!(stderr.contains(named), "{stderr}");
         assert!(!data.join("zerotouch.sqlite").exists(), "{file:?} made a store");
     }
 }
