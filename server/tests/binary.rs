@@ -1225,3 +1225,74 @@ fn device_register_names_the_flag_and_file_of_a_certificate_or_key_of_the_wrong_
     let key_is_cert = register(&cert, &cert);
     assert!(key_is_cert.contains("--key") && key_is_cert.contains(cert.to_str().unwrap()), "{key_is_cert}");
 }
+
+/// The sample file the README points to (`examples/enrollments.json`) imports without a warning,
+/// and its enrollments provision as the README says: the individual one with the key the import
+/// generated, a device of the symmetric-key group with the group's generated key
+/// (`--group-key`), each with its entry's initial twin; the X.509 group keeps its certificate.
+#[test]
+fn the_sample_enrollment_file_imports_cleanly_and_its_enrollments_provision() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let (server, mqtt, https) = serve(data, "0ne0000E1E1");
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/enrollments.json");
+    let out = zerotouch(&["enrollments", "import", "--data-dir", data, sample]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr, "", "the sample imports without a warning");
+    let imported: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = &imported["imported"];
+    assert_eq!(summary["individualEnrollments"], 1, "{summary:#}");
+    assert_eq!(summary["enrollmentGroups"], 2, "{summary:#}");
+    let generated = |field: &str, id: &str| -> String {
+        let keys = summary["generatedKeys"].as_array().unwrap();
+        let keys = keys.iter().find(|k| k[field] == id).unwrap_or_else(|| panic!("{id}: {summary:#}"));
+        keys["primaryKey"].as_str().unwrap().to_owned()
+    };
+    let (boiler_key, group_key) =
+        (generated("registrationId", "boiler-01"), generated("enrollmentGroupId", "thermostats"));
+
+    let listed: Value =
+        serde_json::from_slice(&zerotouch(&["enrollments", "list", "--data-dir", data]).stdout).unwrap();
+    let cameras = listed.as_array().unwrap().iter().find(|e| e["enrollmentGroupId"] == "cameras").unwrap();
+    let info = &cameras["attestation"]["x509"]["signingCertificates"]["primary"]["info"];
+    assert!(info["subjectName"].as_str().unwrap().contains("zerotouch example CA"), "{cameras:#}");
+
+    let ca = dir.path().join("tls").join("ca.pem");
+    let (mqtt_host, https_host) = (format!("localhost:{mqtt}"), format!("localhost:{https}"));
+    for (id, flag, key, host, transport) in [
+        ("boiler-01", "--symmetric-key", &boiler_key, &mqtt_host, "mqtt"),
+        ("thermostat-7", "--group-key", &group_key, &https_host, "https"),
+    ] {
+        let out = zerotouch(&[
+            "device",
+            "register",
+            "--provisioning-host",
+            host,
+            "--transport",
+            transport,
+            "--id-scope",
+            "0ne0000E1E1",
+            "--registration-id",
+            id,
+            flag,
+            key,
+            "--ca",
+            ca.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{id}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
+
+    let twin = |id: &str| -> Value {
+        let out = zerotouch(&["twins", "get", "--data-dir", data, id]);
+        assert!(out.status.success(), "{id}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let boiler = twin("boiler-01");
+    assert_eq!(boiler["tags"], serde_json::json!({"site": "oslo", "kind": "boiler"}), "{boiler:#}");
+    assert_eq!(boiler["properties"]["desired"]["setpoint"], serde_json::json!({"celsius": 21}), "{boiler:#}");
+    let thermostat = twin("thermostat-7");
+    assert_eq!(thermostat["tags"], serde_json::json!({"kind": "thermostat"}), "{thermostat:#}");
+    assert_eq!(thermostat["properties"]["desired"]["setpoint"], serde_json::json!({"celsius": 20}));
+}
