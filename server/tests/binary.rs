@@ -1073,6 +1073,7 @@ fn twins_get_prints_the_twin_a_registration_created_from_the_enrollments_initial
     assert_eq!(twin["authenticationType"], "sas", "{twin:#}");
     assert!(twin["deviceEtag"].is_string(), "{twin:#}");
     assert_eq!(twin["capabilities"], serde_json::json!({"iotEdge": false}), "{twin:#}");
+    assert_eq!(twin["modelId"], "", "no IoT Plug and Play model announced: {twin:#}");
     assert_eq!(twin["tags"], serde_json::json!({"site": "oslo"}), "{twin:#}");
     let desired = &twin["properties"]["desired"];
     assert_eq!(desired["setpoint"], serde_json::json!({"celsius": 21}), "{twin:#}");
