@@ -130,6 +130,14 @@ impl ServeArgs {
     }
 }
 
+/// The exit codes of the store commands (`enrollments`, `devices`, `twins`), shown in their help.
+const STORE_EXIT_CODES: &str = "Exit codes: 0 done; 2 usage; 3 invalid input (a flag's value, an id, the \
+                                contents of the `--config` file, an import file that cannot be read, is \
+                                not a JSON array or has a bad entry; nothing is written); 4 not found (an \
+                                enrollment, hub, device or module; no store in the data directory or \
+                                database); 1 anything else (a `--config` file that cannot be read, a store \
+                                that fails).";
+
 /// Which store a store command acts on.
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
@@ -201,6 +209,7 @@ pub enum EnrollmentsCommand {
     /// A symmetric-key entry without keys (or with one) keeps the keys it lacks from the
     /// enrollment it replaces; keys still missing are generated and printed once in the output
     /// (`generatedKeys`).
+    #[command(after_help = STORE_EXIT_CODES)]
     Import {
         /// The store.
         #[command(flatten)]
@@ -212,6 +221,7 @@ pub enum EnrollmentsCommand {
     /// individual enrollment whose device registered carries its `registrationState` (why a
     /// registration failed, where it was assigned), and every enrollment its
     /// `provisioningStatus` (`enabled` when imported without one), as DPS reads show them.
+    #[command(after_help = STORE_EXIT_CODES)]
     List {
         /// The store.
         #[command(flatten)]
@@ -224,6 +234,7 @@ pub enum EnrollmentsCommand {
     /// registration records stay (as in DPS); their next registration is refused, unless a
     /// group still covers them.
     #[command(group(clap::ArgGroup::new("which").required(true).args(["registration_id", "enrollment_group_id"])))]
+    #[command(after_help = STORE_EXIT_CODES)]
     Delete {
         /// The store.
         #[command(flatten)]
@@ -241,6 +252,7 @@ pub enum EnrollmentsCommand {
 #[derive(Debug, Subcommand)]
 pub enum DevicesCommand {
     /// Print a device identity (credentials included) as JSON.
+    #[command(after_help = STORE_EXIT_CODES)]
     Get {
         /// The store.
         #[command(flatten)]
@@ -253,6 +265,7 @@ pub enum DevicesCommand {
     },
     /// Print the device identities of every hub (or one) as a JSON array, symmetric keys left
     /// out (null) unless asked for.
+    #[command(after_help = STORE_EXIT_CODES)]
     List {
         /// The store.
         #[command(flatten)]
@@ -273,6 +286,7 @@ pub enum TwinsCommand {
     /// Print a device twin (or a module twin) as JSON, as the IoT Hub service API returns it
     /// (`GET /twins/{id}`): tags, desired and reported properties with `$version` and
     /// `$metadata`, and the identity's fields (`status`, `deviceEtag`, `capabilities`, …).
+    #[command(after_help = STORE_EXIT_CODES)]
     Get {
         /// The store.
         #[command(flatten)]
@@ -288,6 +302,7 @@ pub enum TwinsCommand {
     },
     /// Print the device twins of every hub (or one) as a JSON array of `{"hub": …, "twin": …}`,
     /// in device id order: what the query `SELECT * FROM devices` returns.
+    #[command(after_help = STORE_EXIT_CODES)]
     List {
         /// The store.
         #[command(flatten)]
@@ -303,10 +318,12 @@ pub enum TwinsCommand {
 pub enum DeviceCommand {
     /// Register with a provisioning service and print the registration result as JSON.
     #[command(
-        after_help = "Exit codes: 0 assigned; 2 usage; 3 invalid configuration or input; 4 ID scope or \
-                            enrollment not found; 5 refused (credential, failed or disabled registration); \
-                            6 throttled, timed out or no connection (try again later); 7 answers not \
-                            understood; 1 anything else."
+        after_help = "Exit codes: 0 assigned; 2 usage; 3 invalid configuration or input; 4 ID scope not \
+                      found, or no enrollment for a symmetric-key id where no symmetric-key group could \
+                      cover it (an unenrolled device is otherwise refused, 5, as DPS cannot tell it from \
+                      a wrong key or certificate); 5 refused (credential, failed or disabled \
+                      registration); 6 throttled, timed out or no connection (try again later); 7 \
+                      answers not understood; 1 anything else."
     )]
     Register(RegisterArgs),
 }
@@ -367,7 +384,8 @@ pub struct RegisterArgs {
 /// Runs an enrollments command on `backend`; returns what to print.
 ///
 /// # Errors
-/// Invalid import files ([`ServerError::Import`]), unreadable files, store failures.
+/// [`ServerError::Import`] for an invalid entry of an import file, [`ServerError::Config`] for an
+/// import file that cannot be read or is not a JSON array; store failures.
 pub fn enrollments<B: Backend>(backend: &B, command: &EnrollmentsCommand) -> Result<Value, ServerError> {
     collected(|element| run_enrollments(backend, command, element))
 }
@@ -411,9 +429,12 @@ fn run_enrollments<B: Backend>(
     }
 }
 
-/// The text of an import file.
+/// The text of an import file. A file that cannot be read is bad input (exit code 3), as a
+/// malformed one is: a script tells "my file is wrong" from a failing store by one code.
 fn read_import(file: &std::path::Path) -> Result<String, ServerError> {
-    admin::import_text(std::fs::read(file).map_err(|e| ServerError::io(file, e))?)
+    let bytes = std::fs::read(file)
+        .map_err(|e| ServerError::Config(format!("the import file {}: {e}", file.display())))?;
+    admin::import_text(bytes)
 }
 
 /// Checks every entry of an import file (the first bad one is the error) and reports the

@@ -37,8 +37,8 @@ pub struct Settings {
     /// (default ./zerotouch-data).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// ID scope devices must name; written to the data directory's `id-scope`, which later
-    /// starts without the flag serve (generated on first start when not given).
+    /// ID scope devices must name; written to the data directory's `id-scope`, and later starts
+    /// without the flag use it (generated on first start when not given).
     #[arg(long, value_name = "SCOPE")]
     pub id_scope: Option<String>,
     /// PEM server certificate chain (otherwise a development CA and certificate are generated).

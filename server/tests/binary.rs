@@ -54,7 +54,8 @@ fn import_of_a_bad_file_names_the_entry_and_writes_nothing() {
     assert_eq!(listed, Value::Array(Vec::new()));
 }
 
-/// A missing or malformed import file at a mistyped `--data-dir` makes no store there.
+/// A missing or malformed import file at a mistyped `--data-dir` makes no store there; either is
+/// bad input (exit code 3), so a script tells its file's fault from a failing store.
 #[test]
 fn an_import_whose_file_is_missing_or_not_json_creates_no_store() {
     let dir = tempfile::tempdir().unwrap();
@@ -69,7 +70,10 @@ fn an_import_whose_file_is_missing_or_not_json_creates_no_store() {
             data.to_str().unwrap(),
             file.to_str().unwrap(),
         ]);
-        assert!(!out.status.success(), "{file:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{file:?}: {stderr}");
+        let named = if file.ends_with("missing.json") { "missing.json" } else { "JSON array" };
+        assert!(stderr.contains(named), "{stderr}");
         assert!(!data.join("zerotouch.sqlite").exists(), "{file:?} made a store");
     }
 }
@@ -948,6 +952,18 @@ fn device_register_exit_codes_tell_refused_from_not_found_from_try_again_later()
     if !resolver_down {
         assert_eq!(register("0ne0000E417", key, nowhere, &[]), Some(3), "a host that does not resolve");
     }
+    // Review docs15 #3: an unenrolled id is "not found" (4) only while no symmetric-key group
+    // could cover it; once one could, it is refused as a wrong key is (5): DPS cannot tell them
+    // apart.
+    let unenrolled = || {
+        let mut args = vec!["device", "register", "--transport", "https", "--provisioning-host", &host];
+        args.extend(["--id-scope", "0ne0000E417", "--registration-id", "nobody", "--symmetric-key", key]);
+        args.extend(["--ca", ca.to_str().unwrap(), "--registration-timeout", "20"]);
+        zerotouch(&args).status.code()
+    };
+    assert_eq!(unenrolled(), Some(4), "no enrollment, and no group that could cover it");
+    import(dir.path(), data, r#"[{"enrollmentGroupId": "any", "attestation": {"type": "symmetricKey"}}]"#);
+    assert_eq!(unenrolled(), Some(5), "no enrollment, but a group that could cover it");
     assert!(server.terminate());
     assert_eq!(register("0ne0000E417", key, &host, &[]), Some(6), "nothing listening any more");
 }
@@ -1057,6 +1073,7 @@ fn twins_get_prints_the_twin_a_registration_created_from_the_enrollments_initial
     assert_eq!(twin["authenticationType"], "sas", "{twin:#}");
     assert!(twin["deviceEtag"].is_string(), "{twin:#}");
     assert_eq!(twin["capabilities"], serde_json::json!({"iotEdge": false}), "{twin:#}");
+    assert_eq!(twin["modelId"], "", "no IoT Plug and Play model announced: {twin:#}");
     assert_eq!(twin["tags"], serde_json::json!({"site": "oslo"}), "{twin:#}");
     let desired = &twin["properties"]["desired"];
     assert_eq!(desired["setpoint"], serde_json::json!({"celsius": 21}), "{twin:#}");
@@ -1216,4 +1233,75 @@ fn device_register_names_the_flag_and_file_of_a_certificate_or_key_of_the_wrong_
     .unwrap();
     let refused = register(&cert, &encrypted);
     assert!(refused.contains("--key") && refused.contains("encrypted"), "{refused}");
+}
+
+/// The sample file the README points to (`examples/enrollments.json`) imports without a warning,
+/// and its enrollments provision as the README says: the individual one with the key the import
+/// generated, a device of the symmetric-key group with the group's generated key
+/// (`--group-key`), each with its entry's initial twin; the X.509 group keeps its certificate.
+#[test]
+fn the_sample_enrollment_file_imports_cleanly_and_its_enrollments_provision() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let (server, mqtt, https) = serve(data, "0ne0000E1E1");
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/enrollments.json");
+    let out = zerotouch(&["enrollments", "import", "--data-dir", data, sample]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr, "", "the sample imports without a warning");
+    let imported: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = &imported["imported"];
+    assert_eq!(summary["individualEnrollments"], 1, "{summary:#}");
+    assert_eq!(summary["enrollmentGroups"], 2, "{summary:#}");
+    let generated = |field: &str, id: &str| -> String {
+        let keys = summary["generatedKeys"].as_array().unwrap();
+        let keys = keys.iter().find(|k| k[field] == id).unwrap_or_else(|| panic!("{id}: {summary:#}"));
+        keys["primaryKey"].as_str().unwrap().to_owned()
+    };
+    let (boiler_key, group_key) =
+        (generated("registrationId", "boiler-01"), generated("enrollmentGroupId", "thermostats"));
+
+    let listed: Value =
+        serde_json::from_slice(&zerotouch(&["enrollments", "list", "--data-dir", data]).stdout).unwrap();
+    let cameras = listed.as_array().unwrap().iter().find(|e| e["enrollmentGroupId"] == "cameras").unwrap();
+    let info = &cameras["attestation"]["x509"]["signingCertificates"]["primary"]["info"];
+    assert!(info["subjectName"].as_str().unwrap().contains("zerotouch example CA"), "{cameras:#}");
+
+    let ca = dir.path().join("tls").join("ca.pem");
+    let (mqtt_host, https_host) = (format!("localhost:{mqtt}"), format!("localhost:{https}"));
+    for (id, flag, key, host, transport) in [
+        ("boiler-01", "--symmetric-key", &boiler_key, &mqtt_host, "mqtt"),
+        ("thermostat-7", "--group-key", &group_key, &https_host, "https"),
+    ] {
+        let out = zerotouch(&[
+            "device",
+            "register",
+            "--provisioning-host",
+            host,
+            "--transport",
+            transport,
+            "--id-scope",
+            "0ne0000E1E1",
+            "--registration-id",
+            id,
+            flag,
+            key,
+            "--ca",
+            ca.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{id}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(server.terminate(), "serve did not stop cleanly on SIGTERM");
+
+    let twin = |id: &str| -> Value {
+        let out = zerotouch(&["twins", "get", "--data-dir", data, id]);
+        assert!(out.status.success(), "{id}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let boiler = twin("boiler-01");
+    assert_eq!(boiler["tags"], serde_json::json!({"site": "oslo", "kind": "boiler"}), "{boiler:#}");
+    assert_eq!(boiler["properties"]["desired"]["setpoint"], serde_json::json!({"celsius": 21}), "{boiler:#}");
+    let thermostat = twin("thermostat-7");
+    assert_eq!(thermostat["tags"], serde_json::json!({"kind": "thermostat"}), "{thermostat:#}");
+    assert_eq!(thermostat["properties"]["desired"]["setpoint"], serde_json::json!({"celsius": 20}));
 }

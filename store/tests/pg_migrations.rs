@@ -68,6 +68,96 @@ fn four_instances_starting_together_migrate_the_database_once() {
     assert_eq!(applied_versions(&url), expected);
 }
 
+/// A role that may create nothing in the database, only in its own schema.
+struct SchemaRole<'db> {
+    db: &'db TestDb,
+    name: String,
+}
+
+impl<'db> SchemaRole<'db> {
+    /// A new role with `CREATE` and `USAGE` on `schema` and no other privilege of its own; the
+    /// test server's user is made a member, so that its sessions may take the role (a superuser
+    /// may anyway, a user with `CREATEROLE` only so).
+    fn new(db: &'db TestDb, schema: &str) -> Self {
+        let name = format!("zt_role_{:016x}", rand::random::<u64>());
+        db.admin()
+            .batch_execute(&format!(
+                "CREATE ROLE {name} NOLOGIN; GRANT CREATE, USAGE ON SCHEMA {schema} TO {name}; \
+                 GRANT {name} TO CURRENT_USER"
+            ))
+            .unwrap();
+        SchemaRole { db, name }
+    }
+
+    /// Whether the role holds `privilege` on the database or on `schema`.
+    fn may(&self, privilege: &str, schema: Option<&str>) -> bool {
+        let (sql, name) = match schema {
+            None => ("SELECT has_database_privilege($1, current_database(), $2)", None),
+            Some(s) => ("SELECT has_schema_privilege($1, $3, $2)", Some(s)),
+        };
+        let mut admin = self.db.admin();
+        match name {
+            None => admin.query_one(sql, &[&self.name, &privilege]),
+            Some(s) => admin.query_one(sql, &[&self.name, &privilege, &s]),
+        }
+        .unwrap()
+        .get(0)
+    }
+}
+
+impl Drop for SchemaRole<'_> {
+    fn drop(&mut self) {
+        let name = &self.name;
+        let _ = self.db.admin().batch_execute(&format!("DROP OWNED BY {name}; DROP ROLE {name}"));
+    }
+}
+
+/// README: a role needs `CREATE` and `USAGE` on the schema it works in (the first of its search
+/// path), nothing on the database; a schema of its own comes with `options=-csearch_path%3D…`
+/// in the URL. The sessions take the role at start (`-crole=`, as `SET ROLE`), so the test needs
+/// no password or `pg_hba.conf` entry of its own; privileges are checked against that role.
+#[test]
+fn a_role_with_only_create_and_usage_on_its_own_schema_migrates_it_and_works() {
+    use zerotouch_engine::registry::IdentityStore;
+    use zerotouch_engine::store::Precondition;
+    use zerotouch_proto::hub::Device;
+    use zerotouch_proto::DeviceId;
+
+    let db = TestDb::new();
+    let schema = db.fresh_schema();
+    let role = SchemaRole::new(&db, &schema);
+    assert!(!role.may("CREATE", None), "the role may create schemas in the database");
+    let url = pg_support::url_with_settings(db.url(), &[("search_path", &schema), ("role", &role.name)]);
+
+    let store = PgStore::connect(&url, 2).unwrap();
+    assert_eq!(store.schema_version().unwrap(), LATEST_SCHEMA_VERSION);
+    let hub = store.hub("hub-a.example").unwrap();
+    let device = Device::new(DeviceId::new("in-own-schema").unwrap());
+    hub.put_device(&device, &Precondition::MustNotExist).unwrap();
+    drop((hub, store));
+    let reader = PgStore::connect_read_only(&url, 1).unwrap().hub("hub-a.example").unwrap();
+    assert!(reader.device(&device.device_id).unwrap().is_some());
+    drop(reader);
+    let owned: i64 = db
+        .admin()
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tableowner = $2",
+            &[&schema, &role.name],
+        )
+        .unwrap()
+        .get(0);
+    assert!(owned > 0, "the tables are the role's, in its schema");
+
+    // Without the schema in its search path, the role works in `public`, where PostgreSQL 15
+    // and later let only the database owner create (older releases let everyone).
+    if !role.may("CREATE", Some("public")) {
+        let err = PgStore::connect(&pg_support::url_with_settings(db.url(), &[("role", &role.name)]), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("permission denied for schema public"), "{err}");
+    }
+}
+
 #[test]
 fn a_database_newer_than_the_binary_is_refused_with_a_clear_error() {
     let db = TestDb::new();

@@ -26,6 +26,7 @@ use zerotouch_proto::hub::{
 };
 use zerotouch_proto::jobs::{JobRequest, JobResponse, TwinUpdate};
 use zerotouch_proto::service::InitialTwin;
+use zerotouch_proto::twin::Twin;
 use zerotouch_proto::{DeviceId, ETag, IfMatch, ModuleId, Timestamp};
 
 use crate::crypto::CryptoProvider;
@@ -312,7 +313,7 @@ fn fill_identity(twin: &mut Value, identity: &Value, fields: &[(&str, &str)]) {
 /// # Errors
 /// [`Error::BadRequest`] when the twin or identity does not serialize to JSON.
 pub fn device_twin_value(device: &Device, doc: &TwinDocument) -> Result<Value, Error> {
-    let mut twin = to_value(&doc.to_twin(&device.device_id, None))?;
+    let mut twin = to_value(&with_model_id(doc.to_twin(&device.device_id, None)))?;
     fill_identity(&mut twin, &to_value(device)?, DEVICE_TWIN_FIELDS);
     Ok(twin)
 }
@@ -323,9 +324,16 @@ pub fn device_twin_value(device: &Device, doc: &TwinDocument) -> Result<Value, E
 /// # Errors
 /// [`Error::BadRequest`] when the twin or identity does not serialize to JSON.
 pub fn module_twin_value(module: &Module, doc: &TwinDocument) -> Result<Value, Error> {
-    let mut twin = to_value(&doc.to_twin(&module.device_id, Some(&module.module_id)))?;
+    let mut twin = to_value(&with_model_id(doc.to_twin(&module.device_id, Some(&module.module_id))))?;
     fill_identity(&mut twin, &to_value(module)?, MODULE_TWIN_FIELDS);
     Ok(twin)
+}
+
+/// `twin` with the `modelId` the service API always shows (hub spec §5.1): `""`, the model id of
+/// a device that announced no IoT Plug and Play model, as no device here can announce one.
+fn with_model_id(mut twin: Twin) -> Twin {
+    twin.model_id.get_or_insert_with(String::new);
+    twin
 }
 
 /// Writes the twin of an identity just created. A twin already under its key belonged to an
@@ -1386,6 +1394,19 @@ mod tests {
             }),
         };
         hub.apply_at(&action, Timestamp::from_unix_secs(1_767_225_600)).unwrap();
+    }
+
+    /// Hub spec §5.1: the service API's twin says `"modelId": ""` for a device that announced no
+    /// IoT Plug and Play model, which no device here can announce.
+    #[test]
+    fn device_and_module_twins_carry_an_empty_model_id_as_the_service_api_shows_it() {
+        let mut hub = EmbeddedHub::in_memory("models.example", Arc::new(RingCrypto::new())).unwrap();
+        provision(&mut hub, "plain");
+        let id = DeviceId::new("plain").unwrap();
+        assert_eq!(hub.device_twin(&id).unwrap()["modelId"], "");
+        let doc = TwinDocument::new(Timestamp::from_unix_secs(1_767_225_600));
+        let module = Module::new(id, ModuleId::new("m1").unwrap());
+        assert_eq!(module_twin_value(&module, &doc).unwrap()["modelId"], "");
     }
 
     #[test]

@@ -317,8 +317,10 @@ impl Plan {
     }
 }
 
-/// The service-side provisioning engine. Thread-safe: every method takes `&self`, all state is in
-/// the store.
+/// The service-side provisioning engine. Thread-safe: every request method takes `&self` (only
+/// the builder methods [`Provisioner::on_internal_error`] and [`Provisioner::on_registration`]
+/// take `self`, before it is shared), and all registration state is in the store; the caches it
+/// keeps (parsed group anchors, prepared group keys) are keyed by the stored text they come from.
 pub struct Provisioner<S> {
     config: ProvisionerConfig,
     store: S,

@@ -28,11 +28,20 @@ pub fn server_url() -> String {
 
 /// `url` with the search path set to `schema`, in the URL or the key=value form.
 pub fn url_in_schema(url: &str, schema: &str) -> String {
+    url_with_settings(url, &[("search_path", schema)])
+}
+
+/// `url` with each `(parameter, value)` set when a session starts (`options=-cNAME=VALUE …`),
+/// in the URL or the key=value form. Values must need no quoting (identifiers).
+pub fn url_with_settings(url: &str, settings: &[(&str, &str)]) -> String {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let sep = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{sep}options=-csearch_path%3D{schema}")
+        let options: Vec<String> =
+            settings.iter().map(|(name, value)| format!("-c{name}%3D{value}")).collect();
+        format!("{url}{sep}options={}", options.join("%20"))
     } else {
-        format!("{url} options='-csearch_path={schema}'")
+        let options: Vec<String> = settings.iter().map(|(name, value)| format!("-c{name}={value}")).collect();
+        format!("{url} options='{}'", options.join(" "))
     }
 }
 
@@ -51,12 +60,26 @@ impl TestDb {
 
     /// Creates an empty schema and returns a URL whose connections use it.
     pub fn fresh_url(&self) -> String {
+        url_in_schema(&self.url, &self.fresh_schema())
+    }
+
+    /// Creates an empty schema, dropped with this handle, and returns its name.
+    pub fn fresh_schema(&self) -> String {
         let schema = format!("t_{:016x}", rand::random::<u64>());
-        let mut client = postgres::Client::connect(&self.url, postgres::NoTls)
-            .unwrap_or_else(|e| panic!("cannot connect to {URL_VAR} ({}): {e}", self.url));
-        client.batch_execute(&format!("CREATE SCHEMA {schema}")).unwrap();
+        self.admin().batch_execute(&format!("CREATE SCHEMA {schema}")).unwrap();
         self.schemas.lock().unwrap().push(schema.clone());
-        url_in_schema(&self.url, &schema)
+        schema
+    }
+
+    /// A client of the test server's own URL (its user, its search path).
+    pub fn admin(&self) -> postgres::Client {
+        postgres::Client::connect(&self.url, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to {URL_VAR} ({}): {e}", self.url))
+    }
+
+    /// The test server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// A store over a fresh schema with a pool of `pool_size`.
