@@ -223,31 +223,37 @@ fn initial(tags: Value, desired: Value) -> InitialTwin {
     serde_json::from_value(json!({ "tags": tags, "properties": { "desired": desired } })).unwrap()
 }
 
-#[test]
-fn device_migrated_between_embedded_hubs_keeps_tags_desired_and_reported() {
+/// Hubs `PLANT` and `SPARE`, with `name` provisioned on `PLANT` (tag `line: 4`, desired
+/// `speed: 2`) and reporting `temp: 21`; and the action that migrates it to `SPARE`.
+fn a_device_on_plant_reporting(name: &str) -> (EmbeddedHubs, HubAction) {
     let mut hubs: EmbeddedHubs = EmbeddedHubs::new();
     let crypto = Arc::new(RingCrypto::new());
     hubs.insert(EmbeddedHub::in_memory(PLANT, crypto.clone()).unwrap());
     hubs.insert(EmbeddedHub::in_memory(SPARE, crypto).unwrap());
     hubs.apply(&HubAction::Provision {
         hub: PLANT.into(),
-        device: sas_device("mover"),
+        device: sas_device(name),
         twin: TwinSetup::KeepOrInitial(initial(json!({ "line": 4 }), json!({ "speed": 2 }))),
     })
     .unwrap();
     let plant = hubs.hub(PLANT).unwrap();
     let Value::Object(reported) = json!({ "temp": 21 }) else { unreachable!() };
     let now = zerotouch_proto::Timestamp::EPOCH;
-    plant.update_twin(&id("mover"), None, &TwinOperation::Reported(reported), &IfMatch::Any, now).unwrap();
-
-    hubs.apply(&HubAction::Migrate {
+    plant.update_twin(&id(name), None, &TwinOperation::Reported(reported), &IfMatch::Any, now).unwrap();
+    let migrate = HubAction::Migrate {
         from_hub: PLANT.into(),
-        from_device_id: id("mover"),
+        from_device_id: id(name),
         to_hub: SPARE.into(),
-        device: sas_device("mover"),
-        initial_twin: initial(json!({ "unused": true }), json!({})),
-    })
-    .unwrap();
+        device: sas_device(name),
+        initial_twin: initial(json!({ "fresh": true }), json!({})),
+    };
+    (hubs, migrate)
+}
+
+#[test]
+fn device_migrated_between_embedded_hubs_keeps_tags_desired_and_reported() {
+    let (mut hubs, migrate) = a_device_on_plant_reporting("mover");
+    hubs.apply(&migrate).unwrap();
 
     assert!(hubs.hub(PLANT).unwrap().device_twin(&id("mover")).is_err());
     let left = hubs.hub(PLANT).unwrap().take_lifecycle_events();
@@ -268,27 +274,7 @@ fn device_migrated_between_embedded_hubs_keeps_tags_desired_and_reported() {
 /// run moved, instead of starting it over from the initial twin.
 #[test]
 fn a_migration_applied_again_keeps_the_data_the_first_run_moved() {
-    let mut hubs: EmbeddedHubs = EmbeddedHubs::new();
-    let crypto = Arc::new(RingCrypto::new());
-    hubs.insert(EmbeddedHub::in_memory(PLANT, crypto.clone()).unwrap());
-    hubs.insert(EmbeddedHub::in_memory(SPARE, crypto).unwrap());
-    hubs.apply(&HubAction::Provision {
-        hub: PLANT.into(),
-        device: sas_device("twice"),
-        twin: TwinSetup::KeepOrInitial(initial(json!({ "line": 4 }), json!({ "speed": 2 }))),
-    })
-    .unwrap();
-    let Value::Object(reported) = json!({ "temp": 21 }) else { unreachable!() };
-    let now = zerotouch_proto::Timestamp::EPOCH;
-    let plant = hubs.hub(PLANT).unwrap();
-    plant.update_twin(&id("twice"), None, &TwinOperation::Reported(reported), &IfMatch::Any, now).unwrap();
-    let migrate = HubAction::Migrate {
-        from_hub: PLANT.into(),
-        from_device_id: id("twice"),
-        to_hub: SPARE.into(),
-        device: sas_device("twice"),
-        initial_twin: initial(json!({ "fresh": true }), json!({})),
-    };
+    let (mut hubs, migrate) = a_device_on_plant_reporting("twice");
     hubs.apply(&migrate).unwrap();
     hubs.apply(&migrate).unwrap();
     let twin = hubs.hub(SPARE).unwrap().device_twin(&id("twice")).unwrap();

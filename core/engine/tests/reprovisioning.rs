@@ -539,7 +539,7 @@ fn delete_identity(hubs: &EmbeddedHubs, hub: &str, device: &str) {
 #[test]
 fn a_device_whose_identity_the_operator_deleted_is_reprovisioned_with_reset_elsewhere() {
     let mut w = embedded_world();
-    let key = enroll_symmetric_in(&w, &custom(true, false));
+    let key = enroll_symmetric(&w, ID, &custom(true, false));
     assigned(w.register(symmetric_device(ID, &key, site("a")), None));
     delete_identity(&w.hubs, HUB_A, ID);
 
@@ -553,7 +553,7 @@ fn a_device_whose_identity_the_operator_deleted_is_reprovisioned_with_reset_else
 #[test]
 fn a_device_whose_identity_the_operator_deleted_is_reset_on_its_hub_under_a_new_device_id() {
     let mut w = embedded_world();
-    let key = enroll_symmetric_in(&w, &custom(true, false));
+    let key = enroll_symmetric(&w, ID, &custom(true, false));
     assigned(w.register(symmetric_device(ID, &key, site("a")), None));
     delete_identity(&w.hubs, HUB_A, ID);
     // The enrollment now names another device id: the reset removes the old identity.
@@ -569,7 +569,7 @@ fn a_device_whose_identity_the_operator_deleted_is_reset_on_its_hub_under_a_new_
 #[test]
 fn a_device_whose_identity_the_operator_deleted_migrates_with_the_initial_twin() {
     let mut w = embedded_world();
-    let key = enroll_symmetric_in(&w, &custom(true, true));
+    let key = enroll_symmetric(&w, ID, &custom(true, true));
     assigned(w.register(symmetric_device(ID, &key, site("a")), None));
     delete_identity(&w.hubs, HUB_A, ID);
 
@@ -579,23 +579,4 @@ fn a_device_whose_identity_the_operator_deleted_migrates_with_the_initial_twin()
     let twin = w.hubs.hub(HUB_B).unwrap().device_twin(&DeviceId::new(ID).unwrap()).unwrap();
     assert_eq!(twin["tags"], serde_json::to_value(initial_twin().tags).unwrap());
     assert_eq!(twin["properties"]["desired"]["telemetryInterval"], 30);
-}
-
-/// `enroll_symmetric` for a simulator over any hubs.
-fn enroll_symmetric_in<H: HubRegistry>(
-    w: &zerotouch_testkit::sim::Simulator<Arc<MemoryStore>, H>,
-    o: &EnrollOptions,
-) -> Vec<u8> {
-    let e = zerotouch_engine::enrollments::put_enrollment(
-        w.provisioner.store(),
-        &crypto(),
-        w.now,
-        individual(ID, symmetric_attestation(), o),
-        &IfMatch::Absent,
-    )
-    .unwrap();
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(e.attestation.symmetric_key.unwrap().primary_key.unwrap())
-        .unwrap()
 }

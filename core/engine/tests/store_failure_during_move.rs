@@ -11,7 +11,6 @@ use std::sync::Arc;
 use common::*;
 use zerotouch_engine::allocation::Allocator;
 use zerotouch_engine::crypto::RingCrypto;
-use zerotouch_engine::enrollments;
 use zerotouch_engine::error::StoreError;
 use zerotouch_engine::memory::MemoryStore;
 use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
@@ -21,7 +20,7 @@ use zerotouch_engine::store::{
 };
 use zerotouch_proto::device::{RegistrationStatus, Substatus};
 use zerotouch_proto::service::{AllocationPolicy, EnrollmentGroup, IndividualEnrollment, ReprovisionPolicy};
-use zerotouch_proto::{EnrollmentGroupId, IdScope, IfMatch, OperationId, RegistrationId, Timestamp};
+use zerotouch_proto::{EnrollmentGroupId, IdScope, OperationId, RegistrationId, Timestamp};
 use zerotouch_testkit::hubs::SimHubs;
 use zerotouch_testkit::sim::Simulator;
 
@@ -133,15 +132,7 @@ fn a_move_whose_final_write_fails_is_answered_500_and_not_left_assigning() {
         reprovision: Some(ReprovisionPolicy { update_hub_assignment: true, migrate_device_data: true }),
         ..Default::default()
     };
-    let enrollment = enrollments::put_enrollment(
-        w.provisioner.store(),
-        &crypto(),
-        w.now,
-        individual(ID, symmetric_attestation(), &options),
-        &IfMatch::Absent,
-    )
-    .unwrap();
-    let key = base64_key(enrollment.attestation.symmetric_key.unwrap().primary_key.unwrap());
+    let key = enroll_symmetric(&w, ID, &options);
     let site = |s: &str| Some(serde_json::json!({ "site": s }));
     assigned(w.register(symmetric_device(ID, &key, site("a")), None));
     let id = RegistrationId::new(ID).unwrap();
@@ -166,9 +157,4 @@ fn a_move_whose_final_write_fails_is_answered_500_and_not_left_assigning() {
     let moved = assigned(w.register(symmetric_device(ID, &key, site("b")), None));
     assert_eq!((moved.assigned_hub.as_str(), moved.substatus), (HUB_B, Some(Substatus::DeviceDataMigrated)));
     assert_eq!(w.hubs.hubs_of(ID), vec![HUB_B.to_owned()]);
-}
-
-fn base64_key(text: String) -> Vec<u8> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.decode(text).unwrap()
 }

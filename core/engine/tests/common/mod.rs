@@ -151,7 +151,14 @@ pub fn symmetric_attestation() -> AttestationMechanism {
 }
 
 /// Enrolls `id` individually with generated keys; returns the primary key bytes.
-pub fn enroll_symmetric(w: &World, id: &str, o: &EnrollOptions) -> Vec<u8> {
+pub fn enroll_symmetric<
+    S: zerotouch_engine::store::ProvisioningStore,
+    H: zerotouch_engine::hub::HubRegistry,
+>(
+    w: &Simulator<S, H>,
+    id: &str,
+    o: &EnrollOptions,
+) -> Vec<u8> {
     let e = enrollments::put_enrollment(
         w.provisioner.store(),
         &crypto(),
