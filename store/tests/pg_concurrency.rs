@@ -12,16 +12,14 @@ use std::time::{Duration, Instant};
 use pg_support::TestDb;
 use serde_json::{json, Map, Value};
 use zerotouch_engine::allocation::Allocator;
-use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_token};
-use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::enrollments;
 use zerotouch_engine::hub::LinkedHub;
-use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest};
+use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig};
 use zerotouch_engine::registry::hub_error_code;
 use zerotouch_engine::store::{Precondition, RegistrationStore};
 use zerotouch_engine::twin::{update_twin, TwinDocument, TwinKey, TwinOperation, TwinStore};
-use zerotouch_proto::device::{DeviceRegistration, RegistrationStatus};
+use zerotouch_proto::device::RegistrationStatus;
 use zerotouch_proto::hub::HubErrorCode;
 use zerotouch_proto::service::{AttestationMechanism, EnrollmentGroup, SymmetricKeyAttestation};
 use zerotouch_proto::twin::TwinPatch;
@@ -112,19 +110,6 @@ fn provisioner(store: PgStore) -> Provisioner<PgStore> {
     )
 }
 
-fn register_request(id: &str) -> RegisterRequest {
-    let crypto = RingCrypto::new();
-    let key = derive_device_key(&crypto, &[0u8; 32], id);
-    let token = registration_token(&crypto, &key, SCOPE, id, now().unix_secs() + 3600);
-    RegisterRequest {
-        id_scope: SCOPE.into(),
-        registration_id: id.into(),
-        body: DeviceRegistration { payload: None, registration_id: id.into(), tpm: None, csr: None },
-        credential: Credential::Sas(token.to_string()),
-        api_version: None,
-    }
-}
-
 /// The symmetric-key group `race` with the fixed [`GROUP_KEY_B64`] as both keys.
 fn enroll_race_group(store: &PgStore) {
     let mut group =
@@ -152,7 +137,7 @@ fn one_device_registering_through_two_instances_at_once_gets_exactly_one_assignm
                 .map(|p| {
                     let (barrier, id) = (&barrier, &id);
                     s.spawn(move || {
-                        let req = register_request(id);
+                        let req = pg_support::register_request(SCOPE, id, now(), None);
                         barrier.wait();
                         let r = p.handle_register(now(), req, &mut SimHubs::new());
                         assert_eq!(r.status, 202, "{id}: {:?}", r.body);
@@ -251,10 +236,20 @@ fn a_device_registering_through_a_second_instance_while_the_first_creates_its_id
     let mut holding =
         HoldingHub { hub: first_hub, applied: Some(&applied), hold: Duration::from_millis(500) };
     let operations: Vec<zerotouch_proto::Text> = std::thread::scope(|s| {
-        let one = s.spawn(|| first.handle_register(now(), register_request("press-4"), &mut holding));
+        let one = s.spawn(|| {
+            first.handle_register(
+                now(),
+                pg_support::register_request(SCOPE, "press-4", now(), None),
+                &mut holding,
+            )
+        });
         let two = s.spawn(|| {
             applied.wait();
-            second.handle_register(now(), register_request("press-4"), &mut second_hub)
+            second.handle_register(
+                now(),
+                pg_support::register_request(SCOPE, "press-4", now(), None),
+                &mut second_hub,
+            )
         });
         [one.join().unwrap(), two.join().unwrap()]
             .into_iter()

@@ -69,20 +69,8 @@ fn a_twin_reset_rolled_back_with_its_postgres_unit_pushes_nothing() {
     let db = TestDb::new();
     let store = db.store();
     let mut hub = hub_over(&store);
-    let provision = |mode: &str, reset: bool| {
-        let initial: zerotouch_proto::service::InitialTwin =
-            serde_json::from_value(serde_json::json!({ "properties": { "desired": { "mode": mode } } }))
-                .unwrap();
-        HubAction::Provision {
-            hub: HUB.into(),
-            device: ProvisionedDevice {
-                device_id: DeviceId::new("lathe-2").unwrap(),
-                auth: DeviceAuth::CertificateAuthority,
-                iot_edge: false,
-            },
-            twin: if reset { TwinSetup::Reset(initial) } else { TwinSetup::KeepOrInitial(initial) },
-        }
-    };
+    let provision =
+        |mode: &str, reset: bool| zerotouch_testkit::hubs::provision_desiring(HUB, "lathe-2", mode, reset);
     hub.apply(&provision("a", false)).unwrap();
     assert!(hub.take_twin_events().is_empty());
 

@@ -14,14 +14,12 @@ use pg_support::TestDb;
 use query_support::all_results;
 use serde_json::{json, Map, Value};
 use zerotouch_engine::allocation::Allocator;
-use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_token};
-use zerotouch_engine::attestation::Credential;
 use zerotouch_engine::crypto::RingCrypto;
 use zerotouch_engine::enrollments;
 use zerotouch_engine::hub::LinkedHub;
 use zerotouch_engine::hub_engine::EmbeddedHub;
 use zerotouch_engine::jobs::JobStore;
-use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, RegisterRequest, ResponseBody};
+use zerotouch_engine::provisioner::{Provisioner, ProvisionerConfig, ResponseBody};
 use zerotouch_engine::query::{parse, QuerySource};
 use zerotouch_engine::registry::IdentityStore;
 use zerotouch_engine::store::{
@@ -30,8 +28,7 @@ use zerotouch_engine::store::{
 };
 use zerotouch_engine::twin::{TwinDocument, TwinKey, TwinStore};
 use zerotouch_proto::device::{
-    raw_payload, DeviceRegistration, DeviceRegistrationResult, RegistrationOperationStatus,
-    RegistrationStatus,
+    raw_payload, DeviceRegistrationResult, RegistrationOperationStatus, RegistrationStatus,
 };
 use zerotouch_proto::hub::Device;
 use zerotouch_proto::service::{
@@ -198,24 +195,6 @@ fn nul_group() -> EnrollmentGroup {
     group
 }
 
-fn register_request(id: &str) -> RegisterRequest {
-    let crypto = RingCrypto::new();
-    let key = derive_device_key(&crypto, &[0u8; 32], id);
-    let token = registration_token(&crypto, &key, SCOPE, id, now().unix_secs() + 3600);
-    RegisterRequest {
-        id_scope: SCOPE.into(),
-        registration_id: id.into(),
-        body: DeviceRegistration {
-            payload: Some(raw_payload(&json!({ "firmware": "1\u{0}2" }))),
-            registration_id: id.into(),
-            tpm: None,
-            csr: None,
-        },
-        credential: Credential::Sas(token.to_string()),
-        api_version: None,
-    }
-}
-
 /// Enrolls [`nul_group`] in `store`, registers `device-1` through it into an embedded hub over
 /// `hub_store`, and returns the final operation status and the device's twin tags and desired
 /// properties.
@@ -236,7 +215,16 @@ where
         Arc::new(RingCrypto::new()),
         Allocator::new(vec![LinkedHub::new(HUB)]),
     );
-    let r = provisioner.handle_register(now(), register_request("device-1"), &mut hub);
+    let r = provisioner.handle_register(
+        now(),
+        pg_support::register_request(
+            SCOPE,
+            "device-1",
+            now(),
+            Some(raw_payload(&json!({ "firmware": "1\u{0}2" }))),
+        ),
+        &mut hub,
+    );
     let ResponseBody::Operation(op) = r.body else { panic!("not an operation: {:?}", r.body) };
     let status =
         provisioner.store().operation(&OperationId::new(&op.operation_id).unwrap()).unwrap().unwrap();

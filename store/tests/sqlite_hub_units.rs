@@ -209,20 +209,8 @@ fn a_twin_reset_rolled_back_with_its_sqlite_unit_pushes_nothing_and_a_committed_
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), "zerotouch.sqlite");
     let mut hub = hub_on(&store);
-    let provision = |mode: &str, reset: bool| {
-        let initial: zerotouch_proto::service::InitialTwin =
-            serde_json::from_value(serde_json::json!({ "properties": { "desired": { "mode": mode } } }))
-                .unwrap();
-        HubAction::Provision {
-            hub: HUB.into(),
-            device: ProvisionedDevice {
-                device_id: DeviceId::new("drill-2").unwrap(),
-                auth: DeviceAuth::CertificateAuthority,
-                iot_edge: false,
-            },
-            twin: if reset { TwinSetup::Reset(initial) } else { TwinSetup::KeepOrInitial(initial) },
-        }
-    };
+    let provision =
+        |mode: &str, reset: bool| zerotouch_testkit::hubs::provision_desiring(HUB, "drill-2", mode, reset);
     hub.apply(&provision("a", false)).unwrap();
     drop(hub.take_lifecycle_events());
     assert!(hub.take_twin_events().is_empty());

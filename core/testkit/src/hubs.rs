@@ -41,6 +41,27 @@ fn twin_parts(twin: &InitialTwin) -> (Map<String, Value>, Map<String, Value>) {
     (object(twin.tags.as_ref()), object(twin.properties.as_ref().and_then(|p| p.desired.as_ref())))
 }
 
+/// A `Provision` of `device_id` (certificate authentication) on `hub` whose initial twin
+/// desires `mode`; with `reset`, the twin is reset to it (reprovisioning with reset), otherwise
+/// kept when the device has one.
+pub fn provision_desiring(hub: &str, device_id: &str, mode: &str, reset: bool) -> HubAction {
+    let initial = InitialTwin {
+        tags: None,
+        properties: Some(zerotouch_proto::service::InitialTwinProperties {
+            desired: Some(json!({ "mode": mode })),
+        }),
+    };
+    HubAction::Provision {
+        hub: hub.into(),
+        device: ProvisionedDevice {
+            device_id: zerotouch_proto::DeviceId::new(device_id).expect("a valid device id"),
+            auth: DeviceAuth::CertificateAuthority,
+            iot_edge: false,
+        },
+        twin: if reset { TwinSetup::Reset(initial) } else { TwinSetup::KeepOrInitial(initial) },
+    }
+}
+
 impl SimHubs {
     /// No hubs, no devices.
     pub fn new() -> Self {

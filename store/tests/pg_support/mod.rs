@@ -152,3 +152,29 @@ impl Drop for TestDb {
         }
     }
 }
+
+/// A register request of `id` in `scope`, signed (valid for an hour from `now`) with the key
+/// derived for `id` from the all-zero group key, carrying `payload`.
+pub fn register_request(
+    scope: &str,
+    id: &str,
+    now: zerotouch_proto::Timestamp,
+    payload: Option<Box<serde_json::value::RawValue>>,
+) -> zerotouch_engine::provisioner::RegisterRequest {
+    use zerotouch_engine::attestation::symmetric::{derive_device_key, registration_token};
+    let crypto = zerotouch_engine::crypto::RingCrypto::new();
+    let key = derive_device_key(&crypto, &[0u8; 32], id);
+    let token = registration_token(&crypto, &key, scope, id, now.unix_secs() + 3600);
+    zerotouch_engine::provisioner::RegisterRequest {
+        id_scope: scope.into(),
+        registration_id: id.into(),
+        body: zerotouch_proto::device::DeviceRegistration {
+            payload,
+            registration_id: id.into(),
+            tpm: None,
+            csr: None,
+        },
+        credential: zerotouch_engine::attestation::Credential::Sas(token.to_string()),
+        api_version: None,
+    }
+}
