@@ -343,24 +343,30 @@ mod floor {
                 return None;
             }
             let Credential::Sas(token) = &req.credential else { return None };
-            let fields = token.strip_prefix("SharedAccessSignature ")?;
-            let (mut sr, mut sig, mut se) = (None, None, None);
-            for field in fields.split('&') {
-                match field.split_once('=')? {
-                    ("sr", v) => sr = Some(v),
-                    ("sig", v) => sig = Some(v),
-                    ("se", v) => se = Some(v),
+            let fields = token.strip_prefix("SharedAccessSignature ")?.as_bytes();
+            let (mut sr, mut sig, mut se): (Option<&[u8]>, _, _) = (None, None, None);
+            for field in fields.split(|&b| b == b'&') {
+                let eq = field.iter().position(|&b| b == b'=')?;
+                let value = Some(&field[eq + 1..]);
+                match &field[..eq] {
+                    b"sr" => sr = value,
+                    b"sig" => sig = value,
+                    b"se" => se = value,
                     _ => {}
                 }
             }
             let (sr, sig, se) = (sr?, sig?, se?);
             // The resource names this scope and id (URL-encoded as the Python SDK sends it).
+            let scope = self.scope.as_bytes();
             let named = sr
-                .get(..self.scope.len())
-                .filter(|s| s.eq_ignore_ascii_case(self.scope))
-                .and_then(|_| sr[self.scope.len()..].strip_prefix("%2Fregistrations%2F"))
-                .is_some_and(|rest| rest.eq_ignore_ascii_case(id));
-            if !named || se.parse::<i64>().ok()? <= now {
+                .get(..scope.len())
+                .filter(|s| s.eq_ignore_ascii_case(scope))
+                .and_then(|_| sr[scope.len()..].strip_prefix(b"%2Fregistrations%2F"))
+                .is_some_and(|rest| rest.eq_ignore_ascii_case(id.as_bytes()));
+            let expiry = se.iter().try_fold(0i64, |n, &b| {
+                b.is_ascii_digit().then(|| n.checked_mul(10)?.checked_add(i64::from(b - b'0'))).flatten()
+            });
+            if !named || se.is_empty() || expiry? <= now {
                 return None;
             }
             let mut tag = [0u8; 32];
@@ -373,9 +379,9 @@ mod floor {
             let primary = hmac::sign(&group.primary, id.as_bytes());
             let device_key = hmac::Key::new(hmac::HMAC_SHA256, primary.as_ref());
             let mut mac = hmac::Context::with_key(&device_key);
-            mac.update(sr.as_bytes());
+            mac.update(sr);
             mac.update(b"\n");
-            mac.update(se.as_bytes());
+            mac.update(se);
             if !constant_time_eq(mac.sign().as_ref(), &tag) {
                 return None;
             }
@@ -384,11 +390,14 @@ mod floor {
 
             let mut random = [0u8; 32];
             self.random.lock().unwrap().fill_bytes(&mut random);
-            let operation_id = format!(
-                "4.{:016x}{:016x}",
-                u64::from_le_bytes(random[..8].try_into().unwrap()),
-                u64::from_le_bytes(random[8..16].try_into().unwrap())
-            );
+            // "4." and 32 hex digits, one allocation.
+            let mut text = [0u8; 34];
+            text[..2].copy_from_slice(b"4.");
+            for (pair, byte) in text[2..].chunks_exact_mut(2).zip(&random[..16]) {
+                pair[0] = HEX[usize::from(byte >> 4)];
+                pair[1] = HEX[usize::from(byte & 15)];
+            }
+            let operation_id = String::from_utf8(text.to_vec()).ok()?;
             let etag = STANDARD.encode(&random[16..]);
 
             let previous = self.records.read().unwrap().get(id).cloned();
@@ -428,17 +437,15 @@ mod floor {
         }
     }
 
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+
     /// The percent-decoded bytes of a base64 signature (at most 64), on the stack.
-    fn percent_decoded(text: &str) -> Option<SignatureBytes> {
+    fn percent_decoded(text: &[u8]) -> Option<SignatureBytes> {
+        let digit = |b: u8| char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok());
         let mut out = SignatureBytes::default();
-        let mut bytes = text.bytes();
+        let mut bytes = text.iter().copied();
         while let Some(b) = bytes.next() {
-            let b = if b == b'%' {
-                let hex = [bytes.next()?, bytes.next()?];
-                u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?
-            } else {
-                b
-            };
+            let b = if b == b'%' { digit(bytes.next()?)? << 4 | digit(bytes.next()?)? } else { b };
             out.push(b)?;
         }
         Some(out)
