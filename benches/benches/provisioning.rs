@@ -89,10 +89,11 @@ fn symmetric_key(c: &mut Criterion) {
     let g_secondary_key = keys.secondary_key.unwrap();
 
     let mut grp = c.benchmark_group("symmetric_key_group_registration");
-    let token_for = |id: &str| {
+    let token_expiring = |id: &str, expiry: i64| {
         let key = derive_device_key(&crypto, &group_key, id);
-        registration_token(&crypto, &key, SCOPE, id, now.unix_secs() + 3600).to_string()
+        registration_token(&crypto, &key, SCOPE, id, expiry).to_string()
     };
+    let token_for = |id: &str| token_expiring(id, now.unix_secs() + 3600);
     // Steady state: a fixed fleet registering again and again, as devices do when they
     // reconnect, with the operation table swept outside the timed part the way a server's
     // retention sweep keeps it bounded. Every registration still authenticates, allocates,
@@ -145,10 +146,21 @@ fn symmetric_key(c: &mut Criterion) {
     // The floor: the same fleet and tokens through the flat registration of `floor`.
     let secondary_key = STANDARD.decode(g_secondary_key).unwrap();
     let flat = floor::Floor::new(SCOPE, &group_key, &secondary_key);
-    // The floor checks what the engine checks: a token signed with another key is refused.
+    // The floor checks what the engine checks: a token signed with another key, one for another
+    // id and one expired beyond the clock skew are refused; one signed with the device's
+    // secondary key is accepted.
     let (id, _) = &fleet[0];
-    let foreign = registration_token(&crypto, &[1; 32], SCOPE, id, now.unix_secs() + 3600).to_string();
-    assert!(flat.register(now.unix_secs(), request(id, Credential::Sas(foreign))).is_none());
+    let refused = [
+        registration_token(&crypto, &[1; 32], SCOPE, id, now.unix_secs() + 3600).to_string(),
+        fleet[1].1.clone(),
+        token_expiring(id, now.unix_secs() - 301),
+    ];
+    for token in refused {
+        assert!(flat.register(now.unix_secs(), request(id, Credential::Sas(token))).is_none());
+    }
+    let by_secondary = derive_device_key(&crypto, &secondary_key, id);
+    let by_secondary = registration_token(&crypto, &by_secondary, SCOPE, id, now.unix_secs() + 3600);
+    assert!(flat.register(now.unix_secs(), request(id, Credential::Sas(by_secondary.to_string()))).is_some());
     let mut j = 0usize;
     grp.bench_function("registration_floor", |b| {
         b.iter_batched(
@@ -171,6 +183,20 @@ fn symmetric_key(c: &mut Criterion) {
         b.iter(|| {
             let key = crypto.hmac_sha256(black_box(&group_key), black_box(b"sensor-00000001"));
             crypto.hmac_sha256(&key, black_box(string_to_sign.as_bytes()))
+        })
+    });
+    // The MACs a registration runs, as the engine and the floor run them: both device keys from
+    // the group keys prepared once, the signature under the primary one. The same nine SHA-256
+    // compressions as the two HMACs above, in three calls instead of two.
+    let prepared = (
+        crypto.prepare_hmac_sha256(&group_key).unwrap(),
+        crypto.prepare_hmac_sha256(&secondary_key).unwrap(),
+    );
+    grp.bench_function("three_macs_of_a_registration", |b| {
+        b.iter(|| {
+            let primary = prepared.0.sign(black_box(b"sensor-00000001"));
+            let secondary = prepared.1.sign(black_box(b"sensor-00000001"));
+            (crypto.hmac_sha256(&primary, black_box(string_to_sign.as_bytes())), secondary)
         })
     });
     grp.finish();
@@ -223,22 +249,32 @@ fn x509(c: &mut Criterion) {
 }
 
 /// The least work a steady-state symmetric-key group registration needs, written flat for this
-/// bench and used nowhere else: the floor any design of the engine could reach on the machine
-/// that runs it.
+/// bench and used nowhere else: what the engine would cost if its structure cost nothing.
 ///
-/// Each step is one the engine cannot skip, done the cheapest way we know: check the scope and
-/// the id, parse the SAS token and decode its signature, check the resource and the expiry, find
-/// no individual enrollment, take the group's prepared keys, derive the device key, verify the
-/// signature, derive the secondary key and base64 both for the hub, draw the operation id and
-/// etag, read the previous record, hash-allocate between two hubs, write the new record over the
-/// previous one (its etag checked) and the operation, answer with the operation id. What the
-/// engine does beyond this (enrollment records and references, the reprovisioning plan, hub
-/// actions and their unit, preconditions as values, error replies, observers, the store trait) is
-/// left out, so the engine measures above it by exactly that.
+/// It makes every check the engine makes on this path, each the cheapest way we know:
+/// - the scope, and the id by the registration-id rules (case kept, compared without case), and
+///   the body's id;
+/// - the SAS token: `sr`, `sig`, `se` and `skn` once each; `sr` percent-decoded in any spelling
+///   and naming this scope and id; `skn` `registration` when present; expiry with the engine's
+///   five-minute clock skew; a 32-byte signature;
+/// - no individual enrollment for the id;
+/// - the group's prepared keys, its enabled state, and the three MACs: the device key, the
+///   signature (in constant time), the secondary key, with the secondary-key fallback;
+/// - the two keys in base64, for the hub.
+///
+/// Then it draws the operation id and etag, reads the previous record, and allocates by weighted
+/// rendezvous hashing between two hubs (weights 1 and 2, as the engine's bench links them). Last,
+/// under one lock, it writes the record over the previous one (its etag checked) and the
+/// operation, and answers with the operation id.
+///
+/// It leaves out what makes the engine an engine: enrollment records and references, the
+/// reprovisioning plan, hub actions and their unit, the store trait, error replies, observers,
+/// several groups and the lower-cased second spelling. The engine therefore measures above it
+/// by what its structure costs.
 mod floor {
     use std::borrow::Borrow;
     use std::collections::{HashMap, HashSet};
-    use std::hash::{BuildHasher, Hash, Hasher};
+    use std::hash::{Hash, Hasher};
     use std::hint::black_box;
     use std::sync::{Arc, Mutex, RwLock};
 
@@ -251,6 +287,11 @@ mod floor {
     use zerotouch_engine::crypto::constant_time_eq;
     use zerotouch_engine::provisioner::RegisterRequest;
 
+    /// The engine's default clock skew, in seconds.
+    const CLOCK_SKEW_SECS: i64 = 300;
+    /// The registration id's characters besides ASCII letters and digits.
+    const ID_SPECIALS: &[u8] = b"-._:";
+
     /// A registration record: what a poll and the next registration read.
     struct Record {
         registration_id: Arc<str>,
@@ -259,28 +300,29 @@ mod floor {
         etag: String,
         created: i64,
         /// Written as a poll would read it.
-        #[allow(dead_code)]
+        #[expect(dead_code, reason = "the floor answers no polls")]
         updated: i64,
     }
 
-    /// An operation, keyed by its own id.
+    /// An operation, keyed by its own id (no second copy of the id as the key).
     struct Operation {
-        id: String,
-        /// What a poll answers from.
-        #[allow(dead_code)]
+        id: Arc<str>,
+        #[expect(dead_code, reason = "the floor answers no polls")]
         record: Arc<Record>,
         created: i64,
     }
 
+    /// The operations table finds an operation by its id.
     impl Borrow<str> for Operation {
         fn borrow(&self) -> &str {
             &self.id
         }
     }
 
+    /// Hashes as its id, as `Borrow<str>` requires.
     impl Hash for Operation {
         fn hash<H: Hasher>(&self, state: &mut H) {
-            self.id.as_str().hash(state);
+            self.id.hash(state);
         }
     }
 
@@ -292,120 +334,153 @@ mod floor {
 
     impl Eq for Operation {}
 
-    /// The group keys, prepared once.
-    struct GroupKeys {
+    /// The group's keys, prepared once, and its state.
+    struct Group {
         primary: hmac::Key,
         secondary: hmac::Key,
+        enabled: bool,
+    }
+
+    /// A linked hub: its name, the hash of its lower-cased name, its allocation weight.
+    struct Hub {
+        name: Arc<str>,
+        hash: u64,
+        weight: f64,
+    }
+
+    /// Records and operations behind one lock, as the engine's memory store keeps its tables.
+    struct Tables {
+        records: HashMap<Arc<str>, Arc<Record>>,
+        operations: HashSet<Operation, foldhash::fast::FixedState>,
     }
 
     pub struct Floor {
         scope: &'static str,
         individual: RwLock<HashMap<String, ()>>,
-        groups: RwLock<Vec<Arc<GroupKeys>>>,
-        records: RwLock<HashMap<Arc<str>, Arc<Record>>>,
-        operations: RwLock<HashSet<Operation, foldhash::fast::FixedState>>,
+        groups: RwLock<Vec<Arc<Group>>>,
+        tables: RwLock<Tables>,
         random: Mutex<ChaCha20Rng>,
-        hubs: [Arc<str>; 2],
+        hubs: [Hub; 2],
     }
 
     impl Floor {
         pub fn new(scope: &'static str, primary: &[u8], secondary: &[u8]) -> Self {
-            let keys = GroupKeys {
+            let group = Group {
                 primary: hmac::Key::new(hmac::HMAC_SHA256, primary),
                 secondary: hmac::Key::new(hmac::HMAC_SHA256, secondary),
+                enabled: true,
             };
+            let hub = |name: &str, weight: f64| Hub { name: Arc::from(name), hash: lower_hash(name), weight };
             Self {
                 scope,
                 individual: RwLock::new(HashMap::new()),
-                groups: RwLock::new(vec![Arc::new(keys)]),
-                records: RwLock::new(HashMap::new()),
-                operations: RwLock::new(HashSet::default()),
+                groups: RwLock::new(vec![Arc::new(group)]),
+                tables: RwLock::new(Tables { records: HashMap::new(), operations: HashSet::default() }),
                 random: Mutex::new(ChaCha20Rng::from_seed([7; 32])),
-                hubs: [Arc::from("hub-1.example.net"), Arc::from("hub-2.example.net")],
+                hubs: [hub("hub-1.example.net", 1.0), hub("hub-2.example.net", 2.0)],
             }
         }
 
-        /// Forgets the operations, as the engine's bench sweeps its own.
+        /// Forgets the operations created before `before`, as the engine's bench sweeps its own.
         pub fn purge_operations(&self, before: i64) {
-            self.operations.write().unwrap().retain(|op| op.created >= before);
+            self.tables.write().unwrap().operations.retain(|op| op.created >= before);
         }
 
         /// Registers; `None` when the request is refused (the floor does not say why).
-        pub fn register(&self, now: i64, req: RegisterRequest) -> Option<String> {
+        pub fn register(&self, now: i64, req: RegisterRequest) -> Option<Arc<str>> {
             let id = req.registration_id.as_str();
-            let valid = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-._:".contains(&c);
+            let bytes = id.as_bytes();
+            let last = *bytes.last()?;
             if !req.id_scope.eq_ignore_ascii_case(self.scope)
-                || id.is_empty()
-                || id.len() > 128
-                || !id.bytes().all(valid)
+                || bytes.len() > 128
+                || !bytes.iter().all(|b| b.is_ascii_alphanumeric() || ID_SPECIALS.contains(b))
+                || !(last.is_ascii_alphanumeric() || last == b'-')
                 || req.body.registration_id != id
             {
                 return None;
             }
             let Credential::Sas(token) = &req.credential else { return None };
             let fields = token.strip_prefix("SharedAccessSignature ")?.as_bytes();
-            let (mut sr, mut sig, mut se): (Option<&[u8]>, _, _) = (None, None, None);
+            let (mut sr, mut sig, mut se, mut skn): (Option<&[u8]>, _, _, _) = (None, None, None, None);
             for field in fields.split(|&b| b == b'&') {
                 let eq = field.iter().position(|&b| b == b'=')?;
-                let value = Some(&field[eq + 1..]);
-                match &field[..eq] {
-                    b"sr" => sr = value,
-                    b"sig" => sig = value,
-                    b"se" => se = value,
-                    _ => {}
+                let slot = match &field[..eq] {
+                    b"sr" => &mut sr,
+                    b"sig" => &mut sig,
+                    b"se" => &mut se,
+                    b"skn" => &mut skn,
+                    _ => continue,
+                };
+                if slot.replace(&field[eq + 1..]).is_some() {
+                    return None;
                 }
             }
             let (sr, sig, se) = (sr?, sig?, se?);
-            // The resource names this scope and id (URL-encoded as the Python SDK sends it).
+            // `sr` decoded names "{scope}/registrations/{id}", without case.
+            let resource = percent_decoded(sr)?;
+            let resource = resource.as_slice();
             let scope = self.scope.as_bytes();
-            let named = sr
+            let named = resource
                 .get(..scope.len())
                 .filter(|s| s.eq_ignore_ascii_case(scope))
-                .and_then(|_| sr[scope.len()..].strip_prefix(b"%2Fregistrations%2F"))
-                .is_some_and(|rest| rest.eq_ignore_ascii_case(id.as_bytes()));
+                .and_then(|_| resource[scope.len()..].strip_prefix(b"/registrations/"))
+                .is_some_and(|rest| rest.eq_ignore_ascii_case(bytes));
             let expiry = se.iter().try_fold(0i64, |n, &b| {
                 b.is_ascii_digit().then(|| n.checked_mul(10)?.checked_add(i64::from(b - b'0'))).flatten()
             });
-            if !named || se.is_empty() || expiry? <= now {
+            if !named
+                || skn.is_some_and(|k| k != b"registration")
+                || se.is_empty()
+                || expiry? + CLOCK_SKEW_SECS < now
+            {
                 return None;
             }
             let mut tag = [0u8; 32];
-            STANDARD.decode_slice(percent_decoded(sig)?.as_slice(), &mut tag).ok()?;
+            if STANDARD.decode_slice(percent_decoded(sig)?.as_slice(), &mut tag) != Ok(32) {
+                return None;
+            }
 
             if self.individual.read().unwrap().contains_key(id) {
                 return None;
             }
             let group = Arc::clone(self.groups.read().unwrap().first()?);
-            let primary = hmac::sign(&group.primary, id.as_bytes());
-            let device_key = hmac::Key::new(hmac::HMAC_SHA256, primary.as_ref());
-            let mut mac = hmac::Context::with_key(&device_key);
-            mac.update(sr);
-            mac.update(b"\n");
-            mac.update(se);
-            if !constant_time_eq(mac.sign().as_ref(), &tag) {
+            let signed_with = |key: &[u8]| {
+                let mut mac = hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, key));
+                mac.update(sr);
+                mac.update(b"\n");
+                mac.update(se);
+                constant_time_eq(mac.sign().as_ref(), &tag)
+            };
+            let primary = hmac::sign(&group.primary, bytes);
+            let secondary = hmac::sign(&group.secondary, bytes);
+            if !(signed_with(primary.as_ref()) || signed_with(secondary.as_ref())) || !group.enabled {
                 return None;
             }
-            let secondary = hmac::sign(&group.secondary, id.as_bytes());
-            let keys = (STANDARD.encode(primary.as_ref()), STANDARD.encode(secondary.as_ref()));
+            let keys = (base64_text(primary.as_ref()), base64_text(secondary.as_ref()));
 
             let mut random = [0u8; 32];
             self.random.lock().unwrap().fill_bytes(&mut random);
-            // "4." and 32 hex digits, one allocation.
+            // "4." and 32 hex digits.
             let mut text = [0u8; 34];
             text[..2].copy_from_slice(b"4.");
             for (pair, byte) in text[2..].chunks_exact_mut(2).zip(&random[..16]) {
                 pair[0] = HEX[usize::from(byte >> 4)];
                 pair[1] = HEX[usize::from(byte & 15)];
             }
-            let operation_id = String::from_utf8(text.to_vec()).ok()?;
-            let etag = STANDARD.encode(&random[16..]);
+            let operation_id: Arc<str> = Arc::from(std::str::from_utf8(&text).ok()?);
+            let etag = base64_text(&random[16..]);
 
-            let previous = self.records.read().unwrap().get(id).cloned();
-            let hashes =
-                self.hubs.each_ref().map(|hub| foldhash::fast::FixedState::with_seed(1).hash_one((id, hub)));
-            let hub = Arc::clone(&self.hubs[usize::from(hashes[1] > hashes[0])]);
+            let previous = self.tables.read().unwrap().records.get(id).cloned();
+            let id_hash = lower_hash(id);
+            let score = |hub: &Hub| {
+                // Weighted rendezvous: weight / -ln(u), u uniform in (0, 1) from the two hashes.
+                let x = (id_hash ^ hub.hash).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let u = ((x >> 12) as f64 + 0.5) / 4_503_599_627_370_496.0;
+                hub.weight / -u.ln()
+            };
+            let hub = &self.hubs[usize::from(score(&self.hubs[1]) > score(&self.hubs[0]))];
             let (registration_id, device_id, created) = match &previous {
-                Some(p) if p.hub.eq_ignore_ascii_case(&hub) => {
+                Some(p) if p.hub.eq_ignore_ascii_case(&hub.name) => {
                     (Arc::clone(&p.registration_id), Arc::clone(&p.device_id), p.created)
                 }
                 _ => (Arc::from(id), Arc::from(id), now),
@@ -414,62 +489,63 @@ mod floor {
             black_box((&keys, &device_id));
             let record = Arc::new(Record {
                 registration_id: Arc::clone(&registration_id),
-                hub,
+                hub: Arc::clone(&hub.name),
                 device_id,
                 etag,
                 created,
                 updated: now,
             });
-            {
-                let mut records = self.records.write().unwrap();
-                let current = records.get(id).map(|r| r.etag.as_str());
-                if current != previous.as_ref().map(|p| p.etag.as_str()) {
-                    return None;
+            let operation =
+                Operation { id: Arc::clone(&operation_id), record: Arc::clone(&record), created: now };
+            let mut tables = self.tables.write().unwrap();
+            match (tables.records.get_mut(id), &previous) {
+                (Some(slot), Some(p)) if slot.etag == p.etag => *slot = record,
+                (None, None) => {
+                    tables.records.insert(registration_id, record);
                 }
-                records.insert(registration_id, Arc::clone(&record));
+                _ => return None,
             }
-            self.operations.write().unwrap().insert(Operation {
-                id: operation_id.clone(),
-                record,
-                created: now,
-            });
+            tables.operations.insert(operation);
             Some(operation_id)
         }
     }
 
     const HEX: &[u8; 16] = b"0123456789abcdef";
 
-    /// The percent-decoded bytes of a base64 signature (at most 64), on the stack.
-    fn percent_decoded(text: &[u8]) -> Option<SignatureBytes> {
+    /// FNV-1a over the lower-cased bytes: ids and hub names compare without case.
+    fn lower_hash(text: &str) -> u64 {
+        text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b.to_ascii_lowercase())).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
+    /// Base64 into a string of the right size, written once.
+    fn base64_text(bytes: &[u8]) -> String {
+        let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
+        STANDARD.encode_string(bytes, &mut text);
+        text
+    }
+
+    /// The percent-decoded bytes of a token field (at most 192), on the stack.
+    fn percent_decoded(text: &[u8]) -> Option<Decoded> {
         let digit = |b: u8| char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok());
-        let mut out = SignatureBytes::default();
+        let mut out = Decoded { buf: [0; 192], len: 0 };
         let mut bytes = text.iter().copied();
         while let Some(b) = bytes.next() {
             let b = if b == b'%' { digit(bytes.next()?)? << 4 | digit(bytes.next()?)? } else { b };
-            out.push(b)?;
+            *out.buf.get_mut(out.len)? = b;
+            out.len += 1;
         }
         Some(out)
     }
 
-    /// Up to 64 bytes on the stack.
-    struct SignatureBytes {
-        buf: [u8; 64],
+    /// Up to 192 decoded bytes.
+    struct Decoded {
+        buf: [u8; 192],
         len: usize,
     }
 
-    impl Default for SignatureBytes {
-        fn default() -> Self {
-            Self { buf: [0; 64], len: 0 }
-        }
-    }
-
-    impl SignatureBytes {
-        fn push(&mut self, b: u8) -> Option<()> {
-            *self.buf.get_mut(self.len)? = b;
-            self.len += 1;
-            Some(())
-        }
-
+    impl Decoded {
         fn as_slice(&self) -> &[u8] {
             &self.buf[..self.len]
         }
