@@ -72,6 +72,24 @@ fn request(id: &str, credential: Credential) -> RegisterRequest {
     }
 }
 
+/// The requests of a steady-state run: the fleet's devices in turn, calling `sweep` after each
+/// pass over it (outside the timed part, as a server's retention sweep keeps operations bounded).
+fn fleet_requests<'a>(
+    fleet: &'a [(String, String)],
+    sweep: impl Fn() + 'a,
+) -> impl FnMut() -> RegisterRequest + 'a {
+    let mut i = 0usize;
+    move || {
+        i += 1;
+        if i == fleet.len() {
+            i = 0;
+            sweep();
+        }
+        let (id, token) = &fleet[i];
+        request(id, Credential::Sas(token.clone()))
+    }
+}
+
 fn symmetric_key(c: &mut Criterion) {
     let crypto = RingCrypto::new();
     let now = Timestamp::from_unix_secs(1_767_225_600);
@@ -105,18 +123,12 @@ fn symmetric_key(c: &mut Criterion) {
             (id, token)
         })
         .collect();
-    let mut i = 0usize;
+    let mut next = fleet_requests(&fleet, || {
+        p.store().purge_operations(Timestamp::from_unix_secs(now.unix_secs() + 1)).unwrap();
+    });
     grp.bench_function("provisioner_register", |b| {
         b.iter_batched(
-            || {
-                i += 1;
-                if i == FLEET {
-                    i = 0;
-                    p.store().purge_operations(Timestamp::from_unix_secs(now.unix_secs() + 1)).unwrap();
-                }
-                let (id, token) = &fleet[i];
-                request(id, Credential::Sas(token.clone()))
-            },
+            &mut next,
             |req| {
                 let r = p.handle_register(now, req, &mut NullHub);
                 assert_eq!(r.status, 202);
@@ -161,18 +173,10 @@ fn symmetric_key(c: &mut Criterion) {
     let by_secondary = derive_device_key(&crypto, &secondary_key, id);
     let by_secondary = registration_token(&crypto, &by_secondary, SCOPE, id, now.unix_secs() + 3600);
     assert!(flat.register(now.unix_secs(), request(id, Credential::Sas(by_secondary.to_string()))).is_some());
-    let mut j = 0usize;
+    let mut next = fleet_requests(&fleet, || flat.purge_operations(now.unix_secs() + 1));
     grp.bench_function("registration_floor", |b| {
         b.iter_batched(
-            || {
-                j += 1;
-                if j == FLEET {
-                    j = 0;
-                    flat.purge_operations(now.unix_secs() + 1);
-                }
-                let (id, token) = &fleet[j];
-                request(id, Credential::Sas(token.clone()))
-            },
+            &mut next,
             |req| flat.register(now.unix_secs(), req).expect("the floor accepts the fleet's tokens"),
             BatchSize::SmallInput,
         )
